@@ -1,0 +1,83 @@
+"""The `tunelab` command: parse, call one library function, render. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tunelab.errors import ConfigError, TunelabError
+
+app = typer.Typer(
+    help="Declarative fine-tuning experiments: plan, train and compare SFT/DPO runs with LoRA, partial or full "
+    "fine-tuning.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+STATE: dict = {"debug": False, "experiment": None}
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a key, e.g. --set train.learning_rate=5e-6 (repeatable)."),
+]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+    STATE["debug"] = debug
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of experiment files (for editor autocompletion)."""
+    from tunelab.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+@app.command()
+def plan(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    overrides: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Resolve what will train, the parameter counts, the memory and the data, without loading weights."""
+    from tunelab.config import load_experiment
+    from tunelab.plan import make_plan
+
+    STATE["experiment"] = experiment
+    exp = load_experiment(experiment, overrides)
+    result = make_plan(exp)
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        from tunelab.report.terminal import print_plan
+
+        print_plan(result)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except TunelabError as e:
+        if STATE["debug"]:
+            raise
+        where = f"{STATE['experiment']}: " if isinstance(e, ConfigError) and STATE["experiment"] else ""
+        print(f"error: {where}{e}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise

@@ -1,0 +1,457 @@
+"""The experiment schema, loading from YAML, and `--set` overrides.
+
+Everything a user writes is validated here, once; the rest of tunelab only sees typed objects.
+Every field carries its description, which feeds `tunelab schema` and the reference docs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.errors import TunelabError, did_you_mean
+
+LAYER_WORDS = ("all", "last-half", "first-half")
+TARGET_PRESETS = ("qv", "qkvo", "attention", "mlp", "all-linear")
+BUILTIN_PREFIX = "builtin:"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class LastN(Strict):
+    last: int = Field(gt=0, description="Select the last N decoder layers.")
+
+
+class FirstN(Strict):
+    first: int = Field(gt=0, description="Select the first N decoder layers.")
+
+
+def _check_layer_selection(value: Any) -> Any:
+    """Give one clear message for every malformed layer selection instead of one per union member."""
+    if isinstance(value, str) and value in LAYER_WORDS:
+        return value
+    if isinstance(value, dict) and len(value) == 1 and set(value) <= {"last", "first"}:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and value:
+        for item in value:
+            ok_int = isinstance(item, int) and not isinstance(item, bool) and item >= 0
+            ok_range = isinstance(item, str) and re.fullmatch(r"\d+\s*-\s*\d+", item) is not None
+            if not (ok_int or ok_range):
+                raise ValueError(f"layer item {item!r} is neither an index (0, 1, ...) nor a range like '5-7'")
+        return value
+    raise ValueError(
+        f"{value!r} is not a layer selection; use all | last-half | first-half | {{last: N}} | {{first: N}} "
+        "| a list of indices and ranges like [0, 1, '5-7']"
+    )
+
+
+LayerSelection = Annotated[
+    Literal["all", "last-half", "first-half"] | LastN | FirstN | list[int | str],
+    BeforeValidator(_check_layer_selection),
+]
+
+
+def _on_off(value: Any) -> Any:
+    # YAML 1.1 reads a bare on/off/yes/no as a boolean.
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
+OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
+
+
+class ModelSettings(Strict):
+    id: str = Field(
+        description="Base model: a hub id (org/name), a local folder with config.json, or builtin:tiny-chat."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to load.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="Weight dtype. auto: bfloat16 on GPUs that support it, float16 on other GPUs, "
+        "float32 on CPU and MPS.",
+    )
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        default="auto", description="Where to train. auto picks cuda, then mps, then cpu."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3"] | None = Field(
+        default=None, description="Attention kernel; None lets Transformers choose (usually sdpa)."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run modelling code shipped with the checkpoint. Off unless you trust it."
+    )
+
+
+class TokenizerSettings(Strict):
+    id: str | None = Field(default=None, description="Tokenizer to load; defaults to the model's own.")
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat template: None keeps the tokenizer's own, 'builtin:llama3' names a built-in one, "
+        "anything else is a path to a .jinja file.",
+    )
+    pad_token: str | None = Field(
+        default=None,
+        description="Padding token. None keeps the tokenizer's; if it has none, a dedicated pad token is "
+        "required (padding with EOS would stop the model from learning to end its replies).",
+    )
+
+
+class DataSettings(Strict):
+    train: str | list[str] = Field(
+        description="Training data: .jsonl/.json/.csv/.parquet file(s), a `datasets` folder, or a hub dataset id."
+    )
+    eval: str | None = Field(default=None, description="Held-out data in the same formats as `train`.")
+    eval_fraction: float | None = Field(
+        default=None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation instead."
+    )
+    format: Literal["auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference"] = Field(
+        default="auto", description="Record format; auto detects it from the first record's fields."
+    )
+    hub_split: str = Field(default="train", description="Split to read when `train` is a hub dataset id.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSettings:
+        if self.eval is not None and self.eval_fraction is not None:
+            raise ValueError("set either eval or eval_fraction, not both")
+        return self
+
+    @property
+    def train_files(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+
+class DPOSettings(Strict):
+    beta: float = Field(default=0.1, gt=0, description="Strength of the KL pull towards the reference model.")
+    loss_type: str | list[str] = Field(
+        default="sigmoid", description="TRL DPO loss type(s): sigmoid, ipo, hinge, robust, ..."
+    )
+
+
+class LoraScope(Strict):
+    r: int = Field(default=16, gt=0, description="LoRA rank: the capacity of the update.")
+    alpha: float = Field(default=32, gt=0, description="LoRA scaling (lora_alpha); the update is scaled by alpha/r.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        default="none", description="Which bias terms train too (PEFT's `bias`)."
+    )
+    task_type: Literal["CAUSAL_LM"] = Field(default="CAUSAL_LM", description="PEFT task type.")
+    targets: str | list[str] = Field(
+        default="all-linear",
+        description="Where LoRA attaches: a preset (qv, qkvo, attention, mlp, all-linear), a list of module "
+        "names (e.g. [q_proj, v_proj]), or a regular expression matched against full module names.",
+    )
+    layers: LayerSelection = Field(
+        default="all",
+        description="Which decoder layers get LoRA: all | last-half | first-half | {last: N} | {first: N} "
+        "| [indices or 'a-b' ranges].",
+    )
+    layers_pattern: str | None = Field(
+        default=None, description="Name of the decoder-layer list (e.g. 'layers', 'h'); detected when None."
+    )
+
+
+class PartialScope(Strict):
+    last_blocks: int | None = Field(default=None, gt=0, description="Open the last N decoder blocks.")
+    blocks: LayerSelection | None = Field(
+        default=None, description="Open these decoder blocks (same forms as lora.layers)."
+    )
+    norm: bool = Field(default=False, description="Open the final normalisation layer (model.model.norm).")
+    lm_head: bool = Field(default=False, description="Open the output head (lm_head).")
+    embeddings: bool = Field(default=False, description="Open the input token embeddings.")
+    patterns: list[str] = Field(
+        default_factory=list, description="Also open parameters whose full name matches one of these regexes."
+    )
+
+    @model_validator(mode="after")
+    def _opens_something(self) -> PartialScope:
+        if self.last_blocks is not None and self.blocks is not None:
+            raise ValueError("set either last_blocks or blocks, not both")
+        if not (self.last_blocks or self.blocks or self.norm or self.lm_head or self.embeddings or self.patterns):
+            raise ValueError("partial opens nothing; set last_blocks, blocks, norm, lm_head, embeddings or patterns")
+        return self
+
+
+class Scope(Strict):
+    """Exactly one of lora, partial or full. `scope: full` is short for `scope: {full: true}`."""
+
+    lora: LoraScope | None = Field(default=None, description="Train a LoRA adapter (PEFT).")
+    partial: PartialScope | None = Field(default=None, description="Open some original weights, no adapter.")
+    full: bool = Field(default=False, description="Train every parameter.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_word(cls, value: Any) -> Any:
+        if value == "full":
+            return {"full": True}
+        if value == "lora":
+            return {"lora": {}}
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Scope:
+        chosen = [k for k, v in (("lora", self.lora), ("partial", self.partial), ("full", self.full)) if v]
+        if len(chosen) != 1:
+            raise ValueError(f"choose exactly one of lora, partial or full (got {chosen or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> Literal["lora", "partial", "full"]:
+        if self.lora is not None:
+            return "lora"
+        if self.partial is not None:
+            return "partial"
+        return "full"
+
+
+SCHEDULERS = Literal[
+    "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+]
+
+
+class TrainSettings(Strict):
+    learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(default=4, gt=0, description="Examples per device per forward pass.")
+    grad_accumulation: int = Field(default=1, gt=0, description="Forward passes per optimizer step.")
+    max_length: int = Field(default=1024, gt=0, description="Tokens per example; longer examples are truncated.")
+    warmup: float = Field(
+        default=0.0, ge=0, description="Learning-rate warmup: a fraction of all steps if < 1, else a step count."
+    )
+    scheduler: SCHEDULERS = Field(default="linear", description="Learning-rate schedule after warmup.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: str = Field(default="adamw_torch", description="Transformers optimizer name (TrainingArguments.optim).")
+    seed: int = Field(default=42, description="Seed for initialisation, data order and dropout.")
+    gradient_checkpointing: OnOffAuto = Field(
+        default="auto",
+        description="Recompute activations to save memory. auto: on only when the plan's estimate does not "
+        "fit in the device's memory.",
+    )
+    packing: bool = Field(default=False, description="Pack several examples into one sequence (TRL packing).")
+    group_by_length: bool = Field(default=True, description="Batch examples of similar length together to cut padding.")
+    logging_steps: int = Field(default=10, gt=0, description="Log training metrics every N optimizer steps.")
+    eval_steps: int | None = Field(
+        default=None, gt=0, description="Evaluate every N steps; None evaluates at the end of each epoch."
+    )
+    save_steps: int | None = Field(
+        default=None, gt=0, description="Checkpoint every N steps; None checkpoints at the end of each epoch."
+    )
+    save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept for resuming.")
+    pin_memory: OnOffAuto = Field(default="auto", description="Pin dataloader memory. auto: on for CUDA only.")
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers: tensorboard, mlflow, wandb, trackio."
+    )
+
+
+class OutputSettings(Strict):
+    dir: str = Field(default="runs", description="Folder that holds run directories.")
+    name: str | None = Field(default=None, description="Run directory name; defaults to the experiment name.")
+
+
+class Experiment(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Experiment name; names the run directory.")
+    model: ModelSettings = Field(description="The base model.")
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings, description="Tokenizer and template.")
+    data: DataSettings = Field(description="Training and evaluation data.")
+    method: Literal["sft", "dpo"] = Field(default="sft", description="Objective: sft or dpo.")
+    dpo: DPOSettings | None = Field(default=None, description="DPO settings (method: dpo).")
+    scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
+    train: TrainSettings = Field(default_factory=TrainSettings, description="The training rhythm.")
+    output: OutputSettings = Field(default_factory=OutputSettings, description="Where runs go.")
+
+    @model_validator(mode="after")
+    def _dpo_section(self) -> Experiment:
+        if self.dpo is not None and self.method != "dpo":
+            raise ValueError("a dpo section is set but method is sft; set method: dpo or remove the section")
+        if self.method == "dpo" and self.dpo is None:
+            self.dpo = DPOSettings()
+        return self
+
+    @property
+    def run_name(self) -> str:
+        return self.output.name or self.name
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment file; relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise TunelabError(f"{path}: experiment file not found")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise TunelabError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TunelabError(f"{path}: the experiment must be a mapping of keys (name, model, data, ...)")
+    raw.setdefault("name", path.stem)
+    for item in overrides or []:
+        apply_override(raw, item)
+    exp = validate(raw, source=str(path), lines=_line_map(text))
+    return resolve_paths(exp, path.parent)
+
+
+def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None) -> Experiment:
+    try:
+        return Experiment.model_validate(raw)
+    except ValidationError as e:
+        raise TunelabError(_one_line(e, source, lines or {})) from e
+
+
+def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+    first = error.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    # Pydantic adds union-member tags such as 'list[union[int,str]]' to the location; drop them.
+    loc = tuple(p for p in loc if not re.search(r"[\[\]]", p) and p not in ("LastN", "FirstN"))
+    where = source + (f":{_nearest_line(loc, lines)}" if lines else "")
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        fields = _fields_at(loc[:-1])
+        return f"{where}: unknown key '{key}'{did_you_mean(loc[-1], fields)}"
+    if first["type"] == "missing":
+        return f"{where}: missing required key '{key}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
+
+
+def _nearest_line(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
+def _line_map(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to the 1-based line where its key is written."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    found: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = (*prefix, str(key_node.value))
+                found[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                found[(*prefix, str(i))] = item.start_mark.line + 1
+                walk(item, (*prefix, str(i)))
+
+    if root is not None:
+        walk(root, ())
+    return found
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_class(arg) if get_origin(arg) is not list else None
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    cls: type[BaseModel] | None = Experiment
+    for part in loc:
+        if cls is None or part not in cls.model_fields:
+            return []
+        cls = _model_class(cls.model_fields[part].annotation)
+    return list(cls.model_fields) if cls else []
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML and typed by the schema."""
+    if "=" not in item:
+        raise TunelabError(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=5e-6")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    cls: type[BaseModel] | None = Experiment
+    for i, part in enumerate(parts):
+        if cls is None:
+            raise TunelabError(f"--set {key}: '{'.'.join(parts[:i])}' has no sub-keys")
+        if part not in cls.model_fields:
+            raise TunelabError(f"--set {key}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
+        cls = _model_class(cls.model_fields[part].annotation)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise TunelabError(f"--set {key}: value {text!r} is not valid YAML") from e
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if not isinstance(child, str) else {child: True}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _local(path: str, base: Path) -> str:
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    return str(candidate.resolve()) if candidate.exists() else path
+
+
+def resolve_paths(exp: Experiment, base: Path) -> Experiment:
+    """Turn inputs given relative to the experiment file into absolute paths.
+
+    Hub ids and builtin: names stay as they are; output.dir stays relative to the working directory.
+    """
+    update: dict[str, Any] = {}
+    if not exp.model.id.startswith(BUILTIN_PREFIX):
+        update["model"] = exp.model.model_copy(update={"id": _local(exp.model.id, base)})
+    tok = exp.tokenizer
+    tok_update = {}
+    if tok.id is not None:
+        tok_update["id"] = _local(tok.id, base)
+    if tok.chat_template is not None and not tok.chat_template.startswith(BUILTIN_PREFIX):
+        tok_update["chat_template"] = _local(tok.chat_template, base)
+    if tok_update:
+        update["tokenizer"] = tok.model_copy(update=tok_update)
+    data = exp.data
+    train = [_local(p, base) for p in data.train_files]
+    update["data"] = data.model_copy(
+        update={
+            "train": train[0] if isinstance(data.train, str) else train,
+            "eval": _local(data.eval, base) if data.eval else None,
+        }
+    )
+    return exp.model_copy(update=update)
+
+
+def json_schema() -> dict:
+    return Experiment.model_json_schema()

@@ -1,0 +1,149 @@
+"""Load base models and tokenizers, or build a model on the meta device for planning.
+
+Hub ids, local folders and `builtin:` models all end in the same `from_pretrained` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import BUILTIN_PREFIX, ModelSettings, TokenizerSettings
+from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def model_path(model_id: str) -> str:
+    """The folder or hub id that `from_pretrained` receives; built-in models are materialised first."""
+    if model_id.startswith(BUILTIN_PREFIX):
+        from tunelab.builtin import materialise
+
+        return str(materialise(model_id.removeprefix(BUILTIN_PREFIX)))
+    return model_id
+
+
+def _looks_local(model_id: str) -> bool:
+    return model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
+
+
+def load_config(settings: ModelSettings) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    path = model_path(settings.id)
+    if _looks_local(path) and not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"model.id: no config.json in '{path}'; point model.id at a model folder or a hub id")
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.id: cannot load the config of '{settings.id}': {first}") from e
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model's modules and parameter shapes without allocating any weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        if setting == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("model.device: cuda was asked for but no CUDA device is available; use auto or cpu")
+        if setting == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("model.device: mps was asked for but MPS is not available; use auto or cpu")
+        return setting
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(setting: str, device: str) -> torch.dtype:
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # bf16 autocast on CPUs without native support is an order of magnitude slower; MPS fp16 training is fragile.
+    return torch.float32
+
+
+def load_model(settings: ModelSettings, dtype: torch.dtype, device: str) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
+    path = model_path(settings.id)
+    kwargs = {}
+    if settings.attn_implementation:
+        kwargs["attn_implementation"] = settings.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            revision=settings.revision,
+            dtype=dtype,
+            trust_remote_code=settings.trust_remote_code,
+            use_safetensors=True,
+            **kwargs,
+        )
+    except OSError as e:
+        raise ConfigError(f"model.id: cannot load '{settings.id}': {str(e).splitlines()[0]}") from e
+    return model.to(device)
+
+
+def has_tokenizer(folder: str) -> bool:
+    p = Path(folder)
+    if not p.is_dir():
+        return True  # a hub id: from_pretrained will find out
+    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def load_tokenizer(tok: TokenizerSettings, model: ModelSettings) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    from tunelab.templates import resolve_template
+
+    source = model_path(tok.id) if tok.id else model_path(model.id)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=None if tok.id else model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        key = "tokenizer.id" if tok.id else "model.id"
+        raise ConfigError(f"{key}: cannot load a tokenizer from '{source}': {str(e).splitlines()[0]}") from e
+    template = resolve_template(tok.chat_template, tokenizer)
+    if template is not None:
+        tokenizer.chat_template = template
+    if tok.pad_token is not None:
+        if tok.pad_token not in tokenizer.get_vocab():
+            raise ConfigError(f"tokenizer.pad_token: '{tok.pad_token}' is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = tok.pad_token
+    return tokenizer
+
+
+def fingerprint(model_id: str, revision: str | None = None) -> str:
+    """Identify a base model by its config and weight files (size plus the safetensors header)."""
+    path = Path(model_path(model_id))
+    if not path.is_dir():
+        return hashlib.sha256(f"{model_id}@{revision or 'main'}".encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    config = json.loads((path / "config.json").read_text())
+    config.pop("transformers_version", None)
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(path.glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(weights.name.encode() + str(weights.stat().st_size).encode() + f.read(header_len))
+    return h.hexdigest()[:16]

@@ -1,0 +1,273 @@
+"""What will train, how many parameters, how much memory -- before any weights load.
+
+The model is built on the meta device from its config; the scope is applied to it with the same
+code `train` uses, so counts and names are exactly what training gets. Memory formulas are in
+docs/memory.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+from tunelab.config import Experiment
+from tunelab.scope import ResolvedScope
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CHECKPOINTING_HEADROOM = 0.9  # use at most this share of device memory before turning checkpointing on
+
+
+@dataclass
+class ModelFacts:
+    id: str
+    architecture: str
+    layers: int
+    hidden_size: int
+    intermediate_size: int
+    kv_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+
+
+@dataclass
+class Memory:
+    dtype: str
+    tokens_per_step: int
+    activation_layers: int
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    activations_checkpointed_bytes: int
+    gradient_checkpointing: bool
+    device: str
+    device_bytes: int | None
+    total_bytes: int
+
+
+@dataclass
+class SplitStats:
+    examples: int
+    measured: int
+    tokens_p50: int
+    tokens_p90: int
+    tokens_p99: int
+    tokens_max: int
+    truncated: int
+    loss_tokens: int
+
+
+@dataclass
+class DataStats:
+    format: str
+    train: SplitStats
+    eval: SplitStats | None
+    eval_source: str | None
+    first_example: list[tuple[str, bool]] = field(default_factory=list)
+    note: str | None = None
+
+
+@dataclass
+class Plan:
+    name: str
+    method: str
+    model: ModelFacts
+    scope: ResolvedScope
+    memory: Memory
+    data: DataStats | None
+    warnings: list[str]
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["trainable_params"] = self.scope.trainable_params
+        out["total_params"] = self.scope.total_params
+        out["trainable_percent"] = round(self.scope.trainable_percent, 6)
+        out["target_modules"] = self.scope.target_modules
+        out["layers"] = self.scope.layers
+        if self.data is not None:
+            out["data"]["first_example"] = [{"text": t, "loss": loss} for t, loss in self.data.first_example]
+        return out
+
+
+def model_facts(model_id: str, model) -> ModelFacts:
+    from tunelab.scope import find_decoder, tied_embeddings
+
+    c = model.config
+    hidden = c.hidden_size
+    heads = getattr(c, "num_attention_heads", 1)
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    return ModelFacts(
+        id=model_id,
+        architecture=type(model).__name__,
+        layers=find_decoder(model).count,
+        hidden_size=hidden,
+        intermediate_size=getattr(c, "intermediate_size", None) or 4 * hidden,
+        kv_dim=head_dim * (getattr(c, "num_key_value_heads", None) or heads),
+        vocab_size=c.vocab_size,
+        tied_embeddings=tied_embeddings(model),
+    )
+
+
+def device_memory(device: str) -> int | None:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    if device == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None  # MPS shares system memory with no reliable query
+
+
+def _activation_layers(scope: ResolvedScope, n_layers: int, embeddings_train: bool) -> int:
+    """Layers whose activations backward needs: from the first trainable layer to the last."""
+    if scope.kind == "full" or embeddings_train:
+        return n_layers
+    if not scope.layers:
+        return 0
+    return n_layers - min(scope.layers)
+
+
+def estimate_memory(
+    facts: ModelFacts, scope: ResolvedScope, exp: Experiment, dtype: str, device: str, embeddings_train: bool
+) -> Memory:
+    b = DTYPE_BYTES[dtype]
+    # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype).
+    tb = 4 if scope.kind == "lora" else b
+    base_params = scope.total_params - (scope.trainable_params if scope.kind == "lora" else 0)
+    weights = base_params * b + (scope.trainable_params * tb if scope.kind == "lora" else 0)
+    grads = scope.trainable_params * tb
+    optimizer = 2 * scope.trainable_params * tb  # AdamW: first and second moments
+    tokens = exp.train.batch_size * exp.train.max_length
+    h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim
+    per_layer = 6 * h + 2 * kv + 4 * i  # saved tensors per token in one decoder layer (SDPA, no score matrix)
+    n_act = _activation_layers(scope, facts.layers, embeddings_train)
+    logits = tokens * facts.vocab_size * (b + 8)  # logits, their float32 upcast and its gradient
+    full_acts = tokens * n_act * per_layer * b + logits
+    ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0)) * b + logits
+    available = device_memory(device)
+    static = weights + grads + optimizer
+    match exp.train.gradient_checkpointing:
+        case "on":
+            checkpointing = True
+        case "off":
+            checkpointing = False
+        case "auto":
+            checkpointing = available is not None and static + full_acts > CHECKPOINTING_HEADROOM * available
+    acts = ckpt_acts if checkpointing else full_acts
+    return Memory(
+        dtype=dtype,
+        tokens_per_step=tokens,
+        activation_layers=n_act,
+        weights_bytes=weights,
+        gradients_bytes=grads,
+        optimizer_bytes=optimizer,
+        activations_bytes=full_acts,
+        activations_checkpointed_bytes=ckpt_acts,
+        gradient_checkpointing=checkpointing,
+        device=device,
+        device_bytes=available,
+        total_bytes=static + acts,
+    )
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def as_sft_row(row: dict) -> dict:
+    """Preference pairs are measured as their prompt followed by the chosen answer."""
+    if "chosen" not in row:
+        return row
+    prompt, chosen = row.get("prompt", []), row["chosen"]
+    if isinstance(chosen, list):
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return {"messages": prompt + chosen}
+    if isinstance(prompt, list):
+        return {"messages": prompt + [{"role": "assistant", "content": chosen}]}
+    return {"prompt": prompt, "completion": chosen}
+
+
+def split_stats(tokenizer, rows: list[dict], max_length: int, limit: int = 2000) -> SplitStats:
+    from tunelab.templates import tokenize_example
+
+    lengths, loss_tokens = [], 0
+    for row in rows[:limit]:
+        tok = tokenize_example(tokenizer, as_sft_row(row))
+        lengths.append(len(tok.input_ids))
+        loss_tokens += sum(tok.loss_mask[:max_length])
+    lengths.sort()
+    return SplitStats(
+        examples=len(rows),
+        measured=len(lengths),
+        tokens_p50=_percentile(lengths, 0.5),
+        tokens_p90=_percentile(lengths, 0.9),
+        tokens_p99=_percentile(lengths, 0.99),
+        tokens_max=lengths[-1],
+        truncated=sum(n > max_length for n in lengths),
+        loss_tokens=loss_tokens,
+    )
+
+
+def data_stats(exp: Experiment, tokenizer) -> DataStats:
+    from tunelab.data import load_splits
+    from tunelab.templates import loss_segments, tokenize_example
+
+    splits = load_splits(exp.data, exp.method, exp.train.seed)
+    if tokenizer is None:
+        n_eval = len(splits.eval.rows) if splits.eval else 0
+        empty = SplitStats(len(splits.train.rows), 0, 0, 0, 0, 0, 0, 0)
+        return DataStats(
+            splits.format,
+            empty,
+            SplitStats(n_eval, 0, 0, 0, 0, 0, 0, 0) if splits.eval else None,
+            splits.eval.source if splits.eval else None,
+            note="no tokenizer beside the model config: token statistics skipped",
+        )
+    train = split_stats(tokenizer, splits.train.rows, exp.train.max_length)
+    evaluation = split_stats(tokenizer, splits.eval.rows, exp.train.max_length) if splits.eval else None
+    first = tokenize_example(tokenizer, as_sft_row(splits.train.rows[0]))
+    return DataStats(
+        splits.format,
+        train,
+        evaluation,
+        splits.eval.source if splits.eval else None,
+        first_example=loss_segments(tokenizer, first),
+    )
+
+
+def make_plan(exp: Experiment) -> Plan:
+    from tunelab.models import has_tokenizer, load_config, load_tokenizer, meta_model, model_path, pick_device
+    from tunelab.scope import apply_scope
+    from tunelab.templates import has_generation_markers
+
+    config = load_config(exp.model)
+    model = meta_model(config, exp.model.trust_remote_code)
+    facts = model_facts(exp.model.id, model)
+    model, resolved = apply_scope(model, exp.scope)
+    device = pick_device(exp.model.device)
+    dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
+    embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
+    memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train)
+    warnings = list(resolved.warnings)
+    tokenizer = None
+    if exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
+        tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    stats = data_stats(exp, tokenizer)
+    if tokenizer is not None and stats.format in ("messages", "conversations", "alpaca"):
+        if not has_generation_markers(tokenizer.chat_template):
+            warnings.append(
+                "the chat template has no {% generation %} markers, so the loss cannot be limited "
+                "to assistant turns; set tokenizer.chat_template (e.g. builtin:llama3)"
+            )
+    if stats.train.truncated:
+        warnings.append(
+            f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "
+            f"train.max_length={exp.train.max_length} and will be truncated"
+        )
+    return Plan(exp.name, exp.method, facts, resolved, memory, stats, warnings)
+
+
+def _auto_dtype_name(device: str) -> str:
+    from tunelab.models import pick_dtype
+
+    return str(pick_dtype("auto", device)).removeprefix("torch.")

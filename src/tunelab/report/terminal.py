@@ -1,0 +1,138 @@
+"""Terminal rendering of plans (rich); no logic beyond layout."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tunelab.plan import Plan, SplitStats
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    raise AssertionError
+
+
+def ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts: list[str] = []
+    start = prev = None
+    for i in [*indices, None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
+
+
+def group_modules(full_names: list[str], layer_path_hint: str = ".layers.") -> list[tuple[str, str]]:
+    """Group module names as (layers, suffixes): layers sharing the same suffix set share a row."""
+    by_layer: dict[int | None, set[str]] = {}
+    for name in full_names:
+        parts = name.split(".")
+        index = next((int(p) for p in parts if p.isdigit()), None)
+        by_layer.setdefault(index, set()).add(
+            ".".join(p for p in parts[parts.index(str(index)) + 1 :]) if index is not None else name
+        )
+    rows: dict[tuple[str, ...], list[int]] = {}
+    outside = sorted(by_layer.pop(None, set()))
+    for index, suffixes in sorted(by_layer.items()):
+        rows.setdefault(tuple(sorted(suffixes)), []).append(index)
+    out = [(ranges(layers), ", ".join(s)) for s, layers in rows.items()]
+    if outside:
+        out.append(("-", ", ".join(outside)))
+    return out
+
+
+def _split_row(name: str, s: SplitStats | None) -> list[str]:
+    if s is None:
+        return [name, "-", "", "", "", "", ""]
+    if not s.measured:
+        return [name, str(s.examples), "", "", "", "", ""]
+    return [
+        name,
+        str(s.examples),
+        str(s.tokens_p50),
+        str(s.tokens_p90),
+        str(s.tokens_max),
+        str(s.truncated),
+        str(s.loss_tokens),
+    ]
+
+
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    console = console or Console()
+    m, s, mem = plan.model, plan.scope, plan.memory
+    console.print(
+        f"[bold]{plan.name}[/bold]  {plan.method.upper()} · {s.kind} · {m.architecture} "
+        f"({m.layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}) · {m.id}"
+    )
+    if s.kind == "lora":
+        table = Table(title="LoRA attaches to", title_justify="left", show_edge=False)
+        table.add_column("layers")
+        table.add_column("modules")
+        for layers, mods in group_modules(s.lora_modules):
+            table.add_row(layers, mods)
+        console.print(table)
+        console.print(
+            f"{len(s.lora_modules)} modules; target_modules={s.target_modules}; "
+            f"layers={ranges(s.layers)}" + (f"; layers_pattern='{s.layers_pattern}'" if s.layers_pattern else "")
+        )
+    else:
+        table = Table(title="Parameters that open", title_justify="left", show_edge=False)
+        table.add_column("layers")
+        table.add_column("parameters")
+        for layers, names in group_modules(s.trainable_names):
+            table.add_row(layers, names)
+        console.print(table)
+    console.print(
+        f"trainable [bold]{s.trainable_params:,}[/bold] of {s.total_params:,} parameters ({s.trainable_percent:.4f}%)"
+    )
+    mt = Table(
+        title=f"Memory estimate ({mem.dtype}, {mem.tokens_per_step:,} tokens a step, device {mem.device})",
+        title_justify="left",
+        show_edge=False,
+    )
+    mt.add_column("part")
+    mt.add_column("bytes", justify="right")
+    mt.add_row("weights", human_bytes(mem.weights_bytes))
+    mt.add_row("gradients", human_bytes(mem.gradients_bytes))
+    mt.add_row("optimizer (AdamW)", human_bytes(mem.optimizer_bytes))
+    acts = mem.activations_checkpointed_bytes if mem.gradient_checkpointing else mem.activations_bytes
+    mt.add_row(
+        f"activations ({mem.activation_layers} layers{', checkpointed' if mem.gradient_checkpointing else ''})",
+        human_bytes(acts),
+    )
+    mt.add_row("[bold]total[/bold]", f"[bold]{human_bytes(mem.total_bytes)}[/bold]")
+    console.print(mt)
+    if mem.device_bytes:
+        console.print(
+            f"device memory {human_bytes(mem.device_bytes)}; gradient checkpointing "
+            f"{'on' if mem.gradient_checkpointing else 'off'} (activations without: "
+            f"{human_bytes(mem.activations_bytes)}, with: {human_bytes(mem.activations_checkpointed_bytes)})"
+        )
+    if plan.data is not None:
+        d = plan.data
+        dt = Table(title=f"Data ({d.format})", title_justify="left", show_edge=False)
+        for col in ("split", "examples", "tokens p50", "p90", "max", "truncated", "loss tokens"):
+            dt.add_column(col, justify="right" if col != "split" else "left")
+        dt.add_row(*_split_row("train", d.train))
+        dt.add_row(*_split_row("eval", d.eval))
+        console.print(dt)
+        if d.note:
+            console.print(f"[dim]{d.note}[/dim]")
+        if d.first_example:
+            text = Text()
+            for chunk, loss in d.first_example:
+                text.append(chunk, style="bold green" if loss else "dim")
+            console.print("First example (loss on [bold green]green[/bold green]):")
+            console.print(text, markup=False, highlight=False)
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

@@ -1,0 +1,311 @@
+"""Turn scope intent ("all-linear", "last-half", "last 4 blocks + norm") into explicit names, and apply it.
+
+The same functions act on a meta-device model (for `plan`) and on the real one (for `train`), so the
+plan's counts are the counts training gets. LoRA matching is PEFT's own: tunelab expands presets
+into module names and lets `get_peft_model` do the attaching.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tunelab.config import FirstN, LastN, LoraScope, PartialScope, Scope
+from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from torch import nn
+
+PRESET_NAMES = {"qv": ["q_proj", "v_proj"], "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
+MLP_PARENT = re.compile(r"mlp|feed_forward|ffn", re.IGNORECASE)
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
+
+
+@dataclass
+class Decoder:
+    path: str  # e.g. "model.layers"
+    pattern: str  # the attribute name PEFT's layers_pattern matches, e.g. "layers"
+    count: int
+
+
+@dataclass
+class ResolvedScope:
+    kind: str
+    trainable_params: int
+    total_params: int
+    trainable_names: list[str]
+    layers: list[int]
+    target_modules: list[str] = field(default_factory=list)
+    lora_modules: list[str] = field(default_factory=list)
+    layers_pattern: str | None = None
+    tied_embeddings: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+# ---------------------------------------------------------------- architecture facts
+
+
+def find_decoder(model: nn.Module, pattern: str | None = None) -> Decoder:
+    """The ModuleList that holds the decoder blocks."""
+    from torch import nn
+
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    candidates = [
+        (name, len(m))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)
+    ]
+    if pattern is not None:
+        candidates = [(n, c) for n, c in candidates if n.split(".")[-1] == pattern]
+        if not candidates:
+            raise ConfigError(
+                f"scope.lora.layers_pattern: no list of decoder layers named '{pattern}' in {type(model).__name__}"
+            )
+    if not candidates:
+        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; set scope.lora.layers_pattern")
+    name, count = min(candidates, key=lambda c: c[0].count("."))
+    return Decoder(path=name, pattern=name.split(".")[-1], count=count)
+
+
+def linear_modules(model: nn.Module) -> list[str]:
+    """Full names of the linear modules LoRA can attach to (PEFT's all-linear set: never the output head)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    expanded = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), model)
+    return sorted(expanded.target_modules)
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _layer_index(name: str, decoder: Decoder) -> int | None:
+    prefix = decoder.path + "."
+    if not name.startswith(prefix):
+        return None
+    return int(name[len(prefix) :].split(".", 1)[0])
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+# ---------------------------------------------------------------- layers
+
+
+def select_layers(spec: object, count: int, key: str) -> list[int]:
+    """Layer indices for all | last-half | first-half | {last: N} | {first: N} | [i, 'a-b', ...]."""
+    if spec == "all":
+        return list(range(count))
+    if spec == "last-half":
+        return list(range(count // 2, count))
+    if spec == "first-half":
+        return list(range(count // 2))
+    if isinstance(spec, LastN | FirstN):
+        n = spec.last if isinstance(spec, LastN) else spec.first
+        if n > count:
+            raise ConfigError(f"{key}: asks for {n} layers but this model has {count}")
+        return list(range(count - n, count)) if isinstance(spec, LastN) else list(range(n))
+    indices: set[int] = set()
+    for item in spec:  # type: ignore[union-attr]
+        if isinstance(item, str):
+            lo, hi = (int(x) for x in item.replace(" ", "").split("-"))
+            if lo > hi:
+                raise ConfigError(f"{key}: range '{item}' is backwards; write '{hi}-{lo}'")
+            indices.update(range(lo, hi + 1))
+        else:
+            indices.add(item)
+    bad = sorted(i for i in indices if i >= count)
+    if bad:
+        raise ConfigError(f"{key}: layer {bad[0]} is out of range; this model has {count} layers (0-{count - 1})")
+    return sorted(indices)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def _attention_or_mlp(linears: list[str], parent: re.Pattern) -> list[str]:
+    return sorted({_leaf(n) for n in linears if any(parent.search(p) for p in n.split(".")[:-1])})
+
+
+def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> tuple[list[str], str | None]:
+    """(module-name suffixes, or None) and (a regex, or None) for PEFT's target_modules."""
+    available = sorted({_leaf(n) for n in linears})
+    listing = f"linear modules in {arch}: {', '.join(available)}"
+    if isinstance(targets, list):
+        names = targets
+    elif targets in PRESET_NAMES:
+        names = PRESET_NAMES[targets]
+    elif targets == "all-linear":
+        return available, None
+    elif targets in ("attention", "mlp"):
+        names = _attention_or_mlp(linears, ATTENTION_PARENT if targets == "attention" else MLP_PARENT)
+        if not names:
+            raise ConfigError(f"scope.lora.targets: preset '{targets}' matches nothing; {listing}")
+        return names, None
+    else:
+        try:
+            regex = re.compile(targets)
+        except re.error as e:
+            raise ConfigError(
+                f"scope.lora.targets: '{targets}' is neither a preset (qv, qkvo, attention, mlp, "
+                f"all-linear) nor a valid regex ({e})"
+            ) from e
+        if not any(regex.fullmatch(n) for n in linears):
+            raise ConfigError(f"scope.lora.targets: regex '{targets}' matches no linear module; {listing}")
+        return [], targets
+    missing = [n for n in names if not any(n == _leaf(m) or m.endswith("." + n) for m in linears)]
+    if missing:
+        what = f"preset '{targets}' ({', '.join(names)})" if isinstance(targets, str) else "targets"
+        raise ConfigError(f"scope.lora.targets: {what}: {', '.join(missing)} not found; {listing}")
+    return sorted(names), None
+
+
+def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder, list[int]]:
+    """An explicit PEFT LoraConfig: presets expanded into module names, layers into indices."""
+    from peft import LoraConfig
+
+    decoder = find_decoder(model, scope.layers_pattern)
+    layers = select_layers(scope.layers, decoder.count, "scope.lora.layers")
+    linears = linear_modules(model)
+    names, regex = expand_targets(scope.targets, linears, type(model).__name__)
+    all_layers = layers == list(range(decoder.count))
+    if regex is not None and not all_layers:
+        # PEFT cannot combine a regex with layers_to_transform; fold the layer choice into the full names.
+        names = [n for n in linears if re.fullmatch(regex, n) and _layer_index(n, decoder) in layers]
+        regex = None
+    config = LoraConfig(
+        r=scope.r,
+        lora_alpha=scope.alpha,
+        lora_dropout=scope.dropout,
+        bias=scope.bias,
+        task_type=scope.task_type,
+        target_modules=regex if regex is not None else names,
+        layers_to_transform=None if all_layers or regex is not None else layers,
+        layers_pattern=None if all_layers or regex is not None else decoder.pattern,
+    )
+    return config, decoder, layers
+
+
+# ---------------------------------------------------------------- partial
+
+
+def _final_norm(model: nn.Module, decoder: Decoder) -> str:
+    base_path = decoder.path.rsplit(".", 1)[0] if "." in decoder.path else ""
+    base = model.get_submodule(base_path) if base_path else model
+    for name in FINAL_NORM_NAMES:
+        if hasattr(base, name):
+            return f"{base_path}.{name}" if base_path else name
+    raise ConfigError(
+        f"scope.partial.norm: cannot find the final norm of {type(model).__name__} "
+        f"(looked for {', '.join(FINAL_NORM_NAMES)} under '{base_path}'); use patterns instead"
+    )
+
+
+def partial_parameters(scope: PartialScope, model: nn.Module) -> tuple[list[str], list[int], list[str]]:
+    """(parameter names to open, block indices, warnings)."""
+    decoder = find_decoder(model)
+    if scope.last_blocks is not None:
+        blocks = select_layers(LastN(last=scope.last_blocks), decoder.count, "scope.partial.last_blocks")
+    elif scope.blocks is not None:
+        blocks = select_layers(scope.blocks, decoder.count, "scope.partial.blocks")
+    else:
+        blocks = []
+    prefixes = tuple(f"{decoder.path}.{i}." for i in blocks)
+    if scope.norm:
+        prefixes += (_final_norm(model, decoder) + ".",)
+    # Select parameter objects, not names: a tied lm_head has no name of its own in named_parameters().
+    chosen = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n.startswith(prefixes)}
+    if scope.lm_head:
+        chosen |= {id(p) for p in model.get_output_embeddings().parameters()}
+    if scope.embeddings:
+        chosen |= {id(p) for p in model.get_input_embeddings().parameters()}
+    notes = []
+    if tied_embeddings(model) and (scope.lm_head != scope.embeddings):
+        notes.append(
+            "lm_head is tied to the input embeddings (tie_word_embeddings): opening one opens the "
+            "other, and both change"
+        )
+    for pattern in scope.patterns:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"scope.partial.patterns: '{pattern}' is not a valid regex ({e})") from e
+        matched = {id(p) for n, p in model.named_parameters() if regex.search(n)}
+        if not matched:
+            raise ConfigError(
+                f"scope.partial.patterns: '{pattern}' matches no parameter name "
+                f"(names look like '{next(iter(dict(model.named_parameters())))}')"
+            )
+        chosen |= matched
+    names = [n for n, p in model.named_parameters() if id(p) in chosen]
+    return sorted(set(names)), blocks, notes
+
+
+# ---------------------------------------------------------------- apply
+
+
+def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and describe the result."""
+    total_before = sum(p.numel() for p in model.parameters())
+    tied = tied_embeddings(model)
+    match scope.kind:
+        case "lora":
+            from peft import get_peft_model
+
+            config, decoder, layers = lora_config(scope.lora, model)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, config)
+            lora_modules = sorted(
+                name.removeprefix("base_model.model.")
+                for name, m in model.named_modules()
+                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+            )
+            resolved = ResolvedScope(
+                kind="lora",
+                trainable_params=0,
+                total_params=0,
+                trainable_names=[],
+                layers=sorted({_layer_index(n, decoder) for n in lora_modules} - {None}),
+                target_modules=sorted({_leaf(n) for n in lora_modules}),
+                lora_modules=lora_modules,
+                layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, str) else None,
+            )
+        case "partial":
+            names, blocks, notes = partial_parameters(scope.partial, model)
+            _open_only(model, set(names))
+            resolved = ResolvedScope(
+                kind="partial", trainable_params=0, total_params=0, trainable_names=[], layers=blocks, warnings=notes
+            )
+        case "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+            resolved = ResolvedScope(
+                kind="full",
+                trainable_params=0,
+                total_params=0,
+                trainable_names=[],
+                layers=list(range(find_decoder(model).count)),
+            )
+    resolved.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    resolved.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # LoRA adds parameters; the percentage is of the base model plus adapter, as PEFT reports it.
+    resolved.total_params = sum(p.numel() for p in model.parameters()) if scope.kind == "lora" else total_before
+    resolved.tied_embeddings = tied
+    return model, resolved
+
+
+def _open_only(model: nn.Module, names: set[str]) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)

@@ -1,0 +1,36 @@
+"""Shared fixtures. The built-in model is built once per machine into .tunelab-cache/ (about 45 s)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+DATA = EXAMPLES / "data"
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+os.environ.setdefault("TUNELAB_HOME", str(REPO / ".tunelab-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from tunelab.builtin import materialise
+
+    return materialise("tiny-chat")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `tunelab ...` in a fresh process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
+    )
+
+
+def write_experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path

@@ -1,0 +1,97 @@
+"""The built-in model, the loss mask, and `plan` on real files."""
+
+import json
+from pathlib import Path
+
+from tests.conftest import DATA, EXAMPLES
+from tunelab.config import load_experiment
+from tunelab.plan import make_plan
+from tunelab.templates import tokenize_example
+
+
+def test_builtin_model_loads_through_from_pretrained(tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert (tiny_model_dir / "model.safetensors").is_file() and (tiny_model_dir / "chat_template.jinja").is_file()
+    assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|eot_id|>" and tok.pad_token_id != tok.eos_token_id
+    # Pre-training really happened: the model continues a corpus fact it has seen.
+    ids = tok("The capital of", return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**ids, labels=ids["input_ids"]).loss
+    assert loss.item() < 4.0  # random init on this vocabulary gives about ln(875) = 6.8
+
+
+def test_loss_mask_is_exactly_the_assistant_turns(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2 plus 3?"},
+            {"role": "assistant", "content": "2 plus 3 is 5."},
+            {"role": "user", "content": "And 1 plus 1?"},
+            {"role": "assistant", "content": "1 plus 1 is 2."},
+        ]
+    }
+    t = tokenize_example(tok, row)
+    spans, current = [], []
+    for token, m in zip(t.input_ids, t.loss_mask, strict=True):
+        if m:
+            current.append(token)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    if current:
+        spans.append(tok.decode(current))
+    assert spans == ["2 plus 3 is 5.<|eot_id|>", "1 plus 1 is 2.<|eot_id|>"]
+
+
+def test_prompt_completion_mask_covers_completion_and_eos(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t = tokenize_example(tok, {"prompt": "2 plus 3 is", "completion": " 5."})
+    assert tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m]).endswith("5.<|eot_id|>")
+    assert t.loss_mask[0] == 0
+
+
+def test_plan_of_quickstart(tiny_model_dir: Path) -> None:
+    plan = make_plan(load_experiment(EXAMPLES / "quickstart.yaml"))
+    out = plan.to_json()
+    assert out["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert out["layers"] == [0, 1, 2, 3]
+    # h=128, kv=64, i=256, r=16, 4 layers
+    per_layer = 16 * ((128 + 128) * 2 + (128 + 64) * 2 + (128 + 256) * 3)
+    assert out["trainable_params"] == 4 * per_layer
+    m = out["memory"]
+    assert m["total_bytes"] == m["weights_bytes"] + m["gradients_bytes"] + m["optimizer_bytes"] + m["activations_bytes"]
+    assert out["data"]["train"]["examples"] == len((DATA / "sft_train.jsonl").read_text().splitlines())
+    assert out["data"]["train"]["truncated"] == 0
+    loss_text = "".join(s["text"] for s in out["data"]["first_example"] if s["loss"])
+    assert loss_text.endswith("<|eot_id|>") and "user" not in loss_text
+
+
+def test_plan_counts_truncation(tiny_model_dir: Path) -> None:
+    plan = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", ["train.max_length=30"]))
+    assert plan.data.train.truncated > 0
+    assert any("will be truncated" in w for w in plan.warnings)
+
+
+def test_plan_json_matches_trained_scope_on_real_weights(tiny_model_dir: Path) -> None:
+    """The meta-device plan and the scope applied to the loaded model agree tensor for tensor."""
+    from tunelab.models import load_model
+    from tunelab.scope import apply_scope
+
+    for example in ("lora-last-half.yaml", "partial-last4.yaml"):
+        exp = load_experiment(EXAMPLES / example)
+        plan = make_plan(exp)
+        import torch
+
+        _, real = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
+        assert real.trainable_params == plan.scope.trainable_params
+        assert real.trainable_names == plan.scope.trainable_names
+        json.dumps(plan.to_json())

@@ -1,0 +1,169 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DATA, EXAMPLES, write_experiment
+from tunelab.config import Experiment, LastN, json_schema, load_experiment
+from tunelab.errors import TunelabError
+
+BASE = f"""\
+name: t
+model:
+  id: builtin:tiny-chat
+data:
+  train: {DATA}/sft_train.jsonl
+"""
+
+
+def error_of(tmp_path: Path, text: str, overrides: list[str] | None = None) -> str:
+    path = write_experiment(tmp_path, text)
+    with pytest.raises(TunelabError) as e:
+        load_experiment(path, overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_validates(example: Path) -> None:
+    exp = load_experiment(example)
+    assert exp.name == yaml.safe_load(example.read_text())["name"]
+    for f in exp.data.train_files:
+        assert Path(f).is_file(), f
+
+
+def test_issue_example_reads_as_written(tmp_path: Path) -> None:
+    text = f"""\
+name: qkvo-last-half
+model:
+  id: meta-llama/Llama-3.1-8B-Instruct
+  dtype: auto
+data:
+  train: {DATA}/sft_train.jsonl
+  eval: {DATA}/sft_eval.jsonl
+method: sft
+scope:
+  lora:
+    r: 16
+    alpha: 32
+    dropout: 0.05
+    targets: qkvo
+    layers: last-half
+train:
+  learning_rate: 2.0e-4
+  epochs: 2
+  batch_size: 4
+  grad_accumulation: 4
+  max_length: 1024
+  seed: 42
+output:
+  dir: runs
+"""
+    exp = load_experiment(write_experiment(tmp_path, text))
+    assert exp.scope.kind == "lora" and exp.scope.lora.targets == "qkvo" and exp.scope.lora.layers == "last-half"
+    assert exp.train.grad_accumulation == 4 and exp.train.learning_rate == 2e-4
+    assert exp.model.trust_remote_code is False
+
+
+def test_unknown_key_names_line_and_suggestion(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + "train:\n  learnin_rate: 0.1\n")
+    assert msg == f"{tmp_path}/exp.yaml:7: unknown key 'train.learnin_rate'; did you mean 'learning_rate'?"
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + "scpoe: full\n")
+    assert msg.endswith(":6: unknown key 'scpoe'; did you mean 'scope'?")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("train:\n  learning_rate: fast\n", "exp.yaml:7: train.learning_rate: Input should be a valid number"),
+        ("train:\n  batch_size: 0\n", "exp.yaml:7: train.batch_size: Input should be greater than 0"),
+        ("scope:\n  lora:\n    dropout: 1.5\n", "exp.yaml:8: scope.lora.dropout: Input should be less than 1"),
+        ("scope:\n  lora:\n    layers: middle\n", "exp.yaml:8: scope.lora.layers: 'middle' is not a layer selection"),
+        ("scope:\n  lora:\n    layers: [1, '7-x']\n", "scope.lora.layers: layer item '7-x' is neither an index"),
+        ("scope:\n  lora: {}\n  full: true\n", "choose exactly one of lora, partial or full"),
+        ("scope:\n  partial: {}\n", "partial opens nothing"),
+        ("dpo:\n  beta: 0.1\n", "a dpo section is set but method is sft"),
+        ("method: ppo\n", "method: Input should be 'sft' or 'dpo'"),
+    ],
+)
+def test_bad_values(tmp_path: Path, extra: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, BASE + extra)
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "name: t\nmodel:\n  id: builtin:tiny-chat\n")
+    assert msg == f"{tmp_path}/exp.yaml:1: missing required key 'data'"
+
+
+def test_missing_experiment_file(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match="experiment file not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "name: t\nmodel: id: x\n")
+    assert msg == f"{tmp_path}/exp.yaml:2: not valid YAML (mapping values are not allowed here)"
+
+
+def test_overrides_are_typed_by_schema(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, BASE)
+    exp = load_experiment(path, ["train.learning_rate=5e-6", "train.epochs=2", "scope.lora.layers={last: 4}"])
+    assert exp.train.learning_rate == 5e-6 and isinstance(exp.train.learning_rate, float)
+    assert exp.train.epochs == 2.0
+    assert exp.scope.lora.layers == LastN(last=4)
+
+
+def test_override_switches_to_full(tmp_path: Path) -> None:
+    exp = load_experiment(write_experiment(tmp_path, BASE), ["scope=full"])
+    assert exp.scope.kind == "full"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.learnin_rate=1", "--set train.learnin_rate: unknown key 'learnin_rate'; did you mean 'learning_rate'?"),
+        ("train.learning_rate", "--set train.learning_rate: expected KEY=VALUE"),
+        ("train.learning_rate.x=1", "--set train.learning_rate.x: 'train.learning_rate' has no sub-keys"),
+        ("train.learning_rate=-1", "train.learning_rate: Input should be greater than 0"),
+    ],
+)
+def test_bad_overrides(tmp_path: Path, override: str, expected: str) -> None:
+    assert expected in error_of(tmp_path, BASE, [override])
+
+
+def test_yaml_booleans_for_on_off(tmp_path: Path) -> None:
+    exp = load_experiment(write_experiment(tmp_path, BASE + "train:\n  gradient_checkpointing: off\n"))
+    assert exp.train.gradient_checkpointing == "off"
+
+
+def test_relative_paths_resolve_against_the_experiment_file(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "x"}\n')
+    exp = load_experiment(
+        write_experiment(tmp_path, "name: t\nmodel: {id: builtin:tiny-chat}\ndata: {train: d/a.jsonl}\n")
+    )
+    assert exp.data.train == str(tmp_path / "d" / "a.jsonl")
+    assert exp.output.dir == "runs"
+
+
+def test_every_field_is_documented() -> None:
+    schema = json_schema()
+
+    def walk(props: dict, where: str) -> None:
+        for name, prop in props.items():
+            assert prop.get("description"), f"{where}.{name} has no description"
+
+    walk(schema["properties"], "experiment")
+    for name, sub in schema["$defs"].items():
+        walk(sub.get("properties", {}), name)
+    assert schema["additionalProperties"] is False
+
+
+def test_config_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
+    a = load_experiment(write_experiment(tmp_path, BASE))
+    b = load_experiment(write_experiment(tmp_path, BASE))
+    c = load_experiment(write_experiment(tmp_path, BASE), ["train.seed=1"])
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+    assert isinstance(Experiment.model_validate(a.model_dump()), Experiment)

@@ -1,0 +1,138 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA
+from tunelab.config import DataSettings
+from tunelab.data import load_splits
+from tunelab.errors import TunelabError
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def load(path: Path, method: str = "sft", **kw):
+    return load_splits(DataSettings(train=str(path), **kw), method, seed=0)
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "normalised"),
+    [
+        (CHAT, "messages", CHAT),
+        (
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            "conversations",
+            CHAT,
+        ),
+        ({"instruction": "hi", "output": "hello"}, "alpaca", CHAT),
+        (
+            {"instruction": "Sum", "input": "1 2", "output": "3"},
+            "alpaca",
+            {"messages": [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]},
+        ),
+        ({"prompt": "2+2=", "completion": "4"}, "prompt_completion", {"prompt": "2+2=", "completion": "4"}),
+        ({"text": "plain"}, "text", {"text": "plain"}),
+    ],
+)
+def test_sft_formats_detected_and_normalised(tmp_path: Path, row: dict, fmt: str, normalised: dict) -> None:
+    splits = load(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert splits.format == fmt
+    assert splits.train.rows == [normalised]
+
+
+def test_preference_forms(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        {
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        },
+    ]
+    splits = load(write_jsonl(tmp_path / "p.jsonl", rows), method="dpo")
+    assert splits.format == "preference"
+    assert [sorted(r) for r in splits.train.rows] == [["chosen", "prompt", "rejected"]] * 2 + [["chosen", "rejected"]]
+
+
+def test_other_file_types(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    (tmp_path / "a.csv").write_text("prompt,completion\nq,a\nq2,a2\n")
+    assert [r["text"] for r in load(tmp_path / "a.json").train.rows] == ["one", "two"]
+    assert load(tmp_path / "a.csv").train.rows[1] == {"prompt": "q2", "completion": "a2"}
+
+
+def test_parquet_and_datasets_folder(tmp_path: Path) -> None:
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"text": "one"}, {"text": "two"}])
+    ds.to_parquet(str(tmp_path / "a.parquet"))
+    ds.save_to_disk(str(tmp_path / "folder"))
+    assert [r["text"] for r in load(tmp_path / "a.parquet").train.rows] == ["one", "two"]
+    assert [r["text"] for r in load(tmp_path / "folder").train.rows] == ["one", "two"]
+
+
+def test_eval_fraction_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}"} for i in range(20)])
+    a, b = load(path, eval_fraction=0.25), load(path, eval_fraction=0.25)
+    assert len(a.eval.rows) == 5 and len(a.train.rows) == 15
+    assert a.eval.rows == b.eval.rows
+    assert not {r["text"] for r in a.eval.rows} & {r["text"] for r in a.train.rows}
+
+
+@pytest.mark.parametrize(
+    ("rows", "method", "expected"),
+    [
+        ([CHAT, "{not json"], "sft", "d.jsonl:2: malformed JSON"),
+        ([CHAT, {"messages": [{"role": "user", "content": "q"}]}], "sft", "d.jsonl:2: 'messages' has no assistant"),
+        (
+            [{"messages": [{"role": "robot", "content": "q"}]}],
+            "sft",
+            "d.jsonl:1: messages[0] has unknown role 'robot'; roles are system, user, assistant",
+        ),
+        ([{"prompt": "q", "completion": "a"}, {"prompt": "q"}], "sft", "d.jsonl:2: record has no 'completion' field"),
+        ([{"foo": 1}], "sft", "d.jsonl:1: cannot tell the data format from fields ['foo']"),
+        (
+            [{"prompt": "q", "chosen": "a", "rejected": "b"}],
+            "sft",
+            "holds preference pairs (chosen/rejected) but method is sft",
+        ),
+        ([CHAT], "dpo", "holds messages data but method is dpo"),
+        ([{"prompt": "q", "chosen": "a", "rejected": "a"}], "dpo", "d.jsonl:1: chosen and rejected are identical"),
+        ([{"prompt": "q", "chosen": " ", "rejected": "a"}], "dpo", "d.jsonl:1: 'chosen' is empty"),
+        ([{"prompt": "q", "rejected": "a", "chosen": None}], "dpo", "d.jsonl:1: record has no 'chosen' field"),
+        ([{"text": "x"}, {"text": 3}], "sft", "d.jsonl:2: 'text' must be str, got int"),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path: Path, rows: list, method: str, expected: str) -> None:
+    with pytest.raises(TunelabError) as e:
+        load(write_jsonl(tmp_path / "d.jsonl", rows), method=method)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_empty_dataset(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").write_text("\n")
+    with pytest.raises(TunelabError, match="the dataset is empty"):
+        load(tmp_path / "d.jsonl")
+
+
+def test_missing_file_names_key(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match="data.train: data file '.*nope.jsonl' not found"):
+        load(tmp_path / "nope.jsonl")
+
+
+def test_bundled_data_is_what_the_generator_makes(tmp_path: Path) -> None:
+    from tunelab.tinyworld import write_datasets
+
+    for path in write_datasets(tmp_path):
+        assert path.read_bytes() == (DATA / path.name).read_bytes(), path.name

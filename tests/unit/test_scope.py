@@ -1,0 +1,185 @@
+"""Scope resolution on config-only models (meta device), checked against formulas and against PEFT itself."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS
+from tunelab.config import LoraScope, PartialScope, Scope
+from tunelab.errors import TunelabError
+from tunelab.models import meta_model
+from tunelab.scope import apply_scope
+
+LLAMA = CONFIGS / "llama-3.1-8b-instruct"
+PHI3 = CONFIGS / "phi-3-mini"
+
+
+def build(folder: Path):
+    from transformers import AutoConfig
+
+    return meta_model(AutoConfig.from_pretrained(folder))
+
+
+def llama_dims() -> dict:
+    c = json.loads((LLAMA / "config.json").read_text())
+    head = c["hidden_size"] // c["num_attention_heads"]
+    return {
+        "h": c["hidden_size"],
+        "kv": head * c["num_key_value_heads"],
+        "i": c["intermediate_size"],
+        "L": c["num_hidden_layers"],
+        "V": c["vocab_size"],
+    }
+
+
+def lora_count(shapes: list[tuple[int, int]], r: int, layers: int) -> int:
+    return layers * sum(r * (fan_in + fan_out) for fan_in, fan_out in shapes)
+
+
+def seed_variants() -> dict:
+    d = llama_dims()
+    h, kv, i, L = d["h"], d["kv"], d["i"], d["L"]
+    q, k, v, o = (h, h), (h, kv), (h, kv), (h, h)
+    mlp = [(h, i), (h, i), (i, h)]
+    return {
+        "qv": (LoraScope(targets="qv"), lora_count([q, v], 16, L), list(range(L))),
+        "qkvo": (LoraScope(targets="qkvo"), lora_count([q, k, v, o], 16, L), list(range(L))),
+        "all-linear": (LoraScope(targets="all-linear"), lora_count([q, k, v, o, *mlp], 16, L), list(range(L))),
+        "last-half": (
+            LoraScope(targets="all-linear", layers="last-half"),
+            lora_count([q, k, v, o, *mlp], 16, L // 2),
+            list(range(L // 2, L)),
+        ),
+    }
+
+
+def test_llama_8b_total_is_the_published_count() -> None:
+    _, resolved = apply_scope(build(LLAMA), Scope(full=True))
+    assert resolved.total_params == resolved.trainable_params == 8_030_261_248
+
+
+@pytest.mark.parametrize("variant", ["qv", "qkvo", "all-linear", "last-half"])
+def test_seed_lora_variants_on_llama_8b(variant: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    scope, expected, layers = seed_variants()[variant]
+    _, resolved = apply_scope(build(LLAMA), Scope(lora=scope))
+    assert resolved.trainable_params == expected
+    assert resolved.layers == layers
+    # The way the seed's train_lora.py writes it, straight into PEFT.
+    modules = {"qv": ["q_proj", "v_proj"], "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"]}.get(
+        variant, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    half = variant == "last-half"
+    peft_model = get_peft_model(
+        build(LLAMA),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=modules,
+            task_type="CAUSAL_LM",
+            layers_to_transform=layers if half else None,
+            layers_pattern="layers" if half else None,
+        ),
+    )
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert (resolved.trainable_params, resolved.total_params) == (trainable, total)
+    assert resolved.target_modules == sorted(modules)
+    assert "lm_head" not in " ".join(resolved.lora_modules)
+
+
+def test_seed_partial_last4_norm_lm_head_on_llama_8b() -> None:
+    d = llama_dims()
+    h, kv, i, V = d["h"], d["kv"], d["i"], d["V"]
+    per_block = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    model, resolved = apply_scope(build(LLAMA), Scope(partial=PartialScope(last_blocks=4, norm=True, lm_head=True)))
+    assert resolved.trainable_params == 4 * per_block + h + V * h == 1_397_788_672
+    # the same as the seed script's requires_grad loop
+    reference = build(LLAMA)
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    for module in [*reference.model.layers[-4:], reference.model.norm, reference.lm_head]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    assert resolved.trainable_names == [n for n, p in reference.named_parameters() if p.requires_grad]
+    assert resolved.layers == [28, 29, 30, 31]
+
+
+def test_phi3_fused_projections_refuse_qv_and_list_what_exists() -> None:
+    with pytest.raises(TunelabError) as e:
+        apply_scope(build(PHI3), Scope(lora=LoraScope(targets="qv")))
+    assert str(e.value) == (
+        "scope.lora.targets: preset 'qv' (q_proj, v_proj): q_proj, v_proj not found; "
+        "linear modules in Phi3ForCausalLM: down_proj, gate_up_proj, o_proj, qkv_proj"
+    )
+
+
+def test_phi3_all_linear_is_four_modules_and_attention_preset_resolves() -> None:
+    _, resolved = apply_scope(build(PHI3), Scope(lora=LoraScope(targets="all-linear")))
+    assert resolved.target_modules == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    _, attn = apply_scope(build(PHI3), Scope(lora=LoraScope(targets="attention")))
+    assert attn.target_modules == ["o_proj", "qkv_proj"]
+    _, mlp = apply_scope(build(LLAMA), Scope(lora=LoraScope(targets="mlp")))
+    assert mlp.target_modules == ["down_proj", "gate_proj", "up_proj"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [
+        ("first-half", list(range(16))),
+        ({"last": 4}, [28, 29, 30, 31]),
+        ({"first": 2}, [0, 1]),
+        ([0, "5-7", 31], [0, 5, 6, 7, 31]),
+    ],
+)
+def test_layer_selections(layers, expected) -> None:
+    _, resolved = apply_scope(build(LLAMA), Scope(lora=LoraScope(targets="qv", layers=layers)))
+    assert resolved.layers == expected
+    assert len(resolved.lora_modules) == 2 * len(expected)
+
+
+def test_regex_targets_with_layers() -> None:
+    scope = LoraScope(targets=r".*self_attn\.(q|v)_proj", layers={"last": 2})
+    _, resolved = apply_scope(build(LLAMA), Scope(lora=scope))
+    assert resolved.lora_modules == [f"model.layers.{i}.self_attn.{m}" for i in (30, 31) for m in ("q_proj", "v_proj")]
+
+
+@pytest.mark.parametrize(
+    ("scope", "expected"),
+    [
+        (LoraScope(targets="qv", layers=[0, 40]), "scope.lora.layers: layer 40 is out of range; this model has 32"),
+        (LoraScope(targets="qv", layers={"last": 33}), "scope.lora.layers: asks for 33 layers but this model has 32"),
+        (LoraScope(targets=["q_proj", "qkv"]), "scope.lora.targets: targets: qkv not found; linear modules in"),
+        (LoraScope(targets="nothing.*"), "scope.lora.targets: regex 'nothing.*' matches no linear module"),
+        (LoraScope(layers_pattern="blocks"), "scope.lora.layers_pattern: no list of decoder layers named 'blocks'"),
+    ],
+)
+def test_bad_lora_scopes(scope: LoraScope, expected: str) -> None:
+    with pytest.raises(TunelabError) as e:
+        apply_scope(build(LLAMA), Scope(lora=scope))
+    assert str(e.value).startswith(expected)
+
+
+def test_partial_pattern_that_matches_nothing() -> None:
+    with pytest.raises(TunelabError, match="scope.partial.patterns: 'nope' matches no parameter name"):
+        apply_scope(build(LLAMA), Scope(partial=PartialScope(patterns=["nope"])))
+
+
+def test_tied_lm_head_opens_embeddings_and_warns() -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=True,
+    )
+    model, resolved = apply_scope(meta_model(config), Scope(partial=PartialScope(lm_head=True)))
+    assert resolved.tied_embeddings
+    assert resolved.trainable_names == ["model.embed_tokens.weight"]
+    assert resolved.trainable_params == 100 * 64
+    assert any("tied to the input embeddings" in w for w in resolved.warnings)
