@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/tunelab plan examples/quickstart.yaml
+	$(BIN)/tunelab train examples/quickstart.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

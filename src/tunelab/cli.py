@@ -60,6 +60,27 @@ def plan(
         print_plan(result)
 
 
+@app.command()
+def train(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    overrides: Overrides = None,
+    name: Annotated[str | None, typer.Option("--name", help="Run name (default: the experiment name).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run.")] = False,
+) -> None:
+    """Plan, then train the experiment into <output.dir>/<name>/."""
+    from tunelab.config import load_experiment
+    from tunelab.plan import make_plan
+    from tunelab.report.terminal import print_plan, print_run
+    from tunelab.train import train as run_training
+
+    STATE["experiment"] = experiment
+    exp = load_experiment(experiment, [*(overrides or []), *([f"output.name={name}"] if name else [])])
+    print_plan(make_plan(exp))
+    result = run_training(exp, resume=resume, overwrite=overwrite)
+    print_run(result.run_dir, result.manifest)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -44,6 +44,31 @@ def has_generation_markers(template: str | None) -> bool:
     return template is not None and "generation" in template and "endgeneration" in template
 
 
+def training_template(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A template whose {% generation %} markers let the loss fall on assistant turns only.
+
+    Templates TRL knows (Llama-3, Qwen, ...) get TRL's marked training version; others must carry markers.
+    """
+    from trl.chat_template_utils import get_training_chat_template
+
+    fix = (
+        "set tokenizer.chat_template to builtin:llama3 or to a .jinja file with {% generation %} ... "
+        "{% endgeneration %} around each assistant reply"
+    )
+    if not tokenizer.chat_template:
+        raise ConfigError(f"tokenizer.chat_template: the tokenizer has no chat template; {fix}")
+    if has_generation_markers(tokenizer.chat_template):
+        return tokenizer.chat_template
+    try:
+        patched = get_training_chat_template(tokenizer)
+    except ValueError as e:
+        raise ConfigError(
+            "tokenizer.chat_template: the chat template has no {% generation %} markers and no "
+            f"known training version, so the loss cannot be limited to assistant turns; {fix}"
+        ) from e
+    return patched or tokenizer.chat_template
+
+
 def template_hash(template: str | None) -> str | None:
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template else None
 

@@ -136,3 +136,21 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             console.print(text, markup=False, highlight=False)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+
+
+def print_run(run_dir, manifest: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    base, final = manifest.get("base_eval_loss"), manifest.get("final_eval_loss")
+    ratio = f" ({final / base:.2f}x the base)" if base and final is not None else ""
+    console.print(
+        f"[bold]{manifest['name']}[/bold] {manifest['status']} in {manifest.get('train_seconds')} s, "
+        f"{manifest.get('global_steps')} steps -> {run_dir}"
+    )
+    if base is not None:
+        console.print(f"eval loss {base:.4f} -> {final:.4f}{ratio}")
+    check = manifest.get("change_check") or {}
+    if check:
+        console.print(
+            f"tensor check: {check['trainable_changed']} trained tensors changed, "
+            f"{check['frozen_unchanged']} frozen unchanged" + ("" if check["ok"] else " [red]FAILED[/red]")
+        )

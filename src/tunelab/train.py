@@ -1,0 +1,284 @@
+"""`tunelab train`: one experiment file -> one trustworthy run directory.
+
+The steps, top to bottom: open the run, load data and tokenizer, load and scope the model, build the
+trainer, measure the untrained eval loss, train (resuming if asked), save the result, check which
+tensors changed, close the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import Experiment
+from tunelab.errors import TunelabError
+from tunelab.runs import (
+    ADAPTER,
+    FULL_MODEL,
+    METRICS,
+    TOKENIZER,
+    TRAINED,
+    Run,
+    last_checkpoint,
+    now,
+    open_run,
+    read_metrics,
+)
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import TrainerCallback
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    manifest: dict
+
+
+class NonFiniteLoss(TunelabError):
+    pass
+
+
+def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
+    from transformers import TrainerCallback
+
+    class Record(TrainerCallback):
+        """metrics.jsonl, tokens/s, progress lines, and a stop on NaN/inf loss."""
+
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.tokens0: float | None = None
+            self.bad_loss: float | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+            self.tokens0 = state.num_input_tokens_seen or None
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = dict(logs or {})
+            record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+            elapsed = time.perf_counter() - self.t0
+            tokens = logs.get("num_tokens")
+            if tokens is not None and elapsed > 0:
+                self.tokens0 = tokens if self.tokens0 is None else self.tokens0
+                record["tokens_per_s"] = round((tokens - self.tokens0) / elapsed, 1) if tokens > self.tokens0 else None
+            run.log_metrics(record)
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self.bad_loss = loss
+                control.should_training_stop = True
+                control.should_save = False
+            if "loss" in logs:
+                eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+                line = (
+                    f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
+                    f"lr {logs.get('learning_rate', 0):.2e}  "
+                    f"{record.get('tokens_per_s') or 0:.0f} tok/s  ETA {eta:.0f}s"
+                )
+                print(("\r" + line.ljust(79)) if on_tty else line, end="" if on_tty else "\n", flush=True)
+            elif "eval_loss" in logs:
+                print(
+                    ("\n" if on_tty else "") + f"eval loss {logs['eval_loss']:.4f} at step {state.global_step}",
+                    flush=True,
+                )
+
+        def on_save(self, args, state, control, **kw):
+            # A test hook: die hard right after a checkpoint, as a crash would.
+            kill_at = os.environ.get("TUNELAB_TEST_SIGKILL_AFTER_SAVE")
+            if kill_at and state.global_step >= int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_train_end(self, args, state, control, **kw):
+            if on_tty:
+                print(flush=True)
+
+    return Record()
+
+
+def _digests(model: nn.Module) -> dict[str, str]:
+    """An exact fingerprint of every parameter's bytes."""
+    import torch
+
+    return {
+        name: hashlib.sha256(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+        for name, p in model.named_parameters()
+    }
+
+
+def _change_check(before: dict[str, str], after: dict[str, str], trainable: list[str]) -> dict:
+    """Which tensors changed: every trainable one should, no frozen one may."""
+    opened = set(trainable)
+    changed = {n for n in before if before[n] != after.get(n)}
+    return {
+        "frozen_changed": sorted(changed - opened),
+        "trainable_unchanged": sorted(opened - changed),
+        "trainable_changed": len(changed & opened),
+        "frozen_unchanged": len(set(before) - opened - changed),
+        "ok": not (changed - opened) and not (opened - changed),
+    }
+
+
+def save_result(model: nn.Module, kind: str, trainable: list[str], run_dir: Path) -> str:
+    """Write the trained result in the form that fits the scope; returns its path in the run."""
+    match kind:
+        case "lora":
+            model.save_pretrained(run_dir / ADAPTER)
+            return ADAPTER
+        case "partial":
+            from safetensors.torch import save_file
+
+            params = dict(model.named_parameters())
+            tensors = {n: params[n].detach().cpu().contiguous() for n in trainable}
+            tmp = run_dir / f".{TRAINED}.tmp"
+            save_file(tensors, str(tmp), metadata={"format": "pt", "tunelab": "partial"})
+            os.replace(tmp, run_dir / TRAINED)
+            return TRAINED
+        case "full":
+            model.save_pretrained(run_dir / FULL_MODEL)
+            return FULL_MODEL
+    raise AssertionError(kind)
+
+
+def _final_eval_loss(trainer, run: Run) -> float:
+    """The eval loss at the last step: reuse the end-of-training evaluation when there was one."""
+    evals = [r for r in read_metrics(run.dir) if "eval_loss" in r]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        return evals[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
+
+
+def _trim_metrics(run: Run, up_to_step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint; training repeats those steps."""
+    import json
+
+    kept = [r for r in read_metrics(run.dir) if r.get("step", 0) <= up_to_step]
+    (run.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> TrainResult:
+    """Run one experiment into its run directory."""
+    from tunelab.data import file_hashes, load_splits
+    from tunelab.models import fingerprint, load_tokenizer, model_path
+    from tunelab.templates import template_hash, training_template
+
+    if exp.method != "sft":
+        raise TunelabError(f"method: {exp.method} training is not available yet; use method: sft")
+    splits = load_splits(exp.data, exp.method, exp.train.seed)
+    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    if splits.format in ("messages", "conversations", "alpaca"):
+        tokenizer.chat_template = training_template(tokenizer)
+    run = open_run(exp, resume, overwrite)
+    try:
+        return _train_in(
+            run,
+            exp,
+            splits,
+            tokenizer,
+            {
+                "base_model": {
+                    "id": exp.model.id,
+                    "path": model_path(exp.model.id),
+                    "revision": exp.model.revision,
+                    "fingerprint": fingerprint(exp.model.id, exp.model.revision),
+                },
+                "data": {
+                    "format": splits.format,
+                    "train_examples": len(splits.train.rows),
+                    "eval_examples": len(splits.eval.rows) if splits.eval else 0,
+                    "hashes": file_hashes(exp.data),
+                },
+                "chat_template_hash": template_hash(tokenizer.chat_template),
+            },
+        )
+    except KeyboardInterrupt:
+        run.update(status="interrupted", ended_at=now(), error="interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as e:
+        run.update(status="failed", ended_at=now(), error=f"{type(e).__name__}: {e}".splitlines()[0])
+        raise
+
+
+def _train_in(run: Run, exp: Experiment, splits, tokenizer, provenance: dict) -> TrainResult:
+    import torch
+
+    from tunelab.methods.sft import Hardware, build_trainer
+    from tunelab.models import load_model, pick_device, pick_dtype
+    from tunelab.plan import estimate_memory, model_facts
+    from tunelab.scope import apply_scope
+
+    device = pick_device(exp.model.device)
+    dtype = pick_dtype(exp.model.dtype, device)
+    torch.manual_seed(exp.train.seed)
+    model = load_model(exp.model, dtype, device)
+    facts = model_facts(exp.model.id, model)
+    model, resolved = apply_scope(model, exp.scope)
+    embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
+    memory = estimate_memory(facts, resolved, exp, str(dtype).removeprefix("torch."), device, embeddings_train)
+    run.update(
+        **provenance,
+        device=device,
+        dtype=str(dtype).removeprefix("torch."),
+        gradient_checkpointing=memory.gradient_checkpointing,
+        trainable_params=resolved.trainable_params,
+        total_params=resolved.total_params,
+        trainable_percent=round(resolved.trainable_percent, 6),
+        target_modules=resolved.target_modules,
+        layers=resolved.layers,
+        estimated_memory_bytes=memory.total_bytes,
+    )
+    before = _digests(model)
+    hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=memory.gradient_checkpointing)
+    recorder = _recorder(run, sys.stdout.isatty())
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        splits.train.rows,
+        splits.eval.rows if splits.eval else None,
+        splits.format,
+        exp.train,
+        hw,
+        run.checkpoints,
+        [recorder],
+    )
+    checkpoint = last_checkpoint(run.dir) if run.resuming else None
+    if checkpoint is None and splits.eval:
+        run.update(base_eval_loss=trainer.evaluate()["eval_loss"])
+    if checkpoint is not None:
+        _trim_metrics(run, int(checkpoint.name.split("-")[-1]))
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if recorder.bad_loss is not None:
+        raise NonFiniteLoss(
+            f"training stopped: the loss became {recorder.bad_loss} at step "
+            f"{trainer.state.global_step}; lower train.learning_rate (last good checkpoint: "
+            f"{last_checkpoint(run.dir)})"
+        )
+    final_eval = _final_eval_loss(trainer, run) if splits.eval else None
+    result_path = save_result(trainer.model, exp.scope.kind, resolved.trainable_names, run.dir)
+    tokenizer.save_pretrained(run.dir / TOKENIZER)
+    check = _change_check(before, _digests(trainer.model), resolved.trainable_names)
+    train_losses = [r["loss"] for r in read_metrics(run.dir) if "loss" in r]
+    run.update(
+        status="completed",
+        ended_at=now(),
+        result=result_path,
+        final_eval_loss=final_eval,
+        final_train_loss=train_losses[-1] if train_losses else None,
+        global_steps=trainer.state.global_step,
+        train_seconds=round(time.perf_counter() - started, 2),
+        train_runtime=output.metrics.get("train_runtime"),
+        tokens_seen=trainer.state.num_input_tokens_seen,
+        change_check=check,
+        peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+    )
+    if not check["ok"]:
+        print(f"warning: tensor change check failed: {check}", file=sys.stderr)
+    return TrainResult(run.dir, run.manifest)
