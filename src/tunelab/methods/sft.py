@@ -47,10 +47,11 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         # TRL turns these on by default; bf16 on a CPU without it is ~15x slower, checkpointing costs ~20-40%.
         bf16=hw.dtype == torch.bfloat16 and hw.device == "cuda",
         fp16=hw.dtype == torch.float16 and hw.device == "cuda",
-        gradient_checkpointing=hw.gradient_checkpointing,
+        activation_checkpointing=hw.gradient_checkpointing,
         use_cpu=hw.device == "cpu",
         logging_steps=train.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, so the run stops instead of logging 0.0
         eval_strategy=epoch_or_steps if has_eval else "no",
         eval_steps=train.eval_steps,
         save_strategy="steps" if train.save_steps else "epoch",
@@ -78,6 +79,8 @@ def build_trainer(
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    from tunelab.methods.sampling import seeded_train_sampler
+
     config = SFTConfig(
         **training_arguments(train, hw, output_dir, eval_rows is not None),
         max_length=train.max_length,
@@ -85,7 +88,12 @@ def build_trainer(
         # Chats learn only from assistant turns; prompt/completion data from the completion (TRL's default).
         assistant_only_loss=data_format in CHAT_FORMATS,
     )
-    trainer = SFTTrainer(
+
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return seeded_train_sampler(super()._get_train_sampler(*args, **kwargs), train.seed)
+
+    trainer = Trainer(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(train_rows),

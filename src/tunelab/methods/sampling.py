@@ -1,0 +1,36 @@
+"""Length-grouped batches that a resumed run replays exactly.
+
+Transformers' train-time LengthGroupedSampler draws its shuffle from the global RNG, whose state at
+the start of an epoch differs between an uninterrupted run and one resumed from a checkpoint, so the
+resumed run sees other batches. Seeding the shuffle with (seed, epoch) makes every epoch's order a
+function of the experiment alone. The Trainer calls `set_epoch` on the sampler before each epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSeeded(Sampler[int]):
+    def __init__(self, sampler: Sampler[int], seed: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def seeded_train_sampler(sampler: Sampler[int] | None, seed: int) -> Sampler[int] | None:
+    if sampler is not None and hasattr(sampler, "generator") and sampler.generator is None:
+        return EpochSeeded(sampler, seed)
+    return sampler

@@ -1,0 +1,195 @@
+"""Real SFT runs on the built-in model: what changes, what is saved, what repeats."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLES, run_cli
+from tunelab.config import load_experiment
+from tunelab.errors import TunelabError
+from tunelab.models import load_trained
+from tunelab.plan import make_plan
+from tunelab.runs import read_manifest, read_metrics
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+SEED_EXAMPLES = ["lora-qv", "lora-qkvo", "lora-all-linear", "lora-last-half", "partial-last4"]
+
+
+def experiment(example: str, tmp_path: Path, *overrides: str):
+    return load_experiment(EXAMPLES / f"{example}.yaml", [f"output.dir={tmp_path / 'runs'}", *overrides])
+
+
+def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(run_dir)
+    name = "adapter/adapter_model.safetensors" if manifest["result"] == "adapter" else manifest["result"]
+    return load_file(str(run_dir / name))
+
+
+@pytest.mark.parametrize("example", SEED_EXAMPLES)
+def test_seed_example_trains_exactly_the_planned_tensors(example: str, tmp_path: Path, tiny_model_dir) -> None:
+    exp = experiment(example, tmp_path, "train.max_steps=3", "train.logging_steps=1")
+    plan = make_plan(exp)
+    result = train(exp)
+    m = result.manifest
+    assert m["status"] == "completed"
+    assert m["trainable_params"] == plan.scope.trainable_params
+    check = m["change_check"]
+    assert check["ok"] and check["frozen_changed"] == [] and check["trainable_unchanged"] == []
+    assert check["trainable_changed"] == len(plan.scope.trainable_names)
+    saved = trained_tensors(result.run_dir)
+    assert sum(t.numel() for t in saved.values()) == plan.scope.trainable_params
+    if exp.scope.kind == "partial":
+        assert sorted(saved) == sorted(plan.scope.trainable_names)
+        assert exp.train.learning_rate == 5e-6 and exp.train.epochs == 2
+    else:
+        layers = {int(k.split(".layers.")[1].split(".")[0]) for k in saved}
+        assert sorted(layers) == plan.scope.layers
+    assert [r["step"] for r in read_metrics(result.run_dir) if "loss" in r] == [1, 2, 3]
+
+
+def test_quickstart_learns_and_records_base_loss(tmp_path: Path, tiny_model_dir) -> None:
+    result = train(experiment("quickstart", tmp_path))
+    m = result.manifest
+    assert m["final_eval_loss"] <= 0.6 * m["base_eval_loss"], (m["base_eval_loss"], m["final_eval_loss"])
+    assert m["base_model"]["fingerprint"] and m["chat_template_hash"]
+    assert m["data"]["hashes"] and m["versions"]["trl"] and m["device"] == "cpu" and m["seed"] == 42
+    assert m["started_at"] <= m["ended_at"]
+    rows = read_metrics(result.run_dir)
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(rows[-3]) | set(rows[-2])
+    assert any("eval_loss" in r for r in rows)
+    resolved = (result.run_dir / "experiment.yaml").read_text()
+    assert "gradient_checkpointing: auto" in resolved and "max_grad_norm" in resolved
+    assert (result.run_dir / "tokenizer" / "chat_template.jinja").is_file()
+
+
+def test_adapter_loads_with_plain_peft_and_matches_tunelab_loader(tmp_path: Path, tiny_model_dir) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(experiment("lora-qkvo", tmp_path, "train.max_steps=4"))
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(result.run_dir / "adapter")
+    )
+    ours = load_trained(result.run_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        a, b, c = plain.eval()(ids).logits, ours.eval()(ids).logits, base.eval()(ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-4  # the adapter does something
+
+
+def test_partial_loader_puts_tensors_on_the_base(tmp_path: Path, tiny_model_dir) -> None:
+    result = train(experiment("partial-last4", tmp_path, "train.max_steps=2", "train.learning_rate=1e-3"))
+    model = load_trained(result.run_dir)
+    saved = trained_tensors(result.run_dir)
+    params = dict(model.named_parameters())
+    for name, tensor in saved.items():
+        assert torch.equal(params[name], tensor)
+
+
+def test_identical_reruns(tmp_path: Path, tiny_model_dir) -> None:
+    runs = [
+        train(
+            experiment("lora-all-linear", tmp_path, "train.max_steps=6", "train.logging_steps=1", f"output.name=r{i}")
+        )
+        for i in range(2)
+    ]
+    losses = [[r["loss"] for r in read_metrics(x.run_dir) if "loss" in r] for x in runs]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    a, b = (trained_tensors(x.run_dir) for x in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_overwrite_and_keeps_the_run(tmp_path: Path, tiny_model_dir) -> None:
+    exp = experiment("lora-qv", tmp_path, "train.max_steps=1")
+    first = train(exp)
+    before = (first.run_dir / "manifest.json").read_text()
+    with pytest.raises(TunelabError, match="a completed run is already there; use --overwrite"):
+        train(exp)
+    assert (first.run_dir / "manifest.json").read_text() == before
+    with pytest.raises(TunelabError, match="already completed; nothing to resume"):
+        train(exp, resume=True)
+    again = train(exp, overwrite=True)
+    assert again.manifest["status"] == "completed" and again.manifest["started_at"] >= first.manifest["started_at"]
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir) -> None:
+    # 29 steps an epoch: the crash falls in the second epoch, so the resumed sampler must replay epoch 1's order.
+    args = [
+        "--set",
+        "train.max_steps=36",
+        "--set",
+        "train.save_steps=32",
+        "--set",
+        "train.logging_steps=1",
+        "--set",
+        f"output.dir={tmp_path}",
+    ]
+    straight = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    env_kill = {**os.environ, "TUNELAB_TEST_SIGKILL_AFTER_SAVE": "32"}
+    import subprocess
+    import sys
+
+    killed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args],
+        env=env_kill,
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9
+    assert read_manifest(tmp_path / "crashed")["status"] == "running"
+    refused = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
+    assert refused.returncode == 2 and "use --resume" in refused.stderr
+    resumed = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in read_metrics(tmp_path / "crashed") if "loss" in r]
+    assert steps == list(range(1, 37))
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
+    assert losses[0] == losses[1]
+
+
+def test_bad_data_fails_cleanly_without_a_run(tmp_path: Path, tiny_model_dir) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n')
+    out = run_cli(
+        "train",
+        str(EXAMPLES / "quickstart.yaml"),
+        "--set",
+        f"data.train={bad}",
+        "--set",
+        f"output.dir={tmp_path / 'runs'}",
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: {bad}:2: malformed JSON (Expecting property name enclosed in double quotes at column 2)"
+    ]
+    assert not (tmp_path / "runs" / "quickstart").exists()
+    out = run_cli("train", str(EXAMPLES / "quickstart.yaml"), "--set", "train.batch_size=-1")
+    assert out.returncode == 2 and "train.batch_size: Input should be greater than 0" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_nan_loss_stops_and_marks_run_failed(tmp_path: Path, tiny_model_dir) -> None:
+    exp = experiment(
+        "quickstart",
+        tmp_path,
+        "train.learning_rate=1e12",
+        "train.max_steps=30",
+        "train.logging_steps=1",
+        "train.max_grad_norm=1e30",
+        "scope.lora.dropout=0.0",
+    )
+    with pytest.raises(TunelabError, match="the loss became"):
+        train(exp)
+    manifest = json.loads((tmp_path / "runs" / "quickstart" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "the loss became" in manifest["error"]
