@@ -193,3 +193,30 @@ def test_nan_loss_stops_and_marks_run_failed(tmp_path: Path, tiny_model_dir) -> 
         train(exp)
     manifest = json.loads((tmp_path / "runs" / "quickstart" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "the loss became" in manifest["error"]
+
+
+def test_trainer_masks_exactly_what_plan_shows(tmp_path: Path, tiny_model_dir) -> None:
+    """TRL's processed training rows carry loss on the same tokens the plan marks: the assistant spans."""
+    from tunelab.data import load_splits
+    from tunelab.methods.sft import Hardware, build_trainer
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.scope import apply_scope
+    from tunelab.templates import tokenize_example, training_template
+
+    exp = experiment("quickstart", tmp_path)
+    splits = load_splits(exp.data, "sft", 0)
+    tok = load_tokenizer(exp.tokenizer, exp.model)
+    tok.chat_template = training_template(tok)
+    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
+    trainer = build_trainer(model, tok, splits.train.rows[:20], None, splits.format, exp.train,
+                            Hardware("cpu", torch.float32, False), tmp_path / "ck", [])
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    for i, row in enumerate(splits.train.rows[:20]):
+        processed = trainer.train_dataset[i]
+        expected = tokenize_example(tok, row)
+        assert processed["input_ids"] == expected.input_ids
+        assert [int(label != -100) for label in processed["labels"]] == expected.loss_mask
+        masked = [t for t, m in zip(expected.input_ids, expected.loss_mask, strict=True) if m]
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert tok.decode(masked) == "".join(r + "<|eot_id|>" for r in replies)
+        assert masked.count(eot) == len(replies)
