@@ -135,6 +135,12 @@ class DPOSettings(Strict):
     loss_type: str | list[str] = Field(
         default="sigmoid", description="TRL DPO loss type(s): sigmoid, ipo, hinge, robust, ..."
     )
+    reference: Literal["auto", "live", "precomputed"] = Field(
+        default="auto",
+        description="How the reference model's log-probabilities are obtained. live: computed each step (for LoRA, "
+        "the base with the adapter disabled, no second copy; otherwise a frozen second copy). precomputed: once, "
+        "before training, then no reference model in memory. auto: live for LoRA, precomputed otherwise.",
+    )
 
 
 class LoraScope(Strict):
@@ -267,6 +273,11 @@ class Experiment(Strict):
     method: Literal["sft", "dpo"] = Field(default="sft", description="Objective: sft or dpo.")
     dpo: DPOSettings | None = Field(default=None, description="DPO settings (method: dpo).")
     scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
+    init_from: str | None = Field(
+        default=None,
+        description="Start from a completed run (e.g. runs/sft-quickstart): its LoRA adapter keeps training, or "
+        "its trained tensors are put on the base. The run must share this experiment's base model and scope kind.",
+    )
     train: TrainSettings = Field(default_factory=TrainSettings, description="The training rhythm.")
     output: OutputSettings = Field(default_factory=OutputSettings, description="Where runs go.")
 
@@ -450,6 +461,8 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
             "eval": _local(data.eval, base) if data.eval else None,
         }
     )
+    if exp.init_from is not None:
+        update["init_from"] = _local(exp.init_from, base)
     return exp.model_copy(update=update)
 
 

@@ -223,7 +223,16 @@ def _preference(record: Record) -> dict:
             f"{record.where}: record has no 'prompt' field (an implicit prompt needs chosen and "
             "rejected as message lists that share the conversation prefix)"
         )
-    return {"chosen": chosen, "rejected": rejected}
+    # Implicit prompt: the shared conversation prefix is the prompt, the rest are the two answers.
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise TunelabError(
+            f"{record.where}: chosen and rejected share no conversation prefix to use as the prompt; "
+            "add a 'prompt' field"
+        )
+    return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def normalise(record: Record, fmt: str) -> dict:

@@ -42,6 +42,8 @@ class Memory:
     gradient_checkpointing: bool
     device: str
     device_bytes: int | None
+    reference: str | None
+    reference_bytes: int
     total_bytes: int
 
 
@@ -137,7 +139,15 @@ def estimate_memory(
     weights = base_params * b + (scope.trainable_params * tb if scope.kind == "lora" else 0)
     grads = scope.trainable_params * tb
     optimizer = 2 * scope.trainable_params * tb  # AdamW: first and second moments
-    tokens = exp.train.batch_size * exp.train.max_length
+    # DPO runs the chosen and the rejected sequence of every pair through the model.
+    tokens = exp.train.batch_size * exp.train.max_length * (2 if exp.method == "dpo" else 1)
+    reference, reference_bytes = None, 0
+    if exp.method == "dpo":
+        from tunelab.methods.dpo import reference_strategy
+
+        reference = reference_strategy(exp.dpo, scope.kind)
+        # adapter: TRL keeps a frozen copy of the adapter; copy: a second base model; precomputed: nothing resident.
+        reference_bytes = {"adapter": scope.trainable_params * tb, "copy": base_params * b, "precomputed": 0}[reference]
     h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim
     per_layer = 6 * h + 2 * kv + 4 * i  # saved tensors per token in one decoder layer (SDPA, no score matrix)
     n_act = _activation_layers(scope, facts.layers, embeddings_train)
@@ -145,7 +155,7 @@ def estimate_memory(
     full_acts = tokens * n_act * per_layer * b + logits
     ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0)) * b + logits
     available = device_memory(device)
-    static = weights + grads + optimizer
+    static = weights + grads + optimizer + reference_bytes
     match exp.train.gradient_checkpointing:
         case "on":
             checkpointing = True
@@ -166,6 +176,8 @@ def estimate_memory(
         gradient_checkpointing=checkpointing,
         device=device,
         device_bytes=available,
+        reference=reference,
+        reference_bytes=reference_bytes,
         total_bytes=static + acts,
     )
 

@@ -255,18 +255,25 @@ def partial_parameters(scope: PartialScope, model: nn.Module) -> tuple[list[str]
 # ---------------------------------------------------------------- apply
 
 
-def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
-    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and describe the result."""
+def apply_scope(model: nn.Module, scope: Scope, adapter_dir: str | None = None) -> tuple[nn.Module, ResolvedScope]:
+    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and describe the result.
+
+    With `adapter_dir`, LoRA continues training that saved adapter (its own config) instead of a new one.
+    """
     total_before = sum(p.numel() for p in model.parameters())
     tied = tied_embeddings(model)
     match scope.kind:
         case "lora":
-            from peft import get_peft_model
+            from peft import PeftModel, get_peft_model
 
             config, decoder, layers = lora_config(scope.lora, model)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = get_peft_model(model, config)
+                if adapter_dir is None:
+                    model = get_peft_model(model, config)
+                else:
+                    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+                    config = model.peft_config["default"]
             lora_modules = sorted(
                 name.removeprefix("base_model.model.")
                 for name, m in model.named_modules()

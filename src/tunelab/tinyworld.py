@@ -148,8 +148,16 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
     sft_train = [chat([t], system=i % 3 == 0) for i, t in enumerate(train)]
     sft_train += [chat(rng.sample(train, 2), system=i % 2 == 0) for i in range(60)]
     sft_eval = [chat([t], system=False) for t in held_out]
-    pref = [{"prompt": q, "chosen": a, "rejected": w} for q, a, w in train]
-    pref_eval = [{"prompt": q, "chosen": a, "rejected": w} for q, a, w in held_out]
+
+    def pair(q: str, a: str, w: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": w}],
+        }
+
+    pref = [pair(*t) for t in train]
+    pref_eval = [pair(*t) for t in held_out]
     prompts = [{"prompt": q, "contains": [_key_word(a)]} for q, a, _ in held_out[:32]]
     return {
         "sft_train.jsonl": sft_train,

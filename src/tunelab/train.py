@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import (
     ADAPTER,
     FULL_MODEL,
@@ -29,6 +29,7 @@ from tunelab.runs import (
     last_checkpoint,
     now,
     open_run,
+    read_manifest,
     read_metrics,
 )
 
@@ -130,7 +131,8 @@ def save_result(model: nn.Module, kind: str, trainable: list[str], run_dir: Path
     """Write the trained result in the form that fits the scope; returns its path in the run."""
     match kind:
         case "lora":
-            model.save_pretrained(run_dir / ADAPTER)
+            # Only the trained adapter: DPO may have added a frozen "ref" copy beside it.
+            model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"])
             return ADAPTER
         case "partial":
             from safetensors.torch import save_file
@@ -163,41 +165,64 @@ def _trim_metrics(run: Run, up_to_step: int) -> None:
     (run.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
+def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
+    """The completed run to start from, after checking it shares this experiment's base and scope kind."""
+    from tunelab.runs import read_manifest
+
+    if exp.init_from is None:
+        return None
+    source = Path(exp.init_from)
+    manifest = read_manifest(source) if source.is_dir() else None
+    if manifest is None:
+        raise ConfigError(f"init_from: '{exp.init_from}' is not a run directory")
+    if manifest.get("status") != "completed":
+        raise ConfigError(f"init_from: run '{source}' is {manifest.get('status')}, not completed")
+    theirs = manifest.get("base_model", {}).get("fingerprint")
+    if theirs != base_fingerprint:
+        raise ConfigError(
+            f"init_from: run '{source}' was trained on another base model (fingerprint {theirs}, "
+            f"{manifest.get('base_model', {}).get('id')}) than model.id={exp.model.id} "
+            f"({base_fingerprint}); point model.id at that run's base"
+        )
+    if manifest.get("scope") != exp.scope.kind:
+        raise ConfigError(
+            f"init_from: run '{source}' trained a {manifest.get('scope')} scope but this experiment's "
+            f"scope is {exp.scope.kind}; use the same scope kind"
+        )
+    return source
+
+
 def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run one experiment into its run directory."""
     from tunelab.data import file_hashes, load_splits
     from tunelab.models import fingerprint, load_tokenizer, model_path
     from tunelab.templates import template_hash, training_template
 
-    if exp.method != "sft":
-        raise TunelabError(f"method: {exp.method} training is not available yet; use method: sft")
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
-    if splits.format in ("messages", "conversations", "alpaca"):
+    if exp.method == "sft" and splits.format in ("messages", "conversations", "alpaca"):
         tokenizer.chat_template = training_template(tokenizer)
+    base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
+    init_from = check_init_from(exp, base_fingerprint)
     run = open_run(exp, resume, overwrite)
+    provenance = {
+        "base_model": {
+            "id": exp.model.id,
+            "path": model_path(exp.model.id),
+            "revision": exp.model.revision,
+            "fingerprint": base_fingerprint,
+        },
+        "init_from": str(init_from) if init_from else None,
+        "data": {
+            "format": splits.format,
+            "train_examples": len(splits.train.rows),
+            "eval_examples": len(splits.eval.rows) if splits.eval else 0,
+            "hashes": file_hashes(exp.data),
+        },
+        "chat_template_hash": template_hash(tokenizer.chat_template),
+    }
     try:
-        return _train_in(
-            run,
-            exp,
-            splits,
-            tokenizer,
-            {
-                "base_model": {
-                    "id": exp.model.id,
-                    "path": model_path(exp.model.id),
-                    "revision": exp.model.revision,
-                    "fingerprint": fingerprint(exp.model.id, exp.model.revision),
-                },
-                "data": {
-                    "format": splits.format,
-                    "train_examples": len(splits.train.rows),
-                    "eval_examples": len(splits.eval.rows) if splits.eval else 0,
-                    "hashes": file_hashes(exp.data),
-                },
-                "chat_template_hash": template_hash(tokenizer.chat_template),
-            },
-        )
+        return _train_in(run, exp, splits, tokenizer, init_from, provenance)
     except KeyboardInterrupt:
         run.update(status="interrupted", ended_at=now(), error="interrupted by the user (Ctrl-C)")
         raise
@@ -206,20 +231,96 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
         raise
 
 
-def _train_in(run: Run, exp: Experiment, splits, tokenizer, provenance: dict) -> TrainResult:
+def _load_scoped_model(exp: Experiment, init_from: Path | None, dtype, device: str):
+    """The base (or the init_from run's starting point) with exactly the scope's parameters trainable."""
+    from tunelab.models import load_model, load_trained
+    from tunelab.scope import apply_scope
+
+    if init_from is None:
+        return apply_scope(load_model(exp.model, dtype, device), exp.scope)
+    if exp.scope.kind == "lora":
+        return apply_scope(load_model(exp.model, dtype, device), exp.scope, adapter_dir=str(init_from / ADAPTER))
+    return apply_scope(load_trained(init_from, device=device), exp.scope)
+
+
+def _build_trainer(exp: Experiment, model, tokenizer, splits, resolved_kind: str, hw, run: Run, callbacks):
+    eval_rows = splits.eval.rows if splits.eval else None
+    match exp.method:
+        case "sft":
+            from tunelab.methods import sft
+
+            return sft.build_trainer(
+                model, tokenizer, splits.train.rows, eval_rows, splits.format, exp.train, hw, run.checkpoints, callbacks
+            )
+        case "dpo":
+            from tunelab.methods import dpo
+
+            reference = dpo.reference_strategy(exp.dpo, resolved_kind)
+            cache = _ref_cache_dir(exp, run) if reference == "precomputed" else None
+            run.update(
+                dpo_reference=reference,
+                ref_logps_cache=str(cache) if cache else None,
+                ref_logps_reused=bool(cache and (cache / "train.safetensors").is_file()),
+            )
+            return dpo.build_trainer(
+                model,
+                tokenizer,
+                splits.train.rows,
+                eval_rows,
+                exp.train,
+                exp.dpo,
+                reference,
+                hw,
+                run.checkpoints,
+                callbacks,
+                ref_cache=cache,
+            )
+    raise AssertionError(exp.method)
+
+
+def _ref_cache_dir(exp: Experiment, run: Run) -> Path:
+    """Where precomputed reference log-probs live: one folder per (starting model, data, template, length)."""
+    import json
+
+    from tunelab.builtin import cache_root
+
+    m = run.manifest
+    init = None
+    if m.get("init_from"):
+        source = read_manifest(Path(m["init_from"]))
+        init = [source.get("config_hash"), source.get("ended_at")]
+    key = {
+        "base": m["base_model"]["fingerprint"],
+        "init": init,
+        "data": m["data"]["hashes"],
+        "template": m["chat_template_hash"],
+        "max_length": exp.train.max_length,
+        "dtype": m["dtype"],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "ref-logps" / digest
+
+
+def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | None:
+    if exp.method != "dpo" or not splits.eval:
+        return None
+    from tunelab.methods.dpo import preference_accuracy
+
+    return preference_accuracy(model, tokenizer, splits.eval.rows)
+
+
+def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | None, provenance: dict) -> TrainResult:
     import torch
 
-    from tunelab.methods.sft import Hardware, build_trainer
-    from tunelab.models import load_model, pick_device, pick_dtype
+    from tunelab.methods.sft import Hardware
+    from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
-    from tunelab.scope import apply_scope
 
     device = pick_device(exp.model.device)
     dtype = pick_dtype(exp.model.dtype, device)
     torch.manual_seed(exp.train.seed)
-    model = load_model(exp.model, dtype, device)
+    model, resolved = _load_scoped_model(exp, init_from, dtype, device)
     facts = model_facts(exp.model.id, model)
-    model, resolved = apply_scope(model, exp.scope)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     memory = estimate_memory(facts, resolved, exp, str(dtype).removeprefix("torch."), device, embeddings_train)
     run.update(
@@ -237,21 +338,14 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, provenance: dict) ->
     before = _digests(model)
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=memory.gradient_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
-    trainer = build_trainer(
-        model,
-        tokenizer,
-        splits.train.rows,
-        splits.eval.rows if splits.eval else None,
-        splits.format,
-        exp.train,
-        hw,
-        run.checkpoints,
-        [recorder],
-    )
+    trainer = _build_trainer(exp, model, tokenizer, splits, resolved.kind, hw, run, [recorder])
     checkpoint = last_checkpoint(run.dir) if run.resuming else None
-    if checkpoint is None and splits.eval:
-        run.update(base_eval_loss=trainer.evaluate()["eval_loss"])
-    if checkpoint is not None:
+    if checkpoint is None:
+        start = {"preference_accuracy_before": _preference_accuracy(exp, trainer.model, tokenizer, splits)}
+        if splits.eval:
+            start["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+        run.update(**start)
+    else:
         _trim_metrics(run, int(checkpoint.name.split("-")[-1]))
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -277,6 +371,7 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, provenance: dict) ->
         train_runtime=output.metrics.get("train_runtime"),
         tokens_seen=trainer.state.num_input_tokens_seen,
         change_check=check,
+        preference_accuracy_after=_preference_accuracy(exp, trainer.model, tokenizer, splits),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
     )
     if not check["ok"]:

@@ -69,6 +69,7 @@ def test_plan_of_quickstart(tiny_model_dir: Path) -> None:
     assert out["trainable_params"] == 4 * per_layer
     m = out["memory"]
     assert m["total_bytes"] == m["weights_bytes"] + m["gradients_bytes"] + m["optimizer_bytes"] + m["activations_bytes"]
+    assert m["reference"] is None and m["reference_bytes"] == 0
     assert out["data"]["train"]["examples"] == len((DATA / "sft_train.jsonl").read_text().splitlines())
     assert out["data"]["train"]["truncated"] == 0
     loss_text = "".join(s["text"] for s in out["data"]["first_example"] if s["loss"])
@@ -95,3 +96,16 @@ def test_plan_json_matches_trained_scope_on_real_weights(tiny_model_dir: Path) -
         assert real.trainable_params == plan.scope.trainable_params
         assert real.trainable_names == plan.scope.trainable_names
         json.dumps(plan.to_json())
+
+
+def test_plan_shows_dpo_reference_cost(tiny_model_dir: Path) -> None:
+    lora = make_plan(load_experiment(EXAMPLES / "dpo.yaml"))
+    assert lora.memory.reference == "adapter" and lora.memory.reference_bytes == lora.scope.trainable_params * 4
+    partial = make_plan(load_experiment(EXAMPLES / "dpo.yaml", ["scope={partial: {last_blocks: 1}}"]))
+    assert partial.memory.reference == "precomputed" and partial.memory.reference_bytes == 0
+    live = make_plan(
+        load_experiment(EXAMPLES / "dpo.yaml", ["scope={partial: {last_blocks: 1}}", "dpo.reference=live"])
+    )
+    assert live.memory.reference == "copy"
+    assert live.memory.reference_bytes == live.memory.weights_bytes  # a second full copy of the base
+    assert partial.memory.tokens_per_step == 2 * 8 * 256  # chosen and rejected

@@ -208,8 +208,17 @@ def test_trainer_masks_exactly_what_plan_shows(tmp_path: Path, tiny_model_dir) -
     tok = load_tokenizer(exp.tokenizer, exp.model)
     tok.chat_template = training_template(tok)
     model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
-    trainer = build_trainer(model, tok, splits.train.rows[:20], None, splits.format, exp.train,
-                            Hardware("cpu", torch.float32, False), tmp_path / "ck", [])
+    trainer = build_trainer(
+        model,
+        tok,
+        splits.train.rows[:20],
+        None,
+        splits.format,
+        exp.train,
+        Hardware("cpu", torch.float32, False),
+        tmp_path / "ck",
+        [],
+    )
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     for i, row in enumerate(splits.train.rows[:20]):
         processed = trainer.train_dataset[i]

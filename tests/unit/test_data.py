@@ -61,7 +61,8 @@ def test_preference_forms(tmp_path: Path) -> None:
     ]
     splits = load(write_jsonl(tmp_path / "p.jsonl", rows), method="dpo")
     assert splits.format == "preference"
-    assert [sorted(r) for r in splits.train.rows] == [["chosen", "prompt", "rejected"]] * 2 + [["chosen", "rejected"]]
+    assert [sorted(r) for r in splits.train.rows] == [["chosen", "prompt", "rejected"]] * 3
+    assert splits.train.rows[2] == splits.train.rows[1]  # the implicit prompt is the shared prefix
 
 
 def test_other_file_types(tmp_path: Path) -> None:

@@ -1,0 +1,148 @@
+"""DPO on the built-in model: from scratch, on top of SFT, reference strategies, refusals, resume."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLES, run_cli
+from tunelab.config import load_experiment
+from tunelab.errors import TunelabError
+from tunelab.runs import read_manifest, read_metrics
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def experiment(example: str, tmp_path: Path, *overrides: str):
+    return load_experiment(EXAMPLES / f"{example}.yaml", [f"output.dir={tmp_path / 'runs'}", *overrides])
+
+
+def test_sft_then_dpo_raises_preference_accuracy(tmp_path: Path, tiny_model_dir) -> None:
+    sft = train(experiment("quickstart", tmp_path))
+    dpo = train(experiment("sft-then-dpo", tmp_path, f"init_from={sft.run_dir}"))
+    m = dpo.manifest
+    assert m["status"] == "completed" and m["init_from"] == str(sft.run_dir)
+    assert m["preference_accuracy_after"] >= 0.8
+    assert m["preference_accuracy_after"] >= m["preference_accuracy_before"]
+    assert m["final_eval_loss"] < m["base_eval_loss"]
+    rows = read_metrics(dpo.run_dir)
+    keys = set().union(*rows)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= keys
+    # It continued the SFT adapter: its starting point was the SFT model, not the base.
+    from safetensors.torch import load_file
+
+    start, end = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (sft.run_dir, dpo.run_dir))
+    assert start.keys() == end.keys() and any(not torch.equal(start[k], end[k]) for k in start)
+    assert not (dpo.run_dir / "adapter" / "ref").exists()
+
+
+def test_lora_dpo_holds_no_second_copy_of_the_base(tmp_path: Path, tiny_model_dir) -> None:
+    from tunelab.data import load_splits
+    from tunelab.methods.dpo import build_trainer
+    from tunelab.methods.sft import Hardware
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.scope import apply_scope
+
+    exp = experiment("dpo", tmp_path)
+    base = load_model(exp.model, torch.float32, "cpu")
+    base_params = sum(p.numel() for p in base.parameters())
+    model, resolved = apply_scope(base, exp.scope)
+    splits = load_splits(exp.data, "dpo", 0)
+    trainer = build_trainer(
+        model,
+        load_tokenizer(exp.tokenizer, exp.model),
+        splits.train.rows[:16],
+        None,
+        exp.train,
+        exp.dpo,
+        "adapter",
+        Hardware("cpu", torch.float32, False),
+        tmp_path / "ck",
+        [],
+    )
+    assert trainer.ref_model is None
+    held = sum(p.numel() for p in trainer.model.parameters())
+    assert held <= base_params + 2 * resolved.trainable_params  # base once, adapter and its frozen "ref" copy
+
+
+def test_precomputed_reference_equals_live_reference(tmp_path: Path, tiny_model_dir) -> None:
+    common = [
+        "scope={partial: {last_blocks: 1, lm_head: true}}",
+        "train.max_steps=6",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-4",
+    ]
+    live = train(experiment("dpo", tmp_path, *common, "dpo.reference=live", "output.name=live"))
+    pre = train(experiment("dpo", tmp_path, *common, "dpo.reference=precomputed", "output.name=pre"))
+    assert live.manifest["dpo_reference"] == "copy" and pre.manifest["dpo_reference"] == "precomputed"
+    a = [r["loss"] for r in read_metrics(live.run_dir) if "loss" in r]
+    b = [r["loss"] for r in read_metrics(pre.run_dir) if "loss" in r]
+    assert len(a) == len(b) == 6
+    assert abs(a[-1] - b[-1]) < 1e-4
+    assert abs(live.manifest["final_eval_loss"] - pre.manifest["final_eval_loss"]) < 1e-4
+
+
+def test_init_from_another_base_is_refused(tmp_path: Path, tiny_model_dir) -> None:
+    sft = train(experiment("lora-qv", tmp_path, "train.max_steps=1"))
+    manifest = read_manifest(sft.run_dir)
+    manifest["base_model"]["fingerprint"] = "0123456789abcdef"
+    (sft.run_dir / "manifest.json").write_text(__import__("json").dumps(manifest))
+    with pytest.raises(TunelabError, match="init_from: run .* was trained on another base model"):
+        train(experiment("sft-then-dpo", tmp_path, f"init_from={sft.run_dir}"))
+    assert not (tmp_path / "runs" / "sft-then-dpo").exists()
+
+
+def test_init_from_other_scope_kind_is_refused(tmp_path: Path, tiny_model_dir) -> None:
+    sft = train(experiment("partial-last4", tmp_path, "train.max_steps=1"))
+    with pytest.raises(TunelabError, match="trained a partial scope but this experiment's scope is lora"):
+        train(experiment("sft-then-dpo", tmp_path, f"init_from={sft.run_dir}"))
+
+
+def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
+    args = [
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.save_steps=3",
+        "--set",
+        "train.logging_steps=1",
+        "--set",
+        f"output.dir={tmp_path}",
+    ]
+    straight = run_cli("train", str(EXAMPLES / "dpo.yaml"), "--name", "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", *args],
+        env={**os.environ, "TUNELAB_TEST_SIGKILL_AFTER_SAVE": "3"},
+        capture_output=True,
+    )
+    assert killed.returncode == -9
+    resumed = run_cli("train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    assert read_manifest(tmp_path / "crashed")["status"] == "completed"
+
+
+def test_precomputed_reference_is_reused_by_a_second_run(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
+    from trl import DPOTrainer
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    calls = []
+    original = DPOTrainer._precompute_ref_logps
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda self, *a: calls.append(a[1]) or original(self, *a))
+    common = ["scope={partial: {last_blocks: 1}}", "train.max_steps=3", "train.logging_steps=1"]
+    first = train(experiment("dpo", tmp_path, *common, "output.name=a"))
+    assert sorted(calls) == ["eval", "train"] and first.manifest["ref_logps_reused"] is False
+    second = train(experiment("dpo", tmp_path, *common, "output.name=b", "train.learning_rate=5e-4"))
+    assert sorted(calls) == ["eval", "train"]  # nothing recomputed
+    assert second.manifest["ref_logps_reused"] is True
+    assert second.manifest["ref_logps_cache"] == first.manifest["ref_logps_cache"]
+    again = train(experiment("dpo", tmp_path, *common, "output.name=c"))
+    a = [r["loss"] for r in read_metrics(first.run_dir) if "loss" in r]
+    c = [r["loss"] for r in read_metrics(again.run_dir) if "loss" in r]
+    assert a == c  # cached log-probs give the same losses as computed ones
