@@ -18,6 +18,7 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/tunelab train examples/quickstart.yaml --overwrite
+	$(BIN)/tunelab compare runs/quickstart --prompts examples/data/prompts.jsonl --out reports/quickstart
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -81,6 +81,30 @@ def train(
     print_run(result.run_dir, result.manifest)
 
 
+@app.command()
+def compare(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories that share a base model.")],
+    base: Annotated[bool, typer.Option("--base/--no-base", help="Include the untrained base model.")] = True,
+    prompts: Annotated[
+        Path | None, typer.Option("--prompts", help="JSONL of prompt or messages (+ expectations).")
+    ] = None,
+    eval_file: Annotated[Path | None, typer.Option("--eval", help="Held-out SFT data for eval loss.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.json/.md/.html.")] = Path("reports/compare"),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generated tokens per output.")] = 48,
+) -> None:
+    """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
+    from tunelab.compare import compare as run_compare
+    from tunelab.compare import write_report
+    from tunelab.report.terminal import print_comparison
+
+    result = run_compare(
+        runs, include_base=base, prompts_file=prompts, eval_file=eval_file, max_new_tokens=max_new_tokens
+    )
+    paths = write_report(result, out)
+    print_comparison(result)
+    print(f"report: {paths['html']}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

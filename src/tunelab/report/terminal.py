@@ -156,3 +156,18 @@ def print_run(run_dir, manifest: dict, console: Console | None = None) -> None:
             f"tensor check: {check['trainable_changed']} trained tensors changed, "
             f"{check['frozen_unchanged']} frozen unchanged" + ("" if check["ok"] else " [red]FAILED[/red]")
         )
+
+
+def print_comparison(comparison, console: Console | None = None) -> None:
+    from tunelab.report.html import COLUMNS, summary_rows
+
+    console = console or Console()
+    table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
+    table.add_column("variant")
+    keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "expectations")
+    picked = [i for i, (_, title) in enumerate(COLUMNS) if title in keep]
+    for i in picked:
+        table.add_column(COLUMNS[i][1], justify="right")
+    for row in summary_rows(comparison):
+        table.add_row(row[0], *(row[i + 1] for i in picked))
+    console.print(table)

@@ -1,0 +1,412 @@
+"""One base, many runs, the same prompts: outputs side by side, with the numbers.
+
+The base loads once. LoRA runs attach as named adapters and generate together in mixed batches
+(PEFT's `adapter_names`, one adapter per row, "__base__" for the base); partial runs swap their
+trained tensors onto the loaded base and back; full runs load on their own. Decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.errors import TunelabError
+from tunelab.runs import ADAPTER, FULL_MODEL, TOKENIZER, TRAINED, load_run_experiment, read_manifest, read_metrics
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+BASE = "__base__"
+
+
+@dataclass
+class Prompt:
+    id: int
+    messages: list[dict]
+    contains: list[str] = field(default_factory=list)
+    not_contains: list[str] = field(default_factory=list)
+    regex: list[str] = field(default_factory=list)
+    reference: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str  # base | lora | partial | full
+    run_dir: str | None = None
+    numbers: dict = field(default_factory=dict)
+    curves: dict = field(default_factory=dict)
+
+
+@dataclass
+class Check:
+    kind: str
+    expected: str
+    passed: bool
+
+
+@dataclass
+class Comparison:
+    base_model: str
+    settings: dict
+    variants: list[Variant]
+    prompts: list[Prompt]
+    outputs: dict[str, list[str]]  # variant name -> one output per prompt
+    checks: dict[str, list[list[Check]]]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _expectations(row: dict, where: str) -> dict:
+    out = {}
+    for key in ("contains", "not_contains", "regex"):
+        value = row.get(key, [])
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TunelabError(f"{where}: '{key}' must be a string or a list of strings")
+        if key == "regex":
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise TunelabError(f"{where}: regex {pattern!r} is invalid ({e})") from e
+        out[key] = value
+    return out
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    from tunelab.data import _read_jsonl
+
+    prompts = []
+    for i, record in enumerate(_read_jsonl(Path(path))):
+        row = record.value
+        if not isinstance(row, dict):
+            raise TunelabError(f"{record.where}: a prompt must be a JSON object")
+        if isinstance(row.get("messages"), list):
+            messages = row["messages"]
+        elif isinstance(row.get("prompt"), str):
+            messages = [{"role": "user", "content": row["prompt"]}]
+        else:
+            raise TunelabError(f"{record.where}: a prompt needs 'prompt' (a string) or 'messages' (a list)")
+        prompts.append(Prompt(i, messages, **_expectations(row, record.where)))
+    if not prompts:
+        raise TunelabError(f"{path}: no prompts")
+    return prompts
+
+
+def held_out_prompts(rows: list[dict], limit: int = 32) -> list[Prompt]:
+    """Prompts from held-out data: the conversation up to its last assistant reply, which becomes the reference."""
+    prompts = []
+    for row in rows[:limit]:
+        if "messages" in row:
+            last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+            prompts.append(Prompt(len(prompts), row["messages"][:last], reference=row["messages"][last]["content"]))
+        elif isinstance(row.get("prompt"), list):
+            answer = row.get("chosen") or row.get("completion")
+            ref = answer[-1]["content"] if isinstance(answer, list) else answer
+            prompts.append(Prompt(len(prompts), row["prompt"], reference=ref))
+        elif isinstance(row.get("prompt"), str):
+            answer = row.get("chosen") or row.get("completion")
+            prompts.append(Prompt(len(prompts), [{"role": "user", "content": row["prompt"]}], reference=answer))
+    if not prompts:
+        raise TunelabError("compare: the runs' held-out data holds no prompts; pass --prompts FILE")
+    return prompts
+
+
+def check_output(prompt: Prompt, output: str) -> list[Check]:
+    checks = [Check("contains", s, s.lower() in output.lower()) for s in prompt.contains]
+    checks += [Check("not_contains", s, s.lower() not in output.lower()) for s in prompt.not_contains]
+    checks += [Check("regex", p, re.search(p, output) is not None) for p in prompt.regex]
+    return checks
+
+
+def _load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict]]:
+    runs = []
+    for run_dir in run_dirs:
+        manifest = read_manifest(run_dir)
+        if manifest.get("status") != "completed":
+            raise TunelabError(f"{run_dir}: run is {manifest.get('status')}; only completed runs can be compared")
+        runs.append((Path(run_dir), manifest))
+    fingerprints = {m["base_model"]["fingerprint"] for _, m in runs}
+    if len(fingerprints) > 1:
+        listing = ", ".join(f"{d.name}: {m['base_model']['id']} ({m['base_model']['fingerprint']})" for d, m in runs)
+        raise TunelabError(f"compare: the runs do not share a base model ({listing}); compare runs of one base")
+    names = [m["name"] for _, m in runs]
+    if len(set(names)) != len(names):
+        raise TunelabError(f"compare: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
+    return runs
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str):
+    texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+
+
+def generate(
+    model, tokenizer, prompts: list[Prompt], adapter: str | None, max_new_tokens: int, batch_size: int
+) -> list[str]:
+    """Greedy outputs for `prompts`; with `adapter`, rows are routed through that adapter by name."""
+    outputs = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        enc = _encode(tokenizer, chunk, model.device)
+        extra = {"adapter_names": [adapter] * len(chunk)} if adapter is not None else {}
+        out = model.generate(
+            **enc,
+            **extra,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return outputs
+
+
+def generate_mixed(
+    model, tokenizer, prompts: list[Prompt], adapters: list[str], max_new_tokens: int, batch_size: int
+) -> dict[str, list[str]]:
+    """One pass over prompts x adapters: each batch mixes rows of different adapters (PEFT adapter_names)."""
+    rows = [(p, a) for p in prompts for a in adapters]
+    results: dict[str, list[str]] = {a: [] for a in adapters}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        enc = _encode(tokenizer, [p for p, _ in chunk], model.device)
+        out = model.generate(
+            **enc,
+            adapter_names=[a for _, a in chunk],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        for (_, adapter), row in zip(chunk, new, strict=True):
+            results[adapter].append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return results
+
+
+def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+    """Token-weighted mean loss on the tokens that carry loss in training (assistant turns / completions)."""
+    import torch
+
+    from tunelab.plan import as_sft_row
+    from tunelab.templates import tokenize_example
+
+    total, count = 0.0, 0
+    examples = [tokenize_example(tokenizer, as_sft_row(r)) for r in rows]
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e.input_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
+        labels = torch.full((len(chunk), width), -100)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, e in enumerate(chunk):
+            n = len(e.input_ids)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            attention[i, :n] = 1
+            labels[i, :n] = torch.tensor([t if m else -100 for t, m in zip(e.input_ids, e.loss_mask, strict=True)])
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+        shifted = labels[:, 1:].to(model.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total += loss.item()
+        count += int((shifted != -100).sum())
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
+    metrics = read_metrics(run_dir)
+    train_curve = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
+    eval_curve = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
+    speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
+    exp = load_run_experiment(run_dir)
+    scope = exp.scope.kind
+    if scope == "lora":
+        lora = exp.scope.lora
+        scope += f" r{lora.r} {','.join(manifest.get('target_modules') or [])} layers {_span(manifest.get('layers'))}"
+    elif scope == "partial":
+        scope += f" blocks {_span(manifest.get('layers'))}"
+    numbers = {
+        "method": manifest.get("method"),
+        "scope": scope,
+        "trainable_params": manifest.get("trainable_params"),
+        "trainable_percent": manifest.get("trainable_percent"),
+        "train_seconds": manifest.get("train_seconds"),
+        "tokens_per_s": speeds[-1] if speeds else None,
+        "peak_memory_bytes": manifest.get("peak_memory_bytes"),
+        "final_train_loss": manifest.get("final_train_loss"),
+        "run_eval_loss": manifest.get("final_eval_loss"),
+        "preference_accuracy": manifest.get("preference_accuracy_after"),
+    }
+    return numbers, {"train": train_curve, "eval": eval_curve}
+
+
+def _span(layers: list[int] | None) -> str:
+    from tunelab.report.terminal import ranges
+
+    return ranges(layers or []) or "-"
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def compare(
+    run_dirs: list[Path],
+    include_base: bool = True,
+    prompts_file: Path | None = None,
+    eval_file: Path | None = None,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+) -> Comparison:
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunelab.data import load_file
+    from tunelab.models import load_model, pick_device, pick_dtype
+
+    runs = _load_runs(run_dirs)
+    first_dir, first = runs[0]
+    exp = load_run_experiment(first_dir)
+    device = pick_device(exp.model.device)
+    tokenizer = AutoTokenizer.from_pretrained(first_dir / TOKENIZER)
+    tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
+    sft_source = next((load_run_experiment(d).data for d, m in runs if m["method"] == "sft"), exp.data)
+    eval_rows = load_file(str(eval_file), "--eval", sft_source, "sft")[1] if eval_file else None
+    if eval_rows is None and sft_source.eval:
+        eval_rows = load_file(sft_source.eval, "data.eval", sft_source, "sft")[1]
+    prompts = (
+        read_prompts(prompts_file)
+        if prompts_file
+        else held_out_prompts(
+            eval_rows or load_file(exp.data.eval or exp.data.train_files[0], "data", exp.data, exp.method)[1]
+        )
+    )
+
+    torch.manual_seed(0)
+    model = load_model(exp.model, pick_dtype(exp.model.dtype, device), device).eval()
+    variants: list[Variant] = []
+    outputs: dict[str, list[str]] = {}
+    losses: dict[str, float | None] = {}
+    lora = [(d, m) for d, m in runs if m["result"] == ADAPTER]
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(lora[0][0] / ADAPTER), adapter_name=lora[0][1]["name"])
+        for d, m in lora[1:]:
+            model.load_adapter(str(d / ADAPTER), adapter_name=m["name"])
+        model.eval()
+        names = [m["name"] for _, m in lora] + ([BASE] if include_base else [])
+        outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size))
+        if eval_rows:
+            for name in names[: len(lora)]:
+                model.set_adapter(name)
+                losses[name] = eval_loss(model, tokenizer, eval_rows)
+    elif include_base:
+        outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size)
+    # The base alone: the PEFT wrapper with every adapter off, or the plain model.
+    as_base = model.disable_adapter if lora else contextlib.nullcontext
+    base_rows = BASE if lora else None
+    if include_base and eval_rows:
+        with as_base():
+            losses[BASE] = eval_loss(model, tokenizer, eval_rows)
+    for d, m in runs:
+        if m["result"] == TRAINED:
+            with _swapped(model.get_base_model() if lora else model, d / TRAINED):
+                outputs[m["name"]] = generate(model, tokenizer, prompts, base_rows, max_new_tokens, batch_size)
+                if eval_rows:
+                    with as_base():
+                        losses[m["name"]] = eval_loss(model, tokenizer, eval_rows)
+        elif m["result"] == FULL_MODEL:
+            from transformers import AutoModelForCausalLM
+
+            full = AutoModelForCausalLM.from_pretrained(d / FULL_MODEL).to(device).eval()
+            outputs[m["name"]] = generate(full, tokenizer, prompts, None, max_new_tokens, batch_size)
+            if eval_rows:
+                losses[m["name"]] = eval_loss(full, tokenizer, eval_rows)
+            del full
+
+    if include_base:
+        variants.append(Variant("base", "base", numbers={"eval_loss": losses.get(BASE)}))
+        outputs["base"] = outputs.pop(BASE)
+    for d, m in runs:
+        numbers, curves = _run_numbers(d, m)
+        variants.append(Variant(m["name"], m["scope"], str(d), numbers, curves))
+        variants[-1].numbers["eval_loss"] = losses.get(m["name"])
+    checks = {}
+    for v in variants:
+        loss = v.numbers.get("eval_loss")
+        v.numbers["perplexity"] = round(float(torch.exp(torch.tensor(loss))), 4) if loss is not None else None
+        checks[v.name] = [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)]
+        flat = [c.passed for cs in checks[v.name] for c in cs]
+        v.numbers["expectation_pass_rate"] = round(sum(flat) / len(flat), 4) if flat else None
+    settings = {
+        "decoding": "greedy",
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "prompts": str(prompts_file) if prompts_file else "held-out data",
+        "eval_examples": len(eval_rows) if eval_rows else 0,
+    }
+    return Comparison(exp.model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
+
+
+class _swapped:
+    """Put a partial run's trained tensors on the base for the duration of a `with` block, then restore."""
+
+    def __init__(self, model: PreTrainedModel, path: Path) -> None:
+        self.model, self.path, self.saved = model, path, {}
+
+    def __enter__(self) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(self.path)).items():
+                # Under LoRA adapters, an adapted module keeps its original weight in `base_layer`.
+                module, _, leaf = name.rpartition(".")
+                target = name if name in params else f"{module}.base_layer.{leaf}"
+                if target not in params:
+                    raise TunelabError(f"{self.path}: tensor {name} does not exist in the base model")
+                self.saved[target] = params[target].detach().clone()
+                params[target].copy_(tensor)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.saved.items():
+                params[name].copy_(tensor)
+
+
+def write_report(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
+    from tunelab.report.html import render_html, render_markdown
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
+    paths["json"].write_text(json.dumps(comparison.to_json(), indent=2))
+    paths["md"].write_text(render_markdown(comparison))
+    paths["html"].write_text(render_html(comparison))
+    return paths

@@ -1,0 +1,140 @@
+"""The comparison as Markdown and as one self-contained HTML page (inline CSS and chart, no fetches).
+
+Every prompt and every generated output is escaped: model text is never markup.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+
+from tunelab.compare import Comparison
+
+COLUMNS = [
+    ("eval_loss", "eval loss"),
+    ("perplexity", "ppl"),
+    ("trainable_params", "trainable"),
+    ("trainable_percent", "%"),
+    ("scope", "scope"),
+    ("train_seconds", "train s"),
+    ("tokens_per_s", "tok/s"),
+    ("peak_memory_bytes", "peak mem"),
+    ("final_train_loss", "final train loss"),
+    ("preference_accuracy", "pref acc"),
+    ("expectation_pass_rate", "expectations"),
+]
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.out{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:90%}
+.same{color:#888}.diff{background:#fffbe6}.pass{color:#176f2c}.fail{color:#b00020}
+h2{margin-top:2em}.prompt{background:#f6f8fa;padding:6px;border-left:3px solid #999}
+"""
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def summary_rows(c: Comparison) -> list[list[str]]:
+    return [[v.name, *(_fmt(v.numbers.get(key)) for key, _ in COLUMNS)] for v in c.variants]
+
+
+def loss_chart_png(c: Comparison) -> bytes | None:
+    curves = [v for v in c.variants if v.curves.get("train")]
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    for i, v in enumerate(curves):
+        color = f"C{i % 10}"
+        steps, losses = zip(*v.curves["train"], strict=True)
+        ax.plot(steps, losses, color=color, label=f"{v.name} train")
+        if v.curves.get("eval"):
+            steps, losses = zip(*v.curves["eval"], strict=True)
+            ax.plot(steps, losses, color=color, linestyle="--", marker="o", label=f"{v.name} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_html(c: Comparison) -> str:
+    head = "".join(f"<th>{escape(title)}</th>" for _, title in COLUMNS)
+    rows = "".join(
+        "<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(cell)}</td>" for i, cell in enumerate(row)) + "</tr>"
+        for row in summary_rows(c)
+    )
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tunelab comparison</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>Comparison on {escape(c.base_model)}</h1>",
+        f"<p>{escape(', '.join(f'{k}: {v}' for k, v in c.settings.items()))}</p>",
+        f"<table id='summary'><tr><th>variant</th>{head}</tr>{rows}</table>",
+    ]
+    png = loss_chart_png(c)
+    if png:
+        data = base64.b64encode(png).decode()
+        parts.append(
+            f"<h2>Loss curves</h2><img id='loss-chart' alt='training and eval loss' src='data:image/png;base64,{data}'>"
+        )
+    names = [v.name for v in c.variants]
+    base = c.outputs.get("base")
+    for p in c.prompts:
+        parts.append(f"<h2>Prompt {p.id + 1}</h2><div class='prompt out'>{escape(p.text)}</div>")
+        if p.reference:
+            parts.append(f"<p>reference: <span class='out'>{escape(p.reference)}</span></p>")
+        parts.append("<table class='outputs'><tr><th>variant</th><th>output</th><th>checks</th></tr>")
+        for name in names:
+            output = c.outputs[name][p.id]
+            css = "same" if base is not None and name != "base" and output == base[p.id] else "diff"
+            marks = " ".join(
+                f"<span class='{'pass' if k.passed else 'fail'}'>{'✓' if k.passed else '✗'} "
+                f"{escape(k.kind)} {escape(k.expected)}</span>"
+                for k in c.checks[name][p.id]
+            )
+            note = " <em>(same as base)</em>" if css == "same" else ""
+            parts.append(
+                f"<tr><td>{escape(name)}{note}</td><td class='out {css}'>{escape(output)}</td><td>{marks}</td></tr>"
+            )
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(c: Comparison) -> str:
+    lines = [
+        f"# Comparison on {c.base_model}",
+        "",
+        "| variant | " + " | ".join(t for _, t in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
+    lines += ["| " + " | ".join(_md_cell(x) for x in row) + " |" for row in summary_rows(c)]
+    for p in c.prompts:
+        lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]
+        for v in c.variants:
+            marks = " ".join(("✓" if k.passed else "✗") + f" {k.kind} {k.expected}" for k in c.checks[v.name][p.id])
+            lines.append(f"| {v.name} | {_md_cell(c.outputs[v.name][p.id])} | {_md_cell(marks)} |")
+    return "\n".join(lines) + "\n"

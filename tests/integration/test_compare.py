@@ -1,0 +1,185 @@
+"""`tunelab compare`: shared base, mixed-adapter batches, expectations, and a safe, self-contained report."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, EXAMPLES, run_cli
+from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, read_prompts, write_report
+from tunelab.config import load_experiment
+from tunelab.errors import TunelabError
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    made = {}
+    for example, extra in (
+        ("quickstart", ["train.epochs=1"]),
+        ("lora-qv", ["train.max_steps=20"]),
+        ("partial-last4", ["train.max_steps=10", "train.learning_rate=1e-3"]),
+    ):
+        exp = load_experiment(EXAMPLES / f"{example}.yaml", [f"output.dir={out}", *extra])
+        made[example] = train(exp).run_dir
+    return made
+
+
+def prompts_file(tmp_path: Path, n: int = 6) -> Path:
+    rows = [json.loads(line) for line in (DATA / "prompts.jsonl").read_text().splitlines()[:n]]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_outputs_alone_equal_outputs_in_a_mixed_batch(runs, tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path)
+    alone = compare([runs["quickstart"]], prompts_file=prompts)
+    mixed = compare([runs["quickstart"], runs["lora-qv"], runs["partial-last4"]], prompts_file=prompts)
+    assert alone.outputs["quickstart"] == mixed.outputs["quickstart"]
+    assert alone.outputs["base"] == mixed.outputs["base"]
+    # partial tensors were swapped in and back out: the base after them is still the base
+    partial_only = compare([runs["partial-last4"]], prompts_file=prompts)
+    assert partial_only.outputs["base"] == alone.outputs["base"]
+    assert partial_only.outputs["partial-last4"] == mixed.outputs["partial-last4"]
+    assert mixed.outputs["quickstart"] != mixed.outputs["base"]
+    names = [v.name for v in mixed.variants]
+    assert names == ["base", "quickstart", "lora-qv", "partial-last4"]
+    losses = {v.name: v.numbers["eval_loss"] for v in mixed.variants}
+    assert losses["quickstart"] < losses["base"] and losses["partial-last4"] < losses["base"]
+
+
+def test_single_adapter_outputs_match_plain_peft_generation(runs, tmp_path: Path, tiny_model_dir) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.compare import generate
+
+    prompts = read_prompts(prompts_file(tmp_path, 3))
+    ours = compare([runs["quickstart"], runs["lora-qv"]], prompts_file=prompts_file(tmp_path, 3))
+    tok = AutoTokenizer.from_pretrained(runs["quickstart"] / "tokenizer")
+    tok.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    plain = PeftModel.from_pretrained(base, str(runs["lora-qv"] / "adapter")).eval()
+    torch.manual_seed(0)
+    one_by_one = [generate(plain, tok, [p], None, 48, 1)[0] for p in prompts]
+    assert one_by_one == ours.outputs["lora-qv"]
+
+
+def test_runs_on_different_bases_are_refused(runs, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(runs["lora-qv"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["base_model"]["fingerprint"] = "ffffffffffffffff"
+    manifest["name"] = "other"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TunelabError, match="the runs do not share a base model"):
+        compare([runs["quickstart"], other])
+    out = run_cli("compare", str(runs["quickstart"]), str(other), "--out", str(tmp_path / "r"))
+    assert out.returncode == 2 and out.stderr.startswith("error: compare: the runs do not share a base model")
+
+
+def test_expectations_are_counted() -> None:
+    p = Prompt(
+        0, [{"role": "user", "content": "q"}], contains=["Keltis", "capital"], not_contains=["Zorb"], regex=[r"\bis\b"]
+    )
+    checks = check_output(p, "The capital of Varno is keltis.")
+    assert [c.passed for c in checks] == [True, True, True, True]
+    checks = check_output(p, "Zorb capitals")
+    assert [(c.kind, c.passed) for c in checks] == [
+        ("contains", False),
+        ("contains", True),
+        ("not_contains", False),
+        ("regex", False),
+    ]
+
+
+def test_bad_prompt_file_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b", "regex": "("}\n')
+    with pytest.raises(TunelabError, match=r"p.jsonl:2: regex '\(' is invalid"):
+        read_prompts(path)
+
+
+def hostile() -> Comparison:
+    evil = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+    p = Prompt(0, [{"role": "user", "content": evil}], contains=["<b>"])
+    variants = [
+        Variant("base", "base", numbers={"eval_loss": 1.0}),
+        Variant(
+            "run<i>", "lora", numbers={"eval_loss": 0.5}, curves={"train": [(1, 2.0), (2, 1.0)], "eval": [(2, 1.1)]}
+        ),
+    ]
+    return Comparison(
+        "m",
+        {"decoding": "greedy"},
+        variants,
+        [p],
+        {"base": [evil], "run<i>": ["ok " + evil]},
+        {"base": [[Check("contains", "<b>", False)]], "run<i>": [[Check("contains", "<b>", False)]]},
+    )
+
+
+def test_html_escapes_hostile_text(tmp_path: Path) -> None:
+    html = write_report(hostile(), tmp_path)["html"].read_text()
+    assert "<script>" not in html and "<img src=x" not in html and "<i>" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
+    assert "http://" not in html and "https://" not in html  # nothing fetched from a network
+
+
+def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        message = "headless Chromium is missing: install Debian's chromium (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    paths = write_report(hostile(), tmp_path)
+    dom = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--dump-dom",
+            paths["html"].as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert '<table id="summary">' in dom
+    assert dom.count("<tr>") >= 3
+    assert '<img id="loss-chart"' in dom and 'src="data:image/png;base64,' in dom
+    assert "<script>" not in dom
+
+
+def test_compare_cli_writes_all_reports(runs, tmp_path: Path) -> None:
+    out = run_cli(
+        "compare",
+        str(runs["quickstart"]),
+        str(runs["partial-last4"]),
+        "--prompts",
+        str(prompts_file(tmp_path, 4)),
+        "--out",
+        str(tmp_path / "rep"),
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [v["name"] for v in report["variants"]] == ["base", "quickstart", "partial-last4"]
+    assert all(len(o) == 4 for o in report["outputs"].values())
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# Comparison on builtin:tiny-chat")
+    assert "report.html" in out.stdout
