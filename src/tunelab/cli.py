@@ -105,7 +105,65 @@ def compare(
     print(f"report: {paths['html']}")
 
 
+study_app = typer.Typer(help="Studies: a ladder of variants of one experiment.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@study_app.command("plan")
+def study_plan(study: Annotated[Path, typer.Argument(help="Study YAML file.")]) -> None:
+    """One table of all variants before anything trains."""
+    from tunelab.report.terminal import print_study_plan
+    from tunelab.study import load_study, plan_study
+
+    print_study_plan(plan_study(load_study(study)))
+
+
+@study_app.command("run")
+def study_run(study: Annotated[Path, typer.Argument(help="Study YAML file.")]) -> None:
+    """Run the variants in dependency order (unchanged ones are skipped), then compare them."""
+    from tunelab.report.terminal import print_study_outcome
+    from tunelab.study import load_study, run_study
+
+    outcomes, report = run_study(load_study(study))
+    print_study_outcome(outcomes, report)
+    if any(o.status in ("failed", "blocked") for o in outcomes):
+        raise SystemExit(1)
+
+
+@app.command()
+def runs(
+    root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List runs, newest first."""
+    from tunelab.runs import list_runs
+
+    rows = list_runs(root)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        from tunelab.report.terminal import print_runs
+
+        print_runs(rows)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to write.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge a LoRA adapter into the base.")] = False,
+) -> None:
+    """Export a run as a folder that plain Transformers or PEFT loads."""
+    from tunelab.export import export_run
+
+    print(f"exported to {export_run(run, out, merge)}")
+
+
 def main() -> None:
+    import warnings
+
+    # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         app(standalone_mode=False)
     except TunelabError as e:

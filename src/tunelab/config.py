@@ -304,8 +304,18 @@ class Experiment(Strict):
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read, override and validate an experiment file; relative paths resolve against its folder."""
     path = Path(path)
+    raw, lines = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    for item in overrides or []:
+        apply_override(raw, item)
+    exp = validate(raw, source=str(path), lines=lines)
+    return resolve_paths(exp, path.parent)
+
+
+def read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
+    """A YAML mapping and the line of each of its keys."""
     if not path.is_file():
-        raise TunelabError(f"{path}: experiment file not found")
+        raise TunelabError(f"{path}: file not found")
     text = path.read_text()
     try:
         raw = yaml.safe_load(text)
@@ -316,12 +326,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise TunelabError(f"{path}: the experiment must be a mapping of keys (name, model, data, ...)")
-    raw.setdefault("name", path.stem)
-    for item in overrides or []:
-        apply_override(raw, item)
-    exp = validate(raw, source=str(path), lines=_line_map(text))
-    return resolve_paths(exp, path.parent)
+        raise TunelabError(f"{path}: expected a mapping of keys (name, model, data, ...)")
+    return raw, _line_map(text)
 
 
 def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None) -> Experiment:
@@ -405,18 +411,23 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise TunelabError(f"--set {item}: expected KEY=VALUE, e.g. --set train.learning_rate=5e-6")
     key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    cls: type[BaseModel] | None = Experiment
-    for i, part in enumerate(parts):
-        if cls is None:
-            raise TunelabError(f"--set {key}: '{'.'.join(parts[:i])}' has no sub-keys")
-        if part not in cls.model_fields:
-            raise TunelabError(f"--set {key}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
-        cls = _model_class(cls.model_fields[part].annotation)
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise TunelabError(f"--set {key}: value {text!r} is not valid YAML") from e
+    set_key(raw, key.strip(), value, where=f"--set {key}")
+
+
+def set_key(raw: dict, key: str, value: Any, where: str) -> None:
+    """Set a dotted key in a raw experiment mapping, after checking the key exists in the schema."""
+    parts = key.split(".")
+    cls: type[BaseModel] | None = Experiment
+    for i, part in enumerate(parts):
+        if cls is None:
+            raise TunelabError(f"{where}: '{'.'.join(parts[:i])}' has no sub-keys")
+        if part not in cls.model_fields:
+            raise TunelabError(f"{where}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
+        cls = _model_class(cls.model_fields[part].annotation)
     node = raw
     for part in parts[:-1]:
         child = node.get(part)

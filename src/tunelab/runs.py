@@ -39,7 +39,7 @@ TOKENIZER = "tokenizer"
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -167,3 +167,30 @@ def load_run_experiment(run_dir: Path) -> Experiment:
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Summaries of every run under `root` (studies nest one level deeper), newest first."""
+    rows = []
+    for manifest_path in sorted(Path(root).glob("**/manifest.json")):
+        run_dir = manifest_path.parent
+        if len(run_dir.relative_to(root).parts) > 3 or CHECKPOINTS in run_dir.parts:
+            continue
+        m = json.loads(manifest_path.read_text())
+        rows.append(
+            {
+                "name": m.get("name"),
+                "dir": str(run_dir),
+                "status": m.get("status"),
+                "method": m.get("method"),
+                "scope": m.get("scope"),
+                "target_modules": m.get("target_modules"),
+                "layers": m.get("layers"),
+                "trainable_percent": m.get("trainable_percent"),
+                "final_train_loss": m.get("final_train_loss"),
+                "eval_loss": m.get("final_eval_loss"),
+                "train_seconds": m.get("train_seconds"),
+                "created_at": m.get("created_at"),
+            }
+        )
+    return sorted(rows, key=lambda r: r["created_at"] or "", reverse=True)

@@ -23,7 +23,18 @@ def error_of(tmp_path: Path, text: str, overrides: list[str] | None = None) -> s
     return str(e.value)
 
 
-@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+EXPERIMENTS = [p for p in sorted(EXAMPLES.glob("*.yaml")) if "variants" not in yaml.safe_load(p.read_text())]
+STUDIES = [p for p in sorted(EXAMPLES.glob("*.yaml")) if p not in EXPERIMENTS]
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.name)
+def test_every_study_example_loads(study: Path) -> None:
+    from tunelab.study import load_study
+
+    assert load_study(study).order
+
+
+@pytest.mark.parametrize("example", EXPERIMENTS, ids=lambda p: p.name)
 def test_every_example_validates(example: Path) -> None:
     exp = load_experiment(example)
     assert exp.name == yaml.safe_load(example.read_text())["name"]
@@ -98,7 +109,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
 
 
 def test_missing_experiment_file(tmp_path: Path) -> None:
-    with pytest.raises(TunelabError, match="experiment file not found"):
+    with pytest.raises(TunelabError, match="nope.yaml: file not found"):
         load_experiment(tmp_path / "nope.yaml")
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from tunelab.plan import Plan, SplitStats
+
+
+def _console() -> Console:
+    # Tables are wide; without a terminal to measure, give them room instead of rich's 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def human_bytes(n: int) -> str:
@@ -68,7 +75,7 @@ def _split_row(name: str, s: SplitStats | None) -> list[str]:
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     m, s, mem = plan.model, plan.scope, plan.memory
     console.print(
         f"[bold]{plan.name}[/bold]  {plan.method.upper()} · {s.kind} · {m.architecture} "
@@ -141,7 +148,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
 
 
 def print_run(run_dir, manifest: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     base, final = manifest.get("base_eval_loss"), manifest.get("final_eval_loss")
     ratio = f" ({final / base:.2f}x the base)" if base and final is not None else ""
     console.print(
@@ -161,7 +168,7 @@ def print_run(run_dir, manifest: dict, console: Console | None = None) -> None:
 def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.report.html import COLUMNS, summary_rows
 
-    console = console or Console()
+    console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
     table.add_column("variant")
     keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "expectations")
@@ -170,4 +177,66 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         table.add_column(COLUMNS[i][1], justify="right")
     for row in summary_rows(comparison):
         table.add_row(row[0], *(row[i + 1] for i in picked))
+    console.print(table)
+
+
+def print_study_plan(rows, console: Console | None = None) -> None:
+    console = console or _console()
+    table = Table(title="Study plan", title_justify="left", show_edge=False)
+    for col in ("variant", "method", "scope", "modules", "layers", "trainable", "%", "memory", "differs from base"):
+        table.add_column(col, justify="right" if col in ("trainable", "%", "memory") else "left")
+    for name, plan, diff in rows:
+        s = plan.scope
+        what = ",".join(s.target_modules) if s.kind == "lora" else f"{len(s.trainable_names)} tensors"
+        table.add_row(
+            name,
+            plan.method,
+            s.kind,
+            what,
+            ranges(s.layers),
+            f"{s.trainable_params:,}",
+            f"{s.trainable_percent:.3f}",
+            human_bytes(plan.memory.total_bytes),
+            "\n".join(diff) or "-",
+        )
+    console.print(table)
+
+
+def print_study_outcome(outcomes, report, console: Console | None = None) -> None:
+    console = console or _console()
+    table = Table(title="Study", title_justify="left", show_edge=False)
+    for col in ("variant", "status", "run", "note"):
+        table.add_column(col)
+    for o in outcomes:
+        table.add_row(o.name, o.status, o.run_dir or "-", o.error or "")
+    console.print(table)
+    if report:
+        console.print(f"report: {report}")
+
+
+def print_runs(rows: list[dict], console: Console | None = None) -> None:
+    console = console or _console()
+    table = Table(show_edge=False)
+    for col in ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss", "time s", "created"):
+        table.add_column(col)
+    for r in rows:
+        scope = r["scope"] or "-"
+        if r.get("target_modules"):
+            scope += f" {','.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
+        table.add_row(
+            *(
+                str(x) if x is not None else "-"
+                for x in (
+                    r["name"],
+                    r["status"],
+                    r["method"],
+                    scope,
+                    r["trainable_percent"],
+                    r["final_train_loss"],
+                    r["eval_loss"],
+                    r["train_seconds"],
+                    r["created_at"],
+                )
+            )
+        )
     console.print(table)

@@ -1,0 +1,52 @@
+"""Export a run as a standard folder that plain Transformers (or PEFT) loads.
+
+LoRA: the adapter alone, or merged into the base (`merge_and_unload`). Partial: the base with the
+trained tensors in place. Full: the trained model. Each export carries its provenance.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.runs import ADAPTER, TOKENIZER, now, read_manifest, write_json
+
+
+def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
+    from tunelab.models import load_trained
+
+    run_dir, out = Path(run_dir), Path(out)
+    manifest = read_manifest(run_dir)
+    if manifest.get("status") != "completed":
+        raise TunelabError(f"{run_dir}: run is {manifest.get('status')}; only completed runs can be exported")
+    if out.exists() and any(out.iterdir()):
+        raise TunelabError(f"{out}: exists and is not empty; choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if manifest["result"] == ADAPTER and not merge:
+        shutil.copytree(run_dir / ADAPTER, tmp)
+        kind = "adapter"
+    else:
+        model = load_trained(run_dir)
+        if manifest["result"] == ADAPTER:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp)  # safetensors
+        kind = "merged" if manifest["result"] == ADAPTER else manifest["scope"]
+    for item in (run_dir / TOKENIZER).iterdir():
+        shutil.copy2(item, tmp / item.name)
+    write_json(
+        tmp / "tunelab-export.json",
+        {
+            "run": str(run_dir.resolve()),
+            "run_name": manifest["name"],
+            "kind": kind,
+            "base_model": manifest["base_model"],
+            "config_hash": manifest["config_hash"],
+            "exported_at": now(),
+        },
+    )
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out

@@ -1,0 +1,247 @@
+"""Studies: a base experiment and named variants (dotted overrides, optionally `after` another variant).
+
+Each variant resolves to a full experiment whose run directory is `<output>/<variant>-<hash>`, the
+hash taken over the resolved experiment. So an unchanged variant finds its completed run and is
+skipped, a changed one gets a new run beside the old, and an interrupted one resumes. A variant
+`after` another starts from that variant's run (`init_from`), so changing the first re-runs both.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tunelab.config import Experiment, read_yaml, resolve_paths, set_key, validate
+from tunelab.errors import TunelabError
+
+
+class VariantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    set: dict[str, Any] = Field(default_factory=dict, description="Dotted keys to override, e.g. scope.lora.r: 8.")
+    after: str | None = Field(default=None, description="Start from this variant's run (sets init_from).")
+
+
+class CompareSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: str | None = Field(default=None, description="Prompt JSONL; default: the held-out data.")
+    eval: str | None = Field(default=None, description="SFT data for eval loss; default: the base experiment's.")
+    base: bool = Field(default=True, description="Include the untrained base model.")
+    max_new_tokens: int = Field(default=48, gt=0, description="Tokens generated per output.")
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Study name.")
+    base: str | dict = Field(description="The base experiment: a path (relative to this file) or inline.")
+    variants: dict[str, VariantSpec] = Field(description="Named variants, each a set of overrides.")
+    compare: CompareSpec = Field(default_factory=CompareSpec, description="The comparison written at the end.")
+    output: str | None = Field(default=None, description="Folder of the study's runs; default runs/<name>.")
+
+
+@dataclass
+class Study:
+    spec: StudySpec
+    path: Path
+    base: Experiment
+    order: list[str]  # variants in dependency order
+
+    @property
+    def output(self) -> Path:
+        return Path(self.spec.output or f"runs/{self.spec.name}")
+
+
+@dataclass
+class VariantOutcome:
+    name: str
+    status: str  # skipped | trained | resumed | failed | blocked
+    run_dir: str | None = None
+    error: str | None = None
+    diff: list[str] = field(default_factory=list)
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    raw, lines = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        line = lines.get(tuple(str(p) for p in first["loc"]), lines.get(tuple(str(p) for p in first["loc"][:1]), 1))
+        raise TunelabError(f"{path}:{line}: {key}: {first['msg']}") from e
+    if isinstance(spec.base, str):
+        base_path = path.parent / spec.base
+        base_raw, _ = read_yaml(base_path)
+        base_raw.setdefault("name", base_path.stem)
+        base_dir = base_path.parent
+    else:
+        base_raw, base_dir = copy.deepcopy(spec.base), path.parent
+    base = resolve_paths(validate(base_raw, source=f"{path}: base"), base_dir)
+    order = _dependency_order(spec, path)
+    study = Study(spec, path, base, order)
+    for name in order:  # every variant must resolve before anything trains
+        variant_experiment(study, name, init_from=None)
+    return study
+
+
+def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
+    for name, v in spec.variants.items():
+        if v.after is not None and v.after not in spec.variants:
+            raise TunelabError(
+                f"{path}: variants.{name}.after: unknown variant '{v.after}'; variants are " + ", ".join(spec.variants)
+            )
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise TunelabError(f"{path}: variants form a cycle: {' -> '.join([*chain, name])}")
+        state[name] = "visiting"
+        after = spec.variants[name].after
+        if after is not None:
+            visit(after, [*chain, name])
+        state[name] = "done"
+        order.append(name)
+
+    for name in spec.variants:
+        visit(name, [])
+    return order
+
+
+def variant_experiment(study: Study, name: str, init_from: str | None) -> Experiment:
+    """The variant's fully resolved experiment (its run name carries the hash of everything else)."""
+    raw = study.base.model_dump(mode="json")
+    where = f"{study.path}: variants.{name}.set"
+    for key, value in study.spec.variants[name].set.items():
+        if key in ("output.name", "output.dir", "init_from"):
+            raise TunelabError(f"{where}.{key}: the study sets this itself")
+        set_key(raw, key, value, where=f"{where}.{key}")
+    if study.spec.variants[name].after is not None:
+        raw["init_from"] = init_from or f"<run of {study.spec.variants[name].after}>"
+    raw["name"] = name
+    raw["output"] = {"dir": str(study.output), "name": name}
+    exp = resolve_paths(validate(raw, source=where), study.path.parent)
+    return exp.model_copy(update={"output": exp.output.model_copy(update={"name": f"{name}-{exp.config_hash()[:8]}"})})
+
+
+def diff_from_base(study: Study, exp: Experiment) -> list[str]:
+    """`key=value` for every setting that differs from the base experiment (run names aside)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b and not (b is None and isinstance(a, dict)):  # a section switched off is implied by its rival
+            out.append(f"{path}={json.dumps(b)}")
+
+    walk(study.base.model_dump(mode="json"), exp.model_dump(mode="json"), "")
+    return [d for d in out if not d.startswith(("name=", "output.dir=", "output.name="))]
+
+
+def plan_study(study: Study) -> list[tuple[str, Any, list[str]]]:
+    from tunelab.plan import make_plan
+
+    rows = []
+    for name in study.order:
+        exp = variant_experiment(study, name, init_from=None)
+        if exp.init_from is not None:
+            exp = exp.model_copy(update={"init_from": None})  # the plan of the scope does not need the weights
+        rows.append((name, make_plan(exp), diff_from_base(study, exp)))
+    return rows
+
+
+def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | None]:
+    from tunelab.runs import read_manifest
+    from tunelab.train import train
+
+    outcomes: dict[str, VariantOutcome] = {}
+    for name in study.order:
+        after = study.spec.variants[name].after
+        if after is not None and outcomes[after].status in ("failed", "blocked"):
+            outcomes[name] = VariantOutcome(name, "blocked", error=f"needs {after}, which {outcomes[after].status}")
+            log(f"[{name}] blocked: {outcomes[name].error}")
+            continue
+        init_from = outcomes[after].run_dir if after is not None else None
+        exp = variant_experiment(study, name, init_from)
+        run_dir = Path(exp.output.dir) / exp.run_name
+        status = read_manifest(run_dir).get("status") if (run_dir / "manifest.json").is_file() else None
+        outcome = VariantOutcome(name, "", str(run_dir), diff=diff_from_base(study, exp))
+        if status == "completed":
+            outcome.status = "skipped"
+            log(f"[{name}] unchanged, completed run {run_dir}")
+        else:
+            log(f"[{name}] {'resuming' if status else 'training'} -> {run_dir}")
+            try:
+                train(exp, resume=status is not None)
+                outcome.status = "resumed" if status else "trained"
+            except TunelabError as e:
+                outcome.status, outcome.error = "failed", str(e)
+            except Exception as e:  # one variant's crash must not stop the independent others
+                outcome.status, outcome.error = "failed", f"{type(e).__name__}: {e}".splitlines()[0]
+            if outcome.error:
+                log(f"[{name}] failed: {outcome.error}")
+        outcomes[name] = outcome
+    done = [o for o in outcomes.values() if o.status in ("skipped", "trained", "resumed")]
+    report = _previous_report(study, done) or _compare_study(study, done, log)
+    _write_index(study, list(outcomes.values()), report)
+    return list(outcomes.values()), report
+
+
+def _previous_report(study: Study, done: list[VariantOutcome]) -> Path | None:
+    """The last report, when every variant was skipped and it compared exactly these runs."""
+    index = study.output / "study.json"
+    if not index.is_file() or any(o.status != "skipped" for o in done):
+        return None
+    previous = json.loads(index.read_text())
+    same_runs = [v["run_dir"] for v in previous["variants"] if v["status"] in ("skipped", "trained", "resumed")]
+    report = previous.get("report")
+    if same_runs == [o.run_dir for o in done] and report and Path(report).is_file():
+        return Path(report)
+    return None
+
+
+def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None:
+    from tunelab.compare import compare, write_report
+
+    if not done:
+        return None
+    base_dir = study.path.parent
+    spec = study.spec.compare
+    try:
+        result = compare(
+            [Path(o.run_dir) for o in done],
+            include_base=spec.base,
+            prompts_file=base_dir / spec.prompts if spec.prompts else None,
+            eval_file=base_dir / spec.eval if spec.eval else None,
+            max_new_tokens=spec.max_new_tokens,
+        )
+    except TunelabError as e:
+        log(f"comparison skipped: {e}")
+        return None
+    return write_report(result, study.output / "report")["html"]
+
+
+def _write_index(study: Study, outcomes: list[VariantOutcome], report: Path | None) -> None:
+    from dataclasses import asdict
+
+    from tunelab.runs import write_json
+
+    study.output.mkdir(parents=True, exist_ok=True)
+    write_json(
+        study.output / "study.json",
+        {
+            "study": study.spec.name,
+            "file": str(study.path),
+            "variants": [asdict(o) for o in outcomes],
+            "report": str(report) if report else None,
+        },
+    )

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+from tunelab.errors import TunelabError
+from tunelab.study import load_study
+
+
+def study(tmp_path: Path, variants: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nbase: {EXAMPLES / 'quickstart.yaml'}\nvariants:\n{variants}")
+    return path
+
+
+def test_ladder_example_loads_in_dependency_order() -> None:
+    s = load_study(EXAMPLES / "ladder.yaml")
+    assert s.order == ["qv", "qkvo", "all-linear", "last-half", "partial", "dpo"]
+    assert s.order.index("all-linear") < s.order.index("dpo")
+
+
+def test_unknown_after(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError) as e:
+        load_study(study(tmp_path, "  a: {after: nope}\n  b: {}\n"))
+    assert str(e.value) == f"{tmp_path}/s.yaml: variants.a.after: unknown variant 'nope'; variants are a, b"
+
+
+def test_cycle(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match=r"variants form a cycle: a -> b -> c -> a"):
+        load_study(study(tmp_path, "  a: {after: b}\n  b: {after: c}\n  c: {after: a}\n"))
+
+
+def test_override_key_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError) as e:
+        load_study(study(tmp_path, "  a: {set: {train.learnign_rate: 1}}\n"))
+    assert str(e.value) == (
+        f"{tmp_path}/s.yaml: variants.a.set.train.learnign_rate: unknown key 'learnign_rate'; "
+        "did you mean 'learning_rate'?"
+    )
+
+
+def test_override_value_that_is_invalid(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match=r"variants.a.set: train.epochs: Input should be greater than 0"):
+        load_study(study(tmp_path, "  a: {set: {train.epochs: -1}}\n"))
+
+
+def test_unknown_study_key(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nbase: {EXAMPLES / 'quickstart.yaml'}\nvariants: {{}}\ncompre: {{}}\n")
+    with pytest.raises(TunelabError, match=r"s.yaml:4: compre: Extra inputs are not permitted"):
+        load_study(path)
