@@ -67,8 +67,13 @@ def train(
     name: Annotated[str | None, typer.Option("--name", help="Run name (default: the experiment name).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run.")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (DDP through torchrun).")] = 1,
 ) -> None:
     """Plan, then train the experiment into <output.dir>/<name>/."""
+    from tunelab import distributed
+
+    if nproc > 1 and distributed.world_size() == 1:
+        raise SystemExit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
     from tunelab.config import load_experiment
     from tunelab.plan import make_plan
     from tunelab.report.terminal import print_plan, print_run
@@ -76,9 +81,23 @@ def train(
 
     STATE["experiment"] = experiment
     exp = load_experiment(experiment, [*(overrides or []), *([f"output.name={name}"] if name else [])])
-    print_plan(make_plan(exp))
+    if distributed.is_main():
+        print_plan(make_plan(exp))
     result = run_training(exp, resume=resume, overwrite=overwrite)
-    print_run(result.run_dir, result.manifest)
+    if distributed.is_main():
+        print_run(result.run_dir, result.manifest)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 @app.command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,8 @@ def load_model(settings: ModelSettings, dtype: torch.dtype, device: str) -> PreT
         )
     except OSError as e:
         raise ConfigError(f"model.id: cannot load '{settings.id}': {str(e).splitlines()[0]}") from e
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun
     return model.to(device)
 
 

@@ -82,14 +82,17 @@ class Run:
     dir: Path
     manifest: dict
     resuming: bool
+    writable: bool = True  # False on every process but the first of a multi-process run
 
     def update(self, **fields: Any) -> None:
         self.manifest.update(fields)
-        write_json(self.dir / MANIFEST, self.manifest)
+        if self.writable:
+            write_json(self.dir / MANIFEST, self.manifest)
 
     def log_metrics(self, record: dict) -> None:
-        with open(self.dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.writable:
+            with open(self.dir / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     @property
     def checkpoints(self) -> Path:
@@ -102,9 +105,19 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def open_run(exp: Experiment, resume: bool, overwrite: bool) -> Run:
-    """Create the run directory, or reopen it for --resume; never clobber a run without --overwrite."""
+def open_run(exp: Experiment, resume: bool, overwrite: bool, main_process: bool = True) -> Run:
+    """Create the run directory, or reopen it for --resume; never clobber a run without --overwrite.
+
+    In a multi-process run only the main process touches the directory; the others get a read-only view.
+    """
     run_dir = Path(exp.output.dir) / exp.run_name
+    if not main_process:
+        return Run(
+            run_dir,
+            {"config_hash": exp.config_hash()},
+            resuming=resume and last_checkpoint(run_dir) is not None,
+            writable=False,
+        )
     manifest_path = run_dir / MANIFEST
     if run_dir.exists() and not manifest_path.is_file() and any(run_dir.iterdir()):
         raise TunelabError(f"{run_dir}: exists and is not a tunelab run; choose another --name or output.dir")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab import distributed
 from tunelab.config import Experiment
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import (
@@ -64,6 +65,8 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
             self.tokens0 = state.num_input_tokens_seen or None
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:
+                return
             logs = dict(logs or {})
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
             elapsed = time.perf_counter() - self.t0
@@ -149,10 +152,14 @@ def save_result(model: nn.Module, kind: str, trainable: list[str], run_dir: Path
     raise AssertionError(kind)
 
 
-def _final_eval_loss(trainer, run: Run) -> float:
-    """The eval loss at the last step: reuse the end-of-training evaluation when there was one."""
-    evals = [r for r in read_metrics(run.dir) if "eval_loss" in r]
-    if evals and evals[-1]["step"] == trainer.state.global_step:
+def _final_eval_loss(trainer) -> float:
+    """The eval loss at the last step: reuse the end-of-training evaluation when there was one.
+
+    Decided from the Trainer's own log history, which every process holds, so all of them agree on
+    whether to run the (collective) evaluation.
+    """
+    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    if evals and evals[-1].get("step") == trainer.state.global_step:
         return evals[-1]["eval_loss"]
     return trainer.evaluate()["eval_loss"]
 
@@ -204,7 +211,7 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
         tokenizer.chat_template = training_template(tokenizer)
     base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
-    run = open_run(exp, resume, overwrite)
+    run = open_run(exp, resume, overwrite, main_process=distributed.is_main())
     provenance = {
         "base_model": {
             "id": exp.model.id,
@@ -339,11 +346,13 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=memory.gradient_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
     trainer = _build_trainer(exp, model, tokenizer, splits, resolved.kind, hw, run, [recorder])
+    distributed.check_launch(trainer.args.world_size)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None
     if checkpoint is None:
         start = {"preference_accuracy_before": _preference_accuracy(exp, trainer.model, tokenizer, splits)}
         if splits.eval:
             start["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+            distributed.unprepare_after_evaluate(trainer)
         run.update(**start)
     else:
         _trim_metrics(run, int(checkpoint.name.split("-")[-1]))
@@ -355,7 +364,10 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
             f"{trainer.state.global_step}; lower train.learning_rate (last good checkpoint: "
             f"{last_checkpoint(run.dir)})"
         )
-    final_eval = _final_eval_loss(trainer, run) if splits.eval else None
+    final_eval = _final_eval_loss(trainer) if splits.eval else None
+    rank_digests = distributed.check_synced(trainer.model, resolved.trainable_names)
+    if not run.writable:
+        return TrainResult(run.dir, run.manifest)
     result_path = save_result(trainer.model, exp.scope.kind, resolved.trainable_names, run.dir)
     tokenizer.save_pretrained(run.dir / TOKENIZER)
     check = _change_check(before, _digests(trainer.model), resolved.trainable_names)
@@ -373,6 +385,7 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
         change_check=check,
         preference_accuracy_after=_preference_accuracy(exp, trainer.model, tokenizer, splits),
         peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        distributed={"world_size": distributed.world_size(), "rank_digests": rank_digests},
     )
     if not check["ok"]:
         print(f"warning: tensor change check failed: {check}", file=sys.stderr)
