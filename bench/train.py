@@ -1,0 +1,169 @@
+"""tunelab train vs a plain TRL script (the way train_lora.py is written), in one session.
+
+Same built-in model, data, seed, LoRA and steps, on chats whose replies vary from a few to a few
+hundred tokens. Prints real (non-pad) tokens per second for:
+  1. the plain script: SFTTrainer with TRL's defaults (activation checkpointing on, random batches);
+  2. tunelab with the plain script's settings (checkpointing on, no length grouping): the overhead;
+  3. tunelab with its own defaults (checkpointing from the memory plan, length-grouped batches).
+and the final eval loss of each. Also times `tunelab --help` and `tunelab plan` on a config-only
+Llama-3.1-8B folder.
+
+    .venv/bin/python bench/train.py [--steps 40] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def varied_chats(path: Path, n: int, seed: int = 0) -> None:
+    from tunelab import tinyworld
+
+    rng = random.Random(seed)
+    sentences = [s for p in tinyworld.pretrain_corpus() for s in p.split(". ")]
+    rows = []
+    for _ in range(n):
+        reply = ". ".join(rng.sample(sentences, rng.choice([1, 2, 4, 8, 16, 32, 48]))) + "."
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": "Tell me about the tiny world."},
+                    {"role": "assistant", "content": reply},
+                ]
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plain_trl(model_dir: str, train_file: Path, eval_file: Path, out: Path, steps: int) -> tuple[float, float]:
+    """What train_lora.py does: load, LoraConfig, SFTTrainer with defaults (CPU needs bf16 off)."""
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = load_dataset("json", data_files={"train": str(train_file), "eval": str(eval_file)})
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=2e-3,
+        max_length=512,
+        seed=42,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        assistant_only_loss=True,
+        logging_steps=5,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"],
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        ),
+    )
+    result = trainer.train()
+    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
+    return tokens / result.metrics["train_runtime"], trainer.evaluate()["eval_loss"]
+
+
+def tunelab_run(
+    train_file: Path, eval_file: Path, out: Path, steps: int, name: str, *extra: str
+) -> tuple[float, float]:
+    from tunelab.config import load_experiment
+    from tunelab.runs import read_metrics
+    from tunelab.train import train
+
+    exp = load_experiment(
+        REPO / "examples" / "lora-all-linear.yaml",
+        [
+            f"data.train={train_file}",
+            f"data.eval={eval_file}",
+            f"output.dir={out}",
+            f"output.name={name}",
+            f"train.max_steps={steps}",
+            "train.max_length=512",
+            "scope.lora.dropout=0.0",
+            "train.logging_steps=5",
+            *extra,
+        ],
+    )
+    result = train(exp)
+    tokens = max(r.get("num_tokens", 0) for r in read_metrics(result.run_dir))
+    return tokens / result.manifest["train_runtime"], result.manifest["final_eval_loss"]
+
+
+def cli_seconds(*args: str) -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tunelab", *args], capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    os.environ.setdefault("TUNELAB_HOME", str(REPO / ".tunelab-cache"))
+    from tunelab.builtin import materialise
+
+    model_dir = str(materialise("tiny-chat"))
+    results: dict[str, list[tuple[float, float]]] = {"plain": [], "tunelab-equal": [], "tunelab": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        varied_chats(tmp_path / "train.jsonl", 400, seed=0)
+        varied_chats(tmp_path / "eval.jsonl", 40, seed=1)
+        # Warm-up: the first training in a process pays one-off costs (allocator, thread pools, TRL set-up).
+        plain_trl(model_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "warm", 3)
+        for i in range(args.repeats):
+            results["plain"].append(
+                plain_trl(
+                    model_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / f"plain{i}", args.steps
+                )
+            )
+            results["tunelab-equal"].append(
+                tunelab_run(
+                    tmp_path / "train.jsonl",
+                    tmp_path / "eval.jsonl",
+                    tmp_path / "runs",
+                    args.steps,
+                    f"eq{i}",
+                    "train.gradient_checkpointing=on",
+                    "train.group_by_length=false",
+                )
+            )
+            results["tunelab"].append(
+                tunelab_run(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "runs", args.steps, f"def{i}")
+            )
+    base = statistics.median(r[0] for r in results["plain"])
+    print(f"steps={args.steps} repeats={args.repeats} batch=8 max_length=512 (replies of 1-48 sentences)")
+    for name, rows in results.items():
+        speed = statistics.median(r[0] for r in rows)
+        loss = statistics.median(r[1] for r in rows)
+        print(f"{name:14s} {speed:9.0f} tok/s   ratio {speed / base:5.2f}x   final eval loss {loss:.4f}")
+    print(f"tunelab --help: {cli_seconds('--help'):.2f} s")
+    exp = REPO / "bench" / "llama8b-plan.yaml"
+    print(f"tunelab plan (config-only Llama-3.1-8B): {cli_seconds('plan', str(exp)):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
