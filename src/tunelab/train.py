@@ -319,7 +319,7 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
 def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | None, provenance: dict) -> TrainResult:
     import torch
 
-    from tunelab.methods.sft import Hardware
+    from tunelab.methods.common import Hardware
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
 

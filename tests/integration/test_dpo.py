@@ -42,8 +42,8 @@ def test_sft_then_dpo_raises_preference_accuracy(tmp_path: Path, tiny_model_dir)
 
 def test_lora_dpo_holds_no_second_copy_of_the_base(tmp_path: Path, tiny_model_dir) -> None:
     from tunelab.data import load_splits
+    from tunelab.methods.common import Hardware
     from tunelab.methods.dpo import build_trainer
-    from tunelab.methods.sft import Hardware
     from tunelab.models import load_model, load_tokenizer
     from tunelab.scope import apply_scope
 

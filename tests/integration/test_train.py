@@ -198,7 +198,8 @@ def test_nan_loss_stops_and_marks_run_failed(tmp_path: Path, tiny_model_dir) -> 
 def test_trainer_masks_exactly_what_plan_shows(tmp_path: Path, tiny_model_dir) -> None:
     """TRL's processed training rows carry loss on the same tokens the plan marks: the assistant spans."""
     from tunelab.data import load_splits
-    from tunelab.methods.sft import Hardware, build_trainer
+    from tunelab.methods.common import Hardware
+    from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
     from tunelab.scope import apply_scope
     from tunelab.templates import tokenize_example, training_template

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DPOSettings, TrainSettings
-from tunelab.methods.sft import Hardware, training_arguments
+from tunelab.methods.common import Hardware, instantiate, training_arguments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -33,8 +33,6 @@ def build_trainer(
     callbacks: list[TrainerCallback],
     ref_cache: Path | None = None,
 ) -> DPOTrainer:
-    from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     from tunelab.methods.sampling import seeded_train_sampler
@@ -63,16 +61,7 @@ def build_trainer(
                 lambda: super(Trainer, self)._precompute_ref_logps(dataset, name, batch_size),
             )
 
-    trainer = Trainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks)
 
 
 def cached_ref_logps(path: Path, dataset, compute):

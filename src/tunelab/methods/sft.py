@@ -2,66 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import TrainSettings
+from tunelab.methods.common import Hardware, instantiate, training_arguments
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTTrainer
 
 CHAT_FORMATS = ("messages", "conversations", "alpaca")
-
-
-@dataclass
-class Hardware:
-    device: str
-    dtype: torch.dtype
-    gradient_checkpointing: bool
-
-
-def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool) -> dict:
-    """The TrainingArguments shared by SFT and DPO, with tunelab's defaults where TRL's differ."""
-    import torch
-
-    pin = {"auto": hw.device == "cuda", "on": True, "off": False}[train.pin_memory]
-    epoch_or_steps = "steps" if train.eval_steps else "epoch"
-    return dict(
-        output_dir=str(output_dir),
-        learning_rate=train.learning_rate,
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accumulation,
-        warmup_steps=train.warmup,
-        lr_scheduler_type=train.scheduler,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        optim=train.optimizer,
-        seed=train.seed,
-        data_seed=train.seed,
-        # TRL turns these on by default; bf16 on a CPU without it is ~15x slower, checkpointing costs ~20-40%.
-        bf16=hw.dtype == torch.bfloat16 and hw.device == "cuda",
-        fp16=hw.dtype == torch.float16 and hw.device == "cuda",
-        activation_checkpointing=hw.gradient_checkpointing,
-        use_cpu=hw.device == "cpu",
-        logging_steps=train.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN loss must show, so the run stops instead of logging 0.0
-        eval_strategy=epoch_or_steps if has_eval else "no",
-        eval_steps=train.eval_steps,
-        save_strategy="steps" if train.save_steps else "epoch",
-        save_steps=train.save_steps or 500,
-        save_total_limit=train.save_total_limit,
-        dataloader_pin_memory=pin,
-        report_to=train.report_to or "none",
-        train_sampling_strategy="group_by_length" if train.group_by_length and not train.packing else "random",
-        disable_tqdm=True,
-    )
 
 
 def build_trainer(
@@ -75,8 +26,6 @@ def build_trainer(
     output_dir: Path,
     callbacks: list[TrainerCallback],
 ) -> SFTTrainer:
-    from datasets import Dataset
-    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.methods.sampling import seeded_train_sampler
@@ -93,13 +42,4 @@ def build_trainer(
         def _get_train_sampler(self, *args, **kwargs):
             return seeded_train_sampler(super()._get_train_sampler(*args, **kwargs), train.seed)
 
-    trainer = Trainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    trainer.remove_callback(PrinterCallback)  # tunelab's own callback prints progress
-    return trainer
+    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks)

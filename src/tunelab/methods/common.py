@@ -1,0 +1,86 @@
+"""What SFT and DPO share: the hardware decision, TrainingArguments, and how a trainer is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import TrainSettings
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+
+@dataclass
+class Hardware:
+    device: str
+    dtype: torch.dtype
+    gradient_checkpointing: bool
+
+
+def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool) -> dict:
+    """The TrainingArguments shared by SFT and DPO, with tunelab's defaults where TRL's differ."""
+    import torch
+
+    pin = {"auto": hw.device == "cuda", "on": True, "off": False}[train.pin_memory]
+    epoch_or_steps = "steps" if train.eval_steps else "epoch"
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accumulation,
+        warmup_steps=train.warmup,
+        lr_scheduler_type=train.scheduler,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        seed=train.seed,
+        data_seed=train.seed,
+        # TRL turns these on by default; bf16 on a CPU without it is ~15x slower, checkpointing costs ~20-40%.
+        bf16=hw.dtype == torch.bfloat16 and hw.device == "cuda",
+        fp16=hw.dtype == torch.float16 and hw.device == "cuda",
+        activation_checkpointing=hw.gradient_checkpointing,
+        use_cpu=hw.device == "cpu",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must show, so the run stops instead of logging 0.0
+        eval_strategy=epoch_or_steps if has_eval else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps" if train.save_steps else "epoch",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
+        dataloader_pin_memory=pin,
+        report_to=train.report_to or "none",
+        train_sampling_strategy="group_by_length" if train.group_by_length and not train.packing else "random",
+        disable_tqdm=True,
+    )
+
+
+def instantiate(
+    trainer_class,
+    model: PreTrainedModel,
+    config,
+    tokenizer: PreTrainedTokenizerBase,
+    train_rows: list[dict],
+    eval_rows: list[dict] | None,
+    callbacks: list[TrainerCallback],
+):
+    """A TRL trainer on in-memory rows, printing through tunelab's own progress callback only."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    trainer = trainer_class(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
