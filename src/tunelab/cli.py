@@ -110,6 +110,11 @@ def compare(
     eval_file: Annotated[Path | None, typer.Option("--eval", help="Held-out SFT data for eval loss.")] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.json/.md/.html.")] = Path("reports/compare"),
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generated tokens per output.")] = 48,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Sample at this temperature (default: greedy).")
+    ] = None,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, with --temperature.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
@@ -117,7 +122,14 @@ def compare(
     from tunelab.report.terminal import print_comparison
 
     result = run_compare(
-        runs, include_base=base, prompts_file=prompts, eval_file=eval_file, max_new_tokens=max_new_tokens
+        runs,
+        include_base=base,
+        prompts_file=prompts,
+        eval_file=eval_file,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
     )
     paths = write_report(result, out)
     print_comparison(result)

@@ -157,20 +157,29 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: s
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
-def generate(
-    model, tokenizer, prompts: list[Prompt], adapter: str | None, max_new_tokens: int, batch_size: int
+GREEDY: dict = {"do_sample": False}
+
+
+def generate_rows(
+    model,
+    tokenizer,
+    rows: list[tuple[Prompt, str | None]],
+    max_new_tokens: int,
+    batch_size: int,
+    decoding: dict = GREEDY,
 ) -> list[str]:
-    """Greedy outputs for `prompts`; with `adapter`, rows are routed through that adapter by name."""
+    """One output per (prompt, adapter) row, in batches; rows of one batch may use different adapters
+    (PEFT `adapter_names`, "__base__" for none). An adapter of None means a model without adapters."""
     outputs = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        enc = _encode(tokenizer, chunk, model.device)
-        extra = {"adapter_names": [adapter] * len(chunk)} if adapter is not None else {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        enc = _encode(tokenizer, [p for p, _ in chunk], model.device)
+        routing = {"adapter_names": [a for _, a in chunk]} if chunk[0][1] is not None else {}
         out = model.generate(
             **enc,
-            **extra,
+            **routing,
+            **decoding,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
@@ -179,27 +188,31 @@ def generate(
     return outputs
 
 
+def generate(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    adapter: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    decoding: dict = GREEDY,
+) -> list[str]:
+    return generate_rows(model, tokenizer, [(p, adapter) for p in prompts], max_new_tokens, batch_size, decoding)
+
+
 def generate_mixed(
-    model, tokenizer, prompts: list[Prompt], adapters: list[str], max_new_tokens: int, batch_size: int
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    adapters: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    decoding: dict = GREEDY,
 ) -> dict[str, list[str]]:
-    """One pass over prompts x adapters: each batch mixes rows of different adapters (PEFT adapter_names)."""
+    """One pass over prompts x adapters, every batch mixing the adapters' rows."""
     rows = [(p, a) for p in prompts for a in adapters]
-    results: dict[str, list[str]] = {a: [] for a in adapters}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        enc = _encode(tokenizer, [p for p, _ in chunk], model.device)
-        out = model.generate(
-            **enc,
-            adapter_names=[a for _, a in chunk],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new = out[:, enc["input_ids"].shape[1] :]
-        for (_, adapter), row in zip(chunk, new, strict=True):
-            results[adapter].append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return results
+    outputs = generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding)
+    return {a: outputs[i :: len(adapters)] for i, a in enumerate(adapters)}
 
 
 def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
@@ -279,6 +292,9 @@ def compare(
     eval_file: Path | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 16,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
 ) -> Comparison:
     import torch
     from transformers import AutoTokenizer
@@ -304,7 +320,9 @@ def compare(
         )
     )
 
-    torch.manual_seed(0)
+    # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
+    decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    torch.manual_seed(seed)
     model = load_model(exp.model, pick_dtype(exp.model.dtype, device), device).eval()
     variants: list[Variant] = []
     outputs: dict[str, list[str]] = {}
@@ -318,13 +336,13 @@ def compare(
             model.load_adapter(str(d / ADAPTER), adapter_name=m["name"])
         model.eval()
         names = [m["name"] for _, m in lora] + ([BASE] if include_base else [])
-        outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size))
+        outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
         if eval_rows:
             for name in names[: len(lora)]:
                 model.set_adapter(name)
                 losses[name] = eval_loss(model, tokenizer, eval_rows)
     elif include_base:
-        outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size)
+        outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
     # The base alone: the PEFT wrapper with every adapter off, or the plain model.
     as_base = model.disable_adapter if lora else contextlib.nullcontext
     base_rows = BASE if lora else None
@@ -334,7 +352,9 @@ def compare(
     for d, m in runs:
         if m["result"] == TRAINED:
             with _swapped(model.get_base_model() if lora else model, d / TRAINED):
-                outputs[m["name"]] = generate(model, tokenizer, prompts, base_rows, max_new_tokens, batch_size)
+                outputs[m["name"]] = generate(
+                    model, tokenizer, prompts, base_rows, max_new_tokens, batch_size, decoding
+                )
                 if eval_rows:
                     with as_base():
                         losses[m["name"]] = eval_loss(model, tokenizer, eval_rows)
@@ -342,7 +362,7 @@ def compare(
             from transformers import AutoModelForCausalLM
 
             full = AutoModelForCausalLM.from_pretrained(d / FULL_MODEL).to(device).eval()
-            outputs[m["name"]] = generate(full, tokenizer, prompts, None, max_new_tokens, batch_size)
+            outputs[m["name"]] = generate(full, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
             if eval_rows:
                 losses[m["name"]] = eval_loss(full, tokenizer, eval_rows)
             del full
@@ -362,7 +382,8 @@ def compare(
         flat = [c.passed for cs in checks[v.name] for c in cs]
         v.numbers["expectation_pass_rate"] = round(sum(flat) / len(flat), 4) if flat else None
     settings = {
-        "decoding": "greedy",
+        "decoding": "greedy" if temperature is None else f"sampling (temperature {temperature}, top_p {top_p})",
+        "seed": seed,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "prompts": str(prompts_file) if prompts_file else "held-out data",

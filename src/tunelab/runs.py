@@ -136,6 +136,8 @@ def open_run(exp: Experiment, resume: bool, overwrite: bool, main_process: bool 
                 )
             old.update(status="running", resumed_at=now(), error=None)
             run = Run(run_dir, old, resuming=last_checkpoint(run_dir) is not None)
+            if not run.resuming:  # it died before its first checkpoint: start over, without its metrics
+                (run_dir / METRICS).unlink(missing_ok=True)
             write_json(manifest_path, old)
             return run
         elif status == "completed":

@@ -183,3 +183,14 @@ def test_compare_cli_writes_all_reports(runs, tmp_path: Path) -> None:
     assert all(len(o) == 4 for o in report["outputs"].values())
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# Comparison on builtin:tiny-chat")
     assert "report.html" in out.stdout
+
+
+def test_sampling_is_recorded_and_seeded(runs, tmp_path: Path) -> None:
+    prompts = prompts_file(tmp_path, 4)
+    a = compare([runs["quickstart"]], prompts_file=prompts, temperature=1.5, seed=3)
+    b = compare([runs["quickstart"]], prompts_file=prompts, temperature=1.5, seed=3)
+    greedy = compare([runs["quickstart"]], prompts_file=prompts)
+    assert a.settings["decoding"] == "sampling (temperature 1.5, top_p 1.0)" and a.settings["seed"] == 3
+    assert greedy.settings["decoding"] == "greedy"
+    assert a.outputs == b.outputs
+    assert a.outputs != greedy.outputs

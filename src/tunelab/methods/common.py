@@ -69,6 +69,7 @@ def instantiate(
     train_rows: list[dict],
     eval_rows: list[dict] | None,
     callbacks: list[TrainerCallback],
+    **extra,
 ):
     """A TRL trainer on in-memory rows, printing through tunelab's own progress callback only."""
     from datasets import Dataset
@@ -81,6 +82,7 @@ def instantiate(
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer

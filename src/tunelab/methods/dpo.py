@@ -61,7 +61,19 @@ def build_trainer(
                 lambda: super(Trainer, self)._precompute_ref_logps(dataset, name, batch_size),
             )
 
-    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks)
+    # A live reference for a scope without adapters is a frozen copy of the *starting* model; left to
+    # itself TRL would reload the base from its path, which is wrong when starting from an SFT run.
+    extra = {"ref_model": frozen_copy(model)} if reference == "copy" else {}
+    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks, **extra)
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
 
 
 def cached_ref_logps(path: Path, dataset, compute):
