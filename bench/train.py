@@ -1,7 +1,8 @@
 """tunelab train vs a plain TRL script (the way train_lora.py is written), in one session.
 
 Same built-in model, data, seed, LoRA and steps, on chats whose replies vary from a few to a few
-hundred tokens. Prints real (non-pad) tokens per second for:
+hundred tokens. Prints real (non-pad) tokens per second of the training steps (a final evaluation or
+checkpoint, which tunelab does and the plain script does not, is not counted) for:
   1. the plain script: SFTTrainer with TRL's defaults (activation checkpointing on, random batches);
   2. tunelab with the plain script's settings (checkpointing on, no length grouping): the overhead;
   3. tunelab with its own defaults (checkpointing from the memory plan, length-grouped batches).
@@ -46,6 +47,27 @@ def varied_chats(path: Path, n: int, seed: int = 0) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+class StepClock:
+    """Times the training steps alone: from train begin to the last step's end, before any final eval/save."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                self.start = self.end = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                self.end = time.perf_counter()
+
+        return _Clock()
+
+
+def tokens_per_second(trainer, clock) -> float:
+    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
+    return tokens / (clock.end - clock.start)
+
+
 def plain_trl(model_dir: str, train_file: Path, eval_file: Path, out: Path, steps: int) -> tuple[float, float]:
     """What train_lora.py does: load, LoraConfig, SFTTrainer with defaults (CPU needs bf16 off)."""
     from datasets import load_dataset
@@ -81,16 +103,17 @@ def plain_trl(model_dir: str, train_file: Path, eval_file: Path, out: Path, step
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
     )
-    result = trainer.train()
-    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
-    return tokens / result.metrics["train_runtime"], trainer.evaluate()["eval_loss"]
+    clock = StepClock()
+    trainer.add_callback(clock)
+    trainer.train()
+    return tokens_per_second(trainer, clock), trainer.evaluate()["eval_loss"]
 
 
 def tunelab_run(
     train_file: Path, eval_file: Path, out: Path, steps: int, name: str, *extra: str
 ) -> tuple[float, float]:
     from tunelab.config import load_experiment
-    from tunelab.runs import read_metrics
+    from tunelab.methods import common
     from tunelab.train import train
 
     exp = load_experiment(
@@ -107,9 +130,23 @@ def tunelab_run(
             *extra,
         ],
     )
-    result = train(exp)
-    tokens = max(r.get("num_tokens", 0) for r in read_metrics(result.run_dir))
-    return tokens / result.manifest["train_runtime"], result.manifest["final_eval_loss"]
+    clock, made = StepClock(), []
+    original = common.instantiate
+
+    def instantiate_with_clock(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        made[-1].add_callback(clock)
+        return made[-1]
+
+    common.instantiate = instantiate_with_clock
+    import tunelab.methods.sft as sft
+
+    sft.instantiate = instantiate_with_clock
+    try:
+        result = train(exp)
+    finally:
+        common.instantiate = sft.instantiate = original
+    return tokens_per_second(made[-1], clock), result.manifest["final_eval_loss"]
 
 
 def cli_seconds(*args: str) -> float:
@@ -135,13 +172,11 @@ def main() -> None:
         # Warm-up: the first training in a process pays one-off costs (allocator, thread pools, TRL set-up).
         plain_trl(model_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "warm", 3)
         for i in range(args.repeats):
-            results["plain"].append(
-                plain_trl(
+            runs = {
+                "plain": lambda i=i: plain_trl(
                     model_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / f"plain{i}", args.steps
-                )
-            )
-            results["tunelab-equal"].append(
-                tunelab_run(
+                ),
+                "tunelab-equal": lambda i=i: tunelab_run(
                     tmp_path / "train.jsonl",
                     tmp_path / "eval.jsonl",
                     tmp_path / "runs",
@@ -149,11 +184,15 @@ def main() -> None:
                     f"eq{i}",
                     "train.gradient_checkpointing=on",
                     "train.group_by_length=false",
-                )
-            )
-            results["tunelab"].append(
-                tunelab_run(tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "runs", args.steps, f"def{i}")
-            )
+                ),
+                "tunelab": lambda i=i: tunelab_run(
+                    tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "runs", args.steps, f"def{i}"
+                ),
+            }
+            # Rotate the order each repeat so no setting always runs first (or last) in the process.
+            names = list(runs)
+            for name in names[i % 3 :] + names[: i % 3]:
+                results[name].append(runs[name]())
     base = statistics.median(r[0] for r in results["plain"])
     print(f"steps={args.steps} repeats={args.repeats} batch=8 max_length=512 (replies of 1-48 sentences)")
     for name, rows in results.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -267,7 +268,7 @@ def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
         "trainable_params": manifest.get("trainable_params"),
         "trainable_percent": manifest.get("trainable_percent"),
         "train_seconds": manifest.get("train_seconds"),
-        "tokens_per_s": speeds[-1] if speeds else None,
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
         "peak_memory_bytes": manifest.get("peak_memory_bytes"),
         "final_train_loss": manifest.get("final_train_loss"),
         "run_eval_loss": manifest.get("final_eval_loss"),

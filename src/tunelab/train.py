@@ -56,24 +56,30 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
         """metrics.jsonl, tokens/s, progress lines, and a stop on NaN/inf loss."""
 
         def __init__(self) -> None:
-            self.t0 = time.perf_counter()
-            self.tokens0: float | None = None
+            self.started = self.last_time = time.perf_counter()
+            self.first_step = 0
+            self.last_tokens: float | None = None
             self.bad_loss: float | None = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-            self.tokens0 = state.num_input_tokens_seen or None
+            self.started = self.last_time = time.perf_counter()
+            self.first_step = state.global_step
+            # A fresh run starts from zero tokens; a resumed one learns its count at the first log.
+            self.last_tokens = 0 if state.global_step == 0 else None
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not state.is_world_process_zero:
                 return
             logs = dict(logs or {})
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
-            elapsed = time.perf_counter() - self.t0
+            now_ = time.perf_counter()
+            elapsed = now_ - self.started
             tokens = logs.get("num_tokens")
-            if tokens is not None and elapsed > 0:
-                self.tokens0 = tokens if self.tokens0 is None else self.tokens0
-                record["tokens_per_s"] = round((tokens - self.tokens0) / elapsed, 1) if tokens > self.tokens0 else None
+            if tokens is not None and "loss" in logs:
+                # real (non-pad) tokens per second since the previous training log
+                if self.last_tokens is not None and now_ > self.last_time:
+                    record["tokens_per_s"] = round((tokens - self.last_tokens) / (now_ - self.last_time), 1)
+                self.last_tokens, self.last_time = tokens, now_
             run.log_metrics(record)
             loss = logs.get("loss")
             if loss is not None and not math.isfinite(loss):
@@ -81,7 +87,8 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                 control.should_training_stop = True
                 control.should_save = False
             if "loss" in logs:
-                eta = elapsed / max(state.global_step, 1) * (state.max_steps - state.global_step)
+                done = max(state.global_step - self.first_step, 1)
+                eta = elapsed / done * (state.max_steps - state.global_step)
                 line = (
                     f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
                     f"lr {logs.get('learning_rate', 0):.2e}  "
