@@ -151,8 +151,13 @@ def test_precomputed_reference_is_reused_by_a_second_run(tmp_path: Path, tiny_mo
 def test_live_reference_after_partial_sft_is_the_sft_model(tmp_path: Path, tiny_model_dir) -> None:
     """A live (copied) reference must be the starting model, as the precomputed one is, not the reloaded base."""
     sft = train(experiment("partial-last4", tmp_path, "train.max_steps=5", "train.learning_rate=1e-3"))
-    common = ["scope={partial: {last_blocks: 4, norm: true, lm_head: true}}", f"init_from={sft.run_dir}",
-              "train.max_steps=3", "train.logging_steps=1", "train.learning_rate=1e-4"]
+    common = [
+        "scope={partial: {last_blocks: 4, norm: true, lm_head: true}}",
+        f"init_from={sft.run_dir}",
+        "train.max_steps=3",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-4",
+    ]
     live = train(experiment("dpo", tmp_path, *common, "dpo.reference=live", "output.name=live"))
     pre = train(experiment("dpo", tmp_path, *common, "dpo.reference=precomputed", "output.name=pre"))
     a = [r["loss"] for r in read_metrics(live.run_dir) if "loss" in r]
