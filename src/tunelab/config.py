@@ -237,7 +237,11 @@ class TrainSettings(Strict):
     scheduler: SCHEDULERS = Field(default="linear", description="Learning-rate schedule after warmup.")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: str = Field(default="adamw_torch", description="Transformers optimizer name (TrainingArguments.optim).")
+    optimizer: str | None = Field(
+        default=None,
+        description="Transformers optimizer name (TrainingArguments.optim); None keeps Transformers' default "
+        "(fused AdamW on torch >= 2.8).",
+    )
     seed: int = Field(default=42, description="Seed for initialisation, data order and dropout.")
     gradient_checkpointing: OnOffAuto = Field(
         default="auto",

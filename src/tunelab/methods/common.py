@@ -26,7 +26,9 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
 
     pin = {"auto": hw.device == "cuda", "on": True, "off": False}[train.pin_memory]
     epoch_or_steps = "steps" if train.eval_steps else "epoch"
+    optimizer = {"optim": train.optimizer} if train.optimizer else {}
     return dict(
+        **optimizer,
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
@@ -38,7 +40,6 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         lr_scheduler_type=train.scheduler,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
-        optim=train.optimizer,
         seed=train.seed,
         data_seed=train.seed,
         # TRL turns these on by default; bf16 on a CPU without it is ~15x slower, checkpointing costs ~20-40%.
