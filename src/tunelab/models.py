@@ -164,26 +164,26 @@ def load_trained(run_dir: str | Path, device: str = "cpu") -> PreTrainedModel:
         raise TunelabError(f"{run_dir}: run is {manifest.get('status')}, not completed")
     exp = load_run_experiment(run_dir)
     dtype = pick_dtype(exp.model.dtype, device)
-    match manifest["result"]:
-        case result if result == ADAPTER:
-            from peft import PeftModel
+    result = manifest["result"]
+    if result == ADAPTER:
+        from peft import PeftModel
 
-            return PeftModel.from_pretrained(load_model(exp.model, dtype, device), str(run_dir / ADAPTER))
-        case result if result == TRAINED:
-            from safetensors.torch import load_file
+        return PeftModel.from_pretrained(load_model(exp.model, dtype, device), str(run_dir / ADAPTER))
+    if result == TRAINED:
+        from safetensors.torch import load_file
 
-            model = load_model(exp.model, dtype, device)
-            trained = load_file(str(run_dir / TRAINED), device=device)
-            missing = set(trained) - set(dict(model.named_parameters()))
-            if missing:
-                raise TunelabError(f"{run_dir}: trained tensors {sorted(missing)[:3]} do not exist in the base model")
-            with torch.no_grad():
-                params = dict(model.named_parameters())
-                for name, tensor in trained.items():
-                    params[name].copy_(tensor)
-            return model
-        case result if result == FULL_MODEL:
-            from transformers import AutoModelForCausalLM
+        model = load_model(exp.model, dtype, device)
+        trained = load_file(str(run_dir / TRAINED), device=device)
+        params = dict(model.named_parameters())
+        missing = set(trained) - set(params)
+        if missing:
+            raise TunelabError(f"{run_dir}: trained tensors {sorted(missing)[:3]} do not exist in the base model")
+        with torch.no_grad():
+            for name, tensor in trained.items():
+                params[name].copy_(tensor)
+        return model
+    if result == FULL_MODEL:
+        from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(run_dir / FULL_MODEL, dtype=dtype).to(device)
-    raise TunelabError(f"{run_dir}: unknown result '{manifest['result']}' in the manifest")
+        return AutoModelForCausalLM.from_pretrained(run_dir / FULL_MODEL, dtype=dtype).to(device)
+    raise TunelabError(f"{run_dir}: unknown result '{result}' in the manifest")
