@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -297,89 +298,25 @@ def compare(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> Comparison:
-    import torch
-    from transformers import AutoTokenizer
-
-    from tunelab.data import load_file
-    from tunelab.models import load_model, pick_device, pick_dtype
-
+    """Check the runs share a base, read prompts and eval data, generate and score, assemble."""
     runs = _load_runs(run_dirs)
-    first_dir, first = runs[0]
-    exp = load_run_experiment(first_dir)
-    device = pick_device(exp.model.device)
-    tokenizer = AutoTokenizer.from_pretrained(first_dir / TOKENIZER)
-    tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
-    sft_source = next((load_run_experiment(d).data for d, m in runs if m["method"] == "sft"), exp.data)
-    eval_rows = load_file(str(eval_file), "--eval", sft_source, "sft")[1] if eval_file else None
-    if eval_rows is None and sft_source.eval:
-        eval_rows = load_file(sft_source.eval, "data.eval", sft_source, "sft")[1]
-    prompts = (
-        read_prompts(prompts_file)
-        if prompts_file
-        else held_out_prompts(
-            eval_rows or load_file(exp.data.eval or exp.data.train_files[0], "data", exp.data, exp.method)[1]
-        )
-    )
-
+    exp = load_run_experiment(runs[0][0])
+    prompts, eval_rows = _prompts_and_eval(runs, prompts_file, eval_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    torch.manual_seed(seed)
-    model = load_model(exp.model, pick_dtype(exp.model.dtype, device), device).eval()
-    variants: list[Variant] = []
-    outputs: dict[str, list[str]] = {}
-    losses: dict[str, float | None] = {}
-    lora = [(d, m) for d, m in runs if m["result"] == ADAPTER]
-    if lora:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(lora[0][0] / ADAPTER), adapter_name=lora[0][1]["name"])
-        for d, m in lora[1:]:
-            model.load_adapter(str(d / ADAPTER), adapter_name=m["name"])
-        model.eval()
-        names = [m["name"] for _, m in lora] + ([BASE] if include_base else [])
-        outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
-        if eval_rows:
-            for name in names[: len(lora)]:
-                model.set_adapter(name)
-                losses[name] = eval_loss(model, tokenizer, eval_rows)
-    elif include_base:
-        outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
-    # The base alone: the PEFT wrapper with every adapter off, or the plain model.
-    as_base = model.disable_adapter if lora else contextlib.nullcontext
-    base_rows = BASE if lora else None
-    if include_base and eval_rows:
-        with as_base():
-            losses[BASE] = eval_loss(model, tokenizer, eval_rows)
-    for d, m in runs:
-        if m["result"] == TRAINED:
-            with _swapped(model.get_base_model() if lora else model, d / TRAINED):
-                outputs[m["name"]] = generate(
-                    model, tokenizer, prompts, base_rows, max_new_tokens, batch_size, decoding
-                )
-                if eval_rows:
-                    with as_base():
-                        losses[m["name"]] = eval_loss(model, tokenizer, eval_rows)
-        elif m["result"] == FULL_MODEL:
-            from transformers import AutoModelForCausalLM
-
-            full = AutoModelForCausalLM.from_pretrained(d / FULL_MODEL).to(device).eval()
-            outputs[m["name"]] = generate(full, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
-            if eval_rows:
-                losses[m["name"]] = eval_loss(full, tokenizer, eval_rows)
-            del full
-
-    if include_base:
-        variants.append(Variant("base", "base", numbers={"eval_loss": losses.get(BASE)}))
-        outputs["base"] = outputs.pop(BASE)
+    outputs, losses = _generate_and_score(
+        runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
+    )
+    variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE)})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
-        variants.append(Variant(m["name"], m["scope"], str(d), numbers, curves))
-        variants[-1].numbers["eval_loss"] = losses.get(m["name"])
-    checks = {}
+        variants.append(Variant(m["name"], m["scope"], str(d), {**numbers, "eval_loss": losses.get(m["name"])}, curves))
+    if include_base:
+        outputs["base"] = outputs.pop(BASE)
+    checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
     for v in variants:
-        loss = v.numbers.get("eval_loss")
-        v.numbers["perplexity"] = round(float(torch.exp(torch.tensor(loss))), 4) if loss is not None else None
-        checks[v.name] = [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)]
+        loss = v.numbers["eval_loss"]
+        v.numbers["perplexity"] = round(math.exp(loss), 4) if loss is not None else None
         flat = [c.passed for cs in checks[v.name] for c in cs]
         v.numbers["expectation_pass_rate"] = round(sum(flat) / len(flat), 4) if flat else None
     settings = {
@@ -391,6 +328,90 @@ def compare(
         "eval_examples": len(eval_rows) if eval_rows else 0,
     }
     return Comparison(exp.model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
+
+
+def _prompts_and_eval(
+    runs: list[tuple[Path, dict]], prompts_file: Path | None, eval_file: Path | None
+) -> tuple[list[Prompt], list[dict] | None]:
+    """Prompts from the file or the runs' held-out data; eval rows from --eval or the first SFT run's eval set."""
+    from tunelab.data import load_file
+
+    exp = load_run_experiment(runs[0][0])
+    sft_source = next((load_run_experiment(d).data for d, m in runs if m["method"] == "sft"), exp.data)
+    eval_rows = load_file(str(eval_file), "--eval", sft_source, "sft")[1] if eval_file else None
+    if eval_rows is None and sft_source.eval:
+        eval_rows = load_file(sft_source.eval, "data.eval", sft_source, "sft")[1]
+    if prompts_file:
+        return read_prompts(prompts_file), eval_rows
+    held_out = eval_rows or load_file(exp.data.eval or exp.data.train_files[0], "data", exp.data, exp.method)[1]
+    return held_out_prompts(held_out), eval_rows
+
+
+def _generate_and_score(
+    runs: list[tuple[Path, dict]],
+    include_base: bool,
+    prompts: list[Prompt],
+    eval_rows: list[dict] | None,
+    max_new_tokens: int,
+    batch_size: int,
+    decoding: dict,
+    seed: int,
+) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Outputs and eval loss for every variant, loading the base once."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunelab.models import load_model, pick_device, pick_dtype
+
+    exp = load_run_experiment(runs[0][0])
+    device = pick_device(exp.model.device)
+    tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
+    tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
+    torch.manual_seed(seed)
+    model = load_model(exp.model, pick_dtype(exp.model.dtype, device), device).eval()
+    outputs: dict[str, list[str]] = {}
+    losses: dict[str, float] = {}
+
+    def score(name: str, scored_model) -> None:
+        if eval_rows:
+            losses[name] = eval_loss(scored_model, tokenizer, eval_rows)
+
+    lora = [(d, m) for d, m in runs if m["result"] == ADAPTER]
+    if lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(lora[0][0] / ADAPTER), adapter_name=lora[0][1]["name"])
+        for d, m in lora[1:]:
+            model.load_adapter(str(d / ADAPTER), adapter_name=m["name"])
+        model.eval()
+        names = [m["name"] for _, m in lora] + ([BASE] if include_base else [])
+        outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
+        for _, m in lora:
+            model.set_adapter(m["name"])
+            score(m["name"], model)
+    elif include_base:
+        outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
+    # The base alone: the PEFT wrapper with every adapter off, or the plain model.
+    as_base = model.disable_adapter if lora else contextlib.nullcontext
+    base_rows = BASE if lora else None
+    if include_base:
+        with as_base():
+            score(BASE, model)
+    for d, m in runs:
+        if m["result"] == TRAINED:
+            with _swapped(model.get_base_model() if lora else model, d / TRAINED), as_base():
+                outputs[m["name"]] = generate(
+                    model, tokenizer, prompts, base_rows, max_new_tokens, batch_size, decoding
+                )
+                score(m["name"], model)
+        elif m["result"] == FULL_MODEL:
+            from transformers import AutoModelForCausalLM
+
+            full = AutoModelForCausalLM.from_pretrained(d / FULL_MODEL).to(device).eval()
+            outputs[m["name"]] = generate(full, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
+            score(m["name"], full)
+            del full
+    return outputs, losses
 
 
 class _swapped:
