@@ -100,3 +100,13 @@ def unprepare_after_evaluate(trainer) -> None:
         del model._original_forward
     del model._is_accelerate_prepared
     trainer.accelerator._models = [m for m in trainer.accelerator._models if m is not model]
+
+
+def finish() -> None:
+    """Leave together: a process that tears down its process group while another still talks to it
+    can abort (gloo), failing a run whose work is done."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

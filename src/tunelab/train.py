@@ -236,7 +236,9 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
         "chat_template_hash": template_hash(tokenizer.chat_template),
     }
     try:
-        return _train_in(run, exp, splits, tokenizer, init_from, provenance)
+        result = _train_in(run, exp, splits, tokenizer, init_from, provenance)
+        distributed.finish()
+        return result
     except KeyboardInterrupt:
         run.update(status="interrupted", ended_at=now(), error="interrupted by the user (Ctrl-C)")
         raise

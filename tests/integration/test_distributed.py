@@ -39,3 +39,44 @@ def test_two_process_training_keeps_ranks_identical(tmp_path: Path, tiny_model_d
         if '"loss"' in line
     ]
     assert steps == [1, 2, 3, 4]  # one process writes; steps are global
+
+
+def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
+    import os
+    import subprocess
+    import sys
+
+    args = [
+        "--nproc",
+        "2",
+        "--set",
+        f"output.dir={tmp_path}",
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.save_steps=3",
+        "--set",
+        "train.logging_steps=1",
+    ]
+    straight = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = subprocess.run(
+        [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args],
+        env={**os.environ, "TUNELAB_TEST_SIGKILL_AFTER_SAVE": "3"},
+        capture_output=True,
+        timeout=600,
+    )
+    assert killed.returncode != 0
+    resumed = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", "--resume", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("straight", "crashed"))
+    assert a["distributed"]["rank_digests"] == b["distributed"]["rank_digests"]
+    losses = [
+        [
+            json.loads(line)["loss"]
+            for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line
+        ]
+        for n in ("straight", "crashed")
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
