@@ -23,11 +23,23 @@ def tiny_model_dir() -> Path:
     return materialise("tiny-chat")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `tunelab ...` in a fresh process, as a user would."""
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run `tunelab ...` in a fresh process, as a user would; `env` adds environment variables."""
     return subprocess.run(
-        [sys.executable, "-m", "tunelab", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout
+        [sys.executable, "-m", "tunelab", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
+
+
+def run_cli_killed_after_save(step: int, *args: str) -> subprocess.CompletedProcess:
+    """`tunelab ...` that dies with SIGKILL right after writing the checkpoint of `step`, as a crash would."""
+    return run_cli(*args, env={"TUNELAB_TEST_SIGKILL_AFTER_SAVE": str(step)})
 
 
 def write_experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.config import Experiment
 from tunelab.errors import TunelabError
 from tunelab.runs import ADAPTER, FULL_MODEL, TOKENIZER, TRAINED, load_run_experiment, read_manifest, read_metrics
 
@@ -301,11 +302,11 @@ def compare(
     """Check the runs share a base, read prompts and eval data, generate and score, assemble."""
     runs = _load_runs(run_dirs)
     exp = load_run_experiment(runs[0][0])
-    prompts, eval_rows = _prompts_and_eval(runs, prompts_file, eval_file)
+    prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     outputs, losses = _generate_and_score(
-        runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
+        exp, runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
     )
     variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE)})] if include_base else []
     for d, m in runs:
@@ -331,12 +332,11 @@ def compare(
 
 
 def _prompts_and_eval(
-    runs: list[tuple[Path, dict]], prompts_file: Path | None, eval_file: Path | None
+    exp: Experiment, runs: list[tuple[Path, dict]], prompts_file: Path | None, eval_file: Path | None
 ) -> tuple[list[Prompt], list[dict] | None]:
     """Prompts from the file or the runs' held-out data; eval rows from --eval or the first SFT run's eval set."""
     from tunelab.data import load_file
 
-    exp = load_run_experiment(runs[0][0])
     sft_source = next((load_run_experiment(d).data for d, m in runs if m["method"] == "sft"), exp.data)
     eval_rows = load_file(str(eval_file), "--eval", sft_source, "sft")[1] if eval_file else None
     if eval_rows is None and sft_source.eval:
@@ -348,6 +348,7 @@ def _prompts_and_eval(
 
 
 def _generate_and_score(
+    exp: Experiment,
     runs: list[tuple[Path, dict]],
     include_base: bool,
     prompts: list[Prompt],
@@ -363,7 +364,6 @@ def _generate_and_score(
 
     from tunelab.models import load_model, pick_device, pick_dtype
 
-    exp = load_run_experiment(runs[0][0])
     device = pick_device(exp.model.device)
     tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt

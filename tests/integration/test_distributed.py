@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, run_cli
+from tests.conftest import EXAMPLES, run_cli, run_cli_killed_after_save
 from tunelab.distributed import trained_digest
 from tunelab.models import load_trained
 
@@ -42,10 +42,6 @@ def test_two_process_training_keeps_ranks_identical(tmp_path: Path, tiny_model_d
 
 
 def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
-    import os
-    import subprocess
-    import sys
-
     args = [
         "--nproc",
         "2",
@@ -60,12 +56,7 @@ def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> Non
     ]
     straight = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "straight", *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args],
-        env={**os.environ, "TUNELAB_TEST_SIGKILL_AFTER_SAVE": "3"},
-        capture_output=True,
-        timeout=600,
-    )
+    killed = run_cli_killed_after_save(3, "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
     assert killed.returncode != 0
     resumed = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", "--resume", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

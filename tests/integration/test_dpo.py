@@ -1,14 +1,11 @@
 """DPO on the built-in model: from scratch, on top of SFT, reference strategies, refusals, resume."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli
+from tests.conftest import EXAMPLES, run_cli, run_cli_killed_after_save
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.runs import read_manifest, read_metrics
@@ -115,11 +112,7 @@ def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
     ]
     straight = run_cli("train", str(EXAMPLES / "dpo.yaml"), "--name", "straight", *args)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", *args],
-        env={**os.environ, "TUNELAB_TEST_SIGKILL_AFTER_SAVE": "3"},
-        capture_output=True,
-    )
+    killed = run_cli_killed_after_save(3, "train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", *args)
     assert killed.returncode == -9
     resumed = run_cli("train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", "--resume", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

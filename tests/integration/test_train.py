@@ -1,13 +1,12 @@
 """Real SFT runs on the built-in model: what changes, what is saved, what repeats."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli
+from tests.conftest import EXAMPLES, run_cli, run_cli_killed_after_save
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.models import load_trained
@@ -134,16 +133,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir
     ]
     straight = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "straight", *args)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    env_kill = {**os.environ, "TUNELAB_TEST_SIGKILL_AFTER_SAVE": "32"}
-    import subprocess
-    import sys
-
-    killed = subprocess.run(
-        [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args],
-        env=env_kill,
-        capture_output=True,
-        text=True,
-    )
+    killed = run_cli_killed_after_save(32, "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
     assert killed.returncode == -9
     assert read_manifest(tmp_path / "crashed")["status"] == "running"
     refused = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
