@@ -67,20 +67,31 @@ def train(
     name: Annotated[str | None, typer.Option("--name", help="Run name (default: the experiment name).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run.")] = False,
-    nproc: Annotated[int, typer.Option("--nproc", help="Processes on this machine (DDP through torchrun).")] = 1,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            help="Processes on this machine: DDP through torchrun, or accelerate launch with "
+            "the experiment's distributed.accelerate_config.",
+        ),
+    ] = 1,
 ) -> None:
     """Plan, then train the experiment into <output.dir>/<name>/."""
     from tunelab import distributed
-
-    if nproc > 1 and distributed.world_size() == 1:
-        raise SystemExit(distributed.launch(nproc, _without_nproc(sys.argv[1:])))
     from tunelab.config import load_experiment
+
+    STATE["experiment"] = experiment
+    exp = load_experiment(experiment, [*(overrides or []), *([f"output.name={name}"] if name else [])])
+    engine = distributed.read_engine(exp.distributed.accelerate_config)
+    if not distributed.under_launcher() and (nproc > 1 or engine is not None):
+        from tunelab.models import pick_device
+
+        distributed.check_engine_device(engine, pick_device(exp.model.device))
+        raise SystemExit(distributed.launch(nproc, _without_nproc(sys.argv[1:]), engine))
     from tunelab.plan import make_plan
     from tunelab.report.terminal import print_plan, print_run
     from tunelab.train import train as run_training
 
-    STATE["experiment"] = experiment
-    exp = load_experiment(experiment, [*(overrides or []), *([f"output.name={name}"] if name else [])])
     if distributed.is_main():
         print_plan(make_plan(exp))
     result = run_training(exp, resume=resume, overwrite=overwrite)

@@ -269,6 +269,14 @@ class OutputSettings(Strict):
     name: str | None = Field(default=None, description="Run directory name; defaults to the experiment name.")
 
 
+class DistributedSettings(Strict):
+    accelerate_config: str | None = Field(
+        default=None,
+        description="An accelerate config file (from `accelerate config`: FSDP, DeepSpeed ZeRO, multi-GPU), relative "
+        "to this file. `tunelab train` then launches through `accelerate launch --config_file` with it.",
+    )
+
+
 class Experiment(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Experiment name; names the run directory.")
     model: ModelSettings = Field(description="The base model.")
@@ -284,6 +292,9 @@ class Experiment(Strict):
     )
     train: TrainSettings = Field(default_factory=TrainSettings, description="The training rhythm.")
     output: OutputSettings = Field(default_factory=OutputSettings, description="Where runs go.")
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings, description="How several processes train (default: DDP via --nproc)."
+    )
 
     @model_validator(mode="after")
     def _dpo_section(self) -> Experiment:
@@ -478,6 +489,8 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     )
     if exp.init_from is not None:
         update["init_from"] = _local(exp.init_from, base)
+    if exp.distributed.accelerate_config is not None:
+        update["distributed"] = DistributedSettings(accelerate_config=_local(exp.distributed.accelerate_config, base))
     return exp.model_copy(update=update)
 
 

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from tunelab.config import Experiment
+from tunelab.distributed import Engine
 from tunelab.scope import ResolvedScope
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -44,6 +45,8 @@ class Memory:
     device_bytes: int | None
     reference: str | None
     reference_bytes: int
+    processes: int  # the processes that sharded parts are split over (1 without a sharded engine)
+    sharded: list[str]  # which of weights, gradients, optimizer are split; the byte figures are per process
     total_bytes: int
 
 
@@ -130,7 +133,13 @@ def _activation_layers(scope: ResolvedScope, n_layers: int, embeddings_train: bo
 
 
 def estimate_memory(
-    facts: ModelFacts, scope: ResolvedScope, exp: Experiment, dtype: str, device: str, embeddings_train: bool
+    facts: ModelFacts,
+    scope: ResolvedScope,
+    exp: Experiment,
+    dtype: str,
+    device: str,
+    embeddings_train: bool,
+    engine: Engine | None = None,
 ) -> Memory:
     b = DTYPE_BYTES[dtype]
     # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype).
@@ -139,6 +148,12 @@ def estimate_memory(
     weights = base_params * b + (scope.trainable_params * tb if scope.kind == "lora" else 0)
     grads = scope.trainable_params * tb
     optimizer = 2 * scope.trainable_params * tb  # AdamW: first and second moments
+    sharded = list(engine.sharded_parts) if engine else []
+    processes = engine.num_processes if sharded else 1
+    weights, grads, optimizer = (
+        -(-part // processes) if name in sharded else part
+        for name, part in (("weights", weights), ("gradients", grads), ("optimizer", optimizer))
+    )
     # DPO runs the chosen and the rejected sequence of every pair through the model.
     tokens = exp.train.batch_size * exp.train.max_length * (2 if exp.method == "dpo" else 1)
     reference, reference_bytes = None, 0
@@ -178,6 +193,8 @@ def estimate_memory(
         device_bytes=available,
         reference=reference,
         reference_bytes=reference_bytes,
+        processes=processes,
+        sharded=sharded,
         total_bytes=static + acts,
     )
 
@@ -248,6 +265,7 @@ def data_stats(exp: Experiment, tokenizer) -> DataStats:
 
 
 def make_plan(exp: Experiment) -> Plan:
+    from tunelab.distributed import read_engine
     from tunelab.models import has_tokenizer, load_config, load_tokenizer, meta_model, model_path, pick_device
     from tunelab.scope import apply_scope
     from tunelab.templates import has_generation_markers
@@ -259,7 +277,8 @@ def make_plan(exp: Experiment) -> Plan:
     device = pick_device(exp.model.device)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
-    memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train)
+    engine = read_engine(exp.distributed.accelerate_config)
+    memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train, engine)
     warnings = list(resolved.warnings)
     tokenizer = None
     if exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):

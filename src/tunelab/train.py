@@ -35,6 +35,7 @@ from tunelab.runs import (
 )
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import TrainerCallback
 
@@ -114,13 +115,13 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     return Record()
 
 
-def _digests(model: nn.Module) -> dict[str, str]:
-    """An exact fingerprint of every parameter's bytes."""
+def _digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """An exact fingerprint of every tensor's bytes."""
     import torch
 
     return {
-        name: hashlib.sha256(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
-        for name, p in model.named_parameters()
+        name: hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+        for name, t in tensors.items()
     }
 
 
@@ -137,26 +138,35 @@ def _change_check(before: dict[str, str], after: dict[str, str], trainable: list
     }
 
 
-def save_result(model: nn.Module, kind: str, trainable: list[str], run_dir: Path) -> str:
-    """Write the trained result in the form that fits the scope; returns its path in the run."""
+def save_result(
+    model: nn.Module, state: dict[str, torch.Tensor], kind: str, trainable: list[str], run_dir: Path
+) -> str:
+    """Write the trained result in the form that fits the scope; returns its path in the run.
+
+    `state` is the model's full state dict, gathered onto this process when the model is sharded.
+    """
     match kind:
         case "lora":
             # Only the trained adapter: DPO may have added a frozen "ref" copy beside it.
-            model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"])
+            model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"], state_dict=state)
             return ADAPTER
         case "partial":
             from safetensors.torch import save_file
 
-            params = dict(model.named_parameters())
-            tensors = {n: params[n].detach().cpu().contiguous() for n in trainable}
+            tensors = {n: state[n].detach().cpu().contiguous() for n in trainable}
             tmp = run_dir / f".{TRAINED}.tmp"
             save_file(tensors, str(tmp), metadata={"format": "pt", "tunelab": "partial"})
             os.replace(tmp, run_dir / TRAINED)
             return TRAINED
         case "full":
-            model.save_pretrained(run_dir / FULL_MODEL)
+            model.save_pretrained(run_dir / FULL_MODEL, state_dict=state)
             return FULL_MODEL
     raise AssertionError(kind)
+
+
+def _base_eval_loss(trainer) -> float | None:
+    """The eval loss before the first step (eval_on_start), kept in the log history across a resume."""
+    return next((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == 0), None)
 
 
 def _final_eval_loss(trainer) -> float:
@@ -209,9 +219,11 @@ def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
 def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Run one experiment into its run directory."""
     from tunelab.data import file_hashes, load_splits
-    from tunelab.models import fingerprint, load_tokenizer, model_path
+    from tunelab.models import fingerprint, load_tokenizer, model_path, pick_device
     from tunelab.templates import template_hash, training_template
 
+    engine = distributed.read_engine(exp.distributed.accelerate_config)
+    distributed.check_engine_device(engine, pick_device(exp.model.device))
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
     if exp.method == "sft" and splits.format in ("messages", "conversations", "alpaca"):
@@ -236,7 +248,7 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
         "chat_template_hash": template_hash(tokenizer.chat_template),
     }
     try:
-        result = _train_in(run, exp, splits, tokenizer, init_from, provenance)
+        result = _train_in(run, exp, splits, tokenizer, init_from, engine, provenance)
         distributed.finish()
         return result
     except KeyboardInterrupt:
@@ -325,7 +337,15 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
     return preference_accuracy(model, tokenizer, splits.eval.rows)
 
 
-def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | None, provenance: dict) -> TrainResult:
+def _train_in(
+    run: Run,
+    exp: Experiment,
+    splits,
+    tokenizer,
+    init_from: Path | None,
+    engine: distributed.Engine | None,
+    provenance: dict,
+) -> TrainResult:
     import torch
 
     from tunelab.methods.common import Hardware
@@ -338,7 +358,8 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
     model, resolved = _load_scoped_model(exp, init_from, dtype, device)
     facts = model_facts(exp.model.id, model)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
-    memory = estimate_memory(facts, resolved, exp, str(dtype).removeprefix("torch."), device, embeddings_train)
+    dtype_name = str(dtype).removeprefix("torch.")
+    memory = estimate_memory(facts, resolved, exp, dtype_name, device, embeddings_train, engine)
     run.update(
         **provenance,
         device=device,
@@ -351,18 +372,19 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
         layers=resolved.layers,
         estimated_memory_bytes=memory.total_bytes,
     )
-    before = _digests(model)
-    hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=memory.gradient_checkpointing)
+    before = _digests(dict(model.named_parameters()))
+    # FSDP checkpoints activations itself when its config says so; the Trainer refuses both at once.
+    trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
+    hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
     trainer = _build_trainer(exp, model, tokenizer, splits, resolved.kind, hw, run, [recorder])
-    distributed.check_launch(trainer.args.world_size)
+    running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
+    distributed.check_launch(trainer.args.world_size, engine, running)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None
+    # The untrained eval loss, measured inside train() (after the model is wrapped for DDP/FSDP) on a fresh run.
+    trainer.args.eval_on_start = bool(splits.eval) and checkpoint is None
     if checkpoint is None:
-        start = {"preference_accuracy_before": _preference_accuracy(exp, trainer.model, tokenizer, splits)}
-        if splits.eval:
-            start["base_eval_loss"] = trainer.evaluate()["eval_loss"]
-            distributed.unprepare_after_evaluate(trainer)
-        run.update(**start)
+        run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
     else:
         _trim_metrics(run, int(checkpoint.name.split("-")[-1]))
     started = time.perf_counter()
@@ -374,17 +396,21 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
             f"{last_checkpoint(run.dir)})"
         )
     final_eval = _final_eval_loss(trainer) if splits.eval else None
-    rank_digests = distributed.check_synced(trainer.model, resolved.trainable_names)
+    sharded = running in distributed.SHARDED
+    rank_digests = distributed.check_synced(trainer.model, resolved.trainable_names, sharded)
+    accuracy_after = _preference_accuracy(exp, trainer.model, tokenizer, splits)  # every rank: a collective if sharded
+    state = trainer.accelerator.get_state_dict(trainer.model)  # gathered onto the first process if sharded
     if not run.writable:
         return TrainResult(run.dir, run.manifest)
-    result_path = save_result(trainer.model, exp.scope.kind, resolved.trainable_names, run.dir)
+    result_path = save_result(trainer.model, state, exp.scope.kind, resolved.trainable_names, run.dir)
     tokenizer.save_pretrained(run.dir / TOKENIZER)
-    check = _change_check(before, _digests(trainer.model), resolved.trainable_names)
+    check = _change_check(before, _digests({n: state[n] for n in before if n in state}), resolved.trainable_names)
     train_losses = [r["loss"] for r in read_metrics(run.dir) if "loss" in r]
     run.update(
         status="completed",
         ended_at=now(),
         result=result_path,
+        base_eval_loss=_base_eval_loss(trainer),
         final_eval_loss=final_eval,
         final_train_loss=train_losses[-1] if train_losses else None,
         global_steps=trainer.state.global_step,
@@ -392,9 +418,14 @@ def _train_in(run: Run, exp: Experiment, splits, tokenizer, init_from: Path | No
         train_runtime=output.metrics.get("train_runtime"),
         tokens_seen=trainer.state.num_input_tokens_seen,
         change_check=check,
-        preference_accuracy_after=_preference_accuracy(exp, trainer.model, tokenizer, splits),
+        preference_accuracy_after=accuracy_after,
         peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
-        distributed={"world_size": distributed.world_size(), "rank_digests": rank_digests},
+        distributed={
+            "world_size": distributed.world_size(),
+            "engine": running,
+            **(engine.provenance() if engine else {}),
+            "rank_digests": rank_digests,
+        },
     )
     if not check["ok"]:
         print(f"warning: tensor change check failed: {check}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Two CPU processes (torchrun, gloo) train one model: identical weights on both ranks, equal to the saved ones."""
+"""Two CPU processes (gloo) train one model: identical weights on both ranks, equal to the saved ones, and the
+same weights whether torchrun (--nproc) or accelerate launch (distributed.accelerate_config) started them."""
 
 import json
 from pathlib import Path
@@ -12,22 +13,22 @@ from tunelab.models import load_trained
 pytestmark = pytest.mark.slow
 
 
-def test_two_process_training_keeps_ranks_identical(tmp_path: Path, tiny_model_dir) -> None:
-    out = run_cli(
-        "train",
-        str(EXAMPLES / "lora-qv.yaml"),
-        "--nproc",
-        "2",
-        "--set",
-        f"output.dir={tmp_path}",
-        "--set",
-        "train.max_steps=4",
-        "--set",
-        "train.logging_steps=1",
-    )
+SHORT = ["--set", "train.max_steps=4", "--set", "train.logging_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, tiny_model_dir) -> Path:
+    out_dir = tmp_path_factory.mktemp("torchrun")
+    out = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--nproc", "2", "--set", f"output.dir={out_dir}", *SHORT)
     assert out.returncode == 0, out.stderr[-3000:]
+    return out_dir
+
+
+def test_two_process_training_keeps_ranks_identical(torchrun_run: Path) -> None:
+    tmp_path = torchrun_run
     manifest = json.loads((tmp_path / "lora-qv" / "manifest.json").read_text())
     assert manifest["status"] == "completed"
+    assert manifest["distributed"]["engine"] == "MULTI_CPU"
     digests = manifest["distributed"]["rank_digests"]
     assert manifest["distributed"]["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
     model = load_trained(tmp_path / "lora-qv")
@@ -39,6 +40,43 @@ def test_two_process_training_keeps_ranks_identical(tmp_path: Path, tiny_model_d
         if '"loss"' in line
     ]
     assert steps == [1, 2, 3, 4]  # one process writes; steps are global
+
+
+def test_accelerate_config_launch_trains_the_same_weights(tmp_path: Path, torchrun_run: Path) -> None:
+    # No --nproc: the experiment's accelerate config (MULTI_GPU, 2 processes) decides; on CPU it runs gloo DDP.
+    out = run_cli(
+        "train",
+        str(EXAMPLES / "lora-qv.yaml"),
+        "--set",
+        "distributed.accelerate_config=accelerate/ddp.yaml",
+        "--set",
+        f"output.dir={tmp_path}",
+        *SHORT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    via_accelerate = json.loads((tmp_path / "lora-qv" / "manifest.json").read_text())["distributed"]
+    via_torchrun = json.loads((torchrun_run / "lora-qv" / "manifest.json").read_text())["distributed"]
+    assert via_accelerate["world_size"] == 2 and via_accelerate["engine"] == "MULTI_CPU"
+    assert via_accelerate["accelerate_config"] == str(EXAMPLES / "accelerate" / "ddp.yaml")
+    assert via_accelerate["rank_digests"] == via_torchrun["rank_digests"]
+
+
+def test_fsdp_on_cpu_is_refused_before_launch(tmp_path: Path) -> None:
+    out = run_cli(
+        "train",
+        str(EXAMPLES / "lora-qv.yaml"),
+        "--set",
+        "distributed.accelerate_config=accelerate/fsdp.yaml",
+        "--set",
+        f"output.dir={tmp_path}",
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: {EXAMPLES / 'lora-qv.yaml'}: distributed.accelerate_config: 'fsdp.yaml' asks for FSDP, which "
+        "accelerate runs on GPUs only (on cpu it would silently train unsharded); remove the distributed section "
+        "for this device, or run on GPUs"
+    ]
+    assert not (tmp_path / "lora-qv").exists()
 
 
 def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:

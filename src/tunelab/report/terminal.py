@@ -121,6 +121,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     )
     mt.add_row("[bold]total[/bold]", f"[bold]{human_bytes(mem.total_bytes)}[/bold]")
     console.print(mt)
+    if mem.sharded:
+        console.print(f"per process: {', '.join(mem.sharded)} split over {mem.processes} processes")
     if mem.device_bytes:
         console.print(
             f"device memory {human_bytes(mem.device_bytes)}; gradient checkpointing "

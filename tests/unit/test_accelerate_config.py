@@ -1,0 +1,91 @@
+"""Reading accelerate config files, and refusing launches that would not run what the file asks for."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+from tunelab.distributed import check_engine_device, check_launch, read_engine
+from tunelab.errors import ConfigError, TunelabError
+
+ACCELERATE = EXAMPLES / "accelerate"
+
+
+def test_example_configs_read_as_their_engines() -> None:
+    ddp, fsdp, zero3 = (read_engine(str(ACCELERATE / f"{n}.yaml")) for n in ("ddp", "fsdp", "zero3"))
+    assert (ddp.distributed_type, ddp.num_processes, ddp.sharded) == ("MULTI_GPU", 2, False)
+    assert (fsdp.distributed_type, fsdp.num_processes, fsdp.sharded) == ("FSDP", 8, True)
+    assert (zero3.distributed_type, zero3.sharded) == ("DEEPSPEED", True)
+    assert read_engine(None) is None
+
+
+def test_missing_config_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"distributed.accelerate_config: '.*nope.yaml' not found; write one"):
+        read_engine(str(tmp_path / "nope.yaml"))
+
+
+def test_unknown_key_is_refused_by_accelerates_loader(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nnum_procesess: 4\n")
+    with pytest.raises(ConfigError, match=r"not a valid accelerate config: .*num_procesess"):
+        read_engine(str(bad))
+
+
+def test_unknown_distributed_type_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("distributed_type: FSPD\nnum_processes: 2\n")
+    with pytest.raises(ConfigError, match=r"not a valid accelerate config: .*FSPD"):
+        read_engine(str(bad))
+
+
+def test_sharded_engine_is_refused_off_gpu_before_launch() -> None:
+    fsdp = read_engine(str(ACCELERATE / "fsdp.yaml"))
+    with pytest.raises(ConfigError, match="asks for FSDP, which accelerate runs on GPUs only"):
+        check_engine_device(fsdp, "cpu")
+    check_engine_device(fsdp, "cuda")
+    check_engine_device(read_engine(str(ACCELERATE / "ddp.yaml")), "cpu")  # DDP runs on CPU (gloo)
+
+
+def test_fsdp_quietly_replaced_by_ddp_is_caught() -> None:
+    fsdp = read_engine(str(ACCELERATE / "fsdp.yaml"))
+    with pytest.raises(TunelabError, match="asks for FSDP but accelerate runs MULTI_GPU"):
+        check_launch(1, fsdp, "MULTI_GPU")
+    check_launch(1, fsdp, "FSDP")
+    check_launch(1, read_engine(str(ACCELERATE / "ddp.yaml")), "MULTI_CPU")
+
+
+def _full_8b_plan(tmp_path: Path, accelerate_config: Path):
+    from tests.conftest import CONFIGS, DATA, write_experiment
+    from tunelab.config import load_experiment
+    from tunelab.plan import make_plan
+
+    exp = write_experiment(
+        tmp_path,
+        f"""\
+name: l8
+model: {{id: {CONFIGS}/llama-3.1-8b-instruct, dtype: bfloat16}}
+data: {{train: {DATA}/sft_train.jsonl}}
+scope: {{full: true}}
+train: {{gradient_checkpointing: "on"}}
+distributed: {{accelerate_config: {accelerate_config}}}
+""",
+    )
+    return make_plan(load_experiment(exp)).memory
+
+
+def test_plan_splits_what_the_sharding_strategy_splits(tmp_path: Path) -> None:
+    params = 8_030_261_248  # Llama-3.1-8B, bf16 weights, gradients and AdamW moments
+    full = _full_8b_plan(tmp_path, ACCELERATE / "fsdp.yaml")  # FSDP2 reshard_after_forward: all three over 8
+    assert (full.processes, full.sharded) == (8, ["weights", "gradients", "optimizer"])
+    assert (full.weights_bytes, full.gradients_bytes, full.optimizer_bytes) == (
+        params * 2 // 8,
+        params * 2 // 8,
+        params * 4 // 8,
+    )
+    zero2 = tmp_path / "zero2.yaml"
+    zero2.write_text("distributed_type: DEEPSPEED\nnum_processes: 4\ndeepspeed_config: {zero_stage: 2}\n")
+    mem = _full_8b_plan(tmp_path, zero2)  # ZeRO-2: gradients and optimizer state, weights replicated
+    assert (mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes) == (params * 2, params * 2 // 4, params)
+    ddp = _full_8b_plan(tmp_path, ACCELERATE / "ddp.yaml")
+    assert (ddp.processes, ddp.sharded, ddp.weights_bytes) == (1, [], params * 2)
+    assert ddp.total_bytes - full.total_bytes == (params * 8 - params * 8 // 8)
