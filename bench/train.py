@@ -1,13 +1,19 @@
 """tunelab train vs a plain TRL script (the way train_lora.py is written), in one session.
 
 Same built-in model, data, seed, LoRA and steps, on chats whose replies vary from a few to a few
-hundred tokens. Prints real (non-pad) tokens per second of the training steps (a final evaluation or
-checkpoint, which tunelab does and the plain script does not, is not counted) for:
-  1. the plain script: SFTTrainer with TRL's defaults (activation checkpointing on, random batches);
-  2. tunelab with the plain script's settings (checkpointing on, no length grouping): the overhead;
-  3. tunelab with its own defaults (checkpointing from the memory plan, length-grouped batches).
-and the final eval loss of each. Also times `tunelab --help` and `tunelab plan` on a config-only
-Llama-3.1-8B folder.
+hundred tokens. Prints real (non-pad) tokens per second of the training steps alone (from the first
+step to the last; evaluations and checkpoints, which tunelab does and the plain script does not, fall
+outside) and the final eval loss, for:
+  1. plain:          SFTTrainer with TRL's defaults (activation checkpointing on, padded random batches);
+  2. tunelab-equal:  tunelab with the plain script's settings (checkpointing on, one padded forward pass
+                     per step of 8 random examples): its overhead;
+  3. tunelab:        tunelab's defaults: checkpointing from the memory plan, each step's 8 random
+                     examples in 4 length-balanced padding-free forward passes;
+  4. tunelab-grouped: padded length-grouped batches (fast, but not a random mix: compare the loss).
+Repeat i runs every setting with seed 42 + i, interleaved (the order rotates), so the spread of the
+final eval loss over repeats is the seed noise that a loss difference must be judged against. The
+ratio of each repeat is against that repeat's plain run. Also times `tunelab --help` and `tunelab
+plan` on a config-only Llama-3.1-8B folder.
 
     .venv/bin/python bench/train.py [--steps 40] [--repeats 1]
 """
@@ -48,14 +54,20 @@ def varied_chats(path: Path, n: int, seed: int = 0) -> None:
 
 
 class StepClock:
-    """Times the training steps alone: from train begin to the last step's end, before any final eval/save."""
+    """Times the training steps alone: from the first step's start to the last step's end.
+
+    An evaluation before the first step (tunelab's untrained eval loss) or after the last falls outside.
+    """
 
     def __new__(cls):
         from transformers import TrainerCallback
 
         class _Clock(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                self.start = self.end = time.perf_counter()
+            start: float | None = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if self.start is None:
+                    self.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
                 self.end = time.perf_counter()
@@ -68,7 +80,9 @@ def tokens_per_second(trainer, clock) -> float:
     return tokens / (clock.end - clock.start)
 
 
-def plain_trl(model_dir: str, train_file: Path, eval_file: Path, out: Path, steps: int) -> tuple[float, float]:
+def plain_trl(
+    model_dir: str, train_file: Path, eval_file: Path, out: Path, steps: int, seed: int = 42
+) -> tuple[float, float]:
     """What train_lora.py does: load, LoraConfig, SFTTrainer with defaults (CPU needs bf16 off)."""
     from datasets import load_dataset
     from peft import LoraConfig
@@ -84,7 +98,7 @@ def plain_trl(model_dir: str, train_file: Path, eval_file: Path, out: Path, step
         per_device_train_batch_size=8,
         learning_rate=2e-3,
         max_length=512,
-        seed=42,
+        seed=seed,
         bf16=False,
         use_cpu=True,
         report_to="none",
@@ -127,6 +141,9 @@ def tunelab_run(
             "train.max_length=512",
             "scope.lora.dropout=0.0",
             "train.logging_steps=5",
+            # evaluate and checkpoint only after the last step, outside the clock
+            f"train.eval_steps={steps}",
+            f"train.save_steps={steps}",
             *extra,
         ],
     )
@@ -164,41 +181,54 @@ def main() -> None:
     from tunelab.builtin import materialise
 
     model_dir = str(materialise("tiny-chat"))
-    results: dict[str, list[tuple[float, float]]] = {"plain": [], "tunelab-equal": [], "tunelab": []}
+    settings = {
+        "tunelab-equal": ["train.gradient_checkpointing=on", "train.padding_free=off", "train.micro_batch_size=8"],
+        "tunelab": [],
+        "tunelab-grouped": ["train.padding_free=off", "train.group_by_length=true"],
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in ["plain", *settings]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        varied_chats(tmp_path / "train.jsonl", 400, seed=0)
-        varied_chats(tmp_path / "eval.jsonl", 40, seed=1)
+        train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+        varied_chats(train_file, 400, seed=0)
+        varied_chats(eval_file, 40, seed=1)
         # Warm-up: the first training in a process pays one-off costs (allocator, thread pools, TRL set-up).
-        plain_trl(model_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "warm", 3)
+        plain_trl(model_dir, train_file, eval_file, tmp_path / "warm", 3)
         for i in range(args.repeats):
             runs = {
                 "plain": lambda i=i: plain_trl(
-                    model_dir, tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / f"plain{i}", args.steps
+                    model_dir, train_file, eval_file, tmp_path / f"plain{i}", args.steps, seed=42 + i
                 ),
-                "tunelab-equal": lambda i=i: tunelab_run(
-                    tmp_path / "train.jsonl",
-                    tmp_path / "eval.jsonl",
-                    tmp_path / "runs",
-                    args.steps,
-                    f"eq{i}",
-                    "train.gradient_checkpointing=on",
-                    "train.group_by_length=false",
-                ),
-                "tunelab": lambda i=i: tunelab_run(
-                    tmp_path / "train.jsonl", tmp_path / "eval.jsonl", tmp_path / "runs", args.steps, f"def{i}"
-                ),
+                **{
+                    name: lambda i=i, name=name, extra=extra: tunelab_run(
+                        train_file,
+                        eval_file,
+                        tmp_path / "runs",
+                        args.steps,
+                        f"{name}{i}",
+                        *extra,
+                        f"train.seed={42 + i}",
+                    )
+                    for name, extra in settings.items()
+                },
             }
             # Rotate the order each repeat so no setting always runs first (or last) in the process.
             names = list(runs)
-            for name in names[i % 3 :] + names[: i % 3]:
+            k = i % len(names)
+            for name in names[k:] + names[:k]:
                 results[name].append(runs[name]())
-    base = statistics.median(r[0] for r in results["plain"])
     print(f"steps={args.steps} repeats={args.repeats} batch=8 max_length=512 (replies of 1-48 sentences)")
+    plain_loss = statistics.mean(r[1] for r in results["plain"])
     for name, rows in results.items():
         speed = statistics.median(r[0] for r in rows)
-        loss = statistics.median(r[1] for r in rows)
-        print(f"{name:14s} {speed:9.0f} tok/s   ratio {speed / base:5.2f}x   final eval loss {loss:.4f}")
+        ratios = [r[0] / p[0] for r, p in zip(rows, results["plain"], strict=True)]
+        losses = [r[1] for r in rows]
+        loss = statistics.mean(losses)
+        print(
+            f"{name:16s} {speed:8.0f} tok/s   ratio {statistics.median(ratios):5.2f}x "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f})   final eval loss {loss:.4f} "
+            f"(seeds {min(losses):.4f}-{max(losses):.4f}; {(loss / plain_loss - 1) * 100:+.2f}% vs plain)"
+        )
     print(f"tunelab --help: {cli_seconds('--help'):.2f} s")
     exp = REPO / "bench" / "llama8b-plan.yaml"
     print(f"tunelab plan (config-only Llama-3.1-8B): {cli_seconds('plan', str(exp)):.2f} s")

@@ -228,7 +228,20 @@ class TrainSettings(Strict):
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(default=4, gt=0, description="Examples per device per forward pass.")
+    batch_size: int = Field(
+        default=4,
+        gt=0,
+        description="Examples per device in one optimizer step (times grad_accumulation); see micro_batch_size "
+        "for how many go through one forward pass.",
+    )
+    micro_batch_size: int | None = Field(
+        default=None,
+        gt=0,
+        description="Examples per forward pass, on average. Each step's examples are drawn at random as usual, "
+        "then split into batch_size / micro_batch_size forward passes of similar length (Transformers' "
+        "batch_rebalance sampler): the same examples and loss as one random batch, less padding and lower "
+        "peak memory. None: 2 where batch_size is even and at least 4 (SFT), else batch_size (no split).",
+    )
     grad_accumulation: int = Field(default=1, gt=0, description="Forward passes per optimizer step.")
     max_length: int = Field(default=1024, gt=0, description="Tokens per example; longer examples are truncated.")
     warmup: float = Field(
@@ -249,7 +262,18 @@ class TrainSettings(Strict):
         "fit in the device's memory.",
     )
     packing: bool = Field(default=False, description="Pack several examples into one sequence (TRL packing).")
-    group_by_length: bool = Field(default=True, description="Batch examples of similar length together to cut padding.")
+    padding_free: OnOffAuto = Field(
+        default="auto",
+        description="Concatenate each batch into one row without padding; position ids keep the examples apart "
+        "(TRL padding_free). Same batches and loss as padded batches, no compute spent on padding. auto: on for "
+        "SFT without packing (TRL's DPOTrainer has it disabled).",
+    )
+    group_by_length: bool = Field(
+        default=False,
+        description="Batch examples of similar length together instead of at random. Fast, but the batches are "
+        "no longer a random mix: on the benchmark's varied chats the eval loss came out 2-6% higher at equal "
+        "steps, against a 0.6% spread between seeds. Off by default.",
+    )
     logging_steps: int = Field(default=10, gt=0, description="Log training metrics every N optimizer steps.")
     eval_steps: int | None = Field(
         default=None, gt=0, description="Evaluate every N steps; None evaluates at the end of each epoch."
@@ -297,11 +321,27 @@ class Experiment(Strict):
     )
 
     @model_validator(mode="after")
-    def _dpo_section(self) -> Experiment:
+    def _cross_checks(self) -> Experiment:
         if self.dpo is not None and self.method != "dpo":
             raise ValueError("a dpo section is set but method is sft; set method: dpo or remove the section")
         if self.method == "dpo" and self.dpo is None:
             self.dpo = DPOSettings()
+        micro = self.train.micro_batch_size
+        if micro is not None and micro != self.train.batch_size:
+            if self.method == "dpo" or self.train.packing or self.train.group_by_length:
+                raise ValueError(
+                    "train.micro_batch_size: splitting batches applies to SFT without packing or group_by_length; "
+                    "remove it"
+                )
+            if self.train.batch_size % micro:
+                raise ValueError(
+                    f"train.micro_batch_size: {micro} does not divide train.batch_size={self.train.batch_size}; "
+                    "use a divisor"
+                )
+        if self.method == "dpo" and self.train.padding_free == "on":
+            raise ValueError(
+                "train.padding_free: TRL's DPOTrainer has padding-free batches disabled; set it to auto or off"
+            )
         return self
 
     @property

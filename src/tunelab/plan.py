@@ -33,7 +33,7 @@ class ModelFacts:
 @dataclass
 class Memory:
     dtype: str
-    tokens_per_step: int
+    tokens_per_forward: int
     activation_layers: int
     weights_bytes: int
     gradients_bytes: int
@@ -154,8 +154,11 @@ def estimate_memory(
         -(-part // processes) if name in sharded else part
         for name, part in (("weights", weights), ("gradients", grads), ("optimizer", optimizer))
     )
-    # DPO runs the chosen and the rejected sequence of every pair through the model.
-    tokens = exp.train.batch_size * exp.train.max_length * (2 if exp.method == "dpo" else 1)
+    # Tokens in one forward pass at most; DPO runs the chosen and the rejected sequence of every pair.
+    from tunelab.methods.common import batching
+
+    per_forward = batching(exp.train, exp.method).per_forward
+    tokens = per_forward * exp.train.max_length * (2 if exp.method == "dpo" else 1)
     reference, reference_bytes = None, 0
     if exp.method == "dpo":
         from tunelab.methods.dpo import reference_strategy
@@ -181,7 +184,7 @@ def estimate_memory(
     acts = ckpt_acts if checkpointing else full_acts
     return Memory(
         dtype=dtype,
-        tokens_per_step=tokens,
+        tokens_per_forward=tokens,
         activation_layers=n_act,
         weights_bytes=weights,
         gradients_bytes=grads,

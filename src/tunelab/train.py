@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -348,7 +348,7 @@ def _train_in(
 ) -> TrainResult:
     import torch
 
-    from tunelab.methods.common import Hardware
+    from tunelab.methods.common import Hardware, batching
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
 
@@ -365,6 +365,7 @@ def _train_in(
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         gradient_checkpointing=memory.gradient_checkpointing,
+        batching=asdict(batching(exp.train, exp.method)),
         trainable_params=resolved.trainable_params,
         total_params=resolved.total_params,
         trainable_percent=round(resolved.trainable_percent, 6),

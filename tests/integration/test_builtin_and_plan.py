@@ -108,4 +108,4 @@ def test_plan_shows_dpo_reference_cost(tiny_model_dir: Path) -> None:
     )
     assert live.memory.reference == "copy"
     assert live.memory.reference_bytes == live.memory.weights_bytes  # a second full copy of the base
-    assert partial.memory.tokens_per_step == 2 * 8 * 256  # chosen and rejected
+    assert partial.memory.tokens_per_forward == 2 * 8 * 256  # chosen and rejected

@@ -97,6 +97,12 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
         ("scope:\n  partial: {}\n", "partial opens nothing"),
         ("dpo:\n  beta: 0.1\n", "a dpo section is set but method is sft"),
         ("method: ppo\n", "method: Input should be 'sft' or 'dpo'"),
+        (
+            "train:\n  batch_size: 8\n  micro_batch_size: 3\n",
+            "train.micro_batch_size: 3 does not divide train.batch_size=8; use a divisor",
+        ),
+        ("method: dpo\ntrain:\n  padding_free: on\n", "train.padding_free: TRL's DPOTrainer has padding-free"),
+        ("method: dpo\ntrain:\n  micro_batch_size: 2\n", "train.micro_batch_size: splitting batches applies to SFT"),
     ],
 )
 def test_bad_values(tmp_path: Path, extra: str, expected: str) -> None:

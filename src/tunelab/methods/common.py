@@ -20,7 +20,35 @@ class Hardware:
     gradient_checkpointing: bool
 
 
-def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool) -> dict:
+@dataclass(frozen=True)
+class Batching:
+    """How one optimizer step's examples go through the model."""
+
+    padding_free: bool  # each forward pass is one row of concatenated examples
+    sampling: str  # Transformers' train_sampling_strategy: random, group_by_length or batch_rebalance
+    per_forward: int  # per_device_train_batch_size
+    accumulation: int  # gradient_accumulation_steps
+
+
+def batching(train: TrainSettings, method: str) -> Batching:
+    """Resolve padding_free, micro_batch_size and group_by_length into what the Trainer is given.
+
+    By default (SFT) each step's batch is drawn at random, as in a plain script, and then split into
+    length-balanced padding-free forward passes: the same examples and token-averaged loss per step
+    (the Trainer normalises by the label tokens of the whole accumulation window), with no compute
+    spent on padding. Length grouping changes which examples share a step, and with it the loss.
+    """
+    padding_free = method == "sft" and not train.packing and train.padding_free != "off"
+    batch, accumulation = train.batch_size, train.grad_accumulation
+    if train.packing or train.group_by_length or method != "sft":
+        sampling = "group_by_length" if train.group_by_length and not train.packing else "random"
+        return Batching(padding_free, sampling, batch, accumulation)
+    micro = train.micro_batch_size or (2 if batch >= 4 and batch % 2 == 0 else batch)
+    # batch_rebalance even without a split: then every micro_batch_size draws the same examples per step.
+    return Batching(padding_free, "batch_rebalance", micro, accumulation * (batch // micro))
+
+
+def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, batches: Batching) -> dict:
     """The TrainingArguments shared by SFT and DPO, with tunelab's defaults where TRL's differ."""
     import torch
 
@@ -33,9 +61,9 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         learning_rate=train.learning_rate,
         num_train_epochs=train.epochs,
         max_steps=train.max_steps or -1,
-        per_device_train_batch_size=train.batch_size,
+        per_device_train_batch_size=batches.per_forward,
         per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accumulation,
+        gradient_accumulation_steps=batches.accumulation,
         warmup_steps=train.warmup,
         lr_scheduler_type=train.scheduler,
         weight_decay=train.weight_decay,
@@ -57,7 +85,7 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         save_total_limit=train.save_total_limit,
         dataloader_pin_memory=pin,
         report_to=train.report_to or "none",
-        train_sampling_strategy="group_by_length" if train.group_by_length and not train.packing else "random",
+        train_sampling_strategy=batches.sampling,
         disable_tqdm=True,
     )
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DPOSettings, TrainSettings
-from tunelab.methods.common import Hardware, instantiate, training_arguments
+from tunelab.methods.common import Hardware, batching, instantiate, training_arguments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -37,7 +37,7 @@ def build_trainer(
 
     from tunelab.methods.sampling import seeded_train_sampler
 
-    args = training_arguments(train, hw, output_dir, eval_rows is not None)
+    args = training_arguments(train, hw, output_dir, eval_rows is not None, batching(train, "dpo"))
     # DPO batches hold pairs of different lengths; TRL computes no per-example length column for grouping.
     args["train_sampling_strategy"] = "random"
     config = DPOConfig(

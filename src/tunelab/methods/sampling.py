@@ -1,9 +1,10 @@
-"""Length-grouped batches that a resumed run replays exactly.
+"""Train samplers whose order is a function of the experiment (seed, epoch) alone, so a resumed run replays it.
 
 Transformers' train-time LengthGroupedSampler draws its shuffle from the global RNG, whose state at
 the start of an epoch differs between an uninterrupted run and one resumed from a checkpoint, so the
 resumed run sees other batches. Seeding the shuffle with (seed, epoch) makes every epoch's order a
 function of the experiment alone. The Trainer calls `set_epoch` on the sampler before each epoch.
+BatchRebalanceSampler seeds itself by (seed, epoch), but with a fixed seed unless told the experiment's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,12 @@ class EpochSeeded(Sampler[int]):
         return len(self.sampler)
 
 
-def seeded_train_sampler(sampler: Sampler[int] | None, seed: int) -> Sampler[int] | None:
-    if sampler is not None and hasattr(sampler, "generator") and sampler.generator is None:
+def seeded_train_sampler(sampler: Sampler | None, seed: int) -> Sampler | None:
+    """The Trainer's train sampler, drawing its order from the experiment's seed."""
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    if isinstance(sampler, BatchRebalanceSampler):
+        sampler.seed = seed  # seeded by (seed, epoch) already, but the Trainer leaves the seed at 42
+    elif sampler is not None and hasattr(sampler, "generator") and sampler.generator is None:
         return EpochSeeded(sampler, seed)
     return sampler

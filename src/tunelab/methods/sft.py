@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import TrainSettings
-from tunelab.methods.common import Hardware, instantiate, training_arguments
+from tunelab.methods.common import Hardware, batching, instantiate, training_arguments
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -27,11 +27,13 @@ def build_trainer(
     callbacks: list[TrainerCallback],
 ) -> SFTTrainer:
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from tunelab.methods.sampling import seeded_train_sampler
 
+    batches = batching(train, "sft")
     config = SFTConfig(
-        **training_arguments(train, hw, output_dir, eval_rows is not None),
+        **training_arguments(train, hw, output_dir, eval_rows is not None, batches),
         max_length=train.max_length,
         packing=train.packing,
         # Chats learn only from assistant turns; prompt/completion data from the completion (TRL's default).
@@ -42,4 +44,10 @@ def build_trainer(
         def _get_train_sampler(self, *args, **kwargs):
             return seeded_train_sampler(super()._get_train_sampler(*args, **kwargs), train.seed)
 
-    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks)
+    # TRL's own padding-free collator, handed over rather than switched on with `padding_free=True`: the
+    # latter refuses a max_length (a guard from before trl 1.16 truncated during dataset preparation, which
+    # it now does whenever max_length is set), and tunelab must keep truncating. A test checks both.
+    collator = (
+        DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True) if batches.padding_free else None
+    )
+    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks, data_collator=collator)

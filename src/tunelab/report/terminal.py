@@ -103,7 +103,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         f"trainable [bold]{s.trainable_params:,}[/bold] of {s.total_params:,} parameters ({s.trainable_percent:.4f}%)"
     )
     mt = Table(
-        title=f"Memory estimate ({mem.dtype}, {mem.tokens_per_step:,} tokens a step, device {mem.device})",
+        title=f"Memory estimate ({mem.dtype}, {mem.tokens_per_forward:,} tokens a forward pass, device {mem.device})",
         title_justify="left",
         show_edge=False,
     )

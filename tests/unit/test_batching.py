@@ -1,0 +1,26 @@
+"""How batch_size, micro_batch_size, padding_free, group_by_length and packing become Trainer settings."""
+
+import pytest
+
+from tunelab.config import TrainSettings
+from tunelab.methods.common import Batching, batching
+
+
+@pytest.mark.parametrize(
+    ("method", "settings", "expected"),
+    [
+        # SFT default: random step batches split into length-balanced padding-free passes of 2
+        ("sft", {"batch_size": 8}, Batching(True, "batch_rebalance", 2, 4)),
+        ("sft", {"batch_size": 8, "grad_accumulation": 3}, Batching(True, "batch_rebalance", 2, 12)),
+        ("sft", {"batch_size": 2}, Batching(True, "batch_rebalance", 2, 1)),  # too small to split
+        ("sft", {"batch_size": 6, "micro_batch_size": 3}, Batching(True, "batch_rebalance", 3, 2)),
+        ("sft", {"batch_size": 8, "padding_free": "off"}, Batching(False, "batch_rebalance", 2, 4)),
+        ("sft", {"batch_size": 8, "group_by_length": True}, Batching(True, "group_by_length", 8, 1)),
+        ("sft", {"batch_size": 8, "packing": True}, Batching(False, "random", 8, 1)),
+        # DPO: TRL has padding-free disabled and its pairs carry no input_ids length to balance on
+        ("dpo", {"batch_size": 8}, Batching(False, "random", 8, 1)),
+        ("dpo", {"batch_size": 8, "group_by_length": True}, Batching(False, "group_by_length", 8, 1)),
+    ],
+)
+def test_batching(method: str, settings: dict, expected: Batching) -> None:
+    assert batching(TrainSettings(**settings), method) == expected
