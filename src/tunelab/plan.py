@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 from tunelab.config import Experiment
 from tunelab.distributed import Engine
+from tunelab.methods.common import Batching, batching
 from tunelab.scope import ResolvedScope
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -79,6 +80,7 @@ class Plan:
     model: ModelFacts
     scope: ResolvedScope
     memory: Memory
+    batching: Batching
     data: DataStats | None
     warnings: list[str]
 
@@ -155,8 +157,6 @@ def estimate_memory(
         for name, part in (("weights", weights), ("gradients", grads), ("optimizer", optimizer))
     )
     # Tokens in one forward pass at most; DPO runs the chosen and the rejected sequence of every pair.
-    from tunelab.methods.common import batching
-
     per_forward = batching(exp.train, exp.method).per_forward
     tokens = per_forward * exp.train.max_length * (2 if exp.method == "dpo" else 1)
     reference, reference_bytes = None, 0
@@ -298,7 +298,7 @@ def make_plan(exp: Experiment) -> Plan:
             f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "
             f"train.max_length={exp.train.max_length} and will be truncated"
         )
-    return Plan(exp.name, exp.method, facts, resolved, memory, stats, warnings)
+    return Plan(exp.name, exp.method, facts, resolved, memory, batching(exp.train, exp.method), stats, warnings)
 
 
 def _auto_dtype_name(device: str) -> str:

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from tunelab.methods.common import Batching
 from tunelab.plan import Plan, SplitStats
 
 
@@ -74,6 +75,16 @@ def _split_row(name: str, s: SplitStats | None) -> list[str]:
     ]
 
 
+def batching_line(b: Batching, tokens_per_forward: int) -> str:
+    per_step = b.per_forward * b.accumulation
+    rows = "one padding-free row each" if b.padding_free else "padded"
+    draw = {"batch_rebalance": "drawn at random, split by length", "group_by_length": "grouped by length"}
+    return (
+        f"batches: {per_step} examples a step ({draw.get(b.sampling, 'drawn at random')}) in {b.accumulation} "
+        f"forward passes of ~{b.per_forward}, {rows}; at most {tokens_per_forward:,} tokens a pass"
+    )
+
+
 def print_plan(plan: Plan, console: Console | None = None) -> None:
     console = console or _console()
     m, s, mem = plan.model, plan.scope, plan.memory
@@ -129,6 +140,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"{'on' if mem.gradient_checkpointing else 'off'} (activations without: "
             f"{human_bytes(mem.activations_bytes)}, with: {human_bytes(mem.activations_checkpointed_bytes)})"
         )
+    console.print(batching_line(plan.batching, plan.memory.tokens_per_forward), highlight=False)
     if plan.data is not None:
         d = plan.data
         dt = Table(title=f"Data ({d.format})", title_justify="left", show_edge=False)
