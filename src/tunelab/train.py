@@ -224,6 +224,11 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
 
     engine = distributed.read_engine(exp.distributed.accelerate_config)
     distributed.check_engine_device(engine, pick_device(exp.model.device))
+    if engine is not None and not distributed.under_launcher():
+        raise ConfigError(
+            f"distributed.accelerate_config: this experiment runs under `accelerate launch` with "
+            f"{engine.config_file.name}; start it with `tunelab train`, which launches it, not in this process"
+        )
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
     if exp.method == "sft" and splits.format in ("messages", "conversations", "alpaca"):

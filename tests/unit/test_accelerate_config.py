@@ -89,3 +89,20 @@ def test_plan_splits_what_the_sharding_strategy_splits(tmp_path: Path) -> None:
     ddp = _full_8b_plan(tmp_path, ACCELERATE / "ddp.yaml")
     assert (ddp.processes, ddp.sharded, ddp.weights_bytes) == (1, [], params * 2)
     assert ddp.total_bytes - full.total_bytes == (params * 8 - params * 8 // 8)
+
+
+def test_train_in_process_refuses_an_experiment_meant_for_a_launcher(tmp_path: Path, monkeypatch) -> None:
+    """A study (or any caller of train()) must not quietly run a DDP/FSDP experiment as one process."""
+    from tunelab.config import load_experiment
+    from tunelab.train import train
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TUNELAB_LAUNCHED", raising=False)
+    exp = load_experiment(
+        EXAMPLES / "quickstart.yaml", ["distributed.accelerate_config=accelerate/ddp.yaml", f"output.dir={tmp_path}"]
+    )
+    with pytest.raises(
+        ConfigError, match="runs under `accelerate launch` with ddp.yaml; start it with `tunelab train`"
+    ):
+        train(exp)
+    assert not (tmp_path / "quickstart").exists()
