@@ -6,8 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -46,3 +50,19 @@ def write_experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from tunelab.runs import read_manifest
+
+    manifest = read_manifest(run_dir)
+    name = "adapter/adapter_model.safetensors" if manifest["result"] == "adapter" else manifest["result"]
+    return load_file(str(run_dir / name))
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """|a - b| / |b| over all tensors together."""
+    diff = sum(float((a[k] - b[k]).norm() ** 2) for k in b) ** 0.5
+    return diff / sum(float(t.norm() ** 2) for t in b.values()) ** 0.5

@@ -6,14 +6,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, run_cli, run_cli_killed_after_save
+from tests.conftest import EXAMPLES, relative_distance, run_cli, run_cli_killed_after_save, trained_tensors
+from tunelab.config import load_experiment
 from tunelab.distributed import trained_digest
 from tunelab.models import load_trained
+from tunelab.runs import read_metrics
+from tunelab.train import train
 
 pytestmark = pytest.mark.slow
 
 
-SHORT = ["--set", "train.max_steps=4", "--set", "train.logging_steps=1"]
+# 2 processes x 4 examples: the same 8 examples a step as one process with batch_size 8 (no dropout, whose
+# random draws differ per process).
+SHORT = [
+    "--set",
+    "train.max_steps=4",
+    "--set",
+    "train.logging_steps=1",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "scope.lora.dropout=0.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +54,23 @@ def test_two_process_training_keeps_ranks_identical(torchrun_run: Path) -> None:
         if '"loss"' in line
     ]
     assert steps == [1, 2, 3, 4]  # one process writes; steps are global
+
+
+def test_two_processes_train_what_one_process_trains_on_the_whole_batch(tmp_path: Path, torchrun_run: Path) -> None:
+    exp = load_experiment(
+        EXAMPLES / "lora-qv.yaml",
+        [
+            f"output.dir={tmp_path}",
+            "train.max_steps=4",
+            "train.logging_steps=1",
+            "train.batch_size=8",
+            "scope.lora.dropout=0.0",
+        ],
+    )
+    single = train(exp).run_dir
+    losses = [[r["loss"] for r in read_metrics(d) if "loss" in r] for d in (single, torchrun_run / "lora-qv")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert relative_distance(trained_tensors(torchrun_run / "lora-qv"), trained_tensors(single)) < 1e-5
 
 
 def test_accelerate_config_launch_trains_the_same_weights(tmp_path: Path, torchrun_run: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli, run_cli_killed_after_save
+from tests.conftest import EXAMPLES, relative_distance, run_cli, run_cli_killed_after_save, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.models import load_trained
@@ -20,14 +20,6 @@ SEED_EXAMPLES = ["lora-qv", "lora-qkvo", "lora-all-linear", "lora-last-half", "p
 
 def experiment(example: str, tmp_path: Path, *overrides: str):
     return load_experiment(EXAMPLES / f"{example}.yaml", [f"output.dir={tmp_path / 'runs'}", *overrides])
-
-
-def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    manifest = read_manifest(run_dir)
-    name = "adapter/adapter_model.safetensors" if manifest["result"] == "adapter" else manifest["result"]
-    return load_file(str(run_dir / name))
 
 
 @pytest.mark.parametrize("example", SEED_EXAMPLES)
@@ -220,12 +212,6 @@ def test_trainer_masks_exactly_what_plan_shows(tmp_path: Path, tiny_model_dir) -
         replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         assert tok.decode(masked) == "".join(r + "<|eot_id|>" for r in replies)
         assert masked.count(eot) == len(replies)
-
-
-def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """|a - b| / |b| over all tensors together."""
-    diff = sum(float((a[k] - b[k]).norm() ** 2) for k in b) ** 0.5
-    return diff / sum(float(t.norm() ** 2) for t in b.values()) ** 0.5
 
 
 def test_batching_changes_the_work_not_the_math(tmp_path: Path, tiny_model_dir) -> None:
