@@ -54,28 +54,22 @@ def test_fsdp_quietly_replaced_by_ddp_is_caught() -> None:
     check_launch(1, read_engine(str(ACCELERATE / "ddp.yaml")), "MULTI_CPU")
 
 
-def _full_8b_plan(tmp_path: Path, accelerate_config: Path):
-    from tests.conftest import CONFIGS, DATA, write_experiment
+def _full_8b_plan(accelerate_config: Path):
+    """Full fine-tuning of the config-only Llama-3.1-8B (bench/llama8b-plan.yaml) under `accelerate_config`."""
+    from tests.conftest import REPO
     from tunelab.config import load_experiment
     from tunelab.plan import make_plan
 
-    exp = write_experiment(
-        tmp_path,
-        f"""\
-name: l8
-model: {{id: {CONFIGS}/llama-3.1-8b-instruct, dtype: bfloat16}}
-data: {{train: {DATA}/sft_train.jsonl}}
-scope: {{full: true}}
-train: {{gradient_checkpointing: "on"}}
-distributed: {{accelerate_config: {accelerate_config}}}
-""",
+    overrides = ["scope.lora=null", "scope.full=true", "train.gradient_checkpointing=on"]
+    exp = load_experiment(
+        REPO / "bench" / "llama8b-plan.yaml", [*overrides, f"distributed.accelerate_config={accelerate_config}"]
     )
-    return make_plan(load_experiment(exp)).memory
+    return make_plan(exp).memory
 
 
 def test_plan_splits_what_the_sharding_strategy_splits(tmp_path: Path) -> None:
     params = 8_030_261_248  # Llama-3.1-8B, bf16 weights, gradients and AdamW moments
-    full = _full_8b_plan(tmp_path, ACCELERATE / "fsdp.yaml")  # FSDP2 reshard_after_forward: all three over 8
+    full = _full_8b_plan(ACCELERATE / "fsdp.yaml")  # FSDP2 reshard_after_forward: all three over 8
     assert (full.processes, full.sharded) == (8, ["weights", "gradients", "optimizer"])
     assert (full.weights_bytes, full.gradients_bytes, full.optimizer_bytes) == (
         params * 2 // 8,
@@ -84,9 +78,9 @@ def test_plan_splits_what_the_sharding_strategy_splits(tmp_path: Path) -> None:
     )
     zero2 = tmp_path / "zero2.yaml"
     zero2.write_text("distributed_type: DEEPSPEED\nnum_processes: 4\ndeepspeed_config: {zero_stage: 2}\n")
-    mem = _full_8b_plan(tmp_path, zero2)  # ZeRO-2: gradients and optimizer state, weights replicated
+    mem = _full_8b_plan(zero2)  # ZeRO-2: gradients and optimizer state, weights replicated
     assert (mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes) == (params * 2, params * 2 // 4, params)
-    ddp = _full_8b_plan(tmp_path, ACCELERATE / "ddp.yaml")
+    ddp = _full_8b_plan(ACCELERATE / "ddp.yaml")
     assert (ddp.processes, ddp.sharded, ddp.weights_bytes) == (1, [], params * 2)
     assert ddp.total_bytes - full.total_bytes == (params * 8 - params * 8 // 8)
 
