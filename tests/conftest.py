@@ -41,9 +41,15 @@ def run_cli(
     )
 
 
-def run_cli_killed_after_save(step: int, *args: str) -> subprocess.CompletedProcess:
-    """`tunelab ...` that dies with SIGKILL right after writing the checkpoint of `step`, as a crash would."""
-    return run_cli(*args, env={"TUNELAB_TEST_SIGKILL_AFTER_SAVE": str(step)})
+def straight_and_killed(example: str, kill_after: int, out: Path, *args: str) -> tuple[list[str], int]:
+    """Train an example twice into `out`: "straight" to the end, and "crashed" killed with SIGKILL right after
+    checkpoint `kill_after`. Returns the arguments that rerun "crashed", and its exit code."""
+    command = ["train", str(EXAMPLES / f"{example}.yaml"), "--set", f"output.dir={out}", *args]
+    straight = run_cli(*command, "--name", "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # tunelab's test hook: the process kills itself, as a crash would, right after that checkpoint
+    killed = run_cli(*command, "--name", "crashed", env={"TUNELAB_TEST_SIGKILL_AFTER_SAVE": str(kill_after)})
+    return [*command, "--name", "crashed"], killed.returncode
 
 
 def write_experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, relative_distance, run_cli, run_cli_killed_after_save, trained_tensors
+from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.distributed import trained_digest
 from tunelab.models import load_trained
@@ -111,23 +111,10 @@ def test_fsdp_on_cpu_is_refused_before_launch(tmp_path: Path) -> None:
 
 
 def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
-    args = [
-        "--nproc",
-        "2",
-        "--set",
-        f"output.dir={tmp_path}",
-        "--set",
-        "train.max_steps=6",
-        "--set",
-        "train.save_steps=3",
-        "--set",
-        "train.logging_steps=1",
-    ]
-    straight = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "straight", *args)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = run_cli_killed_after_save(3, "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
-    assert killed.returncode != 0
-    resumed = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", "--resume", *args)
+    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
+    crashed, killed = straight_and_killed("lora-qv", 3, tmp_path, "--nproc", "2", *steps)
+    assert killed != 0  # the launcher's exit code, not the killed process's
+    resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("straight", "crashed"))
     assert a["distributed"]["rank_digests"] == b["distributed"]["rank_digests"]

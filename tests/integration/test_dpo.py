@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli, run_cli_killed_after_save
+from tests.conftest import EXAMPLES, run_cli, straight_and_killed
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.runs import read_manifest, read_metrics
@@ -100,21 +100,10 @@ def test_init_from_other_scope_kind_is_refused(tmp_path: Path, tiny_model_dir) -
 
 
 def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
-    args = [
-        "--set",
-        "train.max_steps=6",
-        "--set",
-        "train.save_steps=3",
-        "--set",
-        "train.logging_steps=1",
-        "--set",
-        f"output.dir={tmp_path}",
-    ]
-    straight = run_cli("train", str(EXAMPLES / "dpo.yaml"), "--name", "straight", *args)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_cli_killed_after_save(3, "train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", *args)
-    assert killed.returncode == -9
-    resumed = run_cli("train", str(EXAMPLES / "dpo.yaml"), "--name", "crashed", "--resume", *args)
+    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
+    crashed, killed = straight_and_killed("dpo", 3, tmp_path, *steps)
+    assert killed == -9
+    resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, relative_distance, run_cli, run_cli_killed_after_save, trained_tensors
+from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.models import load_trained
@@ -113,24 +113,13 @@ def test_refuses_to_overwrite_and_keeps_the_run(tmp_path: Path, tiny_model_dir) 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir) -> None:
     # 29 steps an epoch: the crash falls in the second epoch, so the resumed sampler must replay epoch 1's order.
-    args = [
-        "--set",
-        "train.max_steps=36",
-        "--set",
-        "train.save_steps=32",
-        "--set",
-        "train.logging_steps=1",
-        "--set",
-        f"output.dir={tmp_path}",
-    ]
-    straight = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "straight", *args)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = run_cli_killed_after_save(32, "train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
-    assert killed.returncode == -9
+    steps = ["--set", "train.max_steps=36", "--set", "train.save_steps=32", "--set", "train.logging_steps=1"]
+    crashed, killed = straight_and_killed("lora-qv", 32, tmp_path, *steps)
+    assert killed == -9
     assert read_manifest(tmp_path / "crashed")["status"] == "running"
-    refused = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", *args)
+    refused = run_cli(*crashed)
     assert refused.returncode == 2 and "use --resume" in refused.stderr
-    resumed = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--name", "crashed", "--resume", *args)
+    resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
     assert all(torch.equal(a[k], b[k]) for k in a)
