@@ -184,6 +184,7 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
         # PEFT cannot combine a regex with layers_to_transform; fold the layer choice into the full names.
         names = [n for n in linears if re.fullmatch(regex, n) and _layer_index(n, decoder) in layers]
         regex = None
+    params, patterns = _fused_experts(scope, model, decoder, layers) if scope.targets == "all-linear" else ([], {})
     config = LoraConfig(
         r=scope.r,
         lora_alpha=scope.alpha,
@@ -193,8 +194,39 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
         target_modules=regex if regex is not None else names,
         layers_to_transform=None if all_layers or regex is not None else layers,
         layers_pattern=None if all_layers or regex is not None else decoder.pattern,
+        target_parameters=params or None,
+        rank_pattern=patterns,
+        alpha_pattern=patterns and {k: v * scope.alpha / scope.r for k, v in patterns.items()},
     )
     return config, decoder, layers
+
+
+def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers: list[int]) -> tuple[list[str], dict]:
+    """The MoE weights PEFT's own all-linear reaches on this model, as full parameter names in the chosen layers.
+
+    Transformers 5 fuses the experts of Mixtral, Qwen-MoE and others into 3D parameters that are not
+    nn.Linear; PEFT's all-linear still targets them (and the router), through target_parameters and a
+    larger rank where two projections were fused. Asking PEFT for that resolution keeps the counts PEFT's.
+    """
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+
+    probe = LoraConfig(target_modules="all-linear", r=scope.r, lora_alpha=scope.alpha, lora_dropout=0.0)
+    convert_peft_config_for_transformers(probe, copy.copy(model), None)
+    suffixes = tuple("." + p for p in probe.target_parameters or [])
+    if not suffixes:
+        return [], {}
+    names = [n for n, _ in model.named_parameters() if n.endswith(suffixes) and _layer_index(n, decoder) in layers]
+    if names and scope.dropout:
+        raise ConfigError(
+            f"scope.lora.dropout: all-linear on {type(model).__name__} reaches its fused expert weights "
+            f"({', '.join(sorted({n.split('.', 3)[-1] for n in names})[:3])}, ...), which PEFT trains only without "
+            "dropout; set scope.lora.dropout: 0, or targets: attention to leave the experts out"
+        )
+    ranks = {k: int(v) for k, v in probe.rank_pattern.items()}
+    return names, ranks
 
 
 # ---------------------------------------------------------------- partial
@@ -274,10 +306,13 @@ def apply_scope(model: nn.Module, scope: Scope, adapter_dir: str | None = None) 
                 else:
                     model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
                     config = model.peft_config["default"]
+            # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
             lora_modules = sorted(
-                name.removeprefix("base_model.model.")
-                for name, m in model.named_modules()
-                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+                {
+                    name.removeprefix("base_model.model.").replace(".base_layer", "")
+                    for name, m in model.named_modules()
+                    if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+                }
             )
             resolved = ResolvedScope(
                 kind="lora",

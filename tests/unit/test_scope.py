@@ -183,3 +183,44 @@ def test_tied_lm_head_opens_embeddings_and_warns() -> None:
     assert resolved.trainable_names == ["model.embed_tokens.weight"]
     assert resolved.trainable_params == 100 * 64
     assert any("tied to the input embeddings" in w for w in resolved.warnings)
+
+
+def tiny_mixtral():
+    from transformers import AutoConfig
+
+    return meta_model(
+        AutoConfig.for_model(
+            "mixtral",
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
+
+
+def test_all_linear_reaches_fused_moe_experts_as_peft_does() -> None:
+    """Transformers 5 fuses Mixtral's experts into 3D parameters; PEFT's all-linear still trains them."""
+    from peft import LoraConfig, get_peft_model
+
+    _, resolved = apply_scope(tiny_mixtral(), Scope(lora=LoraScope(r=8, alpha=16, dropout=0.0)))
+    peft_model = get_peft_model(
+        tiny_mixtral(), LoraConfig(target_modules="all-linear", r=8, lora_alpha=16, lora_dropout=0.0)
+    )
+    assert resolved.trainable_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    attention_only = 4 * 8 * ((64 + 64) * 2 + (64 + 32) * 2)
+    assert resolved.trainable_params > 3 * attention_only  # the experts dominate, as on a real Mixtral
+    assert {"experts", "gate"} <= set(resolved.target_modules)
+    # last half: exactly half of the adapter, experts included
+    _, half = apply_scope(tiny_mixtral(), Scope(lora=LoraScope(r=8, alpha=16, dropout=0.0, layers="last-half")))
+    assert half.trainable_params * 2 == resolved.trainable_params and half.layers == [2, 3]
+    assert all(n.startswith(("model.layers.2.", "model.layers.3.")) for n in half.lora_modules)
+
+
+def test_fused_experts_with_dropout_is_one_clear_error() -> None:
+    with pytest.raises(TunelabError, match=r"scope.lora.dropout: all-linear on MixtralForCausalLM reaches its fused"):
+        apply_scope(tiny_mixtral(), Scope(lora=LoraScope(dropout=0.05)))
