@@ -163,6 +163,17 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: s
 GREEDY: dict = {"do_sample": False}
 
 
+def stop_ids(model, tokenizer, manifests: list[dict]) -> list[int]:
+    """Where a reply ends: the tokenizer's EOS, the model's own stop tokens, and each run's turn terminator
+    (Gemma's <end_of_turn> is not its EOS)."""
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update([configured] if isinstance(configured, int) else configured or [])
+    terminators = {(m.get("tokens") or {}).get("terminator") for m in manifests} - {None}
+    ids.update(tokenizer.convert_tokens_to_ids(t) for t in terminators)
+    return sorted(i for i in ids if i is not None)
+
+
 def generate_rows(
     model,
     tokenizer,
@@ -181,10 +192,9 @@ def generate_rows(
         out = model.generate(
             **enc,
             **routing,
-            **decoding,
+            **{"eos_token_id": tokenizer.eos_token_id, **decoding},
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
         )
         new = out[:, enc["input_ids"].shape[1] :]
         outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
@@ -218,15 +228,15 @@ def generate_mixed(
     return {a: outputs[i :: len(adapters)] for i, a in enumerate(adapters)}
 
 
-def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8) -> float:
+def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, fold_system: bool = False) -> float:
     """Token-weighted mean loss on the tokens that carry loss in training (assistant turns / completions)."""
     import torch
 
-    from tunelab.plan import as_sft_row
+    from tunelab.data import as_sft_row
     from tunelab.templates import tokenize_example
 
     total, count = 0.0, 0
-    examples = [tokenize_example(tokenizer, as_sft_row(r)) for r in rows]
+    examples = [tokenize_example(tokenizer, as_sft_row(r), fold_system=fold_system) for r in rows]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         width = max(len(e.input_ids) for e in chunk)
@@ -369,12 +379,13 @@ def _generate_and_score(
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
     torch.manual_seed(seed)
     model = load_model(exp.model, pick_dtype(exp.model.dtype, device), device).eval()
+    decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
     outputs: dict[str, list[str]] = {}
     losses: dict[str, float] = {}
 
     def score(name: str, scored_model) -> None:
         if eval_rows:
-            losses[name] = eval_loss(scored_model, tokenizer, eval_rows)
+            losses[name] = eval_loss(scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system)
 
     lora = [(d, m) for d, m in runs if m["result"] == ADAPTER]
     if lora:

@@ -13,6 +13,23 @@ from tunelab.errors import TunelabError
 from tunelab.runs import ADAPTER, TOKENIZER, now, read_manifest, write_json
 
 
+def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> None:
+    """List the turn terminator the run was trained to emit among the stop tokens, so plain `generate` ends the
+    reply there (a base model's generation_config often names only its EOS, e.g. Gemma's <eos>, not <end_of_turn>)."""
+    from transformers import AutoTokenizer
+
+    if not terminator:
+        return
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    token_id = tokenizer.convert_tokens_to_ids(terminator)
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if token_id not in ids:
+        model.generation_config.eos_token_id = [*ids, token_id]
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
     from tunelab.models import load_trained
 
@@ -31,6 +48,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         model = load_trained(run_dir)
         if manifest["result"] == ADAPTER:
             model = model.merge_and_unload()
+        stop_at_terminator(model, run_dir / TOKENIZER, (manifest.get("tokens") or {}).get("terminator"))
         model.save_pretrained(tmp)  # safetensors
         kind = "merged" if manifest["result"] == ADAPTER else manifest["scope"]
     for item in (run_dir / TOKENIZER).iterdir():
