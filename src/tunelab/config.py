@@ -101,8 +101,13 @@ class TokenizerSettings(Strict):
     )
     pad_token: str | None = Field(
         default=None,
-        description="Padding token. None keeps the tokenizer's; if it has none, a dedicated pad token is "
-        "required (padding with EOS would stop the model from learning to end its replies).",
+        description="Padding token. None keeps the tokenizer's; if it has none (Llama-3.x, Mistral), tunelab picks "
+        "one that is neither EOS nor the turn terminator (e.g. <|finetune_right_pad_id|>, <unk>) and plan shows it.",
+    )
+    fold_system: bool = Field(
+        default=False,
+        description="Put a conversation's system message at the start of its first user turn, for templates "
+        "that have no system role (Gemma) or move it (Mistral); plan shows the result.",
     )
 
 
@@ -117,7 +122,14 @@ class DataSettings(Strict):
     format: Literal["auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference"] = Field(
         default="auto", description="Record format; auto detects it from the first record's fields."
     )
-    hub_split: str = Field(default="train", description="Split to read when `train` is a hub dataset id.")
+    hub_split: str = Field(
+        default="train", description="Split to read from a hub dataset id or a folder saved with `save_to_disk`."
+    )
+    merge_consecutive_turns: bool = Field(
+        default=False,
+        description="Join consecutive messages of the same role into one (a blank line between), for templates "
+        "that require user/assistant turns to alternate.",
+    )
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSettings:

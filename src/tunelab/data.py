@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ class Record:
 class Split:
     rows: list[dict]
     source: str
+    origins: list[str]  # where each row comes from: "file:line" or "file#record"
 
 
 @dataclass
@@ -54,7 +56,8 @@ class Splits:
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: files saved by Windows tools start with a byte-order mark, which is not part of the data.
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -67,7 +70,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _read_json(path: Path) -> list[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise TunelabError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -78,7 +81,7 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         # Line 1 is the header, so record i sits on line i + 2 (for records without embedded newlines).
         return [Record(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
 
@@ -91,6 +94,11 @@ def _read_with_datasets(source: str, split: str) -> list[Record]:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise TunelabError(
+                        f"{source}: the saved dataset has no split '{split}'; its splits are "
+                        f"{', '.join(ds)}: set data.hub_split to one of them"
+                    )
                 ds = ds[split]
         elif path.suffix == ".parquet":
             ds = datasets.Dataset.from_parquet(str(path))
@@ -102,6 +110,13 @@ def _read_with_datasets(source: str, split: str) -> list[Record]:
 
 
 def read_records(source: str, key: str, hub_split: str = "train") -> list[Record]:
+    try:
+        return _read_records(source, key, hub_split)
+    except UnicodeDecodeError as e:
+        raise TunelabError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from e
+
+
+def _read_records(source: str, key: str, hub_split: str) -> list[Record]:
     path = Path(source)
     if path.is_file():
         match path.suffix.lower():
@@ -170,9 +185,28 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
             )
         if not isinstance(m["content"], str):
             raise TunelabError(f"{record.where}: {name}[{i}].content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
+        message = {"role": m["role"], "content": m["content"]}
+        if "weight" in m:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss
+            if m["weight"] not in (0, 1) or m["role"] != "assistant":
+                raise TunelabError(f"{record.where}: {name}[{i}].weight must be 0 or 1, on assistant messages only")
+            message["weight"] = int(m["weight"])
+        out.append(message)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise TunelabError(f"{record.where}: '{name}' has no assistant message, so nothing would be learned")
+    return out
+
+
+def merge_consecutive(messages: list[dict]) -> list[dict]:
+    """Join consecutive messages of the same role (blank line between), for templates that need alternation."""
+    out: list[dict] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            merged = {**out[-1], "content": out[-1]["content"] + "\n\n" + m["content"]}
+            if "weight" in out[-1] or "weight" in m:
+                merged["weight"] = max(out[-1].get("weight", 1), m.get("weight", 1))
+            out[-1] = merged
+        else:
+            out.append(dict(m))
     return out
 
 
@@ -209,10 +243,31 @@ def _response(record: Record, name: str) -> str | list[dict]:
     return value
 
 
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def hh_transcript(text: str) -> list[dict] | None:
+    """Anthropic HH-RLHF's "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript as messages, or None."""
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2], strict=True)]
+
+
 def _preference(record: Record) -> dict:
+    value = record.value
+    if isinstance(value.get("chosen"), str) and isinstance(value.get("rejected"), str) and "prompt" not in value:
+        chosen_hh, rejected_hh = hh_transcript(value["chosen"]), hh_transcript(value["rejected"])
+        if chosen_hh and rejected_hh:
+            record = Record(record.where, {"chosen": chosen_hh, "rejected": rejected_hh})
     chosen, rejected = _response(record, "chosen"), _response(record, "rejected")
     if chosen == rejected:
         raise TunelabError(f"{record.where}: chosen and rejected are identical, so the pair teaches nothing")
+    if isinstance(chosen, list) and isinstance(rejected, list) and chosen[0]["role"] != "assistant":
+        # UltraFeedback-binarized and HH shapes: both sides are whole conversations that repeat the prompt,
+        # so the shared prefix is the prompt (a separate "prompt" string, if any, is that prefix's last turn).
+        return _implicit_prompt(record, chosen, rejected)
     if "prompt" in record.value:
         prompt = _field(record, "prompt", (str, list))
         if isinstance(prompt, list):
@@ -221,9 +276,13 @@ def _preference(record: Record) -> dict:
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise TunelabError(
             f"{record.where}: record has no 'prompt' field (an implicit prompt needs chosen and "
-            "rejected as message lists that share the conversation prefix)"
+            "rejected as message lists that share the conversation prefix, or Anthropic HH transcripts)"
         )
-    # Implicit prompt: the shared conversation prefix is the prompt, the rest are the two answers.
+    return _implicit_prompt(record, chosen, rejected)
+
+
+def _implicit_prompt(record: Record, chosen: list[dict], rejected: list[dict]) -> dict:
+    """The shared conversation prefix is the prompt; the rest are the two answers."""
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
@@ -235,7 +294,19 @@ def _preference(record: Record) -> dict:
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
-def normalise(record: Record, fmt: str) -> dict:
+def normalise(record: Record, fmt: str, merge_turns: bool = False) -> dict:
+    row = _normalise(record, fmt)
+    if merge_turns:
+        row = {
+            k: merge_consecutive(v)
+            if k in ("messages", "prompt", "completion", "chosen", "rejected") and isinstance(v, list)
+            else v
+            for k, v in row.items()
+        }
+    return row
+
+
+def _normalise(record: Record, fmt: str) -> dict:
     if not isinstance(record.value, dict):
         raise TunelabError(f"{record.where}: a record must be a JSON object")
     match fmt:
@@ -280,27 +351,30 @@ def _check_method(fmt: str, method: str, where: str) -> None:
 
 def load_file(
     source: str, key: str, settings: DataSettings, method: str, fmt: str | None = None
-) -> tuple[str, list[dict]]:
+) -> tuple[str, list[dict], list[str]]:
+    """(format, normalised rows, where each row comes from)."""
     records = read_records(source, key, settings.hub_split)
     if not records:
         raise TunelabError(f"{source}: the dataset is empty")
     fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
     _check_method(fmt, method, source)
-    return fmt, [normalise(r, fmt) for r in records]
+    rows = [normalise(r, fmt, settings.merge_consecutive_turns) for r in records]
+    return fmt, rows, [r.where for r in records]
 
 
 def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     """Read train (and eval) data; with eval_fraction, hold out a seeded random part of train."""
-    fmt, rows = None, []
+    fmt, rows, origins = None, [], []
     for source in settings.train_files:
-        fmt, file_rows = load_file(source, "data.train", settings, method, fmt)
+        fmt, file_rows, file_origins = load_file(source, "data.train", settings, method, fmt)
         rows += file_rows
+        origins += file_origins
     assert fmt is not None
     sources = ", ".join(settings.train_files)
-    train, evaluation = Split(rows, sources), None
+    train, evaluation = Split(rows, sources, origins), None
     if settings.eval:
-        _, eval_rows = load_file(settings.eval, "data.eval", settings, method, fmt)
-        evaluation = Split(eval_rows, settings.eval)
+        _, eval_rows, eval_origins = load_file(settings.eval, "data.eval", settings, method, fmt)
+        evaluation = Split(eval_rows, settings.eval, eval_origins)
     elif settings.eval_fraction:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -310,9 +384,24 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
                 f"data.eval_fraction: {settings.eval_fraction} leaves no training examples out of {len(rows)}"
             )
         held = set(order[:n_eval])
-        train = Split([r for i, r in enumerate(rows) if i not in held], sources)
-        evaluation = Split([r for i, r in enumerate(rows) if i in held], f"{sources} (held out)")
+        kept = [i for i in range(len(rows)) if i not in held]
+        out = sorted(held)
+        train = Split([rows[i] for i in kept], sources, [origins[i] for i in kept])
+        evaluation = Split([rows[i] for i in out], f"{sources} (held out)", [origins[i] for i in out])
     return Splits(fmt, train, evaluation)
+
+
+def as_sft_row(row: dict) -> dict:
+    """Preference pairs are measured (and their tokens checked) as their prompt followed by the chosen answer."""
+    if "chosen" not in row:
+        return row
+    prompt, chosen = row.get("prompt", []), row["chosen"]
+    if isinstance(chosen, list):
+        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return {"prompt": prompt, "completion": chosen}
+    if isinstance(prompt, list):
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]}
+    return {"prompt": prompt, "completion": chosen}
 
 
 def file_hashes(settings: DataSettings) -> dict[str, str]:

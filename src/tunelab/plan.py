@@ -11,9 +11,11 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from tunelab.config import Experiment
+from tunelab.data import Split, as_sft_row, load_splits
 from tunelab.distributed import Engine
 from tunelab.methods.common import Batching, batching
 from tunelab.scope import ResolvedScope
+from tunelab.templates import Encoded, TokenChecks, check_tokens, encode, loss_segments
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHECKPOINTING_HEADROOM = 0.9  # use at most this share of device memory before turning checkpointing on
@@ -71,6 +73,7 @@ class DataStats:
     eval_source: str | None
     first_example: list[tuple[str, bool]] = field(default_factory=list)
     note: str | None = None
+    tokens: TokenChecks | None = None
 
 
 @dataclass
@@ -206,44 +209,27 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def as_sft_row(row: dict) -> dict:
-    """Preference pairs are measured as their prompt followed by the chosen answer."""
-    if "chosen" not in row:
-        return row
-    prompt, chosen = row.get("prompt", []), row["chosen"]
-    if isinstance(chosen, list):
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return {"messages": prompt + chosen}
-    if isinstance(prompt, list):
-        return {"messages": prompt + [{"role": "assistant", "content": chosen}]}
-    return {"prompt": prompt, "completion": chosen}
-
-
-def split_stats(tokenizer, rows: list[dict], max_length: int, limit: int = 2000) -> SplitStats:
-    from tunelab.templates import tokenize_example
-
-    lengths, loss_tokens = [], 0
-    for row in rows[:limit]:
-        tok = tokenize_example(tokenizer, as_sft_row(row))
-        lengths.append(len(tok.input_ids))
-        loss_tokens += sum(tok.loss_mask[:max_length])
-    lengths.sort()
+def split_stats(enc: Encoded, examples: int, max_length: int) -> SplitStats:
+    lengths = sorted(len(e.input_ids) for e in enc.examples)
     return SplitStats(
-        examples=len(rows),
+        examples=examples,
         measured=len(lengths),
         tokens_p50=_percentile(lengths, 0.5),
         tokens_p90=_percentile(lengths, 0.9),
         tokens_p99=_percentile(lengths, 0.99),
         tokens_max=lengths[-1],
         truncated=sum(n > max_length for n in lengths),
-        loss_tokens=loss_tokens,
+        loss_tokens=sum(sum(e.loss_mask[:max_length]) for e in enc.examples),
     )
 
 
-def data_stats(exp: Experiment, tokenizer) -> DataStats:
-    from tunelab.data import load_splits
-    from tunelab.templates import loss_segments, tokenize_example
+def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None) -> Encoded:
+    """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
+    rows, origins = split.rows[:limit], split.origins[:limit]
+    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system)
 
+
+def data_stats(exp: Experiment, tokenizer, limit: int = 2000) -> DataStats:
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     if tokenizer is None:
         n_eval = len(splits.eval.rows) if splits.eval else 0
@@ -255,15 +241,17 @@ def data_stats(exp: Experiment, tokenizer) -> DataStats:
             splits.eval.source if splits.eval else None,
             note="no tokenizer beside the model config: token statistics skipped",
         )
-    train = split_stats(tokenizer, splits.train.rows, exp.train.max_length)
-    evaluation = split_stats(tokenizer, splits.eval.rows, exp.train.max_length) if splits.eval else None
-    first = tokenize_example(tokenizer, as_sft_row(splits.train.rows[0]))
+    max_length = exp.train.max_length
+    train_enc = encode_split(exp, tokenizer, splits.train, limit)
+    eval_enc = encode_split(exp, tokenizer, splits.eval, limit) if splits.eval else None
+    checks = check_tokens(tokenizer, [e for e in (train_enc, eval_enc) if e is not None], max_length)
     return DataStats(
         splits.format,
-        train,
-        evaluation,
+        split_stats(train_enc, len(splits.train.rows), max_length),
+        split_stats(eval_enc, len(splits.eval.rows), max_length) if eval_enc and splits.eval else None,
         splits.eval.source if splits.eval else None,
-        first_example=loss_segments(tokenizer, first),
+        first_example=loss_segments(tokenizer, train_enc.examples[0]),
+        tokens=checks,
     )
 
 
@@ -271,7 +259,6 @@ def make_plan(exp: Experiment) -> Plan:
     from tunelab.distributed import read_engine
     from tunelab.models import has_tokenizer, load_config, load_tokenizer, meta_model, model_path, pick_device
     from tunelab.scope import apply_scope
-    from tunelab.templates import has_generation_markers
 
     config = load_config(exp.model)
     model = meta_model(config, exp.model.trust_remote_code)
@@ -287,12 +274,8 @@ def make_plan(exp: Experiment) -> Plan:
     if exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
         tokenizer = load_tokenizer(exp.tokenizer, exp.model)
     stats = data_stats(exp, tokenizer)
-    if tokenizer is not None and stats.format in ("messages", "conversations", "alpaca"):
-        if not has_generation_markers(tokenizer.chat_template):
-            warnings.append(
-                "the chat template has no {% generation %} markers, so the loss cannot be limited "
-                "to assistant turns; set tokenizer.chat_template (e.g. builtin:llama3)"
-            )
+    if stats.tokens is not None:
+        warnings += stats.tokens.warnings(exp.train.max_length)
     if stats.train.truncated:
         warnings.append(
             f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "

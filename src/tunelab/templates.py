@@ -1,25 +1,33 @@
-"""Chat templates, generation markers, and the tokens that carry loss.
+"""Chat templates and the tokens that carry loss, for any template.
 
-The loss mask is computed the way TRL's SFTTrainer computes it: `apply_chat_template` with
-`return_assistant_tokens_mask=True` for chats, the shared prefix of prompt and prompt+completion for
-prompt/completion data, every token for plain text.
+The supervised span of an assistant turn is derived from the model's own template: render the
+conversation up to that turn with the generation prompt, render it through the turn, and the
+difference is what the model must produce. The span runs from there up to and including the turn
+terminator (the first special token after the reply, e.g. `<|eot_id|>`, `<|im_end|>`, `</s>`); what a
+template prints after it (a newline) is not something the model generates. A template that marks
+assistant output with `{% generation %}` is taken at its word instead. `plan` and `train` both call
+`encode`, so the plan's preview is exactly what the trainer is given.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import re
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import BUILTIN_PREFIX
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 BUILTIN_TEMPLATES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
+# Tokens people name as padding, in order of preference; the first one the tokenizer has is used.
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
 
 
 def resolve_template(setting: str | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
@@ -41,32 +49,7 @@ def resolve_template(setting: str | None, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def has_generation_markers(template: str | None) -> bool:
-    return template is not None and "generation" in template and "endgeneration" in template
-
-
-def training_template(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A template whose {% generation %} markers let the loss fall on assistant turns only.
-
-    Templates TRL knows (Llama-3, Qwen, ...) get TRL's marked training version; others must carry markers.
-    """
-    from trl.chat_template_utils import get_training_chat_template
-
-    fix = (
-        "set tokenizer.chat_template to builtin:llama3 or to a .jinja file with {% generation %} ... "
-        "{% endgeneration %} around each assistant reply"
-    )
-    if not tokenizer.chat_template:
-        raise ConfigError(f"tokenizer.chat_template: the tokenizer has no chat template; {fix}")
-    if has_generation_markers(tokenizer.chat_template):
-        return tokenizer.chat_template
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError as e:
-        raise ConfigError(
-            "tokenizer.chat_template: the chat template has no {% generation %} markers and no "
-            f"known training version, so the loss cannot be limited to assistant turns; {fix}"
-        ) from e
-    return patched or tokenizer.chat_template
+    return template is not None and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
 def template_hash(template: str | None) -> str | None:
@@ -77,9 +60,82 @@ def template_hash(template: str | None) -> str | None:
 class Tokenized:
     input_ids: list[int]
     loss_mask: list[int]  # 1 where the token carries loss
+    terminators: list[int] = field(default_factory=list)  # the token that closes each supervised span
+    unterminated: int = 0  # supervised spans that no special token closes
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+@dataclass
+class Encoded:
+    """A split, tokenized and masked, with what the checks found."""
+
+    examples: list[Tokenized]
+    origins: list[str]
+    no_loss: list[str]  # where rows with no supervised token come from
+    all_loss: list[str]  # chat rows where every token is supervised
+    unterminated: list[str]
+    terminators: Counter
+
+    def no_loss_after(self, max_length: int) -> list[str]:
+        """Rows left without a supervised token once truncated to max_length (the trainer drops them)."""
+        return [o for e, o in zip(self.examples, self.origins, strict=True) if not any(e.loss_mask[:max_length])]
+
+
+class TemplateRowError(TunelabError):
+    pass
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateError as e:
+        raise TemplateRowError(f"{where}: the chat template refused this conversation: {e}; {_fix(e, messages)}") from e
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise TemplateRowError(
+            f"{where}: the chat template failed on this conversation ({type(e).__name__}: {e}); "
+            "check the record's roles and contents, or set tokenizer.chat_template"
+        ) from e
+
+
+def _fix(error: Exception, messages: list[dict]) -> str:
+    text = str(error).lower()
+    roles = [m["role"] for m in messages]
+    if "system" in text and "system" in roles:
+        return "set tokenizer.fold_system: true to put the system message at the start of the first user turn"
+    if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
+        return "set data.merge_consecutive_turns: true to join consecutive messages of the same role"
+    if "alternate" in text or "roles" in text:
+        return "make the conversation start with a user turn and alternate user/assistant"
+    return "fix the record, or set tokenizer.chat_template to a template that accepts it"
+
+
+def prepare_messages(messages: list[dict], fold_system: bool) -> list[dict]:
+    """Messages as the template sees them: role and content only, the system message folded if asked."""
+    out = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if fold_system and out and out[0]["role"] == "system":
+        system, rest = out[0]["content"], out[1:]
+        first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+        if first_user is None:
+            return rest
+        rest[first_user] = {"role": "user", "content": f"{system}\n\n{rest[first_user]['content']}"}
+        return rest
+    return out
+
+
+# ---------------------------------------------------------------- masks
+
+
+def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if getattr(tok, "special", False))
+    return ids
+
+
+def _common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
@@ -88,41 +144,264 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str
+) -> tuple[str, list[tuple[int, int, str]]]:
+    """The full text and, per supervised assistant turn, (start, end, reply) in characters."""
+    full = _render(tokenizer, messages, False, where)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or not supervised[i]:
+            continue
+        prompt = _render(tokenizer, messages[:i], True, where) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False, where)
+        if not (through.startswith(prompt) and full.startswith(prompt)):
+            raise TemplateRowError(
+                f"{where}: the chat template renders message {i} (assistant) differently once the conversation "
+                "continues, so its reply cannot be located; this happens when a template moves earlier messages "
+                "(e.g. a system message placed in the last user turn): set tokenizer.fold_system: true, or set "
+                "tokenizer.chat_template to a prefix-consistent template"
+            )
+        end = len(prompt) + _common_prefix(through[len(prompt) :], full[len(prompt) :])
+        spans.append((len(prompt), end, m["content"]))
+    return full, spans
+
+
+def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not tokenizer.is_fast:
+        raise ConfigError(
+            "tokenizer: a fast tokenizer (tokenizer.json) is needed to locate assistant replies; "
+            "point tokenizer.id at a folder with tokenizer.json"
+        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _mask_spans(
+    ids: list[int], offsets: list[tuple[int, int]], text: str, spans: list[tuple[int, int, str]], specials: set[int]
+) -> Tokenized:
+    mask = [0] * len(ids)
+    terminators, unterminated = [], 0
+    for start, end, reply in spans:
+        reply = reply.strip()
+        found = text.find(reply, start, end) if reply else -1
+        reply_end = found + len(reply) if found >= 0 else start
+        stop = end
+        closing = next(
+            (j for j, (a, _) in enumerate(offsets) if reply_end <= a < end and ids[j] in specials),
+            None,
+        )
+        if closing is None:
+            unterminated += 1
+        else:
+            stop = offsets[closing][1]
+            terminators.append(ids[closing])
+        for j, (a, b) in enumerate(offsets):
+            if start <= a < stop and b > a:
+                mask[j] = 1
+    return Tokenized(ids, mask, terminators, unterminated)
+
+
+def _marked(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str) -> Tokenized:
+    """A template with {% generation %} markers: its own mask, one run of ones per assistant turn."""
+    from jinja2 import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except TemplateError as e:
+        raise TemplateRowError(f"{where}: the chat template refused this conversation: {e}; {_fix(e, messages)}") from e
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
+    turns = [s for m, s in zip(messages, supervised, strict=True) if m["role"] == "assistant"]
+    if not all(turns):
+        if len(runs) != len(turns):
+            raise TemplateRowError(
+                f"{where}: per-turn weights need one {{% generation %}} block per assistant turn in the template"
+            )
+        for run, keep in zip(runs, turns, strict=True):
+            if not keep:
+                j = run
+                while j < len(mask) and mask[j]:
+                    mask[j] = 0
+                    j += 1
+    specials = special_ids(tokenizer)
+    terminators, unterminated = [], 0
+    for i, m in enumerate(mask):
+        if m and (i + 1 == len(mask) or not mask[i + 1]):
+            if ids[i] in specials:
+                terminators.append(ids[i])
+            else:
+                unterminated += 1
+    return Tokenized(ids, mask, terminators, unterminated)
+
+
+def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str) -> Tokenized:
+    if not tokenizer.chat_template:
+        raise ConfigError(
+            "tokenizer.chat_template: the tokenizer has no chat template; set one "
+            "(a .jinja file, or builtin:llama3 for a model trained on that format)"
+        )
+    if has_generation_markers(tokenizer.chat_template):
+        return _marked(tokenizer, messages, supervised, where)
+    text, spans = _assistant_spans(tokenizer, messages, supervised, where)
+    ids, offsets = _offsets(tokenizer, text)
+    return _mask_spans(ids, offsets, text, spans, special_ids(tokenizer))
+
+
 def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, row: dict) -> Tokenized:
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, row: dict, where: str = "record", fold_system: bool = False
+) -> Tokenized:
     """Tokens of one normalised SFT row and which of them carry loss."""
     if "messages" in row:
-        if not tokenizer.chat_template:
-            raise ConfigError(
-                "tokenizer.chat_template: the tokenizer has no chat template; set one "
-                "(e.g. builtin:llama3 or a .jinja file)"
-            )
-        out = tokenizer.apply_chat_template(
-            row["messages"],
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=has_generation_markers(tokenizer.chat_template),
-        )
-        ids = _ids(out)
-        mask = list(out.get("assistant_masks") or [0] * len(ids))
-        return Tokenized(ids, mask)
+        messages = prepare_messages(row["messages"], fold_system)
+        supervised = [m.get("weight", 1) != 0 for m in row["messages"]]
+        if len(messages) < len(supervised):  # the system message was folded away
+            supervised = supervised[1:]
+        return _chat(tokenizer, messages, supervised, where)
     if "prompt" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list):
-            prompt_ids = _ids(
-                tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)
-            )
-            ids = _ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True))
-        else:
-            prompt_ids = _ids(tokenizer(prompt))
-            ids = _ids(tokenizer(prompt + completion + (tokenizer.eos_token or "")))
+            messages = prepare_messages(prompt + completion, fold_system)
+            n_prompt = len(messages) - len(completion)
+            supervised = [i >= n_prompt for i in range(len(messages))]
+            return _chat(tokenizer, messages, supervised, where)
+        eos = tokenizer.eos_token or ""
+        prompt_ids = _ids(tokenizer(prompt))
+        ids = _ids(tokenizer(prompt + completion + eos))
         n = _common_prefix(prompt_ids, ids)
-        return Tokenized(ids, [0] * n + [1] * (len(ids) - n))
+        closing = [ids[-1]] if eos and ids and ids[-1] == tokenizer.eos_token_id else []
+        return Tokenized(ids, [0] * n + [1] * (len(ids) - n), closing, 0 if closing else 1)
     ids = _ids(tokenizer(row["text"] + (tokenizer.eos_token or "")))
     return Tokenized(ids, [1] * len(ids))
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, rows: list[dict], origins: list[str], fold_system: bool = False
+) -> Encoded:
+    """Tokenize and mask every row, collecting what the checks need."""
+    examples, no_loss, all_loss, unterminated, terminators = [], [], [], [], Counter()
+    for row, where in zip(rows, origins, strict=True):
+        tok = tokenize_example(tokenizer, row, where, fold_system)
+        examples.append(tok)
+        if not any(tok.loss_mask):
+            no_loss.append(where)
+        elif "text" not in row and all(tok.loss_mask):
+            all_loss.append(where)
+        if tok.unterminated:
+            unterminated.append(where)
+        terminators.update(tok.terminators)
+    return Encoded(examples, origins, no_loss, all_loss, unterminated, terminators)
+
+
+def choose_pad(tokenizer: PreTrainedTokenizerBase, terminators: set[int]) -> tuple[str, str]:
+    """Set a pad token if the tokenizer has none; returns (token, why).
+
+    The pad must not be a turn terminator or EOS: collators that mask labels by pad id (Transformers'
+    own DataCollatorForLanguageModeling does) would hide exactly the token that teaches the model to stop.
+    """
+    if tokenizer.pad_token is not None:
+        return tokenizer.pad_token, "the tokenizer's own"
+    avoid = terminators | {tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    candidates = [t for t in PAD_CANDIDATES if t in vocab]
+    candidates += sorted(
+        (t.content for i, t in tokenizer.added_tokens_decoder.items() if "reserved" in t.content),
+        key=lambda t: vocab.get(t, 0),
+    )
+    for token in candidates:
+        if vocab[token] not in avoid:
+            tokenizer.pad_token = token
+            return token, "chosen by tunelab: the tokenizer has no pad token"
+    raise ConfigError(
+        "tokenizer.pad_token: the tokenizer has no pad token and none of its tokens is a safe choice "
+        "(padding with EOS or the turn terminator would hide it from the loss); set tokenizer.pad_token to an "
+        "unused token of its vocabulary"
+    )
+
+
+@dataclass
+class TokenChecks:
+    """What `plan` shows and the manifest records about tokens: terminator, pad, rows the loss misses."""
+
+    terminator: str | None  # the special token that closes supervised spans (the most common one)
+    terminator_is_eos: bool
+    pad_token: str
+    pad_source: str
+    rows_without_loss: list[str]  # rows with no supervised token after truncation: the trainer drops them
+    rows_all_loss: list[str]  # chat rows supervised on every token
+    rows_unterminated: list[str]  # rows with a supervised span that no special token closes
+
+    def warnings(self, max_length: int) -> list[str]:
+        out = []
+        if self.rows_without_loss:
+            out.append(
+                f"{len(self.rows_without_loss)} rows carry no loss within train.max_length={max_length} and will be "
+                f"dropped ({_some(self.rows_without_loss)}); raise train.max_length or fix those rows"
+            )
+        if self.rows_all_loss:
+            out.append(
+                f"{len(self.rows_all_loss)} chat rows carry loss on every token, prompt included "
+                f"({_some(self.rows_all_loss)}); check the chat template"
+            )
+        if self.rows_unterminated:
+            out.append(
+                f"{len(self.rows_unterminated)} rows have assistant turns that no special token closes "
+                f"({_some(self.rows_unterminated)}), so the model may not learn to stop; use a template that ends "
+                "each turn with a special token (tokenizer.chat_template)"
+            )
+        return out
+
+    def record(self) -> dict:
+        """The manifest's copy: counts, and the first few places of each kind."""
+        out = {"terminator": self.terminator, "terminator_is_eos": self.terminator_is_eos}
+        out |= {"pad_token": self.pad_token, "pad_source": self.pad_source}
+        for name in ("rows_without_loss", "rows_all_loss", "rows_unterminated"):
+            wheres = getattr(self, name)
+            out[name] = {"count": len(wheres), "first": wheres[:10]}
+        return out
+
+
+def _some(wheres: list[str]) -> str:
+    return ", ".join(wheres[:3]) + (", ..." if len(wheres) > 3 else "")
+
+
+def check_tokens(tokenizer: PreTrainedTokenizerBase, splits: list[Encoded], max_length: int) -> TokenChecks:
+    """Run the checks over encoded splits and give the tokenizer a safe pad token if it has none."""
+    counts: Counter = Counter()
+    for enc in splits:
+        counts.update(enc.terminators)
+    terminator_id = counts.most_common(1)[0][0] if counts else None
+    pad, pad_source = choose_pad(tokenizer, set(counts))
+    return TokenChecks(
+        terminator=tokenizer.convert_ids_to_tokens(terminator_id) if terminator_id is not None else None,
+        terminator_is_eos=terminator_id is not None and terminator_id == tokenizer.eos_token_id,
+        pad_token=pad,
+        pad_source=pad_source,
+        rows_without_loss=[w for enc in splits for w in enc.no_loss_after(max_length)],
+        rows_all_loss=[w for enc in splits for w in enc.all_loss],
+        rows_unterminated=[w for enc in splits for w in enc.unterminated],
+    )
+
+
+def fold_preference(row: dict, fold_system: bool) -> dict:
+    """A preference pair with its prompt's system message folded, as the SFT rows are."""
+    if fold_system and isinstance(row.get("prompt"), list):
+        return {**row, "prompt": prepare_messages(row["prompt"], True)}
+    return row
+
+
+def labelled(examples: list[Tokenized]) -> list[dict]:
+    """Rows for the trainer: input_ids and labels, -100 where no loss falls."""
+    return [
+        {"input_ids": e.input_ids, "labels": [t if m else -100 for t, m in zip(e.input_ids, e.loss_mask, strict=True)]}
+        for e in examples
+    ]
 
 
 def loss_segments(tokenizer: PreTrainedTokenizerBase, tok: Tokenized) -> list[tuple[str, bool]]:

@@ -220,7 +220,8 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
     """Run one experiment into its run directory."""
     from tunelab.data import file_hashes, load_splits
     from tunelab.models import fingerprint, load_tokenizer, model_path, pick_device
-    from tunelab.templates import template_hash, training_template
+    from tunelab.plan import encode_split
+    from tunelab.templates import check_tokens, template_hash
 
     engine = distributed.read_engine(exp.distributed.accelerate_config)
     distributed.check_engine_device(engine, pick_device(exp.model.device))
@@ -231,8 +232,9 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
         )
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
-    if exp.method == "sft" and splits.format in ("messages", "conversations", "alpaca"):
-        tokenizer.chat_template = training_template(tokenizer)
+    # The same encoding plan previews; its checks also give a tokenizer without a pad token a safe one.
+    encoded = [encode_split(exp, tokenizer, s) for s in (splits.train, splits.eval) if s is not None]
+    checks = check_tokens(tokenizer, encoded, exp.train.max_length)
     base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
     run = open_run(exp, resume, overwrite, main_process=distributed.is_main())
@@ -251,9 +253,10 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
             "hashes": file_hashes(exp.data),
         },
         "chat_template_hash": template_hash(tokenizer.chat_template),
+        "tokens": checks.record(),
     }
     try:
-        result = _train_in(run, exp, splits, tokenizer, init_from, engine, provenance)
+        result = _train_in(run, exp, splits, encoded, tokenizer, init_from, engine, provenance)
         distributed.finish()
         return result
     except KeyboardInterrupt:
@@ -276,17 +279,22 @@ def _load_scoped_model(exp: Experiment, init_from: Path | None, dtype, device: s
     return apply_scope(load_trained(init_from, device=device), exp.scope)
 
 
-def _build_trainer(exp: Experiment, model, tokenizer, splits, resolved_kind: str, hw, run: Run, callbacks):
-    eval_rows = splits.eval.rows if splits.eval else None
+def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, resolved_kind: str, hw, run: Run, callbacks):
+    from tunelab.templates import fold_preference, labelled
+
     match exp.method:
         case "sft":
             from tunelab.methods import sft
 
-            return sft.build_trainer(
-                model, tokenizer, splits.train.rows, eval_rows, splits.format, exp.train, hw, run.checkpoints, callbacks
-            )
+            train_rows = labelled(encoded[0].examples)
+            eval_rows = labelled(encoded[1].examples) if splits.eval else None
+            return sft.build_trainer(model, tokenizer, train_rows, eval_rows, exp.train, hw, run.checkpoints, callbacks)
         case "dpo":
             from tunelab.methods import dpo
+
+            fold = exp.tokenizer.fold_system
+            train_rows = [fold_preference(r, fold) for r in splits.train.rows]
+            eval_rows = [fold_preference(r, fold) for r in splits.eval.rows] if splits.eval else None
 
             reference = dpo.reference_strategy(exp.dpo, resolved_kind)
             cache = _ref_cache_dir(exp, run) if reference == "precomputed" else None
@@ -298,7 +306,7 @@ def _build_trainer(exp: Experiment, model, tokenizer, splits, resolved_kind: str
             return dpo.build_trainer(
                 model,
                 tokenizer,
-                splits.train.rows,
+                train_rows,
                 eval_rows,
                 exp.train,
                 exp.dpo,
@@ -339,13 +347,14 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
         return None
     from tunelab.methods.dpo import preference_accuracy
 
-    return preference_accuracy(model, tokenizer, splits.eval.rows)
+    return preference_accuracy(model, tokenizer, splits.eval.rows, exp.tokenizer.fold_system)
 
 
 def _train_in(
     run: Run,
     exp: Experiment,
     splits,
+    encoded,
     tokenizer,
     init_from: Path | None,
     engine: distributed.Engine | None,
@@ -383,7 +392,7 @@ def _train_in(
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
-    trainer = _build_trainer(exp, model, tokenizer, splits, resolved.kind, hw, run, [recorder])
+    trainer = _build_trainer(exp, model, tokenizer, splits, encoded, resolved.kind, hw, run, [recorder])
     running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
     distributed.check_launch(trainer.args.world_size, engine, running)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None

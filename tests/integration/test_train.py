@@ -166,43 +166,6 @@ def test_nan_loss_stops_and_marks_run_failed(tmp_path: Path, tiny_model_dir) -> 
     assert manifest["status"] == "failed" and "the loss became" in manifest["error"]
 
 
-def test_trainer_masks_exactly_what_plan_shows(tmp_path: Path, tiny_model_dir) -> None:
-    """TRL's processed training rows carry loss on the same tokens the plan marks: the assistant spans."""
-    from tunelab.data import load_splits
-    from tunelab.methods.common import Hardware
-    from tunelab.methods.sft import build_trainer
-    from tunelab.models import load_model, load_tokenizer
-    from tunelab.scope import apply_scope
-    from tunelab.templates import tokenize_example, training_template
-
-    exp = experiment("quickstart", tmp_path)
-    splits = load_splits(exp.data, "sft", 0)
-    tok = load_tokenizer(exp.tokenizer, exp.model)
-    tok.chat_template = training_template(tok)
-    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
-    trainer = build_trainer(
-        model,
-        tok,
-        splits.train.rows[:20],
-        None,
-        splits.format,
-        exp.train,
-        Hardware("cpu", torch.float32, False),
-        tmp_path / "ck",
-        [],
-    )
-    eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    for i, row in enumerate(splits.train.rows[:20]):
-        processed = trainer.train_dataset[i]
-        expected = tokenize_example(tok, row)
-        assert processed["input_ids"] == expected.input_ids
-        assert [int(label != -100) for label in processed["labels"]] == expected.loss_mask
-        masked = [t for t, m in zip(expected.input_ids, expected.loss_mask, strict=True) if m]
-        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
-        assert tok.decode(masked) == "".join(r + "<|eot_id|>" for r in replies)
-        assert masked.count(eot) == len(replies)
-
-
 def test_batching_changes_the_work_not_the_math(tmp_path: Path, tiny_model_dir) -> None:
     """Padding-free rows and length-balanced micro-batches see the same examples per step as one padded
     batch, so the step losses and the trained adapter agree; length grouping draws other batches."""
@@ -234,22 +197,21 @@ def test_batching_changes_the_work_not_the_math(tmp_path: Path, tiny_model_dir) 
 
 def test_padding_free_rows_keep_truncation_and_isolation(tmp_path: Path, tiny_model_dir) -> None:
     """TRL refuses padding_free with a max_length; tunelab's collator route must still truncate."""
-    from tunelab.train import _build_trainer  # noqa: PLC2701 - the trainer exactly as train() builds it
-
-    exp = experiment("quickstart", tmp_path, "train.max_length=24")
     from tunelab.data import load_splits
     from tunelab.methods.common import Hardware
+    from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.runs import open_run
+    from tunelab.plan import encode_split
     from tunelab.scope import apply_scope
-    from tunelab.templates import training_template
+    from tunelab.templates import labelled
 
+    exp = experiment("quickstart", tmp_path, "train.max_length=24")
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
-    tokenizer.chat_template = training_template(tokenizer)
-    model, resolved = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
+    rows = labelled(encode_split(exp, tokenizer, splits.train).examples)
+    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
     hw = Hardware(device="cpu", dtype=torch.float32, gradient_checkpointing=False)
-    trainer = _build_trainer(exp, model, tokenizer, splits, resolved.kind, hw, open_run(exp, False, False), [])
+    trainer = build_trainer(model, tokenizer, rows, None, exp.train, hw, tmp_path / "ck", [])
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1  # one row, no padding
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()

@@ -137,3 +137,91 @@ def test_bundled_data_is_what_the_generator_makes(tmp_path: Path) -> None:
 
     for path in write_datasets(tmp_path):
         assert path.read_bytes() == (DATA / path.name).read_bytes(), path.name
+
+
+# ---------------------------------------------------------------- shapes users bring
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(CHAT) + "\n").encode())
+    assert load(path).train.rows == [CHAT]
+
+
+def test_text_that_is_not_utf8_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps({"text": "caf\u00e9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9") + b"\n")
+    with pytest.raises(TunelabError, match=r"latin1.jsonl: not UTF-8 text .*save the file as UTF-8"):
+        load(path)
+
+
+def test_ultrafeedback_binarized_pairs_take_the_shared_conversation_as_prompt(tmp_path: Path) -> None:
+    user = {"role": "user", "content": "Name a fruit."}
+    row = {
+        "prompt": "Name a fruit.",
+        "prompt_id": "abc",
+        "chosen": [user, {"role": "assistant", "content": "Apple."}],
+        "rejected": [user, {"role": "assistant", "content": "A car."}],
+        "score_chosen": 8.0,
+        "score_rejected": 2.0,
+    }
+    rows = load(write_jsonl(tmp_path / "uf.jsonl", [row]), "dpo").train.rows
+    assert rows == [
+        {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": "Apple."}],
+            "rejected": [{"role": "assistant", "content": "A car."}],
+        }
+    ]
+
+
+def test_anthropic_hh_transcripts_become_conversations(tmp_path: Path) -> None:
+    row = {
+        "chosen": "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: Apple.",
+        "rejected": "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: No.",
+    }
+    rows = load(write_jsonl(tmp_path / "hh.jsonl", [row]), "dpo").train.rows
+    assert rows[0]["prompt"] == [
+        {"role": "user", "content": "Hi there."},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a fruit."},
+    ]
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "Apple."}]
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": "No."}]
+
+
+def test_openai_weight_is_kept_on_assistant_turns_and_checked(tmp_path: Path) -> None:
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "weight": 0},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d", "weight": 1},
+    ]
+    rows = load(write_jsonl(tmp_path / "w.jsonl", [{"messages": turns}])).train.rows
+    assert [m.get("weight") for m in rows[0]["messages"]] == [None, 0, None, 1]
+    bad = [{"role": "user", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(TunelabError, match=r"w2.jsonl:1: messages\[0\].weight must be 0 or 1, on assistant"):
+        load(write_jsonl(tmp_path / "w2.jsonl", [{"messages": bad}]))
+
+
+def test_consecutive_turns_of_one_role_merge_when_asked(tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}])
+    assert load(path).train.rows[0]["messages"] == turns
+    merged = load(path, merge_consecutive_turns=True).train.rows[0]["messages"]
+    assert merged == [{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}]
+
+
+def test_a_saved_dataset_names_its_splits_when_the_one_asked_for_is_missing(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.DatasetDict({"train_sft": datasets.Dataset.from_list([CHAT])}).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(TunelabError, match=r"no split 'train'; its splits are train_sft: set data.hub_split"):
+        load(tmp_path / "saved")
+    assert load(tmp_path / "saved", hub_split="train_sft").train.rows == [CHAT]
+
+
+def test_every_row_knows_where_it_came_from(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "o.jsonl", [CHAT, "", CHAT])
+    split = load(path).train
+    assert split.origins == [f"{path}:1", f"{path}:3"]

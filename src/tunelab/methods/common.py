@@ -86,6 +86,7 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         dataloader_pin_memory=pin,
         report_to=train.report_to or "none",
         train_sampling_strategy=batches.sampling,
+        include_num_input_tokens_seen="non_padding",  # the manifest's tokens_seen
         disable_tqdm=True,
     )
 

@@ -99,7 +99,9 @@ def cached_ref_logps(path: Path, dataset, compute):
     return out
 
 
-def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> float:
+def preference_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], fold_system: bool = False
+) -> float:
     """Share of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
     import torch
 
@@ -108,7 +110,7 @@ def preference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     def logp(prompt, answer) -> float:
         if isinstance(answer, list) and isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer})
+        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer}, fold_system=fold_system)
         ids = torch.tensor([tok.input_ids], device=model.device)
         mask = torch.tensor(tok.loss_mask[1:], device=model.device, dtype=torch.bool)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""SFT: experiment + scoped model + data -> TRL's SFTConfig and SFTTrainer."""
+"""SFT: experiment + scoped model + tokenized, labelled rows -> TRL's SFTConfig and SFTTrainer."""
 
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTTrainer
 
-CHAT_FORMATS = ("messages", "conversations", "alpaca")
-
 
 def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     train_rows: list[dict],
     eval_rows: list[dict] | None,
-    data_format: str,
     train: TrainSettings,
     hw: Hardware,
     output_dir: Path,
@@ -36,8 +33,9 @@ def build_trainer(
         **training_arguments(train, hw, output_dir, eval_rows is not None, batches),
         max_length=train.max_length,
         packing=train.packing,
-        # Chats learn only from assistant turns; prompt/completion data from the completion (TRL's default).
-        assistant_only_loss=data_format in CHAT_FORMATS,
+        # Rows arrive tokenized with their labels (tunelab.templates.encode, the code plan previews): TRL
+        # truncates them and drops rows left without loss, and must not re-derive masks from the template.
+        assistant_only_loss=False,
     )
 
     class Trainer(SFTTrainer):

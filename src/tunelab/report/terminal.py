@@ -151,6 +151,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         console.print(dt)
         if d.note:
             console.print(f"[dim]{d.note}[/dim]")
+        if d.tokens is not None:
+            console.print(tokens_line(d.tokens), markup=False, highlight=False)
         if d.first_example:
             text = Text()
             for chunk, loss in d.first_example:
@@ -159,6 +161,16 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             console.print(text, markup=False, highlight=False)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+
+
+def tokens_line(t) -> str:
+    """Turn terminator and pad token, the two tokens that decide whether a tuned model stops."""
+    if t.terminator is None:
+        stop = "no turn terminator found"
+    else:
+        kind = "EOS" if t.terminator_is_eos else "not EOS: an export lists it as a stop token"
+        stop = f"turns end with {t.terminator} ({kind}), supervised"
+    return f"{stop}; pad token {t.pad_token} ({t.pad_source})"
 
 
 def print_run(run_dir, manifest: dict, console: Console | None = None) -> None:

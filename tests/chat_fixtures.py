@@ -1,0 +1,101 @@
+"""Tiny model folders of real chat-model families, laid out as a user's download is.
+
+Each folder holds the family's real chat template and special-token layout (tests/fixtures/chat_models/,
+sources in SOURCES.md), a small BPE tokenizer of the family's kind (byte-level like Llama-3/Qwen, or
+metaspace like the SentencePiece families) trained on the bundled data, and a randomly initialised model
+of the family's Transformers class. Deterministic; built once per test session.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures" / "chat_models"
+FAMILIES: dict[str, dict] = json.loads((FIXTURES / "families.json").read_text())
+DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for name in ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl"):
+        for line in (DATA / name).read_text().splitlines():
+            texts.append(line)
+    return texts + ["You are a helpful assistant. Hello! How are you today? I am fine, thank you."] * 5
+
+
+def _tokenizer(spec: dict, template: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = spec["special"]
+    if spec["pieces"] == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:  # SentencePiece-style: spaces become "▁" and belong to the following word
+        tok = Tokenizer(models.BPE(unk_token=spec["unk"], fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        alphabet = sorted(set("".join(_corpus())) | {"▁", "\n"})
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=special, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    named = {k: spec[k] for k in ("bos", "eos", "pad", "unk") if spec[k]}
+    extra = [t for t in special if t not in named.values()]
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        **{f"{k}_token": v for k, v in named.items()},
+        additional_special_tokens=extra,
+        add_bos_token=spec["add_bos"],
+    )
+    wrapped.chat_template = template
+    return wrapped
+
+
+def _config(spec: dict, tokenizer):
+    from transformers import AutoConfig
+
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(spec["generation_eos"]),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if spec["architecture"] == "gemma2":
+        sizes |= dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    return AutoConfig.for_model(spec["architecture"], **sizes)
+
+
+def build(family: str, dest: Path) -> Path:
+    """Write the family's tiny model folder to dest (once); returns dest."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (dest / "config.json").is_file():
+        return dest
+    spec = FAMILIES[family]
+    tokenizer = _tokenizer(spec, (FIXTURES / f"{family}.jinja").read_text())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_config(spec, tokenizer))
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(spec["generation_eos"])
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(dest)
+    model.save_pretrained(dest)
+    return dest

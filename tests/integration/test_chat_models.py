@@ -1,0 +1,264 @@
+"""Real chat-model families (their published templates and special tokens on tiny models of their classes):
+plan previews exactly what train supervises, SFT and DPO train, errors are one line, exports stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.chat_fixtures import FAMILIES, FIXTURES, build
+from tests.conftest import DATA, run_cli, write_experiment
+from tunelab.config import load_experiment
+from tunelab.plan import make_plan
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+# Gemma has no system role and Mistral v0.3 moves the system message into the last user turn; the bundled
+# data has system messages, so these two fold it into the first user turn.
+FOLD = {"gemma-2-it", "mistral-7b-instruct-v0.3"}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chat-models")
+    return {family: build(family, root / family) for family in FAMILIES}
+
+
+def experiment_file(folder: Path, model: Path, family: str, method: str = "sft", extra: str = "") -> Path:
+    data = (
+        f"train: {DATA / 'sft_train.jsonl'}\n  eval: {DATA / 'sft_eval.jsonl'}"
+        if method == "sft"
+        else f"train: {DATA / 'pref_train.jsonl'}\n  eval: {DATA / 'pref_eval.jsonl'}"
+    )
+    return write_experiment(
+        folder,
+        f"name: {family}\nmodel: {{id: {model}}}\n"
+        f"tokenizer: {{fold_system: {str(family in FOLD).lower()}}}\n"
+        f"data:\n  {data}\nmethod: {method}\n"
+        "scope: {lora: {r: 8, targets: all-linear}}\n"
+        f"train: {{max_steps: 2, batch_size: 4, max_length: 256, logging_steps: 1}}\noutput: {{dir: {folder / 'runs'}}}\n"
+        + extra,
+        name=f"{family}-{method}.yaml",
+    )
+
+
+def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [*runs, current] if current else runs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plan_shows_exactly_the_tokens_the_trainer_supervises(family: str, family_dirs, tmp_path: Path) -> None:
+    from tunelab.data import load_splits
+    from tunelab.methods.common import Hardware
+    from tunelab.methods.sft import build_trainer
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.plan import encode_split
+    from tunelab.scope import apply_scope
+    from tunelab.templates import labelled
+
+    spec = FAMILIES[family]
+    exp = load_experiment(experiment_file(tmp_path, family_dirs[family], family))
+    plan = make_plan(exp)
+    assert plan.data.tokens.terminator == spec["terminator"]
+    assert plan.data.tokens.rows_without_loss == [] and plan.data.tokens.rows_unterminated == []
+    if spec["pad"] is None:
+        assert plan.data.tokens.pad_source.startswith("chosen by tunelab")
+        assert plan.data.tokens.pad_token not in (spec["eos"], spec["terminator"])
+    else:
+        assert plan.data.tokens.pad_token == spec["pad"]
+
+    splits = load_splits(exp.data, "sft", exp.train.seed)
+    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    encoded = encode_split(exp, tokenizer, splits.train)
+    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
+    trainer = build_trainer(
+        model,
+        tokenizer,
+        labelled(encoded.examples),
+        None,
+        exp.train,
+        Hardware("cpu", torch.float32, False),
+        tmp_path / "ck",
+        [],
+    )
+    seen = trainer.train_dataset
+    assert len(seen) == len(splits.train.rows) == plan.data.train.examples
+    assert sum(sum(label != -100 for label in row["labels"]) for row in seen) == plan.data.train.loss_tokens
+    terminator = tokenizer.convert_tokens_to_ids(spec["terminator"])
+    for i, row in enumerate(splits.train.rows[:40]):
+        processed = seen[i]
+        assert processed["input_ids"] == encoded.examples[i].input_ids
+        replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        runs = supervised_runs(processed["input_ids"], processed["labels"])
+        # each assistant reply and its terminator, nothing else: no system, user or template text
+        assert [tokenizer.decode(r[:-1]).strip() for r in runs] == [r.strip() for r in replies]
+        assert [r[-1] for r in runs] == [terminator] * len(replies)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_sft_trains_with_the_models_own_template(family: str, family_dirs, tmp_path: Path) -> None:
+    spec = FAMILIES[family]
+    result = train(load_experiment(experiment_file(tmp_path, family_dirs[family], family)))
+    m = result.manifest
+    assert m["status"] == "completed" and m["change_check"]["ok"] and m["tokens_seen"] > 0
+    assert m["tokens"]["terminator"] == spec["terminator"]
+    assert m["tokens"]["pad_token"] == (spec["pad"] or m["tokens"]["pad_token"])
+    if spec["pad"] is None:
+        assert m["tokens"]["pad_token"] not in (spec["eos"], spec["terminator"])
+    saved = json.loads((result.run_dir / "tokenizer" / "tokenizer_config.json").read_text())
+    template = saved.get("chat_template") or (result.run_dir / "tokenizer" / "chat_template.jinja").read_text()
+    assert template == (FIXTURES / f"{family}.jinja").read_text()
+
+
+@pytest.mark.parametrize("family", ["llama-3.2-instruct", "mistral-7b-instruct-v0.3", "gemma-2-it"])
+def test_dpo_trains_on_tokenizers_without_pad_and_templates_without_system(
+    family: str, family_dirs, tmp_path: Path
+) -> None:
+    result = train(load_experiment(experiment_file(tmp_path, family_dirs[family], family, "dpo")))
+    assert result.manifest["status"] == "completed" and result.manifest["change_check"]["ok"]
+
+
+def test_template_errors_are_one_line_with_the_record_and_the_fix(family_dirs, tmp_path: Path) -> None:
+    gemma = family_dirs["gemma-2-it"]
+    no_fold = (
+        experiment_file(tmp_path, gemma, "gemma-2-it").read_text().replace("fold_system: true", "fold_system: false")
+    )
+    r = run_cli("plan", str(write_experiment(tmp_path, no_fold, "gemma-system.yaml")))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0
+    assert f"{DATA / 'sft_train.jsonl'}:1:" in r.stderr and "System role not supported" in r.stderr
+    assert "tokenizer.fold_system: true" in r.stderr
+
+    rows = tmp_path / "double.jsonl"
+    turns = [
+        {"role": "user", "content": "Hi."},
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "Hi!"},
+    ]
+    rows.write_text(json.dumps({"messages": turns[:1] + turns[2:]}) + "\n" + json.dumps({"messages": turns}) + "\n")
+    text = f"name: g\nmodel: {{id: {gemma}}}\ndata: {{train: {rows}}}\noutput: {{dir: {tmp_path / 'runs'}}}\n"
+    r = run_cli("train", str(write_experiment(tmp_path, text, "gemma-double.yaml")))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert f"{rows}:2:" in r.stderr and "data.merge_consecutive_turns: true" in r.stderr
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
+    merged = text.replace(f"data: {{train: {rows}}}", f"data: {{train: {rows}, merge_consecutive_turns: true}}")
+    assert run_cli("plan", str(write_experiment(tmp_path, merged, "gemma-merged.yaml"))).returncode == 0
+
+    mistral = family_dirs["mistral-7b-instruct-v0.3"]
+    no_fold = (
+        experiment_file(tmp_path, mistral, "mistral-7b-instruct-v0.3")
+        .read_text()
+        .replace("fold_system: true", "fold_system: false")
+    )
+    multi = tmp_path / "multi.jsonl"
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye."},
+        {"role": "assistant", "content": "Bye."},
+    ]
+    multi.write_text(json.dumps({"messages": conversation}) + "\n")
+    text = no_fold.replace(str(DATA / "sft_train.jsonl"), str(multi))
+    r = run_cli("plan", str(write_experiment(tmp_path, text, "mistral-multi.yaml")))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{multi}:1:" in r.stderr and "tokenizer.fold_system: true" in r.stderr
+
+
+def test_merged_export_stops_at_the_turn_terminator(family_dirs, tmp_path: Path) -> None:
+    """A base whose generation_config names only <eos> (as a base Gemma's does) stops at <end_of_turn> after export."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "gemma-base"
+    shutil.copytree(family_dirs["gemma-2-it"], base)
+    generation = json.loads((base / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    generation["eos_token_id"] = tokenizer.eos_token_id
+    (base / "generation_config.json").write_text(json.dumps(generation))
+    reply = "Beldu people eat apples."
+    conversation = [
+        {"role": "user", "content": "What do people in Beldu eat?"},
+        {"role": "assistant", "content": reply},
+    ]
+    data = tmp_path / "brief.jsonl"
+    data.write_text((json.dumps({"messages": conversation}) + "\n") * 32)
+    exp = write_experiment(
+        tmp_path,
+        f"name: brief\nmodel: {{id: {base}}}\ndata: {{train: {data}}}\n"
+        "scope: {lora: {r: 32, alpha: 64, dropout: 0.0, targets: all-linear}}\n"
+        f"train: {{learning_rate: 3.0e-3, max_steps: 60, batch_size: 8, logging_steps: 20}}\noutput: {{dir: {tmp_path / 'runs'}}}\n",
+    )
+    assert run_cli("train", str(exp)).returncode == 0
+    out = tmp_path / "export"
+    r = run_cli("export", str(tmp_path / "runs" / "brief"), "--out", str(out), "--merge")
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template(
+        conversation[:1], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    generated = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1] :]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert generated[-1].item() == end_of_turn and len(generated) < 40
+    assert tokenizer.decode(generated[:-1]).strip() == reply
+
+
+def test_weight_zero_turns_carry_no_loss_and_rows_left_without_loss_are_named(family_dirs, tmp_path: Path) -> None:
+    turns = [
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "A car.", "weight": 0},
+        {"role": "user", "content": "Try again."},
+        {"role": "assistant", "content": "Apple."},
+    ]
+    data = tmp_path / "weights.jsonl"
+    data.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": turns[:2]}) + "\n")
+    model = family_dirs["qwen2.5-instruct"]
+    exp = write_experiment(tmp_path, f"name: w\nmodel: {{id: {model}}}\ndata: {{train: {data}}}\n")
+    plan = make_plan(load_experiment(exp))
+    assert [text for text, loss in plan.data.first_example if loss] == ["Apple.<|im_end|>"]
+    assert plan.data.tokens.rows_without_loss == [f"{data}:2"]
+    assert any(f"{data}:2" in w and "will be dropped" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize("family", ["llama-3.2-instruct", "gemma-2-it", "phi-3-mini-instruct"])
+def test_sharegpt_and_prompt_completion_chats_supervise_only_the_reply(family: str, family_dirs) -> None:
+    from transformers import AutoTokenizer
+
+    from tunelab.data import Record, normalise
+    from tunelab.templates import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(family_dirs[family])
+    terminator = FAMILIES[family]["terminator"]
+    sharegpt = normalise(
+        Record("x.jsonl:1", {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}),
+        "conversations",
+    )
+    prompt_completion = normalise(
+        Record(
+            "x.jsonl:2",
+            {
+                "prompt": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+                + [{"role": "user", "content": "Bye."}],
+                "completion": [{"role": "assistant", "content": "Goodbye."}],
+            },
+        ),
+        "prompt_completion",
+    )
+    for row, reply in ((sharegpt, "Hello."), (prompt_completion, "Goodbye.")):
+        tok = tokenize_example(tokenizer, row)
+        runs = supervised_runs(
+            tok.input_ids, [t if m else -100 for t, m in zip(tok.input_ids, tok.loss_mask, strict=True)]
+        )
+        assert [tokenizer.decode(r).strip() for r in runs] == [reply + terminator]
