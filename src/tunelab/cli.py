@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, Terminated, TunelabError
 
 app = typer.Typer(
     help="Declarative fine-tuning experiments: plan, train and compare SFT/DPO runs with LoRA, partial or full "
@@ -67,6 +67,9 @@ def train(
     name: Annotated[str | None, typer.Option("--name", help="Run name (default: the experiment name).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an unfinished run from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --resume: continue although the data or experiment changed.")
+    ] = False,
     nproc: Annotated[
         int,
         typer.Option(
@@ -81,7 +84,7 @@ def train(
     from tunelab.config import load_experiment
 
     STATE["experiment"] = experiment
-    exp = load_experiment(experiment, [*(overrides or []), *([f"output.name={name}"] if name else [])])
+    exp = load_experiment(experiment, overrides, run_name=name)
     engine = distributed.read_engine(exp.distributed.accelerate_config)
     if not distributed.under_launcher() and (nproc > 1 or engine is not None):
         from tunelab.models import pick_device
@@ -94,7 +97,7 @@ def train(
 
     if distributed.is_main():
         print_plan(make_plan(exp))
-    result = run_training(exp, resume=resume, overwrite=overwrite)
+    result = run_training(exp, resume=resume, overwrite=overwrite, force=force)
     if distributed.is_main():
         print_run(result.run_dir, result.manifest)
 
@@ -201,18 +204,36 @@ def export(
     print(f"exported to {export_run(run, out, merge)}")
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    import signal
     import warnings
 
     # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into an exit code it returns (in non-standalone mode)
+            print("interrupted", file=sys.stderr)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        sys.exit(143)
     except TunelabError as e:
         if STATE["debug"]:
             raise
         where = f"{STATE['experiment']}: " if isinstance(e, ConfigError) and STATE["experiment"] else ""
         print(f"error: {where}{e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # disk full, read-only or missing folders: the file and the reason, no traceback
+        if STATE["debug"] or e.filename is None:
+            raise
+        print(f"error: {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)

@@ -311,6 +311,11 @@ def compare(
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble."""
     runs = _load_runs(run_dirs)
+    if include_base and any(m["name"] == "base" for _, m in runs):
+        raise TunelabError(
+            "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
+            "or retrain it under another --name"
+        )
     exp = load_run_experiment(runs[0][0])
     prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.

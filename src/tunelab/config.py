@@ -18,6 +18,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from tunelab.errors import TunelabError, did_you_mean
 
 LAYER_WORDS = ("all", "last-half", "first-half")
+# A run name is one path component: no separators, no leading dot, nothing a terminal renderer interprets.
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+MAX_EXPERIMENT_BYTES = 1_000_000
+MAX_YAML_VALUES = 100_000  # after alias expansion; a real experiment has a few hundred
 TARGET_PRESETS = ("qv", "qkvo", "attention", "mlp", "all-linear")
 BUILTIN_PREFIX = "builtin:"
 
@@ -302,7 +306,11 @@ class TrainSettings(Strict):
 
 class OutputSettings(Strict):
     dir: str = Field(default="runs", description="Folder that holds run directories.")
-    name: str | None = Field(default=None, description="Run directory name; defaults to the experiment name.")
+    name: str | None = Field(
+        default=None,
+        pattern=RUN_NAME,
+        description="Run directory name (letters, digits, '.', '_', '-'; up to 100); defaults to the experiment name.",
+    )
 
 
 class DistributedSettings(Strict):
@@ -314,7 +322,7 @@ class DistributedSettings(Strict):
 
 
 class Experiment(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Experiment name; names the run directory.")
+    name: str = Field(pattern=RUN_NAME, description="Experiment name; names the run directory.")
     model: ModelSettings = Field(description="The base model.")
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings, description="Tokenizer and template.")
     data: DataSettings = Field(description="Training and evaluation data.")
@@ -368,23 +376,44 @@ class Experiment(Strict):
 # ---------------------------------------------------------------- loading
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, override and validate an experiment file; relative paths resolve against its folder."""
+def load_experiment(path: str | Path, overrides: list[str] | None = None, run_name: str | None = None) -> Experiment:
+    """Read, override and validate an experiment file; relative paths resolve against its folder.
+
+    `run_name` (the CLI's --name) is taken as it is written, never parsed as YAML.
+    """
     path = Path(path)
     raw, lines = read_yaml(path)
     raw.setdefault("name", path.stem)
     for item in overrides or []:
         apply_override(raw, item)
+    if run_name is not None:
+        check_run_name(run_name, "--name")
+        set_key(raw, "output.name", run_name, where="--name")
     exp = validate(raw, source=str(path), lines=lines)
     return resolve_paths(exp, path.parent)
+
+
+def check_run_name(name: str, where: str) -> None:
+    if not re.fullmatch(RUN_NAME, name):
+        raise TunelabError(
+            f"{where}: {name!r} is not a run name; use letters, digits, '.', '_' and '-' (up to 100, "
+            "starting with a letter or digit), with no path separators"
+        )
 
 
 def read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
     """A YAML mapping and the line of each of its keys."""
     if not path.is_file():
         raise TunelabError(f"{path}: file not found")
-    text = path.read_text()
+    if path.stat().st_size > MAX_EXPERIMENT_BYTES:
+        raise TunelabError(f"{path}: {path.stat().st_size} bytes is too large for an experiment file (at most 1 MB)")
     try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise TunelabError(f"{path}: not a UTF-8 text file (byte {e.start}); an experiment file is YAML text") from e
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_nodes(root, path)
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -394,7 +423,41 @@ def read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
         raw = {}
     if not isinstance(raw, dict):
         raise TunelabError(f"{path}: expected a mapping of keys (name, model, data, ...)")
-    return raw, _line_map(text)
+    return raw, _line_map(root)
+
+
+def _check_nodes(root: yaml.Node | None, path: Path) -> None:
+    """Refuse duplicate keys (YAML keeps the last one silently) and alias bombs (values that expand without bound)."""
+    expanded: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in expanded:
+            return expanded[id(node)]
+        expanded[id(node)] = 1  # a cycle counts once
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":  # "<<" merges, and may repeat
+                    if key.value in seen:
+                        raise TunelabError(
+                            f"{path}:{key.start_mark.line + 1}: key '{key.value}' is written twice (first on line "
+                            f"{seen[key.value]}); keep one"
+                        )
+                    seen[key.value] = key.start_mark.line + 1
+                total += size(key) + size(value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        expanded[id(node)] = total
+        if total > MAX_YAML_VALUES:
+            raise TunelabError(
+                f"{path}:{node.start_mark.line + 1}: expands to more than {MAX_YAML_VALUES} values "
+                "(nested YAML aliases?); write the values out"
+            )
+        return total
+
+    if root is not None:
+        size(root)
 
 
 def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None) -> Experiment:
@@ -427,15 +490,18 @@ def _nearest_line(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> in
     return 1
 
 
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path in a YAML document to the 1-based line where its key is written."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
+def _line_map(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to the 1-based line where its key is written.
+
+    An aliased node is walked once, at its anchor: its keys are written there.
+    """
     found: dict[tuple[str, ...], int] = {}
+    walked: set[int] = set()
 
     def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
                 path = (*prefix, str(key_node.value))

@@ -17,3 +17,7 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 class ConfigError(TunelabError):
     """A problem with a key of the experiment file; the CLI prefixes the file's path."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler or `kill` stopping the run). Not an Exception, so no handler swallows it."""

@@ -137,7 +137,11 @@ def load_tokenizer(tok: TokenizerSettings, model: ModelSettings) -> PreTrainedTo
 
 
 def fingerprint(model_id: str, revision: str | None = None) -> str:
-    """Identify a base model by its config and weight files (size plus the safetensors header)."""
+    """Identify a base model by its config and the contents of its weight files.
+
+    Shapes alone cannot tell a base from a merged export of it; the weights' digests can. Digests are cached
+    by file path, size and modification time, so an 8B model is hashed once, not at every run.
+    """
     path = Path(model_path(model_id))
     if not path.is_dir():
         return hashlib.sha256(f"{model_id}@{revision or 'main'}".encode()).hexdigest()[:16]
@@ -146,10 +150,34 @@ def fingerprint(model_id: str, revision: str | None = None) -> str:
     config.pop("transformers_version", None)
     h.update(json.dumps(config, sort_keys=True).encode())
     for weights in sorted(path.glob("*.safetensors")):
-        with open(weights, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(weights.name.encode() + str(weights.stat().st_size).encode() + f.read(header_len))
+        h.update(weights.name.encode() + _file_digest(weights).encode())
     return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    from tunelab.builtin import cache_root
+
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_file = cache_root() / "weight-digests.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        cache[key] = h.hexdigest()
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs the hashing next time
+    return cache[key]
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> PreTrainedModel:

@@ -15,6 +15,7 @@ Every JSON file is written to a temporary name and renamed, so a crash never lea
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -52,7 +53,13 @@ def read_manifest(run_dir: Path) -> dict:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise TunelabError(f"{run_dir}: not a tunelab run (no {MANIFEST})")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TunelabError(f"{path}: unreadable ({e}); the run's record is damaged") from e
+    if not isinstance(manifest, dict):
+        raise TunelabError(f"{path}: unreadable (not a JSON object); the run's record is damaged")
+    return manifest
 
 
 def versions() -> dict[str, str]:
@@ -83,6 +90,13 @@ class Run:
     manifest: dict
     resuming: bool
     writable: bool = True  # False on every process but the first of a multi-process run
+    lock_fd: int | None = None  # held while this process trains the run
+
+    def close(self) -> None:
+        """Release the run's lock (the OS releases it too when the process dies)."""
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def update(self, **fields: Any) -> None:
         self.manifest.update(fields)
@@ -99,13 +113,61 @@ class Run:
         return self.dir / CHECKPOINTS
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders, oldest first."""
     folder = run_dir / CHECKPOINTS
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) if folder.is_dir() else []
-    return found[-1] if found else None
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def open_run(exp: Experiment, resume: bool, overwrite: bool, main_process: bool = True) -> Run:
+def complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing a checkpoint: it writes trainer_state.json after the weights,
+    optimizer and scheduler, so a readable one marks a checkpoint a crash did not cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    has_optimizer = any(p.name.startswith("optimizer") for p in checkpoint.iterdir())
+    if not (has_optimizer and (checkpoint / "scheduler.pt").is_file()):
+        raise TunelabError(
+            f"{checkpoint}: has no optimizer or scheduler state, so resuming would restart AdamW and the learning "
+            "rate from zero; remove this checkpoint folder to resume from an earlier one, or use --overwrite"
+        )
+    return True
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint; ones a crash cut short are passed over."""
+    return next((c for c in reversed(checkpoints(run_dir)) if complete(c)), None)
+
+
+def changed_inputs(old: dict, exp: Experiment, provenance: dict) -> list[str]:
+    """What differs between a run's recorded inputs and this attempt's: experiment, data, template, base weights."""
+    changed = []
+    if old.get("config_hash") != exp.config_hash():
+        changed.append(f"the experiment changed (config hash {old.get('config_hash')} -> {exp.config_hash()})")
+    old_data, new_data = (old.get("data") or {}).get("hashes"), (provenance.get("data") or {}).get("hashes")
+    if old_data and new_data and old_data != new_data:
+        files = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
+        changed.append(f"the data changed ({', '.join(files)})")
+    for key, what in (("chat_template_hash", "the chat template"),):
+        if old.get(key) and provenance.get(key) and old[key] != provenance[key]:
+            changed.append(f"{what} changed")
+    old_base = (old.get("base_model") or {}).get("fingerprint")
+    new_base = (provenance.get("base_model") or {}).get("fingerprint")
+    if old_base and new_base and old_base != new_base:
+        changed.append(f"the base model's weights changed (fingerprint {old_base} -> {new_base})")
+    return changed
+
+
+def open_run(
+    exp: Experiment,
+    resume: bool,
+    overwrite: bool,
+    main_process: bool = True,
+    provenance: dict | None = None,
+    force: bool = False,
+) -> Run:
     """Create the run directory, or reopen it for --resume; never clobber a run without --overwrite.
 
     In a multi-process run only the main process touches the directory; the others get a read-only view.
@@ -118,6 +180,47 @@ def open_run(exp: Experiment, resume: bool, overwrite: bool, main_process: bool 
             resuming=resume and last_checkpoint(run_dir) is not None,
             writable=False,
         )
+    lock_fd = lock_run(Path(exp.output.dir), exp.run_name)
+    try:
+        run = _open(exp, run_dir, resume, overwrite, provenance, force)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    run.lock_fd = lock_fd
+    return run
+
+
+def lock_run(output_dir: Path, name: str) -> int:
+    """One writer per run: an OS lock beside the run folder (it survives --overwrite), held for the training's
+    life and released by the OS when the holder dies, so it is never stale."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise TunelabError(
+            f"{output_dir / name}: process {holder} is training this run now; wait for it, or use --name "
+            "to start another run"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _refuse_links(run_dir: Path) -> None:
+    """tunelab writes only into real files of the run folder: a symbolic link could send writes elsewhere."""
+    if run_dir.is_symlink():
+        raise TunelabError(f"{run_dir}: is a symbolic link; a run folder must be a real folder inside output.dir")
+    if run_dir.is_dir():
+        for entry in run_dir.iterdir():
+            if entry.is_symlink():
+                raise TunelabError(f"{entry}: is a symbolic link inside the run folder; remove it")
+
+
+def _open(exp: Experiment, run_dir: Path, resume: bool, overwrite: bool, provenance: dict | None, force: bool) -> Run:
+    _refuse_links(run_dir)
     manifest_path = run_dir / MANIFEST
     if run_dir.exists() and not manifest_path.is_file() and any(run_dir.iterdir()):
         raise TunelabError(f"{run_dir}: exists and is not a tunelab run; choose another --name or output.dir")
@@ -125,16 +228,23 @@ def open_run(exp: Experiment, resume: bool, overwrite: bool, main_process: bool 
         old = read_manifest(run_dir)
         status = old.get("status")
         if overwrite:
+            if old.get("name") != exp.run_name or run_dir.resolve().parent != Path(exp.output.dir).resolve():
+                raise TunelabError(
+                    f"{run_dir}: holds a run named {old.get('name')!r}; --overwrite replaces only its own run"
+                )
             shutil.rmtree(run_dir)
         elif resume:
             if status == "completed":
                 raise TunelabError(f"{run_dir}: already completed; nothing to resume (use --overwrite to retrain)")
-            if old.get("config_hash") != exp.config_hash():
+            changed = changed_inputs(old, exp, provenance or {})
+            if changed and not force:
                 raise TunelabError(
-                    f"{run_dir}: the experiment changed since this run started (config hash "
-                    f"{old.get('config_hash')} -> {exp.config_hash()}); use --name for a new run"
+                    f"{run_dir}: since this run started, {'; '.join(changed)}; resuming would mix two experiments: "
+                    "use --name for a new run, or --force to continue anyway"
                 )
-            old.update(status="running", resumed_at=now(), error=None)
+            old.update(
+                status="running", resumed_at=now(), error=None, **({"forced_resume": changed} if changed else {})
+            )
             run = Run(run_dir, old, resuming=last_checkpoint(run_dir) is not None)
             if not run.resuming:  # it died before its first checkpoint: start over, without its metrics
                 (run_dir / METRICS).unlink(missing_ok=True)
@@ -191,7 +301,11 @@ def list_runs(root: Path) -> list[dict]:
         run_dir = manifest_path.parent
         if len(run_dir.relative_to(root).parts) > 3 or CHECKPOINTS in run_dir.parts:
             continue
-        m = json.loads(manifest_path.read_text())
+        try:
+            m = read_manifest(run_dir)
+        except TunelabError:
+            rows.append({"name": run_dir.name, "dir": str(run_dir), "status": "unreadable", "created_at": None})
+            continue
         rows.append(
             {
                 "name": m.get("name"),

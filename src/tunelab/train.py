@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tunelab import distributed
 from tunelab.config import Experiment
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, Terminated, TunelabError
 from tunelab.runs import (
     ADAPTER,
     FULL_MODEL,
@@ -27,6 +27,7 @@ from tunelab.runs import (
     TOKENIZER,
     TRAINED,
     Run,
+    checkpoints,
     last_checkpoint,
     now,
     open_run,
@@ -60,7 +61,7 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
             self.started = self.last_time = time.perf_counter()
             self.first_step = 0
             self.last_tokens: float | None = None
-            self.bad_loss: float | None = None
+            self.bad: str | None = None  # why training stopped early: a non-finite loss or weights
 
         def on_train_begin(self, args, state, control, **kw):
             self.started = self.last_time = time.perf_counter()
@@ -84,7 +85,7 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
             run.log_metrics(record)
             loss = logs.get("loss")
             if loss is not None and not math.isfinite(loss):
-                self.bad_loss = loss
+                self.bad = f"the loss became {loss}"
                 control.should_training_stop = True
                 control.should_save = False
             if "loss" in logs:
@@ -102,6 +103,14 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                     flush=True,
                 )
 
+        def on_step_end(self, args, state, control, model=None, **kw):
+            # A weight update can go non-finite while the loss that produced it was still finite: never let such
+            # weights become a checkpoint that --resume (or a study re-run) would pick up.
+            if control.should_save and model is not None and not _finite(model):
+                control.should_save = False
+                control.should_training_stop = True
+                self.bad = "the trained weights became non-finite"
+
         def on_save(self, args, state, control, **kw):
             # A test hook: die hard right after a checkpoint, as a crash would.
             kill_at = os.environ.get("TUNELAB_TEST_SIGKILL_AFTER_SAVE")
@@ -113,6 +122,13 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                 print(flush=True)
 
     return Record()
+
+
+def _finite(model) -> bool:
+    import torch
+
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
 
 
 def _digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -181,6 +197,40 @@ def _final_eval_loss(trainer) -> float:
     return trainer.evaluate()["eval_loss"]
 
 
+def _drop_incomplete(run: Run, chosen: Path) -> str:
+    """Remove checkpoints newer than the one resumed from: a crash cut them short, and the Trainer would write
+    into their folders again. Returns a note for the user."""
+    import shutil
+
+    step = int(chosen.name.split("-")[-1])
+    cut = [c for c in checkpoints(run.dir) if int(c.name.split("-")[-1]) > step]
+    for c in cut:
+        shutil.rmtree(c)
+    return f" (removed incomplete {', '.join(c.name for c in cut)})" if cut else ""
+
+
+def _finished(checkpoint: Path) -> bool:
+    """Whether a checkpoint holds the last step: the crash came after it, before the result was saved."""
+    import json
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+
+
+def _load_finished(trainer, checkpoint: Path) -> None:
+    """Take a finished checkpoint's weights and state as the result, without a training step.
+
+    `trainer.train(resume_from_checkpoint=...)` runs one more optimizer step when the checkpoint is already at
+    max_steps (Transformers checks for the end after a step, not before), which would change the weights.
+    """
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    # The Trainer's own checkpoint loader (adapters, sharded and safetensors weights); it has no public name.
+    trainer._load_from_checkpoint(str(checkpoint))  # noqa: SLF001
+    return None
+
+
 def _trim_metrics(run: Run, up_to_step: int) -> None:
     """On resume, drop metrics logged after the checkpoint; training repeats those steps."""
     import json
@@ -216,8 +266,8 @@ def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
     return source
 
 
-def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> TrainResult:
-    """Run one experiment into its run directory."""
+def train(exp: Experiment, resume: bool = False, overwrite: bool = False, force: bool = False) -> TrainResult:
+    """Run one experiment into its run directory. `force` resumes even where the inputs changed."""
     from tunelab.data import file_hashes, load_splits
     from tunelab.models import fingerprint, load_tokenizer, model_path, pick_device
     from tunelab.plan import encode_split
@@ -237,7 +287,6 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
     checks = check_tokens(tokenizer, encoded, exp.train.max_length)
     base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
-    run = open_run(exp, resume, overwrite, main_process=distributed.is_main())
     provenance = {
         "base_model": {
             "id": exp.model.id,
@@ -255,16 +304,20 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False) -> Tra
         "chat_template_hash": template_hash(tokenizer.chat_template),
         "tokens": checks.record(),
     }
+    run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
         result = _train_in(run, exp, splits, encoded, tokenizer, init_from, engine, provenance)
         distributed.finish()
         return result
-    except KeyboardInterrupt:
-        run.update(status="interrupted", ended_at=now(), error="interrupted by the user (Ctrl-C)")
+    except (KeyboardInterrupt, Terminated) as e:
+        why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted by the user (Ctrl-C)"
+        run.update(status="interrupted", ended_at=now(), error=why)
         raise
     except BaseException as e:
         run.update(status="failed", ended_at=now(), error=f"{type(e).__name__}: {e}".splitlines()[0])
         raise
+    finally:
+        run.close()
 
 
 def _load_scoped_model(exp: Experiment, init_from: Path | None, dtype, device: str):
@@ -396,6 +449,8 @@ def _train_in(
     running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
     distributed.check_launch(trainer.args.world_size, engine, running)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None
+    if checkpoint is not None and run.writable:
+        print(f"resuming from {checkpoint.name}{_drop_incomplete(run, checkpoint)}", flush=True)
     # The untrained eval loss, measured inside train() (after the model is wrapped for DDP/FSDP) on a fresh run.
     trainer.args.eval_on_start = bool(splits.eval) and checkpoint is None
     if checkpoint is None:
@@ -403,10 +458,15 @@ def _train_in(
     else:
         _trim_metrics(run, int(checkpoint.name.split("-")[-1]))
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if recorder.bad_loss is not None:
+    if checkpoint is not None and _finished(checkpoint):
+        runtime = _load_finished(trainer, checkpoint)
+    else:
+        runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
+            "train_runtime"
+        )
+    if recorder.bad is not None:
         raise NonFiniteLoss(
-            f"training stopped: the loss became {recorder.bad_loss} at step "
+            f"training stopped: {recorder.bad} at step "
             f"{trainer.state.global_step}; lower train.learning_rate (last good checkpoint: "
             f"{last_checkpoint(run.dir)})"
         )
@@ -430,7 +490,7 @@ def _train_in(
         final_train_loss=train_losses[-1] if train_losses else None,
         global_steps=trainer.state.global_step,
         train_seconds=round(time.perf_counter() - started, 2),
-        train_runtime=output.metrics.get("train_runtime"),
+        train_runtime=runtime,
         tokens_seen=trainer.state.num_input_tokens_seen,
         change_check=check,
         preference_accuracy_after=accuracy_after,

@@ -129,6 +129,67 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir
     assert losses[0] == losses[1]
 
 
+def test_a_crash_after_the_last_checkpoint_resumes_without_an_extra_step(tmp_path: Path, tiny_model_dir) -> None:
+    """Killed after the final checkpoint, before the result was saved: resume saves that checkpoint's weights."""
+    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
+    crashed, killed = straight_and_killed("lora-qv", 6, tmp_path, *steps)
+    assert killed == -9 and not (tmp_path / "crashed" / "adapter").exists()
+    resumed = run_cli(*crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step 7/6" not in resumed.stdout
+    assert read_manifest(tmp_path / "crashed")["global_steps"] == 6
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, crashed_m = read_manifest(tmp_path / "straight"), read_manifest(tmp_path / "crashed")
+    assert crashed_m["final_eval_loss"] == straight["final_eval_loss"]
+    assert crashed_m["base_eval_loss"] == straight["base_eval_loss"]
+
+
+@pytest.mark.parametrize(("signal_name", "code", "why"), [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_a_signal_marks_the_run_and_exits_with_its_code(
+    signal_name: str, code: int, why: str, tmp_path: Path, tiny_model_dir
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "quickstart.yaml")]
+    command += ["--set", f"output.dir={tmp_path}", "--set", "train.epochs=100", "--set", "train.logging_steps=1"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "quickstart" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
+        time.sleep(0.5)
+    os.kill(proc.pid, getattr(signal, signal_name))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] in ("interrupted", "terminated")
+    manifest = read_manifest(tmp_path / "quickstart")
+    assert manifest["status"] == "interrupted" and why in manifest["error"]
+
+
+def test_no_checkpoint_holds_non_finite_weights(tmp_path: Path, tiny_model_dir) -> None:
+    """A step that makes the weights infinite still logs a finite loss (computed before the update)."""
+    from safetensors.torch import load_file
+
+    exp = experiment(
+        "quickstart",
+        tmp_path,
+        "train.learning_rate=1e39",
+        "train.max_grad_norm=1e30",
+        "train.max_steps=4",
+        "train.save_steps=1",
+        "train.logging_steps=1",
+    )
+    with pytest.raises(TunelabError, match=r"training stopped: .* at step 1; lower train.learning_rate"):
+        train(exp)
+    for ckpt in (tmp_path / "runs" / "quickstart" / "checkpoints").glob("checkpoint-*"):
+        weights = load_file(str(ckpt / "adapter_model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights.values()), ckpt.name
+
+
 def test_bad_data_fails_cleanly_without_a_run(tmp_path: Path, tiny_model_dir) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n')

@@ -246,23 +246,11 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
     for col in ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss", "time s", "created"):
         table.add_column(col)
     for r in rows:
-        scope = r["scope"] or "-"
+        scope = r.get("scope") or "-"
         if r.get("target_modules"):
             scope += f" {','.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
-        table.add_row(
-            *(
-                str(x) if x is not None else "-"
-                for x in (
-                    r["name"],
-                    r["status"],
-                    r["method"],
-                    scope,
-                    r["trainable_percent"],
-                    r["final_train_loss"],
-                    r["eval_loss"],
-                    r["train_seconds"],
-                    r["created_at"],
-                )
-            )
-        )
+        keys = ("name", "status", "method", None, "trainable_percent", "final_train_loss", "eval_loss")
+        cells = [scope if k is None else r.get(k) for k in (*keys, "train_seconds", "created_at")]
+        # Text, not markup: names and paths come from disk and must print as they are.
+        table.add_row(*(Text(str(x) if x is not None else "-") for x in cells))
     console.print(table)
