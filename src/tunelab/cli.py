@@ -119,21 +119,36 @@ def compare(
     runs: Annotated[list[Path], typer.Argument(help="Run directories that share a base model.")],
     base: Annotated[bool, typer.Option("--base/--no-base", help="Include the untrained base model.")] = True,
     prompts: Annotated[
-        Path | None, typer.Option("--prompts", help="JSONL of prompt or messages (+ expectations).")
+        Path | None,
+        typer.Option("--prompts", help="JSONL of prompt or messages (+ expectations).", exists=True, dir_okay=False),
     ] = None,
-    eval_file: Annotated[Path | None, typer.Option("--eval", help="Held-out SFT data for eval loss.")] = None,
+    eval_file: Annotated[
+        Path | None, typer.Option("--eval", help="Held-out SFT data for eval loss.", exists=True, dir_okay=False)
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.json/.md/.html.")] = Path("reports/compare"),
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generated tokens per output.")] = 48,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Generated tokens per output.", min=1, max=100_000)
+    ] = 48,
     temperature: Annotated[
-        float | None, typer.Option("--temperature", help="Sample at this temperature (default: greedy).")
+        float | None,
+        typer.Option("--temperature", help="Sample at this temperature (default: greedy).", min=0),
     ] = None,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass, with --temperature.")] = 1.0,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Nucleus sampling mass, with --temperature.", min=0, max=1)
+    ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
     from tunelab.compare import write_report
     from tunelab.report.terminal import print_comparison
+
+    if temperature == 0:
+        raise TunelabError("--temperature: 0 is greedy decoding; leave --temperature out for that")
+    if top_p == 0:
+        raise TunelabError("--top-p: 0 keeps no token; give a value in (0, 1]")
+    if out.exists() and not out.is_dir():
+        raise TunelabError(f"--out {out}: is a file; give a folder for the report")
 
     result = run_compare(
         runs,
@@ -238,12 +253,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.exceptions.TyperException as e:  # usage errors (typer's own click) carry their exit code
+        if not hasattr(e, "show"):
+            raise
+        e.show()
+        sys.exit(getattr(e, "exit_code", 2))

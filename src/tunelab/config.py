@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.errors import TunelabError, did_you_mean
 
@@ -45,7 +45,7 @@ def _check_layer_selection(value: Any) -> Any:
     if isinstance(value, dict) and len(value) == 1 and set(value) <= {"last", "first"}:
         return value
     if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
+        value = [value]
     if isinstance(value, list) and value:
         for item in value:
             ok_int = isinstance(item, int) and not isinstance(item, bool) and item >= 0
@@ -135,6 +135,13 @@ class DataSettings(Strict):
         "that require user/assistant turns to alternate.",
     )
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _some_files(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list; give at least one data file")
+        return value
+
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSettings:
         if self.eval is not None and self.eval_fraction is not None:
@@ -160,7 +167,7 @@ class DPOSettings(Strict):
 
 
 class LoraScope(Strict):
-    r: int = Field(default=16, gt=0, description="LoRA rank: the capacity of the update.")
+    r: int = Field(default=16, gt=0, le=65536, description="LoRA rank: the capacity of the update.")
     alpha: float = Field(default=32, gt=0, description="LoRA scaling (lora_alpha); the update is scaled by alpha/r.")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     bias: Literal["none", "all", "lora_only"] = Field(
@@ -235,6 +242,22 @@ class Scope(Strict):
         return "full"
 
 
+TRACKERS = Literal[
+    "tensorboard",
+    "mlflow",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "neptune",
+    "clearml",
+    "dvclive",
+    "swanlab",
+    "codecarbon",
+    "azure_ml",
+    "dagshub",
+    "flyte",
+    "kubeflow",
+]
 SCHEDULERS = Literal[
     "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt"
 ]
@@ -242,7 +265,7 @@ SCHEDULERS = Literal[
 
 class TrainSettings(Strict):
     learning_rate: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the training data.")
+    epochs: float = Field(default=1.0, gt=0, le=1e6, allow_inf_nan=False, description="Passes over the training data.")
     max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
     batch_size: int = Field(
         default=4,
@@ -259,19 +282,24 @@ class TrainSettings(Strict):
         "peak memory. None: 2 where batch_size is even and at least 4 (SFT), else batch_size (no split).",
     )
     grad_accumulation: int = Field(default=1, gt=0, description="Forward passes per optimizer step.")
-    max_length: int = Field(default=1024, gt=0, description="Tokens per example; longer examples are truncated.")
+    max_length: int = Field(
+        default=1024, ge=2, le=10_000_000, description="Tokens per example; longer examples are truncated."
+    )
     warmup: float = Field(
-        default=0.0, ge=0, description="Learning-rate warmup: a fraction of all steps if < 1, else a step count."
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Learning-rate warmup: a fraction of all steps if < 1, else a step count.",
     )
     scheduler: SCHEDULERS = Field(default="linear", description="Learning-rate schedule after warmup.")
-    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, allow_inf_nan=False, description="Gradient clipping norm.")
     optimizer: str | None = Field(
         default=None,
         description="Transformers optimizer name (TrainingArguments.optim); None keeps Transformers' default "
         "(fused AdamW on torch >= 2.8).",
     )
-    seed: int = Field(default=42, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     gradient_checkpointing: OnOffAuto = Field(
         default="auto",
         description="Recompute activations to save memory. auto: on only when the plan's estimate does not "
@@ -299,8 +327,10 @@ class TrainSettings(Strict):
     )
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept for resuming.")
     pin_memory: OnOffAuto = Field(default="auto", description="Pin dataloader memory. auto: on for CUDA only.")
-    report_to: list[str] = Field(
-        default_factory=list, description="Experiment trackers: tensorboard, mlflow, wandb, trackio."
+    report_to: list[TRACKERS] = Field(
+        default_factory=list,
+        description="Experiment trackers (Transformers' report_to): tensorboard, mlflow, wandb, trackio, ...; the "
+        "tracker's package must be installed.",
     )
 
 
@@ -389,7 +419,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, run_na
     if run_name is not None:
         check_run_name(run_name, "--name")
         set_key(raw, "output.name", run_name, where="--name")
-    exp = validate(raw, source=str(path), lines=lines)
+    # A value given on the command line is reported there, not at a line of the file.
+    given = {item.partition("=")[0].strip(): f"--set {item.partition('=')[0].strip()}" for item in overrides or []}
+    given |= {"output.name": "--name"} if run_name is not None else {}
+    exp = validate(raw, source=str(path), lines=lines, given=given)
     return resolve_paths(exp, path.parent)
 
 
@@ -460,19 +493,26 @@ def _check_nodes(root: yaml.Node | None, path: Path) -> None:
         size(root)
 
 
-def validate(raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None) -> Experiment:
+def validate(
+    raw: dict, source: str, lines: dict[tuple[str, ...], int] | None = None, given: dict[str, str] | None = None
+) -> Experiment:
+    """Validate a raw experiment; `given` maps keys set on the command line to how they were given."""
     try:
         return Experiment.model_validate(raw)
     except ValidationError as e:
-        raise TunelabError(_one_line(e, source, lines or {})) from e
+        raise TunelabError(_one_line(e, source, lines or {}, given or {})) from e
 
 
-def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], int]) -> str:
+def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], int], given: dict[str, str]) -> str:
     first = error.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
     # Pydantic adds union-member tags such as 'list[union[int,str]]' to the location; drop them.
-    loc = tuple(p for p in loc if not re.search(r"[\[\]]", p) and p not in ("LastN", "FirstN"))
+    loc = tuple(p for p in loc if not re.search(r"[\[\]]", p) and p not in ("LastN", "FirstN", "str"))
     where = source + (f":{_nearest_line(loc, lines)}" if lines else "")
+    dotted = ".".join(loc)
+    for key, label in given.items():
+        if dotted == key or dotted.startswith(key + "."):
+            where = label
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
         fields = _fields_at(loc[:-1])
@@ -480,7 +520,9 @@ def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], 
     if first["type"] == "missing":
         return f"{where}: missing required key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
-    return f"{where}: {key}: {msg}" if key else f"{where}: {msg}"
+    if where.startswith("--") or not key:  # "--set train.seed: ..." already names the key
+        return f"{where}: {msg}"
+    return f"{where}: {key}: {msg}"
 
 
 def _nearest_line(loc: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> int:

@@ -190,6 +190,11 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
             if m["weight"] not in (0, 1) or m["role"] != "assistant":
                 raise TunelabError(f"{record.where}: {name}[{i}].weight must be 0 or 1, on assistant messages only")
             message["weight"] = int(m["weight"])
+        if need_assistant and m["role"] == "assistant" and not m["content"].strip() and message.get("weight", 1):
+            raise TunelabError(
+                f"{record.where}: {name}[{i}] is an empty assistant reply, which would teach the model to say "
+                'nothing; fill in the reply, remove the record, or give the message "weight": 0'
+            )
         out.append(message)
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise TunelabError(f"{record.where}: '{name}' has no assistant message, so nothing would be learned")

@@ -7,12 +7,14 @@ docs/memory.md.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 
 from tunelab.config import Experiment
 from tunelab.data import Split, as_sft_row, load_splits
 from tunelab.distributed import Engine
+from tunelab.errors import ConfigError
 from tunelab.methods.common import Batching, batching
 from tunelab.scope import ResolvedScope
 from tunelab.templates import Encoded, TokenChecks, check_tokens, encode, loss_segments
@@ -63,6 +65,7 @@ class SplitStats:
     tokens_max: int
     truncated: int
     loss_tokens: int
+    without_loss: int = 0  # examples left with no loss token within max_length (the trainer drops them)
 
 
 @dataclass
@@ -220,6 +223,7 @@ def split_stats(enc: Encoded, examples: int, max_length: int) -> SplitStats:
         tokens_max=lengths[-1],
         truncated=sum(n > max_length for n in lengths),
         loss_tokens=sum(sum(e.loss_mask[:max_length]) for e in enc.examples),
+        without_loss=len(enc.no_loss_after(max_length)),
     )
 
 
@@ -255,6 +259,43 @@ def data_stats(exp: Experiment, tokenizer, limit: int = 2000) -> DataStats:
     )
 
 
+def optimizer_steps(exp: Experiment, n_train: int) -> int:
+    if exp.train.max_steps:
+        return exp.train.max_steps
+    per_step = exp.train.batch_size * exp.train.grad_accumulation
+    return math.ceil(math.ceil(n_train / per_step) * exp.train.epochs)
+
+
+def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int, hidden_size: int) -> list[str]:
+    """Settings that cannot work with this data raise; settings that waste something are returned as warnings.
+
+    `measured` rows were tokenized, `unsupervised` of them carry no loss within max_length.
+    """
+    t = exp.train
+    if t.batch_size > n_train:
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is more than the {n_train} training examples; use at most {n_train}"
+        )
+    steps = optimizer_steps(exp, n_train)
+    if t.warmup >= 1 and t.warmup >= steps:
+        raise ConfigError(
+            f"train.warmup: {t.warmup:g} steps is not less than the run's {steps} optimizer steps, so the learning "
+            "rate would never leave warmup; use fewer steps or a fraction below 1"
+        )
+    if measured and unsupervised == measured:
+        raise ConfigError(
+            f"train.max_length: {t.max_length} leaves none of the training examples with a token that carries "
+            "loss; raise it"
+        )
+    warnings = []
+    if exp.scope.lora is not None and exp.scope.lora.r > hidden_size:
+        warnings.append(
+            f"scope.lora.r={exp.scope.lora.r} is above the model's hidden size ({hidden_size}): an update cannot have "
+            f"a higher rank than its smallest dimension, so r={hidden_size} gives the same capacity for less memory"
+        )
+    return warnings
+
+
 def make_plan(exp: Experiment) -> Plan:
     from tunelab.distributed import read_engine
     from tunelab.models import has_tokenizer, load_config, load_tokenizer, meta_model, model_path, pick_device
@@ -274,6 +315,9 @@ def make_plan(exp: Experiment) -> Plan:
     if exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
         tokenizer = load_tokenizer(exp.tokenizer, exp.model)
     stats = data_stats(exp, tokenizer)
+    warnings += check_rhythm(
+        exp, stats.train.examples, stats.train.measured, stats.train.without_loss, facts.hidden_size
+    )
     if stats.tokens is not None:
         warnings += stats.tokens.warnings(exp.train.max_length)
     if stats.train.truncated:

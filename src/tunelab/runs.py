@@ -91,6 +91,8 @@ class Run:
     resuming: bool
     writable: bool = True  # False on every process but the first of a multi-process run
     lock_fd: int | None = None  # held while this process trains the run
+    created: bool = False  # this call made the folder (a fresh run, not a resume)
+    began: bool = False  # the first training step started; before that a failure leaves no run behind
 
     def close(self) -> None:
         """Release the run's lock (the OS releases it too when the process dies)."""
@@ -280,7 +282,7 @@ def _open(exp: Experiment, run_dir: Path, resume: bool, overwrite: bool, provena
         "versions": versions(),
         "seed": exp.train.seed,
     }
-    run = Run(run_dir, manifest, resuming=False)
+    run = Run(run_dir, manifest, resuming=False, created=True)
     write_json(manifest_path, manifest)
     return run
 

@@ -64,6 +64,7 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
             self.bad: str | None = None  # why training stopped early: a non-finite loss or weights
 
         def on_train_begin(self, args, state, control, **kw):
+            run.began = True
             self.started = self.last_time = time.perf_counter()
             self.first_step = state.global_step
             # A fresh run starts from zero tokens; a resumed one learns its count at the first log.
@@ -141,16 +142,20 @@ def _digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     }
 
 
-def _change_check(before: dict[str, str], after: dict[str, str], trainable: list[str]) -> dict:
-    """Which tensors changed: every trainable one should, no frozen one may."""
+def _change_check(before: dict[str, str], after: dict[str, str], trainable: list[str], steps: int) -> dict:
+    """Which tensors changed: every trainable one should, no frozen one may.
+
+    After a single step LoRA's A matrices have not moved yet: their gradient is zero while B is still zero.
+    """
     opened = set(trainable)
     changed = {n for n in before if before[n] != after.get(n)}
+    unchanged = sorted(n for n in opened - changed if not (steps == 1 and ".lora_A." in n))
     return {
         "frozen_changed": sorted(changed - opened),
-        "trainable_unchanged": sorted(opened - changed),
+        "trainable_unchanged": unchanged,
         "trainable_changed": len(changed & opened),
         "frozen_unchanged": len(set(before) - opened - changed),
-        "ok": not (changed - opened) and not (opened - changed),
+        "ok": not (changed - opened) and not unchanged,
     }
 
 
@@ -269,8 +274,9 @@ def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
 def train(exp: Experiment, resume: bool = False, overwrite: bool = False, force: bool = False) -> TrainResult:
     """Run one experiment into its run directory. `force` resumes even where the inputs changed."""
     from tunelab.data import file_hashes, load_splits
-    from tunelab.models import fingerprint, load_tokenizer, model_path, pick_device
-    from tunelab.plan import encode_split
+    from tunelab.methods.common import check_trackers
+    from tunelab.models import fingerprint, load_config, load_tokenizer, model_path, pick_device
+    from tunelab.plan import check_rhythm, encode_split
     from tunelab.templates import check_tokens, template_hash
 
     engine = distributed.read_engine(exp.distributed.accelerate_config)
@@ -280,11 +286,20 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False, force:
             f"distributed.accelerate_config: this experiment runs under `accelerate launch` with "
             f"{engine.config_file.name}; start it with `tunelab train`, which launches it, not in this process"
         )
+    check_trackers(exp.train.report_to)
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
     # The same encoding plan previews; its checks also give a tokenizer without a pad token a safe one.
     encoded = [encode_split(exp, tokenizer, s) for s in (splits.train, splits.eval) if s is not None]
     checks = check_tokens(tokenizer, encoded, exp.train.max_length)
+    hidden = load_config(exp.model).hidden_size
+    check_rhythm(
+        exp,
+        len(splits.train.rows),
+        len(encoded[0].examples),
+        len(encoded[0].no_loss_after(exp.train.max_length)),
+        hidden,
+    )
     base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
     provenance = {
@@ -314,7 +329,13 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False, force:
         run.update(status="interrupted", ended_at=now(), error=why)
         raise
     except BaseException as e:
-        run.update(status="failed", ended_at=now(), error=f"{type(e).__name__}: {e}".splitlines()[0])
+        if run.created and not run.began and run.writable:
+            # Nothing trained: a model that failed to load or a setting refused leaves no run folder behind.
+            import shutil
+
+            shutil.rmtree(run.dir, ignore_errors=True)
+        else:
+            run.update(status="failed", ended_at=now(), error=f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     finally:
         run.close()
@@ -479,7 +500,8 @@ def _train_in(
         return TrainResult(run.dir, run.manifest)
     result_path = save_result(trainer.model, state, exp.scope.kind, resolved.trainable_names, run.dir)
     tokenizer.save_pretrained(run.dir / TOKENIZER)
-    check = _change_check(before, _digests({n: state[n] for n in before if n in state}), resolved.trainable_names)
+    after = _digests({n: state[n] for n in before if n in state})
+    check = _change_check(before, after, resolved.trainable_names, trainer.state.global_step)
     train_losses = [r["loss"] for r in read_metrics(run.dir) if "loss" in r]
     run.update(
         status="completed",

@@ -146,7 +146,7 @@ def test_template_errors_are_one_line_with_the_record_and_the_fix(family_dirs, t
         {"role": "assistant", "content": "Hi!"},
     ]
     rows.write_text(json.dumps({"messages": turns[:1] + turns[2:]}) + "\n" + json.dumps({"messages": turns}) + "\n")
-    text = f"name: g\nmodel: {{id: {gemma}}}\ndata: {{train: {rows}}}\noutput: {{dir: {tmp_path / 'runs'}}}\n"
+    text = f"name: g\nmodel: {{id: {gemma}}}\ndata: {{train: {rows}}}\ntrain: {{batch_size: 2}}\noutput: {{dir: {tmp_path / 'runs'}}}\n"
     r = run_cli("train", str(write_experiment(tmp_path, text, "gemma-double.yaml")))
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
     assert f"{rows}:2:" in r.stderr and "data.merge_consecutive_turns: true" in r.stderr
@@ -225,7 +225,9 @@ def test_weight_zero_turns_carry_no_loss_and_rows_left_without_loss_are_named(fa
     data = tmp_path / "weights.jsonl"
     data.write_text(json.dumps({"messages": turns}) + "\n" + json.dumps({"messages": turns[:2]}) + "\n")
     model = family_dirs["qwen2.5-instruct"]
-    exp = write_experiment(tmp_path, f"name: w\nmodel: {{id: {model}}}\ndata: {{train: {data}}}\n")
+    exp = write_experiment(
+        tmp_path, f"name: w\nmodel: {{id: {model}}}\ndata: {{train: {data}}}\ntrain: {{batch_size: 2}}\n"
+    )
     plan = make_plan(load_experiment(exp))
     assert [text for text, loss in plan.data.first_example if loss] == ["Apple.<|im_end|>"]
     assert plan.data.tokens.rows_without_loss == [f"{data}:2"]

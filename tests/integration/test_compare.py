@@ -127,6 +127,15 @@ def hostile() -> Comparison:
     )
 
 
+def test_markdown_keeps_hostile_text_inert(tmp_path: Path) -> None:
+    comparison = hostile()
+    comparison.outputs["run<i>"] = ["[click](javascript:alert(1)) **bold** `code` <script>x</script>"]
+    md = write_report(comparison, tmp_path)["md"].read_text()
+    assert "<script>" not in md and "<img" not in md and "<i>" not in md
+    assert "](javascript:" not in md and "**bold**" not in md and "`code`" not in md
+    assert "&lt;script&gt;" in md and "\\[click\\]" in md
+
+
 def test_html_escapes_hostile_text(tmp_path: Path) -> None:
     html = write_report(hostile(), tmp_path)["html"].read_text()
     assert "<script>" not in html and "<img src=x" not in html and "<i>" not in html

@@ -174,3 +174,74 @@ def test_a_checkpoint_without_optimizer_state_is_refused(tmp_path: Path) -> None
     fake_checkpoint(tmp_path, 3, optimizer=False)
     with pytest.raises(TunelabError, match=r"checkpoint-3: has no optimizer or scheduler state"):
         last_checkpoint(tmp_path)
+
+
+def fake_run(folder: Path, name: str, result: str = "adapter") -> Path:
+    folder.mkdir(parents=True)
+    manifest = {
+        "name": name,
+        "status": "completed",
+        "scope": "lora",
+        "result": result,
+        "base_model": {"id": "m", "fingerprint": "f"},
+        "config_hash": "c",
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_a_run_named_base_is_refused_beside_the_base(tmp_path: Path) -> None:
+    from tunelab.compare import compare
+
+    with pytest.raises(TunelabError, match=r"a run is named 'base'.*--no-base"):
+        compare([fake_run(tmp_path / "base", "base")])
+
+
+def test_export_refuses_a_damaged_adapter(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from tunelab.export import export_run
+
+    run = fake_run(tmp_path / "r", "r")
+    adapter = run / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    with pytest.raises(TunelabError, match=r"the adapter is incomplete"):
+        export_run(run, tmp_path / "out")
+    name = "base_model.model.layers.0.q_proj.lora_A.weight"
+    save_file({name: torch.zeros(4, 8), name.replace("lora_A", "lora_B"): torch.zeros(8, 4)}, str(adapter / "x"))
+    whole = (adapter / "x").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(whole[: len(whole) - 40])  # cut short
+    with pytest.raises(TunelabError, match=r"adapter_model.safetensors: unreadable"):
+        export_run(run, tmp_path / "out")
+    save_file({name: torch.zeros(4, 8)}, str(adapter / "adapter_model.safetensors"))  # lora_B lost
+    with pytest.raises(TunelabError, match=r"has no .*lora_B.* the adapter is damaged"):
+        export_run(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_values_are_named_as_given(tmp_path: Path) -> None:
+    with pytest.raises(TunelabError, match=r"^--set train.learning_rate: Input should be a valid number"):
+        load_experiment(write_experiment(tmp_path, EXPERIMENT), ["train.learning_rate=abc"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--temperature", "0"], "--temperature: 0 is greedy decoding"),
+        (["--top-p", "2"], "--top-p"),
+        (["--prompts", "/nonexistent/p.jsonl"], "--prompts"),
+    ],
+)
+def test_compare_refuses_bad_options_before_any_work(tmp_path: Path, args: list[str], expected: str) -> None:
+    r = run_cli("compare", str(tmp_path), *args)
+    assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr
+
+
+def test_compare_refuses_a_report_folder_that_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "report.txt"
+    target.write_text("mine")
+    r = run_cli("compare", str(tmp_path), "--out", str(target))
+    assert r.returncode == 2 and "is a file; give a folder" in r.stderr and target.read_text() == "mine"

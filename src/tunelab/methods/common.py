@@ -91,6 +91,38 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
     )
 
 
+# The package each tracker needs (the first one found is enough).
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "azure_ml": ("azureml",),
+    "flyte": ("flytekit",),
+    "kubeflow": ("kubeflow",),
+}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Refuse, before any run starts, a tracker whose package is not installed (Transformers fails mid-setup)."""
+    import importlib.util
+
+    from tunelab.errors import ConfigError
+
+    for tracker in report_to:
+        packages = TRACKER_PACKAGES.get(tracker, (tracker,))
+        if not any(importlib.util.find_spec(p) for p in packages):
+            raise ConfigError(f"train.report_to: {tracker} needs the {packages[0]} package; pip install {packages[0]}")
+
+
+def trl_config(config_class, **kwargs):
+    """A TRL config; a setting TRL or Transformers refuses (an unknown optimizer, tracker or loss type) becomes
+    one line with their own message, which lists the valid values."""
+    from tunelab.errors import ConfigError
+
+    try:
+        return config_class(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"train: {config_class.__name__} refused a setting: {str(e).strip().splitlines()[0]}") from e
+
+
 def instantiate(
     trainer_class,
     model: PreTrainedModel,
@@ -105,14 +137,19 @@ def instantiate(
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    trainer = trainer_class(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        callbacks=callbacks,
-        **extra,
-    )
+    from tunelab.errors import ConfigError
+
+    try:
+        trainer = trainer_class(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            **extra,
+        )
+    except ValueError as e:  # e.g. an unknown tracker in report_to; the library's message names the valid ones
+        raise ConfigError(f"train: the trainer refused a setting: {str(e).strip().splitlines()[0]}") from e
     trainer.remove_callback(PrinterCallback)
     return trainer

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DPOSettings, TrainSettings
-from tunelab.methods.common import Hardware, batching, instantiate, training_arguments
+from tunelab.methods.common import Hardware, batching, instantiate, training_arguments, trl_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -40,7 +40,8 @@ def build_trainer(
     args = training_arguments(train, hw, output_dir, eval_rows is not None, batching(train, "dpo"))
     # DPO batches hold pairs of different lengths; TRL computes no per-example length column for grouping.
     args["train_sampling_strategy"] = "random"
-    config = DPOConfig(
+    config = trl_config(
+        DPOConfig,
         **args,
         beta=dpo.beta,
         loss_type=[dpo.loss_type] if isinstance(dpo.loss_type, str) else dpo.loss_type,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import TrainSettings
-from tunelab.methods.common import Hardware, batching, instantiate, training_arguments
+from tunelab.methods.common import Hardware, batching, instantiate, training_arguments, trl_config
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -29,7 +29,8 @@ def build_trainer(
     from tunelab.methods.sampling import seeded_train_sampler
 
     batches = batching(train, "sft")
-    config = SFTConfig(
+    config = trl_config(
+        SFTConfig,
         **training_arguments(train, hw, output_dir, eval_rows is not None, batches),
         max_length=train.max_length,
         packing=train.packing,

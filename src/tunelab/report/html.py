@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from html import escape
 
 from tunelab.compare import Comparison
@@ -120,13 +121,18 @@ def render_html(c: Comparison) -> str:
     return "\n".join(parts)
 
 
+MD_SPECIAL = re.compile(r"([\\`*_\[\](){}#!|~>])")
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Model output as inert Markdown text: HTML escaped (renderers pass raw HTML through), Markdown syntax
+    (links, emphasis, code) backslash-escaped, one line."""
+    return MD_SPECIAL.sub(r"\\\1", escape(str(text), quote=False)).replace("\n", " ").replace("\r", " ")
 
 
 def render_markdown(c: Comparison) -> str:
     lines = [
-        f"# Comparison on {c.base_model}",
+        f"# Comparison on {_md_cell(c.base_model)}",
         "",
         "| variant | " + " | ".join(t for _, t in COLUMNS) + " |",
         "|---" * (len(COLUMNS) + 1) + "|",
@@ -136,5 +142,5 @@ def render_markdown(c: Comparison) -> str:
         lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]
         for v in c.variants:
             marks = " ".join(("✓" if k.passed else "✗") + f" {k.kind} {k.expected}" for k in c.checks[v.name][p.id])
-            lines.append(f"| {v.name} | {_md_cell(c.outputs[v.name][p.id])} | {_md_cell(marks)} |")
+            lines.append(f"| {_md_cell(v.name)} | {_md_cell(c.outputs[v.name][p.id])} | {_md_cell(marks)} |")
     return "\n".join(lines) + "\n"
