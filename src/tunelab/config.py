@@ -153,10 +153,30 @@ class DataSettings(Strict):
         return [self.train] if isinstance(self.train, str) else list(self.train)
 
 
+# TRL 1.16's DPO losses (it checks them only at the first step, so tunelab checks them here).
+DPO_LOSSES = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+
+
 class DPOSettings(Strict):
     beta: float = Field(default=0.1, gt=0, description="Strength of the KL pull towards the reference model.")
-    loss_type: str | list[str] = Field(
-        default="sigmoid", description="TRL DPO loss type(s): sigmoid, ipo, hinge, robust, ..."
+    loss_type: DPO_LOSSES | list[DPO_LOSSES] = Field(
+        default="sigmoid", description="TRL DPO loss type(s): sigmoid, ipo, hinge, robust, ... (a list combines them)."
     )
     reference: Literal["auto", "live", "precomputed"] = Field(
         default="auto",
@@ -520,6 +540,8 @@ def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], 
     if first["type"] == "missing":
         return f"{where}: missing required key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":
+        msg = f"{first['input']!r} is not a choice; {msg[0].lower()}{msg[1:]}"
     if where.startswith("--") or not key:  # "--set train.seed: ..." already names the key
         return f"{where}: {msg}"
     return f"{where}: {key}: {msg}"

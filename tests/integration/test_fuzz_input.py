@@ -152,3 +152,17 @@ def test_generated_bad_data_rows_are_one_line_errors_and_leave_nothing(tmp_path:
                 failures.append((command, row, code, err[-300:]))
     assert failures == []
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_broken_template_and_a_refused_loss_type_are_one_line(tmp_path: Path, capsys, tiny_model_dir) -> None:
+    out = tmp_path / "runs"
+    template = tmp_path / "broken.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }")
+    raw = base(out) | {"tokenizer": {"chat_template": str(template)}}
+    code, err = cli_run(capsys, "plan", str(write(tmp_path, raw, "t.yaml")))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "chat template" in err
+    raw = base(out, DATA / "pref_train.jsonl") | {"method": "dpo", "dpo": {"loss_type": "no-such-loss"}}
+    raw["train"] = {"max_steps": 1}
+    code, err = cli_run(capsys, "train", str(write(tmp_path, raw, "d.yaml")))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no-such-loss" in err
+    assert not out.exists() or not any(p for p in out.iterdir() if not p.name.startswith("."))
