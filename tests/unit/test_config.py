@@ -96,7 +96,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
         ("scope:\n  lora: {}\n  full: true\n", "choose exactly one of lora, partial or full"),
         ("scope:\n  partial: {}\n", "partial opens nothing"),
         ("dpo:\n  beta: 0.1\n", "a dpo section is set but method is sft"),
-        ("method: ppo\n", "method: Input should be 'sft' or 'dpo'"),
+        ("method: ppo\n", "method: 'ppo' is not a choice; input should be 'sft' or 'dpo'"),
         (
             "train:\n  batch_size: 8\n  micro_batch_size: 3\n",
             "train.micro_batch_size: 3 does not divide train.batch_size=8; use a divisor",
