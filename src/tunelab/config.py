@@ -123,9 +123,9 @@ class DataSettings(Strict):
     eval_fraction: float | None = Field(
         default=None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation instead."
     )
-    format: Literal["auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference"] = Field(
-        default="auto", description="Record format; auto detects it from the first record's fields."
-    )
+    format: Literal[
+        "auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference", "unpaired"
+    ] = Field(default="auto", description="Record format; auto detects it from the first record's fields.")
     hub_split: str = Field(
         default="train", description="Split to read from a hub dataset id or a folder saved with `save_to_disk`."
     )
@@ -183,6 +183,30 @@ class DPOSettings(Strict):
         description="How the reference model's log-probabilities are obtained. live: computed each step (for LoRA, "
         "the base with the adapter disabled, no second copy; otherwise a frozen second copy). precomputed: once, "
         "before training, then no reference model in memory. auto: live for LoRA, precomputed otherwise.",
+    )
+
+
+class KTOSettings(Strict):
+    beta: float = Field(default=0.1, gt=0, description="Strength of the KL pull towards the reference model.")
+    desirable_weight: float = Field(
+        default=1.0, gt=0, description="Weight of thumbs-up examples; raise it when they are fewer than thumbs-down."
+    )
+    undesirable_weight: float = Field(default=1.0, gt=0, description="Weight of thumbs-down examples.")
+    reference: Literal["auto", "live", "precomputed"] = Field(
+        default="auto", description="How the reference model's log-probabilities are obtained (as for DPO)."
+    )
+
+
+class ORPOSettings(Strict):
+    beta: float = Field(
+        default=0.1, gt=0, description="Weight of the odds-ratio term against the SFT loss (lambda in the paper)."
+    )
+
+
+class SimPOSettings(Strict):
+    beta: float = Field(default=2.0, gt=0, description="Scale of the length-normalised reward (the paper's beta).")
+    gamma: float = Field(
+        default=0.5, ge=0, description="Target reward margin between chosen and rejected (TRL's simpo_gamma)."
     )
 
 
@@ -371,13 +395,24 @@ class DistributedSettings(Strict):
     )
 
 
+METHODS = Literal["sft", "dpo", "kto", "orpo", "simpo"]  # tunelab.methods.REGISTRY holds each one's code
+METHOD_SECTIONS = {"dpo": DPOSettings, "kto": KTOSettings, "orpo": ORPOSettings, "simpo": SimPOSettings}
+
+
 class Experiment(Strict):
     name: str = Field(pattern=RUN_NAME, description="Experiment name; names the run directory.")
     model: ModelSettings = Field(description="The base model.")
     tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings, description="Tokenizer and template.")
     data: DataSettings = Field(description="Training and evaluation data.")
-    method: Literal["sft", "dpo"] = Field(default="sft", description="Objective: sft or dpo.")
+    method: METHODS = Field(
+        default="sft",
+        description="Objective: sft (demonstrations), dpo, kto, orpo or simpo (preferences; orpo and simpo keep no "
+        "reference model, kto also takes unpaired thumbs-up/down data).",
+    )
     dpo: DPOSettings | None = Field(default=None, description="DPO settings (method: dpo).")
+    kto: KTOSettings | None = Field(default=None, description="KTO settings (method: kto).")
+    orpo: ORPOSettings | None = Field(default=None, description="ORPO settings (method: orpo).")
+    simpo: SimPOSettings | None = Field(default=None, description="SimPO settings (method: simpo).")
     scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
     init_from: str | None = Field(
         default=None,
@@ -392,13 +427,16 @@ class Experiment(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Experiment:
-        if self.dpo is not None and self.method != "dpo":
-            raise ValueError("a dpo section is set but method is sft; set method: dpo or remove the section")
-        if self.method == "dpo" and self.dpo is None:
-            self.dpo = DPOSettings()
+        for name, defaults in METHOD_SECTIONS.items():
+            if getattr(self, name) is not None and self.method != name:
+                raise ValueError(
+                    f"a {name} section is set but method is {self.method}; set method: {name} or remove the section"
+                )
+            if self.method == name and getattr(self, name) is None:
+                setattr(self, name, defaults())
         micro = self.train.micro_batch_size
         if micro is not None and micro != self.train.batch_size:
-            if self.method == "dpo" or self.train.packing or self.train.group_by_length:
+            if self.method != "sft" or self.train.packing or self.train.group_by_length:
                 raise ValueError(
                     "train.micro_batch_size: splitting batches applies to SFT without packing or group_by_length; "
                     "remove it"
@@ -408,9 +446,14 @@ class Experiment(Strict):
                     f"train.micro_batch_size: {micro} does not divide train.batch_size={self.train.batch_size}; "
                     "use a divisor"
                 )
-        if self.method == "dpo" and self.train.padding_free == "on":
+        if self.method != "sft" and self.train.padding_free == "on":
             raise ValueError(
-                "train.padding_free: TRL's DPOTrainer has padding-free batches disabled; set it to auto or off"
+                f"train.padding_free: TRL's {self.method.upper()} trainer has no padding-free batches; set it to auto "
+                "or off"
+            )
+        if self.method == "kto" and self.train.batch_size < 2:
+            raise ValueError(
+                "train.batch_size: KTO estimates its KL term from other examples of a batch; use 2 or more"
             )
         return self
 

@@ -23,6 +23,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 SFT_FORMATS = ("messages", "conversations", "prompt_completion", "text", "alpaca")
 FORMAT_FIELDS = {
     "preference": "chosen/rejected",
+    "unpaired": "prompt/completion/label",
     "messages": "messages",
     "conversations": "conversations",
     "prompt_completion": "prompt/completion",
@@ -147,6 +148,8 @@ def detect_format(record: Record) -> str:
     keys = set(value)
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired"
     for fmt, needed in (
         ("messages", {"messages"}),
         ("conversations", {"conversations"}),
@@ -336,22 +339,45 @@ def _normalise(record: Record, fmt: str) -> dict:
             return {"text": text}
         case "preference":
             return _preference(record)
+        case "unpaired":
+            return _unpaired(record)
     raise AssertionError(fmt)
+
+
+def _unpaired(record: Record) -> dict:
+    """KTO's shape: one completion and whether it is desirable (TRL's `label`)."""
+    label = record.value.get("label")
+    if not isinstance(label, bool):
+        raise TunelabError(f"{record.where}: 'label' must be true (desirable) or false (undesirable)")
+    prompt = _field(record, "prompt", (str, list))
+    completion = _response(record, "completion")
+    if isinstance(prompt, list) != isinstance(completion, list):
+        raise TunelabError(f"{record.where}: prompt and completion must both be strings or both message lists")
+    if isinstance(prompt, list):
+        prompt = _messages(record, prompt, "prompt", need_assistant=False)
+    return {"prompt": prompt, "completion": completion, "label": label}
 
 
 # ---------------------------------------------------------------- splits
 
 
 def _check_method(fmt: str, method: str, where: str) -> None:
-    if method == "sft" and fmt == "preference":
-        raise TunelabError(
-            f"{where}: holds preference pairs (chosen/rejected) but method is sft; "
-            "set method: dpo, or give SFT data (messages, prompt/completion, text)"
-        )
-    if method == "dpo" and fmt != "preference":
-        raise TunelabError(
-            f"{where}: holds {fmt} data but method is dpo; DPO needs prompt/chosen/rejected preference pairs"
-        )
+    from tunelab.methods import REGISTRY
+
+    if fmt in REGISTRY[method].formats:
+        return
+    takes = [name for name, m in REGISTRY.items() if fmt in m.formats]
+    if fmt == "preference":
+        held = "preference pairs (chosen/rejected)"
+    elif fmt == "unpaired":
+        held = "unpaired thumbs-up/down completions (label)"
+    else:
+        held = f"{fmt} data"
+    wanted = " or ".join(FORMAT_FIELDS[f] for f in REGISTRY[method].formats if f in FORMAT_FIELDS)
+    raise TunelabError(
+        f"{where}: holds {held} but method is {method}; set method: {' or '.join(takes)}, or give "
+        f"{method.upper()} data ({wanted})"
+    )
 
 
 def load_file(

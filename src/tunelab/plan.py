@@ -163,13 +163,15 @@ def estimate_memory(
         for name, part in (("weights", weights), ("gradients", grads), ("optimizer", optimizer))
     )
     # Tokens in one forward pass at most; DPO runs the chosen and the rejected sequence of every pair.
-    per_forward = batching(exp.train, exp.method).per_forward
-    tokens = per_forward * exp.train.max_length * (2 if exp.method == "dpo" else 1)
-    reference, reference_bytes = None, 0
-    if exp.method == "dpo":
-        from tunelab.methods.dpo import reference_strategy
+    from tunelab.methods import get_method
+    from tunelab.methods.preference import reference_strategy
 
-        reference = reference_strategy(exp.dpo, scope.kind)
+    method = get_method(exp.method)
+    per_forward = batching(exp.train, exp.method).per_forward
+    tokens = per_forward * exp.train.max_length * method.sequences
+    reference, reference_bytes = None, 0
+    if method.reference:
+        reference = reference_strategy(method.settings(exp), scope.kind)
         # adapter: TRL keeps a frozen copy of the adapter; copy: a second base model; precomputed: nothing resident.
         reference_bytes = {"adapter": scope.trainable_params * tb, "copy": base_params * b, "precomputed": 0}[reference]
     h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim

@@ -354,43 +354,24 @@ def _load_scoped_model(exp: Experiment, init_from: Path | None, dtype, device: s
 
 
 def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, resolved_kind: str, hw, run: Run, callbacks):
-    from tunelab.templates import fold_preference, labelled
+    """The method's trainer over the prepared inputs; for methods with a reference model, record how it is kept."""
+    from tunelab.methods import get_method
+    from tunelab.methods.base import TrainerInputs
+    from tunelab.methods.preference import reference_strategy
 
-    match exp.method:
-        case "sft":
-            from tunelab.methods import sft
-
-            train_rows = labelled(encoded[0].examples)
-            eval_rows = labelled(encoded[1].examples) if splits.eval else None
-            return sft.build_trainer(model, tokenizer, train_rows, eval_rows, exp.train, hw, run.checkpoints, callbacks)
-        case "dpo":
-            from tunelab.methods import dpo
-
-            fold = exp.tokenizer.fold_system
-            train_rows = [fold_preference(r, fold) for r in splits.train.rows]
-            eval_rows = [fold_preference(r, fold) for r in splits.eval.rows] if splits.eval else None
-
-            reference = dpo.reference_strategy(exp.dpo, resolved_kind)
-            cache = _ref_cache_dir(exp, run) if reference == "precomputed" else None
-            run.update(
-                dpo_reference=reference,
-                ref_logps_cache=str(cache) if cache else None,
-                ref_logps_reused=bool(cache and (cache / "train.safetensors").is_file()),
-            )
-            return dpo.build_trainer(
-                model,
-                tokenizer,
-                train_rows,
-                eval_rows,
-                exp.train,
-                exp.dpo,
-                reference,
-                hw,
-                run.checkpoints,
-                callbacks,
-                ref_cache=cache,
-            )
-    raise AssertionError(exp.method)
+    method = get_method(exp.method)
+    reference = reference_strategy(method.settings(exp), resolved_kind) if method.reference else None
+    cache = _ref_cache_dir(exp, run) if reference == "precomputed" and exp.method == "dpo" else None
+    if method.reference:
+        run.update(
+            reference=reference,
+            ref_logps_cache=str(cache) if cache else None,
+            ref_logps_reused=bool(cache and (cache / "train.safetensors").is_file()),
+        )
+    inputs = TrainerInputs(
+        exp, model, tokenizer, splits, encoded, resolved_kind, hw, run.checkpoints, callbacks, reference, cache
+    )
+    return method.build(inputs)
 
 
 def _ref_cache_dir(exp: Experiment, run: Run) -> Path:
@@ -417,11 +398,15 @@ def _ref_cache_dir(exp: Experiment, run: Run) -> Path:
 
 
 def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | None:
-    if exp.method != "dpo" or not splits.eval:
-        return None
-    from tunelab.methods.dpo import preference_accuracy
+    """Share of held-out pairs where the model prefers the chosen answer (preference methods with paired eval data)."""
+    from tunelab.methods import get_method
 
-    return preference_accuracy(model, tokenizer, splits.eval.rows, exp.tokenizer.fold_system)
+    pairs = [r for r in splits.eval.rows if "chosen" in r] if splits.eval else []
+    if not get_method(exp.method).preference or not pairs:
+        return None
+    from tunelab.methods.preference import preference_accuracy
+
+    return preference_accuracy(model, tokenizer, pairs, exp.tokenizer.fold_system)
 
 
 def _train_in(
@@ -513,7 +498,7 @@ def _train_in(
         global_steps=trainer.state.global_step,
         train_seconds=round(time.perf_counter() - started, 2),
         train_runtime=runtime,
-        tokens_seen=trainer.state.num_input_tokens_seen,
+        tokens_seen=trainer.state.num_input_tokens_seen if trainer.args.include_num_input_tokens_seen != "no" else None,
         change_check=check,
         preference_accuracy_after=accuracy_after,
         peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,

@@ -75,7 +75,7 @@ def test_precomputed_reference_equals_live_reference(tmp_path: Path, tiny_model_
     ]
     live = train(experiment("dpo", tmp_path, *common, "dpo.reference=live", "output.name=live"))
     pre = train(experiment("dpo", tmp_path, *common, "dpo.reference=precomputed", "output.name=pre"))
-    assert live.manifest["dpo_reference"] == "copy" and pre.manifest["dpo_reference"] == "precomputed"
+    assert live.manifest["reference"] == "copy" and pre.manifest["reference"] == "precomputed"
     a = [r["loss"] for r in read_metrics(live.run_dir) if "loss" in r]
     b = [r["loss"] for r in read_metrics(pre.run_dir) if "loss" in r]
     assert len(a) == len(b) == 6

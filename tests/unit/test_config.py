@@ -96,12 +96,15 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
         ("scope:\n  lora: {}\n  full: true\n", "choose exactly one of lora, partial or full"),
         ("scope:\n  partial: {}\n", "partial opens nothing"),
         ("dpo:\n  beta: 0.1\n", "a dpo section is set but method is sft"),
-        ("method: ppo\n", "method: 'ppo' is not a choice; input should be 'sft' or 'dpo'"),
+        ("method: ppo\n", "method: 'ppo' is not a choice; input should be 'sft', 'dpo', 'kto', 'orpo' or 'simpo'"),
         (
             "train:\n  batch_size: 8\n  micro_batch_size: 3\n",
             "train.micro_batch_size: 3 does not divide train.batch_size=8; use a divisor",
         ),
-        ("method: dpo\ntrain:\n  padding_free: on\n", "train.padding_free: TRL's DPOTrainer has padding-free"),
+        (
+            "method: dpo\ntrain:\n  padding_free: on\n",
+            "train.padding_free: TRL's DPO trainer has no padding-free batches",
+        ),
         ("method: dpo\ntrain:\n  micro_batch_size: 2\n", "train.micro_batch_size: splitting batches applies to SFT"),
     ],
 )
@@ -184,3 +187,25 @@ def test_config_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
     c = load_experiment(write_experiment(tmp_path, BASE), ["train.seed=1"])
     assert a.config_hash() == b.config_hash() != c.config_hash()
     assert isinstance(Experiment.model_validate(a.model_dump()), Experiment)
+
+
+def test_every_method_in_the_schema_has_its_code_and_section() -> None:
+    from typing import get_args
+
+    from tunelab.config import METHOD_SECTIONS, METHODS
+    from tunelab.methods import REGISTRY
+
+    assert set(get_args(METHODS)) == set(REGISTRY)
+    assert set(METHOD_SECTIONS) == set(REGISTRY) - {"sft"}
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo"])
+def test_a_method_section_belongs_to_its_method(tmp_path: Path, method: str) -> None:
+    assert f"a {method} section is set but method is sft" in error_of(tmp_path, BASE + f"{method}:\n  beta: 0.2\n")
+    exp = load_experiment(write_experiment(tmp_path, BASE + f"method: {method}\n"))
+    assert getattr(exp, method) is not None  # defaults filled in
+
+
+def test_kto_needs_batches_to_estimate_its_kl_term(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + "method: kto\ntrain:\n  batch_size: 1\n")
+    assert "KTO estimates its KL term from other examples of a batch" in msg

@@ -225,3 +225,26 @@ def test_every_row_knows_where_it_came_from(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "o.jsonl", [CHAT, "", CHAT])
     split = load(path).train
     assert split.origins == [f"{path}:1", f"{path}:3"]
+
+
+def test_unpaired_feedback_is_kto_data(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "Name a fruit.", "completion": "Apple.", "label": True},
+        {"prompt": "Name a fruit.", "completion": "A car.", "label": False},
+    ]
+    path = write_jsonl(tmp_path / "kto.jsonl", rows)
+    splits = load(path, "kto")
+    assert splits.format == "unpaired" and splits.train.rows == rows
+    with pytest.raises(
+        TunelabError, match=r"holds unpaired thumbs-up/down completions \(label\) but method is sft; set method: kto"
+    ):
+        load(path, "sft")
+    with pytest.raises(TunelabError, match=r"kto.jsonl:1: 'label' must be true"):
+        load(write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "b", "label": "yes"}]), "kto")
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_preference_methods_take_pairs(tmp_path: Path, method: str) -> None:
+    assert load(DATA / "pref_train.jsonl", method).format == "preference"
+    with pytest.raises(TunelabError, match=rf"holds messages data but method is {method}"):
+        load(write_jsonl(tmp_path / "c.jsonl", [CHAT]), method)

@@ -38,9 +38,12 @@ def batching(train: TrainSettings, method: str) -> Batching:
     (the Trainer normalises by the label tokens of the whole accumulation window), with no compute
     spent on padding. Length grouping changes which examples share a step, and with it the loss.
     """
-    padding_free = method == "sft" and not train.packing and train.padding_free != "off"
+    from tunelab.methods import get_method
+
+    splits_batches = get_method(method).padding_free  # SFT: TRL's other trainers take padded batches only
+    padding_free = splits_batches and not train.packing and train.padding_free != "off"
     batch, accumulation = train.batch_size, train.grad_accumulation
-    if train.packing or train.group_by_length or method != "sft":
+    if train.packing or train.group_by_length or not splits_batches:
         sampling = "group_by_length" if train.group_by_length and not train.packing else "random"
         return Batching(padding_free, sampling, batch, accumulation)
     micro = train.micro_batch_size or (2 if batch >= 4 and batch % 2 == 0 else batch)

@@ -6,18 +6,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DPOSettings, TrainSettings
-from tunelab.methods.common import Hardware, batching, instantiate, training_arguments, trl_config
+from tunelab.methods.base import Method, TrainerInputs
+from tunelab.methods.common import Hardware, instantiate, trl_config
+from tunelab.methods.preference import frozen_copy, preference_arguments, preference_rows
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import DPOTrainer
-
-
-def reference_strategy(settings: DPOSettings, scope_kind: str) -> str:
-    """'adapter' (LoRA: the policy with its adapter disabled or TRL's frozen adapter copy), 'copy' or 'precomputed'."""
-    if settings.reference == "precomputed" or (settings.reference == "auto" and scope_kind != "lora"):
-        return "precomputed"
-    return "adapter" if scope_kind == "lora" else "copy"
 
 
 def build_trainer(
@@ -35,24 +30,18 @@ def build_trainer(
 ) -> DPOTrainer:
     from trl import DPOConfig, DPOTrainer
 
-    from tunelab.methods.sampling import seeded_train_sampler
+    from tunelab.methods.sampling import seeded
 
-    args = training_arguments(train, hw, output_dir, eval_rows is not None, batching(train, "dpo"))
-    # DPO batches hold pairs of different lengths; TRL computes no per-example length column for grouping.
-    args["train_sampling_strategy"] = "random"
     config = trl_config(
         DPOConfig,
-        **args,
+        **preference_arguments(train, hw, output_dir, eval_rows is not None, "dpo"),
         beta=dpo.beta,
         loss_type=[dpo.loss_type] if isinstance(dpo.loss_type, str) else dpo.loss_type,
         max_length=train.max_length,
         precompute_ref_log_probs=reference == "precomputed",
     )
 
-    class Trainer(DPOTrainer):
-        def _get_train_sampler(self, *a, **kw):
-            return seeded_train_sampler(super()._get_train_sampler(*a, **kw), train.seed)
-
+    class Trainer(seeded(DPOTrainer)):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             if ref_cache is None:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
@@ -66,15 +55,6 @@ def build_trainer(
     # itself TRL would reload the base from its path, which is wrong when starting from an SFT run.
     extra = {"ref_model": frozen_copy(model)} if reference == "copy" else {}
     return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks, **extra)
-
-
-def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    import copy
-
-    reference = copy.deepcopy(model).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    return reference
 
 
 def cached_ref_logps(path: Path, dataset, compute):
@@ -100,29 +80,29 @@ def cached_ref_logps(path: Path, dataset, compute):
     return out
 
 
-def preference_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], fold_system: bool = False
-) -> float:
-    """Share of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
-    import torch
+def build(inputs: TrainerInputs) -> DPOTrainer:
+    train_rows, eval_rows = preference_rows(inputs)
+    return build_trainer(
+        inputs.model,
+        inputs.tokenizer,
+        train_rows,
+        eval_rows,
+        inputs.exp.train,
+        inputs.exp.dpo,
+        inputs.reference,
+        inputs.hw,
+        inputs.output_dir,
+        inputs.callbacks,
+        ref_cache=inputs.ref_cache,
+    )
 
-    from tunelab.templates import tokenize_example
 
-    def logp(prompt, answer) -> float:
-        if isinstance(answer, list) and isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer}, fold_system=fold_system)
-        ids = torch.tensor([tok.input_ids], device=model.device)
-        mask = torch.tensor(tok.loss_mask[1:], device=model.device, dtype=torch.bool)
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, :-1].float()
-        token_logps = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
-        return token_logps[mask].sum().item()
-
-    was_training = model.training
-    model.eval()
-    wins = 0
-    for row in rows:
-        wins += logp(row["prompt"], row["chosen"]) > logp(row["prompt"], row["rejected"])
-    model.train(was_training)
-    return wins / max(len(rows), 1)
+METHOD = Method(
+    name="dpo",
+    formats=("preference",),
+    sequences=2,
+    reference=True,
+    padding_free=False,
+    build=build,
+    settings=lambda exp: exp.dpo,
+)

@@ -40,3 +40,14 @@ def seeded_train_sampler(sampler: Sampler | None, seed: int) -> Sampler | None:
     elif sampler is not None and hasattr(sampler, "generator") and sampler.generator is None:
         return EpochSeeded(sampler, seed)
     return sampler
+
+
+def seeded(trainer_class: type) -> type:
+    """The trainer class with its train sampler drawing its order from the experiment's seed (args.seed)."""
+
+    class Seeded(trainer_class):
+        def _get_train_sampler(self, *args, **kwargs):
+            return seeded_train_sampler(super()._get_train_sampler(*args, **kwargs), self.args.seed)
+
+    Seeded.__name__ = Seeded.__qualname__ = trainer_class.__name__
+    return Seeded

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import TrainSettings
+from tunelab.methods.base import Method, TrainerInputs
 from tunelab.methods.common import Hardware, batching, instantiate, training_arguments, trl_config
+from tunelab.templates import labelled
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -26,7 +28,7 @@ def build_trainer(
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from tunelab.methods.sampling import seeded_train_sampler
+    from tunelab.methods.sampling import seeded
 
     batches = batching(train, "sft")
     config = trl_config(
@@ -39,14 +41,38 @@ def build_trainer(
         assistant_only_loss=False,
     )
 
-    class Trainer(SFTTrainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return seeded_train_sampler(super()._get_train_sampler(*args, **kwargs), train.seed)
-
     # TRL's own padding-free collator, handed over rather than switched on with `padding_free=True`: the
     # latter refuses a max_length (a guard from before trl 1.16 truncated during dataset preparation, which
     # it now does whenever max_length is set), and tunelab must keep truncating. A test checks both.
     collator = (
         DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True) if batches.padding_free else None
     )
-    return instantiate(Trainer, model, config, tokenizer, train_rows, eval_rows, callbacks, data_collator=collator)
+    return instantiate(
+        seeded(SFTTrainer), model, config, tokenizer, train_rows, eval_rows, callbacks, data_collator=collator
+    )
+
+
+def build(inputs: TrainerInputs) -> SFTTrainer:
+    """Rows as `plan` previewed them: tokenized, with the loss mask as labels."""
+    train_rows = labelled(inputs.encoded[0].examples)
+    eval_rows = labelled(inputs.encoded[1].examples) if inputs.splits.eval else None
+    return build_trainer(
+        inputs.model,
+        inputs.tokenizer,
+        train_rows,
+        eval_rows,
+        inputs.exp.train,
+        inputs.hw,
+        inputs.output_dir,
+        inputs.callbacks,
+    )
+
+
+METHOD = Method(
+    name="sft",
+    formats=("messages", "conversations", "prompt_completion", "alpaca", "text"),
+    sequences=1,
+    reference=False,
+    padding_free=True,
+    build=build,
+)

@@ -1,0 +1,55 @@
+"""What every training objective provides, and what it is given.
+
+A method is one module under `tunelab/methods/` that defines `METHOD = Method(...)`, registered by name
+in `tunelab/methods/__init__.py`. It owns the data it takes, whether it keeps a reference model, how its
+TRL trainer is built and whether held-out preference pairs measure it. docs/adding-a-method.md walks
+through adding one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+    from tunelab.config import Experiment
+    from tunelab.data import Splits
+    from tunelab.methods.common import Hardware
+    from tunelab.templates import Encoded
+
+
+@dataclass
+class TrainerInputs:
+    """Everything a method needs to build its trainer, prepared once by `train`."""
+
+    exp: Experiment
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    splits: Splits
+    encoded: list[Encoded]  # train (and eval) as `plan` showed them
+    scope_kind: str
+    hw: Hardware
+    output_dir: Path
+    callbacks: list[TrainerCallback]
+    reference: str | None  # for methods with a reference model: "adapter", "copy" or "precomputed"
+    ref_cache: Path | None  # where precomputed reference log-probs are kept, if the method caches them
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    formats: tuple[str, ...]  # data formats it trains on (see tunelab.data.FORMAT_FIELDS)
+    sequences: int  # forward sequences per example: 1, or 2 (chosen and rejected; KTO's completion and KL sample)
+    reference: bool  # keeps a reference model (live or precomputed), counted by plan's memory estimate
+    padding_free: bool  # its trainer takes tunelab's padding-free batches
+    build: Callable[[TrainerInputs], Trainer]
+    settings: Callable[[Experiment], Any] = lambda exp: None  # its section of the experiment, if any
+
+    @property
+    def preference(self) -> bool:
+        """Measured by preference accuracy on held-out pairs before and after training."""
+        return "preference" in self.formats

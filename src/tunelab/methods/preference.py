@@ -1,0 +1,78 @@
+"""What the preference methods share: their batches, their rows, their reference model and their metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import TrainSettings
+from tunelab.methods.common import Hardware, batching, training_arguments
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.methods.base import TrainerInputs
+
+
+def preference_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, method: str) -> dict:
+    """TrainingArguments for pairwise trainers: random batches (TRL computes no length column for grouping pairs)."""
+    args = training_arguments(train, hw, output_dir, has_eval, batching(train, method))
+    # KTO draws the KL sample of each completion from its batch neighbours, in an order TRL shuffles once itself.
+    args["train_sampling_strategy"] = "sequential" if method == "kto" else "random"
+    if method in ("orpo", "simpo"):  # their batches carry chosen_/rejected_input_ids only: nothing to count
+        args["include_num_input_tokens_seen"] = "no"
+    return args
+
+
+def preference_rows(inputs: TrainerInputs) -> tuple[list[dict], list[dict] | None]:
+    """The split's rows as the trainer takes them, with system messages folded where the experiment asks."""
+    from tunelab.templates import fold_preference
+
+    fold = inputs.exp.tokenizer.fold_system
+    train_rows = [fold_preference(r, fold) for r in inputs.splits.train.rows]
+    eval_rows = [fold_preference(r, fold) for r in inputs.splits.eval.rows] if inputs.splits.eval else None
+    return train_rows, eval_rows
+
+
+def reference_strategy(settings, scope_kind: str) -> str:
+    """'adapter' (LoRA: the policy with its adapter disabled or TRL's frozen adapter copy), 'copy' or 'precomputed'."""
+    if settings.reference == "precomputed" or (settings.reference == "auto" and scope_kind != "lora"):
+        return "precomputed"
+    return "adapter" if scope_kind == "lora" else "copy"
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+def preference_accuracy(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], fold_system: bool = False
+) -> float:
+    """Share of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
+    import torch
+
+    from tunelab.templates import tokenize_example
+
+    def logp(prompt, answer) -> float:
+        if isinstance(answer, list) and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer}, fold_system=fold_system)
+        ids = torch.tensor([tok.input_ids], device=model.device)
+        mask = torch.tensor(tok.loss_mask[1:], device=model.device, dtype=torch.bool)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        token_logps = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+        return token_logps[mask].sum().item()
+
+    was_training = model.training
+    model.eval()
+    wins = 0
+    for row in rows:
+        wins += logp(row["prompt"], row["chosen"]) > logp(row["prompt"], row["rejected"])
+    model.train(was_training)
+    return wins / max(len(rows), 1)
