@@ -71,12 +71,13 @@ class StepClock:
 
             def on_step_end(self, args, state, control, **kw):
                 self.end = time.perf_counter()
+                self.state = state
 
         return _Clock()
 
 
-def tokens_per_second(trainer, clock) -> float:
-    tokens = max(r.get("num_tokens", 0) for r in trainer.state.log_history)
+def tokens_per_second(clock) -> float:
+    tokens = max(r.get("num_tokens", 0) for r in clock.state.log_history)
     return tokens / (clock.end - clock.start)
 
 
@@ -120,14 +121,13 @@ def plain_trl(
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
-    return tokens_per_second(trainer, clock), trainer.evaluate()["eval_loss"]
+    return tokens_per_second(clock), trainer.evaluate()["eval_loss"]
 
 
 def tunelab_run(
     train_file: Path, eval_file: Path, out: Path, steps: int, name: str, *extra: str
 ) -> tuple[float, float]:
     from tunelab.config import load_experiment
-    from tunelab.methods import common
     from tunelab.train import train
 
     exp = load_experiment(
@@ -147,23 +147,9 @@ def tunelab_run(
             *extra,
         ],
     )
-    clock, made = StepClock(), []
-    original = common.instantiate
-
-    def instantiate_with_clock(*args, **kwargs):
-        made.append(original(*args, **kwargs))
-        made[-1].add_callback(clock)
-        return made[-1]
-
-    common.instantiate = instantiate_with_clock
-    import tunelab.methods.sft as sft
-
-    sft.instantiate = instantiate_with_clock
-    try:
-        result = train(exp)
-    finally:
-        common.instantiate = sft.instantiate = original
-    return tokens_per_second(made[-1], clock), result.manifest["final_eval_loss"]
+    clock = StepClock()
+    result = train(exp, callbacks=[clock])
+    return tokens_per_second(clock), result.manifest["final_eval_loss"]
 
 
 def cli_seconds(*args: str) -> float:

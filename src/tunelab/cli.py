@@ -140,7 +140,7 @@ def compare(
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
-    from tunelab.compare import write_report
+    from tunelab.report import write_report
     from tunelab.report.terminal import print_comparison
 
     if temperature == 0:

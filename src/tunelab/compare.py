@@ -8,7 +8,6 @@ trained tensors onto the loaded base and back; full runs load on their own. Deco
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import statistics
@@ -290,9 +289,9 @@ def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
 
 
 def _span(layers: list[int] | None) -> str:
-    from tunelab.report.terminal import ranges
+    from tunelab.scope import layer_ranges
 
-    return ranges(layers or []) or "-"
+    return layer_ranges(layers or []) or "-"
 
 
 # ---------------------------------------------------------------- the comparison
@@ -458,14 +457,3 @@ class _swapped:
         with torch.no_grad():
             for name, tensor in self.saved.items():
                 params[name].copy_(tensor)
-
-
-def write_report(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
-    from tunelab.report.html import render_html, render_markdown
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
-    paths["json"].write_text(json.dumps(comparison.to_json(), indent=2))
-    paths["md"].write_text(render_markdown(comparison))
-    paths["html"].write_text(render_html(comparison))
-    return paths

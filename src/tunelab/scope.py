@@ -103,6 +103,20 @@ def tied_embeddings(model: nn.Module) -> bool:
 # ---------------------------------------------------------------- layers
 
 
+def layer_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    parts: list[str] = []
+    start = prev = None
+    for i in [*indices, None]:
+        if start is not None and (i is None or i != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    return ", ".join(parts)
+
+
 def select_layers(spec: object, count: int, key: str) -> list[int]:
     """Layer indices for all | last-half | first-half | {last: N} | {first: N} | [i, 'a-b', ...]."""
     if spec == "all":

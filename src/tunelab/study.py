@@ -210,7 +210,8 @@ def _previous_report(study: Study, done: list[VariantOutcome]) -> Path | None:
 
 
 def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None:
-    from tunelab.compare import compare, write_report
+    from tunelab.compare import compare
+    from tunelab.report import write_report
 
     if not done:
         return None

@@ -271,8 +271,15 @@ def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
     return source
 
 
-def train(exp: Experiment, resume: bool = False, overwrite: bool = False, force: bool = False) -> TrainResult:
-    """Run one experiment into its run directory. `force` resumes even where the inputs changed."""
+def train(
+    exp: Experiment,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+) -> TrainResult:
+    """Run one experiment into its run directory. `force` resumes even where the inputs changed; `callbacks`
+    (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run."""
     from tunelab.data import file_hashes, load_splits
     from tunelab.methods.common import check_trackers
     from tunelab.models import fingerprint, load_config, load_tokenizer, model_path, pick_device
@@ -321,7 +328,7 @@ def train(exp: Experiment, resume: bool = False, overwrite: bool = False, force:
     }
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
-        result = _train_in(run, exp, splits, encoded, tokenizer, init_from, engine, provenance)
+        result = _train_in(run, exp, splits, encoded, tokenizer, init_from, engine, provenance, callbacks or [])
         distributed.finish()
         return result
     except (KeyboardInterrupt, Terminated) as e:
@@ -418,6 +425,7 @@ def _train_in(
     init_from: Path | None,
     engine: distributed.Engine | None,
     provenance: dict,
+    callbacks: list[TrainerCallback],
 ) -> TrainResult:
     import torch
 
@@ -451,7 +459,7 @@ def _train_in(
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
-    trainer = _build_trainer(exp, model, tokenizer, splits, encoded, resolved.kind, hw, run, [recorder])
+    trainer = _build_trainer(exp, model, tokenizer, splits, encoded, resolved.kind, hw, run, [recorder, *callbacks])
     running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
     distributed.check_launch(trainer.args.world_size, engine, running)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None

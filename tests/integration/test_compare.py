@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA, EXAMPLES, run_cli
-from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, read_prompts, write_report
+from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, read_prompts
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
+from tunelab.report import write_report
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow

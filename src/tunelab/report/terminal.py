@@ -10,6 +10,7 @@ from rich.text import Text
 
 from tunelab.methods.common import Batching
 from tunelab.plan import Plan, SplitStats
+from tunelab.scope import layer_ranges as ranges
 
 
 def _console() -> Console:
@@ -24,20 +25,6 @@ def human_bytes(n: int) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
         value /= 1024
     raise AssertionError
-
-
-def ranges(indices: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    parts: list[str] = []
-    start = prev = None
-    for i in [*indices, None]:
-        if start is not None and (i is None or i != prev + 1):
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            start = None
-        if i is not None and start is None:
-            start = i
-        prev = i
-    return ", ".join(parts)
 
 
 def group_modules(full_names: list[str], layer_path_hint: str = ".layers.") -> list[tuple[str, str]]:

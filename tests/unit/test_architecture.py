@@ -1,0 +1,61 @@
+"""The package's shape: no import cycles (a producer never imports its renderer), no private imports in tests."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "src" / "tunelab"
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """tunelab modules a file imports anywhere (module level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("tunelab"))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_no_import_cycles() -> None:
+    edges = graph()
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        if node in stack:
+            cycles.append(stack[stack.index(node) :] + [node])
+            return
+        for nxt in edges.get(node, ()):
+            if not nxt.startswith(node + "."):  # a package importing its own submodules is its registry
+                visit(nxt, [*stack, node])
+
+    for start in edges:
+        visit(start, [])
+    assert cycles == []
+
+
+def test_results_do_not_import_their_renderers() -> None:
+    edges = graph()
+    for producer in ("tunelab.compare", "tunelab.plan", "tunelab.train", "tunelab.runs", "tunelab.methods"):
+        assert not any(m.startswith("tunelab.report") for m in edges[producer]), producer
+
+
+def test_tests_import_no_private_names() -> None:
+    private = []
+    for path in TESTS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunelab"):
+                private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert private == []
