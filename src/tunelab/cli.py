@@ -229,6 +229,12 @@ def main() -> None:
 
     # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # tunelab prints its own progress; the libraries' bars (loading weights, tokenizing, truncating) are noise.
+    # Set before the libraries load (the commands import them), and only where the user has not chosen.
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)

@@ -116,6 +116,7 @@ def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> Non
     assert killed != 0  # the launcher's exit code, not the killed process's
     resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart that happens to agree
     a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("straight", "crashed"))
     assert a["distributed"]["rank_digests"] == b["distributed"]["rank_digests"]
     losses = [

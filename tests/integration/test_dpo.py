@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli, straight_and_killed
+from tests.conftest import EXAMPLES, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.runs import read_manifest, read_metrics
@@ -105,6 +105,9 @@ def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
     assert killed == -9
     resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart that happens to agree
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
     assert read_manifest(tmp_path / "crashed")["status"] == "completed"

@@ -121,6 +121,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir
     assert refused.returncode == 2 and "use --resume" in refused.stderr
     resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-32" in resumed.stdout  # a resume, not a restart that happens to agree
     a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_metrics(tmp_path / "crashed") if "loss" in r]
