@@ -170,21 +170,24 @@ app.add_typer(study_app, name="study")
 
 
 @study_app.command("plan")
-def study_plan(study: Annotated[Path, typer.Argument(help="Study YAML file.")]) -> None:
+def study_plan(study: Annotated[Path, typer.Argument(help="Study YAML file.")], overrides: Overrides = None) -> None:
     """One table of all variants before anything trains."""
     from tunelab.report.terminal import print_study_plan
     from tunelab.study import load_study, plan_study
 
-    print_study_plan(plan_study(load_study(study)))
+    print_study_plan(plan_study(load_study(study, overrides)))
 
 
 @study_app.command("run")
-def study_run(study: Annotated[Path, typer.Argument(help="Study YAML file.")]) -> None:
-    """Run the variants in dependency order (unchanged ones are skipped), then compare them."""
+def study_run(study: Annotated[Path, typer.Argument(help="Study YAML file.")], overrides: Overrides = None) -> None:
+    """Run the variants in dependency order (unchanged ones are skipped), then compare them.
+
+    --set applies to every variant (one that sets the same key keeps its own); --set output.dir=... moves the study.
+    """
     from tunelab.report.terminal import print_study_outcome
     from tunelab.study import load_study, run_study
 
-    outcomes, report = run_study(load_study(study))
+    outcomes, report = run_study(load_study(study, overrides))
     print_study_outcome(outcomes, report)
     if any(o.status in ("failed", "blocked") for o in outcomes):
         raise SystemExit(1)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.config import Experiment, read_yaml, resolve_paths, set_key, validate
+from tunelab.config import Experiment, apply_override, read_yaml, resolve_paths, set_key, validate
 from tunelab.errors import TunelabError
 
 
@@ -64,7 +64,9 @@ class VariantOutcome:
     diff: list[str] = field(default_factory=list)
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
+    """Read a study; `overrides` (the CLI's --set) apply to the base experiment, so to every variant that does not
+    set the same key itself, and `output.dir` moves the whole study."""
     path = Path(path)
     raw, lines = read_yaml(path)
     raw.setdefault("name", path.stem)
@@ -82,7 +84,15 @@ def load_study(path: str | Path) -> Study:
         base_dir = base_path.parent
     else:
         base_raw, base_dir = copy.deepcopy(spec.base), path.parent
-    base = resolve_paths(validate(base_raw, source=f"{path}: base"), base_dir)
+    given = {}
+    for item in overrides or []:
+        key, _, value = item.partition("=")
+        if key.strip() == "output.dir":
+            spec = spec.model_copy(update={"output": value.strip()})
+            continue
+        apply_override(base_raw, item)
+        given[key.strip()] = f"--set {key.strip()}"
+    base = resolve_paths(validate(base_raw, source=f"{path}: base", given=given), base_dir)
     order = _dependency_order(spec, path)
     study = Study(spec, path, base, order)
     for name in order:  # every variant must resolve before anything trains

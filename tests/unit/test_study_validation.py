@@ -49,3 +49,15 @@ def test_unknown_study_key(tmp_path: Path) -> None:
     path.write_text(f"name: s\nbase: {EXAMPLES / 'quickstart.yaml'}\nvariants: {{}}\ncompre: {{}}\n")
     with pytest.raises(TunelabError, match=r"s.yaml:4: compre: Extra inputs are not permitted"):
         load_study(path)
+
+
+def test_set_applies_to_every_variant_and_moves_the_study(tmp_path: Path) -> None:
+    from tunelab.study import load_study, variant_experiment
+
+    study = load_study(EXAMPLES / "ladder.yaml", ["train.max_steps=2", f"output.dir={tmp_path / 'smoke'}"])
+    assert study.output == tmp_path / "smoke"
+    for name in study.order:
+        exp = variant_experiment(study, name, init_from=None)
+        assert exp.train.max_steps == 2 and Path(exp.output.dir) == tmp_path / "smoke"
+    with pytest.raises(TunelabError, match=r"--set train.seed: Input should be greater than or equal to 0"):
+        load_study(EXAMPLES / "ladder.yaml", ["train.seed=-1"])
