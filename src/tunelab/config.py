@@ -100,7 +100,8 @@ class TokenizerSettings(Strict):
     id: str | None = Field(default=None, description="Tokenizer to load; defaults to the model's own.")
     chat_template: str | None = Field(
         default=None,
-        description="Chat template: None keeps the tokenizer's own, 'builtin:llama3' names a built-in one, "
+        description="Chat template: None keeps the tokenizer's own (the usual choice), 'builtin:llama3' names a "
+        "built-in one, 'trl:<name>' one of TRL's (e.g. trl:qwen3_training, its training version of Qwen3's), "
         "anything else is a path to a .jinja file.",
     )
     pad_token: str | None = Field(
@@ -700,7 +701,7 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     tok_update = {}
     if tok.id is not None:
         tok_update["id"] = _local(tok.id, base)
-    if tok.chat_template is not None and not tok.chat_template.startswith(BUILTIN_PREFIX):
+    if tok.chat_template is not None and not tok.chat_template.startswith((BUILTIN_PREFIX, "trl:")):
         tok_update["chat_template"] = _local(tok.chat_template, base)
     if tok_update:
         update["tokenizer"] = tok.model_copy(update=tok_update)

@@ -30,10 +30,28 @@ BUILTIN_TEMPLATES = tuple(sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja")))
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<pad>", "<|pad|>", "[PAD]", "<unk>")
 
 
+def trl_templates() -> Path:
+    """TRL's folder of chat templates (the originals it recognises and their training versions), found
+    without importing TRL."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("trl")
+    return Path(spec.origin).parent / "chat_templates" if spec and spec.origin else Path("/nonexistent")
+
+
 def resolve_template(setting: str | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The template text for `tokenizer.chat_template`: the tokenizer's own, a built-in, or a file."""
+    """The template text for `tokenizer.chat_template`: the tokenizer's own, a built-in, one of TRL's, or a file."""
     if setting is None:
         return tokenizer.chat_template
+    if setting.startswith("trl:"):
+        path = trl_templates() / f"{setting.removeprefix('trl:')}.jinja"
+        if not path.is_file():
+            names = sorted(p.stem for p in trl_templates().glob("*_training.jinja"))
+            raise ConfigError(
+                f"tokenizer.chat_template: TRL has no template '{setting}'; its training templates: "
+                + ", ".join(f"trl:{n}" for n in names)
+            )
+        return path.read_text()
     if setting.startswith(BUILTIN_PREFIX):
         name = setting.removeprefix(BUILTIN_PREFIX)
         if name not in BUILTIN_TEMPLATES:
@@ -155,16 +173,33 @@ def _assistant_spans(
             continue
         prompt = _render(tokenizer, messages[:i], True, where) if i else ""
         through = _render(tokenizer, messages[: i + 1], False, where)
-        if not (through.startswith(prompt) and full.startswith(prompt)):
-            raise TemplateRowError(
-                f"{where}: the chat template renders message {i} (assistant) differently once the conversation "
-                "continues, so its reply cannot be located; this happens when a template moves earlier messages "
-                "(e.g. a system message placed in the last user turn): set tokenizer.fold_system: true, or set "
-                "tokenizer.chat_template to a prefix-consistent template"
-            )
         end = len(prompt) + _common_prefix(through[len(prompt) :], full[len(prompt) :])
+        reply = m["content"].strip()
+        if not (through.startswith(prompt) and full.startswith(prompt)) or (
+            reply and reply not in full[len(prompt) : end]
+        ):
+            raise TemplateRowError(
+                f"{where}: the chat template renders assistant message {i} differently once the conversation "
+                "continues (a system message moved into the last user turn, or a reasoning block kept only on the "
+                "last turn), so its reply cannot be supervised where it sits; "
+                + _consistent_fix(tokenizer.chat_template, messages)
+            )
         spans.append((len(prompt), end, m["content"]))
     return full, spans
+
+
+def _consistent_fix(template: str, messages: list[dict]) -> str:
+    """The fix for a template that is not prefix-consistent: TRL's training version where TRL has one."""
+    folder = trl_templates()
+    for original in folder.glob("*.jinja"):
+        training = folder / f"{original.stem}_training.jinja"
+        if not original.stem.endswith("_training") and training.is_file() and original.read_text() == template:
+            return (
+                f"set tokenizer.chat_template: trl:{training.stem} (TRL's training version of this template, "
+                "which marks each reply with {% generation %})"
+            )
+    fold = "set tokenizer.fold_system: true, or " if messages and messages[0]["role"] == "system" else ""
+    return f"{fold}set tokenizer.chat_template to a template that marks replies with {{% generation %}}"
 
 
 def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -226,14 +261,18 @@ def _marked(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised
                 while j < len(mask) and mask[j]:
                     mask[j] = 0
                     j += 1
+    # A run's terminator is its last special token (a template may mark the newline after it too).
     specials = special_ids(tokenizer)
-    terminators, unterminated = [], 0
+    terminators, unterminated, last_special = [], 0, None
     for i, m in enumerate(mask):
+        if m and ids[i] in specials:
+            last_special = ids[i]
         if m and (i + 1 == len(mask) or not mask[i + 1]):
-            if ids[i] in specials:
-                terminators.append(ids[i])
-            else:
+            if last_special is None:
                 unterminated += 1
+            else:
+                terminators.append(last_special)
+            last_special = None
     return Tokenized(ids, mask, terminators, unterminated)
 
 

@@ -264,3 +264,39 @@ def test_sharegpt_and_prompt_completion_chats_supervise_only_the_reply(family: s
             tok.input_ids, [t if m else -100 for t, m in zip(tok.input_ids, tok.loss_mask, strict=True)]
         )
         assert [tokenizer.decode(r).strip() for r in runs] == [reply + terminator]
+
+
+def test_a_thinking_template_is_refused_with_trls_training_version_as_the_fix(family_dirs, tmp_path: Path) -> None:
+    """Qwen3's own template keeps the reasoning block on the last turn only, so earlier replies render otherwise
+    once the conversation goes on. Silently supervising nothing there is wrong; the fix names TRL's version."""
+    import shutil
+
+    from tunelab.errors import TunelabError
+    from tunelab.templates import trl_templates
+
+    model = tmp_path / "qwen3"
+    shutil.copytree(family_dirs["qwen2.5-instruct"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "chat_template.jinja").write_text((trl_templates() / "qwen3.jinja").read_text())  # Qwen3's original
+    turns = [
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "2 plus 3 is 5."},
+        {"role": "user", "content": "And 1 plus 1?"},
+        {"role": "assistant", "content": "1 plus 1 is 2."},
+    ]
+    data = tmp_path / "multi.jsonl"
+    data.write_text((json.dumps({"messages": turns}) + "\n") * 4)
+    text = f"name: q3\nmodel: {{id: {model}}}\ndata: {{train: {data}}}\ntrain: {{max_steps: 2}}\noutput: {{dir: {tmp_path}}}\n"
+    with pytest.raises(
+        TunelabError, match=r"multi.jsonl:1: .*assistant message 1.*set tokenizer.chat_template: trl:qwen3_training"
+    ):
+        make_plan(load_experiment(write_experiment(tmp_path, text)))
+    fixed = load_experiment(write_experiment(tmp_path, text + "tokenizer: {chat_template: 'trl:qwen3_training'}\n"))
+    plan = make_plan(fixed)
+    supervised = [t for t, loss in plan.data.first_example if loss]
+    assert [s.strip() for s in supervised] == [
+        f"<think>\n\n</think>\n\n{r}<|im_end|>" for r in ("2 plus 3 is 5.", "1 plus 1 is 2.")
+    ]
+    assert train(fixed).manifest["status"] == "completed"
