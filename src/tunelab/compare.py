@@ -165,12 +165,11 @@ GREEDY: dict = {"do_sample": False}
 def stop_ids(model, tokenizer, manifests: list[dict]) -> list[int]:
     """Where a reply ends: the tokenizer's EOS, the model's own stop tokens, and each run's turn terminator
     (Gemma's <end_of_turn> is not its EOS)."""
-    ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
-    ids.update([configured] if isinstance(configured, int) else configured or [])
-    terminators = {(m.get("tokens") or {}).get("terminator") for m in manifests} - {None}
-    ids.update(tokenizer.convert_tokens_to_ids(t) for t in terminators)
-    return sorted(i for i in ids if i is not None)
+    from tunelab.templates import stop_token_ids
+
+    terminators = [(m.get("tokens") or {}).get("terminator") for m in manifests]
+    extra = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in terminators if t)]
+    return stop_token_ids(model.generation_config.eos_token_id, extra)
 
 
 def generate_rows(

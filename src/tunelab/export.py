@@ -18,14 +18,15 @@ def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> No
     reply there (a base model's generation_config often names only its EOS, e.g. Gemma's <eos>, not <end_of_turn>)."""
     from transformers import AutoTokenizer
 
+    from tunelab.templates import stop_token_ids
+
     if not terminator:
         return
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    token_id = tokenizer.convert_tokens_to_ids(terminator)
-    eos = model.generation_config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if token_id not in ids:
-        model.generation_config.eos_token_id = [*ids, token_id]
+    config = model.generation_config
+    ids = stop_token_ids(config.eos_token_id, [tokenizer.convert_tokens_to_ids(terminator)])
+    if ids != stop_token_ids(config.eos_token_id, []):
+        config.eos_token_id = ids
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 

@@ -268,8 +268,8 @@ def optimizer_steps(exp: Experiment, n_train: int) -> int:
     return math.ceil(math.ceil(n_train / per_step) * exp.train.epochs)
 
 
-def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int, hidden_size: int) -> list[str]:
-    """Settings that cannot work with this data raise; settings that waste something are returned as warnings.
+def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int) -> None:
+    """Refuse settings that cannot work with this data (`plan` and `train` both call it).
 
     `measured` rows were tokenized, `unsupervised` of them carry no loss within max_length.
     """
@@ -289,13 +289,6 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
             f"train.max_length: {t.max_length} leaves none of the training examples with a token that carries "
             "loss; raise it"
         )
-    warnings = []
-    if exp.scope.lora is not None and exp.scope.lora.r > hidden_size:
-        warnings.append(
-            f"scope.lora.r={exp.scope.lora.r} is above the model's hidden size ({hidden_size}): an update cannot have "
-            f"a higher rank than its smallest dimension, so r={hidden_size} gives the same capacity for less memory"
-        )
-    return warnings
 
 
 def make_plan(exp: Experiment) -> Plan:
@@ -317,9 +310,13 @@ def make_plan(exp: Experiment) -> Plan:
     if exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
         tokenizer = load_tokenizer(exp.tokenizer, exp.model)
     stats = data_stats(exp, tokenizer)
-    warnings += check_rhythm(
-        exp, stats.train.examples, stats.train.measured, stats.train.without_loss, facts.hidden_size
-    )
+    check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
+    if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:
+        h = facts.hidden_size
+        warnings.append(
+            f"scope.lora.r={exp.scope.lora.r} is above the model's hidden size ({h}): an update cannot have "
+            f"a higher rank than its smallest dimension, so r={h} gives the same capacity for less memory"
+        )
     if stats.tokens is not None:
         warnings += stats.tokens.warnings(exp.train.max_length)
     if stats.train.truncated:

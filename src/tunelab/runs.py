@@ -115,11 +115,16 @@ class Run:
         return self.dir / CHECKPOINTS
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint folder (checkpoint-<step>) was saved at."""
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders, oldest first."""
     folder = run_dir / CHECKPOINTS
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    found = [p for p in folder.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()]
+    return sorted(found, key=checkpoint_step)
 
 
 def complete(checkpoint: Path) -> bool:
@@ -152,9 +157,9 @@ def changed_inputs(old: dict, exp: Experiment, provenance: dict) -> list[str]:
     if old_data and new_data and old_data != new_data:
         files = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
         changed.append(f"the data changed ({', '.join(files)})")
-    for key, what in (("chat_template_hash", "the chat template"),):
-        if old.get(key) and provenance.get(key) and old[key] != provenance[key]:
-            changed.append(f"{what} changed")
+    old_template, new_template = old.get("chat_template_hash"), provenance.get("chat_template_hash")
+    if old_template and new_template and old_template != new_template:
+        changed.append("the chat template changed")
     old_base = (old.get("base_model") or {}).get("fingerprint")
     new_base = (provenance.get("base_model") or {}).get("fingerprint")
     if old_base and new_base and old_base != new_base:

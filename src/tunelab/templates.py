@@ -105,11 +105,12 @@ class TemplateRowError(TunelabError):
 # ---------------------------------------------------------------- rendering
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool, where: str) -> str:
+def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, **kwargs):
+    """`apply_chat_template`, with the template's own errors turned into one line naming the record and the fix."""
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, **kwargs)
     except TemplateError as e:
         raise TemplateRowError(f"{where}: the chat template refused this conversation: {e}; {_fix(e, messages)}") from e
     except (TypeError, KeyError, IndexError, AttributeError) as e:
@@ -117,6 +118,10 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
             f"{where}: the chat template failed on this conversation ({type(e).__name__}: {e}); "
             "check the record's roles and contents, or set tokenizer.chat_template"
         ) from e
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    return _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _fix(error: Exception, messages: list[dict]) -> str:
@@ -164,8 +169,8 @@ def _common_prefix(a, b) -> int:
 
 def _assistant_spans(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str
-) -> tuple[str, list[tuple[int, int, str]]]:
-    """The full text and, per supervised assistant turn, (start, end, reply) in characters."""
+) -> tuple[str, list[tuple[int, int, int]]]:
+    """The full text and, per supervised assistant turn, (start, end of the reply, end of the turn) in characters."""
     full = _render(tokenizer, messages, False, where)
     spans = []
     for i, m in enumerate(messages):
@@ -175,16 +180,15 @@ def _assistant_spans(
         through = _render(tokenizer, messages[: i + 1], False, where)
         end = len(prompt) + _common_prefix(through[len(prompt) :], full[len(prompt) :])
         reply = m["content"].strip()
-        if not (through.startswith(prompt) and full.startswith(prompt)) or (
-            reply and reply not in full[len(prompt) : end]
-        ):
+        found = full.find(reply, len(prompt), end) if reply else len(prompt)
+        if not (through.startswith(prompt) and full.startswith(prompt)) or found < 0:
             raise TemplateRowError(
                 f"{where}: the chat template renders assistant message {i} differently once the conversation "
                 "continues (a system message moved into the last user turn, or a reasoning block kept only on the "
                 "last turn), so its reply cannot be supervised where it sits; "
                 + _consistent_fix(tokenizer.chat_template, messages)
             )
-        spans.append((len(prompt), end, m["content"]))
+        spans.append((len(prompt), found + len(reply), end))
     return full, spans
 
 
@@ -213,14 +217,11 @@ def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], 
 
 
 def _mask_spans(
-    ids: list[int], offsets: list[tuple[int, int]], text: str, spans: list[tuple[int, int, str]], specials: set[int]
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]], specials: set[int]
 ) -> Tokenized:
     mask = [0] * len(ids)
     terminators, unterminated = [], 0
-    for start, end, reply in spans:
-        reply = reply.strip()
-        found = text.find(reply, start, end) if reply else -1
-        reply_end = found + len(reply) if found >= 0 else start
+    for start, reply_end, end in spans:
         stop = end
         closing = next(
             (j for j, (a, _) in enumerate(offsets) if reply_end <= a < end and ids[j] in specials),
@@ -239,14 +240,7 @@ def _mask_spans(
 
 def _marked(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str) -> Tokenized:
     """A template with {% generation %} markers: its own mask, one run of ones per assistant turn."""
-    from jinja2 import TemplateError
-
-    try:
-        out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
-    except TemplateError as e:
-        raise TemplateRowError(f"{where}: the chat template refused this conversation: {e}; {_fix(e, messages)}") from e
+    out = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
     turns = [s for m, s in zip(messages, supervised, strict=True) if m["role"] == "assistant"]
@@ -286,7 +280,7 @@ def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: 
         return _marked(tokenizer, messages, supervised, where)
     text, spans = _assistant_spans(tokenizer, messages, supervised, where)
     ids, offsets = _offsets(tokenizer, text)
-    return _mask_spans(ids, offsets, text, spans, special_ids(tokenizer))
+    return _mask_spans(ids, offsets, spans, special_ids(tokenizer))
 
 
 def _ids(encoded) -> list[int]:
@@ -441,6 +435,13 @@ def labelled(examples: list[Tokenized]) -> list[dict]:
         {"input_ids": e.input_ids, "labels": [t if m else -100 for t, m in zip(e.input_ids, e.loss_mask, strict=True)]}
         for e in examples
     ]
+
+
+def stop_token_ids(configured: int | list[int] | None, extra: list[int | None]) -> list[int]:
+    """The ids a reply ends at: a generation config's eos_token_id (an int, a list or None) followed by the
+    ones in `extra` it lacks (the tokenizer's EOS, a run's turn terminator)."""
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    return ids + [i for i in dict.fromkeys(extra) if i is not None and i not in ids]
 
 
 def loss_segments(tokenizer: PreTrainedTokenizerBase, tok: Tokenized) -> list[tuple[str, bool]]:

@@ -27,6 +27,7 @@ from tunelab.runs import (
     TOKENIZER,
     TRAINED,
     Run,
+    checkpoint_step,
     checkpoints,
     last_checkpoint,
     now,
@@ -207,8 +208,7 @@ def _drop_incomplete(run: Run, chosen: Path) -> str:
     into their folders again. Returns a note for the user."""
     import shutil
 
-    step = int(chosen.name.split("-")[-1])
-    cut = [c for c in checkpoints(run.dir) if int(c.name.split("-")[-1]) > step]
+    cut = [c for c in checkpoints(run.dir) if checkpoint_step(c) > checkpoint_step(chosen)]
     for c in cut:
         shutil.rmtree(c)
     return f" (removed incomplete {', '.join(c.name for c in cut)})" if cut else ""
@@ -233,7 +233,6 @@ def _load_finished(trainer, checkpoint: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     # The Trainer's own checkpoint loader (adapters, sharded and safetensors weights); it has no public name.
     trainer._load_from_checkpoint(str(checkpoint))  # noqa: SLF001
-    return None
 
 
 def _trim_metrics(run: Run, up_to_step: int) -> None:
@@ -282,7 +281,7 @@ def train(
     (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run."""
     from tunelab.data import file_hashes, load_splits
     from tunelab.methods.common import check_trackers
-    from tunelab.models import fingerprint, load_config, load_tokenizer, model_path, pick_device
+    from tunelab.models import fingerprint, load_tokenizer, model_path, pick_device
     from tunelab.plan import check_rhythm, encode_split
     from tunelab.templates import check_tokens, template_hash
 
@@ -299,13 +298,8 @@ def train(
     # The same encoding plan previews; its checks also give a tokenizer without a pad token a safe one.
     encoded = [encode_split(exp, tokenizer, s) for s in (splits.train, splits.eval) if s is not None]
     checks = check_tokens(tokenizer, encoded, exp.train.max_length)
-    hidden = load_config(exp.model).hidden_size
     check_rhythm(
-        exp,
-        len(splits.train.rows),
-        len(encoded[0].examples),
-        len(encoded[0].no_loss_after(exp.train.max_length)),
-        hidden,
+        exp, len(splits.train.rows), len(encoded[0].examples), len(encoded[0].no_loss_after(exp.train.max_length))
     )
     base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
@@ -470,10 +464,11 @@ def _train_in(
     if checkpoint is None:
         run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
     else:
-        _trim_metrics(run, int(checkpoint.name.split("-")[-1]))
+        _trim_metrics(run, checkpoint_step(checkpoint))
     started = time.perf_counter()
     if checkpoint is not None and _finished(checkpoint):
-        runtime = _load_finished(trainer, checkpoint)
+        _load_finished(trainer, checkpoint)
+        runtime = None  # nothing trained in this process
     else:
         runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
             "train_runtime"

@@ -23,9 +23,12 @@ def build(inputs: TrainerInputs) -> KTOTrainer:
 
     exp, settings = inputs.exp, inputs.exp.kto
     train_rows, eval_rows = preference_rows(inputs)
+    args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "kto")
+    # KTO draws the KL sample of each completion from its batch neighbours, in an order TRL shuffles once itself.
+    args["train_sampling_strategy"] = "sequential"
     config = trl_config(
         KTOConfig,
-        **preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "kto"),
+        **args,
         beta=settings.beta,
         desirable_weight=settings.desirable_weight,
         undesirable_weight=settings.undesirable_weight,

@@ -8,8 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
-from tunelab.methods.common import instantiate, trl_config
-from tunelab.methods.preference import preference_arguments, preference_rows
+from tunelab.methods.preference import reference_free_trainer
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -18,19 +17,7 @@ if TYPE_CHECKING:
 def build(inputs: TrainerInputs) -> Trainer:
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    from tunelab.methods.sampling import seeded
-
-    exp = inputs.exp
-    train_rows, eval_rows = preference_rows(inputs)
-    config = trl_config(
-        ORPOConfig,
-        **preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "orpo"),
-        beta=exp.orpo.beta,
-        max_length=exp.train.max_length,
-    )
-    return instantiate(
-        seeded(ORPOTrainer), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks
-    )
+    return reference_free_trainer(inputs, ORPOConfig, ORPOTrainer, beta=inputs.exp.orpo.beta)
 
 
 METHOD = Method(

@@ -17,10 +17,7 @@ if TYPE_CHECKING:
 def preference_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, method: str) -> dict:
     """TrainingArguments for pairwise trainers: random batches (TRL computes no length column for grouping pairs)."""
     args = training_arguments(train, hw, output_dir, has_eval, batching(train, method))
-    # KTO draws the KL sample of each completion from its batch neighbours, in an order TRL shuffles once itself.
-    args["train_sampling_strategy"] = "sequential" if method == "kto" else "random"
-    if method in ("orpo", "simpo"):  # their batches carry chosen_/rejected_input_ids only: nothing to count
-        args["include_num_input_tokens_seen"] = "no"
+    args["train_sampling_strategy"] = "random"
     return args
 
 
@@ -32,6 +29,22 @@ def preference_rows(inputs: TrainerInputs) -> tuple[list[dict], list[dict] | Non
     train_rows = [fold_preference(r, fold) for r in inputs.splits.train.rows]
     eval_rows = [fold_preference(r, fold) for r in inputs.splits.eval.rows] if inputs.splits.eval else None
     return train_rows, eval_rows
+
+
+def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_class: type, **settings):
+    """ORPO and SimPO: TRL's experimental pairwise trainers, with no reference model. Their batches carry only
+    chosen_/rejected_input_ids, so the Trainer has no input tokens to count."""
+    from tunelab.methods.common import instantiate, trl_config
+    from tunelab.methods.sampling import seeded
+
+    exp = inputs.exp
+    train_rows, eval_rows = preference_rows(inputs)
+    args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, exp.method)
+    args["include_num_input_tokens_seen"] = "no"
+    config = trl_config(config_class, **args, max_length=exp.train.max_length, **settings)
+    return instantiate(
+        seeded(trainer_class), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks
+    )
 
 
 def reference_strategy(settings, scope_kind: str) -> str:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
-from tunelab.methods.common import instantiate, trl_config
-from tunelab.methods.preference import preference_arguments, preference_rows
+from tunelab.methods.preference import reference_free_trainer
 
 if TYPE_CHECKING:
     from transformers import Trainer
@@ -19,21 +18,9 @@ if TYPE_CHECKING:
 def build(inputs: TrainerInputs) -> Trainer:
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    from tunelab.methods.sampling import seeded
-
-    exp = inputs.exp
-    train_rows, eval_rows = preference_rows(inputs)
-    config = trl_config(
-        CPOConfig,
-        **preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "simpo"),
-        loss_type="simpo",
-        cpo_alpha=0.0,
-        beta=exp.simpo.beta,
-        simpo_gamma=exp.simpo.gamma,
-        max_length=exp.train.max_length,
-    )
-    return instantiate(
-        seeded(CPOTrainer), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks
+    settings = inputs.exp.simpo
+    return reference_free_trainer(
+        inputs, CPOConfig, CPOTrainer, loss_type="simpo", cpo_alpha=0.0, beta=settings.beta, simpo_gamma=settings.gamma
     )
 
 
