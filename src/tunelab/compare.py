@@ -1,8 +1,9 @@
 """One base, many runs, the same prompts: outputs side by side, with the numbers.
 
-The base loads once. LoRA runs attach as named adapters and generate together in mixed batches
-(PEFT's `adapter_names`, one adapter per row, "__base__" for the base); partial runs swap their
-trained tensors onto the loaded base and back; full runs load on their own. Decoding is greedy.
+The base loads once. Each run's scope kind (`tunelab.scopes`) says how it goes on that base: LoRA runs
+attach as named adapters and generate together in mixed batches (PEFT's `adapter_names`, one adapter per
+row, "__base__" for the base); partial runs swap their trained tensors onto the loaded base and back;
+full runs load on their own. Decoding is greedy unless a temperature is given.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment
 from tunelab.errors import TunelabError
-from tunelab.runs import ADAPTER, FULL_MODEL, TOKENIZER, TRAINED, load_run_experiment, read_manifest, read_metrics
+from tunelab.runs import TOKENIZER, load_run_experiment, read_manifest, read_metrics
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 BASE = "__base__"
 
@@ -265,13 +266,12 @@ def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
     train_curve = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
     eval_curve = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
     speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s")]
+    from tunelab.scopes import get_scope
+
     exp = load_run_experiment(run_dir)
-    scope = exp.scope.kind
-    if scope == "lora":
-        lora = exp.scope.lora
-        scope += f" r{lora.r} {','.join(manifest.get('target_modules') or [])} layers {_span(manifest.get('layers'))}"
-    elif scope == "partial":
-        scope += f" blocks {_span(manifest.get('layers'))}"
+    scope = get_scope(exp.scope.kind).label(
+        exp.scope, manifest.get("target_modules") or [], _span(manifest.get("layers"))
+    )
     numbers = {
         "method": manifest.get("method"),
         "scope": scope,
@@ -371,18 +371,25 @@ def _generate_and_score(
     decoding: dict,
     seed: int,
 ) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """Outputs and eval loss for every variant, loading the base once."""
+    """Outputs and eval loss for every variant, loading the base once; each run's scope kind says how it goes
+    on that base (attached beside it, swapped in for a while, or loaded on its own)."""
     import torch
     from transformers import AutoTokenizer
 
-    from tunelab.models import load_model, pick_device, pick_dtype
+    from tunelab.models import pick_device, pick_dtype
+    from tunelab.scopes import BaseLoader, get_scope
 
     device = pick_device(exp.model.device)
+    base = BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
     tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
     torch.manual_seed(seed)
-    model = load_model(exp.model, pick_dtype(exp.model.dtype, device), device).eval()
+    model = base.load().eval()
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
+    kinds = {m["name"]: get_scope(m["scope"]) for _, m in runs}
+    for d, m in runs:
+        model = kinds[m["name"]].attach(model, d, m["name"])
+    model.eval()
     outputs: dict[str, list[str]] = {}
     losses: dict[str, float] = {}
 
@@ -390,69 +397,22 @@ def _generate_and_score(
         if eval_rows:
             losses[name] = eval_loss(scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system)
 
-    lora = [(d, m) for d, m in runs if m["result"] == ADAPTER]
-    if lora:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(lora[0][0] / ADAPTER), adapter_name=lora[0][1]["name"])
-        for d, m in lora[1:]:
-            model.load_adapter(str(d / ADAPTER), adapter_name=m["name"])
-        model.eval()
-        names = [m["name"] for _, m in lora] + ([BASE] if include_base else [])
+    together = [m["name"] for _, m in runs if kinds[m["name"]].batches_with_base]
+    if together:
+        names = together + ([BASE] if include_base else [])
         outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
-        for _, m in lora:
-            model.set_adapter(m["name"])
-            score(m["name"], model)
     elif include_base:
         outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
-    # The base alone: the PEFT wrapper with every adapter off, or the plain model.
-    as_base = model.disable_adapter if lora else contextlib.nullcontext
-    base_rows = BASE if lora else None
+    # The base alone: a PEFT wrapper with every adapter off (rows routed to "__base__"), or the plain model.
+    wrapped = hasattr(model, "disable_adapter")
     if include_base:
-        with as_base():
+        with model.disable_adapter() if wrapped else contextlib.nullcontext():
             score(BASE, model)
     for d, m in runs:
-        if m["result"] == TRAINED:
-            with _swapped(model.get_base_model() if lora else model, d / TRAINED), as_base():
-                outputs[m["name"]] = generate(
-                    model, tokenizer, prompts, base_rows, max_new_tokens, batch_size, decoding
-                )
-                score(m["name"], model)
-        elif m["result"] == FULL_MODEL:
-            from transformers import AutoModelForCausalLM
-
-            full = AutoModelForCausalLM.from_pretrained(d / FULL_MODEL).to(device).eval()
-            outputs[m["name"]] = generate(full, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
-            score(m["name"], full)
-            del full
+        name = m["name"]
+        with kinds[name].active(model, d, name, base) as variant:
+            if name not in outputs:
+                rows = BASE if wrapped and variant is model else None
+                outputs[name] = generate(variant, tokenizer, prompts, rows, max_new_tokens, batch_size, decoding)
+            score(name, variant)
     return outputs, losses
-
-
-class _swapped:
-    """Put a partial run's trained tensors on the base for the duration of a `with` block, then restore."""
-
-    def __init__(self, model: PreTrainedModel, path: Path) -> None:
-        self.model, self.path, self.saved = model, path, {}
-
-    def __enter__(self) -> None:
-        import torch
-        from safetensors.torch import load_file
-
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(str(self.path)).items():
-                # Under LoRA adapters, an adapted module keeps its original weight in `base_layer`.
-                module, _, leaf = name.rpartition(".")
-                target = name if name in params else f"{module}.base_layer.{leaf}"
-                if target not in params:
-                    raise TunelabError(f"{self.path}: tensor {name} does not exist in the base model")
-                self.saved[target] = params[target].detach().clone()
-                params[target].copy_(tensor)
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in self.saved.items():
-                params[name].copy_(tensor)

@@ -1,7 +1,8 @@
 """Export a run as a standard folder that plain Transformers (or PEFT) loads.
 
-LoRA: the adapter alone, or merged into the base (`merge_and_unload`). Partial: the base with the
-trained tensors in place. Full: the trained model. Each export carries its provenance.
+What the folder holds is the scope kind's to say (`ScopeKind.export`): LoRA the adapter alone or merged into
+the base, partial the base with the trained tensors in place, full the trained model. Each export carries
+the run's tokenizer and its provenance, and is written to a temporary name first.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.runs import ADAPTER, TOKENIZER, now, read_manifest, write_json
+from tunelab.runs import TOKENIZER, now, read_manifest, write_json
 
 
 def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> None:
@@ -59,8 +60,15 @@ def verify_adapter(folder: Path) -> None:
             raise TunelabError(f"{weights}: {a} has rank {rank}, the config says {r}; the adapter is damaged")
 
 
+def save_model(model, run_dir: Path, out: Path) -> None:
+    """A trained model as a Transformers folder (safetensors) that stops at the run's turn terminator."""
+    manifest = read_manifest(run_dir)
+    stop_at_terminator(model, run_dir / TOKENIZER, (manifest.get("tokens") or {}).get("terminator"))
+    model.save_pretrained(out)
+
+
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
-    from tunelab.models import load_trained
+    from tunelab.scopes import run_scope
 
     run_dir, out = Path(run_dir), Path(out)
     manifest = read_manifest(run_dir)
@@ -68,20 +76,10 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         raise TunelabError(f"{run_dir}: run is {manifest.get('status')}; only completed runs can be exported")
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"{out}: exists and is not empty; choose another --out")
-    if manifest["result"] == ADAPTER:
-        verify_adapter(run_dir / ADAPTER)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if manifest["result"] == ADAPTER and not merge:
-        shutil.copytree(run_dir / ADAPTER, tmp)
-        kind = "adapter"
-    else:
-        model = load_trained(run_dir)
-        if manifest["result"] == ADAPTER:
-            model = model.merge_and_unload()
-        stop_at_terminator(model, run_dir / TOKENIZER, (manifest.get("tokens") or {}).get("terminator"))
-        model.save_pretrained(tmp)  # safetensors
-        kind = "merged" if manifest["result"] == ADAPTER else manifest["scope"]
+    kind, base = run_scope(run_dir, device="cpu")
+    written = kind.export(run_dir, tmp, merge, base)
     for item in (run_dir / TOKENIZER).iterdir():
         shutil.copy2(item, tmp / item.name)
     write_json(
@@ -89,7 +87,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         {
             "run": str(run_dir.resolve()),
             "run_name": manifest["name"],
-            "kind": kind,
+            "kind": written,
             "base_model": manifest["base_model"],
             "config_hash": manifest["config_hash"],
             "exported_at": now(),

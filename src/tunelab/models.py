@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import BUILTIN_PREFIX, ModelSettings, TokenizerSettings
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -178,40 +178,3 @@ def _file_digest(path: Path) -> str:
         except OSError:
             pass  # a read-only cache only costs the hashing next time
     return cache[key]
-
-
-def load_trained(run_dir: str | Path, device: str = "cpu") -> PreTrainedModel:
-    """The trained model of a run: base + adapter, base + trained tensors, or the full weights."""
-    import torch
-
-    from tunelab.runs import ADAPTER, FULL_MODEL, TRAINED, load_run_experiment, read_manifest
-
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    if manifest.get("status") != "completed":
-        raise TunelabError(f"{run_dir}: run is {manifest.get('status')}, not completed")
-    exp = load_run_experiment(run_dir)
-    dtype = pick_dtype(exp.model.dtype, device)
-    result = manifest["result"]
-    if result == ADAPTER:
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(load_model(exp.model, dtype, device), str(run_dir / ADAPTER))
-    if result == TRAINED:
-        from safetensors.torch import load_file
-
-        model = load_model(exp.model, dtype, device)
-        trained = load_file(str(run_dir / TRAINED), device=device)
-        params = dict(model.named_parameters())
-        missing = set(trained) - set(params)
-        if missing:
-            raise TunelabError(f"{run_dir}: trained tensors {sorted(missing)[:3]} do not exist in the base model")
-        with torch.no_grad():
-            for name, tensor in trained.items():
-                params[name].copy_(tensor)
-        return model
-    if result == FULL_MODEL:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(run_dir / FULL_MODEL, dtype=dtype).to(device)
-    raise TunelabError(f"{run_dir}: unknown result '{result}' in the manifest")

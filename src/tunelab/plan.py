@@ -133,7 +133,7 @@ def device_memory(device: str) -> int | None:
 
 def _activation_layers(scope: ResolvedScope, n_layers: int, embeddings_train: bool) -> int:
     """Layers whose activations backward needs: from the first trainable layer to the last."""
-    if scope.kind == "full" or embeddings_train:
+    if embeddings_train:
         return n_layers
     if not scope.layers:
         return 0
@@ -149,11 +149,14 @@ def estimate_memory(
     embeddings_train: bool,
     engine: Engine | None = None,
 ) -> Memory:
+    from tunelab.scopes import get_scope
+
     b = DTYPE_BYTES[dtype]
+    adapter = get_scope(scope.kind).adds_parameters
     # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype).
-    tb = 4 if scope.kind == "lora" else b
-    base_params = scope.total_params - (scope.trainable_params if scope.kind == "lora" else 0)
-    weights = base_params * b + (scope.trainable_params * tb if scope.kind == "lora" else 0)
+    tb = 4 if adapter else b
+    base_params = scope.total_params - (scope.trainable_params if adapter else 0)
+    weights = base_params * b + (scope.trainable_params * tb if adapter else 0)
     grads = scope.trainable_params * tb
     optimizer = 2 * scope.trainable_params * tb  # AdamW: first and second moments
     sharded = list(engine.sharded_parts) if engine else []
@@ -171,7 +174,7 @@ def estimate_memory(
     tokens = per_forward * exp.train.max_length * method.sequences
     reference, reference_bytes = None, 0
     if method.reference:
-        reference = reference_strategy(method.settings(exp), scope.kind)
+        reference = reference_strategy(method.settings(exp), adapter)
         # adapter: TRL keeps a frozen copy of the adapter; copy: a second base model; precomputed: nothing resident.
         reference_bytes = {"adapter": scope.trainable_params * tb, "copy": base_params * b, "precomputed": 0}[reference]
     h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim
@@ -294,7 +297,7 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
 def make_plan(exp: Experiment) -> Plan:
     from tunelab.distributed import read_engine
     from tunelab.models import has_tokenizer, load_config, load_tokenizer, meta_model, model_path, pick_device
-    from tunelab.scope import apply_scope
+    from tunelab.scopes import apply_scope
 
     config = load_config(exp.model)
     model = meta_model(config, exp.model.trust_remote_code)

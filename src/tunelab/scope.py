@@ -1,18 +1,18 @@
-"""Turn scope intent ("all-linear", "last-half", "last 4 blocks + norm") into explicit names, and apply it.
+"""Turn scope intent ("all-linear", "last-half", "last 4 blocks + norm") into explicit names.
 
 The same functions act on a meta-device model (for `plan`) and on the real one (for `train`), so the
 plan's counts are the counts training gets. LoRA matching is PEFT's own: tunelab expands presets
-into module names and lets `get_peft_model` do the attaching.
+into module names and lets `get_peft_model` do the attaching. Applying a scope, saving and loading
+its result belong to the scope kinds in `tunelab.scopes`.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tunelab.config import FirstN, LastN, LoraScope, PartialScope, Scope
+from tunelab.config import FirstN, LastN, LoraScope, PartialScope
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,10 +35,10 @@ class Decoder:
 @dataclass
 class ResolvedScope:
     kind: str
-    trainable_params: int
-    total_params: int
-    trainable_names: list[str]
     layers: list[int]
+    trainable_params: int = 0
+    total_params: int = 0
+    trainable_names: list[str] = field(default_factory=list)
     target_modules: list[str] = field(default_factory=list)
     lora_modules: list[str] = field(default_factory=list)
     layers_pattern: str | None = None
@@ -84,11 +84,11 @@ def linear_modules(model: nn.Module) -> list[str]:
     return sorted(expanded.target_modules)
 
 
-def _leaf(name: str) -> str:
+def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _layer_index(name: str, decoder: Decoder) -> int | None:
+def layer_index(name: str, decoder: Decoder) -> int | None:
     prefix = decoder.path + "."
     if not name.startswith(prefix):
         return None
@@ -149,12 +149,12 @@ def select_layers(spec: object, count: int, key: str) -> list[int]:
 
 
 def _attention_or_mlp(linears: list[str], parent: re.Pattern) -> list[str]:
-    return sorted({_leaf(n) for n in linears if any(parent.search(p) for p in n.split(".")[:-1])})
+    return sorted({leaf(n) for n in linears if any(parent.search(p) for p in n.split(".")[:-1])})
 
 
 def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> tuple[list[str], str | None]:
     """(module-name suffixes, or None) and (a regex, or None) for PEFT's target_modules."""
-    available = sorted({_leaf(n) for n in linears})
+    available = sorted({leaf(n) for n in linears})
     listing = f"linear modules in {arch}: {', '.join(available)}"
     if isinstance(targets, list):
         names = targets
@@ -178,7 +178,7 @@ def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> t
         if not any(regex.fullmatch(n) for n in linears):
             raise ConfigError(f"scope.lora.targets: regex '{targets}' matches no linear module; {listing}")
         return [], targets
-    missing = [n for n in names if not any(n == _leaf(m) or m.endswith("." + n) for m in linears)]
+    missing = [n for n in names if not any(n == leaf(m) or m.endswith("." + n) for m in linears)]
     if missing:
         what = f"preset '{targets}' ({', '.join(names)})" if isinstance(targets, str) else "targets"
         raise ConfigError(f"scope.lora.targets: {what}: {', '.join(missing)} not found; {listing}")
@@ -196,7 +196,7 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
     all_layers = layers == list(range(decoder.count))
     if regex is not None and not all_layers:
         # PEFT cannot combine a regex with layers_to_transform; fold the layer choice into the full names.
-        names = [n for n in linears if re.fullmatch(regex, n) and _layer_index(n, decoder) in layers]
+        names = [n for n in linears if re.fullmatch(regex, n) and layer_index(n, decoder) in layers]
         regex = None
     params, patterns = _fused_experts(scope, model, decoder, layers) if scope.targets == "all-linear" else ([], {})
     config = LoraConfig(
@@ -232,7 +232,7 @@ def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers:
     suffixes = tuple("." + p for p in probe.target_parameters or [])
     if not suffixes:
         return [], {}
-    names = [n for n, _ in model.named_parameters() if n.endswith(suffixes) and _layer_index(n, decoder) in layers]
+    names = [n for n, _ in model.named_parameters() if n.endswith(suffixes) and layer_index(n, decoder) in layers]
     if names and scope.dropout:
         raise ConfigError(
             f"scope.lora.dropout: all-linear on {type(model).__name__} reaches its fused expert weights "
@@ -296,72 +296,3 @@ def partial_parameters(scope: PartialScope, model: nn.Module) -> tuple[list[str]
         chosen |= matched
     names = [n for n, p in model.named_parameters() if id(p) in chosen]
     return sorted(set(names)), blocks, notes
-
-
-# ---------------------------------------------------------------- apply
-
-
-def apply_scope(model: nn.Module, scope: Scope, adapter_dir: str | None = None) -> tuple[nn.Module, ResolvedScope]:
-    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and describe the result.
-
-    With `adapter_dir`, LoRA continues training that saved adapter (its own config) instead of a new one.
-    """
-    total_before = sum(p.numel() for p in model.parameters())
-    tied = tied_embeddings(model)
-    match scope.kind:
-        case "lora":
-            from peft import PeftModel, get_peft_model
-
-            config, decoder, layers = lora_config(scope.lora, model)
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                if adapter_dir is None:
-                    model = get_peft_model(model, config)
-                else:
-                    model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
-                    config = model.peft_config["default"]
-            # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
-            lora_modules = sorted(
-                {
-                    name.removeprefix("base_model.model.").replace(".base_layer", "")
-                    for name, m in model.named_modules()
-                    if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
-                }
-            )
-            resolved = ResolvedScope(
-                kind="lora",
-                trainable_params=0,
-                total_params=0,
-                trainable_names=[],
-                layers=sorted({_layer_index(n, decoder) for n in lora_modules} - {None}),
-                target_modules=sorted({_leaf(n) for n in lora_modules}),
-                lora_modules=lora_modules,
-                layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, str) else None,
-            )
-        case "partial":
-            names, blocks, notes = partial_parameters(scope.partial, model)
-            _open_only(model, set(names))
-            resolved = ResolvedScope(
-                kind="partial", trainable_params=0, total_params=0, trainable_names=[], layers=blocks, warnings=notes
-            )
-        case "full":
-            for p in model.parameters():
-                p.requires_grad_(True)
-            resolved = ResolvedScope(
-                kind="full",
-                trainable_params=0,
-                total_params=0,
-                trainable_names=[],
-                layers=list(range(find_decoder(model).count)),
-            )
-    resolved.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    resolved.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # LoRA adds parameters; the percentage is of the base model plus adapter, as PEFT reports it.
-    resolved.total_params = sum(p.numel() for p in model.parameters()) if scope.kind == "lora" else total_before
-    resolved.tied_embeddings = tied
-    return model, resolved
-
-
-def _open_only(model: nn.Module, names: set[str]) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in names)

@@ -21,11 +21,8 @@ from tunelab import distributed
 from tunelab.config import Experiment
 from tunelab.errors import ConfigError, Terminated, TunelabError
 from tunelab.runs import (
-    ADAPTER,
-    FULL_MODEL,
     METRICS,
     TOKENIZER,
-    TRAINED,
     Run,
     checkpoint_step,
     checkpoints,
@@ -38,8 +35,9 @@ from tunelab.runs import (
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
     from transformers import TrainerCallback
+
+    from tunelab.scopes import ScopeKind
 
 
 @dataclass
@@ -158,32 +156,6 @@ def _change_check(before: dict[str, str], after: dict[str, str], trainable: list
         "frozen_unchanged": len(set(before) - opened - changed),
         "ok": not (changed - opened) and not unchanged,
     }
-
-
-def save_result(
-    model: nn.Module, state: dict[str, torch.Tensor], kind: str, trainable: list[str], run_dir: Path
-) -> str:
-    """Write the trained result in the form that fits the scope; returns its path in the run.
-
-    `state` is the model's full state dict, gathered onto this process when the model is sharded.
-    """
-    match kind:
-        case "lora":
-            # Only the trained adapter: DPO may have added a frozen "ref" copy beside it.
-            model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"], state_dict=state)
-            return ADAPTER
-        case "partial":
-            from safetensors.torch import save_file
-
-            tensors = {n: state[n].detach().cpu().contiguous() for n in trainable}
-            tmp = run_dir / f".{TRAINED}.tmp"
-            save_file(tensors, str(tmp), metadata={"format": "pt", "tunelab": "partial"})
-            os.replace(tmp, run_dir / TRAINED)
-            return TRAINED
-        case "full":
-            model.save_pretrained(run_dir / FULL_MODEL, state_dict=state)
-            return FULL_MODEL
-    raise AssertionError(kind)
 
 
 def _base_eval_loss(trainer) -> float | None:
@@ -342,36 +314,32 @@ def train(
         run.close()
 
 
-def _load_scoped_model(exp: Experiment, init_from: Path | None, dtype, device: str):
-    """The base (or the init_from run's starting point) with exactly the scope's parameters trainable."""
-    from tunelab.models import load_model, load_trained
-    from tunelab.scope import apply_scope
+def _load_scoped_model(exp: Experiment, kind: ScopeKind, init_from: Path | None, dtype, device: str):
+    """The base (or the init_from run's trained model, to continue it) with exactly the scope's parameters
+    trainable."""
+    from tunelab.scopes import BaseLoader, apply_scope
 
-    if init_from is None:
-        return apply_scope(load_model(exp.model, dtype, device), exp.scope)
-    if exp.scope.kind == "lora":
-        return apply_scope(load_model(exp.model, dtype, device), exp.scope, adapter_dir=str(init_from / ADAPTER))
-    return apply_scope(load_trained(init_from, device=device), exp.scope)
+    base = BaseLoader(exp.model, dtype, device)
+    start = base.load() if init_from is None else kind.trained(init_from, base, trainable=True)
+    return apply_scope(start, exp.scope)
 
 
-def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, resolved_kind: str, hw, run: Run, callbacks):
+def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, kind: ScopeKind, hw, run: Run, callbacks):
     """The method's trainer over the prepared inputs; for methods with a reference model, record how it is kept."""
     from tunelab.methods import get_method
     from tunelab.methods.base import TrainerInputs
     from tunelab.methods.preference import reference_strategy
 
     method = get_method(exp.method)
-    reference = reference_strategy(method.settings(exp), resolved_kind) if method.reference else None
-    cache = _ref_cache_dir(exp, run) if reference == "precomputed" and exp.method == "dpo" else None
+    reference = reference_strategy(method.settings(exp), kind.adds_parameters) if method.reference else None
+    cache = _ref_cache_dir(exp, run) if reference == "precomputed" and method.caches_reference else None
     if method.reference:
         run.update(
             reference=reference,
             ref_logps_cache=str(cache) if cache else None,
             ref_logps_reused=bool(cache and (cache / "train.safetensors").is_file()),
         )
-    inputs = TrainerInputs(
-        exp, model, tokenizer, splits, encoded, resolved_kind, hw, run.checkpoints, callbacks, reference, cache
-    )
+    inputs = TrainerInputs(exp, model, tokenizer, splits, encoded, hw, run.checkpoints, callbacks, reference, cache)
     return method.build(inputs)
 
 
@@ -426,11 +394,13 @@ def _train_in(
     from tunelab.methods.common import Hardware, batching
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
+    from tunelab.scopes import get_scope
 
     device = pick_device(exp.model.device)
     dtype = pick_dtype(exp.model.dtype, device)
     torch.manual_seed(exp.train.seed)
-    model, resolved = _load_scoped_model(exp, init_from, dtype, device)
+    kind = get_scope(exp.scope.kind)
+    model, resolved = _load_scoped_model(exp, kind, init_from, dtype, device)
     facts = model_facts(exp.model.id, model)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     dtype_name = str(dtype).removeprefix("torch.")
@@ -453,7 +423,7 @@ def _train_in(
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
-    trainer = _build_trainer(exp, model, tokenizer, splits, encoded, resolved.kind, hw, run, [recorder, *callbacks])
+    trainer = _build_trainer(exp, model, tokenizer, splits, encoded, kind, hw, run, [recorder, *callbacks])
     running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
     distributed.check_launch(trainer.args.world_size, engine, running)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None
@@ -486,7 +456,7 @@ def _train_in(
     state = trainer.accelerator.get_state_dict(trainer.model)  # gathered onto the first process if sharded
     if not run.writable:
         return TrainResult(run.dir, run.manifest)
-    result_path = save_result(trainer.model, state, exp.scope.kind, resolved.trainable_names, run.dir)
+    kind.save(trainer.model, state, resolved.trainable_names, run.dir)
     tokenizer.save_pretrained(run.dir / TOKENIZER)
     after = _digests({n: state[n] for n in before if n in state})
     check = _change_check(before, after, resolved.trainable_names, trainer.state.global_step)
@@ -494,7 +464,7 @@ def _train_in(
     run.update(
         status="completed",
         ended_at=now(),
-        result=result_path,
+        result=kind.result,
         base_eval_loss=_base_eval_loss(trainer),
         final_eval_loss=final_eval,
         final_train_loss=train_losses[-1] if train_losses else None,

@@ -85,7 +85,7 @@ def test_plan_counts_truncation(tiny_model_dir: Path) -> None:
 def test_plan_json_matches_trained_scope_on_real_weights(tiny_model_dir: Path) -> None:
     """The meta-device plan and the scope applied to the loaded model agree tensor for tensor."""
     from tunelab.models import load_model
-    from tunelab.scope import apply_scope
+    from tunelab.scopes import apply_scope
 
     for example in ("lora-last-half.yaml", "partial-last4.yaml"):
         exp = load_experiment(EXAMPLES / example)

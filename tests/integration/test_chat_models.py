@@ -63,7 +63,7 @@ def test_plan_shows_exactly_the_tokens_the_trainer_supervises(family: str, famil
     from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
     from tunelab.plan import encode_split
-    from tunelab.scope import apply_scope
+    from tunelab.scopes import apply_scope
     from tunelab.templates import labelled
 
     spec = FAMILIES[family]

@@ -9,8 +9,8 @@ import pytest
 from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.distributed import trained_digest
-from tunelab.models import load_trained
 from tunelab.runs import read_metrics
+from tunelab.scopes import load_trained
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow

@@ -42,7 +42,7 @@ def test_lora_dpo_holds_no_second_copy_of_the_base(tmp_path: Path, tiny_model_di
     from tunelab.methods.common import Hardware
     from tunelab.methods.dpo import build_trainer
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.scope import apply_scope
+    from tunelab.scopes import apply_scope
 
     exp = experiment("dpo", tmp_path)
     base = load_model(exp.model, torch.float32, "cpu")

@@ -89,7 +89,7 @@ def test_merged_and_partial_exports_match_with_plain_transformers(tmp_path: Path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import load_trained
+    from tunelab.scopes import load_trained
 
     ids = torch.tensor([[1, 40, 50, 60, 70, 80, 90]])
     lora = train(load_experiment(EXAMPLES / "lora-all-linear.yaml", [f"output.dir={tmp_path}", "train.max_steps=5"]))

@@ -9,9 +9,9 @@ import torch
 from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
-from tunelab.models import load_trained
 from tunelab.plan import make_plan
 from tunelab.runs import read_manifest, read_metrics
+from tunelab.scopes import load_trained
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow
@@ -264,7 +264,7 @@ def test_padding_free_rows_keep_truncation_and_isolation(tmp_path: Path, tiny_mo
     from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
     from tunelab.plan import encode_split
-    from tunelab.scope import apply_scope
+    from tunelab.scopes import apply_scope
     from tunelab.templates import labelled
 
     exp = experiment("quickstart", tmp_path, "train.max_length=24")

@@ -59,3 +59,20 @@ def test_tests_import_no_private_names() -> None:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tunelab"):
                 private += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert private == []
+
+
+def test_scope_kinds_are_named_only_where_they_are_declared_and_implemented() -> None:
+    """A scope kind's behaviour has one home (tunelab/scopes/<kind>.py): no other module switches on its name,
+    so adding a kind is one module plus its registration. config.py declares the tag the experiment file uses."""
+    from tunelab.scopes import REGISTRY
+
+    names = set(REGISTRY)
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "scopes" or path.name == "config.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value!r}")
+    assert found == []
+    assert names == {"lora", "partial", "full"}

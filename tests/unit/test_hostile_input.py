@@ -187,6 +187,8 @@ def fake_run(folder: Path, name: str, result: str = "adapter") -> Path:
         "config_hash": "c",
     }
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    experiment = {"name": name, "model": {"id": "m"}, "data": {"train": "t.jsonl"}, "scope": {"lora": {}}}
+    (folder / "experiment.yaml").write_text(json.dumps(experiment))
     return folder
 
 

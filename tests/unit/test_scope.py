@@ -9,7 +9,7 @@ from tests.conftest import CONFIGS
 from tunelab.config import LoraScope, PartialScope, Scope
 from tunelab.errors import TunelabError
 from tunelab.models import meta_model
-from tunelab.scope import apply_scope
+from tunelab.scopes import apply_scope
 
 LLAMA = CONFIGS / "llama-3.1-8b-instruct"
 PHI3 = CONFIGS / "phi-3-mini"

@@ -31,7 +31,6 @@ class TrainerInputs:
     tokenizer: PreTrainedTokenizerBase
     splits: Splits
     encoded: list[Encoded]  # train (and eval) as `plan` showed them
-    scope_kind: str
     hw: Hardware
     output_dir: Path
     callbacks: list[TrainerCallback]
@@ -48,6 +47,7 @@ class Method:
     padding_free: bool  # its trainer takes tunelab's padding-free batches
     build: Callable[[TrainerInputs], Trainer]
     settings: Callable[[Experiment], Any] = lambda exp: None  # its section of the experiment, if any
+    caches_reference: bool = False  # precomputed reference log-probs are kept across runs (TrainerInputs.ref_cache)
 
     @property
     def preference(self) -> bool:

@@ -105,4 +105,5 @@ METHOD = Method(
     padding_free=False,
     build=build,
     settings=lambda exp: exp.dpo,
+    caches_reference=True,
 )

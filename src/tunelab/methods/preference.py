@@ -47,11 +47,14 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
     )
 
 
-def reference_strategy(settings, scope_kind: str) -> str:
-    """'adapter' (LoRA: the policy with its adapter disabled or TRL's frozen adapter copy), 'copy' or 'precomputed'."""
-    if settings.reference == "precomputed" or (settings.reference == "auto" and scope_kind != "lora"):
+def reference_strategy(settings, adapter: bool) -> str:
+    """'adapter' (the policy with its adapter disabled, or TRL's frozen adapter copy), 'copy' or 'precomputed'.
+
+    `adapter`: the scope trains new parameters beside a frozen base (LoRA), so the base is the reference for free.
+    """
+    if settings.reference == "precomputed" or (settings.reference == "auto" and not adapter):
         return "precomputed"
-    return "adapter" if scope_kind == "lora" else "copy"
+    return "adapter" if adapter else "copy"
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:

@@ -79,7 +79,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         f"[bold]{plan.name}[/bold]  {plan.method.upper()} · {s.kind} · {m.architecture} "
         f"({m.layers} layers, hidden {m.hidden_size}, vocab {m.vocab_size}) · {m.id}"
     )
-    if s.kind == "lora":
+    if s.lora_modules:
         table = Table(title="LoRA attaches to", title_justify="left", show_edge=False)
         table.add_column("layers")
         table.add_column("modules")
@@ -200,7 +200,7 @@ def print_study_plan(rows, console: Console | None = None) -> None:
         table.add_column(col, justify="right" if col in ("trainable", "%", "memory") else "left")
     for name, plan, diff in rows:
         s = plan.scope
-        what = ",".join(s.target_modules) if s.kind == "lora" else f"{len(s.trainable_names)} tensors"
+        what = ",".join(s.target_modules) if s.lora_modules else f"{len(s.trainable_names)} tensors"
         table.add_row(
             name,
             plan.method,

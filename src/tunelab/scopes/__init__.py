@@ -1,0 +1,70 @@
+"""Scope kinds: LoRA, partial and full fine-tuning, each owning how it applies, saves and loads its result.
+
+Intent -> explicit names lives in `tunelab.scope`; what to do with those names lives here, one module a kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import Scope
+from tunelab.errors import TunelabError
+from tunelab.scopes.base import BaseLoader, ScopeKind
+from tunelab.scopes.full import Full
+from tunelab.scopes.lora import Lora
+from tunelab.scopes.partial import Partial
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from tunelab.scope import ResolvedScope
+
+REGISTRY: dict[str, ScopeKind] = {kind.name: kind for kind in (Lora(), Partial(), Full())}
+
+__all__ = ["REGISTRY", "BaseLoader", "ScopeKind", "apply_scope", "get_scope", "load_trained", "run_scope"]
+
+
+def get_scope(name: str) -> ScopeKind:
+    if name not in REGISTRY:
+        raise TunelabError(f"unknown scope kind '{name}'; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and count them.
+
+    A model that already carries the run's starting point (a trainable adapter loaded for init_from) continues it.
+    """
+    from tunelab.scope import tied_embeddings
+
+    kind = get_scope(scope.kind)
+    tied = tied_embeddings(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    total_before = sum(p.numel() for p in model.parameters())
+    model, resolved = kind.apply(model, scope)
+    resolved.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    resolved.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # New parameters (LoRA) count in the total, as PEFT reports the percentage: of the base plus the adapter.
+    resolved.total_params = sum(p.numel() for p in model.parameters()) if kind.adds_parameters else total_before
+    resolved.tied_embeddings = tied
+    return model, resolved
+
+
+def run_scope(run_dir: Path, device: str | None = None) -> tuple[ScopeKind, BaseLoader]:
+    """A completed run's scope kind and how to load its base: the run's own model settings and dtype, on `device`
+    (by default the one the run's settings pick here)."""
+    from tunelab.models import pick_device, pick_dtype
+    from tunelab.runs import load_run_experiment, read_manifest
+
+    manifest = read_manifest(run_dir)
+    if manifest.get("status") != "completed":
+        raise TunelabError(f"{run_dir}: run is {manifest.get('status')}, not completed")
+    exp = load_run_experiment(run_dir)
+    device = device or pick_device(exp.model.device)
+    return get_scope(exp.scope.kind), BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
+
+
+def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
+    """The trained model of a completed run: base + adapter, base + trained tensors, or the full weights."""
+    kind, base = run_scope(Path(run_dir), device)
+    return kind.trained(Path(run_dir), base)

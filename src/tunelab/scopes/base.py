@@ -1,0 +1,82 @@
+"""What every scope kind owns: making its parameters trainable, saving what trained, and putting a saved result
+back on a base model (for init_from, compare and export).
+
+A new kind is one module beside this one that subclasses `ScopeKind`, plus its line in `REGISTRY`
+(`tunelab/scopes/__init__.py`); docs/adding-a-method.md walks through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from tunelab.config import ModelSettings, Scope
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
+
+    from tunelab.scope import ResolvedScope
+
+
+@dataclass
+class BaseLoader:
+    """How to load the base model a run was trained on: its settings, in this dtype, on this device."""
+
+    settings: ModelSettings
+    dtype: torch.dtype
+    device: str
+
+    def load(self) -> PreTrainedModel:
+        from tunelab.models import load_model
+
+        return load_model(self.settings, self.dtype, self.device)
+
+
+class ScopeKind:
+    name: ClassVar[str]
+    result: ClassVar[str]  # the file or folder in a run directory that holds the trained result
+    # The trainable parameters are new ones added beside the frozen base (LoRA), kept in float32 by PEFT, and the
+    # trained model can be switched back to its base (which is what a preference method's reference needs).
+    adds_parameters: ClassVar[bool] = False
+    # Runs of this kind can share one loaded base in compare and generate in one batch with it.
+    batches_with_base: ClassVar[bool] = False
+    # A quantized base can be trained under this kind (only new, unquantized parameters train).
+    trains_on_quantized: ClassVar[bool] = False
+
+    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+        """Make exactly this scope's parameters trainable and describe them (counts are filled in by the caller)."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
+        """Write the trained result to `run_dir / self.result`. `state` is the whole state dict, gathered."""
+        raise NotImplementedError
+
+    def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
+        """The run's trained model: its result on a freshly loaded base (or, for full runs, its own weights)."""
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module, run_dir: Path, name: str) -> nn.Module:
+        """Compare: make a run available on the one shared base model (LoRA adds its adapter by name)."""
+        return model
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module, run_dir: Path, name: str, base: BaseLoader) -> Iterator[nn.Module]:
+        """Compare: the run's model for the duration of a `with` block, the shared base restored after."""
+        raise NotImplementedError
+        yield model
+
+    def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
+        """The scope in a comparison's table."""
+        return self.name
+
+    def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> str:
+        """Write the run as a folder plain Transformers (or PEFT) loads; returns what was written."""
+        from tunelab.export import save_model
+
+        save_model(self.trained(run_dir, base), run_dir, out)
+        return self.name

@@ -1,0 +1,48 @@
+"""Full fine-tuning: every parameter trains; the run holds a whole Transformers model folder."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import Scope
+from tunelab.runs import FULL_MODEL
+from tunelab.scopes.base import BaseLoader, ScopeKind
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tunelab.scope import ResolvedScope
+
+
+class Full(ScopeKind):
+    name = "full"
+    result = FULL_MODEL
+
+    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+        from tunelab.scope import ResolvedScope, find_decoder
+
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, ResolvedScope(kind=self.name, layers=list(range(find_decoder(model).count)))
+
+    def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
+        model.save_pretrained(run_dir / FULL_MODEL, state_dict=state)
+
+    def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        # The run's own weights, in the dtype and on the device its base would get.
+        model = AutoModelForCausalLM.from_pretrained(run_dir / FULL_MODEL, dtype=base.dtype, use_safetensors=True)
+        return model.to(base.device)
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module, run_dir: Path, name: str, base: BaseLoader) -> Iterator[nn.Module]:
+        full = self.trained(run_dir, base).eval()
+        try:
+            yield full
+        finally:
+            del full

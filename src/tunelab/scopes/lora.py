@@ -1,0 +1,96 @@
+"""LoRA: PEFT adapters on the chosen modules of the chosen layers; the base stays frozen."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import Scope
+from tunelab.runs import ADAPTER
+from tunelab.scopes.base import BaseLoader, ScopeKind
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tunelab.scope import ResolvedScope
+
+
+class Lora(ScopeKind):
+    name = "lora"
+    result = ADAPTER
+    adds_parameters = True
+    batches_with_base = True
+    trains_on_quantized = True
+
+    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+        from peft import PeftModel, get_peft_model
+
+        from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config
+
+        if isinstance(model, PeftModel):  # continuing a saved adapter (init_from, loaded trainable): its own config
+            config, decoder = model.peft_config["default"], find_decoder(model.get_base_model())
+        else:
+            config, decoder, _ = lora_config(scope.lora, model)
+            if getattr(model, "is_quantized", False):
+                from peft import prepare_model_for_kbit_training
+
+                # As bitsandbytes and PEFT intend: norms and the head in float32, input gradients enabled.
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = get_peft_model(model, config)
+        # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
+        modules = sorted(
+            {
+                name.removeprefix("base_model.model.").replace(".base_layer", "")
+                for name, m in model.named_modules()
+                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+            }
+        )
+        return model, ResolvedScope(
+            kind=self.name,
+            layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
+            target_modules=sorted({leaf(n) for n in modules}),
+            lora_modules=modules,
+            layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, str) else None,
+        )
+
+    def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
+        # Only the trained adapter: DPO may have added a frozen "ref" copy beside it.
+        model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"], state_dict=state)
+
+    def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base.load(), str(run_dir / ADAPTER), is_trainable=trainable)
+
+    def attach(self, model: nn.Module, run_dir: Path, name: str) -> nn.Module:
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(run_dir / ADAPTER), adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, str(run_dir / ADAPTER), adapter_name=name).eval()
+
+    @contextlib.contextmanager
+    def active(self, model: nn.Module, run_dir: Path, name: str, base: BaseLoader) -> Iterator[nn.Module]:
+        model.set_adapter(name)
+        yield model
+
+    def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
+        return f"lora r{scope.lora.r} {','.join(target_modules)} layers {layers}"
+
+    def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> str:
+        from tunelab.export import save_model, verify_adapter
+
+        verify_adapter(run_dir / ADAPTER)
+        if merge:
+            save_model(self.trained(run_dir, base).merge_and_unload(), run_dir, out)
+            return "merged"
+        shutil.copytree(run_dir / ADAPTER, out)
+        return "adapter"
