@@ -91,13 +91,15 @@ def train(
 
         distributed.check_engine_device(engine, pick_device(exp.model.device))
         raise SystemExit(distributed.launch(nproc, _without_nproc(sys.argv[1:]), engine))
+    from tunelab.inputs import read_inputs
     from tunelab.plan import make_plan
     from tunelab.report.terminal import print_plan, print_run
     from tunelab.train import train as run_training
 
+    inputs = read_inputs(exp, training=True, engine=engine)  # read once: the plan and the run share them
     if distributed.is_main():
-        print_plan(make_plan(exp))
-    result = run_training(exp, resume=resume, overwrite=overwrite, force=force)
+        print_plan(make_plan(exp, inputs))
+    result = run_training(exp, resume=resume, overwrite=overwrite, force=force, inputs=inputs)
     if distributed.is_main():
         print_run(result.run_dir, result.manifest)
 

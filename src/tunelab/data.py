@@ -8,6 +8,8 @@ preference pairs. Every error names the file and the line (or record number).
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 import random
 import re
@@ -50,15 +52,15 @@ class Splits:
     format: str
     train: Split
     eval: Split | None
+    hashes: dict[str, str]  # source -> sha256 prefix of the bytes read (hub datasets and folders: "hub-or-folder")
 
 
 # ---------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path) -> list[Record]:
+def _read_jsonl(path: Path, text: str) -> list[Record]:
     records = []
-    # utf-8-sig: files saved by Windows tools start with a byte-order mark, which is not part of the data.
-    with open(path, encoding="utf-8-sig") as f:
+    with io.StringIO(text, newline=None) as f:  # lines as a text file splits them, not at U+2028 inside strings
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -69,9 +71,9 @@ def _read_jsonl(path: Path) -> list[Record]:
     return records
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Path, text: str) -> list[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise TunelabError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -81,8 +83,8 @@ def _read_json(path: Path) -> list[Record]:
     return [Record(f"{path}#{i + 1}", r) for i, r in enumerate(data)]
 
 
-def _read_csv(path: Path) -> list[Record]:
-    with open(path, encoding="utf-8-sig", newline="") as f:
+def _read_csv(path: Path, text: str) -> list[Record]:
+    with io.StringIO(text, newline="") as f:
         # Line 1 is the header, so record i sits on line i + 2 (for records without embedded newlines).
         return [Record(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
 
@@ -110,32 +112,38 @@ def _read_with_datasets(source: str, split: str) -> list[Record]:
     return [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
 
 
-def read_records(source: str, key: str, hub_split: str = "train") -> list[Record]:
-    try:
-        return _read_records(source, key, hub_split)
-    except UnicodeDecodeError as e:
-        raise TunelabError(f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from e
+TEXT_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+NOT_HASHED = "hub-or-folder"
 
 
-def _read_records(source: str, key: str, hub_split: str) -> list[Record]:
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def read_records(source: str, key: str, hub_split: str = "train") -> tuple[list[Record], str]:
+    """The records of a data source and the digest of its bytes, from one read of the file."""
     path = Path(source)
     if path.is_file():
-        match path.suffix.lower():
-            case ".jsonl":
-                return _read_jsonl(path)
-            case ".json":
-                return _read_json(path)
-            case ".csv":
-                return _read_csv(path)
-            case ".parquet":
-                return _read_with_datasets(source, hub_split)
+        suffix = path.suffix.lower()
+        if suffix in TEXT_READERS:
+            raw = path.read_bytes()
+            try:
+                # utf-8-sig: files saved by Windows tools start with a byte-order mark, which is not part of the data.
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise TunelabError(
+                    f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8"
+                ) from e
+            return TEXT_READERS[suffix](path, text), _digest(raw)
+        if suffix == ".parquet":
+            return _read_with_datasets(source, hub_split), _digest(path.read_bytes())
         raise TunelabError(f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
     if path.is_dir():
-        return _read_with_datasets(source, hub_split)
+        return _read_with_datasets(source, hub_split), NOT_HASHED
     looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
     if looks_like_file or source.count("/") != 1:
         raise ConfigError(f"{key}: data file '{source}' not found")
-    return _read_with_datasets(source, hub_split)
+    return _read_with_datasets(source, hub_split), NOT_HASHED
 
 
 # ---------------------------------------------------------------- formats
@@ -382,29 +390,29 @@ def _check_method(fmt: str, method: str, where: str) -> None:
 
 def load_file(
     source: str, key: str, settings: DataSettings, method: str, fmt: str | None = None
-) -> tuple[str, list[dict], list[str]]:
-    """(format, normalised rows, where each row comes from)."""
-    records = read_records(source, key, settings.hub_split)
+) -> tuple[str, list[dict], list[str], str]:
+    """(format, normalised rows, where each row comes from, digest of the file's bytes)."""
+    records, digest = read_records(source, key, settings.hub_split)
     if not records:
         raise TunelabError(f"{source}: the dataset is empty")
     fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
     _check_method(fmt, method, source)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns) for r in records]
-    return fmt, rows, [r.where for r in records]
+    return fmt, rows, [r.where for r in records], digest
 
 
 def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     """Read train (and eval) data; with eval_fraction, hold out a seeded random part of train."""
-    fmt, rows, origins = None, [], []
+    fmt, rows, origins, hashes = None, [], [], {}
     for source in settings.train_files:
-        fmt, file_rows, file_origins = load_file(source, "data.train", settings, method, fmt)
+        fmt, file_rows, file_origins, hashes[source] = load_file(source, "data.train", settings, method, fmt)
         rows += file_rows
         origins += file_origins
     assert fmt is not None
     sources = ", ".join(settings.train_files)
     train, evaluation = Split(rows, sources, origins), None
     if settings.eval:
-        _, eval_rows, eval_origins = load_file(settings.eval, "data.eval", settings, method, fmt)
+        _, eval_rows, eval_origins, hashes[settings.eval] = load_file(settings.eval, "data.eval", settings, method, fmt)
         evaluation = Split(eval_rows, settings.eval, eval_origins)
     elif settings.eval_fraction:
         order = list(range(len(rows)))
@@ -419,7 +427,7 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         out = sorted(held)
         train = Split([rows[i] for i in kept], sources, [origins[i] for i in kept])
         evaluation = Split([rows[i] for i in out], f"{sources} (held out)", [origins[i] for i in out])
-    return Splits(fmt, train, evaluation)
+    return Splits(fmt, train, evaluation, hashes)
 
 
 def as_sft_row(row: dict) -> dict:
@@ -433,16 +441,3 @@ def as_sft_row(row: dict) -> dict:
     if isinstance(prompt, list):
         return {"prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]}
     return {"prompt": prompt, "completion": chosen}
-
-
-def file_hashes(settings: DataSettings) -> dict[str, str]:
-    import hashlib
-
-    hashes = {}
-    for source in [*settings.train_files, *([settings.eval] if settings.eval else [])]:
-        path = Path(source)
-        if path.is_file():
-            hashes[source] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        else:
-            hashes[source] = "hub-or-folder"
-    return hashes

@@ -83,11 +83,14 @@ def pick_dtype(setting: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(settings: ModelSettings, dtype: torch.dtype, device: str) -> PreTrainedModel:
+def load_model(
+    settings: ModelSettings, dtype: torch.dtype, device: str, config: PretrainedConfig | None = None
+) -> PreTrainedModel:
+    """The base model's weights; `config`, when the caller has read it already, is not read again."""
     from transformers import AutoModelForCausalLM
 
     path = model_path(settings.id)
-    kwargs = {}
+    kwargs = {"config": config} if config is not None else {}
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
     try:
@@ -113,15 +116,20 @@ def has_tokenizer(folder: str) -> bool:
     return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def load_tokenizer(tok: TokenizerSettings, model: ModelSettings) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    tok: TokenizerSettings, model: ModelSettings, config: PretrainedConfig | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer (the model's own unless tokenizer.id says otherwise) with the chosen chat template and pad.
+    `config`: the model's config, when read already (Transformers consults it to pick the tokenizer class)."""
     from transformers import AutoTokenizer
 
     from tunelab.templates import resolve_template
 
     source = model_path(tok.id) if tok.id else model_path(model.id)
+    kwargs = {"config": config} if config is not None and not tok.id else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(
-            source, revision=None if tok.id else model.revision, trust_remote_code=model.trust_remote_code
+            source, revision=None if tok.id else model.revision, trust_remote_code=model.trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
         key = "tokenizer.id" if tok.id else "model.id"

@@ -12,12 +12,12 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from tunelab.config import Experiment
-from tunelab.data import Split, as_sft_row, load_splits
 from tunelab.distributed import Engine
 from tunelab.errors import ConfigError
+from tunelab.inputs import Inputs, read_inputs
 from tunelab.methods.common import Batching, batching
 from tunelab.scope import ResolvedScope
-from tunelab.templates import Encoded, TokenChecks, check_tokens, encode, loss_segments
+from tunelab.templates import Encoded, TokenChecks, loss_segments
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHECKPOINTING_HEADROOM = 0.9  # use at most this share of device memory before turning checkpointing on
@@ -232,35 +232,28 @@ def split_stats(enc: Encoded, examples: int, max_length: int) -> SplitStats:
     )
 
 
-def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None) -> Encoded:
-    """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
-    rows, origins = split.rows[:limit], split.origins[:limit]
-    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system)
-
-
-def data_stats(exp: Experiment, tokenizer, limit: int = 2000) -> DataStats:
-    splits = load_splits(exp.data, exp.method, exp.train.seed)
+def data_stats(inputs: Inputs) -> DataStats:
+    exp, splits, tokenizer = inputs.exp, inputs.splits, inputs.tokenizer
+    n_eval = len(splits.eval.rows) if splits.eval else 0
+    eval_source = splits.eval.source if splits.eval else None
     if tokenizer is None:
-        n_eval = len(splits.eval.rows) if splits.eval else 0
         empty = SplitStats(len(splits.train.rows), 0, 0, 0, 0, 0, 0, 0)
         return DataStats(
             splits.format,
             empty,
             SplitStats(n_eval, 0, 0, 0, 0, 0, 0, 0) if splits.eval else None,
-            splits.eval.source if splits.eval else None,
+            eval_source,
             note="no tokenizer beside the model config: token statistics skipped",
         )
     max_length = exp.train.max_length
-    train_enc = encode_split(exp, tokenizer, splits.train, limit)
-    eval_enc = encode_split(exp, tokenizer, splits.eval, limit) if splits.eval else None
-    checks = check_tokens(tokenizer, [e for e in (train_enc, eval_enc) if e is not None], max_length)
+    train_enc, eval_enc = inputs.encoded[0], inputs.encoded[1] if splits.eval else None
     return DataStats(
         splits.format,
         split_stats(train_enc, len(splits.train.rows), max_length),
-        split_stats(eval_enc, len(splits.eval.rows), max_length) if eval_enc and splits.eval else None,
-        splits.eval.source if splits.eval else None,
+        split_stats(eval_enc, n_eval, max_length) if eval_enc else None,
+        eval_source,
         first_example=loss_segments(tokenizer, train_enc.examples[0]),
-        tokens=checks,
+        tokens=inputs.checks,
     )
 
 
@@ -294,25 +287,22 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
         )
 
 
-def make_plan(exp: Experiment) -> Plan:
-    from tunelab.distributed import read_engine
-    from tunelab.models import has_tokenizer, load_config, load_tokenizer, meta_model, model_path, pick_device
+def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
+    """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
+    and then trains over the same reads)."""
+    from tunelab.models import meta_model, pick_device
     from tunelab.scopes import apply_scope
 
-    config = load_config(exp.model)
-    model = meta_model(config, exp.model.trust_remote_code)
+    inputs = inputs or read_inputs(exp)
+    model = meta_model(inputs.config, exp.model.trust_remote_code)
     facts = model_facts(exp.model.id, model)
     model, resolved = apply_scope(model, exp.scope)
     device = pick_device(exp.model.device)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
-    engine = read_engine(exp.distributed.accelerate_config)
-    memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train, engine)
+    memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train, inputs.engine)
     warnings = list(resolved.warnings)
-    tokenizer = None
-    if exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
-        tokenizer = load_tokenizer(exp.tokenizer, exp.model)
-    stats = data_stats(exp, tokenizer)
+    stats = data_stats(inputs)
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
     if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:
         h = facts.hidden_size

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import TrainerCallback
 
-    from tunelab.scopes import ScopeKind
+    from tunelab.inputs import Inputs
+    from tunelab.scopes import BaseLoader, ScopeKind
 
 
 @dataclass
@@ -248,16 +249,20 @@ def train(
     overwrite: bool = False,
     force: bool = False,
     callbacks: list[TrainerCallback] | None = None,
+    inputs: Inputs | None = None,
 ) -> TrainResult:
     """Run one experiment into its run directory. `force` resumes even where the inputs changed; `callbacks`
-    (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run."""
-    from tunelab.data import file_hashes, load_splits
+    (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run;
+    `inputs`: the experiment's data, tokenizer and configs when read already (by `plan`), not read again."""
+    from tunelab.inputs import read_inputs
     from tunelab.methods.common import check_trackers
-    from tunelab.models import fingerprint, load_tokenizer, model_path, pick_device
-    from tunelab.plan import check_rhythm, encode_split
-    from tunelab.templates import check_tokens, template_hash
+    from tunelab.models import fingerprint, model_path, pick_device
+    from tunelab.plan import check_rhythm
+    from tunelab.templates import template_hash
 
-    engine = distributed.read_engine(exp.distributed.accelerate_config)
+    if inputs is None or not inputs.complete:
+        inputs = read_inputs(exp, training=True, engine=inputs.engine if inputs else None)
+    engine, splits, tokenizer, encoded = inputs.engine, inputs.splits, inputs.tokenizer, inputs.encoded
     distributed.check_engine_device(engine, pick_device(exp.model.device))
     if engine is not None and not distributed.under_launcher():
         raise ConfigError(
@@ -265,11 +270,6 @@ def train(
             f"{engine.config_file.name}; start it with `tunelab train`, which launches it, not in this process"
         )
     check_trackers(exp.train.report_to)
-    splits = load_splits(exp.data, exp.method, exp.train.seed)
-    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
-    # The same encoding plan previews; its checks also give a tokenizer without a pad token a safe one.
-    encoded = [encode_split(exp, tokenizer, s) for s in (splits.train, splits.eval) if s is not None]
-    checks = check_tokens(tokenizer, encoded, exp.train.max_length)
     check_rhythm(
         exp, len(splits.train.rows), len(encoded[0].examples), len(encoded[0].no_loss_after(exp.train.max_length))
     )
@@ -287,14 +287,14 @@ def train(
             "format": splits.format,
             "train_examples": len(splits.train.rows),
             "eval_examples": len(splits.eval.rows) if splits.eval else 0,
-            "hashes": file_hashes(exp.data),
+            "hashes": splits.hashes,
         },
         "chat_template_hash": template_hash(tokenizer.chat_template),
-        "tokens": checks.record(),
+        "tokens": inputs.checks.record(),
     }
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
-        result = _train_in(run, exp, splits, encoded, tokenizer, init_from, engine, provenance, callbacks or [])
+        result = _train_in(run, inputs, init_from, provenance, callbacks or [])
         distributed.finish()
         return result
     except (KeyboardInterrupt, Terminated) as e:
@@ -314,12 +314,11 @@ def train(
         run.close()
 
 
-def _load_scoped_model(exp: Experiment, kind: ScopeKind, init_from: Path | None, dtype, device: str):
+def _load_scoped_model(base: BaseLoader, exp: Experiment, kind: ScopeKind, init_from: Path | None):
     """The base (or the init_from run's trained model, to continue it) with exactly the scope's parameters
     trainable."""
-    from tunelab.scopes import BaseLoader, apply_scope
+    from tunelab.scopes import apply_scope
 
-    base = BaseLoader(exp.model, dtype, device)
     start = base.load() if init_from is None else kind.trained(init_from, base, trainable=True)
     return apply_scope(start, exp.scope)
 
@@ -379,28 +378,21 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
 
 
 def _train_in(
-    run: Run,
-    exp: Experiment,
-    splits,
-    encoded,
-    tokenizer,
-    init_from: Path | None,
-    engine: distributed.Engine | None,
-    provenance: dict,
-    callbacks: list[TrainerCallback],
+    run: Run, inputs: Inputs, init_from: Path | None, provenance: dict, callbacks: list[TrainerCallback]
 ) -> TrainResult:
     import torch
 
     from tunelab.methods.common import Hardware, batching
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
-    from tunelab.scopes import get_scope
+    from tunelab.scopes import BaseLoader, get_scope
 
+    exp, splits, tokenizer, engine = inputs.exp, inputs.splits, inputs.tokenizer, inputs.engine
     device = pick_device(exp.model.device)
     dtype = pick_dtype(exp.model.dtype, device)
     torch.manual_seed(exp.train.seed)
     kind = get_scope(exp.scope.kind)
-    model, resolved = _load_scoped_model(exp, kind, init_from, dtype, device)
+    model, resolved = _load_scoped_model(BaseLoader(exp.model, dtype, device, inputs.config), exp, kind, init_from)
     facts = model_facts(exp.model.id, model)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     dtype_name = str(dtype).removeprefix("torch.")
@@ -423,7 +415,7 @@ def _train_in(
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
-    trainer = _build_trainer(exp, model, tokenizer, splits, encoded, kind, hw, run, [recorder, *callbacks])
+    trainer = _build_trainer(exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks])
     running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
     distributed.check_launch(trainer.args.world_size, engine, running)
     checkpoint = last_checkpoint(run.dir) if run.resuming else None

@@ -59,10 +59,10 @@ def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_plan_shows_exactly_the_tokens_the_trainer_supervises(family: str, family_dirs, tmp_path: Path) -> None:
     from tunelab.data import load_splits
+    from tunelab.inputs import encode_split
     from tunelab.methods.common import Hardware
     from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.plan import encode_split
     from tunelab.scopes import apply_scope
     from tunelab.templates import labelled
 

@@ -260,10 +260,10 @@ def test_batching_changes_the_work_not_the_math(tmp_path: Path, tiny_model_dir) 
 def test_padding_free_rows_keep_truncation_and_isolation(tmp_path: Path, tiny_model_dir) -> None:
     """TRL refuses padding_free with a max_length; tunelab's collator route must still truncate."""
     from tunelab.data import load_splits
+    from tunelab.inputs import encode_split
     from tunelab.methods.common import Hardware
     from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
-    from tunelab.plan import encode_split
     from tunelab.scopes import apply_scope
     from tunelab.templates import labelled
 

@@ -18,7 +18,7 @@ from tunelab.config import ModelSettings, Scope
 if TYPE_CHECKING:
     import torch
     from torch import nn
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
     from tunelab.scope import ResolvedScope
 
@@ -30,11 +30,12 @@ class BaseLoader:
     settings: ModelSettings
     dtype: torch.dtype
     device: str
+    config: PretrainedConfig | None = None  # the model's config when read already
 
     def load(self) -> PreTrainedModel:
         from tunelab.models import load_model
 
-        return load_model(self.settings, self.dtype, self.device)
+        return load_model(self.settings, self.dtype, self.device, self.config)
 
 
 class ScopeKind:

@@ -1,0 +1,56 @@
+"""Everything one command reads for an experiment, read once: `plan` and `train` work over the same `Inputs`.
+
+The data files (hashed from the same bytes that are parsed), the model's config, the tokenizer, the
+accelerate config, and the data as the tokenizer encodes it, with the checks on those tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tunelab.config import Experiment
+from tunelab.data import Split, Splits, as_sft_row, load_splits
+from tunelab.distributed import Engine, read_engine
+from tunelab.templates import Encoded, TokenChecks, check_tokens, encode
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+PLAN_ROWS = 2000  # rows `plan` alone tokenizes for its statistics; training tokenizes all of them
+
+
+@dataclass
+class Inputs:
+    exp: Experiment
+    engine: Engine | None
+    config: PretrainedConfig
+    splits: Splits
+    tokenizer: PreTrainedTokenizerBase | None  # None: plan on a bare config.json, without tokenizer files
+    encoded: list[Encoded]  # train, then eval when there is one, as training tokenizes them
+    checks: TokenChecks | None
+    complete: bool  # every row was tokenized (what training needs), not only the first PLAN_ROWS
+
+
+def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None) -> Encoded:
+    """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
+    rows, origins = split.rows[:limit], split.origins[:limit]
+    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system)
+
+
+def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None = None) -> Inputs:
+    """Read the experiment's inputs. `training`: the tokenizer must exist and every row is tokenized.
+    `engine`: the accelerate config, when the caller has read it already."""
+    from tunelab.models import has_tokenizer, load_config, load_tokenizer, model_path
+
+    engine = engine or read_engine(exp.distributed.accelerate_config)
+    config = load_config(exp.model)
+    splits = load_splits(exp.data, exp.method, exp.train.seed)
+    tokenizer, encoded, checks = None, [], None
+    if training or exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
+        tokenizer = load_tokenizer(exp.tokenizer, exp.model, config)
+        limit = None if training else PLAN_ROWS
+        encoded = [encode_split(exp, tokenizer, s, limit) for s in (splits.train, splits.eval) if s is not None]
+        # The checks also give a tokenizer without a pad token a safe one.
+        checks = check_tokens(tokenizer, encoded, exp.train.max_length)
+    return Inputs(exp, engine, config, splits, tokenizer, encoded, checks, complete=training)
