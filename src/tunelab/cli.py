@@ -139,6 +139,12 @@ def compare(
         float, typer.Option("--top-p", help="Nucleus sampling mass, with --temperature.", min=0, max=1)
     ] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
+    mixed_quantization: Annotated[
+        bool,
+        typer.Option(
+            "--mixed-quantization", help="Compare runs of differently quantized bases on the first run's base."
+        ),
+    ] = False,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
@@ -161,6 +167,7 @@ def compare(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        mixed_quantization=mixed_quantization,
     )
     paths = write_report(result, out)
     print_comparison(result)

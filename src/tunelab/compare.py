@@ -90,10 +90,11 @@ def _expectations(row: dict, where: str) -> dict:
 
 
 def read_prompts(path: Path) -> list[Prompt]:
-    from tunelab.data import _read_jsonl
+    from tunelab.data import read_records
 
     prompts = []
-    for i, record in enumerate(_read_jsonl(Path(path))):
+    records, _ = read_records(str(path), "--prompts")
+    for i, record in enumerate(records):
         row = record.value
         if not isinstance(row, dict):
             raise TunelabError(f"{record.where}: a prompt must be a JSON object")
@@ -135,7 +136,11 @@ def check_output(prompt: Prompt, output: str) -> list[Check]:
     return checks
 
 
-def _load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict]]:
+def _quantized(manifest: dict) -> str:
+    return (manifest.get("quantization") or {}).get("describe") or "unquantized"
+
+
+def _load_runs(run_dirs: list[Path], mixed_quantization: bool = False) -> list[tuple[Path, dict]]:
     runs = []
     for run_dir in run_dirs:
         manifest = read_manifest(run_dir)
@@ -146,6 +151,12 @@ def _load_runs(run_dirs: list[Path]) -> list[tuple[Path, dict]]:
     if len(fingerprints) > 1:
         listing = ", ".join(f"{d.name}: {m['base_model']['id']} ({m['base_model']['fingerprint']})" for d, m in runs)
         raise TunelabError(f"compare: the runs do not share a base model ({listing}); compare runs of one base")
+    if len({_quantized(m) for _, m in runs}) > 1 and not mixed_quantization:
+        listing = ", ".join(f"{m['name']}: {_quantized(m)}" for _, m in runs)
+        raise TunelabError(
+            f"compare: the runs were trained on differently quantized bases ({listing}); compare each group on its "
+            f"own, or pass --mixed-quantization to run all of them on the first run's base ({_quantized(runs[0][1])})"
+        )
     names = [m["name"] for _, m in runs]
     if len(set(names)) != len(names):
         raise TunelabError(f"compare: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
@@ -269,9 +280,10 @@ def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
     from tunelab.scopes import get_scope
 
     exp = load_run_experiment(run_dir)
-    scope = get_scope(exp.scope.kind).label(
-        exp.scope, manifest.get("target_modules") or [], _span(manifest.get("layers"))
-    )
+    modules, layers = manifest.get("target_modules") or [], _span(manifest.get("layers"))
+    scope = get_scope(exp.scope.kind).label(exp.scope, modules, layers)
+    if manifest.get("quantization"):
+        scope += f" on {_quantized(manifest)}"
     numbers = {
         "method": manifest.get("method"),
         "scope": scope,
@@ -306,9 +318,11 @@ def compare(
     temperature: float | None = None,
     top_p: float = 1.0,
     seed: int = 0,
+    mixed_quantization: bool = False,
 ) -> Comparison:
-    """Check the runs share a base, read prompts and eval data, generate and score, assemble."""
-    runs = _load_runs(run_dirs)
+    """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
+    base are compared on that same quantized base (the first run's settings load it)."""
+    runs = _load_runs(run_dirs, mixed_quantization)
     if include_base and any(m["name"] == "base" for _, m in runs):
         raise TunelabError(
             "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
@@ -340,6 +354,7 @@ def compare(
         "batch_size": batch_size,
         "prompts": str(prompts_file) if prompts_file else "held-out data",
         "eval_examples": len(eval_rows) if eval_rows else 0,
+        "base": _quantized(runs[0][1]),
     }
     return Comparison(exp.model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
 

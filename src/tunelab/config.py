@@ -75,6 +75,26 @@ def _on_off(value: Any) -> Any:
 OnOffAuto = Annotated[Literal["auto", "on", "off"], BeforeValidator(_on_off)]
 
 
+class Quantization(Strict):
+    bits: Literal[4, 8] = Field(
+        description="4: QLoRA (bitsandbytes 4-bit weights); 8: bitsandbytes LLM.int8() weights. The linear layers of "
+        "the decoder are quantized; embeddings, norms and lm_head keep their precision."
+    )
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
+    double_quant: bool = Field(
+        default=True, description="4-bit: quantize the quantization constants too (about 0.4 bits a parameter less)."
+    )
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto",
+        description="4-bit: the dtype the dequantized weights compute in; auto follows model.dtype's choice.",
+    )
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            return "8-bit (LLM.int8)"
+        return f"4-bit {self.type}" + (" double-quant" if self.double_quant else "")
+
+
 class ModelSettings(Strict):
     id: str = Field(
         description="Base model: a hub id (org/name), a local folder with config.json, or builtin:tiny-chat."
@@ -93,6 +113,11 @@ class ModelSettings(Strict):
     )
     trust_remote_code: bool = Field(
         default=False, description="Run modelling code shipped with the checkpoint. Off unless you trust it."
+    )
+    quantization: Quantization | None = Field(
+        default=None,
+        description="Load the base quantized with bitsandbytes (QLoRA and 8-bit LoRA); LoRA scopes only. Needs "
+        "the bitsandbytes package (pip install tunelab[quantization]).",
     )
 
 
@@ -452,6 +477,11 @@ class Experiment(Strict):
                 f"train.padding_free: TRL's {self.method.upper()} trainer has no padding-free batches; set it to auto "
                 "or off"
             )
+        if self.model.quantization is not None and self.scope.kind != "lora":
+            raise ValueError(
+                f"model.quantization: a quantized base cannot train a {self.scope.kind} scope (its weights are packed "
+                "integers that take no gradient); use scope: lora, or remove model.quantization"
+            )
         if self.method == "kto" and self.train.batch_size < 2:
             raise ValueError(
                 "train.batch_size: KTO estimates its KL term from other examples of a batch; use 2 or more"
@@ -463,7 +493,10 @@ class Experiment(Strict):
         return self.output.name or self.name
 
     def config_hash(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        settings = self.model_dump(mode="json")
+        if settings["model"]["quantization"] is None:
+            del settings["model"]["quantization"]  # runs from before the setting existed keep their hash
+        blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import BUILTIN_PREFIX, ModelSettings, TokenizerSettings
+from tunelab.config import BUILTIN_PREFIX, ModelSettings, Quantization, TokenizerSettings
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -93,6 +93,12 @@ def load_model(
     kwargs = {"config": config} if config is not None else {}
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun
+    if settings.quantization is not None:
+        # Quantized weights are placed while they load; a quantized model cannot be moved afterwards.
+        kwargs["quantization_config"] = bnb_config(settings.quantization, dtype, device)
+        kwargs["device_map"] = {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -104,9 +110,40 @@ def load_model(
         )
     except OSError as e:
         raise ConfigError(f"model.id: cannot load '{settings.id}': {str(e).splitlines()[0]}") from e
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun
-    return model.to(device)
+    return model if settings.quantization is not None else model.to(device)
+
+
+def check_quantization(settings: Quantization, device: str) -> None:
+    """Refuse, with the reason, a quantization the installed bitsandbytes cannot run here."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.quantization: needs the bitsandbytes package, which is not installed; "
+            "pip install 'tunelab[quantization]' (or bitsandbytes)"
+        )
+    if device == "mps":
+        raise ConfigError(
+            "model.quantization: bitsandbytes has no complete Apple MPS backend for training; "
+            "train on cuda or cpu, or remove model.quantization"
+        )
+
+
+def bnb_config(settings: Quantization, dtype: torch.dtype, device: str):
+    """Transformers' BitsAndBytesConfig for the experiment's quantization."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    check_quantization(settings, device.split(":")[0])
+    if settings.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if settings.compute_dtype == "auto" else getattr(torch, settings.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=settings.type,
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
 
 
 def has_tokenizer(folder: str) -> bool:

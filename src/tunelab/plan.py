@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
-from tunelab.config import Experiment
+from tunelab.config import Experiment, Quantization
 from tunelab.distributed import Engine
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
@@ -33,6 +33,7 @@ class ModelFacts:
     kv_dim: int
     vocab_size: int
     tied_embeddings: bool
+    linear_params: int  # weights of the decoder's linear layers: what bitsandbytes quantizes (never lm_head)
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Memory:
     processes: int  # the processes that sharded parts are split over (1 without a sharded engine)
     sharded: list[str]  # which of weights, gradients, optimizer are split; the byte figures are per process
     total_bytes: int
+    quantized: str | None = None  # how the base's linear weights are stored, when quantized
+    quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
 
 
 @dataclass
@@ -118,7 +121,32 @@ def model_facts(model_id: str, model) -> ModelFacts:
         kv_dim=head_dim * (getattr(c, "num_key_value_heads", None) or heads),
         vocab_size=c.vocab_size,
         tied_embeddings=tied_embeddings(model),
+        linear_params=linear_params(model),
     )
+
+
+def linear_params(model) -> int:
+    """Parameters in the weights of nn.Linear layers other than the output head and LoRA's own: the part of the
+    model Transformers' bitsandbytes integration quantizes (counted unpacked)."""
+    from torch import nn
+
+    from tunelab.scopes import numel
+
+    head = model.get_output_embeddings()
+    return sum(
+        numel(m.weight)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and m is not head and ".lora_" not in name
+    )
+
+
+def quantized_bytes_per_param(q: Quantization) -> float:
+    """Bytes a quantized weight parameter takes, with its quantization constants (docs/memory.md)."""
+    if q.bits == 8:
+        return 1.0  # int8, plus one float32 scale per output row (under 0.1% for hidden sizes above 4096)
+    # 4 bits, plus an absmax per block of 64: float32, or with double quantization one byte per block and a float32
+    # per 256 blocks.
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
 
 
 def device_memory(device: str) -> int | None:
@@ -157,6 +185,13 @@ def estimate_memory(
     tb = 4 if adapter else b
     base_params = scope.total_params - (scope.trainable_params if adapter else 0)
     weights = base_params * b + (scope.trainable_params * tb if adapter else 0)
+    quantization = exp.model.quantization
+    if quantization is not None:
+        # PEFT's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head) to
+        # float32; the decoder's linear weights stay packed.
+        kept = base_params - facts.linear_params
+        weights = int(facts.linear_params * quantized_bytes_per_param(quantization)) + kept * 4
+        weights += scope.trainable_params * tb
     grads = scope.trainable_params * tb
     optimizer = 2 * scope.trainable_params * tb  # AdamW: first and second moments
     sharded = list(engine.sharded_parts) if engine else []
@@ -210,6 +245,8 @@ def estimate_memory(
         processes=processes,
         sharded=sharded,
         total_bytes=static + acts,
+        quantized=quantization.describe() if quantization else None,
+        quantized_params=facts.linear_params if quantization else 0,
     )
 
 
@@ -290,7 +327,7 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
     and then trains over the same reads)."""
-    from tunelab.models import meta_model, pick_device
+    from tunelab.models import check_quantization, meta_model, pick_device
     from tunelab.scopes import apply_scope
 
     inputs = inputs or read_inputs(exp)
@@ -298,6 +335,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     facts = model_facts(exp.model.id, model)
     model, resolved = apply_scope(model, exp.scope)
     device = pick_device(exp.model.device)
+    if exp.model.quantization is not None:
+        check_quantization(exp.model.quantization, device)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train, inputs.engine)

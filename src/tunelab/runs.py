@@ -81,7 +81,26 @@ def versions() -> dict[str, str]:
         "datasets": datasets.__version__,
         "accelerate": accelerate.__version__,
         "python": platform.python_version(),
+        **_optional_versions(),
     }
+
+
+def _optional_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("bitsandbytes",):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def quantization_record(exp: Experiment) -> dict | None:
+    """The base's quantization as the manifest records it: the settings and their one-line description."""
+    q = exp.model.quantization
+    return {**q.model_dump(mode="json"), "describe": q.describe()} if q else None
 
 
 @dataclass
@@ -280,6 +299,7 @@ def _open(exp: Experiment, run_dir: Path, resume: bool, overwrite: bool, provena
         "config_hash": exp.config_hash(),
         "method": exp.method,
         "scope": exp.scope.kind,
+        "quantization": quantization_record(exp),
         "created_at": now(),
         "started_at": now(),
         "ended_at": None,
@@ -320,6 +340,7 @@ def list_runs(root: Path) -> list[dict]:
                 "status": m.get("status"),
                 "method": m.get("method"),
                 "scope": m.get("scope"),
+                "quantization": (m.get("quantization") or {}).get("describe"),
                 "target_modules": m.get("target_modules"),
                 "layers": m.get("layers"),
                 "trainable_percent": m.get("trainable_percent"),

@@ -339,7 +339,26 @@ def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, kind: Sco
             ref_logps_reused=bool(cache and (cache / "train.safetensors").is_file()),
         )
     inputs = TrainerInputs(exp, model, tokenizer, splits, encoded, hw, run.checkpoints, callbacks, reference, cache)
-    return method.build(inputs)
+    trainer = method.build(inputs)
+    _trainable_in_float32(trainer.model)
+    return trainer
+
+
+def _trainable_in_float32(model) -> None:
+    """Keep trained weights in float32 on a quantized base, as PEFT keeps adapters on every other base.
+
+    TRL's SFT trainer casts QLoRA adapters to bfloat16 (the QLoRA paper's choice), but a resumed run reloads its
+    checkpoint's adapter in float32 (PEFT's load), so the two would train different numbers; plan's memory counts
+    float32 adapters too. The optimizer is created later, in `train()`, over these float32 parameters.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "hf_quantizer", None) is None:
+        return
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.to(torch.float32)
 
 
 def _ref_cache_dir(exp: Experiment, run: Run) -> Path:

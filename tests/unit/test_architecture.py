@@ -76,3 +76,13 @@ def test_scope_kinds_are_named_only_where_they_are_declared_and_implemented() ->
                 found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value!r}")
     assert found == []
     assert names == {"lora", "partial", "full"}
+
+
+def test_the_package_imports_no_private_names_across_modules() -> None:
+    """A module's private helpers stay its own: another module that needs one gets a public name instead."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
+                found += [f"{path.relative_to(PACKAGE)}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []

@@ -107,7 +107,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     )
     mt.add_column("part")
     mt.add_column("bytes", justify="right")
-    mt.add_row("weights", human_bytes(mem.weights_bytes))
+    mt.add_row(f"weights ({mem.quantized} base)" if mem.quantized else "weights", human_bytes(mem.weights_bytes))
     mt.add_row("gradients", human_bytes(mem.gradients_bytes))
     mt.add_row("optimizer (AdamW)", human_bytes(mem.optimizer_bytes))
     if mem.reference:
@@ -119,6 +119,12 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     )
     mt.add_row("[bold]total[/bold]", f"[bold]{human_bytes(mem.total_bytes)}[/bold]")
     console.print(mt)
+    if mem.quantized:
+        kept = s.total_params - s.trainable_params - mem.quantized_params
+        console.print(
+            f"quantized {mem.quantized}: {mem.quantized_params:,} parameters of the decoder's linear layers; "
+            f"kept unquantized in float32: {kept:,} (embeddings, norms, lm_head)"
+        )
     if mem.sharded:
         console.print(f"per process: {', '.join(mem.sharded)} split over {mem.processes} processes")
     if mem.device_bytes:
@@ -237,6 +243,8 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
         if r.get("target_modules"):
             scope += f" {','.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
         keys = ("name", "status", "method", None, "trainable_percent", "final_train_loss", "eval_loss")
+        if r.get("quantization"):
+            scope += f" on {r['quantization']}"
         cells = [scope if k is None else r.get(k) for k in (*keys, "train_seconds", "created_at")]
         # Text, not markup: names and paths come from disk and must print as they are.
         table.add_row(*(Text(str(x) if x is not None else "-") for x in cells))

@@ -40,14 +40,20 @@ def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScop
 
     kind = get_scope(scope.kind)
     tied = tied_embeddings(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    total_before = sum(p.numel() for p in model.parameters())
+    total_before = sum(numel(p) for p in model.parameters())
     model, resolved = kind.apply(model, scope)
     resolved.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    resolved.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    resolved.trainable_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
     # New parameters (LoRA) count in the total, as PEFT reports the percentage: of the base plus the adapter.
-    resolved.total_params = sum(p.numel() for p in model.parameters()) if kind.adds_parameters else total_before
+    resolved.total_params = sum(numel(p) for p in model.parameters()) if kind.adds_parameters else total_before
     resolved.tied_embeddings = tied
     return model, resolved
+
+
+def numel(parameter) -> int:
+    """Parameters as the unquantized model has them: a 4-bit weight is stored packed, two values to a byte."""
+    state = getattr(parameter, "quant_state", None)
+    return state.shape.numel() if state is not None else parameter.numel()
 
 
 def run_scope(run_dir: Path, device: str | None = None) -> tuple[ScopeKind, BaseLoader]:

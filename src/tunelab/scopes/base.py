@@ -46,8 +46,6 @@ class ScopeKind:
     adds_parameters: ClassVar[bool] = False
     # Runs of this kind can share one loaded base in compare and generate in one batch with it.
     batches_with_base: ClassVar[bool] = False
-    # A quantized base can be trained under this kind (only new, unquantized parameters train).
-    trains_on_quantized: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
         """Make exactly this scope's parameters trainable and describe them (counts are filled in by the caller)."""

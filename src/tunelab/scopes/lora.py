@@ -25,7 +25,6 @@ class Lora(ScopeKind):
     result = ADAPTER
     adds_parameters = True
     batches_with_base = True
-    trains_on_quantized = True
 
     def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
         from peft import PeftModel, get_peft_model
@@ -36,7 +35,7 @@ class Lora(ScopeKind):
             config, decoder = model.peft_config["default"], find_decoder(model.get_base_model())
         else:
             config, decoder, _ = lora_config(scope.lora, model)
-            if getattr(model, "is_quantized", False):
+            if getattr(model, "hf_quantizer", None) is not None:
                 from peft import prepare_model_for_kbit_training
 
                 # As bitsandbytes and PEFT intend: norms and the head in float32, input gradients enabled.
@@ -90,7 +89,15 @@ class Lora(ScopeKind):
 
         verify_adapter(run_dir / ADAPTER)
         if merge:
-            save_model(self.trained(run_dir, base).merge_and_unload(), run_dir, out)
+            from peft import PeftModel
+
+            model = base.load()
+            if getattr(model, "hf_quantizer", None) is not None:
+                # The adapter learned against the quantized weights: merge it into their dequantized values (in the
+                # compute dtype), which is the model that trained, not into the original full-precision weights.
+                model = model.dequantize()
+            merged = PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload()
+            save_model(merged, run_dir, out)
             return "merged"
         shutil.copytree(run_dir / ADAPTER, out)
         return "adapter"
