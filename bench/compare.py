@@ -48,7 +48,7 @@ def naive(runs: list[Path], prompts, max_new_tokens: int) -> dict[str, list[str]
         tok = AutoTokenizer.from_pretrained(run / "tokenizer")
         tok.padding_side = "left"
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(run / "adapter")).eval()
-        outputs[read_manifest(run)["name"]] = [generate(model, tok, [p], None, max_new_tokens, 1)[0] for p in prompts]
+        outputs[read_manifest(run).name] = [generate(model, tok, [p], None, max_new_tokens, 1)[0] for p in prompts]
     return outputs
 
 

@@ -149,7 +149,7 @@ def tunelab_run(
     )
     clock = StepClock()
     result = train(exp, callbacks=[clock])
-    return tokens_per_second(clock), result.manifest["final_eval_loss"]
+    return tokens_per_second(clock), result.manifest.final_eval_loss
 
 
 def cli_seconds(*args: str) -> float:

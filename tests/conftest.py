@@ -64,7 +64,7 @@ def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     from tunelab.runs import read_manifest
 
     manifest = read_manifest(run_dir)
-    name = "adapter/adapter_model.safetensors" if manifest["result"] == "adapter" else manifest["result"]
+    name = "adapter/adapter_model.safetensors" if manifest.result == "adapter" else manifest.result
     return load_file(str(run_dir / name))
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment
 from tunelab.errors import TunelabError
-from tunelab.runs import TOKENIZER, load_run_experiment, read_manifest, read_metrics
+from tunelab.runs import TOKENIZER, Manifest, load_run_experiment, read_manifest, read_metrics
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -136,28 +136,28 @@ def check_output(prompt: Prompt, output: str) -> list[Check]:
     return checks
 
 
-def _quantized(manifest: dict) -> str:
-    return (manifest.get("quantization") or {}).get("describe") or "unquantized"
-
-
-def _load_runs(run_dirs: list[Path], mixed_quantization: bool = False) -> list[tuple[Path, dict]]:
+def _load_runs(run_dirs: list[Path], mixed_quantization: bool = False) -> list[tuple[Path, Manifest]]:
     runs = []
     for run_dir in run_dirs:
         manifest = read_manifest(run_dir)
-        if manifest.get("status") != "completed":
-            raise TunelabError(f"{run_dir}: run is {manifest.get('status')}; only completed runs can be compared")
+        if manifest.status != "completed":
+            raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be compared")
         runs.append((Path(run_dir), manifest))
-    fingerprints = {m["base_model"]["fingerprint"] for _, m in runs}
+    if any(m.base_model is None for _, m in runs):
+        raise TunelabError(
+            f"compare: {next(d for d, m in runs if m.base_model is None)}: its manifest names no base model"
+        )
+    fingerprints = {m.base_model.fingerprint for _, m in runs}
     if len(fingerprints) > 1:
-        listing = ", ".join(f"{d.name}: {m['base_model']['id']} ({m['base_model']['fingerprint']})" for d, m in runs)
+        listing = ", ".join(f"{d.name}: {m.base_model.id} ({m.base_model.fingerprint})" for d, m in runs)
         raise TunelabError(f"compare: the runs do not share a base model ({listing}); compare runs of one base")
-    if len({_quantized(m) for _, m in runs}) > 1 and not mixed_quantization:
-        listing = ", ".join(f"{m['name']}: {_quantized(m)}" for _, m in runs)
+    if len({m.quantized for _, m in runs}) > 1 and not mixed_quantization:
+        listing = ", ".join(f"{m.name}: {m.quantized}" for _, m in runs)
         raise TunelabError(
             f"compare: the runs were trained on differently quantized bases ({listing}); compare each group on its "
-            f"own, or pass --mixed-quantization to run all of them on the first run's base ({_quantized(runs[0][1])})"
+            f"own, or pass --mixed-quantization to run all of them on the first run's base ({runs[0][1].quantized})"
         )
-    names = [m["name"] for _, m in runs]
+    names = [m.name for _, m in runs]
     if len(set(names)) != len(names):
         raise TunelabError(f"compare: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
     return runs
@@ -174,12 +174,12 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: s
 GREEDY: dict = {"do_sample": False}
 
 
-def stop_ids(model, tokenizer, manifests: list[dict]) -> list[int]:
+def stop_ids(model, tokenizer, manifests: list[Manifest]) -> list[int]:
     """Where a reply ends: the tokenizer's EOS, the model's own stop tokens, and each run's turn terminator
     (Gemma's <end_of_turn> is not its EOS)."""
     from tunelab.templates import stop_token_ids
 
-    terminators = [(m.get("tokens") or {}).get("terminator") for m in manifests]
+    terminators = [m.terminator for m in manifests]
     extra = [tokenizer.eos_token_id, *(tokenizer.convert_tokens_to_ids(t) for t in terminators if t)]
     return stop_token_ids(model.generation_config.eos_token_id, extra)
 
@@ -272,7 +272,7 @@ def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, fold_syst
 # ---------------------------------------------------------------- numbers
 
 
-def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
+def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
     metrics = read_metrics(run_dir)
     train_curve = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
     eval_curve = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
@@ -280,21 +280,21 @@ def _run_numbers(run_dir: Path, manifest: dict) -> tuple[dict, dict]:
     from tunelab.scopes import get_scope
 
     exp = load_run_experiment(run_dir)
-    modules, layers = manifest.get("target_modules") or [], _span(manifest.get("layers"))
+    modules, layers = manifest.target_modules or [], _span(manifest.layers)
     scope = get_scope(exp.scope.kind).label(exp.scope, modules, layers)
-    if manifest.get("quantization"):
-        scope += f" on {_quantized(manifest)}"
+    if manifest.quantization:
+        scope += f" on {manifest.quantized}"
     numbers = {
-        "method": manifest.get("method"),
+        "method": manifest.method,
         "scope": scope,
-        "trainable_params": manifest.get("trainable_params"),
-        "trainable_percent": manifest.get("trainable_percent"),
-        "train_seconds": manifest.get("train_seconds"),
+        "trainable_params": manifest.trainable_params,
+        "trainable_percent": manifest.trainable_percent,
+        "train_seconds": manifest.train_seconds,
         "tokens_per_s": statistics.median(speeds) if speeds else None,
-        "peak_memory_bytes": manifest.get("peak_memory_bytes"),
-        "final_train_loss": manifest.get("final_train_loss"),
-        "run_eval_loss": manifest.get("final_eval_loss"),
-        "preference_accuracy": manifest.get("preference_accuracy_after"),
+        "peak_memory_bytes": manifest.peak_memory_bytes,
+        "final_train_loss": manifest.final_train_loss,
+        "run_eval_loss": manifest.final_eval_loss,
+        "preference_accuracy": manifest.preference_accuracy_after,
     }
     return numbers, {"train": train_curve, "eval": eval_curve}
 
@@ -323,7 +323,7 @@ def compare(
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it)."""
     runs = _load_runs(run_dirs, mixed_quantization)
-    if include_base and any(m["name"] == "base" for _, m in runs):
+    if include_base and any(m.name == "base" for _, m in runs):
         raise TunelabError(
             "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
             "or retrain it under another --name"
@@ -338,7 +338,7 @@ def compare(
     variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE)})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
-        variants.append(Variant(m["name"], m["scope"], str(d), {**numbers, "eval_loss": losses.get(m["name"])}, curves))
+        variants.append(Variant(m.name, m.scope, str(d), {**numbers, "eval_loss": losses.get(m.name)}, curves))
     if include_base:
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
@@ -354,18 +354,18 @@ def compare(
         "batch_size": batch_size,
         "prompts": str(prompts_file) if prompts_file else "held-out data",
         "eval_examples": len(eval_rows) if eval_rows else 0,
-        "base": _quantized(runs[0][1]),
+        "base": runs[0][1].quantized,
     }
     return Comparison(exp.model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
 
 
 def _prompts_and_eval(
-    exp: Experiment, runs: list[tuple[Path, dict]], prompts_file: Path | None, eval_file: Path | None
+    exp: Experiment, runs: list[tuple[Path, Manifest]], prompts_file: Path | None, eval_file: Path | None
 ) -> tuple[list[Prompt], list[dict] | None]:
     """Prompts from the file or the runs' held-out data; eval rows from --eval or the first SFT run's eval set."""
     from tunelab.data import load_file
 
-    sft_source = next((load_run_experiment(d).data for d, m in runs if m["method"] == "sft"), exp.data)
+    sft_source = next((load_run_experiment(d).data for d, m in runs if m.method == "sft"), exp.data)
     eval_rows = load_file(str(eval_file), "--eval", sft_source, "sft")[1] if eval_file else None
     if eval_rows is None and sft_source.eval:
         eval_rows = load_file(sft_source.eval, "data.eval", sft_source, "sft")[1]
@@ -377,7 +377,7 @@ def _prompts_and_eval(
 
 def _generate_and_score(
     exp: Experiment,
-    runs: list[tuple[Path, dict]],
+    runs: list[tuple[Path, Manifest]],
     include_base: bool,
     prompts: list[Prompt],
     eval_rows: list[dict] | None,
@@ -401,9 +401,9 @@ def _generate_and_score(
     torch.manual_seed(seed)
     model = base.load().eval()
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
-    kinds = {m["name"]: get_scope(m["scope"]) for _, m in runs}
+    kinds = {m.name: get_scope(m.scope) for _, m in runs}
     for d, m in runs:
-        model = kinds[m["name"]].attach(model, d, m["name"])
+        model = kinds[m.name].attach(model, d, m.name)
     model.eval()
     outputs: dict[str, list[str]] = {}
     losses: dict[str, float] = {}
@@ -412,7 +412,7 @@ def _generate_and_score(
         if eval_rows:
             losses[name] = eval_loss(scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system)
 
-    together = [m["name"] for _, m in runs if kinds[m["name"]].batches_with_base]
+    together = [m.name for _, m in runs if kinds[m.name].batches_with_base]
     if together:
         names = together + ([BASE] if include_base else [])
         outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
@@ -424,7 +424,7 @@ def _generate_and_score(
         with model.disable_adapter() if wrapped else contextlib.nullcontext():
             score(BASE, model)
     for d, m in runs:
-        name = m["name"]
+        name = m.name
         with kinds[name].active(model, d, name, base) as variant:
             if name not in outputs:
                 rows = BASE if wrapped and variant is model else None

@@ -62,8 +62,7 @@ def verify_adapter(folder: Path) -> None:
 
 def save_model(model, run_dir: Path, out: Path) -> None:
     """A trained model as a Transformers folder (safetensors) that stops at the run's turn terminator."""
-    manifest = read_manifest(run_dir)
-    stop_at_terminator(model, run_dir / TOKENIZER, (manifest.get("tokens") or {}).get("terminator"))
+    stop_at_terminator(model, run_dir / TOKENIZER, read_manifest(run_dir).terminator)
     model.save_pretrained(out)
 
 
@@ -72,8 +71,8 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
 
     run_dir, out = Path(run_dir), Path(out)
     manifest = read_manifest(run_dir)
-    if manifest.get("status") != "completed":
-        raise TunelabError(f"{run_dir}: run is {manifest.get('status')}; only completed runs can be exported")
+    if manifest.status != "completed":
+        raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be exported")
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"{out}: exists and is not empty; choose another --out")
     tmp = out.with_name(f".{out.name}.tmp")
@@ -86,10 +85,10 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         tmp / "tunelab-export.json",
         {
             "run": str(run_dir.resolve()),
-            "run_name": manifest["name"],
+            "run_name": manifest.name,
             "kind": written,
-            "base_model": manifest["base_model"],
-            "config_hash": manifest["config_hash"],
+            "base_model": manifest.base_model.model_dump() if manifest.base_model else None,
+            "config_hash": manifest.config_hash,
             "exported_at": now(),
         },
     )

@@ -22,9 +22,10 @@ import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tunelab.config import Experiment
 from tunelab.errors import TunelabError
@@ -49,17 +50,165 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(run_dir: Path) -> dict:
+# ---------------------------------------------------------------- the manifest: a run's typed record
+
+
+class Record(BaseModel):
+    # Keys a newer or older tunelab wrote are kept as they are when the manifest is rewritten.
+    model_config = ConfigDict(extra="allow")
+
+
+class BaseModelRecord(Record):
+    id: str
+    path: str | None = None
+    revision: str | None = None
+    fingerprint: str
+
+
+class DataRecord(Record):
+    format: str
+    train_examples: int
+    eval_examples: int
+    hashes: dict[str, str]
+
+
+class Places(Record):
+    count: int
+    first: list[str]
+
+
+class TokensRecord(Record):
+    """What the token checks found (templates.TokenChecks.record)."""
+
+    terminator: str | None = None
+    terminator_is_eos: bool | None = None
+    pad_token: str | None = None
+    pad_source: str | None = None
+    rows_without_loss: Places | None = None
+    rows_all_loss: Places | None = None
+    rows_unterminated: Places | None = None
+
+
+class QuantizationRecord(Record):
+    bits: int
+    type: str
+    double_quant: bool
+    compute_dtype: str
+    describe: str
+
+
+class ChangeCheck(Record):
+    """Which tensors changed in training: every trainable one should, no frozen one may."""
+
+    frozen_changed: list[str]
+    trainable_unchanged: list[str]
+    trainable_changed: int
+    frozen_unchanged: int
+    ok: bool
+
+
+class DistributedRecord(Record):
+    world_size: int
+    engine: str
+    accelerate_config: str | None = None
+    accelerate_config_hash: str | None = None
+    rank_digests: list[str]
+
+
+class Provenance(Record):
+    """What a run is made of, known before it trains: recorded first, and compared on --resume."""
+
+    base_model: BaseModelRecord
+    init_from: str | None = None
+    data: DataRecord
+    chat_template_hash: str | None = None
+    tokens: TokensRecord | None = None
+
+
+class Manifest(Record):
+    """A run's record (manifest.json): read and written only here, typed everywhere else."""
+
+    name: str
+    status: Literal["running", "completed", "failed", "interrupted"]
+    experiment: str | None = None
+    config_hash: str | None = None
+    method: str | None = None
+    scope: str | None = None
+    quantization: QuantizationRecord | None = None
+    created_at: str | None = None
+    started_at: str | None = None
+    resumed_at: str | None = None
+    ended_at: str | None = None
+    error: str | None = None
+    forced_resume: list[str] | None = None
+    versions: dict[str, str] = {}
+    seed: int | None = None
+    # provenance
+    base_model: BaseModelRecord | None = None
+    init_from: str | None = None
+    data: DataRecord | None = None
+    chat_template_hash: str | None = None
+    tokens: TokensRecord | None = None
+    # how it trains
+    device: str | None = None
+    dtype: str | None = None
+    gradient_checkpointing: bool | None = None
+    batching: dict[str, Any] | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_percent: float | None = None
+    target_modules: list[str] | None = None
+    layers: list[int] | None = None
+    estimated_memory_bytes: int | None = None
+    reference: str | None = None
+    ref_logps_cache: str | None = None
+    ref_logps_reused: bool | None = None
+    preference_accuracy_before: float | None = None
+    # results
+    result: str | None = None
+    base_eval_loss: float | None = None
+    final_eval_loss: float | None = None
+    final_train_loss: float | None = None
+    global_steps: int | None = None
+    train_seconds: float | None = None
+    train_runtime: float | None = None
+    tokens_seen: int | None = None
+    change_check: ChangeCheck | None = None
+    preference_accuracy_after: float | None = None
+    peak_memory_bytes: int | None = None
+    distributed: DistributedRecord | None = None
+
+    @property
+    def terminator(self) -> str | None:
+        return self.tokens.terminator if self.tokens else None
+
+    @property
+    def quantized(self) -> str:
+        return self.quantization.describe if self.quantization else "unquantized"
+
+    def updated(self, **fields: Any) -> Manifest:
+        return Manifest.model_validate({**self.model_dump(), **fields})
+
+
+def write_manifest(run_dir: Path, manifest: Manifest) -> None:
+    write_json(Path(run_dir) / MANIFEST, manifest.model_dump(mode="json"))
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The status of the run in `run_dir`, or None where there is no run."""
+    return read_manifest(run_dir).status if (Path(run_dir) / MANIFEST).is_file() else None
+
+
+def read_manifest(run_dir: Path) -> Manifest:
     path = Path(run_dir) / MANIFEST
     if not path.is_file():
         raise TunelabError(f"{run_dir}: not a tunelab run (no {MANIFEST})")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TunelabError(f"{path}: unreadable ({e}); the run's record is damaged") from e
-    if not isinstance(manifest, dict):
-        raise TunelabError(f"{path}: unreadable (not a JSON object); the run's record is damaged")
-    return manifest
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "the file"
+        raise TunelabError(f"{path}: unreadable ({where}: {first['msg']}); the run's record is damaged") from e
 
 
 def versions() -> dict[str, str]:
@@ -97,16 +246,16 @@ def _optional_versions() -> dict[str, str]:
     return found
 
 
-def quantization_record(exp: Experiment) -> dict | None:
+def quantization_record(exp: Experiment) -> QuantizationRecord | None:
     """The base's quantization as the manifest records it: the settings and their one-line description."""
     q = exp.model.quantization
-    return {**q.model_dump(mode="json"), "describe": q.describe()} if q else None
+    return QuantizationRecord(**q.model_dump(mode="json"), describe=q.describe()) if q else None
 
 
 @dataclass
 class Run:
     dir: Path
-    manifest: dict
+    manifest: Manifest
     resuming: bool
     writable: bool = True  # False on every process but the first of a multi-process run
     lock_fd: int | None = None  # held while this process trains the run
@@ -120,9 +269,9 @@ class Run:
             self.lock_fd = None
 
     def update(self, **fields: Any) -> None:
-        self.manifest.update(fields)
+        self.manifest = self.manifest.updated(**fields)
         if self.writable:
-            write_json(self.dir / MANIFEST, self.manifest)
+            write_manifest(self.dir, self.manifest)
 
     def log_metrics(self, record: dict) -> None:
         if self.writable:
@@ -167,20 +316,22 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return next((c for c in reversed(checkpoints(run_dir)) if complete(c)), None)
 
 
-def changed_inputs(old: dict, exp: Experiment, provenance: dict) -> list[str]:
+def changed_inputs(old: Manifest, exp: Experiment, provenance: Provenance | None) -> list[str]:
     """What differs between a run's recorded inputs and this attempt's: experiment, data, template, base weights."""
     changed = []
-    if old.get("config_hash") != exp.config_hash():
-        changed.append(f"the experiment changed (config hash {old.get('config_hash')} -> {exp.config_hash()})")
-    old_data, new_data = (old.get("data") or {}).get("hashes"), (provenance.get("data") or {}).get("hashes")
+    if old.config_hash != exp.config_hash():
+        changed.append(f"the experiment changed (config hash {old.config_hash} -> {exp.config_hash()})")
+    if provenance is None:
+        return changed
+    old_data, new_data = old.data.hashes if old.data else None, provenance.data.hashes
     if old_data and new_data and old_data != new_data:
         files = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
         changed.append(f"the data changed ({', '.join(files)})")
-    old_template, new_template = old.get("chat_template_hash"), provenance.get("chat_template_hash")
+    old_template, new_template = old.chat_template_hash, provenance.chat_template_hash
     if old_template and new_template and old_template != new_template:
         changed.append("the chat template changed")
-    old_base = (old.get("base_model") or {}).get("fingerprint")
-    new_base = (provenance.get("base_model") or {}).get("fingerprint")
+    old_base = old.base_model.fingerprint if old.base_model else None
+    new_base = provenance.base_model.fingerprint
     if old_base and new_base and old_base != new_base:
         changed.append(f"the base model's weights changed (fingerprint {old_base} -> {new_base})")
     return changed
@@ -191,7 +342,7 @@ def open_run(
     resume: bool,
     overwrite: bool,
     main_process: bool = True,
-    provenance: dict | None = None,
+    provenance: Provenance | None = None,
     force: bool = False,
 ) -> Run:
     """Create the run directory, or reopen it for --resume; never clobber a run without --overwrite.
@@ -202,7 +353,7 @@ def open_run(
     if not main_process:
         return Run(
             run_dir,
-            {"config_hash": exp.config_hash()},
+            Manifest(name=exp.run_name, status="running", config_hash=exp.config_hash()),
             resuming=resume and last_checkpoint(run_dir) is not None,
             writable=False,
         )
@@ -245,36 +396,34 @@ def _refuse_links(run_dir: Path) -> None:
                 raise TunelabError(f"{entry}: is a symbolic link inside the run folder; remove it")
 
 
-def _open(exp: Experiment, run_dir: Path, resume: bool, overwrite: bool, provenance: dict | None, force: bool) -> Run:
+def _open(
+    exp: Experiment, run_dir: Path, resume: bool, overwrite: bool, provenance: Provenance | None, force: bool
+) -> Run:
     _refuse_links(run_dir)
     manifest_path = run_dir / MANIFEST
     if run_dir.exists() and not manifest_path.is_file() and any(run_dir.iterdir()):
         raise TunelabError(f"{run_dir}: exists and is not a tunelab run; choose another --name or output.dir")
     if manifest_path.is_file():
         old = read_manifest(run_dir)
-        status = old.get("status")
+        status = old.status
         if overwrite:
-            if old.get("name") != exp.run_name or run_dir.resolve().parent != Path(exp.output.dir).resolve():
-                raise TunelabError(
-                    f"{run_dir}: holds a run named {old.get('name')!r}; --overwrite replaces only its own run"
-                )
+            if old.name != exp.run_name or run_dir.resolve().parent != Path(exp.output.dir).resolve():
+                raise TunelabError(f"{run_dir}: holds a run named {old.name!r}; --overwrite replaces only its own run")
             shutil.rmtree(run_dir)
         elif resume:
             if status == "completed":
                 raise TunelabError(f"{run_dir}: already completed; nothing to resume (use --overwrite to retrain)")
-            changed = changed_inputs(old, exp, provenance or {})
+            changed = changed_inputs(old, exp, provenance)
             if changed and not force:
                 raise TunelabError(
                     f"{run_dir}: since this run started, {'; '.join(changed)}; resuming would mix two experiments: "
                     "use --name for a new run, or --force to continue anyway"
                 )
-            old.update(
-                status="running", resumed_at=now(), error=None, **({"forced_resume": changed} if changed else {})
-            )
-            run = Run(run_dir, old, resuming=last_checkpoint(run_dir) is not None)
+            reopened = old.updated(status="running", resumed_at=now(), error=None, forced_resume=changed or None)
+            run = Run(run_dir, reopened, resuming=last_checkpoint(run_dir) is not None)
             if not run.resuming:  # it died before its first checkpoint: start over, without its metrics
                 (run_dir / METRICS).unlink(missing_ok=True)
-            write_json(manifest_path, old)
+            write_manifest(run_dir, reopened)
             return run
         elif status == "completed":
             raise TunelabError(
@@ -292,23 +441,21 @@ def _open(exp: Experiment, run_dir: Path, resume: bool, overwrite: bool, provena
     tmp = run_dir / f".{EXPERIMENT}.tmp"
     tmp.write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     os.replace(tmp, run_dir / EXPERIMENT)
-    manifest = {
-        "name": exp.run_name,
-        "experiment": exp.name,
-        "status": "running",
-        "config_hash": exp.config_hash(),
-        "method": exp.method,
-        "scope": exp.scope.kind,
-        "quantization": quantization_record(exp),
-        "created_at": now(),
-        "started_at": now(),
-        "ended_at": None,
-        "error": None,
-        "versions": versions(),
-        "seed": exp.train.seed,
-    }
+    manifest = Manifest(
+        name=exp.run_name,
+        experiment=exp.name,
+        status="running",
+        config_hash=exp.config_hash(),
+        method=exp.method,
+        scope=exp.scope.kind,
+        quantization=quantization_record(exp),
+        created_at=now(),
+        started_at=now(),
+        versions=versions(),
+        seed=exp.train.seed,
+    )
     run = Run(run_dir, manifest, resuming=False, created=True)
-    write_json(manifest_path, manifest)
+    write_manifest(run_dir, manifest)
     return run
 
 
@@ -335,19 +482,19 @@ def list_runs(root: Path) -> list[dict]:
             continue
         rows.append(
             {
-                "name": m.get("name"),
+                "name": m.name,
                 "dir": str(run_dir),
-                "status": m.get("status"),
-                "method": m.get("method"),
-                "scope": m.get("scope"),
-                "quantization": (m.get("quantization") or {}).get("describe"),
-                "target_modules": m.get("target_modules"),
-                "layers": m.get("layers"),
-                "trainable_percent": m.get("trainable_percent"),
-                "final_train_loss": m.get("final_train_loss"),
-                "eval_loss": m.get("final_eval_loss"),
-                "train_seconds": m.get("train_seconds"),
-                "created_at": m.get("created_at"),
+                "status": m.status,
+                "method": m.method,
+                "scope": m.scope,
+                "quantization": m.quantization.describe if m.quantization else None,
+                "target_modules": m.target_modules,
+                "layers": m.layers,
+                "trainable_percent": m.trainable_percent,
+                "final_train_loss": m.final_train_loss,
+                "eval_loss": m.final_eval_loss,
+                "train_seconds": m.train_seconds,
+                "created_at": m.created_at,
             }
         )
     return sorted(rows, key=lambda r: r["created_at"] or "", reverse=True)

@@ -170,7 +170,7 @@ def plan_study(study: Study) -> list[tuple[str, Any, list[str]]]:
 
 
 def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | None]:
-    from tunelab.runs import read_manifest
+    from tunelab.runs import run_status
     from tunelab.train import train
 
     outcomes: dict[str, VariantOutcome] = {}
@@ -183,7 +183,7 @@ def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | Non
         init_from = outcomes[after].run_dir if after is not None else None
         exp = variant_experiment(study, name, init_from)
         run_dir = Path(exp.output.dir) / exp.run_name
-        status = read_manifest(run_dir).get("status") if (run_dir / "manifest.json").is_file() else None
+        status = run_status(run_dir)
         outcome = VariantOutcome(name, "", str(run_dir), diff=diff_from_base(study, exp))
         if status == "completed":
             outcome.status = "skipped"

@@ -23,6 +23,10 @@ from tunelab.errors import ConfigError, Terminated, TunelabError
 from tunelab.runs import (
     METRICS,
     TOKENIZER,
+    BaseModelRecord,
+    DataRecord,
+    Manifest,
+    Provenance,
     Run,
     checkpoint_step,
     checkpoints,
@@ -44,7 +48,7 @@ if TYPE_CHECKING:
 @dataclass
 class TrainResult:
     run_dir: Path
-    manifest: dict
+    manifest: Manifest
 
 
 class NonFiniteLoss(TunelabError):
@@ -226,18 +230,18 @@ def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
     manifest = read_manifest(source) if source.is_dir() else None
     if manifest is None:
         raise ConfigError(f"init_from: '{exp.init_from}' is not a run directory")
-    if manifest.get("status") != "completed":
-        raise ConfigError(f"init_from: run '{source}' is {manifest.get('status')}, not completed")
-    theirs = manifest.get("base_model", {}).get("fingerprint")
+    if manifest.status != "completed":
+        raise ConfigError(f"init_from: run '{source}' is {manifest.status}, not completed")
+    theirs = manifest.base_model.fingerprint if manifest.base_model else None
     if theirs != base_fingerprint:
         raise ConfigError(
             f"init_from: run '{source}' was trained on another base model (fingerprint {theirs}, "
-            f"{manifest.get('base_model', {}).get('id')}) than model.id={exp.model.id} "
+            f"{manifest.base_model.id if manifest.base_model else None}) than model.id={exp.model.id} "
             f"({base_fingerprint}); point model.id at that run's base"
         )
-    if manifest.get("scope") != exp.scope.kind:
+    if manifest.scope != exp.scope.kind:
         raise ConfigError(
-            f"init_from: run '{source}' trained a {manifest.get('scope')} scope but this experiment's "
+            f"init_from: run '{source}' trained a {manifest.scope} scope but this experiment's "
             f"scope is {exp.scope.kind}; use the same scope kind"
         )
     return source
@@ -275,23 +279,20 @@ def train(
     )
     base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
-    provenance = {
-        "base_model": {
-            "id": exp.model.id,
-            "path": model_path(exp.model.id),
-            "revision": exp.model.revision,
-            "fingerprint": base_fingerprint,
-        },
-        "init_from": str(init_from) if init_from else None,
-        "data": {
-            "format": splits.format,
-            "train_examples": len(splits.train.rows),
-            "eval_examples": len(splits.eval.rows) if splits.eval else 0,
-            "hashes": splits.hashes,
-        },
-        "chat_template_hash": template_hash(tokenizer.chat_template),
-        "tokens": inputs.checks.record(),
-    }
+    provenance = Provenance(
+        base_model=BaseModelRecord(
+            id=exp.model.id, path=model_path(exp.model.id), revision=exp.model.revision, fingerprint=base_fingerprint
+        ),
+        init_from=str(init_from) if init_from else None,
+        data=DataRecord(
+            format=splits.format,
+            train_examples=len(splits.train.rows),
+            eval_examples=len(splits.eval.rows) if splits.eval else 0,
+            hashes=splits.hashes,
+        ),
+        chat_template_hash=template_hash(tokenizer.chat_template),
+        tokens=inputs.checks.record(),
+    )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
         result = _train_in(run, inputs, init_from, provenance, callbacks or [])
@@ -369,16 +370,16 @@ def _ref_cache_dir(exp: Experiment, run: Run) -> Path:
 
     m = run.manifest
     init = None
-    if m.get("init_from"):
-        source = read_manifest(Path(m["init_from"]))
-        init = [source.get("config_hash"), source.get("ended_at")]
+    if m.init_from:
+        source = read_manifest(Path(m.init_from))
+        init = [source.config_hash, source.ended_at]
     key = {
-        "base": m["base_model"]["fingerprint"],
+        "base": m.base_model.fingerprint,
         "init": init,
-        "data": m["data"]["hashes"],
-        "template": m["chat_template_hash"],
+        "data": m.data.hashes,
+        "template": m.chat_template_hash,
         "max_length": exp.train.max_length,
-        "dtype": m["dtype"],
+        "dtype": m.dtype,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root() / "ref-logps" / digest
@@ -397,7 +398,7 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
 
 
 def _train_in(
-    run: Run, inputs: Inputs, init_from: Path | None, provenance: dict, callbacks: list[TrainerCallback]
+    run: Run, inputs: Inputs, init_from: Path | None, provenance: Provenance, callbacks: list[TrainerCallback]
 ) -> TrainResult:
     import torch
 
@@ -417,7 +418,7 @@ def _train_in(
     dtype_name = str(dtype).removeprefix("torch.")
     memory = estimate_memory(facts, resolved, exp, dtype_name, device, embeddings_train, engine)
     run.update(
-        **provenance,
+        **provenance.model_dump(),
         device=device,
         dtype=str(dtype).removeprefix("torch."),
         gradient_checkpointing=memory.gradient_checkpointing,

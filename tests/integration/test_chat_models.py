@@ -110,11 +110,11 @@ def test_sft_trains_with_the_models_own_template(family: str, family_dirs, tmp_p
     spec = FAMILIES[family]
     result = train(load_experiment(experiment_file(tmp_path, family_dirs[family], family)))
     m = result.manifest
-    assert m["status"] == "completed" and m["change_check"]["ok"] and m["tokens_seen"] > 0
-    assert m["tokens"]["terminator"] == spec["terminator"]
-    assert m["tokens"]["pad_token"] == (spec["pad"] or m["tokens"]["pad_token"])
+    assert m.status == "completed" and m.change_check.ok and m.tokens_seen > 0
+    assert m.tokens.terminator == spec["terminator"]
+    assert m.tokens.pad_token == (spec["pad"] or m.tokens.pad_token)
     if spec["pad"] is None:
-        assert m["tokens"]["pad_token"] not in (spec["eos"], spec["terminator"])
+        assert m.tokens.pad_token not in (spec["eos"], spec["terminator"])
     saved = json.loads((result.run_dir / "tokenizer" / "tokenizer_config.json").read_text())
     template = saved.get("chat_template") or (result.run_dir / "tokenizer" / "chat_template.jinja").read_text()
     assert template == (FIXTURES / f"{family}.jinja").read_text()
@@ -125,7 +125,7 @@ def test_dpo_trains_on_tokenizers_without_pad_and_templates_without_system(
     family: str, family_dirs, tmp_path: Path
 ) -> None:
     result = train(load_experiment(experiment_file(tmp_path, family_dirs[family], family, "dpo")))
-    assert result.manifest["status"] == "completed" and result.manifest["change_check"]["ok"]
+    assert result.manifest.status == "completed" and result.manifest.change_check.ok
 
 
 def test_template_errors_are_one_line_with_the_record_and_the_fix(family_dirs, tmp_path: Path) -> None:
@@ -299,4 +299,4 @@ def test_a_thinking_template_is_refused_with_trls_training_version_as_the_fix(fa
     assert [s.strip() for s in supervised] == [
         f"<think>\n\n</think>\n\n{r}<|im_end|>" for r in ("2 plus 3 is 5.", "1 plus 1 is 2.")
     ]
-    assert train(fixed).manifest["status"] == "completed"
+    assert train(fixed).manifest.status == "completed"

@@ -41,10 +41,10 @@ def torchrun_run(tmp_path_factory, tiny_model_dir) -> Path:
 def test_two_process_training_keeps_ranks_identical(torchrun_run: Path) -> None:
     tmp_path = torchrun_run
     manifest = json.loads((tmp_path / "lora-qv" / "manifest.json").read_text())
-    assert manifest["status"] == "completed"
-    assert manifest["distributed"]["engine"] == "MULTI_CPU"
-    digests = manifest["distributed"]["rank_digests"]
-    assert manifest["distributed"]["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert manifest.status == "completed"
+    assert manifest.distributed.engine == "MULTI_CPU"
+    digests = manifest.distributed.rank_digests
+    assert manifest.distributed.world_size == 2 and len(digests) == 2 and digests[0] == digests[1]
     model = load_trained(tmp_path / "lora-qv")
     names = [n for n, _ in model.named_parameters() if "lora_" in n]
     assert trained_digest(model, names) == digests[0]

@@ -22,10 +22,10 @@ def test_sft_then_dpo_raises_preference_accuracy(tmp_path: Path, tiny_model_dir)
     sft = train(experiment("quickstart", tmp_path))
     dpo = train(experiment("sft-then-dpo", tmp_path, f"init_from={sft.run_dir}"))
     m = dpo.manifest
-    assert m["status"] == "completed" and m["init_from"] == str(sft.run_dir)
-    assert m["preference_accuracy_after"] >= 0.8
-    assert m["preference_accuracy_after"] >= m["preference_accuracy_before"]
-    assert m["final_eval_loss"] < m["base_eval_loss"]
+    assert m.status == "completed" and m.init_from == str(sft.run_dir)
+    assert m.preference_accuracy_after >= 0.8
+    assert m.preference_accuracy_after >= m.preference_accuracy_before
+    assert m.final_eval_loss < m.base_eval_loss
     rows = read_metrics(dpo.run_dir)
     keys = set().union(*rows)
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= keys
@@ -75,17 +75,17 @@ def test_precomputed_reference_equals_live_reference(tmp_path: Path, tiny_model_
     ]
     live = train(experiment("dpo", tmp_path, *common, "dpo.reference=live", "output.name=live"))
     pre = train(experiment("dpo", tmp_path, *common, "dpo.reference=precomputed", "output.name=pre"))
-    assert live.manifest["reference"] == "copy" and pre.manifest["reference"] == "precomputed"
+    assert live.manifest.reference == "copy" and pre.manifest.reference == "precomputed"
     a = [r["loss"] for r in read_metrics(live.run_dir) if "loss" in r]
     b = [r["loss"] for r in read_metrics(pre.run_dir) if "loss" in r]
     assert len(a) == len(b) == 6
     assert abs(a[-1] - b[-1]) < 1e-4
-    assert abs(live.manifest["final_eval_loss"] - pre.manifest["final_eval_loss"]) < 1e-4
+    assert abs(live.manifest.final_eval_loss - pre.manifest.final_eval_loss) < 1e-4
 
 
 def test_init_from_another_base_is_refused(tmp_path: Path, tiny_model_dir) -> None:
     sft = train(experiment("lora-qv", tmp_path, "train.max_steps=1"))
-    manifest = read_manifest(sft.run_dir)
+    manifest = __import__("json").loads((sft.run_dir / "manifest.json").read_text())
     manifest["base_model"]["fingerprint"] = "0123456789abcdef"
     (sft.run_dir / "manifest.json").write_text(__import__("json").dumps(manifest))
     with pytest.raises(TunelabError, match="init_from: run .* was trained on another base model"):
@@ -110,7 +110,7 @@ def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
-    assert read_manifest(tmp_path / "crashed")["status"] == "completed"
+    assert read_manifest(tmp_path / "crashed").status == "completed"
 
 
 def test_precomputed_reference_is_reused_by_a_second_run(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
@@ -122,11 +122,11 @@ def test_precomputed_reference_is_reused_by_a_second_run(tmp_path: Path, tiny_mo
     monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda self, *a: calls.append(a[1]) or original(self, *a))
     common = ["scope={partial: {last_blocks: 1}}", "train.max_steps=3", "train.logging_steps=1"]
     first = train(experiment("dpo", tmp_path, *common, "output.name=a"))
-    assert sorted(calls) == ["eval", "train"] and first.manifest["ref_logps_reused"] is False
+    assert sorted(calls) == ["eval", "train"] and first.manifest.ref_logps_reused is False
     second = train(experiment("dpo", tmp_path, *common, "output.name=b", "train.learning_rate=5e-4"))
     assert sorted(calls) == ["eval", "train"]  # nothing recomputed
-    assert second.manifest["ref_logps_reused"] is True
-    assert second.manifest["ref_logps_cache"] == first.manifest["ref_logps_cache"]
+    assert second.manifest.ref_logps_reused is True
+    assert second.manifest.ref_logps_cache == first.manifest.ref_logps_cache
     again = train(experiment("dpo", tmp_path, *common, "output.name=c"))
     a = [r["loss"] for r in read_metrics(first.run_dir) if "loss" in r]
     c = [r["loss"] for r in read_metrics(again.run_dir) if "loss" in r]

@@ -30,10 +30,10 @@ def test_method_trains_the_planned_adapter_and_raises_preference_accuracy(
     assert plan.memory.tokens_per_forward == 2 * exp.train.batch_size * exp.train.max_length
     assert plan.memory.reference == ("adapter" if method == "kto" else None)
     m = train(exp).manifest
-    assert m["status"] == "completed" and m["method"] == method and m["change_check"]["ok"]
-    assert m["trainable_params"] == plan.scope.trainable_params
-    assert m["preference_accuracy_after"] > m["preference_accuracy_before"]
-    assert m.get("reference") == ("adapter" if method == "kto" else None)
+    assert m.status == "completed" and m.method == method and m.change_check.ok
+    assert m.trainable_params == plan.scope.trainable_params
+    assert m.preference_accuracy_after > m.preference_accuracy_before
+    assert m.reference == ("adapter" if method == "kto" else None)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -42,7 +42,7 @@ def test_method_resumes_after_sigkill_to_the_same_weights(method: str, tmp_path:
 
     steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
     crashed, killed = straight_and_killed(method, 3, tmp_path, *steps)
-    assert killed == -9 and read_manifest(tmp_path / "crashed")["status"] == "running"
+    assert killed == -9 and read_manifest(tmp_path / "crashed").status == "running"
     resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart
@@ -68,6 +68,6 @@ def test_methods_start_from_an_sft_run_and_appear_in_a_study_compare(tmp_path: P
     outcomes, report = run_study(load_study(study), log=lambda *_: None)
     assert [(o.name, o.status) for o in outcomes] == [("sft", "trained")] + [(m, "trained") for m in METHODS]
     for o in outcomes[1:]:
-        assert read_manifest(Path(o.run_dir))["init_from"] == outcomes[0].run_dir
+        assert read_manifest(Path(o.run_dir)).init_from == outcomes[0].run_dir
     names = [v["name"] for v in json.loads((report.parent / "report.json").read_text())["variants"]]
     assert [n if n == "base" else n.rsplit("-", 1)[0] for n in names] == ["base", "sft", *METHODS]  # name-hash

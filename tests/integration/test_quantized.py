@@ -40,11 +40,11 @@ def test_lora_on_a_quantized_base_learns_with_the_planned_counts(bits: int, tmp_
     del model
 
     m = train(exp).manifest
-    assert m["status"] == "completed" and m["change_check"]["ok"]
-    assert m["final_eval_loss"] <= 0.7 * m["base_eval_loss"]
-    assert (m["trainable_params"], m["total_params"]) == (trainable, total)
-    assert m["quantization"]["bits"] == bits and m["versions"]["bitsandbytes"]
-    assert m["estimated_memory_bytes"] < make_plan(experiment(tmp_path, "quickstart")).memory.total_bytes
+    assert m.status == "completed" and m.change_check.ok
+    assert m.final_eval_loss <= 0.7 * m.base_eval_loss
+    assert (m.trainable_params, m.total_params) == (trainable, total)
+    assert m.quantization.bits == bits and m.versions["bitsandbytes"]
+    assert m.estimated_memory_bytes < make_plan(experiment(tmp_path, "quickstart")).memory.total_bytes
 
 
 def test_merged_export_of_a_qlora_run_loads_in_plain_transformers(tmp_path: Path, tiny_model_dir) -> None:
@@ -72,8 +72,8 @@ def test_merged_export_of_a_qlora_run_loads_in_plain_transformers(tmp_path: Path
 def test_dpo_on_a_4bit_base_raises_preference_accuracy(tmp_path: Path, tiny_model_dir) -> None:
     exp = experiment(tmp_path, "dpo", "model.quantization={bits: 4}", "train.max_steps=16")
     m = train(exp).manifest
-    assert m["status"] == "completed" and m["reference"] == "adapter"
-    assert m["preference_accuracy_after"] > m["preference_accuracy_before"]
+    assert m.status == "completed" and m.reference == "adapter"
+    assert m.preference_accuracy_after > m.preference_accuracy_before
 
 
 def test_qlora_resumes_after_sigkill_to_the_same_adapter(tmp_path: Path, tiny_model_dir) -> None:
@@ -85,7 +85,7 @@ def test_qlora_resumes_after_sigkill_to_the_same_adapter(tmp_path: Path, tiny_mo
     assert "resuming from checkpoint-3" in resumed.stdout
     a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_manifest(tmp_path / "crashed")["global_steps"] == 6
+    assert read_manifest(tmp_path / "crashed").global_steps == 6
 
 
 def test_compare_refuses_quantized_beside_unquantized_unless_asked(tmp_path: Path, tiny_model_dir) -> None:

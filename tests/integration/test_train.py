@@ -28,9 +28,9 @@ def test_seed_example_trains_exactly_the_planned_tensors(example: str, tmp_path:
     plan = make_plan(exp)
     result = train(exp)
     m = result.manifest
-    assert m["status"] == "completed"
-    assert m["trainable_params"] == plan.scope.trainable_params
-    check = m["change_check"]
+    assert m.status == "completed"
+    assert m.trainable_params == plan.scope.trainable_params
+    check = m.change_check
     assert check["ok"] and check["frozen_changed"] == [] and check["trainable_unchanged"] == []
     assert check["trainable_changed"] == len(plan.scope.trainable_names)
     saved = trained_tensors(result.run_dir)
@@ -47,10 +47,10 @@ def test_seed_example_trains_exactly_the_planned_tensors(example: str, tmp_path:
 def test_quickstart_learns_and_records_base_loss(tmp_path: Path, tiny_model_dir) -> None:
     result = train(experiment("quickstart", tmp_path))
     m = result.manifest
-    assert m["final_eval_loss"] <= 0.6 * m["base_eval_loss"], (m["base_eval_loss"], m["final_eval_loss"])
-    assert m["base_model"]["fingerprint"] and m["chat_template_hash"]
-    assert m["data"]["hashes"] and m["versions"]["trl"] and m["device"] == "cpu" and m["seed"] == 42
-    assert m["started_at"] <= m["ended_at"]
+    assert m.final_eval_loss <= 0.6 * m.base_eval_loss, (m.base_eval_loss, m.final_eval_loss)
+    assert m.base_model.fingerprint and m.chat_template_hash
+    assert m.data.hashes and m.versions["trl"] and m.device == "cpu" and m.seed == 42
+    assert m.started_at <= m.ended_at
     rows = read_metrics(result.run_dir)
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(rows[-3]) | set(rows[-2])
     assert any("eval_loss" in r for r in rows)
@@ -108,7 +108,7 @@ def test_refuses_to_overwrite_and_keeps_the_run(tmp_path: Path, tiny_model_dir) 
     with pytest.raises(TunelabError, match="already completed; nothing to resume"):
         train(exp, resume=True)
     again = train(exp, overwrite=True)
-    assert again.manifest["status"] == "completed" and again.manifest["started_at"] >= first.manifest["started_at"]
+    assert again.manifest.status == "completed" and again.manifest.started_at >= first.manifest.started_at
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir) -> None:
@@ -116,7 +116,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir
     steps = ["--set", "train.max_steps=36", "--set", "train.save_steps=32", "--set", "train.logging_steps=1"]
     crashed, killed = straight_and_killed("lora-qv", 32, tmp_path, *steps)
     assert killed == -9
-    assert read_manifest(tmp_path / "crashed")["status"] == "running"
+    assert read_manifest(tmp_path / "crashed").status == "running"
     refused = run_cli(*crashed)
     assert refused.returncode == 2 and "use --resume" in refused.stderr
     resumed = run_cli(*crashed, "--resume")
@@ -138,12 +138,12 @@ def test_a_crash_after_the_last_checkpoint_resumes_without_an_extra_step(tmp_pat
     resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "step 7/6" not in resumed.stdout
-    assert read_manifest(tmp_path / "crashed")["global_steps"] == 6
+    assert read_manifest(tmp_path / "crashed").global_steps == 6
     a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     straight, crashed_m = read_manifest(tmp_path / "straight"), read_manifest(tmp_path / "crashed")
-    assert crashed_m["final_eval_loss"] == straight["final_eval_loss"]
-    assert crashed_m["base_eval_loss"] == straight["base_eval_loss"]
+    assert crashed_m.final_eval_loss == straight.final_eval_loss
+    assert crashed_m.base_eval_loss == straight.base_eval_loss
 
 
 @pytest.mark.parametrize(("signal_name", "code", "why"), [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
@@ -168,7 +168,7 @@ def test_a_signal_marks_the_run_and_exits_with_its_code(
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] in ("interrupted", "terminated")
     manifest = read_manifest(tmp_path / "quickstart")
-    assert manifest["status"] == "interrupted" and why in manifest["error"]
+    assert manifest.status == "interrupted" and why in manifest.error
 
 
 def test_no_checkpoint_holds_non_finite_weights(tmp_path: Path, tiny_model_dir) -> None:
@@ -225,7 +225,7 @@ def test_nan_loss_stops_and_marks_run_failed(tmp_path: Path, tiny_model_dir) -> 
     with pytest.raises(TunelabError, match="the loss became"):
         train(exp)
     manifest = json.loads((tmp_path / "runs" / "quickstart" / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "the loss became" in manifest["error"]
+    assert manifest.status == "failed" and "the loss became" in manifest.error
 
 
 def test_batching_changes_the_work_not_the_math(tmp_path: Path, tiny_model_dir) -> None:

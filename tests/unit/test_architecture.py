@@ -86,3 +86,13 @@ def test_the_package_imports_no_private_names_across_modules() -> None:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tunelab"):
                 found += [f"{path.relative_to(PACKAGE)}: {a.name}" for a in node.names if a.name.startswith("_")]
     assert found == []
+
+
+def test_the_manifest_is_read_and_written_in_one_module() -> None:
+    """A run's record is one typed model (runs.Manifest): only runs.py touches manifest.json."""
+    offenders = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "runs.py" and ("manifest.json" in path.read_text() or "MANIFEST" in path.read_text())
+    ]
+    assert offenders == []

@@ -115,17 +115,23 @@ def test_a_damaged_manifest_is_one_line_and_runs_lists_the_rest(tmp_path: Path) 
 
 
 def test_resume_refuses_changed_data_unless_forced(tmp_path: Path, tiny_model_dir) -> None:
+    from tunelab.runs import BaseModelRecord, DataRecord, Provenance
+
+    def provenance(digest: str) -> Provenance:
+        data = DataRecord(format="messages", train_examples=1, eval_examples=0, hashes={"train.jsonl": digest})
+        return Provenance(base_model=BaseModelRecord(id="m", fingerprint="f"), data=data, chat_template_hash="t1")
+
     exp = exp_in(tmp_path)
-    before = {"data": {"hashes": {"train.jsonl": "aaaa"}}, "chat_template_hash": "t1"}
+    before = provenance("aaaa")
     run = open_run(exp, resume=False, overwrite=False, provenance=before)
-    run.update(status="failed", **before)
+    run.update(status="failed", **before.model_dump())
     run.close()
-    after = {"data": {"hashes": {"train.jsonl": "bbbb"}}, "chat_template_hash": "t1"}
+    after = provenance("bbbb")
     with pytest.raises(TunelabError, match=r"since this run started, the data changed \(train.jsonl\); .*--force"):
         open_run(exp, resume=True, overwrite=False, provenance=after)
     forced = open_run(exp, resume=True, overwrite=False, provenance=after, force=True)
     forced.close()
-    assert read_manifest(forced.dir)["forced_resume"] == ["the data changed (train.jsonl)"]
+    assert read_manifest(forced.dir).forced_resume == ["the data changed (train.jsonl)"]
 
 
 def test_the_base_fingerprint_sees_the_weights_not_just_their_shapes(tmp_path: Path, tiny_model_dir: Path) -> None:

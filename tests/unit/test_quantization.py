@@ -92,7 +92,19 @@ def test_compare_refuses_differently_quantized_bases_before_loading(tmp_path: Pa
     from tunelab.compare import compare
 
     runs = []
-    for name, quantization in (("q", {"bits": 4, "describe": "4-bit nf4 double-quant"}), ("p", None)):
+    for name, quantization in (
+        (
+            "q",
+            {
+                "bits": 4,
+                "type": "nf4",
+                "double_quant": True,
+                "compute_dtype": "auto",
+                "describe": "4-bit nf4 double-quant",
+            },
+        ),
+        ("p", None),
+    ):
         run = tmp_path / name
         run.mkdir()
         manifest = {

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from tunelab.methods.common import Batching
 from tunelab.plan import Plan, SplitStats
+from tunelab.runs import Manifest
 from tunelab.scope import layer_ranges as ranges
 
 
@@ -166,21 +167,21 @@ def tokens_line(t) -> str:
     return f"{stop}; pad token {t.pad_token} ({t.pad_source})"
 
 
-def print_run(run_dir, manifest: dict, console: Console | None = None) -> None:
+def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> None:
     console = console or _console()
-    base, final = manifest.get("base_eval_loss"), manifest.get("final_eval_loss")
+    base, final = manifest.base_eval_loss, manifest.final_eval_loss
     ratio = f" ({final / base:.2f}x the base)" if base and final is not None else ""
     console.print(
-        f"[bold]{manifest['name']}[/bold] {manifest['status']} in {manifest.get('train_seconds')} s, "
-        f"{manifest.get('global_steps')} steps -> {run_dir}"
+        f"[bold]{manifest.name}[/bold] {manifest.status} in {manifest.train_seconds} s, "
+        f"{manifest.global_steps} steps -> {run_dir}"
     )
     if base is not None:
         console.print(f"eval loss {base:.4f} -> {final:.4f}{ratio}")
-    check = manifest.get("change_check") or {}
+    check = manifest.change_check
     if check:
         console.print(
-            f"tensor check: {check['trainable_changed']} trained tensors changed, "
-            f"{check['frozen_unchanged']} frozen unchanged" + ("" if check["ok"] else " [red]FAILED[/red]")
+            f"tensor check: {check.trainable_changed} trained tensors changed, "
+            f"{check.frozen_unchanged} frozen unchanged" + ("" if check.ok else " [red]FAILED[/red]")
         )
 
 

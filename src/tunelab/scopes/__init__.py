@@ -63,8 +63,8 @@ def run_scope(run_dir: Path, device: str | None = None) -> tuple[ScopeKind, Base
     from tunelab.runs import load_run_experiment, read_manifest
 
     manifest = read_manifest(run_dir)
-    if manifest.get("status") != "completed":
-        raise TunelabError(f"{run_dir}: run is {manifest.get('status')}, not completed")
+    if manifest.status != "completed":
+        raise TunelabError(f"{run_dir}: run is {manifest.status}, not completed")
     exp = load_run_experiment(run_dir)
     device = device or pick_device(exp.model.device)
     return get_scope(exp.scope.kind), BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
