@@ -52,6 +52,26 @@ def straight_and_killed(example: str, kill_after: int, out: Path, *args: str) ->
     return [*command, "--name", "crashed"], killed.returncode
 
 
+def resume_matches_straight(example: str, out: Path, *args: str) -> None:
+    """Kill a 6-step run of `example` right after checkpoint 3, resume it, and check it ends with exactly the
+    uninterrupted run's trained weights and losses."""
+    import torch
+
+    from tunelab.runs import read_manifest, read_metrics
+
+    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1", *args]
+    crashed, killed = straight_and_killed(example, 3, out, *steps)
+    assert killed == -9 and read_manifest(out / "crashed").status == "running"
+    resumed = run_cli(*crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart that happens to agree
+    a, b = trained_tensors(out / "straight"), trained_tensors(out / "crashed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in read_metrics(out / n) if "loss" in r] for n in ("straight", "crashed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    assert read_manifest(out / "crashed").global_steps == 6
+
+
 def write_experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:
     path = folder / name
     path.write_text(text)

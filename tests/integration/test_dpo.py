@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli, straight_and_killed, trained_tensors
+from tests.conftest import EXAMPLES, resume_matches_straight
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.runs import read_manifest, read_metrics
@@ -100,16 +100,7 @@ def test_init_from_other_scope_kind_is_refused(tmp_path: Path, tiny_model_dir) -
 
 
 def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
-    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
-    crashed, killed = straight_and_killed("dpo", 3, tmp_path, *steps)
-    assert killed == -9
-    resumed = run_cli(*crashed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart that happens to agree
-    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
-    assert losses[0] == losses[1] and len(losses[0]) == 6
+    resume_matches_straight("dpo", tmp_path)
     assert read_manifest(tmp_path / "crashed").status == "completed"
 
 

@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import DATA, EXAMPLES, straight_and_killed, trained_tensors
+from tests.conftest import DATA, EXAMPLES, resume_matches_straight
 from tunelab.config import load_experiment
 from tunelab.plan import make_plan
-from tunelab.runs import read_manifest, read_metrics
+from tunelab.runs import read_manifest
 from tunelab.study import load_study, run_study
 from tunelab.train import train
 
@@ -38,18 +37,7 @@ def test_method_trains_the_planned_adapter_and_raises_preference_accuracy(
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_resumes_after_sigkill_to_the_same_weights(method: str, tmp_path: Path, tiny_model_dir) -> None:
-    from tests.conftest import run_cli
-
-    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
-    crashed, killed = straight_and_killed(method, 3, tmp_path, *steps)
-    assert killed == -9 and read_manifest(tmp_path / "crashed").status == "running"
-    resumed = run_cli(*crashed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart
-    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
-    assert losses[0] == losses[1] and len(losses[0]) == 6
+    resume_matches_straight(method, tmp_path)
 
 
 def test_methods_start_from_an_sft_run_and_appear_in_a_study_compare(tmp_path: Path, tiny_model_dir) -> None:

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, run_cli, straight_and_killed, trained_tensors
+from tests.conftest import EXAMPLES, resume_matches_straight, run_cli
 from tunelab.config import load_experiment
 from tunelab.plan import make_plan
-from tunelab.runs import read_manifest
 from tunelab.train import train
 
 pytest.importorskip("bitsandbytes")
@@ -77,15 +76,7 @@ def test_dpo_on_a_4bit_base_raises_preference_accuracy(tmp_path: Path, tiny_mode
 
 
 def test_qlora_resumes_after_sigkill_to_the_same_adapter(tmp_path: Path, tiny_model_dir) -> None:
-    steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
-    crashed, killed = straight_and_killed("qlora", 3, tmp_path, *steps)
-    assert killed == -9
-    resumed = run_cli(*crashed, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from checkpoint-3" in resumed.stdout
-    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert read_manifest(tmp_path / "crashed").global_steps == 6
+    resume_matches_straight("qlora", tmp_path)
 
 
 def test_compare_refuses_quantized_beside_unquantized_unless_asked(tmp_path: Path, tiny_model_dir) -> None:
