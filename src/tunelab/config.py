@@ -689,6 +689,10 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
         raise TunelabError(f"--set {key}: value {text!r} is not valid YAML") from e
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        # YAML 1.1 reads on/off/yes/no as booleans; on a command line they are words (--set output.name=on).
+        # Boolean settings still take them: the schema reads "on" and "yes" as true.
+        value = text.strip()
     set_key(raw, key.strip(), value, where=f"--set {key}")
 
 

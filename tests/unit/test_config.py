@@ -209,3 +209,9 @@ def test_a_method_section_belongs_to_its_method(tmp_path: Path, method: str) -> 
 def test_kto_needs_batches_to_estimate_its_kl_term(tmp_path: Path) -> None:
     msg = error_of(tmp_path, BASE + "method: kto\ntrain:\n  batch_size: 1\n")
     assert "KTO estimates its KL term from other examples of a batch" in msg
+
+
+def test_command_line_words_stay_words(tmp_path: Path) -> None:
+    path = write_experiment(tmp_path, BASE)
+    exp = load_experiment(path, ["output.name=on", "train.packing=yes", "train.gradient_checkpointing=off"])
+    assert exp.output.name == "on" and exp.train.packing is True and exp.train.gradient_checkpointing == "off"
