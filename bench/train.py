@@ -82,37 +82,48 @@ def tokens_per_second(clock) -> float:
 
 
 def plain_trl(
-    model_dir: str, train_file: Path, eval_file: Path, out: Path, steps: int, seed: int = 42
+    model_dir: str,
+    train_file: Path,
+    eval_file: Path | None,
+    out: Path,
+    steps: int,
+    seed: int = 42,
+    gpu: bool = False,
+    learning_rate: float = 2e-3,
+    max_length: int = 512,
+    logging_steps: int = 5,
 ) -> tuple[float, float]:
-    """What train_lora.py does: load, LoraConfig, SFTTrainer with defaults (CPU needs bf16 off)."""
+    """What train_lora.py does: load, LoraConfig, SFTTrainer with TRL's defaults (on a GPU: bf16 and activation
+    checkpointing; a CPU needs bf16 off). Returns tokens/s and the final eval loss (train loss without eval data)."""
+    import torch
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    data = load_dataset("json", data_files={"train": str(train_file), "eval": str(eval_file)})
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
+    files = {"train": str(train_file), **({"eval": str(eval_file)} if eval_file else {})}
+    data = load_dataset("json", data_files=files)
     args = SFTConfig(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=8,
-        learning_rate=2e-3,
-        max_length=512,
+        learning_rate=learning_rate,
+        max_length=max_length,
         seed=seed,
-        bf16=False,
-        use_cpu=True,
+        **({} if gpu else {"bf16": False, "use_cpu": True}),
         report_to="none",
         save_strategy="no",
         assistant_only_loss=True,
-        logging_steps=5,
+        logging_steps=logging_steps,
         disable_tqdm=True,
     )
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=data["eval"],
+        eval_dataset=data.get("eval"),
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
@@ -121,7 +132,15 @@ def plain_trl(
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
+    if eval_file is None:
+        return tokens_per_second(clock), final_train_loss(clock)
     return tokens_per_second(clock), trainer.evaluate()["eval_loss"]
+
+
+def final_train_loss(clock) -> float:
+    """The mean of the last five logged training losses."""
+    losses = [r["loss"] for r in clock.state.log_history if "loss" in r]
+    return statistics.mean(losses[-5:])
 
 
 def tunelab_run(
