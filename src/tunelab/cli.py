@@ -206,17 +206,39 @@ def study_run(study: Annotated[Path, typer.Argument(help="Study YAML file.")], o
 def runs(
     root: Annotated[Path, typer.Argument(help="Folder of runs.")] = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="Only runs whose name matches (e.g. 'lora-*').")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only runs with this status (running, completed, failed, ...).")
+    ] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Only runs whose base model id contains this.")] = None,
 ) -> None:
     """List runs, newest first."""
     from tunelab.runs import list_runs
 
-    rows = list_runs(root)
+    rows = list_runs(root, name=name, status=status, base=base)
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
         from tunelab.report.terminal import print_runs
 
         print_runs(rows)
+
+
+@app.command()
+def show(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """One run's summary: what trained, on what, how it went, and its loss curve."""
+    from tunelab.runs import read_manifest, read_metrics
+
+    manifest = read_manifest(run)
+    if as_json:
+        print(manifest.model_dump_json(indent=2))
+        return
+    from tunelab.report.terminal import print_show
+
+    print_show(run, manifest, read_metrics(run))
 
 
 @app.command()

@@ -468,8 +468,22 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def list_runs(root: Path) -> list[dict]:
-    """Summaries of every run under `root` (studies nest one level deeper), newest first."""
+def list_runs(root: Path, name: str | None = None, status: str | None = None, base: str | None = None) -> list[dict]:
+    """Summaries of every run under `root` (studies nest one level deeper), newest first; `name` (a shell
+    pattern), `status` and `base` (part of the base model's id) keep only the runs that match."""
+    import fnmatch
+
+    rows = [
+        r
+        for r in _summaries(root)
+        if (name is None or fnmatch.fnmatchcase(r["name"] or "", name))
+        and (status is None or r["status"] == status)
+        and (base is None or base in (r.get("base") or ""))
+    ]
+    return sorted(rows, key=lambda r: r["created_at"] or "", reverse=True)
+
+
+def _summaries(root: Path) -> list[dict]:
     rows = []
     for manifest_path in sorted(Path(root).glob("**/manifest.json")):
         run_dir = manifest_path.parent
@@ -487,6 +501,7 @@ def list_runs(root: Path) -> list[dict]:
                 "status": m.status,
                 "method": m.method,
                 "scope": m.scope,
+                "base": m.base_model.id if m.base_model else None,
                 "quantization": m.quantization.describe if m.quantization else None,
                 "target_modules": m.target_modules,
                 "layers": m.layers,
@@ -497,4 +512,4 @@ def list_runs(root: Path) -> list[dict]:
                 "created_at": m.created_at,
             }
         )
-    return sorted(rows, key=lambda r: r["created_at"] or "", reverse=True)
+    return rows

@@ -250,3 +250,55 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
         # Text, not markup: names and paths come from disk and must print as they are.
         table.add_row(*(Text(str(x) if x is not None else "-") for x in cells))
     console.print(table)
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """Values as a line of block characters, lowest to highest; long series are averaged into `width` cells."""
+    if not values:
+        return ""
+    step = max(1, -(-len(values) // width))
+    cells = [sum(values[i : i + step]) / len(values[i : i + step]) for i in range(0, len(values), step)]
+    low, high = min(cells), max(cells)
+    span = (high - low) or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - low) / span * len(SPARKS)))] for v in cells)
+
+
+def print_show(run_dir, manifest: Manifest, metrics: list[dict], console: Console | None = None) -> None:
+    console = console or _console()
+    m = manifest
+    base = m.base_model.id if m.base_model else "-"
+    quantized = f" on {m.quantization.describe}" if m.quantization else ""
+    console.print(Text(f"{m.name}  {m.status}  {m.method} · {m.scope}{quantized} · {base}"))
+    console.print(Text(f"folder {run_dir}; created {m.created_at}; ended {m.ended_at or '-'}"))
+    if m.error:
+        console.print(Text(f"error: {m.error}"), style="red")
+    if m.trainable_params is not None:
+        where = f"; modules {','.join(m.target_modules)}" if m.target_modules else ""
+        console.print(
+            f"trainable {m.trainable_params:,} of {m.total_params:,} ({m.trainable_percent:.4f}%); "
+            f"layers {ranges(m.layers or [])}{where}"
+        )
+    if m.estimated_memory_bytes is not None:
+        peak = f"; measured peak {human_bytes(m.peak_memory_bytes)}" if m.peak_memory_bytes else ""
+        console.print(
+            f"{m.device} {m.dtype}; plan's memory estimate {human_bytes(m.estimated_memory_bytes)}{peak}; "
+            f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}"
+        )
+    if m.data is not None:
+        console.print(Text(f"data {m.data.format}: {m.data.train_examples} train, {m.data.eval_examples} eval"))
+    if m.global_steps is not None:
+        seconds = f" in {m.train_seconds} s" if m.train_seconds is not None else ""
+        console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
+    if m.base_eval_loss is not None and m.final_eval_loss is not None:
+        console.print(f"eval loss {m.base_eval_loss:.4f} -> {m.final_eval_loss:.4f}")
+    if m.preference_accuracy_after is not None:
+        console.print(f"preference accuracy {m.preference_accuracy_before} -> {m.preference_accuracy_after}")
+    train_losses = [r["loss"] for r in metrics if "loss" in r]
+    if train_losses:
+        console.print(
+            f"train loss {sparkline(train_losses)} {train_losses[0]:.4f} -> {train_losses[-1]:.4f} "
+            f"({len(train_losses)} logged)"
+        )

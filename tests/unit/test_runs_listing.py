@@ -1,0 +1,68 @@
+"""`tunelab runs` filters and `tunelab show`, on run folders written as tunelab writes them."""
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_cli
+from tunelab.runs import BaseModelRecord, Manifest, list_runs, write_manifest
+
+
+def make_run(root: Path, name: str, status: str, base: str, created: str, losses: list[float] = ()) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    manifest = Manifest(
+        name=name,
+        status=status,
+        method="sft",
+        scope="lora",
+        created_at=created,
+        base_model=BaseModelRecord(id=base, fingerprint="f"),
+        trainable_params=10,
+        total_params=1000,
+        trainable_percent=1.0,
+        layers=[0, 1, 2],
+        target_modules=["q_proj", "v_proj"],
+        global_steps=len(losses),
+        base_eval_loss=3.0 if losses else None,
+        final_eval_loss=1.5 if losses else None,
+        error="NonFiniteLoss: the loss became nan" if status == "failed" else None,
+    )
+    write_manifest(run, manifest)
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i + 1, "loss": x}) + "\n" for i, x in enumerate(losses))
+    )
+    return run
+
+
+def runs_folder(tmp_path: Path) -> Path:
+    make_run(tmp_path, "lora-qv", "completed", "meta-llama/Llama-3.1-8B-Instruct", "2026-12-01T10:00", [3.0, 2.0, 1.0])
+    make_run(tmp_path, "lora-all", "failed", "meta-llama/Llama-3.1-8B-Instruct", "2026-12-01T11:00", [3.0])
+    make_run(tmp_path, "partial", "completed", "builtin:tiny-chat", "2026-12-01T12:00", [2.0, 1.0])
+    return tmp_path
+
+
+def test_runs_filters_by_name_status_and_base(tmp_path: Path) -> None:
+    root = runs_folder(tmp_path)
+    names = lambda **kw: [r["name"] for r in list_runs(root, **kw)]  # noqa: E731
+    assert names() == ["partial", "lora-all", "lora-qv"]  # newest first: 12:00, 11:00, 10:00 (not by name)
+    assert names(name="lora-*") == ["lora-all", "lora-qv"]
+    assert names(status="completed") == ["partial", "lora-qv"]
+    assert names(base="Llama-3.1", status="completed") == ["lora-qv"]
+    out = run_cli("runs", str(root), "--json", "--name", "part*")
+    assert out.returncode == 0, out.stderr
+    assert [r["name"] for r in json.loads(out.stdout)] == ["partial"]
+
+
+def test_show_prints_a_runs_summary_and_curve(tmp_path: Path) -> None:
+    root = runs_folder(tmp_path)
+    out = run_cli("show", str(root / "lora-qv"))
+    assert out.returncode == 0, out.stderr
+    assert "lora-qv  completed  sft · lora · meta-llama/Llama-3.1-8B-Instruct" in out.stdout
+    assert "eval loss 3.0000 -> 1.5000" in out.stdout
+    assert "train loss █▅▁ 3.0000 -> 1.0000 (3 logged)" in out.stdout
+    failed = run_cli("show", str(root / "lora-all"))
+    assert "error: NonFiniteLoss: the loss became nan" in failed.stdout
+    as_json = json.loads(run_cli("show", str(root / "partial"), "--json").stdout)
+    assert as_json["name"] == "partial" and as_json["base_model"]["id"] == "builtin:tiny-chat"
+    missing = run_cli("show", str(root / "nope"))
+    assert missing.returncode != 0 and "not a tunelab run" in missing.stderr and "Traceback" not in missing.stderr
