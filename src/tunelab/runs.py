@@ -176,6 +176,7 @@ class Manifest(Record):
     change_check: ChangeCheck | None = None
     preference_accuracy_after: float | None = None
     peak_memory_bytes: int | None = None
+    peak_memory_measure: str | None = None  # what peak_memory_bytes counts (train.peak_memory)
     distributed: DistributedRecord | None = None
 
     @property

@@ -129,6 +129,24 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     return Record()
 
 
+def peak_memory(device: str) -> tuple[int | None, str | None]:
+    """The most memory this training held, and what was measured: on CUDA the tensors' peak (what plan
+    estimates), on CPU the process's peak resident memory (tensors plus the Python process), on MPS the Metal
+    driver's allocation at the end (PyTorch keeps no peak there)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
+    if device == "cpu":
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss if sys.platform == "darwin" else rss * 1024, "process peak RSS"
+    if device == "mps":
+        return torch.mps.driver_allocated_memory(), "mps driver allocation at the end"
+    return None, None
+
+
 def _finite(model) -> bool:
     import torch
 
@@ -486,7 +504,7 @@ def _train_in(
         tokens_seen=trainer.state.num_input_tokens_seen if trainer.args.include_num_input_tokens_seen != "no" else None,
         change_check=check,
         preference_accuracy_after=accuracy_after,
-        peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None,
+        **dict(zip(("peak_memory_bytes", "peak_memory_measure"), peak_memory(device), strict=True)),
         distributed={
             "world_size": distributed.world_size(),
             "engine": running,

@@ -105,19 +105,18 @@ def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
 
 
 def test_precomputed_reference_is_reused_by_a_second_run(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
-    from trl import DPOTrainer
-
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
-    calls = []
-    original = DPOTrainer._precompute_ref_logps
-    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda self, *a: calls.append(a[1]) or original(self, *a))
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))  # a cache of this test's own
     common = ["scope={partial: {last_blocks: 1}}", "train.max_steps=3", "train.logging_steps=1"]
     first = train(experiment("dpo", tmp_path, *common, "output.name=a"))
-    assert sorted(calls) == ["eval", "train"] and first.manifest.ref_logps_reused is False
+    cache = Path(first.manifest.ref_logps_cache)
+    files = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in cache.iterdir()}
+    assert set(files) == {"train.safetensors", "eval.safetensors"} and first.manifest.ref_logps_reused is False
     second = train(experiment("dpo", tmp_path, *common, "output.name=b", "train.learning_rate=5e-4"))
-    assert sorted(calls) == ["eval", "train"]  # nothing recomputed
-    assert second.manifest.ref_logps_reused is True
-    assert second.manifest.ref_logps_cache == first.manifest.ref_logps_cache
+    assert second.manifest.ref_logps_reused is True and Path(second.manifest.ref_logps_cache) == cache
+    assert {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in cache.iterdir()} == files  # nothing rewritten
+    # Another max_length gives other log-probs: another cache entry, computed afresh.
+    shorter = train(experiment("dpo", tmp_path, *common, "output.name=d", "train.max_length=64"))
+    assert shorter.manifest.ref_logps_reused is False and Path(shorter.manifest.ref_logps_cache) != cache
     again = train(experiment("dpo", tmp_path, *common, "output.name=c"))
     a = [r["loss"] for r in read_metrics(first.run_dir) if "loss" in r]
     c = [r["loss"] for r in read_metrics(again.run_dir) if "loss" in r]

@@ -39,7 +39,7 @@ def write_study(tmp_path: Path, lr: str = "1.0e-4") -> Path:
     return path
 
 
-def test_study_runs_skips_and_reruns_only_what_changed(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
+def test_study_runs_skips_and_reruns_only_what_changed(tmp_path: Path, tiny_model_dir) -> None:
     first, report = run_study(load_study(write_study(tmp_path)), log=lambda *_: None)
     assert [(o.name, o.status) for o in first] == [("qv", "trained"), ("partial", "trained"), ("dpo", "trained")]
     assert report is not None and report.is_file()
@@ -48,13 +48,11 @@ def test_study_runs_skips_and_reruns_only_what_changed(tmp_path: Path, tiny_mode
     dpo_manifest = json.loads((Path(first[2].run_dir) / "manifest.json").read_text())
     assert dpo_manifest["init_from"] == first[0].run_dir
 
-    trained = []
-    import tunelab.train as train_module
-
-    monkeypatch.setattr(train_module, "train", lambda exp, **kw: trained.append(exp.name) or pytest.fail("trained"))
+    # Skipped means untouched: every run's record and result stay byte for byte what they were.
+    records = {o.run_dir: (Path(o.run_dir) / "manifest.json").read_bytes() for o in first}
     again, _ = run_study(load_study(write_study(tmp_path)), log=lambda *_: None)
-    assert [o.status for o in again] == ["skipped"] * 3 and trained == []
-    monkeypatch.undo()
+    assert [o.status for o in again] == ["skipped"] * 3
+    assert {o.run_dir: (Path(o.run_dir) / "manifest.json").read_bytes() for o in again} == records
 
     changed, _ = run_study(load_study(write_study(tmp_path, lr="2.0e-4")), log=lambda *_: None)
     assert [(o.name, o.status) for o in changed] == [("qv", "skipped"), ("partial", "trained"), ("dpo", "skipped")]

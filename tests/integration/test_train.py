@@ -1,6 +1,7 @@
 """Real SFT runs on the built-in model: what changes, what is saved, what repeats."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,9 @@ def test_quickstart_learns_and_records_base_loss(tmp_path: Path, tiny_model_dir)
     assert m.base_model.fingerprint and m.chat_template_hash
     assert m.data.hashes and m.versions["trl"] and m.device == "cpu" and m.seed == 42
     assert m.started_at <= m.ended_at
+    # On CPU the peak is the process's resident memory: more than the weights it held, less than the machine.
+    assert m.peak_memory_measure == "process peak RSS"
+    assert m.estimated_memory_bytes < m.peak_memory_bytes < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rows = read_metrics(result.run_dir)
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_s"} <= set(rows[-3]) | set(rows[-2])
     assert any("eval_loss" in r for r in rows)

@@ -282,7 +282,11 @@ def print_show(run_dir, manifest: Manifest, metrics: list[dict], console: Consol
             f"layers {ranges(m.layers or [])}{where}"
         )
     if m.estimated_memory_bytes is not None:
-        peak = f"; measured peak {human_bytes(m.peak_memory_bytes)}" if m.peak_memory_bytes else ""
+        peak = (
+            f"; measured peak {human_bytes(m.peak_memory_bytes)} ({m.peak_memory_measure})"
+            if m.peak_memory_bytes
+            else ""
+        )
         console.print(
             f"{m.device} {m.dtype}; plan's memory estimate {human_bytes(m.estimated_memory_bytes)}{peak}; "
             f"gradient checkpointing {'on' if m.gradient_checkpointing else 'off'}"
