@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.distributed import trained_digest
-from tunelab.runs import read_metrics
+from tunelab.runs import read_manifest, read_metrics
 from tunelab.scopes import load_trained
 from tunelab.train import train
 
@@ -40,7 +40,7 @@ def torchrun_run(tmp_path_factory, tiny_model_dir) -> Path:
 
 def test_two_process_training_keeps_ranks_identical(torchrun_run: Path) -> None:
     tmp_path = torchrun_run
-    manifest = json.loads((tmp_path / "lora-qv" / "manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "lora-qv")
     assert manifest.status == "completed"
     assert manifest.distributed.engine == "MULTI_CPU"
     digests = manifest.distributed.rank_digests

@@ -1,6 +1,5 @@
 """Real SFT runs on the built-in model: what changes, what is saved, what repeats."""
 
-import json
 import os
 from pathlib import Path
 
@@ -32,8 +31,8 @@ def test_seed_example_trains_exactly_the_planned_tensors(example: str, tmp_path:
     assert m.status == "completed"
     assert m.trainable_params == plan.scope.trainable_params
     check = m.change_check
-    assert check["ok"] and check["frozen_changed"] == [] and check["trainable_unchanged"] == []
-    assert check["trainable_changed"] == len(plan.scope.trainable_names)
+    assert check.ok and check.frozen_changed == [] and check.trainable_unchanged == []
+    assert check.trainable_changed == len(plan.scope.trainable_names)
     saved = trained_tensors(result.run_dir)
     assert sum(t.numel() for t in saved.values()) == plan.scope.trainable_params
     if exp.scope.kind == "partial":
@@ -228,7 +227,7 @@ def test_nan_loss_stops_and_marks_run_failed(tmp_path: Path, tiny_model_dir) -> 
     )
     with pytest.raises(TunelabError, match="the loss became"):
         train(exp)
-    manifest = json.loads((tmp_path / "runs" / "quickstart" / "manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "runs" / "quickstart")
     assert manifest.status == "failed" and "the loss became" in manifest.error
 
 
