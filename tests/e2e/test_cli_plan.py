@@ -104,3 +104,24 @@ def test_debug_shows_traceback(tmp_path: Path) -> None:
     exp = write_experiment(tmp_path, "name: t\nmodel: {id: x}\n")
     out = run_cli("--debug", "plan", str(exp))
     assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_plan_8b_qlora_prints_the_memory_table_in_seconds(tmp_path: Path) -> None:
+    exp = write_experiment(
+        tmp_path,
+        f"""\
+name: q8b
+model: {{id: {CONFIGS}/llama-3.1-8b-instruct, dtype: bfloat16, quantization: {{bits: 4}}}}
+data: {{train: {DATA}/sft_train.jsonl}}
+scope: {{lora: {{r: 16, alpha: 32, targets: all-linear}}}}
+train: {{batch_size: 1, max_length: 32, gradient_checkpointing: "off"}}
+""",
+    )
+    start = time.perf_counter()
+    out = run_cli("plan", str(exp))
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 0, out.stderr
+    assert "weights (4-bit nf4 double-quant base)" in out.stdout and "7.4 GiB" in out.stdout
+    assert "quantized 4-bit nf4 double-quant: 6,979,321,856 parameters" in out.stdout
+    assert "trainable 41,943,040 of 8,072,204,288 parameters" in out.stdout  # unpacked counts
+    assert elapsed < 30  # seconds, with no weights
