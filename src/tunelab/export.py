@@ -32,40 +32,6 @@ def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> No
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def verify_adapter(folder: Path) -> None:
-    """Check an adapter folder before shipping it: its weights file reads whole, and every LoRA pair is there
-    with the rank its config gives."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
-    if not (weights.is_file() and config.is_file()):
-        raise TunelabError(f"{folder}: the adapter is incomplete (no adapter_model.safetensors or adapter_config.json)")
-    r = json.loads(config.read_text()).get("r")
-    try:
-        with safe_open(str(weights), "pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except (SafetensorError, OSError, ValueError) as e:
-        raise TunelabError(f"{weights}: unreadable ({e}); the adapter is damaged, retrain or restore it") from e
-    a_names = [n for n in tensors if ".lora_A." in n]
-    if not a_names:
-        raise TunelabError(f"{weights}: holds no LoRA weights; the adapter is damaged")
-    for a in a_names:
-        b = a.replace(".lora_A.", ".lora_B.")
-        if b not in tensors:
-            raise TunelabError(f"{weights}: {a} has no {b}; the adapter is damaged")
-        rank = tensors[a].shape[0]
-        if r and rank % r and r % rank:  # fused experts may carry a multiple of r (PEFT's rank_pattern)
-            raise TunelabError(f"{weights}: {a} has rank {rank}, the config says {r}; the adapter is damaged")
-
-
-def save_model(model, run_dir: Path, out: Path) -> None:
-    """A trained model as a Transformers folder (safetensors) that stops at the run's turn terminator."""
-    stop_at_terminator(model, run_dir / TOKENIZER, read_manifest(run_dir).terminator)
-    model.save_pretrained(out)
-
-
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
     from tunelab.scopes import run_scope
 
@@ -77,8 +43,11 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         raise TunelabError(f"{out}: exists and is not empty; choose another --out")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    kind, base = run_scope(run_dir, device="cpu")
-    written = kind.export(run_dir, tmp, merge, base)
+    kind, base = run_scope(run_dir, manifest, device="cpu")
+    model, written = kind.export(run_dir, tmp, merge, base)
+    if model is not None:
+        stop_at_terminator(model, run_dir / TOKENIZER, manifest.terminator)
+        model.save_pretrained(tmp)  # safetensors
     for item in (run_dir / TOKENIZER).iterdir():
         shutil.copy2(item, tmp / item.name)
     write_json(

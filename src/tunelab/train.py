@@ -438,7 +438,7 @@ def _train_in(
     run.update(
         **provenance.model_dump(),
         device=device,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=dtype_name,
         gradient_checkpointing=memory.gradient_checkpointing,
         batching=asdict(batching(exp.train, exp.method)),
         trainable_params=resolved.trainable_params,
@@ -491,6 +491,7 @@ def _train_in(
     after = _digests({n: state[n] for n in before if n in state})
     check = _change_check(before, after, resolved.trainable_names, trainer.state.global_step)
     train_losses = [r["loss"] for r in read_metrics(run.dir) if "loss" in r]
+    peak, measure = peak_memory(device)
     run.update(
         status="completed",
         ended_at=now(),
@@ -504,7 +505,8 @@ def _train_in(
         tokens_seen=trainer.state.num_input_tokens_seen if trainer.args.include_num_input_tokens_seen != "no" else None,
         change_check=check,
         preference_accuracy_after=accuracy_after,
-        **dict(zip(("peak_memory_bytes", "peak_memory_measure"), peak_memory(device), strict=True)),
+        peak_memory_bytes=peak,
+        peak_memory_measure=measure,
         distributed={
             "world_size": distributed.world_size(),
             "engine": running,

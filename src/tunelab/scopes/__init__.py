@@ -18,6 +18,7 @@ from tunelab.scopes.partial import Partial
 if TYPE_CHECKING:
     from torch import nn
 
+    from tunelab.runs import Manifest
     from tunelab.scope import ResolvedScope
 
 REGISTRY: dict[str, ScopeKind] = {kind.name: kind for kind in (Lora(), Partial(), Full())}
@@ -56,21 +57,24 @@ def numel(parameter) -> int:
     return state.shape.numel() if state is not None else parameter.numel()
 
 
-def run_scope(run_dir: Path, device: str | None = None) -> tuple[ScopeKind, BaseLoader]:
-    """A completed run's scope kind and how to load its base: the run's own model settings and dtype, on `device`
-    (by default the one the run's settings pick here)."""
+def run_scope(run_dir: Path, manifest: Manifest, device: str | None = None) -> tuple[ScopeKind, BaseLoader]:
+    """A run's scope kind (from its manifest) and how to load its base: the run's own model settings and dtype,
+    on `device` (by default the one the run's settings pick here)."""
     from tunelab.models import pick_device, pick_dtype
-    from tunelab.runs import load_run_experiment, read_manifest
+    from tunelab.runs import load_run_experiment
 
-    manifest = read_manifest(run_dir)
-    if manifest.status != "completed":
-        raise TunelabError(f"{run_dir}: run is {manifest.status}, not completed")
     exp = load_run_experiment(run_dir)
     device = device or pick_device(exp.model.device)
-    return get_scope(exp.scope.kind), BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
+    return get_scope(manifest.scope), BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     """The trained model of a completed run: base + adapter, base + trained tensors, or the full weights."""
-    kind, base = run_scope(Path(run_dir), device)
-    return kind.trained(Path(run_dir), base)
+    from tunelab.runs import read_manifest
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    if manifest.status != "completed":
+        raise TunelabError(f"{run_dir}: run is {manifest.status}, not completed")
+    kind, base = run_scope(run_dir, manifest, device)
+    return kind.trained(run_dir, base)

@@ -73,9 +73,7 @@ class ScopeKind:
         """The scope in a comparison's table."""
         return self.name
 
-    def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> str:
-        """Write the run as a folder plain Transformers (or PEFT) loads; returns what was written."""
-        from tunelab.export import save_model
-
-        save_model(self.trained(run_dir, base), run_dir, out)
-        return self.name
+    def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> tuple[nn.Module | None, str]:
+        """What `tunelab export` writes: the model it saves as a Transformers folder (None where the kind wrote
+        `out` itself, as a LoRA adapter does) and what that is."""
+        return self.trained(run_dir, base), self.name

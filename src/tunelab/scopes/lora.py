@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Scope
+from tunelab.errors import TunelabError
 from tunelab.runs import ADAPTER
 from tunelab.scopes.base import BaseLoader, ScopeKind
 
@@ -84,9 +85,7 @@ class Lora(ScopeKind):
     def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
         return f"lora r{scope.lora.r} {','.join(target_modules)} layers {layers}"
 
-    def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> str:
-        from tunelab.export import save_model, verify_adapter
-
+    def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> tuple[nn.Module | None, str]:
         verify_adapter(run_dir / ADAPTER)
         if merge:
             from peft import PeftModel
@@ -96,8 +95,34 @@ class Lora(ScopeKind):
                 # The adapter learned against the quantized weights: merge it into their dequantized values (in the
                 # compute dtype), which is the model that trained, not into the original full-precision weights.
                 model = model.dequantize()
-            merged = PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload()
-            save_model(merged, run_dir, out)
-            return "merged"
+            return PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload(), "merged"
         shutil.copytree(run_dir / ADAPTER, out)
-        return "adapter"
+        return None, "adapter"
+
+
+def verify_adapter(folder: Path) -> None:
+    """Check an adapter folder before shipping it: its weights file reads whole, and every LoRA pair is there
+    with the rank its config gives."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+    if not (weights.is_file() and config.is_file()):
+        raise TunelabError(f"{folder}: the adapter is incomplete (no adapter_model.safetensors or adapter_config.json)")
+    r = json.loads(config.read_text()).get("r")
+    try:
+        with safe_open(str(weights), "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise TunelabError(f"{weights}: unreadable ({e}); the adapter is damaged, retrain or restore it") from e
+    a_names = [n for n in tensors if ".lora_A." in n]
+    if not a_names:
+        raise TunelabError(f"{weights}: holds no LoRA weights; the adapter is damaged")
+    for a in a_names:
+        b = a.replace(".lora_A.", ".lora_B.")
+        if b not in tensors:
+            raise TunelabError(f"{weights}: {a} has no {b}; the adapter is damaged")
+        rank = tensors[a].shape[0]
+        if r and rank % r and r % rank:  # fused experts may carry a multiple of r (PEFT's rank_pattern)
+            raise TunelabError(f"{weights}: {a} has rank {rank}, the config says {r}; the adapter is damaged")
