@@ -1,10 +1,20 @@
-"""Shared fixtures. The built-in model is built once per machine into .tunelab-cache/ (about 45 s)."""
+"""Shared fixtures, and the test run's hermetic environment.
+
+Every test run is offline (the Hugging Face libraries' offline switches, and no socket may leave this machine) and
+has a cache of its own: `$TUNELAB_HOME` is a fresh folder per run, so no test reads reference log-probs or weight
+digests an earlier run computed. Only the built-in models are shared between runs (built once per machine into
+.tunelab-cache/models, about 45 s): they are inputs, the same bytes every time. Commands run from a scratch working
+directory, so a test that forgets `output.dir` cannot write into the repository's runs/."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +27,37 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 DATA = EXAMPLES / "data"
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
-os.environ.setdefault("TUNELAB_HOME", str(REPO / ".tunelab-cache"))
+SCRATCH = Path(tempfile.mkdtemp(prefix="tunelab-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # rmtree removes the models/ link, not the models
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def _hermetic_home() -> Path:
+    """A fresh TUNELAB_HOME whose models/ is the machine's shared built-in model cache."""
+    shared = REPO / ".tunelab-cache" / "models"
+    shared.mkdir(parents=True, exist_ok=True)
+    home = SCRATCH / "home"
+    home.mkdir()
+    (home / "models").symlink_to(shared, target_is_directory=True)
+    return home
+
+
+os.environ.update(OFFLINE)
+os.environ["TUNELAB_HOME"] = str(_hermetic_home())
+(SCRATCH / "cwd").mkdir()
+_connect = socket.socket.connect
+
+
+def _local_only(self: socket.socket, address) -> None:
+    """Tests reach no network: loopback (the distributed tests' rendezvous) and Unix sockets only."""
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        if host not in ("localhost", "::1") and not host.startswith("127."):
+            raise OSError(f"tests are offline: a connection to {address} was attempted")
+    _connect(self, address)
+
+
+socket.socket.connect = _local_only  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +75,7 @@ def run_cli(
         [sys.executable, "-m", "tunelab", *args],
         capture_output=True,
         text=True,
-        cwd=cwd or REPO,
+        cwd=cwd or SCRATCH / "cwd",
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
@@ -47,9 +87,24 @@ def straight_and_killed(example: str, kill_after: int, out: Path, *args: str) ->
     command = ["train", str(EXAMPLES / f"{example}.yaml"), "--set", f"output.dir={out}", *args]
     straight = run_cli(*command, "--name", "straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    # tunelab's test hook: the process kills itself, as a crash would, right after that checkpoint
-    killed = run_cli(*command, "--name", "crashed", env={"TUNELAB_TEST_SIGKILL_AFTER_SAVE": str(kill_after)})
+    nproc = 1
+    if "--nproc" in args:  # the crash helper runs under torchrun itself
+        at = args.index("--nproc")
+        nproc, args = int(args[at + 1]), (*args[:at], *args[at + 2 :])
+    plain = [str(EXAMPLES / f"{example}.yaml"), "--set", f"output.dir={out}", *args, "--name", "crashed"]
+    killed = crash_after_save(kill_after, *plain, nproc=nproc)
     return [*command, "--name", "crashed"], killed.returncode
+
+
+def crash_after_save(step: int, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run `tunelab train <args>` in a fresh process (or `nproc` under torchrun) that SIGKILLs itself right after
+    checkpoint `step`, as a crash would: tests/crash_after_save.py adds that callback through train's public
+    `callbacks` seam."""
+    script = [str(Path(__file__).parent / "crash_after_save.py"), str(step), *args]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return subprocess.run(
+        [sys.executable, *launcher, *script], capture_output=True, text=True, cwd=SCRATCH / "cwd", timeout=600
+    )
 
 
 def resume_matches_straight(example: str, out: Path, *args: str) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -115,12 +113,6 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                 control.should_save = False
                 control.should_training_stop = True
                 self.bad = "the trained weights became non-finite"
-
-        def on_save(self, args, state, control, **kw):
-            # A test hook: die hard right after a checkpoint, as a crash would.
-            kill_at = os.environ.get("TUNELAB_TEST_SIGKILL_AFTER_SAVE")
-            if kill_at and state.global_step >= int(kill_at):
-                os.kill(os.getpid(), signal.SIGKILL)
 
         def on_train_end(self, args, state, control, **kw):
             if on_tty:
