@@ -29,7 +29,13 @@ DATA = EXAMPLES / "data"
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 SCRATCH = Path(tempfile.mkdtemp(prefix="tunelab-tests-"))
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)  # rmtree removes the models/ link, not the models
-OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"}
+OFFLINE = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "TRACKIO_DIR": str(SCRATCH / "trackio"),  # Trackio's local store, read when trackio is imported
+}
 
 
 def _hermetic_home() -> Path:

@@ -191,7 +191,7 @@ def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | Non
         else:
             log(f"[{name}] {'resuming' if status else 'training'} -> {run_dir}")
             try:
-                train(exp, resume=status is not None)
+                train(exp, resume=status is not None, group=study.spec.name)
                 outcome.status = "resumed" if status else "trained"
             except TunelabError as e:
                 outcome.status, outcome.error = "failed", str(e)

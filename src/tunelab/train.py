@@ -264,15 +264,17 @@ def train(
     force: bool = False,
     callbacks: list[TrainerCallback] | None = None,
     inputs: Inputs | None = None,
+    group: str | None = None,
 ) -> TrainResult:
     """Run one experiment into its run directory. `force` resumes even where the inputs changed; `callbacks`
     (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run;
-    `inputs`: the experiment's data, tokenizer and configs when read already (by `plan`), not read again."""
+    `inputs`: the experiment's data, tokenizer and configs when read already (by `plan`), not read again;
+    `group`: what the trackers group this run under (a study's name; by default the experiment's name)."""
     from tunelab.inputs import read_inputs
-    from tunelab.methods.common import check_trackers
     from tunelab.models import fingerprint, model_path, pick_device
     from tunelab.plan import check_rhythm
     from tunelab.templates import template_hash
+    from tunelab.trackers import check_trackers
 
     if inputs is None or not inputs.complete:
         inputs = read_inputs(exp, training=True, engine=inputs.engine if inputs else None)
@@ -305,7 +307,7 @@ def train(
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
-        result = _train_in(run, inputs, init_from, provenance, callbacks or [])
+        result = _train_in(run, inputs, init_from, provenance, callbacks or [], group or exp.name)
         distributed.finish()
         return result
     except (KeyboardInterrupt, Terminated) as e:
@@ -408,10 +410,16 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
 
 
 def _train_in(
-    run: Run, inputs: Inputs, init_from: Path | None, provenance: Provenance, callbacks: list[TrainerCallback]
+    run: Run,
+    inputs: Inputs,
+    init_from: Path | None,
+    provenance: Provenance,
+    callbacks: list[TrainerCallback],
+    group: str,
 ) -> TrainResult:
     import torch
 
+    from tunelab import trackers
     from tunelab.methods.common import Hardware, batching
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
@@ -445,26 +453,35 @@ def _train_in(
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
     hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
     recorder = _recorder(run, sys.stdout.isatty())
-    trainer = _build_trainer(exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks])
-    running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
-    distributed.check_launch(trainer.args.world_size, engine, running)
-    checkpoint = last_checkpoint(run.dir) if run.resuming else None
-    if checkpoint is not None and run.writable:
-        print(f"resuming from {checkpoint.name}{_drop_incomplete(run, checkpoint)}", flush=True)
-    # The untrained eval loss, measured inside train() (after the model is wrapped for DDP/FSDP) on a fresh run.
-    trainer.args.eval_on_start = bool(splits.eval) and checkpoint is None
-    if checkpoint is None:
-        run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
-    else:
-        _trim_metrics(run, checkpoint_step(checkpoint))
-    started = time.perf_counter()
-    if checkpoint is not None and _finished(checkpoint):
-        _load_finished(trainer, checkpoint)
-        runtime = None  # nothing trained in this process
-    else:
-        runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
-            "train_runtime"
-        )
+    report_to = exp.train.report_to
+    if report_to:
+        facts = {"config_hash": exp.config_hash(), "run_name": run.dir.name, "base_model": exp.model.id}
+        facts |= {"trainable_params": resolved.trainable_params, "total_params": resolved.total_params}
+        facts["estimated_memory_bytes"] = memory.total_bytes
+        params = trackers.run_params(exp.model_dump(mode="json"), facts)
+        callbacks = [*callbacks, trackers.TrackerRecord(report_to, run.dir, params)]
+    with trackers.environment(report_to, run.dir, group):
+        trainer = _build_trainer(exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks])
+        trainer.args.run_name, trainer.args.project = run.dir.name, group  # the trackers' run and project names
+        running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
+        distributed.check_launch(trainer.args.world_size, engine, running)
+        checkpoint = last_checkpoint(run.dir) if run.resuming else None
+        if checkpoint is not None and run.writable:
+            print(f"resuming from {checkpoint.name}{_drop_incomplete(run, checkpoint)}", flush=True)
+        # The untrained eval loss, measured inside train() (after the model is wrapped for DDP/FSDP) on a fresh run.
+        trainer.args.eval_on_start = bool(splits.eval) and checkpoint is None
+        if checkpoint is None:
+            run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
+        else:
+            _trim_metrics(run, checkpoint_step(checkpoint))
+        started = time.perf_counter()
+        if checkpoint is not None and _finished(checkpoint):
+            _load_finished(trainer, checkpoint)
+            runtime = None  # nothing trained in this process
+        else:
+            runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
+                "train_runtime"
+            )
     if recorder.bad is not None:
         raise NonFiniteLoss(
             f"training stopped: {recorder.bad} at step "

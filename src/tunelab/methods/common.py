@@ -94,27 +94,6 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
     )
 
 
-# The package each tracker needs (the first one found is enough).
-TRACKER_PACKAGES = {
-    "tensorboard": ("tensorboard", "tensorboardX"),
-    "azure_ml": ("azureml",),
-    "flyte": ("flytekit",),
-    "kubeflow": ("kubeflow",),
-}
-
-
-def check_trackers(report_to: list[str]) -> None:
-    """Refuse, before any run starts, a tracker whose package is not installed (Transformers fails mid-setup)."""
-    import importlib.util
-
-    from tunelab.errors import ConfigError
-
-    for tracker in report_to:
-        packages = TRACKER_PACKAGES.get(tracker, (tracker,))
-        if not any(importlib.util.find_spec(p) for p in packages):
-            raise ConfigError(f"train.report_to: {tracker} needs the {packages[0]} package; pip install {packages[0]}")
-
-
 def trl_config(config_class, **kwargs):
     """A TRL config; a setting TRL or Transformers refuses (an unknown optimizer, tracker or loss type) becomes
     one line with their own message, which lists the valid values."""
