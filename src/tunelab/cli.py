@@ -174,6 +174,44 @@ def compare(
     print(f"report: {paths['html']}")
 
 
+@app.command("eval")
+def eval_(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories that share a base model.")],
+    tasks: Annotated[str, typer.Option("--tasks", help="lm-eval task names, comma-separated.")],
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAML files.")
+    ] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", help="Few-shot examples.", min=0)] = None,
+    limit: Annotated[
+        float | None, typer.Option("--limit", help="Documents per task (a fraction if below 1).", min=0)
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Requests per forward pass.", min=1)] = 16,
+    chat_template: Annotated[
+        bool, typer.Option("--chat-template", help="Wrap prompts in the run's chat template.")
+    ] = False,
+    base: Annotated[bool, typer.Option("--base/--no-base", help="Evaluate the untrained base too.")] = True,
+    mixed_quantization: Annotated[
+        bool, typer.Option("--mixed-quantization", help="Runs of differently quantized bases on the first run's.")
+    ] = False,
+) -> None:
+    """Benchmarks through lm-evaluation-harness: the base and each run on the same tasks, stored in each run."""
+    from tunelab.lmeval import EvalSettings, evaluate_runs
+    from tunelab.report.terminal import print_scores
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise TunelabError("--tasks: give at least one lm-eval task name")
+    settings = EvalSettings(
+        tasks=names,
+        include_path=str(include_path) if include_path else None,
+        num_fewshot=num_fewshot,
+        limit=int(limit) if limit is not None and limit >= 1 else limit,
+        batch_size=batch_size,
+        chat_template=chat_template,
+    )
+    print_scores(evaluate_runs(runs, settings, include_base=base, mixed_quantization=mixed_quantization))
+
+
 study_app = typer.Typer(help="Studies: a ladder of variants of one experiment.", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment
 from tunelab.errors import TunelabError
-from tunelab.runs import TOKENIZER, Manifest, load_run_experiment, read_manifest, read_metrics
+from tunelab.runs import TOKENIZER, Manifest, lm_eval_scores, load_run_experiment, read_manifest, read_metrics
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -136,30 +136,36 @@ def check_output(prompt: Prompt, output: str) -> list[Check]:
     return checks
 
 
-def _load_runs(run_dirs: list[Path], mixed_quantization: bool = False) -> list[tuple[Path, Manifest]]:
+LM_EVAL_PREFIX = "lm_eval:"  # numbers from a run's stored lm-eval scores (`tunelab eval`)
+
+
+def load_runs(
+    run_dirs: list[Path], mixed_quantization: bool = False, command: str = "compare"
+) -> list[tuple[Path, Manifest]]:
+    """Completed runs of one base (and one quantization unless mixed_quantization), with distinct names."""
     runs = []
     for run_dir in run_dirs:
         manifest = read_manifest(run_dir)
         if manifest.status != "completed":
-            raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be compared")
+            raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be used by {command}")
         runs.append((Path(run_dir), manifest))
     if any(m.base_model is None for _, m in runs):
         raise TunelabError(
-            f"compare: {next(d for d, m in runs if m.base_model is None)}: its manifest names no base model"
+            f"{command}: {next(d for d, m in runs if m.base_model is None)}: its manifest names no base model"
         )
     fingerprints = {m.base_model.fingerprint for _, m in runs}
     if len(fingerprints) > 1:
         listing = ", ".join(f"{d.name}: {m.base_model.id} ({m.base_model.fingerprint})" for d, m in runs)
-        raise TunelabError(f"compare: the runs do not share a base model ({listing}); compare runs of one base")
+        raise TunelabError(f"{command}: the runs do not share a base model ({listing}); give runs of one base")
     if len({m.quantized for _, m in runs}) > 1 and not mixed_quantization:
         listing = ", ".join(f"{m.name}: {m.quantized}" for _, m in runs)
         raise TunelabError(
-            f"compare: the runs were trained on differently quantized bases ({listing}); compare each group on its "
+            f"{command}: the runs were trained on differently quantized bases ({listing}); give each group on its "
             f"own, or pass --mixed-quantization to run all of them on the first run's base ({runs[0][1].quantized})"
         )
     names = [m.name for _, m in runs]
     if len(set(names)) != len(names):
-        raise TunelabError(f"compare: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
+        raise TunelabError(f"{command}: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
     return runs
 
 
@@ -296,6 +302,8 @@ def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
         "run_eval_loss": manifest.final_eval_loss,
         "preference_accuracy": manifest.preference_accuracy_after,
     }
+    scores, _ = lm_eval_scores(run_dir)
+    numbers |= {LM_EVAL_PREFIX + k: v for k, v in scores.items()}
     return numbers, {"train": train_curve, "eval": eval_curve}
 
 
@@ -322,7 +330,7 @@ def compare(
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it)."""
-    runs = _load_runs(run_dirs, mixed_quantization)
+    runs = load_runs(run_dirs, mixed_quantization)
     if include_base and any(m.name == "base" for _, m in runs):
         raise TunelabError(
             "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
@@ -335,7 +343,8 @@ def compare(
     outputs, losses = _generate_and_score(
         exp, runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
     )
-    variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE)})] if include_base else []
+    base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
+    variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE), **base_scores})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
         variants.append(Variant(m.name, m.scope, str(d), {**numbers, "eval_loss": losses.get(m.name)}, curves))

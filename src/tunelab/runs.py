@@ -50,6 +50,34 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+LM_EVAL = "lm_eval.json"
+
+
+def read_lm_eval(run_dir: Path) -> dict[str, dict]:
+    """A run's lm-evaluation-harness results, task by task (`tunelab eval`); empty when never evaluated."""
+    path = Path(run_dir) / LM_EVAL
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"{path}: damaged ({e.msg}, line {e.lineno}); delete it and run tunelab eval again") from e
+
+
+def write_lm_eval(run_dir: Path, record: dict[str, dict]) -> None:
+    write_json(Path(run_dir) / LM_EVAL, record)
+
+
+def lm_eval_scores(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """A run's stored lm-eval scores ('task/metric' -> value), and the base's scores measured beside them."""
+    scores: dict[str, float] = {}
+    base: dict[str, float] = {}
+    for entry in read_lm_eval(run_dir).values():
+        scores |= entry["scores"]
+        base |= entry["base"] or {}
+    return scores, base
+
+
 # ---------------------------------------------------------------- the manifest: a run's typed record
 
 

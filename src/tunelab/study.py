@@ -12,12 +12,15 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunelab.config import Experiment, apply_override, read_yaml, resolve_paths, set_key, validate
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.lmeval import EvalSettings
 
 
 class VariantSpec(BaseModel):
@@ -34,12 +37,27 @@ class CompareSpec(BaseModel):
     max_new_tokens: int = Field(default=48, gt=0, description="Tokens generated per output.")
 
 
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(min_length=1, description="lm-evaluation-harness task names.")
+    include_path: str | None = Field(
+        default=None, description="A folder of your own lm-eval task YAML files (relative to this file)."
+    )
+    num_fewshot: int | None = Field(default=None, ge=0, description="Few-shot examples (default: the task's).")
+    limit: float | None = Field(default=None, gt=0, description="Documents per task (a fraction if below 1).")
+    batch_size: int = Field(default=16, gt=0, description="Requests per forward pass.")
+    chat_template: bool = Field(default=False, description="Wrap prompts in the runs' chat template.")
+
+
 class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Study name.")
     base: str | dict = Field(description="The base experiment: a path (relative to this file) or inline.")
     variants: dict[str, VariantSpec] = Field(description="Named variants, each a set of overrides.")
     compare: CompareSpec = Field(default_factory=CompareSpec, description="The comparison written at the end.")
+    eval: EvalSpec | None = Field(
+        default=None, description="Benchmarks (lm-evaluation-harness) on the base and every variant, then compared."
+    )
     output: str | None = Field(default=None, description="Folder of the study's runs; default runs/<name>.")
 
 
@@ -201,9 +219,49 @@ def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | Non
                 log(f"[{name}] failed: {outcome.error}")
         outcomes[name] = outcome
     done = [o for o in outcomes.values() if o.status in ("skipped", "trained", "resumed")]
-    report = _previous_report(study, done) or _compare_study(study, done, log)
+    evaluated = _evaluate_study(study, done, log)
+    report = (None if evaluated else _previous_report(study, done)) or _compare_study(study, done, log)
     _write_index(study, list(outcomes.values()), report)
     return list(outcomes.values()), report
+
+
+def eval_settings(study: Study) -> EvalSettings | None:
+    from tunelab.lmeval import EvalSettings
+
+    spec = study.spec.eval
+    if spec is None:
+        return None
+    include = str((study.path.parent / spec.include_path).resolve()) if spec.include_path else None
+    limit = int(spec.limit) if spec.limit is not None and spec.limit >= 1 else spec.limit
+    fields = spec.model_dump(exclude={"include_path", "limit"})
+    return EvalSettings(**fields, include_path=include, limit=limit)
+
+
+def _evaluate_study(study: Study, done: list[VariantOutcome], log) -> bool:
+    """Run the study's benchmarks on the runs that lack them with these settings; True if any ran."""
+    from dataclasses import asdict
+
+    from tunelab.lmeval import evaluate_runs
+    from tunelab.runs import read_lm_eval
+
+    settings = eval_settings(study)
+    if settings is None or not done:
+        return False
+
+    def has(run_dir: str, task: str) -> bool:
+        stored = read_lm_eval(Path(run_dir)).get(task)
+        return stored is not None and stored["settings"] == asdict(settings) | {"tasks": [task]}
+
+    missing = [Path(o.run_dir) for o in done if not all(has(o.run_dir, t) for t in settings.tasks)]
+    if not missing:
+        return False
+    log(f"benchmarks ({', '.join(settings.tasks)}) on {len(missing)} run(s)")
+    try:
+        evaluate_runs(missing, settings, include_base=study.spec.compare.base)
+    except TunelabError as e:
+        log(f"benchmarks skipped: {e}")
+        return False
+    return True
 
 
 def _previous_report(study: Study, done: list[VariantOutcome]) -> Path | None:

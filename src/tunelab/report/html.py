@@ -10,7 +10,7 @@ import io
 import re
 from html import escape
 
-from tunelab.compare import Comparison
+from tunelab.compare import LM_EVAL_PREFIX, Comparison
 
 COLUMNS = [
     ("eval_loss", "eval loss"),
@@ -46,8 +46,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def columns(c: Comparison) -> list[tuple[str, str]]:
+    """The fixed columns, then one a stored lm-eval score (`tunelab eval`), titled 'task/metric'."""
+    scores = sorted({k for v in c.variants for k in v.numbers if k.startswith(LM_EVAL_PREFIX)})
+    return COLUMNS + [(k, k.removeprefix(LM_EVAL_PREFIX)) for k in scores]
+
+
 def summary_rows(c: Comparison) -> list[list[str]]:
-    return [[v.name, *(_fmt(v.numbers.get(key)) for key, _ in COLUMNS)] for v in c.variants]
+    return [[v.name, *(_fmt(v.numbers.get(key)) for key, _ in columns(c))] for v in c.variants]
 
 
 def loss_chart_png(c: Comparison) -> bytes | None:
@@ -79,7 +85,7 @@ def loss_chart_png(c: Comparison) -> bytes | None:
 
 
 def render_html(c: Comparison) -> str:
-    head = "".join(f"<th>{escape(title)}</th>" for _, title in COLUMNS)
+    head = "".join(f"<th>{escape(title)}</th>" for _, title in columns(c))
     rows = "".join(
         "<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(cell)}</td>" for i, cell in enumerate(row)) + "</tr>"
         for row in summary_rows(c)
@@ -134,8 +140,8 @@ def render_markdown(c: Comparison) -> str:
     lines = [
         f"# Comparison on {_md_cell(c.base_model)}",
         "",
-        "| variant | " + " | ".join(t for _, t in COLUMNS) + " |",
-        "|---" * (len(COLUMNS) + 1) + "|",
+        "| variant | " + " | ".join(_md_cell(t) for _, t in columns(c)) + " |",
+        "|---" * (len(columns(c)) + 1) + "|",
     ]
     lines += ["| " + " | ".join(_md_cell(x) for x in row) + " |" for row in summary_rows(c)]
     for p in c.prompts:

@@ -186,17 +186,32 @@ def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> No
 
 
 def print_comparison(comparison, console: Console | None = None) -> None:
-    from tunelab.report.html import COLUMNS, summary_rows
+    from tunelab.compare import LM_EVAL_PREFIX
+    from tunelab.report.html import columns, summary_rows
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
     table.add_column("variant")
     keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "expectations")
-    picked = [i for i, (_, title) in enumerate(COLUMNS) if title in keep]
+    shown = columns(comparison)
+    picked = [i for i, (key, title) in enumerate(shown) if title in keep or key.startswith(LM_EVAL_PREFIX)]
     for i in picked:
-        table.add_column(COLUMNS[i][1], justify="right")
+        table.add_column(shown[i][1], justify="right")
     for row in summary_rows(comparison):
         table.add_row(row[0], *(row[i + 1] for i in picked))
+    console.print(table)
+
+
+def print_scores(scores: dict[str, dict[str, float]], console: Console | None = None) -> None:
+    """lm-eval scores: one row a variant, one column a task's metric."""
+    console = console or _console()
+    table = Table(title="lm-evaluation-harness", title_justify="left", show_edge=False)
+    table.add_column("variant")
+    metrics = sorted({k for row in scores.values() for k in row})
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for name, row in scores.items():
+        table.add_row(name, *(f"{row[m]:.4f}" if m in row else "-" for m in metrics))
     console.print(table)
 
 

@@ -1,0 +1,176 @@
+"""Standard benchmarks through EleutherAI's lm-evaluation-harness: a base and runs on the same tasks.
+
+The base loads once and each run goes on it the way its scope kind says (an adapter attached, partial tensors
+swapped in, a full model loaded; a quantized base as trained), exactly as `compare` does; lm-eval then evaluates
+that model object (its `HFLM` takes a model instance). Scores are stored in each run (`lm_eval.json`, task by
+task, with the base's scores and the settings beside them) and appear as columns of `compare`.
+
+Tasks are lm-eval's own names, or tasks the user defines in lm-eval's YAML format in a folder (`include_path`);
+standard tasks download their data through `datasets`, so they need the network or a warm datasets cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tunelab.errors import ConfigError
+from tunelab.runs import Manifest, load_run_experiment, now, read_lm_eval, write_lm_eval
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    tasks: list[str]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: float | None = None  # lm-eval's meaning: a count of documents, or a fraction below 1
+    batch_size: int = 16
+    chat_template: bool = False  # wrap each prompt in the run's chat template (lm-eval's --apply_chat_template)
+
+
+def check_lm_eval() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("tunelab eval needs lm-evaluation-harness; pip install 'tunelab[eval]'")
+
+
+def task_manager(settings: EvalSettings):
+    """lm-eval's task index, with the user's folder of task YAML files; unknown task names are refused with the
+    closest known ones."""
+    from lm_eval.tasks import TaskManager
+
+    if settings.include_path is not None and not Path(settings.include_path).is_dir():
+        raise ConfigError(f"--include-path: {settings.include_path} is not a folder of lm-eval task YAML files")
+    manager = TaskManager(include_path=settings.include_path, verbosity="ERROR")
+    known = set(manager.all_tasks)
+    for task in settings.tasks:
+        if task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "list them with `lm-eval ls tasks`"
+            where = f" (nor in {settings.include_path})" if settings.include_path else " (add --include-path DIR)"
+            raise ConfigError(f"--tasks: '{task}' is not an lm-eval task{where}; {hint}")
+    return manager
+
+
+def evaluate_runs(
+    run_dirs: list[Path], settings: EvalSettings, include_base: bool = True, mixed_quantization: bool = False
+) -> dict[str, dict[str, float]]:
+    """Scores ('task/metric' -> value) of the base and of every run; each run's scores are saved into it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from tunelab.compare import load_runs
+    from tunelab.models import pick_device, pick_dtype
+    from tunelab.runs import TOKENIZER
+    from tunelab.scopes import BaseLoader, get_scope
+
+    check_lm_eval()
+    runs = load_runs(run_dirs, mixed_quantization, "eval")
+    manager = task_manager(settings)
+    exp = load_run_experiment(runs[0][0])
+    device = pick_device(exp.model.device)
+    base = BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
+    tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
+    model = base.load().eval()
+    kinds = {m.name: get_scope(m.scope) for _, m in runs}
+    for d, m in runs:
+        model = kinds[m.name].attach(model, d, m.name)
+    model.eval()
+    scores: dict[str, dict[str, float]] = {}
+    if include_base:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            scores[BASE] = _harness(model, tokenizer, settings, manager)
+    for d, m in runs:
+        with kinds[m.name].active(model, d, m.name, base) as variant, torch.no_grad():
+            scores[m.name] = _harness(variant, tokenizer, settings, manager)
+        _save(d, m, settings, scores[m.name], scores.get(BASE))
+    return scores
+
+
+def _harness(model, tokenizer, settings: EvalSettings, manager) -> dict[str, float]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    with _quiet():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+        result = simple_evaluate(
+            model=lm,
+            tasks=settings.tasks,
+            num_fewshot=settings.num_fewshot,
+            limit=settings.limit,
+            task_manager=manager,
+            apply_chat_template=settings.chat_template,
+            log_samples=False,
+            verbosity="ERROR",
+        )
+    return scores_of(result["results"])
+
+
+def scores_of(results: dict[str, dict]) -> dict[str, float]:
+    """lm-eval's results table -> {'task/metric': value}: numbers only, no standard errors, the default filter's
+    name dropped ('acc,none' -> 'acc')."""
+    out = {}
+    for task, row in results.items():
+        for key, value in row.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or "_stderr" in key:
+                continue
+            if key in ("sample_len", "sample_count"):
+                continue
+            metric = key.removesuffix(",none")
+            out[f"{task}/{metric}"] = float(value)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet():
+    """lm-eval draws progress bars, logs every step and runs `git describe` (which complains outside a repository):
+    all of it goes to a scratch file instead of the terminal, and is shown only if the evaluation fails."""
+    import sys
+    import tempfile
+
+    loggers = [logging.getLogger(n) for n in ("lm-eval", "lm_eval", "datasets", "evaluate")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as scratch:
+        os.dup2(scratch.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+            if failed:
+                scratch.seek(0)
+                sys.stderr.write(scratch.read().decode(errors="replace")[-4000:])
+
+
+def _save(run_dir: Path, manifest: Manifest, settings: EvalSettings, scores: dict, base: dict | None) -> None:
+    """Merge this evaluation into the run's lm_eval.json, task by task (a later evaluation of a task replaces the
+    earlier one; other tasks stay)."""
+    import lm_eval
+
+    record = read_lm_eval(run_dir)
+    for task in settings.tasks:
+        record[task] = {
+            "scores": {k: v for k, v in scores.items() if k.startswith(f"{task}/")},
+            "base": {k: v for k, v in (base or {}).items() if k.startswith(f"{task}/")} or None,
+            "settings": asdict(settings) | {"tasks": [task]},
+            "lm_eval_version": lm_eval.__version__,
+            "evaluated_at": now(),
+            "base_model": manifest.base_model.id if manifest.base_model else None,
+        }
+    write_lm_eval(run_dir, record)

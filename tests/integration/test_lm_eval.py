@@ -1,0 +1,122 @@
+"""`tunelab eval`: lm-evaluation-harness on the base and on runs, with the bundled local tiny-world task; scores
+stored in each run and shown by compare; bad tasks, folders and bases refused in one line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, EXAMPLES, run_cli
+from tunelab.runs import read_lm_eval
+
+pytestmark = pytest.mark.slow
+TASK = ["--tasks", "tinyworld_answers", "--include-path", str(EXAMPLES / "eval"), "--chat-template"]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("lm-eval")
+    done = run_cli("train", str(EXAMPLES / "quickstart.yaml"), "--set", f"output.dir={out}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "quickstart"
+
+
+def test_eval_scores_the_base_and_the_run_and_stores_them(quickstart: Path, tmp_path: Path) -> None:
+    done = run_cli("eval", str(quickstart), *TASK)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Running generate_until" not in done.stdout + done.stderr  # lm-eval's own bars stay off the terminal
+    record = read_lm_eval(quickstart)["tinyworld_answers"]
+    run, base = record["scores"], record["base"]
+    assert set(run) == set(base) == {"tinyworld_answers/exact_match", "tinyworld_answers/key_word"}
+    # 40 held-out questions: a score is a count of them
+    assert all(round(v * 40, 6).is_integer() for v in (*run.values(), *base.values()))
+    # the tuned run answers with the fact more often than the base, which continues the question as prose
+    assert run["tinyworld_answers/key_word"] > base["tinyworld_answers/key_word"]
+    assert record["settings"]["chat_template"] is True and record["lm_eval_version"]
+    row = next(line for line in done.stdout.splitlines() if line.strip().startswith("quickstart"))
+    assert f"{run['tinyworld_answers/key_word']:.4f}" in row
+
+    report = run_cli("compare", str(quickstart), "--prompts", str(DATA / "prompts.jsonl"), "--out", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-3000:]
+    variants = {v["name"]: v["numbers"] for v in json.loads((tmp_path / "report.json").read_text())["variants"]}
+    assert variants["quickstart"]["lm_eval:tinyworld_answers/key_word"] == run["tinyworld_answers/key_word"]
+    assert variants["base"]["lm_eval:tinyworld_answers/key_word"] == base["tinyworld_answers/key_word"]
+    assert "<th>tinyworld_answers/key_word</th>" in (tmp_path / "report.html").read_text()
+
+
+def test_a_second_task_joins_the_first_without_replacing_it(quickstart: Path) -> None:
+    before = read_lm_eval(quickstart).get("tinyworld_answers")
+    done = run_cli(
+        "eval", str(quickstart), "--no-base", "--tasks", "tinyworld_choice", "--include-path", str(EXAMPLES / "eval")
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = read_lm_eval(quickstart)
+    assert record.get("tinyworld_answers") == before and record["tinyworld_choice"]["base"] is None
+    assert 0.0 <= record["tinyworld_choice"]["scores"]["tinyworld_choice/acc"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--tasks", "tinyworld_answer", "--include-path", str(EXAMPLES / "eval")],
+            f"error: --tasks: 'tinyworld_answer' is not an lm-eval task (nor in {EXAMPLES / 'eval'}); did you mean "
+            "tinyworld_answers",
+        ),
+        (
+            ["--tasks", "tinyworld_answers", "--include-path", "no/such/folder"],
+            "error: --include-path: no/such/folder is not a folder",
+        ),
+        (["--tasks", " , "], "error: --tasks: give at least one lm-eval task name"),
+    ],
+)
+def test_bad_tasks_are_one_line(quickstart: Path, args: list[str], message: str) -> None:
+    before = (quickstart / "lm_eval.json").read_bytes() if (quickstart / "lm_eval.json").exists() else None
+    done = run_cli("eval", str(quickstart), *args)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(message) and done.stderr.strip().count("\n") == 0
+    after = (quickstart / "lm_eval.json").read_bytes() if (quickstart / "lm_eval.json").exists() else None
+    assert before == after
+
+
+STUDY = """\
+name: bench-mini
+base: {base}
+output: {out}
+variants:
+  qv:
+    set: {{scope.lora.targets: qv, train.max_steps: 2}}
+  qkvo:
+    set: {{scope.lora.targets: qkvo, train.max_steps: 2}}
+compare:
+  prompts: {data}/prompts.jsonl
+  max_new_tokens: 8
+eval:
+  tasks: [tinyworld_choice]
+  include_path: {tasks}
+  limit: 8
+"""
+
+
+def test_a_study_runs_its_benchmarks_once_and_reports_them(tmp_path: Path, tiny_model_dir) -> None:
+    from tunelab.study import load_study, run_study
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(
+        STUDY.format(base=EXAMPLES / "quickstart.yaml", out=tmp_path / "runs", data=DATA, tasks=EXAMPLES / "eval")
+    )
+    lines: list[str] = []
+    outcomes, report = run_study(load_study(path), log=lines.append)
+    assert [o.status for o in outcomes] == ["trained", "trained"] and report is not None
+    assert "benchmarks (tinyworld_choice) on 2 run(s)" in lines
+    variants = {v["name"]: v["numbers"] for v in json.loads((report.parent / "report.json").read_text())["variants"]}
+    assert sorted(variants) == sorted(["base", *(Path(o.run_dir).name for o in outcomes)])
+    for numbers in variants.values():
+        assert round(numbers["lm_eval:tinyworld_choice/acc"] * 8, 6).is_integer()  # 8 documents (limit)
+    stored = {o.name: (Path(o.run_dir) / "lm_eval.json").read_bytes() for o in outcomes}
+
+    lines.clear()
+    again, second = run_study(load_study(path), log=lines.append)
+    assert [o.status for o in again] == ["skipped", "skipped"] and second == report
+    assert not any(line.startswith("benchmarks") for line in lines)
+    assert {o.name: (Path(o.run_dir) / "lm_eval.json").read_bytes() for o in again} == stored
