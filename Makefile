@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench mutants clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Mutation testing (mutmut) of the modules that decide what trains and what is kept: scope, templates and the loss
+# mask, runs, config. A development tool, not part of `make test`; about an hour on 2 cores.
+mutants: install
+	$(BIN)/python -m pip install -q mutmut==3.8.1
+	rm -rf mutants
+	TUNELAB_HOME=$(CURDIR)/.tunelab-cache $(BIN)/mutmut run --max-children 2 > /dev/null || true
+	$(BIN)/python bench/mutation_score.py
+
 lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
@@ -35,4 +43,4 @@ format: install
 	$(BIN)/ruff format src tests bench
 
 clean:
-	rm -rf $(VENV) runs .tunelab-cache .pytest_cache
+	rm -rf $(VENV) runs .tunelab-cache .pytest_cache mutants

@@ -27,8 +27,16 @@ Overrides = Annotated[
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the libraries' progress bars, logs and warnings too.")
+    ] = False,
+) -> None:
+    from tunelab.console import set_verbosity
+
     STATE["debug"] = debug
+    set_verbosity(verbose)
 
 
 @app.command()
@@ -297,16 +305,7 @@ def _terminate(signum, frame) -> None:
 
 def main() -> None:
     import signal
-    import warnings
 
-    # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    # tunelab prints its own progress; the libraries' bars (loading weights, tokenizing, truncating) are noise.
-    # Set before the libraries load (the commands import them), and only where the user has not chosen.
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)

@@ -7,6 +7,7 @@ tensors changed, close the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sys
@@ -270,6 +271,7 @@ def train(
     (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run;
     `inputs`: the experiment's data, tokenizer and configs when read already (by `plan`), not read again;
     `group`: what the trackers group this run under (a study's name; by default the experiment's name)."""
+    from tunelab.console import run_log
     from tunelab.inputs import read_inputs
     from tunelab.models import fingerprint, model_path, pick_device
     from tunelab.plan import check_rhythm
@@ -307,7 +309,8 @@ def train(
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
-        result = _train_in(run, inputs, init_from, provenance, callbacks or [], group or exp.name)
+        with run_log(run.dir) if run.writable else contextlib.nullcontext():
+            result = _train_in(run, inputs, init_from, provenance, callbacks or [], group or exp.name)
         distributed.finish()
         return result
     except (KeyboardInterrupt, Terminated) as e:

@@ -1,0 +1,70 @@
+"""What reaches the terminal: tunelab's own lines; the libraries' progress bars, logs and warnings go to the run's
+train.log instead (or nowhere, outside a run), unless `tunelab --verbose`.
+
+Transformers, datasets, TRL, PEFT and accelerate each log through Python's logging (Transformers through its own
+library logger with its own stderr handler) and warn through `warnings`; the Hugging Face progress bars obey
+environment switches read when the libraries load. So the switches are set before any command imports them, and
+a run routes all of it into one file beside its manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+TRAIN_LOG = "train.log"
+STATE = {"verbose": False}
+
+
+def set_verbosity(verbose: bool) -> None:
+    """Decide, before the libraries load, whether their own output reaches the terminal."""
+    STATE["verbose"] = verbose
+    if verbose:
+        return
+    # only where the user has not chosen
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    logging.captureWarnings(True)  # warnings become records of the "py.warnings" logger ...
+    logging.getLogger("py.warnings").addHandler(logging.NullHandler())  # ... which print nowhere by default
+
+
+@contextmanager
+def run_log(run_dir: Path) -> Iterator[None]:
+    """While a run trains, every library's log records (INFO and up) and warnings are appended to
+    <run>/train.log; with --verbose they reach the terminal as well."""
+    import transformers
+
+    handler = logging.FileHandler(run_dir / TRAIN_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]  # transformers does not propagate
+    levels = [lg.level for lg in loggers]
+    verbosity = transformers.logging.get_verbosity()
+    for lg in loggers:
+        lg.addHandler(handler)
+    echo = logging.StreamHandler()  # --verbose: the other libraries' warnings on the terminal too
+    echo.setLevel(logging.WARNING)
+    if STATE["verbose"]:
+        loggers[0].addHandler(echo)
+    transformers.logging.set_verbosity_info()
+    if not STATE["verbose"]:
+        transformers.logging.disable_default_handler()
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        loggers[0].removeHandler(echo)
+        transformers.logging.set_verbosity(verbosity)
+        if not STATE["verbose"]:
+            transformers.logging.enable_default_handler()
+        handler.close()

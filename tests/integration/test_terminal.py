@@ -1,0 +1,43 @@
+"""A quiet terminal: in a pipe, tunelab's commands print their own lines only; the libraries' progress bars and logs
+go to the run's train.log, and reach the terminal only with --verbose (which proves the switch hides them)."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, EXAMPLES, run_cli
+
+pytestmark = pytest.mark.slow
+FOREIGN = ("%|", "it/s]", "[transformers]", "Loading weights", "WARNING", "Warning:")
+
+
+def foreign(text: str) -> list[str]:
+    return [marker for marker in FOREIGN if marker in text]
+
+
+def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_dir) -> None:
+    exp = [str(EXAMPLES / "quickstart.yaml"), "--set", f"output.dir={tmp_path}", "--set", "train.max_steps=2"]
+    quiet = run_cli("train", *exp, "--name", "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert quiet.stderr == "" and foreign(quiet.stdout) == []
+    assert "quiet completed in" in quiet.stdout
+    log = (tmp_path / "quiet" / "train.log").read_text()
+    assert "INFO transformers.trainer: ***** Running training *****" in log
+    assert "INFO transformers.modeling_utils: loading weights file" in log
+
+    loud = run_cli("--verbose", "train", *exp, "--name", "loud")
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "Loading weights" in loud.stderr and "[transformers] loading weights file" in loud.stderr
+
+    report = run_cli(
+        "compare", str(tmp_path / "quiet"), "--prompts", str(DATA / "prompts.jsonl"), "--out", str(tmp_path / "rep")
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert report.stderr == "" and foreign(report.stdout) == []
+
+
+def test_plan_and_study_plan_print_only_tunelabs_lines(tmp_path: Path) -> None:
+    for args in (["plan", str(EXAMPLES / "quickstart.yaml")], ["study", "plan", str(EXAMPLES / "ladder.yaml")]):
+        out = run_cli(*args)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stderr == "" and foreign(out.stdout) == [], args
