@@ -35,10 +35,10 @@ class EvalSettings:
 
 
 def check_lm_eval() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("lm_eval") is None:
-        raise ConfigError("tunelab eval needs lm-evaluation-harness; pip install 'tunelab[eval]'")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"tunelab eval needs lm-evaluation-harness ({e}); pip install 'tunelab[eval]'") from e
 
 
 def task_manager(settings: EvalSettings):

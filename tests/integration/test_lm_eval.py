@@ -120,3 +120,35 @@ def test_a_study_runs_its_benchmarks_once_and_reports_them(tmp_path: Path, tiny_
     assert [o.status for o in again] == ["skipped", "skipped"] and second == report
     assert not any(line.startswith("benchmarks") for line in lines)
     assert {o.name: (Path(o.run_dir) / "lm_eval.json").read_bytes() for o in again} == stored
+
+
+BLOCKED = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoLmEval(MetaPathFinder):  # as if lm-evaluation-harness were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "lm_eval":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, NoLmEval())
+sys.argv = ["tunelab", *sys.argv[1:]]
+from tunelab.cli import main
+
+main()
+"""
+
+
+def test_eval_without_lm_eval_installed_names_the_extra(quickstart: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", BLOCKED, "eval", str(quickstart), "--tasks", "arc_easy"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr == (
+        "error: tunelab eval needs lm-evaluation-harness (No module named 'lm_eval'); pip install 'tunelab[eval]'\n"
+    )
