@@ -76,14 +76,15 @@ def tiny_model_dir() -> Path:
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `tunelab ...` in a fresh process, as a user would; `env` adds environment variables."""
+    """Run `tunelab ...` in a fresh process, as a user would; `env` adds environment variables (None removes one)."""
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "tunelab", *args],
         capture_output=True,
         text=True,
         cwd=cwd or SCRATCH / "cwd",
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=environment,
     )
 
 

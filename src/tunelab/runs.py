@@ -310,6 +310,16 @@ class Run:
             with open(self.dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def trim_metrics(self, up_to_step: int) -> None:
+        """On resume, drop metrics logged after the checkpoint (training repeats those steps). Only the writing
+        process touches the file: another rank rewriting it at the same moment could empty it."""
+        if not self.writable:
+            return
+        kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= up_to_step]
+        tmp = self.dir / f".{METRICS}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.dir / METRICS)
+
     @property
     def checkpoints(self) -> Path:
         return self.dir / CHECKPOINTS

@@ -20,7 +20,6 @@ from tunelab import distributed
 from tunelab.config import Experiment
 from tunelab.errors import ConfigError, Terminated, TunelabError
 from tunelab.runs import (
-    METRICS,
     TOKENIZER,
     BaseModelRecord,
     DataRecord,
@@ -221,14 +220,6 @@ def _load_finished(trainer, checkpoint: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
     # The Trainer's own checkpoint loader (adapters, sharded and safetensors weights); it has no public name.
     trainer._load_from_checkpoint(str(checkpoint))  # noqa: SLF001
-
-
-def _trim_metrics(run: Run, up_to_step: int) -> None:
-    """On resume, drop metrics logged after the checkpoint; training repeats those steps."""
-    import json
-
-    kept = [r for r in read_metrics(run.dir) if r.get("step", 0) <= up_to_step]
-    (run.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
@@ -476,7 +467,7 @@ def _train_in(
         if checkpoint is None:
             run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
         else:
-            _trim_metrics(run, checkpoint_step(checkpoint))
+            run.trim_metrics(checkpoint_step(checkpoint))
         started = time.perf_counter()
         if checkpoint is not None and _finished(checkpoint):
             _load_finished(trainer, checkpoint)

@@ -9,6 +9,8 @@ from tests.conftest import DATA, EXAMPLES, run_cli
 
 pytestmark = pytest.mark.slow
 FOREIGN = ("%|", "it/s]", "[transformers]", "Loading weights", "WARNING", "Warning:")
+# as on a user's machine: no switch of the libraries' set beforehand (another test's process may have set them)
+UNSET = dict.fromkeys(["HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"])
 
 
 def foreign(text: str) -> list[str]:
@@ -17,7 +19,7 @@ def foreign(text: str) -> list[str]:
 
 def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_dir) -> None:
     exp = [str(EXAMPLES / "quickstart.yaml"), "--set", f"output.dir={tmp_path}", "--set", "train.max_steps=2"]
-    quiet = run_cli("train", *exp, "--name", "quiet")
+    quiet = run_cli("train", *exp, "--name", "quiet", env=UNSET)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert quiet.stderr == "" and foreign(quiet.stdout) == []
     assert "quiet completed in" in quiet.stdout
@@ -25,12 +27,18 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
     assert "INFO transformers.trainer: ***** Running training *****" in log
     assert "INFO transformers.modeling_utils: loading weights file" in log
 
-    loud = run_cli("--verbose", "train", *exp, "--name", "loud")
+    loud = run_cli("--verbose", "train", *exp, "--name", "loud", env=UNSET)
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Loading weights" in loud.stderr and "[transformers] loading weights file" in loud.stderr
 
     report = run_cli(
-        "compare", str(tmp_path / "quiet"), "--prompts", str(DATA / "prompts.jsonl"), "--out", str(tmp_path / "rep")
+        "compare",
+        str(tmp_path / "quiet"),
+        "--prompts",
+        str(DATA / "prompts.jsonl"),
+        "--out",
+        str(tmp_path / "rep"),
+        env=UNSET,
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert report.stderr == "" and foreign(report.stdout) == []
@@ -38,6 +46,6 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
 
 def test_plan_and_study_plan_print_only_tunelabs_lines(tmp_path: Path) -> None:
     for args in (["plan", str(EXAMPLES / "quickstart.yaml")], ["study", "plan", str(EXAMPLES / "ladder.yaml")]):
-        out = run_cli(*args)
+        out = run_cli(*args, env=UNSET)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stderr == "" and foreign(out.stdout) == [], args
