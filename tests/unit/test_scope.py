@@ -224,3 +224,78 @@ def test_all_linear_reaches_fused_moe_experts_as_peft_does() -> None:
 def test_fused_experts_with_dropout_is_one_clear_error() -> None:
     with pytest.raises(TunelabError, match=r"scope.lora.dropout: all-linear on MixtralForCausalLM reaches its fused"):
         apply_scope(tiny_mixtral(), Scope(lora=LoraScope(dropout=0.05)))
+
+
+def tiny_llama(tied: bool = False):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=tied,
+    )
+    return meta_model(config)
+
+
+BLOCK = [
+    "input_layernorm.weight",
+    "mlp.down_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.v_proj.weight",
+]
+
+
+@pytest.mark.parametrize(
+    ("indices", "text"),
+    [([], ""), ([3], "3"), ([4, 5], "4-5"), ([0, 2, 4], "0, 2, 4"), ([0, 1, 2, 5, 7, 8], "0-2, 5, 7-8")],
+)
+def test_layer_ranges_reads_as_written(indices: list[int], text: str) -> None:
+    from tunelab.scope import layer_ranges
+
+    assert layer_ranges(indices) == text
+
+
+def test_partial_blocks_embeddings_and_patterns_open_exactly_those_tensors() -> None:
+    partial = PartialScope(blocks=[0, "2-3"], embeddings=True, patterns=[r"layers\.1\.input_layernorm"])
+    _, resolved = apply_scope(tiny_llama(), Scope(partial=partial))
+    by_hand = [f"model.layers.{i}.{n}" for i in (0, 2, 3) for n in BLOCK]
+    by_hand += ["model.embed_tokens.weight", "model.layers.1.input_layernorm.weight"]
+    assert sorted(resolved.trainable_names) == sorted(by_hand) and len(resolved.trainable_names) == len(by_hand)
+    assert resolved.layers == [0, 2, 3] and resolved.warnings == []
+
+
+def test_partial_norm_alone_is_the_final_norm_and_untied_head_does_not_warn() -> None:
+    _, resolved = apply_scope(tiny_llama(), Scope(partial=PartialScope(norm=True, lm_head=True)))
+    assert resolved.trainable_names == ["model.norm.weight", "lm_head.weight"]  # the model's order
+    assert resolved.layers == [] and resolved.warnings == []
+
+
+def test_tied_head_warning_is_the_whole_sentence() -> None:
+    _, resolved = apply_scope(tiny_llama(tied=True), Scope(partial=PartialScope(embeddings=True)))
+    assert resolved.trainable_names == ["model.embed_tokens.weight"]
+    assert resolved.warnings == [
+        "lm_head is tied to the input embeddings (tie_word_embeddings): opening one opens the other, and both change"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("partial", "message"),
+    [
+        (PartialScope(blocks=[7]), "scope.partial.blocks"),
+        (PartialScope(last_blocks=9), "scope.partial.last_blocks"),
+        (PartialScope(patterns=["(unclosed"]), "scope.partial.patterns: '(unclosed' is not a valid regex ("),
+    ],
+)
+def test_bad_partial_scopes_name_their_key(partial: PartialScope, message: str) -> None:
+    with pytest.raises(TunelabError) as error:
+        apply_scope(tiny_llama(), Scope(partial=partial))
+    assert str(error.value).startswith(message)
