@@ -299,3 +299,17 @@ def test_bad_partial_scopes_name_their_key(partial: PartialScope, message: str) 
     with pytest.raises(TunelabError) as error:
         apply_scope(tiny_llama(), Scope(partial=partial))
     assert str(error.value).startswith(message)
+
+
+def test_final_norm_of_a_decoder_nested_two_deep_is_its_own() -> None:
+    """A vision-language model keeps its text decoder at model.language_model.layers; its final norm is
+    model.language_model.norm, not something of the outer model."""
+    from transformers import Gemma3Config
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    text |= dict(num_key_value_heads=2, head_dim=16, vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = Gemma3Config(text_config=text, vision_config={**vision, "image_size": 32, "patch_size": 8})
+    config.mm_tokens_per_image = 4
+    _, resolved = apply_scope(meta_model(config), Scope(partial=PartialScope(norm=True)))
+    assert resolved.trainable_names == ["model.language_model.norm.weight"]
