@@ -276,7 +276,7 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """One run's summary: what trained, on what, how it went, and its loss curve."""
-    from tunelab.runs import read_manifest, read_metrics
+    from tunelab.runs import lm_eval_scores, read_manifest, read_metrics
 
     manifest = read_manifest(run)
     if as_json:
@@ -284,7 +284,7 @@ def show(
         return
     from tunelab.report.terminal import print_show
 
-    print_show(run, manifest, read_metrics(run))
+    print_show(run, manifest, read_metrics(run), lm_eval_scores(run))
 
 
 @app.command()

@@ -55,8 +55,12 @@ def test_runs_filters_by_name_status_and_base(tmp_path: Path) -> None:
 
 def test_show_prints_a_runs_summary_and_curve(tmp_path: Path) -> None:
     root = runs_folder(tmp_path)
+    scores = {"arc_easy/acc": 0.625, "arc_easy/acc_norm": 0.5}
+    stored = {"arc_easy": {"scores": scores, "base": {"arc_easy/acc": 0.25}}}
+    (root / "lora-qv" / "lm_eval.json").write_text(json.dumps(stored))
     out = run_cli("show", str(root / "lora-qv"))
     assert out.returncode == 0, out.stderr
+    assert "lm-eval arc_easy/acc 0.6250 (base 0.2500)\nlm-eval arc_easy/acc_norm 0.5000\n" in out.stdout
     assert "lora-qv  completed  sft · lora · meta-llama/Llama-3.1-8B-Instruct" in out.stdout
     assert "eval loss 3.0000 -> 1.5000" in out.stdout
     assert "train loss █▅▁ 3.0000 -> 1.0000 (3 logged)" in out.stdout

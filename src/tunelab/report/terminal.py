@@ -281,7 +281,14 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(SPARKS[min(len(SPARKS) - 1, int((v - low) / span * len(SPARKS)))] for v in cells)
 
 
-def print_show(run_dir, manifest: Manifest, metrics: list[dict], console: Console | None = None) -> None:
+def print_show(
+    run_dir,
+    manifest: Manifest,
+    metrics: list[dict],
+    benchmarks: tuple[dict[str, float], dict[str, float]] = ({}, {}),
+    console: Console | None = None,
+) -> None:
+    """A run's summary; `benchmarks`: its stored lm-eval scores and the base's beside them."""
     console = console or _console()
     m = manifest
     base = m.base_model.id if m.base_model else "-"
@@ -321,3 +328,8 @@ def print_show(run_dir, manifest: Manifest, metrics: list[dict], console: Consol
             f"train loss {sparkline(train_losses)} {train_losses[0]:.4f} -> {train_losses[-1]:.4f} "
             f"({len(train_losses)} logged)"
         )
+    scores, base_scores = benchmarks
+    for metric, value in sorted(scores.items()):
+        base_value = base_scores.get(metric)
+        beside = f" (base {base_value:.4f})" if base_value is not None else ""
+        console.print(Text(f"lm-eval {metric} {value:.4f}{beside}"))
