@@ -134,6 +134,23 @@ def resume_matches_straight(example: str, out: Path, *args: str) -> None:
     assert read_manifest(out / "crashed").global_steps == 6
 
 
+def fake_run(folder: Path, name: str, fingerprint: str = "f", **fields) -> Path:
+    """A completed LoRA run folder holding only a manifest (base "m" with this fingerprint, plus `fields`): enough
+    for the checks commands make before loading anything."""
+    import json
+
+    run = folder / name
+    run.mkdir()
+    manifest = {
+        "name": name,
+        "status": "completed",
+        "scope": "lora",
+        "base_model": {"id": "m", "fingerprint": fingerprint},
+    }
+    (run / "manifest.json").write_text(json.dumps({**manifest, **fields}))
+    return run
+
+
 def write_experiment(folder: Path, text: str, name: str = "exp.yaml") -> Path:
     path = folder / name
     path.write_text(text)

@@ -203,7 +203,7 @@ def eval_(
     ] = False,
 ) -> None:
     """Benchmarks through lm-evaluation-harness: the base and each run on the same tasks, stored in each run."""
-    from tunelab.lmeval import EvalSettings, evaluate_runs
+    from tunelab.lmeval import EvalSettings, documents, evaluate_runs
     from tunelab.report.terminal import print_scores
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -213,7 +213,7 @@ def eval_(
         tasks=names,
         include_path=str(include_path) if include_path else None,
         num_fewshot=num_fewshot,
-        limit=int(limit) if limit is not None and limit >= 1 else limit,
+        limit=documents(limit),
         batch_size=batch_size,
         chat_template=chat_template,
     )

@@ -8,7 +8,6 @@ full runs load on their own. Decoding is greedy unless a temperature is given.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import statistics
@@ -400,20 +399,15 @@ def _generate_and_score(
     import torch
     from transformers import AutoTokenizer
 
-    from tunelab.models import pick_device, pick_dtype
-    from tunelab.scopes import BaseLoader, get_scope
+    from tunelab.scopes import BaseLoader, attach_runs, base_alone
 
-    device = pick_device(exp.model.device)
-    base = BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
+    base = BaseLoader.pick(exp.model)
     tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
     torch.manual_seed(seed)
     model = base.load().eval()
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
-    kinds = {m.name: get_scope(m.scope) for _, m in runs}
-    for d, m in runs:
-        model = kinds[m.name].attach(model, d, m.name)
-    model.eval()
+    model, kinds = attach_runs(model, runs)
     outputs: dict[str, list[str]] = {}
     losses: dict[str, float] = {}
 
@@ -430,7 +424,7 @@ def _generate_and_score(
     # The base alone: a PEFT wrapper with every adapter off (rows routed to "__base__"), or the plain model.
     wrapped = hasattr(model, "disable_adapter")
     if include_base:
-        with model.disable_adapter() if wrapped else contextlib.nullcontext():
+        with base_alone(model):
             score(BASE, model)
     for d, m in runs:
         name = m.name

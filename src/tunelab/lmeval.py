@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tunelab.errors import ConfigError
-from tunelab.runs import Manifest, load_run_experiment, now, read_lm_eval, write_lm_eval
+from tunelab.runs import Manifest, now, read_lm_eval, write_lm_eval
 
 BASE = "base"
 
@@ -32,6 +32,16 @@ class EvalSettings:
     limit: float | None = None  # lm-eval's meaning: a count of documents, or a fraction below 1
     batch_size: int = 16
     chat_template: bool = False  # wrap each prompt in the run's chat template (lm-eval's --apply_chat_template)
+
+
+def documents(limit: float | None) -> int | float | None:
+    """lm-eval's limit: a number of documents from 1 up (an int), a fraction of each task below 1."""
+    return int(limit) if limit is not None and limit >= 1 else limit
+
+
+def task_settings(settings: EvalSettings, task: str) -> dict:
+    """The settings a stored score of `task` was measured with."""
+    return asdict(settings) | {"tasks": [task]}
 
 
 def check_lm_eval() -> None:
@@ -67,25 +77,18 @@ def evaluate_runs(
     from transformers import AutoTokenizer
 
     from tunelab.compare import load_runs
-    from tunelab.models import pick_device, pick_dtype
     from tunelab.runs import TOKENIZER
-    from tunelab.scopes import BaseLoader, get_scope
+    from tunelab.scopes import attach_runs, base_alone, run_scope
 
     check_lm_eval()
     runs = load_runs(run_dirs, mixed_quantization, "eval")
     manager = task_manager(settings)
-    exp = load_run_experiment(runs[0][0])
-    device = pick_device(exp.model.device)
-    base = BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
+    _, base = run_scope(*runs[0])
     tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
-    model = base.load().eval()
-    kinds = {m.name: get_scope(m.scope) for _, m in runs}
-    for d, m in runs:
-        model = kinds[m.name].attach(model, d, m.name)
-    model.eval()
+    model, kinds = attach_runs(base.load(), runs)
     scores: dict[str, dict[str, float]] = {}
     if include_base:
-        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        with base_alone(model):
             scores[BASE] = _harness(model, tokenizer, settings, manager)
     for d, m in runs:
         with kinds[m.name].active(model, d, m.name, base) as variant, torch.no_grad():
@@ -168,7 +171,7 @@ def _save(run_dir: Path, manifest: Manifest, settings: EvalSettings, scores: dic
         record[task] = {
             "scores": {k: v for k, v in scores.items() if k.startswith(f"{task}/")},
             "base": {k: v for k, v in (base or {}).items() if k.startswith(f"{task}/")} or None,
-            "settings": asdict(settings) | {"tasks": [task]},
+            "settings": task_settings(settings, task),
             "lm_eval_version": lm_eval.__version__,
             "evaluated_at": now(),
             "base_model": manifest.base_model.id if manifest.base_model else None,

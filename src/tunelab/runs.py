@@ -47,10 +47,15 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 LM_EVAL = "lm_eval.json"
@@ -316,9 +321,7 @@ class Run:
         if not self.writable:
             return
         kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= up_to_step]
-        tmp = self.dir / f".{METRICS}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.dir / METRICS)
+        write_atomic(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
 
     @property
     def checkpoints(self) -> Path:
@@ -480,9 +483,7 @@ def _open(
         raise TunelabError(f"{run_dir}: no run to resume")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / METRICS).unlink(missing_ok=True)
-    tmp = run_dir / f".{EXPERIMENT}.tmp"
-    tmp.write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, run_dir / EXPERIMENT)
+    write_atomic(run_dir / EXPERIMENT, yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     manifest = Manifest(
         name=exp.run_name,
         experiment=exp.name,

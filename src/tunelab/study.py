@@ -226,22 +226,19 @@ def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | Non
 
 
 def eval_settings(study: Study) -> EvalSettings | None:
-    from tunelab.lmeval import EvalSettings
+    from tunelab.lmeval import EvalSettings, documents
 
     spec = study.spec.eval
     if spec is None:
         return None
     include = str((study.path.parent / spec.include_path).resolve()) if spec.include_path else None
-    limit = int(spec.limit) if spec.limit is not None and spec.limit >= 1 else spec.limit
     fields = spec.model_dump(exclude={"include_path", "limit"})
-    return EvalSettings(**fields, include_path=include, limit=limit)
+    return EvalSettings(**fields, include_path=include, limit=documents(spec.limit))
 
 
 def _evaluate_study(study: Study, done: list[VariantOutcome], log) -> bool:
     """Run the study's benchmarks on the runs that lack them with these settings; True if any ran."""
-    from dataclasses import asdict
-
-    from tunelab.lmeval import evaluate_runs
+    from tunelab.lmeval import evaluate_runs, task_settings
     from tunelab.runs import read_lm_eval
 
     settings = eval_settings(study)
@@ -250,7 +247,7 @@ def _evaluate_study(study: Study, done: list[VariantOutcome], log) -> bool:
 
     def has(run_dir: str, task: str) -> bool:
         stored = read_lm_eval(Path(run_dir)).get(task)
-        return stored is not None and stored["settings"] == asdict(settings) | {"tasks": [task]}
+        return stored is not None and stored["settings"] == task_settings(settings, task)
 
     missing = [Path(o.run_dir) for o in done if not all(has(o.run_dir, t) for t in settings.tasks)]
     if not missing:

@@ -28,26 +28,25 @@ from transformers import TrainerCallback
 
 from tunelab.errors import ConfigError
 
-# tracker -> (a module that must be importable, how to install it)
+# tracker -> (the modules it needs, how to install them); MLflow's local sqlite store needs SQLAlchemy
 PACKAGES = {
-    "tensorboard": ("tensorboard", "pip install 'tunelab[tensorboard]'"),
-    "mlflow": ("sqlalchemy", "pip install 'tunelab[mlflow]'"),
-    "wandb": ("wandb", "pip install 'tunelab[wandb]'"),
-    "trackio": ("trackio", "pip install 'tunelab[trackio]'"),
-    "azure_ml": ("azureml", "pip install azureml-core"),
-    "flyte": ("flytekit", "pip install flytekit"),
-    "kubeflow": ("kubeflow", "pip install kubeflow"),
+    "tensorboard": (("tensorboard",), "pip install 'tunelab[tensorboard]'"),
+    "mlflow": (("mlflow", "sqlalchemy"), "pip install 'tunelab[mlflow]'"),
+    "wandb": (("wandb",), "pip install 'tunelab[wandb]'"),
+    "trackio": (("trackio",), "pip install 'tunelab[trackio]'"),
+    "azure_ml": (("azureml",), "pip install azureml-core"),
+    "flyte": (("flytekit",), "pip install flytekit"),
+    "kubeflow": (("kubeflow",), "pip install kubeflow"),
 }
 
 
 def check_trackers(report_to: list[str]) -> None:
     """Refuse, before any run starts, a tracker whose package is not installed (Transformers fails mid-setup)."""
     for tracker in report_to:
-        module, install = PACKAGES.get(tracker, (tracker, f"pip install {tracker}"))
-        if tracker == "mlflow" and importlib.util.find_spec("mlflow") is None:
-            module = "mlflow"
-        if importlib.util.find_spec(module) is None:
-            raise ConfigError(f"train.report_to: {tracker} needs the {module} package; {install}")
+        modules, install = PACKAGES.get(tracker, ((tracker,), f"pip install {tracker}"))
+        missing = next((m for m in modules if importlib.util.find_spec(m) is None), None)
+        if missing is not None:
+            raise ConfigError(f"train.report_to: {tracker} needs the {missing} package; {install}")
 
 
 def environment_for(report_to: list[str], run_dir: Path, group: str, environ: dict[str, str]) -> dict[str, str]:

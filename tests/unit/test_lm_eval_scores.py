@@ -1,10 +1,10 @@
 """lm-eval results as tunelab stores them; runs of another base refused before anything loads."""
 
-import json
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import fake_run
 from tunelab.errors import TunelabError
 from tunelab.lmeval import EvalSettings, evaluate_runs, scores_of
 
@@ -19,19 +19,6 @@ def test_scores_keep_numbers_drop_stderr_and_the_default_filter() -> None:
         "arc_easy/acc_norm": 0.625,
         "gsm8k/exact_match,strict-match": 0.25,
     }
-
-
-def fake_run(folder: Path, name: str, fingerprint: str) -> Path:
-    run = folder / name
-    run.mkdir()
-    manifest = {
-        "name": name,
-        "status": "completed",
-        "scope": "lora",
-        "base_model": {"id": "m", "fingerprint": fingerprint},
-    }
-    (run / "manifest.json").write_text(json.dumps(manifest))
-    return run
 
 
 def test_runs_of_different_bases_are_refused_before_loading(tmp_path: Path) -> None:

@@ -1,11 +1,10 @@
 """Quantized bases from the config alone: settings checked, counts unpacked, memory against a published figure."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, DATA, write_experiment
+from tests.conftest import CONFIGS, DATA, fake_run, write_experiment
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
@@ -91,31 +90,14 @@ def test_mps_is_refused_with_the_reason() -> None:
 def test_compare_refuses_differently_quantized_bases_before_loading(tmp_path: Path) -> None:
     from tunelab.compare import compare
 
-    runs = []
-    for name, quantization in (
-        (
-            "q",
-            {
-                "bits": 4,
-                "type": "nf4",
-                "double_quant": True,
-                "compute_dtype": "auto",
-                "describe": "4-bit nf4 double-quant",
-            },
-        ),
-        ("p", None),
-    ):
-        run = tmp_path / name
-        run.mkdir()
-        manifest = {
-            "name": name,
-            "status": "completed",
-            "scope": "lora",
-            "quantization": quantization,
-            "base_model": {"id": "m", "fingerprint": "f"},
-        }
-        (run / "manifest.json").write_text(json.dumps(manifest))
-        runs.append(run)
+    nf4 = {
+        "bits": 4,
+        "type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "auto",
+        "describe": "4-bit nf4 double-quant",
+    }
+    runs = [fake_run(tmp_path, "q", quantization=nf4), fake_run(tmp_path, "p", quantization=None)]
     with pytest.raises(
         TunelabError, match=r"differently quantized bases \(q: 4-bit nf4 double-quant, p: unquantized\)"
     ):

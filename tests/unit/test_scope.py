@@ -167,18 +167,7 @@ def test_partial_pattern_that_matches_nothing() -> None:
 
 
 def test_tied_lm_head_opens_embeddings_and_warns() -> None:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        tie_word_embeddings=True,
-    )
-    model, resolved = apply_scope(meta_model(config), Scope(partial=PartialScope(lm_head=True)))
+    model, resolved = apply_scope(tiny_llama(tied=True), Scope(partial=PartialScope(lm_head=True)))
     assert resolved.tied_embeddings
     assert resolved.trainable_names == ["model.embed_tokens.weight"]
     assert resolved.trainable_params == 100 * 64

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import Scope
 from tunelab.errors import TunelabError
-from tunelab.scopes.base import BaseLoader, ScopeKind
+from tunelab.scopes.base import BaseLoader, ScopeKind, base_alone
 from tunelab.scopes.full import Full
 from tunelab.scopes.lora import Lora
 from tunelab.scopes.partial import Partial
@@ -23,7 +23,17 @@ if TYPE_CHECKING:
 
 REGISTRY: dict[str, ScopeKind] = {kind.name: kind for kind in (Lora(), Partial(), Full())}
 
-__all__ = ["REGISTRY", "BaseLoader", "ScopeKind", "apply_scope", "get_scope", "load_trained", "run_scope"]
+__all__ = [
+    "REGISTRY",
+    "BaseLoader",
+    "ScopeKind",
+    "apply_scope",
+    "attach_runs",
+    "base_alone",
+    "get_scope",
+    "load_trained",
+    "run_scope",
+]
 
 
 def get_scope(name: str) -> ScopeKind:
@@ -60,12 +70,18 @@ def numel(parameter) -> int:
 def run_scope(run_dir: Path, manifest: Manifest, device: str | None = None) -> tuple[ScopeKind, BaseLoader]:
     """A run's scope kind (from its manifest) and how to load its base: the run's own model settings and dtype,
     on `device` (by default the one the run's settings pick here)."""
-    from tunelab.models import pick_device, pick_dtype
     from tunelab.runs import load_run_experiment
 
-    exp = load_run_experiment(run_dir)
-    device = device or pick_device(exp.model.device)
-    return get_scope(manifest.scope), BaseLoader(exp.model, pick_dtype(exp.model.dtype, device), device)
+    return get_scope(manifest.scope), BaseLoader.pick(load_run_experiment(run_dir).model, device)
+
+
+def attach_runs(model: nn.Module, runs: list[tuple[Path, Manifest]]) -> tuple[nn.Module, dict[str, ScopeKind]]:
+    """Every run made available on one loaded base the way its kind goes on it (compare, eval): the model (wrapped
+    in PEFT once a LoRA run is attached) in eval mode, and each run's kind by run name."""
+    kinds = {m.name: get_scope(m.scope) for _, m in runs}
+    for run_dir, m in runs:
+        model = kinds[m.name].attach(model, run_dir, m.name)
+    return model.eval(), kinds
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:

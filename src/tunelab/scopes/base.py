@@ -32,10 +32,24 @@ class BaseLoader:
     device: str
     config: PretrainedConfig | None = None  # the model's config when read already
 
+    @classmethod
+    def pick(cls, settings: ModelSettings, device: str | None = None) -> BaseLoader:
+        """The loader a run's model settings ask for here: their device (or `device`) and the dtype for it."""
+        from tunelab.models import pick_device, pick_dtype
+
+        device = device or pick_device(settings.device)
+        return cls(settings, pick_dtype(settings.dtype, device), device)
+
     def load(self) -> PreTrainedModel:
         from tunelab.models import load_model
 
         return load_model(self.settings, self.dtype, self.device, self.config)
+
+
+def base_alone(model: nn.Module) -> contextlib.AbstractContextManager:
+    """The shared base without any attached LoRA adapter for the duration of a `with` block (a plain model is its
+    own base)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
 class ScopeKind:

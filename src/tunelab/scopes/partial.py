@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from tunelab.config import Scope
 from tunelab.errors import TunelabError
 from tunelab.runs import TRAINED
-from tunelab.scopes.base import BaseLoader, ScopeKind
+from tunelab.scopes.base import BaseLoader, ScopeKind, base_alone
 
 if TYPE_CHECKING:
     import torch
@@ -63,9 +63,8 @@ class Partial(ScopeKind):
     @contextlib.contextmanager
     def active(self, model: nn.Module, run_dir: Path, name: str, base: BaseLoader) -> Iterator[nn.Module]:
         # On a base that also carries LoRA adapters (a comparison of both kinds), the adapters are off meanwhile.
-        disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        with disabled, _swapped(base, run_dir / TRAINED):
+        with base_alone(model), _swapped(base, run_dir / TRAINED):
             yield model
 
 
