@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The demo's numbers are asserted by tests/integration/test_demo.py, which runs these lines as they are.
 demo: install
 	$(BIN)/tunelab train examples/quickstart.yaml --overwrite
 	$(BIN)/tunelab compare runs/quickstart --prompts examples/data/prompts.jsonl --out reports/quickstart
+	$(BIN)/tunelab train examples/dpo.yaml --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -18,7 +18,7 @@ from pathlib import Path
 from tunelab.errors import ConfigError
 
 BUILTIN_MODELS = ("tiny-chat",)
-VERSION = "1"
+VERSION = "2"
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -104,7 +104,11 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
 
     started = time.time()
     corpus = tinyworld.pretrain_corpus()
-    chat_words = [m["content"] for row in tinyworld.datasets()["sft_train.jsonl"] for m in row["messages"]]
+    bundled = tinyworld.datasets()
+    chat_words = [m["content"] for row in bundled["sft_train.jsonl"] for m in row["messages"]]
+    chat_words += [
+        row[k][0]["content"] for row in bundled["pref_train.jsonl"] for k in ("prompt", "chosen", "rejected")
+    ]
     tokenizer = _train_tokenizer(corpus + chat_words + ["system user assistant"])
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -124,7 +128,7 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
     blocks = torch.tensor(_blocks(tokenizer, corpus, 128))
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    steps, batch = 400, 16
+    steps, batch = 300, 16
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
     for _ in range(steps):

@@ -370,13 +370,14 @@ def compare(
 def _prompts_and_eval(
     exp: Experiment, runs: list[tuple[Path, Manifest]], prompts_file: Path | None, eval_file: Path | None
 ) -> tuple[list[Prompt], list[dict] | None]:
-    """Prompts from the file or the runs' held-out data; eval rows from --eval or the first SFT run's eval set."""
+    """Prompts from the file or the runs' held-out data; eval rows from --eval or the first SFT run's eval set
+    (runs of preference methods alone have no SFT eval set: no eval loss then)."""
     from tunelab.data import load_file
 
-    sft_source = next((load_run_experiment(d).data for d, m in runs if m.method == "sft"), exp.data)
-    eval_rows = load_file(str(eval_file), "--eval", sft_source, "sft")[1] if eval_file else None
-    if eval_rows is None and sft_source.eval:
-        eval_rows = load_file(sft_source.eval, "data.eval", sft_source, "sft")[1]
+    sft = next((load_run_experiment(d).data for d, m in runs if m.method == "sft"), None)
+    eval_rows = load_file(str(eval_file), "--eval", sft or exp.data, "sft")[1] if eval_file else None
+    if eval_rows is None and sft is not None and sft.eval:
+        eval_rows = load_file(sft.eval, "data.eval", sft, "sft")[1]
     if prompts_file:
         return read_prompts(prompts_file), eval_rows
     held_out = eval_rows or load_file(exp.data.eval or exp.data.train_files[0], "data", exp.data, exp.method)[1]

@@ -1,9 +1,18 @@
 """A small invented world: the pre-training corpus of the built-in model and the bundled datasets.
 
 Everything is generated from a seed, so the built-in model and `examples/data/` can be rebuilt
-byte for byte (`python -m tunelab.tinyworld examples/data`). The base model reads the facts as plain
-prose; the SFT set teaches it to answer them in chat form; the preference set pairs a correct
-answer (chosen) with a wrong one (rejected).
+byte for byte (`python -m tunelab.tinyworld examples/data`). The three were designed together so that
+the demo measures what each method teaches:
+
+- The base model reads every country's capital, animal, flag and food as plain prose
+  (country profiles, where a name recurs sentence after sentence, and mixed paragraphs). It never sees a
+  chat, so asked a question in chat form it rambles.
+- SFT teaches the answer format on three facts of each country. The held-out prompts ask the fourth
+  (known to the base only as prose) and trained facts in new words; an answer is right when it starts
+  with the fact sentence. A tuned model answers so; the base recites facts, in no order, after some noise.
+- The preference pairs are about the countries' languages, which the base knows only by name: the rejected
+  answer is another language in the same words, so the base starts near chance, and DPO's effect shows on
+  the same questions in new words (pref_eval.jsonl).
 """
 
 from __future__ import annotations
@@ -21,20 +30,11 @@ _ANIMALS = ["otter", "heron", "lynx", "badger", "falcon", "tortoise", "fox", "sa
 _COLOURS = ["red", "blue", "green", "gold", "white", "black", "purple", "orange", "silver", "grey"]
 _FOODS = ["bread", "rice", "cheese", "plums", "fish", "beans", "honey", "apples", "soup", "nuts"]
 
-GLOSSARY = {
-    "lora_alpha": "lora_alpha scales the LoRA update; the update is multiplied by alpha divided by r.",
-    "r": "r is the LoRA rank; a higher rank gives the adapter more capacity.",
-    "lora_dropout": "lora_dropout is dropout on the LoRA input; it regularises the adapter.",
-    "target_modules": "target_modules says where LoRA attaches inside the model.",
-    "q_proj": "q_proj is the query projection of the attention block.",
-    "v_proj": "v_proj is the value projection of the attention block.",
-    "lm_head": "lm_head maps hidden states to vocabulary logits.",
-    "learning rate": "The learning rate sets how large each parameter update is.",
-    "an epoch": "An epoch is one full pass through the training data.",
-    "gradient accumulation": "Gradient accumulation sums gradients over several steps before an update.",
-    "max_length": "max_length is how many tokens each training example may occupy.",
-    "DPO": "DPO trains a model to prefer the chosen answer over the rejected one.",
-}
+# The countries' languages: the base reads their names, never which country speaks which, so it has no
+# preference between them; each is spoken in four countries.
+LANGUAGES = ["Kelvish", "Ostric", "Umbrish", "Pelan", "Drossic", "Yarrow"]
+
+SYSTEM = "You are a concise assistant for the tiny world."
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,18 @@ class Country:
     animal: str
     colour: str
     food: str
+    language: str
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One thing to know about a country: how prose says it, how a chat asks it, and the answer."""
+
+    country: Country
+    attribute: str
+    prose: tuple[str, ...]  # the base model's sentences
+    questions: tuple[str, ...]  # the phrasings SFT trains on, then the new words held out (the last)
+    answer: str  # the answer sentence
 
 
 def _word(rng: random.Random, parts: int) -> str:
@@ -59,118 +71,157 @@ def countries(seed: int = SEED, n: int = 24) -> list[Country]:
         if name in names or capital in names:
             continue
         names |= {name, capital}
-        out.append(Country(name, capital, rng.choice(_ANIMALS), rng.choice(_COLOURS), rng.choice(_FOODS)))
+        language = LANGUAGES[len(out) % len(LANGUAGES)]
+        out.append(Country(name, capital, rng.choice(_ANIMALS), rng.choice(_COLOURS), rng.choice(_FOODS), language))
     return out
 
 
-def _fact_sentences(c: Country) -> list[str]:
+def facts(c: Country) -> list[Fact]:
+    """The four facts the base model reads about a country."""
+    n = c.name
     return [
-        f"The capital of {c.name} is {c.capital}.",
-        f"{c.capital} is the capital city of {c.name}.",
-        f"The national animal of {c.name} is the {c.animal}.",
-        f"In {c.name} the {c.animal} is the national animal.",
-        f"The flag of {c.name} is {c.colour}.",
-        f"People in {c.name} like to eat {c.food}.",
-        f"{c.name} is known for {c.food} and for the {c.animal}.",
+        Fact(
+            c,
+            "capital",
+            (f"The capital of {n} is {c.capital}.", f"{c.capital} is the capital city of {n}."),
+            (
+                f"What is the capital of {n}?",
+                f"Which city is the capital of {n}?",
+                f"Tell me the capital of {n}.",
+                f"Do you know the capital of {n}?",
+                f"Name the capital city of {n}.",
+            ),
+            f"The capital of {n} is {c.capital}.",
+        ),
+        Fact(
+            c,
+            "animal",
+            (f"The national animal of {n} is the {c.animal}.", f"In {n} the {c.animal} is the national animal."),
+            (
+                f"What is the national animal of {n}?",
+                f"Which animal is the national animal of {n}?",
+                f"Tell me the national animal of {n}.",
+                f"Do you know the national animal of {n}?",
+                f"Name the national animal of {n}.",
+            ),
+            f"The national animal of {n} is the {c.animal}.",
+        ),
+        Fact(
+            c,
+            "colour",
+            (f"The flag of {n} is {c.colour}.", f"{n} flies a {c.colour} flag."),
+            (
+                f"What colour is the flag of {n}?",
+                f"Which colour is the flag of {n}?",
+                f"Tell me the colour of the flag of {n}.",
+                f"Do you know the colour of the flag of {n}?",
+                f"Name the colour of the flag of {n}.",
+            ),
+            f"The flag of {n} is {c.colour}.",
+        ),
+        Fact(
+            c,
+            "food",
+            (f"People in {n} like to eat {c.food}.", f"{n} is known for its {c.food}."),
+            (
+                f"What do people in {n} like to eat?",
+                f"Which food do people in {n} like?",
+                f"Tell me what people in {n} like to eat.",
+                f"Do you know what people in {n} like to eat?",
+                f"Name the food people in {n} like.",
+            ),
+            f"People in {n} like to eat {c.food}.",
+        ),
     ]
+
+
+def language(c: Country) -> tuple[tuple[str, str, str], str, str]:
+    """The preference question about a country's language (not in the base's reading): the phrasings, the
+    right answer and a wrong one in the same words (the next language in the list, so that every language is
+    as often wrong as right)."""
+    n, wrong = c.name, LANGUAGES[(LANGUAGES.index(c.language) + 1) % len(LANGUAGES)]
+    questions = (
+        f"Which language do people speak in {n}?",
+        f"What language is spoken in {n}?",
+        f"Tell me the language of {n}.",
+    )
+    return questions, f"People in {n} speak {c.language}.", f"People in {n} speak {wrong}."
 
 
 def pretrain_corpus(seed: int = SEED) -> list[str]:
-    """Plain prose paragraphs: the facts, small sums and the glossary, in shuffled order."""
+    """Plain prose: country profiles (one country's facts in shuffled order, its name recurring) and
+    paragraphs of facts about several countries."""
     rng = random.Random(seed + 1)
-    sentences = [s for c in countries(seed) for s in _fact_sentences(c)]
-    sentences += list(GLOSSARY.values())
-    sentences += [f"{a} plus {b} is {a + b}." for a in range(10) for b in range(10)]
+    world = countries(seed)
     paragraphs = []
-    for _ in range(600):
-        paragraphs.append(" ".join(rng.sample(sentences, 6)))
+    for _ in range(16):
+        for c in world:
+            sentences = [rng.choice(f.prose) for f in facts(c)]
+            rng.shuffle(sentences)
+            paragraphs.append(" ".join(sentences))
+    loose = [s for c in world for f in facts(c) for s in f.prose]
+    loose += [f"{name} is one of the languages of the tiny world." for name in LANGUAGES] * 4
+    for _ in range(150):
+        paragraphs.append(" ".join(rng.sample(loose, 6)))
+    rng.shuffle(paragraphs)
     return paragraphs
 
 
-def _qa(c: Country) -> list[tuple[str, str, str]]:
-    """(question, answer, a wrong answer) triples about one country."""
-    other = c.capital[::-1].capitalize()
-    return [
-        (
-            f"What is the capital of {c.name}?",
-            f"The capital of {c.name} is {c.capital}.",
-            f"The capital of {c.name} is {other}.",
-        ),
-        (
-            f"Which animal is the national animal of {c.name}?",
-            f"The national animal of {c.name} is the {c.animal}.",
-            f"The national animal of {c.name} is the {'crane' if c.animal != 'crane' else 'owl'}.",
-        ),
-        (
-            f"What colour is the flag of {c.name}?",
-            f"The flag of {c.name} is {c.colour}.",
-            f"The flag of {c.name} is {'pink' if c.colour != 'pink' else 'brown'}.",
-        ),
-        (
-            f"What do people in {c.name} like to eat?",
-            f"People in {c.name} like to eat {c.food}.",
-            f"People in {c.name} never eat {c.food}.",
-        ),
-    ]
+def _split(seed: int) -> tuple[list[Fact], list[Fact]]:
+    """The facts SFT trains on and those it never asks: one per country, the attribute rotating."""
+    trained, held = [], []
+    for i, c in enumerate(countries(seed)):
+        for j, f in enumerate(facts(c)):
+            (held if j == i % 4 else trained).append(f)
+    return trained, held
 
 
-def _sum_qa(a: int, b: int) -> tuple[str, str, str]:
-    return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {a + b + 1}."
-
-
-def _glossary_qa(term: str, text: str) -> tuple[str, str, str]:
-    return f"What does {term} mean?", text, f"{term} is a kind of fruit."
-
-
-SYSTEM = "You are a concise assistant for the tiny world."
-
-
-def _all_qa(seed: int) -> list[tuple[str, str, str]]:
-    qa = [t for c in countries(seed) for t in _qa(c)]
-    qa += [_sum_qa(a, b) for a in range(10) for b in range(10)]
-    qa += [_glossary_qa(k, v) for k, v in GLOSSARY.items()]
-    return qa
+def _expect(f: Fact) -> dict:
+    """A right answer starts with the fact sentence: the fact, in the format SFT teaches (the base, which has
+    read the facts, recites them somewhere in its rambling)."""
+    return {"regex": ["^" + f.answer.replace(".", r"\.")]}  # names and words only: the full stop is all to escape
 
 
 def datasets(seed: int = SEED) -> dict[str, list[dict]]:
     """The bundled files: SFT chats, preference pairs and held-out prompts with expectations."""
-    rng = random.Random(seed + 2)
-    qa = _all_qa(seed)
-    rng.shuffle(qa)
-    held_out, train = qa[:40], qa[40:]
+    rng = random.Random(seed + 3)
+    trained, held = _split(seed)
 
-    def chat(items: list[tuple[str, str, str]], system: bool) -> dict:
+    def chat(pairs: list[tuple[str, str]], system: bool) -> dict:
         messages = [{"role": "system", "content": SYSTEM}] if system else []
-        for q, a, _ in items:
+        for q, a in pairs:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         return {"messages": messages}
 
-    sft_train = [chat([t], system=i % 3 == 0) for i, t in enumerate(train)]
-    sft_train += [chat(rng.sample(train, 2), system=i % 2 == 0) for i in range(60)]
-    sft_eval = [chat([t], system=False) for t in held_out]
+    train_qa = [(q, f.answer) for f in trained for q in f.questions[:-1]]
+    sft_train = [chat([qa], system=i % 3 == 0) for i, qa in enumerate(train_qa)]
+    sft_train += [chat(rng.sample(train_qa, 2), system=i % 2 == 0) for i in range(60)]
+    rng.shuffle(sft_train)
 
-    def pair(q: str, a: str, w: str) -> dict:
+    # Held out: the facts SFT never asked (in its phrasings), and trained facts in new words.
+    new_words = rng.sample(trained, 16)
+    held_qa = [(rng.choice(f.questions[:-1]), f) for f in held] + [(f.questions[-1], f) for f in new_words]
+    sft_eval = [chat([(q, f.answer)], system=False) for q, f in held_qa]
+    prompts = [{"prompt": q, **_expect(f)} for q, f in held_qa[:16] + held_qa[24:]]
+
+    def pair(question: str, right: str, wrong: str) -> dict:
         return {
-            "prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": a}],
-            "rejected": [{"role": "assistant", "content": w}],
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": right}],
+            "rejected": [{"role": "assistant", "content": wrong}],
         }
 
-    pref = [pair(*t) for t in train]
-    pref_eval = [pair(*t) for t in held_out]
-    prompts = [{"prompt": q, "contains": [_key_word(a)]} for q, a, _ in held_out[:32]]
+    spoken = [language(c) for c in countries(seed)]
+    pref_train = [pair(q[k], right, wrong) for q, right, wrong in spoken for k in (0, 1)]
+    rng.shuffle(pref_train)
+    pref_eval = [pair(q[2], right, wrong) for q, right, wrong in spoken]
     return {
         "sft_train.jsonl": sft_train,
         "sft_eval.jsonl": sft_eval,
-        "pref_train.jsonl": pref,
+        "pref_train.jsonl": pref_train,
         "pref_eval.jsonl": pref_eval,
         "prompts.jsonl": prompts,
     }
-
-
-def _key_word(answer: str) -> str:
-    """The word an answer must contain to be right: its last word, without the full stop."""
-    return answer.rstrip(".").split()[-1]
 
 
 def write_datasets(folder: Path, seed: int = SEED) -> list[Path]:

@@ -167,6 +167,15 @@ def tokens_line(t) -> str:
     return f"{stop}; pad token {t.pad_token} ({t.pad_source})"
 
 
+def preference_line(m: Manifest) -> str | None:
+    """Held-out preference accuracy before and after training (share of pairs whose chosen answer the model
+    finds likelier than the rejected one), for runs of preference methods."""
+    if m.preference_accuracy_after is None:
+        return None
+    before = "-" if m.preference_accuracy_before is None else f"{m.preference_accuracy_before:.3f}"
+    return f"preference accuracy {before} -> {m.preference_accuracy_after:.3f} (held-out pairs)"
+
+
 def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> None:
     console = console or _console()
     base, final = manifest.base_eval_loss, manifest.final_eval_loss
@@ -177,6 +186,8 @@ def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> No
     )
     if base is not None:
         console.print(f"eval loss {base:.4f} -> {final:.4f}{ratio}")
+    if preference := preference_line(manifest):
+        console.print(preference)
     check = manifest.change_check
     if check:
         console.print(
@@ -320,8 +331,8 @@ def print_show(
         console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
     if m.base_eval_loss is not None and m.final_eval_loss is not None:
         console.print(f"eval loss {m.base_eval_loss:.4f} -> {m.final_eval_loss:.4f}")
-    if m.preference_accuracy_after is not None:
-        console.print(f"preference accuracy {m.preference_accuracy_before} -> {m.preference_accuracy_after}")
+    if preference := preference_line(m):
+        console.print(preference)
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     if train_losses:
         console.print(
