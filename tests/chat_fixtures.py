@@ -9,6 +9,7 @@ of the family's Transformers class. Deterministic; built once per test session.
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "chat_models"
@@ -41,7 +42,9 @@ def _tokenizer(spec: dict, template: str):
         tok.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
-        alphabet = sorted(set("".join(_corpus())) | {"▁", "\n"})
+        alphabet = sorted(
+            set("".join(_corpus())) | set(string.ascii_letters + string.digits + string.punctuation) | {"▁", "\n"}
+        )
     trainer = trainers.BpeTrainer(
         vocab_size=700, special_tokens=special, initial_alphabet=alphabet, show_progress=False
     )

@@ -121,6 +121,20 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     return Record()
 
 
+def _phases(shown: bool):
+    """Prints each phase of a run as it starts, with the time the previous one took (on the writing rank)."""
+    last: list = []
+
+    def phase(what: str) -> None:
+        if not shown:
+            return
+        took = f" ({last[0][0]} took {time.perf_counter() - last[0][1]:.1f} s)" if last else ""
+        print(f"-> {what}{took}", flush=True)
+        last[:] = [(what.split()[0], time.perf_counter())]
+
+    return phase
+
+
 def peak_memory(device: str) -> tuple[int | None, str | None]:
     """The most memory this training held, and what was measured: on CUDA the tensors' peak (what plan
     estimates), on CPU the process's peak resident memory (tensors plus the Python process), on MPS the Metal
@@ -424,10 +438,12 @@ def _train_in(
     dtype = pick_dtype(exp.model.dtype, device)
     torch.manual_seed(exp.train.seed)
     kind = get_scope(exp.scope.kind)
+    dtype_name = str(dtype).removeprefix("torch.")
+    clock = _phases(run.writable)
+    clock(f"loading {init_from or exp.model.id} on {device} ({dtype_name})")
     model, resolved = _load_scoped_model(BaseLoader(exp.model, dtype, device, inputs.config), exp, kind, init_from)
     facts = model_facts(exp.model.id, model)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
-    dtype_name = str(dtype).removeprefix("torch.")
     memory = estimate_memory(facts, resolved, exp, dtype_name, device, embeddings_train, engine)
     run.update(
         **provenance.model_dump(),
@@ -455,6 +471,7 @@ def _train_in(
         params = trackers.run_params(exp.model_dump(mode="json"), facts)
         callbacks = [*callbacks, trackers.TrackerRecord(report_to, run.dir, params)]
     with trackers.environment(report_to, run.dir, group):
+        clock(f"preparing the {exp.method} trainer")
         trainer = _build_trainer(exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks])
         trainer.args.run_name, trainer.args.project = run.dir.name, group  # the trackers' run and project names
         running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
@@ -468,6 +485,7 @@ def _train_in(
             run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
         else:
             run.trim_metrics(checkpoint_step(checkpoint))
+        clock("training")
         started = time.perf_counter()
         if checkpoint is not None and _finished(checkpoint):
             _load_finished(trainer, checkpoint)
@@ -489,6 +507,7 @@ def _train_in(
     state = trainer.accelerator.get_state_dict(trainer.model)  # gathered onto the first process if sharded
     if not run.writable:
         return TrainResult(run.dir, run.manifest)
+    clock(f"saving the {kind.result} to {run.dir}")
     kind.save(trainer.model, state, resolved.trainable_names, run.dir)
     tokenizer.save_pretrained(run.dir / TOKENIZER)
     after = _digests({n: state[n] for n in before if n in state})

@@ -136,7 +136,9 @@ def test_template_errors_are_one_line_with_the_record_and_the_fix(family_dirs, t
     r = run_cli("plan", str(write_experiment(tmp_path, no_fold, "gemma-system.yaml")))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0
-    assert f"{DATA / 'sft_train.jsonl'}:1:" in r.stderr and "System role not supported" in r.stderr
+    lines = (DATA / "sft_train.jsonl").read_text().splitlines()
+    first_with_system = next(i for i, line in enumerate(lines, 1) if '"role": "system"' in line)
+    assert f"{DATA / 'sft_train.jsonl'}:{first_with_system}:" in r.stderr and "System role not supported" in r.stderr
     assert "tokenizer.fold_system: true" in r.stderr
 
     rows = tmp_path / "double.jsonl"

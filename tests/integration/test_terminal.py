@@ -23,6 +23,15 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert quiet.stderr == "" and foreign(quiet.stdout) == []
     assert "quiet completed in" in quiet.stdout
+    # tunelab's phases, in order, each with the time the one before took
+    phases = [line for line in quiet.stdout.splitlines() if line.startswith("-> ")]
+    assert [p.split(" (")[0] for p in phases] == [
+        "-> loading builtin:tiny-chat on cpu",
+        "-> preparing the sft trainer",
+        "-> training",
+        f"-> saving the adapter to {tmp_path / 'quiet'}",
+    ]
+    assert [p.rsplit("(", 1)[1].split(" took")[0] for p in phases[1:]] == ["loading", "preparing", "training"]
     log = (tmp_path / "quiet" / "train.log").read_text()
     assert "INFO transformers.trainer: ***** Running training *****" in log
     assert "INFO transformers.modeling_utils: loading weights file" in log
