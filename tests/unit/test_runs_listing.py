@@ -70,3 +70,67 @@ def test_show_prints_a_runs_summary_and_curve(tmp_path: Path) -> None:
     assert as_json["name"] == "partial" and as_json["base_model"]["id"] == "builtin:tiny-chat"
     missing = run_cli("show", str(root / "nope"))
     assert missing.returncode != 0 and "not a tunelab run" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_runs_json_rows_are_the_manifests_summary(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "lora-qv", "completed", "org/Model-7B", "2026-12-01T10:00", [3.0, 2.0])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "manifest.json").write_text("{not json")
+    rows = {r["name"]: r for r in list_runs(tmp_path)}
+    assert rows["broken"] == {
+        "name": "broken",
+        "dir": str(tmp_path / "broken"),
+        "status": "unreadable",
+        "created_at": None,
+    }
+    assert rows["lora-qv"] == {
+        "name": "lora-qv",
+        "dir": str(run),
+        "status": "completed",
+        "method": "sft",
+        "scope": "lora",
+        "base": "org/Model-7B",
+        "quantization": None,
+        "target_modules": ["q_proj", "v_proj"],
+        "layers": [0, 1, 2],
+        "trainable_percent": 1.0,
+        "final_train_loss": None,
+        "eval_loss": 1.5,
+        "train_seconds": None,
+        "created_at": "2026-12-01T10:00",
+    }
+    # a base filter never matches a run whose base is unknown (the unreadable one)
+    assert [r["name"] for r in list_runs(tmp_path, base="X")] == []
+    assert [r["name"] for r in list_runs(tmp_path, base="Model")] == ["lora-qv"]
+
+
+def test_a_manifest_of_the_wrong_shape_names_the_file(tmp_path: Path) -> None:
+    import pytest
+
+    from tunelab.errors import TunelabError
+    from tunelab.runs import read_manifest
+
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(TunelabError, match="the file"):
+        read_manifest(tmp_path)
+
+
+def test_trim_metrics_keeps_the_steps_up_to_the_checkpoint_on_the_writing_rank_only(tmp_path: Path) -> None:
+    from tunelab.runs import Run, read_metrics
+
+    run_dir = make_run(tmp_path, "r", "running", "b", "2026-12-01T10:00", [6.0, 5.0, 4.0, 3.0, 2.0])
+    Run(run_dir, Manifest(name="r", status="running"), resuming=True, writable=False).trim_metrics(2)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+    Run(run_dir, Manifest(name="r", status="running"), resuming=True).trim_metrics(2)
+    assert read_metrics(run_dir) == [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.0}]
+
+
+def test_lm_eval_scores_merge_every_task_with_the_base_beside_them(tmp_path: Path) -> None:
+    from tunelab.runs import lm_eval_scores
+
+    stored = {
+        "a": {"scores": {"a/acc": 0.5}, "base": {"a/acc": 0.25}},
+        "b": {"scores": {"b/em": 1.0, "b/f1": 0.75}, "base": None},
+    }
+    (tmp_path / "lm_eval.json").write_text(json.dumps(stored))
+    assert lm_eval_scores(tmp_path) == ({"a/acc": 0.5, "b/em": 1.0, "b/f1": 0.75}, {"a/acc": 0.25})

@@ -1,0 +1,33 @@
+"""The small decisions of templates.py, each against values worked out by hand: which fix a template's refusal
+suggests, and which ids end a generated reply."""
+
+import pytest
+
+from tunelab.templates import _fix, stop_token_ids
+
+
+def roles(*names: str) -> list[dict]:
+    return [{"role": n, "content": "x"} for n in names]
+
+
+@pytest.mark.parametrize(
+    ("error", "messages", "fix"),
+    [
+        ("System role not supported", roles("system", "user"), "set tokenizer.fold_system: true"),
+        # a refusal that names "system" while the conversation has none is about something else
+        ("System prompt too long", roles("user", "user"), "set data.merge_consecutive_turns: true"),
+        ("Conversation roles must alternate user/assistant", roles("user", "user"), "set data.merge_consecutive_"),
+        ("Conversation roles must alternate", roles("assistant", "user"), "make the conversation start with a user"),
+        ("Only user and assistant roles are supported", roles("tool", "user"), "make the conversation start"),
+        ("Something else", roles("user", "assistant"), "fix the record, or set tokenizer.chat_template"),
+    ],
+)
+def test_the_fix_a_template_refusal_suggests(error: str, messages: list[dict], fix: str) -> None:
+    assert _fix(ValueError(error), messages).startswith(fix)
+
+
+def test_stop_ids_keep_the_configured_order_then_add_what_is_missing() -> None:
+    assert stop_token_ids(None, [7, None, 7]) == [7]
+    assert stop_token_ids(3, [3, 9]) == [3, 9]
+    assert stop_token_ids([5, 3], [3, 9, 5, 11]) == [5, 3, 9, 11]
+    assert stop_token_ids([], [None]) == []
