@@ -112,7 +112,9 @@ def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except TemplateError as e:
-        raise TemplateRowError(f"{where}: the chat template refused this conversation: {e}; {_fix(e, messages)}") from e
+        raise TemplateRowError(
+            f"{where}: the chat template refused this conversation: {e}; {refusal_fix(e, messages)}"
+        ) from e
     except (TypeError, KeyError, IndexError, AttributeError) as e:
         raise TemplateRowError(
             f"{where}: the chat template failed on this conversation ({type(e).__name__}: {e}); "
@@ -124,7 +126,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
     return _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _fix(error: Exception, messages: list[dict]) -> str:
+def refusal_fix(error: Exception, messages: list[dict]) -> str:
+    """The setting or change that gets a conversation past a chat template's refusal (`error`)."""
     text = str(error).lower()
     roles = [m["role"] for m in messages]
     if "system" in text and "system" in roles:

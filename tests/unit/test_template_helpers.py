@@ -3,7 +3,7 @@ suggests, and which ids end a generated reply."""
 
 import pytest
 
-from tunelab.templates import _fix, stop_token_ids
+from tunelab.templates import refusal_fix, stop_token_ids
 
 
 def roles(*names: str) -> list[dict]:
@@ -23,7 +23,7 @@ def roles(*names: str) -> list[dict]:
     ],
 )
 def test_the_fix_a_template_refusal_suggests(error: str, messages: list[dict], fix: str) -> None:
-    assert _fix(ValueError(error), messages).startswith(fix)
+    assert refusal_fix(ValueError(error), messages).startswith(fix)
 
 
 def test_stop_ids_keep_the_configured_order_then_add_what_is_missing() -> None:
