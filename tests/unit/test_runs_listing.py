@@ -111,7 +111,7 @@ def test_a_manifest_of_the_wrong_shape_names_the_file(tmp_path: Path) -> None:
     from tunelab.runs import read_manifest
 
     (tmp_path / "manifest.json").write_text("[1, 2]")
-    with pytest.raises(TunelabError, match="the file"):
+    with pytest.raises(TunelabError, match=r"unreadable \(the file: "):
         read_manifest(tmp_path)
 
 
@@ -134,3 +134,27 @@ def test_lm_eval_scores_merge_every_task_with_the_base_beside_them(tmp_path: Pat
     }
     (tmp_path / "lm_eval.json").write_text(json.dumps(stored))
     assert lm_eval_scores(tmp_path) == ({"a/acc": 0.5, "b/em": 1.0, "b/f1": 0.75}, {"a/acc": 0.25})
+
+
+def test_resume_names_exactly_the_data_files_that_changed() -> None:
+    from tests.conftest import EXAMPLES
+    from tunelab.config import load_experiment
+    from tunelab.runs import DataRecord, Provenance, changed_inputs
+
+    exp = load_experiment(EXAMPLES / "quickstart.yaml")
+
+    def provenance(hashes: dict[str, str], template: str = "t", weights: str = "w") -> Provenance:
+        data = DataRecord(format="messages", train_examples=1, eval_examples=0, hashes=hashes)
+        return Provenance(
+            base_model=BaseModelRecord(id="b", fingerprint=weights), data=data, chat_template_hash=template
+        )
+
+    old = Manifest(
+        name="r", status="failed", config_hash=exp.config_hash(), **provenance({"a": "1", "b": "2"}).model_dump()
+    )
+    assert changed_inputs(old, exp, provenance({"a": "1", "b": "2"})) == []
+    assert changed_inputs(old, exp, provenance({"a": "1", "b": "3"})) == ["the data changed (b)"]
+    assert changed_inputs(old, exp, provenance({"a": "1", "b": "2"}, template="u", weights="v")) == [
+        "the chat template changed",
+        "the base model's weights changed (fingerprint w -> v)",
+    ]
