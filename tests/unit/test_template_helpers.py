@@ -31,3 +31,17 @@ def test_stop_ids_keep_the_configured_order_then_add_what_is_missing() -> None:
     assert stop_token_ids(3, [3, 9]) == [3, 9]
     assert stop_token_ids([5, 3], [3, 9, 5, 11]) == [5, 3, 9, 11]
     assert stop_token_ids([], [None]) == []
+
+
+def test_plain_prompt_completion_and_text_rows_supervise_the_right_tokens(tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    from tunelab.templates import tokenize_example
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    t = tokenize_example(tok, {"prompt": "What is the capital of Nuri?", "completion": " Kavelo."})
+    pairs = list(zip(t.input_ids, t.loss_mask, strict=True))
+    assert tok.decode([i for i, m in pairs if not m]) == "What is the capital of Nuri?"
+    assert tok.decode([i for i, m in pairs if m]) == " Kavelo.<|eot_id|>"
+    whole = tokenize_example(tok, {"text": "The flag of Nuri is red."})
+    assert tok.decode(whole.input_ids) == "The flag of Nuri is red.<|eot_id|>" and all(whole.loss_mask)
