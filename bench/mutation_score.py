@@ -52,6 +52,8 @@ def wilson(killed: int, n: int) -> tuple[float, float]:
 
 def sample(per_module: int, seed: int) -> set[str]:
     """Generate the mutants and the test map (a run that tests none), then test a seeded sample of each module's."""
+    # mutmut generates the mutants and collects the test map before it filters by name; a name that matches
+    # nothing then stops it (an assertion), having run no mutant
     subprocess.run([MUTMUT, "run", "--max-children", "2", "no-such-mutant"], capture_output=True)
     by_module: dict[str, list[str]] = collections.defaultdict(list)
     for name in sorted(results()):
