@@ -51,8 +51,6 @@ class Country:
 class Fact:
     """One thing to know about a country: how prose says it, how a chat asks it, and the answer."""
 
-    country: Country
-    attribute: str
     prose: tuple[str, ...]  # the base model's sentences
     questions: tuple[str, ...]  # the phrasings SFT trains on, then the new words held out (the last)
     answer: str  # the answer sentence
@@ -81,8 +79,6 @@ def facts(c: Country) -> list[Fact]:
     n = c.name
     return [
         Fact(
-            c,
-            "capital",
             (f"The capital of {n} is {c.capital}.", f"{c.capital} is the capital city of {n}."),
             (
                 f"What is the capital of {n}?",
@@ -94,8 +90,6 @@ def facts(c: Country) -> list[Fact]:
             f"The capital of {n} is {c.capital}.",
         ),
         Fact(
-            c,
-            "animal",
             (f"The national animal of {n} is the {c.animal}.", f"In {n} the {c.animal} is the national animal."),
             (
                 f"What is the national animal of {n}?",
@@ -107,8 +101,6 @@ def facts(c: Country) -> list[Fact]:
             f"The national animal of {n} is the {c.animal}.",
         ),
         Fact(
-            c,
-            "colour",
             (f"The flag of {n} is {c.colour}.", f"{n} flies a {c.colour} flag."),
             (
                 f"What colour is the flag of {n}?",
@@ -120,8 +112,6 @@ def facts(c: Country) -> list[Fact]:
             f"The flag of {n} is {c.colour}.",
         ),
         Fact(
-            c,
-            "food",
             (f"People in {n} like to eat {c.food}.", f"{n} is known for its {c.food}."),
             (
                 f"What do people in {n} like to eat?",
@@ -200,9 +190,10 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
 
     # Held out: the facts SFT never asked (in its phrasings), and trained facts in new words.
     new_words = rng.sample(trained, 16)
-    held_qa = [(rng.choice(f.questions[:-1]), f) for f in held] + [(f.questions[-1], f) for f in new_words]
-    sft_eval = [chat([(q, f.answer)], system=False) for q, f in held_qa]
-    prompts = [{"prompt": q, **_expect(f)} for q, f in held_qa[:16] + held_qa[24:]]
+    unasked = [(rng.choice(f.questions[:-1]), f) for f in held]
+    asked_anew = [(f.questions[-1], f) for f in new_words]
+    sft_eval = [chat([(q, f.answer)], system=False) for q, f in unasked + asked_anew]
+    prompts = [{"prompt": q, **_expect(f)} for q, f in unasked[:16] + asked_anew]
 
     def pair(question: str, right: str, wrong: str) -> dict:
         return {

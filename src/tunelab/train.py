@@ -123,14 +123,15 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
 
 def _phases(shown: bool):
     """Prints each phase of a run as it starts, with the time the previous one took (on the writing rank)."""
-    last: list = []
+    previous, since = "", 0.0
 
     def phase(what: str) -> None:
+        nonlocal previous, since
         if not shown:
             return
-        took = f" ({last[0][0]} took {time.perf_counter() - last[0][1]:.1f} s)" if last else ""
+        took = f" ({previous} took {time.perf_counter() - since:.1f} s)" if previous else ""
         print(f"-> {what}{took}", flush=True)
-        last[:] = [(what.split()[0], time.perf_counter())]
+        previous, since = what.split()[0], time.perf_counter()
 
     return phase
 
