@@ -33,7 +33,7 @@ test-fast: install
 mutants: install
 	$(BIN)/python -m pip install -q mutmut==3.8.1
 	rm -rf mutants
-	TUNELAB_HOME=$(CURDIR)/.tunelab-cache $(BIN)/mutmut run --max-children 2 > /dev/null || true
+	OMP_NUM_THREADS=1 TUNELAB_HOME=$(CURDIR)/.tunelab-cache $(BIN)/mutmut run --max-children 2 > /dev/null || true
 	$(BIN)/python bench/mutation_score.py
 
 # The same measured on a seeded sample of SAMPLE mutants per module (default 60), with 95% intervals: ~30 min.

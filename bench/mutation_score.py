@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import os
 import random
 import subprocess
 import sys
@@ -18,6 +19,9 @@ from pathlib import Path
 
 KILLED = {"killed", "timeout", "segfault"}
 MUTMUT = str(Path(sys.executable).parent / "mutmut")
+# mutmut forks a child per mutant from a process that has run torch: with more than one OpenMP thread there, a
+# child can block forever on a lock the fork copied (no CPU used, so mutmut's CPU-time limit never ends it)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def results() -> dict[str, str]:
@@ -54,13 +58,13 @@ def sample(per_module: int, seed: int) -> set[str]:
     """Generate the mutants and the test map (a run that tests none), then test a seeded sample of each module's."""
     # mutmut generates the mutants and collects the test map before it filters by name; a name that matches
     # nothing then stops it (an assertion), having run no mutant
-    subprocess.run([MUTMUT, "run", "--max-children", "2", "no-such-mutant"], capture_output=True)
+    subprocess.run([MUTMUT, "run", "--max-children", "2", "no-such-mutant"], capture_output=True, env=ENV)
     by_module: dict[str, list[str]] = collections.defaultdict(list)
     for name in sorted(results()):
         by_module[module_of(name)].append(name)
     rng = random.Random(seed)
     picked = {n for names in by_module.values() for n in rng.sample(names, min(per_module, len(names)))}
-    subprocess.run([MUTMUT, "run", "--max-children", "2", *sorted(picked)], capture_output=True)
+    subprocess.run([MUTMUT, "run", "--max-children", "2", *sorted(picked)], capture_output=True, env=ENV)
     return picked
 
 

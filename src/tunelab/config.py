@@ -516,9 +516,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, run_na
     if run_name is not None:
         check_run_name(run_name, "--name")
         set_key(raw, "output.name", run_name, where="--name")
-    # A value given on the command line is reported there, not at a line of the file.
+    # A value given on the command line is reported there, not at a line of the file (--name is checked above, by
+    # the same pattern as output.name's).
     given = {item.partition("=")[0].strip(): f"--set {item.partition('=')[0].strip()}" for item in overrides or []}
-    given |= {"output.name": "--name"} if run_name is not None else {}
     exp = validate(raw, source=str(path), lines=lines, given=given)
     return resolve_paths(exp, path.parent)
 

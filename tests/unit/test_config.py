@@ -215,3 +215,33 @@ def test_command_line_words_stay_words(tmp_path: Path) -> None:
     path = write_experiment(tmp_path, BASE)
     exp = load_experiment(path, ["output.name=on", "train.packing=yes", "train.gradient_checkpointing=off"])
     assert exp.output.name == "on" and exp.train.packing is True and exp.train.gradient_checkpointing == "off"
+
+
+@pytest.mark.parametrize(("layers", "written"), [("[]", "[]"), ("{last: 2, first: 1}", "{'last': 2, 'first': 1}")])
+def test_a_layer_selection_that_is_none_of_the_forms_gets_the_whole_list_of_forms(
+    tmp_path: Path, layers: str, written: str
+) -> None:
+    msg = error_of(tmp_path, BASE + f"scope:\n  lora:\n    layers: {layers}\n")
+    assert msg == (
+        f"{tmp_path}/exp.yaml:8: scope.lora.layers: {written} is not a layer selection; use all | last-half | "
+        "first-half | {last: N} | {first: N} | a list of indices and ranges like [0, 1, '5-7']"
+    )
+
+
+def test_a_missing_nested_key_is_reported_at_its_section(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, f"name: t\ndata:\n  train: {DATA}/sft_train.jsonl\nmodel:\n  dtype: auto\n")
+    assert msg == f"{tmp_path}/exp.yaml:4: missing required key 'model.id'"
+
+
+def test_local_inputs_are_found_beside_the_experiment_file_wherever_it_runs(tmp_path: Path, monkeypatch) -> None:
+    here = tmp_path / "exp"
+    (here / "model").mkdir(parents=True)
+    (here / "sft-run").mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (here / name).write_text("")
+    text = "name: t\nmodel: {id: model}\ndata: {train: [a.jsonl, b.jsonl]}\nmethod: dpo\ninit_from: sft-run\n"
+    monkeypatch.chdir(tmp_path)
+    exp = load_experiment(write_experiment(here, text))
+    assert exp.model.id == str(here / "model")
+    assert exp.data.train == [str(here / "a.jsonl"), str(here / "b.jsonl")]
+    assert exp.init_from == str(here / "sft-run")

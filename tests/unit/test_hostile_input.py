@@ -20,7 +20,7 @@ def exp_in(tmp_path: Path, text: str = EXPERIMENT, **kw):
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "a/b", ".hidden", "#scratch", "[/]", "x" * 101, ""])
 def test_a_run_name_is_one_path_component_never_yaml(tmp_path: Path, name: str) -> None:
-    with pytest.raises(TunelabError, match=r"--name: .* is not a run name"):
+    with pytest.raises(TunelabError, match=r"^--name: .* is not a run name"):
         exp_in(tmp_path, run_name=name)
 
 
@@ -46,9 +46,13 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
     for i in range(1, 10):
         bomb += f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 9) + "]\n"
     started = time.perf_counter()
-    with pytest.raises(TunelabError, match=r"expands to more than 100000 values \(nested YAML aliases\?\)"):
+    with pytest.raises(TunelabError) as error:
         exp_in(tmp_path, EXPERIMENT + bomb)
     assert time.perf_counter() - started < 5
+    # the first list past the limit is f's, 9**6 values, on line 3 + 6 (a is on line 4)
+    assert str(error.value) == (
+        f"{tmp_path}/exp.yaml:9: expands to more than 100000 values (nested YAML aliases?); write the values out"
+    )
 
 
 def test_ordinary_anchors_still_work(tmp_path: Path) -> None:

@@ -158,3 +158,10 @@ def test_resume_names_exactly_the_data_files_that_changed() -> None:
         "the chat template changed",
         "the base model's weights changed (fingerprint w -> v)",
     ]
+
+
+def test_a_run_without_a_creation_time_is_listed_last(tmp_path: Path) -> None:
+    runs_folder(tmp_path)
+    (tmp_path / "undated").mkdir()
+    write_manifest(tmp_path / "undated", Manifest(name="undated", status="completed"))
+    assert [r["name"] for r in list_runs(tmp_path)] == ["partial", "lora-all", "lora-qv", "undated"]

@@ -290,9 +290,8 @@ def test_bad_partial_scopes_name_their_key(partial: PartialScope, message: str) 
     assert str(error.value).startswith(message)
 
 
-def test_final_norm_of_a_decoder_nested_two_deep_is_its_own() -> None:
-    """A vision-language model keeps its text decoder at model.language_model.layers; its final norm is
-    model.language_model.norm, not something of the outer model."""
+def tiny_gemma3():
+    """A vision-language model: its text decoder is model.language_model.layers, beside a vision tower's layers."""
     from transformers import Gemma3Config
 
     text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
@@ -300,5 +299,47 @@ def test_final_norm_of_a_decoder_nested_two_deep_is_its_own() -> None:
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     config = Gemma3Config(text_config=text, vision_config={**vision, "image_size": 32, "patch_size": 8})
     config.mm_tokens_per_image = 4
-    _, resolved = apply_scope(meta_model(config), Scope(partial=PartialScope(norm=True)))
+    return meta_model(config)
+
+
+def test_final_norm_of_a_decoder_nested_two_deep_is_its_own() -> None:
+    """The final norm of model.language_model.layers is model.language_model.norm, not something of the outer
+    model."""
+    _, resolved = apply_scope(tiny_gemma3(), Scope(partial=PartialScope(norm=True)))
     assert resolved.trainable_names == ["model.language_model.norm.weight"]
+
+
+def test_layers_pattern_names_the_last_part_of_a_nested_decoders_path() -> None:
+    from tunelab.scope import find_decoder
+
+    decoder = find_decoder(tiny_gemma3(), "layers")
+    assert (decoder.path, decoder.pattern, decoder.count) == ("model.language_model.layers", "layers", 2)
+    with pytest.raises(TunelabError, match="layers_pattern: no list of decoder layers named 'language_model'"):
+        find_decoder(tiny_gemma3(), "language_model")
+
+
+def test_the_decoder_is_the_list_as_long_as_num_hidden_layers_even_below_another_list() -> None:
+    """A list of another length nearer the top (here three heads) is not the decoder."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from tunelab.scope import find_decoder
+
+    model = nn.Module()
+    model.config = SimpleNamespace(num_hidden_layers=2)
+    model.heads = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    assert find_decoder(model).path == "model.layers"
+
+
+def test_every_lora_layer_scales_by_alpha_over_r_the_fused_experts_too() -> None:
+    """Mixtral's fused gate_up experts get twice the rank (two projections in one); their alpha doubles with it, so
+    every adapter's update is scaled by alpha / r, as PEFT's own all-linear would."""
+    model, _ = apply_scope(tiny_mixtral(), Scope(lora=LoraScope(r=8, alpha=16, dropout=0.0)))
+    layers = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "scaling", None), dict) and m.scaling}
+    assert len(layers) == 4 * 7  # q, k, v, o, the router, down_proj and the gate_up_proj it wraps
+    assert {m.scaling["default"] for m in layers.values()} == {16 / 8}
+    fused = [n for n, m in layers.items() if m.r["default"] == 16]
+    assert fused == [f"base_model.model.model.layers.{i}.mlp.experts.base_layer" for i in range(4)]

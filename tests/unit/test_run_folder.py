@@ -1,0 +1,99 @@
+"""What `open_run` and the run folder's writers leave on disk, on each path: fresh, refused, resumed, other ranks."""
+
+import json
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+from tunelab.config import Experiment, load_experiment
+from tunelab.errors import TunelabError
+from tunelab.runs import (
+    Manifest,
+    changed_inputs,
+    lm_eval_scores,
+    open_run,
+    read_manifest,
+    versions,
+    write_json,
+    write_lm_eval,
+)
+
+
+def quickstart(out: Path) -> Experiment:
+    return load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={out}"])
+
+
+def checkpoint(run_dir: Path, step: int) -> None:
+    """A checkpoint folder as the Trainer leaves a finished one: its state last, after optimizer and scheduler."""
+    folder = run_dir / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (folder / name).write_bytes(b"")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_a_fresh_run_is_created_and_marked_as_made_by_this_call(tmp_path: Path) -> None:
+    run = open_run(quickstart(tmp_path), resume=False, overwrite=False)
+    assert run.created and not run.resuming and run.writable
+    assert read_manifest(tmp_path / "quickstart").status == "running"
+    run.close()
+
+
+def test_a_resume_reopens_without_claiming_the_folder(tmp_path: Path) -> None:
+    open_run(quickstart(tmp_path), resume=False, overwrite=False).close()
+    checkpoint(tmp_path / "quickstart", 3)
+    run = open_run(quickstart(tmp_path), resume=True, overwrite=False)
+    # `created` decides whether a failure may delete the folder: a resumed run's folder is never deleted
+    assert run.resuming and not run.created
+    run.close()
+
+
+def test_other_ranks_get_a_read_only_view_that_knows_whether_this_is_a_resume(tmp_path: Path) -> None:
+    exp = quickstart(tmp_path)
+    assert not open_run(exp, resume=True, overwrite=False, main_process=False).resuming  # nothing there yet
+    checkpoint(tmp_path / "quickstart", 3)
+    view = open_run(exp, resume=True, overwrite=False, main_process=False)
+    assert view.resuming and not view.writable and not view.created
+    assert not (tmp_path / "quickstart" / "manifest.json").exists()  # only the main process writes
+    assert not open_run(exp, resume=False, overwrite=False, main_process=False).resuming
+
+
+def test_an_unfinished_run_in_the_way_names_the_three_ways_out(tmp_path: Path) -> None:
+    open_run(quickstart(tmp_path), resume=False, overwrite=False).close()
+    with pytest.raises(TunelabError) as error:
+        open_run(quickstart(tmp_path), resume=False, overwrite=False)
+    assert str(error.value) == (
+        f"{tmp_path}/quickstart: a running run is already there; use --resume to continue it, "
+        "--overwrite to replace it, or --name to start another"
+    )
+
+
+def test_resume_after_an_edit_names_both_config_hashes(tmp_path: Path) -> None:
+    before, after = (
+        quickstart(tmp_path),
+        load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.learning_rate=0.5"]),
+    )
+    old = Manifest(name="quickstart", status="failed", config_hash=before.config_hash())
+    assert before.config_hash() != after.config_hash()
+    assert changed_inputs(old, after, None) == [
+        f"the experiment changed (config hash {before.config_hash()} -> {after.config_hash()})"
+    ]
+
+
+def test_json_files_of_a_run_are_indented_for_people_to_read(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", {"a": 1, "b": [2]})
+    assert (tmp_path / "x.json").read_text() == '{\n  "a": 1,\n  "b": [\n    2\n  ]\n}'
+
+
+def test_stored_lm_eval_scores_read_back_as_written(tmp_path: Path) -> None:
+    write_lm_eval(tmp_path, {"t": {"scores": {"t/acc": 0.75}, "base": {"t/acc": 0.5}}})
+    assert json.loads((tmp_path / "lm_eval.json").read_text())["t"]["scores"] == {"t/acc": 0.75}
+    assert lm_eval_scores(tmp_path) == ({"t/acc": 0.75}, {"t/acc": 0.5})
+
+
+def test_the_recorded_versions_are_the_installed_ones() -> None:
+    recorded = versions()
+    for package in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
+        assert recorded[package] == version(package), package

@@ -1,0 +1,109 @@
+"""What templates.py decides about tokens, on tokenizers small enough to work out by hand: which pad it chooses,
+which warnings plan prints, how the loss mask is shown, and which turns a {% generation %} template supervises."""
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.errors import TunelabError
+from tunelab.templates import TokenChecks, Tokenized, choose_pad, loss_segments, resolve_template, tokenize_example
+
+
+def word_tokenizer(reserved: tuple[str, ...] = ("<|reserved_9|>", "<|reserved_10|>")):
+    """Whole words as tokens (ids: [UNK] 0, a 1, b 2, </s> 3), no pad token, then `reserved` as ids 4, 5, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "</s>": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": list(reserved)})
+    return tok
+
+
+def test_the_pad_is_the_lowest_id_reserved_token_that_no_turn_ends_with() -> None:
+    # by id, reserved_9 (4) comes before reserved_10 (5); as text it would not
+    assert choose_pad(word_tokenizer(), set())[0] == "<|reserved_9|>"
+    tok = word_tokenizer()
+    assert choose_pad(tok, {4}) == ("<|reserved_10|>", "chosen by tunelab: the tokenizer has no pad token")
+    assert tok.pad_token == "<|reserved_10|>"
+
+
+def test_a_tokenizer_with_its_own_pad_keeps_it() -> None:
+    tok = word_tokenizer()
+    tok.pad_token = "a"
+    assert choose_pad(tok, {1}) == ("a", "the tokenizer's own")
+
+
+def test_no_safe_pad_is_one_error_that_says_what_to_set() -> None:
+    with pytest.raises(TunelabError) as error:
+        choose_pad(word_tokenizer(reserved=("<|reserved_0|>",)), {4})
+    assert str(error.value) == (
+        "tokenizer.pad_token: the tokenizer has no pad token and none of its tokens is a safe choice "
+        "(padding with EOS or the turn terminator would hide it from the loss); set tokenizer.pad_token to an "
+        "unused token of its vocabulary"
+    )
+
+
+def test_plan_warnings_name_the_rows_and_the_fix() -> None:
+    checks = TokenChecks(
+        terminator="</s>",
+        terminator_is_eos=True,
+        pad_token="<|reserved_9|>",
+        pad_source="chosen",
+        rows_without_loss=["train.jsonl:1", "train.jsonl:2", "train.jsonl:3", "train.jsonl:9"],
+        rows_all_loss=["train.jsonl:4"],
+        rows_unterminated=["eval.jsonl:2"],
+    )
+    assert checks.warnings(64) == [
+        "4 rows carry no loss within train.max_length=64 and will be dropped (train.jsonl:1, train.jsonl:2, "
+        "train.jsonl:3, ...); raise train.max_length or fix those rows",
+        "1 chat rows carry loss on every token, prompt included (train.jsonl:4); check the chat template",
+        "1 rows have assistant turns that no special token closes (eval.jsonl:2), so the model may not learn to "
+        "stop; use a template that ends each turn with a special token (tokenizer.chat_template)",
+    ]
+    assert TokenChecks("</s>", True, "a", "own", [], [], []).warnings(64) == []
+
+
+def test_the_loss_mask_is_shown_as_runs_of_text() -> None:
+    tok = word_tokenizer()
+    example = Tokenized([1, 2, 2, 3, 1], [0, 1, 1, 1, 0])
+    assert loss_segments(tok, example) == [("a", False), ("b b </s>", True), ("a", False)]
+    assert loss_segments(tok, Tokenized([], [])) == []
+
+
+def test_a_template_file_is_read_as_written(tmp_path: Path) -> None:
+    (tmp_path / "t.jinja").write_text("{{ messages[0].content }}")
+    assert resolve_template(str(tmp_path / "t.jinja"), word_tokenizer()) == "{{ messages[0].content }}"
+    with pytest.raises(TunelabError, match=r"^tokenizer.chat_template: template file '.*nope.jinja' not found$"):
+        resolve_template(str(tmp_path / "nope.jinja"), word_tokenizer())
+
+
+# A template that marks what the assistant says with {% generation %}, as TRL's training templates do.
+MARKED = (
+    "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|eot_id|>"
+    "{% endgeneration %}{% else %}{{ m.role }}: {{ m.content }}\n{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(("weights", "supervised"), [((0, 1), " d<|eot_id|>"), ((1, 0), " b<|eot_id|>")])
+def test_a_generation_template_supervises_exactly_the_turns_of_weight_one(
+    tiny_model_dir, weights: tuple[int, int], supervised: str
+) -> None:
+    """A turn of weight 0 loses its whole span, also when it is the last and runs to the end of the row."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = MARKED
+    row = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": " b", "weight": weights[0]},
+            {"role": "user", "content": "c"},
+            {"role": "assistant", "content": " d", "weight": weights[1]},
+        ]
+    }
+    t = tokenize_example(tok, row)
+    assert tok.decode(t.input_ids) == "user: a\n b<|eot_id|>user: c\n d<|eot_id|>"
+    assert tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m]) == supervised
+    assert t.terminators == [tok.convert_tokens_to_ids("<|eot_id|>")] and t.unterminated == 0
