@@ -43,6 +43,9 @@ def _check_layer_selection(value: Any) -> Any:
     if isinstance(value, str) and value in LAYER_WORDS:
         return value
     if isinstance(value, dict) and len(value) == 1 and set(value) <= {"last", "first"}:
+        ((word, n),) = value.items()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{{{word}: N}} takes a number of layers N of at least 1, not {n!r}")
         return value
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
@@ -545,6 +548,10 @@ def read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         _check_nodes(root, path)
         raw = yaml.safe_load(text)
+    except yaml.reader.ReaderError as e:  # a character YAML text may not hold: a position, not a line
+        line = text.count("\n", 0, e.position) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise TunelabError(f"{path}:{line}: not valid YAML (character #x{code:04x}: {e.reason}); remove it") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -604,7 +611,7 @@ def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], 
     first = error.errors()[0]
     loc = tuple(str(p) for p in first["loc"])
     # Pydantic adds union-member tags such as 'list[union[int,str]]' to the location; drop them.
-    loc = tuple(p for p in loc if not re.search(r"[\[\]]", p) and p not in ("LastN", "FirstN", "str"))
+    loc = tuple(p for p in loc if not re.search(r"[\[\]]", p) and p != "str")
     where = source + (f":{_nearest_line(loc, lines)}" if lines else "")
     dotted = ".".join(loc)
     for key, label in given.items():

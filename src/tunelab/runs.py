@@ -420,11 +420,11 @@ def lock_run(output_dir: Path, name: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+        pid = os.read(fd, 32).decode(errors="replace").strip()
         os.close(fd)
         raise TunelabError(
-            f"{output_dir / name}: process {holder} is training this run now; wait for it, or use --name "
-            "to start another run"
+            f"{output_dir / name}: {f'process {pid}' if pid else 'another process'} is training this run now; wait "
+            "for it, or use --name to start another run"
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())

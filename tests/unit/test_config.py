@@ -245,3 +245,18 @@ def test_local_inputs_are_found_beside_the_experiment_file_wherever_it_runs(tmp_
     assert exp.model.id == str(here / "model")
     assert exp.data.train == [str(here / "a.jsonl"), str(here / "b.jsonl")]
     assert exp.init_from == str(here / "sft-run")
+
+
+@pytest.mark.parametrize(("layers", "n"), [("{first: 0}", "0"), ("{last: x}", "'x'"), ("{last: true}", "True")])
+def test_a_layer_count_below_one_says_so(tmp_path: Path, layers: str, n: str) -> None:
+    msg = error_of(tmp_path, BASE + f"scope:\n  lora:\n    layers: {layers}\n")
+    word = layers[1:].split(":")[0]
+    assert (
+        msg
+        == f"{tmp_path}/exp.yaml:8: scope.lora.layers: {{{word}: N}} takes a number of layers N of at least 1, not {n}"
+    )
+
+
+def test_a_bad_list_item_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + "train:\n  report_to:\n    - tensorboard\n    - wandbb\n")
+    assert msg.startswith(f"{tmp_path}/exp.yaml:9: train.report_to.1: 'wandbb' is not a choice; input should be ")

@@ -69,6 +69,12 @@ def test_oversized_and_binary_experiment_files_are_one_line(tmp_path: Path) -> N
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
     with pytest.raises(TunelabError, match=r"bin.yaml: not a UTF-8 text file"):
         load_experiment(binary)
+    control = write_experiment(tmp_path, EXPERIMENT + "train: {seed: 1}\x07\n", name="bell.yaml")
+    with pytest.raises(TunelabError) as error:
+        load_experiment(control)
+    assert str(error.value) == (
+        f"{control}:4: not valid YAML (character #x0007: special characters are not allowed); remove it"
+    )
 
 
 def test_one_writer_per_run(tmp_path: Path, tiny_model_dir) -> None:
@@ -80,6 +86,34 @@ def test_one_writer_per_run(tmp_path: Path, tiny_model_dir) -> None:
     first.close()
     second = open_run(exp, resume=True, overwrite=False)  # released: a resume may take it
     second.close()
+
+
+def test_a_lock_held_before_its_holder_wrote_its_pid_names_another_process(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    exp = exp_in(tmp_path)
+    (tmp_path / "runs").mkdir()
+    fd = os.open(tmp_path / "runs" / ".t.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    with pytest.raises(TunelabError) as error:
+        open_run(exp, resume=False, overwrite=False)
+    os.close(fd)
+    assert str(error.value) == (
+        f"{tmp_path}/runs/t: another process is training this run now; wait for it, or use --name to start another run"
+    )
+
+
+def test_a_run_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    exp = exp_in(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs" / "t").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TunelabError) as error:
+        open_run(exp, resume=False, overwrite=False)
+    assert str(error.value) == (
+        f"{tmp_path}/runs/t: is a symbolic link; a run folder must be a real folder inside output.dir"
+    )
 
 
 def test_overwrite_replaces_only_its_own_run(tmp_path: Path, tiny_model_dir) -> None:

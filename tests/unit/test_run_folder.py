@@ -87,6 +87,17 @@ def test_json_files_of_a_run_are_indented_for_people_to_read(tmp_path: Path) -> 
     assert (tmp_path / "x.json").read_text() == '{\n  "a": 1,\n  "b": [\n    2\n  ]\n}'
 
 
+def test_values_json_cannot_hold_are_written_as_text(tmp_path: Path) -> None:
+    write_json(tmp_path / "x.json", {"dir": tmp_path})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"dir": str(tmp_path)}
+
+
+def test_a_run_that_logged_nothing_has_no_metrics(tmp_path: Path) -> None:
+    from tunelab.runs import read_metrics
+
+    assert read_metrics(tmp_path) == []
+
+
 def test_stored_lm_eval_scores_read_back_as_written(tmp_path: Path) -> None:
     write_lm_eval(tmp_path, {"t": {"scores": {"t/acc": 0.75}, "base": {"t/acc": 0.5}}})
     assert json.loads((tmp_path / "lm_eval.json").read_text())["t"]["scores"] == {"t/acc": 0.75}
@@ -97,3 +108,11 @@ def test_the_recorded_versions_are_the_installed_ones() -> None:
     recorded = versions()
     for package in ("torch", "transformers", "peft", "trl", "datasets", "accelerate"):
         assert recorded[package] == version(package), package
+
+
+def test_run_status_is_the_manifests_or_none_where_no_run_is(tmp_path: Path) -> None:
+    from tunelab.runs import run_status
+
+    assert run_status(tmp_path / "quickstart") is None
+    open_run(quickstart(tmp_path), resume=False, overwrite=False).close()
+    assert run_status(tmp_path / "quickstart") == "running"

@@ -343,3 +343,9 @@ def test_every_lora_layer_scales_by_alpha_over_r_the_fused_experts_too() -> None
     assert {m.scaling["default"] for m in layers.values()} == {16 / 8}
     fused = [n for n, m in layers.items() if m.r["default"] == 16]
     assert fused == [f"base_model.model.model.layers.{i}.mlp.experts.base_layer" for i in range(4)]
+
+
+def test_the_adapter_has_the_dropout_the_scope_asks_for() -> None:
+    model, _ = apply_scope(tiny_llama(), Scope(lora=LoraScope(r=4, alpha=8, dropout=0.1, targets="qv")))
+    dropouts = [m.lora_dropout["default"] for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    assert len(dropouts) == 8 and {d.p for d in dropouts} == {0.1}

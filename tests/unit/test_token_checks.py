@@ -107,3 +107,46 @@ def test_a_generation_template_supervises_exactly_the_turns_of_weight_one(
     assert tok.decode(t.input_ids) == "user: a\n b<|eot_id|>user: c\n d<|eot_id|>"
     assert tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m]) == supervised
     assert t.terminators == [tok.convert_tokens_to_ids("<|eot_id|>")] and t.unterminated == 0
+
+
+def test_plain_prompt_completion_ends_with_eos_or_says_it_is_unterminated() -> None:
+    t = tokenize_example(word_tokenizer(), {"prompt": "a", "completion": " b b"})
+    assert (t.input_ids, t.loss_mask, t.terminators, t.unterminated) == ([1, 2, 2, 3], [0, 1, 1, 1], [3], 0)
+    no_eos = word_tokenizer()
+    no_eos.eos_token = None
+    t = tokenize_example(no_eos, {"prompt": "a", "completion": " b"})
+    assert (t.input_ids, t.loss_mask, t.terminators, t.unterminated) == ([1, 2], [0, 1], [], 1)
+
+
+def test_a_generation_span_without_a_special_token_is_counted_as_unterminated(tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = MARKED.replace("<|eot_id|>{% endgeneration %}", "{% endgeneration %}<|eot_id|>")
+    t = tokenize_example(tok, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b"}]})
+    assert tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m]) == " b"
+    assert (t.terminators, t.unterminated) == ([], 1)
+
+
+def test_a_template_refusal_names_the_record_and_the_setting_that_fixes_it(tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = (
+        "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    )
+    row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}
+    with pytest.raises(TunelabError) as error:
+        tokenize_example(tok, row, where="train.jsonl:7")
+    assert str(error.value) == (
+        "train.jsonl:7: the chat template refused this conversation: System role not supported; set "
+        "tokenizer.fold_system: true to put the system message at the start of the first user turn"
+    )
+
+
+def test_an_unknown_trl_template_lists_trls_training_templates() -> None:
+    with pytest.raises(TunelabError) as error:
+        resolve_template("trl:llama9", word_tokenizer())
+    names = str(error.value).split("its training templates: ")[1].split(", ")
+    assert {"trl:llama3_training", "trl:qwen3_training"} <= set(names)
+    assert all(n.startswith("trl:") and n.endswith("_training") for n in names)
