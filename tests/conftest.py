@@ -48,7 +48,17 @@ def _hermetic_home() -> Path:
     return home
 
 
+def _threads_per_worker() -> dict[str, str]:
+    """Under pytest-xdist (`make test` runs one worker per core), each worker's torch gets its share of the cores:
+    torch takes them all by default, and N workers each spinning N threads run slower than one worker alone."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers == 1:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+
+
 os.environ.update(OFFLINE)
+os.environ.update(_threads_per_worker())
 os.environ["TUNELAB_HOME"] = str(_hermetic_home())
 (SCRATCH / "cwd").mkdir()
 _connect = socket.socket.connect

