@@ -22,12 +22,12 @@ demo: install
 	$(BIN)/tunelab compare runs/quickstart --prompts examples/data/prompts.jsonl --out reports/quickstart
 	$(BIN)/tunelab train examples/dpo.yaml --overwrite
 
-# One pytest-xdist worker per core, tests handed out one by one (a module-wide fixture may be built on both).
+# One pytest-xdist worker per core this process may use (nproc), tests handed out one by one.
 test: install
-	$(BIN)/python -m pytest -q -n auto --dist worksteal
+	$(BIN)/python -m pytest -q -n $(shell nproc) --dist worksteal
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n auto --dist worksteal -m "not slow"
+	$(BIN)/python -m pytest -q -n $(shell nproc) --dist worksteal -m "not slow"
 
 # Mutation testing (mutmut) of the modules that decide what trains and what is kept: scope, templates and the loss
 # mask, runs, config. A development tool, not part of `make test`; about an hour on 2 cores.
