@@ -260,3 +260,8 @@ def test_a_layer_count_below_one_says_so(tmp_path: Path, layers: str, n: str) ->
 def test_a_bad_list_item_is_reported_at_its_own_line(tmp_path: Path) -> None:
     msg = error_of(tmp_path, BASE + "train:\n  report_to:\n    - tensorboard\n    - wandbb\n")
     assert msg.startswith(f"{tmp_path}/exp.yaml:9: train.report_to.1: 'wandbb' is not a choice; input should be ")
+
+
+def test_one_layer_index_is_a_list_of_one(tmp_path: Path) -> None:
+    exp = load_experiment(write_experiment(tmp_path, BASE + "scope:\n  lora:\n    layers: 3\n"))
+    assert exp.scope.lora.layers == [3]

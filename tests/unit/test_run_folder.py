@@ -116,3 +116,28 @@ def test_run_status_is_the_manifests_or_none_where_no_run_is(tmp_path: Path) -> 
     assert run_status(tmp_path / "quickstart") is None
     open_run(quickstart(tmp_path), resume=False, overwrite=False).close()
     assert run_status(tmp_path / "quickstart") == "running"
+
+
+def test_a_run_opens_in_an_output_dir_that_does_not_exist_yet(tmp_path: Path) -> None:
+    run = open_run(quickstart(tmp_path / "a" / "b"), resume=False, overwrite=False)
+    assert (tmp_path / "a" / "b" / "quickstart" / "manifest.json").is_file()
+    run.close()
+
+
+def test_a_manifest_from_before_base_models_were_recorded_resumes_without_comparing_weights() -> None:
+    from tunelab.runs import BaseModelRecord, DataRecord, Provenance
+
+    exp = load_experiment(EXAMPLES / "quickstart.yaml")
+    now = Provenance(
+        base_model=BaseModelRecord(id="b", fingerprint="w"),
+        data=DataRecord(format="messages", train_examples=1, eval_examples=0, hashes={}),
+        chat_template_hash="t",
+    )
+    old = Manifest(name="r", status="failed", config_hash=exp.config_hash())
+    assert old.base_model is None and changed_inputs(old, exp, now) == []
+
+
+def test_other_ranks_view_carries_the_run_folder_and_the_experiments_hash(tmp_path: Path) -> None:
+    exp = quickstart(tmp_path)
+    view = open_run(exp, resume=False, overwrite=False, main_process=False)
+    assert view.dir == tmp_path / "quickstart" and view.manifest.config_hash == exp.config_hash()

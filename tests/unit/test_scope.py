@@ -349,3 +349,21 @@ def test_the_adapter_has_the_dropout_the_scope_asks_for() -> None:
     model, _ = apply_scope(tiny_llama(), Scope(lora=LoraScope(r=4, alpha=8, dropout=0.1, targets="qv")))
     dropouts = [m.lora_dropout["default"] for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
     assert len(dropouts) == 8 and {d.p for d in dropouts} == {0.1}
+
+
+def test_of_two_lists_as_long_as_the_decoder_the_shallower_is_the_decoder() -> None:
+    """Nearest the top wins, whatever the names: 'z.layers' (one level) over 'a.inner.layers' (two)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from tunelab.scope import find_decoder
+
+    model = nn.Module()
+    model.config = SimpleNamespace(num_hidden_layers=2)
+    model.a = nn.Module()
+    model.a.inner = nn.Module()
+    model.a.inner.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    model.z = nn.Module()
+    model.z.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+    assert find_decoder(model).path == "z.layers"

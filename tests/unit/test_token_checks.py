@@ -150,3 +150,22 @@ def test_an_unknown_trl_template_lists_trls_training_templates() -> None:
     names = str(error.value).split("its training templates: ")[1].split(", ")
     assert {"trl:llama3_training", "trl:qwen3_training"} <= set(names)
     assert all(n.startswith("trl:") and n.endswith("_training") for n in names)
+
+
+def test_a_preference_prompt_folds_its_system_message_as_sft_rows_do() -> None:
+    from tunelab.templates import fold_preference
+
+    row = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    row |= {
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+    folded = fold_preference(row, True)
+    assert folded["prompt"] == [{"role": "user", "content": "Be brief.\n\nHi"}]
+    assert folded["chosen"] == row["chosen"] and fold_preference(row, False) == row
+
+
+def test_a_builtin_template_is_the_shipped_file() -> None:
+    from tunelab.templates import TEMPLATE_DIR
+
+    assert resolve_template("builtin:llama3", word_tokenizer()) == (TEMPLATE_DIR / "llama3.jinja").read_text()
