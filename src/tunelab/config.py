@@ -550,8 +550,9 @@ def read_yaml(path: Path) -> tuple[dict, dict[tuple[str, ...], int]]:
         raw = yaml.safe_load(text)
     except yaml.reader.ReaderError as e:  # a character YAML text may not hold: a position, not a line
         line = text.count("\n", 0, e.position) + 1
-        code = e.character if isinstance(e.character, int) else ord(e.character)
-        raise TunelabError(f"{path}:{line}: not valid YAML (character #x{code:04x}: {e.reason}); remove it") from e
+        raise TunelabError(
+            f"{path}:{line}: not valid YAML (character #x{e.character:04x}: {e.reason}); remove it"
+        ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -56,6 +56,7 @@ def test_other_ranks_get_a_read_only_view_that_knows_whether_this_is_a_resume(tm
     checkpoint(tmp_path / "quickstart", 3)
     view = open_run(exp, resume=True, overwrite=False, main_process=False)
     assert view.resuming and not view.writable and not view.created
+    assert view.dir == tmp_path / "quickstart" and view.manifest.config_hash == exp.config_hash()
     assert not (tmp_path / "quickstart" / "manifest.json").exists()  # only the main process writes
     assert not open_run(exp, resume=False, overwrite=False, main_process=False).resuming
 
@@ -135,9 +136,3 @@ def test_a_manifest_from_before_base_models_were_recorded_resumes_without_compar
     )
     old = Manifest(name="r", status="failed", config_hash=exp.config_hash())
     assert old.base_model is None and changed_inputs(old, exp, now) == []
-
-
-def test_other_ranks_view_carries_the_run_folder_and_the_experiments_hash(tmp_path: Path) -> None:
-    exp = quickstart(tmp_path)
-    view = open_run(exp, resume=False, overwrite=False, main_process=False)
-    assert view.dir == tmp_path / "quickstart" and view.manifest.config_hash == exp.config_hash()

@@ -318,20 +318,30 @@ def test_layers_pattern_names_the_last_part_of_a_nested_decoders_path() -> None:
         find_decoder(tiny_gemma3(), "language_model")
 
 
-def test_the_decoder_is_the_list_as_long_as_num_hidden_layers_even_below_another_list() -> None:
-    """A list of another length nearer the top (here three heads) is not the decoder."""
+def module_tree(num_hidden_layers: int, lists: dict[str, int]):
+    """A bare module whose config says `num_hidden_layers`, holding a ModuleList of n Linears at each dotted path."""
     from types import SimpleNamespace
 
     from torch import nn
 
+    root = nn.Module()
+    root.config = SimpleNamespace(num_hidden_layers=num_hidden_layers)
+    for path, n in lists.items():
+        *parents, name = path.split(".")
+        node = root
+        for part in parents:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.add_module(name, nn.ModuleList(nn.Linear(2, 2) for _ in range(n)))
+    return root
+
+
+def test_the_decoder_is_the_list_as_long_as_num_hidden_layers_even_below_another_list() -> None:
+    """A list of another length nearer the top (here three heads) is not the decoder."""
     from tunelab.scope import find_decoder
 
-    model = nn.Module()
-    model.config = SimpleNamespace(num_hidden_layers=2)
-    model.heads = nn.ModuleList(nn.Linear(2, 2) for _ in range(3))
-    model.model = nn.Module()
-    model.model.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
-    assert find_decoder(model).path == "model.layers"
+    assert find_decoder(module_tree(2, {"heads": 3, "model.layers": 2})).path == "model.layers"
 
 
 def test_every_lora_layer_scales_by_alpha_over_r_the_fused_experts_too() -> None:
@@ -353,17 +363,6 @@ def test_the_adapter_has_the_dropout_the_scope_asks_for() -> None:
 
 def test_of_two_lists_as_long_as_the_decoder_the_shallower_is_the_decoder() -> None:
     """Nearest the top wins, whatever the names: 'z.layers' (one level) over 'a.inner.layers' (two)."""
-    from types import SimpleNamespace
-
-    from torch import nn
-
     from tunelab.scope import find_decoder
 
-    model = nn.Module()
-    model.config = SimpleNamespace(num_hidden_layers=2)
-    model.a = nn.Module()
-    model.a.inner = nn.Module()
-    model.a.inner.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
-    model.z = nn.Module()
-    model.z.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
-    assert find_decoder(model).path == "z.layers"
+    assert find_decoder(module_tree(2, {"a.inner.layers": 2, "z.layers": 2})).path == "z.layers"

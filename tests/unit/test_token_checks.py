@@ -21,6 +21,19 @@ def word_tokenizer(reserved: tuple[str, ...] = ("<|reserved_9|>", "<|reserved_10
     return tok
 
 
+def tiny_tokenizer(model_dir: Path, template: str):
+    """The built-in model's tokenizer (Llama-3 special tokens) with `template` as its chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = template
+    return tok
+
+
+def supervised_text(tok, t: Tokenized) -> str:
+    return tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m])
+
+
 def test_the_pad_is_the_lowest_id_reserved_token_that_no_turn_ends_with() -> None:
     # by id, reserved_9 (4) comes before reserved_10 (5); as text it would not
     assert choose_pad(word_tokenizer(), set())[0] == "<|reserved_9|>"
@@ -91,10 +104,7 @@ def test_a_generation_template_supervises_exactly_the_turns_of_weight_one(
     tiny_model_dir, weights: tuple[int, int], supervised: str
 ) -> None:
     """A turn of weight 0 loses its whole span, also when it is the last and runs to the end of the row."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = MARKED
+    tok = tiny_tokenizer(tiny_model_dir, MARKED)
     row = {
         "messages": [
             {"role": "user", "content": "a"},
@@ -105,7 +115,7 @@ def test_a_generation_template_supervises_exactly_the_turns_of_weight_one(
     }
     t = tokenize_example(tok, row)
     assert tok.decode(t.input_ids) == "user: a\n b<|eot_id|>user: c\n d<|eot_id|>"
-    assert tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m]) == supervised
+    assert supervised_text(tok, t) == supervised
     assert t.terminators == [tok.convert_tokens_to_ids("<|eot_id|>")] and t.unterminated == 0
 
 
@@ -119,22 +129,19 @@ def test_plain_prompt_completion_ends_with_eos_or_says_it_is_unterminated() -> N
 
 
 def test_a_generation_span_without_a_special_token_is_counted_as_unterminated(tiny_model_dir) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = MARKED.replace("<|eot_id|>{% endgeneration %}", "{% endgeneration %}<|eot_id|>")
+    tok = tiny_tokenizer(
+        tiny_model_dir, MARKED.replace("<|eot_id|>{% endgeneration %}", "{% endgeneration %}<|eot_id|>")
+    )
     t = tokenize_example(tok, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b"}]})
-    assert tok.decode([i for i, m in zip(t.input_ids, t.loss_mask, strict=True) if m]) == " b"
+    assert supervised_text(tok, t) == " b"
     assert (t.terminators, t.unterminated) == ([], 1)
 
 
 def test_a_template_refusal_names_the_record_and_the_setting_that_fixes_it(tiny_model_dir) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template = (
+    refuses_system = (
         "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
     )
+    tok = tiny_tokenizer(tiny_model_dir, refuses_system)
     row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}
     with pytest.raises(TunelabError) as error:
         tokenize_example(tok, row, where="train.jsonl:7")
