@@ -17,6 +17,12 @@ FAMILIES: dict[str, dict] = json.loads((FIXTURES / "families.json").read_text())
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
+# A SigLIP vision tower small enough to build in a second (28x28 images, 4 patches), for image-text families.
+IMAGE_TOWER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14
+)
+
+
 def _corpus() -> list[str]:
     texts = []
     for name in ("sft_train.jsonl", "sft_eval.jsonl", "pref_train.jsonl"):
@@ -81,8 +87,20 @@ def _config(spec: dict, tokenizer):
         eos_token_id=tokenizer.convert_tokens_to_ids(spec["generation_eos"]),
         pad_token_id=tokenizer.pad_token_id,
     )
-    if spec["architecture"] == "gemma2":
+    if spec["architecture"] in ("gemma2", "gemma3"):
         sizes |= dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64)
+    if spec["architecture"] == "gemma3":  # an image-text checkpoint: the language model's sizes are its text_config
+        ids = tokenizer.convert_tokens_to_ids
+        return AutoConfig.for_model(
+            "gemma3",
+            text_config=sizes,
+            vision_config=IMAGE_TOWER,
+            mm_tokens_per_image=4,
+            image_token_index=ids("<image_soft_token>"),
+            boi_token_index=ids("<start_of_image>"),
+            eoi_token_index=ids("<end_of_image>"),
+            **{k: sizes[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        )
     return AutoConfig.for_model(spec["architecture"], **sizes)
 
 

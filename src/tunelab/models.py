@@ -33,27 +33,61 @@ def _looks_local(model_id: str) -> bool:
 
 
 def load_config(settings: ModelSettings) -> PretrainedConfig:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     path = model_path(settings.id)
     if _looks_local(path) and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.id: no config.json in '{path}'; point model.id at a model folder or a hub id")
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
         )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.id: cannot load the config of '{settings.id}': {first}") from e
+    text = config.get_text_config()
+    if text is not config and getattr(config, "tie_word_embeddings", None) not in (None, text.tie_word_embeddings):
+        # An image-text config whose wrapper does not say whether lm_head is tied: Transformers 5 defaults Mistral 3's
+        # wrapper to tied, while Mistral Small's checkpoints (saved by Transformers 4, which read the language
+        # model's setting) hold their own lm_head. Read it as they were saved, so plan and training agree.
+        raw, _ = PretrainedConfig.get_config_dict(path, revision=settings.revision)
+        if "tie_word_embeddings" not in raw:
+            config.tie_word_embeddings = text.tie_word_embeddings
+    return config
+
+
+def auto_class(config: PretrainedConfig) -> type:
+    """The Auto class that builds this model with its language-model head.
+
+    AutoModelForCausalLM where Transformers maps the config there (Gemma 3's image-text checkpoints included);
+    image-text checkpoints it does not map (Mistral Small 3.x, Qwen2.5-VL) load through AutoModelForImageTextToText,
+    whose models generate text the same way. tunelab trains their language model on text.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+    )
+
+    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or remote:
+        return AutoModelForCausalLM
+    if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return AutoModelForImageTextToText
+    kind = getattr(config, "model_type", type(config).__name__)
+    raise ConfigError(
+        f"model.id: a '{kind}' model ({', '.join(getattr(config, 'architectures', None) or ['no architectures'])}) "
+        "does not generate text with a language-model head Transformers knows (AutoModelForCausalLM or "
+        "AutoModelForImageTextToText); point model.id at a causal language model"
+    )
 
 
 def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
     """The model's modules and parameter shapes without allocating any weights."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def pick_device(setting: str) -> str:
@@ -87,10 +121,9 @@ def load_model(
     settings: ModelSettings, dtype: torch.dtype, device: str, config: PretrainedConfig | None = None
 ) -> PreTrainedModel:
     """The base model's weights; `config`, when the caller has read it already, is not read again."""
-    from transformers import AutoModelForCausalLM
-
     path = model_path(settings.id)
-    kwargs = {"config": config} if config is not None else {}
+    config = config if config is not None else load_config(settings)
+    kwargs = {"config": config}
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -100,16 +133,24 @@ def load_model(
         kwargs["quantization_config"] = bnb_config(settings.quantization, dtype, device)
         kwargs["device_map"] = {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = auto_class(config).from_pretrained(
             path,
             revision=settings.revision,
             dtype=dtype,
             trust_remote_code=settings.trust_remote_code,
             use_safetensors=True,
+            output_loading_info=True,
             **kwargs,
         )
     except OSError as e:
         raise ConfigError(f"model.id: cannot load '{settings.id}': {str(e).splitlines()[0]}") from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ConfigError(
+            f"model.id: the weights in '{settings.id}' lack {len(missing)} tensor(s) its config.json asks for "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would start random; "
+            "check that the folder holds the whole checkpoint and the config.json that belongs to it"
+        )
     return model if settings.quantization is not None else model.to(device)
 
 

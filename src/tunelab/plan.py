@@ -108,7 +108,7 @@ class Plan:
 def model_facts(model_id: str, model) -> ModelFacts:
     from tunelab.scope import find_decoder, tied_embeddings
 
-    c = model.config
+    c = model.config.get_text_config()  # an image-text checkpoint's language model
     hidden = c.hidden_size
     heads = getattr(c, "num_attention_heads", 1)
     head_dim = getattr(c, "head_dim", None) or hidden // heads

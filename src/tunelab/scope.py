@@ -53,15 +53,41 @@ class ResolvedScope:
 # ---------------------------------------------------------------- architecture facts
 
 
+def text_root(model: nn.Module) -> str:
+    """Where the language model sits in `model`: "model" for a causal LM, "model.language_model" for an image-text
+    checkpoint (Transformers' `get_decoder`), "" when the model is its own decoder or does not say."""
+    get_decoder = getattr(model, "get_decoder", None)
+    try:
+        decoder = get_decoder() if get_decoder is not None else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return ""
+    return next((name for name, m in model.named_modules() if m is decoder), "")
+
+
+def other_towers(model: nn.Module) -> list[str]:
+    """Parameter names outside the language model and its input and output embeddings: the vision encoder and
+    projector of an image-text checkpoint, which text data cannot train. Empty for a causal LM."""
+    root = text_root(model)
+    if not root:
+        return []
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    keep = {id(p) for e in embeddings if e is not None for p in e.parameters()}
+    return [n for n, p in model.named_parameters() if not n.startswith(root + ".") and id(p) not in keep]
+
+
 def find_decoder(model: nn.Module, pattern: str | None = None) -> Decoder:
-    """The ModuleList that holds the decoder blocks."""
+    """The ModuleList that holds the decoder blocks (of the language model, in an image-text checkpoint)."""
     from torch import nn
 
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+    n_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    root = text_root(model)
     candidates = [
         (name, len(m))
         for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers)
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 0
+        and (n_layers is None or len(m) == n_layers)
+        and (not root or name.startswith(root + "."))
     ]
     if pattern is not None:
         candidates = [(n, c) for n, c in candidates if n.split(".")[-1] == pattern]
@@ -192,11 +218,20 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
     decoder = find_decoder(model, scope.layers_pattern)
     layers = select_layers(scope.layers, decoder.count, "scope.lora.layers")
     linears = linear_modules(model)
+    towers = bool(other_towers(model))
+    if towers:  # an image-text checkpoint: only the language model's linear layers, never the vision encoder's
+        linears = [n for n in linears if layer_index(n, decoder) is not None]
     names, regex = expand_targets(scope.targets, linears, type(model).__name__)
     all_layers = layers == list(range(decoder.count))
-    if regex is not None and not all_layers:
-        # PEFT cannot combine a regex with layers_to_transform; fold the layer choice into the full names.
-        names = [n for n in linears if re.fullmatch(regex, n) and layer_index(n, decoder) in layers]
+    if towers or (regex is not None and not all_layers):
+        # PEFT cannot combine a regex with layers_to_transform, and a module name alone would also match the
+        # vision encoder's q_proj: fold the choice into full module names.
+        names = [
+            n
+            for n in linears
+            if (re.fullmatch(regex, n) if regex is not None else any(n == t or n.endswith("." + t) for t in names))
+            and layer_index(n, decoder) in layers
+        ]
         regex = None
     params, patterns = _fused_experts(scope, model, decoder, layers) if scope.targets == "all-linear" else ([], {})
     config = LoraConfig(

@@ -320,12 +320,11 @@ def test_layers_pattern_names_the_last_part_of_a_nested_decoders_path() -> None:
 
 def module_tree(num_hidden_layers: int, lists: dict[str, int]):
     """A bare module whose config says `num_hidden_layers`, holding a ModuleList of n Linears at each dotted path."""
-    from types import SimpleNamespace
-
     from torch import nn
+    from transformers import PretrainedConfig
 
     root = nn.Module()
-    root.config = SimpleNamespace(num_hidden_layers=num_hidden_layers)
+    root.config = PretrainedConfig(num_hidden_layers=num_hidden_layers)
     for path, n in lists.items():
         *parents, name = path.split(".")
         node = root

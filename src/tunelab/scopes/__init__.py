@@ -47,12 +47,22 @@ def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScop
 
     A model that already carries the run's starting point (a trainable adapter loaded for init_from) continues it.
     """
-    from tunelab.scope import tied_embeddings
+    from tunelab.scope import other_towers, text_root, tied_embeddings
 
     kind = get_scope(scope.kind)
-    tied = tied_embeddings(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = tied_embeddings(base)
+    towers = other_towers(base)
     total_before = sum(numel(p) for p in model.parameters())
     model, resolved = kind.apply(model, scope)
+    if towers:
+        depth = text_root(base).count(".") + 1
+        parts = sorted({".".join(n.split(".")[:depth]) for n in towers})
+        params = dict(base.named_parameters())
+        resolved.warnings.append(
+            f"{type(base).__name__} is an image-text model: the scope trains its language model on text; "
+            f"{', '.join(parts)} ({sum(numel(params[n]) for n in towers):,} parameters) stay frozen"
+        )
     resolved.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
     resolved.trainable_params = sum(numel(p) for p in model.parameters() if p.requires_grad)
     # New parameters (LoRA) count in the total, as PEFT reports the percentage: of the base plus the adapter.

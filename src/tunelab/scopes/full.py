@@ -1,4 +1,4 @@
-"""Full fine-tuning: every parameter trains; the run holds a whole Transformers model folder."""
+"""Full fine-tuning: every parameter of the language model trains; the run holds a whole Transformers model folder."""
 
 from __future__ import annotations
 
@@ -23,20 +23,26 @@ class Full(ScopeKind):
     result = FULL_MODEL
 
     def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
-        from tunelab.scope import ResolvedScope, find_decoder
+        from tunelab.scope import ResolvedScope, find_decoder, other_towers
 
-        for p in model.parameters():
-            p.requires_grad_(True)
+        frozen = set(other_towers(model))  # an image-text checkpoint's vision encoder: text cannot train it
+        for name, p in model.named_parameters():
+            p.requires_grad_(name not in frozen)
         return model, ResolvedScope(kind=self.name, layers=list(range(find_decoder(model).count)))
 
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
         model.save_pretrained(run_dir / FULL_MODEL, state_dict=state)
 
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
+
+        from tunelab.models import auto_class
 
         # The run's own weights, in the dtype and on the device its base would get.
-        model = AutoModelForCausalLM.from_pretrained(run_dir / FULL_MODEL, dtype=base.dtype, use_safetensors=True)
+        config = AutoConfig.from_pretrained(run_dir / FULL_MODEL)
+        model = auto_class(config).from_pretrained(
+            run_dir / FULL_MODEL, config=config, dtype=base.dtype, use_safetensors=True
+        )
         return model.to(base.device)
 
     @contextlib.contextmanager
