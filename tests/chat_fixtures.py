@@ -31,7 +31,7 @@ def _corpus() -> list[str]:
     return texts + ["You are a helpful assistant. Hello! How are you today? I am fine, thank you."] * 5
 
 
-def _tokenizer(spec: dict, template: str):
+def tokenizer(spec: dict, template: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -112,11 +112,11 @@ def build(family: str, dest: Path) -> Path:
     if (dest / "config.json").is_file():
         return dest
     spec = FAMILIES[family]
-    tokenizer = _tokenizer(spec, (FIXTURES / f"{family}.jinja").read_text())
+    tok = tokenizer(spec, (FIXTURES / f"{family}.jinja").read_text())
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(spec, tokenizer))
-    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(spec["generation_eos"])
+    model = AutoModelForCausalLM.from_config(_config(spec, tok))
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(spec["generation_eos"])
     dest.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(dest)
+    tok.save_pretrained(dest)
     model.save_pretrained(dest)
     return dest

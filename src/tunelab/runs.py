@@ -123,6 +123,7 @@ class TokensRecord(Record):
     rows_without_loss: Places | None = None
     rows_all_loss: Places | None = None
     rows_unterminated: Places | None = None
+    masking_template: str | None = None
 
 
 class QuantizationRecord(Record):

@@ -11,6 +11,7 @@ assistant output with `{% generation %}` is taken at its word instead. `plan` an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter
@@ -197,16 +198,57 @@ def _assistant_spans(
 
 def _consistent_fix(template: str, messages: list[dict]) -> str:
     """The fix for a template that is not prefix-consistent: TRL's training version where TRL has one."""
-    folder = trl_templates()
-    for original in folder.glob("*.jinja"):
-        training = folder / f"{original.stem}_training.jinja"
-        if not original.stem.endswith("_training") and training.is_file() and original.read_text() == template:
-            return (
-                f"set tokenizer.chat_template: trl:{training.stem} (TRL's training version of this template, "
-                "which marks each reply with {% generation %})"
-            )
+    training = trl_training_version(template)
+    if training is not None:
+        return (
+            f"set tokenizer.chat_template: trl:{training[0]} (TRL's training version of this template, "
+            "which marks each reply with {% generation %})"
+        )
     fold = "set tokenizer.fold_system: true, or " if messages and messages[0]["role"] == "system" else ""
     return f"{fold}set tokenizer.chat_template to a template that marks replies with {{% generation %}}"
+
+
+@functools.lru_cache(maxsize=16)
+def trl_training_version(template: str | None) -> tuple[str, str] | None:
+    """(name, text) of TRL's training version of exactly this template (an original TRL recognises), or None."""
+    folder = trl_templates()
+    for original in sorted(folder.glob("*.jinja")):
+        training = folder / f"{original.stem}_training.jinja"
+        if not original.stem.endswith("_training") and training.is_file() and original.read_text() == template:
+            return training.stem, training.read_text()
+    return None
+
+
+# Two exchanges: enough to see a template render an earlier reply differently once the conversation goes on.
+PROBE = [
+    {"role": "user", "content": "Hello?"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "And again?"},
+    {"role": "assistant", "content": "Again."},
+]
+_MASKING: dict[tuple, tuple[str | None, str | None]] = {}
+
+
+def masking_template(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, str | None]:
+    """(the template the loss masks are derived from, the name of TRL's training version when it stands in).
+
+    The model's own template wherever it renders each reply where it stays. Reasoning models' templates do not:
+    Qwen3 keeps a <think> block on the last turn only, DeepSeek-R1 prefills the prompt with <think>. For those TRL
+    ships a training version that does and marks replies with {% generation %}; it is used for the masks, as
+    TRL's SFTTrainer does, while the run's tokenizer keeps the model's own template for generation.
+    """
+    template = tokenizer.chat_template
+    key = (template, tokenizer.bos_token, tokenizer.eos_token)
+    if key not in _MASKING:
+        training = None if has_generation_markers(template) else trl_training_version(template)
+        if training is not None:
+            try:
+                _assistant_spans(tokenizer, PROBE, [True] * len(PROBE), "probe")
+                training = None
+            except TemplateRowError:
+                pass
+        _MASKING[key] = (training[1], training[0]) if training else (template, None)
+    return _MASKING[key]
 
 
 def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -241,9 +283,19 @@ def _mask_spans(
     return Tokenized(ids, mask, terminators, unterminated)
 
 
-def _marked(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str) -> Tokenized:
+def _marked(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str, template: str
+) -> Tokenized:
     """A template with {% generation %} markers: its own mask, one run of ones per assistant turn."""
-    out = _apply(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    out = _apply(
+        tokenizer,
+        messages,
+        where,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     runs = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
     turns = [s for m, s in zip(messages, supervised, strict=True) if m["role"] == "assistant"]
@@ -279,8 +331,9 @@ def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: 
             "tokenizer.chat_template: the tokenizer has no chat template; set one "
             "(a .jinja file, or builtin:llama3 for a model trained on that format)"
         )
-    if has_generation_markers(tokenizer.chat_template):
-        return _marked(tokenizer, messages, supervised, where)
+    template, _ = masking_template(tokenizer)
+    if has_generation_markers(template):
+        return _marked(tokenizer, messages, supervised, where, template)
     text, spans = _assistant_spans(tokenizer, messages, supervised, where)
     ids, offsets = _offsets(tokenizer, text)
     return _mask_spans(ids, offsets, spans, special_ids(tokenizer))
@@ -372,6 +425,7 @@ class TokenChecks:
     rows_without_loss: list[str]  # rows with no supervised token after truncation: the trainer drops them
     rows_all_loss: list[str]  # chat rows supervised on every token
     rows_unterminated: list[str]  # rows with a supervised span that no special token closes
+    masking_template: str | None = None  # TRL's training version the masks come from, when it stands in
 
     def warnings(self, max_length: int) -> list[str]:
         out = []
@@ -396,7 +450,7 @@ class TokenChecks:
     def record(self) -> dict:
         """The manifest's copy: counts, and the first few places of each kind."""
         out = {"terminator": self.terminator, "terminator_is_eos": self.terminator_is_eos}
-        out |= {"pad_token": self.pad_token, "pad_source": self.pad_source}
+        out |= {"pad_token": self.pad_token, "pad_source": self.pad_source, "masking_template": self.masking_template}
         for name in ("rows_without_loss", "rows_all_loss", "rows_unterminated"):
             wheres = getattr(self, name)
             out[name] = {"count": len(wheres), "first": wheres[:10]}
@@ -422,6 +476,7 @@ def check_tokens(tokenizer: PreTrainedTokenizerBase, splits: list[Encoded], max_
         rows_without_loss=[w for enc in splits for w in enc.no_loss_after(max_length)],
         rows_all_loss=[w for enc in splits for w in enc.all_loss],
         rows_unterminated=[w for enc in splits for w in enc.unterminated],
+        masking_template=masking_template(tokenizer)[1] if tokenizer.chat_template else None,
     )
 
 

@@ -268,9 +268,13 @@ def test_sharegpt_and_prompt_completion_chats_supervise_only_the_reply(family: s
         assert [tokenizer.decode(r).strip() for r in runs] == [reply + terminator]
 
 
-def test_a_thinking_template_is_refused_with_trls_training_version_as_the_fix(family_dirs, tmp_path: Path) -> None:
+def test_a_thinking_template_trains_through_trls_training_version_and_generates_with_its_own(
+    family_dirs, tmp_path: Path
+) -> None:
     """Qwen3's own template keeps the reasoning block on the last turn only, so earlier replies render otherwise
-    once the conversation goes on. Silently supervising nothing there is wrong; the fix names TRL's version."""
+    once the conversation goes on. As TRL's SFTTrainer does, the masks come from TRL's training version of it
+    (plan says so); the run's tokenizer keeps Qwen3's own for generation. A template TRL does not know is still
+    refused, with the fix."""
     import shutil
 
     from tunelab.errors import TunelabError
@@ -281,7 +285,8 @@ def test_a_thinking_template_is_refused_with_trls_training_version_as_the_fix(fa
     config = json.loads((model / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    (model / "chat_template.jinja").write_text((trl_templates() / "qwen3.jinja").read_text())  # Qwen3's original
+    original = (trl_templates() / "qwen3.jinja").read_text()  # Qwen3's original
+    (model / "chat_template.jinja").write_text(original)
     turns = [
         {"role": "user", "content": "What is 2 plus 3?"},
         {"role": "assistant", "content": "2 plus 3 is 5."},
@@ -291,14 +296,24 @@ def test_a_thinking_template_is_refused_with_trls_training_version_as_the_fix(fa
     data = tmp_path / "multi.jsonl"
     data.write_text((json.dumps({"messages": turns}) + "\n") * 4)
     text = f"name: q3\nmodel: {{id: {model}}}\ndata: {{train: {data}}}\ntrain: {{max_steps: 2}}\noutput: {{dir: {tmp_path}}}\n"
-    with pytest.raises(
-        TunelabError, match=r"multi.jsonl:1: .*assistant message 1.*set tokenizer.chat_template: trl:qwen3_training"
-    ):
-        make_plan(load_experiment(write_experiment(tmp_path, text)))
-    fixed = load_experiment(write_experiment(tmp_path, text + "tokenizer: {chat_template: 'trl:qwen3_training'}\n"))
-    plan = make_plan(fixed)
+    exp = load_experiment(write_experiment(tmp_path, text))
+    plan = make_plan(exp)
+    assert plan.data.tokens.masking_template == "qwen3_training"
     supervised = [t for t, loss in plan.data.first_example if loss]
     assert [s.strip() for s in supervised] == [
         f"<think>\n\n</think>\n\n{r}<|im_end|>" for r in ("2 plus 3 is 5.", "1 plus 1 is 2.")
     ]
-    assert train(fixed).manifest.status == "completed"
+    r = run_cli("plan", str(write_experiment(tmp_path, text)))
+    assert "loss masks from TRL's training version of the model's template, trl:qwen3_training" in " ".join(
+        r.stdout.split()
+    )
+    result = train(exp)
+    assert result.manifest.status == "completed" and result.manifest.tokens.masking_template == "qwen3_training"
+    assert (result.run_dir / "tokenizer" / "chat_template.jinja").read_text() == original
+
+    (model / "chat_template.jinja").write_text(original + "{#- edited -#}")  # no longer the original TRL knows
+    with pytest.raises(
+        TunelabError,
+        match=r"multi.jsonl:1: .*assistant message 1.*set tokenizer.chat_template to a template that marks replies",
+    ):
+        make_plan(load_experiment(write_experiment(tmp_path, text)))

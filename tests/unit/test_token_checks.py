@@ -176,3 +176,76 @@ def test_a_builtin_template_is_the_shipped_file() -> None:
     from tunelab.templates import TEMPLATE_DIR
 
     assert resolve_template("builtin:llama3", word_tokenizer()) == (TEMPLATE_DIR / "llama3.jinja").read_text()
+
+
+REASONING = {  # TRL 1.16's copies of the originals, and the replies their training versions supervise
+    "qwen3": ("qwen3_training", "<think>\n\n</think>\n\n{}<|im_end|>\n"),
+    "qwen3_5_think": ("qwen3_5_think_training", "<think>\n\n</think>\n\n{}<|im_end|>\n"),
+    "nemotron_3_nano": ("nemotron_3_nano_training", "<think></think>{}<|im_end|>\n"),
+    "deepseek_r1_distill": ("deepseek_r1_distill_training", "<｜Assistant｜>{}<｜end▁of▁sentence｜>"),
+}
+
+
+def trl_tokenizer(name: str):
+    """A small byte-level tokenizer whose special tokens are the markers TRL's template `name` prints."""
+    import re
+
+    from tests.chat_fixtures import tokenizer
+    from tunelab.templates import trl_templates
+
+    template = (trl_templates() / f"{name}.jinja").read_text()
+    markers = sorted(
+        set(re.findall(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜]{1,40}｜>|<think>|</think>|<(?:start|end)_of_turn>", template))
+    )
+    spec = dict(
+        pieces="byte-level",
+        special=["<bos>", "<eos>", *markers],
+        bos="<bos>",
+        eos="<eos>",
+        pad=None,
+        unk=None,
+        add_bos=False,
+    )
+    return tokenizer(spec, template)
+
+
+def supervised_runs(tok, row: dict) -> list[str]:
+    from tunelab.templates import tokenize_example
+
+    t = tokenize_example(tok, row)
+    runs, current = [], []
+    for i, m in zip(t.input_ids, t.loss_mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tok.decode(r) for r in [*runs, current] if r]
+
+
+@pytest.mark.parametrize("name", list(REASONING))
+def test_reasoning_templates_mask_through_trls_training_version(name: str) -> None:
+    """Each renders an earlier reply differently once the conversation goes on; the masks come from TRL's training
+    version (every reply, with the same think block), and the tokenizer keeps the model's own template."""
+    from tunelab.templates import masking_template
+
+    tok = trl_tokenizer(name)
+    own = tok.chat_template
+    training, reply = REASONING[name]
+    assert masking_template(tok)[1] == training
+    turns = [
+        {"role": "user", "content": "Hi there?"},
+        {"role": "assistant", "content": "Hello! How are you?"},
+        {"role": "user", "content": "Which city?"},
+        {"role": "assistant", "content": "The capital is Vevasmo."},
+    ]
+    assert supervised_runs(tok, {"messages": turns}) == [reply.format(m["content"]) for m in turns[1::2]]
+    assert tok.chat_template == own
+
+
+@pytest.mark.parametrize("name", ["llama3_1", "qwen2_5", "gemma3", "phi3_5"])
+def test_prefix_consistent_templates_keep_their_own_masks(name: str) -> None:
+    from tunelab.templates import masking_template
+
+    tok = trl_tokenizer(name)
+    assert masking_template(tok) == (tok.chat_template, None)

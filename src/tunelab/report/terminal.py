@@ -164,7 +164,13 @@ def tokens_line(t) -> str:
     else:
         kind = "EOS" if t.terminator_is_eos else "not EOS: an export lists it as a stop token"
         stop = f"turns end with {t.terminator} ({kind}), supervised"
-    return f"{stop}; pad token {t.pad_token} ({t.pad_source})"
+    line = f"{stop}; pad token {t.pad_token} ({t.pad_source})"
+    if getattr(t, "masking_template", None):
+        line += (
+            f"; loss masks from TRL's training version of the model's template, trl:{t.masking_template} (the "
+            "model's own renders earlier replies differently once a conversation goes on; generation keeps it)"
+        )
+    return line
 
 
 def preference_line(m: Manifest) -> str | None:
