@@ -120,3 +120,40 @@ def build(family: str, dest: Path) -> Path:
     tok.save_pretrained(dest)
     model.save_pretrained(dest)
     return dest
+
+
+def trl_tokenizer(name: str, extra: tuple[str, ...] = ()):
+    """A small byte-level tokenizer whose special tokens are the markers TRL's template `name` prints, and
+    `extra`."""
+    import re
+
+    from tunelab.templates import trl_templates
+
+    template = (trl_templates() / f"{name}.jinja").read_text()
+    markers = sorted(
+        set(re.findall(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜]{1,40}｜>|<think>|</think>|<(?:start|end)_of_turn>", template))
+    )
+    spec = dict(
+        pieces="byte-level",
+        special=["<bos>", "<eos>", *markers, *extra],
+        bos="<bos>",
+        eos="<eos>",
+        pad=None,
+        unk=None,
+        add_bos=False,
+    )
+    return tokenizer(spec, template)
+
+
+def supervised_replies(tok, row: dict) -> list[str]:
+    from tunelab.templates import tokenize_example
+
+    t = tokenize_example(tok, row)
+    runs, current = [], []
+    for i, m in zip(t.input_ids, t.loss_mask, strict=True):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tok.decode(r) for r in [*runs, current] if r]

@@ -20,7 +20,10 @@ from typing import Any
 from tunelab.config import DataSettings
 from tunelab.errors import ConfigError, TunelabError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Fields of an assistant message that chat templates render as its reasoning (Qwen3 and DeepSeek read
+# reasoning_content; gpt-oss and LFM2.5 thinking; some read reasoning): passed through as they are.
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SFT_FORMATS = ("messages", "conversations", "prompt_completion", "text", "alpaca")
 FORMAT_FIELDS = {
@@ -188,20 +191,34 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
         raise TunelabError(f"{record.where}: '{name}' must be a non-empty list of {{role, content}} messages")
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise TunelabError(f"{record.where}: {name}[{i}] must have 'role' and 'content'")
         if m["role"] not in ROLES:
             raise TunelabError(
                 f"{record.where}: {name}[{i}] has unknown role '{m['role']}'; roles are {', '.join(ROLES)}"
             )
-        if not isinstance(m["content"], str):
+        content = m.get("content")
+        if content is None and calls:
+            content = ""  # OpenAI's shape: a turn that only calls tools has content null
+        if not isinstance(content, str):
             raise TunelabError(f"{record.where}: {name}[{i}].content must be a string")
-        message = {"role": m["role"], "content": m["content"]}
+        message = {"role": m["role"], "content": content}
+        if calls:
+            message["tool_calls"] = _tool_calls(record, calls, f"{name}[{i}]", m["role"])
+        for key in REASONING_FIELDS:
+            if m.get(key) is not None:
+                if m["role"] != "assistant" or not isinstance(m[key], str):
+                    raise TunelabError(f"{record.where}: {name}[{i}].{key} must be a string, on assistant messages")
+                message[key] = m[key]
+        if m["role"] == "tool":
+            message |= {k: m[k] for k in ("name", "tool_call_id") if m.get(k) is not None}
         if "weight" in m:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss
             if m["weight"] not in (0, 1) or m["role"] != "assistant":
                 raise TunelabError(f"{record.where}: {name}[{i}].weight must be 0 or 1, on assistant messages only")
             message["weight"] = int(m["weight"])
-        if need_assistant and m["role"] == "assistant" and not m["content"].strip() and message.get("weight", 1):
+        says_nothing = m["role"] == "assistant" and not content.strip() and not calls
+        if need_assistant and says_nothing and message.get("weight", 1):
             raise TunelabError(
                 f"{record.where}: {name}[{i}] is an empty assistant reply, which would teach the model to say "
                 'nothing; fill in the reply, remove the record, or give the message "weight": 0'
@@ -210,6 +227,49 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise TunelabError(f"{record.where}: '{name}' has no assistant message, so nothing would be learned")
     return out
+
+
+def _tool_calls(record: Record, calls: Any, where: str, role: str) -> list[dict]:
+    """An assistant turn's tool calls as chat templates read them: {"type": "function", "function": {"name",
+    "arguments"}} with the arguments as an object (OpenAI's data holds them as a JSON string)."""
+    if role != "assistant" or not isinstance(calls, list):
+        raise TunelabError(f"{record.where}: {where}.tool_calls must be a list, on assistant messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise TunelabError(
+                f'{record.where}: {where}.tool_calls[{j}] must be {{"type": "function", "function": '
+                '{"name": ..., "arguments": {...}}}'
+            )
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                raise TunelabError(
+                    f"{record.where}: {where}.tool_calls[{j}].function.arguments is not valid JSON ({e.msg})"
+                ) from e
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call, dict) and call.get("id") is not None:
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def _tools(record: Record) -> list[dict] | None:
+    """A row's tool definitions (JSON schemas the template prints for the model), from a list or a JSON string."""
+    tools = record.value.get("tools")
+    if tools is None or tools == "":
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise TunelabError(f"{record.where}: 'tools' is not valid JSON ({e.msg})") from e
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise TunelabError(f"{record.where}: 'tools' must be a list of tool definitions (JSON schema objects)")
+    return tools or None
 
 
 def merge_consecutive(messages: list[dict]) -> list[dict]:
@@ -327,7 +387,9 @@ def _normalise(record: Record, fmt: str) -> dict:
         raise TunelabError(f"{record.where}: a record must be a JSON object")
     match fmt:
         case "messages":
-            return {"messages": _messages(record, record.value.get("messages"), "messages", need_assistant=True)}
+            row = {"messages": _messages(record, record.value.get("messages"), "messages", need_assistant=True)}
+            tools = _tools(record)
+            return row | {"tools": tools} if tools else row
         case "conversations":
             return {"messages": _sharegpt(record)}
         case "alpaca":

@@ -123,8 +123,14 @@ def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str,
         ) from e
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool, where: str) -> str:
-    return _apply(tokenizer, messages, where, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    generation_prompt: bool,
+    where: str,
+    tools: list[dict] | None = None,
+) -> str:
+    return _apply(tokenizer, messages, where, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def refusal_fix(error: Exception, messages: list[dict]) -> str:
@@ -141,8 +147,8 @@ def refusal_fix(error: Exception, messages: list[dict]) -> str:
 
 
 def prepare_messages(messages: list[dict], fold_system: bool) -> list[dict]:
-    """Messages as the template sees them: role and content only, the system message folded if asked."""
-    out = [{"role": m["role"], "content": m["content"]} for m in messages]
+    """Messages as the template sees them (without tunelab's per-turn weight), the system message folded if asked."""
+    out = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     if fold_system and out and out[0]["role"] == "system":
         system, rest = out[0]["content"], out[1:]
         first_user = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
@@ -162,6 +168,10 @@ def special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+def special_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    return [t for t in tokenizer.convert_ids_to_tokens(sorted(special_ids(tokenizer))) if t]
+
+
 def _common_prefix(a, b) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -172,16 +182,20 @@ def _common_prefix(a, b) -> int:
 
 
 def _assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    supervised: list[bool],
+    where: str,
+    tools: list[dict] | None = None,
 ) -> tuple[str, list[tuple[int, int, int]]]:
     """The full text and, per supervised assistant turn, (start, end of the reply, end of the turn) in characters."""
-    full = _render(tokenizer, messages, False, where)
+    full = _render(tokenizer, messages, False, where, tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or not supervised[i]:
             continue
-        prompt = _render(tokenizer, messages[:i], True, where) if i else ""
-        through = _render(tokenizer, messages[: i + 1], False, where)
+        prompt = _render(tokenizer, messages[:i], True, where, tools) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False, where, tools)
         end = len(prompt) + _common_prefix(through[len(prompt) :], full[len(prompt) :])
         reply = m["content"].strip()
         found = full.find(reply, len(prompt), end) if reply else len(prompt)
@@ -192,7 +206,13 @@ def _assistant_spans(
                 "last turn), so its reply cannot be supervised where it sits; "
                 + _consistent_fix(tokenizer.chat_template, messages)
             )
-        spans.append((len(prompt), found + len(reply), end))
+        reply_end = found + len(reply)
+        if m.get("tool_calls"):
+            # The template writes the calls in its own syntax, which may hold special tokens of its own
+            # (<tool_call>): the turn's terminator is the last special token before the next message.
+            closings = [full.rfind(t, reply_end, end) for t in special_texts(tokenizer)]
+            reply_end = max([reply_end, *closings])
+        spans.append((len(prompt), reply_end, end))
     return full, spans
 
 
@@ -284,7 +304,12 @@ def _mask_spans(
 
 
 def _marked(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str, template: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    supervised: list[bool],
+    where: str,
+    template: str,
+    tools: list[dict] | None = None,
 ) -> Tokenized:
     """A template with {% generation %} markers: its own mask, one run of ones per assistant turn."""
     out = _apply(
@@ -292,6 +317,7 @@ def _marked(
         messages,
         where,
         chat_template=template,
+        tools=tools,
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
@@ -325,7 +351,14 @@ def _marked(
     return Tokenized(ids, mask, terminators, unterminated)
 
 
-def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: list[bool], where: str) -> Tokenized:
+def _chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    supervised: list[bool],
+    where: str,
+    tools: list[dict] | None = None,
+) -> Tokenized:
+    """One conversation's tokens and mask; `tools`: the row's tool definitions, which the template prints."""
     if not tokenizer.chat_template:
         raise ConfigError(
             "tokenizer.chat_template: the tokenizer has no chat template; set one "
@@ -333,8 +366,8 @@ def _chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], supervised: 
         )
     template, _ = masking_template(tokenizer)
     if has_generation_markers(template):
-        return _marked(tokenizer, messages, supervised, where, template)
-    text, spans = _assistant_spans(tokenizer, messages, supervised, where)
+        return _marked(tokenizer, messages, supervised, where, template, tools)
+    text, spans = _assistant_spans(tokenizer, messages, supervised, where, tools)
     ids, offsets = _offsets(tokenizer, text)
     return _mask_spans(ids, offsets, spans, special_ids(tokenizer))
 
@@ -352,7 +385,7 @@ def tokenize_example(
         supervised = [m.get("weight", 1) != 0 for m in row["messages"]]
         if len(messages) < len(supervised):  # the system message was folded away
             supervised = supervised[1:]
-        return _chat(tokenizer, messages, supervised, where)
+        return _chat(tokenizer, messages, supervised, where, row.get("tools"))
     if "prompt" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list):

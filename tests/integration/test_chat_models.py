@@ -317,3 +317,29 @@ def test_a_thinking_template_trains_through_trls_training_version_and_generates_
         match=r"multi.jsonl:1: .*assistant message 1.*set tokenizer.chat_template to a template that marks replies",
     ):
         make_plan(load_experiment(write_experiment(tmp_path, text)))
+
+
+def test_tool_calling_chats_plan_and_train_on_the_models_own_template(family_dirs, tmp_path: Path) -> None:
+    """OpenAI-shaped tool-calling rows on Llama-3.2 (tools printed into the first user turn): plan shows the
+    call supervised and the tool result not, and the run trains on what plan showed."""
+    from tests.unit.test_tool_calls import OPENAI_ROW
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text((json.dumps(OPENAI_ROW) + "\n") * 8)
+    model = family_dirs["llama-3.2-instruct"]
+    text = (
+        f"name: tools\nmodel: {{id: {model}}}\ndata: {{train: {data}}}\n"
+        f"train: {{max_steps: 2, batch_size: 4, max_length: 1024}}\noutput: {{dir: {tmp_path / 'runs'}}}\n"
+    )
+    exp = load_experiment(write_experiment(tmp_path, text))
+    plan = make_plan(exp)
+    supervised = [t.strip() for t, loss in plan.data.first_example if loss]
+    assert supervised == [
+        '{"name": "get_capital", "parameters": {"country": "Molo"}}<|eot_id|>',
+        "The capital of Molo is Vevasmo.<|eot_id|>",
+    ]
+    unsupervised = "".join(t for t, loss in plan.data.first_example if not loss)
+    assert "Vevasmo" in unsupervised and '"name": "get_capital"' in unsupervised  # the result; the definition
+    assert plan.data.tokens.rows_unterminated == []
+    m = train(exp).manifest
+    assert m.status == "completed" and m.change_check.ok

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.chat_fixtures import supervised_replies, trl_tokenizer
 from tunelab.errors import TunelabError
 from tunelab.templates import TokenChecks, Tokenized, choose_pad, loss_segments, resolve_template, tokenize_example
 
@@ -186,43 +187,6 @@ REASONING = {  # TRL 1.16's copies of the originals, and the replies their train
 }
 
 
-def trl_tokenizer(name: str):
-    """A small byte-level tokenizer whose special tokens are the markers TRL's template `name` prints."""
-    import re
-
-    from tests.chat_fixtures import tokenizer
-    from tunelab.templates import trl_templates
-
-    template = (trl_templates() / f"{name}.jinja").read_text()
-    markers = sorted(
-        set(re.findall(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜]{1,40}｜>|<think>|</think>|<(?:start|end)_of_turn>", template))
-    )
-    spec = dict(
-        pieces="byte-level",
-        special=["<bos>", "<eos>", *markers],
-        bos="<bos>",
-        eos="<eos>",
-        pad=None,
-        unk=None,
-        add_bos=False,
-    )
-    return tokenizer(spec, template)
-
-
-def supervised_runs(tok, row: dict) -> list[str]:
-    from tunelab.templates import tokenize_example
-
-    t = tokenize_example(tok, row)
-    runs, current = [], []
-    for i, m in zip(t.input_ids, t.loss_mask, strict=True):
-        if m:
-            current.append(i)
-        elif current:
-            runs.append(current)
-            current = []
-    return [tok.decode(r) for r in [*runs, current] if r]
-
-
 @pytest.mark.parametrize("name", list(REASONING))
 def test_reasoning_templates_mask_through_trls_training_version(name: str) -> None:
     """Each renders an earlier reply differently once the conversation goes on; the masks come from TRL's training
@@ -239,7 +203,7 @@ def test_reasoning_templates_mask_through_trls_training_version(name: str) -> No
         {"role": "user", "content": "Which city?"},
         {"role": "assistant", "content": "The capital is Vevasmo."},
     ]
-    assert supervised_runs(tok, {"messages": turns}) == [reply.format(m["content"]) for m in turns[1::2]]
+    assert supervised_replies(tok, {"messages": turns}) == [reply.format(m["content"]) for m in turns[1::2]]
     assert tok.chat_template == own
 
 

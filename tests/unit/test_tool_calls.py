@@ -1,0 +1,138 @@
+"""Tool-calling and reasoning chats in OpenAI's data shape: read whole (nothing silently dropped), rendered by the
+model's own template with the row's tools, and supervised on the assistant's calls and answers only."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.chat_fixtures import supervised_replies, trl_tokenizer
+from tunelab.config import DataSettings
+from tunelab.data import load_splits
+from tunelab.errors import TunelabError
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_capital",
+            "description": "The capital of a country",
+            "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]},
+        },
+    }
+]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_capital", "arguments": '{"country": "Molo"}'}}
+OPENAI_ROW = {  # as OpenAI's chat fine-tuning files hold it: arguments and tools as JSON text, content null
+    "tools": json.dumps(TOOLS),
+    "messages": [
+        {"role": "user", "content": "What is the capital of Molo?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "get_capital", "content": "Vevasmo"},
+        {"role": "assistant", "content": "The capital of Molo is Vevasmo."},
+    ],
+}
+
+
+def load_rows(tmp_path: Path, rows: list[dict]) -> list[dict]:
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_splits(DataSettings(train=str(path)), "sft", seed=0).train.rows
+
+
+def test_openai_tool_calls_are_read_whole(tmp_path: Path) -> None:
+    (row,) = load_rows(tmp_path, [OPENAI_ROW])
+    assert row["tools"] == TOOLS
+    call, result = row["messages"][1], row["messages"][2]
+    assert call == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_capital", "arguments": {"country": "Molo"}}, "id": "call_1"}
+        ],
+    }
+    assert result == {"role": "tool", "content": "Vevasmo", "name": "get_capital", "tool_call_id": "call_1"}
+
+
+def test_reasoning_is_kept_on_assistant_turns(tmp_path: Path) -> None:
+    turns = [
+        {"role": "user", "content": "2 plus 3?"},
+        {"role": "assistant", "content": "5.", "reasoning_content": "2 and 3 make 5."},
+    ]
+    (row,) = load_rows(tmp_path, [{"messages": turns}])
+    assert row["messages"][1] == {"role": "assistant", "content": "5.", "reasoning_content": "2 and 3 make 5."}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda r: r["messages"][0].update(tool_calls=[CALL]),
+            r"tools.jsonl:1: messages\[0\].tool_calls must be a list, on assistant messages",
+        ),
+        (
+            lambda r: r["messages"][1].update(tool_calls=[{"type": "function", "function": {"arguments": "{}"}}]),
+            r'tools.jsonl:1: messages\[1\].tool_calls\[0\] must be \{"type": "function", "function": \{"name"',
+        ),
+        (
+            lambda r: r["messages"][1].update(
+                tool_calls=[{"function": {"name": "get_capital", "arguments": "{country: Molo}"}}]
+            ),
+            r"tools.jsonl:1: messages\[1\].tool_calls\[0\].function.arguments is not valid JSON",
+        ),
+        (lambda r: r.update(tools="[{oops"), r"tools.jsonl:1: 'tools' is not valid JSON"),
+        (lambda r: r.update(tools={"name": "x"}), r"tools.jsonl:1: 'tools' must be a list of tool definitions"),
+        (
+            lambda r: r["messages"][0].update(reasoning_content="hm"),
+            r"tools.jsonl:1: messages\[0\].reasoning_content must be a string, on assistant messages",
+        ),
+    ],
+)
+def test_malformed_tool_data_is_one_line_at_its_record(tmp_path: Path, change, message: str) -> None:
+    row = json.loads(json.dumps(OPENAI_ROW))
+    change(row)
+    with pytest.raises(TunelabError, match=message) as e:
+        load_rows(tmp_path, [row])
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "supervised"),
+    [
+        # Llama 3.1 prints the tools into the first user turn and a call as bare JSON with "parameters".
+        (
+            "llama3_1",
+            [
+                '{"name": "get_capital", "parameters": {"country": "Molo"}}<|eot_id|>',
+                "The capital of Molo is Vevasmo.<|eot_id|>",
+            ],
+        ),
+        # Qwen2.5 prints the tools into the system prompt and a call inside <tool_call> tags (a special token
+        # in this tokenizer, so the call's own markers do not end the span).
+        (
+            "qwen2_5",
+            [
+                '<tool_call>\n{"name": "get_capital", "arguments": {"country": "Molo"}}\n</tool_call><|im_end|>',
+                "The capital of Molo is Vevasmo.<|im_end|>",
+            ],
+        ),
+    ],
+)
+def test_calls_and_answers_carry_loss_and_tool_results_do_not(tmp_path: Path, template: str, supervised) -> None:
+    from tunelab.templates import tokenize_example
+
+    tok = trl_tokenizer(template, extra=("<tool_call>", "</tool_call>"))
+    (row,) = load_rows(tmp_path, [OPENAI_ROW])
+    assert supervised_replies(tok, row) == supervised
+    text = tok.decode(tokenize_example(tok, row).input_ids)
+    assert "get_capital" in text.split("<tool_call>")[0]  # the template printed the tool definitions
+    assert "Vevasmo" in text.split(supervised[0])[1].split(supervised[1])[0]  # the tool result, unsupervised
+
+
+def test_qwen3_reasoning_is_supervised_inside_its_think_block(tmp_path: Path) -> None:
+    tok = trl_tokenizer("qwen3")
+    turns = [
+        {"role": "user", "content": "2 plus 3?"},
+        {"role": "assistant", "content": "5.", "reasoning_content": "2 and 3 make 5."},
+    ]
+    (row,) = load_rows(tmp_path, [{"messages": turns}])
+    assert supervised_replies(tok, row) == ["<think>\n2 and 3 make 5.\n</think>\n\n5.<|im_end|>\n"]
