@@ -8,6 +8,7 @@ preference pairs. Every error names the file and the line (or record number).
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import io
 import json
@@ -24,7 +25,15 @@ ROLES = ("system", "user", "assistant", "tool")
 # Fields of an assistant message that chat templates render as its reasoning (Qwen3 and DeepSeek read
 # reasoning_content; gpt-oss and LFM2.5 thinking; some read reasoning): passed through as they are.
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",  # LLaMA-Factory's tool calls: the value is {"name", "arguments"} as JSON
+    "observation": "tool",  # and the tool's result
+}
 SFT_FORMATS = ("messages", "conversations", "prompt_completion", "text", "alpaca")
 FORMAT_FIELDS = {
     "preference": "chosen/rejected",
@@ -32,7 +41,7 @@ FORMAT_FIELDS = {
     "messages": "messages",
     "conversations": "conversations",
     "prompt_completion": "prompt/completion",
-    "alpaca": "instruction/output",
+    "alpaca": "instruction/output (or instruction/context/response)",
     "text": "text",
 }
 
@@ -128,8 +137,17 @@ def read_records(source: str, key: str, hub_split: str = "train") -> tuple[list[
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
+        compressed = suffix == ".gz"
+        if compressed:  # data.jsonl.gz: the reader of the inner suffix, over the decompressed bytes
+            suffix = Path(path.stem).suffix.lower()
         if suffix in TEXT_READERS:
             raw = path.read_bytes()
+            digest = _digest(raw)
+            if compressed:
+                try:
+                    raw = gzip.decompress(raw)
+                except (OSError, EOFError) as e:
+                    raise TunelabError(f"{source}: not a readable gzip file ({e}); recompress or decompress it") from e
             try:
                 # utf-8-sig: files saved by Windows tools start with a byte-order mark, which is not part of the data.
                 text = raw.decode("utf-8-sig")
@@ -137,10 +155,12 @@ def read_records(source: str, key: str, hub_split: str = "train") -> tuple[list[
                 raise TunelabError(
                     f"{source}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8"
                 ) from e
-            return TEXT_READERS[suffix](path, text), _digest(raw)
+            return TEXT_READERS[suffix](path, text), digest
         if suffix == ".parquet":
             return _read_with_datasets(source, hub_split), _digest(path.read_bytes())
-        raise TunelabError(f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+        raise TunelabError(
+            f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
+        )
     if path.is_dir():
         return _read_with_datasets(source, hub_split), NOT_HASHED
     looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
@@ -166,6 +186,7 @@ def detect_format(record: Record) -> str:
         ("conversations", {"conversations"}),
         ("prompt_completion", {"prompt", "completion"}),
         ("alpaca", {"instruction", "output"}),
+        ("alpaca", {"instruction", "response"}),  # Dolly: instruction, context, response
         ("text", {"text"}),
     ):
         if needed <= keys:
@@ -201,6 +222,8 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
         content = m.get("content")
         if content is None and calls:
             content = ""  # OpenAI's shape: a turn that only calls tools has content null
+        if isinstance(content, list):
+            content = _text_parts(record, content, f"{name}[{i}]")
         if not isinstance(content, str):
             raise TunelabError(f"{record.where}: {name}[{i}].content must be a string")
         message = {"role": m["role"], "content": content}
@@ -227,6 +250,23 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
     if need_assistant and not any(m["role"] == "assistant" for m in out):
         raise TunelabError(f"{record.where}: '{name}' has no assistant message, so nothing would be learned")
     return out
+
+
+def _text_parts(record: Record, parts: list, where: str) -> str:
+    """Content given as parts ([{"type": "text", "text": ...}], OpenAI's and Transformers' multimodal shape) as the
+    text they hold, joined as chat templates join them; tunelab trains on text, so other parts are refused."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise TunelabError(
+                f"{record.where}: {where}.content[{j}] "
+                + (f"is a part of type {kind!r}" if kind else "is not a typed part")
+                + "; "
+                'tunelab trains on text: give content as a string or as {"type": "text", "text": ...} parts'
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _tool_calls(record: Record, calls: Any, where: str, role: str) -> list[dict]:
@@ -297,15 +337,31 @@ def _sharegpt(record: Record) -> list[dict]:
                 f"{record.where}: conversations[{i}] has unknown role '{t['from']}'; roles are "
                 + ", ".join(SHAREGPT_ROLES)
             )
-        messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+        if t["from"] == "function_call":
+            messages.append({"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(record, t, i)})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
     return _messages(record, messages, "conversations", need_assistant=True)
 
 
+def _sharegpt_calls(record: Record, turn: dict, i: int) -> list[dict]:
+    """A function_call turn's value, one call object or a list of them, as OpenAI-shaped tool calls."""
+    try:
+        value = json.loads(turn["value"]) if isinstance(turn["value"], str) else turn["value"]
+    except json.JSONDecodeError as e:
+        raise TunelabError(f"{record.where}: conversations[{i}] (function_call) is not valid JSON ({e.msg})") from e
+    calls = value if isinstance(value, list) else [value]
+    return [{"type": "function", "function": c} if isinstance(c, dict) else c for c in calls]
+
+
 def _alpaca(record: Record) -> list[dict]:
+    """Alpaca's instruction/input/output, or Dolly's instruction/context/response, as one exchange."""
     instruction = _field(record, "instruction")
-    extra = record.value.get("input") or ""
+    dolly = "output" not in record.value
+    extra = record.value.get("context" if dolly else "input") or ""
     user = f"{instruction}\n\n{extra}" if extra else instruction
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _field(record, "output")}]
+    reply = _field(record, "response" if dolly else "output")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
 
 
 def _response(record: Record, name: str) -> str | list[dict]:
@@ -391,7 +447,9 @@ def _normalise(record: Record, fmt: str) -> dict:
             tools = _tools(record)
             return row | {"tools": tools} if tools else row
         case "conversations":
-            return {"messages": _sharegpt(record)}
+            row = {"messages": _sharegpt(record)}
+            tools = _tools(record)
+            return row | {"tools": tools} if tools else row
         case "alpaca":
             return {"messages": _alpaca(record)}
         case "prompt_completion":

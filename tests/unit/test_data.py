@@ -248,3 +248,54 @@ def test_preference_methods_take_pairs(tmp_path: Path, method: str) -> None:
     assert load(DATA / "pref_train.jsonl", method).format == "preference"
     with pytest.raises(TunelabError, match=rf"holds messages data but method is {method}"):
         load(write_jsonl(tmp_path / "c.jsonl", [CHAT]), method)
+
+
+def test_dolly_records_are_one_exchange_with_the_context_after_the_instruction(tmp_path: Path) -> None:
+    """databricks-dolly-15k's shape: instruction, context, response (and a category nothing reads)."""
+    rows = [
+        {"instruction": "Name the capital.", "context": "Molo is a country.", "response": "Vevasmo.", "category": "qa"},
+        {"instruction": "Say hi.", "context": "", "response": "Hi.", "category": "open_qa"},
+    ]
+    splits = load(write_jsonl(tmp_path / "dolly.jsonl", rows))
+    assert splits.format == "alpaca"
+    assert [r["messages"] for r in splits.train.rows] == [
+        [
+            {"role": "user", "content": "Name the capital.\n\nMolo is a country."},
+            {"role": "assistant", "content": "Vevasmo."},
+        ],
+        [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}],
+    ]
+
+
+def test_content_given_as_text_parts_is_the_text_they_hold(tmp_path: Path) -> None:
+    turns = [
+        {"role": "user", "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2 plus 3?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "5."}]},
+    ]
+    rows = load(write_jsonl(tmp_path / "parts.jsonl", [{"messages": turns}])).train.rows
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "5."},
+    ]
+    image = [{"role": "user", "content": [{"type": "image", "url": "x.png"}]}, turns[1]]
+    with pytest.raises(
+        TunelabError, match=r"img.jsonl:1: messages\[0\].content\[0\] is a part of type 'image'; tunelab trains on text"
+    ):
+        load(write_jsonl(tmp_path / "img.jsonl", [{"messages": image}]))
+
+
+def test_gzipped_files_read_as_their_inner_type_and_hash_as_stored(tmp_path: Path) -> None:
+    import gzip
+    import hashlib
+
+    plain = write_jsonl(tmp_path / "d.jsonl", [CHAT, CHAT])
+    packed = tmp_path / "d.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    splits = load(packed)
+    assert splits.train.rows == [CHAT, CHAT]
+    assert splits.train.origins == [f"{packed}:1", f"{packed}:2"]
+    assert splits.hashes[str(packed)] == hashlib.sha256(packed.read_bytes()).hexdigest()[:16]
+    broken = tmp_path / "b.jsonl.gz"
+    broken.write_bytes(b"not gzip")
+    with pytest.raises(TunelabError, match=r"b.jsonl.gz: not a readable gzip file"):
+        load(broken)

@@ -136,3 +136,27 @@ def test_qwen3_reasoning_is_supervised_inside_its_think_block(tmp_path: Path) ->
     ]
     (row,) = load_rows(tmp_path, [{"messages": turns}])
     assert supervised_replies(tok, row) == ["<think>\n2 and 3 make 5.\n</think>\n\n5.<|im_end|>\n"]
+
+
+def test_llama_factory_sharegpt_tool_turns_become_openai_tool_calls(tmp_path: Path) -> None:
+    """LLaMA-Factory's ShareGPT shape (glaive_toolcall and the like): function_call and observation turns, tools as
+    JSON text on the record."""
+    record = {
+        "tools": json.dumps([TOOLS[0]["function"]]),
+        "conversations": [
+            {"from": "human", "value": "What is the capital of Molo?"},
+            {"from": "function_call", "value": '{"name": "get_capital", "arguments": {"country": "Molo"}}'},
+            {"from": "observation", "value": "Vevasmo"},
+            {"from": "gpt", "value": "The capital of Molo is Vevasmo."},
+        ],
+    }
+    (row,) = load_rows(tmp_path, [record])
+    assert row["tools"] == [TOOLS[0]["function"]]
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert row["messages"][1]["tool_calls"] == [
+        {"type": "function", "function": {"name": "get_capital", "arguments": {"country": "Molo"}}}
+    ]
+    assert row["messages"][2] == {"role": "tool", "content": "Vevasmo"}
+    record["conversations"][1]["value"] = "get_capital(Molo)"
+    with pytest.raises(TunelabError, match=r"tools.jsonl:1: conversations\[1\] \(function_call\) is not valid JSON"):
+        load_rows(tmp_path, [record])
