@@ -45,14 +45,15 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.id: cannot load the config of '{settings.id}': {first}") from e
-    text = config.get_text_config()
-    if text is not config and getattr(config, "tie_word_embeddings", None) not in (None, text.tie_word_embeddings):
+    text, tied = config.get_text_config(), getattr(config, "tie_word_embeddings", None)
+    text_tied = getattr(text, "tie_word_embeddings", None)
+    if text is not config and None not in (tied, text_tied) and tied != text_tied:
         # An image-text config whose wrapper does not say whether lm_head is tied: Transformers 5 defaults Mistral 3's
         # wrapper to tied, while Mistral Small's checkpoints (saved by Transformers 4, which read the language
         # model's setting) hold their own lm_head. Read it as they were saved, so plan and training agree.
         raw, _ = PretrainedConfig.get_config_dict(path, revision=settings.revision)
         if "tie_word_embeddings" not in raw:
-            config.tie_word_embeddings = text.tie_word_embeddings
+            config.tie_word_embeddings = text_tied
     return config
 
 
@@ -87,7 +88,17 @@ def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> Pre
     import torch
 
     with torch.device("meta"):
-        return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+        try:
+            return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+        except ImportError as e:
+            raise _missing_package(config, e) from e
+
+
+def _missing_package(config: PretrainedConfig, error: ImportError) -> ConfigError:
+    """Transformers models that need another package (Gemma 3n's vision tower needs timm) say so at build time."""
+    first = " ".join(str(error).split()) or type(error).__name__
+    kind = getattr(config, "model_type", type(config).__name__)
+    return ConfigError(f"model.id: building a '{kind}' model needs a package that is not installed: {first}")
 
 
 def pick_device(setting: str) -> str:
@@ -144,6 +155,8 @@ def load_model(
         )
     except OSError as e:
         raise ConfigError(f"model.id: cannot load '{settings.id}': {str(e).splitlines()[0]}") from e
+    except ImportError as e:
+        raise _missing_package(config, e) from e
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ConfigError(

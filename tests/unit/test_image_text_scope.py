@@ -112,3 +112,40 @@ def test_a_model_that_generates_no_text_is_one_clear_error(tmp_path) -> None:
         ConfigError, match=r"^model.id: a 'vit' model \(ViTForImageClassification\) does not generate text"
     ):
         meta_model(config)
+
+
+def default_config_folder(tmp_path, model_type: str, **kwargs):
+    """A config.json as Transformers writes the defaults of `model_type` (its reference checkpoint's sizes)."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type, **kwargs).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_qwen2_5_vl_plans_its_language_model_with_the_vision_encoder_frozen(tmp_path) -> None:
+    """Qwen2.5-VL's text config has no tie_word_embeddings of its own: the wrapper's stands."""
+    model = build(default_config_folder(tmp_path, "qwen2_5_vl"))
+    _, resolved = apply_scope(model, Scope(lora=LoraScope(targets="qv")))
+    assert {n.split(".layers.")[0] for n in resolved.lora_modules} == {"model.language_model"}
+    assert any(w.endswith("stay frozen") and "model.visual" in w for w in resolved.warnings)
+
+
+def test_a_module_peft_cannot_adapt_is_one_line_naming_the_targets(tmp_path) -> None:
+    model = build(default_config_folder(tmp_path, "mamba", num_hidden_layers=2, hidden_size=64))
+    with pytest.raises(ConfigError, match=r"^scope.lora.targets: PEFT cannot put LoRA on MambaForCausalLM as asked: "):
+        apply_scope(model, Scope(lora=LoraScope(targets="all-linear")))
+    _, resolved = apply_scope(build(tmp_path), Scope(lora=LoraScope(targets=["in_proj", "x_proj"])))
+    assert resolved.target_modules == ["in_proj", "x_proj"]
+
+
+def test_a_model_that_needs_a_package_not_installed_is_one_line(tmp_path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here")
+    folder = default_config_folder(tmp_path, "gemma3n")
+    with pytest.raises(
+        ConfigError, match=r"^model.id: building a 'gemma3n' model needs a package that is not installed: .*timm"
+    ) as e:
+        build(folder)
+    assert "\n" not in str(e.value)

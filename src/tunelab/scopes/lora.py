@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Scope
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import ADAPTER
 from tunelab.scopes.base import BaseLoader, ScopeKind
 
@@ -43,7 +43,13 @@ class Lora(ScopeKind):
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                model = get_peft_model(model, config)
+                try:
+                    model = get_peft_model(model, config)
+                except ValueError as e:  # PEFT refuses a module it cannot adapt (Mamba's out_proj and conv1d)
+                    first = str(e).strip().splitlines()[0]
+                    raise ConfigError(
+                        f"scope.lora.targets: PEFT cannot put LoRA on {type(model).__name__} as asked: {first}"
+                    ) from e
         # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
         modules = sorted(
             {
