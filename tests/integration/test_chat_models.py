@@ -120,7 +120,7 @@ def test_sft_trains_with_the_models_own_template(family: str, family_dirs, tmp_p
     assert template == (FIXTURES / f"{family}.jinja").read_text()
 
 
-@pytest.mark.parametrize("family", ["llama-3.2-instruct", "mistral-7b-instruct-v0.3", "gemma-2-it"])
+@pytest.mark.parametrize("family", ["llama-3.2-instruct", "mistral-7b-instruct-v0.3", "gemma-2-it", "gemma-3-it"])
 def test_dpo_trains_on_tokenizers_without_pad_and_templates_without_system(
     family: str, family_dirs, tmp_path: Path
 ) -> None:
