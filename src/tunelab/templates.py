@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -71,7 +72,10 @@ def has_generation_markers(template: str | None) -> bool:
     return template is not None and re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
 
 
-def template_hash(template: str | None) -> str | None:
+def template_hash(template: str | dict[str, str] | None) -> str | None:
+    """A template's digest; of named templates ({"default": ..., "tool_use": ...}), of all of them."""
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
     return hashlib.sha256(template.encode()).hexdigest()[:16] if template else None
 
 
@@ -204,7 +208,7 @@ def _assistant_spans(
                 f"{where}: the chat template renders assistant message {i} differently once the conversation "
                 "continues (a system message moved into the last user turn, or a reasoning block kept only on the "
                 "last turn), so its reply cannot be supervised where it sits; "
-                + _consistent_fix(tokenizer.chat_template, messages)
+                + _consistent_fix(tokenizer.get_chat_template(tools=tools), messages)
             )
         reply_end = found + len(reply)
         if m.get("tool_calls"):
@@ -249,7 +253,9 @@ PROBE = [
 _MASKING: dict[tuple, tuple[str | None, str | None]] = {}
 
 
-def masking_template(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, str | None]:
+def masking_template(
+    tokenizer: PreTrainedTokenizerBase, tools: list[dict] | None = None
+) -> tuple[str | None, str | None]:
     """(the template the loss masks are derived from, the name of TRL's training version when it stands in).
 
     The model's own template wherever it renders each reply where it stays. Reasoning models' templates do not:
@@ -257,7 +263,8 @@ def masking_template(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, st
     ships a training version that does and marks replies with {% generation %}; it is used for the masks, as
     TRL's SFTTrainer does, while the run's tokenizer keeps the model's own template for generation.
     """
-    template = tokenizer.chat_template
+    # The template Transformers renders with: the tokenizer's own, or of named ones the tool_use or default one.
+    template = tokenizer.get_chat_template(tools=tools)
     key = (template, tokenizer.bos_token, tokenizer.eos_token)
     if key not in _MASKING:
         training = None if has_generation_markers(template) else trl_training_version(template)
@@ -364,7 +371,7 @@ def _chat(
             "tokenizer.chat_template: the tokenizer has no chat template; set one "
             "(a .jinja file, or builtin:llama3 for a model trained on that format)"
         )
-    template, _ = masking_template(tokenizer)
+    template, _ = masking_template(tokenizer, tools)
     if has_generation_markers(template):
         return _marked(tokenizer, messages, supervised, where, template, tools)
     text, spans = _assistant_spans(tokenizer, messages, supervised, where, tools)

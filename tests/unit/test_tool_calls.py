@@ -160,3 +160,24 @@ def test_llama_factory_sharegpt_tool_turns_become_openai_tool_calls(tmp_path: Pa
     record["conversations"][1]["value"] = "get_capital(Molo)"
     with pytest.raises(TunelabError, match=r"tools.jsonl:1: conversations\[1\] \(function_call\) is not valid JSON"):
         load_rows(tmp_path, [record])
+
+
+def test_named_templates_render_tool_rows_with_tool_use_and_others_with_default(tmp_path: Path) -> None:
+    """Tokenizers that ship several named templates (Hermes 2 Pro, Command R: {"default": ..., "tool_use": ...}):
+    as Transformers picks, rows with tools render through tool_use, the rest through default."""
+    from tunelab.templates import template_hash, tokenize_example
+
+    tok = trl_tokenizer("qwen2_5", extra=("<tool_call>", "</tool_call>"))
+    tool_use = tok.chat_template
+    default = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" + (
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.chat_template = {"default": default, "tool_use": tool_use}
+    (with_tools,) = load_rows(tmp_path, [OPENAI_ROW])
+    assert (
+        '"name": "get_capital"' in tok.decode(tokenize_example(tok, with_tools).input_ids).split("<|im_start|>user")[0]
+    )
+    plain = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    assert supervised_replies(tok, plain) == ["Hello.<|im_end|>"]
+    assert tok.decode(tokenize_example(tok, plain).input_ids).startswith("<|im_start|>user\nHi?")  # no system prompt
+    assert template_hash(tok.chat_template) not in (template_hash(default), template_hash(tool_use), None)
