@@ -258,24 +258,32 @@ def masking_template(
 ) -> tuple[str | None, str | None]:
     """(the template the loss masks are derived from, the name of TRL's training version when it stands in).
 
-    The model's own template wherever it renders each reply where it stays. Reasoning models' templates do not:
-    Qwen3 keeps a <think> block on the last turn only, DeepSeek-R1 prefills the prompt with <think>. For those TRL
-    ships a training version that does and marks replies with {% generation %}; it is used for the masks, as
-    TRL's SFTTrainer does, while the run's tokenizer keeps the model's own template for generation.
+    The model's own template wherever it renders each reply where it stays and closes it with a special token.
+    Some do not: Qwen3 keeps a <think> block on the last turn only, DeepSeek-R1 prefills the prompt with <think>,
+    GLM-4.5 ends a reply with nothing (the next turn's <|user|> stops generation). For those TRL ships a training
+    version that marks each reply, and its end, with {% generation %}; it is used for the masks, as TRL's
+    SFTTrainer does, while the run's tokenizer keeps the model's own template for generation.
     """
     # The template Transformers renders with: the tokenizer's own, or of named ones the tool_use or default one.
     template = tokenizer.get_chat_template(tools=tools)
     key = (template, tokenizer.bos_token, tokenizer.eos_token)
     if key not in _MASKING:
         training = None if has_generation_markers(template) else trl_training_version(template)
-        if training is not None:
-            try:
-                _assistant_spans(tokenizer, PROBE, [True] * len(PROBE), "probe")
-                training = None
-            except TemplateRowError:
-                pass
+        if training is not None and _places_every_reply(tokenizer):
+            training = None
         _MASKING[key] = (training[1], training[0]) if training else (template, None)
     return _MASKING[key]
+
+
+def _places_every_reply(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's template renders each reply of a two-exchange chat where it stays, closed by a
+    special token."""
+    try:
+        text, spans = _assistant_spans(tokenizer, PROBE, [True] * len(PROBE), "probe")
+    except TemplateRowError:
+        return False
+    ids, offsets = _offsets(tokenizer, text)
+    return _mask_spans(ids, offsets, spans, special_ids(tokenizer)).unterminated == 0
 
 
 def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:

@@ -184,6 +184,8 @@ REASONING = {  # TRL 1.16's copies of the originals, and the replies their train
     "qwen3_5_think": ("qwen3_5_think_training", "<think>\n\n</think>\n\n{}<|im_end|>\n"),
     "nemotron_3_nano": ("nemotron_3_nano_training", "<think></think>{}<|im_end|>\n"),
     "deepseek_r1_distill": ("deepseek_r1_distill_training", "<｜Assistant｜>{}<｜end▁of▁sentence｜>"),
+    # GLM-4.5 ends a reply with nothing of its own; the next turn's <|user|> is what stops generation
+    "glm4moe": ("glm4moe_training", "\n<think></think>\n{}<|user|>"),
 }
 
 

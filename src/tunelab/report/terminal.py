@@ -168,7 +168,7 @@ def tokens_line(t) -> str:
     if getattr(t, "masking_template", None):
         line += (
             f"; loss masks from TRL's training version of the model's template, trl:{t.masking_template} (the "
-            "model's own renders earlier replies differently once a conversation goes on; generation keeps it)"
+            "model's own does not keep every reply, and its end, in one place; generation keeps it)"
         )
     return line
 
