@@ -145,15 +145,21 @@ def trl_tokenizer(name: str, extra: tuple[str, ...] = ()):
     return tokenizer(spec, template)
 
 
-def supervised_replies(tok, row: dict) -> list[str]:
-    from tunelab.templates import tokenize_example
-
-    t = tokenize_example(tok, row)
+def masked_runs(ids: list[int], mask: list) -> list[list[int]]:
+    """The runs of consecutive ids whose mask entry is true: one per supervised span."""
     runs, current = [], []
-    for i, m in zip(t.input_ids, t.loss_mask, strict=True):
+    for token, m in zip(ids, mask, strict=True):
         if m:
-            current.append(i)
+            current.append(token)
         elif current:
             runs.append(current)
             current = []
-    return [tok.decode(r) for r in [*runs, current] if r]
+    return [*runs, current] if current else runs
+
+
+def supervised_replies(tok, row: dict) -> list[str]:
+    """What carries loss in a row, decoded span by span."""
+    from tunelab.templates import tokenize_example
+
+    t = tokenize_example(tok, row)
+    return [tok.decode(r) for r in masked_runs(t.input_ids, t.loss_mask)]

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from tests.chat_fixtures import supervised_replies
 from tests.conftest import DATA, EXAMPLES
 from tunelab.config import load_experiment
 from tunelab.plan import make_plan
@@ -37,17 +38,7 @@ def test_loss_mask_is_exactly_the_assistant_turns(tiny_model_dir: Path) -> None:
             {"role": "assistant", "content": "1 plus 1 is 2."},
         ]
     }
-    t = tokenize_example(tok, row)
-    spans, current = [], []
-    for token, m in zip(t.input_ids, t.loss_mask, strict=True):
-        if m:
-            current.append(token)
-        elif current:
-            spans.append(tok.decode(current))
-            current = []
-    if current:
-        spans.append(tok.decode(current))
-    assert spans == ["2 plus 3 is 5.<|eot_id|>", "1 plus 1 is 2.<|eot_id|>"]
+    assert supervised_replies(tok, row) == ["2 plus 3 is 5.<|eot_id|>", "1 plus 1 is 2.<|eot_id|>"]
 
 
 def test_prompt_completion_mask_covers_completion_and_eos(tiny_model_dir: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.chat_fixtures import FAMILIES, FIXTURES, build
+from tests.chat_fixtures import FAMILIES, FIXTURES, build, masked_runs
 from tests.conftest import DATA, run_cli, write_experiment
 from tunelab.config import load_experiment
 from tunelab.plan import make_plan
@@ -46,14 +46,7 @@ def experiment_file(folder: Path, model: Path, family: str, method: str = "sft",
 
 
 def supervised_runs(ids: list[int], labels: list[int]) -> list[list[int]]:
-    runs, current = [], []
-    for token, label in zip(ids, labels, strict=True):
-        if label != -100:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return [*runs, current] if current else runs
+    return masked_runs(ids, [label != -100 for label in labels])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
