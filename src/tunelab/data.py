@@ -456,15 +456,28 @@ def _normalise(record: Record, fmt: str) -> dict:
             prompt, completion = _field(record, "prompt", (str, list)), _field(record, "completion", (str, list))
             if isinstance(prompt, list) != isinstance(completion, list):
                 raise TunelabError(f"{record.where}: prompt and completion must both be strings or both message lists")
+            tools = _tools(record)
             if isinstance(prompt, list):
                 prompt = _messages(record, prompt, "prompt", need_assistant=False)
                 completion = _messages(record, completion, "completion", need_assistant=True)
-            return {"prompt": prompt, "completion": completion}
+            elif tools:
+                raise TunelabError(
+                    f"{record.where}: 'tools' needs a conversation to print them into; give prompt and completion "
+                    "as message lists"
+                )
+            row = {"prompt": prompt, "completion": completion}
+            return row | {"tools": tools} if tools else row
         case "text":
             text = _field(record, "text")
             if not text.strip():
                 raise TunelabError(f"{record.where}: 'text' is empty")
             return {"text": text}
+        case "preference" | "unpaired" if _tools(record):
+            raise TunelabError(
+                f"{record.where}: tool definitions ('tools') on preference data are not supported yet, and "
+                "training without them would teach calls to tools the model was never shown; remove the field "
+                "or train these rows with method: sft"
+            )
         case "preference":
             return _preference(record)
         case "unpaired":

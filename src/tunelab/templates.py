@@ -407,7 +407,7 @@ def tokenize_example(
             messages = prepare_messages(prompt + completion, fold_system)
             n_prompt = len(messages) - len(completion)
             supervised = [i >= n_prompt for i in range(len(messages))]
-            return _chat(tokenizer, messages, supervised, where)
+            return _chat(tokenizer, messages, supervised, where, row.get("tools"))
         eos = tokenizer.eos_token or ""
         prompt_ids = _ids(tokenizer(prompt))
         ids = _ids(tokenizer(prompt + completion + eos))

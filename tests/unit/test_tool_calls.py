@@ -181,3 +181,30 @@ def test_named_templates_render_tool_rows_with_tool_use_and_others_with_default(
     assert supervised_replies(tok, plain) == ["Hello.<|im_end|>"]
     assert tok.decode(tokenize_example(tok, plain).input_ids).startswith("<|im_start|>user\nHi?")  # no system prompt
     assert template_hash(tok.chat_template) not in (template_hash(default), template_hash(tool_use), None)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_tools_on_preference_data_are_refused_not_dropped(tmp_path: Path, method: str) -> None:
+    pair = {"prompt": "Capital of Molo?", "chosen": "Vevasmo.", "rejected": "Paris.", "tools": TOOLS}
+    if method == "kto":
+        pair = {"prompt": "Capital of Molo?", "completion": "Vevasmo.", "label": True, "tools": TOOLS}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair) + "\n")
+    with pytest.raises(TunelabError, match=r"pairs.jsonl:1: tool definitions \('tools'\) on preference data are not"):
+        load_splits(DataSettings(train=str(path)), method, seed=0)
+    pair["tools"] = []  # an empty field (datasets fill absent columns so) is no tool definition
+    path.write_text(json.dumps(pair) + "\n")
+    assert load_splits(DataSettings(train=str(path)), method, seed=0).train.rows
+
+
+def test_prompt_completion_conversations_carry_their_tools(tmp_path: Path) -> None:
+    from tunelab.templates import tokenize_example
+
+    messages = OPENAI_ROW["messages"]
+    record = {"prompt": messages[:1], "completion": messages[1:], "tools": TOOLS}
+    (row,) = load_rows(tmp_path, [record])
+    assert row["tools"] == TOOLS
+    tok = trl_tokenizer("llama3_1")
+    assert '"name": "get_capital"' in tok.decode(tokenize_example(tok, row).input_ids)
+    with pytest.raises(TunelabError, match=r"tools.jsonl:1: 'tools' needs a conversation to print them into"):
+        load_rows(tmp_path, [{"prompt": "Capital of Molo?", "completion": "Vevasmo.", "tools": TOOLS}])
