@@ -336,6 +336,15 @@ def train(
         run.close()
 
 
+def _padded_instead(exp: Experiment, architecture: str, says: bool) -> None:
+    """Padding-free rows on a model that lets their examples attend to each other would train on the wrong text."""
+    why = f"{architecture} lets examples concatenated in one row attend to each other (checked on two sentences)"
+    if exp.train.padding_free == "on":
+        raise ConfigError(f"train.padding_free: on, but {why}; set it to auto (padded batches here) or off")
+    if says:
+        print(f"padding-free batches off: {why}; training on padded batches", flush=True)
+
+
 def _load_scoped_model(base: BaseLoader, exp: Experiment, kind: ScopeKind, init_from: Path | None):
     """The base (or the init_from run's trained model, to continue it) with exactly the scope's parameters
     trainable."""
@@ -429,7 +438,7 @@ def _train_in(
     import torch
 
     from tunelab import trackers
-    from tunelab.methods.common import Hardware, batching
+    from tunelab.methods.common import Hardware, batching, keeps_packed_rows_apart
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
     from tunelab.scopes import BaseLoader, get_scope
@@ -446,12 +455,16 @@ def _train_in(
     facts = model_facts(exp.model.id, model)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     memory = estimate_memory(facts, resolved, exp, dtype_name, device, embeddings_train, engine)
+    apart = not batching(exp.train, exp.method).padding_free or keeps_packed_rows_apart(model, tokenizer)
+    if not apart:
+        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        _padded_instead(exp, type(base_model).__name__, run.writable)
     run.update(
         **provenance.model_dump(),
         device=device,
         dtype=dtype_name,
         gradient_checkpointing=memory.gradient_checkpointing,
-        batching=asdict(batching(exp.train, exp.method)),
+        batching=asdict(batching(exp.train, exp.method, apart)),
         trainable_params=resolved.trainable_params,
         total_params=resolved.total_params,
         trainable_percent=round(resolved.trainable_percent, 6),
@@ -462,7 +475,7 @@ def _train_in(
     before = _digests(dict(model.named_parameters()))
     # FSDP checkpoints activations itself when its config says so; the Trainer refuses both at once.
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
-    hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing)
+    hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing, packed_rows_apart=apart)
     recorder = _recorder(run, sys.stdout.isatty())
     report_to = exp.train.report_to
     if report_to:

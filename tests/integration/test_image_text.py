@@ -150,3 +150,57 @@ def test_a_checkpoint_missing_weights_its_config_asks_for_is_refused(tmp_path: P
     save_file(tensors, str(safetensors), metadata={"format": "pt"})
     with pytest.raises(ConfigError, match=r"lack 1 tensor\(s\) its config.json asks for \(lm_head.weight\)"):
         load_model(ModelSettings(id=str(base)), torch.float32, "cpu")
+
+
+def tiny_qwen2_5_vl(tmp_path: Path) -> Path:
+    """A Qwen2.5-VL of two layers (head_dim 128, as its multimodal rope sections need) with Qwen2.5's template
+    and tokenizer layout."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    folder = build("qwen2.5-instruct", tmp_path / "tokenizer-source")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    unused = tokenizer.convert_tokens_to_ids(["<|object_ref_start|>", "<|object_ref_end|>", "<|endoftext|>"])
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+    )  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256)
+    config = AutoConfig.for_model(
+        "qwen2_5_vl",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=unused[0],
+        video_token_id=unused[1],
+        vision_start_token_id=unused[2],
+    )
+    torch.manual_seed(0)
+    dest = tmp_path / "qwen2.5-vl"
+    AutoModelForImageTextToText.from_config(config).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def test_a_model_that_lets_packed_examples_attend_to_each_other_trains_on_padded_batches(tmp_path: Path) -> None:
+    """Qwen2.5-VL's multimodal rope hides the restarts of position_ids from Transformers' masks: concatenated
+    examples would see each other. The check before training finds it and pads instead (or refuses an explicit
+    padding_free: on); a Llama keeps them apart and stays padding-free."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from tunelab.errors import ConfigError
+    from tunelab.methods.common import keeps_packed_rows_apart
+
+    base = tiny_qwen2_5_vl(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    assert not keeps_packed_rows_apart(AutoModelForImageTextToText.from_pretrained(base), tokenizer)
+    llama = build("llama-3.2-instruct", tmp_path / "llama")
+    assert keeps_packed_rows_apart(AutoModelForCausalLM.from_pretrained(llama), AutoTokenizer.from_pretrained(llama))
+
+    text = (
+        f"name: vl\nmodel: {{id: {base}}}\ndata: {{train: {one_reply_data(tmp_path)}}}\n"
+        f"train: {{max_steps: 2, batch_size: 4}}\noutput: {{dir: {tmp_path / 'runs'}}}\n"
+    )
+    result = train(load_experiment(write_experiment(tmp_path, text)))
+    assert result.manifest.status == "completed" and result.manifest.batching["padding_free"] is False
+    on = text.replace("name: vl", "name: vl-on").replace("batch_size: 4}", "batch_size: 4, padding_free: on}")
+    with pytest.raises(ConfigError, match=r"^train.padding_free: on, but Qwen2_5_VLForConditionalGeneration lets"):
+        train(load_experiment(write_experiment(tmp_path, on)))

@@ -15,9 +15,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class Hardware:
+    """What the machine and the loaded model decide."""
+
     device: str
     dtype: torch.dtype
     gradient_checkpointing: bool
+    packed_rows_apart: bool = True  # the model keeps examples concatenated in one row apart (padding-free is safe)
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Batching:
     accumulation: int  # gradient_accumulation_steps
 
 
-def batching(train: TrainSettings, method: str) -> Batching:
+def batching(train: TrainSettings, method: str, packed_rows_apart: bool = True) -> Batching:
     """Resolve padding_free, micro_batch_size and group_by_length into what the Trainer is given.
 
     By default (SFT) each step's batch is drawn at random, as in a plain script, and then split into
@@ -41,7 +44,7 @@ def batching(train: TrainSettings, method: str) -> Batching:
     from tunelab.methods import get_method
 
     splits_batches = get_method(method).padding_free  # SFT: TRL's other trainers take padded batches only
-    padding_free = splits_batches and not train.packing and train.padding_free != "off"
+    padding_free = splits_batches and not train.packing and train.padding_free != "off" and packed_rows_apart
     batch, accumulation = train.batch_size, train.grad_accumulation
     if train.packing or train.group_by_length or not splits_batches:
         sampling = "group_by_length" if train.group_by_length and not train.packing else "random"
@@ -49,6 +52,32 @@ def batching(train: TrainSettings, method: str) -> Batching:
     micro = train.micro_batch_size or (2 if batch >= 4 and batch % 2 == 0 else batch)
     # batch_rebalance even without a split: then every micro_batch_size draws the same examples per step.
     return Batching(padding_free, "batch_rebalance", micro, accumulation * (batch // micro))
+
+
+def keeps_packed_rows_apart(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether two examples concatenated in one row, as TRL's padding-free collator builds it (positions restart,
+    no attention mask), see only themselves: the second's logits are its logits alone.
+
+    Transformers' masks find such rows from the positions for most models; Qwen2.5-VL's multimodal rope does not,
+    and its examples would attend across the boundary. Two forward passes of a dozen tokens tell.
+    """
+    import torch
+
+    ids = tokenizer("The capital of Molo is Vevasmo, and its flag is blue.", add_special_tokens=False)["input_ids"]
+    first, second = ids[: len(ids) // 2], ids[len(ids) // 2 :]
+    device = next(model.parameters()).device
+    row = torch.tensor([first + second], device=device)
+    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, len(first) :].float()
+            alone = model(input_ids=row[:, len(first) :], use_cache=False).logits[0].float()
+    finally:
+        model.train(training)
+    # Rounding differs between the two shapes (bf16 most); attending across examples moves logits by their scale.
+    return bool((packed - alone).abs().max() <= 0.05 * alone.abs().max() + 1e-4)
 
 
 def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, batches: Batching) -> dict:

@@ -30,7 +30,7 @@ def build_trainer(
 
     from tunelab.methods.sampling import seeded
 
-    batches = batching(train, "sft")
+    batches = batching(train, "sft", hw.packed_rows_apart)
     config = trl_config(
         SFTConfig,
         **training_arguments(train, hw, output_dir, eval_rows is not None, batches),
