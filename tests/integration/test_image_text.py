@@ -68,6 +68,14 @@ def test_gemma3_lora_trains_the_language_model_and_the_merged_export_answers(tmp
     assert generated[-1].item() == tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert tokenizer.decode(generated[:-1]).strip() == REPLY
 
+    # compare attaches the adapter to the loaded image-text base and generates the same answer
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"messages": CONVERSATION[:1], "contains": ["apples"]}) + "\n")
+    r = run_cli("compare", str(run), "--prompts", str(prompts), "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    outputs = json.loads((tmp_path / "report" / "report.json").read_text())["outputs"]
+    assert [o.strip() for o in outputs["brief"]] == [REPLY]
+
 
 def tiny_mistral_small(tmp_path: Path) -> Path:
     """Mistral Small 3.2's published config.json shrunk (same classes: Mistral3, a Mistral text model, a Pixtral
