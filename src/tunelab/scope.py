@@ -234,10 +234,19 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
         ]
         regex = None
     params, patterns = _fused_experts(scope, model, decoder, layers) if scope.targets == "all-linear" else ([], {})
+    dropout = scope.dropout
+    if params and dropout:
+        if "dropout" in scope.model_fields_set:
+            raise ConfigError(
+                f"scope.lora.dropout: all-linear on {type(model).__name__} reaches its fused expert weights "
+                f"({', '.join(sorted({n.split('.', 3)[-1] for n in params})[:3])}, ...), which PEFT trains only "
+                "without dropout; set scope.lora.dropout: 0, or targets: attention to leave the experts out"
+            )
+        dropout = 0.0  # the default gives way where PEFT cannot apply it; Lora.apply says so
     config = LoraConfig(
         r=scope.r,
         lora_alpha=scope.alpha,
-        lora_dropout=scope.dropout,
+        lora_dropout=dropout,
         bias=scope.bias,
         task_type=scope.task_type,
         target_modules=regex if regex is not None else names,
@@ -268,12 +277,6 @@ def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers:
     if not suffixes:
         return [], {}
     names = [n for n, _ in model.named_parameters() if n.endswith(suffixes) and layer_index(n, decoder) in layers]
-    if names and scope.dropout:
-        raise ConfigError(
-            f"scope.lora.dropout: all-linear on {type(model).__name__} reaches its fused expert weights "
-            f"({', '.join(sorted({n.split('.', 3)[-1] for n in names})[:3])}, ...), which PEFT trains only without "
-            "dropout; set scope.lora.dropout: 0, or targets: attention to leave the experts out"
-        )
     ranks = {k: int(v) for k, v in probe.rank_pattern.items()}
     return names, ranks
 

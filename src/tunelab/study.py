@@ -146,7 +146,9 @@ def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
 
 def variant_experiment(study: Study, name: str, init_from: str | None) -> Experiment:
     """The variant's fully resolved experiment (its run name carries the hash of everything else)."""
-    raw = study.base.model_dump(mode="json")
+    # What the base file set, not every default: a default that gives way to the model (LoRA dropout on fused
+    # experts) must stay a default in each variant.
+    raw = study.base.model_dump(mode="json", exclude_unset=True)
     where = f"{study.path}: variants.{name}.set"
     for key, value in study.spec.variants[name].set.items():
         if key in ("output.name", "output.dir", "init_from"):

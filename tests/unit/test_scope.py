@@ -215,6 +215,21 @@ def test_fused_experts_with_dropout_is_one_clear_error() -> None:
         apply_scope(tiny_mixtral(), Scope(lora=LoraScope(dropout=0.05)))
 
 
+def test_the_default_dropout_gives_way_on_fused_experts_and_plan_says_so() -> None:
+    """An experiment that does not set dropout trains a MoE model's all-linear scope (as PEFT can: without
+    dropout) instead of stopping at the default; the same scope on attention keeps the default."""
+    model, resolved = apply_scope(tiny_mixtral(), Scope(lora=LoraScope()))
+    assert model.peft_config["default"].lora_dropout == 0.0
+    assert resolved.warnings == [
+        "scope.lora.dropout is 0 here, not the default 0.05: all-linear reaches the fused expert weights, which "
+        "PEFT trains only without dropout (targets: attention keeps the experts out)"
+    ]
+    model, resolved = apply_scope(tiny_mixtral(), Scope(lora=LoraScope(targets="attention")))
+    assert model.peft_config["default"].lora_dropout == 0.05 and resolved.warnings == []
+    model, resolved = apply_scope(tiny_llama(), Scope(lora=LoraScope()))
+    assert model.peft_config["default"].lora_dropout == 0.05 and resolved.warnings == []
+
+
 def tiny_llama(tied: bool = False):
     from transformers import LlamaConfig
 

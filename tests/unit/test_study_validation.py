@@ -61,3 +61,19 @@ def test_set_applies_to_every_variant_and_moves_the_study(tmp_path: Path) -> Non
         assert exp.train.max_steps == 2 and Path(exp.output.dir) == tmp_path / "smoke"
     with pytest.raises(TunelabError, match=r"--set train.seed: Input should be greater than or equal to 0"):
         load_study(EXAMPLES / "ladder.yaml", ["train.seed=-1"])
+
+
+def test_a_variant_keeps_the_bases_defaults_as_defaults(tmp_path: Path) -> None:
+    """A base that leaves LoRA dropout at its default: a variant's experiment must too, or a default that gives way
+    to the model (dropout on a MoE model's fused experts) would turn into an explicit setting that refuses."""
+    from tunelab.study import variant_experiment
+
+    text = (EXAMPLES / "quickstart.yaml").read_text()
+    (tmp_path / "base.yaml").write_text("\n".join(line for line in text.splitlines() if "dropout" not in line))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nbase: {tmp_path / 'base.yaml'}\nvariants:\n  a: {{set: {{scope.lora.r: 4}}}}\n")
+    s = load_study(path)
+    base = s.base.scope.lora
+    variant = variant_experiment(s, "a", None).scope.lora
+    assert "dropout" not in base.model_fields_set and "dropout" not in variant.model_fields_set
+    assert (variant.r, variant.dropout) == (4, base.dropout)

@@ -32,10 +32,17 @@ class Lora(ScopeKind):
 
         from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config
 
+        notes = []
         if isinstance(model, PeftModel):  # continuing a saved adapter (init_from, loaded trainable): its own config
             config, decoder = model.peft_config["default"], find_decoder(model.get_base_model())
         else:
             config, decoder, _ = lora_config(scope.lora, model)
+            if config.lora_dropout != scope.lora.dropout:
+                notes.append(
+                    f"scope.lora.dropout is 0 here, not the default {scope.lora.dropout}: all-linear reaches the "
+                    "fused expert weights, which PEFT trains only without dropout (targets: attention keeps the "
+                    "experts out)"
+                )
             if getattr(model, "hf_quantizer", None) is not None:
                 from peft import prepare_model_for_kbit_training
 
@@ -64,6 +71,7 @@ class Lora(ScopeKind):
             target_modules=sorted({leaf(n) for n in modules}),
             lora_modules=modules,
             layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, str) else None,
+            warnings=notes,
         )
 
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
