@@ -24,3 +24,16 @@ from tunelab.methods.common import Batching, batching
 )
 def test_batching(method: str, settings: dict, expected: Batching) -> None:
     assert batching(TrainSettings(**settings), method) == expected
+
+
+def test_the_packed_rows_check_passes_over_weights_this_process_does_not_hold() -> None:
+    """FSDP's rank-0 loading leaves the other ranks' weights on the meta device: no forward pass can run there, and
+    the check gives Transformers' usual answer rather than crashing the launch."""
+    from transformers import LlamaConfig
+
+    from tests.chat_fixtures import trl_tokenizer
+    from tunelab.methods.common import keeps_packed_rows_apart
+    from tunelab.models import meta_model
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    assert keeps_packed_rows_apart(meta_model(config), trl_tokenizer("llama3_1")) is True

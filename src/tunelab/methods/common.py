@@ -59,9 +59,14 @@ def keeps_packed_rows_apart(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     no attention mask), see only themselves: the second's logits are its logits alone.
 
     Transformers' masks find such rows from the positions for most models; Qwen2.5-VL's multimodal rope does not,
-    and its examples would attend across the boundary. Two forward passes of a dozen tokens tell.
+    and its examples would attend across the boundary. Two forward passes of a dozen tokens tell. Where this
+    process does not hold the weights (FSDP loading them on rank 0 only, ZeRO-3 partitioning them at load) there is
+    nothing to run, and the answer is Transformers' usual one.
     """
     import torch
+
+    if any(p.device.type == "meta" or p.numel() == 0 for p in model.parameters()):
+        return True
 
     ids = tokenizer("The capital of Molo is Vevasmo, and its flag is blue.", add_special_tokens=False)["input_ids"]
     first, second = ids[: len(ids) // 2], ids[len(ids) // 2 :]
