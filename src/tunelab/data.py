@@ -236,7 +236,9 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
                 message[key] = m[key]
         if m["role"] == "tool":
             message |= {k: m[k] for k in ("name", "tool_call_id") if m.get(k) is not None}
-        if "weight" in m:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss
+        # OpenAI's fine-tuning format: weight 0 keeps an assistant turn out of the loss. (A column datasets fills
+        # with null where a message has no weight is no weight.)
+        if m.get("weight") is not None:
             if m["weight"] not in (0, 1) or m["role"] != "assistant":
                 raise TunelabError(f"{record.where}: {name}[{i}].weight must be 0 or 1, on assistant messages only")
             message["weight"] = int(m["weight"])

@@ -299,3 +299,19 @@ def test_gzipped_files_read_as_their_inner_type_and_hash_as_stored(tmp_path: Pat
     broken.write_bytes(b"not gzip")
     with pytest.raises(TunelabError, match=r"b.jsonl.gz: not a readable gzip file"):
         load(broken)
+
+
+def test_a_saved_dataset_whose_messages_fill_absent_keys_with_null_reads_as_the_jsonl_does(tmp_path: Path) -> None:
+    """Arrow gives every message every key any message has: weight, tool_calls, name... as null where absent."""
+    import datasets
+
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "weight": 0},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    datasets.Dataset.from_list([{"messages": turns}, CHAT]).save_to_disk(str(tmp_path / "saved"))
+    rows = load(tmp_path / "saved").train.rows
+    assert rows[0]["messages"] == [turns[0], turns[1], turns[2], turns[3]]
+    assert rows[1] == CHAT
