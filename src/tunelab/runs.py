@@ -196,6 +196,7 @@ class Manifest(Record):
     trainable_percent: float | None = None
     target_modules: list[str] | None = None
     layers: list[int] | None = None
+    scope_notes: list[str] | None = None  # what the scope decided beyond the experiment file (frozen towers, ...)
     estimated_memory_bytes: int | None = None
     reference: str | None = None
     ref_logps_cache: str | None = None

@@ -470,6 +470,7 @@ def _train_in(
         trainable_percent=round(resolved.trainable_percent, 6),
         target_modules=resolved.target_modules,
         layers=resolved.layers,
+        scope_notes=resolved.warnings or None,
         estimated_memory_bytes=memory.total_bytes,
     )
     before = _digests(dict(model.named_parameters()))

@@ -13,6 +13,7 @@ import torch
 from tests.chat_fixtures import build
 from tests.conftest import CONFIGS, run_cli, write_experiment
 from tunelab.config import load_experiment
+from tunelab.runs import read_manifest
 from tunelab.scopes import load_trained
 from tunelab.train import train
 
@@ -48,6 +49,8 @@ def test_gemma3_lora_trains_the_language_model_and_the_merged_export_answers(tmp
     )
     assert run_cli("train", str(exp)).returncode == 0
     run = tmp_path / "runs" / "brief"
+    (note,) = read_manifest(run).scope_notes  # the run says, as plan did, what stayed frozen
+    assert note.startswith("Gemma3ForConditionalGeneration is an image-text model") and "model.vision_tower" in note
     targets = json.loads((run / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert len(targets) == 2 * 7  # two decoder layers, seven projections each; none of SigLIP's
     assert all(t.startswith("model.language_model.layers.") for t in targets)
