@@ -314,6 +314,10 @@ def _tools(record: Record) -> list[dict] | None:
     return tools or None
 
 
+def _with_tools(row: dict, tools: list[dict] | None) -> dict:
+    return row | {"tools": tools} if tools else row
+
+
 def merge_consecutive(messages: list[dict]) -> list[dict]:
     """Join consecutive messages of the same role (blank line between), for templates that need alternation."""
     out: list[dict] = []
@@ -352,8 +356,7 @@ def _sharegpt_calls(record: Record, turn: dict, i: int) -> list[dict]:
         value = json.loads(turn["value"]) if isinstance(turn["value"], str) else turn["value"]
     except json.JSONDecodeError as e:
         raise TunelabError(f"{record.where}: conversations[{i}] (function_call) is not valid JSON ({e.msg})") from e
-    calls = value if isinstance(value, list) else [value]
-    return [{"type": "function", "function": c} if isinstance(c, dict) else c for c in calls]
+    return value if isinstance(value, list) else [value]  # _tool_calls reads bare {"name", "arguments"} too
 
 
 def _alpaca(record: Record) -> list[dict]:
@@ -445,13 +448,10 @@ def _normalise(record: Record, fmt: str) -> dict:
         raise TunelabError(f"{record.where}: a record must be a JSON object")
     match fmt:
         case "messages":
-            row = {"messages": _messages(record, record.value.get("messages"), "messages", need_assistant=True)}
-            tools = _tools(record)
-            return row | {"tools": tools} if tools else row
+            messages = _messages(record, record.value.get("messages"), "messages", need_assistant=True)
+            return _with_tools({"messages": messages}, _tools(record))
         case "conversations":
-            row = {"messages": _sharegpt(record)}
-            tools = _tools(record)
-            return row | {"tools": tools} if tools else row
+            return _with_tools({"messages": _sharegpt(record)}, _tools(record))
         case "alpaca":
             return {"messages": _alpaca(record)}
         case "prompt_completion":
@@ -467,8 +467,7 @@ def _normalise(record: Record, fmt: str) -> dict:
                     f"{record.where}: 'tools' needs a conversation to print them into; give prompt and completion "
                     "as message lists"
                 )
-            row = {"prompt": prompt, "completion": completion}
-            return row | {"tools": tools} if tools else row
+            return _with_tools({"prompt": prompt, "completion": completion}, tools)
         case "text":
             text = _field(record, "text")
             if not text.strip():

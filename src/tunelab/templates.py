@@ -194,6 +194,7 @@ def _assistant_spans(
 ) -> tuple[str, list[tuple[int, int, int]]]:
     """The full text and, per supervised assistant turn, (start, end of the reply, end of the turn) in characters."""
     full = _render(tokenizer, messages, False, where, tools)
+    closers = special_texts(tokenizer) if any(m.get("tool_calls") for m in messages) else []
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or not supervised[i]:
@@ -214,7 +215,7 @@ def _assistant_spans(
         if m.get("tool_calls"):
             # The template writes the calls in its own syntax, which may hold special tokens of its own
             # (<tool_call>): the turn's terminator is the last special token before the next message.
-            closings = [full.rfind(t, reply_end, end) for t in special_texts(tokenizer)]
+            closings = [full.rfind(t, reply_end, end) for t in closers]
             reply_end = max([reply_end, *closings])
         spans.append((len(prompt), reply_end, end))
     return full, spans

@@ -165,7 +165,7 @@ def tokens_line(t) -> str:
         kind = "EOS" if t.terminator_is_eos else "not EOS: an export lists it as a stop token"
         stop = f"turns end with {t.terminator} ({kind}), supervised"
     line = f"{stop}; pad token {t.pad_token} ({t.pad_source})"
-    if getattr(t, "masking_template", None):
+    if t.masking_template:
         line += (
             f"; loss masks from TRL's training version of the model's template, trl:{t.masking_template} (the "
             "model's own does not keep every reply, and its end, in one place; generation keeps it)"
