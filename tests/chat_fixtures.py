@@ -163,3 +163,70 @@ def supervised_replies(tok, row: dict) -> list[str]:
 
     t = tokenize_example(tok, row)
     return [tok.decode(r) for r in masked_runs(t.input_ids, t.loss_mask)]
+
+
+# The hub's tokenizer_config.json and generation_config.json of meta-llama/Llama-3.1-8B-Instruct (the mission's model).
+LLAMA31_TOKENIZER_CONFIG = dict(
+    bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", model_max_length=131072, clean_up_tokenization_spaces=True
+)
+LLAMA31_GENERATION = dict(
+    bos_token_id=128000, eos_token_id=[128001, 128008, 128009], do_sample=True, temperature=0.6, top_p=0.9
+)
+
+
+def meta_llama3_reference():
+    """Meta's own Llama 3 tokenizer, from Meta's `llama-models` package on PyPI: `tokenizer.model` is the file every
+    Llama 3.x checkpoint ships as original/tokenizer.model, and its tiktoken encoder is how Meta tokenizes."""
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return Tokenizer.get_instance()
+
+
+def meta_llama3_tokenizer(template: str):
+    """Meta's Llama 3 tokenizer as the hub's tokenizer.json has it: its tiktoken ranks converted to a fast tokenizer
+    the way Transformers converts them, Meta's 256 special tokens, and a BOS added in front of plain text."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    reference = meta_llama3_reference()
+    special = sorted(reference.special_tokens, key=reference.special_tokens.get)
+    from llama_models.llama3 import tokenizer as meta
+
+    ranks = Path(meta.__file__).parent / "tokenizer.model"
+    tok = TikTokenConverter(vocab_file=str(ranks), extra_special_tokens=special).converted()
+    bos = LLAMA31_TOKENIZER_CONFIG["bos_token"]
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, reference.bos_id)]
+            ),
+        ]
+    )
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **LLAMA31_TOKENIZER_CONFIG)
+    wrapped.chat_template = template
+    return wrapped
+
+
+def build_meta_llama31(dest: Path) -> Path:
+    """A folder laid out as a download of meta-llama/Llama-3.1-8B-Instruct: Meta's tokenizer with the model's own
+    template, the published config.json shrunk to two narrow layers (the vocabulary, rope scaling and stop tokens
+    kept), the published generation_config.json, random weights. Written once; returns dest."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if (dest / "config.json").is_file():
+        return dest
+    tok = meta_llama3_tokenizer((FIXTURES / "llama-3.1-instruct.jinja").read_text())
+    published = json.loads((FIXTURES.parent / "configs" / "llama-3.1-8b-instruct" / "config.json").read_text())
+    shrunk = published | dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**shrunk))
+    model.generation_config = GenerationConfig(**LLAMA31_GENERATION)
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(dest)
+    model.save_pretrained(dest)
+    return dest
