@@ -49,12 +49,13 @@ def _hermetic_home() -> Path:
 
 
 def _threads_per_worker() -> dict[str, str]:
-    """Under pytest-xdist (`make test` runs one worker per core), each worker's torch gets its share of the cores:
-    torch takes them all by default, and N workers each spinning N threads run slower than one worker alone."""
+    """Under pytest-xdist (`make test` runs one worker per core), each worker's torch and tokenizers get their share
+    of the cores: both take them all by default, and N workers each spinning N threads run slower than one alone."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers == 1:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // workers))}
+    share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    return {"OMP_NUM_THREADS": share, "RAYON_NUM_THREADS": share}
 
 
 os.environ.update(OFFLINE)

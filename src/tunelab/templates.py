@@ -11,6 +11,7 @@ assistant output with `{% generation %}` is taken at its word instead. `plan` an
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -280,41 +281,60 @@ def _places_every_reply(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer's template renders each reply of a two-exchange chat where it stays, closed by a
     special token."""
     try:
-        text, spans = _assistant_spans(tokenizer, PROBE, [True] * len(PROBE), "probe")
+        probe = Rendered(*_assistant_spans(tokenizer, PROBE, [True] * len(PROBE), "probe"))
     except TemplateRowError:
         return False
-    ids, offsets = _offsets(tokenizer, text)
-    return _mask_spans(ids, offsets, spans, special_ids(tokenizer)).unterminated == 0
+    return _tokenized(tokenizer, [probe])[0].unterminated == 0
 
 
-def _offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+@dataclass
+class Rendered:
+    """A conversation rendered as text, with the character spans its loss covers: tokenized in batches."""
+
+    text: str
+    spans: list[tuple[int, int, int]]  # per supervised turn: (start, end of the reply, end of the turn)
+
+
+def _tokenized(tokenizer: PreTrainedTokenizerBase, prepared: list[Tokenized | Rendered]) -> list[Tokenized]:
+    """Tokenize the rendered conversations among `prepared` in one batch (the tokenizer's Rust side spreads a
+    batch over the cores) and mask their spans; the rows already tokenized stay as they are."""
+    rendered = [p for p in prepared if isinstance(p, Rendered)]
+    if not rendered:
+        return list(prepared)
     if not tokenizer.is_fast:
         raise ConfigError(
             "tokenizer: a fast tokenizer (tokenizer.json) is needed to locate assistant replies; "
             "point tokenizer.id at a folder with tokenizer.json"
         )
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    batch = tokenizer([r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    specials = special_ids(tokenizer)
+    masked = iter(
+        _mask_spans(list(ids), [tuple(o) for o in offsets], r.spans, specials)
+        for r, ids, offsets in zip(rendered, batch["input_ids"], batch["offset_mapping"], strict=True)
+    )
+    return [next(masked) if isinstance(p, Rendered) else p for p in prepared]
 
 
 def _mask_spans(
     ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]], specials: set[int]
 ) -> Tokenized:
+    # Token offsets run in text order, so each span's tokens are found by bisection: linear in the row, not in
+    # rows x turns.
+    starts = [a for a, _ in offsets]
     mask = [0] * len(ids)
     terminators, unterminated = [], 0
     for start, reply_end, end in spans:
-        stop = end
-        closing = next(
-            (j for j, (a, _) in enumerate(offsets) if reply_end <= a < end and ids[j] in specials),
-            None,
-        )
-        if closing is None:
-            unterminated += 1
-        else:
+        closing = bisect.bisect_left(starts, reply_end)
+        while closing < len(ids) and starts[closing] < end and ids[closing] not in specials:
+            closing += 1
+        if closing < len(ids) and starts[closing] < end:
             stop = offsets[closing][1]
             terminators.append(ids[closing])
-        for j, (a, b) in enumerate(offsets):
-            if start <= a < stop and b > a:
+        else:
+            stop = end
+            unterminated += 1
+        for j in range(bisect.bisect_left(starts, start), bisect.bisect_left(starts, stop)):
+            if offsets[j][1] > offsets[j][0]:
                 mask[j] = 1
     return Tokenized(ids, mask, terminators, unterminated)
 
@@ -373,8 +393,9 @@ def _chat(
     supervised: list[bool],
     where: str,
     tools: list[dict] | None = None,
-) -> Tokenized:
-    """One conversation's tokens and mask; `tools`: the row's tool definitions, which the template prints."""
+) -> Tokenized | Rendered:
+    """One conversation's tokens and mask, or its text and spans to tokenize with others; `tools`: the row's tool
+    definitions, which the template prints."""
     if not tokenizer.chat_template:
         raise ConfigError(
             "tokenizer.chat_template: the tokenizer has no chat template; set one "
@@ -383,9 +404,7 @@ def _chat(
     template, _ = masking_template(tokenizer, tools)
     if has_generation_markers(template):
         return _marked(tokenizer, messages, supervised, where, template, tools)
-    text, spans = _assistant_spans(tokenizer, messages, supervised, where, tools)
-    ids, offsets = _offsets(tokenizer, text)
-    return _mask_spans(ids, offsets, spans, special_ids(tokenizer))
+    return Rendered(*_assistant_spans(tokenizer, messages, supervised, where, tools))
 
 
 def _ids(encoded) -> list[int]:
@@ -396,6 +415,10 @@ def tokenize_example(
     tokenizer: PreTrainedTokenizerBase, row: dict, where: str = "record", fold_system: bool = False
 ) -> Tokenized:
     """Tokens of one normalised SFT row and which of them carry loss."""
+    return _tokenized(tokenizer, [_prepare(tokenizer, row, where, fold_system)])[0]
+
+
+def _prepare(tokenizer: PreTrainedTokenizerBase, row: dict, where: str, fold_system: bool) -> Tokenized | Rendered:
     if "messages" in row:
         messages = prepare_messages(row["messages"], fold_system)
         supervised = [m.get("weight", 1) != 0 for m in row["messages"]]
@@ -419,14 +442,18 @@ def tokenize_example(
     return Tokenized(ids, [1] * len(ids))
 
 
+ENCODE_BATCH = 256  # rows tokenized per call
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase, rows: list[dict], origins: list[str], fold_system: bool = False
 ) -> Encoded:
     """Tokenize and mask every row, collecting what the checks need."""
     examples, no_loss, all_loss, unterminated, terminators = [], [], [], [], Counter()
-    for row, where in zip(rows, origins, strict=True):
-        tok = tokenize_example(tokenizer, row, where, fold_system)
-        examples.append(tok)
+    for start in range(0, len(rows), ENCODE_BATCH):
+        chunk = zip(rows[start : start + ENCODE_BATCH], origins[start : start + ENCODE_BATCH], strict=True)
+        examples += _tokenized(tokenizer, [_prepare(tokenizer, row, where, fold_system) for row, where in chunk])
+    for tok, row, where in zip(examples, rows, origins, strict=True):
         if not any(tok.loss_mask):
             no_loss.append(where)
         elif "text" not in row and all(tok.loss_mask):

@@ -45,3 +45,30 @@ def test_plain_prompt_completion_and_text_rows_supervise_the_right_tokens(tiny_m
     assert tok.decode([i for i, m in pairs if m]) == " Kavelo.<|eot_id|>"
     whole = tokenize_example(tok, {"text": "The flag of Nuri is red."})
     assert tok.decode(whole.input_ids) == "The flag of Nuri is red.<|eot_id|>" and all(whole.loss_mask)
+
+
+def test_encoding_in_batches_gives_each_row_what_it_gives_alone(tiny_model_dir) -> None:
+    """`encode` renders rows one by one and tokenizes them a batch at a time; rows of every shape, across the
+    boundary between batches, come out in order with the tokens and masks each gives alone."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import DATA
+    from tunelab.templates import ENCODE_BATCH, encode, tokenize_example
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chats = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()]
+    shapes = [
+        lambda i: chats[i % len(chats)],
+        lambda i: {"prompt": f"Question {i}?", "completion": f" Answer {i}."},
+        lambda i: {"text": f"Plain text number {i}."},
+        lambda i: {
+            "prompt": chats[i % len(chats)]["messages"][:1],
+            "completion": chats[i % len(chats)]["messages"][1:2],
+        },
+    ]
+    rows = [shapes[(i * 7) % len(shapes)](i) for i in range(ENCODE_BATCH + 37)]
+    encoded = encode(tok, rows, [f"row {i}" for i in range(len(rows))])
+    assert encoded.examples == [tokenize_example(tok, row) for row in rows]
+    assert len({tuple(e.input_ids) for e in encoded.examples}) > len(rows) // 2
