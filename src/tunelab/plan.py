@@ -156,7 +156,55 @@ def device_memory(device: str) -> int | None:
         return torch.cuda.get_device_properties(0).total_memory
     if device == "cpu" and hasattr(os, "sysconf"):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None  # MPS shares system memory with no reliable query
+    if device == "mps":  # unified memory: what Metal recommends one process's working set stays under
+        return torch.mps.recommended_max_memory()
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def memory_warning(mem: Memory, method: str) -> str | None:
+    """When the estimate is above the device's memory: by how much, its largest part, and what shrinks that part."""
+    if mem.device_bytes is None or mem.total_bytes <= mem.device_bytes:
+        return None
+    acts = mem.activations_checkpointed_bytes if mem.gradient_checkpointing else mem.activations_bytes
+    parts = {
+        "weights": mem.weights_bytes,
+        "optimizer state": mem.optimizer_bytes,
+        "gradients": mem.gradients_bytes,
+        "reference model": mem.reference_bytes,
+        "activations": acts,
+    }
+    largest = max(parts, key=parts.get)
+    split = "split over processes with FSDP or ZeRO (distributed.accelerate_config)"
+    fewer = f"train fewer parameters (scope.lora, or fewer scope.partial.last_blocks), or {split}"
+    if mem.quantized:
+        weights = f"a device with more memory, or the weights {split}"
+    elif mem.dtype == "float32":
+        weights = (
+            "model.dtype: bfloat16 (half the bytes) where the device has it, "
+            "or a 4-bit base under LoRA (model.quantization: {bits: 4})"
+        )
+    else:
+        weights = f"a 4-bit base under LoRA (model.quantization: {{bits: 4}}), or the weights {split}"
+    activations = "lower train.max_length or train.micro_batch_size" + (
+        "" if mem.gradient_checkpointing else ", or set train.gradient_checkpointing: on"
+    )
+    fix = {
+        "weights": weights,
+        "optimizer state": fewer,
+        "gradients": fewer,
+        "reference model": f"{method}.reference: precomputed (log-probabilities computed once, no second model)",
+        "activations": activations,
+    }[largest]
+    where = "this machine's memory" if mem.device == "cpu" else f"{mem.device} memory"
+    each = " per process" if mem.processes > 1 else ""
+    return (
+        f"memory: the estimate{each} ({_gib(mem.total_bytes)}) is above {where} ({_gib(mem.device_bytes)}); its "
+        f"largest part is the {largest} ({_gib(parts[largest])}): {fix}"
+    )
 
 
 def _activation_layers(scope: ResolvedScope, n_layers: int, embeddings_train: bool) -> int:
@@ -341,6 +389,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train, inputs.engine)
     warnings = list(resolved.warnings)
+    if (too_big := memory_warning(memory, exp.method)) is not None:
+        warnings.append(too_big)
     stats = data_stats(inputs)
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
     if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:

@@ -1,0 +1,97 @@
+"""`plan` warns when its memory estimate is above the device's memory, naming the largest part and what shrinks it."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, DATA, write_experiment
+from tunelab.config import load_experiment
+from tunelab.plan import Memory, make_plan, memory_warning
+
+GIB = 1 << 30
+
+
+def memory(**parts: int) -> Memory:
+    sizes = dict(weights=0, gradients=0, optimizer=0, activations=0, checkpointed=0, reference=0) | parts
+    mem = Memory(
+        dtype="bfloat16",
+        tokens_per_forward=4096,
+        activation_layers=32,
+        weights_bytes=sizes["weights"],
+        gradients_bytes=sizes["gradients"],
+        optimizer_bytes=sizes["optimizer"],
+        activations_bytes=sizes["activations"],
+        activations_checkpointed_bytes=sizes["checkpointed"],
+        gradient_checkpointing=False,
+        device="cuda",
+        device_bytes=80 * GIB,
+        reference="copy" if sizes["reference"] else None,
+        reference_bytes=sizes["reference"],
+        processes=1,
+        sharded=[],
+        total_bytes=0,
+    )
+    total = mem.weights_bytes + mem.gradients_bytes + mem.optimizer_bytes + mem.reference_bytes + mem.activations_bytes
+    return replace(mem, total_bytes=total)
+
+
+def test_an_estimate_within_the_device_says_nothing() -> None:
+    assert memory_warning(memory(weights=40 * GIB, activations=40 * GIB), "sft") is None
+    assert memory_warning(replace(memory(weights=200 * GIB), device_bytes=None), "sft") is None
+
+
+def test_the_warning_gives_the_sizes_and_the_fix_for_the_largest_part() -> None:
+    full = memory(weights=30 * GIB, gradients=30 * GIB, optimizer=60 * GIB, activations=10 * GIB)
+    assert memory_warning(full, "sft") == (
+        "memory: the estimate (130.0 GiB) is above cuda memory (80.0 GiB); its largest part is the optimizer state "
+        "(60.0 GiB): train fewer parameters (scope.lora, or fewer scope.partial.last_blocks), or split over "
+        "processes with FSDP or ZeRO (distributed.accelerate_config)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "fix"),
+    [
+        (dict(), "a 4-bit base under LoRA (model.quantization: {bits: 4}), or the weights split over processes"),
+        (dict(dtype="float32"), "model.dtype: bfloat16 (half the bytes) where the device has it, or a 4-bit base"),
+        (dict(quantized="4-bit nf4"), "a device with more memory, or the weights split over processes"),
+    ],
+)
+def test_weights_too_big_for_the_device(changes: dict, fix: str) -> None:
+    mem = replace(memory(weights=90 * GIB, activations=GIB), **changes)
+    assert memory_warning(mem, "sft").split(": ", 2)[2].startswith(fix)
+
+
+def test_activations_and_the_reference_model() -> None:
+    acts = memory(weights=16 * GIB, activations=70 * GIB, checkpointed=9 * GIB)
+    assert memory_warning(acts, "sft").endswith(
+        "activations (70.0 GiB): lower train.max_length or train.micro_batch_size, or set "
+        "train.gradient_checkpointing: on"
+    )
+    checkpointed = replace(acts, gradient_checkpointing=True, activations_checkpointed_bytes=70 * GIB)
+    assert memory_warning(checkpointed, "sft").endswith("lower train.max_length or train.micro_batch_size")
+    dpo = memory(weights=30 * GIB, reference=40 * GIB, activations=20 * GIB)
+    assert memory_warning(dpo, "kto").endswith(
+        "reference model (40.0 GiB): kto.reference: precomputed (log-probabilities computed once, no second model)"
+    )
+
+
+def test_per_process_figures_say_so() -> None:
+    mem = replace(memory(weights=90 * GIB), processes=8, sharded=["optimizer"], device="cpu")
+    assert memory_warning(mem, "sft").startswith(
+        "memory: the estimate per process (90.0 GiB) is above this machine's memory (80.0 GiB)"
+    )
+
+
+def test_plan_warns_exactly_when_its_estimate_is_above_the_machine(tmp_path: Path) -> None:
+    """Full fine-tuning of Llama-3.1-8B in float32 on this machine: weights, gradients and AdamW alone are 120 GiB."""
+    exp = write_experiment(
+        tmp_path,
+        f"name: full\nmodel: {{id: {CONFIGS}/llama-3.1-8b-instruct, dtype: float32, device: cpu}}\n"
+        f"data: {{train: {DATA}/sft_train.jsonl}}\nscope: full\n",
+    )
+    plan = make_plan(load_experiment(exp))
+    said = [w for w in plan.warnings if w.startswith("memory:")]
+    assert said == ([memory_warning(plan.memory, "sft")] if plan.memory.total_bytes > plan.memory.device_bytes else [])
+    assert plan.memory.weights_bytes + plan.memory.gradients_bytes + plan.memory.optimizer_bytes == 16 * 8_030_261_248
