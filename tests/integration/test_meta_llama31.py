@@ -172,3 +172,38 @@ def test_the_mission_runs_end_to_end_on_the_download(download: Path, tmp_path: P
     assert {name: len(o) for name, o in report["outputs"].items()} == dict.fromkeys(
         ["base", "sft", "dpo"], len(prompts)
     )
+
+
+@pytest.mark.slow
+def test_dpo_pairs_reach_the_trainer_as_meta_encodes_them(download: Path, tmp_path: Path) -> None:
+    """TRL tokenizes preference pairs itself: its prompt ids are Meta's encoding of the conversation up to the
+    reply, and each answer is Meta's encoding of the reply closed by <|eot_id|> (no second BOS, nothing cut)."""
+    import torch
+
+    from tunelab.data import load_splits
+    from tunelab.methods import get_method
+    from tunelab.methods.base import TrainerInputs
+    from tunelab.methods.common import Hardware
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.scopes import apply_scope
+
+    exp = load_experiment(
+        write_experiment(
+            tmp_path,
+            f"name: pairs\nmodel: {{id: {download}}}\ndata: {{train: {DATA / 'pref_train.jsonl'}}}\nmethod: dpo\n"
+            "scope: {lora: {r: 8, targets: qv}}\ntrain: {max_steps: 1, batch_size: 2, max_length: 256}\n",
+        )
+    )
+    splits = load_splits(exp.data, exp.method, exp.train.seed)
+    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    tokenizer.pad_token = "<|finetune_right_pad_id|>"
+    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
+    hardware = Hardware("cpu", torch.float32, False)
+    inputs = TrainerInputs(exp, model, tokenizer, splits, [], hardware, tmp_path / "ck", [], "adapter", None)
+    seen = get_method("dpo").build(inputs).train_dataset
+    assert len(seen) == len(splits.train.rows)
+    for processed, row in zip(seen, splits.train.rows, strict=True):
+        # the conversation and the assistant header that opens the reply: an empty reply's encoding, unclosed
+        assert processed["prompt_ids"] == meta_chat([*row["prompt"], {"role": "assistant", "content": ""}])[:-1]
+        assert [processed["chosen_ids"]] == meta_replies(row["chosen"])
+        assert [processed["rejected_ids"]] == meta_replies(row["rejected"])
