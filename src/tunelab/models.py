@@ -32,6 +32,40 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
 
 
+# What from_pretrained reads from a hub repository, at its top level: configs, safetensors weights, tokenizer and
+# template files. (Meta's Llama repositories also hold original/, a second copy of the weights in Meta's format.)
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+def download(settings: ModelSettings, shown: bool) -> str | None:
+    """A hub model's files in the local Hugging Face cache, fetched first where they are missing, with the download
+    on the terminal when `shown`: from_pretrained's own progress bars are off (console.py), and an 8B checkpoint is
+    16 GB. Returns the snapshot folder (its name is the commit); None for local folders and built-in models, or
+    where the hub cannot say (from_pretrained then says why in its own words)."""
+    path = model_path(settings.id)
+    if _looks_local(path):
+        return None
+    from huggingface_hub import constants, snapshot_download
+    from tqdm.auto import tqdm
+
+    offline = constants.HF_HUB_OFFLINE
+    files = dict(repo_id=path, revision=settings.revision, allow_patterns=HUB_FILES, ignore_patterns=["*/*"])
+    try:
+        missing = [] if offline else [f for f in snapshot_download(**files, dry_run=True) if f.will_download]
+        if missing and shown:
+            size = sum(f.file_size for f in missing)
+            amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+            print(f"-> downloading {settings.id}: {len(missing)} files, {amount}, into {constants.HF_HUB_CACHE}")
+        return snapshot_download(**files, local_files_only=offline, tqdm_class=tqdm if missing and shown else None)
+    except (OSError, ValueError):
+        return None
+
+
+def weights_path(settings: ModelSettings, shown: bool = False) -> str:
+    """Where the base model's weights load from: a local folder, or a hub model's snapshot folder (downloaded)."""
+    return download(settings, shown) or model_path(settings.id)
+
+
 def load_config(settings: ModelSettings) -> PretrainedConfig:
     from transformers import AutoConfig, PretrainedConfig
 
@@ -132,7 +166,9 @@ def load_model(
     settings: ModelSettings, dtype: torch.dtype, device: str, config: PretrainedConfig | None = None
 ) -> PreTrainedModel:
     """The base model's weights; `config`, when the caller has read it already, is not read again."""
-    path = model_path(settings.id)
+    from tunelab.distributed import is_main
+
+    path = weights_path(settings, shown=is_main())
     config = config if config is not None else load_config(settings)
     kwargs = {"config": config}
     if settings.attn_implementation:
@@ -235,15 +271,16 @@ def load_tokenizer(
     return tokenizer
 
 
-def fingerprint(model_id: str, revision: str | None = None) -> str:
-    """Identify a base model by its config and the contents of its weight files.
+def fingerprint(source: str, revision: str | None = None) -> str:
+    """Identify a base model (`source`: its folder, see weights_path) by its config and the contents of its weight
+    files, so a hub model and a local copy of it are one base.
 
     Shapes alone cannot tell a base from a merged export of it; the weights' digests can. Digests are cached
     by file path, size and modification time, so an 8B model is hashed once, not at every run.
     """
-    path = Path(model_path(model_id))
-    if not path.is_dir():
-        return hashlib.sha256(f"{model_id}@{revision or 'main'}".encode()).hexdigest()[:16]
+    path = Path(source)
+    if not path.is_dir():  # a hub id whose files could not be fetched
+        return hashlib.sha256(f"{source}@{revision or 'main'}".encode()).hexdigest()[:16]
     h = hashlib.sha256()
     config = json.loads((path / "config.json").read_text())
     config.pop("transformers_version", None)

@@ -279,7 +279,7 @@ def train(
     `group`: what the trackers group this run under (a study's name; by default the experiment's name)."""
     from tunelab.console import run_log
     from tunelab.inputs import read_inputs
-    from tunelab.models import fingerprint, model_path, pick_device
+    from tunelab.models import fingerprint, pick_device, weights_path
     from tunelab.plan import check_rhythm
     from tunelab.templates import template_hash
     from tunelab.trackers import check_trackers
@@ -297,11 +297,12 @@ def train(
     check_rhythm(
         exp, len(splits.train.rows), len(encoded[0].examples), len(encoded[0].no_loss_after(exp.train.max_length))
     )
-    base_fingerprint = fingerprint(exp.model.id, exp.model.revision)
+    source = weights_path(exp.model, shown=distributed.is_main())
+    base_fingerprint = fingerprint(source, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
     provenance = Provenance(
         base_model=BaseModelRecord(
-            id=exp.model.id, path=model_path(exp.model.id), revision=exp.model.revision, fingerprint=base_fingerprint
+            id=exp.model.id, path=source, revision=exp.model.revision, fingerprint=base_fingerprint
         ),
         init_from=str(init_from) if init_from else None,
         data=DataRecord(

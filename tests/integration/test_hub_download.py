@@ -1,0 +1,57 @@
+"""A model named by its hub id, as the mission's experiments name meta-llama/Llama-3.1-8B-Instruct: `train` downloads
+what from_pretrained reads, once, saying so on the terminal, and the run's base is the same as a local copy's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, run_cli, write_experiment
+from tests.fake_hub import COMMIT, fake_hub
+from tunelab.models import fingerprint
+
+pytestmark = pytest.mark.slow
+REPO_ID = "org/tiny-chat"
+
+
+def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_files(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Meta's repositories also hold original/ (the weights again, in Meta's format) and some hold .bin weights.
+    extra = {"original/consolidated.00.pth": b"\0" * 4096, "pytorch_model.bin": b"\0" * 4096}
+    exp = write_experiment(
+        tmp_path,
+        f"name: hub\nmodel: {{id: {REPO_ID}}}\ndata: {{train: {DATA / 'sft_train.jsonl'}}}\n"
+        f"scope: {{lora: {{r: 4, targets: qv}}}}\ntrain: {{max_steps: 2, batch_size: 2}}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\n",
+    )
+    with fake_hub(REPO_ID, tiny_model_dir, extra) as hub:
+        env = {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": None,
+            "TRANSFORMERS_OFFLINE": None,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        first = run_cli("train", str(exp), env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        said = [line for line in first.stdout.splitlines() if line.startswith("-> downloading")]
+        weights = (tiny_model_dir / "model.safetensors").stat().st_size
+        assert len(said) == 1 and said[0].startswith(f"-> downloading {REPO_ID}: ")
+        # the files from_pretrained had not fetched for the config and tokenizer: the weights above all
+        assert said[0].endswith(f" files, {weights / 1e6:.1f} MB, into {tmp_path / 'hf' / 'hub'}")
+        assert hub.fetched().count("model.safetensors") == 1
+        assert not [f for f in hub.fetched() if f.startswith("original/") or f.endswith(".bin")]
+
+        manifest = json.loads((tmp_path / "runs" / "hub" / "manifest.json").read_text())
+        assert manifest["base_model"]["id"] == REPO_ID
+        assert manifest["base_model"]["path"].endswith(f"snapshots/{COMMIT}")
+        assert manifest["base_model"]["fingerprint"] == fingerprint(str(tiny_model_dir))
+
+        before = len(hub.requests)
+        again = run_cli("train", str(exp), "--name", "again", env=env)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert not [line for line in again.stdout.splitlines() if line.startswith("-> downloading")]
+        assert not [r for r in hub.requests[before:] if r.startswith("GET ") and "/resolve/" in r]
