@@ -48,6 +48,29 @@ def schema() -> None:
 
 
 @app.command()
+def init(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file to write (never replaced).")],
+    model: Annotated[str, typer.Option("--model", help="Hub id or local folder of the base model.")],
+    data: Annotated[str, typer.Option("--data", help="Training data: a file, a saved dataset or a hub id.")],
+    eval_data: Annotated[
+        str | None, typer.Option("--eval", help="Held-out data (default: hold out 5% of --data).")
+    ] = None,
+    scope: Annotated[
+        str, typer.Option("--scope", help="qv, qkvo, all-linear, last-half (LoRA), partial or full.")
+    ] = "all-linear",
+    method: Annotated[
+        str | None, typer.Option("--method", help="sft, dpo, kto, orpo or simpo (default: what the data holds).")
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Experiment name (default: data and scope).")] = None,
+) -> None:
+    """Write a first experiment file for your model and data, every setting spelled out with what it does."""
+    from tunelab.report.terminal import print_starter
+    from tunelab.starter import write_starter
+
+    print_starter(write_starter(experiment, model, data, eval_data, scope, method, name))
+
+
+@app.command()
 def plan(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     overrides: Overrides = None,

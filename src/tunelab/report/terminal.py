@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -71,6 +72,19 @@ def batching_line(b: Batching, tokens_per_forward: int) -> str:
         f"batches: {per_step} examples a step ({draw.get(b.sampling, 'drawn at random')}) in {b.accumulation} "
         f"forward passes of ~{b.per_forward}, {rows}; at most {tokens_per_forward:,} tokens a pass"
     )
+
+
+def print_starter(starter, console: Console | None = None) -> None:
+    console = console or Console()
+    exp, path = starter.exp, escape(str(starter.path))
+    held = f"eval from {escape(exp.data.eval)}" if exp.data.eval else f"{exp.data.eval_fraction:.0%} held out for eval"
+    console.print(
+        f"wrote {path}: {exp.method} on {escape(str(exp.data.train))} ({starter.data_format}, {starter.rows:,} rows, "
+        f"{held}), {starter.trains} of {escape(exp.model.id)}, learning rate {exp.train.learning_rate:g}",
+        highlight=False,
+    )
+    console.print(f"next: tunelab plan {path}   (what trains, counts, memory, the loss mask; no weights load)")
+    console.print(f"      tunelab train {path}", highlight=False)
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:

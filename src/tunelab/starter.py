@@ -1,0 +1,148 @@
+"""`tunelab init`: a first experiment file for the user's own model and data.
+
+Every setting that shapes the run is written out, each with its description from the schema as a comment, and the
+file is checked by the same validation `plan` runs before it is written. The method follows the data (preference
+pairs: DPO; thumbs-up/down completions: KTO; anything else: SFT); the rhythm follows what trains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from tunelab.config import DataSettings, Experiment, validate
+from tunelab.errors import TunelabError
+
+# What each --scope writes, and says: the four LoRA variants of train_lora.py, train_partial_ft.py's open weights,
+# and full fine-tuning.
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+SCOPES: dict[str, tuple[dict | str, str]] = {
+    "qv": ({"lora": LORA | {"targets": "qv", "layers": "all"}}, "LoRA r16 on q_proj and v_proj"),
+    "qkvo": ({"lora": LORA | {"targets": "qkvo", "layers": "all"}}, "LoRA r16 on q/k/v/o_proj"),
+    "all-linear": ({"lora": LORA | {"targets": "all-linear", "layers": "all"}}, "LoRA r16 on every linear layer"),
+    "last-half": (
+        {"lora": LORA | {"targets": "all-linear", "layers": "last-half"}},
+        "LoRA r16 on every linear layer of the last half of the blocks",
+    ),
+    "partial": ({"partial": {"last_blocks": 4, "norm": True, "lm_head": True}}, "the last 4 blocks, norm and lm_head"),
+    "full": ("full", "every parameter"),
+}
+# Peak learning rates by what trains (adapter or original weights) and objective. An adapter starts at zero and
+# takes 2e-4 (the schema's default, PEFT's usual LoRA rate); original weights move 40x slower (train_partial_ft.py's
+# 5e-6); preference objectives, which push on a model that already answers, a further 40x and 10x slower.
+LEARNING_RATES = {
+    ("adapter", "sft"): 2e-4,
+    ("weights", "sft"): 5e-6,
+    ("adapter", "pref"): 5e-6,
+    ("weights", "pref"): 5e-7,
+}
+METHOD_OF_FORMAT = {"preference": "dpo", "unpaired": "kto"}
+EVAL_FRACTION = 0.05
+
+
+@dataclass
+class Starter:
+    path: Path
+    exp: Experiment
+    data_format: str
+    rows: int
+    trains: str  # what the scope opens, in words
+
+
+def _described(annotation) -> type[BaseModel] | None:
+    """The settings class inside a field's annotation (`LoraScope | None` -> LoraScope)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((c for a in typing.get_args(annotation) if (c := _described(a)) is not None), None)
+    return None
+
+
+def _comment(description: str | None) -> str:
+    first = re.split(r"(?<=\.)\s+(?=[A-Z])", description or "")[0].rstrip(".")
+    return f"  # {first}" if first else ""
+
+
+def _lines(cls: type[BaseModel], values: dict, indent: int = 0) -> list[str]:
+    out = []
+    for key, value in values.items():
+        field = cls.model_fields[key]
+        pad = " " * indent
+        if isinstance(value, dict):
+            out.append(f"{pad}{key}:{_comment(field.description)}")
+            out += _lines(_described(field.annotation), value, indent + 2)
+        else:
+            scalar = yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
+            out.append(f"{pad}{key}: {scalar}{_comment(field.description)}")
+    return out
+
+
+def _relative(source: str, folder: Path) -> str:
+    """Data paths in an experiment file are read relative to the file: a relative path given from here is rewritten
+    from the file's folder; absolute paths and hub dataset ids stay as given."""
+    if Path(source).is_absolute() or not Path(source).exists():
+        return source
+    return os.path.relpath(Path(source).resolve(), folder.resolve())
+
+
+def _data_format(source: str, key: str) -> tuple[str, int]:
+    from tunelab.data import detect_format, read_records
+
+    records, _ = read_records(source, key)
+    if not records:
+        raise TunelabError(f"{source}: the dataset is empty")
+    return detect_format(records[0]), len(records)
+
+
+def write_starter(
+    path: Path, model: str, data: str, eval_data: str | None, scope: str, method: str | None, name: str | None
+) -> Starter:
+    """Write a first experiment file at `path` (never over an existing file) and return what it holds."""
+    from tunelab.data import load_file
+
+    if path.exists():
+        raise TunelabError(f"{path}: already exists; give another path (tunelab init never replaces a file)")
+    if scope not in SCOPES:
+        raise TunelabError(f"--scope: '{scope}' is not one of {', '.join(SCOPES)}")
+    fmt, rows = _data_format(data, "--data")
+    method = method or METHOD_OF_FORMAT.get(fmt, "sft")
+    load_file(data, "--data", DataSettings(train=data), method, fmt)  # the rows read as training will read them
+    folder = path.parent
+    data_section = {"train": _relative(data, folder)}
+    data_section |= {"eval": _relative(eval_data, folder)} if eval_data else {"eval_fraction": EVAL_FRACTION}
+    section, words = SCOPES[scope]
+    trains = "adapter" if isinstance(section, dict) and "lora" in section else "weights"
+    rate = LEARNING_RATES[(trains, "sft" if method == "sft" else "pref")]
+    values = {
+        "name": name or f"{Path(data).name.split('.')[0]}-{scope}".replace("_", "-"),
+        "model": {"id": model, "dtype": "auto"},
+        "data": data_section,
+        "method": method,
+        "scope": section,
+        "train": {
+            "learning_rate": rate,
+            "epochs": 2 if scope == "partial" else 1,
+            "batch_size": 4,
+            "grad_accumulation": 4,
+            "max_length": 1024,
+            "seed": 42,
+        },
+        "output": {"dir": "runs"},
+    }
+    text = (
+        f"# Written by tunelab init. Check it with: tunelab plan {path.name} (every key: tunelab schema)\n"
+        + "\n".join(_lines(Experiment, values))
+        + "\n"
+    )
+    exp = validate(yaml.safe_load(text), str(path))
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(path, "x", encoding="utf-8") as f:
+        f.write(text)
+    return Starter(path, exp, fmt, rows, words)

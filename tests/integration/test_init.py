@@ -1,0 +1,108 @@
+"""`tunelab init`: a first experiment file for the user's model and data that plan takes as it is, for each of the
+scripts' scopes; the method follows the data; nothing existing is replaced and bad input writes nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, run_cli
+from tunelab.config import load_experiment
+from tunelab.errors import TunelabError
+from tunelab.plan import make_plan
+from tunelab.starter import write_starter
+
+MODEL = "builtin:tiny-chat"
+
+
+def layers(modules: list[str]) -> set[int]:
+    return {int(m.split(".layers.")[1].split(".")[0]) for m in modules if ".layers." in m}
+
+
+@pytest.mark.parametrize("scope", ["qv", "qkvo", "all-linear", "last-half", "partial", "full"])
+def test_each_scope_writes_a_file_plan_takes_as_it_is(scope: str, tmp_path: Path) -> None:
+    starter = write_starter(tmp_path / "exp.yaml", MODEL, str(DATA / "sft_train.jsonl"), None, scope, None, None)
+    exp = load_experiment(starter.path)
+    assert exp == starter.exp and exp.method == "sft" and exp.data.eval_fraction == 0.05
+    plan = make_plan(exp)
+    s = plan.scope
+    n = plan.model.layers
+    match scope:
+        case "qv" | "qkvo" | "all-linear" | "last-half":
+            suffixes = {m.rsplit(".", 1)[-1] for m in s.lora_modules}
+            want = {"qv": {"q_proj", "v_proj"}, "qkvo": {"q_proj", "k_proj", "v_proj", "o_proj"}}
+            assert suffixes == want.get(
+                scope, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            )
+            assert layers(s.lora_modules) == (set(range(n // 2, n)) if scope == "last-half" else set(range(n)))
+            assert exp.train.learning_rate == 2e-4 and exp.train.epochs == 1
+        case "partial":
+            assert layers(s.trainable_names) == set(range(n - 4, n))
+            assert {"model.norm.weight", "lm_head.weight"} <= set(s.trainable_names)
+            assert exp.train.learning_rate == 5e-6 and exp.train.epochs == 2  # train_partial_ft.py's rhythm
+        case "full":
+            assert s.trainable_params == s.total_params and exp.train.learning_rate == 5e-6
+
+
+def test_every_written_key_says_what_it_does(tmp_path: Path) -> None:
+    path = write_starter(tmp_path / "exp.yaml", MODEL, str(DATA / "sft_train.jsonl"), None, "qv", None, None).path
+    keys = [line for line in path.read_text().splitlines() if not line.startswith("#")]
+    assert len(keys) > 15 and all("  # " in line and not line.endswith("# ") for line in keys)
+
+
+def test_the_method_follows_the_data(tmp_path: Path) -> None:
+    pairs = write_starter(tmp_path / "a.yaml", MODEL, str(DATA / "pref_train.jsonl"), None, "qv", None, "pairs")
+    assert pairs.exp.method == "dpo" and pairs.data_format == "preference" and pairs.exp.train.learning_rate == 5e-6
+    thumbs = tmp_path / "thumbs.jsonl"
+    thumbs.write_text(
+        "".join(
+            json.dumps({"prompt": f"Name fruit {i}.", "completion": "Apple.", "label": i % 2 == 0}) + "\n"
+            for i in range(20)
+        )
+    )
+    unpaired = write_starter(tmp_path / "b.yaml", MODEL, str(thumbs), None, "partial", None, None)
+    assert unpaired.exp.method == "kto" and unpaired.exp.train.learning_rate == 5e-7 and unpaired.rows == 20
+
+
+def test_paths_given_from_here_are_written_from_the_files_folder(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text((DATA / "sft_train.jsonl").read_text())
+    (tmp_path / "data" / "eval.jsonl").write_text((DATA / "sft_eval.jsonl").read_text())
+    done = run_cli(
+        "init", "experiments/first.yaml", "--model", MODEL, "--data", "data/train.jsonl", "--eval", "data/eval.jsonl",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("wrote experiments/first.yaml: sft on ../data/train.jsonl (messages, 348 rows")
+    exp = load_experiment(tmp_path / "experiments" / "first.yaml")
+    assert (exp.data.train, exp.data.eval) == (
+        str(tmp_path / "data" / "train.jsonl"),
+        str(tmp_path / "data" / "eval.jsonl"),
+    )
+    planned = run_cli("plan", "experiments/first.yaml", "--json", cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["data"]["eval"]["examples"] == 40
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--data", "missing.jsonl"], "error: --data: data file 'missing.jsonl' not found"),
+        (["--data", str(DATA / "sft_train.jsonl"), "--scope", "lm_head"], "error: --scope: 'lm_head' is not one of"),
+        (["--data", str(DATA / "sft_train.jsonl"), "--method", "dpo"], "but method is dpo; set method: sft"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(args: list[str], says: str, tmp_path: Path) -> None:
+    done = run_cli("init", str(tmp_path / "exp.yaml"), "--model", MODEL, *args, cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert says in done.stderr and not (tmp_path / "exp.yaml").exists()
+
+
+def test_an_existing_file_is_never_replaced(tmp_path: Path) -> None:
+    mine = tmp_path / "exp.yaml"
+    mine.write_text("name: mine\n")
+    with pytest.raises(TunelabError, match="already exists; give another path"):
+        write_starter(mine, MODEL, str(DATA / "sft_train.jsonl"), None, "qv", None, None)
+    assert mine.read_text() == "name: mine\n"
