@@ -56,7 +56,11 @@ def init(
         str | None, typer.Option("--eval", help="Held-out data (default: hold out 5% of --data).")
     ] = None,
     scope: Annotated[
-        str, typer.Option("--scope", help="qv, qkvo, all-linear, last-half (LoRA), partial or full.")
+        str,
+        typer.Option(
+            "--scope",
+            help="qv, qkvo, all-linear, last-half (LoRA), partial-last4 (last 4 blocks, norm, lm_head) or full-ft.",
+        ),
     ] = "all-linear",
     method: Annotated[
         str | None, typer.Option("--method", help="sft, dpo, kto, orpo or simpo (default: what the data holds).")

@@ -40,8 +40,8 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktok
 def download(settings: ModelSettings, shown: bool) -> str | None:
     """A hub model's files in the local Hugging Face cache, fetched first where they are missing, with the download
     on the terminal when `shown`: from_pretrained's own progress bars are off (console.py), and an 8B checkpoint is
-    16 GB. Returns the snapshot folder (its name is the commit); None for local folders and built-in models, or
-    where the hub cannot say (from_pretrained then says why in its own words)."""
+    16 GB. Returns the snapshot folder (its name is the commit), the cached one where the hub cannot be asked; None
+    for local folders and built-in models, or where neither has it (from_pretrained then says why in its words)."""
     path = model_path(settings.id)
     if _looks_local(path):
         return None
@@ -52,12 +52,17 @@ def download(settings: ModelSettings, shown: bool) -> str | None:
     files = dict(repo_id=path, revision=settings.revision, allow_patterns=HUB_FILES, ignore_patterns=["*/*"])
     try:
         missing = [] if offline else [f for f in snapshot_download(**files, dry_run=True) if f.will_download]
-        if missing and shown:
-            size = sum(f.file_size for f in missing)
-            amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
-            print(f"-> downloading {settings.id}: {len(missing)} files, {amount}, into {constants.HF_HUB_CACHE}")
+    except (OSError, ValueError):  # the hub cannot be asked (no network, a gated repo without a token)
+        offline, missing = True, []
+    if missing and shown:
+        size = sum(f.file_size for f in missing)
+        amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        print(
+            f"-> downloading {settings.id}: {len(missing)} files, {amount}, into {constants.HF_HUB_CACHE}", flush=True
+        )
+    try:
         return snapshot_download(**files, local_files_only=offline, tqdm_class=tqdm if missing and shown else None)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # not in the cache either
         return None
 
 

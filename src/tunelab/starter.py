@@ -17,22 +17,26 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from tunelab.config import DataSettings, Experiment, validate
+from tunelab.config import DataSettings, Experiment, LoraScope, PartialScope, Scope, validate
 from tunelab.errors import TunelabError
+
 
 # What each --scope writes, and says: the four LoRA variants of train_lora.py, train_partial_ft.py's open weights,
 # and full fine-tuning.
-LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
-SCOPES: dict[str, tuple[dict | str, str]] = {
-    "qv": ({"lora": LORA | {"targets": "qv", "layers": "all"}}, "LoRA r16 on q_proj and v_proj"),
-    "qkvo": ({"lora": LORA | {"targets": "qkvo", "layers": "all"}}, "LoRA r16 on q/k/v/o_proj"),
-    "all-linear": ({"lora": LORA | {"targets": "all-linear", "layers": "all"}}, "LoRA r16 on every linear layer"),
-    "last-half": (
-        {"lora": LORA | {"targets": "all-linear", "layers": "last-half"}},
-        "LoRA r16 on every linear layer of the last half of the blocks",
+def _lora(targets: str, layers: str) -> Scope:
+    return Scope(lora=LoraScope(r=16, alpha=32, dropout=0.05, targets=targets, layers=layers))
+
+
+SCOPES: dict[str, tuple[Scope, str]] = {
+    "qv": (_lora("qv", "all"), "LoRA r16 on q_proj and v_proj"),
+    "qkvo": (_lora("qkvo", "all"), "LoRA r16 on q/k/v/o_proj"),
+    "all-linear": (_lora("all-linear", "all"), "LoRA r16 on every linear layer"),
+    "last-half": (_lora("all-linear", "last-half"), "LoRA r16 on every linear layer of the last half of the blocks"),
+    "partial-last4": (
+        Scope(partial=PartialScope(last_blocks=4, norm=True, lm_head=True)),
+        "the last 4 blocks, norm and lm_head",
     ),
-    "partial": ({"partial": {"last_blocks": 4, "norm": True, "lm_head": True}}, "the last 4 blocks, norm and lm_head"),
-    "full": ("full", "every parameter"),
+    "full-ft": (Scope(full=True), "every parameter"),
 }
 # Peak learning rates by what trains (adapter or original weights) and objective. An adapter starts at zero and
 # takes 2e-4 (the schema's default, PEFT's usual LoRA rate); original weights move 40x slower (train_partial_ft.py's
@@ -117,18 +121,20 @@ def write_starter(
     folder = path.parent
     data_section = {"train": _relative(data, folder)}
     data_section |= {"eval": _relative(eval_data, folder)} if eval_data else {"eval_fraction": EVAL_FRACTION}
-    section, words = SCOPES[scope]
-    trains = "adapter" if isinstance(section, dict) and "lora" in section else "weights"
+    from tunelab.scopes import get_scope
+
+    chosen, words = SCOPES[scope]
+    trains = "adapter" if get_scope(chosen.kind).adds_parameters else "weights"
     rate = LEARNING_RATES[(trains, "sft" if method == "sft" else "pref")]
     values = {
         "name": name or f"{Path(data).name.split('.')[0]}-{scope}".replace("_", "-"),
         "model": {"id": model, "dtype": "auto"},
         "data": data_section,
         "method": method,
-        "scope": section,
+        "scope": chosen.model_dump(exclude_unset=True, mode="json"),
         "train": {
             "learning_rate": rate,
-            "epochs": 2 if scope == "partial" else 1,
+            "epochs": 2 if scope == "partial-last4" else 1,
             "batch_size": 4,
             "grad_accumulation": 4,
             "max_length": 1024,

@@ -55,3 +55,11 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
         assert again.returncode == 0, again.stderr[-3000:]
         assert not [line for line in again.stdout.splitlines() if line.startswith("-> downloading")]
         assert not [r for r in hub.requests[before:] if r.startswith("GET ") and "/resolve/" in r]
+
+    # The hub gone (no network, or HF_HUB_OFFLINE): the run trains from the cached snapshot, as the same base.
+    for offline in (None, "1"):
+        name = f"cached-{offline or 'unreachable'}"
+        cached = run_cli("train", str(exp), "--name", name, env=env | {"HF_HUB_OFFLINE": offline})
+        assert cached.returncode == 0, cached.stderr[-3000:]
+        base = json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["base_model"]
+        assert (base["path"], base["fingerprint"]) == (manifest["base_model"]["path"], fingerprint(str(tiny_model_dir)))

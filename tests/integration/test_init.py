@@ -21,7 +21,7 @@ def layers(modules: list[str]) -> set[int]:
     return {int(m.split(".layers.")[1].split(".")[0]) for m in modules if ".layers." in m}
 
 
-@pytest.mark.parametrize("scope", ["qv", "qkvo", "all-linear", "last-half", "partial", "full"])
+@pytest.mark.parametrize("scope", ["qv", "qkvo", "all-linear", "last-half", "partial-last4", "full-ft"])
 def test_each_scope_writes_a_file_plan_takes_as_it_is(scope: str, tmp_path: Path) -> None:
     starter = write_starter(tmp_path / "exp.yaml", MODEL, str(DATA / "sft_train.jsonl"), None, scope, None, None)
     exp = load_experiment(starter.path)
@@ -38,11 +38,11 @@ def test_each_scope_writes_a_file_plan_takes_as_it_is(scope: str, tmp_path: Path
             )
             assert layers(s.lora_modules) == (set(range(n // 2, n)) if scope == "last-half" else set(range(n)))
             assert exp.train.learning_rate == 2e-4 and exp.train.epochs == 1
-        case "partial":
+        case "partial-last4":
             assert layers(s.trainable_names) == set(range(n - 4, n))
             assert {"model.norm.weight", "lm_head.weight"} <= set(s.trainable_names)
             assert exp.train.learning_rate == 5e-6 and exp.train.epochs == 2  # train_partial_ft.py's rhythm
-        case "full":
+        case "full-ft":
             assert s.trainable_params == s.total_params and exp.train.learning_rate == 5e-6
 
 
@@ -62,7 +62,7 @@ def test_the_method_follows_the_data(tmp_path: Path) -> None:
             for i in range(20)
         )
     )
-    unpaired = write_starter(tmp_path / "b.yaml", MODEL, str(thumbs), None, "partial", None, None)
+    unpaired = write_starter(tmp_path / "b.yaml", MODEL, str(thumbs), None, "partial-last4", None, None)
     assert unpaired.exp.method == "kto" and unpaired.exp.train.learning_rate == 5e-7 and unpaired.rows == 20
 
 
