@@ -4,6 +4,9 @@ what from_pretrained reads, once, saying so on the terminal, and the run's base 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,11 @@ from tunelab.models import fingerprint
 
 pytestmark = pytest.mark.slow
 REPO_ID = "org/tiny-chat"
+
+
+def scrub(env: dict[str, str | None]) -> dict[str, str]:
+    """`env` as a process environment: None removes a variable (os.environ's values would otherwise stay)."""
+    return {k: v for k, v in (os.environ | env).items() if v is not None}
 
 
 def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_files(
@@ -56,10 +64,13 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
         assert not [line for line in again.stdout.splitlines() if line.startswith("-> downloading")]
         assert not [r for r in hub.requests[before:] if r.startswith("GET ") and "/resolve/" in r]
 
-    # The hub gone (no network, or HF_HUB_OFFLINE): the run trains from the cached snapshot, as the same base.
-    for offline in (None, "1"):
-        name = f"cached-{offline or 'unreachable'}"
-        cached = run_cli("train", str(exp), "--name", name, env=env | {"HF_HUB_OFFLINE": offline})
-        assert cached.returncode == 0, cached.stderr[-3000:]
-        base = json.loads((tmp_path / "runs" / name / "manifest.json").read_text())["base_model"]
-        assert (base["path"], base["fingerprint"]) == (manifest["base_model"]["path"], fingerprint(str(tiny_model_dir)))
+    # The hub gone: offline, the run trains from the cached snapshot, as the same base ...
+    cached = run_cli("train", str(exp), "--name", "offline", env=env | {"HF_HUB_OFFLINE": "1"})
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    base = json.loads((tmp_path / "runs" / "offline" / "manifest.json").read_text())["base_model"]
+    assert (base["path"], base["fingerprint"]) == (manifest["base_model"]["path"], fingerprint(str(tiny_model_dir)))
+    # ... and unreachable without being told so (no network), the weights are the cached snapshot too.
+    probe = "from tunelab.config import ModelSettings; from tunelab.models import weights_path; "
+    probe += f"print(weights_path(ModelSettings(id='{REPO_ID}')))"
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=scrub(env), timeout=300)
+    assert found.stdout.strip() == manifest["base_model"]["path"], found.stderr[-2000:]
