@@ -162,12 +162,14 @@ def test_the_mission_runs_end_to_end_on_the_download(download: Path, tmp_path: P
     assert AutoTokenizer.from_pretrained(merged).chat_template == (FIXTURES / "llama-3.1-instruct.jinja").read_text()
 
     report = tmp_path / "report"
+    prompts = (DATA / "prompts.jsonl").read_text().splitlines()[:4]  # random weights generate to the length limit
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("\n".join(prompts) + "\n")
     compared = run_cli(
-        "compare", str(runs / "sft"), str(runs / "dpo"), "--prompts", str(DATA / "prompts.jsonl"), "--out", str(report)
+        "compare", str(runs / "sft"), str(runs / "dpo"), "--prompts", str(prompts_file), "--out", str(report)
     )
     assert compared.returncode == 0, compared.stderr[-3000:]
     report = json.loads((report / "report.json").read_text())
-    prompts = (DATA / "prompts.jsonl").read_text().splitlines()
     assert [v["name"] for v in report["variants"]] == ["base", "sft", "dpo"]
     assert {name: len(o) for name, o in report["outputs"].items()} == dict.fromkeys(
         ["base", "sft", "dpo"], len(prompts)
