@@ -1,7 +1,7 @@
 """A Hugging Face Hub on localhost that serves one model repository, for the paths that start from a hub id.
 
 It answers what huggingface_hub (and through it from_pretrained) asks: the repository's revision (its commit),
-its file tree, and HEAD/GET of each file at that commit. `extra` adds files the repository holds beside the model
+its file tree, and HEAD/GET of each file at that commit; or, gated, refuses them all. `extra` adds files the repository holds beside the model
 folder's (Meta's repositories carry original/ with a second copy of the weights). Every request is recorded.
 """
 
@@ -32,7 +32,10 @@ class FakeHub:
 
 
 @contextmanager
-def fake_hub(repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) -> Iterator[FakeHub]:
+def fake_hub(
+    repo_id: str, folder: Path, extra: dict[str, bytes] | None = None, gated: bool = False
+) -> Iterator[FakeHub]:
+    """`gated`: the repository answers every request as the hub answers one whose license was not accepted."""
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} | (extra or {})
     hub: FakeHub
 
@@ -60,10 +63,21 @@ def fake_hub(repo_id: str, folder: Path, extra: dict[str, bytes] | None = None) 
             etag = f'"{hashlib.sha256(body).hexdigest()}"'
             self._send(200, body, {"ETag": etag, "X-Repo-Commit": COMMIT}, head)
 
+        def _refused(self) -> bool:
+            if gated:
+                why = f"Access to model {repo_id} is restricted. You must have access to it and be authenticated."
+                self._send(
+                    401, why.encode(), {"X-Error-Code": "GatedRepo", "X-Error-Message": why}, self.command == "HEAD"
+                )
+            return gated
+
         def do_HEAD(self) -> None:
-            self._file(head=True)
+            if not self._refused():
+                self._file(head=True)
 
         def do_GET(self) -> None:
+            if self._refused():
+                return
             if self.path.startswith(f"/api/models/{repo_id}/tree/"):
                 tree = [
                     {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}

@@ -71,6 +71,22 @@ def weights_path(settings: ModelSettings, shown: bool = False) -> str:
     return download(settings, shown) or model_path(settings.id)
 
 
+def _hub_refusal(key: str, model_id: str, what: str, error: Exception) -> ConfigError:
+    """A load that failed, as one line; a gated hub repository says what to do about it."""
+    from huggingface_hub.errors import GatedRepoError
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, GatedRepoError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return ConfigError(
+            f"{key}: '{model_id}' is a gated repository: accept its license at https://huggingface.co/{model_id} "
+            "while logged in, then log in here (hf auth login, or set HF_TOKEN)"
+        )
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ConfigError(f"{key}: cannot load {what}'{model_id}': {first}")
+
+
 def load_config(settings: ModelSettings) -> PretrainedConfig:
     from transformers import AutoConfig, PretrainedConfig
 
@@ -82,8 +98,7 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
             path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"model.id: cannot load the config of '{settings.id}': {first}") from e
+        raise _hub_refusal("model.id", settings.id, "the config of ", e) from e
     text, tied = config.get_text_config(), getattr(config, "tie_word_embeddings", None)
     text_tied = getattr(text, "tie_word_embeddings", None)
     if text is not config and None not in (tied, text_tied) and tied != text_tied:
@@ -195,7 +210,7 @@ def load_model(
             **kwargs,
         )
     except OSError as e:
-        raise ConfigError(f"model.id: cannot load '{settings.id}': {str(e).splitlines()[0]}") from e
+        raise _hub_refusal("model.id", settings.id, "", e) from e
     except ImportError as e:
         raise _missing_package(config, e) from e
     missing = sorted(info.get("missing_keys") or [])
@@ -265,7 +280,7 @@ def load_tokenizer(
         )
     except (OSError, ValueError) as e:
         key = "tokenizer.id" if tok.id else "model.id"
-        raise ConfigError(f"{key}: cannot load a tokenizer from '{source}': {str(e).splitlines()[0]}") from e
+        raise _hub_refusal(key, source, "a tokenizer from ", e) from e
     template = resolve_template(tok.chat_template, tokenizer)
     if template is not None:
         tokenizer.chat_template = template

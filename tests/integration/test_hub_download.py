@@ -74,3 +74,16 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
     probe += f"print(weights_path(ModelSettings(id='{REPO_ID}')))"
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=scrub(env), timeout=300)
     assert found.stdout.strip() == manifest["base_model"]["path"], found.stderr[-2000:]
+
+
+def test_a_gated_model_says_how_to_get_access(tiny_model_dir: Path, tmp_path: Path) -> None:
+    exp = write_experiment(
+        tmp_path, f"name: gated\nmodel: {{id: {REPO_ID}}}\ndata: {{train: {DATA / 'sft_train.jsonl'}}}\n"
+    )
+    with fake_hub(REPO_ID, tiny_model_dir, gated=True) as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": None}
+        done = run_cli("plan", str(exp), env=env | {"TRANSFORMERS_OFFLINE": None, "HF_HUB_DISABLE_TELEMETRY": "1"})
+    assert done.returncode == 2 and done.stderr == (
+        f"error: {exp}: model.id: '{REPO_ID}' is a gated repository: accept its license at "
+        f"https://huggingface.co/{REPO_ID} while logged in, then log in here (hf auth login, or set HF_TOKEN)\n"
+    )
