@@ -669,11 +669,12 @@ def _line_map(root: yaml.Node | None) -> dict[tuple[str, ...], int]:
 # ---------------------------------------------------------------- overrides
 
 
-def _model_class(annotation: Any) -> type[BaseModel] | None:
+def model_class(annotation: Any) -> type[BaseModel] | None:
+    """The settings class inside a field's annotation (`LoraScope | None` -> LoraScope), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in get_args(annotation):
-        found = _model_class(arg) if get_origin(arg) is not list else None
+        found = model_class(arg) if get_origin(arg) is not list else None
         if found is not None:
             return found
     return None
@@ -684,7 +685,7 @@ def _fields_at(loc: tuple[str, ...]) -> list[str]:
     for part in loc:
         if cls is None or part not in cls.model_fields:
             return []
-        cls = _model_class(cls.model_fields[part].annotation)
+        cls = model_class(cls.model_fields[part].annotation)
     return list(cls.model_fields) if cls else []
 
 
@@ -713,7 +714,7 @@ def set_key(raw: dict, key: str, value: Any, where: str) -> None:
             raise TunelabError(f"{where}: '{'.'.join(parts[:i])}' has no sub-keys")
         if part not in cls.model_fields:
             raise TunelabError(f"{where}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
-        cls = _model_class(cls.model_fields[part].annotation)
+        cls = model_class(cls.model_fields[part].annotation)
     node = raw
     for part in parts[:-1]:
         child = node.get(part)

@@ -523,14 +523,16 @@ def _check_method(fmt: str, method: str, where: str) -> None:
 
 
 def load_file(
-    source: str, key: str, settings: DataSettings, method: str, fmt: str | None = None
+    source: str, key: str, settings: DataSettings, method: str | None, fmt: str | None = None
 ) -> tuple[str, list[dict], list[str], str]:
-    """(format, normalised rows, where each row comes from, digest of the file's bytes)."""
+    """(format, normalised rows, where each row comes from, digest of the file's bytes). `method`: the one the rows
+    must suit; None to take them as they are (`tunelab init` picks the method from the format)."""
     records, digest = read_records(source, key, settings.hub_split)
     if not records:
         raise TunelabError(f"{source}: the dataset is empty")
     fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
-    _check_method(fmt, method, source)
+    if method is not None:
+        _check_method(fmt, method, source)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns) for r in records]
     return fmt, rows, [r.where for r in records], digest
 

@@ -183,12 +183,17 @@ def pick_dtype(setting: str, device: str) -> torch.dtype:
 
 
 def load_model(
-    settings: ModelSettings, dtype: torch.dtype, device: str, config: PretrainedConfig | None = None
+    settings: ModelSettings,
+    dtype: torch.dtype,
+    device: str,
+    config: PretrainedConfig | None = None,
+    weights: str | None = None,
 ) -> PreTrainedModel:
-    """The base model's weights; `config`, when the caller has read it already, is not read again."""
+    """The base model's weights; `config` and `weights` (weights_path's answer), when the caller has them already,
+    are not read or asked again."""
     from tunelab.distributed import is_main
 
-    path = weights_path(settings, shown=is_main())
+    path = weights or weights_path(settings, shown=is_main())
     config = config if config is not None else load_config(settings)
     kwargs = {"config": config}
     if settings.attn_implementation:

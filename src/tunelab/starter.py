@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
 
-from tunelab.config import DataSettings, Experiment, LoraScope, PartialScope, Scope, validate
+from tunelab.config import DataSettings, Experiment, LoraScope, PartialScope, Scope, model_class, validate
 from tunelab.errors import TunelabError
 
 
@@ -60,15 +58,6 @@ class Starter:
     trains: str  # what the scope opens, in words
 
 
-def _described(annotation) -> type[BaseModel] | None:
-    """The settings class inside a field's annotation (`LoraScope | None` -> LoraScope)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return next((c for a in typing.get_args(annotation) if (c := _described(a)) is not None), None)
-    return None
-
-
 def _comment(description: str | None) -> str:
     first = re.split(r"(?<=\.)\s+(?=[A-Z])", description or "")[0].rstrip(".")
     return f"  # {first}" if first else ""
@@ -81,7 +70,7 @@ def _lines(cls: type[BaseModel], values: dict, indent: int = 0) -> list[str]:
         pad = " " * indent
         if isinstance(value, dict):
             out.append(f"{pad}{key}:{_comment(field.description)}")
-            out += _lines(_described(field.annotation), value, indent + 2)
+            out += _lines(model_class(field.annotation), value, indent + 2)
         else:
             scalar = yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
             out.append(f"{pad}{key}: {scalar}{_comment(field.description)}")
@@ -96,15 +85,6 @@ def _relative(source: str, folder: Path) -> str:
     return os.path.relpath(Path(source).resolve(), folder.resolve())
 
 
-def _data_format(source: str, key: str) -> tuple[str, int]:
-    from tunelab.data import detect_format, read_records
-
-    records, _ = read_records(source, key)
-    if not records:
-        raise TunelabError(f"{source}: the dataset is empty")
-    return detect_format(records[0]), len(records)
-
-
 def write_starter(
     path: Path, model: str, data: str, eval_data: str | None, scope: str, method: str | None, name: str | None
 ) -> Starter:
@@ -115,9 +95,9 @@ def write_starter(
         raise TunelabError(f"{path}: already exists; give another path (tunelab init never replaces a file)")
     if scope not in SCOPES:
         raise TunelabError(f"--scope: '{scope}' is not one of {', '.join(SCOPES)}")
-    fmt, rows = _data_format(data, "--data")
+    # The rows read as training will read them, checked against the method when one is given.
+    fmt, rows, _, _ = load_file(data, "--data", DataSettings(train=data), method)
     method = method or METHOD_OF_FORMAT.get(fmt, "sft")
-    load_file(data, "--data", DataSettings(train=data), method, fmt)  # the rows read as training will read them
     folder = path.parent
     data_section = {"train": _relative(data, folder)}
     data_section |= {"eval": _relative(eval_data, folder)} if eval_data else {"eval_fraction": EVAL_FRACTION}
@@ -151,4 +131,4 @@ def write_starter(
     folder.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
-    return Starter(path, exp, fmt, rows, words)
+    return Starter(path, exp, fmt, len(rows), words)

@@ -452,7 +452,8 @@ def _train_in(
     dtype_name = str(dtype).removeprefix("torch.")
     clock = _phases(run.writable)
     clock(f"loading {init_from or exp.model.id} on {device} ({dtype_name})")
-    model, resolved = _load_scoped_model(BaseLoader(exp.model, dtype, device, inputs.config), exp, kind, init_from)
+    base = BaseLoader(exp.model, dtype, device, inputs.config, provenance.base_model.path)
+    model, resolved = _load_scoped_model(base, exp, kind, init_from)
     facts = model_facts(exp.model.id, model)
     embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
     memory = estimate_memory(facts, resolved, exp, dtype_name, device, embeddings_train, engine)

@@ -13,6 +13,7 @@ from tunelab.methods.common import Batching
 from tunelab.plan import Plan, SplitStats
 from tunelab.runs import Manifest
 from tunelab.scope import layer_ranges as ranges
+from tunelab.starter import Starter
 
 
 def _console() -> Console:
@@ -74,7 +75,7 @@ def batching_line(b: Batching, tokens_per_forward: int) -> str:
     )
 
 
-def print_starter(starter, console: Console | None = None) -> None:
+def print_starter(starter: Starter, console: Console | None = None) -> None:
     console = console or Console()
     exp, path = starter.exp, escape(str(starter.path))
     held = f"eval from {escape(exp.data.eval)}" if exp.data.eval else f"{exp.data.eval_fraction:.0%} held out for eval"

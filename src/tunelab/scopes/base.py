@@ -31,6 +31,7 @@ class BaseLoader:
     dtype: torch.dtype
     device: str
     config: PretrainedConfig | None = None  # the model's config when read already
+    weights: str | None = None  # where its weights are (models.weights_path) when found already
 
     @classmethod
     def pick(cls, settings: ModelSettings, device: str | None = None) -> BaseLoader:
@@ -43,7 +44,7 @@ class BaseLoader:
     def load(self) -> PreTrainedModel:
         from tunelab.models import load_model
 
-        return load_model(self.settings, self.dtype, self.device, self.config)
+        return load_model(self.settings, self.dtype, self.device, self.config, self.weights)
 
 
 def base_alone(model: nn.Module) -> contextlib.AbstractContextManager:
