@@ -416,22 +416,21 @@ def _generate_and_score(
         if eval_rows:
             losses[name] = eval_loss(scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system)
 
-    together = [m.name for _, m in runs if kinds[m.name].batches_with_base]
+    together = [m.name for _, m in runs if kinds[m.name].batches_with_base(model, m.name)]
     if together:
         names = together + ([BASE] if include_base else [])
         outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
     elif include_base:
-        outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
-    # The base alone: a PEFT wrapper with every adapter off (rows routed to "__base__"), or the plain model.
-    wrapped = hasattr(model, "disable_adapter")
+        with base_alone(model):
+            outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
+    # The base alone: a PEFT wrapper with every adapter off, or the plain model.
     if include_base:
         with base_alone(model):
             score(BASE, model)
     for d, m in runs:
         name = m.name
         with kinds[name].active(model, d, name, base) as variant:
-            if name not in outputs:
-                rows = BASE if wrapped and variant is model else None
-                outputs[name] = generate(variant, tokenizer, prompts, rows, max_new_tokens, batch_size, decoding)
+            if name not in outputs:  # the kind made the run the model's active state: no routing
+                outputs[name] = generate(variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
             score(name, variant)
     return outputs, losses

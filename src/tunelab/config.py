@@ -241,7 +241,11 @@ class SimPOSettings(Strict):
 
 class LoraScope(Strict):
     r: int = Field(default=16, gt=0, le=65536, description="LoRA rank: the capacity of the update.")
-    alpha: float = Field(default=32, gt=0, description="LoRA scaling (lora_alpha); the update is scaled by alpha/r.")
+    alpha: float = Field(
+        default=32,
+        gt=0,
+        description="LoRA scaling (lora_alpha); the update is scaled by alpha/r (alpha/sqrt(r) with rslora).",
+    )
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     bias: Literal["none", "all", "lora_only"] = Field(
         default="none", description="Which bias terms train too (PEFT's `bias`)."
@@ -259,6 +263,22 @@ class LoraScope(Strict):
     )
     layers_pattern: str | None = Field(
         default=None, description="Name of the decoder-layer list (e.g. 'layers', 'h'); detected when None."
+    )
+    dora: bool = Field(
+        default=False,
+        description="DoRA (PEFT's use_dora): each adapted weight is split into a direction, updated by LoRA, and a "
+        "trained magnitude per output feature. Slower per step than plain LoRA; not on fused MoE expert weights.",
+    )
+    rslora: bool = Field(
+        default=False,
+        description="Rank-stabilised LoRA (PEFT's use_rslora): scale the update by alpha/sqrt(r) instead of alpha/r, "
+        "so a higher rank does not shrink it.",
+    )
+    open: list[Literal["norm", "lm_head", "embeddings"]] = Field(
+        default_factory=list,
+        description="Original modules that train whole beside the adapter and are saved with it (PEFT's "
+        "modules_to_save): norm (the final norm), lm_head, embeddings. Where lm_head is tied to the embeddings, "
+        "opening either opens the one shared tensor.",
     )
 
 

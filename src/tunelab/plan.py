@@ -207,9 +207,9 @@ def memory_warning(mem: Memory, method: str) -> str | None:
     )
 
 
-def _activation_layers(scope: ResolvedScope, n_layers: int, embeddings_train: bool) -> int:
+def _activation_layers(scope: ResolvedScope, n_layers: int) -> int:
     """Layers whose activations backward needs: from the first trainable layer to the last."""
-    if embeddings_train:
+    if scope.embeddings_train:
         return n_layers
     if not scope.layers:
         return 0
@@ -222,26 +222,27 @@ def estimate_memory(
     exp: Experiment,
     dtype: str,
     device: str,
-    embeddings_train: bool,
     engine: Engine | None = None,
 ) -> Memory:
     from tunelab.scopes import get_scope
 
     b = DTYPE_BYTES[dtype]
     adapter = get_scope(scope.kind).adds_parameters
-    # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype).
+    # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype); the copies of
+    # original modules trained beside it (scope.lora.open) keep the model's dtype.
     tb = 4 if adapter else b
     base_params = scope.total_params - (scope.trainable_params if adapter else 0)
-    weights = base_params * b + (scope.trainable_params * tb if adapter else 0)
+    trained_bytes = (scope.trainable_params - scope.opened_params) * tb + scope.opened_params * b
+    weights = base_params * b + (trained_bytes if adapter else 0)
     quantization = exp.model.quantization
     if quantization is not None:
         # PEFT's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head) to
         # float32; the decoder's linear weights stay packed.
         kept = base_params - facts.linear_params
         weights = int(facts.linear_params * quantized_bytes_per_param(quantization)) + kept * 4
-        weights += scope.trainable_params * tb
-    grads = scope.trainable_params * tb
-    optimizer = 2 * scope.trainable_params * tb  # AdamW: first and second moments
+        weights += trained_bytes
+    grads = trained_bytes if adapter else scope.trainable_params * b
+    optimizer = 2 * grads  # AdamW: first and second moments
     sharded = list(engine.sharded_parts) if engine else []
     processes = engine.num_processes if sharded else 1
     weights, grads, optimizer = (
@@ -259,13 +260,15 @@ def estimate_memory(
     if method.reference:
         reference = reference_strategy(method.settings(exp), adapter)
         # adapter: TRL keeps a frozen copy of the adapter; copy: a second base model; precomputed: nothing resident.
-        reference_bytes = {"adapter": scope.trainable_params * tb, "copy": base_params * b, "precomputed": 0}[reference]
+        reference_bytes = {"adapter": grads, "copy": base_params * b, "precomputed": 0}[reference]
     h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim
     per_layer = 6 * h + 2 * kv + 4 * i  # saved tensors per token in one decoder layer (SDPA, no score matrix)
-    n_act = _activation_layers(scope, facts.layers, embeddings_train)
+    n_act = _activation_layers(scope, facts.layers)
     logits = tokens * facts.vocab_size * (b + 8)  # logits, their float32 upcast and its gradient
-    full_acts = tokens * n_act * per_layer * b + logits
-    ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0)) * b + logits
+    # DoRA keeps each adapted module's base output for the magnitude's gradient (one layer's worth when recomputed).
+    dora = scope.dora_features
+    full_acts = tokens * (n_act * per_layer + dora) * b + logits
+    ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0) + -(-dora // max(len(scope.layers), 1))) * b + logits
     available = device_memory(device)
     static = weights + grads + optimizer + reference_bytes
     match exp.train.gradient_checkpointing:
@@ -386,8 +389,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     if exp.model.quantization is not None:
         check_quantization(exp.model.quantization, device)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
-    embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
-    memory = estimate_memory(facts, resolved, exp, dtype, device, embeddings_train, inputs.engine)
+    memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine)
     warnings = list(resolved.warnings)
     if (too_big := memory_warning(memory, exp.method)) is not None:
         warnings.append(too_big)

@@ -41,8 +41,13 @@ class ResolvedScope:
     trainable_names: list[str] = field(default_factory=list)
     target_modules: list[str] = field(default_factory=list)
     lora_modules: list[str] = field(default_factory=list)
+    adapter: str = ""  # the adapter's form in words: rank, alpha, the scale they give, DoRA
+    opened_modules: list[str] = field(default_factory=list)  # originals trained whole beside an adapter
+    opened_params: int = 0  # their trainable parameters, kept in the model's dtype (an adapter's are float32)
+    dora_features: int = 0  # output features of the DoRA-adapted modules, summed: their outputs are kept for backward
     layers_pattern: str | None = None
     tied_embeddings: bool = False
+    embeddings_train: bool = False  # the input embeddings train (opened, or tied to an opened lm_head)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -234,6 +239,12 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
         ]
         regex = None
     params, patterns = _fused_experts(scope, model, decoder, layers) if scope.targets == "all-linear" else ([], {})
+    if params and scope.dora:
+        raise ConfigError(
+            f"scope.lora.dora: all-linear on {type(model).__name__} reaches its fused expert weights, which PEFT "
+            "cannot train with DoRA; set targets: attention (or a list of module names) to leave the experts out, "
+            "or dora: false"
+        )
     dropout = scope.dropout
     if params and dropout:
         if "dropout" in scope.model_fields_set:
@@ -255,8 +266,28 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
         target_parameters=params or None,
         rank_pattern=patterns,
         alpha_pattern=patterns and {k: v * scope.alpha / scope.r for k, v in patterns.items()},
+        use_dora=scope.dora,
+        use_rslora=scope.rslora,
+        modules_to_save=opened_modules(scope, model, decoder) or None,
+        # A tied lm_head and embedding matrix stay one tensor when either opens: trained apart, the merged model
+        # would be saved tied again and lose one of them.
+        ensure_weight_tying=bool(scope.open) and tied_embeddings(model),
     )
     return config, decoder, layers
+
+
+def opened_modules(scope: LoraScope, model: nn.Module, decoder: Decoder) -> list[str]:
+    """Full module names of the original modules scope.lora.open trains beside the adapter."""
+    wanted = {
+        "norm": lambda: _final_norm(model, decoder, "scope.lora.open"),
+        "lm_head": lambda: module_name(model, model.get_output_embeddings()),
+        "embeddings": lambda: module_name(model, model.get_input_embeddings()),
+    }
+    return sorted({wanted[word]() for word in scope.open})
+
+
+def module_name(model: nn.Module, module: nn.Module | None) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
 
 
 def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers: list[int]) -> tuple[list[str], dict]:
@@ -284,15 +315,16 @@ def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers:
 # ---------------------------------------------------------------- partial
 
 
-def _final_norm(model: nn.Module, decoder: Decoder) -> str:
+def _final_norm(model: nn.Module, decoder: Decoder, key: str = "scope.partial.norm") -> str:
     base_path = decoder.path.rsplit(".", 1)[0] if "." in decoder.path else ""
     base = model.get_submodule(base_path) if base_path else model
     for name in FINAL_NORM_NAMES:
         if hasattr(base, name):
             return f"{base_path}.{name}" if base_path else name
     raise ConfigError(
-        f"scope.partial.norm: cannot find the final norm of {type(model).__name__} "
-        f"(looked for {', '.join(FINAL_NORM_NAMES)} under '{base_path}'); use patterns instead"
+        f"{key}: cannot find the final norm of {type(model).__name__} "
+        f"(looked for {', '.join(FINAL_NORM_NAMES)} under '{base_path}')"
+        + ("; use scope.partial.patterns instead" if key.startswith("scope.partial") else "")
     )
 
 

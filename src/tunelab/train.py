@@ -455,8 +455,7 @@ def _train_in(
     base = BaseLoader(exp.model, dtype, device, inputs.config, provenance.base_model.path)
     model, resolved = _load_scoped_model(base, exp, kind, init_from)
     facts = model_facts(exp.model.id, model)
-    embeddings_train = exp.scope.partial is not None and exp.scope.partial.embeddings
-    memory = estimate_memory(facts, resolved, exp, dtype_name, device, embeddings_train, engine)
+    memory = estimate_memory(facts, resolved, exp, dtype_name, device, engine)
     apart = not batching(exp.train, exp.method).padding_free or keeps_packed_rows_apart(model, tokenizer)
     if not apart:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model

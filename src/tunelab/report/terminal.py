@@ -106,6 +106,13 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"{len(s.lora_modules)} modules; target_modules={s.target_modules}; "
             f"layers={ranges(s.layers)}" + (f"; layers_pattern='{s.layers_pattern}'" if s.layers_pattern else "")
         )
+        console.print(f"adapter: {s.adapter}", highlight=False)
+        if s.opened_modules:
+            console.print(
+                f"trained whole beside it (modules_to_save): {', '.join(s.opened_modules)} "
+                f"({s.opened_params:,} parameters)",
+                highlight=False,
+            )
     else:
         table = Table(title="Parameters that open", title_justify="left", show_edge=False)
         table.add_column("layers")

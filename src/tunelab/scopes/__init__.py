@@ -68,6 +68,8 @@ def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScop
     # New parameters (LoRA) count in the total, as PEFT reports the percentage: of the base plus the adapter.
     resolved.total_params = sum(numel(p) for p in model.parameters()) if kind.adds_parameters else total_before
     resolved.tied_embeddings = tied
+    # Then backward runs through every layer, whichever layers the scope names.
+    resolved.embeddings_train = any(p.requires_grad for p in model.get_input_embeddings().parameters())
     return model, resolved
 
 

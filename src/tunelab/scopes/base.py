@@ -59,8 +59,6 @@ class ScopeKind:
     # The trainable parameters are new ones added beside the frozen base (LoRA), kept in float32 by PEFT, and the
     # trained model can be switched back to its base (which is what a preference method's reference needs).
     adds_parameters: ClassVar[bool] = False
-    # Runs of this kind can share one loaded base in compare and generate in one batch with it.
-    batches_with_base: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
         """Make exactly this scope's parameters trainable and describe them (counts are filled in by the caller)."""
@@ -77,6 +75,10 @@ class ScopeKind:
     def attach(self, model: nn.Module, run_dir: Path, name: str) -> nn.Module:
         """Compare: make a run available on the one shared base model (LoRA adds its adapter by name)."""
         return model
+
+    def batches_with_base(self, model: nn.Module, name: str) -> bool:
+        """Compare: the attached run `name` generates in the same batches as the base and other such runs."""
+        return False
 
     @contextlib.contextmanager
     def active(self, model: nn.Module, run_dir: Path, name: str, base: BaseLoader) -> Iterator[nn.Module]:

@@ -16,6 +16,7 @@ from tunelab.scopes.base import BaseLoader, ScopeKind
 
 if TYPE_CHECKING:
     import torch
+    from peft import LoraConfig
     from torch import nn
 
     from tunelab.scope import ResolvedScope
@@ -25,10 +26,10 @@ class Lora(ScopeKind):
     name = "lora"
     result = ADAPTER
     adds_parameters = True
-    batches_with_base = True
 
     def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
         from peft import PeftModel, get_peft_model
+        from peft.utils import ModulesToSaveWrapper
 
         from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config
 
@@ -58,18 +59,28 @@ class Lora(ScopeKind):
                         f"scope.lora.targets: PEFT cannot put LoRA on {type(model).__name__} as asked: {first}"
                     ) from e
         # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
-        modules = sorted(
-            {
-                name.removeprefix("base_model.model.").replace(".base_layer", "")
-                for name, m in model.named_modules()
-                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
-            }
-        )
+        adapted = {
+            name.removeprefix("base_model.model.").replace(".base_layer", ""): m
+            for name, m in model.named_modules()
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})
+        }
+        modules = sorted(adapted)
+        # Originals trained whole (modules_to_save), each once: a tied lm_head and its embeddings share one copy.
+        opened = {
+            name.removeprefix("base_model.model."): m.modules_to_save["default"]
+            for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, ModulesToSaveWrapper) and "default" in m.modules_to_save
+        }
+        copies = {id(p): p for m in opened.values() for p in m.parameters() if p.requires_grad}
         return model, ResolvedScope(
             kind=self.name,
             layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
             target_modules=sorted({leaf(n) for n in modules}),
             lora_modules=modules,
+            adapter=describe(config),
+            opened_modules=sorted(opened),
+            opened_params=sum(p.numel() for p in copies.values()),
+            dora_features=sum(m.out_features for m in adapted.values() if m.use_dora.get("default")),
             layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, str) else None,
             warnings=notes,
         )
@@ -91,13 +102,26 @@ class Lora(ScopeKind):
             return model
         return PeftModel.from_pretrained(model, str(run_dir / ADAPTER), adapter_name=name).eval()
 
+    def batches_with_base(self, model: nn.Module, name: str) -> bool:
+        # PEFT routes the rows of one batch to different adapters, but not to a DoRA adapter, and not at all through
+        # an opened original module other than a linear layer or an embedding (a norm), whichever adapter opened it.
+        from peft.utils import ModulesToSaveWrapper
+        from torch import nn
+
+        opened = [m.original_module for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        routable = all(isinstance(m, (nn.Linear, nn.Embedding)) for m in opened)
+        return routable and not model.peft_config[name].use_dora
+
     @contextlib.contextmanager
     def active(self, model: nn.Module, run_dir: Path, name: str, base: BaseLoader) -> Iterator[nn.Module]:
         model.set_adapter(name)
         yield model
 
     def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
-        return f"lora r{scope.lora.r} {','.join(target_modules)} layers {layers}"
+        lora = scope.lora
+        variants = "".join(f" {v}" for v, on in (("rslora", lora.rslora), ("dora", lora.dora)) if on)
+        opened = f" +{','.join(lora.open)}" if lora.open else ""
+        return f"lora r{lora.r}{variants} {','.join(target_modules)} layers {layers}{opened}"
 
     def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> tuple[nn.Module | None, str]:
         verify_adapter(run_dir / ADAPTER)
@@ -112,6 +136,13 @@ class Lora(ScopeKind):
             return PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload(), "merged"
         shutil.copytree(run_dir / ADAPTER, out)
         return None, "adapter"
+
+
+def describe(config: LoraConfig) -> str:
+    """'r 16, alpha 32 (scale 2)': the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA."""
+    scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+    variants = [v for v, on in (("rsLoRA", config.use_rslora), ("DoRA", config.use_dora)) if on]
+    return f"r {config.r}, alpha {config.lora_alpha:g} (scale {scale:.3g})" + "".join(f", {v}" for v in variants)
 
 
 def verify_adapter(folder: Path) -> None:

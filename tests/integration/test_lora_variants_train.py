@@ -1,0 +1,136 @@
+"""DoRA, rsLoRA and original modules opened beside the adapter, trained on the tiny model: what changed, what the
+adapter folder holds, merged exports equal to the adapter, and compare putting each run's own adapter on its rows."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.chat_fixtures import build
+from tests.conftest import DATA, EXAMPLES, trained_tensors, write_experiment
+from tests.integration.test_compare import prompts_file
+from tunelab.compare import compare, generate, read_prompts
+from tunelab.config import load_experiment
+from tunelab.export import export_run
+from tunelab.runs import read_manifest
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    steps = ["train.max_steps=16", "train.logging_steps=4"]
+    made = {}
+    for name, example, extra in (
+        ("dora-head", "lora-dora-head", ["scope.lora.rslora=true"]),
+        ("lora-qv", "lora-qv", []),
+    ):
+        exp = load_experiment(
+            EXAMPLES / f"{example}.yaml", [f"output.dir={out}", f"output.name={name}", *steps, *extra]
+        )
+        made[name] = train(exp).run_dir
+    return made
+
+
+def base_state(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_dora_magnitudes_and_opened_modules_train_and_are_saved_with_the_adapter(runs, tiny_model_dir) -> None:
+    import torch
+
+    run = runs["dora-head"]
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"]
+    assert sorted(config["modules_to_save"]) == ["lm_head", "model.norm"]
+    saved, base = trained_tensors(run), base_state(tiny_model_dir)
+    magnitudes = {n: t for n, t in saved.items() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == 2 * 4  # q, k, v, o of layers 2 and 3
+    for name, magnitude in magnitudes.items():
+        weight = base[name.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0] + ".weight"]
+        # DoRA starts each magnitude at its weight's row norms; training moved them.
+        assert not torch.allclose(magnitude, weight.norm(dim=1), atol=1e-4), name
+    head = saved["base_model.model.lm_head.weight"]
+    norm = saved["base_model.model.model.norm.weight"]
+    assert head.shape == base["lm_head.weight"].shape and not torch.equal(head, base["lm_head.weight"])
+    assert not torch.equal(norm, base["model.norm.weight"])
+    check = read_manifest(run).change_check
+    assert check.ok and check.trainable_changed == 8 * 3 + 2 and check.frozen_changed == []
+
+
+def test_merged_export_gives_the_adapters_logits(runs, tmp_path: Path, tiny_model_dir) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = export_run(runs["dora-head"], tmp_path / "merged", merge=True)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), runs["dora-head"] / "adapter"
+    )
+    with torch.no_grad():
+        want = plain.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, base, atol=1e-2)
+
+
+def test_compare_generates_a_dora_run_with_its_own_adapter(runs, tmp_path: Path, tiny_model_dir) -> None:
+    """PEFT cannot route a DoRA adapter inside a mixed batch: compare generates it on its own, and each variant's
+    outputs are what that adapter (or the base) gives alone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = prompts_file(tmp_path, 4)
+    both = compare([runs["lora-qv"], runs["dora-head"]], prompts_file=prompts)
+    alone = compare([runs["lora-qv"]], prompts_file=prompts)
+    assert both.outputs["lora-qv"] == alone.outputs["lora-qv"] and both.outputs["base"] == alone.outputs["base"]
+    tok = AutoTokenizer.from_pretrained(runs["dora-head"] / "tokenizer")
+    tok.padding_side = "left"
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), runs["dora-head"] / "adapter"
+    )
+    eos = [tok.eos_token_id]
+    wanted = [
+        generate(plain.eval(), tok, [p], None, 48, 1, {"do_sample": False, "eos_token_id": eos})[0]
+        for p in read_prompts(prompts)
+    ]
+    assert both.outputs["dora-head"] == wanted
+    assert both.outputs["dora-head"] != both.outputs["base"]
+    only = compare([runs["dora-head"]], prompts_file=prompts)  # no run to batch with: the base is still the base
+    assert only.outputs["base"] == alone.outputs["base"] and only.outputs["dora-head"] == wanted
+
+
+def test_an_opened_head_tied_to_the_embeddings_trains_and_exports_as_one_tensor(tmp_path: Path) -> None:
+    """Gemma 2 ties lm_head to the input embeddings: opening the head trains the one shared matrix, and the merged
+    export (saved tied, as its config says) still gives the adapter's logits."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build("gemma-2-it", tmp_path / "gemma2")
+    exp = write_experiment(
+        tmp_path,
+        f"name: tied\nmodel: {{id: {model_dir}}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
+        "tokenizer: {fold_system: true}\nscope: {lora: {targets: qv, open: [lm_head]}}\n"
+        f"train: {{max_steps: 4, learning_rate: 1.0e-2, max_length: 128}}\noutput: {{dir: {tmp_path / 'runs'}}}\n",
+    )
+    run = train(load_experiment(exp)).run_dir
+    saved = trained_tensors(run)
+    head, embeddings = (
+        saved.pop("base_model.model.lm_head.weight"),
+        saved.pop("base_model.model.model.embed_tokens.weight"),
+    )
+    assert all("lora_" in n for n in saved)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert torch.equal(head, embeddings) and not torch.equal(head, base.get_input_embeddings().weight)
+    merged = AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "merged", merge=True))
+    assert merged.lm_head.weight is merged.get_input_embeddings().weight
+    ids = torch.tensor([[2, 30, 31, 32, 33]])
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), run / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(ids).logits, plain(ids).logits, atol=1e-4)

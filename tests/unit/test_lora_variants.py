@@ -1,0 +1,106 @@
+"""LoRA's variants on config-only models: DoRA, rank-stabilised scaling, and original modules trained beside the
+adapter (scope.lora.open), with counts and memory checked against formulas from the published configs."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONFIGS, DATA, write_experiment
+from tests.unit.test_scope import build, llama_dims, lora_count, tiny_mixtral
+from tunelab.config import LoraScope, Scope, load_experiment
+from tunelab.errors import TunelabError
+from tunelab.plan import make_plan
+from tunelab.scopes import apply_scope
+
+LLAMA = CONFIGS / "llama-3.1-8b-instruct"
+GEMMA3 = CONFIGS / "gemma-3-4b-it"
+LLAMA_PARAMS = 8_030_261_248
+
+
+def qv_count() -> int:
+    d = llama_dims()
+    return lora_count([(d["h"], d["h"]), (d["h"], d["kv"])], 16, d["L"])
+
+
+def test_dora_adds_one_trained_magnitude_per_output_feature() -> None:
+    d = llama_dims()
+    model, resolved = apply_scope(build(LLAMA), Scope(lora=LoraScope(targets="qv", dora=True)))
+    assert resolved.trainable_params == qv_count() + d["L"] * (d["h"] + d["kv"])
+    assert resolved.dora_features == d["L"] * (d["h"] + d["kv"])
+    assert resolved.adapter == "r 16, alpha 32 (scale 2), DoRA"
+    assert model.peft_config["default"].use_dora
+    magnitudes = [n for n in resolved.trainable_names if ".lora_magnitude_vector." in n]
+    assert len(magnitudes) == 2 * d["L"]
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank() -> None:
+    model, resolved = apply_scope(build(LLAMA), Scope(lora=LoraScope(targets="qv", r=64, alpha=16, rslora=True)))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.scaling["default"] == pytest.approx(16 / math.sqrt(64)) == 2.0
+    assert resolved.adapter == "r 64, alpha 16 (scale 2), rsLoRA"
+    _, plain = apply_scope(build(LLAMA), Scope(lora=LoraScope(targets="qv", r=64, alpha=16)))
+    assert plain.adapter == "r 64, alpha 16 (scale 0.25)" and plain.trainable_params == resolved.trainable_params
+
+
+def test_open_trains_the_final_norm_and_head_beside_the_adapter() -> None:
+    d = llama_dims()
+    scope = Scope(lora=LoraScope(targets="qv", open=["norm", "lm_head"]))
+    model, resolved = apply_scope(build(LLAMA), scope)
+    opened = d["V"] * d["h"] + d["h"]
+    assert resolved.opened_modules == ["lm_head", "model.norm"]
+    assert resolved.opened_params == opened
+    assert resolved.trainable_params == qv_count() + opened
+    # The frozen originals stay in the model beside their trained copies, as PEFT counts them.
+    assert resolved.total_params == LLAMA_PARAMS + qv_count() + opened
+    assert set(model.peft_config["default"].modules_to_save) == {"lm_head", "model.norm"}
+    assert not resolved.embeddings_train  # the head trains, the embeddings do not: no backward below the adapter
+
+
+def test_an_opened_head_tied_to_the_embeddings_stays_one_tensor() -> None:
+    """Gemma 3 ties lm_head to the input embeddings: opening the head opens the one shared matrix (once), and the
+    embeddings then need backward through every layer."""
+    meta = build(GEMMA3)
+    vocab, hidden = meta.get_input_embeddings().weight.shape
+    model, resolved = apply_scope(meta, Scope(lora=LoraScope(targets="qv", layers="last-half", open=["lm_head"])))
+    assert resolved.tied_embeddings and model.peft_config["default"].ensure_weight_tying
+    assert resolved.opened_modules == ["lm_head", "model.language_model.embed_tokens"]
+    assert resolved.opened_params == vocab * hidden
+    base = model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    assert head.modules_to_save["default"].weight is embeddings.modules_to_save["default"].weight
+    assert resolved.embeddings_train
+
+
+def test_dora_on_fused_experts_is_one_clear_error() -> None:
+    with pytest.raises(TunelabError, match=r"scope.lora.dora: all-linear on MixtralForCausalLM reaches its fused"):
+        apply_scope(tiny_mixtral(), Scope(lora=LoraScope(dora=True, dropout=0.0)))
+    model, resolved = apply_scope(tiny_mixtral(), Scope(lora=LoraScope(dora=True, targets="attention")))
+    assert resolved.dora_features == 4 * (64 + 32 + 32 + 64)  # q, k, v, o out features in each of 4 layers
+
+
+def plan_of(tmp_path: Path, lora: str, dtype: str = "bfloat16"):
+    exp = write_experiment(
+        tmp_path,
+        f"name: v\nmodel: {{id: {LLAMA}, dtype: {dtype}, device: cpu}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
+        f"scope: {{lora: {{targets: qv, {lora}}}}}\ntrain: {{max_length: 512, gradient_checkpointing: off}}\n",
+    )
+    return make_plan(load_experiment(exp))
+
+
+def test_memory_counts_opened_copies_in_the_model_dtype_and_doras_kept_outputs(tmp_path: Path) -> None:
+    d = llama_dims()
+    plain = plan_of(tmp_path, "r: 16").memory
+    opened = plan_of(tmp_path, "open: [norm, lm_head]").memory
+    copies = d["V"] * d["h"] + d["h"]
+    # bfloat16 copies: 2 bytes each as weights and gradients, 4 for AdamW's two moments; the adapter stays float32.
+    assert opened.weights_bytes - plain.weights_bytes == copies * 2  # the copies, beside their frozen originals
+    assert opened.gradients_bytes - plain.gradients_bytes == copies * 2
+    assert opened.optimizer_bytes - plain.optimizer_bytes == copies * 4
+    assert opened.activations_bytes == plain.activations_bytes  # the embeddings stay frozen
+    dora = plan_of(tmp_path, "dora: true").memory
+    extra = d["L"] * (d["h"] + d["kv"])
+    assert dora.gradients_bytes - plain.gradients_bytes == extra * 4
+    assert dora.activations_bytes - plain.activations_bytes == dora.tokens_per_forward * extra * 2
+    embeddings = plan_of(tmp_path, "layers: last-half, open: [embeddings]").memory
+    assert embeddings.activation_layers == d["L"]  # backward reaches the embeddings below every layer
