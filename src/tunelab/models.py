@@ -32,6 +32,36 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
 
 
+def offline_unless_reachable(model_id: str) -> None:
+    """Ask the hub about a hub model once; where it cannot be reached, go on in offline mode (from the local cache)
+    for the rest of the process and the processes it starts, instead of letting each file's lookup retry for half a
+    minute. HF_HUB_OFFLINE=1 skips the question."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if _looks_local(model_id) or constants.HF_HUB_OFFLINE:
+        return
+    try:
+        HfApi().model_info(model_id, timeout=HUB_TIMEOUT_S)
+        return
+    except (HfHubHTTPError, ValueError):  # the hub answered (not found, gated, ...): from_pretrained says it well
+        return
+    except Exception as e:  # noqa: BLE001 - anything else is the network: refused, unresolved, timed out
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from tunelab.distributed import is_main
+
+    if is_main():
+        print(
+            f"-> the model hub cannot be reached ({reason}): {model_id} from the local cache "
+            "(HF_HUB_OFFLINE=1 skips this check)",
+            flush=True,
+        )
+
+
+HUB_TIMEOUT_S = 10
+
 # What from_pretrained reads from a hub repository, at its top level: configs, safetensors weights, tokenizer and
 # template files. (Meta's Llama repositories also hold original/, a second copy of the weights in Meta's format.)
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -47,6 +77,8 @@ def download(settings: ModelSettings, shown: bool) -> str | None:
         return None
     from huggingface_hub import constants, snapshot_download
     from tqdm.auto import tqdm
+
+    offline_unless_reachable(path)
 
     offline = constants.HF_HUB_OFFLINE
     files = dict(repo_id=path, revision=settings.revision, allow_patterns=HUB_FILES, ignore_patterns=["*/*"])
@@ -91,6 +123,7 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
     from transformers import AutoConfig, PretrainedConfig
 
     path = model_path(settings.id)
+    offline_unless_reachable(path)
     if _looks_local(path) and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.id: no config.json in '{path}'; point model.id at a model folder or a hub id")
     try:
@@ -278,6 +311,7 @@ def load_tokenizer(
     from tunelab.templates import resolve_template
 
     source = model_path(tok.id) if tok.id else model_path(model.id)
+    offline_unless_reachable(source)
     kwargs = {"config": config} if config is not None and not tok.id else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(
