@@ -280,6 +280,19 @@ class LoraScope(Strict):
         "modules_to_save): norm (the final norm), lm_head, embeddings. Where lm_head is tied to the embeddings, "
         "opening either opens the one shared tensor.",
     )
+    tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens whose embedding and lm_head rows train beside the adapter, the rest frozen (PEFT's "
+        "trainable_token_indices): for tokens the base never trained, such as a chat template's special tokens on a "
+        "base (not instruct) model; `train` names the ones it finds.",
+    )
+
+    @model_validator(mode="after")
+    def _rows_or_whole(self) -> LoraScope:
+        whole = sorted({"embeddings", "lm_head"} & set(self.open))
+        if self.tokens and whole:
+            raise ValueError(f"tokens trains rows that open: [{', '.join(whole)}] trains whole already; drop one")
+        return self
 
 
 class PartialScope(Strict):

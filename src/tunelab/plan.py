@@ -384,7 +384,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     inputs = inputs or read_inputs(exp)
     model = meta_model(inputs.config, exp.model.trust_remote_code)
     facts = model_facts(exp.model.id, model)
-    model, resolved = apply_scope(model, exp.scope)
+    model, resolved = apply_scope(model, exp.scope, inputs.tokenizer)
     device = pick_device(exp.model.device)
     if exp.model.quantization is not None:
         check_quantization(exp.model.quantization, device)

@@ -42,6 +42,7 @@ class ResolvedScope:
     target_modules: list[str] = field(default_factory=list)
     lora_modules: list[str] = field(default_factory=list)
     adapter: str = ""  # the adapter's form in words: rank, alpha, the scale they give, DoRA
+    trained_tokens: list[str] = field(default_factory=list)  # tokens whose embedding rows train beside an adapter
     opened_modules: list[str] = field(default_factory=list)  # originals trained whole beside an adapter
     opened_params: int = 0  # their trainable parameters, kept in the model's dtype (an adapter's are float32)
     dora_features: int = 0  # output features of the DoRA-adapted modules, summed: their outputs are kept for backward
@@ -216,8 +217,11 @@ def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> t
     return sorted(names), None
 
 
-def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder, list[int]]:
-    """An explicit PEFT LoraConfig: presets expanded into module names, layers into indices."""
+def lora_config(
+    scope: LoraScope, model: nn.Module, token_ids: list[int] | None = None
+) -> tuple[LoraConfig, Decoder, list[int]]:
+    """An explicit PEFT LoraConfig: presets expanded into module names, layers into indices; `token_ids`: the ids of
+    scope.tokens (see `token_ids`)."""
     from peft import LoraConfig
 
     decoder = find_decoder(model, scope.layers_pattern)
@@ -269,11 +273,78 @@ def lora_config(scope: LoraScope, model: nn.Module) -> tuple[LoraConfig, Decoder
         use_dora=scope.dora,
         use_rslora=scope.rslora,
         modules_to_save=opened_modules(scope, model, decoder) or None,
+        trainable_token_indices=token_rows(model, token_ids) if token_ids else None,
         # A tied lm_head and embedding matrix stay one tensor when either opens: trained apart, the merged model
-        # would be saved tied again and lose one of them.
+        # would be saved tied again and lose one of them. (PEFT ties trainable token rows on its own.)
         ensure_weight_tying=bool(scope.open) and tied_embeddings(model),
     )
     return config, decoder, layers
+
+
+def token_ids(tokens: list[str], tokenizer, model: nn.Module) -> list[int]:
+    """scope.lora.tokens as ids: each one entry of the tokenizer's vocabulary, with a row in the model."""
+    if not tokens:
+        return []
+    if tokenizer is None:
+        raise ConfigError("scope.lora.tokens: needs the model's tokenizer, and the model has none; set tokenizer.id")
+    vocab = tokenizer.get_vocab()
+    rows = model.get_input_embeddings().weight.shape[0]
+    for token in tokens:
+        if token not in vocab:
+            example = next(iter(tokenizer.all_special_tokens), "")
+            raise ConfigError(
+                f"scope.lora.tokens: '{token}' is not a token of this tokenizer (one entry of its vocabulary, as "
+                f"'{example}' is)"
+            )
+        if vocab[token] >= rows:
+            raise ConfigError(f"scope.lora.tokens: '{token}' is id {vocab[token]}, past the model's {rows} embeddings")
+    return sorted({vocab[t] for t in tokens})
+
+
+def token_rows(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
+    """PEFT's trainable_token_indices: the rows in the input embeddings and, when it is not tied to them (PEFT ties
+    that one itself), in lm_head, so the model can both read and write the tokens."""
+    rows = {module_name(model, model.get_input_embeddings()): ids}
+    if not tied_embeddings(model):
+        rows[module_name(model, model.get_output_embeddings())] = ids
+    return rows
+
+
+def untrained_tokens(model: nn.Module, ids: set[int]) -> list[int]:
+    """Of these token ids, the ones the base never trained: an embedding (or untied lm_head) row near zero beside the
+    typical row, as a base model's chat-template tokens are (Llama 3's <|eot_id|> in the base checkpoint)."""
+    import torch
+
+    found: set[int] = set()
+    modules = [model.get_input_embeddings()]
+    if not tied_embeddings(model):
+        modules.append(model.get_output_embeddings())
+    for module in modules:
+        weight = module.weight
+        if weight.is_meta or not ids:
+            return []
+        with torch.no_grad():
+            sample = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], 1024)).long().to(weight.device)
+            typical = weight[sample].float().norm(dim=1).median()
+            wanted = torch.tensor(sorted(i for i in ids if i < weight.shape[0]), device=weight.device)
+            norms = weight[wanted].float().norm(dim=1)
+        found |= {int(i) for i, n in zip(wanted.tolist(), norms.tolist(), strict=True) if n <= UNTRAINED * typical}
+    return sorted(found)
+
+
+UNTRAINED = 1e-3  # a row this much smaller than the typical one never took a gradient
+
+
+def rows_left_frozen(model: nn.Module, ids: list[int]) -> list[int]:
+    """Of these token ids, the ones whose embedding or lm_head row does not train under the applied scope."""
+    frozen: set[int] = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        adapter = getattr(module, "token_adapter", None)  # PEFT's trainable tokens: these rows only
+        if adapter is not None:
+            frozen |= set(ids) - set(adapter.token_indices.get("default", []))
+        elif not any(p.requires_grad for p in module.parameters()):
+            frozen |= set(ids)
+    return sorted(frozen)
 
 
 def opened_modules(scope: LoraScope, model: nn.Module, decoder: Decoder) -> list[str]:

@@ -588,3 +588,13 @@ def loss_segments(tokenizer: PreTrainedTokenizerBase, tok: Tokenized) -> list[tu
             segments.append((text, bool(tok.loss_mask[start])))
             start = i
     return segments
+
+
+def added_ids_used(tokenizer: PreTrainedTokenizerBase, encoded: list[Encoded]) -> set[int]:
+    """The tokenizer's special and added tokens that occur in the tokenized data (a chat template's markers)."""
+    special = special_ids(tokenizer) | set(tokenizer.added_tokens_decoder)
+    used: set[int] = set()
+    for split in encoded:
+        for example in split.examples:
+            used.update(example.input_ids)
+    return used & special

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
     from tunelab.inputs import Inputs
     from tunelab.scopes import BaseLoader, ScopeKind
+    from tunelab.templates import Encoded
 
 
 @dataclass
@@ -346,13 +347,29 @@ def _padded_instead(exp: Experiment, architecture: str, says: bool) -> None:
         print(f"padding-free batches off: {why}; training on padded batches", flush=True)
 
 
-def _load_scoped_model(base: BaseLoader, exp: Experiment, kind: ScopeKind, init_from: Path | None):
+def _load_scoped_model(
+    base: BaseLoader, exp: Experiment, kind: ScopeKind, init_from: Path | None, tokenizer, encoded: list[Encoded]
+):
     """The base (or the init_from run's trained model, to continue it) with exactly the scope's parameters
-    trainable."""
+    trainable; a note when the data uses tokens the base never trained and the scope leaves them frozen."""
+    from tunelab.scope import rows_left_frozen, untrained_tokens
     from tunelab.scopes import apply_scope
+    from tunelab.templates import added_ids_used
 
     start = base.load() if init_from is None else kind.trained(init_from, base, trainable=True)
-    return apply_scope(start, exp.scope)
+    plain = start.get_base_model() if hasattr(start, "get_base_model") else start
+    untrained = untrained_tokens(plain, added_ids_used(tokenizer, encoded))
+    model, resolved = apply_scope(start, exp.scope, tokenizer)
+    frozen = tokenizer.convert_ids_to_tokens(rows_left_frozen(model, untrained))
+    note = None
+    if frozen:
+        note = (
+            f"the data uses {len(frozen)} token(s) this base never trained (their embedding rows are zero): "
+            f"{', '.join(frozen)}; with those rows frozen the model cannot learn to read or write them: "
+            f"{kind.token_fix(frozen)}, or start from the instruct model"
+        )
+        resolved.warnings.append(note)
+    return model, resolved, note
 
 
 def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, kind: ScopeKind, hw, run: Run, callbacks):
@@ -453,7 +470,9 @@ def _train_in(
     clock = _phases(run.writable)
     clock(f"loading {init_from or exp.model.id} on {device} ({dtype_name})")
     base = BaseLoader(exp.model, dtype, device, inputs.config, provenance.base_model.path)
-    model, resolved = _load_scoped_model(base, exp, kind, init_from)
+    model, resolved, note = _load_scoped_model(base, exp, kind, init_from, tokenizer, inputs.encoded)
+    if note and run.writable:
+        print(f"warning: {note}", flush=True)
     facts = model_facts(exp.model.id, model)
     memory = estimate_memory(facts, resolved, exp, dtype_name, device, engine)
     apart = not batching(exp.train, exp.method).padding_free or keeps_packed_rows_apart(model, tokenizer)

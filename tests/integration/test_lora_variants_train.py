@@ -134,3 +134,62 @@ def test_an_opened_head_tied_to_the_embeddings_trains_and_exports_as_one_tensor(
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), run / "adapter").eval()
     with torch.no_grad():
         assert torch.allclose(merged.eval()(ids).logits, plain(ids).logits, atol=1e-4)
+
+
+TEMPLATE_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def untrained_base(tmp_path_factory, tiny_model_dir) -> Path:
+    """The built-in model with its chat template's tokens never trained, as a base (not instruct) checkpoint holds
+    them: zero rows in the embeddings and lm_head (Llama 3's base <|eot_id|>)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("base")
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            matrix[tok.convert_tokens_to_ids(TEMPLATE_TOKENS)] = 0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def token_experiment(folder: Path, base: Path, name: str, tokens: str) -> Path:
+    return write_experiment(
+        folder,
+        f"name: {name}\nmodel: {{id: {base}}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
+        f"scope: {{lora: {{targets: qv, {tokens}}}}}\n"
+        f"train: {{max_steps: 12, learning_rate: 1.0e-2, max_length: 128}}\noutput: {{dir: {folder / 'runs'}}}\n",
+        f"{name}.yaml",
+    )
+
+
+def test_untrained_template_tokens_are_named_and_train_as_rows(untrained_base: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = train(load_experiment(token_experiment(tmp_path, untrained_base, "plain", "r: 16"))).manifest
+    assert plain.scope_notes == [
+        "the data uses 3 token(s) this base never trained (their embedding rows are zero): <|start_header_id|>, "
+        "<|end_header_id|>, <|eot_id|>; with those rows frozen the model cannot learn to read or write them: set "
+        "scope.lora.tokens: [<|start_header_id|>, <|end_header_id|>, <|eot_id|>], or start from the instruct model"
+    ]
+    rows = train(load_experiment(token_experiment(tmp_path, untrained_base, "rows", f"tokens: {TEMPLATE_TOKENS}")))
+    assert rows.manifest.scope_notes is None and rows.manifest.change_check.ok
+    base = AutoModelForCausalLM.from_pretrained(untrained_base)
+    merged = AutoModelForCausalLM.from_pretrained(export_run(rows.run_dir, tmp_path / "merged", merge=True))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        before, after = base.state_dict()[name], merged.state_dict()[name]
+        changed = sorted(int(i) for i in (before != after).any(dim=1).nonzero())
+        assert changed == [2, 3, 4], name  # exactly the three rows, in the embeddings and in the head
+    ids = torch.tensor([[1, 2, 40, 41, 3, 4]])
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(untrained_base), rows.run_dir / "adapter")
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(ids).logits, adapter.eval()(ids).logits, atol=1e-4)
+    prompts = prompts_file(tmp_path, 3)
+    both = compare([tmp_path / "runs" / "plain", rows.run_dir], prompts_file=prompts)
+    alone = compare([rows.run_dir], prompts_file=prompts)
+    assert both.outputs["rows"] == alone.outputs["rows"] and both.outputs["plain"] != both.outputs["rows"]

@@ -104,3 +104,42 @@ def test_memory_counts_opened_copies_in_the_model_dtype_and_doras_kept_outputs(t
     assert dora.activations_bytes - plain.activations_bytes == dora.tokens_per_forward * extra * 2
     embeddings = plan_of(tmp_path, "layers: last-half, open: [embeddings]").memory
     assert embeddings.activation_layers == d["L"]  # backward reaches the embeddings below every layer
+
+
+TEMPLATE_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def test_token_rows_train_in_the_embeddings_and_an_untied_head() -> None:
+    """scope.lora.tokens: three rows of the input embeddings and the same three of Llama's untied lm_head, nothing
+    else of either; on Gemma 3, whose head is the embedding matrix, the three rows once."""
+    from transformers import AutoTokenizer
+
+    from tunelab.builtin import materialise
+
+    tokenizer = AutoTokenizer.from_pretrained(materialise("tiny-chat"))
+    ids = tokenizer.convert_tokens_to_ids(TEMPLATE_TOKENS)
+    d = llama_dims()
+    scope = Scope(lora=LoraScope(targets="qv", tokens=TEMPLATE_TOKENS))
+    model, resolved = apply_scope(build(LLAMA), scope, tokenizer)
+    assert resolved.trainable_params == qv_count() + 2 * 3 * d["h"]
+    assert resolved.trained_tokens == TEMPLATE_TOKENS and resolved.embeddings_train
+    assert model.peft_config["default"].trainable_token_indices == {"model.embed_tokens": ids, "lm_head": ids}
+    meta = build(GEMMA3)
+    hidden = meta.get_input_embeddings().weight.shape[1]
+    _, tied = apply_scope(meta, Scope(lora=LoraScope(targets="qv", layers=[0], tokens=TEMPLATE_TOKENS)), tokenizer)
+    _, plain = apply_scope(build(GEMMA3), Scope(lora=LoraScope(targets="qv", layers=[0])))
+    assert tied.trainable_params - plain.trainable_params == 3 * hidden
+
+
+def test_tokens_that_are_not_one_vocabulary_entry_are_refused() -> None:
+    from transformers import AutoTokenizer
+
+    from tunelab.builtin import materialise
+
+    tokenizer = AutoTokenizer.from_pretrained(materialise("tiny-chat"))
+    with pytest.raises(TunelabError, match=r"scope.lora.tokens: 'eot' is not a token of this tokenizer"):
+        apply_scope(build(LLAMA), Scope(lora=LoraScope(tokens=["<|eot_id|>", "eot"])), tokenizer)
+    with pytest.raises(TunelabError, match=r"scope.lora.tokens: needs the model's tokenizer"):
+        apply_scope(build(LLAMA), Scope(lora=LoraScope(tokens=["<|eot_id|>"])))
+    with pytest.raises(ValueError, match=r"tokens trains rows that open: \[lm_head\] trains whole already"):
+        LoraScope(tokens=["<|eot_id|>"], open=["lm_head"])

@@ -107,6 +107,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"layers={ranges(s.layers)}" + (f"; layers_pattern='{s.layers_pattern}'" if s.layers_pattern else "")
         )
         console.print(f"adapter: {s.adapter}", highlight=False)
+        if s.trained_tokens:
+            console.print(f"token rows that train beside it: {', '.join(s.trained_tokens)}", highlight=False)
         if s.opened_modules:
             console.print(
                 f"trained whole beside it (modules_to_save): {', '.join(s.opened_modules)} "

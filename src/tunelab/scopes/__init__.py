@@ -42,8 +42,9 @@ def get_scope(name: str) -> ScopeKind:
     return REGISTRY[name]
 
 
-def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
-    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and count them.
+def apply_scope(model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:
+    """Make exactly the scoped parameters trainable (wrapping in PEFT for LoRA) and count them. `tokenizer`: the
+    model's, for a scope that names tokens.
 
     A model that already carries the run's starting point (a trainable adapter loaded for init_from) continues it.
     """
@@ -54,7 +55,7 @@ def apply_scope(model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScop
     tied = tied_embeddings(base)
     towers = other_towers(base)
     total_before = sum(numel(p) for p in model.parameters())
-    model, resolved = kind.apply(model, scope)
+    model, resolved = kind.apply(model, scope, tokenizer)
     if towers:
         depth = text_root(base).count(".") + 1
         parts = sorted({".".join(n.split(".")[:depth]) for n in towers})

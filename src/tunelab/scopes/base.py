@@ -60,9 +60,14 @@ class ScopeKind:
     # trained model can be switched back to its base (which is what a preference method's reference needs).
     adds_parameters: ClassVar[bool] = False
 
-    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
-        """Make exactly this scope's parameters trainable and describe them (counts are filled in by the caller)."""
+    def apply(self, model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:
+        """Make exactly this scope's parameters trainable and describe them (counts are filled in by the caller).
+        `tokenizer`: the model's, where the scope names tokens."""
         raise NotImplementedError
+
+    def token_fix(self, tokens: list[str]) -> str:
+        """The setting that trains these tokens' embedding rows under this kind of scope."""
+        return "train the embeddings and lm_head"
 
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
         """Write the trained result to `run_dir / self.result`. `state` is the whole state dict, gathered."""

@@ -22,7 +22,7 @@ class Full(ScopeKind):
     name = "full"
     result = FULL_MODEL
 
-    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+    def apply(self, model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:
         from tunelab.scope import ResolvedScope, find_decoder, other_towers
 
         frozen = set(other_towers(model))  # an image-text checkpoint's vision encoder: text cannot train it

@@ -27,17 +27,21 @@ class Lora(ScopeKind):
     result = ADAPTER
     adds_parameters = True
 
-    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+    def token_fix(self, tokens: list[str]) -> str:
+        return f"set scope.lora.tokens: [{', '.join(tokens)}]"
+
+    def apply(self, model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:
         from peft import PeftModel, get_peft_model
         from peft.utils import ModulesToSaveWrapper
 
-        from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config
+        from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config, token_ids
 
         notes = []
-        if isinstance(model, PeftModel):  # continuing a saved adapter (init_from, loaded trainable): its own config
+        continuing = isinstance(model, PeftModel)
+        if continuing:  # a saved adapter (init_from, loaded trainable): its own config
             config, decoder = model.peft_config["default"], find_decoder(model.get_base_model())
         else:
-            config, decoder, _ = lora_config(scope.lora, model)
+            config, decoder, _ = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
             if config.lora_dropout != scope.lora.dropout:
                 notes.append(
                     f"scope.lora.dropout is 0 here, not the default {scope.lora.dropout}: all-linear reaches the "
@@ -58,6 +62,7 @@ class Lora(ScopeKind):
                     raise ConfigError(
                         f"scope.lora.targets: PEFT cannot put LoRA on {type(model).__name__} as asked: {first}"
                     ) from e
+        _expose_bias(model)
         # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
         adapted = {
             name.removeprefix("base_model.model.").replace(".base_layer", ""): m
@@ -78,6 +83,7 @@ class Lora(ScopeKind):
             target_modules=sorted({leaf(n) for n in modules}),
             lora_modules=modules,
             adapter=describe(config),
+            trained_tokens=[] if continuing else scope.lora.tokens,
             opened_modules=sorted(opened),
             opened_params=sum(p.numel() for p in copies.values()),
             dora_features=sum(m.out_features for m in adapted.values() if m.use_dora.get("default")),
@@ -104,12 +110,16 @@ class Lora(ScopeKind):
 
     def batches_with_base(self, model: nn.Module, name: str) -> bool:
         # PEFT routes the rows of one batch to different adapters, but not to a DoRA adapter, and not at all through
-        # an opened original module other than a linear layer or an embedding (a norm), whichever adapter opened it.
+        # an opened original module other than a linear layer or an embedding (a norm), or through trained token
+        # rows (the rows of the adapters without them fail), whichever adapter brought them.
         from peft.utils import ModulesToSaveWrapper
+        from peft.utils.other import TrainableTokensWrapper
         from torch import nn
 
         opened = [m.original_module for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
-        routable = all(isinstance(m, (nn.Linear, nn.Embedding)) for m in opened)
+        routable = all(isinstance(m, (nn.Linear, nn.Embedding)) for m in opened) and not any(
+            isinstance(m, TrainableTokensWrapper) for m in model.modules()
+        )
         return routable and not model.peft_config[name].use_dora
 
     @contextlib.contextmanager
@@ -136,6 +146,17 @@ class Lora(ScopeKind):
             return PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload(), "merged"
         shutil.copytree(run_dir / ADAPTER, out)
         return None, "adapter"
+
+
+def _expose_bias(model: nn.Module) -> None:
+    """TRL's SFT computes the loss from `lm_head.weight` and `lm_head.bias` directly (its fused head); PEFT's
+    trainable-token wrapper answers `weight` (with the trained rows) but not `bias`. Give each wrapper its original
+    module's bias as a plain attribute (not a second registered parameter)."""
+    from peft.utils.other import TrainableTokensWrapper
+
+    for module in model.modules():
+        if isinstance(module, TrainableTokensWrapper) and "bias" not in module.__dict__:
+            object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))
 
 
 def describe(config: LoraConfig) -> str:

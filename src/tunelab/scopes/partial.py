@@ -28,7 +28,10 @@ class Partial(ScopeKind):
     def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
         return f"partial blocks {layers}"
 
-    def apply(self, model: nn.Module, scope: Scope) -> tuple[nn.Module, ResolvedScope]:
+    def token_fix(self, tokens: list[str]) -> str:
+        return "set scope.partial.embeddings: true and lm_head: true"
+
+    def apply(self, model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:
         from tunelab.scope import ResolvedScope, partial_parameters
 
         names, blocks, notes = partial_parameters(scope.partial, model)
