@@ -330,6 +330,26 @@ def load_tokenizer(
     return tokenizer
 
 
+def checkpoint_rows(folder: str, name: str, rows: list[int]) -> torch.Tensor | None:
+    """Rows of one tensor of a local safetensors checkpoint, read without loading the rest (plan looks at a few
+    embedding rows); None where the folder has no weights or no tensor of that name."""
+    import torch
+    from safetensors import safe_open
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        file = json.loads(index.read_text()).get("weight_map", {}).get(name)
+    else:
+        file = "model.safetensors" if (Path(folder) / "model.safetensors").is_file() else None
+    if file is None:
+        return None
+    with safe_open(str(Path(folder) / file), "pt") as f:
+        if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+            return None
+        tensor = f.get_slice(name)
+        return torch.cat([tensor[i : i + 1] for i in rows])
+
+
 def fingerprint(source: str, revision: str | None = None) -> str:
     """Identify a base model (`source`: its folder, see weights_path) by its config and the contents of its weight
     files, so a hub model and a local copy of it are one base.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from tunelab.config import Experiment, Quantization
 from tunelab.distributed import Engine
@@ -385,6 +386,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     model = meta_model(inputs.config, exp.model.trust_remote_code)
     facts = model_facts(exp.model.id, model)
     model, resolved = apply_scope(model, exp.scope, inputs.tokenizer)
+    resolved.warnings += untrained_warnings(exp, model, inputs)
     device = pick_device(exp.model.device)
     if exp.model.quantization is not None:
         check_quantization(exp.model.quantization, device)
@@ -409,6 +411,26 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
             f"train.max_length={exp.train.max_length} and will be truncated"
         )
     return Plan(exp.name, exp.method, facts, resolved, memory, batching(exp.train, exp.method), stats, warnings)
+
+
+def untrained_warnings(exp: Experiment, model, inputs: Inputs) -> list[str]:
+    """Where the base's weights are a local folder: the tokens the data uses that the base never trained and the
+    scope leaves frozen (train checks the same on the loaded weights)."""
+    from functools import partial
+
+    from tunelab.models import checkpoint_rows, model_path
+    from tunelab.scope import rows_left_frozen, untrained_note, untrained_tokens
+    from tunelab.scopes import get_scope
+    from tunelab.templates import added_ids_used
+
+    folder = model_path(exp.model.id)
+    if inputs.tokenizer is None or not Path(folder).is_dir():
+        return []
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    used = added_ids_used(inputs.tokenizer, inputs.encoded)
+    untrained = untrained_tokens(base, used, partial(checkpoint_rows, folder))
+    frozen = inputs.tokenizer.convert_ids_to_tokens(rows_left_frozen(model, untrained))
+    return [untrained_note(frozen, get_scope(exp.scope.kind).token_fix(frozen))] if frozen else []
 
 
 def _auto_dtype_name(device: str) -> str:

@@ -310,29 +310,40 @@ def token_rows(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
     return rows
 
 
-def untrained_tokens(model: nn.Module, ids: set[int]) -> list[int]:
+def untrained_tokens(model: nn.Module, ids: set[int], read_rows=None) -> list[int]:
     """Of these token ids, the ones the base never trained: an embedding (or untied lm_head) row near zero beside the
-    typical row, as a base model's chat-template tokens are (Llama 3's <|eot_id|> in the base checkpoint)."""
-    import torch
-
-    found: set[int] = set()
+    typical row, as a base model's chat-template tokens are (Llama 3's <|eot_id|> in the base checkpoint).
+    `read_rows(parameter_name, rows)`: where the weights are not loaded (plan), the checkpoint's rows by name, or
+    None where it has no such tensor."""
     modules = [model.get_input_embeddings()]
     if not tied_embeddings(model):
         modules.append(model.get_output_embeddings())
+    found: set[int] = set()
     for module in modules:
-        weight = module.weight
-        if weight.is_meta or not ids:
-            return []
-        with torch.no_grad():
-            sample = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], 1024)).long().to(weight.device)
-            typical = weight[sample].float().norm(dim=1).median()
-            wanted = torch.tensor(sorted(i for i in ids if i < weight.shape[0]), device=weight.device)
-            norms = weight[wanted].float().norm(dim=1)
-        found |= {int(i) for i, n in zip(wanted.tolist(), norms.tolist(), strict=True) if n <= UNTRAINED * typical}
+        count = module.weight.shape[0]
+        wanted = sorted(i for i in ids if i < count)
+        sample = sorted({round(k * (count - 1) / 63) for k in range(64)})
+        if read_rows is not None:
+            rows = read_rows(f"{module_name(model, module)}.weight", wanted + sample)
+        else:
+            rows = None if module.weight.is_meta else module.weight.detach()[wanted + sample]
+        if rows is None or not wanted:
+            continue
+        norms = rows.float().norm(dim=1)
+        typical = norms[len(wanted) :].median()
+        found |= {i for i, n in zip(wanted, norms[: len(wanted)].tolist(), strict=True) if n <= UNTRAINED * typical}
     return sorted(found)
 
 
 UNTRAINED = 1e-3  # a row this much smaller than the typical one never took a gradient
+
+
+def untrained_note(tokens: list[str], fix: str) -> str:
+    return (
+        f"the data uses {len(tokens)} token(s) this base never trained (their embedding rows are zero): "
+        f"{', '.join(tokens)}; with those rows frozen the model cannot learn to read or write them: {fix}, or start "
+        "from the instruct model"
+    )
 
 
 def rows_left_frozen(model: nn.Module, ids: list[int]) -> list[int]:

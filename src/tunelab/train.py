@@ -352,7 +352,7 @@ def _load_scoped_model(
 ):
     """The base (or the init_from run's trained model, to continue it) with exactly the scope's parameters
     trainable; a note when the data uses tokens the base never trained and the scope leaves them frozen."""
-    from tunelab.scope import rows_left_frozen, untrained_tokens
+    from tunelab.scope import rows_left_frozen, untrained_note, untrained_tokens
     from tunelab.scopes import apply_scope
     from tunelab.templates import added_ids_used
 
@@ -361,13 +361,8 @@ def _load_scoped_model(
     untrained = untrained_tokens(plain, added_ids_used(tokenizer, encoded))
     model, resolved = apply_scope(start, exp.scope, tokenizer)
     frozen = tokenizer.convert_ids_to_tokens(rows_left_frozen(model, untrained))
-    note = None
-    if frozen:
-        note = (
-            f"the data uses {len(frozen)} token(s) this base never trained (their embedding rows are zero): "
-            f"{', '.join(frozen)}; with those rows frozen the model cannot learn to read or write them: "
-            f"{kind.token_fix(frozen)}, or start from the instruct model"
-        )
+    note = untrained_note(frozen, kind.token_fix(frozen)) if frozen else None
+    if note:
         resolved.warnings.append(note)
     return model, resolved, note
 

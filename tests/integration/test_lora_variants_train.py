@@ -12,6 +12,7 @@ from tests.integration.test_compare import prompts_file
 from tunelab.compare import compare, generate, read_prompts
 from tunelab.config import load_experiment
 from tunelab.export import export_run
+from tunelab.plan import make_plan
 from tunelab.runs import read_manifest
 from tunelab.train import train
 
@@ -171,13 +172,17 @@ def test_untrained_template_tokens_are_named_and_train_as_rows(untrained_base: P
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    plain = train(load_experiment(token_experiment(tmp_path, untrained_base, "plain", "r: 16"))).manifest
-    assert plain.scope_notes == [
+    said = (
         "the data uses 3 token(s) this base never trained (their embedding rows are zero): <|start_header_id|>, "
         "<|end_header_id|>, <|eot_id|>; with those rows frozen the model cannot learn to read or write them: set "
         "scope.lora.tokens: [<|start_header_id|>, <|end_header_id|>, <|eot_id|>], or start from the instruct model"
-    ]
-    rows = train(load_experiment(token_experiment(tmp_path, untrained_base, "rows", f"tokens: {TEMPLATE_TOKENS}")))
+    )
+    experiment = load_experiment(token_experiment(tmp_path, untrained_base, "plain", "r: 16"))
+    assert said in make_plan(experiment).warnings  # read from the checkpoint's rows, before any weights load
+    assert train(experiment).manifest.scope_notes == [said]  # and on the loaded weights
+    with_rows = load_experiment(token_experiment(tmp_path, untrained_base, "rows", f"tokens: {TEMPLATE_TOKENS}"))
+    assert not [w for w in make_plan(with_rows).warnings if "never trained" in w]
+    rows = train(with_rows)
     assert rows.manifest.scope_notes is None and rows.manifest.change_check.ok
     base = AutoModelForCausalLM.from_pretrained(untrained_base)
     merged = AutoModelForCausalLM.from_pretrained(export_run(rows.run_dir, tmp_path / "merged", merge=True))
