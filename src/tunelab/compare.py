@@ -171,8 +171,11 @@ def load_runs(
 # ---------------------------------------------------------------- generation
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str):
-    texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str, template_vars: dict):
+    texts = [
+        tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False, **template_vars)
+        for p in prompts
+    ]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
@@ -196,13 +199,15 @@ def generate_rows(
     max_new_tokens: int,
     batch_size: int,
     decoding: dict = GREEDY,
+    template_vars: dict | None = None,
 ) -> list[str]:
     """One output per (prompt, adapter) row, in batches; rows of one batch may use different adapters
-    (PEFT `adapter_names`, "__base__" for none). An adapter of None means a model without adapters."""
+    (PEFT `adapter_names`, "__base__" for none). An adapter of None means a model without adapters.
+    `template_vars`: what the chat template sees beside each prompt (templates.template_vars)."""
     outputs = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        enc = _encode(tokenizer, [p for p, _ in chunk], model.device)
+        enc = _encode(tokenizer, [p for p, _ in chunk], model.device, template_vars or {})
         routing = {"adapter_names": [a for _, a in chunk]} if chunk[0][1] is not None else {}
         out = model.generate(
             **enc,
@@ -224,8 +229,10 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     decoding: dict = GREEDY,
+    template_vars: dict | None = None,
 ) -> list[str]:
-    return generate_rows(model, tokenizer, [(p, adapter) for p in prompts], max_new_tokens, batch_size, decoding)
+    rows = [(p, adapter) for p in prompts]
+    return generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars)
 
 
 def generate_mixed(
@@ -236,14 +243,22 @@ def generate_mixed(
     max_new_tokens: int,
     batch_size: int,
     decoding: dict = GREEDY,
+    template_vars: dict | None = None,
 ) -> dict[str, list[str]]:
     """One pass over prompts x adapters, every batch mixing the adapters' rows."""
     rows = [(p, a) for p in prompts for a in adapters]
-    outputs = generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding)
+    outputs = generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars)
     return {a: outputs[i :: len(adapters)] for i, a in enumerate(adapters)}
 
 
-def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, fold_system: bool = False) -> float:
+def eval_loss(
+    model,
+    tokenizer,
+    rows: list[dict],
+    batch_size: int = 8,
+    fold_system: bool = False,
+    template_vars: dict | None = None,
+) -> float:
     """Token-weighted mean loss on the tokens that carry loss in training (assistant turns / completions)."""
     import torch
 
@@ -251,7 +266,7 @@ def eval_loss(model, tokenizer, rows: list[dict], batch_size: int = 8, fold_syst
     from tunelab.templates import tokenize_example
 
     total, count = 0.0, 0
-    examples = [tokenize_example(tokenizer, as_sft_row(r), fold_system=fold_system) for r in rows]
+    examples = [tokenize_example(tokenizer, as_sft_row(r), "record", fold_system, template_vars) for r in rows]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         width = max(len(e.input_ids) for e in chunk)
@@ -401,10 +416,12 @@ def _generate_and_score(
     from transformers import AutoTokenizer
 
     from tunelab.scopes import BaseLoader, attach_runs, base_alone
+    from tunelab.templates import template_vars
 
     base = BaseLoader.pick(exp.model)
     tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
+    variables = template_vars(exp.tokenizer, tokenizer)
     torch.manual_seed(seed)
     model = base.load().eval()
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
@@ -414,15 +431,17 @@ def _generate_and_score(
 
     def score(name: str, scored_model) -> None:
         if eval_rows:
-            losses[name] = eval_loss(scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system)
+            losses[name] = eval_loss(scored_model, tokenizer, eval_rows, 8, exp.tokenizer.fold_system, variables)
 
     together = [m.name for _, m in runs if kinds[m.name].batches_with_base(model, m.name)]
     if together:
         names = together + ([BASE] if include_base else [])
-        outputs.update(generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding))
+        outputs.update(
+            generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding, variables)
+        )
     elif include_base:
         with base_alone(model):
-            outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
+            outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables)
     # The base alone: a PEFT wrapper with every adapter off, or the plain model.
     if include_base:
         with base_alone(model):
@@ -431,6 +450,8 @@ def _generate_and_score(
         name = m.name
         with kinds[name].active(model, d, name, base) as variant:
             if name not in outputs:  # the kind made the run the model's active state: no routing
-                outputs[name] = generate(variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding)
+                outputs[name] = generate(
+                    variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables
+                )
             score(name, variant)
     return outputs, losses

@@ -142,6 +142,13 @@ class TokenizerSettings(Strict):
         description="Put a conversation's system message at the start of its first user turn, for templates "
         "that have no system role (Gemma) or move it (Mistral); plan shows the result.",
     )
+    template_vars: dict[str, str | bool | int | float] = Field(
+        default_factory=dict,
+        description="Variables the chat template reads, passed wherever tunelab renders it (training, plan, "
+        "compare): e.g. {enable_thinking: false} for Qwen3, {date_string: '02 Dec 2026'} for Llama 3.x. A "
+        "template that reads date_string gets '26 Jul 2024' unless it is set here, so an experiment renders the "
+        "same tokens on any day.",
+    )
 
 
 class DataSettings(Strict):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from tunelab.config import Experiment
 from tunelab.data import Split, Splits, as_sft_row, load_splits
 from tunelab.distributed import Engine, read_engine
-from tunelab.templates import Encoded, TokenChecks, check_tokens, encode
+from tunelab.templates import Encoded, TokenChecks, check_tokens, encode, reads_the_clock, template_vars
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -35,7 +35,8 @@ class Inputs:
 def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None) -> Encoded:
     """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
     rows, origins = split.rows[:limit], split.origins[:limit]
-    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system)
+    variables = template_vars(exp.tokenizer, tokenizer)
+    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system, variables)
 
 
 def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None = None) -> Inputs:
@@ -53,4 +54,5 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
         encoded = [encode_split(exp, tokenizer, s, limit) for s in (splits.train, splits.eval) if s is not None]
         # The checks also give a tokenizer without a pad token a safe one.
         checks = check_tokens(tokenizer, encoded, exp.train.max_length)
+        checks.reads_clock = reads_the_clock(tokenizer, template_vars(exp.tokenizer, tokenizer))
     return Inputs(exp, engine, config, splits, tokenizer, encoded, checks, complete=training)

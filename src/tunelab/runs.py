@@ -124,6 +124,7 @@ class TokensRecord(Record):
     rows_all_loss: Places | None = None
     rows_unterminated: Places | None = None
     masking_template: str | None = None
+    reads_clock: bool | None = None
 
 
 class QuantizationRecord(Record):

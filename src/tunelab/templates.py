@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import BUILTIN_PREFIX
+from tunelab.config import BUILTIN_PREFIX, TokenizerSettings
 from tunelab.errors import ConfigError, TunelabError
 
 if TYPE_CHECKING:
@@ -133,9 +133,11 @@ def _render(
     messages: list[dict],
     generation_prompt: bool,
     where: str,
-    tools: list[dict] | None = None,
+    context: dict | None = None,
 ) -> str:
-    return _apply(tokenizer, messages, where, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+    return _apply(
+        tokenizer, messages, where, **(context or {}), tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
 def refusal_fix(error: Exception, messages: list[dict]) -> str:
@@ -191,17 +193,19 @@ def _assistant_spans(
     messages: list[dict],
     supervised: list[bool],
     where: str,
-    tools: list[dict] | None = None,
+    context: dict | None = None,
 ) -> tuple[str, list[tuple[int, int, int]]]:
-    """The full text and, per supervised assistant turn, (start, end of the reply, end of the turn) in characters."""
-    full = _render(tokenizer, messages, False, where, tools)
+    """The full text and, per supervised assistant turn, (start, end of the reply, end of the turn) in characters.
+    `context`: what the template sees beside the messages (the row's tools, the experiment's template variables)."""
+    context = context or {}
+    full = _render(tokenizer, messages, False, where, context)
     closers = special_texts(tokenizer) if any(m.get("tool_calls") for m in messages) else []
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or not supervised[i]:
             continue
-        prompt = _render(tokenizer, messages[:i], True, where, tools) if i else ""
-        through = _render(tokenizer, messages[: i + 1], False, where, tools)
+        prompt = _render(tokenizer, messages[:i], True, where, context) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False, where, context)
         end = len(prompt) + _common_prefix(through[len(prompt) :], full[len(prompt) :])
         reply = m["content"].strip()
         found = full.find(reply, len(prompt), end) if reply else len(prompt)
@@ -210,7 +214,7 @@ def _assistant_spans(
                 f"{where}: the chat template renders assistant message {i} differently once the conversation "
                 "continues (a system message moved into the last user turn, or a reasoning block kept only on the "
                 "last turn), so its reply cannot be supervised where it sits; "
-                + _consistent_fix(tokenizer.get_chat_template(tools=tools), messages)
+                + _consistent_fix(tokenizer.get_chat_template(tools=context.get("tools")), messages)
             )
         reply_end = found + len(reply)
         if m.get("tool_calls"):
@@ -345,7 +349,7 @@ def _marked(
     supervised: list[bool],
     where: str,
     template: str,
-    tools: list[dict] | None = None,
+    context: dict | None = None,
 ) -> Tokenized:
     """A template with {% generation %} markers: its own mask, one run of ones per assistant turn."""
     out = _apply(
@@ -353,7 +357,7 @@ def _marked(
         messages,
         where,
         chat_template=template,
-        tools=tools,
+        **(context or {}),
         tokenize=True,
         return_dict=True,
         return_assistant_tokens_mask=True,
@@ -392,19 +396,20 @@ def _chat(
     messages: list[dict],
     supervised: list[bool],
     where: str,
-    tools: list[dict] | None = None,
+    context: dict | None = None,
 ) -> Tokenized | Rendered:
-    """One conversation's tokens and mask, or its text and spans to tokenize with others; `tools`: the row's tool
-    definitions, which the template prints."""
+    """One conversation's tokens and mask, or its text and spans to tokenize with others; `context`: what the template
+    sees beside the messages (the row's tool definitions, the experiment's template variables)."""
+    context = context or {}
     if not tokenizer.chat_template:
         raise ConfigError(
             "tokenizer.chat_template: the tokenizer has no chat template; set one "
             "(a .jinja file, or builtin:llama3 for a model trained on that format)"
         )
-    template, _ = masking_template(tokenizer, tools)
+    template, _ = masking_template(tokenizer, context.get("tools"))
     if has_generation_markers(template):
-        return _marked(tokenizer, messages, supervised, where, template, tools)
-    return Rendered(*_assistant_spans(tokenizer, messages, supervised, where, tools))
+        return _marked(tokenizer, messages, supervised, where, template, context)
+    return Rendered(*_assistant_spans(tokenizer, messages, supervised, where, context))
 
 
 def _ids(encoded) -> list[int]:
@@ -412,26 +417,33 @@ def _ids(encoded) -> list[int]:
 
 
 def tokenize_example(
-    tokenizer: PreTrainedTokenizerBase, row: dict, where: str = "record", fold_system: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict,
+    where: str = "record",
+    fold_system: bool = False,
+    template_vars: dict | None = None,
 ) -> Tokenized:
     """Tokens of one normalised SFT row and which of them carry loss."""
-    return _tokenized(tokenizer, [_prepare(tokenizer, row, where, fold_system)])[0]
+    return _tokenized(tokenizer, [_prepare(tokenizer, row, where, fold_system, template_vars or {})])[0]
 
 
-def _prepare(tokenizer: PreTrainedTokenizerBase, row: dict, where: str, fold_system: bool) -> Tokenized | Rendered:
+def _prepare(
+    tokenizer: PreTrainedTokenizerBase, row: dict, where: str, fold_system: bool, template_vars: dict
+) -> Tokenized | Rendered:
+    context = {**template_vars, "tools": row.get("tools")}
     if "messages" in row:
         messages = prepare_messages(row["messages"], fold_system)
         supervised = [m.get("weight", 1) != 0 for m in row["messages"]]
         if len(messages) < len(supervised):  # the system message was folded away
             supervised = supervised[1:]
-        return _chat(tokenizer, messages, supervised, where, row.get("tools"))
+        return _chat(tokenizer, messages, supervised, where, context)
     if "prompt" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, list):
             messages = prepare_messages(prompt + completion, fold_system)
             n_prompt = len(messages) - len(completion)
             supervised = [i >= n_prompt for i in range(len(messages))]
-            return _chat(tokenizer, messages, supervised, where, row.get("tools"))
+            return _chat(tokenizer, messages, supervised, where, context)
         eos = tokenizer.eos_token or ""
         prompt_ids = _ids(tokenizer(prompt))
         ids = _ids(tokenizer(prompt + completion + eos))
@@ -442,17 +454,56 @@ def _prepare(tokenizer: PreTrainedTokenizerBase, row: dict, where: str, fold_sys
     return Tokenized(ids, [1] * len(ids))
 
 
+TEMPLATE_DATE = "26 Jul 2024"  # Llama 3.x templates' own fallback, where no clock is at hand
+
+
+def template_vars(settings: TokenizerSettings, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """What the chat template sees beside each conversation: the experiment's tokenizer.template_vars and, for a
+    template that would write today's date into every system turn (Llama 3.2 and 3.3 read date_string, else the
+    clock), a fixed date, so the same experiment renders the same tokens on any day."""
+    out = dict(settings.template_vars)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if "date_string" in template and "date_string" not in out:
+        out["date_string"] = TEMPLATE_DATE
+    return out
+
+
+def reads_the_clock(tokenizer: PreTrainedTokenizerBase, variables: dict) -> bool:
+    """Whether the chat template, given these variables, still writes the current date (strftime_now), as gpt-oss's
+    and Mistral Small's do unconditionally. Rendered once with the clock replaced by a call that fails."""
+    from jinja2 import TemplateError
+
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    if "strftime_now" not in template:
+        return False
+    probe = template.replace("strftime_now(", "raise_exception(")
+    try:
+        tokenizer.apply_chat_template(PROBE, chat_template=probe, tokenize=False, **variables)
+    except TemplateError as e:
+        return "%" in str(e)  # the failing call received the date format, not a message of the template's own
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError):
+        return False
+    return False
+
+
 ENCODE_BATCH = 256  # rows tokenized per call
 
 
 def encode(
-    tokenizer: PreTrainedTokenizerBase, rows: list[dict], origins: list[str], fold_system: bool = False
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    origins: list[str],
+    fold_system: bool = False,
+    template_vars: dict | None = None,
 ) -> Encoded:
-    """Tokenize and mask every row, collecting what the checks need."""
+    """Tokenize and mask every row, collecting what the checks need; `template_vars`: what the chat template sees
+    beside each conversation (see `template_vars`)."""
+    template_vars = template_vars or {}
     examples, no_loss, all_loss, unterminated, terminators = [], [], [], [], Counter()
     for start in range(0, len(rows), ENCODE_BATCH):
         chunk = zip(rows[start : start + ENCODE_BATCH], origins[start : start + ENCODE_BATCH], strict=True)
-        examples += _tokenized(tokenizer, [_prepare(tokenizer, row, where, fold_system) for row, where in chunk])
+        prepared = [_prepare(tokenizer, row, where, fold_system, template_vars) for row, where in chunk]
+        examples += _tokenized(tokenizer, prepared)
     for tok, row, where in zip(examples, rows, origins, strict=True):
         if not any(tok.loss_mask):
             no_loss.append(where)
@@ -502,6 +553,7 @@ class TokenChecks:
     rows_all_loss: list[str]  # chat rows supervised on every token
     rows_unterminated: list[str]  # rows with a supervised span that no special token closes
     masking_template: str | None = None  # TRL's training version the masks come from, when it stands in
+    reads_clock: bool = False  # the template writes today's date into the conversations (see reads_the_clock)
 
     def warnings(self, max_length: int) -> list[str]:
         out = []
@@ -521,12 +573,19 @@ class TokenChecks:
                 f"({_some(self.rows_unterminated)}), so the model may not learn to stop; use a template that ends "
                 "each turn with a special token (tokenizer.chat_template)"
             )
+        if self.reads_clock:
+            out.append(
+                "the chat template writes today's date into the conversations (strftime_now), so this experiment "
+                "renders other tokens on another day; pass the template's date variable in tokenizer.template_vars, "
+                "or set tokenizer.chat_template to a copy with a fixed date"
+            )
         return out
 
     def record(self) -> dict:
         """The manifest's copy: counts, and the first few places of each kind."""
         out = {"terminator": self.terminator, "terminator_is_eos": self.terminator_is_eos}
         out |= {"pad_token": self.pad_token, "pad_source": self.pad_source, "masking_template": self.masking_template}
+        out["reads_clock"] = self.reads_clock
         for name in ("rows_without_loss", "rows_all_loss", "rows_unterminated"):
             wheres = getattr(self, name)
             out[name] = {"count": len(wheres), "first": wheres[:10]}

@@ -436,8 +436,10 @@ def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | N
     if not get_method(exp.method).preference or not pairs:
         return None
     from tunelab.methods.preference import preference_accuracy
+    from tunelab.templates import template_vars
 
-    return preference_accuracy(model, tokenizer, pairs, exp.tokenizer.fold_system)
+    variables = template_vars(exp.tokenizer, tokenizer)
+    return preference_accuracy(model, tokenizer, pairs, exp.tokenizer.fold_system, variables)
 
 
 def _train_in(

@@ -23,11 +23,13 @@ def preference_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, h
 
 def preference_rows(inputs: TrainerInputs) -> tuple[list[dict], list[dict] | None]:
     """The split's rows as the trainer takes them, with system messages folded where the experiment asks."""
-    from tunelab.templates import fold_preference
+    from tunelab.templates import fold_preference, template_vars
 
     fold = inputs.exp.tokenizer.fold_system
-    train_rows = [fold_preference(r, fold) for r in inputs.splits.train.rows]
-    eval_rows = [fold_preference(r, fold) for r in inputs.splits.eval.rows] if inputs.splits.eval else None
+    # TRL renders the pairs itself, with each row's chat_template_kwargs.
+    variables = {"chat_template_kwargs": template_vars(inputs.exp.tokenizer, inputs.tokenizer)}
+    train_rows = [fold_preference(r, fold) | variables for r in inputs.splits.train.rows]
+    eval_rows = [fold_preference(r, fold) | variables for r in inputs.splits.eval.rows] if inputs.splits.eval else None
     return train_rows, eval_rows
 
 
@@ -67,7 +69,11 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def preference_accuracy(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict], fold_system: bool = False
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    fold_system: bool = False,
+    template_vars: dict | None = None,
 ) -> float:
     """Share of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
     import torch
@@ -77,7 +83,7 @@ def preference_accuracy(
     def logp(prompt, answer) -> float:
         if isinstance(answer, list) and isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer}, fold_system=fold_system)
+        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer}, "pair", fold_system, template_vars)
         ids = torch.tensor([tok.input_ids], device=model.device)
         mask = torch.tensor(tok.loss_mask[1:], device=model.device, dtype=torch.bool)
         with torch.no_grad():

@@ -1,0 +1,47 @@
+"""What the chat template sees beside each conversation: the experiment's tokenizer.template_vars, and a fixed date
+for Llama 3.2's template, which would otherwise write today's date into every conversation."""
+
+from datetime import datetime
+
+from tests.chat_fixtures import FAMILIES, FIXTURES, tokenizer, trl_tokenizer
+from tunelab.config import TokenizerSettings
+from tunelab.templates import TEMPLATE_DATE, encode, reads_the_clock, template_vars
+
+CHAT = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]}
+
+
+def llama32():
+    return tokenizer(FAMILIES["llama-3.2-instruct"], (FIXTURES / "llama-3.2-instruct.jinja").read_text())
+
+
+def rendered(tok, settings: TokenizerSettings) -> str:
+    encoded = encode(tok, [CHAT], ["row 1"], template_vars=template_vars(settings, tok))
+    return tok.decode(encoded.examples[0].input_ids)
+
+
+def test_llama32_renders_a_fixed_date_not_today() -> None:
+    tok = llama32()
+    today = datetime.now().strftime("%d %b %Y")
+    assert today in tok.apply_chat_template(CHAT["messages"], tokenize=False)  # the template alone: the clock
+    text = rendered(tok, TokenizerSettings())
+    assert f"Today Date: {TEMPLATE_DATE}\n" in text and today not in text
+    assert not reads_the_clock(tok, template_vars(TokenizerSettings(), tok))
+    assert reads_the_clock(tok, {})
+
+
+def test_template_vars_reach_the_template() -> None:
+    tok = llama32()
+    text = rendered(tok, TokenizerSettings(template_vars={"date_string": "01 Jan 2030"}))
+    assert "Today Date: 01 Jan 2030\n" in text
+    assert template_vars(TokenizerSettings(template_vars={"enable_thinking": False}), tok) == {
+        "enable_thinking": False,
+        "date_string": TEMPLATE_DATE,
+    }
+
+
+def test_a_template_that_always_reads_the_clock_is_named() -> None:
+    """gpt-oss writes "Current date: <today>" whatever it is given: the token checks say so."""
+    tok = trl_tokenizer("gptoss")
+    assert template_vars(TokenizerSettings(), tok) == {}
+    assert reads_the_clock(tok, {})
+    assert not reads_the_clock(trl_tokenizer("qwen3"), {})
