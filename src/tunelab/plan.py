@@ -229,13 +229,15 @@ def estimate_memory(
 
     b = DTYPE_BYTES[dtype]
     adapter = get_scope(scope.kind).adds_parameters
-    # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype); the copies of
-    # original modules trained beside it (scope.lora.open) keep the model's dtype.
-    tb = 4 if adapter else b
-    base_params = scope.total_params - (scope.trainable_params if adapter else 0)
-    trained_bytes = (scope.trainable_params - scope.opened_params) * tb + scope.opened_params * b
-    weights = base_params * b + (trained_bytes if adapter else 0)
     quantization = exp.model.quantization
+    # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype); the copies of
+    # original modules trained beside it (scope.lora.open) keep their originals' dtype: the model's, or float32 on a
+    # quantized base (see below).
+    tb = 4 if adapter else b
+    ob = 4 if quantization is not None else b
+    base_params = scope.total_params - (scope.trainable_params if adapter else 0)
+    trained_bytes = (scope.trainable_params - scope.opened_params) * tb + scope.opened_params * ob
+    weights = base_params * b + (trained_bytes if adapter else 0)
     if quantization is not None:
         # PEFT's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head) to
         # float32; the decoder's linear weights stay packed.

@@ -143,3 +143,18 @@ def test_tokens_that_are_not_one_vocabulary_entry_are_refused() -> None:
         apply_scope(build(LLAMA), Scope(lora=LoraScope(tokens=["<|eot_id|>"])))
     with pytest.raises(ValueError, match=r"tokens trains rows that open: \[lm_head\] trains whole already"):
         LoraScope(tokens=["<|eot_id|>"], open=["lm_head"])
+
+
+def test_opened_copies_on_a_quantized_base_are_float32(tmp_path: Path) -> None:
+    """prepare_model_for_kbit_training casts lm_head to float32 on a 4-bit base, and its trained copy with it."""
+    d = llama_dims()
+    exp = write_experiment(
+        tmp_path,
+        f"name: q\nmodel: {{id: {LLAMA}, dtype: bfloat16, device: cpu, quantization: {{bits: 4}}}}\n"
+        f"data: {{train: {DATA}/sft_train.jsonl}}\nscope: {{lora: {{targets: qv, open: [lm_head]}}}}\n",
+    )
+    plain = make_plan(load_experiment(exp, ["scope.lora.open=[]"])).memory
+    opened = make_plan(load_experiment(exp)).memory
+    head = d["V"] * d["h"]
+    assert opened.gradients_bytes - plain.gradients_bytes == head * 4
+    assert opened.weights_bytes - plain.weights_bytes == head * 4
