@@ -537,10 +537,26 @@ class Experiment(Strict):
 
     def config_hash(self) -> str:
         settings = self.model_dump(mode="json")
-        if settings["model"]["quantization"] is None:
-            del settings["model"]["quantization"]  # runs from before the setting existed keep their hash
+        # Settings added after runs existed stay out of the hash while at their default, so those runs keep their
+        # hash: resume and studies still recognise them.
+        for *parents, key in LATER_SETTINGS:
+            section = settings
+            for name in parents:
+                section = section.get(name) if isinstance(section, dict) else None
+            if isinstance(section, dict) and section.get(key) == LATER_SETTINGS[(*parents, key)]:
+                del section[key]
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in the experiment and its default
+    ("model", "quantization"): None,
+    ("tokenizer", "template_vars"): {},
+    ("scope", "lora", "dora"): False,
+    ("scope", "lora", "rslora"): False,
+    ("scope", "lora", "open"): [],
+    ("scope", "lora", "tokens"): [],
+}
 
 
 # ---------------------------------------------------------------- loading

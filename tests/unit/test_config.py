@@ -265,3 +265,30 @@ def test_a_bad_list_item_is_reported_at_its_own_line(tmp_path: Path) -> None:
 def test_one_layer_index_is_a_list_of_one(tmp_path: Path) -> None:
     exp = load_experiment(write_experiment(tmp_path, BASE + "scope:\n  lora:\n    layers: 3\n"))
     assert exp.scope.lora.layers == [3]
+
+
+HASHED_BEFORE = {  # tunelab at fb6cc8e, before template_vars and LoRA's dora, rslora, open and tokens existed
+    "name: qkvo-last-half\nmodel: {id: meta-llama/Llama-3.1-8B-Instruct}\n"
+    "data: {train: /data/train.jsonl, eval: /data/eval.jsonl}\nscope: {lora: {targets: qkvo, layers: last-half}}\n"
+    "train: {learning_rate: 2.0e-4, epochs: 2, batch_size: 4, grad_accumulation: 4, max_length: 1024}\n"
+    "output: {dir: /runs}\n": "3fd8103b9e2ab786",
+    "name: partial\nmodel: {id: meta-llama/Llama-3.1-8B-Instruct}\ndata: {train: /data/train.jsonl}\n"
+    "scope: {partial: {last_blocks: 4, norm: true, lm_head: true}}\ntrain: {learning_rate: 5.0e-6, epochs: 2}\n"
+    "output: {dir: /runs}\n": "a3ad862afdd1beec",
+}
+
+
+@pytest.mark.parametrize("text", list(HASHED_BEFORE), ids=["lora", "partial"])
+def test_settings_added_later_keep_older_runs_hash(tmp_path: Path, text: str) -> None:
+    """A run made before a setting existed keeps its config hash while the setting is at its default, so resume and
+    studies still recognise it; setting it changes the hash."""
+    exp = write_experiment(tmp_path, text)
+    assert load_experiment(exp).config_hash() == HASHED_BEFORE[text]
+    for change in (
+        "tokenizer.template_vars={enable_thinking: false}",
+        "scope.lora.dora=true",
+        "scope.lora.open=[norm]",
+    ):
+        if "lora" in change and "partial" in text:
+            continue
+        assert load_experiment(exp, [change]).config_hash() != HASHED_BEFORE[text], change
