@@ -101,6 +101,8 @@ def test_compare_generates_a_dora_run_with_its_own_adapter(runs, tmp_path: Path,
         for p in read_prompts(prompts)
     ]
     assert both.outputs["dora-head"] == wanted
+    scopes = {v.name: v.numbers.get("scope") for v in both.variants}
+    assert scopes["dora-head"] == "lora r16 rslora dora k_proj,o_proj,q_proj,v_proj layers 2-3 +norm,lm_head"
     assert both.outputs["dora-head"] != both.outputs["base"]
     only = compare([runs["dora-head"]], prompts_file=prompts)  # no run to batch with: the base is still the base
     assert only.outputs["base"] == alone.outputs["base"] and only.outputs["dora-head"] == wanted
@@ -198,3 +200,6 @@ def test_untrained_template_tokens_are_named_and_train_as_rows(untrained_base: P
     both = compare([tmp_path / "runs" / "plain", rows.run_dir], prompts_file=prompts)
     alone = compare([rows.run_dir], prompts_file=prompts)
     assert both.outputs["rows"] == alone.outputs["rows"] and both.outputs["plain"] != both.outputs["rows"]
+    assert {v.name: v.numbers.get("scope") for v in both.variants}[
+        "rows"
+    ] == "lora r16 q_proj,v_proj layers 0-3 +3 token rows"

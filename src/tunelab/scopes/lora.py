@@ -131,7 +131,8 @@ class Lora(ScopeKind):
         lora = scope.lora
         variants = "".join(f" {v}" for v, on in (("rslora", lora.rslora), ("dora", lora.dora)) if on)
         opened = f" +{','.join(lora.open)}" if lora.open else ""
-        return f"lora r{lora.r}{variants} {','.join(target_modules)} layers {layers}{opened}"
+        tokens = f" +{len(lora.tokens)} token rows" if lora.tokens else ""
+        return f"lora r{lora.r}{variants} {','.join(target_modules)} layers {layers}{opened}{tokens}"
 
     def export(self, run_dir: Path, out: Path, merge: bool, base: BaseLoader) -> tuple[nn.Module | None, str]:
         verify_adapter(run_dir / ADAPTER)
