@@ -431,7 +431,9 @@ def _generate_and_score(
 
     def score(name: str, scored_model) -> None:
         if eval_rows:
-            losses[name] = eval_loss(scored_model, tokenizer, eval_rows, 8, exp.tokenizer.fold_system, variables)
+            losses[name] = eval_loss(
+                scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system, template_vars=variables
+            )
 
     together = [m.name for _, m in runs if kinds[m.name].batches_with_base(model, m.name)]
     if together:

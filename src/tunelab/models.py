@@ -5,6 +5,7 @@ Hub ids, local folders and `builtin:` models all end in the same `from_pretraine
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ def _looks_local(model_id: str) -> bool:
     return model_id.startswith(("/", ".", "~")) or Path(model_id).exists()
 
 
+@functools.cache
 def offline_unless_reachable(model_id: str) -> None:
     """Ask the hub about a hub model once; where it cannot be reached, go on in offline mode (from the local cache)
     for the rest of the process and the processes it starts, instead of letting each file's lookup retry for half a

@@ -421,8 +421,8 @@ def untrained_warnings(exp: Experiment, model, inputs: Inputs) -> list[str]:
     from functools import partial
 
     from tunelab.models import checkpoint_rows, model_path
-    from tunelab.scope import rows_left_frozen, untrained_note, untrained_tokens
-    from tunelab.scopes import get_scope
+    from tunelab.scope import untrained_tokens
+    from tunelab.scopes import untrained_warning
     from tunelab.templates import added_ids_used
 
     folder = model_path(exp.model.id)
@@ -431,8 +431,8 @@ def untrained_warnings(exp: Experiment, model, inputs: Inputs) -> list[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     used = added_ids_used(inputs.tokenizer, inputs.encoded)
     untrained = untrained_tokens(base, used, partial(checkpoint_rows, folder))
-    frozen = inputs.tokenizer.convert_ids_to_tokens(rows_left_frozen(model, untrained))
-    return [untrained_note(frozen, get_scope(exp.scope.kind).token_fix(frozen))] if frozen else []
+    note = untrained_warning(model, untrained, inputs.tokenizer, exp.scope)
+    return [note] if note else []
 
 
 def _auto_dtype_name(device: str) -> str:

@@ -352,16 +352,15 @@ def _load_scoped_model(
 ):
     """The base (or the init_from run's trained model, to continue it) with exactly the scope's parameters
     trainable; a note when the data uses tokens the base never trained and the scope leaves them frozen."""
-    from tunelab.scope import rows_left_frozen, untrained_note, untrained_tokens
-    from tunelab.scopes import apply_scope
+    from tunelab.scope import untrained_tokens
+    from tunelab.scopes import apply_scope, untrained_warning
     from tunelab.templates import added_ids_used
 
     start = base.load() if init_from is None else kind.trained(init_from, base, trainable=True)
     plain = start.get_base_model() if hasattr(start, "get_base_model") else start
     untrained = untrained_tokens(plain, added_ids_used(tokenizer, encoded))
     model, resolved = apply_scope(start, exp.scope, tokenizer)
-    frozen = tokenizer.convert_ids_to_tokens(rows_left_frozen(model, untrained))
-    note = untrained_note(frozen, kind.token_fix(frozen)) if frozen else None
+    note = untrained_warning(model, untrained, tokenizer, exp.scope)
     if note:
         resolved.warnings.append(note)
     return model, resolved, note

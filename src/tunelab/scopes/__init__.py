@@ -33,6 +33,7 @@ __all__ = [
     "get_scope",
     "load_trained",
     "run_scope",
+    "untrained_warning",
 ]
 
 
@@ -72,6 +73,15 @@ def apply_scope(model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Modu
     # Then backward runs through every layer, whichever layers the scope names.
     resolved.embeddings_train = any(p.requires_grad for p in model.get_input_embeddings().parameters())
     return model, resolved
+
+
+def untrained_warning(model: nn.Module, untrained: list[int], tokenizer, scope: Scope) -> str | None:
+    """Of the tokens the base never trained (`untrained`, see scope.untrained_tokens), the ones the applied scope
+    leaves frozen, as a warning with the setting that trains them; None when there are none (plan and train)."""
+    from tunelab.scope import rows_left_frozen, untrained_note
+
+    frozen = tokenizer.convert_ids_to_tokens(rows_left_frozen(model, untrained))
+    return untrained_note(frozen, get_scope(scope.kind).token_fix(frozen)) if frozen else None
 
 
 def numel(parameter) -> int:
