@@ -22,6 +22,10 @@ class CrashAfterSave(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs) -> None:
         if state.global_step >= self.step:
+            import torch.distributed as dist
+
+            if dist.is_initialized():  # every rank has written its part of the checkpoint (its RNG state) first
+                dist.barrier()
             os.kill(os.getpid(), signal.SIGKILL)
 
 

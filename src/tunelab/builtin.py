@@ -18,7 +18,7 @@ from pathlib import Path
 from tunelab.errors import ConfigError
 
 BUILTIN_MODELS = ("tiny-chat",)
-VERSION = "2"
+VERSION = "3"
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -28,6 +28,7 @@ SPECIAL_TOKENS = [
     "<|pad|>",
 ]
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+PRETRAIN_STEPS = 300
 
 
 def cache_root() -> Path:
@@ -96,9 +97,34 @@ def _blocks(tokenizer, texts: list[str], size: int) -> list[list[int]]:
     return [ids[i : i + size] for i in range(0, len(ids) - size + 1, size)]
 
 
+def _pretrain(config, tokenizer, corpus: list[str], seed: int):
+    """The base's pre-training on the tiny world's prose: (model, last loss)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    blocks = torch.tensor(_blocks(tokenizer, corpus, 128))
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    steps, batch = PRETRAIN_STEPS, 16
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    model.train()
+    for _ in range(steps):
+        rows = blocks[torch.randint(len(blocks), (batch,), generator=generator)]
+        loss = model(input_ids=rows, labels=rows).loss
+        loss.backward()
+        loss = loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return model, loss
+
+
 def _build_tiny_chat(folder: Path, seed: int) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     from tunelab import tinyworld
 
@@ -123,23 +149,14 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    blocks = torch.tensor(_blocks(tokenizer, corpus, 128))
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    steps, batch = 300, 16
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    model.train()
-    for _ in range(steps):
-        rows = blocks[torch.randint(len(blocks), (batch,), generator=generator)]
-        loss = model(input_ids=rows, labels=rows).loss
-        loss.backward()
-        loss = loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
+    # One thread: a float sum split across threads rounds differently, and 300 steps at this learning rate carry a
+    # last-bit difference into another model. Built on one thread, the model is the same however many cores build it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, loss = _pretrain(config, tokenizer, corpus, seed)
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
@@ -150,7 +167,7 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
                 "name": "tiny-chat",
                 "version": VERSION,
                 "seed": seed,
-                "pretrain_steps": steps,
+                "pretrain_steps": PRETRAIN_STEPS,
                 "final_pretrain_loss": round(loss.item(), 4),
                 "build_seconds": round(time.time() - started, 1),
             },

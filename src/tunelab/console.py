@@ -32,7 +32,9 @@ def set_verbosity(verbose: bool) -> None:
     # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.captureWarnings(True)  # warnings become records of the "py.warnings" logger ...
-    logging.getLogger("py.warnings").addHandler(logging.NullHandler())  # ... which print nowhere by default
+    # ... and no library's log record falls through to Python's last-resort stderr handler (bitsandbytes logs a
+    # warning as it loads on CPUs with AVX512-BF16); a run's train.log still gets them all (run_log)
+    logging.getLogger().addHandler(logging.NullHandler())
 
 
 @contextmanager

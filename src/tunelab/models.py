@@ -260,7 +260,21 @@ def load_model(
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would start random; "
             "check that the folder holds the whole checkpoint and the config.json that belongs to it"
         )
-    return model if settings.quantization is not None else model.to(device)
+    if settings.quantization is None:
+        return model.to(device)
+    if device == "cpu":
+        keep_4bit_layout(model)
+    return model
+
+
+def keep_4bit_layout(model: PreTrainedModel) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its fast kernel the first time the
+    layer runs in eval mode without gradients (an eval pass before training). PEFT's merge then dequantizes bytes in
+    a layout it does not know (the merged export came out wrong) and the frozen weights look changed to the run's
+    tensor check. The layers keep the one layout that training and saving use (bitsandbytes' own switch)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def check_quantization(settings: Quantization, device: str) -> None:
