@@ -24,8 +24,9 @@ def build(inputs: TrainerInputs) -> KTOTrainer:
     exp, settings = inputs.exp, inputs.exp.kto
     train_rows, eval_rows = preference_rows(inputs)
     args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "kto")
-    # KTO draws the KL sample of each completion from its batch neighbours, in an order TRL shuffles once itself.
+    # KTO draws the KL sample of each completion from its batch neighbours, so TRL trains it in the dataset's order.
     args["train_sampling_strategy"] = "sequential"
+    train_rows = shuffled_unpaired(train_rows, exp.train.seed)
     config = trl_config(
         KTOConfig,
         **args,
@@ -39,6 +40,25 @@ def build(inputs: TrainerInputs) -> KTOTrainer:
     return instantiate(
         seeded(KTOTrainer), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks, **extra
     )
+
+
+def shuffled_unpaired(rows: list[dict], seed: int) -> list[dict]:
+    """KTO's training order: each pair as two rows (chosen desirable, rejected undesirable, as TRL unpairs them),
+    shuffled once with the seed. TRL's unpairing puts every desirable row before every undesirable one and KTO keeps
+    that order, so an epoch pushed all chosen answers up and then all rejected ones down, and the pairs were never
+    learned; thumbs-up/down data may arrive sorted by label too."""
+    import random
+
+    unpaired = []
+    for row in rows:
+        if "chosen" not in row:
+            unpaired.append(row)
+            continue
+        rest = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
+        unpaired += [{**rest, "completion": row["chosen"], "label": True}]
+        unpaired += [{**rest, "completion": row["rejected"], "label": False}]
+    random.Random(seed).shuffle(unpaired)
+    return unpaired
 
 
 METHOD = Method(
