@@ -263,6 +263,12 @@ class LoraScope(Strict):
         description="Where LoRA attaches: a preset (qv, qkvo, attention, mlp, all-linear), a list of module "
         "names (e.g. [q_proj, v_proj]), or a regular expression matched against full module names.",
     )
+    parameters: list[str] = Field(
+        default_factory=list,
+        description="Weights outside linear layers that LoRA trains too (PEFT's target_parameters), matched against "
+        "the end of full parameter names in the chosen layers: e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj] "
+        "for gpt-oss's fused experts, which all-linear does not reach there. Trained without dropout.",
+    )
     layers: LayerSelection = Field(
         default="all",
         description="Which decoder layers get LoRA: all | last-half | first-half | {last: N} | {first: N} "
@@ -556,6 +562,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("scope", "lora", "rslora"): False,
     ("scope", "lora", "open"): [],
     ("scope", "lora", "tokens"): [],
+    ("scope", "lora", "parameters"): [],
 }
 
 

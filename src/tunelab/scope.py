@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 PRESET_NAMES = {"qv": ["q_proj", "v_proj"], "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
-MLP_PARENT = re.compile(r"mlp|feed_forward|ffn", re.IGNORECASE)
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm", "norm_f")
+MLP_PARENT = re.compile(r"mlp|feed_?forward|ffn|moe", re.IGNORECASE)
+NO_MODULE = r"(?!)"
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
 
 
 @dataclass
@@ -116,6 +117,21 @@ def linear_modules(model: nn.Module) -> list[str]:
     return sorted(expanded.target_modules)
 
 
+def refused_by_peft(model: nn.Module, names: list[str]) -> list[str]:
+    """The module names PEFT refuses to put LoRA on in this architecture (a Mamba mixer's out_proj in Mamba,
+    Falcon-H1 and Nemotron-H), as its own check decides."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+
+    refused = []
+    for name in sorted(set(names)):
+        try:
+            _check_lora_target_modules_mamba(LoraConfig(), model, name)
+        except ValueError:
+            refused.append(name)
+    return refused
+
+
 def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
@@ -180,12 +196,40 @@ def select_layers(spec: object, count: int, key: str) -> list[int]:
 # ---------------------------------------------------------------- LoRA
 
 
-def _attention_or_mlp(linears: list[str], parent: re.Pattern) -> list[str]:
-    return sorted({leaf(n) for n in linears if any(parent.search(p) for p in n.split(".")[:-1])})
+def inside(model: nn.Module, name: str, parent: re.Pattern, decoder: Decoder) -> bool:
+    """Whether module or parameter `name` sits in an attention (or MLP) block: a module on its path is named so
+    (self_attn, mlp, block_sparse_moe) or, inside a decoder layer, is of such a class (Nemotron-H's `mixer` is a
+    NemotronHAttention in some layers and a NemotronHMOE in others)."""
+    parts = name.split(".")[:-1]
+    within = len(decoder.path.split(".")) + 1  # the path up to and including the layer index
+    classes = [type(model.get_submodule(".".join(parts[:i]))).__name__ for i in range(within + 1, len(parts) + 1)]
+    family = type(model).__name__.split("For")[0]  # Qwen3MoeAttention is an attention block of the Qwen3Moe family
+    in_decoder = layer_index(name, decoder) is not None
+    return any(parent.search(p) for p in parts) or (
+        in_decoder and any(parent.search(c.removeprefix(family)) for c in classes)
+    )
 
 
-def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> tuple[list[str], str | None]:
-    """(module-name suffixes, or None) and (a regex, or None) for PEFT's target_modules."""
+def presets(model: nn.Module, linears: list[str], decoder: Decoder) -> dict[str, list[str]]:
+    """The attention and mlp presets: the leaf names of the linear modules inside each kind of block."""
+    return {
+        kind: sorted({leaf(n) for n in linears if inside(model, n, parent, decoder)})
+        for kind, parent in (("attention", ATTENTION_PARENT), ("mlp", MLP_PARENT))
+    }
+
+
+def expand_targets(
+    targets: str | list[str],
+    linears: list[str],
+    arch: str,
+    blocks: dict[str, list[str]],
+    experts: bool = False,
+    hint: str = "",
+) -> tuple[list[str], str | None]:
+    """(module-name suffixes, or None) and (a regex, or None) for PEFT's target_modules. `blocks`: the attention and
+    mlp presets (see `presets`); `experts`: the model's fused expert weights are reached too (see `fused_experts`), so
+    an mlp preset without linear layers is not empty; `hint`: what to add to an error where a preset matches
+    nothing."""
     available = sorted({leaf(n) for n in linears})
     listing = f"linear modules in {arch}: {', '.join(available)}"
     if isinstance(targets, list):
@@ -195,9 +239,9 @@ def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> t
     elif targets == "all-linear":
         return available, None
     elif targets in ("attention", "mlp"):
-        names = _attention_or_mlp(linears, ATTENTION_PARENT if targets == "attention" else MLP_PARENT)
-        if not names:
-            raise ConfigError(f"scope.lora.targets: preset '{targets}' matches nothing; {listing}")
+        names = blocks[targets]
+        if not names and not experts:
+            raise ConfigError(f"scope.lora.targets: preset '{targets}' matches nothing; {listing}{hint}")
         return names, None
     else:
         try:
@@ -213,13 +257,29 @@ def expand_targets(targets: str | list[str], linears: list[str], arch: str) -> t
     missing = [n for n in names if not any(n == leaf(m) or m.endswith("." + n) for m in linears)]
     if missing:
         what = f"preset '{targets}' ({', '.join(names)})" if isinstance(targets, str) else "targets"
-        raise ConfigError(f"scope.lora.targets: {what}: {', '.join(missing)} not found; {listing}")
+        attention = blocks["attention"]
+        hint = f" (targets: attention gives this model's attention projections: {', '.join(attention)})"
+        raise ConfigError(
+            f"scope.lora.targets: {what}: {', '.join(missing)} not found; {listing}"
+            + (hint if isinstance(targets, str) and attention else "")
+        )
     return sorted(names), None
 
 
-def lora_config(
-    scope: LoraScope, model: nn.Module, token_ids: list[int] | None = None
-) -> tuple[LoraConfig, Decoder, list[int]]:
+@dataclass
+class LoraTargets:
+    """What `lora_config` resolved: PEFT's config, the decoder, and the full names of the linear modules and of the
+    other parameters (fused experts) that it asks PEFT to adapt."""
+
+    config: LoraConfig
+    decoder: Decoder
+    layers: list[int]
+    modules: list[str]
+    parameters: list[str]
+    refused: list[str]  # module names the preset left out because PEFT refuses them here
+
+
+def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None = None) -> LoraTargets:
     """An explicit PEFT LoraConfig: presets expanded into module names, layers into indices; `token_ids`: the ids of
     scope.tokens (see `token_ids`)."""
     from peft import LoraConfig
@@ -230,32 +290,42 @@ def lora_config(
     towers = bool(other_towers(model))
     if towers:  # an image-text checkpoint: only the language model's linear layers, never the vision encoder's
         linears = [n for n in linears if layer_index(n, decoder) is not None]
-    names, regex = expand_targets(scope.targets, linears, type(model).__name__)
+    fused, patterns = fused_experts(scope, model, decoder, layers)
+    experts = expert_weights(model, decoder, layers)
+    hint = f"; its fused expert weights train with scope.lora.parameters: [{expert_suffixes(experts, decoder)}]"
+    names, regex = expand_targets(
+        scope.targets,
+        linears,
+        type(model).__name__,
+        presets(model, linears, decoder),
+        bool(fused),
+        hint if experts else "",
+    )
+    refused = refused_by_peft(model, names) if scope.targets in ("all-linear", "mlp") else []
+    names = [n for n in names if n not in refused]  # a preset leaves them out (Lora.apply says so); a list is refused
+    chosen = [
+        n
+        for n in linears
+        if (re.fullmatch(regex, n) if regex is not None else any(n == t or n.endswith("." + t) for t in names))
+        and layer_index(n, decoder) in layers
+    ]
     all_layers = layers == list(range(decoder.count))
     if towers or (regex is not None and not all_layers):
         # PEFT cannot combine a regex with layers_to_transform, and a module name alone would also match the
         # vision encoder's q_proj: fold the choice into full module names.
-        names = [
-            n
-            for n in linears
-            if (re.fullmatch(regex, n) if regex is not None else any(n == t or n.endswith("." + t) for t in names))
-            and layer_index(n, decoder) in layers
-        ]
-        regex = None
-    params, patterns = _fused_experts(scope, model, decoder, layers) if scope.targets == "all-linear" else ([], {})
+        names, regex = chosen, None
+    params = sorted({*fused, *named_parameters(scope.parameters, model, decoder, layers)})
     if params and scope.dora:
         raise ConfigError(
-            f"scope.lora.dora: all-linear on {type(model).__name__} reaches its fused expert weights, which PEFT "
-            "cannot train with DoRA; set targets: attention (or a list of module names) to leave the experts out, "
-            "or dora: false"
+            f"scope.lora.dora: {_reaches(scope, model)}, which PEFT cannot train with DoRA; {_fix(scope)}"
         )
     dropout = scope.dropout
     if params and dropout:
         if "dropout" in scope.model_fields_set:
+            shown = sorted({".".join(n.split(".")[-2:]) for n in params})[:3]
             raise ConfigError(
-                f"scope.lora.dropout: all-linear on {type(model).__name__} reaches its fused expert weights "
-                f"({', '.join(sorted({n.split('.', 3)[-1] for n in params})[:3])}, ...), which PEFT trains only "
-                "without dropout; set scope.lora.dropout: 0, or targets: attention to leave the experts out"
+                f"scope.lora.dropout: {_reaches(scope, model)} ({', '.join(shown)}, ...), which PEFT trains only "
+                f"without dropout; set scope.lora.dropout: 0, or {_fix(scope)}"
             )
         dropout = 0.0  # the default gives way where PEFT cannot apply it; Lora.apply says so
     config = LoraConfig(
@@ -264,7 +334,9 @@ def lora_config(
         lora_dropout=dropout,
         bias=scope.bias,
         task_type=scope.task_type,
-        target_modules=regex if regex is not None else names,
+        # Nothing but parameters (mlp on Mixtral): a regex that matches no module, since an empty list would give
+        # way to PEFT's default modules for the architecture.
+        target_modules=regex if regex is not None else names or NO_MODULE,
         layers_to_transform=None if all_layers or regex is not None else layers,
         layers_pattern=None if all_layers or regex is not None else decoder.pattern,
         target_parameters=params or None,
@@ -278,7 +350,74 @@ def lora_config(
         # would be saved tied again and lose one of them. (PEFT ties trainable token rows on its own.)
         ensure_weight_tying=bool(scope.open) and tied_embeddings(model),
     )
-    return config, decoder, layers
+    return LoraTargets(config, decoder, layers, chosen, params, refused)
+
+
+def _reaches(scope: LoraScope, model: nn.Module) -> str:
+    if scope.parameters:
+        return "scope.lora.parameters trains weights outside linear layers"
+    preset = scope.targets if scope.targets == "all-linear" else f"targets: {scope.targets}"
+    return f"{preset} on {type(model).__name__} reaches its fused expert weights"
+
+
+def _fix(scope: LoraScope) -> str:
+    if scope.parameters:
+        return "drop scope.lora.parameters"
+    return "set targets: attention (or a list of module names) to leave the experts out"
+
+
+def expert_weights(model: nn.Module, decoder: Decoder, layers: list[int]) -> list[str]:
+    """Full names of the fused expert weights (3D parameters, one matrix an expert, not a convolution's) in
+    `layers`."""
+    from torch import nn
+
+    convolutions = {
+        f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d) for p in ("weight",)
+    }
+    return [
+        n
+        for n, p in model.named_parameters()
+        if p.dim() == 3 and n not in convolutions and layer_index(n, decoder) in layers
+    ]
+
+
+def expert_suffixes(names: list[str], decoder: Decoder) -> str:
+    """Parameter names without their layer ('mlp.experts.down_proj'), as scope.lora.parameters takes them."""
+    prefix = decoder.path + "."
+    return ", ".join(sorted({n.removeprefix(prefix).split(".", 1)[1] for n in names}))
+
+
+def named_parameters(suffixes: list[str], model: nn.Module, decoder: Decoder, layers: list[int]) -> list[str]:
+    """scope.lora.parameters as full parameter names in `layers`: each suffix must name a parameter that is not a
+    linear layer's (those are LoRA's targets), as PEFT's target_parameters matches them."""
+    from torch import nn
+
+    if not suffixes:
+        return []
+    inside_linear = {
+        f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.Linear) for p in ("weight", "bias")
+    }
+    candidates = [
+        n for n, _ in model.named_parameters() if layer_index(n, decoder) in layers and n not in inside_linear
+    ]
+    found = []
+    for suffix in suffixes:
+        matched = [n for n in candidates if n == suffix or n.endswith("." + suffix)]
+        if not matched:
+            shown = sorted(
+                {n.split(".", len(decoder.path.split(".")) + 1)[-1] for n in expert_weights(model, decoder, layers)}
+            )
+            raise ConfigError(
+                f"scope.lora.parameters: '{suffix}' names no parameter outside a linear layer in the chosen layers; "
+                + (
+                    f"fused expert weights here: {', '.join(shown)}"
+                    if shown
+                    else f"{type(model).__name__} has no fused expert weights"
+                )
+                + " (linear layers go in scope.lora.targets)"
+            )
+        found += matched
+    return found
 
 
 def token_ids(tokens: list[str], tokenizer, model: nn.Module) -> list[int]:
@@ -372,8 +511,9 @@ def module_name(model: nn.Module, module: nn.Module | None) -> str:
     return next(name for name, m in model.named_modules() if m is module)
 
 
-def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers: list[int]) -> tuple[list[str], dict]:
-    """The MoE weights PEFT's own all-linear reaches on this model, as full parameter names in the chosen layers.
+def fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers: list[int]) -> tuple[list[str], dict]:
+    """The MoE weights PEFT's own all-linear reaches on this model (for targets all-linear and mlp), as full
+    parameter names in the chosen layers, and PEFT's rank pattern for them.
 
     Transformers 5 fuses the experts of Mixtral, Qwen-MoE and others into 3D parameters that are not
     nn.Linear; PEFT's all-linear still targets them (and the router), through target_parameters and a
@@ -384,12 +524,20 @@ def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers:
     from peft import LoraConfig
     from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
 
+    if scope.targets not in ("all-linear", "mlp"):
+        return [], {}
     probe = LoraConfig(target_modules="all-linear", r=scope.r, lora_alpha=scope.alpha, lora_dropout=0.0)
     convert_peft_config_for_transformers(probe, copy.copy(model), None)
     suffixes = tuple("." + p for p in probe.target_parameters or [])
     if not suffixes:
         return [], {}
-    names = [n for n, _ in model.named_parameters() if n.endswith(suffixes) and layer_index(n, decoder) in layers]
+    names = [
+        n
+        for n, _ in model.named_parameters()
+        if n.endswith(suffixes)
+        and layer_index(n, decoder) in layers
+        and (scope.targets == "all-linear" or inside(model, n, MLP_PARENT, decoder))
+    ]
     ranks = {k: int(v) for k, v in probe.rank_pattern.items()}
     return names, ranks
 
@@ -398,11 +546,15 @@ def _fused_experts(scope: LoraScope, model: nn.Module, decoder: Decoder, layers:
 
 
 def _final_norm(model: nn.Module, decoder: Decoder, key: str = "scope.partial.norm") -> str:
+    from torch import nn
+
     base_path = decoder.path.rsplit(".", 1)[0] if "." in decoder.path else ""
     base = model.get_submodule(base_path) if base_path else model
-    for name in FINAL_NORM_NAMES:
-        if hasattr(base, name):
-            return f"{base_path}.{name}" if base_path else name
+    # The usual names first, then the one normalisation layer beside the decoder blocks, whatever it is called.
+    named = [name for name in FINAL_NORM_NAMES if isinstance(getattr(base, name, None), nn.Module)]
+    norms = named or [name for name, m in base.named_children() if "norm" in type(m).__name__.lower()]
+    if len(norms) == 1 or named:
+        return f"{base_path}.{norms[0]}" if base_path else norms[0]
     raise ConfigError(
         f"{key}: cannot find the final norm of {type(model).__name__} "
         f"(looked for {', '.join(FINAL_NORM_NAMES)} under '{base_path}')"

@@ -126,3 +126,21 @@ train: {{batch_size: 1, max_length: 32, gradient_checkpointing: "off"}}
     assert "quantized 4-bit nf4 double-quant: 6,979,321,856 parameters" in out.stdout
     assert "trainable 41,943,040 of 8,072,204,288 parameters" in out.stdout  # unpacked counts
     assert elapsed < 120  # no weights loaded: seconds, not minutes
+
+
+def test_plan_on_gpt_oss_names_the_frozen_experts_and_the_line_that_trains_them(tmp_path: Path) -> None:
+    """Transformers' GptOssConfig defaults are gpt-oss-120b's published sizes; the warning's fix quotes a YAML list,
+    which the terminal must print as it is."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("gpt_oss").save_pretrained(tmp_path / "gpt-oss")
+    body = f"name: oss\nmodel: {{id: {tmp_path / 'gpt-oss'}}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
+    out = run_cli("plan", str(write_experiment(tmp_path, body)))
+    assert out.returncode == 0, out.stderr
+    printed = " ".join(out.stdout.split())
+    assert "set scope.lora.parameters: [mlp.experts.down_proj, mlp.experts.gate_up_proj] to train them" in printed
+    trained = body + "scope: {lora: {parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]}}\n"
+    out = run_cli("plan", str(write_experiment(tmp_path, trained, "trained.yaml")), "--json")
+    scope = json.loads(out.stdout)["scope"]
+    assert scope["lora_modules"][:2] == ["model.layers.0.mlp.experts", "model.layers.0.self_attn.k_proj"]
+    assert not any("frozen" in w for w in scope["warnings"])

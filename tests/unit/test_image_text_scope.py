@@ -133,9 +133,13 @@ def test_qwen2_5_vl_plans_its_language_model_with_the_vision_encoder_frozen(tmp_
 def test_a_module_peft_cannot_adapt_is_one_line_naming_the_targets(tmp_path) -> None:
     model = build(default_config_folder(tmp_path, "mamba", num_hidden_layers=2, hidden_size=64))
     with pytest.raises(ConfigError, match=r"^scope.lora.targets: PEFT cannot put LoRA on MambaForCausalLM as asked: "):
-        apply_scope(model, Scope(lora=LoraScope(targets="all-linear")))
+        apply_scope(model, Scope(lora=LoraScope(targets=["out_proj"])))
     _, resolved = apply_scope(build(tmp_path), Scope(lora=LoraScope(targets=["in_proj", "x_proj"])))
     assert resolved.target_modules == ["in_proj", "x_proj"]
+    # A preset leaves out what PEFT refuses here, and says so
+    _, resolved = apply_scope(build(tmp_path), Scope(lora=LoraScope(targets="all-linear")))
+    assert resolved.target_modules == ["dt_proj", "in_proj", "x_proj"]
+    assert "all-linear leaves out out_proj on MambaForCausalLM: PEFT does not put LoRA on them" in resolved.warnings[0]
 
 
 def test_a_model_that_needs_a_package_not_installed_is_one_line(tmp_path) -> None:

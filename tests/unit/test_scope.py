@@ -111,7 +111,8 @@ def test_phi3_fused_projections_refuse_qv_and_list_what_exists() -> None:
         apply_scope(build(PHI3), Scope(lora=LoraScope(targets="qv")))
     assert str(e.value) == (
         "scope.lora.targets: preset 'qv' (q_proj, v_proj): q_proj, v_proj not found; "
-        "linear modules in Phi3ForCausalLM: down_proj, gate_up_proj, o_proj, qkv_proj"
+        "linear modules in Phi3ForCausalLM: down_proj, gate_up_proj, o_proj, qkv_proj (targets: attention gives "
+        "this model's attention projections: o_proj, qkv_proj)"
     )
 
 

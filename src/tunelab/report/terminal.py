@@ -178,7 +178,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             console.print("First example (loss on [bold green]green[/bold green]):")
             console.print(text, markup=False, highlight=False)
     for w in plan.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)  # a fix may quote [a, b]
 
 
 def tokens_line(t) -> str:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from peft import LoraConfig
     from torch import nn
 
-    from tunelab.scope import ResolvedScope
+    from tunelab.scope import LoraTargets, ResolvedScope
 
 
 class Lora(ScopeKind):
@@ -34,19 +34,20 @@ class Lora(ScopeKind):
         from peft import PeftModel, get_peft_model
         from peft.utils import ModulesToSaveWrapper
 
-        from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config, token_ids
+        from tunelab.scope import ResolvedScope, expert_weights, find_decoder, layer_index, leaf, lora_config, token_ids
 
         notes = []
         continuing = isinstance(model, PeftModel)
         if continuing:  # a saved adapter (init_from, loaded trainable): its own config
             config, decoder = model.peft_config["default"], find_decoder(model.get_base_model())
         else:
-            config, decoder, _ = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
+            targets = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
+            config, decoder = targets.config, targets.decoder
+            experts = expert_weights(model, decoder, targets.layers)
+            arch = type(model).__name__
             if config.lora_dropout != scope.lora.dropout:
                 notes.append(
-                    f"scope.lora.dropout is 0 here, not the default {scope.lora.dropout}: all-linear reaches the "
-                    "fused expert weights, which PEFT trains only without dropout (targets: attention keeps the "
-                    "experts out)"
+                    f"scope.lora.dropout is 0 here, not the default {scope.lora.dropout}: {_why_no_dropout(scope)}"
                 )
             if getattr(model, "hf_quantizer", None) is not None:
                 from peft import prepare_model_for_kbit_training
@@ -59,9 +60,7 @@ class Lora(ScopeKind):
                     model = get_peft_model(model, config)
                 except ValueError as e:  # PEFT refuses a module it cannot adapt (Mamba's out_proj and conv1d)
                     first = str(e).strip().splitlines()[0]
-                    raise ConfigError(
-                        f"scope.lora.targets: PEFT cannot put LoRA on {type(model).__name__} as asked: {first}"
-                    ) from e
+                    raise ConfigError(f"scope.lora.targets: PEFT cannot put LoRA on {arch} as asked: {first}") from e
         _expose_bias(model)
         # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
         adapted = {
@@ -77,6 +76,8 @@ class Lora(ScopeKind):
             if isinstance(m, ModulesToSaveWrapper) and "default" in m.modules_to_save
         }
         copies = {id(p): p for m in opened.values() for p in m.parameters() if p.requires_grad}
+        if not continuing:
+            notes += _left_out(scope, arch, targets, experts, adapted, model.peft_config["default"])
         return model, ResolvedScope(
             kind=self.name,
             layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
@@ -147,6 +148,48 @@ class Lora(ScopeKind):
             return PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload(), "merged"
         shutil.copytree(run_dir / ADAPTER, out)
         return None, "adapter"
+
+
+def _why_no_dropout(scope: Scope) -> str:
+    if scope.lora.parameters:
+        return "PEFT trains scope.lora.parameters only without dropout"
+    preset = "all-linear" if scope.lora.targets == "all-linear" else f"targets: {scope.lora.targets}"
+    return (
+        f"{preset} reaches the fused expert weights, which PEFT trains only without dropout (targets: attention keeps "
+        "the experts out)"
+    )
+
+
+def _left_out(
+    scope: Scope, arch: str, targets: LoraTargets, experts: list[str], adapted: dict, config: LoraConfig
+) -> list[str]:
+    """What the scope meant to train and PEFT left frozen, as warnings: linear modules its MoE name conversion
+    dropped, and fused expert weights that all-linear or mlp does not reach on this architecture."""
+    from tunelab.scope import expert_suffixes
+
+    notes = []
+    if targets.refused:
+        notes.append(
+            f"{scope.lora.targets} leaves out {', '.join(targets.refused)} on {arch}: PEFT does not put LoRA on them "
+            "in this architecture (a Mamba mixer's output projection)"
+        )
+    missed = [n for n in targets.modules if n not in adapted]
+    if missed:
+        notes.append(
+            f"PEFT attached no LoRA to {len(missed)} of the linear modules the targets chose on {arch} "
+            f"({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): its conversion of Transformers 4 MoE "
+            "names maps these names to the routed experts (huggingface/peft#3711); they stay frozen"
+        )
+    reached = list(config.target_parameters or [])
+    frozen = [n for n in experts if not any(n == t or n.endswith("." + t) for t in reached)]
+    if frozen and scope.lora.targets in ("all-linear", "mlp") and not scope.lora.parameters:
+        suffixes = expert_suffixes(frozen, targets.decoder)
+        notes.append(
+            f"{scope.lora.targets} leaves {arch}'s fused expert weights frozen ({suffixes}): they are not linear "
+            f"layers and PEFT's all-linear does not reach them here; set scope.lora.parameters: [{suffixes}] to train "
+            "them with LoRA"
+        )
+    return notes
 
 
 def _expose_bias(model: nn.Module) -> None:

@@ -1,0 +1,166 @@
+"""Scopes on architectures past the Llama family: fused MoE experts (Mixtral, Qwen3-MoE, gpt-oss, DeepSeek-V3),
+hybrid Mamba models (Nemotron-H, Mamba) and older final-norm names (OPT, GPT-NeoX). Models are built from
+Transformers' own config classes for each model_type, at small sizes: the module names and shapes are the real ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunelab.config import LoraScope, PartialScope, Scope
+from tunelab.errors import ConfigError
+from tunelab.models import meta_model
+from tunelab.scopes import apply_scope
+
+SMALL = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16,
+)  # fmt: skip
+
+
+def tiny(model_type: str, real: bool = False, **sizes):
+    """A `model_type` model at small sizes: on the meta device (as plan builds it), or with random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**SMALL, **sizes})
+    if not real:
+        return meta_model(config)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def lora(**settings) -> Scope:
+    return Scope(lora=LoraScope(**settings))
+
+
+@pytest.mark.parametrize(("model_type", "experts"), [("mixtral", "num_local_experts"), ("qwen3_moe", "num_experts")])
+def test_mlp_preset_reaches_the_fused_experts_that_all_linear_reaches(model_type: str, experts: str) -> None:
+    """mlp is all-linear without attention: on a fused-expert model its only linear layers are attention's, and the
+    preset matched nothing."""
+    sizes = {experts: 4, "moe_intermediate_size": 32} if model_type == "qwen3_moe" else {experts: 4}
+    _, everything = apply_scope(tiny(model_type, **sizes), lora(targets="all-linear"))
+    _, attention = apply_scope(tiny(model_type, **sizes), lora(targets="attention"))
+    _, mlp = apply_scope(tiny(model_type, **sizes), lora(targets="mlp"))
+    assert attention.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert mlp.target_modules == ["experts", "gate"]  # the experts and the router, as all-linear has them
+    assert mlp.trainable_params + attention.trainable_params == everything.trainable_params
+    assert any("targets: mlp reaches the fused expert weights" in w for w in mlp.warnings)  # dropout gave way
+
+
+def gpt_oss(real: bool = False):
+    return tiny("gpt_oss", real, num_local_experts=4)
+
+
+EXPERTS = ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+
+
+def test_all_linear_says_which_fused_experts_it_leaves_frozen_and_parameters_trains_them() -> None:
+    """PEFT's all-linear does not reach gpt-oss's experts (3D parameters of a module that is not a linear layer):
+    attention alone would train, silently."""
+    _, plain = apply_scope(gpt_oss(), lora(targets="all-linear"))
+    assert plain.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert plain.warnings == [
+        "all-linear leaves GptOssForCausalLM's fused expert weights frozen (mlp.experts.down_proj, "
+        "mlp.experts.gate_up_proj): they are not linear layers and PEFT's all-linear does not reach them here; set "
+        "scope.lora.parameters: [mlp.experts.down_proj, mlp.experts.gate_up_proj] to train them with LoRA"
+    ]
+    model, resolved = apply_scope(gpt_oss(), lora(targets="all-linear", parameters=EXPERTS, layers="last-half", r=8))
+    assert resolved.warnings == [
+        "scope.lora.dropout is 0 here, not the default 0.05: PEFT trains scope.lora.parameters only without dropout"
+    ]
+    assert resolved.lora_modules == [f"model.layers.{i}.{m}" for i in (2, 3) for m in (
+        "mlp.experts", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"
+    )]  # fmt: skip
+    # LoRA on an expert weight (E, a, b): one pair of r-rank matrices an expert, E * r * (a + b)
+    shapes = {n: p.shape for n, p in gpt_oss().named_parameters()}
+    experts = sum(
+        s[0] * 8 * (s[1] + s[2]) for n, s in shapes.items() if n.endswith(tuple(EXPERTS)) and ".layers.0." in n
+    )
+    _, attention = apply_scope(gpt_oss(), lora(targets="attention", layers="last-half", r=8))
+    assert resolved.trainable_params == attention.trainable_params + 2 * experts
+
+
+def test_parameters_train_exactly_the_named_expert_weights_and_merge_into_them() -> None:
+    base = gpt_oss(real=True)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model, resolved = apply_scope(base, lora(targets="attention", parameters=EXPERTS, layers=[3], r=4))
+    _, planned = apply_scope(gpt_oss(), lora(targets="attention", parameters=EXPERTS, layers=[3], r=4))
+    assert planned.trainable_params == resolved.trainable_params == model.get_nb_trainable_parameters()[0]
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-4, rtol=0)
+    changed = sorted(k for k, v in merged.state_dict().items() if not torch.equal(v, before[k]))
+    assert changed == [f"model.layers.3.{n}" for n in (
+        "mlp.experts.down_proj", "mlp.experts.gate_up_proj", "self_attn.k_proj.weight", "self_attn.o_proj.weight",
+        "self_attn.q_proj.weight", "self_attn.v_proj.weight",
+    )]  # fmt: skip
+
+
+def test_parameters_that_name_nothing_or_a_linear_layer_are_one_line_with_what_exists() -> None:
+    for wrong in (["mlp.experts.up_proj"], ["self_attn.q_proj.weight"]):
+        with pytest.raises(ConfigError) as e:
+            apply_scope(gpt_oss(), lora(targets="attention", parameters=wrong))
+        assert str(e.value) == (
+            f"scope.lora.parameters: '{wrong[0]}' names no parameter outside a linear layer in the chosen layers; "
+            "fused expert weights here: mlp.experts.down_proj, mlp.experts.gate_up_proj (linear layers go in "
+            "scope.lora.targets)"
+        )
+    with pytest.raises(ConfigError, match=r"^scope.lora.dropout: scope.lora.parameters trains weights outside"):
+        apply_scope(gpt_oss(), lora(targets="attention", parameters=EXPERTS, dropout=0.1))
+
+
+def test_mlp_on_gpt_oss_matches_no_linear_layer_and_says_what_trains_its_experts() -> None:
+    with pytest.raises(ConfigError) as e:
+        apply_scope(gpt_oss(), lora(targets="mlp"))
+    assert str(e.value).endswith(
+        "; its fused expert weights train with scope.lora.parameters: [mlp.experts.down_proj, mlp.experts.gate_up_proj]"
+    )
+
+
+def test_linear_layers_peft_drops_for_routed_experts_are_named() -> None:
+    """DeepSeek-V3's dense first layers and shared experts are linear gate/up/down projections, named as Mixtral's
+    experts were in Transformers 4: PEFT 0.21's conversion of those names to the fused experts drops them
+    (huggingface/peft#3711). What PEFT left without LoRA is said, not hidden."""
+    model, resolved = apply_scope(
+        tiny("deepseek_v3", num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1),
+        lora(targets="all-linear", dropout=0.0),
+    )
+    dense = [f"model.layers.0.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    shared = [f"model.layers.1.mlp.shared_experts.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    dropped = [n for n in dense + shared if n not in resolved.lora_modules]
+    assert "model.layers.1.mlp.experts" in resolved.lora_modules
+    assert dropped == dense + shared  # PEFT 0.21.2; its fix makes this list empty, and the warning goes with it
+    assert resolved.warnings == [
+        "PEFT attached no LoRA to 6 of the linear modules the targets chose on DeepseekV3ForCausalLM "
+        "(model.layers.0.mlp.down_proj, model.layers.0.mlp.gate_proj, model.layers.0.mlp.up_proj, ...): its "
+        "conversion of Transformers 4 MoE names maps these names to the routed experts (huggingface/peft#3711); "
+        "they stay frozen"
+    ]
+
+
+def test_presets_follow_block_classes_where_the_path_does_not_name_them() -> None:
+    """Nemotron-H calls every block `mixer`: a NemotronHAttention in some layers, a NemotronHMOE or a Mamba mixer in
+    others. And the model family's name in a class (Qwen3MoeAttention) does not make attention an MLP."""
+    _, attention = apply_scope(tiny("nemotron_h"), lora(targets="attention"))
+    assert attention.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    _, everything = apply_scope(tiny("nemotron_h"), lora(targets="all-linear"))
+    assert "out_proj" not in everything.target_modules  # a Mamba mixer's, which PEFT refuses
+    assert everything.warnings[0].startswith("all-linear leaves out out_proj on NemotronHForCausalLM")
+    _, mlp = apply_scope(tiny("qwen3_moe", num_experts=4), lora(targets="mlp", dropout=0.0))
+    assert not any(".self_attn." in n for n in mlp.lora_modules)
+
+
+@pytest.mark.parametrize(("model_type", "norm"), [("opt", "model.decoder"), ("gpt_neox", "gpt_neox")])
+def test_partial_finds_a_final_norm_named_final_layer_norm(model_type: str, norm: str) -> None:
+    sizes = {"ffn_dim": 128, "word_embed_proj_dim": 64} if model_type == "opt" else {}
+    _, resolved = apply_scope(tiny(model_type, **sizes), Scope(partial=PartialScope(norm=True)))
+    assert resolved.trainable_names == [f"{norm}.final_layer_norm.weight", f"{norm}.final_layer_norm.bias"]
