@@ -164,3 +164,17 @@ def test_partial_finds_a_final_norm_named_final_layer_norm(model_type: str, norm
     sizes = {"ffn_dim": 128, "word_embed_proj_dim": 64} if model_type == "opt" else {}
     _, resolved = apply_scope(tiny(model_type, **sizes), Scope(partial=PartialScope(norm=True)))
     assert resolved.trainable_names == [f"{norm}.final_layer_norm.weight", f"{norm}.final_layer_norm.bias"]
+
+
+def test_compare_generates_an_expert_adapter_in_batches_of_its_own() -> None:
+    """PEFT cannot route the rows of one batch to different adapters through LoRA on a fused expert weight."""
+    from tunelab.scopes import get_scope
+
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    experts = apply_scope(gpt_oss(real=True), lora(targets="attention", parameters=EXPERTS))[0].eval()
+    assert not get_scope("lora").batches_with_base(experts, "default")
+    with pytest.raises(ValueError, match="does not support mixed adapter batches"):
+        experts(input_ids=ids, adapter_names=["default", "__base__"])
+    attention = apply_scope(gpt_oss(real=True), lora(targets="attention"))[0].eval()
+    assert get_scope("lora").batches_with_base(attention, "default")
+    attention(input_ids=ids, adapter_names=["default", "__base__"])

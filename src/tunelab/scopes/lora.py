@@ -111,15 +111,17 @@ class Lora(ScopeKind):
 
     def batches_with_base(self, model: nn.Module, name: str) -> bool:
         # PEFT routes the rows of one batch to different adapters, but not to a DoRA adapter, and not at all through
-        # an opened original module other than a linear layer or an embedding (a norm), or through trained token
-        # rows (the rows of the adapters without them fail), whichever adapter brought them.
+        # an opened original module other than a linear layer or an embedding (a norm), through trained token rows
+        # (the rows of the adapters without them fail) or through LoRA on a weight outside a linear layer (fused
+        # experts), whichever adapter brought them.
+        from peft.tuners.lora.layer import ParamWrapper
         from peft.utils import ModulesToSaveWrapper
         from peft.utils.other import TrainableTokensWrapper
         from torch import nn
 
         opened = [m.original_module for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
         routable = all(isinstance(m, (nn.Linear, nn.Embedding)) for m in opened) and not any(
-            isinstance(m, TrainableTokensWrapper) for m in model.modules()
+            isinstance(m, TrainableTokensWrapper | ParamWrapper) for m in model.modules()
         )
         return routable and not model.peft_config[name].use_dora
 
