@@ -1,0 +1,63 @@
+"""A mixture-of-experts model through train, export and compare: Qwen3-MoE (Transformers' class, small sizes, the
+built-in model's tokenizer), whose experts Transformers 5 fuses into 3D weights that LoRA reaches through PEFT's
+target_parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLES
+from tunelab.config import load_experiment
+from tunelab.export import export_run
+from tunelab.plan import make_plan
+from tunelab.scopes import load_trained
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("qwen3-moe")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = AutoConfig.for_model(
+        "qwen3_moe", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_mlp_lora_trains_the_experts_and_the_merged_export_carries_them(moe_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    exp = load_experiment(
+        EXAMPLES / "quickstart.yaml",
+        [f"model.id={moe_dir}", f"output.dir={tmp_path}", "scope.lora.targets=mlp", "train.max_steps=4"],
+    )
+    plan = make_plan(exp)
+    assert plan.scope.target_modules == ["experts", "gate"]
+    m = train(exp).manifest
+    assert m.status == "completed" and m.change_check.ok
+    assert m.trainable_params == plan.scope.trainable_params
+    merged = export_run(tmp_path / "quickstart", tmp_path / "merged", merge=True)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    base, plain = AutoModelForCausalLM.from_pretrained(moe_dir), AutoModelForCausalLM.from_pretrained(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain(ids).logits, load_trained(tmp_path / "quickstart")(ids).logits, atol=1e-5, rtol=0
+        )
+    before, after = base.state_dict(), plain.state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in (
+        "experts.down_proj", "experts.gate_up_proj", "gate.weight"
+    )]  # fmt: skip
