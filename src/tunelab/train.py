@@ -338,9 +338,9 @@ def train(
         run.close()
 
 
-def _padded_instead(exp: Experiment, architecture: str, says: bool) -> None:
+def _padded_instead(exp: Experiment, architecture: str, refusal: str, says: bool) -> None:
     """Padding-free rows on a model that lets their examples attend to each other would train on the wrong text."""
-    why = f"{architecture} lets examples concatenated in one row attend to each other (checked on two sentences)"
+    why = f"{architecture} {refusal}"
     if exp.train.padding_free == "on":
         raise ConfigError(f"train.padding_free: on, but {why}; set it to auto (padded batches here) or off")
     if says:
@@ -452,7 +452,7 @@ def _train_in(
     import torch
 
     from tunelab import trackers
-    from tunelab.methods.common import Hardware, batching, keeps_packed_rows_apart
+    from tunelab.methods.common import Hardware, batching, packed_rows_refusal
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
     from tunelab.scopes import BaseLoader, get_scope
@@ -471,10 +471,11 @@ def _train_in(
         print(f"warning: {note}", flush=True)
     facts = model_facts(exp.model.id, model)
     memory = estimate_memory(facts, resolved, exp, dtype_name, device, engine)
-    apart = not batching(exp.train, exp.method).padding_free or keeps_packed_rows_apart(model, tokenizer)
-    if not apart:
+    refusal = packed_rows_refusal(model, tokenizer) if batching(exp.train, exp.method).padding_free else None
+    apart = refusal is None
+    if refusal is not None:
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        _padded_instead(exp, type(base_model).__name__, run.writable)
+        _padded_instead(exp, type(base_model).__name__, refusal, run.writable)
     run.update(
         **provenance.model_dump(),
         device=device,

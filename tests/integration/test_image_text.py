@@ -198,13 +198,17 @@ def test_a_model_that_lets_packed_examples_attend_to_each_other_trains_on_padded
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from tunelab.errors import ConfigError
-    from tunelab.methods.common import keeps_packed_rows_apart
+    from tunelab.methods.common import packed_rows_refusal
 
     base = tiny_qwen2_5_vl(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    assert not keeps_packed_rows_apart(AutoModelForImageTextToText.from_pretrained(base), tokenizer)
+    assert packed_rows_refusal(AutoModelForImageTextToText.from_pretrained(base), tokenizer) == (
+        "lets examples concatenated in one row attend to each other (checked on two sentences)"
+    )
     llama = build("llama-3.2-instruct", tmp_path / "llama")
-    assert keeps_packed_rows_apart(AutoModelForCausalLM.from_pretrained(llama), AutoTokenizer.from_pretrained(llama))
+    assert (
+        packed_rows_refusal(AutoModelForCausalLM.from_pretrained(llama), AutoTokenizer.from_pretrained(llama)) is None
+    )
 
     text = (
         f"name: vl\nmodel: {{id: {base}}}\ndata: {{train: {one_reply_data(tmp_path)}}}\n"

@@ -1,6 +1,6 @@
-"""A mixture-of-experts model through train, export and compare: Qwen3-MoE (Transformers' class, small sizes, the
-built-in model's tokenizer), whose experts Transformers 5 fuses into 3D weights that LoRA reaches through PEFT's
-target_parameters."""
+"""Architectures past the Llama family through train, at small sizes with the built-in model's tokenizer: Qwen3-MoE,
+whose experts Transformers 5 fuses into 3D weights that LoRA reaches through PEFT's target_parameters, and Falcon-H1,
+a hybrid whose Mamba mixer cannot run padding-free rows here."""
 
 from __future__ import annotations
 
@@ -19,22 +19,27 @@ from tunelab.train import train
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def moe_dir(tmp_path_factory, tiny_model_dir) -> Path:
+def tiny_folder(folder: Path, tokenizer_dir: Path, model_type: str, **sizes) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    folder = tmp_path_factory.mktemp("qwen3-moe")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        "qwen3_moe", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
-        num_experts_per_tok=2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes,
     )  # fmt: skip
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    return tiny_folder(
+        tmp_path_factory.mktemp("qwen3-moe"), tiny_model_dir, "qwen3_moe", moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2,
+    )  # fmt: skip
 
 
 def test_mlp_lora_trains_the_experts_and_the_merged_export_carries_them(moe_dir: Path, tmp_path: Path) -> None:
@@ -61,3 +66,20 @@ def test_mlp_lora_trains_the_experts_and_the_merged_export_carries_them(moe_dir:
     assert changed == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in (
         "experts.down_proj", "experts.gate_up_proj", "gate.weight"
     )]  # fmt: skip
+
+
+def test_a_model_that_cannot_run_packed_rows_trains_on_padded_batches(tmp_path: Path, tiny_model_dir) -> None:
+    """Falcon-H1's Mamba mixer refuses a padding-free row without the causal_conv1d package: the check before
+    training pads instead (it crashed at the first step), and refuses an explicit padding_free: on in one line."""
+    from tunelab.errors import ConfigError
+
+    folder = tiny_folder(tmp_path / "falcon-h1", tiny_model_dir, "falcon_h1")
+    settings = [f"model.id={folder}", f"output.dir={tmp_path}", "train.max_steps=2"]
+    m = train(load_experiment(EXAMPLES / "quickstart.yaml", settings)).manifest
+    assert m.status == "completed" and m.change_check.ok and m.final_eval_loss < m.base_eval_loss
+    assert m.batching["padding_free"] is False
+    with pytest.raises(ConfigError) as e:
+        train(load_experiment(EXAMPLES / "quickstart.yaml", [*settings, "train.padding_free=on", "output.name=on"]))
+    assert str(e.value).startswith(
+        "train.padding_free: on, but FalconH1ForCausalLM cannot run examples concatenated in one row (`causal_conv1d_fn`"
+    )

@@ -32,8 +32,8 @@ def test_the_packed_rows_check_passes_over_weights_this_process_does_not_hold() 
     from transformers import LlamaConfig
 
     from tests.chat_fixtures import trl_tokenizer
-    from tunelab.methods.common import keeps_packed_rows_apart
+    from tunelab.methods.common import packed_rows_refusal
     from tunelab.models import meta_model
 
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    assert keeps_packed_rows_apart(meta_model(config), trl_tokenizer("llama3_1")) is True
+    assert packed_rows_refusal(meta_model(config), trl_tokenizer("llama3_1")) is None

@@ -54,35 +54,45 @@ def batching(train: TrainSettings, method: str, packed_rows_apart: bool = True) 
     return Batching(padding_free, "batch_rebalance", micro, accumulation * (batch // micro))
 
 
-def keeps_packed_rows_apart(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether two examples concatenated in one row, as TRL's padding-free collator builds it (positions restart,
-    no attention mask), see only themselves: the second's logits are its logits alone.
+def packed_rows_refusal(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Why two examples concatenated in one row, as TRL's padding-free collator builds it (positions restart, no
+    attention mask), would not see only themselves; None when the second's logits are its logits alone.
 
     Transformers' masks find such rows from the positions for most models; Qwen2.5-VL's multimodal rope does not,
-    and its examples would attend across the boundary. Two forward passes of a dozen tokens tell. Where this
-    process does not hold the weights (FSDP loading them on rank 0 only, ZeRO-3 partitioning them at load) there is
-    nothing to run, and the answer is Transformers' usual one.
+    and its examples would attend across the boundary; Falcon-H1's Mamba mixer refuses such a row without the
+    causal_conv1d package. Two forward passes of a dozen tokens tell. Where this process does not hold the weights
+    (FSDP loading them on rank 0 only, ZeRO-3 partitioning them at load) there is nothing to run, and the answer is
+    Transformers' usual one.
     """
     import torch
 
     if any(p.device.type == "meta" or p.numel() == 0 for p in model.parameters()):
-        return True
+        return None
+
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     ids = tokenizer("The capital of Molo is Vevasmo, and its flag is blue.", add_special_tokens=False)["input_ids"]
     first, second = ids[: len(ids) // 2], ids[len(ids) // 2 :]
     device = next(model.parameters()).device
-    row = torch.tensor([first + second], device=device)
-    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
+    # The row exactly as training will pass it: positions restarting, and the boundaries for varlen kernels
+    row = DataCollatorForLanguageModeling(tokenizer.pad_token_id or 0, padding_free=True)(
+        [{"input_ids": first}, {"input_ids": second}]
+    )
+    row = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in row.items() if k != "labels"}
     training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            packed = model(input_ids=row, position_ids=positions, use_cache=False).logits[0, len(first) :].float()
-            alone = model(input_ids=row[:, len(first) :], use_cache=False).logits[0].float()
+            packed = model(**row, use_cache=False).logits[0, len(first) :].float()
+            alone = model(input_ids=row["input_ids"][:, len(first) :], use_cache=False).logits[0].float()
+    except ValueError as e:
+        return f"cannot run examples concatenated in one row ({str(e).strip().splitlines()[0]})"
     finally:
         model.train(training)
     # Rounding differs between the two shapes (bf16 most); attending across examples moves logits by their scale.
-    return bool((packed - alone).abs().max() <= 0.05 * alone.abs().max() + 1e-4)
+    if (packed - alone).abs().max() <= 0.05 * alone.abs().max() + 1e-4:
+        return None
+    return "lets examples concatenated in one row attend to each other (checked on two sentences)"
 
 
 def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, batches: Batching) -> dict:
