@@ -178,3 +178,30 @@ def test_compare_generates_an_expert_adapter_in_batches_of_its_own() -> None:
     attention = apply_scope(gpt_oss(real=True), lora(targets="attention"))[0].eval()
     assert get_scope("lora").batches_with_base(attention, "default")
     attention(input_ids=ids, adapter_names=["default", "__base__"])
+
+
+def test_gpt_oss_20b_published_config_plans_exactly() -> None:
+    """openai/gpt-oss-20b's config.json as published (its checkpoint stores the experts in MXFP4; plan counts
+    parameters): 20.9B, as its model card says, and LoRA on attention and both expert weights counted to the
+    parameter from the config's sizes."""
+    import json
+
+    from transformers import AutoConfig
+
+    from tests.conftest import CONFIGS
+
+    c = json.loads((CONFIGS / "gpt-oss-20b" / "config.json").read_text())
+    h, v, n, e, i, d = (c[k] for k in ("hidden_size", "vocab_size", "num_hidden_layers", "num_local_experts",
+                                       "intermediate_size", "head_dim"))  # fmt: skip
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    attention = (h * q + q) + 2 * (h * kv + kv) + (q * h + h) + c["num_attention_heads"]  # biases, sinks
+    experts = e * (h * 2 * i + 2 * i) + e * (i * h + h) + (e * h + e)  # gate_up, down, router; with biases
+    total = 2 * v * h + n * (attention + experts + 2 * h) + h
+    _, resolved = apply_scope(
+        meta_model(AutoConfig.from_pretrained(CONFIGS / "gpt-oss-20b")),
+        lora(targets="all-linear", parameters=EXPERTS, r=8),
+    )
+    assert resolved.total_params - resolved.trainable_params == total
+    assert round(total / 1e9, 1) == 20.9
+    adapter = 8 * ((h + q) + 2 * (h + kv) + (q + h)) + e * 8 * ((h + 2 * i) + (i + h))
+    assert resolved.trainable_params == n * adapter
