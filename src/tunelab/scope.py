@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 PRESET_NAMES = {"qv": ["q_proj", "v_proj"], "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 ATTENTION_PARENT = re.compile(r"attn|attention", re.IGNORECASE)
 MLP_PARENT = re.compile(r"mlp|feed_?forward|ffn|moe", re.IGNORECASE)
-NO_MODULE = r"(?!)"
 FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f")
 
 
@@ -268,14 +267,15 @@ def expand_targets(
 
 @dataclass
 class LoraTargets:
-    """What `lora_config` resolved: PEFT's config, the decoder, and the full names of the linear modules and of the
-    other parameters (fused experts) that it asks PEFT to adapt."""
+    """What `lora_config` resolved: PEFT's config, the decoder, the chosen layers, and the full names of the linear
+    modules and of the other parameters (fused experts) that it asks PEFT to adapt."""
 
     config: LoraConfig
     decoder: Decoder
     layers: list[int]
     modules: list[str]
     parameters: list[str]
+    experts: list[str]  # the fused expert weights in the chosen layers, whether or not they train
     refused: list[str]  # module names the preset left out because PEFT refuses them here
 
 
@@ -334,9 +334,7 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         lora_dropout=dropout,
         bias=scope.bias,
         task_type=scope.task_type,
-        # Nothing but parameters (mlp on Mixtral): a regex that matches no module, since an empty list would give
-        # way to PEFT's default modules for the architecture.
-        target_modules=regex if regex is not None else names or NO_MODULE,
+        target_modules=regex if regex is not None else names,  # empty where only expert weights train (mlp, Mixtral)
         layers_to_transform=None if all_layers or regex is not None else layers,
         layers_pattern=None if all_layers or regex is not None else decoder.pattern,
         target_parameters=params or None,
@@ -350,7 +348,7 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         # would be saved tied again and lose one of them. (PEFT ties trainable token rows on its own.)
         ensure_weight_tying=bool(scope.open) and tied_embeddings(model),
     )
-    return LoraTargets(config, decoder, layers, chosen, params, refused)
+    return LoraTargets(config, decoder, layers, chosen, params, experts, refused)
 
 
 def _reaches(scope: LoraScope, model: nn.Module) -> str:
@@ -371,9 +369,7 @@ def expert_weights(model: nn.Module, decoder: Decoder, layers: list[int]) -> lis
     `layers`."""
     from torch import nn
 
-    convolutions = {
-        f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d) for p in ("weight",)
-    }
+    convolutions = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d)}
     return [
         n
         for n, p in model.named_parameters()
@@ -404,16 +400,10 @@ def named_parameters(suffixes: list[str], model: nn.Module, decoder: Decoder, la
     for suffix in suffixes:
         matched = [n for n in candidates if n == suffix or n.endswith("." + suffix)]
         if not matched:
-            shown = sorted(
-                {n.split(".", len(decoder.path.split(".")) + 1)[-1] for n in expert_weights(model, decoder, layers)}
-            )
+            experts = expert_suffixes(expert_weights(model, decoder, layers), decoder)
             raise ConfigError(
                 f"scope.lora.parameters: '{suffix}' names no parameter outside a linear layer in the chosen layers; "
-                + (
-                    f"fused expert weights here: {', '.join(shown)}"
-                    if shown
-                    else f"{type(model).__name__} has no fused expert weights"
-                )
+                + (f"fused expert weights here: {experts}" if experts else f"{type(model).__name__} has none")
                 + " (linear layers go in scope.lora.targets)"
             )
         found += matched
@@ -551,9 +541,9 @@ def _final_norm(model: nn.Module, decoder: Decoder, key: str = "scope.partial.no
     base_path = decoder.path.rsplit(".", 1)[0] if "." in decoder.path else ""
     base = model.get_submodule(base_path) if base_path else model
     # The usual names first, then the one normalisation layer beside the decoder blocks, whatever it is called.
-    named = [name for name in FINAL_NORM_NAMES if isinstance(getattr(base, name, None), nn.Module)]
-    norms = named or [name for name, m in base.named_children() if "norm" in type(m).__name__.lower()]
-    if len(norms) == 1 or named:
+    norms = [name for name in FINAL_NORM_NAMES if isinstance(getattr(base, name, None), nn.Module)][:1]
+    norms = norms or [name for name, m in base.named_children() if "norm" in type(m).__name__.lower()]
+    if len(norms) == 1:
         return f"{base_path}.{norms[0]}" if base_path else norms[0]
     raise ConfigError(
         f"{key}: cannot find the final norm of {type(model).__name__} "

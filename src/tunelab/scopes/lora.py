@@ -34,7 +34,7 @@ class Lora(ScopeKind):
         from peft import PeftModel, get_peft_model
         from peft.utils import ModulesToSaveWrapper
 
-        from tunelab.scope import ResolvedScope, expert_weights, find_decoder, layer_index, leaf, lora_config, token_ids
+        from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config, token_ids
 
         notes = []
         continuing = isinstance(model, PeftModel)
@@ -43,7 +43,6 @@ class Lora(ScopeKind):
         else:
             targets = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
             config, decoder = targets.config, targets.decoder
-            experts = expert_weights(model, decoder, targets.layers)
             arch = type(model).__name__
             if config.lora_dropout != scope.lora.dropout:
                 notes.append(
@@ -77,7 +76,7 @@ class Lora(ScopeKind):
         }
         copies = {id(p): p for m in opened.values() for p in m.parameters() if p.requires_grad}
         if not continuing:
-            notes += _left_out(scope, arch, targets, experts, adapted, model.peft_config["default"])
+            notes += _left_out(scope, arch, targets, adapted, model.peft_config["default"])
         return model, ResolvedScope(
             kind=self.name,
             layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
@@ -162,9 +161,7 @@ def _why_no_dropout(scope: Scope) -> str:
     )
 
 
-def _left_out(
-    scope: Scope, arch: str, targets: LoraTargets, experts: list[str], adapted: dict, config: LoraConfig
-) -> list[str]:
+def _left_out(scope: Scope, arch: str, targets: LoraTargets, adapted: dict, config: LoraConfig) -> list[str]:
     """What the scope meant to train and PEFT left frozen, as warnings: linear modules its MoE name conversion
     dropped, and fused expert weights that all-linear or mlp does not reach on this architecture."""
     from tunelab.scope import expert_suffixes
@@ -183,7 +180,7 @@ def _left_out(
             "names maps these names to the routed experts (huggingface/peft#3711); they stay frozen"
         )
     reached = list(config.target_parameters or [])
-    frozen = [n for n in experts if not any(n == t or n.endswith("." + t) for t in reached)]
+    frozen = [n for n in targets.experts if not any(n == t or n.endswith("." + t) for t in reached)]
     if frozen and scope.lora.targets in ("all-linear", "mlp") and not scope.lora.parameters:
         suffixes = expert_suffixes(frozen, targets.decoder)
         notes.append(
