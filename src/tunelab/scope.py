@@ -116,19 +116,41 @@ def linear_modules(model: nn.Module) -> list[str]:
     return sorted(expanded.target_modules)
 
 
-def refused_by_peft(model: nn.Module, names: list[str]) -> list[str]:
-    """The module names PEFT refuses to put LoRA on in this architecture (a Mamba mixer's out_proj in Mamba,
-    Falcon-H1 and Nemotron-H), as its own check decides."""
+def refused_by_peft(model: nn.Module, linears: list[str], names: list[str]) -> list[str]:
+    """Of `names` (leaf names of `linears`), the ones LoRA cannot go on in this architecture: those PEFT's own check
+    refuses (a Mamba mixer's out_proj in Mamba, Falcon-H1 and Nemotron-H), and linear layers whose forward returns
+    more than a tensor (the routers of Llama 4 and PhiMoE), which PEFT's LoRA layer crashes on at the first step."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
 
-    refused = []
-    for name in sorted(set(names)):
+    refused = set(_not_tensor_out(model, linears)) & set(names)
+    for name in set(names) - refused:
         try:
             _check_lora_target_modules_mamba(LoraConfig(), model, name)
         except ValueError:
-            refused.append(name)
-    return refused
+            refused.add(name)
+    return sorted(refused)
+
+
+def _not_tensor_out(model: nn.Module, linears: list[str]) -> list[str]:
+    """Leaf names of the model's own nn.Linear subclasses whose output is not a tensor, each class run once on one
+    token (on the meta device when planning)."""
+    import torch
+    from torch import nn
+
+    verdicts: dict[type, bool] = {}
+    for name in linears:
+        module = model.get_submodule(name)
+        kind = type(module)
+        if kind is nn.Linear or not kind.__module__.startswith("transformers.") or kind in verdicts:
+            continue
+        token = torch.zeros(1, 1, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+        try:
+            with torch.no_grad():
+                verdicts[kind] = not isinstance(module(token), torch.Tensor)
+        except Exception:  # a layer that cannot run alone on one token is left to PEFT, as any other
+            verdicts[kind] = False
+    return sorted({leaf(n) for n in linears if verdicts.get(type(model.get_submodule(n)), False)})
 
 
 def leaf(name: str) -> str:
@@ -301,7 +323,7 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         bool(fused),
         hint if experts else "",
     )
-    refused = refused_by_peft(model, names) if scope.targets in ("all-linear", "mlp") else []
+    refused = refused_by_peft(model, linears, names) if scope.targets in ("all-linear", "mlp") else []
     names = [n for n in names if n not in refused]  # a preset leaves them out (Lora.apply says so); a list is refused
     chosen = [
         n

@@ -139,7 +139,7 @@ def test_a_module_peft_cannot_adapt_is_one_line_naming_the_targets(tmp_path) -> 
     # A preset leaves out what PEFT refuses here, and says so
     _, resolved = apply_scope(build(tmp_path), Scope(lora=LoraScope(targets="all-linear")))
     assert resolved.target_modules == ["dt_proj", "in_proj", "x_proj"]
-    assert "all-linear leaves out out_proj on MambaForCausalLM: PEFT does not put LoRA on them" in resolved.warnings[0]
+    assert resolved.warnings[0].startswith("all-linear leaves out out_proj on MambaForCausalLM: LoRA cannot go on them")
 
 
 def test_a_model_that_needs_a_package_not_installed_is_one_line(tmp_path) -> None:

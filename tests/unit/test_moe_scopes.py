@@ -205,3 +205,16 @@ def test_gpt_oss_20b_published_config_plans_exactly() -> None:
     assert round(total / 1e9, 1) == 20.9
     adapter = 8 * ((h + q) + 2 * (h + kv) + (q + h)) + e * 8 * ((h + 2 * i) + (i + h))
     assert resolved.trainable_params == n * adapter
+
+
+def test_presets_leave_out_a_router_that_returns_more_than_a_tensor() -> None:
+    """Llama 4's router is an nn.Linear subclass whose forward returns scores and logits: LoRA on it (PEFT's own
+    all-linear takes it) crashed the first forward pass."""
+    model = tiny("llama4_text", real=True, intermediate_size_mlp=128, num_local_experts=4)
+    model, resolved = apply_scope(model, lora(targets="all-linear", dropout=0.0))
+    assert "router" not in resolved.target_modules and "q_proj" in resolved.target_modules
+    assert resolved.warnings[0].startswith("all-linear leaves out router on Llama4ForCausalLM: LoRA cannot go on them")
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    _, planned = apply_scope(tiny("llama4_text", intermediate_size_mlp=128, num_local_experts=4), lora(dropout=0.0))
+    assert planned.trainable_params == resolved.trainable_params

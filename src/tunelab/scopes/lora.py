@@ -169,8 +169,9 @@ def _left_out(scope: Scope, arch: str, targets: LoraTargets, adapted: dict, conf
     notes = []
     if targets.refused:
         notes.append(
-            f"{scope.lora.targets} leaves out {', '.join(targets.refused)} on {arch}: PEFT does not put LoRA on them "
-            "in this architecture (a Mamba mixer's output projection)"
+            f"{scope.lora.targets} leaves out {', '.join(targets.refused)} on {arch}: LoRA cannot go on them in this "
+            "architecture (PEFT refuses a Mamba mixer's output projection; a router that returns more than a tensor "
+            "crashes its layer)"
         )
     missed = [n for n in targets.modules if n not in adapted]
     if missed:
