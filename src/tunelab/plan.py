@@ -270,8 +270,12 @@ def estimate_memory(
     logits = tokens * facts.vocab_size * (b + 8)  # logits, their float32 upcast and its gradient
     # DoRA keeps each adapted module's base output for the magnitude's gradient (one layer's worth when recomputed).
     dora = scope.dora_features
-    full_acts = tokens * (n_act * per_layer + dora) * b + logits
+    # LoRA on fused expert weights merges each with its update every forward: backward keeps the merged copies and
+    # builds one layer's gradient of them at a time (recomputed one layer at a time under checkpointing).
+    merged_layer = -(-scope.merged_params // max(scope.merged_layers, 1))
+    full_acts = tokens * (n_act * per_layer + dora) * b + logits + (scope.merged_params + merged_layer) * b
     ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0) + -(-dora // max(len(scope.layers), 1))) * b + logits
+    ckpt_acts += 2 * merged_layer * b
     available = device_memory(device)
     static = weights + grads + optimizer + reference_bytes
     match exp.train.gradient_checkpointing:

@@ -46,6 +46,10 @@ class ResolvedScope:
     opened_modules: list[str] = field(default_factory=list)  # originals trained whole beside an adapter
     opened_params: int = 0  # their trainable parameters, kept in the model's dtype (an adapter's are float32)
     dora_features: int = 0  # output features of the DoRA-adapted modules, summed: their outputs are kept for backward
+    merged_params: int = (
+        0  # weights LoRA merges with its update on every forward (fused experts): copies kept for backward
+    )
+    merged_layers: int = 0  # the layers those weights are in
     layers_pattern: str | None = None
     tied_embeddings: bool = False
     embeddings_train: bool = False  # the input embeddings train (opened, or tied to an opened lm_head)

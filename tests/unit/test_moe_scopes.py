@@ -218,3 +218,41 @@ def test_presets_leave_out_a_router_that_returns_more_than_a_tensor() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     _, planned = apply_scope(tiny("llama4_text", intermediate_size_mlp=128, num_local_experts=4), lora(dropout=0.0))
     assert planned.trainable_params == resolved.trainable_params
+
+
+def test_merged_expert_weights_count_in_the_activation_estimate_as_backward_keeps_them(tmp_path) -> None:
+    """LoRA on a fused expert weight merges it with its update on every forward (PEFT's parametrization); backward
+    keeps the merged copies. On gpt-oss-20b that is 19.1B elements: 35.6 GiB at bf16 beside 6.6 GiB of activations,
+    one layer's worth under checkpointing. Measured on a small gpt-oss: the storage autograd keeps for backward grows by
+    most of the merged weights' bytes, never by more."""
+    from tests.conftest import CONFIGS, DATA, write_experiment
+    from tunelab.config import load_experiment
+    from tunelab.plan import make_plan
+
+    body = (
+        f"name: oss\nmodel: {{id: {CONFIGS / 'gpt-oss-20b'}, dtype: bfloat16}}\ndata: {{train: {DATA}/sft_train.jsonl}}"
+        "\ntrain: {gradient_checkpointing: off}\nscope: {lora: {targets: attention, dropout: 0.0%s}}\n"
+    )
+    attention = make_plan(load_experiment(write_experiment(tmp_path, body % "", "a.yaml"))).memory
+    plan = make_plan(load_experiment(write_experiment(tmp_path, body % f", parameters: {EXPERTS}", "e.yaml")))
+    merged = 24 * 32 * (2880 * 2 * 2880 + 2880 * 2880)  # both expert weights of every layer, from the config
+    assert (plan.scope.merged_params, plan.scope.merged_layers) == (merged, 24)
+    assert plan.memory.activations_bytes - attention.activations_bytes == (merged + merged // 24) * 2
+    assert plan.memory.activations_checkpointed_bytes - attention.activations_checkpointed_bytes == 2 * merged // 24 * 2
+
+    def kept_for_backward(parameters: list[str]) -> int:
+        model, resolved = apply_scope(gpt_oss(real=True), lora(targets="attention", parameters=parameters))
+        storages = {}
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(storages.values()), resolved.merged_params
+
+    plain, _ = kept_for_backward([])
+    with_experts, merged_small = kept_for_backward(EXPERTS)
+    assert 0.5 * merged_small * 4 < with_experts - plain <= merged_small * 4  # float32 here

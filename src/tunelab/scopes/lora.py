@@ -32,6 +32,7 @@ class Lora(ScopeKind):
 
     def apply(self, model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:
         from peft import PeftModel, get_peft_model
+        from peft.tuners.lora.layer import ParamWrapper
         from peft.utils import ModulesToSaveWrapper
 
         from tunelab.scope import ResolvedScope, find_decoder, layer_index, leaf, lora_config, token_ids
@@ -75,6 +76,13 @@ class Lora(ScopeKind):
             if isinstance(m, ModulesToSaveWrapper) and "default" in m.modules_to_save
         }
         copies = {id(p): p for m in opened.values() for p in m.parameters() if p.requires_grad}
+        # LoRA on a weight outside a linear layer merges it with the update on every forward (a parametrization)
+        # (one wrapper a weight, nested where a module has two)
+        merged = {
+            n.removeprefix("base_model.model."): m.get_param().numel()
+            for n, m in model.named_modules()
+            if isinstance(m, ParamWrapper)
+        }
         if not continuing:
             notes += _left_out(scope, arch, targets, adapted, model.peft_config["default"])
         return model, ResolvedScope(
@@ -87,6 +95,8 @@ class Lora(ScopeKind):
             opened_modules=sorted(opened),
             opened_params=sum(p.numel() for p in copies.values()),
             dora_features=sum(m.out_features for m in adapted.values() if m.use_dora.get("default")),
+            merged_params=sum(merged.values()),
+            merged_layers=len({layer_index(n, decoder) for n in merged}),
             layers_pattern=config.layers_pattern if isinstance(config.layers_pattern, str) else None,
             warnings=notes,
         )
