@@ -146,7 +146,9 @@ def _not_tensor_out(model: nn.Module, linears: list[str]) -> list[str]:
     for name in linears:
         module = model.get_submodule(name)
         kind = type(module)
-        if kind is nn.Linear or not kind.__module__.startswith("transformers.") or kind in verdicts:
+        if not isinstance(module, nn.Linear) or kind is nn.Linear or not kind.__module__.startswith("transformers."):
+            continue  # GPT-2's Conv1D is none, and neither are quantized layers (bitsandbytes')
+        if kind in verdicts:
             continue
         token = torch.zeros(1, 1, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
         try:
