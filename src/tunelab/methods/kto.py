@@ -43,22 +43,14 @@ def build(inputs: TrainerInputs) -> KTOTrainer:
 
 
 def shuffled_unpaired(rows: list[dict], seed: int) -> list[dict]:
-    """KTO's training order: each pair as two rows (chosen desirable, rejected undesirable, as TRL unpairs them),
-    shuffled once with the seed. TRL's unpairing puts every desirable row before every undesirable one and KTO keeps
-    that order, so an epoch pushed all chosen answers up and then all rejected ones down, and the pairs were never
-    learned; thumbs-up/down data may arrive sorted by label too."""
-    import random
+    """KTO's training order: pairs unpaired as TRL unpairs them (chosen desirable, rejected undesirable), then shuffled
+    once with the seed. TRL's unpairing puts every desirable row before every undesirable one and KTO keeps that order,
+    so an epoch pushed all chosen answers up and then all rejected ones down, and the pairs were never learned;
+    thumbs-up/down data may arrive sorted by label too."""
+    from datasets import Dataset
+    from trl.data_utils import maybe_unpair_preference_dataset
 
-    unpaired = []
-    for row in rows:
-        if "chosen" not in row:
-            unpaired.append(row)
-            continue
-        rest = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
-        unpaired += [{**rest, "completion": row["chosen"], "label": True}]
-        unpaired += [{**rest, "completion": row["rejected"], "label": False}]
-    random.Random(seed).shuffle(unpaired)
-    return unpaired
+    return maybe_unpair_preference_dataset(Dataset.from_list(rows)).shuffle(seed=seed).to_list()
 
 
 METHOD = Method(
