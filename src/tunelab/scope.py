@@ -46,9 +46,7 @@ class ResolvedScope:
     opened_modules: list[str] = field(default_factory=list)  # originals trained whole beside an adapter
     opened_params: int = 0  # their trainable parameters, kept in the model's dtype (an adapter's are float32)
     dora_features: int = 0  # output features of the DoRA-adapted modules, summed: their outputs are kept for backward
-    merged_params: int = (
-        0  # weights LoRA merges with its update on every forward (fused experts): copies kept for backward
-    )
+    merged_params: int = 0  # weights LoRA merges with its update each forward (fused experts); backward keeps them
     merged_layers: int = 0  # the layers those weights are in
     layers_pattern: str | None = None
     tied_embeddings: bool = False
@@ -161,6 +159,11 @@ def _not_tensor_out(model: nn.Module, linears: list[str]) -> list[str]:
 
 def leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1]
+
+
+def matches(name: str, target: str) -> bool:
+    """PEFT's rule for a target given by name: the whole name, or its end after a dot."""
+    return name == target or name.endswith("." + target)
 
 
 def layer_index(name: str, decoder: Decoder) -> int | None:
@@ -281,7 +284,7 @@ def expand_targets(
         if not any(regex.fullmatch(n) for n in linears):
             raise ConfigError(f"scope.lora.targets: regex '{targets}' matches no linear module; {listing}")
         return [], targets
-    missing = [n for n in names if not any(n == leaf(m) or m.endswith("." + n) for m in linears)]
+    missing = [n for n in names if not any(matches(m, n) for m in linears)]
     if missing:
         what = f"preset '{targets}' ({', '.join(names)})" if isinstance(targets, str) else "targets"
         attention = blocks["attention"]
@@ -295,14 +298,12 @@ def expand_targets(
 
 @dataclass
 class LoraTargets:
-    """What `lora_config` resolved: PEFT's config, the decoder, the chosen layers, and the full names of the linear
-    modules and of the other parameters (fused experts) that it asks PEFT to adapt."""
+    """What `lora_config` resolved beside PEFT's config: the decoder, the full names of the linear modules it asks PEFT
+    to adapt, the fused expert weights in the chosen layers, and the names a preset left out."""
 
     config: LoraConfig
     decoder: Decoder
-    layers: list[int]
     modules: list[str]
-    parameters: list[str]
     experts: list[str]  # the fused expert weights in the chosen layers, whether or not they train
     refused: list[str]  # module names the preset left out because PEFT refuses them here
 
@@ -334,7 +335,7 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
     chosen = [
         n
         for n in linears
-        if (re.fullmatch(regex, n) if regex is not None else any(n == t or n.endswith("." + t) for t in names))
+        if (re.fullmatch(regex, n) if regex is not None else any(matches(n, t) for t in names))
         and layer_index(n, decoder) in layers
     ]
     all_layers = layers == list(range(decoder.count))
@@ -376,14 +377,18 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         # would be saved tied again and lose one of them. (PEFT ties trainable token rows on its own.)
         ensure_weight_tying=bool(scope.open) and tied_embeddings(model),
     )
-    return LoraTargets(config, decoder, layers, chosen, params, experts, refused)
+    return LoraTargets(config, decoder, chosen, experts, refused)
+
+
+def targets_words(scope: LoraScope) -> str:
+    """How messages name the scope's targets: 'all-linear', 'targets: mlp'."""
+    return scope.targets if scope.targets == "all-linear" else f"targets: {scope.targets}"
 
 
 def _reaches(scope: LoraScope, model: nn.Module) -> str:
     if scope.parameters:
         return "scope.lora.parameters trains weights outside linear layers"
-    preset = scope.targets if scope.targets == "all-linear" else f"targets: {scope.targets}"
-    return f"{preset} on {type(model).__name__} reaches its fused expert weights"
+    return f"{targets_words(scope)} on {type(model).__name__} reaches its fused expert weights"
 
 
 def _fix(scope: LoraScope) -> str:
@@ -426,7 +431,7 @@ def named_parameters(suffixes: list[str], model: nn.Module, decoder: Decoder, la
     ]
     found = []
     for suffix in suffixes:
-        matched = [n for n in candidates if n == suffix or n.endswith("." + suffix)]
+        matched = [n for n in candidates if matches(n, suffix)]
         if not matched:
             experts = expert_suffixes(expert_weights(model, decoder, layers), decoder)
             raise ConfigError(

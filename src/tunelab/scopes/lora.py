@@ -162,19 +162,20 @@ class Lora(ScopeKind):
 
 
 def _why_no_dropout(scope: Scope) -> str:
+    from tunelab.scope import targets_words
+
     if scope.lora.parameters:
         return "PEFT trains scope.lora.parameters only without dropout"
-    preset = "all-linear" if scope.lora.targets == "all-linear" else f"targets: {scope.lora.targets}"
     return (
-        f"{preset} reaches the fused expert weights, which PEFT trains only without dropout (targets: attention keeps "
-        "the experts out)"
+        f"{targets_words(scope.lora)} reaches the fused expert weights, which PEFT trains only without dropout "
+        "(targets: attention keeps the experts out)"
     )
 
 
 def _left_out(scope: Scope, arch: str, targets: LoraTargets, adapted: dict, config: LoraConfig) -> list[str]:
     """What the scope meant to train and PEFT left frozen, as warnings: linear modules its MoE name conversion
     dropped, and fused expert weights that all-linear or mlp does not reach on this architecture."""
-    from tunelab.scope import expert_suffixes
+    from tunelab.scope import expert_suffixes, matches
 
     notes = []
     if targets.refused:
@@ -191,7 +192,7 @@ def _left_out(scope: Scope, arch: str, targets: LoraTargets, adapted: dict, conf
             "names maps these names to the routed experts (huggingface/peft#3711); they stay frozen"
         )
     reached = list(config.target_parameters or [])
-    frozen = [n for n in targets.experts if not any(n == t or n.endswith("." + t) for t in reached)]
+    frozen = [n for n in targets.experts if not any(matches(n, t) for t in reached)]
     if frozen and scope.lora.targets in ("all-linear", "mlp") and not scope.lora.parameters:
         suffixes = expert_suffixes(frozen, targets.decoder)
         notes.append(
