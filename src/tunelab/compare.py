@@ -395,7 +395,8 @@ def _prompts_and_eval(
         eval_rows = load_file(sft.eval, "data.eval", sft, "sft")[1]
     if prompts_file:
         return read_prompts(prompts_file), eval_rows
-    held_out = eval_rows or load_file(exp.data.eval or exp.data.train_files[0], "data", exp.data, exp.method)[1]
+    source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_files[0], "data.train")
+    held_out = eval_rows or load_file(source, key, exp.data, exp.method)[1]
     return held_out_prompts(held_out), eval_rows
 
 

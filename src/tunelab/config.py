@@ -163,7 +163,14 @@ class DataSettings(Strict):
         "auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference", "unpaired"
     ] = Field(default="auto", description="Record format; auto detects it from the first record's fields.")
     hub_split: str = Field(
-        default="train", description="Split to read from a hub dataset id or a folder saved with `save_to_disk`."
+        default="train",
+        description="Split of `train` to read when it is a hub dataset id or a folder (a dataset repository's files, "
+        "or one saved with `save_to_disk`).",
+    )
+    eval_split: str | None = Field(
+        default=None,
+        description="Split of `eval` to read when it is a hub dataset id or a folder (e.g. test_sft); default: "
+        "hub_split, which is refused when `eval` is the same dataset as `train`.",
     )
     merge_consecutive_turns: bool = Field(
         default=False,
@@ -187,6 +194,10 @@ class DataSettings(Strict):
     @property
     def train_files(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    @property
+    def eval_hub_split(self) -> str:
+        return self.eval_split or self.hub_split
 
 
 # TRL 1.16's DPO losses (it checks them only at the first step, so tunelab checks them here).
@@ -556,6 +567,7 @@ class Experiment(Strict):
 
 
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in the experiment and its default
+    ("data", "eval_split"): None,
     ("model", "quantization"): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,

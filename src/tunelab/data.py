@@ -101,38 +101,60 @@ def _read_csv(path: Path, text: str) -> list[Record]:
         return [Record(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
 
 
-def _read_with_datasets(source: str, split: str) -> list[Record]:
+def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record], str]:
+    """A parquet file, a folder (saved with `save_to_disk`, or a dataset repository's files as the hub holds them) or a
+    hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
 
     path = Path(source)
+    split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
     try:
-        if path.is_dir():
+        if _saved_with_datasets(path):
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise TunelabError(
                         f"{source}: the saved dataset has no split '{split}'; its splits are "
-                        f"{', '.join(ds)}: set data.hub_split to one of them"
+                        f"{', '.join(ds)}: set {split_key} to one of them"
                     )
                 ds = ds[split]
         elif path.suffix == ".parquet":
             ds = datasets.Dataset.from_parquet(str(path))
-        else:
+        else:  # a hub id, or a folder laid out as a dataset repository (data files, README.md configs)
             ds = datasets.load_dataset(source, split=split)
-    except (OSError, ValueError, KeyError, FileNotFoundError) as e:
+    except ValueError as e:
+        if str(e).startswith("Unknown split"):
+            names = ", ".join(datasets.get_dataset_split_names(source))
+            raise TunelabError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
-    return [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
+    except (OSError, KeyError, FileNotFoundError) as e:
+        raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
+    records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
+    return records, _records_digest(records)
+
+
+def _saved_with_datasets(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _records_digest(records: list[Record]) -> str:
+    """The records' content, for sources whose bytes are not one file (folders, hub datasets): the same rows give the
+    same digest wherever and however they are stored."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.value, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
 
 
 TEXT_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-NOT_HASHED = "hub-or-folder"
 
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def read_records(source: str, key: str, hub_split: str = "train") -> tuple[list[Record], str]:
+def read_records(source: str, key: str, split: str = "train") -> tuple[list[Record], str]:
     """The records of a data source and the digest of its bytes, from one read of the file."""
     path = Path(source)
     if path.is_file():
@@ -157,16 +179,14 @@ def read_records(source: str, key: str, hub_split: str = "train") -> tuple[list[
                 ) from e
             return TEXT_READERS[suffix](path, text), digest
         if suffix == ".parquet":
-            return _read_with_datasets(source, hub_split), _digest(path.read_bytes())
+            return _read_with_datasets(source, split, key)[0], _digest(path.read_bytes())
         raise TunelabError(
             f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
         )
-    if path.is_dir():
-        return _read_with_datasets(source, hub_split), NOT_HASHED
     looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
-    if looks_like_file or source.count("/") != 1:
+    if not path.is_dir() and (looks_like_file or source.count("/") != 1):
         raise ConfigError(f"{key}: data file '{source}' not found")
-    return _read_with_datasets(source, hub_split), NOT_HASHED
+    return _read_with_datasets(source, split, key)
 
 
 # ---------------------------------------------------------------- formats
@@ -525,9 +545,11 @@ def _check_method(fmt: str, method: str, where: str) -> None:
 def load_file(
     source: str, key: str, settings: DataSettings, method: str | None, fmt: str | None = None
 ) -> tuple[str, list[dict], list[str], str]:
-    """(format, normalised rows, where each row comes from, digest of the file's bytes). `method`: the one the rows
-    must suit; None to take them as they are (`tunelab init` picks the method from the format)."""
-    records, digest = read_records(source, key, settings.hub_split)
+    """(format, normalised rows, where each row comes from, digest of the data). `method`: the one the rows must suit;
+    None to take them as they are (`tunelab init` picks the method from the format). `key` "data.eval" reads the
+    split data.eval_split names from a folder or hub dataset."""
+    split = settings.eval_hub_split if key == "data.eval" else settings.hub_split
+    records, digest = read_records(source, key, split)
     if not records:
         raise TunelabError(f"{source}: the dataset is empty")
     fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
@@ -548,7 +570,9 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     sources = ", ".join(settings.train_files)
     train, evaluation = Split(rows, sources, origins), None
     if settings.eval:
-        _, eval_rows, eval_origins, hashes[settings.eval] = load_file(settings.eval, "data.eval", settings, method, fmt)
+        _refuse_eval_of_train(settings)
+        _, eval_rows, eval_origins, digest = load_file(settings.eval, "data.eval", settings, method, fmt)
+        hashes[settings.eval if settings.eval not in hashes else f"{settings.eval}:{settings.eval_hub_split}"] = digest
         evaluation = Split(eval_rows, settings.eval, eval_origins)
     elif settings.eval_fraction:
         order = list(range(len(rows)))
@@ -564,6 +588,25 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         train = Split([rows[i] for i in kept], sources, [origins[i] for i in kept])
         evaluation = Split([rows[i] for i in out], f"{sources} (held out)", [origins[i] for i in out])
     return Splits(fmt, train, evaluation, hashes)
+
+
+def _refuse_eval_of_train(settings: DataSettings) -> None:
+    """Held-out data that is the training data measures memorisation, not learning: the same file, or the same split of
+    a folder or hub dataset (a hub dataset's eval read the training split unless told otherwise)."""
+    assert settings.eval is not None
+    same = [s for s in settings.train_files if Path(s).resolve() == Path(settings.eval).resolve()]
+    if not same:
+        return
+    if Path(settings.eval).is_file():
+        raise ConfigError(
+            f"data.eval: '{settings.eval}' is also a training file, so eval loss would measure memorisation; give a "
+            "held-out file, or use data.eval_fraction to hold out part of it"
+        )
+    if settings.eval_hub_split == settings.hub_split:
+        raise ConfigError(
+            f"data.eval: reads the same split of '{settings.eval}' as data.train ('{settings.hub_split}'), so eval "
+            "loss would measure memorisation; set data.eval_split to its held-out split, or use data.eval_fraction"
+        )
 
 
 def as_sft_row(row: dict) -> dict:

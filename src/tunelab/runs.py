@@ -364,6 +364,9 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return next((c for c in reversed(checkpoints(run_dir)) if complete(c)), None)
 
 
+NOT_HASHED = "hub-or-folder"  # what runs recorded for folders and hub datasets before their records were hashed
+
+
 def changed_inputs(old: Manifest, exp: Experiment, provenance: Provenance | None) -> list[str]:
     """What differs between a run's recorded inputs and this attempt's: experiment, data, template, base weights."""
     changed = []
@@ -373,8 +376,11 @@ def changed_inputs(old: Manifest, exp: Experiment, provenance: Provenance | None
         return changed
     old_data, new_data = old.data.hashes if old.data else None, provenance.data.hashes
     if old_data and new_data and old_data != new_data:
-        files = sorted(k for k in {*old_data, *new_data} if old_data.get(k) != new_data.get(k))
-        changed.append(f"the data changed ({', '.join(files)})")
+        files = sorted(
+            k for k in {*old_data, *new_data} if old_data.get(k) not in (new_data.get(k), NOT_HASHED)
+        )  # a source recorded as not hashed is not known to have changed
+        if files:
+            changed.append(f"the data changed ({', '.join(files)})")
     old_template, new_template = old.chat_template_hash, provenance.chat_template_hash
     if old_template and new_template and old_template != new_template:
         changed.append("the chat template changed")

@@ -221,6 +221,60 @@ def test_a_saved_dataset_names_its_splits_when_the_one_asked_for_is_missing(tmp_
     assert load(tmp_path / "saved", hub_split="train_sft").train.rows == [CHAT]
 
 
+def dataset_repository(folder: Path, splits: dict[str, list[dict]]) -> Path:
+    """A folder laid out as `hf download --repo-type dataset` writes a hub dataset repository: parquet shards under
+    data/ named by split, and the README's `configs` naming them (HuggingFaceH4/ultrachat_200k's layout, with its
+    train_sft / test_sft splits)."""
+    import datasets
+
+    (folder / "data").mkdir(parents=True)
+    configs = []
+    for split, rows in splits.items():
+        datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001-3f1a.parquet"))
+        configs.append(f"  - split: {split}\n    path: data/{split}-*\n")
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(configs) + "---\n"
+    )
+    return folder
+
+
+def test_a_downloaded_dataset_repository_reads_its_named_splits(tmp_path: Path) -> None:
+    other = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    repo = dataset_repository(tmp_path / "ultrachat", {"train_sft": [CHAT, CHAT], "test_sft": [other]})
+    with pytest.raises(TunelabError, match=r"has no split 'train'; its splits are train_sft, test_sft: set data.hub_s"):
+        load(repo)
+    splits = load(repo, hub_split="train_sft", eval=str(repo), eval_split="test_sft")
+    assert (splits.train.rows, splits.eval.rows) == ([CHAT, CHAT], [other])
+    assert splits.train.origins == [f"{repo}#1", f"{repo}#2"]
+    assert set(splits.hashes) == {str(repo), f"{repo}:test_sft"} and len(set(splits.hashes.values())) == 2
+    with pytest.raises(TunelabError, match=r"has no split 'test'; its splits are train_sft, test_sft: set data.eval_s"):
+        load(repo, hub_split="train_sft", eval=str(repo), eval_split="test")
+
+
+def test_eval_data_that_is_the_training_data_is_refused(tmp_path: Path) -> None:
+    repo = dataset_repository(tmp_path / "repo", {"train": [CHAT], "test": [CHAT]})
+    with pytest.raises(TunelabError, match=r"^data.eval: reads the same split of '.*repo' as data.train \('train'\)"):
+        load(repo, eval=str(repo))
+    path = write_jsonl(tmp_path / "d.jsonl", [CHAT])
+    with pytest.raises(TunelabError, match=r"^data.eval: '.*d.jsonl' is also a training file"):
+        load(path, eval=str(path))
+
+
+def test_folders_are_hashed_by_their_records(tmp_path: Path) -> None:
+    """The same rows give the same digest however they are stored; one changed row changes it."""
+    import datasets
+
+    rows = [CHAT, {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    repo = dataset_repository(tmp_path / "repo", {"train": rows})
+    edited = dataset_repository(
+        tmp_path / "edited", {"train": [CHAT, {"messages": rows[1]["messages"][:1] + [CHAT["messages"][1]]}]}
+    )
+    digests = [load(p).hashes[str(p)] for p in (tmp_path / "saved", repo, edited)]
+    assert digests[0] == digests[1] != digests[2]
+    assert all(len(d) == 16 and int(d, 16) >= 0 for d in digests)
+
+
 def test_every_row_knows_where_it_came_from(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "o.jsonl", [CHAT, "", CHAT])
     split = load(path).train

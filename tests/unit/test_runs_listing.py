@@ -154,6 +154,11 @@ def test_resume_names_exactly_the_data_files_that_changed() -> None:
     )
     assert changed_inputs(old, exp, provenance({"a": "1", "b": "2"})) == []
     assert changed_inputs(old, exp, provenance({"a": "1", "b": "3"})) == ["the data changed (b)"]
+    # A folder or hub dataset that runs before its records were hashed recorded as "hub-or-folder" is not known to have
+    # changed when it now has a digest; a file that was hashed still is.
+    older = old.model_copy(update={"data": provenance({"a": "1", "b": "hub-or-folder"}).data})
+    assert changed_inputs(older, exp, provenance({"a": "1", "b": "9"})) == []
+    assert changed_inputs(older, exp, provenance({"a": "7", "b": "9"})) == ["the data changed (a)"]
     assert changed_inputs(old, exp, provenance({"a": "1", "b": "2"}, template="u", weights="v")) == [
         "the chat template changed",
         "the base model's weights changed (fingerprint w -> v)",
