@@ -26,17 +26,25 @@ class FakeHub:
 
     def fetched(self) -> list[str]:
         """The files whose contents were downloaded (GET), in order."""
-        return [
-            r.split(f"/resolve/{COMMIT}/", 1)[1] for r in self.requests if r.startswith("GET ") and "/resolve/" in r
+        return [  # .../resolve/<revision>/<file>
+            r.split("/resolve/", 1)[1].partition("/")[2]
+            for r in self.requests
+            if r.startswith("GET ") and "/resolve/" in r
         ]
 
 
 @contextmanager
 def fake_hub(
-    repo_id: str, folder: Path, extra: dict[str, bytes] | None = None, gated: bool = False
+    repo_id: str,
+    folder: Path,
+    extra: dict[str, bytes] | None = None,
+    gated: bool = False,
+    repo_type: str = "model",
 ) -> Iterator[FakeHub]:
-    """`gated`: the repository answers every request as the hub answers one whose license was not accepted."""
+    """`gated`: the repository answers every request as the hub answers one whose license was not accepted.
+    `repo_type` "dataset": a dataset repository (its API under /api/datasets/, its files under /datasets/)."""
     files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()} | (extra or {})
+    api = f"/api/{repo_type}s/{repo_id}"
     hub: FakeHub
 
     class Handler(BaseHTTPRequestHandler):
@@ -55,8 +63,9 @@ def fake_hub(
             self._send(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
 
         def _file(self, head: bool) -> None:
-            name = self.path.split(f"/{repo_id}/resolve/", 1)[1].split("/", 1)[1].split("?")[0]
-            if name not in files:
+            _, resolve, rest = self.path.partition(f"/{repo_id}/resolve/")
+            name = rest.partition("/")[2].split("?")[0]
+            if not resolve or name not in files:
                 self._send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
                 return
             body = files[name]
@@ -71,6 +80,21 @@ def fake_hub(
                 )
             return gated
 
+        def _tree(self) -> list[dict]:
+            """The entries under the folder the path names (tree/<revision>[/<folder>]): its files and subfolders, or
+            with recursive=true every file below it."""
+            where, _, query = self.path.split(f"{api}/tree/", 1)[1].partition("?")
+            folder = where.partition("/")[2].strip("/")
+            below = {n: b for n, b in files.items() if not folder or n.startswith(folder + "/")}
+            entries, folders = [], set()
+            for name, body in below.items():
+                rest = name[len(folder) + 1 :] if folder else name
+                if "/" in rest and "recursive=true" not in query.lower():
+                    folders.add((f"{folder}/" if folder else "") + rest.split("/", 1)[0])
+                    continue
+                entries.append({"type": "file", "path": name, "size": len(body), "oid": hashlib.sha1(body).hexdigest()})
+            return entries + [{"type": "directory", "path": f, "oid": "0" * 40} for f in sorted(folders)]
+
         def do_HEAD(self) -> None:
             if not self._refused():
                 self._file(head=True)
@@ -78,13 +102,9 @@ def fake_hub(
         def do_GET(self) -> None:
             if self._refused():
                 return
-            if self.path.startswith(f"/api/models/{repo_id}/tree/"):
-                tree = [
-                    {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                    for n, b in files.items()
-                ]
-                self._json(tree)
-            elif self.path.startswith(f"/api/models/{repo_id}"):
+            if self.path.startswith(f"{api}/tree/"):
+                self._json(self._tree())
+            elif self.path.startswith(api):
                 self._json({"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": n} for n in files]})
             else:
                 self._file(head=False)

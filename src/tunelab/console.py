@@ -29,6 +29,7 @@ def set_verbosity(verbose: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its "Retrying in 8s" lines on a flaky network
     # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.captureWarnings(True)  # warnings become records of the "py.warnings" logger ...

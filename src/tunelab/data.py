@@ -106,6 +106,8 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
 
+    from tunelab.models import offline_unless_reachable
+
     path = Path(source)
     split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
     try:
@@ -113,7 +115,7 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
-                    raise TunelabError(
+                    raise ConfigError(
                         f"{source}: the saved dataset has no split '{split}'; its splits are "
                         f"{', '.join(ds)}: set {split_key} to one of them"
                     )
@@ -121,13 +123,19 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
         elif path.suffix == ".parquet":
             ds = datasets.Dataset.from_parquet(str(path))
         else:  # a hub id, or a folder laid out as a dataset repository (data files, README.md configs)
+            offline_unless_reachable(source, "dataset")
             ds = datasets.load_dataset(source, split=split)
     except ValueError as e:
         if str(e).startswith("Unknown split"):
             names = ", ".join(datasets.get_dataset_split_names(source))
-            raise TunelabError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
+            raise ConfigError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
-    except (OSError, KeyError, FileNotFoundError) as e:
+    except ConnectionError as e:  # offline (set, or because the hub cannot be reached) and not in the cache
+        raise ConfigError(
+            f"{key}: '{source}' is not in the local cache and the hub cannot be reached; download it where there is a "
+            f"network (hf download {source} --repo-type dataset --local-dir FOLDER) and point {key} at that folder"
+        ) from e
+    except (OSError, KeyError) as e:
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
     records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     return records, _records_digest(records)

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,29 +35,31 @@ def _looks_local(model_id: str) -> bool:
 
 
 @functools.cache
-def offline_unless_reachable(model_id: str) -> None:
-    """Ask the hub about a hub model once; where it cannot be reached, go on in offline mode (from the local cache)
-    for the rest of the process and the processes it starts, instead of letting each file's lookup retry for half a
-    minute. HF_HUB_OFFLINE=1 skips the question."""
+def offline_unless_reachable(repo_id: str, repo_type: str = "model") -> None:
+    """Ask the hub about a hub model (or dataset) once; where it cannot be reached, go on in offline mode (from the
+    local cache) for the rest of the process and the processes it starts, instead of letting each file's lookup retry
+    for half a minute. HF_HUB_OFFLINE=1 skips the question."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    if _looks_local(model_id) or constants.HF_HUB_OFFLINE:
+    if _looks_local(repo_id) or constants.HF_HUB_OFFLINE:
         return
     try:
-        HfApi().model_info(model_id, timeout=HUB_TIMEOUT_S)
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=HUB_TIMEOUT_S)
         return
-    except (HfHubHTTPError, ValueError):  # the hub answered (not found, gated, ...): from_pretrained says it well
+    except (HfHubHTTPError, ValueError):  # the hub answered (not found, gated, ...): the loader says it well
         return
     except Exception as e:  # noqa: BLE001 - anything else is the network: refused, unresolved, timed out
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     constants.HF_HUB_OFFLINE = True
     os.environ["HF_HUB_OFFLINE"] = "1"
+    if "datasets" in sys.modules:  # datasets copies the switch when it is imported
+        sys.modules["datasets"].config.HF_HUB_OFFLINE = True
     from tunelab.distributed import is_main
 
     if is_main():
         print(
-            f"-> the model hub cannot be reached ({reason}): {model_id} from the local cache "
+            f"-> the model hub cannot be reached ({reason}): {repo_id} from the local cache "
             "(HF_HUB_OFFLINE=1 skips this check)",
             flush=True,
         )

@@ -87,3 +87,60 @@ def test_a_gated_model_says_how_to_get_access(tiny_model_dir: Path, tmp_path: Pa
         f"error: {exp}: model.id: '{REPO_ID}' is a gated repository: accept its license at "
         f"https://huggingface.co/{REPO_ID} while logged in, then log in here (hf auth login, or set HF_TOKEN)\n"
     )
+
+
+def test_a_hub_dataset_reads_its_named_splits_and_from_the_cache_once_the_hub_is_gone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """data.train as a hub dataset id (HuggingFaceH4/ultrachat_200k's layout: parquet shards under data/, train_sft and
+    test_sft named in the README), through datasets.load_dataset; without a network it is asked once and read from
+    the cache, and a dataset the cache lacks is one line that says how to get it."""
+    import datasets
+
+    def parquet(rows: list[dict]) -> bytes:
+        path = tmp_path / "shard.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+        return path.read_bytes()
+
+    train_rows = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()[:24]]
+    eval_rows = [json.loads(line) for line in (DATA / "sft_eval.jsonl").read_text().splitlines()[:6]]
+    readme = "---\nconfigs:\n- config_name: default\n  data_files:\n"
+    readme += "".join(f"  - split: {s}\n    path: data/{s}-*\n" for s in ("train_sft", "test_sft")) + "---\n"
+    files = {
+        "README.md": readme.encode(),
+        "data/train_sft-00000-of-00001-5e3f.parquet": parquet(train_rows),
+        "data/test_sft-00000-of-00001-9a1c.parquet": parquet(eval_rows),
+    }
+    exp = write_experiment(
+        tmp_path,
+        f"name: chats\nmodel: {{id: {tiny_model_dir}}}\n"
+        "data: {train: org/chats, hub_split: train_sft, eval: org/chats, eval_split: test_sft}\n"
+        f"scope: {{lora: {{r: 4, targets: qv}}}}\ntrain: {{max_steps: 1, batch_size: 2}}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\n",
+    )
+    (tmp_path / "empty").mkdir()
+    with fake_hub("org/chats", tmp_path / "empty", files, repo_type="dataset") as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": None}
+        env |= {"HF_DATASETS_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        trained = run_cli("train", str(exp), env=env)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert sorted(f for f in hub.fetched() if f.endswith(".parquet")) == sorted(f for f in files if "/" in f)
+    data = json.loads((tmp_path / "runs" / "chats" / "manifest.json").read_text())["data"]
+    assert (data["train_examples"], data["eval_examples"]) == (len(train_rows), len(eval_rows))
+    assert set(data["hashes"]) == {"org/chats", "org/chats:test_sft"}
+    assert len(set(data["hashes"].values())) == 2
+
+    gone = run_cli("plan", str(exp), env=env)
+    assert gone.returncode == 0, gone.stderr[-3000:]
+    assert gone.stdout.startswith(
+        "-> the model hub cannot be reached ([Errno 111] Connection refused): org/chats from the local cache"
+    )
+    assert "Retrying" not in gone.stdout + gone.stderr
+    assert f"│ {len(train_rows):>8} │" in gone.stdout and f"│ {len(eval_rows):>8} │" in gone.stdout
+
+    uncached = run_cli("plan", str(exp), env=env | {"HF_HOME": str(tmp_path / "elsewhere")})
+    assert uncached.returncode == 2 and uncached.stderr == (
+        f"error: {exp}: data.train: 'org/chats' is not in the local cache and the hub cannot be reached; download it where "
+        "there is a network (hf download org/chats --repo-type dataset --local-dir FOLDER) and point data.train at "
+        "that folder\n"
+    )
