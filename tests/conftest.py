@@ -182,3 +182,21 @@ def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     """|a - b| / |b| over all tensors together."""
     diff = sum(float((a[k] - b[k]).norm() ** 2) for k in b) ** 0.5
     return diff / sum(float(t.norm() ** 2) for t in b.values()) ** 0.5
+
+
+def dataset_repository(folder: Path, splits: dict[str, list[dict]], readme: bool = True) -> Path:
+    """A folder laid out as `hf download --repo-type dataset` writes a hub dataset repository: parquet shards under
+    data/ named by split, and the README's `configs` naming them (HuggingFaceH4/ultrachat_200k's layout, with its
+    train_sft / test_sft splits); without `readme`, datasets infers the splits from the file names."""
+    import datasets
+
+    (folder / "data").mkdir(parents=True)
+    configs = []
+    for split, rows in splits.items():
+        datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001-3f1a.parquet"))
+        configs.append(f"  - split: {split}\n    path: data/{split}-*\n")
+    if readme:
+        (folder / "README.md").write_text(
+            "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(configs) + "---\n"
+        )
+    return folder

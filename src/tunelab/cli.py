@@ -66,12 +66,18 @@ def init(
         str | None, typer.Option("--method", help="sft, dpo, kto, orpo or simpo (default: what the data holds).")
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Experiment name (default: data and scope).")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split", help="Split of a folder or hub dataset to train on (default: train, or its one train_* split)."
+        ),
+    ] = None,
 ) -> None:
     """Write a first experiment file for your model and data, every setting spelled out with what it does."""
     from tunelab.report.terminal import print_starter
     from tunelab.starter import write_starter
 
-    print_starter(write_starter(experiment, model, data, eval_data, scope, method, name))
+    print_starter(write_starter(experiment, model, data, eval_data, scope, method, name, split))
 
 
 @app.command()

@@ -131,14 +131,56 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
             raise ConfigError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
     except ConnectionError as e:  # offline (set, or because the hub cannot be reached) and not in the cache
-        raise ConfigError(
-            f"{key}: '{source}' is not in the local cache and the hub cannot be reached; download it where there is a "
-            f"network (hf download {source} --repo-type dataset --local-dir FOLDER) and point {key} at that folder"
-        ) from e
+        raise ConfigError(_uncached(key, source)) from e
     except (OSError, KeyError) as e:
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
     records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     return records, _records_digest(records)
+
+
+def dataset_splits(source: str) -> list[str] | None:
+    """The split names of a folder or hub dataset; None for a file or a single saved dataset (which has no splits)."""
+    path = Path(source)
+    if path.is_file() or (path / "state.json").is_file():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        return json.loads((path / "dataset_dict.json").read_text())["splits"]
+    _refuse_missing(source, "--data")
+    import datasets
+
+    from tunelab.models import offline_unless_reachable
+
+    offline_unless_reachable(source, "dataset")
+    try:
+        return datasets.get_dataset_split_names(source)
+    except ConnectionError as e:
+        raise ConfigError(_uncached("--data", source)) from e
+    except (OSError, ValueError) as e:
+        raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
+
+
+HELD_OUT = ("test", "validation", "valid", "eval", "dev")
+
+
+def train_and_held_out(splits: list[str], train: str | None = None) -> tuple[str | None, str | None]:
+    """The split to train on (`train` if given, else "train", the one train_* split, or the only split) and the
+    held-out split that goes with it (test_sft beside train_sft, else test, validation, ...); None where there is no
+    such split."""
+    prefixed = [s for s in splits if s.startswith("train")]
+    if train is None and "train" in splits:
+        train = "train"
+    elif train is None:
+        train = prefixed[0] if len(prefixed) == 1 else splits[0] if len(splits) == 1 else None
+    suffix = train.removeprefix("train") if train else ""
+    candidates = [name + suffix for name in HELD_OUT] + list(HELD_OUT)
+    return train, next((c for c in candidates if c in splits and c != train), None)
+
+
+def _uncached(key: str, source: str) -> str:
+    return (
+        f"{key}: '{source}' is not in the local cache and the hub cannot be reached; download it where there is a "
+        f"network (hf download {source} --repo-type dataset --local-dir FOLDER) and point {key} at that folder"
+    )
 
 
 def _saved_with_datasets(path: Path) -> bool:
@@ -191,10 +233,16 @@ def read_records(source: str, key: str, split: str = "train") -> tuple[list[Reco
         raise TunelabError(
             f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
         )
-    looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
-    if not path.is_dir() and (looks_like_file or source.count("/") != 1):
-        raise ConfigError(f"{key}: data file '{source}' not found")
+    _refuse_missing(source, key)
     return _read_with_datasets(source, split, key)
+
+
+def _refuse_missing(source: str, key: str) -> None:
+    """A source that is neither a file, a folder nor shaped as a hub id (owner/name) is a file that is missing."""
+    path = Path(source)
+    looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
+    if not path.exists() and (looks_like_file or source.count("/") != 1):
+        raise ConfigError(f"{key}: data file '{source}' not found")
 
 
 # ---------------------------------------------------------------- formats

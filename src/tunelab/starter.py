@@ -85,8 +85,43 @@ def _relative(source: str, folder: Path) -> str:
     return os.path.relpath(Path(source).resolve(), folder.resolve())
 
 
+def _data_section(data: str, eval_data: str | None, split: str | None, folder: Path) -> dict:
+    """Where the rows come from. A folder or hub dataset trains on `split`, else on its training split by name
+    (train, or train_sft as UltraChat names it), and without --eval holds out the split that goes with that (test_sft,
+    test, validation, ...) where it has one."""
+    from tunelab.data import dataset_splits, train_and_held_out
+
+    section: dict = {"train": _relative(data, folder)}
+    splits = dataset_splits(data)
+    if splits is None:
+        if split is not None:
+            raise TunelabError(f"--split: '{data}' is a file, which has no splits; leave --split out")
+        return section | ({"eval": _relative(eval_data, folder)} if eval_data else {"eval_fraction": EVAL_FRACTION})
+    if split is not None and split not in splits:
+        raise TunelabError(f"--split: '{data}' has no split '{split}'; its splits are {', '.join(splits)}")
+    train, held_out = train_and_held_out(splits, split)
+    if train is None:
+        raise TunelabError(
+            f"--data: '{data}' has the splits {', '.join(splits)}, and which to train on is not clear from their "
+            "names; give --split NAME"
+        )
+    section |= {"hub_split": train} if train != "train" else {}
+    if eval_data:
+        return section | {"eval": _relative(eval_data, folder)}
+    if held_out:
+        return section | {"eval": section["train"], "eval_split": held_out}
+    return section | {"eval_fraction": EVAL_FRACTION}
+
+
 def write_starter(
-    path: Path, model: str, data: str, eval_data: str | None, scope: str, method: str | None, name: str | None
+    path: Path,
+    model: str,
+    data: str,
+    eval_data: str | None,
+    scope: str,
+    method: str | None,
+    name: str | None,
+    split: str | None = None,
 ) -> Starter:
     """Write a first experiment file at `path` (never over an existing file) and return what it holds."""
     from tunelab.data import load_file
@@ -95,12 +130,12 @@ def write_starter(
         raise TunelabError(f"{path}: already exists; give another path (tunelab init never replaces a file)")
     if scope not in SCOPES:
         raise TunelabError(f"--scope: '{scope}' is not one of {', '.join(SCOPES)}")
-    # The rows read as training will read them, checked against the method when one is given.
-    fmt, rows, _, _ = load_file(data, "--data", DataSettings(train=data), method)
-    method = method or METHOD_OF_FORMAT.get(fmt, "sft")
     folder = path.parent
-    data_section = {"train": _relative(data, folder)}
-    data_section |= {"eval": _relative(eval_data, folder)} if eval_data else {"eval_fraction": EVAL_FRACTION}
+    data_section = _data_section(data, eval_data, split, folder)
+    # The rows read as training will read them, checked against the method when one is given.
+    settings = DataSettings(train=data, hub_split=data_section.get("hub_split", "train"))
+    fmt, rows, _, _ = load_file(data, "--data", settings, method)
+    method = method or METHOD_OF_FORMAT.get(fmt, "sft")
     from tunelab.scopes import get_scope
 
     chosen, words = SCOPES[scope]

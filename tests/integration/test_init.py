@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, run_cli
+from tests.conftest import DATA, dataset_repository, run_cli
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
@@ -106,3 +106,41 @@ def test_an_existing_file_is_never_replaced(tmp_path: Path) -> None:
     with pytest.raises(TunelabError, match="already exists; give another path"):
         write_starter(mine, MODEL, str(DATA / "sft_train.jsonl"), None, "qv", None, None)
     assert mine.read_text() == "name: mine\n"
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize(
+    ("splits", "readme", "written"),
+    [  # HuggingFaceH4/no_robots' SFT splits; the default layout, its splits read from the file names; one split only
+        (["train_sft", "test_sft"], True, {"hub_split": "train_sft", "eval_split": "test_sft"}),
+        (["train", "validation"], False, {"eval_split": "validation"}),
+        (["train"], False, {"eval_fraction": 0.05}),
+    ],
+)
+def test_a_dataset_with_splits_trains_on_its_training_split_and_holds_out_its_test_split(
+    splits: list[str], readme: bool, written: dict, tmp_path: Path
+) -> None:
+    repo = dataset_repository(tmp_path / "repo", {s: [CHAT] * (i + 2) for i, s in enumerate(splits)}, readme)
+    exp = write_starter(tmp_path / "exp.yaml", MODEL, str(repo), None, "qv", None, None).exp
+    data = exp.data.model_dump(exclude_defaults=True)
+    assert data == {"train": str(repo), **({"eval": str(repo)} if "eval_split" in written else {}), **written}
+    loaded = load_experiment(tmp_path / "exp.yaml").data  # as plan and train read the file
+    assert (loaded.hub_split, loaded.eval_split) == (written.get("hub_split", "train"), written.get("eval_split"))
+
+
+def test_a_dataset_whose_splits_do_not_say_which_trains_asks_for_split(tmp_path: Path) -> None:
+    """HuggingFaceH4/ultrachat_200k: train_sft and train_gen; the held-out split goes with the one chosen."""
+    splits = {s: [CHAT] for s in ("train_sft", "test_sft", "train_gen", "test_gen")}
+    repo = dataset_repository(tmp_path / "repo", splits)
+    with pytest.raises(
+        TunelabError, match=r"splits train_sft, test_sft, train_gen, test_gen, and which to train on is not clear from"
+    ):
+        write_starter(tmp_path / "exp.yaml", MODEL, str(repo), None, "qv", None, None)
+    exp = write_starter(tmp_path / "exp.yaml", MODEL, str(repo), None, "qv", None, None, split="train_gen").exp
+    assert (exp.data.hub_split, exp.data.eval, exp.data.eval_split) == ("train_gen", str(repo), "test_gen")
+    with pytest.raises(TunelabError, match=r"^--split: '.*repo' has no split 'train'; its splits are train_sft, "):
+        write_starter(tmp_path / "b.yaml", MODEL, str(repo), None, "qv", None, None, split="train")
+    with pytest.raises(TunelabError, match=r"^--split: '.*sft_train.jsonl' is a file, which has no splits"):
+        write_starter(tmp_path / "b.yaml", MODEL, str(DATA / "sft_train.jsonl"), None, "qv", None, None, split="x")

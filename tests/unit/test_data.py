@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA
+from tests.conftest import DATA, dataset_repository
 from tunelab.config import DataSettings
 from tunelab.data import load_splits
 from tunelab.errors import TunelabError
@@ -219,23 +219,6 @@ def test_a_saved_dataset_names_its_splits_when_the_one_asked_for_is_missing(tmp_
     with pytest.raises(TunelabError, match=r"no split 'train'; its splits are train_sft: set data.hub_split"):
         load(tmp_path / "saved")
     assert load(tmp_path / "saved", hub_split="train_sft").train.rows == [CHAT]
-
-
-def dataset_repository(folder: Path, splits: dict[str, list[dict]]) -> Path:
-    """A folder laid out as `hf download --repo-type dataset` writes a hub dataset repository: parquet shards under
-    data/ named by split, and the README's `configs` naming them (HuggingFaceH4/ultrachat_200k's layout, with its
-    train_sft / test_sft splits)."""
-    import datasets
-
-    (folder / "data").mkdir(parents=True)
-    configs = []
-    for split, rows in splits.items():
-        datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / f"{split}-00000-of-00001-3f1a.parquet"))
-        configs.append(f"  - split: {split}\n    path: data/{split}-*\n")
-    (folder / "README.md").write_text(
-        "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(configs) + "---\n"
-    )
-    return folder
 
 
 def test_a_downloaded_dataset_repository_reads_its_named_splits(tmp_path: Path) -> None:

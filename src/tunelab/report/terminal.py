@@ -78,9 +78,12 @@ def batching_line(b: Batching, tokens_per_forward: int) -> str:
 def print_starter(starter: Starter, console: Console | None = None) -> None:
     console = console or Console()
     exp, path = starter.exp, escape(str(starter.path))
-    held = f"eval from {escape(exp.data.eval)}" if exp.data.eval else f"{exp.data.eval_fraction:.0%} held out for eval"
+    d = exp.data
+    split = f" (split {d.hub_split})" if d.hub_split != "train" else ""
+    held = f"eval from {escape(d.eval)}" if d.eval else f"{d.eval_fraction:.0%} held out for eval"
+    held += f" (split {d.eval_split})" if d.eval_split else ""
     console.print(
-        f"wrote {path}: {exp.method} on {escape(str(exp.data.train))} ({starter.data_format}, {starter.rows:,} rows, "
+        f"wrote {path}: {exp.method} on {escape(str(d.train))}{split} ({starter.data_format}, {starter.rows:,} rows, "
         f"{held}), {starter.trains} of {escape(exp.model.id)}, learning rate {exp.train.learning_rate:g}",
         highlight=False,
     )
