@@ -71,14 +71,24 @@ class StepClock:
 
             def on_step_end(self, args, state, control, **kw):
                 self.end = time.perf_counter()
+                self.ends.append(self.end)
                 self.state = state
 
-        return _Clock()
+        clock = _Clock()
+        clock.ends = []  # each step's end
+        return clock
 
 
 def tokens_per_second(clock) -> float:
     tokens = max(r.get("num_tokens", 0) for r in clock.state.log_history)
     return tokens / (clock.end - clock.start)
+
+
+def steady_tokens_per_second(clock, after: int) -> float:
+    """Tokens per second of the steps after the first `after` (warm-up, compilation), from the per-step token counts
+    the trainer logs (logging_steps=1)."""
+    seen = {r["step"]: r["num_tokens"] for r in clock.state.log_history if "num_tokens" in r}
+    return (seen[len(clock.ends)] - seen[after]) / (clock.ends[-1] - clock.ends[after - 1])
 
 
 def plain_trl(

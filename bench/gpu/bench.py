@@ -7,6 +7,10 @@ Measures, in one process, and writes bench.json and bench.md to the folder given
      steps. Real (non-pad) tokens per second of the training steps alone, MFU, and the final train loss.
   2. memory: plan's estimate against torch.cuda.max_memory_allocated for LoRA, QLoRA (4-bit NF4) and partial
      fine-tuning of the last 4 blocks + final norm + lm_head.
+  3. compile: tunelab's defaults with train.compile (torch.compile): the first step's seconds (compilation) and
+     the steady rate after it. Run after the others only if they finish within COMPILE_START_BY_S; alone with
+     --stages compile.
+Every figure is written to bench.json as soon as it is measured, so a run cut short keeps what it measured.
 
 MFU counts 6 x P x tokens model FLOPs a step (P: the base's parameters; the PaLM convention, which also counts
 the frozen weights' gradients LoRA skips; attention's sequence-length term is left out) against the GPU's dense
@@ -14,6 +18,7 @@ bf16 peak (989 TFLOP/s for H100/H200 SXM, or --peak-tflops).
 
     bench/gpu/fetch-wheels.sh                      # here, once: the wheels the GPU machine lacks, into .whl/
     bench/gpu/run.sh OUT                           # on the GPU machine: install them, then this script
+    bench/gpu/run.sh OUT --stages compile          # on the GPU machine, if the first run skipped compile
     .venv/bin/python bench/gpu/bench.py --smoke --out /tmp/smoke   # CPU, tiny config, 3 steps: CI runs this
 """
 
@@ -101,8 +106,13 @@ def tunelab_experiment(model_dir: Path, train_file: Path, out: Path, name: str, 
     )
 
 
+def warm_up_steps(steps: int) -> int:
+    """Steps left out of the steady rate: the first ones warm up (and, with train.compile, compile)."""
+    return min(3, steps // 2)
+
+
 def tunelab_speed(model_dir: Path, train_file: Path, out: Path, name: str, steps: int, smoke: bool, *extra: str):
-    from bench.train import StepClock, final_train_loss, tokens_per_second
+    from bench.train import StepClock, final_train_loss, steady_tokens_per_second, tokens_per_second
     from tunelab.train import train
 
     release()
@@ -111,6 +121,8 @@ def tunelab_speed(model_dir: Path, train_file: Path, out: Path, name: str, steps
     m = result.manifest
     return {
         "tokens_per_s": tokens_per_second(clock),
+        "steady_tokens_per_s": steady_tokens_per_second(clock, warm_up_steps(steps)),
+        "first_step_s": clock.ends[0] - clock.start,
         "final_loss": final_train_loss(clock),
         "seconds": clock.end - clock.start,
         "tokens": max(r.get("num_tokens", 0) for r in clock.state.log_history),
@@ -164,18 +176,24 @@ def markdown(results: dict) -> str:
     lines = [
         f"GPU benchmark, {results['hardware']}, {results['date']}: LoRA r16 all-linear SFT on "
         f"{results['model']} ({results['parameters']:,} parameters, random weights), "
-        f"{results['steps']} steps of 8 varied-length chats, max_length {results['max_length']}.",
+        f"{results['steps']} steps of 8 varied-length chats, max_length {results['max_length']}; steady: the steps "
+        f"after the first {warm_up_steps(results['steps'])}.",
         "",
-        "| run | tokens/s | vs plain TRL | MFU | final loss | checkpointing |",
-        "|---|---|---|---|---|---|",
+        "| run | tokens/s | vs plain TRL | steady tokens/s | MFU | first step | final loss | checkpointing |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    plain = results["speed"]["plain-trl"]["tokens_per_s"]
+    plain = results["speed"].get("plain-trl", {}).get("tokens_per_s")
     for name, r in results["speed"].items():
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
+        ratio = f"{r['tokens_per_s'] / plain:.2f}x" if plain else "-"
+        steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
+        first = f"{r['first_step_s']:.1f} s" if r.get("first_step_s") is not None else "-"
         lines.append(
-            f"| {name} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / plain:.2f}x | {mfu} | {r['final_loss']:.4f} | "
+            f"| {name} | {r['tokens_per_s']:,.0f} | {ratio} | {steady} | {mfu} | {first} | {r['final_loss']:.4f} | "
             f"{ON_OFF.get(r.get('gradient_checkpointing'), 'on (TRL default)')} |"
         )
+    skipped = [f"{name}: skipped ({why})" for name, why in results.get("skipped", {}).items()]
+    lines += ["", *skipped] if skipped else []
     lines += ["", "| scope | plan's estimate | measured peak | error |", "|---|---|---|---|"]
     for name, r in results["memory"].items():
         peak = f"{r['peak_bytes'] / gib:.2f} GiB" if r["peak_bytes"] else "-"
@@ -184,13 +202,26 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+STAGES = ("speed", "memory", "compile")
+COMPILE_START_BY_S = 300  # run.sh gives the whole run 480 s; compiling an 8B model takes minutes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="a tiny Llama on CPU, 3 steps: the script's own test")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=H100_H200_BF16_TFLOPS)
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated, of speed, memory, compile (train.compile's speed; when asked alone, whatever the "
+        f"clock; with the others, only if they finish within {COMPILE_START_BY_S} s)",
+    )
     args = parser.parse_args()
+    stages = args.stages.split(",")
+    if not set(stages) <= set(STAGES):
+        raise SystemExit(f"--stages: each of {', '.join(STAGES)}")
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -210,25 +241,6 @@ def main() -> None:
     train_file = work / "train.jsonl"
     varied_chats(train_file, 8 * steps + 64, seed=0)
     print(f"built the model ({params:,} parameters) in {time.perf_counter() - started:.0f} s", flush=True)
-
-    speed = {"plain-trl": plain_speed(model_dir, train_file, work / "plain", steps, args.smoke)}
-    equal = ["train.gradient_checkpointing=on", "train.padding_free=off", "train.micro_batch_size=8"]
-    speed["tunelab-equal"] = tunelab_speed(model_dir, train_file, work / "runs", "equal", steps, args.smoke, *equal)
-    speed["tunelab"] = tunelab_speed(model_dir, train_file, work / "runs", "default", steps, args.smoke)
-    peak_flops = args.peak_tflops * 1e12
-    for r in speed.values():
-        r["mfu"] = None if args.smoke else 6 * params * r["tokens_per_s"] / peak_flops
-
-    memory = {"lora": {k: speed["tunelab"][k] for k in ("estimated_bytes", "peak_bytes", "gradient_checkpointing")}}
-    lora = memory["lora"]
-    lora["error"] = lora["estimated_bytes"] / lora["peak_bytes"] - 1 if lora["peak_bytes"] else None
-    qlora = "model.quantization={bits: 4}"
-    memory["qlora"] = memory_check(model_dir, train_file, work / "runs", "qlora", args.smoke, qlora)
-    partial = "scope={partial: {last_blocks: 4, norm: true, lm_head: true}}"
-    memory["partial-last4"] = memory_check(
-        model_dir, train_file, work / "runs", "partial", args.smoke, partial, "train.learning_rate=5e-6"
-    )
-
     results = {
         "date": time.strftime("%Y-%m-%d"),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "CPU",
@@ -238,14 +250,55 @@ def main() -> None:
         "max_length": 512 if args.smoke else 1024,
         "flops_per_token": f"6 x {params}",
         "peak_tflops": None if args.smoke else args.peak_tflops,
-        "speed": speed,
-        "memory": memory,
-        "seconds": round(time.perf_counter() - started, 1),
+        "speed": {},
+        "memory": {},
+        "skipped": {},
     }
-    (args.out / "bench.json").write_text(json.dumps(results, indent=2))
-    (args.out / "bench.md").write_text(markdown(results))
+    peak_flops = args.peak_tflops * 1e12
+
+    def speed(name: str, measured: dict) -> None:
+        rate = measured.get("steady_tokens_per_s") or measured["tokens_per_s"]
+        measured["mfu"] = None if args.smoke else 6 * params * rate / peak_flops
+        results["speed"][name] = measured
+        write(results, args.out, started)  # each figure kept as it comes, whatever stops the run later
+
+    runs = work / "runs"
+    if "speed" in stages:
+        speed("plain-trl", plain_speed(model_dir, train_file, work / "plain", steps, args.smoke))
+        equal = ["train.gradient_checkpointing=on", "train.padding_free=off", "train.micro_batch_size=8"]
+        speed("tunelab-equal", tunelab_speed(model_dir, train_file, runs, "equal", steps, args.smoke, *equal))
+        speed("tunelab", tunelab_speed(model_dir, train_file, runs, "default", steps, args.smoke))
+
+    if "memory" in stages:
+        memory = results["memory"]
+        if "tunelab" in results["speed"]:
+            keys = ("estimated_bytes", "peak_bytes", "gradient_checkpointing")
+            lora = memory["lora"] = {k: results["speed"]["tunelab"][k] for k in keys}
+            lora["error"] = lora["estimated_bytes"] / lora["peak_bytes"] - 1 if lora["peak_bytes"] else None
+        memory["qlora"] = memory_check(model_dir, train_file, runs, "qlora", args.smoke, "model.quantization={bits: 4}")
+        write(results, args.out, started)
+        partial = "scope={partial: {last_blocks: 4, norm: true, lm_head: true}}"
+        memory["partial-last4"] = memory_check(
+            model_dir, train_file, runs, "partial", args.smoke, partial, "train.learning_rate=5e-6"
+        )
+        write(results, args.out, started)
+
+    if "compile" in stages:
+        elapsed = time.perf_counter() - started
+        if stages == ["compile"] or elapsed < COMPILE_START_BY_S:
+            compiled = tunelab_speed(model_dir, train_file, runs, "compile", steps, args.smoke, "train.compile=true")
+            speed("tunelab-compile", compiled)
+        else:
+            results["skipped"]["tunelab-compile"] = f"{elapsed:.0f} s had passed; run it alone: --stages compile"
+    write(results, args.out, started)
     print(markdown(results), flush=True)
     print(f"done in {results['seconds']} s -> {args.out}")
+
+
+def write(results: dict, out: Path, started: float) -> None:
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    (out / "bench.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":

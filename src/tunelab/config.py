@@ -435,6 +435,11 @@ class TrainSettings(Strict):
         description="Recompute activations to save memory. auto: on only when the plan's estimate does not "
         "fit in the device's memory.",
     )
+    compile: bool = Field(
+        default=False,
+        description="Compile the model with torch.compile (Transformers' torch_compile) before training: the first "
+        "steps pay for compiling, later ones may run faster. Needs Triton on CUDA, a C++ compiler on CPU; not MPS.",
+    )
     packing: bool = Field(default=False, description="Pack several examples into one sequence (TRL packing).")
     padding_free: OnOffAuto = Field(
         default="auto",
@@ -568,6 +573,7 @@ class Experiment(Strict):
 
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in the experiment and its default
     ("data", "eval_split"): None,
+    ("train", "compile"): False,
     ("model", "quantization"): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,

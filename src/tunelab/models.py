@@ -296,6 +296,29 @@ def check_quantization(settings: Quantization, device: str) -> None:
         )
 
 
+def check_compile(device: str) -> None:
+    """Refuse, with the reason, train.compile where torch.compile cannot build its kernels here."""
+    import importlib.util
+    import shutil
+
+    if device == "mps":
+        raise ConfigError(
+            "train.compile: tunelab does not compile on Apple MPS (torch.compile's MPS backend is a prototype); "
+            "set train.compile: false"
+        )
+    if device.startswith("cuda") and importlib.util.find_spec("triton") is None:
+        raise ConfigError(
+            "train.compile: torch.compile builds CUDA kernels with Triton, which is not installed; pip install "
+            "triton, or set train.compile: false"
+        )
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c]
+    if device == "cpu" and not any(shutil.which(c) for c in compilers):
+        raise ConfigError(
+            "train.compile: torch.compile builds CPU kernels with a C++ compiler, and none is on PATH (g++, c++ or "
+            "clang++); install one, or set train.compile: false"
+        )
+
+
 def bnb_config(settings: Quantization, dtype: torch.dtype, device: str):
     """Transformers' BitsAndBytesConfig for the experiment's quantization."""
     import torch

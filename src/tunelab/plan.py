@@ -385,7 +385,7 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
     and then trains over the same reads)."""
-    from tunelab.models import check_quantization, meta_model, pick_device
+    from tunelab.models import check_compile, check_quantization, meta_model, pick_device
     from tunelab.scopes import apply_scope
 
     inputs = inputs or read_inputs(exp)
@@ -396,6 +396,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     device = pick_device(exp.model.device)
     if exp.model.quantization is not None:
         check_quantization(exp.model.quantization, device)
+    if exp.train.compile:
+        check_compile(device)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine)
     warnings = list(resolved.warnings)

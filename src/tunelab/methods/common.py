@@ -135,6 +135,7 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         train_sampling_strategy=batches.sampling,
         include_num_input_tokens_seen="non_padding",  # the manifest's tokens_seen
         disable_tqdm=True,
+        torch_compile=train.compile,
     )
 
 
