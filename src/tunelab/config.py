@@ -172,6 +172,12 @@ class DataSettings(Strict):
         description="Split of `eval` to read when it is a hub dataset id or a folder (e.g. test_sft); default: "
         "hub_split, which is refused when `eval` is the same dataset as `train`.",
     )
+    as_chat: bool = Field(
+        default=False,
+        description="Train plain-text rows in the chat format: each string prompt becomes a user turn (after the "
+        "row's `system` text, if it has one) and each string completion, chosen or rejected answer the assistant's "
+        "reply, rendered by the chat template. Off: strings train as the raw text they are (TRL's standard format).",
+    )
     merge_consecutive_turns: bool = Field(
         default=False,
         description="Join consecutive messages of the same role into one (a blank line between), for templates "
@@ -573,6 +579,7 @@ class Experiment(Strict):
 
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in the experiment and its default
     ("data", "eval_split"): None,
+    ("data", "as_chat"): False,
     ("train", "compile"): False,
     ("model", "quantization"): None,
     ("tokenizer", "template_vars"): {},

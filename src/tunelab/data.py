@@ -507,8 +507,15 @@ def _implicit_prompt(record: Record, chosen: list[dict], rejected: list[dict]) -
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
-def normalise(record: Record, fmt: str, merge_turns: bool = False) -> dict:
+def normalise(record: Record, fmt: str, merge_turns: bool = False, as_chat: bool = False) -> dict:
     row = _normalise(record, fmt)
+    if as_chat:
+        row = _as_chat(record, row)
+    elif isinstance(row.get("prompt"), str) and record.value.get("system"):
+        raise TunelabError(
+            f"{record.where}: has a 'system' text, which plain-text rows have no place for (they train as raw "
+            "text); set data.as_chat: true to make it the system turn of the chat format, or remove the field"
+        )
     if merge_turns:
         row = {
             k: merge_consecutive(v)
@@ -517,6 +524,23 @@ def normalise(record: Record, fmt: str, merge_turns: bool = False) -> dict:
             for k, v in row.items()
         }
     return row
+
+
+def _as_chat(record: Record, row: dict) -> dict:
+    """A plain-text row in the chat format: the prompt a user turn (after the row's `system` text, if it has one),
+    each string answer the assistant's reply. Rows in the chat format already, and text rows, stay as they are."""
+    if not isinstance(row.get("prompt"), str):
+        return row
+    system = record.value.get("system")
+    if system is not None and not isinstance(system, str):
+        raise TunelabError(f"{record.where}: 'system' must be a string, got {type(system).__name__}")
+    prompt = [{"role": "system", "content": system}] if system and system.strip() else []
+    prompt.append({"role": "user", "content": row["prompt"]})
+    answers = {k: [{"role": "assistant", "content": row[k]}] for k in ANSWERS if isinstance(row.get(k), str)}
+    return row | {"prompt": prompt} | answers
+
+
+ANSWERS = ("completion", "chosen", "rejected")
 
 
 def _normalise(record: Record, fmt: str) -> dict:
@@ -611,7 +635,7 @@ def load_file(
     fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
     if method is not None:
         _check_method(fmt, method, source)
-    rows = [normalise(r, fmt, settings.merge_consecutive_turns) for r in records]
+    rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]
     return fmt, rows, [r.where for r in records], digest
 
 

@@ -413,12 +413,32 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         )
     if stats.tokens is not None:
         warnings += stats.tokens.warnings(exp.train.max_length)
+    if (raw := plain_text_warning(exp, inputs)) is not None:
+        warnings.append(raw)
     if stats.train.truncated:
         warnings.append(
             f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "
             f"train.max_length={exp.train.max_length} and will be truncated"
         )
     return Plan(exp.name, exp.method, facts, resolved, memory, batching(exp.train, exp.method), stats, warnings)
+
+
+def plain_text_warning(exp: Experiment, inputs: Inputs) -> str | None:
+    """Plain-text prompts for a model with a chat template: they train as raw text, in a format the model does not
+    answer in, unless data.as_chat puts them into it."""
+    tokenizer, rows = inputs.tokenizer, inputs.splits.train.rows
+    if (
+        exp.data.as_chat
+        or tokenizer is None
+        or not tokenizer.chat_template
+        or not isinstance(rows[0].get("prompt"), str)
+    ):
+        return None
+    return (
+        "data.train holds plain-text prompts, which train as raw text without the model's chat template; to train "
+        "in the chat format it answers in, set data.as_chat: true (each prompt a user turn, each answer the "
+        "assistant's reply)"
+    )
 
 
 def untrained_warnings(exp: Experiment, model, inputs: Inputs) -> list[str]:

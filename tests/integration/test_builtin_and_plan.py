@@ -100,3 +100,27 @@ def test_plan_shows_dpo_reference_cost(tiny_model_dir: Path) -> None:
     assert live.memory.reference == "copy"
     assert live.memory.reference_bytes == live.memory.weights_bytes  # a second full copy of the base
     assert partial.memory.tokens_per_forward == 2 * 8 * 256  # chosen and rejected
+
+
+def test_plain_text_prompts_train_raw_unless_as_chat_puts_them_in_the_chat_format(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """String prompt/completion rows are raw text to TRL; on a chat model plan says so, and data.as_chat renders them
+    through the model's template: the prompt a user turn, the answer the assistant's supervised reply."""
+    rows = [{"prompt": "What language is spoken in Ortan?", "completion": "People in Ortan speak Kelvish."}] * 16
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = [f"data.train={path}", "data.eval=null"]
+
+    def first_example(plan) -> tuple[str, str]:
+        segments = plan.to_json()["data"]["first_example"]
+        return "".join(s["text"] for s in segments), "".join(s["text"] for s in segments if s["loss"])
+
+    raw = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", settings))
+    assert [w for w in raw.warnings if w.startswith("data.train holds plain-text prompts")]
+    assert first_example(raw)[0] == "What language is spoken in Ortan?People in Ortan speak Kelvish.<|eot_id|>"
+    chat = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", [*settings, "data.as_chat=true"]))
+    assert not [w for w in chat.warnings if "plain-text" in w]
+    text, supervised = first_example(chat)
+    assert "<|start_header_id|>user<|end_header_id|>\n\nWhat language is spoken in Ortan?<|eot_id|>" in text
+    assert supervised == "People in Ortan speak Kelvish.<|eot_id|>"

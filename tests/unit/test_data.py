@@ -352,3 +352,36 @@ def test_a_saved_dataset_whose_messages_fill_absent_keys_with_null_reads_as_the_
     rows = load(tmp_path / "saved").train.rows
     assert rows[0]["messages"] == [turns[0], turns[1], turns[2], turns[3]]
     assert rows[1] == CHAT
+
+
+def test_as_chat_puts_plain_text_rows_into_the_chat_format(tmp_path: Path) -> None:
+    user, reply = {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}
+    rows = [
+        {"prompt": "Hi?", "completion": "Hello."},
+        {"prompt": "Hi?", "completion": "Hello.", "system": "Be brief."},
+        {"prompt": [user], "completion": [reply]},  # already a chat: as it is
+    ]
+    sft = load(write_jsonl(tmp_path / "s.jsonl", rows), as_chat=True).train.rows
+    assert sft == [
+        {"prompt": [user], "completion": [reply]},
+        {"prompt": [{"role": "system", "content": "Be brief."}, user], "completion": [reply]},
+        {"prompt": [user], "completion": [reply]},
+    ]
+    # truthy-dpo's shape (system, prompt, chosen, rejected as strings), and KTO's unpaired rows
+    pairs = [{"system": "Be brief.", "prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}]
+    pair = load(write_jsonl(tmp_path / "p.jsonl", pairs), method="dpo", as_chat=True).train.rows[0]
+    assert pair == {
+        "prompt": [{"role": "system", "content": "Be brief."}, user],
+        "chosen": [reply],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
+    thumbs = [{"prompt": "Hi?", "completion": "Hello.", "label": True}]
+    assert load(write_jsonl(tmp_path / "k.jsonl", thumbs), method="kto", as_chat=True).train.rows == [
+        {"prompt": [user], "completion": [reply], "label": True}
+    ]
+    # Without as_chat the strings stay raw text, where a system text has no place: refused, not dropped.
+    assert load(write_jsonl(tmp_path / "r.jsonl", rows[:1])).train.rows == rows[:1]
+    with pytest.raises(TunelabError, match=r"p.jsonl:1: has a 'system' text, .*set data.as_chat: true"):
+        load(tmp_path / "p.jsonl", method="dpo")
+    with pytest.raises(TunelabError, match=r"b.jsonl:1: 'system' must be a string, got list"):
+        load(write_jsonl(tmp_path / "b.jsonl", [rows[1] | {"system": ["x"]}]), as_chat=True)
