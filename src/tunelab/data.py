@@ -470,6 +470,9 @@ def hh_transcript(text: str) -> list[dict] | None:
 
 def _preference(record: Record) -> dict:
     value = record.value
+    if "prompt" not in value and isinstance(value.get("question"), str):  # Intel/orca_dpo_pairs names it question
+        value = {**value, "prompt": value["question"]}
+        record = Record(record.where, value)
     if isinstance(value.get("chosen"), str) and isinstance(value.get("rejected"), str) and "prompt" not in value:
         chosen_hh, rejected_hh = hh_transcript(value["chosen"]), hh_transcript(value["rejected"])
         if chosen_hh and rejected_hh:

@@ -375,6 +375,8 @@ def test_as_chat_puts_plain_text_rows_into_the_chat_format(tmp_path: Path) -> No
         "chosen": [reply],
         "rejected": [{"role": "assistant", "content": "Go away."}],
     }
+    orca = [{"system": "Be brief.", "question": "Hi?", "chosen": "Hello.", "rejected": "Go away."}]  # orca_dpo_pairs
+    assert load(write_jsonl(tmp_path / "o.jsonl", orca), method="dpo", as_chat=True).train.rows == [pair]
     thumbs = [{"prompt": "Hi?", "completion": "Hello.", "label": True}]
     assert load(write_jsonl(tmp_path / "k.jsonl", thumbs), method="kto", as_chat=True).train.rows == [
         {"prompt": [user], "completion": [reply], "label": True}
