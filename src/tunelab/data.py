@@ -644,17 +644,17 @@ def load_file(
 
 def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     """Read train (and eval) data; with eval_fraction, hold out a seeded random part of train."""
-    fmt, rows, origins, hashes = None, [], [], {}
+    formats, rows, origins, hashes = {}, [], [], {}
     for source in settings.train_files:
-        fmt, file_rows, file_origins, hashes[source] = load_file(source, "data.train", settings, method, fmt)
+        formats[source], file_rows, file_origins, hashes[source] = load_file(source, "data.train", settings, method)
         rows += file_rows
         origins += file_origins
-    assert fmt is not None
     sources = ", ".join(settings.train_files)
     train, evaluation = Split(rows, sources, origins), None
     if settings.eval:
         _refuse_eval_of_train(settings)
-        _, eval_rows, eval_origins, digest = load_file(settings.eval, "data.eval", settings, method, fmt)
+        eval_format, eval_rows, eval_origins, digest = load_file(settings.eval, "data.eval", settings, method)
+        formats.setdefault(settings.eval, eval_format)
         hashes[settings.eval if settings.eval not in hashes else f"{settings.eval}:{settings.eval_hub_split}"] = digest
         evaluation = Split(eval_rows, settings.eval, eval_origins)
     elif settings.eval_fraction:
@@ -670,7 +670,20 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         out = sorted(held)
         train = Split([rows[i] for i in kept], sources, [origins[i] for i in kept])
         evaluation = Split([rows[i] for i in out], f"{sources} (held out)", [origins[i] for i in out])
-    return Splits(fmt, train, evaluation, hashes)
+    return Splits(_one_format(formats, method), train, evaluation, hashes)
+
+
+def _one_format(formats: dict[str, str], method: str) -> str:
+    """The format the splits hold, as plan shows it ("messages+alpaca" for SFT from files of several shapes: tunelab
+    tokenizes each row as its shape says). A preference method's trainer takes one shape, so its files must agree."""
+    kinds = list(dict.fromkeys(formats.values()))
+    if len(kinds) > 1 and method != "sft":
+        (a, fmt_a), (b, fmt_b) = next(iter(formats.items())), next((s, f) for s, f in formats.items() if f != kinds[0])
+        raise ConfigError(
+            f"data: '{a}' holds {fmt_a} rows ({FORMAT_FIELDS[fmt_a]}) and '{b}' {fmt_b} rows "
+            f"({FORMAT_FIELDS[fmt_b]}); {method} trains on one kind: convert one, or train them in separate runs"
+        )
+    return "+".join(kinds)
 
 
 def _refuse_eval_of_train(settings: DataSettings) -> None:

@@ -387,3 +387,20 @@ def test_as_chat_puts_plain_text_rows_into_the_chat_format(tmp_path: Path) -> No
         load(tmp_path / "p.jsonl", method="dpo")
     with pytest.raises(TunelabError, match=r"b.jsonl:1: 'system' must be a string, got list"):
         load(write_jsonl(tmp_path / "b.jsonl", [rows[1] | {"system": ["x"]}]), as_chat=True)
+
+
+def test_sft_files_of_different_shapes_train_together_and_preference_files_must_agree(tmp_path: Path) -> None:
+    chats = write_jsonl(tmp_path / "chats.jsonl", [CHAT])
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "hi", "input": "", "output": "hello"}])
+    held = write_jsonl(tmp_path / "held.jsonl", [{"prompt": "2+2=", "completion": "4"}])
+    splits = load_splits(DataSettings(train=[str(chats), str(alpaca)], eval=str(held)), "sft", seed=0)
+    assert (splits.format, splits.train.rows, splits.eval.rows) == (
+        "messages+alpaca+prompt_completion",
+        [CHAT, CHAT],
+        [{"prompt": "2+2=", "completion": "4"}],
+    )
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    thumbs = write_jsonl(tmp_path / "thumbs.jsonl", [{"prompt": "q", "completion": "a", "label": True}])
+    with pytest.raises(TunelabError, match=r"holds preference rows \(chosen/rejected\) and '.*thumbs.jsonl' unpaired"):
+        load_splits(DataSettings(train=[str(pairs), str(thumbs)]), "kto", seed=0)
+    assert load_splits(DataSettings(train=[str(pairs), str(pairs)]), "dpo", seed=0).format == "preference"
