@@ -151,6 +151,23 @@ class TokenizerSettings(Strict):
     )
 
 
+READ_FIELDS = Literal[  # the record fields tunelab reads, which data.columns may rename a dataset's fields to
+    "messages",
+    "conversations",
+    "prompt",
+    "completion",
+    "chosen",
+    "rejected",
+    "label",
+    "text",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "tools",
+]
+
+
 class DataSettings(Strict):
     train: str | list[str] = Field(
         description="Training data: .jsonl/.json/.csv/.parquet file(s), a `datasets` folder, or a hub dataset id."
@@ -171,6 +188,11 @@ class DataSettings(Strict):
         default=None,
         description="Split of `eval` to read when it is a hub dataset id or a folder (e.g. test_sft); default: "
         "hub_split, which is refused when `eval` is the same dataset as `train`.",
+    )
+    columns: dict[str, READ_FIELDS] = Field(
+        default_factory=dict,
+        description="Rename the dataset's fields to the ones tunelab reads, before its format is detected: e.g. "
+        "{question: prompt, answer: completion} for GSM8K, {problem: prompt, solution: completion} for MATH.",
     )
     as_chat: bool = Field(
         default=False,
@@ -580,6 +602,7 @@ class Experiment(Strict):
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in the experiment and its default
     ("data", "eval_split"): None,
     ("data", "as_chat"): False,
+    ("data", "columns"): {},
     ("train", "compile"): False,
     ("model", "quantization"): None,
     ("tokenizer", "template_vars"): {},

@@ -635,11 +635,32 @@ def load_file(
     records, digest = read_records(source, key, split)
     if not records:
         raise TunelabError(f"{source}: the dataset is empty")
+    if settings.columns:
+        records = _renamed(records, settings.columns, source)
     fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
     if method is not None:
         _check_method(fmt, method, source)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]
     return fmt, rows, [r.where for r in records], digest
+
+
+def _renamed(records: list[Record], columns: dict[str, str], source: str) -> list[Record]:
+    """The records with the dataset's fields renamed as data.columns says (checked against the first record)."""
+    first = records[0].value if isinstance(records[0].value, dict) else {}
+    for old, new in columns.items():
+        if old not in first:
+            raise ConfigError(
+                f"data.columns: '{old}' is not a field of {source} (its fields: {', '.join(sorted(first))})"
+            )
+        if new in first and new not in columns:
+            raise ConfigError(
+                f"data.columns: {source} has a '{new}' field already, so '{old}' cannot be renamed to it; rename "
+                f"'{new}' too, or map '{old}' to another field"
+            )
+    return [
+        Record(r.where, {columns.get(k, k): v for k, v in r.value.items()} if isinstance(r.value, dict) else r.value)
+        for r in records
+    ]
 
 
 def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:

@@ -404,3 +404,32 @@ def test_sft_files_of_different_shapes_train_together_and_preference_files_must_
     with pytest.raises(TunelabError, match=r"holds preference rows \(chosen/rejected\) and '.*thumbs.jsonl' unpaired"):
         load_splits(DataSettings(train=[str(pairs), str(thumbs)]), "kto", seed=0)
     assert load_splits(DataSettings(train=[str(pairs), str(pairs)]), "dpo", seed=0).format == "preference"
+
+
+def test_columns_rename_a_datasets_fields_to_the_ones_tunelab_reads(tmp_path: Path) -> None:
+    """openai/gsm8k's question/answer, which no format names, read as prompt/completion (and as_chat makes them a
+    chat); a field the data lacks, or a rename onto a field it has, is one line naming the fields."""
+    from pydantic import ValidationError
+
+    gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "2+2?", "answer": "2+2=4\n#### 4"}])
+    with pytest.raises(TunelabError, match=r"cannot tell the data format from fields \['answer', 'question'\]"):
+        load(gsm8k)
+    columns = {"question": "prompt", "answer": "completion"}
+    assert load(gsm8k, columns=columns).train.rows == [{"prompt": "2+2?", "completion": "2+2=4\n#### 4"}]
+    assert load(gsm8k, columns=columns, as_chat=True).train.rows == [
+        {
+            "prompt": [{"role": "user", "content": "2+2?"}],
+            "completion": [{"role": "assistant", "content": "2+2=4\n#### 4"}],
+        }
+    ]
+    with pytest.raises(
+        TunelabError, match=r"^data.columns: 'query' is not a field of .*gsm8k.jsonl \(its fields: answer, q"
+    ):
+        load(gsm8k, columns={"query": "prompt", "answer": "completion"})
+    both = write_jsonl(tmp_path / "both.jsonl", [{"prompt": "p", "question": "2+2?", "answer": "4"}])
+    with pytest.raises(TunelabError, match=r"has a 'prompt' field already, so 'question' cannot be renamed to it"):
+        load(both, columns=columns)
+    swapped = load(gsm8k, columns={"question": "completion", "answer": "prompt"}).train.rows
+    assert swapped == [{"prompt": "2+2=4\n#### 4", "completion": "2+2?"}]
+    with pytest.raises(ValidationError, match="columns.question"):
+        DataSettings(train="x.jsonl", columns={"question": "query"})
