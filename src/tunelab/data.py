@@ -270,6 +270,7 @@ def detect_format(record: Record) -> str:
     raise TunelabError(
         f"{record.where}: cannot tell the data format from fields {sorted(keys)}; expected one of: "
         + ", ".join(FORMAT_FIELDS.values())
+        + "; or rename yours with data.columns (e.g. {question: prompt, answer: completion})"
     )
 
 

@@ -412,7 +412,7 @@ def test_columns_rename_a_datasets_fields_to_the_ones_tunelab_reads(tmp_path: Pa
     from pydantic import ValidationError
 
     gsm8k = write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": "2+2?", "answer": "2+2=4\n#### 4"}])
-    with pytest.raises(TunelabError, match=r"cannot tell the data format from fields \['answer', 'question'\]"):
+    with pytest.raises(TunelabError, match=r"from fields \['answer', 'question'\]; .* rename yours with data.columns"):
         load(gsm8k)
     columns = {"question": "prompt", "answer": "completion"}
     assert load(gsm8k, columns=columns).train.rows == [{"prompt": "2+2?", "completion": "2+2=4\n#### 4"}]
