@@ -192,9 +192,19 @@ def _records_digest(records: list[Record]) -> str:
     same digest wherever and however they are stored."""
     h = hashlib.sha256()
     for r in records:
-        h.update(json.dumps(r.value, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(json.dumps(r.value, sort_keys=True, ensure_ascii=False, default=_stable).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]
+
+
+def _stable(value: Any) -> str:
+    """A value JSON has no type for, by its content: bytes, and images or arrays (datasets decodes an image column to
+    PIL images, whose str() holds a memory address), by their bytes; anything else (dates, decimals) as its str()."""
+    if isinstance(value, bytes | bytearray):
+        return hashlib.sha256(value).hexdigest()
+    if hasattr(value, "tobytes"):
+        return hashlib.sha256(value.tobytes()).hexdigest()
+    return str(value)
 
 
 TEXT_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}

@@ -433,3 +433,24 @@ def test_columns_rename_a_datasets_fields_to_the_ones_tunelab_reads(tmp_path: Pa
     assert swapped == [{"prompt": "2+2=4\n#### 4", "completion": "2+2?"}]
     with pytest.raises(ValidationError, match="columns.question"):
         DataSettings(train="x.jsonl", columns={"question": "query"})
+
+
+def test_a_dataset_with_an_image_column_hashes_the_same_on_every_read(tmp_path: Path) -> None:
+    """datasets decodes an image column to PIL images, whose str() holds a memory address: the digest reads their
+    pixels, so a rerun sees the same data and one changed pixel is a change."""
+    import datasets
+    from PIL import Image
+
+    from tunelab.data import read_records
+
+    def saved(name: str, pixel: int) -> str:
+        image = Image.new("RGB", (4, 4), (pixel, 0, 0))
+        features = datasets.Features({"text": datasets.Value("string"), "image": datasets.Image()})
+        datasets.Dataset.from_list([{"text": "a caption", "image": image}], features=features).save_to_disk(
+            str(tmp_path / name)
+        )
+        return str(tmp_path / name)
+
+    first, again = read_records(saved("a", 10), "data.train"), read_records(str(tmp_path / "a"), "data.train")
+    assert type(first[0][0].value["image"]).__module__.startswith("PIL")  # decoded images, both alive at once
+    assert first[1] == again[1] != read_records(saved("b", 11), "data.train")[1]
