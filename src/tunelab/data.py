@@ -683,6 +683,12 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         origins += file_origins
     sources = ", ".join(settings.train_files)
     train, evaluation = Split(rows, sources, origins), None
+    if settings.eval_split and (not settings.eval or Path(settings.eval).is_file()):
+        raise ConfigError(
+            "data.eval_split: names a split of data.eval, which "
+            + (f"is a file ('{settings.eval}') and has no splits" if settings.eval else "is not set")
+            + "; remove it, or point data.eval at a folder or hub dataset"
+        )
     if settings.eval:
         _refuse_eval_of_train(settings)
         eval_format, eval_rows, eval_origins, digest = load_file(settings.eval, "data.eval", settings, method)

@@ -241,6 +241,12 @@ def test_eval_data_that_is_the_training_data_is_refused(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [CHAT])
     with pytest.raises(TunelabError, match=r"^data.eval: '.*d.jsonl' is also a training file"):
         load(path, eval=str(path))
+    with pytest.raises(
+        TunelabError, match=r"^data.eval_split: names a split of data.eval, which is a file \('.*d.jsonl'"
+    ):
+        load(repo, hub_split="train", eval=str(path), eval_split="test")
+    with pytest.raises(TunelabError, match=r"^data.eval_split: names a split of data.eval, which is not set; remove"):
+        load(repo, eval_split="test")
 
 
 def test_folders_are_hashed_by_their_records(tmp_path: Path) -> None:
