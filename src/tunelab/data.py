@@ -637,7 +637,7 @@ def _check_method(fmt: str, method: str, where: str) -> None:
 
 
 def load_file(
-    source: str, key: str, settings: DataSettings, method: str | None, fmt: str | None = None
+    source: str, key: str, settings: DataSettings, method: str | None
 ) -> tuple[str, list[dict], list[str], str]:
     """(format, normalised rows, where each row comes from, digest of the data). `method`: the one the rows must suit;
     None to take them as they are (`tunelab init` picks the method from the format). `key` "data.eval" reads the
@@ -648,7 +648,7 @@ def load_file(
         raise TunelabError(f"{source}: the dataset is empty")
     if settings.columns:
         records = _renamed(records, settings.columns, source)
-    fmt = fmt or (settings.format if settings.format != "auto" else detect_format(records[0]))
+    fmt = settings.format if settings.format != "auto" else detect_format(records[0])
     if method is not None:
         _check_method(fmt, method, source)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]
@@ -683,14 +683,8 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         origins += file_origins
     sources = ", ".join(settings.train_files)
     train, evaluation = Split(rows, sources, origins), None
-    if settings.eval_split and (not settings.eval or Path(settings.eval).is_file()):
-        raise ConfigError(
-            "data.eval_split: names a split of data.eval, which "
-            + (f"is a file ('{settings.eval}') and has no splits" if settings.eval else "is not set")
-            + "; remove it, or point data.eval at a folder or hub dataset"
-        )
+    _check_eval_source(settings)
     if settings.eval:
-        _refuse_eval_of_train(settings)
         eval_format, eval_rows, eval_origins, digest = load_file(settings.eval, "data.eval", settings, method)
         formats.setdefault(settings.eval, eval_format)
         hashes[settings.eval if settings.eval not in hashes else f"{settings.eval}:{settings.eval_hub_split}"] = digest
@@ -716,7 +710,8 @@ def _one_format(formats: dict[str, str], method: str) -> str:
     tokenizes each row as its shape says). A preference method's trainer takes one shape, so its files must agree."""
     kinds = list(dict.fromkeys(formats.values()))
     if len(kinds) > 1 and method != "sft":
-        (a, fmt_a), (b, fmt_b) = next(iter(formats.items())), next((s, f) for s, f in formats.items() if f != kinds[0])
+        (a, fmt_a), *_ = formats.items()
+        b, fmt_b = next((source, f) for source, f in formats.items() if f != fmt_a)
         raise ConfigError(
             f"data: '{a}' holds {fmt_a} rows ({FORMAT_FIELDS[fmt_a]}) and '{b}' {fmt_b} rows "
             f"({FORMAT_FIELDS[fmt_b]}); {method} trains on one kind: convert one, or train them in separate runs"
@@ -724,10 +719,17 @@ def _one_format(formats: dict[str, str], method: str) -> str:
     return "+".join(kinds)
 
 
-def _refuse_eval_of_train(settings: DataSettings) -> None:
-    """Held-out data that is the training data measures memorisation, not learning: the same file, or the same split of
-    a folder or hub dataset (a hub dataset's eval read the training split unless told otherwise)."""
-    assert settings.eval is not None
+def _check_eval_source(settings: DataSettings) -> None:
+    """data.eval_split needs a folder or hub dataset to read. Held-out data that is the training data measures
+    memorisation, not learning: the same file, or the same split of a folder or hub dataset, is refused."""
+    if settings.eval_split and (not settings.eval or Path(settings.eval).is_file()):
+        raise ConfigError(
+            "data.eval_split: names a split of data.eval, which "
+            + (f"is a file ('{settings.eval}') and has no splits" if settings.eval else "is not set")
+            + "; remove it, or point data.eval at a folder or hub dataset"
+        )
+    if settings.eval is None:
+        return
     same = [s for s in settings.train_files if Path(s).resolve() == Path(settings.eval).resolve()]
     if not same:
         return
