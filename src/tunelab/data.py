@@ -106,7 +106,7 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
 
-    from tunelab.models import offline_unless_reachable
+    from tunelab.models import gated_refusal, offline_unless_reachable
 
     path = Path(source)
     split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
@@ -133,7 +133,8 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
     except ConnectionError as e:  # offline (set, or because the hub cannot be reached) and not in the cache
         raise ConfigError(_uncached(key, source)) from e
     except (OSError, KeyError) as e:
-        raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
+        gated = gated_refusal(key, source, e, "dataset")
+        raise gated or TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
     records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     return records, _records_digest(records)
 

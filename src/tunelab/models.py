@@ -108,18 +108,26 @@ def weights_path(settings: ModelSettings, shown: bool = False) -> str:
     return download(settings, shown) or model_path(settings.id)
 
 
-def _hub_refusal(key: str, model_id: str, what: str, error: Exception) -> ConfigError:
-    """A load that failed, as one line; a gated hub repository says what to do about it."""
+def gated_refusal(key: str, repo_id: str, error: BaseException, repo_type: str = "model") -> ConfigError | None:
+    """Where a load failed because the hub repository is gated, what to do about it, in one line."""
     from huggingface_hub.errors import GatedRepoError
 
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, GatedRepoError):
         cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return ConfigError(
-            f"{key}: '{model_id}' is a gated repository: accept its license at https://huggingface.co/{model_id} "
-            "while logged in, then log in here (hf auth login, or set HF_TOKEN)"
-        )
+    if cause is None and "is a gated dataset" not in str(error):  # datasets raises its own error from None
+        return None
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    return ConfigError(
+        f"{key}: '{repo_id}' is a gated repository: accept its license at {page} while logged in, then log in here "
+        "(hf auth login, or set HF_TOKEN)"
+    )
+
+
+def _hub_refusal(key: str, model_id: str, what: str, error: Exception) -> ConfigError:
+    """A load that failed, as one line; a gated hub repository says what to do about it."""
+    if (gated := gated_refusal(key, model_id, error)) is not None:
+        return gated
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"{key}: cannot load {what}'{model_id}': {first}")
 

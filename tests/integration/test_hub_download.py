@@ -144,3 +144,18 @@ def test_a_hub_dataset_reads_its_named_splits_and_from_the_cache_once_the_hub_is
         "there is a network (hf download org/chats --repo-type dataset --local-dir FOLDER) and point data.train at "
         "that folder\n"
     )
+
+
+def test_a_gated_dataset_says_how_to_get_access(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    exp = write_experiment(
+        tmp_path, "name: gated\nmodel: {id: builtin:tiny-chat}\ndata: {train: org/chats, eval_fraction: 0.1}\n"
+    )
+    with fake_hub("org/chats", tmp_path / "empty", {"README.md": b"x"}, gated=True, repo_type="dataset") as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": None}
+        env |= {"HF_DATASETS_OFFLINE": None, "TRANSFORMERS_OFFLINE": None, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        done = run_cli("plan", str(exp), env=env)
+    assert done.returncode == 2 and done.stderr == (
+        f"error: {exp}: data.train: 'org/chats' is a gated repository: accept its license at "
+        "https://huggingface.co/datasets/org/chats while logged in, then log in here (hf auth login, or set HF_TOKEN)\n"
+    )
