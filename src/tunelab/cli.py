@@ -165,6 +165,10 @@ def compare(
         Path | None,
         typer.Option("--prompts", help="JSONL of prompt or messages (+ expectations).", exists=True, dir_okay=False),
     ] = None,
+    asked: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", help="A prompt to ask, as one user turn (repeatable), instead of --prompts."),
+    ] = None,
     eval_file: Annotated[
         Path | None, typer.Option("--eval", help="Held-out SFT data for eval loss.", exists=True, dir_okay=False)
     ] = None,
@@ -190,7 +194,7 @@ def compare(
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
     from tunelab.report import write_report
-    from tunelab.report.terminal import print_comparison
+    from tunelab.report.terminal import print_comparison, print_outputs
 
     if temperature == 0:
         raise TunelabError("--temperature: 0 is greedy decoding; leave --temperature out for that")
@@ -198,12 +202,15 @@ def compare(
         raise TunelabError("--top-p: 0 keeps no token; give a value in (0, 1]")
     if out.exists() and not out.is_dir():
         raise TunelabError(f"--out {out}: is a file; give a folder for the report")
+    if asked and prompts:
+        raise TunelabError("--prompt and --prompts: give the prompts one way, on the command line or in a file")
 
     result = run_compare(
         runs,
         include_base=base,
         prompts_file=prompts,
         eval_file=eval_file,
+        asked=asked,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -212,6 +219,8 @@ def compare(
     )
     paths = write_report(result, out)
     print_comparison(result)
+    if asked:
+        print_outputs(result)
     print(f"report: {paths['html']}")
 
 

@@ -337,6 +337,7 @@ def compare(
     eval_file: Path | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 16,
+    asked: list[str] | None = None,
     temperature: float | None = None,
     top_p: float = 1.0,
     seed: int = 0,
@@ -352,6 +353,8 @@ def compare(
         )
     exp = load_run_experiment(runs[0][0])
     prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file)
+    if asked:  # prompts given on the command line: one user turn each
+        prompts = [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)]
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     outputs, losses = _generate_and_score(

@@ -217,3 +217,27 @@ def test_sampling_is_recorded_and_seeded(runs, tmp_path: Path) -> None:
     assert greedy.settings["decoding"] == "greedy"
     assert a.outputs == b.outputs
     assert a.outputs != greedy.outputs
+
+
+def test_prompts_asked_on_the_command_line_print_each_variants_answer(runs, tmp_path: Path) -> None:
+    """`--prompt` (repeatable): the same answers as the same prompts in a file, on the terminal under each prompt;
+    markup in a prompt or an answer is printed as text."""
+    first = json.loads((DATA / "prompts.jsonl").read_text().splitlines()[0])["prompt"]
+    asked = [first, "Where is [bold]Molo[/bold]?"]
+    done = run_cli(
+        "compare", str(runs["quickstart"]), *[a for p in asked for a in ("--prompt", p)], "--out", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    path = tmp_path / "asked.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in asked))
+    assert report["outputs"] == compare([runs["quickstart"]], prompts_file=path).outputs
+    lines = done.stdout.splitlines()
+    for i, prompt in enumerate(asked):
+        at = lines.index(f"> {prompt}")
+        assert lines[at + 1].startswith("  base: ") and lines[at + 2].startswith("  quickstart: ")
+        assert report["outputs"]["quickstart"][i].split("\n")[0][:20] in lines[at + 2]
+    both = run_cli("compare", str(runs["quickstart"]), "--prompt", "hi", "--prompts", str(path))
+    assert both.returncode == 2 and both.stderr == (
+        "error: --prompt and --prompts: give the prompts one way, on the command line or in a file\n"
+    )

@@ -246,6 +246,16 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     console.print(table)
 
 
+def print_outputs(comparison, console: Console | None = None) -> None:
+    """Each prompt, then each variant's output to it: for prompts asked on the command line. Generated text is
+    printed as text, never read as markup."""
+    console = console or _console()
+    for i, prompt in enumerate(comparison.prompts):
+        console.print(Text(f"> {prompt.text}", style="bold"), soft_wrap=True)
+        for name, outputs in comparison.outputs.items():
+            console.print(Text(f"  {name}: ", style="dim") + Text(outputs[i]), soft_wrap=True)
+
+
 def print_scores(scores: dict[str, dict[str, float]], console: Console | None = None) -> None:
     """lm-eval scores: one row a variant, one column a task's metric."""
     console = console or _console()
