@@ -184,6 +184,11 @@ class DataSettings(Strict):
         description="Split of `train` to read when it is a hub dataset id or a folder (a dataset repository's files, "
         "or one saved with `save_to_disk`).",
     )
+    revision: str | None = Field(
+        default=None,
+        description="Revision (branch, tag or commit) of the hub datasets to read, so a rerun reads the same rows "
+        "after the dataset's owner changes it; None reads the newest.",
+    )
     eval_split: str | None = Field(
         default=None,
         description="Split of `eval` to read when it is a hub dataset id or a folder (e.g. test_sft); default: "
@@ -602,6 +607,7 @@ class Experiment(Strict):
 LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in the experiment and its default
     ("data", "eval_split"): None,
     ("data", "as_chat"): False,
+    ("data", "revision"): None,
     ("data", "columns"): {},
     ("train", "compile"): False,
     ("model", "quantization"): None,

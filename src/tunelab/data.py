@@ -101,7 +101,7 @@ def _read_csv(path: Path, text: str) -> list[Record]:
         return [Record(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
 
 
-def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record], str]:
+def _read_with_datasets(source: str, split: str, key: str, revision: str | None = None) -> tuple[list[Record], str]:
     """A parquet file, a folder (saved with `save_to_disk`, or a dataset repository's files as the hub holds them) or a
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
@@ -109,6 +109,7 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
     from tunelab.models import gated_refusal, offline_unless_reachable
 
     path = Path(source)
+    revision = None if path.exists() else revision  # a hub id's; a local folder has none
     split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
     try:
         if _saved_with_datasets(path):
@@ -124,10 +125,10 @@ def _read_with_datasets(source: str, split: str, key: str) -> tuple[list[Record]
             ds = datasets.Dataset.from_parquet(str(path))
         else:  # a hub id, or a folder laid out as a dataset repository (data files, README.md configs)
             offline_unless_reachable(source, "dataset")
-            ds = datasets.load_dataset(source, split=split)
+            ds = datasets.load_dataset(source, split=split, revision=revision)
     except ValueError as e:
         if str(e).startswith("Unknown split"):
-            names = ", ".join(datasets.get_dataset_split_names(source))
+            names = ", ".join(datasets.get_dataset_split_names(source, revision=revision))
             raise ConfigError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
     except ConnectionError as e:  # offline (set, or because the hub cannot be reached) and not in the cache
@@ -215,7 +216,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def read_records(source: str, key: str, split: str = "train") -> tuple[list[Record], str]:
+def read_records(source: str, key: str, split: str = "train", revision: str | None = None) -> tuple[list[Record], str]:
     """The records of a data source and the digest of its bytes, from one read of the file."""
     path = Path(source)
     if path.is_file():
@@ -245,7 +246,7 @@ def read_records(source: str, key: str, split: str = "train") -> tuple[list[Reco
             f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
         )
     _refuse_missing(source, key)
-    return _read_with_datasets(source, split, key)
+    return _read_with_datasets(source, split, key, revision)
 
 
 def _refuse_missing(source: str, key: str) -> None:
@@ -644,7 +645,7 @@ def load_file(
     None to take them as they are (`tunelab init` picks the method from the format). `key` "data.eval" reads the
     split data.eval_split names from a folder or hub dataset."""
     split = settings.eval_hub_split if key == "data.eval" else settings.hub_split
-    records, digest = read_records(source, key, split)
+    records, digest = read_records(source, key, split, settings.revision)
     if not records:
         raise TunelabError(f"{source}: the dataset is empty")
     if settings.columns:

@@ -93,8 +93,8 @@ def test_a_hub_dataset_reads_its_named_splits_and_from_the_cache_once_the_hub_is
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """data.train as a hub dataset id (HuggingFaceH4/ultrachat_200k's layout: parquet shards under data/, train_sft and
-    test_sft named in the README), through datasets.load_dataset; without a network it is asked once and read from
-    the cache, and a dataset the cache lacks is one line that says how to get it."""
+    test_sft named in the README) at a pinned revision, through datasets.load_dataset; without a network it is asked
+    once and read from the cache, and a dataset the cache lacks is one line that says how to get it."""
     import datasets
 
     def parquet(rows: list[dict]) -> bytes:
@@ -114,7 +114,7 @@ def test_a_hub_dataset_reads_its_named_splits_and_from_the_cache_once_the_hub_is
     exp = write_experiment(
         tmp_path,
         f"name: chats\nmodel: {{id: {tiny_model_dir}}}\n"
-        "data: {train: org/chats, hub_split: train_sft, eval: org/chats, eval_split: test_sft}\n"
+        "data: {train: org/chats, hub_split: train_sft, eval: org/chats, eval_split: test_sft, revision: v1.0}\n"
         f"scope: {{lora: {{r: 4, targets: qv}}}}\ntrain: {{max_steps: 1, batch_size: 2}}\n"
         f"output: {{dir: {tmp_path / 'runs'}}}\n",
     )
@@ -125,6 +125,7 @@ def test_a_hub_dataset_reads_its_named_splits_and_from_the_cache_once_the_hub_is
         trained = run_cli("train", str(exp), env=env)
         assert trained.returncode == 0, trained.stderr[-3000:]
         assert sorted(f for f in hub.fetched() if f.endswith(".parquet")) == sorted(f for f in files if "/" in f)
+        assert "HEAD /datasets/org/chats/resolve/v1.0/README.md" in hub.requests  # read at the revision asked for
     data = json.loads((tmp_path / "runs" / "chats" / "manifest.json").read_text())["data"]
     assert (data["train_examples"], data["eval_examples"]) == (len(train_rows), len(eval_rows))
     assert set(data["hashes"]) == {"org/chats", "org/chats:test_sft"}
