@@ -72,12 +72,20 @@ def init(
             "--split", help="Split of a folder or hub dataset to train on (default: train, or its one train_* split)."
         ),
     ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option("--columns", help="Rename the data's fields, e.g. question=prompt,answer=completion (GSM8K)."),
+    ] = None,
+    as_chat: Annotated[
+        bool, typer.Option("--as-chat", help="Train plain-text prompts and answers in the model's chat format.")
+    ] = False,
 ) -> None:
     """Write a first experiment file for your model and data, every setting spelled out with what it does."""
     from tunelab.report.terminal import print_starter
-    from tunelab.starter import write_starter
+    from tunelab.starter import parse_columns, write_starter
 
-    print_starter(write_starter(experiment, model, data, eval_data, scope, method, name, split))
+    renames = parse_columns(columns) if columns is not None else None
+    print_starter(write_starter(experiment, model, data, eval_data, scope, method, name, split, renames, as_chat))
 
 
 @app.command()

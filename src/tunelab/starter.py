@@ -68,9 +68,10 @@ def _lines(cls: type[BaseModel], values: dict, indent: int = 0) -> list[str]:
     for key, value in values.items():
         field = cls.model_fields[key]
         pad = " " * indent
-        if isinstance(value, dict):
+        section = model_class(field.annotation) if isinstance(value, dict) else None
+        if section is not None:
             out.append(f"{pad}{key}:{_comment(field.description)}")
-            out += _lines(model_class(field.annotation), value, indent + 2)
+            out += _lines(section, value, indent + 2)
         else:
             scalar = yaml.safe_dump(value, default_flow_style=True, width=10_000).removesuffix("\n...\n").strip()
             out.append(f"{pad}{key}: {scalar}{_comment(field.description)}")
@@ -83,6 +84,26 @@ def _relative(source: str, folder: Path) -> str:
     if Path(source).is_absolute() or not Path(source).exists():
         return source
     return os.path.relpath(Path(source).resolve(), folder.resolve())
+
+
+def parse_columns(text: str) -> dict[str, str]:
+    """--columns question=prompt,answer=completion: the dataset's fields and the names tunelab reads them by."""
+    from typing import get_args
+
+    from tunelab.config import READ_FIELDS
+
+    pairs = [p.split("=") for p in text.split(",") if p.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() for p in pairs):
+        raise TunelabError(
+            f"--columns: '{text}' is not FIELD=NAME pairs; give them comma-separated, e.g. "
+            "question=prompt,answer=completion"
+        )
+    columns = {old.strip(): new.strip() for old, new in pairs}
+    names = get_args(READ_FIELDS)
+    for new in columns.values():
+        if new not in names:
+            raise TunelabError(f"--columns: '{new}' is not a field tunelab reads; one of {', '.join(names)}")
+    return columns
 
 
 def _data_section(data: str, eval_data: str | None, split: str | None, folder: Path) -> dict:
@@ -122,6 +143,8 @@ def write_starter(
     method: str | None,
     name: str | None,
     split: str | None = None,
+    columns: dict[str, str] | None = None,
+    as_chat: bool = False,
 ) -> Starter:
     """Write a first experiment file at `path` (never over an existing file) and return what it holds."""
     from tunelab.data import load_file
@@ -132,8 +155,11 @@ def write_starter(
         raise TunelabError(f"--scope: '{scope}' is not one of {', '.join(SCOPES)}")
     folder = path.parent
     data_section = _data_section(data, eval_data, split, folder)
+    data_section |= ({"columns": columns} if columns else {}) | ({"as_chat": True} if as_chat else {})
     # The rows read as training will read them, checked against the method when one is given.
-    settings = DataSettings(train=data, hub_split=data_section.get("hub_split", "train"))
+    settings = DataSettings(
+        train=data, hub_split=data_section.get("hub_split", "train"), columns=columns or {}, as_chat=as_chat
+    )
     fmt, rows, _, _ = load_file(data, "--data", settings, method)
     method = method or METHOD_OF_FORMAT.get(fmt, "sft")
     from tunelab.scopes import get_scope

@@ -4,6 +4,7 @@ scripts' scopes; the method follows the data; nothing existing is replaced and b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,23 @@ def test_a_dataset_whose_splits_do_not_say_which_trains_asks_for_split(tmp_path:
         write_starter(tmp_path / "b.yaml", MODEL, str(repo), None, "qv", None, None, split="train")
     with pytest.raises(TunelabError, match=r"^--split: '.*sft_train.jsonl' is a file, which has no splits"):
         write_starter(tmp_path / "b.yaml", MODEL, str(DATA / "sft_train.jsonl"), None, "qv", None, None, split="x")
+
+
+def test_init_renames_fields_and_puts_plain_text_in_the_chat_format(tmp_path: Path) -> None:
+    """openai/gsm8k's question/answer rows: --columns and --as-chat are written into the file, which plan reads as
+    chats (the question a user turn, the answer the supervised reply)."""
+    rows = [{"question": f"What is {i} plus 2?", "answer": f"{i} plus 2 is {i + 2}."} for i in range(40)]
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--data", str(data), "--columns", "question=prompt, answer=completion", "--as-chat"]
+    done = run_cli("init", str(tmp_path / "exp.yaml"), "--model", MODEL, *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert (exp.data.columns, exp.data.as_chat) == ({"question": "prompt", "answer": "completion"}, True)
+    segments = make_plan(exp).to_json()["data"]["first_example"]
+    supervised = "".join(s["text"] for s in segments if s["loss"])
+    assert "<|start_header_id|>user<|end_header_id|>" in "".join(s["text"] for s in segments)
+    assert re.fullmatch(r"\d+ plus 2 is \d+\.<\|eot_id\|>", supervised), supervised
+    bad = run_cli("init", str(tmp_path / "b.yaml"), "--model", MODEL, "--data", str(data), "--columns", "question")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --columns: 'question' is not FIELD=NAME pairs")
+    assert not (tmp_path / "b.yaml").exists()
