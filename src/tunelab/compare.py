@@ -172,11 +172,22 @@ def load_runs(
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str, template_vars: dict):
-    texts = [
-        tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False, **template_vars)
-        for p in prompts
-    ]
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    """The prompts as the model reads them: through its chat template, or, for a base model without one (trained on
+    raw text), each prompt's text as it is, with the special tokens the tokenizer adds to any text (its BOS), as
+    training tokenized it."""
+    if tokenizer.chat_template:
+        texts = [
+            tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False, **template_vars)
+            for p in prompts
+        ]
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    for p in prompts:
+        if [m["role"] for m in p.messages] != ["user"]:
+            raise TunelabError(
+                f"compare: prompt {p.id + 1} is a conversation, and the tokenizer has no chat template to render it; "
+                "give prompts as plain 'prompt' strings, or set the runs' tokenizer.chat_template"
+            )
+    return tokenizer([p.text for p in prompts], return_tensors="pt", padding=True).to(device)
 
 
 GREEDY: dict = {"do_sample": False}

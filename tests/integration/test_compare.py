@@ -241,3 +241,37 @@ def test_prompts_asked_on_the_command_line_print_each_variants_answer(runs, tmp_
     assert both.returncode == 2 and both.stderr == (
         "error: --prompt and --prompts: give the prompts one way, on the command line or in a file\n"
     )
+
+
+def test_a_base_model_without_a_chat_template_is_prompted_with_the_raw_text(tmp_path: Path, tiny_model_dir) -> None:
+    """A base model trained on plain prompt/completion text has no chat template: compare gives it each prompt as
+    the text it is (with the BOS the tokenizer adds, as training had it), the same as a plain generate call."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [{"prompt": "The capital of Molo is", "completion": " Vevasmo."}] * 16
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = [f"model.id={base}", f"data.train={tmp_path / 'raw.jsonl'}", "data.eval=null", "train.max_steps=2"]
+    run = train(load_experiment(EXAMPLES / "quickstart.yaml", [*settings, f"output.dir={tmp_path}"])).run_dir
+
+    asked = "The capital of Molo is"
+    result = compare([run], asked=[asked], max_new_tokens=8)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    ids = tokenizer(asked, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+    assert result.outputs["base"] == [
+        tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    ]
+    conversation = tmp_path / "turns.jsonl"
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    conversation.write_text(json.dumps({"messages": turns}) + "\n")
+    with pytest.raises(TunelabError, match=r"^compare: prompt 1 is a conversation, and the tokenizer has no chat"):
+        compare([run], prompts_file=conversation)
