@@ -363,9 +363,7 @@ def compare(
             "or retrain it under another --name"
         )
     exp = load_run_experiment(runs[0][0])
-    prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file)
-    if asked:  # prompts given on the command line: one user turn each
-        prompts = [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)]
+    prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file, asked)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     outputs, losses = _generate_and_score(
@@ -397,16 +395,23 @@ def compare(
 
 
 def _prompts_and_eval(
-    exp: Experiment, runs: list[tuple[Path, Manifest]], prompts_file: Path | None, eval_file: Path | None
+    exp: Experiment,
+    runs: list[tuple[Path, Manifest]],
+    prompts_file: Path | None,
+    eval_file: Path | None,
+    asked: list[str] | None,
 ) -> tuple[list[Prompt], list[dict] | None]:
-    """Prompts from the file or the runs' held-out data; eval rows from --eval or the first SFT run's eval set
-    (runs of preference methods alone have no SFT eval set: no eval loss then)."""
+    """Prompts asked on the command line (one user turn each), from the file, or from the runs' held-out data; eval
+    rows from --eval or the first SFT run's eval set (runs of preference methods alone have no SFT eval set: no eval
+    loss then)."""
     from tunelab.data import load_file
 
     sft = next((load_run_experiment(d).data for d, m in runs if m.method == "sft"), None)
     eval_rows = load_file(str(eval_file), "--eval", sft or exp.data, "sft")[1] if eval_file else None
     if eval_rows is None and sft is not None and sft.eval:
         eval_rows = load_file(sft.eval, "data.eval", sft, "sft")[1]
+    if asked:
+        return [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)], eval_rows
     if prompts_file:
         return read_prompts(prompts_file), eval_rows
     source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_files[0], "data.train")

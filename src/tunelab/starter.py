@@ -157,9 +157,7 @@ def write_starter(
     data_section = _data_section(data, eval_data, split, folder)
     data_section |= ({"columns": columns} if columns else {}) | ({"as_chat": True} if as_chat else {})
     # The rows read as training will read them, checked against the method when one is given.
-    settings = DataSettings(
-        train=data, hub_split=data_section.get("hub_split", "train"), columns=columns or {}, as_chat=as_chat
-    )
+    settings = DataSettings(**(data_section | {"train": data}))
     fmt, rows, _, _ = load_file(data, "--data", settings, method)
     method = method or METHOD_OF_FORMAT.get(fmt, "sft")
     from tunelab.scopes import get_scope
