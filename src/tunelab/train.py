@@ -338,6 +338,17 @@ def train(
         run.close()
 
 
+def _compile_failure(error: Exception) -> ConfigError | None:
+    """A failure inside torch.compile (Dynamo or Inductor) as the one line that says which setting to turn off."""
+    if not type(error).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ConfigError(
+        f"train.compile: torch.compile failed on this model ({type(error).__name__}: {first}); set train.compile: "
+        "false to train without it"
+    )
+
+
 def _padded_instead(exp: Experiment, architecture: str, refusal: str, says: bool) -> None:
     """Padding-free rows on a model that lets their examples attend to each other would train on the wrong text."""
     why = f"{architecture} {refusal}"
@@ -523,9 +534,15 @@ def _train_in(
             _load_finished(trainer, checkpoint)
             runtime = None  # nothing trained in this process
         else:
-            runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
-                "train_runtime"
-            )
+            try:
+                runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
+                    "train_runtime"
+                )
+            except Exception as e:
+                failure = _compile_failure(e) if exp.train.compile else None
+                if failure is None:
+                    raise
+                raise failure from e
     if recorder.bad is not None:
         raise NonFiniteLoss(
             f"training stopped: {recorder.bad} at step "

@@ -58,3 +58,21 @@ def test_compile_without_a_compiler_is_refused_before_anything_loads(tmp_path: P
         f"error: {EXAMPLES / 'quickstart.yaml'}: train.compile: torch.compile builds CPU kernels with a C++ "
         "compiler, and none is on PATH (g++, c++ or clang++); install one, or set train.compile: false\n"
     )
+
+
+def test_a_compiler_that_fails_mid_run_is_one_line_and_a_failed_run(tmp_path: Path) -> None:
+    """A C++ compiler that exists but does not work gets past the check and fails inside Inductor at the first step:
+    one line naming train.compile, and a run recorded as failed with it."""
+    quickstart = EXAMPLES / "quickstart.yaml"
+    done = run_cli(
+        "train",
+        str(quickstart),
+        *("--set", f"output.dir={tmp_path}", "--set", "train.max_steps=1", "--set", "data.eval=null"),
+        *("--set", "train.compile=true", "--name", "broken"),
+        env={"CXX": shutil.which("false") or "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")},
+    )
+    said = f"error: {quickstart}: train.compile: torch.compile failed on this model (InductorError: "
+    assert done.returncode == 2 and done.stderr.startswith(said) and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.endswith("; set train.compile: false to train without it\n")
+    manifest = json.loads((tmp_path / "broken" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"].startswith("ConfigError: train.compile: torch.compile")
