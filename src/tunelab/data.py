@@ -14,6 +14,7 @@ import io
 import json
 import random
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,26 +107,17 @@ def _read_with_datasets(source: str, split: str, key: str, revision: str | None 
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
 
-    from tunelab.models import gated_refusal, offline_unless_reachable
+    from tunelab.models import gated_refusal
 
-    path = Path(source)
-    revision = None if path.exists() else revision  # a hub id's; a local folder has none
+    revision = None if Path(source).exists() else revision  # a hub id's; a local folder has none
     split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
     try:
-        if _saved_with_datasets(path):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ConfigError(
-                        f"{source}: the saved dataset has no split '{split}'; its splits are "
-                        f"{', '.join(ds)}: set {split_key} to one of them"
-                    )
-                ds = ds[split]
-        elif path.suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path))
-        else:  # a hub id, or a folder laid out as a dataset repository (data files, README.md configs)
-            offline_unless_reachable(source, "dataset")
-            ds = datasets.load_dataset(source, split=split, revision=revision)
+        # datasets 5.2 keys its cache of a local dataset repository by the folder's name and README, not by its files:
+        # after an edit of its data files, or for another folder of the same name, it returned the rows it had cached
+        # before. Local sources are read through a cache of their own, gone once their rows are read.
+        with tempfile.TemporaryDirectory(prefix="tunelab-data-") as cache:
+            ds = _open_with_datasets(source, split, split_key, revision, cache)
+            records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     except ValueError as e:
         if str(e).startswith("Unknown split"):
             names = ", ".join(datasets.get_dataset_split_names(source, revision=revision))
@@ -136,8 +128,32 @@ def _read_with_datasets(source: str, split: str, key: str, revision: str | None 
     except (OSError, KeyError) as e:
         gated = gated_refusal(key, source, e, "dataset")
         raise gated or TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
-    records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     return records, _records_digest(records)
+
+
+def _open_with_datasets(source: str, split: str, split_key: str, revision: str | None, cache: str):
+    """The split as a `datasets.Dataset`; local files go through `cache`, hub datasets through the usual cache."""
+    import datasets
+
+    from tunelab.models import offline_unless_reachable
+
+    path = Path(source)
+    if _saved_with_datasets(path):
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ConfigError(
+                    f"{source}: the saved dataset has no split '{split}'; its splits are {', '.join(ds)}: set "
+                    f"{split_key} to one of them"
+                )
+            ds = ds[split]
+        return ds
+    if path.suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path), cache_dir=cache)
+    if path.is_dir():  # a folder laid out as a dataset repository (data files, README.md configs)
+        return datasets.load_dataset(source, split=split, cache_dir=cache)
+    offline_unless_reachable(source, "dataset")
+    return datasets.load_dataset(source, split=split, revision=revision)
 
 
 def dataset_splits(source: str) -> list[str] | None:

@@ -234,6 +234,35 @@ def test_a_downloaded_dataset_repository_reads_its_named_splits(tmp_path: Path) 
         load(repo, hub_split="train_sft", eval=str(repo), eval_split="test")
 
 
+def test_a_dataset_repository_is_read_as_its_files_are_now(tmp_path: Path) -> None:
+    """datasets 5.2 caches a local dataset repository under its folder's name and README: another folder of the same
+    name, or the same folder after its data files changed, came back as the rows cached first."""
+    import datasets
+
+    def rows(text: str, n: int) -> list[dict]:
+        return [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]}] * n
+
+    first = dataset_repository(tmp_path / "a" / "chats", {"train": rows("first", 2)})
+    other = dataset_repository(tmp_path / "b" / "chats", {"train": rows("other", 3)})
+    assert load(first).train.rows == rows("first", 2)
+    assert load(other).train.rows == rows("other", 3)
+    shard = next((first / "data").glob("train-*.parquet"))
+    datasets.Dataset.from_list(rows("edited", 4)).to_parquet(str(shard))
+    assert load(first).train.rows == rows("edited", 4)
+
+
+def test_a_split_may_be_sliced_as_datasets_slices_it(tmp_path: Path) -> None:
+    """hub_split: train[:75%] and eval_split: train[75%:] of one dataset: the first rows to train, the rest held out
+    (a slice is not the same split, so it is not refused as eval-of-train)."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(8)
+    ]
+    repo = dataset_repository(tmp_path / "repo", {"train": rows})
+    splits = load(repo, hub_split="train[:75%]", eval=str(repo), eval_split="train[75%:]")
+    assert (splits.train.rows, splits.eval.rows) == (rows[:6], rows[6:])
+
+
 def test_eval_data_that_is_the_training_data_is_refused(tmp_path: Path) -> None:
     repo = dataset_repository(tmp_path / "repo", {"train": [CHAT], "test": [CHAT]})
     with pytest.raises(TunelabError, match=r"^data.eval: reads the same split of '.*repo' as data.train \('train'\)"):
