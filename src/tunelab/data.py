@@ -548,6 +548,11 @@ def normalise(record: Record, fmt: str, merge_turns: bool = False, as_chat: bool
             f"{record.where}: has a 'system' text, which plain-text rows have no place for (they train as raw "
             "text); set data.as_chat: true to make it the system turn of the chat format, or remove the field"
         )
+    if "chosen" in row and len({isinstance(row.get(k, []), list) for k in ("prompt", "chosen", "rejected")}) > 1:
+        raise TunelabError(
+            f"{record.where}: mixes plain text and messages among prompt, chosen and rejected, and a pair trains "
+            "either as a chat or as text; set data.as_chat: true to make the strings turns of a chat"
+        )
     if merge_turns:
         row = {
             k: merge_consecutive(v)

@@ -416,6 +416,14 @@ def test_as_chat_puts_plain_text_rows_into_the_chat_format(tmp_path: Path) -> No
     assert load(write_jsonl(tmp_path / "k.jsonl", thumbs), method="kto", as_chat=True).train.rows == [
         {"prompt": [user], "completion": [reply], "label": True}
     ]
+    # A pair that mixes a string prompt with answers as messages (or the reverse) is one chat with as_chat ...
+    mixed = [{"prompt": "Hi?", "chosen": [reply], "rejected": "Go away."}]
+    assert load(write_jsonl(tmp_path / "m.jsonl", mixed), method="dpo", as_chat=True).train.rows == [
+        {"prompt": [user], "chosen": [reply], "rejected": [{"role": "assistant", "content": "Go away."}]}
+    ]
+    # ... and refused without it: TRL renders a pair as a chat or as text, and would fail on half of each.
+    with pytest.raises(TunelabError, match=r"m.jsonl:1: mixes plain text and messages among prompt, chosen and rej"):
+        load(tmp_path / "m.jsonl", method="dpo")
     # Without as_chat the strings stay raw text, where a system text has no place: refused, not dropped.
     assert load(write_jsonl(tmp_path / "r.jsonl", rows[:1])).train.rows == rows[:1]
     with pytest.raises(TunelabError, match=r"p.jsonl:1: has a 'system' text, .*set data.as_chat: true"):
