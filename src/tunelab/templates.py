@@ -468,6 +468,15 @@ def template_vars(settings: TokenizerSettings, tokenizer: PreTrainedTokenizerBas
     return out
 
 
+def with_template_vars(tokenizer: PreTrainedTokenizerBase, variables: dict) -> PreTrainedTokenizerBase:
+    """The tokenizer with `variables` set at the top of its chat template, for a renderer that passes none (lm-eval):
+    its apply_chat_template then renders as training did with the variables passed beside each conversation."""
+    if variables and isinstance(tokenizer.chat_template, str):
+        settings = "".join(f"{{%- set {name} = {json.dumps(value)} -%}}" for name, value in variables.items())
+        tokenizer.chat_template = settings + tokenizer.chat_template
+    return tokenizer
+
+
 def reads_the_clock(tokenizer: PreTrainedTokenizerBase, variables: dict) -> bool:
     """Whether the chat template, given these variables, still writes the current date (strftime_now), as gpt-oss's
     and Mistral Small's do unconditionally. Rendered once with the clock replaced by a call that fails."""

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from tests.chat_fixtures import FAMILIES, FIXTURES, tokenizer, trl_tokenizer
 from tunelab.config import TokenizerSettings
-from tunelab.templates import TEMPLATE_DATE, encode, reads_the_clock, template_vars
+from tunelab.templates import TEMPLATE_DATE, encode, reads_the_clock, template_vars, with_template_vars
 
 CHAT = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -45,3 +45,18 @@ def test_a_template_that_always_reads_the_clock_is_named() -> None:
     assert template_vars(TokenizerSettings(), tok) == {}
     assert reads_the_clock(tok, {})
     assert not reads_the_clock(trl_tokenizer("qwen3"), {})
+
+
+def test_a_renderer_that_passes_no_variables_renders_as_training_did() -> None:
+    """lm-eval calls apply_chat_template with no variables: the run's are set inside the template, so Qwen3 answers
+    without thinking and Llama 3.2's system turn carries the fixed date, as in training."""
+    prompt = [{"role": "user", "content": "Hi there"}]
+    for tok, variables in (
+        (trl_tokenizer("qwen3"), {"enable_thinking": False}),
+        (llama32(), template_vars(TokenizerSettings(), llama32())),
+    ):
+        expected = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **variables)
+        assert tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) != expected
+        baked = with_template_vars(tok, variables)
+        assert baked.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == expected
+    assert expected.count(TEMPLATE_DATE) == 1
