@@ -7,6 +7,7 @@ preference pairs. Every error names the file and the line (or record number).
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import hashlib
@@ -99,7 +100,31 @@ def _read_json(path: Path, text: str) -> list[Record]:
 def _read_csv(path: Path, text: str) -> list[Record]:
     with io.StringIO(text, newline="") as f:
         # Line 1 is the header, so record i sits on line i + 2 (for records without embedded newlines).
-        return [Record(f"{path}:{i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(f))]
+        return [
+            Record(f"{path}:{i + 2}", {k: _csv_cell(k, v) for k, v in r.items()})
+            for i, r in enumerate(csv.DictReader(f))
+        ]
+
+
+def _csv_cell(name: str, text: str | None) -> Any:
+    """A CSV cell as the value JSON would have held: a conversation written as JSON text, or as the Python repr pandas
+    writes for a column of lists, is parsed where it holds messages, and a KTO label's True/False is a boolean. Other
+    text stays text."""
+    if name == "label" and text is not None and text.strip().lower() in ("true", "false"):
+        return text.strip().lower() == "true"
+    if not text or not text.lstrip().startswith("["):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        try:  # pandas writes a column of lists as their Python repr ({'role': 'user', ...}); read as a literal only
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return text
+    turns = (
+        isinstance(value, list) and value and all(isinstance(m, dict) and ("role" in m or "from" in m) for m in value)
+    )
+    return value if turns else text
 
 
 def _read_with_datasets(source: str, split: str, key: str, revision: str | None = None) -> tuple[list[Record], str]:

@@ -497,3 +497,24 @@ def test_a_dataset_with_an_image_column_hashes_the_same_on_every_read(tmp_path: 
     first, again = read_records(saved("a", 10), "data.train"), read_records(str(tmp_path / "a"), "data.train")
     assert type(first[0][0].value["image"]).__module__.startswith("PIL")  # decoded images, both alive at once
     assert first[1] == again[1] != read_records(saved("b", 11), "data.train")[1]
+
+
+def test_conversations_in_csv_cells_are_read_as_conversations(tmp_path: Path) -> None:
+    """A CSV of chats holds each conversation as text: JSON, or the Python repr pandas' to_csv writes for a column of
+    lists. Cells that hold messages are read as messages, KTO's True/False as booleans; other text stays text."""
+    import csv
+
+    user, reply = {"role": "user", "content": "hi, [1]"}, {"role": "assistant", "content": "hello"}
+    path = tmp_path / "chats.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["messages", "note"])
+        writer.writerow([json.dumps([user, reply]), "[not json"])
+        writer.writerow([repr([user, reply]), "[1, 2]"])
+    assert load(path).train.rows == [{"messages": [user, reply]}] * 2
+    thumbs = tmp_path / "thumbs.csv"
+    thumbs.write_text('prompt,completion,label\n"[1, 2]",three,True\nq,a,false\n')
+    assert load(thumbs, method="kto").train.rows == [
+        {"prompt": "[1, 2]", "completion": "three", "label": True},
+        {"prompt": "q", "completion": "a", "label": False},
+    ]
