@@ -132,8 +132,6 @@ def _read_with_datasets(source: str, split: str, key: str, revision: str | None 
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
 
-    from tunelab.models import gated_refusal
-
     revision = None if Path(source).exists() else revision  # a hub id's; a local folder has none
     split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
     try:
@@ -148,12 +146,24 @@ def _read_with_datasets(source: str, split: str, key: str, revision: str | None 
             names = ", ".join(datasets.get_dataset_split_names(source, revision=revision))
             raise ConfigError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
-    except ConnectionError as e:  # offline (set, or because the hub cannot be reached) and not in the cache
-        raise ConfigError(_uncached(key, source)) from e
     except (OSError, KeyError) as e:
-        gated = gated_refusal(key, source, e, "dataset")
-        raise gated or TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
+        raise _load_refusal(key, source, e) from e
     return records, _records_digest(records)
+
+
+def _load_refusal(key: str, source: str, error: Exception) -> TunelabError:
+    """A dataset datasets could not load, as one line: not cached with the hub out of reach (ConnectionError, offline
+    set or found), gated, or datasets' own first line."""
+    from tunelab.models import gated_refusal
+
+    if isinstance(error, ConnectionError):
+        return ConfigError(
+            f"{key}: '{source}' is not in the local cache and the hub cannot be reached; download it where there is "
+            f"a network (hf download {source} --repo-type dataset --local-dir FOLDER) and point {key} at that folder"
+        )
+    return gated_refusal(key, source, error, "dataset") or TunelabError(
+        f"{source}: cannot load dataset ({str(error).splitlines()[0]})"
+    )
 
 
 def _open_with_datasets(source: str, split: str, split_key: str, revision: str | None, cache: str):
@@ -196,10 +206,8 @@ def dataset_splits(source: str) -> list[str] | None:
     offline_unless_reachable(source, "dataset")
     try:
         return datasets.get_dataset_split_names(source)
-    except ConnectionError as e:
-        raise ConfigError(_uncached("--data", source)) from e
     except (OSError, ValueError) as e:
-        raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
+        raise _load_refusal("--data", source, e) from e
 
 
 HELD_OUT = ("test", "validation", "valid", "eval", "dev")
@@ -217,13 +225,6 @@ def train_and_held_out(splits: list[str], train: str | None = None) -> tuple[str
     suffix = train.removeprefix("train") if train else ""
     candidates = [name + suffix for name in HELD_OUT] + list(HELD_OUT)
     return train, next((c for c in candidates if c in splits and c != train), None)
-
-
-def _uncached(key: str, source: str) -> str:
-    return (
-        f"{key}: '{source}' is not in the local cache and the hub cannot be reached; download it where there is a "
-        f"network (hf download {source} --repo-type dataset --local-dir FOLDER) and point {key} at that folder"
-    )
 
 
 def _saved_with_datasets(path: Path) -> bool:
