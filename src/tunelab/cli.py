@@ -146,9 +146,10 @@ def train(
     from tunelab.train import train as run_training
 
     inputs = read_inputs(exp, training=True, engine=engine)  # read once: the plan and the run share them
+    plan = make_plan(exp, inputs)
     if distributed.is_main():
-        print_plan(make_plan(exp, inputs))
-    result = run_training(exp, resume=resume, overwrite=overwrite, force=force, inputs=inputs)
+        print_plan(plan)
+    result = run_training(exp, resume=resume, overwrite=overwrite, force=force, inputs=inputs, plan=plan)
     if distributed.is_main():
         print_run(result.run_dir, result.manifest)
 

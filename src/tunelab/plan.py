@@ -60,6 +60,30 @@ class Memory:
 
 
 @dataclass
+class Disk:
+    """The run folder at its fullest: Trainer checkpoints (the weights the Trainer saves, AdamW's state, the
+    tokenizer, its small state files) and the result, against the free space where it is written."""
+
+    checkpoint_bytes: int  # one checkpoint
+    checkpoint_weights_bytes: int
+    checkpoint_optimizer_bytes: int
+    checkpoints: int  # the most on disk at once: save_total_limit, and the one written before the oldest goes
+    result: str  # what the run keeps: adapter/, trained.safetensors or model/ (runs.py), with tokenizer/
+    result_bytes: int
+    total_bytes: int
+    folder: str  # the run folder
+    free_bytes: int | None  # free on its file system now (None: not measured)
+    held_bytes: int  # what the run folder holds already (a run being resumed or replaced): it is reused
+
+    @property
+    def short_bytes(self) -> int:
+        """What the run would lack at its fullest; 0 when it fits."""
+        if self.free_bytes is None:
+            return 0
+        return max(0, self.total_bytes - self.held_bytes - self.free_bytes)
+
+
+@dataclass
 class SplitStats:
     examples: int
     measured: int
@@ -90,6 +114,7 @@ class Plan:
     model: ModelFacts
     scope: ResolvedScope
     memory: Memory
+    disk: Disk
     batching: Batching
     data: DataStats | None
     warnings: list[str]
@@ -166,6 +191,115 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    raise AssertionError
+
+
+# What a checkpoint or a result holds besides tensors and tokenizer, at most: RNG states, scheduler, trainer state,
+# training arguments, configs, a README (about 30 KiB in a checkpoint of the built-in model, 8 KiB in an adapter;
+# the trainer state grows by about 200 bytes a logged step).
+SMALL_FILES = 64 * 1024
+# optimizer.pt pickles each trained tensor's two moments and step counter as records of their own (about 820 bytes
+# a tensor measured with torch 2.13, whatever its size).
+OPTIMIZER_PER_TENSOR = 832
+
+
+def estimate_disk(
+    scope: ResolvedScope, exp: Experiment, dtype: str, n_train: int, tokenizer_bytes: int, folder: Path
+) -> Disk:
+    """What the run writes at its fullest (docs/runs.md, "Disk"), and the free space where it writes it.
+
+    A LoRA checkpoint holds the adapter; any other holds the whole model, as the Trainer saves it. The Trainer
+    writes a new checkpoint before it removes the oldest beyond train.save_total_limit, so one more than the
+    limit is on disk for a moment; the result is written after the last checkpoint, beside the ones kept.
+    """
+    from tunelab.runs import FULL_MODEL
+    from tunelab.scopes import get_scope
+
+    kind = get_scope(scope.kind)
+    b = DTYPE_BYTES[dtype]
+    trained = trained_tensor_bytes(scope, b, exp.model.quantization is not None)
+    weights = trained if kind.adds_parameters else scope.total_params * b
+    # AdamW: first and second moments, in the trained tensors' dtype
+    optimizer = 2 * trained + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
+    checkpoint = weights + optimizer + tokenizer_bytes + SMALL_FILES
+    result = (scope.total_params * b if kind.result == FULL_MODEL else trained) + tokenizer_bytes + SMALL_FILES
+    saves = checkpoint_saves(exp, n_train)
+    kept = min(exp.train.save_total_limit, saves)
+    at_once = min(exp.train.save_total_limit + 1, saves)
+    total = max(at_once * checkpoint, kept * checkpoint + result)
+    free, held = free_space(folder)
+    return Disk(
+        checkpoint_bytes=checkpoint,
+        checkpoint_weights_bytes=weights,
+        checkpoint_optimizer_bytes=optimizer,
+        checkpoints=at_once,
+        result=kind.result,
+        result_bytes=result,
+        total_bytes=total,
+        folder=str(folder),
+        free_bytes=free,
+        held_bytes=held,
+    )
+
+
+def checkpoint_saves(exp: Experiment, n_train: int) -> int:
+    """How many checkpoints the Trainer writes: every save_steps steps and at the last step, else every epoch."""
+    t = exp.train
+    steps = optimizer_steps(exp, n_train)
+    if t.save_steps:
+        return math.ceil(steps / t.save_steps)
+    per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accumulation))
+    return math.ceil(steps / per_epoch)
+
+
+def free_space(folder: Path) -> tuple[int | None, int]:
+    """Free bytes on the file system that holds (or will hold) `folder`, and the bytes `folder` holds already."""
+    import shutil
+
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = None
+    held = 0
+    if folder.is_dir():
+        for root, _, files in os.walk(folder):
+            held += sum((Path(root) / f).stat().st_size for f in files if not (Path(root) / f).is_symlink())
+    return free, held
+
+
+def tokenizer_bytes(tokenizer) -> int:
+    """What the tokenizer takes on disk as the Trainer and the run save it (measured by saving it)."""
+    import tempfile
+
+    if tokenizer is None:
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
+
+
+def disk_refusal(disk: Disk, limit: int) -> str | None:
+    """The line that says the run will not fit on its disk, and how to make it fit."""
+    if not disk.short_bytes:
+        return None
+    return (
+        f"output.dir: the run writes up to {human_bytes(disk.total_bytes)} into {disk.folder} ({disk.checkpoints} "
+        f"checkpoint{'s' if disk.checkpoints > 1 else ''} of {human_bytes(disk.checkpoint_bytes)} and the "
+        f"{disk.result} at the end), and its disk has {human_bytes(disk.free_bytes or 0)} free: free "
+        f"{human_bytes(disk.short_bytes)} there, lower train.save_total_limit (now {limit}), or set output.dir to "
+        "a larger disk"
+    )
+
+
 def memory_warning(mem: Memory, method: str) -> str | None:
     """When the estimate is above the device's memory: by how much, its largest part, and what shrinks that part."""
     if mem.device_bytes is None or mem.total_bytes <= mem.device_bytes:
@@ -217,6 +351,21 @@ def _activation_layers(scope: ResolvedScope, n_layers: int) -> int:
     return n_layers - min(scope.layers)
 
 
+def trained_tensor_bytes(scope: ResolvedScope, param_bytes: int, quantized: bool) -> int:
+    """Bytes of the trainable tensors as they train (and as they are saved).
+
+    PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype); the copies of
+    original modules trained beside it (scope.lora.open) keep their originals' dtype: the model's, or float32 on a
+    quantized base (PEFT's prepare_model_for_kbit_training casts them). Opened original weights keep the model's.
+    """
+    from tunelab.scopes import get_scope
+
+    if not get_scope(scope.kind).adds_parameters:
+        return scope.trainable_params * param_bytes
+    opened_bytes = 4 if quantized else param_bytes
+    return (scope.trainable_params - scope.opened_params) * 4 + scope.opened_params * opened_bytes
+
+
 def estimate_memory(
     facts: ModelFacts,
     scope: ResolvedScope,
@@ -230,13 +379,8 @@ def estimate_memory(
     b = DTYPE_BYTES[dtype]
     adapter = get_scope(scope.kind).adds_parameters
     quantization = exp.model.quantization
-    # PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype); the copies of
-    # original modules trained beside it (scope.lora.open) keep their originals' dtype: the model's, or float32 on a
-    # quantized base (see below).
-    tb = 4 if adapter else b
-    ob = 4 if quantization is not None else b
     base_params = scope.total_params - (scope.trainable_params if adapter else 0)
-    trained_bytes = (scope.trainable_params - scope.opened_params) * tb + scope.opened_params * ob
+    trained_bytes = trained_tensor_bytes(scope, b, quantization is not None)
     weights = base_params * b + (trained_bytes if adapter else 0)
     if quantization is not None:
         # PEFT's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head) to
@@ -244,7 +388,7 @@ def estimate_memory(
         kept = base_params - facts.linear_params
         weights = int(facts.linear_params * quantized_bytes_per_param(quantization)) + kept * 4
         weights += trained_bytes
-    grads = trained_bytes if adapter else scope.trainable_params * b
+    grads = trained_bytes
     optimizer = 2 * grads  # AdamW: first and second moments
     sharded = list(engine.sharded_parts) if engine else []
     processes = engine.num_processes if sharded else 1
@@ -420,7 +564,11 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
             f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "
             f"train.max_length={exp.train.max_length} and will be truncated"
         )
-    return Plan(exp.name, exp.method, facts, resolved, memory, batching(exp.train, exp.method), stats, warnings)
+    folder = Path(exp.output.dir) / exp.run_name
+    disk = estimate_disk(resolved, exp, dtype, stats.train.examples, tokenizer_bytes(inputs.tokenizer), folder)
+    if (no_room := disk_refusal(disk, exp.train.save_total_limit)) is not None:
+        warnings.append(no_room)
+    return Plan(exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings)
 
 
 def plain_text_warning(exp: Experiment, inputs: Inputs) -> str | None:

@@ -50,7 +50,11 @@ def now() -> str:
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written stray beside the file
+        raise
     os.replace(tmp, path)
 
 
@@ -516,8 +520,21 @@ def load_run_experiment(run_dir: Path) -> Experiment:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's logged metrics. A last line cut short (the disk filled, or the process died, while it was appended)
+    is left out; a damaged line before it is an error."""
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines):
+                break
+            raise TunelabError(f"{path}: line {i} is damaged ({e.msg}); delete that line") from e
+    return records
 
 
 def list_runs(root: Path, name: str | None = None, status: str | None = None, base: str | None = None) -> list[dict]:

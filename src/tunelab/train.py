@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from transformers import TrainerCallback
 
     from tunelab.inputs import Inputs
+    from tunelab.plan import Plan
     from tunelab.scopes import BaseLoader, ScopeKind
     from tunelab.templates import Encoded
 
@@ -273,15 +274,17 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     inputs: Inputs | None = None,
     group: str | None = None,
+    plan: Plan | None = None,
 ) -> TrainResult:
     """Run one experiment into its run directory. `force` resumes even where the inputs changed; `callbacks`
     (Transformers TrainerCallbacks) join tunelab's own on the trainer, the way to observe or time a run;
     `inputs`: the experiment's data, tokenizer and configs when read already (by `plan`), not read again;
-    `group`: what the trackers group this run under (a study's name; by default the experiment's name)."""
+    `group`: what the trackers group this run under (a study's name; by default the experiment's name);
+    `plan`: the experiment's plan over these inputs, when made already."""
     from tunelab.console import run_log
     from tunelab.inputs import read_inputs
     from tunelab.models import fingerprint, pick_device, weights_path
-    from tunelab.plan import check_rhythm
+    from tunelab.plan import check_rhythm, disk_refusal, make_plan
     from tunelab.templates import template_hash
     from tunelab.trackers import check_trackers
 
@@ -298,6 +301,10 @@ def train(
     check_rhythm(
         exp, len(splits.train.rows), len(encoded[0].examples), len(encoded[0].no_loss_after(exp.train.max_length))
     )
+    # A run that cannot fit on its disk would fail at a checkpoint, hours in; say so before anything loads.
+    plan = plan or make_plan(exp, inputs)
+    if (no_room := disk_refusal(plan.disk, exp.train.save_total_limit)) is not None:
+        raise ConfigError(no_room)
     source = weights_path(exp.model, shown=distributed.is_main())
     base_fingerprint = fingerprint(source, exp.model.revision)
     init_from = check_init_from(exp, base_fingerprint)
@@ -326,16 +333,64 @@ def train(
         run.update(status="interrupted", ended_at=now(), error=why)
         raise
     except BaseException as e:
+        full = disk_full(e)
         if run.created and not run.began and run.writable:
             # Nothing trained: a model that failed to load or a setting refused leaves no run folder behind.
             import shutil
 
             shutil.rmtree(run.dir, ignore_errors=True)
+        elif full and run.writable:
+            raise _out_of_disk(run, exp) from e
         else:
             run.update(status="failed", ended_at=now(), error=f"{type(e).__name__}: {e}".splitlines()[0])
+        if full:
+            raise TunelabError(f"{run.dir}: no space left on its disk before training began; free space there") from e
         raise
     finally:
         run.close()
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a failure came from a full disk or an exhausted quota: the OS's error anywhere in the exception
+    chain, or a library's words for it (safetensors' writer, torch's zip writer report it as text)."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(e) for words in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _out_of_disk(run: Run, exp: Experiment) -> TunelabError:
+    """A run whose disk filled: the checkpoint being written is removed (cut short, resume would pass over it; its
+    bytes let the manifest record the failure), and the one line says how to go on from the last complete one."""
+    import shutil
+
+    from tunelab.plan import free_space, human_bytes
+    from tunelab.runs import complete
+
+    cut = [c for c in checkpoints(run.dir) if not complete(c)]
+    for c in cut:
+        shutil.rmtree(c, ignore_errors=True)
+    last = last_checkpoint(run.dir)
+    error = "no space left on device" + (f" while writing {cut[-1].name}" if cut else "")
+    try:
+        run.update(status="failed", ended_at=now(), error=error)
+    except OSError:
+        pass  # still full: the manifest keeps "running"; the lock is free, so --resume takes the run over
+    free, _ = free_space(run.dir)
+    start = f"from {last.name}" if last else "from the start (no checkpoint was complete)"
+    return TunelabError(
+        f"{run.dir}: {error}; {human_bytes(free or 0)} is free there now. Free space (or lower "
+        f"train.save_total_limit, now {exp.train.save_total_limit}) and run the same `tunelab train` with --resume: "
+        f"it goes on {start}"
+    )
 
 
 def _compile_failure(error: Exception) -> ConfigError | None:

@@ -15,7 +15,9 @@ from tunelab.runs import (
     lm_eval_scores,
     open_run,
     read_manifest,
+    read_metrics,
     versions,
+    write_atomic,
     write_json,
     write_lm_eval,
 )
@@ -136,3 +138,25 @@ def test_a_manifest_from_before_base_models_were_recorded_resumes_without_compar
     )
     old = Manifest(name="r", status="failed", config_hash=exp.config_hash())
     assert old.base_model is None and changed_inputs(old, exp, now) == []
+
+
+def test_metrics_cut_short_at_the_last_line_are_read_without_it(tmp_path: Path) -> None:
+    # A disk that filled (or a process killed) while a line was appended leaves it half written.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_a_damaged_metrics_line_before_the_last_is_an_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+    with pytest.raises(TunelabError, match=r"metrics.jsonl: line 2 is damaged .*; delete that line"):
+        read_metrics(tmp_path)
+
+
+def test_a_failed_atomic_write_leaves_neither_file_nor_temporary(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text('{"old": true}')
+    # The temporary file is opened, then the write fails (as on a full disk): a lone surrogate has no UTF-8 form.
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(tmp_path / "manifest.json", '{"new": "\ud800"}')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    assert json.loads((tmp_path / "manifest.json").read_text()) == {"old": True}

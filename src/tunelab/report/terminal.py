@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.methods.common import Batching
-from tunelab.plan import Plan, SplitStats
+from tunelab.plan import Disk, Plan, SplitStats, human_bytes
 from tunelab.runs import Manifest
 from tunelab.scope import layer_ranges as ranges
 from tunelab.starter import Starter
@@ -19,15 +19,6 @@ from tunelab.starter import Starter
 def _console() -> Console:
     # Tables are wide; without a terminal to measure, give them room instead of rich's 80 columns.
     return Console() if sys.stdout.isatty() else Console(width=160)
-
-
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    raise AssertionError
 
 
 def group_modules(full_names: list[str], layer_path_hint: str = ".layers.") -> list[tuple[str, str]]:
@@ -162,6 +153,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"{human_bytes(mem.activations_bytes)}, with: {human_bytes(mem.activations_checkpointed_bytes)})"
         )
     console.print(batching_line(plan.batching, plan.memory.tokens_per_forward), highlight=False)
+    console.print(disk_line(plan.disk), highlight=False)
     if plan.data is not None:
         d = plan.data
         dt = Table(title=f"Data ({d.format})", title_justify="left", show_edge=False)
@@ -182,6 +174,18 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             console.print(text, markup=False, highlight=False)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)  # a fix may quote [a, b]
+
+
+def disk_line(d: Disk) -> str:
+    """What the run writes at its fullest, and the room there is for it."""
+    free = f"{human_bytes(d.free_bytes)} free" if d.free_bytes is not None else "free space unknown"
+    reused = f", {human_bytes(d.held_bytes)} of it there already" if d.held_bytes else ""
+    many = f"at most {d.checkpoints} checkpoints" if d.checkpoints > 1 else "1 checkpoint"
+    return (
+        f"disk: {many} of {human_bytes(d.checkpoint_bytes)} (weights {human_bytes(d.checkpoint_weights_bytes)}, "
+        f"optimizer {human_bytes(d.checkpoint_optimizer_bytes)}), then the {d.result} ({human_bytes(d.result_bytes)}): "
+        f"{human_bytes(d.total_bytes)} at the fullest{reused}; {free} for {d.folder}"
+    )
 
 
 def tokens_line(t) -> str:
@@ -272,8 +276,9 @@ def print_scores(scores: dict[str, dict[str, float]], console: Console | None = 
 def print_study_plan(rows, console: Console | None = None) -> None:
     console = console or _console()
     table = Table(title="Study plan", title_justify="left", show_edge=False)
-    for col in ("variant", "method", "scope", "modules", "layers", "trainable", "%", "memory", "differs from base"):
-        table.add_column(col, justify="right" if col in ("trainable", "%", "memory") else "left")
+    numbers = ("trainable", "%", "memory", "disk")
+    for col in ("variant", "method", "scope", "modules", "layers", *numbers, "differs from base"):
+        table.add_column(col, justify="right" if col in numbers else "left")
     for name, plan, diff in rows:
         s = plan.scope
         what = ",".join(s.target_modules) if s.lora_modules else f"{len(s.trainable_names)} tensors"
@@ -286,6 +291,7 @@ def print_study_plan(rows, console: Console | None = None) -> None:
             f"{s.trainable_params:,}",
             f"{s.trainable_percent:.3f}",
             human_bytes(plan.memory.total_bytes),
+            human_bytes(plan.disk.total_bytes),
             "\n".join(diff) or "-",
         )
     console.print(table)

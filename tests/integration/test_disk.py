@@ -1,0 +1,119 @@
+"""The disk a run needs: plan's estimate against what the Trainer and the run write, a run that cannot fit refused
+before anything loads, and a disk that fills mid-run: one line, the checkpoint it cut short removed, the failure
+recorded, and --resume ending where an uninterrupted run ends."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLES, REPO, SCRATCH, run_cli, trained_tensors
+from tunelab.config import load_experiment
+from tunelab.plan import SMALL_FILES, make_plan
+from tunelab.runs import read_manifest
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+QUICKSTART = str(EXAMPLES / "quickstart.yaml")
+
+
+def size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("scope", ["lora", "partial", "full"])
+def test_plan_disk_estimate_matches_what_the_run_writes(scope: str, tmp_path: Path, tiny_model_dir) -> None:
+    scopes = {"lora": "{lora: {r: 8, targets: qkvo}}", "partial": "{partial: {last_blocks: 2, lm_head: true}}"}
+    overrides = [f"output.dir={tmp_path}", f"scope={scopes.get(scope, 'full')}", "train.max_steps=3"]
+    overrides += ["train.save_steps=1", "train.save_total_limit=2"]
+    exp = load_experiment(QUICKSTART, overrides)
+    disk = make_plan(exp).disk
+    assert disk.checkpoints == 3  # three saves, two kept, and a third written before the oldest goes
+    run_dir = train(exp).run_dir
+    kept = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in kept] == ["checkpoint-2", "checkpoint-3"]
+    last = kept[-1]
+    weights = last / ("adapter_model.safetensors" if scope == "lora" else "model.safetensors")
+    header = 16 * 1024  # safetensors' JSON header of tensor names
+    assert 0 <= size(weights) - disk.checkpoint_weights_bytes < header
+    assert abs(size(last / "optimizer.pt") - disk.checkpoint_optimizer_bytes) < 0.05 * disk.checkpoint_optimizer_bytes
+    # The rest is the tokenizer and small files (state, configs, a README), for which the estimate allows a fixed
+    # amount: an upper bound by at most that allowance.
+    assert disk.checkpoint_bytes - SMALL_FILES <= size(last) <= disk.checkpoint_bytes
+    result = run_dir / read_manifest(run_dir).result
+    written = size(result) + size(run_dir / "tokenizer")
+    assert disk.result_bytes - SMALL_FILES <= written <= disk.result_bytes
+    # Partial and full checkpoints hold the whole model, as the Trainer saves it; only LoRA's hold the adapter.
+    totals = make_plan(exp).scope
+    assert (disk.checkpoint_weights_bytes < totals.total_params) == (scope == "lora")
+
+
+def test_a_run_that_cannot_fit_on_its_disk_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    # Ten million checkpoints kept: terabytes, more than any test machine's disk holds.
+    many = ["--set", "train.max_steps=10000000", "--set", "train.save_steps=1"]
+    many += ["--set", "train.save_total_limit=10000000", "--set", f"output.dir={tmp_path}"]
+    planned = run_cli("plan", QUICKSTART, *many)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert "warning: output.dir: the run writes up to" in planned.stdout
+    trained = run_cli("train", QUICKSTART, *many)
+    assert trained.returncode == 2
+    (line,) = trained.stderr.strip().splitlines()
+    assert "output.dir: the run writes up to" in line and "10000000 checkpoints of" in line
+    assert "lower train.save_total_limit (now 10000000), or set output.dir to a larger disk" in line
+    assert list(tmp_path.iterdir()) == []  # no run folder, no lock: nothing started
+
+
+def _namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _namespaces(), reason="needs `unshare -Urm` (user namespaces) to mount a small disk")
+def test_a_disk_that_fills_mid_run_fails_in_one_line_and_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    # An 8 MiB disk of its own (tmpfs, mounted in a private namespace): room for the run (plan: 4.8 MiB) until,
+    # after step 7, a file takes all but 300 kB; the checkpoint at step 10 (1.6 MiB) then cannot be written.
+    mnt, host = tmp_path / "mnt", tmp_path / "host"
+    mnt.mkdir()
+    host.mkdir()
+    steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=5", "--set", "train.logging_steps=1"]
+    args = " ".join([QUICKSTART, *steps, "--set", f"output.dir={mnt}/runs"])
+    py = sys.executable
+    script = f"""
+mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99
+{py} {REPO}/tests/fill_disk.py 7 300000 {args} > {host}/filled.out 2> {host}/filled.err
+echo $? > {host}/filled.rc
+cp -r {mnt}/runs/quickstart {host}/failed
+rm {mnt}/runs/filler
+{py} -m tunelab train {args} --resume > {host}/resumed.out 2>&1
+echo $? > {host}/resumed.rc
+cp -r {mnt}/runs/quickstart {host}/resumed
+"""
+    done = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", script],
+        cwd=SCRATCH / "cwd",
+        timeout=600,
+        text=True,
+        capture_output=True,
+        env={"PYTHONPATH": str(REPO), **__import__("os").environ},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (host / "filled.rc").read_text().strip() == "2", (host / "filled.err").read_text()[-3000:]
+    errors = [line for line in (host / "filled.err").read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in (host / "filled.err").read_text()
+    assert "no space left on device while writing checkpoint-10" in errors[0]
+    assert "--resume: it goes on from checkpoint-5" in errors[0]
+    failed = host / "failed"
+    manifest = json.loads((failed / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["error"] == "no space left on device while writing checkpoint-10"
+    assert [p.name for p in (failed / "checkpoints").glob("checkpoint-*")] == ["checkpoint-5"]
+    assert not [p.name for p in failed.rglob(".*.tmp")]
+    assert (host / "resumed.rc").read_text().strip() == "0", (host / "resumed.out").read_text()[-3000:]
+    assert "resuming from checkpoint-5" in (host / "resumed.out").read_text()
+    straight = train(load_experiment(QUICKSTART, [*steps[1::2], f"output.dir={tmp_path / 'straight'}"]))
+    a, b = trained_tensors(straight.run_dir), trained_tensors(host / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
