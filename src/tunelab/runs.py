@@ -183,6 +183,7 @@ class Manifest(Record):
     ended_at: str | None = None
     error: str | None = None
     forced_resume: list[str] | None = None
+    resumed_with: list[str] | None = None  # settings of how it runs (HOW_IT_RUNS) that a resume changed
     versions: dict[str, str] = {}
     seed: int | None = None
     # provenance
@@ -371,11 +372,60 @@ def last_checkpoint(run_dir: Path) -> Path | None:
 NOT_HASHED = "hub-or-folder"  # what runs recorded for folders and hub datasets before their records were hashed
 
 
-def changed_inputs(old: Manifest, exp: Experiment, provenance: Provenance | None) -> list[str]:
-    """What differs between a run's recorded inputs and this attempt's: experiment, data, template, base weights."""
+# Settings that change how a run computes, not what it computes (up to float rounding): a resume may change them,
+# after running out of memory for instance, and goes on as the same experiment; the manifest records the change.
+HOW_IT_RUNS = frozenset(
+    {
+        "model.attn_implementation",
+        "train.gradient_checkpointing",
+        "train.micro_batch_size",
+        "train.pin_memory",
+        "train.compile",
+        "train.logging_steps",
+        "train.eval_steps",
+        "train.save_steps",
+        "train.save_total_limit",
+        "train.report_to",
+        "output.dir",  # the run was found there: the same folder, written another way
+    }
+)
+
+
+def setting_changes(recorded: dict, exp: Experiment) -> dict[str, tuple[Any, Any]]:
+    """The settings whose values differ between a run's recorded experiment (its experiment.yaml) and `exp`, by
+    dotted path; a setting the record lacks (written before it existed) is taken at its default."""
+    from tunelab.config import LATER_SETTINGS
+
+    def flat(value: Any, path: tuple[str, ...]) -> dict[tuple[str, ...], Any]:
+        if isinstance(value, dict) and value:
+            return {k: v for key, item in value.items() for k, v in flat(item, (*path, key)).items()}
+        return {path: value}
+
+    old, new = flat(recorded, ()), flat(exp.model_dump(mode="json"), ())
+    changes = {}
+    for path in sorted({*old, *new}):
+        before = old.get(path, LATER_SETTINGS.get(path))
+        if before != new.get(path):
+            changes[".".join(path)] = (before, new.get(path))
+    return changes
+
+
+def changed_inputs(
+    old: Manifest, exp: Experiment, provenance: Provenance | None, recorded: dict | None = None
+) -> list[str]:
+    """What differs between a run's recorded inputs and this attempt's: experiment, data, template, base weights.
+    `recorded`: the run's experiment as it recorded it; with it the changed settings are named, and those that
+    change only how the run computes (HOW_IT_RUNS) are not changes."""
     changed = []
     if old.config_hash != exp.config_hash():
-        changed.append(f"the experiment changed (config hash {old.config_hash} -> {exp.config_hash()})")
+        if recorded is None:
+            changed.append(f"the experiment changed (config hash {old.config_hash} -> {exp.config_hash()})")
+        else:
+            named = [
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in setting_changes(recorded, exp).items() if k not in HOW_IT_RUNS
+            ]
+            if named:
+                changed.append(f"the experiment changed ({', '.join(named)})")
     if provenance is None:
         return changed
     old_data, new_data = old.data.hashes if old.data else None, provenance.data.hashes
@@ -471,13 +521,28 @@ def _open(
         elif resume:
             if status == "completed":
                 raise TunelabError(f"{run_dir}: already completed; nothing to resume (use --overwrite to retrain)")
-            changed = changed_inputs(old, exp, provenance)
+            recorded = _recorded_experiment(run_dir)
+            changed = changed_inputs(old, exp, provenance, recorded)
             if changed and not force:
                 raise TunelabError(
                     f"{run_dir}: since this run started, {'; '.join(changed)}; resuming would mix two experiments: "
                     "use --name for a new run, or --force to continue anyway"
                 )
-            reopened = old.updated(status="running", resumed_at=now(), error=None, forced_resume=changed or None)
+            adjusted = [
+                f"{k}: {a!r} -> {b!r}"
+                for k, (a, b) in (setting_changes(recorded, exp) if recorded is not None else {}).items()
+                if k in HOW_IT_RUNS
+            ]
+            reopened = old.updated(
+                status="running",
+                resumed_at=now(),
+                error=None,
+                forced_resume=changed or None,
+                resumed_with=[*(old.resumed_with or []), *adjusted] or None,
+            )
+            if adjusted and not changed:  # the same experiment, run another way from here: recorded as it now runs
+                reopened = reopened.updated(config_hash=exp.config_hash())
+                write_atomic(run_dir / EXPERIMENT, yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
             run = Run(run_dir, reopened, resuming=last_checkpoint(run_dir) is not None)
             if not run.resuming:  # it died before its first checkpoint: start over, without its metrics
                 (run_dir / METRICS).unlink(missing_ok=True)
@@ -513,6 +578,15 @@ def _open(
     run = Run(run_dir, manifest, resuming=False, created=True)
     write_manifest(run_dir, manifest)
     return run
+
+
+def _recorded_experiment(run_dir: Path) -> dict | None:
+    """A run's experiment.yaml as written (None when missing or unreadable: then only its hash is compared)."""
+    try:
+        recorded = yaml.safe_load((run_dir / EXPERIMENT).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def load_run_experiment(run_dir: Path) -> Experiment:

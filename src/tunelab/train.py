@@ -404,6 +404,48 @@ def _compile_failure(error: Exception) -> ConfigError | None:
     )
 
 
+def _out_of_memory(error: Exception, exp: Experiment, hw, steps: int, run: Run) -> TunelabError | None:
+    """Running out of device memory mid-run as one line: how far it got, and the settings that make it fit. Those
+    that change only how the run computes go on from the last checkpoint with --resume (runs.HOW_IT_RUNS)."""
+    import re
+
+    import torch
+
+    from tunelab.methods import get_method
+    from tunelab.methods.common import batching
+
+    text = str(error)
+    oom = isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+    if not oom:
+        return None
+    asked = re.search(r"(?:Tried|tried) to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    what = f"{hw.device} ran out of memory after {steps} optimizer steps" + (
+        f" (it asked for {asked.group(1)} more)" if asked else ""
+    )
+    per_forward = batching(exp.train, exp.method).per_forward
+    splits = get_method(exp.method).padding_free  # SFT splits a step's examples into forward passes
+    fixes = ["set train.gradient_checkpointing: on"] if not hw.gradient_checkpointing else []
+    if per_forward > 1 and splits:
+        fixes.append(f"lower train.micro_batch_size (now {per_forward})")
+    if fixes:
+        last = last_checkpoint(run.dir) if run.writable else None
+        start = f"from {last.name}" if last else "from the start (no checkpoint yet)"
+        return TunelabError(
+            f"{run.dir}: {what}; {' or '.join(fixes)}, and run the same `tunelab train` with --resume (these "
+            f"change how it computes, not what): it goes on {start}"
+        )
+    others = [f"lower train.max_length (now {exp.train.max_length})"]
+    if per_forward > 1:
+        others.insert(0, f"lower train.batch_size (now {per_forward}), raising train.grad_accumulation to match")
+    others += ["train fewer parameters", "load the base in 4 bits (model.quantization: {bits: 4}, LoRA)"]
+    return TunelabError(
+        f"{run.dir}: {what}, with gradient checkpointing on; {', '.join(others[:-1])} or {others[-1]}; these change "
+        "the experiment: start again with --overwrite or --name"
+    )
+
+
 def _padded_instead(exp: Experiment, architecture: str, refusal: str, says: bool) -> None:
     """Padding-free rows on a model that lets their examples attend to each other would train on the wrong text."""
     why = f"{architecture} {refusal}"
@@ -595,6 +637,7 @@ def _train_in(
                 )
             except Exception as e:
                 failure = _compile_failure(e) if exp.train.compile else None
+                failure = failure or _out_of_memory(e, exp, hw, trainer.state.global_step, run)
                 if failure is None:
                     raise
                 raise failure from e

@@ -16,6 +16,7 @@ from tunelab.runs import (
     open_run,
     read_manifest,
     read_metrics,
+    setting_changes,
     versions,
     write_atomic,
     write_json,
@@ -83,6 +84,32 @@ def test_resume_after_an_edit_names_both_config_hashes(tmp_path: Path) -> None:
     assert changed_inputs(old, after, None) == [
         f"the experiment changed (config hash {before.config_hash()} -> {after.config_hash()})"
     ]
+
+
+def test_a_resume_names_the_settings_that_changed_and_lets_how_it_runs_change(tmp_path: Path) -> None:
+    before = quickstart(tmp_path)
+    recorded = before.model_dump(mode="json")
+    old = Manifest(name="quickstart", status="failed", config_hash=before.config_hash())
+    changed = load_experiment(
+        EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.learning_rate=0.5", "scope.lora.r=4"]
+    )
+    assert changed_inputs(old, changed, None, recorded) == [
+        "the experiment changed (scope.lora.r 16 -> 4, train.learning_rate 0.003 -> 0.5)"
+    ]
+    # Memory settings change how it computes, not what: not a change of the experiment.
+    refitted = load_experiment(
+        EXAMPLES / "quickstart.yaml",
+        [f"output.dir={tmp_path}", "train.gradient_checkpointing=on", "train.micro_batch_size=1"],
+    )
+    assert refitted.config_hash() != before.config_hash()
+    assert changed_inputs(old, refitted, None, recorded) == []
+    assert setting_changes(recorded, refitted) == {
+        "train.gradient_checkpointing": ("auto", "on"),
+        "train.micro_batch_size": (None, 1),
+    }
+    # A record written before a setting existed holds it at its default.
+    del recorded["train"]["compile"]
+    assert setting_changes(recorded, before) == {}
 
 
 def test_json_files_of_a_run_are_indented_for_people_to_read(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
-"""The disk a run needs: plan's estimate against what the Trainer and the run write, a run that cannot fit refused
-before anything loads, and a disk that fills mid-run: one line, the checkpoint it cut short removed, the failure
-recorded, and --resume ending where an uninterrupted run ends."""
+"""What goes wrong mid-run on real machines, and how a run comes back from it.
+
+The disk: plan's estimate against what the Trainer and the run write, a run that cannot fit refused before anything
+loads, and a disk that fills mid-run: one line, the checkpoint it cut short removed, the failure recorded, and
+--resume ending where an uninterrupted run ends. Device memory: running out is one line with the settings that make
+it fit, and a resume with those settings (they change how the run computes, not what) goes on without --force."""
 
 import json
 import subprocess
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, REPO, SCRATCH, run_cli, trained_tensors
+from tests.conftest import EXAMPLES, REPO, SCRATCH, relative_distance, run_cli, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.plan import SMALL_FILES, make_plan
 from tunelab.runs import read_manifest
@@ -85,7 +88,7 @@ def test_a_disk_that_fills_mid_run_fails_in_one_line_and_resumes_to_the_uninterr
     py = sys.executable
     script = f"""
 mount -t tmpfs -o size=8m tmpfs {mnt} || exit 99
-{py} {REPO}/tests/fill_disk.py 7 300000 {args} > {host}/filled.out 2> {host}/filled.err
+{py} {REPO}/tests/fail_mid_run.py 7 --fill-disk 300000 {args} > {host}/filled.out 2> {host}/filled.err
 echo $? > {host}/filled.rc
 cp -r {mnt}/runs/quickstart {host}/failed
 rm {mnt}/runs/filler
@@ -117,3 +120,44 @@ cp -r {mnt}/runs/quickstart {host}/resumed
     straight = train(load_experiment(QUICKSTART, [*steps[1::2], f"output.dir={tmp_path / 'straight'}"]))
     a, b = trained_tensors(straight.run_dir), trained_tensors(host / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_running_out_of_memory_names_the_fix_and_a_resume_with_it_ends_where_the_straight_run_ends(
+    tmp_path: Path,
+) -> None:
+    steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=5", "--set", "train.logging_steps=1"]
+    args = [QUICKSTART, *steps, "--set", f"output.dir={tmp_path}"]
+    oom = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "fail_mid_run.py"), "7", "--oom", *args],
+        capture_output=True,
+        text=True,
+        cwd=SCRATCH / "cwd",
+        timeout=600,
+    )
+    assert oom.returncode == 2, oom.stderr[-3000:]
+    (line,) = [x for x in oom.stderr.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in oom.stderr
+    assert line == (
+        f"error: {tmp_path / 'quickstart'}: cpu ran out of memory after 7 optimizer steps (it asked for 2.00 GiB "
+        "more); set train.gradient_checkpointing: on or lower train.micro_batch_size (now 2), and run the same "
+        "`tunelab train` with --resume (these change how it computes, not what): it goes on from checkpoint-5"
+    )
+    assert read_manifest(tmp_path / "quickstart").status == "failed"
+    # What changes the experiment is still refused, and named.
+    refused = run_cli("train", *args, "--set", "train.learning_rate=0.001", "--resume")
+    assert refused.returncode == 2
+    assert "the experiment changed (train.learning_rate 0.003 -> 0.001)" in refused.stderr
+    fitted = ["--set", "train.gradient_checkpointing=on", "--set", "train.micro_batch_size=1"]
+    resumed = run_cli("train", *args, *fitted, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-5" in resumed.stdout
+    manifest = read_manifest(tmp_path / "quickstart")
+    assert manifest.status == "completed" and manifest.forced_resume is None and manifest.gradient_checkpointing
+    assert manifest.resumed_with == [
+        "train.gradient_checkpointing: 'auto' -> 'on'",
+        "train.micro_batch_size: None -> 1",
+    ]
+    assert load_experiment(tmp_path / "quickstart" / "experiment.yaml").train.micro_batch_size == 1
+    straight = train(load_experiment(QUICKSTART, [*steps[1::2], f"output.dir={tmp_path / 'straight'}"]))
+    # One example a forward pass instead of two sums the same numbers in another order: equal up to rounding.
+    assert relative_distance(trained_tensors(tmp_path / "quickstart"), trained_tensors(straight.run_dir)) < 1e-4
