@@ -462,6 +462,13 @@ class TrainSettings(Strict):
         description="Transformers optimizer name (TrainingArguments.optim); None keeps Transformers' default "
         "(fused AdamW on torch >= 2.8).",
     )
+    master_weights: Literal["float32", "model"] = Field(
+        default="float32",
+        description="The dtype trained weights are kept and updated in on a bfloat16/float16 base: float32 "
+        "(mixed precision: the forward runs in the model's dtype under autocast) or the model's own, which halves "
+        "their memory but loses every update smaller than half the dtype's precision at that weight (in bfloat16, "
+        "most of them at a learning rate of 5e-6).",
+    )
     seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     gradient_checkpointing: OnOffAuto = Field(
         default="auto",
@@ -610,6 +617,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "revision"): None,
     ("data", "columns"): {},
     ("train", "compile"): False,
+    ("train", "master_weights"): "float32",
     ("model", "quantization"): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,

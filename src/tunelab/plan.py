@@ -57,6 +57,7 @@ class Memory:
     total_bytes: int
     quantized: str | None = None  # how the base's linear weights are stored, when quantized
     quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
+    master: str = "none"  # where trained weights keep a float32 master copy (methods.common.master_copy)
 
 
 @dataclass
@@ -210,7 +211,7 @@ OPTIMIZER_PER_TENSOR = 832
 
 
 def estimate_disk(
-    scope: ResolvedScope, exp: Experiment, dtype: str, n_train: int, tokenizer_bytes: int, folder: Path
+    scope: ResolvedScope, exp: Experiment, memory: Memory, n_train: int, tokenizer_bytes: int, folder: Path
 ) -> Disk:
     """What the run writes at its fullest (docs/runs.md, "Disk"), and the free space where it writes it.
 
@@ -222,13 +223,20 @@ def estimate_disk(
     from tunelab.scopes import get_scope
 
     kind = get_scope(scope.kind)
-    b = DTYPE_BYTES[dtype]
-    trained = trained_tensor_bytes(scope, b, exp.model.quantization is not None)
-    weights = trained if kind.adds_parameters else scope.total_params * b
+    b = DTYPE_BYTES[memory.dtype]
+    trained = trained_tensor_bytes(scope, b, memory.master)
+    frozen = scope.total_params - scope.trainable_params
+    weights = trained if kind.adds_parameters else frozen * b + trained
     # AdamW: first and second moments, in the trained tensors' dtype
     optimizer = 2 * trained + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
     checkpoint = weights + optimizer + tokenizer_bytes + SMALL_FILES
-    result = (scope.total_params * b if kind.result == FULL_MODEL else trained) + tokenizer_bytes + SMALL_FILES
+    # Opened original weights are saved in the model's dtype, whatever their master copy's (train.py).
+    kept = (
+        trained
+        if kind.adds_parameters
+        else (scope.total_params if kind.result == FULL_MODEL else scope.trainable_params) * b
+    )
+    result = kept + tokenizer_bytes + SMALL_FILES
     saves = checkpoint_saves(exp, n_train)
     kept = min(exp.train.save_total_limit, saves)
     at_once = min(exp.train.save_total_limit + 1, saves)
@@ -315,6 +323,8 @@ def memory_warning(mem: Memory, method: str) -> str | None:
     largest = max(parts, key=parts.get)
     split = "split over processes with FSDP or ZeRO (distributed.accelerate_config)"
     fewer = f"train fewer parameters (scope.lora, or fewer scope.partial.last_blocks), or {split}"
+    if mem.master == "params" and mem.dtype != "float32" and not mem.quantized:
+        fewer += ", or keep trained weights in the model's dtype (train.master_weights: model; loses small updates)"
     if mem.quantized:
         weights = f"a device with more memory, or the weights {split}"
     elif mem.dtype == "float32":
@@ -351,19 +361,28 @@ def _activation_layers(scope: ResolvedScope, n_layers: int) -> int:
     return n_layers - min(scope.layers)
 
 
-def trained_tensor_bytes(scope: ResolvedScope, param_bytes: int, quantized: bool) -> int:
-    """Bytes of the trainable tensors as they train (and as they are saved).
+def trained_tensor_bytes(scope: ResolvedScope, param_bytes: int, master: str) -> int:
+    """Bytes of the trainable tensors as they train. `master`: methods.common.master_copy's answer.
 
-    PEFT keeps adapter weights in float32 even on a half-precision base (autocast_adapter_dtype); the copies of
-    original modules trained beside it (scope.lora.open) keep their originals' dtype: the model's, or float32 on a
-    quantized base (PEFT's prepare_model_for_kbit_training casts them). Opened original weights keep the model's.
+    With float32 master weights ("params") every trained tensor is float32. Otherwise PEFT still keeps adapter
+    weights in float32 (autocast_adapter_dtype), while the copies of original modules trained beside them
+    (scope.lora.open) and opened original weights keep the model's dtype.
     """
     from tunelab.scopes import get_scope
 
+    if master == "params":
+        return scope.trainable_params * 4
     if not get_scope(scope.kind).adds_parameters:
         return scope.trainable_params * param_bytes
-    opened_bytes = 4 if quantized else param_bytes
-    return (scope.trainable_params - scope.opened_params) * 4 + scope.opened_params * opened_bytes
+    return (scope.trainable_params - scope.opened_params) * 4 + scope.opened_params * param_bytes
+
+
+def master_of(exp: Experiment, device: str, dtype: str, engine: Engine | None) -> str:
+    """Where this experiment keeps its trained weights' float32 master copy here (methods.common.master_copy)."""
+    from tunelab.methods.common import master_copy
+
+    quantized = exp.model.quantization is not None
+    return master_copy(exp.train, quantized, device, dtype, engine.distributed_type if engine else None)
 
 
 def estimate_memory(
@@ -379,9 +398,11 @@ def estimate_memory(
     b = DTYPE_BYTES[dtype]
     adapter = get_scope(scope.kind).adds_parameters
     quantization = exp.model.quantization
+    master = master_of(exp, device, dtype, engine)
+    frozen = scope.total_params - scope.trainable_params
     base_params = scope.total_params - (scope.trainable_params if adapter else 0)
-    trained_bytes = trained_tensor_bytes(scope, b, quantization is not None)
-    weights = base_params * b + (trained_bytes if adapter else 0)
+    trained_bytes = trained_tensor_bytes(scope, b, master)
+    weights = (base_params if adapter else frozen) * b + trained_bytes
     if quantization is not None:
         # PEFT's prepare_model_for_kbit_training casts every unquantized weight (embeddings, norms, lm_head) to
         # float32; the decoder's linear weights stay packed.
@@ -389,7 +410,9 @@ def estimate_memory(
         weights = int(facts.linear_params * quantized_bytes_per_param(quantization)) + kept * 4
         weights += trained_bytes
     grads = trained_bytes
-    optimizer = 2 * grads  # AdamW: first and second moments
+    optimizer = 2 * grads  # AdamW: first and second moments, in the trained tensors' dtype
+    if master == "optimizer":  # DeepSpeed: float32 moments and a float32 copy of the weights
+        optimizer = 12 * scope.trainable_params
     sharded = list(engine.sharded_parts) if engine else []
     processes = engine.num_processes if sharded else 1
     weights, grads, optimizer = (
@@ -449,6 +472,7 @@ def estimate_memory(
         total_bytes=static + acts,
         quantized=quantization.describe() if quantization else None,
         quantized_params=facts.linear_params if quantization else 0,
+        master=master,
     )
 
 
@@ -564,11 +588,34 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
             f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "
             f"train.max_length={exp.train.max_length} and will be truncated"
         )
+    if (lossy := half_update_warning(exp, memory, resolved)) is not None:
+        warnings.append(lossy)
     folder = Path(exp.output.dir) / exp.run_name
-    disk = estimate_disk(resolved, exp, dtype, stats.train.examples, tokenizer_bytes(inputs.tokenizer), folder)
+    disk = estimate_disk(resolved, exp, memory, stats.train.examples, tokenizer_bytes(inputs.tokenizer), folder)
     if (no_room := disk_refusal(disk, exp.train.save_total_limit)) is not None:
         warnings.append(no_room)
     return Plan(exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings)
+
+
+def half_update_warning(exp: Experiment, memory: Memory, scope: ResolvedScope) -> str | None:
+    """Trained weights updated in bfloat16/float16 themselves lose the updates below half their precision."""
+    from tunelab.methods.common import HALF, autocasts
+    from tunelab.scopes import get_scope
+
+    if memory.master != "none" or memory.dtype not in HALF:
+        return None
+    half = scope.opened_params if get_scope(scope.kind).adds_parameters else scope.trainable_params
+    if not half:
+        return None
+    if autocasts(memory.device, memory.dtype):
+        fix = "set train.master_weights: float32 (float32 copies of the trained weights, the forward under autocast)"
+    else:
+        fix = f"set model.dtype: float32 ({memory.device} trains {memory.dtype} without autocast here)"
+    return (
+        f"{half:,} trained weights update in {memory.dtype} itself, which loses every update smaller than half its "
+        f"precision at the weight (at train.learning_rate {exp.train.learning_rate:g}, most of them for weights of "
+        f"scale 0.02); {fix}"
+    )
 
 
 def plain_text_warning(exp: Experiment, inputs: Inputs) -> str | None:

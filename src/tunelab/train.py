@@ -167,8 +167,11 @@ def _digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """An exact fingerprint of every tensor's bytes."""
     import torch
 
+    def exact(t: torch.Tensor) -> torch.Tensor:  # float32 holds every half-precision value: master copies compare
+        return t.detach().cpu().float() if t.is_floating_point() and t.dtype != torch.float64 else t.detach().cpu()
+
     return {
-        name: hashlib.sha256(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+        name: hashlib.sha256(exact(t).contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
         for name, t in tensors.items()
     }
 
@@ -491,22 +494,23 @@ def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, kind: Sco
         )
     inputs = TrainerInputs(exp, model, tokenizer, splits, encoded, hw, run.checkpoints, callbacks, reference, cache)
     trainer = method.build(inputs)
-    _trainable_in_float32(trainer.model)
+    if hw.master == "params":
+        _trainable_in_float32(trainer.model)
     return trainer
 
 
 def _trainable_in_float32(model) -> None:
-    """Keep trained weights in float32 on a quantized base, as PEFT keeps adapters on every other base.
+    """Float32 master weights: every trainable tensor in float32 on a half-precision or quantized base, the forward
+    under autocast (the Trainer's bf16/fp16), as accelerate does under FSDP2 and PEFT does for adapters.
 
-    TRL's SFT trainer casts QLoRA adapters to bfloat16 (the QLoRA paper's choice), but a resumed run reloads its
-    checkpoint's adapter in float32 (PEFT's load), so the two would train different numbers; plan's memory counts
-    float32 adapters too. The optimizer is created later, in `train()`, over these float32 parameters.
+    In bfloat16 an AdamW update smaller than half the precision at a weight is lost: at a learning rate of 5e-6
+    (train_partial_ft.py's) ten steps moved 7.5% of the elements of a weight matrix of scale 0.02, against all of
+    them in float32 (docs/memory.md). TRL's SFT trainer casts QLoRA adapters to bfloat16 (the QLoRA paper's
+    choice), but a resumed run reloads its checkpoint's adapter in float32 (PEFT's load), so the two would train
+    different numbers. The optimizer is created later, in `train()`, over these float32 parameters.
     """
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base, "hf_quantizer", None) is None:
-        return
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.to(torch.float32)
@@ -601,7 +605,7 @@ def _train_in(
     before = _digests(dict(model.named_parameters()))
     # FSDP checkpoints activations itself when its config says so; the Trainer refuses both at once.
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
-    hw = Hardware(device=device, dtype=dtype, gradient_checkpointing=trainer_checkpointing, packed_rows_apart=apart)
+    hw = Hardware(device, dtype, trainer_checkpointing, packed_rows_apart=apart, master=memory.master)
     recorder = _recorder(run, sys.stdout.isatty())
     report_to = exp.train.report_to
     if report_to:
@@ -654,10 +658,13 @@ def _train_in(
     state = trainer.accelerator.get_state_dict(trainer.model)  # gathered onto the first process if sharded
     if not run.writable:
         return TrainResult(run.dir, run.manifest)
+    after = _digests({n: state[n] for n in before if n in state})
+    if not kind.adds_parameters:  # opened original weights are saved in the model's dtype, as the base is
+        opened = set(resolved.trainable_names)
+        state = {n: t.to(dtype) if n in opened and t.is_floating_point() else t for n, t in state.items()}
     clock(f"saving the {kind.result} to {run.dir}")
     kind.save(trainer.model, state, resolved.trainable_names, run.dir)
     tokenizer.save_pretrained(run.dir / TOKENIZER)
-    after = _digests({n: state[n] for n in before if n in state})
     check = _change_check(before, after, resolved.trainable_names, trainer.state.global_step)
     train_losses = [r["loss"] for r in read_metrics(run.dir) if "loss" in r]
     peak, measure = peak_memory(device)

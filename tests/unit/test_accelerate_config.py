@@ -68,21 +68,26 @@ def _full_8b_plan(accelerate_config: Path):
 
 
 def test_plan_splits_what_the_sharding_strategy_splits(tmp_path: Path) -> None:
-    params = 8_030_261_248  # Llama-3.1-8B, bf16 weights, gradients and AdamW moments
-    full = _full_8b_plan(ACCELERATE / "fsdp.yaml")  # FSDP2 reshard_after_forward: all three over 8
-    assert (full.processes, full.sharded) == (8, ["weights", "gradients", "optimizer"])
+    params = 8_030_261_248  # Llama-3.1-8B in bfloat16, every weight trained
+    # FSDP2 reshard_after_forward: all three over 8; accelerate upcasts trained weights to float32 master weights
+    # under mixed precision, so weights and gradients take 4 bytes, AdamW's moments 8.
+    full = _full_8b_plan(ACCELERATE / "fsdp.yaml")
+    assert (full.processes, full.sharded, full.master) == (8, ["weights", "gradients", "optimizer"], "params")
     assert (full.weights_bytes, full.gradients_bytes, full.optimizer_bytes) == (
-        params * 2 // 8,
-        params * 2 // 8,
         params * 4 // 8,
+        params * 4 // 8,
+        params * 8 // 8,
     )
     zero2 = tmp_path / "zero2.yaml"
     zero2.write_text("distributed_type: DEEPSPEED\nnum_processes: 4\ndeepspeed_config: {zero_stage: 2}\n")
-    mem = _full_8b_plan(zero2)  # ZeRO-2: gradients and optimizer state, weights replicated
-    assert (mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes) == (params * 2, params * 2 // 4, params)
-    ddp = _full_8b_plan(ACCELERATE / "ddp.yaml")
-    assert (ddp.processes, ddp.sharded, ddp.weights_bytes) == (1, [], params * 2)
-    assert ddp.total_bytes - full.total_bytes == (params * 8 - params * 8 // 8)
+    # ZeRO-2 splits gradients and optimizer state, weights replicated in bfloat16; DeepSpeed's optimizer keeps the
+    # float32 master copy beside the two float32 moments: 12 bytes a weight.
+    mem = _full_8b_plan(zero2)
+    assert mem.master == "optimizer"
+    assert (mem.weights_bytes, mem.gradients_bytes, mem.optimizer_bytes) == (params * 2, params * 2 // 4, params * 3)
+    ddp = _full_8b_plan(ACCELERATE / "ddp.yaml")  # tunelab's float32 master weights, as under FSDP2
+    assert (ddp.processes, ddp.sharded, ddp.weights_bytes, ddp.master) == (1, [], params * 4, "params")
+    assert ddp.total_bytes - full.total_bytes == (params * 16 - params * 16 // 8)
 
 
 def test_train_in_process_refuses_an_experiment_meant_for_a_launcher(tmp_path: Path, monkeypatch) -> None:

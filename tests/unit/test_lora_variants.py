@@ -79,11 +79,12 @@ def test_dora_on_fused_experts_is_one_clear_error() -> None:
     assert resolved.dora_features == 4 * (64 + 32 + 32 + 64)  # q, k, v, o out features in each of 4 layers
 
 
-def plan_of(tmp_path: Path, lora: str, dtype: str = "bfloat16"):
+def plan_of(tmp_path: Path, lora: str, dtype: str = "bfloat16", master: str = "float32"):
     exp = write_experiment(
         tmp_path,
         f"name: v\nmodel: {{id: {LLAMA}, dtype: {dtype}, device: cpu}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
-        f"scope: {{lora: {{targets: qv, {lora}}}}}\ntrain: {{max_length: 512, gradient_checkpointing: off}}\n",
+        f"scope: {{lora: {{targets: qv, {lora}}}}}\n"
+        f"train: {{max_length: 512, gradient_checkpointing: off, master_weights: {master}}}\n",
     )
     return make_plan(load_experiment(exp))
 
@@ -93,10 +94,18 @@ def test_memory_counts_opened_copies_in_the_model_dtype_and_doras_kept_outputs(t
     plain = plan_of(tmp_path, "r: 16").memory
     opened = plan_of(tmp_path, "open: [norm, lm_head]").memory
     copies = d["V"] * d["h"] + d["h"]
-    # bfloat16 copies: 2 bytes each as weights and gradients, 4 for AdamW's two moments; the adapter stays float32.
-    assert opened.weights_bytes - plain.weights_bytes == copies * 2  # the copies, beside their frozen originals
-    assert opened.gradients_bytes - plain.gradients_bytes == copies * 2
-    assert opened.optimizer_bytes - plain.optimizer_bytes == copies * 4
+    # The copies train in float32 (master weights), as the adapter does: 4 bytes each as weights and gradients, 8
+    # for AdamW's two moments, beside their frozen bfloat16 originals.
+    assert opened.master == "params"
+    assert opened.weights_bytes - plain.weights_bytes == copies * 4
+    assert opened.gradients_bytes - plain.gradients_bytes == copies * 4
+    assert opened.optimizer_bytes - plain.optimizer_bytes == copies * 8
+    # Trained in the model's dtype (train.master_weights: model), the copies take 2 bytes; the adapter stays float32.
+    half = plan_of(tmp_path, "open: [norm, lm_head]", master="model")
+    assert half.memory.weights_bytes - plain.weights_bytes == copies * 2
+    assert half.memory.gradients_bytes - plain.gradients_bytes == copies * 2
+    assert half.memory.optimizer_bytes - plain.optimizer_bytes == copies * 4
+    assert any("update in bfloat16 itself" in w and "train.master_weights: float32" in w for w in half.warnings)
     assert opened.activations_bytes == plain.activations_bytes  # the embeddings stay frozen
     dora = plan_of(tmp_path, "dora: true").memory
     extra = d["L"] * (d["h"] + d["kv"])

@@ -48,6 +48,12 @@ def test_the_warning_gives_the_sizes_and_the_fix_for_the_largest_part() -> None:
         "(60.0 GiB): train fewer parameters (scope.lora, or fewer scope.partial.last_blocks), or split over "
         "processes with FSDP or ZeRO (distributed.accelerate_config)"
     )
+    # With float32 master weights, keeping the trained weights in the model's dtype is one more way to shrink it.
+    master = replace(full, master="params")
+    assert memory_warning(master, "sft").endswith(
+        "(distributed.accelerate_config), or keep trained weights in the model's dtype (train.master_weights: "
+        "model; loses small updates)"
+    )
 
 
 @pytest.mark.parametrize(

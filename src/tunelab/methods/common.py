@@ -21,6 +21,36 @@ class Hardware:
     dtype: torch.dtype
     gradient_checkpointing: bool
     packed_rows_apart: bool = True  # the model keeps examples concatenated in one row apart (padding-free is safe)
+    master: str = "none"  # where trained weights keep a float32 master copy (master_copy)
+
+
+HALF = ("bfloat16", "float16")
+
+
+def autocasts(device: str, dtype: str) -> bool:
+    """Whether training runs under autocast (the Trainer's bf16/fp16 mixed precision) on this device in this dtype:
+    CUDA in either half dtype, a CPU in bfloat16; float16 on a CPU and Apple MPS train in the model's dtype."""
+    return dtype in HALF and (device == "cuda" or (device == "cpu" and dtype == "bfloat16"))
+
+
+def master_copy(train: TrainSettings, quantized: bool, device: str, dtype: str, engine_type: str | None) -> str:
+    """Where the trained weights' float32 master copy is kept (docs/memory.md, "Master weights").
+
+    "params": the trainable parameters are float32 and the forward runs under autocast: tunelab upcasts them, as
+    accelerate does under FSDP2 and PEFT does for adapters (always so on a quantized base). "optimizer": DeepSpeed
+    keeps the copy in its optimizer state; the parameters stay in the model's dtype. "none": trained in the model's
+    dtype (a float32 model; `train.master_weights: model`; float16 on a CPU and Apple MPS, which have no autocast
+    here), where an update smaller than half the dtype's precision at a weight is lost.
+    """
+    if quantized:
+        return "params"
+    if dtype not in HALF:
+        return "none"
+    if engine_type == "DEEPSPEED":
+        return "optimizer"
+    if engine_type == "FSDP":
+        return "params"
+    return "params" if train.master_weights == "float32" and autocasts(device, dtype) else "none"
 
 
 @dataclass(frozen=True)
@@ -117,10 +147,11 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
         data_seed=train.seed,
-        # TRL turns these on by default; bf16 on a CPU without it is ~15x slower, checkpointing costs ~20-40%.
-        bf16=hw.dtype == torch.bfloat16 and hw.device == "cuda",
-        fp16=hw.dtype == torch.float16 and hw.device == "cuda",
-        activation_checkpointing=hw.gradient_checkpointing,
+        # TRL turns these on by default, even for a float32 model on a CPU (~15x slower there); here they follow the
+        # model's dtype: autocast for a half-precision model, so float32 master weights (master_copy) work.
+        bf16=hw.dtype == torch.bfloat16 and autocasts(hw.device, "bfloat16"),
+        fp16=hw.dtype == torch.float16 and autocasts(hw.device, "float16"),
+        activation_checkpointing=hw.gradient_checkpointing,  # TRL turns it on by default; it costs ~20-40%
         use_cpu=hw.device == "cpu",
         logging_steps=train.logging_steps,
         logging_first_step=True,

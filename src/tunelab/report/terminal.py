@@ -144,6 +144,10 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"quantized {mem.quantized}: {mem.quantized_params:,} parameters of the decoder's linear layers; "
             f"kept unquantized in float32: {kept:,} (embeddings, norms, lm_head)"
         )
+    if mem.master == "params" and not mem.quantized and mem.dtype != "float32":
+        console.print(f"trained weights kept in float32, the forward in {mem.dtype} under autocast (master weights)")
+    elif mem.master == "optimizer":
+        console.print("trained weights in the model's dtype, their float32 master copy in DeepSpeed's optimizer")
     if mem.sharded:
         console.print(f"per process: {', '.join(mem.sharded)} split over {mem.processes} processes")
     if mem.device_bytes:
