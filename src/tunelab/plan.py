@@ -22,6 +22,10 @@ from tunelab.templates import Encoded, TokenChecks, loss_segments
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHECKPOINTING_HEADROOM = 0.9  # use at most this share of device memory before turning checkpointing on
+# The tile TRL 1.16's fused LM head computes logits in: tokens by vocabulary entries (TOKEN_CHUNK_SIZE and
+# _CHUNKED_LOGPROB_CHUNK_SIZE in trl/kernels/chunked_logprob.py and trl/trainer/utils.py).
+FUSED_HEAD_TOKENS = 4096
+FUSED_HEAD_VOCAB = 32768
 
 
 @dataclass
@@ -434,7 +438,10 @@ def estimate_memory(
     h, i, kv = facts.hidden_size, facts.intermediate_size, facts.kv_dim
     per_layer = 6 * h + 2 * kv + 4 * i  # saved tensors per token in one decoder layer (SDPA, no score matrix)
     n_act = _activation_layers(scope, facts.layers)
-    logits = tokens * facts.vocab_size * (b + 8)  # logits, their float32 upcast and its gradient
+    if method.fused_head:  # one tile of TRL's fused LM head (trl/kernels/chunked_logprob.py), forward or backward
+        logits = min(tokens, FUSED_HEAD_TOKENS) * min(facts.vocab_size, FUSED_HEAD_VOCAB) * b
+    else:
+        logits = tokens * facts.vocab_size * (b + 8)  # logits, their float32 upcast and its gradient
     # DoRA keeps each adapted module's base output for the magnitude's gradient (one layer's worth when recomputed).
     dora = scope.dora_features
     # LoRA on fused expert weights merges each with its update every forward: backward keeps the merged copies and

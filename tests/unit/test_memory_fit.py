@@ -101,3 +101,24 @@ def test_plan_warns_exactly_when_its_estimate_is_above_the_machine(tmp_path: Pat
     said = [w for w in plan.warnings if w.startswith("memory:")]
     assert said == ([memory_warning(plan.memory, "sft")] if plan.memory.total_bytes > plan.memory.device_bytes else [])
     assert plan.memory.weights_bytes + plan.memory.gradients_bytes + plan.memory.optimizer_bytes == 16 * 8_030_261_248
+
+
+def test_the_output_head_is_one_fused_tile_for_the_trainers_that_fuse_it(tmp_path: Path) -> None:
+    """SFT, DPO and KTO score tokens through TRL's fused LM head, in tiles; ORPO holds the whole logits."""
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from tunelab.plan import FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB
+
+    assert (FUSED_HEAD_TOKENS, FUSED_HEAD_VOCAB) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)  # TRL's tile
+    exp = write_experiment(
+        tmp_path,
+        f"name: h\nmodel: {{id: {CONFIGS}/llama-3.1-8b-instruct, dtype: bfloat16, device: cpu}}\n"
+        f"data: {{train: {DATA}/pref_train.jsonl}}\nmethod: dpo\nscope: {{lora: {{targets: qv}}}}\n"
+        "train: {batch_size: 2, max_length: 4096, gradient_checkpointing: off}\n",
+    )
+    dpo = make_plan(load_experiment(exp)).memory
+    orpo = make_plan(load_experiment(exp, ["method=orpo"])).memory
+    tokens, vocab = dpo.tokens_per_forward, 128_256
+    assert tokens == orpo.tokens_per_forward == 2 * 2 * 4096  # chosen and rejected of two pairs
+    assert orpo.activations_bytes - dpo.activations_bytes == tokens * vocab * (2 + 8) - 4096 * 32768 * 2

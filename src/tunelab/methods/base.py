@@ -48,6 +48,9 @@ class Method:
     build: Callable[[TrainerInputs], Trainer]
     settings: Callable[[Experiment], Any] = lambda exp: None  # its section of the experiment, if any
     caches_reference: bool = False  # precomputed reference log-probs are kept across runs (TrainerInputs.ref_cache)
+    # Its trainer scores tokens through TRL's fused LM head (trl.trainer.utils.add_fused_lm_head), in tiles, never
+    # holding a forward pass's logits: plan's memory estimate counts one tile instead.
+    fused_head: bool = False
 
     @property
     def preference(self) -> bool:

@@ -106,4 +106,5 @@ METHOD = Method(
     build=build,
     settings=lambda exp: exp.dpo,
     caches_reference=True,
+    fused_head=True,
 )

@@ -61,4 +61,5 @@ METHOD = Method(
     padding_free=False,
     build=build,
     settings=lambda exp: exp.kto,
+    fused_head=True,
 )

@@ -75,4 +75,5 @@ METHOD = Method(
     reference=False,
     padding_free=True,
     build=build,
+    fused_head=True,
 )
