@@ -501,6 +501,18 @@ class TrainSettings(Strict):
         default=None, gt=0, description="Checkpoint every N steps; None checkpoints at the end of each epoch."
     )
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept for resuming.")
+    keep: Literal["last", "best"] = Field(
+        default="last",
+        description="The weights the run keeps as its result: those of the last step, or best: the checkpoint with "
+        "the lowest eval loss (a checkpoint is then written at every evaluation, and kept while it is the best). "
+        "Needs eval data.",
+    )
+    early_stop: int | None = Field(
+        default=None,
+        gt=0,
+        description="Stop after this many evaluations in a row without a lower eval loss (Transformers' "
+        "EarlyStoppingCallback). Needs eval data; with keep: best the result is the best checkpoint.",
+    )
     pin_memory: OnOffAuto = Field(default="auto", description="Pin dataloader memory. auto: on for CUDA only.")
     report_to: list[TRACKERS] = Field(
         default_factory=list,
@@ -587,6 +599,18 @@ class Experiment(Strict):
                 f"model.quantization: a quantized base cannot train a {self.scope.kind} scope (its weights are packed "
                 "integers that take no gradient); use scope: lora, or remove model.quantization"
             )
+        t = self.train
+        compares = "train.keep: best" if t.keep == "best" else "train.early_stop" if t.early_stop else None
+        if compares and not (self.data.eval or self.data.eval_fraction or self.data.eval_split):
+            raise ValueError(
+                f"{compares}: compares evaluations, and there is no eval data; set data.eval (a file), "
+                "data.eval_fraction (e.g. 0.05) or data.eval_split"
+            )
+        if t.keep == "best" and t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
+            raise ValueError(
+                f"train.keep: best keeps the checkpoint of the best evaluation, so checkpoints must fall on "
+                f"evaluations: make train.save_steps ({t.save_steps}) a multiple of train.eval_steps ({t.eval_steps})"
+            )
         if self.method == "kto" and self.train.batch_size < 2:
             raise ValueError(
                 "train.batch_size: KTO estimates its KL term from other examples of a batch; use 2 or more"
@@ -618,6 +642,8 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "columns"): {},
     ("train", "compile"): False,
     ("train", "master_weights"): "float32",
+    ("train", "keep"): "last",
+    ("train", "early_stop"): None,
     ("model", "quantization"): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,

@@ -242,8 +242,10 @@ def estimate_disk(
     )
     result = kept + tokenizer_bytes + SMALL_FILES
     saves = checkpoint_saves(exp, n_train)
-    kept = min(exp.train.save_total_limit, saves)
-    at_once = min(exp.train.save_total_limit + 1, saves)
+    # With keep: best the Trainer keeps the best checkpoint beside the newest, two at least.
+    limit = max(exp.train.save_total_limit, 2) if exp.train.keep == "best" else exp.train.save_total_limit
+    kept = min(limit, saves)
+    at_once = min(limit + 1, saves)
     total = max(at_once * checkpoint, kept * checkpoint + result)
     free, held = free_space(folder)
     return Disk(
@@ -264,8 +266,9 @@ def checkpoint_saves(exp: Experiment, n_train: int) -> int:
     """How many checkpoints the Trainer writes: every save_steps steps and at the last step, else every epoch."""
     t = exp.train
     steps = optimizer_steps(exp, n_train)
-    if t.save_steps:
-        return math.ceil(steps / t.save_steps)
+    every = t.save_steps or (t.eval_steps if t.keep == "best" else None)  # keep: best saves at each evaluation
+    if every:
+        return math.ceil(steps / every)
     per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accumulation))
     return math.ceil(steps / per_epoch)
 

@@ -214,6 +214,9 @@ class Manifest(Record):
     final_eval_loss: float | None = None
     final_train_loss: float | None = None
     global_steps: int | None = None
+    stopped_early: bool | None = None  # train.early_stop ended it before its planned steps
+    best_step: int | None = None  # train.keep: best: the step whose checkpoint is the result
+    best_eval_loss: float | None = None
     train_seconds: float | None = None
     train_runtime: float | None = None
     tokens_seen: int | None = None

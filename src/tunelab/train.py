@@ -199,11 +199,14 @@ def _base_eval_loss(trainer) -> float | None:
 
 
 def _final_eval_loss(trainer) -> float:
-    """The eval loss at the last step: reuse the end-of-training evaluation when there was one.
+    """The eval loss of the result: the best checkpoint's with train.keep: best, else the last step's, reusing the
+    end-of-training evaluation when there was one.
 
     Decided from the Trainer's own log history, which every process holds, so all of them agree on
     whether to run the (collective) evaluation.
     """
+    if trainer.args.load_best_model_at_end and trainer.state.best_metric is not None:
+        return trainer.state.best_metric
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     if evals and evals[-1].get("step") == trainer.state.global_step:
         return evals[-1]["eval_loss"]
@@ -226,7 +229,9 @@ def _finished(checkpoint: Path) -> bool:
     import json
 
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
+    control = state.get("stateful_callbacks", {}).get("TrainerControl", {}).get("args", {})
+    stopped = bool(control.get("should_training_stop"))  # train.early_stop ended the run at this checkpoint
+    return stopped or 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
 
 
 def _load_finished(trainer, checkpoint: Path) -> None:
@@ -238,6 +243,9 @@ def _load_finished(trainer, checkpoint: Path) -> None:
     from transformers import TrainerState
 
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = trainer.state.best_global_step
+    if trainer.args.load_best_model_at_end and best:  # train.keep: best, as the Trainer loads it at the end
+        checkpoint = checkpoint.parent / f"checkpoint-{best}"
     # The Trainer's own checkpoint loader (adapters, sharded and safetensors weights); it has no public name.
     trainer._load_from_checkpoint(str(checkpoint))  # noqa: SLF001
 
@@ -614,6 +622,10 @@ def _train_in(
         facts["estimated_memory_bytes"] = memory.total_bytes
         params = trackers.run_params(exp.model_dump(mode="json"), facts)
         callbacks = [*callbacks, trackers.TrackerRecord(report_to, run.dir, params)]
+    if exp.train.early_stop is not None and splits.eval:
+        from transformers import EarlyStoppingCallback
+
+        callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=exp.train.early_stop)]
     with trackers.environment(report_to, run.dir, group):
         clock(f"preparing the {exp.method} trainer")
         trainer = _build_trainer(exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks])
@@ -676,6 +688,9 @@ def _train_in(
         final_eval_loss=final_eval,
         final_train_loss=train_losses[-1] if train_losses else None,
         global_steps=trainer.state.global_step,
+        stopped_early=trainer.state.global_step < trainer.state.max_steps,
+        best_step=trainer.state.best_global_step if exp.train.keep == "best" else None,
+        best_eval_loss=trainer.state.best_metric if exp.train.keep == "best" else None,
         train_seconds=round(time.perf_counter() - started, 2),
         train_runtime=runtime,
         tokens_seen=trainer.state.num_input_tokens_seen if trainer.args.include_num_input_tokens_seen != "no" else None,

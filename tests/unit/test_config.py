@@ -106,6 +106,17 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
             "train.padding_free: TRL's DPO trainer has no padding-free batches",
         ),
         ("method: dpo\ntrain:\n  micro_batch_size: 2\n", "train.micro_batch_size: splitting batches applies to SFT"),
+        (
+            "train:\n  keep: best\n",
+            "train.keep: best: compares evaluations, and there is no eval data; set data.eval (a file), "
+            "data.eval_fraction (e.g. 0.05) or data.eval_split",
+        ),
+        ("train:\n  early_stop: 3\n", "train.early_stop: compares evaluations, and there is no eval data"),
+        (
+            "  eval_fraction: 0.1\ntrain:\n  keep: best\n  eval_steps: 4\n  save_steps: 6\n",
+            "train.keep: best keeps the checkpoint of the best evaluation, so checkpoints must fall on evaluations: "
+            "make train.save_steps (6) a multiple of train.eval_steps (4)",
+        ),
     ],
 )
 def test_bad_values(tmp_path: Path, extra: str, expected: str) -> None:

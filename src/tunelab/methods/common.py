@@ -130,7 +130,12 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
     import torch
 
     pin = {"auto": hw.device == "cuda", "on": True, "off": False}[train.pin_memory]
-    epoch_or_steps = "steps" if train.eval_steps else "epoch"
+    # keep: best takes the result from a checkpoint, so checkpoints fall on evaluations: each cadence follows the
+    # other where only one is set (both at each epoch's end otherwise).
+    keep_best = train.keep == "best" and has_eval
+    eval_every = train.eval_steps or (train.save_steps if keep_best else None)
+    save_every = train.save_steps or (train.eval_steps if keep_best else None)
+    compared = has_eval and (keep_best or train.early_stop is not None)
     optimizer = {"optim": train.optimizer} if train.optimizer else {}
     return dict(
         **optimizer,
@@ -156,11 +161,14 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         logging_steps=train.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN loss must show, so the run stops instead of logging 0.0
-        eval_strategy=epoch_or_steps if has_eval else "no",
-        eval_steps=train.eval_steps,
-        save_strategy="steps" if train.save_steps else "epoch",
-        save_steps=train.save_steps or 500,
+        eval_strategy=("steps" if eval_every else "epoch") if has_eval else "no",
+        eval_steps=eval_every,
+        save_strategy="steps" if save_every else "epoch",
+        save_steps=save_every or 500,
         save_total_limit=train.save_total_limit,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model="eval_loss" if compared else None,
+        greater_is_better=False if compared else None,
         dataloader_pin_memory=pin,
         report_to=train.report_to or "none",
         train_sampling_strategy=batches.sampling,
