@@ -51,6 +51,8 @@ def test_keep_best_and_early_stop_take_the_lowest_eval_loss(tmp_path: Path, tiny
     result, best_weights = adapter(run.run_dir / "adapter"), adapter(run.run_dir / "checkpoints" / kept[0])
     assert all(torch.equal(result[k], best_weights[k]) for k in result)
     assert not all(torch.equal(result[k], adapter(run.run_dir / "checkpoints" / kept[1])[k]) for k in result)
+    shown = run_cli("show", str(run.run_dir)).stdout
+    assert f"result: the best checkpoint, step {best}, stopped early at step {m.global_steps}" in shown
 
 
 def test_a_crash_after_the_early_stop_resumes_to_the_best_without_a_step(tmp_path: Path, tiny_model_dir) -> None:

@@ -227,6 +227,8 @@ def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> No
     )
     if base is not None:
         console.print(f"eval loss {base:.4f} -> {final:.4f}{ratio}")
+    if (kept := kept_line(manifest)) is not None:
+        console.print(kept)
     if preference := preference_line(manifest):
         console.print(preference)
     check = manifest.change_check
@@ -235,6 +237,14 @@ def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> No
             f"tensor check: {check.trainable_changed} trained tensors changed, "
             f"{check.frozen_unchanged} frozen unchanged" + ("" if check.ok else " [red]FAILED[/red]")
         )
+
+
+def kept_line(m: Manifest) -> str | None:
+    """Which weights the run kept, where train.keep or train.early_stop decided it."""
+    stopped = f", stopped early at step {m.global_steps} (train.early_stop)" if m.stopped_early else ""
+    if m.best_step is not None:
+        return f"result: the best checkpoint, step {m.best_step}{stopped}"
+    return f"result: the last step{stopped}" if stopped else None
 
 
 def print_comparison(comparison, console: Console | None = None) -> None:
@@ -384,6 +394,8 @@ def print_show(
         console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
     if m.base_eval_loss is not None and m.final_eval_loss is not None:
         console.print(f"eval loss {m.base_eval_loss:.4f} -> {m.final_eval_loss:.4f}")
+    if (kept := kept_line(m)) is not None:
+        console.print(kept)
     if preference := preference_line(m):
         console.print(preference)
     train_losses = [r["loss"] for r in metrics if "loss" in r]
