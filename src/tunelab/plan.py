@@ -219,9 +219,10 @@ def estimate_disk(
 ) -> Disk:
     """What the run writes at its fullest (docs/runs.md, "Disk"), and the free space where it writes it.
 
-    A LoRA checkpoint holds the adapter; any other holds the whole model, as the Trainer saves it. The Trainer
-    writes a new checkpoint before it removes the oldest beyond train.save_total_limit, so one more than the
-    limit is on disk for a moment; the result is written after the last checkpoint, beside the ones kept.
+    A checkpoint holds the trained tensors (as they train: float32 master weights on a half-precision base), their
+    AdamW state, the tokenizer and small files. The Trainer writes a new checkpoint before it removes the oldest
+    beyond train.save_total_limit, so one more than the limit is on disk for a moment; the result is written after
+    the last checkpoint, beside the ones kept.
     """
     from tunelab.runs import FULL_MODEL
     from tunelab.scopes import get_scope
@@ -229,8 +230,9 @@ def estimate_disk(
     kind = get_scope(scope.kind)
     b = DTYPE_BYTES[memory.dtype]
     trained = trained_tensor_bytes(scope, b, memory.master)
-    frozen = scope.total_params - scope.trainable_params
-    weights = trained if kind.adds_parameters else frozen * b + trained
+    # Checkpoints hold what trains: LoRA's adapter, partial runs' opened tensors (scopes/partial.py), the whole model
+    # for full fine-tuning.
+    weights = trained
     # AdamW: first and second moments, in the trained tensors' dtype
     optimizer = 2 * trained + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
     checkpoint = weights + optimizer + tokenizer_bytes + SMALL_FILES

@@ -49,9 +49,15 @@ def test_plan_disk_estimate_matches_what_the_run_writes(scope: str, tmp_path: Pa
     result = run_dir / read_manifest(run_dir).result
     written = size(result) + size(run_dir / "tokenizer")
     assert disk.result_bytes - SMALL_FILES <= written <= disk.result_bytes
-    # Partial and full checkpoints hold the whole model, as the Trainer saves it; only LoRA's hold the adapter.
-    totals = make_plan(exp).scope
-    assert (disk.checkpoint_weights_bytes < totals.total_params) == (scope == "lora")
+    # A checkpoint holds what trains: the adapter, the opened tensors (not the frozen rest), or the whole model.
+    planned = make_plan(exp).scope
+    assert disk.checkpoint_weights_bytes == planned.trainable_params * 4  # float32 on this CPU
+    assert (planned.trainable_params == planned.total_params) == (scope == "full")
+    if scope == "partial":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as saved:
+            assert sorted(saved.keys()) == sorted(planned.trainable_names)
 
 
 def test_a_run_that_cannot_fit_on_its_disk_is_refused_before_anything_loads(tmp_path: Path) -> None:

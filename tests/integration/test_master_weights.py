@@ -38,7 +38,7 @@ def test_float32_master_weights_keep_the_updates_bfloat16_loses(tmp_path: Path, 
     opened = {n: checkpoint[n] for n in plan.scope.trainable_names}
     assert {t.dtype for t in opened.values()} == {torch.float32}
     assert changed_share(opened, base) > 0.99
-    assert checkpoint["model.embed_tokens.weight"].dtype == torch.bfloat16  # frozen (all 4 blocks open): as loaded
+    assert sorted(checkpoint) == sorted(plan.scope.trainable_names)  # the frozen embeddings stay with the base
     # The result is in the model's dtype, as the base is.
     result = load_file(str(run.run_dir / "trained.safetensors"))
     assert {t.dtype for t in result.values()} == {torch.bfloat16}

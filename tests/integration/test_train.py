@@ -283,3 +283,16 @@ def test_padding_free_rows_keep_truncation_and_isolation(tmp_path: Path, tiny_mo
     lengths = [b - a for a, b in zip(starts, [*starts[1:], batch["input_ids"].shape[1]], strict=True)]
     assert len(lengths) == 2 and max(lengths) <= 24  # micro-batch of 2 examples, each truncated
     assert batch["labels"][0, starts].eq(-100).all()  # no example learns its first token from the previous one
+
+
+def test_partial_checkpoints_hold_the_opened_tensors_and_resume_exactly(tmp_path: Path, tiny_model_dir) -> None:
+    from safetensors import safe_open
+
+    from tests.conftest import resume_matches_straight
+
+    # Two of four blocks open: the frozen half and the embeddings stay out of every checkpoint.
+    resume_matches_straight("partial-last4", tmp_path, "--set", "scope.partial.last_blocks=2")
+    opened = make_plan(experiment("partial-last4", tmp_path, "scope.partial.last_blocks=2")).scope.trainable_names
+    with safe_open(str(tmp_path / "crashed" / "checkpoints" / "checkpoint-6" / "model.safetensors"), "pt") as saved:
+        assert sorted(saved.keys()) == sorted(opened)
+    assert not any(".layers.0." in name or ".layers.1." in name for name in opened)

