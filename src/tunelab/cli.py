@@ -339,6 +339,27 @@ def show(
 
 
 @app.command()
+def prune(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Completed run directories.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")] = False,
+) -> None:
+    """Remove completed runs' checkpoints (only a resume reads them); results, metrics and manifests stay."""
+    from tunelab.plan import human_bytes
+    from tunelab.runs import check_prunable, prune_checkpoints
+
+    for run in run_dirs:  # all of them, before anything goes
+        check_prunable(run)
+    total = 0
+    for run in run_dirs:
+        names, size = prune_checkpoints(run, dry_run)
+        total += size
+        what = f"{len(names)} checkpoint{'s' if len(names) != 1 else ''}, {human_bytes(size)}" if names else "nothing"
+        print(f"{run}: {'would remove' if dry_run else 'removed'} {what}")
+    if len(run_dirs) > 1:
+        print(f"{'would free' if dry_run else 'freed'} {human_bytes(total)}")
+
+
+@app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     out: Annotated[Path, typer.Option("--out", help="Folder to write.")],

@@ -183,6 +183,7 @@ class Manifest(Record):
     ended_at: str | None = None
     error: str | None = None
     forced_resume: list[str] | None = None
+    checkpoints_pruned: dict[str, Any] | None = None  # `tunelab prune`: when, which checkpoints, how many bytes
     resumed_with: list[str] | None = None  # settings of how it runs (HOW_IT_RUNS) that a resume changed
     versions: dict[str, str] = {}
     seed: int | None = None
@@ -497,6 +498,46 @@ def lock_run(output_dir: Path, name: str) -> int:
     return fd
 
 
+def folder_bytes(folder: Path) -> int:
+    """What a folder's files take (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        total += sum((Path(root) / f).lstat().st_size for f in files)
+    return total
+
+
+def check_prunable(run_dir: Path) -> None:
+    """Only a completed run's checkpoints may go: a run that is not completed continues from them (`--resume`)."""
+    status = read_manifest(run_dir).status
+    if status != "completed":
+        raise TunelabError(
+            f"{run_dir}: is {status}, and its checkpoints are what --resume continues from; nothing was removed: "
+            "finish it (tunelab train ... --resume), or leave it out"
+        )
+
+
+def prune_checkpoints(run_dir: Path, dry_run: bool = False) -> tuple[list[str], int]:
+    """Remove a completed run's Trainer checkpoints, which only a resume would read (compare, eval, export and
+    init_from read the result). Returns the checkpoints removed (or that would be) and their bytes."""
+    run_dir = Path(run_dir)
+    check_prunable(run_dir)
+    manifest = read_manifest(run_dir)
+    folder = run_dir / CHECKPOINTS
+    names = [c.name for c in checkpoints(run_dir)]
+    size = folder_bytes(folder) if folder.is_dir() else 0
+    if dry_run or not folder.is_dir():
+        return names, size
+    lock = lock_run(run_dir.parent, run_dir.name)  # not while a --overwrite retrains it
+    try:
+        _refuse_links(run_dir)
+        shutil.rmtree(folder)
+        pruned = {"at": now(), "checkpoints": names, "bytes": size}
+        write_manifest(run_dir, manifest.updated(checkpoints_pruned=pruned))
+    finally:
+        os.close(lock)
+    return names, size
+
+
 def _refuse_links(run_dir: Path) -> None:
     """tunelab writes only into real files of the run folder: a symbolic link could send writes elsewhere."""
     if run_dir.is_symlink():
@@ -656,6 +697,7 @@ def _summaries(root: Path) -> list[dict]:
                 "eval_loss": m.final_eval_loss,
                 "train_seconds": m.train_seconds,
                 "created_at": m.created_at,
+                "disk_bytes": folder_bytes(run_dir),
             }
         )
     return rows

@@ -167,3 +167,36 @@ def test_running_out_of_memory_names_the_fix_and_a_resume_with_it_ends_where_the
     straight = train(load_experiment(QUICKSTART, [*steps[1::2], f"output.dir={tmp_path / 'straight'}"]))
     # One example a forward pass instead of two sums the same numbers in another order: equal up to rounding.
     assert relative_distance(trained_tensors(tmp_path / "quickstart"), trained_tensors(straight.run_dir)) < 1e-4
+
+
+def test_prune_removes_only_completed_runs_checkpoints_and_the_results_stay_usable(tmp_path: Path) -> None:
+    from tests.conftest import fake_run
+
+    run = train(load_experiment(QUICKSTART, [f"output.dir={tmp_path}", "train.max_steps=4", "train.save_steps=2"]))
+    result = trained_tensors(run.run_dir)
+    held = sum(p.stat().st_size for p in (run.run_dir / "checkpoints").rglob("*") if p.is_file())
+    failed = fake_run(tmp_path, "failed-run", status="failed")
+    (failed / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    # A run that is not completed keeps its checkpoints, and nothing else is removed either.
+    refused = run_cli("prune", str(run.run_dir), str(failed))
+    assert refused.returncode == 2 and "failed-run: is failed, and its checkpoints are what --resume" in refused.stderr
+    assert (run.run_dir / "checkpoints" / "checkpoint-4").is_dir() and (failed / "checkpoints").is_dir()
+    dry = run_cli("prune", str(run.run_dir), "--dry-run")
+    assert dry.returncode == 0 and "would remove 2 checkpoints" in dry.stdout
+    assert (run.run_dir / "checkpoints").is_dir()
+    listed = json.loads(run_cli("runs", str(tmp_path), "--json").stdout)
+    before = next(r for r in listed if r["name"] == "quickstart")["disk_bytes"]
+    pruned = run_cli("prune", str(run.run_dir))
+    assert pruned.returncode == 0, pruned.stderr
+    assert not (run.run_dir / "checkpoints").exists()
+    manifest = read_manifest(run.run_dir)
+    assert manifest.status == "completed"
+    assert (manifest.checkpoints_pruned["checkpoints"], manifest.checkpoints_pruned["bytes"]) == (
+        ["checkpoint-2", "checkpoint-4"],
+        held,
+    )
+    listed = json.loads(run_cli("runs", str(tmp_path), "--json").stdout)
+    after = next(r for r in listed if r["name"] == "quickstart")["disk_bytes"]
+    assert 0 < after - (before - held) < 1024  # what the manifest's record of the pruning adds
+    kept = trained_tensors(run.run_dir)  # the result is untouched, and what compare, eval and export read
+    assert kept.keys() == result.keys() and all(torch.equal(kept[k], result[k]) for k in kept)

@@ -98,6 +98,7 @@ def test_runs_json_rows_are_the_manifests_summary(tmp_path: Path) -> None:
         "eval_loss": 1.5,
         "train_seconds": None,
         "created_at": "2026-12-01T10:00",
+        "disk_bytes": sum(p.stat().st_size for p in run.rglob("*") if p.is_file()),
     }
     # a base filter never matches a run whose base is unknown (the unreadable one)
     assert [r["name"] for r in list_runs(tmp_path, base="X")] == []

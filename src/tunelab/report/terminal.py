@@ -326,7 +326,8 @@ def print_study_outcome(outcomes, report, console: Console | None = None) -> Non
 def print_runs(rows: list[dict], console: Console | None = None) -> None:
     console = console or _console()
     table = Table(show_edge=False)
-    for col in ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss", "time s", "created"):
+    columns = ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss", "time s", "disk")
+    for col in (*columns, "created"):
         table.add_column(col)
     for r in rows:
         scope = r.get("scope") or "-"
@@ -335,7 +336,8 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
         keys = ("name", "status", "method", None, "trainable_percent", "final_train_loss", "eval_loss")
         if r.get("quantization"):
             scope += f" on {r['quantization']}"
-        cells = [scope if k is None else r.get(k) for k in (*keys, "train_seconds", "created_at")]
+        cells = [scope if k is None else r.get(k) for k in (*keys, "train_seconds")]
+        cells += [human_bytes(r["disk_bytes"]) if r.get("disk_bytes") is not None else None, r.get("created_at")]
         # Text, not markup: names and paths come from disk and must print as they are.
         table.add_row(*(Text(str(x) if x is not None else "-") for x in cells))
     console.print(table)
