@@ -139,7 +139,7 @@ def _read_with_datasets(source: str, split: str, key: str, revision: str | None 
         # after an edit of its data files, or for another folder of the same name, it returned the rows it had cached
         # before. Local sources are read through a cache of their own, gone once their rows are read.
         with tempfile.TemporaryDirectory(prefix="tunelab-data-") as cache:
-            ds = _open_with_datasets(source, split, split_key, revision, cache)
+            ds = _open_with_datasets(source, split, split_key, revision, cache, key)
             records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     except ValueError as e:
         if str(e).startswith("Unknown split"):
@@ -166,9 +166,11 @@ def _load_refusal(key: str, source: str, error: Exception) -> TunelabError:
     )
 
 
-def _open_with_datasets(source: str, split: str, split_key: str, revision: str | None, cache: str):
-    """The split as a `datasets.Dataset`; local files go through `cache`, hub datasets through the usual cache."""
+def _open_with_datasets(source: str, split: str, split_key: str, revision: str | None, cache: str, key: str):
+    """The split as a `datasets.Dataset`; local files go through `cache`, hub datasets through the usual cache (offline:
+    their cached snapshot at the revision asked for, read as a local folder)."""
     import datasets
+    from huggingface_hub import constants
 
     from tunelab.models import offline_unless_reachable
 
@@ -188,7 +190,29 @@ def _open_with_datasets(source: str, split: str, split_key: str, revision: str |
     if path.is_dir():  # a folder laid out as a dataset repository (data files, README.md configs)
         return datasets.load_dataset(source, split=split, cache_dir=cache)
     offline_unless_reachable(source, "dataset")
+    if constants.HF_HUB_OFFLINE:
+        return datasets.load_dataset(_cached_snapshot(source, revision, key), split=split, cache_dir=cache)
     return datasets.load_dataset(source, split=split, revision=revision)
+
+
+def _cached_snapshot(source: str, revision: str | None, key: str) -> str:
+    """Without the hub: a dataset's files as the hub cache holds them at `revision` (the default branch without one).
+
+    datasets' own offline fallback reads the latest copy it prepared, whatever revision that was: a run pinned to
+    data.revision would silently read another revision's rows.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(source, repo_type="dataset", revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError as e:
+        at, flag = (f" at revision '{revision}'", f" --revision {revision}") if revision else ("", "")
+        raise ConfigError(
+            f"{key}: '{source}'{at} is not in the local cache and the hub cannot be reached; download it where there "
+            f"is a network (hf download {source} --repo-type dataset{flag} --local-dir FOLDER) and point {key} at that "
+            "folder"
+        ) from e
 
 
 def dataset_splits(source: str) -> list[str] | None:

@@ -4,6 +4,7 @@ what from_pretrained reads, once, saying so on the terminal, and the run's base 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -139,11 +140,33 @@ def test_a_hub_dataset_reads_its_named_splits_and_from_the_cache_once_the_hub_is
     assert "Retrying" not in gone.stdout + gone.stderr
     assert f"│ {len(train_rows):>8} │" in gone.stdout and f"│ {len(eval_rows):>8} │" in gone.stdout
 
+    # Another revision in the cache (as `hf download --revision v2.0` leaves it): without the hub, each pinned
+    # revision reads its own files; datasets' own offline fallback would read the copy it prepared last (v1.0's).
+    repo = tmp_path / "hf" / "hub" / "datasets--org--chats"
+    first = (repo / "refs" / "v1.0").read_text()
+    second = "b" * 40
+    shutil.copytree(repo / "snapshots" / first, repo / "snapshots" / second, symlinks=False)
+    for shard in (repo / "snapshots" / second / "data").glob("train_sft-*"):
+        shard.unlink()
+        shard.write_bytes(parquet(train_rows[:10]))
+    (repo / "refs" / "v2.0").write_text(second)
+    pinned = run_cli("plan", str(exp), "--set", "data.revision=v2.0", env=env)
+    assert pinned.returncode == 0, pinned.stderr[-3000:]
+    assert "│       10 │" in pinned.stdout and f"│ {len(eval_rows):>8} │" in pinned.stdout
+    again = run_cli("plan", str(exp), env=env)
+    assert f"│ {len(train_rows):>8} │" in again.stdout
+    missing = run_cli("plan", str(exp), "--set", "data.revision=v3.0", env=env)
+    assert missing.returncode == 2 and missing.stderr == (
+        f"error: {exp}: data.train: 'org/chats' at revision 'v3.0' is not in the local cache and the hub cannot be "
+        "reached; download it where there is a network (hf download org/chats --repo-type dataset --revision v3.0 "
+        "--local-dir FOLDER) and point data.train at that folder\n"
+    )
+
     uncached = run_cli("plan", str(exp), env=env | {"HF_HOME": str(tmp_path / "elsewhere")})
     assert uncached.returncode == 2 and uncached.stderr == (
-        f"error: {exp}: data.train: 'org/chats' is not in the local cache and the hub cannot be reached; download it where "
-        "there is a network (hf download org/chats --repo-type dataset --local-dir FOLDER) and point data.train at "
-        "that folder\n"
+        f"error: {exp}: data.train: 'org/chats' at revision 'v1.0' is not in the local cache and the hub cannot be "
+        "reached; download it where there is a network (hf download org/chats --repo-type dataset --revision v1.0 "
+        "--local-dir FOLDER) and point data.train at that folder\n"
     )
 
 
