@@ -105,6 +105,18 @@ def _sharded_parts(config) -> tuple[str, ...]:
     return ()
 
 
+def one_process_gpus(visible: int, launched: bool) -> str | None:
+    """Several GPUs seen by one process that no launcher started: the Trainer would wrap the model in nn.DataParallel,
+    which TRL's trainers refuse (its replicas would run the forward of the original model). The line that says what
+    to run instead; None where this process trains on one GPU or under a launcher."""
+    if visible <= 1 or launched:
+        return None
+    return (
+        f"{visible} GPUs are visible to this one process; train on all of them with `tunelab train ... --nproc "
+        f"{visible}` (DDP, one process a GPU), or on one with CUDA_VISIBLE_DEVICES=0"
+    )
+
+
 def check_engine_device(engine: Engine | None, device: str) -> None:
     """Refuse, before launching, a sharded engine on a device where accelerate would quietly run DDP instead."""
     if engine is not None and engine.sharded and device != "cuda":

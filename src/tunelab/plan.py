@@ -578,9 +578,16 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         check_quantization(exp.model.quantization, device)
     if exp.train.compile:
         check_compile(device)
+    several = None
+    if device == "cuda" and inputs.engine is None:
+        import torch
+
+        from tunelab.distributed import one_process_gpus, under_launcher
+
+        several = one_process_gpus(torch.cuda.device_count(), under_launcher())
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine)
-    warnings = list(resolved.warnings)
+    warnings = list(resolved.warnings) + ([several] if several else [])
     if (too_big := memory_warning(memory, exp.method)) is not None:
         warnings.append(too_big)
     stats = data_stats(inputs)

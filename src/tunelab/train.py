@@ -302,7 +302,15 @@ def train(
     if inputs is None or not inputs.complete:
         inputs = read_inputs(exp, training=True, engine=inputs.engine if inputs else None)
     engine, splits, tokenizer, encoded = inputs.engine, inputs.splits, inputs.tokenizer, inputs.encoded
-    distributed.check_engine_device(engine, pick_device(exp.model.device))
+    device = pick_device(exp.model.device)
+    distributed.check_engine_device(engine, device)
+    if device == "cuda" and engine is None:  # an accelerate config launches its own processes
+        import torch
+
+        if (
+            several := distributed.one_process_gpus(torch.cuda.device_count(), distributed.under_launcher())
+        ) is not None:
+            raise TunelabError(several)
     if engine is not None and not distributed.under_launcher():
         raise ConfigError(
             f"distributed.accelerate_config: this experiment runs under `accelerate launch` with "

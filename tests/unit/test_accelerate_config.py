@@ -105,3 +105,15 @@ def test_train_in_process_refuses_an_experiment_meant_for_a_launcher(tmp_path: P
     ):
         train(exp)
     assert not (tmp_path / "quickstart").exists()
+
+
+def test_several_gpus_in_one_unlaunched_process_are_refused_with_the_tunelab_way() -> None:
+    """TRL's trainers refuse nn.DataParallel, which the Trainer would use; tunelab says to launch one process a GPU."""
+    from tunelab.distributed import one_process_gpus
+
+    assert one_process_gpus(8, launched=False) == (
+        "8 GPUs are visible to this one process; train on all of them with `tunelab train ... --nproc 8` (DDP, one "
+        "process a GPU), or on one with CUDA_VISIBLE_DEVICES=0"
+    )
+    assert one_process_gpus(8, launched=True) is None  # each launched process takes its own GPU
+    assert one_process_gpus(1, launched=False) is None and one_process_gpus(0, launched=False) is None
