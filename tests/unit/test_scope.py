@@ -231,10 +231,10 @@ def test_the_default_dropout_gives_way_on_fused_experts_and_plan_says_so() -> No
     assert model.peft_config["default"].lora_dropout == 0.05 and resolved.warnings == []
 
 
-def tiny_llama(tied: bool = False):
+def tiny_llama_config(tied: bool = False):
     from transformers import LlamaConfig
 
-    config = LlamaConfig(
+    return LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -243,7 +243,10 @@ def tiny_llama(tied: bool = False):
         vocab_size=100,
         tie_word_embeddings=tied,
     )
-    return meta_model(config)
+
+
+def tiny_llama(tied: bool = False):
+    return meta_model(tiny_llama_config(tied))
 
 
 BLOCK = [
@@ -388,18 +391,10 @@ def test_a_partial_model_saves_only_its_opened_tensors(tmp_path: Path, tied: boo
     """What a Trainer checkpoint of a partial run holds: the opened tensors, never the frozen rest, nor a frozen
     head under the name it shares with the embeddings."""
     from safetensors import safe_open
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        tie_word_embeddings=tied,
-    )
-    model, resolved = apply_scope(LlamaForCausalLM(config), Scope(partial=PartialScope(last_blocks=1, norm=True)))
+    scope = Scope(partial=PartialScope(last_blocks=1, norm=True))
+    model, resolved = apply_scope(LlamaForCausalLM(tiny_llama_config(tied)), scope)
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
         assert sorted(saved.keys()) == sorted(resolved.trainable_names)
