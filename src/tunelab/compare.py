@@ -171,11 +171,16 @@ def load_runs(
 # ---------------------------------------------------------------- generation
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str, template_vars: dict):
-    """The prompts as the model reads them: through its chat template, or, for a base model without one (trained on
-    raw text), each prompt's text as it is, with the special tokens the tokenizer adds to any text (its BOS), as
-    training tokenized it."""
-    if tokenizer.chat_template:
+def _encode(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str, template_vars: dict, chat: bool | None
+):
+    """The prompts as the model reads them: through its chat template (`chat`), or, for a model trained on plain text
+    (a base model without a template, or string prompts without data.as_chat), each prompt's text as it is, with the
+    special tokens the tokenizer adds to any text (its BOS), as training tokenized it. `chat` None: the chat
+    template where the tokenizer has one."""
+    if chat is None:
+        chat = bool(tokenizer.chat_template)
+    if chat:
         texts = [
             tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False, **template_vars)
             for p in prompts
@@ -183,11 +188,19 @@ def _encode(tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: s
         return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     for p in prompts:
         if [m["role"] for m in p.messages] != ["user"]:
+            why = "the tokenizer has no chat template" if not tokenizer.chat_template else "a run trained on plain text"
             raise TunelabError(
-                f"compare: prompt {p.id + 1} is a conversation, and the tokenizer has no chat template to render it; "
+                f"compare: prompt {p.id + 1} is a conversation, and {why} to render it; "
                 "give prompts as plain 'prompt' strings, or set the runs' tokenizer.chat_template"
             )
     return tokenizer([p.text for p in prompts], return_tensors="pt", padding=True).to(device)
+
+
+def asks_in_chat(tokenizer: PreTrainedTokenizerBase, manifest: Manifest | None) -> bool:
+    """Whether a variant is asked through the chat template: the base where its tokenizer has one; a run as its
+    training rendered its data (a run recorded before that was, like the base)."""
+    trained = manifest.data.rendered if manifest is not None and manifest.data is not None else None
+    return bool(tokenizer.chat_template) and trained != "text"
 
 
 GREEDY: dict = {"do_sample": False}
@@ -211,14 +224,16 @@ def generate_rows(
     batch_size: int,
     decoding: dict = GREEDY,
     template_vars: dict | None = None,
+    chat: bool | None = None,
 ) -> list[str]:
     """One output per (prompt, adapter) row, in batches; rows of one batch may use different adapters
     (PEFT `adapter_names`, "__base__" for none). An adapter of None means a model without adapters.
-    `template_vars`: what the chat template sees beside each prompt (templates.template_vars)."""
+    `template_vars`: what the chat template sees beside each prompt (templates.template_vars); `chat`: prompts go
+    through the chat template (asks_in_chat), else as plain text."""
     outputs = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        enc = _encode(tokenizer, [p for p, _ in chunk], model.device, template_vars or {})
+        enc = _encode(tokenizer, [p for p, _ in chunk], model.device, template_vars or {}, chat)
         routing = {"adapter_names": [a for _, a in chunk]} if chunk[0][1] is not None else {}
         out = model.generate(
             **enc,
@@ -241,9 +256,10 @@ def generate(
     batch_size: int,
     decoding: dict = GREEDY,
     template_vars: dict | None = None,
+    chat: bool | None = None,
 ) -> list[str]:
     rows = [(p, adapter) for p in prompts]
-    return generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars)
+    return generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat)
 
 
 def generate_mixed(
@@ -255,10 +271,11 @@ def generate_mixed(
     batch_size: int,
     decoding: dict = GREEDY,
     template_vars: dict | None = None,
+    chat: bool | None = None,
 ) -> dict[str, list[str]]:
-    """One pass over prompts x adapters, every batch mixing the adapters' rows."""
+    """One pass over prompts x adapters, every batch mixing the adapters' rows (all asked the same way, `chat`)."""
     rows = [(p, a) for p in prompts for a in adapters]
-    outputs = generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars)
+    outputs = generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat)
     return {a: outputs[i :: len(adapters)] for i, a in enumerate(adapters)}
 
 
@@ -390,6 +407,8 @@ def compare(
         "prompts": str(prompts_file) if prompts_file else "held-out data",
         "eval_examples": len(eval_rows) if eval_rows else 0,
         "base": runs[0][1].quantized,
+        # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
+        "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
     }
     return Comparison(exp.model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
 
@@ -455,15 +474,20 @@ def _generate_and_score(
                 scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system, template_vars=variables
             )
 
-    together = [m.name for _, m in runs if kinds[m.name].batches_with_base(model, m.name)]
+    base_chat = asks_in_chat(tokenizer, None)
+    chat = {m.name: asks_in_chat(tokenizer, m) for _, m in runs}
+    # Runs asked as the base is share its batches where their kind allows; the others are asked on their own.
+    together = [m.name for _, m in runs if chat[m.name] == base_chat and kinds[m.name].batches_with_base(model, m.name)]
     if together:
         names = together + ([BASE] if include_base else [])
         outputs.update(
-            generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding, variables)
+            generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding, variables, base_chat)
         )
     elif include_base:
         with base_alone(model):
-            outputs[BASE] = generate(model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables)
+            outputs[BASE] = generate(
+                model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, base_chat
+            )
     # The base alone: a PEFT wrapper with every adapter off, or the plain model.
     if include_base:
         with base_alone(model):
@@ -473,7 +497,7 @@ def _generate_and_score(
         with kinds[name].active(model, d, name, base) as variant:
             if name not in outputs:  # the kind made the run the model's active state: no routing
                 outputs[name] = generate(
-                    variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables
+                    variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, chat[name]
                 )
             score(name, variant)
     return outputs, losses

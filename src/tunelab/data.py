@@ -818,6 +818,16 @@ def _check_eval_source(settings: DataSettings) -> None:
         )
 
 
+def rendered(rows: list[dict]) -> str:
+    """How training renders these (normalised) rows' prompts: "chat" where any row is a conversation, through the
+    chat template; "text" where every row is plain text (string prompts and answers, or raw text)."""
+    for row in rows:
+        sft = as_sft_row(row)
+        if "messages" in sft or isinstance(sft.get("prompt"), list) or isinstance(sft.get("completion"), list):
+            return "chat"
+    return "text"
+
+
 def as_sft_row(row: dict) -> dict:
     """Preference pairs are measured (and their tokens checked) as their prompt followed by the chosen answer."""
     if "chosen" not in row:

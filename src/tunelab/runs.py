@@ -110,6 +110,9 @@ class DataRecord(Record):
     train_examples: int
     eval_examples: int
     hashes: dict[str, str]
+    # How training rendered its prompts: "chat" (the chat template) or "text" (plain text: string prompts, no
+    # data.as_chat); compare asks the run its prompts the same way. None: recorded before it was.
+    rendered: Literal["chat", "text"] | None = None
 
 
 class Places(Record):

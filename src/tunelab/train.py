@@ -293,6 +293,7 @@ def train(
     `group`: what the trackers group this run under (a study's name; by default the experiment's name);
     `plan`: the experiment's plan over these inputs, when made already."""
     from tunelab.console import run_log
+    from tunelab.data import rendered
     from tunelab.inputs import read_inputs
     from tunelab.models import fingerprint, pick_device, weights_path
     from tunelab.plan import check_rhythm, disk_refusal, make_plan
@@ -337,6 +338,7 @@ def train(
             train_examples=len(splits.train.rows),
             eval_examples=len(splits.eval.rows) if splits.eval else 0,
             hashes=splits.hashes,
+            rendered=rendered(splits.train.rows),
         ),
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),

@@ -13,6 +13,7 @@ from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, co
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.report import write_report
+from tunelab.runs import read_manifest
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow
@@ -275,3 +276,44 @@ def test_a_base_model_without_a_chat_template_is_prompted_with_the_raw_text(tmp_
     conversation.write_text(json.dumps({"messages": turns}) + "\n")
     with pytest.raises(TunelabError, match=r"^compare: prompt 1 is a conversation, and the tokenizer has no chat"):
         compare([run], prompts_file=conversation)
+
+
+def test_a_run_trained_on_plain_text_is_asked_in_plain_text_beside_chat_runs(tmp_path: Path, tiny_model_dir) -> None:
+    """A chat model's run trained on string prompt/completion rows (no data.as_chat) learned plain text: compare asks
+    it its prompts as plain text, as training rendered them, while the base and a chat run get the chat template."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"prompt": "The capital of Molo is", "completion": " Vevasmo."}] * 16
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plain = [f"data.train={tmp_path / 'raw.jsonl'}", "data.eval=null", "train.max_steps=2", "output.name=plain"]
+    quick = ["train.max_steps=2", "output.name=chat"]
+    runs = [
+        train(load_experiment(EXAMPLES / "quickstart.yaml", [*extra, f"output.dir={tmp_path}"])).run_dir
+        for extra in (plain, quick)
+    ]
+    assert read_manifest(runs[0]).data.rendered == "text" and read_manifest(runs[1]).data.rendered == "chat"
+    asked = "The capital of Molo is"
+    result = compare(runs, asked=[asked], max_new_tokens=8)
+    assert result.settings["asked_as_text"] == ["plain"]
+
+    tokenizer = AutoTokenizer.from_pretrained(runs[0] / "tokenizer")
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": asked}], add_generation_prompt=True, tokenize=False
+    )
+    ids = {"text": tokenizer(asked)["input_ids"], "chat": tokenizer(chat, add_special_tokens=False)["input_ids"]}
+
+    def plain_generate(run: Path | None, how: str) -> str:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        if run is not None:
+            model = PeftModel.from_pretrained(model, str(run / "adapter"))
+        prompt = torch.tensor([ids[how]])
+        with torch.no_grad():
+            out = model.generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip()
+
+    assert result.outputs["plain"] == [plain_generate(runs[0], "text")]
+    assert result.outputs["chat"] == [plain_generate(runs[1], "chat")]
+    assert result.outputs["base"] == [plain_generate(None, "chat")]
+    assert plain_generate(runs[0], "text") != plain_generate(runs[0], "chat")  # the rendering is what differs
