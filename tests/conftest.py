@@ -174,7 +174,9 @@ def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     from tunelab.runs import read_manifest
 
     manifest = read_manifest(run_dir)
-    name = "adapter/adapter_model.safetensors" if manifest.result == "adapter" else manifest.result
+    name = {"adapter": "adapter/adapter_model.safetensors", "model": "model/model.safetensors"}.get(
+        manifest.result, manifest.result
+    )
     return load_file(str(run_dir / name))
 
 

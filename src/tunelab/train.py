@@ -12,6 +12,7 @@ import hashlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -467,6 +468,28 @@ def _out_of_memory(error: Exception, exp: Experiment, hw, steps: int, run: Run) 
     )
 
 
+@contextlib.contextmanager
+def _checkpoints_in_model_layout(model, applies: bool) -> Iterator[None]:
+    """While it trains, a model's Trainer checkpoints keep its own tensor layout.
+
+    Transformers 5 saves a model in its hub layout, undoing the conversions `from_pretrained` applied (a MoE model's
+    fused experts are written one by one, Qwen2.5-VL's weights under their old names), but the Trainer reloads a
+    checkpoint with a plain `load_state_dict`, without converting back: a resumed partial or full run's converted
+    weights would silently restart from the base (huggingface/transformers#48805, #43701; reproduced on Qwen3-MoE).
+    An empty conversion list (the model's own `_weight_conversions`) saves the layout the model holds. The result is
+    saved after, with the conversions back: the hub layout, as every other tool reads it.
+    """
+    if not applies or "_weight_conversions" not in vars(model):
+        yield
+        return
+    hub = model._weight_conversions
+    model._weight_conversions = []
+    try:
+        yield
+    finally:
+        model._weight_conversions = hub
+
+
 def _padded_instead(exp: Experiment, architecture: str, refusal: str, says: bool) -> None:
     """Padding-free rows on a model that lets their examples attend to each other would train on the wrong text."""
     why = f"{architecture} {refusal}"
@@ -653,20 +676,20 @@ def _train_in(
             run.trim_metrics(checkpoint_step(checkpoint))
         clock("training")
         started = time.perf_counter()
-        if checkpoint is not None and _finished(checkpoint):
-            _load_finished(trainer, checkpoint)
-            runtime = None  # nothing trained in this process
-        else:
-            try:
-                runtime = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).metrics.get(
-                    "train_runtime"
-                )
-            except Exception as e:
-                failure = _compile_failure(e) if exp.train.compile else None
-                failure = failure or _out_of_memory(e, exp, hw, trainer.state.global_step, run)
-                if failure is None:
-                    raise
-                raise failure from e
+        with _checkpoints_in_model_layout(model, not kind.adds_parameters):
+            if checkpoint is not None and _finished(checkpoint):
+                _load_finished(trainer, checkpoint)
+                runtime = None  # nothing trained in this process
+            else:
+                try:
+                    resume = str(checkpoint) if checkpoint else None
+                    runtime = trainer.train(resume_from_checkpoint=resume).metrics.get("train_runtime")
+                except Exception as e:
+                    failure = _compile_failure(e) if exp.train.compile else None
+                    failure = failure or _out_of_memory(e, exp, hw, trainer.state.global_step, run)
+                    if failure is None:
+                        raise
+                    raise failure from e
     if recorder.bad is not None:
         raise NonFiniteLoss(
             f"training stopped: {recorder.bad} at step "

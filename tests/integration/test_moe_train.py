@@ -83,3 +83,13 @@ def test_a_model_that_cannot_run_packed_rows_trains_on_padded_batches(tmp_path: 
     assert str(e.value).startswith(
         "train.padding_free: on, but FalconH1ForCausalLM cannot run examples concatenated in one row (`causal_conv1d_fn`"
     )
+
+
+@pytest.mark.parametrize("scope", ["{partial: {last_blocks: 1}}", "full"])
+def test_a_moe_run_resumes_to_the_uninterrupted_weights(moe_dir: Path, tmp_path: Path, scope: str) -> None:
+    """Transformers 5 writes a checkpoint's experts one by one (the hub's layout) and the Trainer reloads a checkpoint
+    without fusing them back (huggingface/transformers#48805), so a resumed run's experts would silently restart from
+    the base's. tunelab's checkpoints keep the model's own layout."""
+    from tests.conftest import resume_matches_straight
+
+    resume_matches_straight("quickstart", tmp_path, "--set", f"model.id={moe_dir}", "--set", f"scope={scope}")
