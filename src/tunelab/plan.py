@@ -237,12 +237,8 @@ def estimate_disk(
     optimizer = 2 * trained + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
     checkpoint = weights + optimizer + tokenizer_bytes + SMALL_FILES
     # Opened original weights are saved in the model's dtype, whatever their master copy's (train.py).
-    kept = (
-        trained
-        if kind.adds_parameters
-        else (scope.total_params if kind.result == FULL_MODEL else scope.trainable_params) * b
-    )
-    result = kept + tokenizer_bytes + SMALL_FILES
+    saved = scope.total_params if kind.result == FULL_MODEL else scope.trainable_params
+    result = (trained if kind.adds_parameters else saved * b) + tokenizer_bytes + SMALL_FILES
     saves = checkpoint_saves(exp, n_train)
     # With keep: best the Trainer keeps the best checkpoint beside the newest, two at least.
     limit = max(exp.train.save_total_limit, 2) if exp.train.keep == "best" else exp.train.save_total_limit
@@ -279,6 +275,8 @@ def free_space(folder: Path) -> tuple[int | None, int]:
     """Free bytes on the file system that holds (or will hold) `folder`, and the bytes `folder` holds already."""
     import shutil
 
+    from tunelab.runs import folder_bytes
+
     existing = folder.absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -286,11 +284,7 @@ def free_space(folder: Path) -> tuple[int | None, int]:
         free = shutil.disk_usage(existing).free
     except OSError:
         free = None
-    held = 0
-    if folder.is_dir():
-        for root, _, files in os.walk(folder):
-            held += sum((Path(root) / f).stat().st_size for f in files if not (Path(root) / f).is_symlink())
-    return free, held
+    return free, folder_bytes(folder) if folder.is_dir() else 0
 
 
 def tokenizer_bytes(tokenizer) -> int:
