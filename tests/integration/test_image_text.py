@@ -219,3 +219,16 @@ def test_a_model_that_lets_packed_examples_attend_to_each_other_trains_on_padded
     on = text.replace("name: vl", "name: vl-on").replace("batch_size: 4}", "batch_size: 4, padding_free: on}")
     with pytest.raises(ConfigError, match=r"^train.padding_free: on, but Qwen2_5_VLForConditionalGeneration lets"):
         train(load_experiment(write_experiment(tmp_path, on)))
+
+
+def test_a_partial_qwen2_5_vl_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    """Qwen2.5-VL's hub layout names the language model's weights otherwise (model.layers.* for the model's
+    model.language_model.layers.*): a checkpoint in that layout, reloaded by the Trainer's plain load_state_dict,
+    would resume the opened blocks from the base (huggingface/transformers#43701)."""
+    from tests.conftest import resume_matches_straight
+
+    base = tiny_qwen2_5_vl(tmp_path)
+    data = one_reply_data(tmp_path)
+    settings = [f"model.id={base}", f"data.train={data}", "data.eval=null", "train.batch_size=4"]
+    settings += ["scope={partial: {last_blocks: 1, norm: true}}"]
+    resume_matches_straight("quickstart", tmp_path / "runs", *(x for s in settings for x in ("--set", s)))
