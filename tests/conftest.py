@@ -202,3 +202,14 @@ def dataset_repository(folder: Path, splits: dict[str, list[dict]], readme: bool
             "---\nconfigs:\n- config_name: default\n  data_files:\n" + "".join(configs) + "---\n"
         )
     return folder
+
+
+def can_mount_small_disks() -> bool:
+    """Whether this machine lets a test mount a small tmpfs of its own (`unshare -Urm`: a private user and mount
+    namespace), to fill a disk without touching the machine's."""
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            mounted = ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {folder}"]
+            return subprocess.run(mounted, capture_output=True, timeout=30).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return False

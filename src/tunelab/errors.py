@@ -21,3 +21,20 @@ class ConfigError(TunelabError):
 
 class Terminated(BaseException):
     """SIGTERM arrived (a scheduler or `kill` stopping the run). Not an Exception, so no handler swallows it."""
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a failure came from a full disk or an exhausted quota: the OS's error anywhere in the exception
+    chain, or a library's words for it (safetensors' writer, torch's zip writer report it as text)."""
+    import errno
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(words in str(e) for words in ("No space left on device", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

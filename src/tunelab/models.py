@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import BUILTIN_PREFIX, ModelSettings, Quantization, TokenizerSettings
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, disk_full
+from tunelab.runs import free_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -91,15 +92,27 @@ def download(settings: ModelSettings, shown: bool) -> str | None:
         missing = [] if offline else [f for f in snapshot_download(**files, dry_run=True) if f.will_download]
     except (OSError, ValueError):  # the hub cannot be asked (no network, a gated repo without a token)
         offline, missing = True, []
+    size = sum(f.file_size for f in missing)
+    amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    free = free_bytes(Path(constants.HF_HUB_CACHE)) if missing else None
+    if free is not None and size > free:
+        raise ConfigError(
+            f"model.id: '{settings.id}' needs {amount} more in {constants.HF_HUB_CACHE} ({len(missing)} files), and "
+            f"that disk has {free / 1e6:,.0f} MB free; free space there, or set HF_HOME to a folder on a larger disk"
+        )
     if missing and shown:
-        size = sum(f.file_size for f in missing)
-        amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
         print(
             f"-> downloading {settings.id}: {len(missing)} files, {amount}, into {constants.HF_HUB_CACHE}", flush=True
         )
     try:
         return snapshot_download(**files, local_files_only=offline, tqdm_class=tqdm if missing and shown else None)
-    except (OSError, ValueError):  # not in the cache either
+    except (OSError, ValueError) as e:  # not in the cache either
+        if disk_full(e):
+            raise ConfigError(
+                f"model.id: the disk filled while downloading '{settings.id}' into {constants.HF_HUB_CACHE}; free "
+                "space there (or set HF_HOME to a folder on a larger disk) and run it again: the files already "
+                "downloaded stay"
+            ) from e
         return None
 
 

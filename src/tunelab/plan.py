@@ -273,18 +273,9 @@ def checkpoint_saves(exp: Experiment, n_train: int) -> int:
 
 def free_space(folder: Path) -> tuple[int | None, int]:
     """Free bytes on the file system that holds (or will hold) `folder`, and the bytes `folder` holds already."""
-    import shutil
+    from tunelab.runs import folder_bytes, free_bytes
 
-    from tunelab.runs import folder_bytes
-
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        free = shutil.disk_usage(existing).free
-    except OSError:
-        free = None
-    return free, folder_bytes(folder) if folder.is_dir() else 0
+    return free_bytes(folder), folder_bytes(folder) if folder.is_dir() else 0
 
 
 def tokenizer_bytes(tokenizer) -> int:

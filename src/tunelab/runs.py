@@ -501,6 +501,17 @@ def lock_run(output_dir: Path, name: str) -> int:
     return fd
 
 
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system that holds (or will hold) `folder`; None where it cannot be measured."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free
+    except OSError:
+        return None
+
+
 def folder_bytes(folder: Path) -> int:
     """What a folder's files take (links not followed)."""
     total = 0

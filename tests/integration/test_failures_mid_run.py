@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES, REPO, SCRATCH, relative_distance, run_cli, trained_tensors
+from tests.conftest import (
+    EXAMPLES,
+    REPO,
+    SCRATCH,
+    can_mount_small_disks,
+    relative_distance,
+    run_cli,
+    trained_tensors,
+)
 from tunelab.config import load_experiment
 from tunelab.plan import SMALL_FILES, make_plan
 from tunelab.runs import read_manifest
@@ -75,19 +83,7 @@ def test_a_run_that_cannot_fit_on_its_disk_is_refused_before_anything_loads(tmp_
     assert list(tmp_path.iterdir()) == []  # no run folder, no lock: nothing started
 
 
-def _small_disks() -> bool:
-    """Whether this machine lets a test mount a small tmpfs of its own (in a private user and mount namespace)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            mounted = ["unshare", "-Urm", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {folder}"]
-            return subprocess.run(mounted, capture_output=True, timeout=30).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-
-
-@pytest.mark.skipif(not _small_disks(), reason="needs `unshare -Urm` and tmpfs mounts (user namespaces)")
+@pytest.mark.skipif(not can_mount_small_disks(), reason="needs `unshare -Urm` and tmpfs mounts (user namespaces)")
 def test_a_disk_that_fills_mid_run_fails_in_one_line_and_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     # An 8 MiB disk of its own (tmpfs, mounted in a private namespace): room for the run (plan: 4.8 MiB) until,
     # after step 7, a file takes all but 300 kB; the checkpoint at step 10 (1.6 MiB) then cannot be written.

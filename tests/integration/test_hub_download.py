@@ -4,12 +4,13 @@ what from_pretrained reads, once, saying so on the terminal, and the run's base 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, run_cli, write_experiment
+from tests.conftest import DATA, can_mount_small_disks, run_cli, write_experiment
 from tests.fake_hub import COMMIT, fake_hub
 from tunelab.models import fingerprint
 
@@ -75,6 +76,39 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
     )
     base = json.loads((tmp_path / "runs" / "unreachable" / "manifest.json").read_text())["base_model"]
     assert base["path"] == manifest["base_model"]["path"]
+
+
+@pytest.mark.skipif(not can_mount_small_disks(), reason="needs `unshare -Urm` and tmpfs mounts (user namespaces)")
+def test_a_download_the_cache_disk_cannot_hold_is_refused_before_it_starts(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The Hugging Face cache on a 1 MiB disk of its own: the config and tokenizer fit, the 3 MB of weights do not.
+    One line before any weight is fetched, instead of a download that fills the disk and fails half-way."""
+    import subprocess
+    import sys
+
+    exp = write_experiment(
+        tmp_path,
+        f"name: hub\nmodel: {{id: {REPO_ID}}}\ndata: {{train: {DATA / 'sft_train.jsonl'}}}\n"
+        f"scope: {{lora: {{r: 4, targets: qv}}}}\ntrain: {{max_steps: 2, batch_size: 2}}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\n",
+    )
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    with fake_hub(REPO_ID, tiny_model_dir) as hub:
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        env |= {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(hf), "HF_HUB_DISABLE_TELEMETRY": "1"}
+        script = f"mount -t tmpfs -o size=1m tmpfs {hf} && {sys.executable} -m tunelab train {exp}"
+        done = subprocess.run(
+            ["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, env=env, timeout=600
+        )
+        fetched = hub.fetched()
+    weights = (tiny_model_dir / "model.safetensors").stat().st_size
+    assert done.returncode == 2, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {exp}: model.id: '{REPO_ID}' needs {weights / 1e6:.1f} MB more in {hf / 'hub'}")
+    assert line.endswith("free; free space there, or set HF_HOME to a folder on a larger disk")
+    assert "model.safetensors" not in fetched and "tokenizer.json" in fetched  # refused before the weights
 
 
 def test_a_gated_model_says_how_to_get_access(tiny_model_dir: Path, tmp_path: Path) -> None:
