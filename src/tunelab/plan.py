@@ -62,6 +62,7 @@ class Memory:
     quantized: str | None = None  # how the base's linear weights are stored, when quantized
     quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
     master: str = "none"  # where trained weights keep a float32 master copy (methods.common.master_copy)
+    optimizer_name: str | None = None  # train.optimizer; None: Transformers' default AdamW
 
 
 @dataclass
@@ -233,8 +234,8 @@ def estimate_disk(
     # Checkpoints hold what trains: LoRA's adapter, partial runs' opened tensors (scopes/partial.py), the whole model
     # for full fine-tuning.
     weights = trained
-    # AdamW: first and second moments, in the trained tensors' dtype
-    optimizer = 2 * trained + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
+    state = optimizer_state_bytes(exp.train.optimizer, trained, scope.trainable_params)
+    optimizer = state + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
     checkpoint = weights + optimizer + tokenizer_bytes + SMALL_FILES
     # Opened original weights are saved in the model's dtype, whatever their master copy's (train.py).
     saved = scope.total_params if kind.result == FULL_MODEL else scope.trainable_params
@@ -355,6 +356,33 @@ def _activation_layers(scope: ResolvedScope, n_layers: int) -> int:
     return n_layers - min(scope.layers)
 
 
+# Transformers' optimizer names (TrainingArguments.optim) by the state they keep a trained weight: how many moments,
+# and in what. bitsandbytes' and torchao's 8-bit states take a byte a moment and a float32 scale per block of 256.
+BLOCKWISE_8BIT = 1 + 4 / 256
+
+
+def optimizer_state_bytes(name: str | None, trained_bytes: int, trained_params: int) -> int:
+    """The optimizer's state for the trained weights (`trained_bytes` of them as they train), by its name: AdamW's
+    two moments in the weights' dtype by default (Transformers' fused AdamW)."""
+    name = (name or "adamw_torch_fused").lower()
+    moments = (
+        0
+        if "sgd" in name or "adafactor" in name
+        else 3
+        if "ademamix" in name
+        else 1
+        if any(one in name for one in ("lion", "rmsprop", "adagrad"))
+        else 2
+    )
+    if "8bit" in name:
+        return int(moments * BLOCKWISE_8BIT * trained_params)
+    if "4bit" in name:
+        return int(moments * (0.5 + 4 / 128) * trained_params)
+    if "32bit" in name:  # bitsandbytes' paged and 32-bit optimizers keep float32 state
+        return moments * 4 * trained_params
+    return moments * trained_bytes
+
+
 def trained_tensor_bytes(scope: ResolvedScope, param_bytes: int, master: str) -> int:
     """Bytes of the trainable tensors as they train. `master`: methods.common.master_copy's answer.
 
@@ -404,7 +432,7 @@ def estimate_memory(
         weights = int(facts.linear_params * quantized_bytes_per_param(quantization)) + kept * 4
         weights += trained_bytes
     grads = trained_bytes
-    optimizer = 2 * grads  # AdamW: first and second moments, in the trained tensors' dtype
+    optimizer = optimizer_state_bytes(exp.train.optimizer, trained_bytes, scope.trainable_params)
     if master == "optimizer":  # DeepSpeed: float32 moments and a float32 copy of the weights
         optimizer = 12 * scope.trainable_params
     sharded = list(engine.sharded_parts) if engine else []
@@ -470,6 +498,7 @@ def estimate_memory(
         quantized=quantization.describe() if quantization else None,
         quantized_params=facts.linear_params if quantization else 0,
         master=master,
+        optimizer_name=exp.train.optimizer,
     )
 
 

@@ -122,3 +122,25 @@ def test_the_output_head_is_one_fused_tile_for_the_trainers_that_fuse_it(tmp_pat
     tokens, vocab = dpo.tokens_per_forward, 128_256
     assert tokens == orpo.tokens_per_forward == 2 * 2 * 4096  # chosen and rejected of two pairs
     assert orpo.activations_bytes - dpo.activations_bytes == tokens * vocab * (2 + 8) - 4096 * 32768 * 2
+
+
+def test_optimizer_state_follows_the_optimizer_named_and_8bit_matches_bitsandbytes() -> None:
+    """An 8-bit AdamW keeps a byte a moment and a float32 scale per block of 256: measured on bitsandbytes' own state
+    after a step, for a weight the size of one of Llama-3.1-8B's k_proj rows blocks."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tunelab.plan import optimizer_state_bytes
+
+    weight = torch.nn.Parameter(torch.randn(1024, 4096))
+    optimizer = bnb.optim.AdamW8bit([weight])
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    held = sum(t.numel() * t.element_size() for t in optimizer.state[weight].values() if torch.is_tensor(t))
+    planned = optimizer_state_bytes("adamw_bnb_8bit", weight.numel() * 4, weight.numel())
+    assert abs(held - planned) <= 0.001 * held  # the two 256-entry quantization maps are all that is left out
+    n = weight.numel()
+    assert optimizer_state_bytes(None, 4 * n, n) == 8 * n  # AdamW: two float32 moments
+    assert optimizer_state_bytes("paged_adamw_32bit", 2 * n, n) == 8 * n  # float32 state on a bfloat16 weight
+    assert optimizer_state_bytes("sgd", 4 * n, n) == optimizer_state_bytes("adafactor", 4 * n, n) == 0
+    assert optimizer_state_bytes("lion_32bit", 4 * n, n) == 4 * n  # one moment

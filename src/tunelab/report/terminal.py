@@ -128,7 +128,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     mt.add_column("bytes", justify="right")
     mt.add_row(f"weights ({mem.quantized} base)" if mem.quantized else "weights", human_bytes(mem.weights_bytes))
     mt.add_row("gradients", human_bytes(mem.gradients_bytes))
-    mt.add_row("optimizer (AdamW)", human_bytes(mem.optimizer_bytes))
+    mt.add_row(f"optimizer ({mem.optimizer_name or 'AdamW'})", human_bytes(mem.optimizer_bytes))
     if mem.reference:
         mt.add_row(f"{plan.method.upper()} reference ({mem.reference})", human_bytes(mem.reference_bytes))
     acts = mem.activations_checkpointed_bytes if mem.gradient_checkpointing else mem.activations_bytes
