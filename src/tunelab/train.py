@@ -383,19 +383,23 @@ def _out_of_disk(run: Run, exp: Experiment) -> TunelabError:
     cut = [c for c in checkpoints(run.dir) if not complete(c)]
     for c in cut:
         shutil.rmtree(c, ignore_errors=True)
-    last = last_checkpoint(run.dir)
     error = "no space left on device" + (f" while writing {cut[-1].name}" if cut else "")
     try:
         run.update(status="failed", ended_at=now(), error=error)
     except OSError:
         pass  # still full: the manifest keeps "running"; the lock is free, so --resume takes the run over
     free, _ = free_space(run.dir)
-    start = f"from {last.name}" if last else "from the start (no checkpoint was complete)"
     return TunelabError(
         f"{run.dir}: {error}; {human_bytes(free or 0)} is free there now. Free space (or lower "
         f"train.save_total_limit, now {exp.train.save_total_limit}) and run the same `tunelab train` with --resume: "
-        f"it goes on {start}"
+        f"it goes on {_resumes_from(run)}"
     )
+
+
+def _resumes_from(run: Run) -> str:
+    """Where `--resume` would go on from: the newest complete checkpoint."""
+    last = last_checkpoint(run.dir) if run.writable else None
+    return f"from {last.name}" if last else "from the start (no checkpoint is complete)"
 
 
 def _compile_failure(error: Exception) -> ConfigError | None:
@@ -435,11 +439,9 @@ def _out_of_memory(error: Exception, exp: Experiment, hw, steps: int, run: Run) 
     if per_forward > 1 and splits:
         fixes.append(f"lower train.micro_batch_size (now {per_forward})")
     if fixes:
-        last = last_checkpoint(run.dir) if run.writable else None
-        start = f"from {last.name}" if last else "from the start (no checkpoint yet)"
         return TunelabError(
             f"{run.dir}: {what}; {' or '.join(fixes)}, and run the same `tunelab train` with --resume (these "
-            f"change how it computes, not what): it goes on {start}"
+            f"change how it computes, not what): it goes on {_resumes_from(run)}"
         )
     others = [f"lower train.max_length (now {exp.train.max_length})"]
     if per_forward > 1:
