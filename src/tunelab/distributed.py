@@ -117,6 +117,15 @@ def one_process_gpus(visible: int, launched: bool) -> str | None:
     )
 
 
+def several_gpus(device: str, engine: Engine | None) -> str | None:
+    """one_process_gpus for this process: None off CUDA and where an accelerate config launches the processes."""
+    if device != "cuda" or engine is not None:
+        return None
+    import torch
+
+    return one_process_gpus(torch.cuda.device_count(), under_launcher())
+
+
 def check_engine_device(engine: Engine | None, device: str) -> None:
     """Refuse, before launching, a sharded engine on a device where accelerate would quietly run DDP instead."""
     if engine is not None and engine.sharded and device != "cuda":

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.config import Experiment, Quantization
-from tunelab.distributed import Engine
+from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
-from tunelab.methods.common import Batching, batching
+from tunelab.methods.common import Batching, batching, save_every
 from tunelab.scope import ResolvedScope
 from tunelab.templates import Encoded, TokenChecks, loss_segments
 
@@ -225,7 +225,7 @@ def estimate_disk(
     beyond train.save_total_limit, so one more than the limit is on disk for a moment; the result is written after
     the last checkpoint, beside the ones kept.
     """
-    from tunelab.runs import FULL_MODEL
+    from tunelab.runs import FULL_MODEL, folder_bytes, free_bytes
     from tunelab.scopes import get_scope
 
     kind = get_scope(scope.kind)
@@ -233,10 +233,9 @@ def estimate_disk(
     trained = trained_tensor_bytes(scope, b, memory.master)
     # Checkpoints hold what trains: LoRA's adapter, partial runs' opened tensors (scopes/partial.py), the whole model
     # for full fine-tuning.
-    weights = trained
     state = optimizer_state_bytes(exp.train.optimizer, trained, scope.trainable_params)
     optimizer = state + OPTIMIZER_PER_TENSOR * len(scope.trainable_names)
-    checkpoint = weights + optimizer + tokenizer_bytes + SMALL_FILES
+    checkpoint = trained + optimizer + tokenizer_bytes + SMALL_FILES
     # Opened original weights are saved in the model's dtype, whatever their master copy's (train.py).
     saved = scope.total_params if kind.result == FULL_MODEL else scope.trainable_params
     result = (trained if kind.adds_parameters else saved * b) + tokenizer_bytes + SMALL_FILES
@@ -246,17 +245,17 @@ def estimate_disk(
     kept = min(limit, saves)
     at_once = min(limit + 1, saves)
     total = max(at_once * checkpoint, kept * checkpoint + result)
-    free, held = free_space(folder)
+    held = folder_bytes(folder) if folder.is_dir() else 0  # a run resumed or replaced: its bytes are reused
     return Disk(
         checkpoint_bytes=checkpoint,
-        checkpoint_weights_bytes=weights,
+        checkpoint_weights_bytes=trained,
         checkpoint_optimizer_bytes=optimizer,
         checkpoints=at_once,
         result=kind.result,
         result_bytes=result,
         total_bytes=total,
         folder=str(folder),
-        free_bytes=free,
+        free_bytes=free_bytes(folder),
         held_bytes=held,
     )
 
@@ -265,18 +264,11 @@ def checkpoint_saves(exp: Experiment, n_train: int) -> int:
     """How many checkpoints the Trainer writes: every save_steps steps and at the last step, else every epoch."""
     t = exp.train
     steps = optimizer_steps(exp, n_train)
-    every = t.save_steps or (t.eval_steps if t.keep == "best" else None)  # keep: best saves at each evaluation
+    every = save_every(t, has_eval=True)  # keep: best needs eval data (config.py), so there is some
     if every:
         return math.ceil(steps / every)
     per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accumulation))
     return math.ceil(steps / per_epoch)
-
-
-def free_space(folder: Path) -> tuple[int | None, int]:
-    """Free bytes on the file system that holds (or will hold) `folder`, and the bytes `folder` holds already."""
-    from tunelab.runs import folder_bytes, free_bytes
-
-    return free_bytes(folder), folder_bytes(folder) if folder.is_dir() else 0
 
 
 def tokenizer_bytes(tokenizer) -> int:
@@ -592,13 +584,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         check_quantization(exp.model.quantization, device)
     if exp.train.compile:
         check_compile(device)
-    several = None
-    if device == "cuda" and inputs.engine is None:
-        import torch
-
-        from tunelab.distributed import one_process_gpus, under_launcher
-
-        several = one_process_gpus(torch.cuda.device_count(), under_launcher())
+    several = several_gpus(device, inputs.engine)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine)
     warnings = list(resolved.warnings) + ([several] if several else [])

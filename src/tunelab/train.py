@@ -306,13 +306,8 @@ def train(
     engine, splits, tokenizer, encoded = inputs.engine, inputs.splits, inputs.tokenizer, inputs.encoded
     device = pick_device(exp.model.device)
     distributed.check_engine_device(engine, device)
-    if device == "cuda" and engine is None:  # an accelerate config launches its own processes
-        import torch
-
-        if (
-            several := distributed.one_process_gpus(torch.cuda.device_count(), distributed.under_launcher())
-        ) is not None:
-            raise TunelabError(several)
+    if (several := distributed.several_gpus(device, engine)) is not None:
+        raise TunelabError(several)
     if engine is not None and not distributed.under_launcher():
         raise ConfigError(
             f"distributed.accelerate_config: this experiment runs under `accelerate launch` with "
@@ -377,8 +372,8 @@ def _out_of_disk(run: Run, exp: Experiment) -> TunelabError:
     bytes let the manifest record the failure), and the one line says how to go on from the last complete one."""
     import shutil
 
-    from tunelab.plan import free_space, human_bytes
-    from tunelab.runs import complete
+    from tunelab.plan import human_bytes
+    from tunelab.runs import complete, free_bytes
 
     cut = [c for c in checkpoints(run.dir) if not complete(c)]
     for c in cut:
@@ -388,9 +383,8 @@ def _out_of_disk(run: Run, exp: Experiment) -> TunelabError:
         run.update(status="failed", ended_at=now(), error=error)
     except OSError:
         pass  # still full: the manifest keeps "running"; the lock is free, so --resume takes the run over
-    free, _ = free_space(run.dir)
     return TunelabError(
-        f"{run.dir}: {error}; {human_bytes(free or 0)} is free there now. Free space (or lower "
+        f"{run.dir}: {error}; {human_bytes(free_bytes(run.dir) or 0)} is free there now. Free space (or lower "
         f"train.save_total_limit, now {exp.train.save_total_limit}) and run the same `tunelab train` with --resume: "
         f"it goes on {_resumes_from(run)}"
     )

@@ -125,16 +125,20 @@ def packed_rows_refusal(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
     return "lets examples concatenated in one row attend to each other (checked on two sentences)"
 
 
+def save_every(train: TrainSettings, has_eval: bool) -> int | None:
+    """The steps between checkpoints; None: at each epoch's end. keep: best takes the result from a checkpoint, so
+    checkpoints fall on evaluations: without save_steps, every eval_steps (and evaluations follow save_steps)."""
+    return train.save_steps or (train.eval_steps if train.keep == "best" and has_eval else None)
+
+
 def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, batches: Batching) -> dict:
     """The TrainingArguments shared by SFT and DPO, with tunelab's defaults where TRL's differ."""
     import torch
 
     pin = {"auto": hw.device == "cuda", "on": True, "off": False}[train.pin_memory]
-    # keep: best takes the result from a checkpoint, so checkpoints fall on evaluations: each cadence follows the
-    # other where only one is set (both at each epoch's end otherwise).
     keep_best = train.keep == "best" and has_eval
     eval_every = train.eval_steps or (train.save_steps if keep_best else None)
-    save_every = train.save_steps or (train.eval_steps if keep_best else None)
+    checkpoint_every = save_every(train, has_eval)
     compared = has_eval and (keep_best or train.early_stop is not None)
     optimizer = {"optim": train.optimizer} if train.optimizer else {}
     return dict(
@@ -163,8 +167,8 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         logging_nan_inf_filter=False,  # a NaN loss must show, so the run stops instead of logging 0.0
         eval_strategy=("steps" if eval_every else "epoch") if has_eval else "no",
         eval_steps=eval_every,
-        save_strategy="steps" if save_every else "epoch",
-        save_steps=save_every or 500,
+        save_strategy="steps" if checkpoint_every else "epoch",
+        save_steps=checkpoint_every or 500,
         save_total_limit=train.save_total_limit,
         load_best_model_at_end=keep_best,
         metric_for_best_model="eval_loss" if compared else None,
