@@ -178,11 +178,18 @@ def _encode(
     (a base model without a template, or string prompts without data.as_chat), each prompt's text as it is, with the
     special tokens the tokenizer adds to any text (its BOS), as training tokenized it. `chat` None: the chat
     template where the tokenizer has one."""
+    from tunelab.templates import as_template_reads
+
     if chat is None:
         chat = bool(tokenizer.chat_template)
     if chat:
         texts = [
-            tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False, **template_vars)
+            tokenizer.apply_chat_template(
+                as_template_reads(p.messages, tokenizer.get_chat_template(), tokenizer),
+                add_generation_prompt=True,
+                tokenize=False,
+                **template_vars,
+            )
             for p in prompts
         ]
         return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

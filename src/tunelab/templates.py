@@ -112,11 +112,13 @@ class TemplateRowError(TunelabError):
 
 
 def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str, **kwargs):
-    """`apply_chat_template`, with the template's own errors turned into one line naming the record and the fix."""
+    """`apply_chat_template`, with the template's own errors turned into one line naming the record and the fix;
+    the messages' contents in the form the template prints (see `as_template_reads`)."""
     from jinja2 import TemplateError
 
+    template = kwargs.get("chat_template") or tokenizer.get_chat_template(tools=kwargs.get("tools"))
     try:
-        return tokenizer.apply_chat_template(messages, **kwargs)
+        return tokenizer.apply_chat_template(as_template_reads(messages, template, tokenizer), **kwargs)
     except TemplateError as e:
         raise TemplateRowError(
             f"{where}: the chat template refused this conversation: {e}; {refusal_fix(e, messages)}"
@@ -138,6 +140,49 @@ def _render(
     return _apply(
         tokenizer, messages, where, **(context or {}), tokenize=False, add_generation_prompt=generation_prompt
     )
+
+
+def as_template_reads(messages: list[dict], template: str, tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """`messages` with their text contents as text parts ([{"type": "text", "text": ...}]) for a template that prints
+    only those (SmolVLM's, Idefics3's and LLaVA-NeXT's, written for image-text chats), as they are otherwise."""
+    return text_parts(messages) if reads_text_parts(template, tokenizer) else messages
+
+
+def text_parts(messages: list[dict]) -> list[dict]:
+    """Each message whose content is a string, with it as one text part."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+        for m in messages
+    ]
+
+
+_TEXT_PARTS: dict[tuple, bool] = {}
+
+
+def reads_text_parts(template: str, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `template` prints a message's text only when it comes as text parts, found by rendering PROBE both
+    ways. Raises ConfigError for a template that prints it neither way: every reply would train as empty."""
+    key = (template, tokenizer.bos_token, tokenizer.eos_token)
+    if key not in _TEXT_PARTS:
+        as_strings = _prints_contents(tokenizer, template, PROBE)
+        as_parts = not as_strings and _prints_contents(tokenizer, template, text_parts(PROBE))
+        if as_strings is False and not as_parts:
+            raise ConfigError(
+                "tokenizer.chat_template: the chat template prints no message's text, given as a string or as text "
+                "parts, so every reply would train as empty; set tokenizer.chat_template to a template that prints "
+                "message['content']"
+            )
+        _TEXT_PARTS[key] = bool(as_parts)
+    return _TEXT_PARTS[key]
+
+
+def _prints_contents(tokenizer: PreTrainedTokenizerBase, template: str, messages: list[dict]) -> bool | None:
+    """Whether the template prints every message's text; None where it refuses the conversation."""
+    try:
+        rendered = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:
+        return None
+    return all(m["content"] in rendered for m in PROBE)
 
 
 def refusal_fix(error: Exception, messages: list[dict]) -> str:
@@ -629,6 +674,16 @@ def fold_preference(row: dict, fold_system: bool) -> dict:
     if fold_system and isinstance(row.get("prompt"), list):
         return {**row, "prompt": prepare_messages(row["prompt"], True)}
     return row
+
+
+def preference_as_template_reads(row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A preference or KTO row for a trainer that renders it through the tokenizer's template itself (TRL's): its
+    conversations' contents in the form the template prints (`as_template_reads`)."""
+    template = tokenizer.get_chat_template(tools=row.get("tools")) if tokenizer.chat_template else None
+    if template is None or not reads_text_parts(template, tokenizer):
+        return row
+    turns = ("prompt", "chosen", "rejected", "completion")
+    return {k: text_parts(v) if k in turns and isinstance(v, list) else v for k, v in row.items()}
 
 
 def labelled(examples: list[Tokenized]) -> list[dict]:

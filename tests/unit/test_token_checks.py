@@ -141,6 +141,7 @@ def test_a_generation_span_without_a_special_token_is_counted_as_unterminated(ti
 def test_a_template_refusal_names_the_record_and_the_setting_that_fixes_it(tiny_model_dir) -> None:
     refuses_system = (
         "{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}{{ m.content }}<|eot_id|>{% endfor %}"
     )
     tok = tiny_tokenizer(tiny_model_dir, refuses_system)
     row = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}
@@ -215,3 +216,51 @@ def test_prefix_consistent_templates_keep_their_own_masks(name: str) -> None:
 
     tok = trl_tokenizer(name)
     assert masking_template(tok) == (tok.chat_template, None)
+
+
+TEXT_PARTS = {  # TRL 1.16's copies of image-text templates that print a message's text only from text parts
+    "idefics3": " {}<end_of_utterance>",  # Idefics3, and SmolVLM's own below
+    "smolvlm": " {}<end_of_utterance>",
+    "llava_next": " {}</s>",
+}
+
+
+@pytest.mark.parametrize("name", list(TEXT_PARTS))
+def test_templates_that_print_only_text_parts_train_on_the_replies(name: str) -> None:
+    """Rows arrive with string contents (text parts are joined when read); these templates printed an empty turn for
+    each, so every reply trained as its closing marker alone. The contents now go to them as text parts."""
+    from tunelab.templates import preference_as_template_reads
+
+    tok = trl_tokenizer(name, extra=("<end_of_utterance>",))
+    turns = [
+        {"role": "user", "content": "Hi there?"},
+        {"role": "assistant", "content": "Hello! How are you?"},
+        {"role": "user", "content": "Which city?"},
+        {"role": "assistant", "content": "The capital is Vevasmo."},
+    ]
+    assert supervised_replies(tok, {"messages": turns}) == [TEXT_PARTS[name].format(m["content"]) for m in turns[1::2]]
+    # Preference rows go to TRL, which renders them with the tokenizer's template itself.
+    pair = {"prompt": turns[:3], "chosen": turns[3:], "rejected": [{"role": "assistant", "content": "Elsewhere."}]}
+    ready = preference_as_template_reads(pair, tok)
+
+    def rendered(messages: list[dict]) -> str:
+        try:
+            return tok.apply_chat_template(messages, tokenize=False)
+        except Exception as e:  # LLaVA-NeXT's fails on string contents
+            return repr(e)
+
+    for answer, text in (("chosen", "The capital is Vevasmo."), ("rejected", "Elsewhere.")):
+        assert text not in rendered(pair["prompt"] + pair[answer])
+        assert text in rendered(ready["prompt"] + ready[answer])
+    assert preference_as_template_reads(pair, trl_tokenizer("llama3_1")) is pair  # a template that prints strings
+
+
+def test_a_template_that_prints_no_message_text_is_refused_in_one_line() -> None:
+    tok = trl_tokenizer("llama3_1")
+    tok.chat_template = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|eot_id|>{% endfor %}"
+    with pytest.raises(TunelabError) as e:
+        tokenize_example(
+            tok, {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+        )
+    assert str(e.value).startswith("tokenizer.chat_template: the chat template prints no message's text")
+    assert "\n" not in str(e.value)

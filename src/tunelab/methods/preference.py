@@ -23,14 +23,16 @@ def preference_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, h
 
 def preference_rows(inputs: TrainerInputs) -> tuple[list[dict], list[dict] | None]:
     """The split's rows as the trainer takes them, with system messages folded where the experiment asks."""
-    from tunelab.templates import fold_preference, template_vars
+    from tunelab.templates import fold_preference, preference_as_template_reads, template_vars
 
-    fold = inputs.exp.tokenizer.fold_system
+    fold, tokenizer = inputs.exp.tokenizer.fold_system, inputs.tokenizer
     # TRL renders the pairs itself, with each row's chat_template_kwargs.
-    variables = {"chat_template_kwargs": template_vars(inputs.exp.tokenizer, inputs.tokenizer)}
-    train_rows = [fold_preference(r, fold) | variables for r in inputs.splits.train.rows]
-    eval_rows = [fold_preference(r, fold) | variables for r in inputs.splits.eval.rows] if inputs.splits.eval else None
-    return train_rows, eval_rows
+    variables = {"chat_template_kwargs": template_vars(inputs.exp.tokenizer, tokenizer)}
+
+    def rows(split) -> list[dict]:
+        return [preference_as_template_reads(fold_preference(r, fold), tokenizer) | variables for r in split.rows]
+
+    return rows(inputs.splits.train), rows(inputs.splits.eval) if inputs.splits.eval else None
 
 
 def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_class: type, **settings):
