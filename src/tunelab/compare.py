@@ -432,16 +432,17 @@ def _prompts_and_eval(
     loss then)."""
     from tunelab.data import load_file
 
-    sft = next((load_run_experiment(d).data for d, m in runs if m.method == "sft"), None)
-    eval_rows = load_file(str(eval_file), "--eval", sft or exp.data, "sft")[1] if eval_file else None
-    if eval_rows is None and sft is not None and sft.eval:
-        eval_rows = load_file(sft.eval, "data.eval", sft, "sft")[1]
+    sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
+    data = sft.data if sft else exp.data
+    eval_rows = load_file(str(eval_file), "--eval", data, "sft").rows if eval_file else None
+    if eval_rows is None and sft is not None and sft.data.eval:
+        eval_rows = load_file(sft.data.eval, "data.eval", sft.data, "sft", sft.train.seed).rows
     if asked:
         return [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)], eval_rows
     if prompts_file:
         return read_prompts(prompts_file), eval_rows
-    source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_files[0], "data.train")
-    held_out = eval_rows or load_file(source, key, exp.data, exp.method)[1]
+    source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_sources[0], "data.train")
+    held_out = eval_rows or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
     return held_out_prompts(held_out), eval_rows
 
 

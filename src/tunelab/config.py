@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.errors import TunelabError, did_you_mean
 
@@ -168,11 +178,64 @@ READ_FIELDS = Literal[  # the record fields tunelab reads, which data.columns ma
 ]
 
 
-class DataSettings(Strict):
-    train: str | list[str] = Field(
-        description="Training data: .jsonl/.json/.csv/.parquet file(s), a `datasets` folder, or a hub dataset id."
+class DataSource(Strict):
+    """One source of data.train or data.eval with settings of its own: a part of it, its split, its field names."""
+
+    path: str = Field(description="A .jsonl/.json/.csv/.parquet file, a `datasets` folder or a hub dataset id.")
+    split: str | None = Field(
+        default=None,
+        description="Its split, for a folder or hub dataset (default: data.hub_split; for data.eval, data.eval_split).",
     )
-    eval: str | None = Field(default=None, description="Held-out data in the same formats as `train`.")
+    rows: int | None = Field(
+        default=None, gt=0, description="Take a random sample of this many of its rows, drawn with train.seed."
+    )
+    fraction: float | None = Field(
+        default=None, gt=0, le=1, description="Take a random part of its rows, drawn with train.seed."
+    )
+    columns: dict[str, READ_FIELDS] | None = Field(
+        default=None, description="Rename its fields as data.columns does (default: data.columns)."
+    )
+
+    @model_validator(mode="after")
+    def _one_part(self) -> DataSource:
+        if self.rows is not None and self.fraction is not None:
+            raise ValueError("set either rows or fraction, not both")
+        return self
+
+    def sample_size(self, available: int) -> int | None:
+        """How many of `available` rows to draw; None: take them all."""
+        if self.rows is not None:
+            return self.rows
+        return max(1, round(available * self.fraction)) if self.fraction is not None else None
+
+
+def _kind_of_source(value: Any) -> str:
+    return "[source]" if isinstance(value, dict | DataSource) else "[path]"
+
+
+def _one_or_many(value: Any) -> str:
+    return "[many]" if isinstance(value, list) else "[one]"
+
+
+# A path or a {path, rows, ...} mapping: a discriminator picks the form, so a mistake in one is reported in its own
+# words, not as every form's error (the bracketed tags drop out of the key an error names).
+Source = Annotated[
+    Annotated[str, Tag("[path]")] | Annotated[DataSource, Tag("[source]")], Discriminator(_kind_of_source)
+]
+Sources = Annotated[
+    Annotated[Source, Tag("[one]")] | Annotated[list[Source], Tag("[many]")], Discriminator(_one_or_many)
+]
+
+
+class DataSettings(Strict):
+    train: Sources = Field(
+        description="Training data: .jsonl/.json/.csv/.parquet file(s), a `datasets` folder, or a hub dataset id; "
+        "or {path, rows or fraction, split, columns} for a random part of one, each source on its own (a mixture)."
+    )
+    eval: Source | None = Field(
+        default=None,
+        description="Held-out data in the same formats as `train`; {path, rows: 500} evaluates on a sample of it.",
+    )
     eval_fraction: float | None = Field(
         default=None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation instead."
     )
@@ -225,12 +288,26 @@ class DataSettings(Strict):
         return self
 
     @property
-    def train_files(self) -> list[str]:
-        return [self.train] if isinstance(self.train, str) else list(self.train)
+    def train_sources(self) -> list[DataSource]:
+        """data.train's sources, each with its split and columns settled."""
+        return [self.settled(s) for s in (self.train if isinstance(self.train, list) else [self.train])]
 
     @property
-    def eval_hub_split(self) -> str:
-        return self.eval_split or self.hub_split
+    def eval_source(self) -> DataSource | None:
+        return self.settled(self.eval, held_out=True) if self.eval is not None else None
+
+    @property
+    def train_files(self) -> list[str]:
+        return [s.path for s in self.train_sources]
+
+    def settled(self, source: str | DataSource, held_out: bool = False) -> DataSource:
+        """`source` with the split and columns these settings give it where it names none; `held_out`: it is
+        data.eval (whose default split is eval_split)."""
+        split = (self.eval_split if held_out else None) or self.hub_split
+        if isinstance(source, str):
+            return DataSource(path=source, split=split, columns=self.columns)
+        columns = self.columns if source.columns is None else source.columns
+        return source.model_copy(update={"split": source.split or split, "columns": columns})
 
 
 # TRL 1.16's DPO losses (it checks them only at the first step, so tunelab checks them here).
@@ -860,17 +937,20 @@ def set_key(raw: dict, key: str, value: Any, where: str) -> None:
     """Set a dotted key in a raw experiment mapping, after checking the key exists in the schema."""
     parts = key.split(".")
     cls: type[BaseModel] | None = Experiment
+    classes = []  # the settings class each part of the key opens
     for i, part in enumerate(parts):
         if cls is None:
             raise TunelabError(f"{where}: '{'.'.join(parts[:i])}' has no sub-keys")
         if part not in cls.model_fields:
             raise TunelabError(f"{where}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
         cls = model_class(cls.model_fields[part].annotation)
+        classes.append(cls)
     node = raw
-    for part in parts[:-1]:
+    for part, opens in zip(parts[:-1], classes, strict=False):
         child = node.get(part)
         if not isinstance(child, dict):
-            child = {} if not isinstance(child, str) else {child: True}
+            # A string stands for a mapping: a data source's path ({path: ...}), else its one key (scope: full)
+            child = {} if not isinstance(child, str) else {"path": child} if opens is DataSource else {child: True}
             node[part] = child
         node = child
     node[parts[-1]] = value
@@ -884,6 +964,12 @@ def _local(path: str, base: Path) -> str:
     if not candidate.is_absolute():
         candidate = base / candidate
     return str(candidate.resolve()) if candidate.exists() else path
+
+
+def _local_source(source: str | DataSource, base: Path) -> str | DataSource:
+    if isinstance(source, str):
+        return _local(source, base)
+    return source.model_copy(update={"path": _local(source.path, base)})
 
 
 def resolve_paths(exp: Experiment, base: Path) -> Experiment:
@@ -903,11 +989,11 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     if tok_update:
         update["tokenizer"] = tok.model_copy(update=tok_update)
     data = exp.data
-    train = [_local(p, base) for p in data.train_files]
+    train = [_local_source(s, base) for s in (data.train if isinstance(data.train, list) else [data.train])]
     update["data"] = data.model_copy(
         update={
-            "train": train[0] if isinstance(data.train, str) else train,
-            "eval": _local(data.eval, base) if data.eval else None,
+            "train": train if isinstance(data.train, list) else train[0],
+            "eval": _local_source(data.eval, base) if data.eval else None,
         }
     )
     if exp.init_from is not None:

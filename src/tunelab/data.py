@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import DataSettings
+from tunelab.config import DataSettings, DataSource
 from tunelab.errors import ConfigError, TunelabError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -57,8 +57,9 @@ class Record:
 @dataclass
 class Split:
     rows: list[dict]
-    source: str
+    source: str  # its sources, each with the sample taken of it where it took one
     origins: list[str]  # where each row comes from: "file:line" or "file#record"
+    sampled: bool = False  # a source gave a random part of its rows
 
 
 @dataclass
@@ -127,13 +128,15 @@ def _csv_cell(name: str, text: str | None) -> Any:
     return value if turns else text
 
 
-def _read_with_datasets(source: str, split: str, key: str, revision: str | None = None) -> tuple[list[Record], str]:
+def _read_with_datasets(
+    source: str, split: str, key: str, revision: str | None = None, split_key: str | None = None
+) -> tuple[list[Record], str]:
     """A parquet file, a folder (saved with `save_to_disk`, or a dataset repository's files as the hub holds them) or a
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
     import datasets
 
     revision = None if Path(source).exists() else revision  # a hub id's; a local folder has none
-    split_key = "data.eval_split" if key == "data.eval" else "data.hub_split"
+    split_key = split_key or ("data.eval_split" if key == "data.eval" else "data.hub_split")
     try:
         # datasets 5.2 keys its cache of a local dataset repository by the folder's name and README, not by its files:
         # after an edit of its data files, or for another folder of the same name, it returned the rows it had cached
@@ -282,8 +285,11 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def read_records(source: str, key: str, split: str = "train", revision: str | None = None) -> tuple[list[Record], str]:
-    """The records of a data source and the digest of its bytes, from one read of the file."""
+def read_records(
+    source: str, key: str, split: str = "train", revision: str | None = None, split_key: str | None = None
+) -> tuple[list[Record], str]:
+    """The records of a data source and the digest of its bytes, from one read of the file. `split_key`: the setting
+    that names `split`, for the error when there is no such split (default: data.hub_split or data.eval_split)."""
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -312,7 +318,7 @@ def read_records(source: str, key: str, split: str = "train", revision: str | No
             f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
         )
     _refuse_missing(source, key)
-    return _read_with_datasets(source, split, key, revision)
+    return _read_with_datasets(source, split, key, revision, split_key)
 
 
 def _refuse_missing(source: str, key: str) -> None:
@@ -709,36 +715,66 @@ def _check_method(fmt: str, method: str, where: str) -> None:
     )
 
 
-def load_file(
-    source: str, key: str, settings: DataSettings, method: str | None
-) -> tuple[str, list[dict], list[str], str]:
-    """(format, normalised rows, where each row comes from, digest of the data). `method`: the one the rows must suit;
+@dataclass
+class Loaded:
+    """One source, read and normalised."""
+
+    format: str
+    rows: list[dict]
+    origins: list[str]  # where each row comes from
+    digest: str  # of the whole source, sampled or not
+    available: int  # rows the source holds; more than len(rows) where it asks for a sample
+
+
+def load_file(source: str | DataSource, key: str, settings: DataSettings, method: str | None, seed: int = 0) -> Loaded:
+    """The source's rows, normalised, and what plan and the manifest say of it. `method`: the one the rows must suit;
     None to take them as they are (`tunelab init` picks the method from the format). `key` "data.eval" reads the
-    split data.eval_split names from a folder or hub dataset."""
-    split = settings.eval_hub_split if key == "data.eval" else settings.hub_split
-    records, digest = read_records(source, key, split, settings.revision)
+    split data.eval_split names from a folder or hub dataset. A source that asks for part of its rows gets a random
+    sample of them drawn with `seed` (the digest stays the whole source's)."""
+    given = source
+    split_key = f"{key}.split" if isinstance(given, DataSource) and given.split else None
+    source = settings.settled(given, held_out=key == "data.eval")
+    records, digest = read_records(source.path, key, source.split, settings.revision, split_key)
     if not records:
-        raise TunelabError(f"{source}: the dataset is empty")
-    if settings.columns:
-        records = _renamed(records, settings.columns, source)
+        raise TunelabError(f"{source.path}: the dataset is empty")
+    available = len(records)
+    records = _sampled(records, source, seed, key)
+    if source.columns:
+        own = isinstance(given, DataSource) and given.columns is not None
+        records = _renamed(records, source.columns, source.path, f"{key}.columns" if own else "data.columns")
     fmt = settings.format if settings.format != "auto" else detect_format(records[0])
     if method is not None:
-        _check_method(fmt, method, source)
+        _check_method(fmt, method, source.path)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]
-    return fmt, rows, [r.where for r in records], digest
+    return Loaded(fmt, rows, [r.where for r in records], digest, available)
 
 
-def _renamed(records: list[Record], columns: dict[str, str], source: str) -> list[Record]:
-    """The records with the dataset's fields renamed as data.columns says (checked against the first record)."""
+def _sampled(records: list[Record], source: DataSource, seed: int, key: str) -> list[Record]:
+    """The part of `records` the source asks for: the first of them in an order shuffled with `seed`, kept in the
+    source's order, so a larger sample of the same source holds every row of a smaller one."""
+    size = source.sample_size(len(records))
+    if size is None:
+        return records
+    if size > len(records):
+        raise ConfigError(
+            f"{key}.rows: {size} asks for more rows than '{source.path}' holds ({len(records):,}); lower it, or "
+            "leave it out to take them all"
+        )
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in sorted(order[:size])]
+
+
+def _renamed(records: list[Record], columns: dict[str, str], source: str, key: str) -> list[Record]:
+    """The records with the dataset's fields renamed as `columns` (the setting `key`) says, checked against the first
+    record."""
     first = records[0].value if isinstance(records[0].value, dict) else {}
     for old, new in columns.items():
         if old not in first:
-            raise ConfigError(
-                f"data.columns: '{old}' is not a field of {source} (its fields: {', '.join(sorted(first))})"
-            )
+            raise ConfigError(f"{key}: '{old}' is not a field of {source} (its fields: {', '.join(sorted(first))})")
         if new in first and new not in columns:
             raise ConfigError(
-                f"data.columns: {source} has a '{new}' field already, so '{old}' cannot be renamed to it; rename "
+                f"{key}: {source} has a '{new}' field already, so '{old}' cannot be renamed to it; rename "
                 f"'{new}' too, or map '{old}' to another field"
             )
     return [
@@ -748,20 +784,27 @@ def _renamed(records: list[Record], columns: dict[str, str], source: str) -> lis
 
 
 def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
-    """Read train (and eval) data; with eval_fraction, hold out a seeded random part of train."""
-    formats, rows, origins, hashes = {}, [], [], {}
-    for source in settings.train_files:
-        formats[source], file_rows, file_origins, hashes[source] = load_file(source, "data.train", settings, method)
-        rows += file_rows
-        origins += file_origins
-    sources = ", ".join(settings.train_files)
-    train, evaluation = Split(rows, sources, origins), None
+    """Read train (and eval) data, each source sampled where it asks for part of its rows; with eval_fraction, hold
+    out a seeded random part of train."""
+    formats, rows, origins, hashes, parts = {}, [], [], {}, []
+    given = settings.train if isinstance(settings.train, list) else [settings.train]
+    for i, (raw, source) in enumerate(zip(given, settings.train_sources, strict=True)):
+        key = f"data.train[{i}]" if isinstance(settings.train, list) else "data.train"
+        loaded = load_file(raw, key, settings, method, seed)
+        formats[source.path], hashes[source.path] = loaded.format, loaded.digest
+        rows += loaded.rows
+        origins += loaded.origins
+        parts.append(loaded)
+    names = ", ".join(_part(source.path, loaded) for source, loaded in zip(settings.train_sources, parts, strict=True))
+    sampled = any(_sampled_part(loaded) for loaded in parts)
+    train, evaluation = Split(rows, names, origins, sampled), None
     _check_eval_source(settings)
-    if settings.eval:
-        eval_format, eval_rows, eval_origins, digest = load_file(settings.eval, "data.eval", settings, method)
-        formats.setdefault(settings.eval, eval_format)
-        hashes[settings.eval if settings.eval not in hashes else f"{settings.eval}:{settings.eval_hub_split}"] = digest
-        evaluation = Split(eval_rows, settings.eval, eval_origins)
+    held_out = settings.eval_source
+    if held_out is not None:
+        loaded = load_file(settings.eval, "data.eval", settings, method, seed)
+        formats.setdefault(held_out.path, loaded.format)
+        hashes[held_out.path if held_out.path not in hashes else f"{held_out.path}:{held_out.split}"] = loaded.digest
+        evaluation = Split(loaded.rows, _part(held_out.path, loaded), loaded.origins, _sampled_part(loaded))
     elif settings.eval_fraction:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -773,9 +816,20 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         held = set(order[:n_eval])
         kept = [i for i in range(len(rows)) if i not in held]
         out = sorted(held)
-        train = Split([rows[i] for i in kept], sources, [origins[i] for i in kept])
-        evaluation = Split([rows[i] for i in out], f"{sources} (held out)", [origins[i] for i in out])
+        train = Split([rows[i] for i in kept], names, [origins[i] for i in kept], sampled)
+        evaluation = Split([rows[i] for i in out], f"{names} (held out)", [origins[i] for i in out], sampled)
     return Splits(_one_format(formats, method), train, evaluation, hashes)
+
+
+def _sampled_part(loaded: Loaded) -> bool:
+    return len(loaded.rows) < loaded.available
+
+
+def _part(path: str, loaded: Loaded) -> str:
+    """A source as plan names it: its path, and the sample taken where it took one."""
+    if not _sampled_part(loaded):
+        return path
+    return f"{path} ({len(loaded.rows):,} of {loaded.available:,} rows, sampled)"
 
 
 def _one_format(formats: dict[str, str], method: str) -> str:
@@ -793,29 +847,36 @@ def _one_format(formats: dict[str, str], method: str) -> str:
 
 
 def _check_eval_source(settings: DataSettings) -> None:
-    """data.eval_split needs a folder or hub dataset to read. Held-out data that is the training data measures
-    memorisation, not learning: the same file, or the same split of a folder or hub dataset, is refused."""
-    if settings.eval_split and (not settings.eval or Path(settings.eval).is_file()):
+    """A split needs a folder or hub dataset to read. Held-out data that is the training data measures memorisation,
+    not learning: the same file, or the same split of a folder or hub dataset, is refused."""
+    if settings.eval_split and (not settings.eval or Path(settings.eval_source.path).is_file()):
         raise ConfigError(
             "data.eval_split: names a split of data.eval, which "
-            + (f"is a file ('{settings.eval}') and has no splits" if settings.eval else "is not set")
+            + (f"is a file ('{settings.eval_source.path}') and has no splits" if settings.eval else "is not set")
             + "; remove it, or point data.eval at a folder or hub dataset"
         )
-    if settings.eval is None:
+    given = settings.train if isinstance(settings.train, list) else [settings.train]
+    keys = [f"data.train[{i}]" for i in range(len(given))] if isinstance(settings.train, list) else ["data.train"]
+    for key, source in zip([*keys, "data.eval"], [*given, settings.eval], strict=True):
+        if isinstance(source, DataSource) and source.split and Path(source.path).is_file():
+            raise ConfigError(f"{key}.split: '{source.path}' is a file and has no splits; remove split")
+    held_out = settings.eval_source
+    if held_out is None:
         return
-    same = [s for s in settings.train_files if Path(s).resolve() == Path(settings.eval).resolve()]
-    if not same:
-        return
-    if Path(settings.eval).is_file():
-        raise ConfigError(
-            f"data.eval: '{settings.eval}' is also a training file, so eval loss would measure memorisation; give a "
-            "held-out file, or use data.eval_fraction to hold out part of it"
-        )
-    if settings.eval_hub_split == settings.hub_split:
-        raise ConfigError(
-            f"data.eval: reads the same split of '{settings.eval}' as data.train ('{settings.hub_split}'), so eval "
-            "loss would measure memorisation; set data.eval_split to its held-out split, or use data.eval_fraction"
-        )
+    for source in settings.train_sources:
+        if Path(source.path).resolve() != Path(held_out.path).resolve():
+            continue
+        if Path(held_out.path).is_file():
+            raise ConfigError(
+                f"data.eval: '{held_out.path}' is also a training file, so eval loss would measure memorisation; "
+                "give a held-out file, or use data.eval_fraction to hold out part of it"
+            )
+        if held_out.split == source.split:
+            raise ConfigError(
+                f"data.eval: reads the same split of '{held_out.path}' as data.train ('{source.split}'), so eval "
+                "loss would measure memorisation; set data.eval_split to its held-out split, or use "
+                "data.eval_fraction"
+            )
 
 
 def rendered(rows: list[dict]) -> str:

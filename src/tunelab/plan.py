@@ -109,6 +109,7 @@ class DataStats:
     eval: SplitStats | None
     eval_source: str | None
     first_example: list[tuple[str, bool]] = field(default_factory=list)
+    sources: str | None = None  # where the rows come from, when a source gave a sample of its rows
     note: str | None = None
     tokens: TokenChecks | None = None
 
@@ -517,6 +518,9 @@ def data_stats(inputs: Inputs) -> DataStats:
     exp, splits, tokenizer = inputs.exp, inputs.splits, inputs.tokenizer
     n_eval = len(splits.eval.rows) if splits.eval else 0
     eval_source = splits.eval.source if splits.eval else None
+    sources = None
+    if splits.train.sampled or (splits.eval and splits.eval.sampled):
+        sources = f"train from {splits.train.source}" + (f"; eval from {eval_source}" if eval_source else "")
     if tokenizer is None:
         empty = SplitStats(len(splits.train.rows), 0, 0, 0, 0, 0, 0, 0)
         return DataStats(
@@ -525,6 +529,7 @@ def data_stats(inputs: Inputs) -> DataStats:
             SplitStats(n_eval, 0, 0, 0, 0, 0, 0, 0) if splits.eval else None,
             eval_source,
             note="no tokenizer beside the model config: token statistics skipped",
+            sources=sources,
         )
     max_length = exp.train.max_length
     train_enc, eval_enc = inputs.encoded[0], inputs.encoded[1] if splits.eval else None
@@ -535,6 +540,7 @@ def data_stats(inputs: Inputs) -> DataStats:
         eval_source,
         first_example=loss_segments(tokenizer, train_enc.examples[0]),
         tokens=inputs.checks,
+        sources=sources,
     )
 
 

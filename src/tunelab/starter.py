@@ -158,7 +158,8 @@ def write_starter(
     data_section |= ({"columns": columns} if columns else {}) | ({"as_chat": True} if as_chat else {})
     # The rows read as training will read them, checked against the method when one is given.
     settings = DataSettings(**(data_section | {"train": data}))
-    fmt, rows, _, _ = load_file(data, "--data", settings, method)
+    loaded = load_file(data, "--data", settings, method)
+    fmt, rows = loaded.format, loaded.rows
     method = method or METHOD_OF_FORMAT.get(fmt, "sft")
     from tunelab.scopes import get_scope
 

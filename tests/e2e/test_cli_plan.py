@@ -57,6 +57,13 @@ def test_plan_human_output_shows_scope_and_counts() -> None:
     assert "model.norm.weight" in out.stdout and "trainable" in out.stdout
 
 
+def test_plan_names_the_part_of_each_source_it_sampled() -> None:
+    out = run_cli("plan", str(EXAMPLES / "quickstart.yaml"), "--set", "data.train.rows=100")
+    assert out.returncode == 0, out.stderr
+    assert "(100 of 348 rows, sampled)" in " ".join(out.stdout.split())
+    assert "│      100 │" in out.stdout  # the train row of the data table
+
+
 @pytest.mark.parametrize(
     ("text", "extra", "expected"),
     [
@@ -72,6 +79,7 @@ def test_plan_human_output_shows_scope_and_counts() -> None:
             "linear modules in Phi3ForCausalLM: down_proj, gate_up_proj, o_proj, qkv_proj",
         ),
         ("", ["--set", "data.train=missing.jsonl"], "exp.yaml: data.train: data file 'missing.jsonl' not found"),
+        ("", ["--set", "data.train.rows=1000"], "exp.yaml: data.train.rows: 1000 asks for more rows than"),
         (
             "",
             ["--set", f"data.train={DATA}/pref_train.jsonl"],

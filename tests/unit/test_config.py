@@ -146,6 +146,15 @@ def test_overrides_are_typed_by_schema(tmp_path: Path) -> None:
     assert exp.scope.lora.layers == LastN(last=4)
 
 
+def test_an_override_of_a_data_sources_setting_keeps_its_path(tmp_path: Path) -> None:
+    """--set data.train.rows=100 (or a study variant's) on a file given as a plain path samples that file."""
+    path = write_experiment(tmp_path, BASE)
+    plain = load_experiment(path)
+    exp = load_experiment(path, ["data.train.rows=100"])
+    assert (exp.data.train.path, exp.data.train.rows) == (plain.data.train, 100)
+    assert exp.config_hash() != plain.config_hash()
+
+
 def test_override_switches_to_full(tmp_path: Path) -> None:
     exp = load_experiment(write_experiment(tmp_path, BASE), ["scope=full"])
     assert exp.scope.kind == "full"

@@ -518,3 +518,106 @@ def test_conversations_in_csv_cells_are_read_as_conversations(tmp_path: Path) ->
         {"prompt": "[1, 2]", "completion": "three", "label": True},
         {"prompt": "q", "completion": "a", "label": False},
     ]
+
+
+def numbered_chats(n: int, tag: str = "q") -> list[dict]:
+    return [
+        {"messages": [{"role": "user", "content": f"{tag}{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(n)
+    ]
+
+
+def asked(rows: list[dict]) -> list[str]:
+    return [r["messages"][0]["content"] for r in rows]
+
+
+def test_a_source_may_give_a_seeded_sample_of_its_rows(tmp_path: Path) -> None:
+    """rows: N draws N rows with train.seed, in the file's order; a larger sample holds every row of a smaller one
+    (a ladder over the data size adds rows, it does not swap them); another seed draws others."""
+    path = write_jsonl(tmp_path / "d.jsonl", numbered_chats(40))
+    every = asked(load(path).train.rows)
+
+    def sample(seed: int, **part) -> list[str]:
+        settings = DataSettings(train={"path": str(path), **part})
+        return asked(load_splits(settings, "sft", seed=seed).train.rows)
+
+    ten, twenty = sample(0, rows=10), sample(0, rows=20)
+    assert len(ten) == 10 and len(set(ten)) == 10 and set(ten) <= set(twenty) <= set(every)
+    assert ten == sorted(ten, key=every.index)  # the file's order
+    assert sample(0, rows=10) == ten and sample(1, rows=10) != ten
+    assert sample(0, fraction=0.25) == ten  # 25% of 40, the same draw
+    splits = load_splits(DataSettings(train={"path": str(path), "rows": 10}), "sft", seed=0)
+    assert splits.train.sampled and splits.train.source == f"{path} (10 of 40 rows, sampled)"
+    assert splits.train.origins == [f"{path}:{every.index(q) + 1}" for q in ten]
+    assert splits.hashes == load(path).hashes  # the digest is the file's: the sample is the config's (rows, seed)
+
+
+def test_sources_of_different_shapes_mix_each_with_its_own_part_and_field_names(tmp_path: Path) -> None:
+    """data.columns renames the fields of every source that names no columns of its own."""
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"query": f"q{i}", "completion": f"a{i}"} for i in range(30)])
+    gsm = write_jsonl(tmp_path / "gsm.jsonl", [{"question": f"g{i}", "answer": f"{i}"} for i in range(8)])
+    chats = write_jsonl(tmp_path / "chats.jsonl", numbered_chats(3, "c"))
+    settings = DataSettings(
+        train=[
+            {"path": str(qa), "rows": 12},
+            {"path": str(gsm), "columns": {"question": "prompt", "answer": "completion"}},
+            {"path": str(chats), "columns": {}},
+        ],
+        eval={"path": str(write_jsonl(tmp_path / "eval.jsonl", numbered_chats(50, "e"))), "rows": 5, "columns": {}},
+        columns={"query": "prompt"},
+    )
+    splits = load_splits(settings, "sft", seed=3)
+    assert splits.format == "prompt_completion+messages"
+    assert len(splits.train.rows) == 12 + 8 + 3 and all(r["prompt"].startswith("q") for r in splits.train.rows[:12])
+    assert splits.train.rows[12:20] == [{"prompt": f"g{i}", "completion": f"{i}"} for i in range(8)]
+    assert splits.train.rows[20:] == numbered_chats(3, "c")
+    assert len(splits.eval.rows) == 5 and splits.eval.sampled
+    assert splits.train.source == f"{qa} (12 of 30 rows, sampled), {gsm}, {chats}"
+    settings.train[2].columns = None  # data.columns then applies to the chats, which have no 'query'
+    with pytest.raises(TunelabError, match=r"^data.columns: 'query' is not a field of .*chats.jsonl"):
+        load_splits(settings, "sft", seed=3)
+    settings.train[1].columns = {"problem": "prompt"}
+    with pytest.raises(TunelabError, match=r"^data.train\[1\].columns: 'problem' is not a field of .*gsm.jsonl"):
+        load_splits(settings, "sft", seed=3)
+
+
+def test_a_source_of_its_own_split_reads_that_split_and_names_its_key_when_missing(tmp_path: Path) -> None:
+    repo = dataset_repository(
+        tmp_path / "ultrachat", {"train_sft": numbered_chats(6), "test_sft": numbered_chats(9, "t")}
+    )
+    settings = DataSettings(
+        train={"path": str(repo), "split": "train_sft"}, eval={"path": str(repo), "split": "test_sft", "rows": 4}
+    )
+    splits = load_splits(settings, "sft", seed=0)
+    assert asked(splits.train.rows) == [f"q{i}" for i in range(6)]
+    assert len(splits.eval.rows) == 4 and set(asked(splits.eval.rows)) <= {f"t{i}" for i in range(9)}
+    with pytest.raises(
+        TunelabError, match=r"has no split 'tran_sft'; its splits are train_sft, test_sft: set data.train.split"
+    ):
+        load_splits(DataSettings(train={"path": str(repo), "split": "tran_sft"}), "sft", seed=0)
+    with pytest.raises(
+        TunelabError, match=r"^data.eval: reads the same split of '.*ultrachat' as data.train \('train_sft'\)"
+    ):
+        load_splits(
+            DataSettings(
+                train={"path": str(repo), "split": "train_sft"},
+                eval={"path": str(repo), "split": "train_sft", "rows": 2},
+            ),
+            "sft",
+            seed=0,
+        )
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ({"rows": 41}, r"^data.train.rows: 41 asks for more rows than '.*d.jsonl' holds \(40\); lower it"),
+        ([{"rows": 2}, {"rows": 41}], r"^data.train\[1\].rows: 41 asks for more rows"),
+        ({"split": "test"}, r"^data.train.split: '.*d.jsonl' is a file and has no splits; remove split$"),
+    ],
+)
+def test_a_sample_a_source_cannot_give_is_one_line_naming_the_key(tmp_path: Path, train, expected: str) -> None:
+    path = str(write_jsonl(tmp_path / "d.jsonl", numbered_chats(40)))
+    given = [{"path": path, **t} for t in train] if isinstance(train, list) else {"path": path, **train}
+    with pytest.raises(TunelabError, match=expected):
+        load_splits(DataSettings(train=given), "sft", seed=0)

@@ -166,6 +166,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         dt.add_row(*_split_row("train", d.train))
         dt.add_row(*_split_row("eval", d.eval))
         console.print(dt)
+        if d.sources:
+            console.print(d.sources, markup=False, highlight=False)
         if d.note:
             console.print(f"[dim]{d.note}[/dim]")
         if d.tokens is not None:
