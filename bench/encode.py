@@ -7,6 +7,12 @@ Rust side spreads over the cores). A plain TRL script's SFTTrainer tokenizes eac
 (1 to 6 exchanges, replies of 20 to 300 words) with Meta's Llama 3 tokenizer (tests/chat_fixtures.py), repeated
 and interleaved; prints tokens per second and the ratio (median of the repeats).
 
+Then the memory the tokenized rows take on their way to the trainer: tunelab keeps them as columns (32-bit ids, a
+byte of loss mask a token) and builds the trainer's Arrow dataset from those; the baseline is the same tokens as
+Python lists (a list of ints per row, as a script or tunelab before holds them) and `Dataset.from_list` of rows
+with their labels. Python objects measured with tracemalloc, Arrow buffers by their size; prints bytes a token and
+the ratio, and the seconds each takes to build the trainer's dataset.
+
     .venv/bin/python bench/encode.py [--rows 2000] [--repeats 3]
 """
 
@@ -52,7 +58,42 @@ def tunelab(tokenizer, rows: list[dict]) -> int:
     from tunelab.templates import encode
 
     encoded = encode(tokenizer, rows, [f"row {i}" for i in range(len(rows))])
-    return sum(len(e.input_ids) for e in encoded.examples)
+    return int(encoded.lengths().sum())
+
+
+def memory(tokenizer, rows: list[dict]) -> None:
+    import tracemalloc
+
+    from datasets import Dataset
+
+    from tunelab.templates import encode
+
+    encoded = encode(tokenizer, rows, [f"row {i}" for i in range(len(rows))])
+    tokens = int(encoded.lengths().sum())
+    columns = sum(c.nbytes for c in encoded.examples.columns())
+    tracemalloc.start()
+    as_lists = list(encoded.examples)  # each row's ids and mask as Python lists
+    lists = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    start = time.perf_counter()
+    labelled = [
+        {"input_ids": e.input_ids, "labels": [t if m else -100 for t, m in zip(e.input_ids, e.loss_mask, strict=True)]}
+        for e in as_lists
+    ]
+    from_lists = Dataset.from_list(labelled)
+    list_seconds = time.perf_counter() - start
+    del labelled, as_lists
+    start = time.perf_counter()
+    from_columns = encoded.dataset()
+    column_seconds = time.perf_counter() - start
+    assert from_columns["labels"][:50] == from_lists["labels"][:50]
+    before, after = lists + from_lists.data.nbytes, columns + from_columns.data.nbytes
+    print(
+        f"tokenized rows, {tokens:,} tokens: as lists {lists / tokens:.1f} B/token + dataset "
+        f"{from_lists.data.nbytes / tokens:.1f} B/token; as columns {columns / tokens:.1f} + "
+        f"{from_columns.data.nbytes / tokens:.1f} B/token: {before / after:.1f}x less memory; the trainer's dataset "
+        f"built in {column_seconds:.2f} s vs {list_seconds:.2f} s ({list_seconds / column_seconds:.0f}x)"
+    )
 
 
 def main() -> None:
@@ -76,6 +117,7 @@ def main() -> None:
         ratios.append(seconds["plain"] / seconds["tunelab"])
     cores = len(os.sched_getaffinity(0))
     print(f"tunelab (tokens and loss masks) vs plain (tokens only), {cores} cores: {statistics.median(ratios):.2f}x")
+    memory(tokenizer, rows)
 
 
 if __name__ == "__main__":

@@ -500,7 +500,7 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 
 
 def split_stats(enc: Encoded, examples: int, max_length: int) -> SplitStats:
-    lengths = sorted(len(e.input_ids) for e in enc.examples)
+    lengths = sorted(int(n) for n in enc.lengths())
     return SplitStats(
         examples=examples,
         measured=len(lengths),
@@ -509,7 +509,7 @@ def split_stats(enc: Encoded, examples: int, max_length: int) -> SplitStats:
         tokens_p99=_percentile(lengths, 0.99),
         tokens_max=lengths[-1],
         truncated=sum(n > max_length for n in lengths),
-        loss_tokens=sum(sum(e.loss_mask[:max_length]) for e in enc.examples),
+        loss_tokens=int(enc.loss_tokens(max_length).sum()),
         without_loss=len(enc.no_loss_after(max_length)),
     )
 

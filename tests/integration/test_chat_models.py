@@ -57,7 +57,6 @@ def test_plan_shows_exactly_the_tokens_the_trainer_supervises(family: str, famil
     from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
     from tunelab.scopes import apply_scope
-    from tunelab.templates import labelled
 
     spec = FAMILIES[family]
     exp = load_experiment(experiment_file(tmp_path, family_dirs[family], family))
@@ -77,7 +76,7 @@ def test_plan_shows_exactly_the_tokens_the_trainer_supervises(family: str, famil
     trainer = build_trainer(
         model,
         tokenizer,
-        labelled(encoded.examples),
+        encoded.dataset(),
         None,
         exp.train,
         Hardware("cpu", torch.float32, False),

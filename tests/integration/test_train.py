@@ -268,12 +268,11 @@ def test_padding_free_rows_keep_truncation_and_isolation(tmp_path: Path, tiny_mo
     from tunelab.methods.sft import build_trainer
     from tunelab.models import load_model, load_tokenizer
     from tunelab.scopes import apply_scope
-    from tunelab.templates import labelled
 
     exp = experiment("quickstart", tmp_path, "train.max_length=24")
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer = load_tokenizer(exp.tokenizer, exp.model)
-    rows = labelled(encode_split(exp, tokenizer, splits.train).examples)
+    rows = encode_split(exp, tokenizer, splits.train).dataset()
     model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu"), exp.scope)
     hw = Hardware(device="cpu", dtype=torch.float32, gradient_checkpointing=False)
     trainer = build_trainer(model, tokenizer, rows, None, exp.train, hw, tmp_path / "ck", [])

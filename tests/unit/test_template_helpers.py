@@ -70,5 +70,41 @@ def test_encoding_in_batches_gives_each_row_what_it_gives_alone(tiny_model_dir) 
     ]
     rows = [shapes[(i * 7) % len(shapes)](i) for i in range(ENCODE_BATCH + 37)]
     encoded = encode(tok, rows, [f"row {i}" for i in range(len(rows))])
-    assert encoded.examples == [tokenize_example(tok, row) for row in rows]
+    assert list(encoded.examples) == [tokenize_example(tok, row) for row in rows]
     assert len({tuple(e.input_ids) for e in encoded.examples}) > len(rows) // 2
+
+
+def test_encoded_rows_give_the_trainer_and_the_plan_what_lists_of_tokens_would(tiny_model_dir) -> None:
+    """Encoded splits keep their tokens as columns; the trainer's dataset, the lengths, the loss tokens within
+    max_length and the rows cut to no loss must be what the same tokens held as lists give."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import DATA
+    from tunelab.templates import encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()][:60]
+    rows += [{"text": "Plain text."}, {"prompt": "Q?", "completion": " A."}]
+    encoded = encode(tok, rows, [f"row {i}" for i in range(len(rows))])
+    examples = list(encoded.examples)
+    dataset = encoded.dataset()
+    assert dataset["input_ids"] == [e.input_ids for e in examples]
+    assert dataset["labels"] == [
+        [t if m else -100 for t, m in zip(e.input_ids, e.loss_mask, strict=True)] for e in examples
+    ]
+    assert encoded.lengths().tolist() == [len(e.input_ids) for e in examples]
+    for cut in (1, 12, 30, 10_000):
+        assert encoded.loss_tokens(cut).tolist() == [sum(e.loss_mask[:cut]) for e in examples]
+        assert encoded.no_loss_after(cut) == [
+            o for e, o in zip(examples, encoded.origins, strict=True) if not any(e.loss_mask[:cut])
+        ]
+    assert encoded.no_loss_after(12) and not encoded.no_loss_after(10_000)  # the cut takes every reply of some rows
+    # Arrow's 32-bit list offsets: past the limit the rows go in several arrays, each row whole, none left out.
+    limit = int(encoded.lengths().sum()) // 5
+    chunked = encoded.dataset(limit=limit)
+    assert chunked.data.column("input_ids").num_chunks >= 5 and dataset.data.column("input_ids").num_chunks == 1
+    assert max(len(c.values) for c in chunked.data.column("labels").chunks) <= limit
+    assert chunked["input_ids"] == dataset["input_ids"] and chunked["labels"] == dataset["labels"]
+    assert encoded.examples[-1] == examples[-1] and encoded.examples[1:3] == examples[1:3]

@@ -10,6 +10,7 @@ from tunelab.config import TrainSettings
 
 if TYPE_CHECKING:
     import torch
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 
@@ -198,23 +199,27 @@ def instantiate(
     model: PreTrainedModel,
     config,
     tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[dict],
-    eval_rows: list[dict] | None,
+    train_rows: list[dict] | Dataset,
+    eval_rows: list[dict] | Dataset | None,
     callbacks: list[TrainerCallback],
     **extra,
 ):
-    """A TRL trainer on in-memory rows, printing through tunelab's own progress callback only."""
+    """A TRL trainer on in-memory rows (a list, or a Dataset built already), printing through tunelab's own progress
+    callback only."""
     from datasets import Dataset
     from transformers import PrinterCallback
 
     from tunelab.errors import ConfigError
 
+    def dataset(rows: list[dict] | Dataset) -> Dataset:
+        return rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
+
     try:
         trainer = trainer_class(
             model=model,
             args=config,
-            train_dataset=Dataset.from_list(train_rows),
-            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            train_dataset=dataset(train_rows),
+            eval_dataset=dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
             callbacks=callbacks,
             **extra,

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 from tunelab.config import TrainSettings
 from tunelab.methods.base import Method, TrainerInputs
 from tunelab.methods.common import Hardware, batching, instantiate, training_arguments, trl_config
-from tunelab.templates import labelled
 
 if TYPE_CHECKING:
+    from datasets import Dataset
     from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
     from trl import SFTTrainer
 
@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 def build_trainer(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    train_rows: list[dict],
-    eval_rows: list[dict] | None,
+    train_rows: Dataset,
+    eval_rows: Dataset | None,
     train: TrainSettings,
     hw: Hardware,
     output_dir: Path,
@@ -54,8 +54,8 @@ def build_trainer(
 
 def build(inputs: TrainerInputs) -> SFTTrainer:
     """Rows as `plan` previewed them: tokenized, with the loss mask as labels."""
-    train_rows = labelled(inputs.encoded[0].examples)
-    eval_rows = labelled(inputs.encoded[1].examples) if inputs.splits.eval else None
+    train_rows = inputs.encoded[0].dataset()
+    eval_rows = inputs.encoded[1].dataset() if inputs.splits.eval else None
     return build_trainer(
         inputs.model,
         inputs.tokenizer,
