@@ -13,6 +13,9 @@ Python lists (a list of ints per row, as a script or tunelab before holds them) 
 with their labels. Python objects measured with tracemalloc, Arrow buffers by their size; prints bytes a token and
 the ratio, and the seconds each takes to build the trainer's dataset.
 
+Last, the same rows tokenized in one process and in as many as there are cores (what `train` does for a split of
+20,000 rows or more: the template renders in Python, a core a process), with the ratio.
+
     .venv/bin/python bench/encode.py [--rows 2000] [--repeats 3]
 """
 
@@ -59,6 +62,23 @@ def tunelab(tokenizer, rows: list[dict]) -> int:
 
     encoded = encode(tokenizer, rows, [f"row {i}" for i in range(len(rows))])
     return int(encoded.lengths().sum())
+
+
+def processes(tokenizer, rows: list[dict]) -> None:
+    from tunelab.inputs import encode_workers
+    from tunelab.templates import encode
+
+    workers = encode_workers()
+    origins = [f"row {i}" for i in range(len(rows))]
+    seconds = {}
+    for n in (1, workers):
+        start = time.perf_counter()
+        encode(tokenizer, rows, origins, workers=n)
+        seconds[n] = time.perf_counter() - start
+    print(
+        f"{len(rows):,} rows in 1 process {seconds[1]:.1f} s, in {workers} {seconds[workers]:.1f} s "
+        f"(starting them included): {seconds[1] / seconds[workers]:.2f}x"
+    )
 
 
 def memory(tokenizer, rows: list[dict]) -> None:
@@ -118,6 +138,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"tunelab (tokens and loss masks) vs plain (tokens only), {cores} cores: {statistics.median(ratios):.2f}x")
     memory(tokenizer, rows)
+    processes(tokenizer, chats(args.rows * 5, seed=1))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 PLAN_ROWS = 2000  # rows `plan` alone tokenizes for its statistics; training tokenizes all of them
+PARALLEL_ROWS = 20_000  # from here a split is tokenized in several processes (starting them takes a few seconds)
 
 
 @dataclass
@@ -36,7 +37,17 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
     rows, origins = split.rows[:limit], split.origins[:limit]
     variables = template_vars(exp.tokenizer, tokenizer)
-    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system, variables)
+    workers = encode_workers() if len(rows) >= PARALLEL_ROWS else 1
+    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system, variables, workers)
+
+
+def encode_workers() -> int:
+    """Processes to tokenize in: this process's share of the cores it may run on (under torchrun, every process of
+    the machine tokenizes the data, so each takes cores / LOCAL_WORLD_SIZE)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None = None) -> Inputs:

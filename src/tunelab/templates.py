@@ -111,6 +111,13 @@ class TokenizedRows(Sequence[Tokenized]):
         self._starts.append(len(self._ids))
         self._closing.append((list(row.terminators), row.unterminated))
 
+    def extend(self, rows: TokenizedRows) -> None:
+        """The rows of another, after these."""
+        self._starts.extend(start + len(self._ids) for start in rows._starts[1:])
+        self._ids.extend(rows._ids)
+        self._mask.extend(rows._mask)
+        self._closing.extend(rows._closing)
+
     def __len__(self) -> int:
         return len(self._closing)
 
@@ -651,10 +658,14 @@ def encode(
     origins: list[str],
     fold_system: bool = False,
     template_vars: dict | None = None,
+    workers: int = 1,
 ) -> Encoded:
     """Tokenize and mask every row, collecting what the checks need; `template_vars`: what the chat template sees
-    beside each conversation (see `template_vars`)."""
+    beside each conversation (see `template_vars`). `workers` > 1: in that many processes, each taking a run of
+    rows in turn (rendering the template is Python, one core a process); the result is the same."""
     template_vars = template_vars or {}
+    if workers > 1 and len(rows) > ENCODE_BATCH:
+        return _encode_in_processes(tokenizer, rows, origins, fold_system, template_vars, workers)
     examples, no_loss, all_loss, unterminated, terminators = TokenizedRows(), [], [], [], Counter()
     for start in range(0, len(rows), ENCODE_BATCH):
         chunk = list(zip(rows[start : start + ENCODE_BATCH], origins[start : start + ENCODE_BATCH], strict=True))
@@ -669,6 +680,51 @@ def encode(
             terminators.update(tok.terminators)
             examples.append(tok)
     return Encoded(examples, origins, no_loss, all_loss, unterminated, terminators)
+
+
+def _encode_in_processes(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    origins: list[str],
+    fold_system: bool,
+    template_vars: dict,
+    workers: int,
+) -> Encoded:
+    """`encode` over runs of rows in `workers` fresh processes (spawned: a forked copy of a process that has
+    started threads, torch's or the tokenizer's, can hang), joined in order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = max(ENCODE_BATCH, -(-len(rows) // (workers * 4)))  # a few runs a process, so none waits on the last
+    runs = [(rows[a : a + size], origins[a : a + size]) for a in range(0, len(rows), size)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _start_encoder, (tokenizer, fold_system, template_vars)) as pool:
+        parts = list(pool.map(_encode_run, runs))
+    out = parts[0]
+    for part in parts[1:]:
+        out.examples.extend(part.examples)
+        out.no_loss += part.no_loss
+        out.all_loss += part.all_loss
+        out.unterminated += part.unterminated
+        out.terminators.update(part.terminators)
+    out.origins = origins
+    return out
+
+
+_ENCODER: tuple = ()  # in an encoding process: the tokenizer and settings `encode` runs with
+
+
+def _start_encoder(tokenizer: PreTrainedTokenizerBase, fold_system: bool, template_vars: dict) -> None:
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core a process: the processes are the parallelism
+    global _ENCODER
+    _ENCODER = (tokenizer, fold_system, template_vars)
+
+
+def _encode_run(run: tuple[list[dict], list[str]]) -> Encoded:
+    tokenizer, fold_system, template_vars = _ENCODER
+    return encode(tokenizer, run[0], run[1], fold_system, template_vars)
 
 
 def choose_pad(tokenizer: PreTrainedTokenizerBase, terminators: set[int]) -> tuple[str, str]:

@@ -3,6 +3,7 @@ suggests, and which ids end a generated reply."""
 
 import pytest
 
+from tunelab.errors import TunelabError
 from tunelab.templates import refusal_fix, stop_token_ids
 
 
@@ -108,3 +109,34 @@ def test_encoded_rows_give_the_trainer_and_the_plan_what_lists_of_tokens_would(t
     assert max(len(c.values) for c in chunked.data.column("labels").chunks) <= limit
     assert chunked["input_ids"] == dataset["input_ids"] and chunked["labels"] == dataset["labels"]
     assert encoded.examples[-1] == examples[-1] and encoded.examples[1:3] == examples[1:3]
+
+
+def test_encoding_in_several_processes_gives_what_one_process_gives(tiny_model_dir) -> None:
+    """A large split is tokenized in processes of its own (the template renders in Python, a core a process); the
+    rows, their order, the checks' findings and a bad row's one-line error must not depend on it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tests.conftest import DATA
+    from tunelab.templates import ENCODE_BATCH, encode
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    chats = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()]
+    rows = [chats[i % len(chats)] for i in range(3 * ENCODE_BATCH + 37)]
+    rows[5] = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo", "weight": 0}]}
+    rows[700] = {"text": "Plain text carries loss on every token."}
+    origins = [f"train.jsonl:{i + 1}" for i in range(len(rows))]
+    alone, shared = encode(tok, rows, origins), encode(tok, rows, origins, workers=2)
+    assert list(shared.examples) == list(alone.examples) and shared.origins == origins
+    assert (shared.no_loss, shared.all_loss, shared.unterminated) == (alone.no_loss, alone.all_loss, alone.unterminated)
+    assert shared.terminators == alone.terminators and "train.jsonl:6" in shared.no_loss
+    tok.chat_template = "{% if messages[0].content == 'BAD' %}{{ raise_exception('bad row') }}{% endif %}" + (
+        tok.chat_template
+    )
+    rows[800] = {"messages": [{"role": "user", "content": "BAD"}, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(TunelabError) as error:
+        encode(tok, rows, origins, workers=2)
+    with pytest.raises(TunelabError) as serial:
+        encode(tok, rows, origins)
+    assert str(error.value) == str(serial.value) and str(error.value).startswith("train.jsonl:801: ")
