@@ -16,7 +16,7 @@ from tunelab.config import Experiment, Quantization
 from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
-from tunelab.methods.common import Batching, batching, save_every
+from tunelab.methods.common import Batching, batching, half_gradients_refusal, save_every
 from tunelab.scope import ResolvedScope
 from tunelab.templates import Encoded, TokenChecks, loss_segments
 
@@ -593,6 +593,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     several = several_gpus(device, inputs.engine)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine)
+    if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
+        raise ConfigError(fails)
     warnings = list(resolved.warnings) + ([several] if several else [])
     if (too_big := memory_warning(memory, exp.method)) is not None:
         warnings.append(too_big)
@@ -622,14 +624,21 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     return Plan(exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings)
 
 
+def half_trained(scope: ResolvedScope) -> int:
+    """Trained weights kept in the model's dtype where there is no float32 master copy: original weights opened
+    (an adapter's own weights are float32 in any case)."""
+    from tunelab.scopes import get_scope
+
+    return scope.opened_params if get_scope(scope.kind).adds_parameters else scope.trainable_params
+
+
 def half_update_warning(exp: Experiment, memory: Memory, scope: ResolvedScope) -> str | None:
     """Trained weights updated in bfloat16/float16 themselves lose the updates below half their precision."""
     from tunelab.methods.common import HALF, autocasts
-    from tunelab.scopes import get_scope
 
     if memory.master != "none" or memory.dtype not in HALF:
         return None
-    half = scope.opened_params if get_scope(scope.kind).adds_parameters else scope.trainable_params
+    half = half_trained(scope)
     if not half:
         return None
     if autocasts(memory.device, memory.dtype):

@@ -144,3 +144,41 @@ def test_optimizer_state_follows_the_optimizer_named_and_8bit_matches_bitsandbyt
     assert optimizer_state_bytes("paged_adamw_32bit", 2 * n, n) == 8 * n  # float32 state on a bfloat16 weight
     assert optimizer_state_bytes("sgd", 4 * n, n) == optimizer_state_bytes("adafactor", 4 * n, n) == 0
     assert optimizer_state_bytes("lion_32bit", 4 * n, n) == 4 * n  # one moment
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "setting", "master"),
+    [
+        ("cuda", "bfloat16", "float32", "params"),
+        ("cuda", "float16", "float32", "params"),
+        ("mps", "bfloat16", "float32", "params"),  # a Mac's bfloat16 base: float32 copies under autocast
+        ("mps", "float16", "float32", "params"),
+        ("cpu", "bfloat16", "float32", "params"),
+        ("cpu", "float16", "float32", "none"),  # no float16 autocast on a CPU
+        ("mps", "float32", "float32", "none"),
+        ("mps", "bfloat16", "model", "none"),
+    ],
+)
+def test_where_the_trained_weights_keep_their_float32_copy(device: str, dtype: str, setting: str, master: str) -> None:
+    from tunelab.config import TrainSettings
+    from tunelab.methods.common import master_copy
+
+    assert master_copy(TrainSettings(master_weights=setting), False, device, dtype, None) == master
+
+
+def test_float16_weights_under_the_gradient_scaler_are_refused_before_anything_loads() -> None:
+    from tunelab.methods.common import half_gradients_refusal
+
+    refusal = half_gradients_refusal("cuda", "float16", "none", 1_397_788_672)
+    assert refusal == (
+        "train.master_weights: model trains 1,397,788,672 weights in float16 on cuda, whose gradient scaler refuses "
+        "float16 gradients; set train.master_weights: float32, or model.dtype: bfloat16"
+    )
+    assert half_gradients_refusal("mps", "float16", "none", 10) is not None
+    for device, dtype, master, trained in [
+        ("cuda", "float16", "params", 10),  # float32 copies: float32 gradients
+        ("cuda", "bfloat16", "none", 10),  # bfloat16 needs no scaler
+        ("cpu", "float16", "none", 10),  # no autocast, no scaler
+        ("cuda", "float16", "none", 0),  # LoRA alone: the adapter is float32
+    ]:
+        assert half_gradients_refusal(device, dtype, master, trained) is None

@@ -30,8 +30,21 @@ HALF = ("bfloat16", "float16")
 
 def autocasts(device: str, dtype: str) -> bool:
     """Whether training runs under autocast (the Trainer's bf16/fp16 mixed precision) on this device in this dtype:
-    CUDA in either half dtype, a CPU in bfloat16; float16 on a CPU and Apple MPS train in the model's dtype."""
-    return dtype in HALF and (device == "cuda" or (device == "cpu" and dtype == "bfloat16"))
+    CUDA and Apple MPS in either half dtype (accelerate autocasts MPS in float16 from torch 2.5, in bfloat16 from 2.6
+    on macOS 14, and scales float16 gradients there from 2.8), a CPU in bfloat16; float16 on a CPU trains in the
+    model's dtype (no autocast there)."""
+    return dtype in HALF and (device in ("cuda", "mps") or (device == "cpu" and dtype == "bfloat16"))
+
+
+def half_gradients_refusal(device: str, dtype: str, master: str, half_trained: int) -> str | None:
+    """Float16 weights trained in place under float16 mixed precision: the gradient scaler refuses float16 gradients
+    ("Attempting to unscale FP16 gradients", torch), so the first step would fail; said before anything loads."""
+    if dtype != "float16" or master != "none" or not half_trained or not autocasts(device, dtype):
+        return None
+    return (
+        f"train.master_weights: model trains {half_trained:,} weights in float16 on {device}, whose gradient scaler "
+        "refuses float16 gradients; set train.master_weights: float32, or model.dtype: bfloat16"
+    )
 
 
 def master_copy(train: TrainSettings, quantized: bool, device: str, dtype: str, engine_type: str | None) -> str:
@@ -40,8 +53,8 @@ def master_copy(train: TrainSettings, quantized: bool, device: str, dtype: str, 
     "params": the trainable parameters are float32 and the forward runs under autocast: tunelab upcasts them, as
     accelerate does under FSDP2 and PEFT does for adapters (always so on a quantized base). "optimizer": DeepSpeed
     keeps the copy in its optimizer state; the parameters stay in the model's dtype. "none": trained in the model's
-    dtype (a float32 model; `train.master_weights: model`; float16 on a CPU and Apple MPS, which have no autocast
-    here), where an update smaller than half the dtype's precision at a weight is lost.
+    dtype (a float32 model; `train.master_weights: model`; float16 on a CPU, which has no autocast here), where an
+    update smaller than half the dtype's precision at a weight is lost.
     """
     if quantized:
         return "params"
