@@ -591,6 +591,12 @@ class TrainSettings(Strict):
         "EarlyStoppingCallback). Needs eval data; with keep: best the result is the best checkpoint.",
     )
     pin_memory: OnOffAuto = Field(default="auto", description="Pin dataloader memory. auto: on for CUDA only.")
+    data_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Processes that tokenize the data (TRL's dataset_num_proc for preference methods); unset: one per "
+        "core (this process's share under torchrun) for 20,000 rows or more, else one. The tokens are the same.",
+    )
     report_to: list[TRACKERS] = Field(
         default_factory=list,
         description="Experiment trackers (Transformers' report_to): tensorboard, mlflow, wandb, trackio, ...; the "
@@ -719,6 +725,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "columns"): {},
     ("train", "compile"): False,
     ("train", "master_weights"): "float32",
+    ("train", "data_workers"): None,
     ("train", "keep"): "last",
     ("train", "early_stop"): None,
     ("model", "quantization"): None,

@@ -37,8 +37,16 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
     rows, origins = split.rows[:limit], split.origins[:limit]
     variables = template_vars(exp.tokenizer, tokenizer)
-    workers = encode_workers() if len(rows) >= PARALLEL_ROWS else 1
+    workers = data_workers(len(rows), exp.train.data_workers)
     return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system, variables, workers)
+
+
+def data_workers(rows: int, setting: int | None = None) -> int:
+    """Processes to tokenize `rows` rows in: train.data_workers where set, else one under PARALLEL_ROWS and
+    encode_workers() from there."""
+    if setting is not None:
+        return setting
+    return encode_workers() if rows >= PARALLEL_ROWS else 1
 
 
 def encode_workers() -> int:

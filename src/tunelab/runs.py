@@ -387,6 +387,7 @@ HOW_IT_RUNS = frozenset(
         "train.gradient_checkpointing",
         "train.micro_batch_size",
         "train.pin_memory",
+        "train.data_workers",
         "train.compile",
         "train.logging_steps",
         "train.eval_steps",

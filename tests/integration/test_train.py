@@ -295,3 +295,27 @@ def test_partial_checkpoints_hold_the_opened_tensors_and_resume_exactly(tmp_path
     with safe_open(str(tmp_path / "crashed" / "checkpoints" / "checkpoint-6" / "model.safetensors"), "pt") as saved:
         assert sorted(saved.keys()) == sorted(opened)
     assert not any(".layers.0." in name or ".layers.1." in name for name in opened)
+
+
+@pytest.mark.parametrize("example", ["quickstart", "dpo"])
+def test_data_tokenized_in_several_processes_trains_the_same_weights(
+    example: str, tmp_path: Path, tiny_model_dir
+) -> None:
+    """train.data_workers: SFT rows tokenized by tunelab in spawned processes, DPO pairs by TRL's dataset_num_proc;
+    the same steps and weights as in one process."""
+    results = {}
+    for workers in (1, 2):
+        exp = experiment(example, tmp_path / str(workers), "train.max_steps=3", f"train.data_workers={workers}")
+        results[workers] = train(exp)
+    one, two = (trained_tensors(results[w].run_dir) for w in (1, 2))
+    assert sorted(one) == sorted(two) and all(torch.equal(one[k], two[k]) for k in one)
+    losses = [[r.get("loss") for r in read_metrics(results[w].run_dir)] for w in (1, 2)]
+    assert losses[0] == losses[1] and any(x is not None for x in losses[0])
+    if example == "dpo":  # the setting reaches TRL; unset, a small dataset is tokenized in one process
+        from tunelab.methods.common import Hardware
+        from tunelab.methods.preference import preference_arguments
+
+        hw = Hardware("cpu", torch.float32, False)
+        for setting, expected in ((2, 2), (None, 1)):
+            train_settings = exp.train.model_copy(update={"data_workers": setting})
+            assert preference_arguments(train_settings, hw, tmp_path, False, "dpo", 40)["dataset_num_proc"] == expected

@@ -34,7 +34,7 @@ def build_trainer(
 
     config = trl_config(
         DPOConfig,
-        **preference_arguments(train, hw, output_dir, eval_rows is not None, "dpo"),
+        **preference_arguments(train, hw, output_dir, eval_rows is not None, "dpo", len(train_rows)),
         beta=dpo.beta,
         loss_type=[dpo.loss_type] if isinstance(dpo.loss_type, str) else dpo.loss_type,
         max_length=train.max_length,

@@ -23,7 +23,7 @@ def build(inputs: TrainerInputs) -> KTOTrainer:
 
     exp, settings = inputs.exp, inputs.exp.kto
     train_rows, eval_rows = preference_rows(inputs)
-    args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "kto")
+    args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, "kto", len(train_rows))
     # KTO draws the KL sample of each completion from its batch neighbours, so TRL trains it in the dataset's order.
     args["train_sampling_strategy"] = "sequential"
     train_rows = shuffled_unpaired(train_rows, exp.train.seed)

@@ -14,10 +14,17 @@ if TYPE_CHECKING:
     from tunelab.methods.base import TrainerInputs
 
 
-def preference_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, method: str) -> dict:
-    """TrainingArguments for pairwise trainers: random batches (TRL computes no length column for grouping pairs)."""
+def preference_arguments(
+    train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, method: str, rows: int
+) -> dict:
+    """Arguments for pairwise trainers: random batches (TRL computes no length column for grouping pairs); `rows`
+    of training data, which TRL tokenizes itself, in several processes where there are many (its
+    dataset_num_proc, as tunelab tokenizes SFT data)."""
+    from tunelab.inputs import data_workers
+
     args = training_arguments(train, hw, output_dir, has_eval, batching(train, method))
     args["train_sampling_strategy"] = "random"
+    args["dataset_num_proc"] = data_workers(rows, train.data_workers)
     return args
 
 
@@ -43,7 +50,8 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
 
     exp = inputs.exp
     train_rows, eval_rows = preference_rows(inputs)
-    args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, exp.method)
+    has_eval = eval_rows is not None
+    args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, exp.method, len(train_rows))
     args["include_num_input_tokens_seen"] = "no"
     config = trl_config(config_class, **args, max_length=exp.train.max_length, **settings)
     return instantiate(
