@@ -262,6 +262,12 @@ class DataSettings(Strict):
         description="Rename the dataset's fields to the ones tunelab reads, before its format is detected: e.g. "
         "{question: prompt, answer: completion} for GSM8K, {problem: prompt, solution: completion} for MATH.",
     )
+    loss_on: Literal["replies", "all"] = Field(
+        default="replies",
+        description="SFT: the tokens that carry loss. replies: each assistant reply and the token that ends its turn "
+        "(a completion, for prompt/completion rows); all: every token, prompts and template included, as TRL's "
+        "SFTTrainer trains chat rows by default (assistant_only_loss off).",
+    )
     as_chat: bool = Field(
         default=False,
         description="Train plain-text rows in the chat format: each string prompt becomes a user turn (after the "
@@ -672,6 +678,11 @@ class Experiment(Strict):
                     f"train.micro_batch_size: {micro} does not divide train.batch_size={self.train.batch_size}; "
                     "use a divisor"
                 )
+        if self.method != "sft" and self.data.loss_on != "replies":
+            raise ValueError(
+                f"data.loss_on: {self.method.upper()} scores the chosen and rejected answers, not every token; "
+                "data.loss_on applies to SFT: remove it"
+            )
         if self.method != "sft" and self.train.padding_free == "on":
             raise ValueError(
                 f"train.padding_free: TRL's {self.method.upper()} trainer has no padding-free batches; set it to auto "
@@ -723,6 +734,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "as_chat"): False,
     ("data", "revision"): None,
     ("data", "columns"): {},
+    ("data", "loss_on"): "replies",
     ("train", "compile"): False,
     ("train", "master_weights"): "float32",
     ("train", "data_workers"): None,

@@ -38,7 +38,15 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     rows, origins = split.rows[:limit], split.origins[:limit]
     variables = template_vars(exp.tokenizer, tokenizer)
     workers = data_workers(len(rows), exp.train.data_workers)
-    return encode(tokenizer, [as_sft_row(r) for r in rows], origins, exp.tokenizer.fold_system, variables, workers)
+    return encode(
+        tokenizer,
+        [as_sft_row(r) for r in rows],
+        origins,
+        exp.tokenizer.fold_system,
+        variables,
+        workers,
+        exp.data.loss_on,
+    )
 
 
 def data_workers(rows: int, setting: int | None = None) -> int:

@@ -659,21 +659,25 @@ def encode(
     fold_system: bool = False,
     template_vars: dict | None = None,
     workers: int = 1,
+    loss_on: str = "replies",
 ) -> Encoded:
     """Tokenize and mask every row, collecting what the checks need; `template_vars`: what the chat template sees
     beside each conversation (see `template_vars`). `workers` > 1: in that many processes, each taking a run of
-    rows in turn (rendering the template is Python, one core a process); the result is the same."""
+    rows in turn (rendering the template is Python, one core a process); the result is the same. `loss_on` "all":
+    every token carries loss (data.loss_on), the replies' terminators still found for the checks."""
     template_vars = template_vars or {}
     if workers > 1 and len(rows) > ENCODE_BATCH:
-        return _encode_in_processes(tokenizer, rows, origins, fold_system, template_vars, workers)
+        return _encode_in_processes(tokenizer, rows, origins, fold_system, template_vars, workers, loss_on)
     examples, no_loss, all_loss, unterminated, terminators = TokenizedRows(), [], [], [], Counter()
     for start in range(0, len(rows), ENCODE_BATCH):
         chunk = list(zip(rows[start : start + ENCODE_BATCH], origins[start : start + ENCODE_BATCH], strict=True))
         prepared = [_prepare(tokenizer, row, where, fold_system, template_vars) for row, where in chunk]
         for tok, (row, where) in zip(_tokenized(tokenizer, prepared), chunk, strict=True):
+            if loss_on == "all":
+                tok.loss_mask = [1] * len(tok.input_ids)
             if not any(tok.loss_mask):
                 no_loss.append(where)
-            elif "text" not in row and all(tok.loss_mask):
+            elif "text" not in row and loss_on != "all" and all(tok.loss_mask):
                 all_loss.append(where)
             if tok.unterminated:
                 unterminated.append(where)
@@ -689,6 +693,7 @@ def _encode_in_processes(
     fold_system: bool,
     template_vars: dict,
     workers: int,
+    loss_on: str,
 ) -> Encoded:
     """`encode` over runs of rows in `workers` fresh processes (spawned: a forked copy of a process that has
     started threads, torch's or the tokenizer's, can hang), joined in order."""
@@ -698,7 +703,8 @@ def _encode_in_processes(
     size = max(ENCODE_BATCH, -(-len(rows) // (workers * 4)))  # a few runs a process, so none waits on the last
     runs = [(rows[a : a + size], origins[a : a + size]) for a in range(0, len(rows), size)]
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, context, _start_encoder, (tokenizer, fold_system, template_vars)) as pool:
+    settings = (tokenizer, fold_system, template_vars, loss_on)
+    with ProcessPoolExecutor(workers, context, _start_encoder, settings) as pool:
         parts = list(pool.map(_encode_run, runs))
     out = parts[0]
     for part in parts[1:]:
@@ -714,17 +720,17 @@ def _encode_in_processes(
 _ENCODER: tuple = ()  # in an encoding process: the tokenizer and settings `encode` runs with
 
 
-def _start_encoder(tokenizer: PreTrainedTokenizerBase, fold_system: bool, template_vars: dict) -> None:
+def _start_encoder(tokenizer: PreTrainedTokenizerBase, fold_system: bool, template_vars: dict, loss_on: str) -> None:
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core a process: the processes are the parallelism
     global _ENCODER
-    _ENCODER = (tokenizer, fold_system, template_vars)
+    _ENCODER = (tokenizer, fold_system, template_vars, loss_on)
 
 
 def _encode_run(run: tuple[list[dict], list[str]]) -> Encoded:
-    tokenizer, fold_system, template_vars = _ENCODER
-    return encode(tokenizer, run[0], run[1], fold_system, template_vars)
+    tokenizer, fold_system, template_vars, loss_on = _ENCODER
+    return encode(tokenizer, run[0], run[1], fold_system, template_vars, loss_on=loss_on)
 
 
 def choose_pad(tokenizer: PreTrainedTokenizerBase, terminators: set[int]) -> tuple[str, str]:

@@ -124,3 +124,36 @@ def test_plain_text_prompts_train_raw_unless_as_chat_puts_them_in_the_chat_forma
     text, supervised = first_example(chat)
     assert "<|start_header_id|>user<|end_header_id|>\n\nWhat language is spoken in Ortan?<|eot_id|>" in text
     assert supervised == "People in Ortan speak Kelvish.<|eot_id|>"
+
+
+def test_loss_on_all_tokens_supervises_prompts_too_as_trls_default_does(tiny_model_dir: Path) -> None:
+    """data.loss_on: all trains every token of a chat (TRL's SFTTrainer default for conversations); the replies'
+    terminators are still found, and plan does not warn that prompts carry loss, as it asked for."""
+    from transformers import AutoTokenizer
+
+    from tunelab.data import load_splits
+    from tunelab.errors import TunelabError
+    from tunelab.inputs import encode_split
+
+    replies = load_experiment(EXAMPLES / "quickstart.yaml")
+    every = load_experiment(EXAMPLES / "quickstart.yaml", ["data.loss_on=all"])
+    assert every.config_hash() != replies.config_hash()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    split = load_splits(every.data, "sft", every.train.seed).train
+    encoded = {name: encode_split(exp, tok, split) for name, exp in (("replies", replies), ("all", every))}
+    dataset = encoded["all"].dataset()
+    assert dataset["labels"] == dataset["input_ids"]
+    assert encoded["all"].terminators == encoded["replies"].terminators and encoded["all"].all_loss == []
+    assert encoded["replies"].dataset()["labels"] != dataset["labels"]
+    plan = make_plan(every)
+    lengths = encoded["all"].lengths()
+    assert plan.data.train.loss_tokens == int(lengths.clip(max=every.train.max_length).sum())
+    assert all(loss for _, loss in plan.data.first_example)
+    assert not any("carry loss on every token" in w for w in plan.warnings)
+    assert plan.data.tokens.terminator == "<|eot_id|>"
+    try:
+        load_experiment(EXAMPLES / "dpo.yaml", ["data.loss_on=all"])
+    except TunelabError as e:
+        assert "data.loss_on: DPO scores the chosen and rejected answers, not every token" in str(e)
+    else:
+        raise AssertionError("DPO with data.loss_on: all was accepted")
