@@ -79,13 +79,18 @@ def init(
     as_chat: Annotated[
         bool, typer.Option("--as-chat", help="Train plain-text prompts and answers in the model's chat format.")
     ] = False,
+    subset: Annotated[
+        str | None,
+        typer.Option("--subset", help="Subset (config) of a folder or hub dataset that has several (main for GSM8K)."),
+    ] = None,
 ) -> None:
     """Write a first experiment file for your model and data, every setting spelled out with what it does."""
     from tunelab.report.terminal import print_starter
     from tunelab.starter import parse_columns, write_starter
 
     renames = parse_columns(columns) if columns is not None else None
-    print_starter(write_starter(experiment, model, data, eval_data, scope, method, name, split, renames, as_chat))
+    starter = write_starter(experiment, model, data, eval_data, scope, method, name, split, renames, as_chat, subset)
+    print_starter(starter)
 
 
 @app.command()

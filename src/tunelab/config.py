@@ -186,6 +186,11 @@ class DataSource(Strict):
         default=None,
         description="Its split, for a folder or hub dataset (default: data.hub_split; for data.eval, data.eval_split).",
     )
+    subset: str | None = Field(
+        default=None,
+        description="Its subset (the dataset's config), for a folder or hub dataset with several (default: "
+        "data.subset).",
+    )
     rows: int | None = Field(
         default=None, gt=0, description="Take a random sample of this many of its rows, drawn with train.seed."
     )
@@ -242,6 +247,11 @@ class DataSettings(Strict):
     format: Literal[
         "auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference", "unpaired"
     ] = Field(default="auto", description="Record format; auto detects it from the first record's fields.")
+    subset: str | None = Field(
+        default=None,
+        description="The subset (config) of a hub dataset or folder that has several, as the hub names them: main "
+        "for openai/gsm8k.",
+    )
     hub_split: str = Field(
         default="train",
         description="Split of `train` to read when it is a hub dataset id or a folder (a dataset repository's files, "
@@ -311,9 +321,11 @@ class DataSettings(Strict):
         data.eval (whose default split is eval_split)."""
         split = (self.eval_split if held_out else None) or self.hub_split
         if isinstance(source, str):
-            return DataSource(path=source, split=split, columns=self.columns)
+            return DataSource(path=source, split=split, columns=self.columns, subset=self.subset)
         columns = self.columns if source.columns is None else source.columns
-        return source.model_copy(update={"split": source.split or split, "columns": columns})
+        return source.model_copy(
+            update={"split": source.split or split, "columns": columns, "subset": source.subset or self.subset}
+        )
 
 
 # TRL 1.16's DPO losses (it checks them only at the first step, so tunelab checks them here).
@@ -735,6 +747,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "revision"): None,
     ("data", "columns"): {},
     ("data", "loss_on"): "replies",
+    ("data", "subset"): None,
     ("train", "compile"): False,
     ("train", "master_weights"): "float32",
     ("train", "data_workers"): None,

@@ -129,7 +129,12 @@ def _csv_cell(name: str, text: str | None) -> Any:
 
 
 def _read_with_datasets(
-    source: str, split: str, key: str, revision: str | None = None, split_key: str | None = None
+    source: str,
+    split: str,
+    key: str,
+    revision: str | None = None,
+    split_key: str | None = None,
+    subset: str | None = None,
 ) -> tuple[list[Record], str]:
     """A parquet file, a folder (saved with `save_to_disk`, or a dataset repository's files as the hub holds them) or a
     hub dataset id, read with `datasets`; the digest is of the records themselves."""
@@ -142,11 +147,16 @@ def _read_with_datasets(
         # after an edit of its data files, or for another folder of the same name, it returned the rows it had cached
         # before. Local sources are read through a cache of their own, gone once their rows are read.
         with tempfile.TemporaryDirectory(prefix="tunelab-data-") as cache:
-            ds = _open_with_datasets(source, split, split_key, revision, cache, key)
+            ds = _open_with_datasets(source, split, split_key, revision, cache, key, subset)
             records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     except ValueError as e:
+        if str(e).startswith("Config name is missing") or "BuilderConfig" in str(e):
+            names = ", ".join(datasets.get_dataset_config_names(source, revision=revision))
+            which = f"has no subset '{subset}'" if subset else "has several subsets"
+            alone = f", or {key}.subset for this source alone" if "[" in key else ""
+            raise ConfigError(f"{source}: {which}; its subsets are {names}: set data.subset{alone}") from e
         if str(e).startswith("Unknown split"):
-            names = ", ".join(datasets.get_dataset_split_names(source, revision=revision))
+            names = ", ".join(datasets.get_dataset_split_names(source, subset, revision=revision))
             raise ConfigError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
         raise TunelabError(f"{source}: cannot load dataset ({str(e).splitlines()[0]})") from e
     except (OSError, KeyError) as e:
@@ -169,9 +179,12 @@ def _load_refusal(key: str, source: str, error: Exception) -> TunelabError:
     )
 
 
-def _open_with_datasets(source: str, split: str, split_key: str, revision: str | None, cache: str, key: str):
-    """The split as a `datasets.Dataset`; local files go through `cache`, hub datasets through the usual cache (offline:
-    their cached snapshot at the revision asked for, read as a local folder)."""
+def _open_with_datasets(
+    source: str, split: str, split_key: str, revision: str | None, cache: str, key: str, subset: str | None = None
+):
+    """The split (of `subset`, the dataset's config, where it has several) as a `datasets.Dataset`; local files go
+    through `cache`, hub datasets through the usual cache (offline: their cached snapshot at the revision asked for,
+    read as a local folder)."""
     import datasets
     from huggingface_hub import constants
 
@@ -191,11 +204,11 @@ def _open_with_datasets(source: str, split: str, split_key: str, revision: str |
     if path.suffix == ".parquet":
         return datasets.Dataset.from_parquet(str(path), cache_dir=cache)
     if path.is_dir():  # a folder laid out as a dataset repository (data files, README.md configs)
-        return datasets.load_dataset(source, split=split, cache_dir=cache)
+        return datasets.load_dataset(source, subset, split=split, cache_dir=cache)
     offline_unless_reachable(source, "dataset")
     if constants.HF_HUB_OFFLINE:
-        return datasets.load_dataset(_cached_snapshot(source, revision, key), split=split, cache_dir=cache)
-    return datasets.load_dataset(source, split=split, revision=revision)
+        return datasets.load_dataset(_cached_snapshot(source, revision, key), subset, split=split, cache_dir=cache)
+    return datasets.load_dataset(source, subset, split=split, revision=revision)
 
 
 def _cached_snapshot(source: str, revision: str | None, key: str) -> str:
@@ -218,8 +231,9 @@ def _cached_snapshot(source: str, revision: str | None, key: str) -> str:
         ) from e
 
 
-def dataset_splits(source: str) -> list[str] | None:
-    """The split names of a folder or hub dataset; None for a file or a single saved dataset (which has no splits)."""
+def dataset_splits(source: str, subset: str | None = None) -> list[str] | None:
+    """The split names of a folder or hub dataset (of `subset`, where it has several); None for a file or a single
+    saved dataset (which has no splits)."""
     path = Path(source)
     if path.is_file() or (path / "state.json").is_file():
         return None
@@ -232,8 +246,14 @@ def dataset_splits(source: str) -> list[str] | None:
 
     offline_unless_reachable(source, "dataset")
     try:
-        return datasets.get_dataset_split_names(source)
-    except (OSError, ValueError) as e:
+        return datasets.get_dataset_split_names(source, subset)
+    except ValueError as e:
+        if str(e).startswith("Config name is missing") or "BuilderConfig" in str(e):
+            names = ", ".join(datasets.get_dataset_config_names(source))
+            which = f"has no subset '{subset}'" if subset else "has several subsets"
+            raise TunelabError(f"--data: '{source}' {which}: {names}; give --subset NAME") from e
+        raise _load_refusal("--data", source, e) from e
+    except OSError as e:
         raise _load_refusal("--data", source, e) from e
 
 
@@ -286,10 +306,16 @@ def _digest(data: bytes) -> str:
 
 
 def read_records(
-    source: str, key: str, split: str = "train", revision: str | None = None, split_key: str | None = None
+    source: str,
+    key: str,
+    split: str = "train",
+    revision: str | None = None,
+    split_key: str | None = None,
+    subset: str | None = None,
 ) -> tuple[list[Record], str]:
     """The records of a data source and the digest of its bytes, from one read of the file. `split_key`: the setting
-    that names `split`, for the error when there is no such split (default: data.hub_split or data.eval_split)."""
+    that names `split`, for the error when there is no such split (default: data.hub_split or data.eval_split);
+    `subset`: a folder's or hub dataset's config, where it has several."""
     path = Path(source)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -318,7 +344,7 @@ def read_records(
             f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
         )
     _refuse_missing(source, key)
-    return _read_with_datasets(source, split, key, revision, split_key)
+    return _read_with_datasets(source, split, key, revision, split_key, subset)
 
 
 def _refuse_missing(source: str, key: str) -> None:
@@ -734,7 +760,7 @@ def load_file(source: str | DataSource, key: str, settings: DataSettings, method
     given = source
     split_key = f"{key}.split" if isinstance(given, DataSource) and given.split else None
     source = settings.settled(given, held_out=key == "data.eval")
-    records, digest = read_records(source.path, key, source.split, settings.revision, split_key)
+    records, digest = read_records(source.path, key, source.split, settings.revision, split_key, source.subset)
     if not records:
         raise TunelabError(f"{source.path}: the dataset is empty")
     available = len(records)
@@ -791,7 +817,7 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     for i, (raw, source) in enumerate(zip(given, settings.train_sources, strict=True)):
         key = f"data.train[{i}]" if isinstance(settings.train, list) else "data.train"
         loaded = load_file(raw, key, settings, method, seed)
-        formats[source.path], hashes[source.path] = loaded.format, loaded.digest
+        formats[source.path], hashes[_hash_key(source, hashes)] = loaded.format, loaded.digest
         rows += loaded.rows
         origins += loaded.origins
         parts.append(loaded)
@@ -803,7 +829,7 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     if held_out is not None:
         loaded = load_file(settings.eval, "data.eval", settings, method, seed)
         formats.setdefault(held_out.path, loaded.format)
-        hashes[held_out.path if held_out.path not in hashes else f"{held_out.path}:{held_out.split}"] = loaded.digest
+        hashes[_hash_key(held_out, hashes)] = loaded.digest
         evaluation = Split(loaded.rows, _part(held_out.path, loaded), loaded.origins, _sampled_part(loaded))
     elif settings.eval_fraction:
         order = list(range(len(rows)))
@@ -819,6 +845,13 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         train = Split([rows[i] for i in kept], names, [origins[i] for i in kept], sampled)
         evaluation = Split([rows[i] for i in out], f"{names} (held out)", [origins[i] for i in out], sampled)
     return Splits(_one_format(formats, method), train, evaluation, hashes)
+
+
+def _hash_key(source: DataSource, hashes: dict[str, str]) -> str:
+    """The manifest's name for a source's digest: its path, with its subset where it names one, and its split where
+    another source of the same path and subset is there already."""
+    key = source.path + (f"[{source.subset}]" if source.subset else "")
+    return key if key not in hashes else f"{key}:{source.split}"
 
 
 def _sampled_part(loaded: Loaded) -> bool:

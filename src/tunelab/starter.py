@@ -106,17 +106,18 @@ def parse_columns(text: str) -> dict[str, str]:
     return columns
 
 
-def _data_section(data: str, eval_data: str | None, split: str | None, folder: Path) -> dict:
+def _data_section(data: str, eval_data: str | None, split: str | None, folder: Path, subset: str | None) -> dict:
     """Where the rows come from. A folder or hub dataset trains on `split`, else on its training split by name
     (train, or train_sft as UltraChat names it), and without --eval holds out the split that goes with that (test_sft,
     test, validation, ...) where it has one."""
     from tunelab.data import dataset_splits, train_and_held_out
 
-    section: dict = {"train": _relative(data, folder)}
-    splits = dataset_splits(data)
+    section: dict = {"train": _relative(data, folder)} | ({"subset": subset} if subset else {})
+    splits = dataset_splits(data, subset)
     if splits is None:
-        if split is not None:
-            raise TunelabError(f"--split: '{data}' is a file, which has no splits; leave --split out")
+        if split is not None or subset is not None:
+            flag = "--split" if split is not None else "--subset"
+            raise TunelabError(f"{flag}: '{data}' is a file, which has no splits or subsets; leave {flag} out")
         return section | ({"eval": _relative(eval_data, folder)} if eval_data else {"eval_fraction": EVAL_FRACTION})
     if split is not None and split not in splits:
         raise TunelabError(f"--split: '{data}' has no split '{split}'; its splits are {', '.join(splits)}")
@@ -145,6 +146,7 @@ def write_starter(
     split: str | None = None,
     columns: dict[str, str] | None = None,
     as_chat: bool = False,
+    subset: str | None = None,
 ) -> Starter:
     """Write a first experiment file at `path` (never over an existing file) and return what it holds."""
     from tunelab.data import load_file
@@ -154,7 +156,7 @@ def write_starter(
     if scope not in SCOPES:
         raise TunelabError(f"--scope: '{scope}' is not one of {', '.join(SCOPES)}")
     folder = path.parent
-    data_section = _data_section(data, eval_data, split, folder)
+    data_section = _data_section(data, eval_data, split, folder, subset)
     data_section |= ({"columns": columns} if columns else {}) | ({"as_chat": True} if as_chat else {})
     # The rows read as training will read them, checked against the method when one is given.
     settings = DataSettings(**(data_section | {"train": data}))

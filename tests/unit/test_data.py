@@ -621,3 +621,49 @@ def test_a_sample_a_source_cannot_give_is_one_line_naming_the_key(tmp_path: Path
     given = [{"path": path, **t} for t in train] if isinstance(train, list) else {"path": path, **train}
     with pytest.raises(TunelabError, match=expected):
         load_splits(DataSettings(train=given), "sft", seed=0)
+
+
+def subsets_repository(folder: Path) -> Path:
+    """A dataset repository with two subsets (configs), main and socratic, each with train and test splits: the
+    layout of openai/gsm8k."""
+    import datasets
+
+    configs = ""
+    for subset in ("main", "socratic"):
+        (folder / subset).mkdir(parents=True)
+        configs += f"- config_name: {subset}\n  data_files:\n"
+        for split in ("train", "test"):
+            rows = [{"question": f"{subset} {split} q{i}", "answer": f"{i}"} for i in range(6)]
+            datasets.Dataset.from_list(rows).to_parquet(str(folder / subset / f"{split}-00000-of-00001.parquet"))
+            configs += f"  - split: {split}\n    path: {subset}/{split}-*\n"
+    (folder / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")
+    return folder
+
+
+def test_a_dataset_of_several_subsets_reads_the_one_named(tmp_path: Path) -> None:
+    from tunelab.starter import write_starter
+
+    repo = str(subsets_repository(tmp_path / "gsm8k"))
+    columns = {"question": "prompt", "answer": "completion"}
+    with pytest.raises(TunelabError) as missing:
+        load_splits(DataSettings(train=repo, columns=columns), "sft", seed=0)
+    assert str(missing.value) == f"{repo}: has several subsets; its subsets are main, socratic: set data.subset"
+    with pytest.raises(TunelabError, match=r"has no subset 'mian'; its subsets are main, socratic: set data.subset$"):
+        load_splits(DataSettings(train=repo, columns=columns, subset="mian"), "sft", seed=0)
+    splits = load_splits(
+        DataSettings(train=repo, subset="main", columns=columns, eval=repo, eval_split="test"), "sft", 0
+    )
+    assert [r["prompt"] for r in splits.train.rows] == [f"main train q{i}" for i in range(6)]
+    assert [r["prompt"] for r in splits.eval.rows] == [f"main test q{i}" for i in range(6)]
+    # a mixture of both subsets: each source names its own, and the manifest keeps a digest for each
+    both = [{"path": repo, "subset": "main"}, {"path": repo, "subset": "socratic", "rows": 2}]
+    mixed = load_splits(DataSettings(train=both, columns=columns), "sft", seed=0)
+    assert len(mixed.train.rows) == 8 and mixed.train.rows[-1]["prompt"].startswith("socratic train")
+    assert set(mixed.hashes) == {f"{repo}[main]", f"{repo}[socratic]"} and len(set(mixed.hashes.values())) == 2
+    # tunelab init: the subset is asked for, then written
+    with pytest.raises(TunelabError, match=r"^--data: '.*gsm8k' has several subsets: main, socratic; give --subset"):
+        write_starter(tmp_path / "a.yaml", "builtin:tiny-chat", repo, None, "qv", None, None, columns=columns)
+    starter = write_starter(
+        tmp_path / "b.yaml", "builtin:tiny-chat", repo, None, "qv", None, None, columns=columns, subset="socratic"
+    )
+    assert starter.exp.data.subset == "socratic" and starter.exp.data.eval_split == "test"
