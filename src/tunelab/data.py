@@ -69,6 +69,12 @@ class Splits:
     eval: Split | None
     hashes: dict[str, str]  # source -> sha256 prefix of the bytes read (hub datasets and folders: "hub-or-folder")
 
+    def sampled_from(self) -> str | None:
+        """Where the rows come from, when a source gave a sample of its rows (as plan shows it); else None."""
+        if not (self.train.sampled or (self.eval and self.eval.sampled)):
+            return None
+        return f"train from {self.train.source}" + (f"; eval from {self.eval.source}" if self.eval else "")
+
 
 # ---------------------------------------------------------------- reading
 

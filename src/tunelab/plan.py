@@ -518,9 +518,7 @@ def data_stats(inputs: Inputs) -> DataStats:
     exp, splits, tokenizer = inputs.exp, inputs.splits, inputs.tokenizer
     n_eval = len(splits.eval.rows) if splits.eval else 0
     eval_source = splits.eval.source if splits.eval else None
-    sources = None
-    if splits.train.sampled or (splits.eval and splits.eval.sampled):
-        sources = f"train from {splits.train.source}" + (f"; eval from {eval_source}" if eval_source else "")
+    sources = splits.sampled_from()
     if tokenizer is None:
         empty = SplitStats(len(splits.train.rows), 0, 0, 0, 0, 0, 0, 0)
         return DataStats(

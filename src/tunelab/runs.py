@@ -113,6 +113,9 @@ class DataRecord(Record):
     # How training rendered its prompts: "chat" (the chat template) or "text" (plain text: string prompts, no
     # data.as_chat); compare asks the run its prompts the same way. None: recorded before it was.
     rendered: Literal["chat", "text"] | None = None
+    # Where the rows came from, with the part taken of each source that gave a sample ("a.jsonl (5,000 of 207,865
+    # rows, sampled), b.jsonl"); recorded only then. None: every row of every source, or recorded before it was.
+    sampled_from: str | None = None
 
 
 class Places(Record):

@@ -335,6 +335,7 @@ def train(
             eval_examples=len(splits.eval.rows) if splits.eval else 0,
             hashes=splits.hashes,
             rendered=rendered(splits.train.rows),
+            sampled_from=splits.sampled_from(),
         ),
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),

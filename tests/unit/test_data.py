@@ -548,6 +548,8 @@ def test_a_source_may_give_a_seeded_sample_of_its_rows(tmp_path: Path) -> None:
     assert sample(0, fraction=0.25) == ten  # 25% of 40, the same draw
     splits = load_splits(DataSettings(train={"path": str(path), "rows": 10}), "sft", seed=0)
     assert splits.train.sampled and splits.train.source == f"{path} (10 of 40 rows, sampled)"
+    assert splits.sampled_from() == f"train from {path} (10 of 40 rows, sampled)"  # plan's line, the manifest's
+    assert load(path).sampled_from() is None
     assert splits.train.origins == [f"{path}:{every.index(q) + 1}" for q in ten]
     assert splits.hashes == load(path).hashes  # the digest is the file's: the sample is the config's (rows, seed)
 

@@ -393,6 +393,8 @@ def print_show(
         )
     if m.data is not None:
         console.print(Text(f"data {m.data.format}: {m.data.train_examples} train, {m.data.eval_examples} eval"))
+        if m.data.sampled_from:
+            console.print(Text(m.data.sampled_from))
     if m.global_steps is not None:
         seconds = f" in {m.train_seconds} s" if m.train_seconds is not None else ""
         console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
