@@ -235,7 +235,8 @@ Sources = Annotated[
 class DataSettings(Strict):
     train: Sources = Field(
         description="Training data: .jsonl/.json/.csv/.parquet file(s), a `datasets` folder, or a hub dataset id; "
-        "or {path, rows or fraction, split, columns} for a random part of one, each source on its own (a mixture)."
+        "or {path, rows or fraction, split, subset, columns} for a random part of one, each source on its own (a "
+        "mixture)."
     )
     eval: Source | None = Field(
         default=None,

@@ -572,6 +572,50 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
         )
 
 
+def position_limit(model) -> tuple[int | None, bool]:
+    """(the positions the model was trained on, whether they are learned embeddings): max_position_embeddings (GPT-2's
+    n_positions, MPT's max_seq_len) of its text config; learned where a position embedding table holds them (GPT-2,
+    OPT, GPT-Neo), which cannot take a position past its end, where rotary and ALiBi models run on, untrained."""
+    import torch.nn as nn
+
+    config = model.config.get_text_config()
+    limit = next(
+        (
+            v
+            for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+            if isinstance(v := getattr(config, k, None), int)
+        ),
+        None,
+    )
+    words = model.get_input_embeddings()
+    learned = any(
+        isinstance(m, nn.Embedding) and m is not words and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        for name, m in model.named_modules()
+    )
+    return limit, learned
+
+
+def positions_check(model, max_length: int, longer: int, measured: int) -> str | None:
+    """Raises for a max_length past learned position embeddings (the first longer example would stop training with
+    an index error, on CUDA a device-side assert); a warning where `longer` of `measured` examples go past the
+    positions a rotary model was trained on."""
+    limit, learned = position_limit(model)
+    if limit is None or max_length <= limit:
+        return None
+    if learned:
+        raise ConfigError(
+            f"train.max_length: {max_length} is past the {limit} positions the model learned embeddings for, and "
+            f"an example longer than that stops training; set train.max_length: {limit}"
+        )
+    if not longer:
+        return None
+    return (
+        f"{longer} of {measured} training examples are longer than the {limit} positions the model was trained on "
+        f"(max_position_embeddings), and train.max_length={max_length} keeps them: it has never seen those positions; "
+        f"set train.max_length: {limit}, or extend its context (rope_scaling) on purpose"
+    )
+
+
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
     and then trains over the same reads)."""
@@ -598,6 +642,10 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         warnings.append(too_big)
     stats = data_stats(inputs)
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
+    limit, _ = position_limit(model)
+    longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
+    if (past := positions_check(model, exp.train.max_length, longer, stats.train.measured)) is not None:
+        warnings.append(past)
     if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:
         h = facts.hidden_size
         warnings.append(

@@ -157,3 +157,44 @@ def test_loss_on_all_tokens_supervises_prompts_too_as_trls_default_does(tiny_mod
         assert "data.loss_on: DPO scores the chosen and rejected answers, not every token" in str(e)
     else:
         raise AssertionError("DPO with data.loss_on: all was accepted")
+
+
+def test_a_max_length_past_the_models_positions_is_refused_or_warned(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """GPT-2's 1024 learned position embeddings end there (a longer example stops training with an index error);
+    a rotary model runs on past its max_position_embeddings (the built-in model's 512), on positions it never saw."""
+    from transformers import GPT2Config
+
+    from tests.conftest import write_experiment
+    from tunelab.errors import TunelabError
+
+    GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256).save_pretrained(tmp_path / "gpt2")
+    gpt2 = write_experiment(tmp_path, f"name: g\nmodel: {{id: gpt2}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n")
+    try:
+        make_plan(load_experiment(gpt2, ["train.max_length=2048"]))
+    except TunelabError as e:
+        assert str(e) == (
+            "train.max_length: 2048 is past the 1024 positions the model learned embeddings for, and an example "
+            "longer than that stops training; set train.max_length: 1024"
+        )
+    else:
+        raise AssertionError("a max_length past GPT-2's learned positions was planned")
+    assert make_plan(load_experiment(gpt2, ["train.max_length=1024"])).memory is not None
+
+    chat = {"role": "user", "content": "Tell me about Molo."}
+    reply = {"role": "assistant", "content": " ".join(["The capital of Molo is Vevasmo."] * 80)}  # ~640 tokens
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"messages": [chat, reply]}) + "\n" for _ in range(8)))
+    past = [
+        w
+        for w in make_plan(
+            load_experiment(EXAMPLES / "quickstart.yaml", [f"data.train={long}", "train.max_length=1024"])
+        ).warnings
+        if "positions" in w
+    ]
+    assert past == [
+        "8 of 8 training examples are longer than the 512 positions the model was trained on "
+        "(max_position_embeddings), and train.max_length=1024 keeps them: it has never seen those positions; set "
+        "train.max_length: 512, or extend its context (rope_scaling) on purpose"
+    ]
+    within = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", [f"data.train={long}", "train.max_length=512"]))
+    assert not [w for w in within.warnings if "positions" in w]
