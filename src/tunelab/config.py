@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StringConstraints,
     Tag,
     ValidationError,
     field_validator,
@@ -245,6 +246,12 @@ class DataSettings(Strict):
     eval_fraction: float | None = Field(
         default=None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation instead."
     )
+    eval_also: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")], Source] = Field(
+        default_factory=dict,
+        description="More held-out sets by name (SFT), each scored beside the eval data at every evaluation as "
+        "eval_<name>_loss: e.g. {general: {path: HuggingFaceH4/ultrachat_200k, split: test_sft, rows: 300}} shows what "
+        "the tuning costs the model on chats unlike yours.",
+    )
     format: Literal[
         "auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference", "unpaired"
     ] = Field(default="auto", description="Record format; auto detects it from the first record's fields.")
@@ -296,6 +303,13 @@ class DataSettings(Strict):
     def _some_files(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
             raise ValueError("an empty list; give at least one data file")
+        return value
+
+    @field_validator("eval_also")
+    @classmethod
+    def _not_the_eval_data(cls, value: dict) -> dict:
+        if "eval" in value:
+            raise ValueError("'eval' names the eval data (its loss is eval_loss); name this set otherwise")
         return value
 
     @model_validator(mode="after")
@@ -691,6 +705,16 @@ class Experiment(Strict):
                     f"train.micro_batch_size: {micro} does not divide train.batch_size={self.train.batch_size}; "
                     "use a divisor"
                 )
+        if self.data.eval_also and self.method != "sft":
+            raise ValueError(
+                f"data.eval_also: TRL's {self.method.upper()} trainer scores one held-out set; data.eval_also applies "
+                "to SFT: remove it"
+            )
+        if self.data.eval_also and not (self.data.eval or self.data.eval_fraction):
+            raise ValueError(
+                "data.eval_also: scores beside the eval data, and there is none; set data.eval (a file) or "
+                "data.eval_fraction (e.g. 0.05)"
+            )
         if self.method != "sft" and self.data.loss_on != "replies":
             raise ValueError(
                 f"data.loss_on: {self.method.upper()} scores the chosen and rejected answers, not every token; "
@@ -749,6 +773,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "columns"): {},
     ("data", "loss_on"): "replies",
     ("data", "subset"): None,
+    ("data", "eval_also"): {},
     ("train", "compile"): False,
     ("train", "master_weights"): "float32",
     ("train", "data_workers"): None,
@@ -1027,6 +1052,7 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
         update={
             "train": train if isinstance(data.train, list) else train[0],
             "eval": _local_source(data.eval, base) if data.eval else None,
+            "eval_also": {name: _local_source(source, base) for name, source in data.eval_also.items()},
         }
     )
     if exp.init_from is not None:

@@ -16,7 +16,7 @@ import json
 import random
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Splits:
     train: Split
     eval: Split | None
     hashes: dict[str, str]  # source -> sha256 prefix of the bytes read (hub datasets and folders: "hub-or-folder")
+    also: dict[str, Split] = field(default_factory=dict)  # data.eval_also: more held-out sets, by name
 
     def sampled_from(self) -> str | None:
         """Where the rows come from, when a source gave a sample of its rows (as plan shows it); else None."""
@@ -850,7 +851,14 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         out = sorted(held)
         train = Split([rows[i] for i in kept], names, [origins[i] for i in kept], sampled)
         evaluation = Split([rows[i] for i in out], f"{names} (held out)", [origins[i] for i in out], sampled)
-    return Splits(_one_format(formats, method), train, evaluation, hashes)
+    also = {}
+    for name, given in settings.eval_also.items():
+        source = settings.settled(given, held_out=True)
+        loaded = load_file(given, f"data.eval_also.{name}", settings, method, seed)
+        formats.setdefault(source.path, loaded.format)
+        hashes[_hash_key(source, hashes)] = loaded.digest
+        also[name] = Split(loaded.rows, _part(source.path, loaded), loaded.origins, _sampled_part(loaded))
+    return Splits(_one_format(formats, method), train, evaluation, hashes, also)
 
 
 def _hash_key(source: DataSource, hashes: dict[str, str]) -> str:
@@ -899,23 +907,23 @@ def _check_eval_source(settings: DataSettings) -> None:
     for key, source in zip([*keys, "data.eval"], [*given, settings.eval], strict=True):
         if isinstance(source, DataSource) and source.split and Path(source.path).is_file():
             raise ConfigError(f"{key}.split: '{source.path}' is a file and has no splits; remove split")
-    held_out = settings.eval_source
-    if held_out is None:
-        return
-    for source in settings.train_sources:
-        if Path(source.path).resolve() != Path(held_out.path).resolve():
-            continue
-        if Path(held_out.path).is_file():
-            raise ConfigError(
-                f"data.eval: '{held_out.path}' is also a training file, so eval loss would measure memorisation; "
-                "give a held-out file, or use data.eval_fraction to hold out part of it"
-            )
-        if held_out.split == source.split:
-            raise ConfigError(
-                f"data.eval: reads the same split of '{held_out.path}' as data.train ('{source.split}'), so eval "
-                "loss would measure memorisation; set data.eval_split to its held-out split, or use "
-                "data.eval_fraction"
-            )
+    held = [("data.eval", settings.eval_source)] if settings.eval is not None else []
+    held += [(f"data.eval_also.{name}", settings.settled(s, held_out=True)) for name, s in settings.eval_also.items()]
+    for key, held_out in held:
+        for source in settings.train_sources:
+            if Path(source.path).resolve() != Path(held_out.path).resolve():
+                continue
+            if Path(held_out.path).is_file():
+                raise ConfigError(
+                    f"{key}: '{held_out.path}' is also a training file, so eval loss would measure memorisation; "
+                    "give a held-out file, or use data.eval_fraction to hold out part of it"
+                )
+            if held_out.split == source.split and held_out.subset == source.subset:
+                raise ConfigError(
+                    f"{key}: reads the same split of '{held_out.path}' as data.train ('{source.split}'), so eval "
+                    "loss would measure memorisation; set data.eval_split to its held-out split, or use "
+                    "data.eval_fraction"
+                )
 
 
 def rendered(rows: list[dict]) -> str:

@@ -6,7 +6,7 @@ accelerate config, and the data as the tokenizer encodes it, with the checks on 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment
@@ -31,6 +31,7 @@ class Inputs:
     encoded: list[Encoded]  # train, then eval when there is one, as training tokenizes them
     checks: TokenChecks | None
     complete: bool  # every row was tokenized (what training needs), not only the first PLAN_ROWS
+    also: dict[str, Encoded] = field(default_factory=dict)  # data.eval_also's sets, tokenized
 
 
 def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None) -> Encoded:
@@ -74,12 +75,13 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
     engine = engine or read_engine(exp.distributed.accelerate_config)
     config = load_config(exp.model)
     splits = load_splits(exp.data, exp.method, exp.train.seed)
-    tokenizer, encoded, checks = None, [], None
+    tokenizer, encoded, checks, also = None, [], None, {}
     if training or exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
         tokenizer = load_tokenizer(exp.tokenizer, exp.model, config)
         limit = None if training else PLAN_ROWS
         encoded = [encode_split(exp, tokenizer, s, limit) for s in (splits.train, splits.eval) if s is not None]
+        also = {name: encode_split(exp, tokenizer, split, limit) for name, split in splits.also.items()}
         # The checks also give a tokenizer without a pad token a safe one.
-        checks = check_tokens(tokenizer, encoded, exp.train.max_length)
+        checks = check_tokens(tokenizer, encoded + list(also.values()), exp.train.max_length)
         checks.reads_clock = reads_the_clock(tokenizer, template_vars(exp.tokenizer, tokenizer))
-    return Inputs(exp, engine, config, splits, tokenizer, encoded, checks, complete=training)
+    return Inputs(exp, engine, config, splits, tokenizer, encoded, checks, complete=training, also=also)

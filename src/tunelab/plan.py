@@ -110,6 +110,7 @@ class DataStats:
     eval_source: str | None
     first_example: list[tuple[str, bool]] = field(default_factory=list)
     sources: str | None = None  # where the rows come from, when a source gave a sample of its rows
+    also: dict[str, SplitStats] = field(default_factory=dict)  # data.eval_also's sets
     note: str | None = None
     tokens: TokenChecks | None = None
 
@@ -531,6 +532,7 @@ def data_stats(inputs: Inputs) -> DataStats:
         )
     max_length = exp.train.max_length
     train_enc, eval_enc = inputs.encoded[0], inputs.encoded[1] if splits.eval else None
+    also = {name: split_stats(inputs.also[name], len(split.rows), max_length) for name, split in splits.also.items()}
     return DataStats(
         splits.format,
         split_stats(train_enc, len(splits.train.rows), max_length),
@@ -539,6 +541,7 @@ def data_stats(inputs: Inputs) -> DataStats:
         first_example=loss_segments(tokenizer, train_enc.examples[0]),
         tokens=inputs.checks,
         sources=sources,
+        also=also,
     )
 
 

@@ -219,6 +219,8 @@ class Manifest(Record):
     result: str | None = None
     base_eval_loss: float | None = None
     final_eval_loss: float | None = None
+    # data.eval_also's sets: name -> {"base": loss before the first step, "final": the result's}
+    eval_also_losses: dict[str, dict[str, float | None]] | None = None
     final_train_loss: float | None = None
     global_steps: int | None = None
     stopped_early: bool | None = None  # train.early_stop ended it before its planned steps

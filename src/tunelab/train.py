@@ -103,9 +103,10 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                     f"{record.get('tokens_per_s') or 0:.0f} tok/s  ETA {eta:.0f}s"
                 )
                 print(("\r" + line.ljust(79)) if on_tty else line, end="" if on_tty else "\n", flush=True)
-            elif "eval_loss" in logs:
+            elif scored := next((k for k in logs if k.startswith("eval_") and k.endswith("_loss")), None):
+                which = scored.removesuffix("loss").replace("_", " ")  # eval_loss, eval_<name>_loss
                 print(
-                    ("\n" if on_tty else "") + f"eval loss {logs['eval_loss']:.4f} at step {state.global_step}",
+                    ("\n" if on_tty else "") + f"{which}loss {logs[scored]:.4f} at step {state.global_step}",
                     flush=True,
                 )
 
@@ -197,6 +198,22 @@ def _change_check(before: dict[str, str], after: dict[str, str], trainable: list
 def _base_eval_loss(trainer) -> float | None:
     """The eval loss before the first step (eval_on_start), kept in the log history across a resume."""
     return next((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == 0), None)
+
+
+def _also_losses(trainer, names: list[str]) -> dict[str, dict[str, float | None]] | None:
+    """data.eval_also's losses before the first step and of the result (the best checkpoint's with train.keep: best,
+    else the last evaluation's, which `_final_eval_loss` made sure of), from the Trainer's log history."""
+    if not names:
+        return None
+    best = trainer.state.best_global_step if trainer.args.load_best_model_at_end else None
+    out = {}
+    for name in names:
+        key = f"eval_{name}_loss"
+        logged = [r for r in trainer.state.log_history if key in r]
+        base = next((r[key] for r in logged if r.get("step") == 0), None)
+        final = next((r[key] for r in logged if r.get("step") == best), None) if best else None
+        out[name] = {"base": base, "final": final if final is not None else logged[-1][key] if logged else None}
+    return out
 
 
 def _final_eval_loss(trainer) -> float:
@@ -498,7 +515,9 @@ def _load_scoped_model(
     return model, resolved, note
 
 
-def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, kind: ScopeKind, hw, run: Run, callbacks):
+def _build_trainer(
+    exp: Experiment, model, tokenizer, splits, encoded, kind: ScopeKind, hw, run: Run, callbacks, also: dict
+):
     """The method's trainer over the prepared inputs; for methods with a reference model, record how it is kept."""
     from tunelab.methods import get_method
     from tunelab.methods.base import TrainerInputs
@@ -513,7 +532,9 @@ def _build_trainer(exp: Experiment, model, tokenizer, splits, encoded, kind: Sco
             ref_logps_cache=str(cache) if cache else None,
             ref_logps_reused=bool(cache and (cache / "train.safetensors").is_file()),
         )
-    inputs = TrainerInputs(exp, model, tokenizer, splits, encoded, hw, run.checkpoints, callbacks, reference, cache)
+    inputs = TrainerInputs(
+        exp, model, tokenizer, splits, encoded, hw, run.checkpoints, callbacks, reference, cache, also
+    )
     trainer = method.build(inputs)
     if hw.master == "params":
         _trainable_in_float32(trainer.model)
@@ -641,7 +662,9 @@ def _train_in(
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=exp.train.early_stop)]
     with trackers.environment(report_to, run.dir, group):
         clock(f"preparing the {exp.method} trainer")
-        trainer = _build_trainer(exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks])
+        trainer = _build_trainer(
+            exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks], inputs.also
+        )
         trainer.args.run_name, trainer.args.project = run.dir.name, group  # the trackers' run and project names
         running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))
         distributed.check_launch(trainer.args.world_size, engine, running)
@@ -699,6 +722,7 @@ def _train_in(
         result=kind.result,
         base_eval_loss=_base_eval_loss(trainer),
         final_eval_loss=final_eval,
+        eval_also_losses=_also_losses(trainer, list(splits.also)),
         final_train_loss=train_losses[-1] if train_losses else None,
         global_steps=trainer.state.global_step,
         stopped_early=trainer.state.global_step < trainer.state.max_steps,

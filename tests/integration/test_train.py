@@ -319,3 +319,65 @@ def test_data_tokenized_in_several_processes_trains_the_same_weights(
         for setting, expected in ((2, 2), (None, 1)):
             train_settings = exp.train.model_copy(update={"data_workers": setting})
             assert preference_arguments(train_settings, hw, tmp_path, False, "dpo", 40)["dataset_num_proc"] == expected
+
+
+def test_more_held_out_sets_are_scored_beside_the_eval_data(tmp_path: Path, tiny_model_dir) -> None:
+    """data.eval_also: each set's loss at every evaluation as eval_<name>_loss, the eval data's staying eval_loss
+    (which keep: best follows); a set that is the eval data scores exactly its loss, TRL's token accuracy included;
+    the manifest keeps each set's loss before training and of the result (the best checkpoint's)."""
+    import json
+
+    rows = [json.loads(line) for line in (EXAMPLES / "data" / "sft_train.jsonl").read_text().splitlines()]
+    general = tmp_path / "general.jsonl"  # the training chats' replies as Alpaca rows: another shape, held out
+    general.write_text(
+        "".join(
+            json.dumps({"instruction": r["messages"][-2]["content"], "output": "No idea."}) + "\n" for r in rows[:16]
+        )
+    )
+    also = f"data.eval_also={{same: {EXAMPLES / 'data' / 'sft_eval.jsonl'}, general: {general}}}"
+    exp = experiment("quickstart", tmp_path, also, "train.max_steps=6", "train.eval_steps=2", "train.keep=best")
+    plan = make_plan(exp)
+    assert (plan.data.also["same"].examples, plan.data.also["general"].examples) == (40, 16)
+    m = train(exp).manifest
+    logged = read_metrics(Path(exp.output.dir) / exp.run_name)
+    by_step = {}
+    for r in logged:
+        by_step.setdefault(r.get("step"), {}).update(r)
+    evaluated = [step for step, r in sorted(by_step.items()) if "eval_loss" in r]
+    assert evaluated == [0, 2, 4, 6]
+    for step in evaluated:
+        r = by_step[step]
+        assert r["eval_same_loss"] == r["eval_loss"] and r["eval_general_loss"] != r["eval_loss"]
+        assert r["eval_same_mean_token_accuracy"] == r["eval_mean_token_accuracy"]
+    assert not any("eval_mean_token_accuracy" in r and "eval_general_loss" in r for r in logged)
+    assert m.eval_also_losses["same"] == {"base": m.base_eval_loss, "final": m.final_eval_loss}
+    best = by_step[m.best_step]
+    assert (
+        m.final_eval_loss == best["eval_loss"] and m.eval_also_losses["general"]["final"] == best["eval_general_loss"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            [
+                "method=dpo",
+                f"data.train={EXAMPLES / 'data' / 'pref_train.jsonl'}",
+                f"data.eval={EXAMPLES / 'data' / 'pref_eval.jsonl'}",
+            ],
+            "data.eval_also: TRL's DPO trainer scores one held-out set",
+        ),
+        (["data.eval=null"], "data.eval_also: scores beside the eval data, and there is none"),
+    ],
+)
+def test_more_held_out_sets_need_sft_and_eval_data(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    with pytest.raises(TunelabError, match=expected):
+        experiment(
+            "quickstart", tmp_path, f"data.eval_also={{more: {EXAMPLES / 'data' / 'sft_eval.jsonl'}}}", *overrides
+        )
+    with pytest.raises(TunelabError, match=r"data.eval_also: 'eval' names the eval data"):
+        experiment("quickstart", tmp_path, f"data.eval_also={{eval: {EXAMPLES / 'data' / 'sft_eval.jsonl'}}}")
+    exp = experiment("quickstart", tmp_path, f"data.eval_also={{seen: {EXAMPLES / 'data' / 'sft_train.jsonl'}}}")
+    with pytest.raises(TunelabError, match=r"^data.eval_also.seen: '.*sft_train.jsonl' is also a training file"):
+        make_plan(exp)

@@ -9,7 +9,7 @@ through adding one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ class TrainerInputs:
     callbacks: list[TrainerCallback]
     reference: str | None  # for methods with a reference model: "adapter", "copy" or "precomputed"
     ref_cache: Path | None  # where precomputed reference log-probs are kept, if the method caches them
+    also: dict[str, Encoded] = field(default_factory=dict)  # data.eval_also's sets (SFT), tokenized
 
 
 @dataclass(frozen=True)

@@ -213,12 +213,12 @@ def instantiate(
     config,
     tokenizer: PreTrainedTokenizerBase,
     train_rows: list[dict] | Dataset,
-    eval_rows: list[dict] | Dataset | None,
+    eval_rows: list[dict] | Dataset | dict[str, Dataset] | None,
     callbacks: list[TrainerCallback],
     **extra,
 ):
-    """A TRL trainer on in-memory rows (a list, or a Dataset built already), printing through tunelab's own progress
-    callback only."""
+    """A TRL trainer on in-memory rows (a list, or a Dataset built already; held-out sets may come by name),
+    printing through tunelab's own progress callback only."""
     from datasets import Dataset
     from transformers import PrinterCallback
 
@@ -232,7 +232,13 @@ def instantiate(
             model=model,
             args=config,
             train_dataset=dataset(train_rows),
-            eval_dataset=dataset(eval_rows) if eval_rows else None,
+            eval_dataset=(
+                {name: dataset(rows) for name, rows in eval_rows.items()}
+                if isinstance(eval_rows, dict)
+                else dataset(eval_rows)
+                if eval_rows
+                else None
+            ),
             processing_class=tokenizer,
             callbacks=callbacks,
             **extra,

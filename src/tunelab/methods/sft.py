@@ -24,7 +24,9 @@ def build_trainer(
     hw: Hardware,
     output_dir: Path,
     callbacks: list[TrainerCallback],
+    also: dict[str, Dataset] | None = None,
 ) -> SFTTrainer:
+    """`also`: data.eval_also's sets, scored beside `eval_rows` at every evaluation (eval_<name>_loss)."""
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -47,15 +49,60 @@ def build_trainer(
     collator = (
         DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True) if batches.padding_free else None
     )
+    held_out = {PRIMARY: eval_rows, **also} if also else eval_rows
     return instantiate(
-        seeded(SFTTrainer), model, config, tokenizer, train_rows, eval_rows, callbacks, data_collator=collator
+        scoring_also(seeded(SFTTrainer)),
+        model,
+        config,
+        tokenizer,
+        train_rows,
+        held_out,
+        callbacks,
+        data_collator=collator,
     )
+
+
+PRIMARY = "eval"  # the eval data's name among several held-out sets: its loss stays eval_loss
+
+
+def scoring_also(trainer_class: type) -> type:
+    """The trainer class scoring several held-out sets: the eval data as eval_loss, which checkpoints, early stopping
+    and the run's record follow, then each of data.eval_also's as eval_<name>_loss. (Transformers' own dict of eval
+    sets names every one, so eval_loss would go; and TRL logs its token accuracy and entropy of each set as eval_*,
+    here eval_<name>_* for a named set.)"""
+
+    class ScoringAlso(trainer_class):
+        scoring: str | None = None
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            metrics = super().evaluate(self.eval_dataset[PRIMARY], ignore_keys, metric_key_prefix)
+            for name, dataset in self.eval_dataset.items():
+                if name != PRIMARY:
+                    self.scoring = name
+                    try:
+                        metrics |= super().evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}")
+                    finally:
+                        self.scoring = None
+            return metrics
+
+        def log(self, logs, start_time=None):
+            kept = getattr(self, "_metrics", {}).get("eval") if self.scoring else None
+            if kept:  # TRL's per-set metrics, which it names eval_<metric> whatever the set
+                for key in list(kept):
+                    kept[f"{self.scoring}_{key}"] = kept.pop(key)
+            super().log(logs, start_time)
+
+    ScoringAlso.__name__ = ScoringAlso.__qualname__ = trainer_class.__name__
+    return ScoringAlso
 
 
 def build(inputs: TrainerInputs) -> SFTTrainer:
     """Rows as `plan` previewed them: tokenized, with the loss mask as labels."""
     train_rows = inputs.encoded[0].dataset()
     eval_rows = inputs.encoded[1].dataset() if inputs.splits.eval else None
+    also = {name: encoded.dataset() for name, encoded in inputs.also.items()}
     return build_trainer(
         inputs.model,
         inputs.tokenizer,
@@ -65,6 +112,7 @@ def build(inputs: TrainerInputs) -> SFTTrainer:
         inputs.hw,
         inputs.output_dir,
         inputs.callbacks,
+        also,
     )
 
 

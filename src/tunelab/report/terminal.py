@@ -165,6 +165,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             dt.add_column(col, justify="right" if col != "split" else "left")
         dt.add_row(*_split_row("train", d.train))
         dt.add_row(*_split_row("eval", d.eval))
+        for name, stats in d.also.items():
+            dt.add_row(*_split_row(f"eval {name}", stats))
         console.print(dt)
         if d.sources:
             console.print(d.sources, markup=False, highlight=False)
@@ -219,6 +221,17 @@ def preference_line(m: Manifest) -> str | None:
     return f"preference accuracy {before} -> {m.preference_accuracy_after:.3f} (held-out pairs)"
 
 
+def eval_also_lines(m: Manifest) -> list[str]:
+    """data.eval_also's losses before training and of the result, a line a set, as the eval loss's own line."""
+    lines = []
+    for name, losses in (m.eval_also_losses or {}).items():
+        base, final = losses.get("base"), losses.get("final")
+        if final is not None:
+            ratio = f" ({final / base:.2f}x the base)" if base else ""
+            lines.append(f"eval {name} loss {'-' if base is None else f'{base:.4f}'} -> {final:.4f}{ratio}")
+    return lines
+
+
 def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> None:
     console = console or _console()
     base, final = manifest.base_eval_loss, manifest.final_eval_loss
@@ -229,6 +242,8 @@ def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> No
     )
     if base is not None:
         console.print(f"eval loss {base:.4f} -> {final:.4f}{ratio}")
+    for line in eval_also_lines(manifest):
+        console.print(line, highlight=False)
     if (kept := kept_line(manifest)) is not None:
         console.print(kept)
     if preference := preference_line(manifest):
@@ -400,6 +415,8 @@ def print_show(
         console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
     if m.base_eval_loss is not None and m.final_eval_loss is not None:
         console.print(f"eval loss {m.base_eval_loss:.4f} -> {m.final_eval_loss:.4f}")
+    for line in eval_also_lines(m):
+        console.print(line, highlight=False)
     if (kept := kept_line(m)) is not None:
         console.print(kept)
     if preference := preference_line(m):
