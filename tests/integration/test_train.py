@@ -335,7 +335,9 @@ def test_more_held_out_sets_are_scored_beside_the_eval_data(tmp_path: Path, tiny
         )
     )
     also = f"data.eval_also={{same: {EXAMPLES / 'data' / 'sft_eval.jsonl'}, general: {general}}}"
-    exp = experiment("quickstart", tmp_path, also, "train.max_steps=6", "train.eval_steps=2", "train.keep=best")
+    exp = experiment(
+        "quickstart", tmp_path, also, "train.max_steps=6", "train.eval_steps=2", "train.keep=best", "train.early_stop=3"
+    )
     plan = make_plan(exp)
     assert (plan.data.also["same"].examples, plan.data.also["general"].examples) == (40, 16)
     m = train(exp).manifest
@@ -355,6 +357,8 @@ def test_more_held_out_sets_are_scored_beside_the_eval_data(tmp_path: Path, tiny
     assert (
         m.final_eval_loss == best["eval_loss"] and m.eval_also_losses["general"]["final"] == best["eval_general_loss"]
     )
+    # early stopping follows eval_loss alone, and does not say it is off when another set's metrics come in
+    assert "early stopping is disabled" not in (Path(exp.output.dir) / exp.run_name / "train.log").read_text()
 
 
 @pytest.mark.parametrize(

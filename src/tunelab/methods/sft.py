@@ -77,14 +77,20 @@ def scoring_also(trainer_class: type) -> type:
         def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
             if eval_dataset is not None or not isinstance(self.eval_dataset, dict):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            from transformers import EarlyStoppingCallback
+
             metrics = super().evaluate(self.eval_dataset[PRIMARY], ignore_keys, metric_key_prefix)
-            for name, dataset in self.eval_dataset.items():
-                if name != PRIMARY:
-                    self.scoring = name
-                    try:
+            # Early stopping follows eval_loss alone (on another set's metrics it logs that it is disabled).
+            handler = self.callback_handler
+            every = handler.callbacks
+            handler.callbacks = [c for c in every if not isinstance(c, EarlyStoppingCallback)]
+            try:
+                for name, dataset in self.eval_dataset.items():
+                    if name != PRIMARY:
+                        self.scoring = name
                         metrics |= super().evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}")
-                    finally:
-                        self.scoring = None
+            finally:
+                self.scoring, handler.callbacks = None, every
             return metrics
 
         def log(self, logs, start_time=None):
