@@ -221,28 +221,27 @@ def preference_line(m: Manifest) -> str | None:
     return f"preference accuracy {before} -> {m.preference_accuracy_after:.3f} (held-out pairs)"
 
 
-def eval_also_lines(m: Manifest) -> list[str]:
-    """data.eval_also's losses before training and of the result, a line a set, as the eval loss's own line."""
+def eval_lines(m: Manifest) -> list[str]:
+    """The eval loss before training and of the result, then data.eval_also's, a line a set."""
+    sets = {"": {"base": m.base_eval_loss, "final": m.final_eval_loss}} | {
+        f"{name} ": losses for name, losses in (m.eval_also_losses or {}).items()
+    }
     lines = []
-    for name, losses in (m.eval_also_losses or {}).items():
+    for name, losses in sets.items():
         base, final = losses.get("base"), losses.get("final")
-        if final is not None:
+        if base is not None and final is not None:
             ratio = f" ({final / base:.2f}x the base)" if base else ""
-            lines.append(f"eval {name} loss {'-' if base is None else f'{base:.4f}'} -> {final:.4f}{ratio}")
+            lines.append(f"eval {name}loss {base:.4f} -> {final:.4f}{ratio}")
     return lines
 
 
 def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> None:
     console = console or _console()
-    base, final = manifest.base_eval_loss, manifest.final_eval_loss
-    ratio = f" ({final / base:.2f}x the base)" if base and final is not None else ""
     console.print(
         f"[bold]{manifest.name}[/bold] {manifest.status} in {manifest.train_seconds} s, "
         f"{manifest.global_steps} steps -> {run_dir}"
     )
-    if base is not None:
-        console.print(f"eval loss {base:.4f} -> {final:.4f}{ratio}")
-    for line in eval_also_lines(manifest):
+    for line in eval_lines(manifest):
         console.print(line, highlight=False)
     if (kept := kept_line(manifest)) is not None:
         console.print(kept)
@@ -413,9 +412,7 @@ def print_show(
     if m.global_steps is not None:
         seconds = f" in {m.train_seconds} s" if m.train_seconds is not None else ""
         console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
-    if m.base_eval_loss is not None and m.final_eval_loss is not None:
-        console.print(f"eval loss {m.base_eval_loss:.4f} -> {m.final_eval_loss:.4f}")
-    for line in eval_also_lines(m):
+    for line in eval_lines(m):
         console.print(line, highlight=False)
     if (kept := kept_line(m)) is not None:
         console.print(kept)
