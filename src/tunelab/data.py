@@ -148,7 +148,7 @@ def _read_with_datasets(
     import datasets
 
     revision = None if Path(source).exists() else revision  # a hub id's; a local folder has none
-    split_key = split_key or ("data.eval_split" if key == "data.eval" else "data.hub_split")
+    split_key = split_key or ("data.eval_split" if held_out_key(key) else "data.hub_split")
     try:
         # datasets 5.2 keys its cache of a local dataset repository by the folder's name and README, not by its files:
         # after an edit of its data files, or for another folder of the same name, it returned the rows it had cached
@@ -157,11 +157,9 @@ def _read_with_datasets(
             ds = _open_with_datasets(source, split, split_key, revision, cache, key, subset)
             records = [Record(f"{source}#{i + 1}", r) for i, r in enumerate(ds)]
     except ValueError as e:
-        if str(e).startswith("Config name is missing") or "BuilderConfig" in str(e):
-            names = ", ".join(datasets.get_dataset_config_names(source, revision=revision))
-            which = f"has no subset '{subset}'" if subset else "has several subsets"
+        if (subsets := _subsets_refusal(e, source, subset, revision)) is not None:
             alone = f", or {key}.subset for this source alone" if "[" in key else ""
-            raise ConfigError(f"{source}: {which}; its subsets are {names}: set data.subset{alone}") from e
+            raise ConfigError(f"{source}: {subsets}: set data.subset{alone}") from e
         if str(e).startswith("Unknown split"):
             names = ", ".join(datasets.get_dataset_split_names(source, subset, revision=revision))
             raise ConfigError(f"{source}: has no split '{split}'; its splits are {names}: set {split_key}") from e
@@ -184,6 +182,22 @@ def _load_refusal(key: str, source: str, error: Exception) -> TunelabError:
     return gated_refusal(key, source, error, "dataset") or TunelabError(
         f"{source}: cannot load dataset ({str(error).splitlines()[0]})"
     )
+
+
+def held_out_key(key: str) -> bool:
+    """Whether the setting `key` names held-out data (data.eval, data.eval_also.<name>): its split defaults to
+    data.eval_split."""
+    return key == "data.eval" or key.startswith("data.eval_also.")
+
+
+def _subsets_refusal(error: ValueError, source: str, subset: str | None, revision: str | None = None) -> str | None:
+    """What datasets' error says when it is about the dataset's subsets (configs): which it has, or None."""
+    import datasets
+
+    if not (str(error).startswith("Config name is missing") or "BuilderConfig" in str(error)):
+        return None
+    names = ", ".join(datasets.get_dataset_config_names(source, revision=revision))
+    return f"{f'has no subset {subset!r}' if subset else 'has several subsets'}; its subsets are {names}"
 
 
 def _open_with_datasets(
@@ -255,10 +269,8 @@ def dataset_splits(source: str, subset: str | None = None) -> list[str] | None:
     try:
         return datasets.get_dataset_split_names(source, subset)
     except ValueError as e:
-        if str(e).startswith("Config name is missing") or "BuilderConfig" in str(e):
-            names = ", ".join(datasets.get_dataset_config_names(source))
-            which = f"has no subset '{subset}'" if subset else "has several subsets"
-            raise TunelabError(f"--data: '{source}' {which}: {names}; give --subset NAME") from e
+        if (subsets := _subsets_refusal(e, source, subset)) is not None:
+            raise TunelabError(f"--data: '{source}' {subsets}; give --subset NAME") from e
         raise _load_refusal("--data", source, e) from e
     except OSError as e:
         raise _load_refusal("--data", source, e) from e
@@ -766,7 +778,7 @@ def load_file(source: str | DataSource, key: str, settings: DataSettings, method
     sample of them drawn with `seed` (the digest stays the whole source's)."""
     given = source
     split_key = f"{key}.split" if isinstance(given, DataSource) and given.split else None
-    source = settings.settled(given, held_out=key == "data.eval")
+    source = settings.settled(given, held_out=held_out_key(key))
     records, digest = read_records(source.path, key, source.split, settings.revision, split_key, source.subset)
     if not records:
         raise TunelabError(f"{source.path}: the dataset is empty")

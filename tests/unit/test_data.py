@@ -593,6 +593,14 @@ def test_a_source_of_its_own_split_reads_that_split_and_names_its_key_when_missi
     splits = load_splits(settings, "sft", seed=0)
     assert asked(splits.train.rows) == [f"q{i}" for i in range(6)]
     assert len(splits.eval.rows) == 4 and set(asked(splits.eval.rows)) <= {f"t{i}" for i in range(9)}
+    # a further held-out set of the same dataset reads data.eval_split by default, as data.eval does
+    also = DataSettings(
+        train={"path": str(repo), "split": "train_sft"},
+        eval_split="test_sft",
+        eval=str(repo),
+        eval_also={"more": str(repo)},
+    )
+    assert asked(load_splits(also, "sft", seed=0).also["more"].rows) == [f"t{i}" for i in range(9)]
     with pytest.raises(
         TunelabError, match=r"has no split 'tran_sft'; its splits are train_sft, test_sft: set data.train.split"
     ):
@@ -663,7 +671,9 @@ def test_a_dataset_of_several_subsets_reads_the_one_named(tmp_path: Path) -> Non
     assert len(mixed.train.rows) == 8 and mixed.train.rows[-1]["prompt"].startswith("socratic train")
     assert set(mixed.hashes) == {f"{repo}[main]", f"{repo}[socratic]"} and len(set(mixed.hashes.values())) == 2
     # tunelab init: the subset is asked for, then written
-    with pytest.raises(TunelabError, match=r"^--data: '.*gsm8k' has several subsets: main, socratic; give --subset"):
+    with pytest.raises(
+        TunelabError, match=r"^--data: '.*gsm8k' has several subsets; its subsets are main, socratic; give"
+    ):
         write_starter(tmp_path / "a.yaml", "builtin:tiny-chat", repo, None, "qv", None, None, columns=columns)
     starter = write_starter(
         tmp_path / "b.yaml", "builtin:tiny-chat", repo, None, "qv", None, None, columns=columns, subset="socratic"
