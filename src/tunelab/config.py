@@ -332,8 +332,8 @@ class DataSettings(Strict):
         return [s.path for s in self.train_sources]
 
     def settled(self, source: str | DataSource, held_out: bool = False) -> DataSource:
-        """`source` with the split and columns these settings give it where it names none; `held_out`: it is
-        data.eval (whose default split is eval_split)."""
+        """`source` with the split, subset and columns these settings give it where it names none; `held_out`: it is
+        held-out data, data.eval or one of data.eval_also's (whose default split is eval_split)."""
         split = (self.eval_split if held_out else None) or self.hub_split
         if isinstance(source, str):
             return DataSource(path=source, split=split, columns=self.columns, subset=self.subset)

@@ -224,7 +224,9 @@ def instantiate(
 
     from tunelab.errors import ConfigError
 
-    def dataset(rows: list[dict] | Dataset) -> Dataset:
+    def dataset(rows):
+        if isinstance(rows, dict):
+            return {name: dataset(named) for name, named in rows.items()}
         return rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
 
     try:
@@ -232,13 +234,7 @@ def instantiate(
             model=model,
             args=config,
             train_dataset=dataset(train_rows),
-            eval_dataset=(
-                {name: dataset(rows) for name, rows in eval_rows.items()}
-                if isinstance(eval_rows, dict)
-                else dataset(eval_rows)
-                if eval_rows
-                else None
-            ),
+            eval_dataset=dataset(eval_rows) if eval_rows else None,
             processing_class=tokenizer,
             callbacks=callbacks,
             **extra,
