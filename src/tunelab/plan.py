@@ -591,8 +591,13 @@ def position_limit(model) -> tuple[int | None, bool]:
         None,
     )
     words = model.get_input_embeddings()
-    learned = any(
-        isinstance(m, nn.Embedding) and m is not words and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+    # A table of the text's positions: its size is the limit (OPT's has two more rows); an image-text model's
+    # vision tower has a table of its patches' positions beside it.
+    learned = limit is not None and any(
+        isinstance(m, nn.Embedding)
+        and m is not words
+        and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        and limit <= m.num_embeddings <= limit + 2
         for name, m in model.named_modules()
     )
     return limit, learned
