@@ -359,6 +359,10 @@ def test_more_held_out_sets_are_scored_beside_the_eval_data(tmp_path: Path, tiny
     )
     # early stopping follows eval_loss alone, and does not say it is off when another set's metrics come in
     assert "early stopping is disabled" not in (Path(exp.output.dir) / exp.run_name / "train.log").read_text()
+    from tunelab.runs import list_runs
+
+    listed = {name: losses["final"] for name, losses in m.eval_also_losses.items()}
+    assert [r["eval_also_losses"] for r in list_runs(Path(exp.output.dir))] == [listed]
 
 
 @pytest.mark.parametrize(
