@@ -603,11 +603,10 @@ def position_limit(model) -> tuple[int | None, bool]:
     return limit, learned
 
 
-def positions_check(model, max_length: int, longer: int, measured: int) -> str | None:
-    """Raises for a max_length past learned position embeddings (the first longer example would stop training with
-    an index error, on CUDA a device-side assert); a warning where `longer` of `measured` examples go past the
-    positions a rotary model was trained on."""
-    limit, learned = position_limit(model)
+def positions_check(limit: int | None, learned: bool, max_length: int, longer: int, measured: int) -> str | None:
+    """For the model's `position_limit`: raises for a max_length past learned position embeddings (the first longer
+    example would stop training with an index error, on CUDA a device-side assert); a warning where `longer` of
+    `measured` examples go past the positions a rotary model was trained on."""
     if limit is None or max_length <= limit:
         return None
     if learned:
@@ -650,9 +649,9 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         warnings.append(too_big)
     stats = data_stats(inputs)
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
-    limit, _ = position_limit(model)
+    limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
-    if (past := positions_check(model, exp.train.max_length, longer, stats.train.measured)) is not None:
+    if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train.measured)) is not None:
         warnings.append(past)
     if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:
         h = facts.hidden_size
