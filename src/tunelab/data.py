@@ -764,6 +764,7 @@ def _check_method(fmt: str, method: str, where: str) -> None:
 class Loaded:
     """One source, read and normalised."""
 
+    source: DataSource  # as read: its split, subset and columns settled
     format: str
     rows: list[dict]
     origins: list[str]  # where each row comes from
@@ -791,7 +792,7 @@ def load_file(source: str | DataSource, key: str, settings: DataSettings, method
     if method is not None:
         _check_method(fmt, method, source.path)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]
-    return Loaded(fmt, rows, [r.where for r in records], digest, available)
+    return Loaded(source, fmt, rows, [r.where for r in records], digest, available)
 
 
 def _sampled(records: list[Record], source: DataSource, seed: int, key: str) -> list[Record]:
@@ -832,24 +833,26 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     """Read train (and eval) data, each source sampled where it asks for part of its rows; with eval_fraction, hold
     out a seeded random part of train."""
     formats, rows, origins, hashes, parts = {}, [], [], {}, []
-    given = settings.train if isinstance(settings.train, list) else [settings.train]
-    for i, (raw, source) in enumerate(zip(given, settings.train_sources, strict=True)):
+    for i, given in enumerate(settings.train if isinstance(settings.train, list) else [settings.train]):
         key = f"data.train[{i}]" if isinstance(settings.train, list) else "data.train"
-        loaded = load_file(raw, key, settings, method, seed)
-        formats[source.path], hashes[_hash_key(source, hashes)] = loaded.format, loaded.digest
+        loaded = load_file(given, key, settings, method, seed)
+        formats[loaded.source.path], hashes[_hash_key(loaded.source, hashes)] = loaded.format, loaded.digest
         rows += loaded.rows
         origins += loaded.origins
         parts.append(loaded)
-    names = ", ".join(_part(source.path, loaded) for source, loaded in zip(settings.train_sources, parts, strict=True))
+    names = ", ".join(_part(loaded) for loaded in parts)
     sampled = any(_sampled_part(loaded) for loaded in parts)
     train, evaluation = Split(rows, names, origins, sampled), None
     _check_eval_source(settings)
-    held_out = settings.eval_source
-    if held_out is not None:
-        loaded = load_file(settings.eval, "data.eval", settings, method, seed)
-        formats.setdefault(held_out.path, loaded.format)
-        hashes[_hash_key(held_out, hashes)] = loaded.digest
-        evaluation = Split(loaded.rows, _part(held_out.path, loaded), loaded.origins, _sampled_part(loaded))
+
+    def held_out(given: str | DataSource, key: str) -> Split:
+        loaded = load_file(given, key, settings, method, seed)
+        formats.setdefault(loaded.source.path, loaded.format)
+        hashes[_hash_key(loaded.source, hashes)] = loaded.digest
+        return Split(loaded.rows, _part(loaded), loaded.origins, _sampled_part(loaded))
+
+    if settings.eval is not None:
+        evaluation = held_out(settings.eval, "data.eval")
     elif settings.eval_fraction:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -863,13 +866,7 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
         out = sorted(held)
         train = Split([rows[i] for i in kept], names, [origins[i] for i in kept], sampled)
         evaluation = Split([rows[i] for i in out], f"{names} (held out)", [origins[i] for i in out], sampled)
-    also = {}
-    for name, given in settings.eval_also.items():
-        source = settings.settled(given, held_out=True)
-        loaded = load_file(given, f"data.eval_also.{name}", settings, method, seed)
-        formats.setdefault(source.path, loaded.format)
-        hashes[_hash_key(source, hashes)] = loaded.digest
-        also[name] = Split(loaded.rows, _part(source.path, loaded), loaded.origins, _sampled_part(loaded))
+    also = {name: held_out(given, f"data.eval_also.{name}") for name, given in settings.eval_also.items()}
     return Splits(_one_format(formats, method), train, evaluation, hashes, also)
 
 
@@ -884,11 +881,11 @@ def _sampled_part(loaded: Loaded) -> bool:
     return len(loaded.rows) < loaded.available
 
 
-def _part(path: str, loaded: Loaded) -> str:
+def _part(loaded: Loaded) -> str:
     """A source as plan names it: its path, and the sample taken where it took one."""
     if not _sampled_part(loaded):
-        return path
-    return f"{path} ({len(loaded.rows):,} of {loaded.available:,} rows, sampled)"
+        return loaded.source.path
+    return f"{loaded.source.path} ({len(loaded.rows):,} of {loaded.available:,} rows, sampled)"
 
 
 def _one_format(formats: dict[str, str], method: str) -> str:
