@@ -377,30 +377,37 @@ def _refuse_missing(source: str, key: str) -> None:
 # ---------------------------------------------------------------- formats
 
 
-def detect_format(record: Record) -> str:
+def detect_format(record: Record, accepted: tuple[str, ...] | None = None) -> str:
+    """The record's format, from its fields. A record may fit several (HuggingFaceH4/ultrafeedback_binarized's rows
+    hold preference pairs and the chosen conversation as `messages`): the first that `accepted` (the method's
+    formats) names, else the first."""
     value = record.value
     if not isinstance(value, dict):
         raise TunelabError(f"{record.where}: a record must be a JSON object, got {type(value).__name__}")
     keys = set(value)
-    if {"chosen", "rejected"} <= keys:
-        return "preference"
-    if {"prompt", "completion", "label"} <= keys:
-        return "unpaired"
-    for fmt, needed in (
-        ("messages", {"messages"}),
-        ("conversations", {"conversations"}),
-        ("prompt_completion", {"prompt", "completion"}),
-        ("alpaca", {"instruction", "output"}),
-        ("alpaca", {"instruction", "response"}),  # Dolly: instruction, context, response
-        ("text", {"text"}),
-    ):
-        if needed <= keys:
-            return fmt
-    raise TunelabError(
-        f"{record.where}: cannot tell the data format from fields {sorted(keys)}; expected one of: "
-        + ", ".join(FORMAT_FIELDS.values())
-        + "; or rename yours with data.columns (e.g. {question: prompt, answer: completion})"
-    )
+    fits = [fmt for fmt, needed in FORMAT_KEYS if needed <= keys]
+    if "unpaired" in fits:  # a label says which completions are unwanted: never SFT on all of them
+        fits.remove("prompt_completion")
+    if not fits:
+        raise TunelabError(
+            f"{record.where}: cannot tell the data format from fields {sorted(keys)}; expected one of: "
+            + ", ".join(FORMAT_FIELDS.values())
+            + "; or rename yours with data.columns (e.g. {question: prompt, answer: completion})"
+        )
+    return next((fmt for fmt in fits if accepted is None or fmt in accepted), fits[0])
+
+
+# The fields that make each format, in the order a record that fits several is read when its method takes any.
+FORMAT_KEYS: tuple[tuple[str, set[str]], ...] = (
+    ("preference", {"chosen", "rejected"}),
+    ("unpaired", {"prompt", "completion", "label"}),
+    ("messages", {"messages"}),
+    ("conversations", {"conversations"}),
+    ("prompt_completion", {"prompt", "completion"}),
+    ("alpaca", {"instruction", "output"}),
+    ("alpaca", {"instruction", "response"}),  # Dolly: instruction, context, response
+    ("text", {"text"}),
+)
 
 
 def _field(record: Record, name: str, kinds: tuple[type, ...] = (str,)) -> Any:
@@ -788,7 +795,10 @@ def load_file(source: str | DataSource, key: str, settings: DataSettings, method
     if source.columns:
         own = isinstance(given, DataSource) and given.columns is not None
         records = _renamed(records, source.columns, source.path, f"{key}.columns" if own else "data.columns")
-    fmt = settings.format if settings.format != "auto" else detect_format(records[0])
+    from tunelab.methods import REGISTRY
+
+    accepted = REGISTRY[method].formats if method is not None else None
+    fmt = settings.format if settings.format != "auto" else detect_format(records[0], accepted)
     if method is not None:
         _check_method(fmt, method, source.path)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]

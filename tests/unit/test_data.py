@@ -175,6 +175,29 @@ def test_ultrafeedback_binarized_pairs_take_the_shared_conversation_as_prompt(tm
     ]
 
 
+def test_ultrafeedback_binarized_rows_train_sft_on_their_messages_and_dpo_on_their_pairs(tmp_path: Path) -> None:
+    # Every split of HuggingFaceH4/ultrafeedback_binarized (train_sft as train_prefs) holds the pair and the chosen
+    # conversation as `messages`: each method reads the form it trains on.
+    user = {"role": "user", "content": "Name a fruit."}
+    chosen = [user, {"role": "assistant", "content": "Apple."}]
+    row = {
+        "prompt": "Name a fruit.",
+        "prompt_id": "abc",
+        "chosen": chosen,
+        "rejected": [user, {"role": "assistant", "content": "A car."}],
+        "messages": chosen,
+        "score_chosen": 8.0,
+        "score_rejected": 2.0,
+    }
+    path = write_jsonl(tmp_path / "uf.jsonl", [row])
+    sft = load(path, "sft")
+    assert sft.train.rows == [{"messages": chosen}]
+    assert sft.format == "messages"
+    dpo = load(path, "dpo")
+    assert dpo.train.rows[0]["rejected"] == [{"role": "assistant", "content": "A car."}]
+    assert dpo.format == "preference"
+
+
 def test_anthropic_hh_transcripts_become_conversations(tmp_path: Path) -> None:
     row = {
         "chosen": "\n\nHuman: Hi there.\n\nAssistant: Hello!\n\nHuman: Name a fruit.\n\nAssistant: Apple.",
