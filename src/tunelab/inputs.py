@@ -70,10 +70,11 @@ def encode_workers() -> int:
 def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None = None) -> Inputs:
     """Read the experiment's inputs. `training`: the tokenizer must exist and every row is tokenized.
     `engine`: the accelerate config, when the caller has read it already."""
-    from tunelab.models import has_tokenizer, load_config, load_tokenizer, model_path
+    from tunelab.models import check_stored_quantization, has_tokenizer, load_config, load_tokenizer, model_path
 
     engine = engine or read_engine(exp.distributed.accelerate_config)
     config = load_config(exp.model)
+    check_stored_quantization(exp.model, config)
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer, encoded, checks, also = None, [], None, {}
     if training or exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):

@@ -259,10 +259,22 @@ def load_model(
         kwargs["attn_implementation"] = settings.attn_implementation
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process under torchrun
+    stored = stored_quantization(config)
+    if stored is not None and stored.get("quant_method") in DEQUANTIZED:
+        import transformers
+
+        kwargs["quantization_config"] = getattr(transformers, DEQUANTIZED[stored["quant_method"]])(dequantize=True)
     if settings.quantization is not None:
         # Quantized weights are placed while they load; a quantized model cannot be moved afterwards.
         kwargs["quantization_config"] = bnb_config(settings.quantization, dtype, device)
         kwargs["device_map"] = {"": device}
+        if stored is not None:
+            # A checkpoint stored by bitsandbytes loads with its own config (Transformers ignores the one passed):
+            # the compute dtype is the one this run computes in.
+            check_stored_quantization(settings, config)
+            config.quantization_config = stored | {
+                "bnb_4bit_compute_dtype": str(kwargs.pop("quantization_config").bnb_4bit_compute_dtype).split(".")[-1]
+            }
     try:
         model, info = auto_class(config).from_pretrained(
             path,
@@ -299,6 +311,75 @@ def keep_4bit_layout(model: PreTrainedModel) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+# Checkpoints stored in a quantized form that takes no gradient and that Transformers can expand at load time:
+# OpenAI's gpt-oss (MXFP4 experts) and FP8 checkpoints (DeepSeek-V3, Qwen3-*-FP8, compressed-tensors). They load
+# dequantized into the model's dtype, as OpenAI's fine-tuning recipe loads gpt-oss (Mxfp4Config(dequantize=True)),
+# whatever kernels happen to be installed.
+DEQUANTIZED = {"mxfp4": "Mxfp4Config", "fp8": "FineGrainedFP8Config", "compressed-tensors": "CompressedTensorsConfig"}
+
+
+def stored_quantization(config: PretrainedConfig) -> dict | None:
+    """The quantization its checkpoint is stored in (config.json's quantization_config), or None."""
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None
+    return dict(stored) if isinstance(stored, dict) else stored.to_dict()
+
+
+def bitsandbytes_stored(stored: dict) -> Quantization | None:
+    """A bitsandbytes checkpoint's settings (unsloth's *-bnb-4bit bases), as model.quantization writes them."""
+    if stored.get("load_in_8bit"):
+        return Quantization(bits=8)
+    if stored.get("load_in_4bit"):
+        return Quantization(
+            bits=4,
+            type=stored.get("bnb_4bit_quant_type", "fp4"),
+            double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)),
+        )
+    return None
+
+
+def check_stored_quantization(settings: ModelSettings, config: PretrainedConfig) -> None:
+    """Refuse, in one line with the fix, a checkpoint stored quantized in a way the experiment does not say: a
+    bitsandbytes checkpoint trains LoRA on its packed weights (QLoRA), so model.quantization must say so (plan counts
+    its memory and the manifest records it from there); a method tunelab cannot train on or expand is named."""
+    stored = stored_quantization(config)
+    if stored is None:
+        return
+    if stored.get("quant_method") in DEQUANTIZED:
+        if settings.quantization is not None:
+            raise ConfigError(
+                f"model.quantization: '{settings.id}' is stored in {stored['quant_method']}, which loads decoded "
+                "into the model's dtype and cannot be packed again by bitsandbytes; remove model.quantization"
+            )
+        return
+    packed = bitsandbytes_stored(stored)
+    if packed is None:
+        raise ConfigError(
+            f"model.id: '{settings.id}' is stored quantized with {stored.get('quant_method', 'an unknown method')}, "
+            "which tunelab does not train on; use the unquantized checkpoint (model.quantization: {bits: 4} "
+            "quantizes it as it loads, for QLoRA)"
+        )
+    line = (
+        "{bits: 8}"
+        if packed.bits == 8
+        else f"{{bits: 4, type: {packed.type}, double_quant: {str(packed.double_quant).lower()}}}"
+    )
+    given = settings.quantization
+    if given is None:
+        raise ConfigError(
+            f"model.id: '{settings.id}' is stored in {packed.describe()} by bitsandbytes, so it trains as a quantized "
+            f"base; add model.quantization: {line} (LoRA on it, as QLoRA), or use the unquantized checkpoint"
+        )
+    if (given.bits, given.type, given.double_quant) != (packed.bits, packed.type, packed.double_quant) and not (
+        given.bits == packed.bits == 8
+    ):
+        raise ConfigError(
+            f"model.quantization: '{settings.id}' is stored in {packed.describe()}, and its weights load as stored, "
+            f"not as {given.describe()}; set model.quantization: {line}, or use the unquantized checkpoint"
+        )
 
 
 def check_quantization(settings: Quantization, device: str) -> None:

@@ -7,6 +7,7 @@ pairs: DPO; thumbs-up/down completions: KTO; anything else: SFT); the rhythm fol
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -61,6 +62,22 @@ class Starter:
 def _comment(description: str | None) -> str:
     first = re.split(r"(?<=\.)\s+(?=[A-Z])", description or "")[0].rstrip(".")
     return f"  # {first}" if first else ""
+
+
+def _stored_quantization(model: str) -> dict:
+    """model.quantization for a local checkpoint stored by bitsandbytes (an unsloth *-bnb-4bit download), which trains
+    only as a quantized base; nothing for others (a hub id's config is read by plan)."""
+    from tunelab.models import bitsandbytes_stored
+
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return {}
+    try:
+        stored = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError):
+        return {}  # plan says what is wrong with it
+    packed = bitsandbytes_stored(stored) if isinstance(stored, dict) else None
+    return {"quantization": packed.model_dump(exclude={"compute_dtype"})} if packed else {}
 
 
 def _lines(cls: type[BaseModel], values: dict, indent: int = 0) -> list[str]:
@@ -167,10 +184,17 @@ def write_starter(
 
     chosen, words = SCOPES[scope]
     trains = "adapter" if get_scope(chosen.kind).adds_parameters else "weights"
+    stored = _stored_quantization(model)
+    if stored and trains != "adapter":
+        lora = ", ".join(k for k, (v, _) in SCOPES.items() if get_scope(v.kind).adds_parameters)
+        raise TunelabError(
+            f"--scope: '{model}' is stored quantized by bitsandbytes, whose packed weights take no gradient, so "
+            f"{scope} cannot train them; give a LoRA scope ({lora}), or the unquantized checkpoint"
+        )
     rate = LEARNING_RATES[(trains, "sft" if method == "sft" else "pref")]
     values = {
         "name": name or f"{Path(data).name.split('.')[0]}-{scope}".replace("_", "-"),
-        "model": {"id": model, "dtype": "auto"},
+        "model": {"id": model, "dtype": "auto"} | stored,
         "data": data_section,
         "method": method,
         "scope": chosen.model_dump(exclude_unset=True, mode="json"),

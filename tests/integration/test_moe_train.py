@@ -93,3 +93,53 @@ def test_a_moe_run_resumes_to_the_uninterrupted_weights(moe_dir: Path, tmp_path:
     from tests.conftest import resume_matches_straight
 
     resume_matches_straight("quickstart", tmp_path, "--set", f"model.id={moe_dir}", "--set", f"scope={scope}")
+
+
+# MXFP4's values (OCP Microscaling, E2M1): a 4-bit code's magnitude, its top bit the sign.
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def mxfp4_decoded(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weights MXFP4 codes stand for, read from the format's definition: two codes a byte (low nibble first),
+    32 values a block sharing the scale 2^(byte - 127); rows are the checkpoint's output features."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2).long()  # (..., groups, 32)
+    values = torch.tensor(E2M1 + [-v for v in E2M1])[codes]
+    values = values * torch.pow(2.0, scales.double() - 127).unsqueeze(-1)
+    return values.flatten(-2).transpose(1, 2)  # (experts, inputs, outputs), as GptOssExperts holds them
+
+
+def test_a_gpt_oss_checkpoint_stored_in_mxfp4_trains_on_its_decoded_weights(tmp_path: Path, tiny_model_dir) -> None:
+    """openai/gpt-oss ships its experts in MXFP4 (config.json's quantization_config), which takes no gradient: the base
+    loads them decoded into the run's dtype, as OpenAI's fine-tuning recipe does, whichever kernels are installed."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tunelab.models import load_model
+
+    folder = tiny_folder(tmp_path / "gpt-oss", tiny_model_dir, "gpt_oss", num_local_experts=4)
+    weights, codes, generator = load_file(folder / "model.safetensors"), {}, torch.Generator().manual_seed(1)
+    for name in [n for n in weights if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, inputs, outputs = weights.pop(name).shape
+        blocks = torch.randint(0, 256, (experts, outputs, inputs // 32, 16), dtype=torch.uint8, generator=generator)
+        scales = torch.randint(122, 128, (experts, outputs, inputs // 32), dtype=torch.uint8, generator=generator)
+        weights |= {f"{name}_blocks": blocks, f"{name}_scales": scales}
+        codes[name] = mxfp4_decoded(blocks, scales)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    not_converted = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": not_converted}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    settings = [f"model.id={folder}", f"output.dir={tmp_path}", "train.max_steps=3", f"scope.lora.parameters={experts}"]
+    exp = load_experiment(EXAMPLES / "quickstart.yaml", settings)
+    loaded = load_model(exp.model, torch.float32, "cpu").state_dict()
+    for name, decoded in codes.items():
+        assert loaded[name].dtype == torch.float32
+        torch.testing.assert_close(loaded[name].double(), decoded, atol=0, rtol=0)
+    plan = make_plan(exp)
+    m = train(exp).manifest
+    assert m.status == "completed" and m.change_check.ok and m.final_eval_loss < m.base_eval_loss
+    assert m.trainable_params == plan.scope.trainable_params
+    assert m.quantization is None  # trained on the decoded weights, not on a quantized base

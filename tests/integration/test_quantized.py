@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import EXAMPLES, resume_matches_straight, run_cli
 from tunelab.config import load_experiment
+from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
 from tunelab.train import train
 
@@ -93,3 +94,57 @@ def test_compare_refuses_quantized_beside_unquantized_unless_asked(tmp_path: Pat
     assert "on 4-bit nf4 double-quant" in (tmp_path / "r" / "report.md").read_text()
     mixed = run_cli("compare", str(quantized), str(plain), "--mixed-quantization", *args)
     assert mixed.returncode == 0, mixed.stderr[-2000:]
+
+
+def test_a_checkpoint_stored_in_4_bits_trains_as_the_same_base_quantized_as_it_loads(
+    tmp_path: Path, tiny_model_dir
+) -> None:
+    """A bitsandbytes checkpoint (as unsloth's *-bnb-4bit bases are published) holds packed weights: it trains as a
+    quantized base, so model.quantization must say so, and then it trains exactly as the unquantized checkpoint
+    quantized while it loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from tunelab.errors import ConfigError
+    from tunelab.starter import write_starter
+
+    stored = tmp_path / "tiny-bnb-4bit"
+    packing = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,  # as unsloth's are saved; the run computes in its own dtype
+    )
+    AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=packing, device_map={"": "cpu"}
+    ).save_pretrained(stored)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(stored)
+
+    unsaid = run_cli("plan", str(EXAMPLES / "quickstart.yaml"), "--set", f"model.id={stored}")
+    assert unsaid.returncode == 2 and unsaid.stderr.count("\n") == 1, unsaid.stderr
+    assert "is stored in 4-bit nf4 double-quant by bitsandbytes" in unsaid.stderr
+    assert "add model.quantization: {bits: 4, type: nf4, double_quant: true}" in unsaid.stderr
+    with pytest.raises(
+        ConfigError, match=r"is stored in 4-bit nf4 double-quant, and its weights load as stored, not as 8-bit"
+    ):
+        make_plan(experiment(tmp_path, "qlora", f"model.id={stored}", "model.quantization.bits=8"))
+
+    # tunelab init writes the line itself, and refuses a scope that opens original weights.
+    data = str(EXAMPLES / "data" / "sft_train.jsonl")
+    starter = write_starter(tmp_path / "first.yaml", str(stored), data, None, "qv", None, None)
+    assert starter.exp.model.quantization.model_dump() == {
+        "bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "auto"
+    }  # fmt: skip
+    with pytest.raises(TunelabError, match=r"--scope: .* is stored quantized by bitsandbytes"):
+        write_starter(tmp_path / "partial.yaml", str(stored), data, None, "partial-last4", None, None)
+
+    steps = ["train.max_steps=4"]
+    packed = train(experiment(tmp_path, "qlora", f"model.id={stored}", "output.name=stored", *steps)).manifest
+    on_load = train(experiment(tmp_path, "qlora", "output.name=on-load", *steps)).manifest
+    assert packed.status == "completed" and packed.change_check.ok
+    assert packed.quantization.describe == on_load.quantization.describe == "4-bit nf4 double-quant"
+    assert packed.final_eval_loss == on_load.final_eval_loss < packed.base_eval_loss
+    adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("stored", "on-load")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]), key

@@ -102,3 +102,43 @@ def test_compare_refuses_differently_quantized_bases_before_loading(tmp_path: Pa
         TunelabError, match=r"differently quantized bases \(q: 4-bit nf4 double-quant, p: unquantized\)"
     ):
         compare(runs)
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (
+            {"quant_method": "gptq", "bits": 4, "group_size": 128},
+            r"is stored quantized with gptq, which tunelab does not",
+        ),
+        ({"quant_method": "awq", "bits": 4}, r"is stored quantized with awq, which tunelab does not train on"),
+        (
+            {"quant_method": "bitsandbytes", "load_in_8bit": True},
+            r"is stored in 8-bit \(LLM.int8\) by bitsandbytes.*add model.quantization: \{bits: 8\}",
+        ),
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+            r"stored in 4-bit fp4 by bitsandbytes.*\{bits: 4, type: fp4, double_quant: false\}",
+        ),
+        ({"quant_method": "mxfp4"}, None),  # gpt-oss: loads dequantized, plans as the model's dtype
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, None),
+    ],
+)
+def test_a_checkpoint_stored_quantized_is_planned_as_it_will_load(tmp_path: Path, stored: dict, expected) -> None:
+    import json
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    config = json.loads((CONFIGS / "llama-3.1-8b-instruct" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": stored}))
+    exp = load_experiment(llama_8b(tmp_path, ""), [f"model.id={folder}"])
+    if expected is None:
+        assert make_plan(exp).memory.quantized is None
+        with pytest.raises(
+            TunelabError, match=r"which loads decoded into the model's dtype and cannot be packed again"
+        ):
+            make_plan(load_experiment(llama_8b(tmp_path, ", quantization: {bits: 4}"), [f"model.id={folder}"]))
+        return
+    with pytest.raises(TunelabError, match=expected) as e:
+        make_plan(exp)
+    assert "\n" not in str(e.value)
