@@ -675,8 +675,9 @@ class Experiment(Strict):
     scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
     init_from: str | None = Field(
         default=None,
-        description="Start from a completed run (e.g. runs/sft-quickstart): its LoRA adapter keeps training, or "
-        "its trained tensors are put on the base. The run must share this experiment's base model and scope kind.",
+        description="Start from a completed run (e.g. runs/sft-quickstart): its LoRA adapter keeps training (with "
+        "its own settings), or its trained tensors are put on the base. The run must share this experiment's base "
+        "model and scope kind. A LoRA scope may also start from a PEFT adapter folder saved by a plain script.",
     )
     train: TrainSettings = Field(default_factory=TrainSettings, description="The training rhythm.")
     output: OutputSettings = Field(default_factory=OutputSettings, description="Where runs go.")

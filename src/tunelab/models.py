@@ -151,6 +151,13 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
     path = model_path(settings.id)
     offline_unless_reachable(path)
     if _looks_local(path) and not (Path(path) / "config.json").is_file():
+        if (Path(path) / "adapter_config.json").is_file():
+            base = _adapter_base(Path(path))
+            raise ConfigError(
+                f"model.id: '{path}' is a PEFT adapter (adapter_config.json), not a model; set model.id to its base"
+                + (f" ({base})" if base else "")
+                + f" and init_from: {path} to train it further"
+            )
         raise ConfigError(f"model.id: no config.json in '{path}'; point model.id at a model folder or a hub id")
     try:
         config = AutoConfig.from_pretrained(
@@ -168,6 +175,14 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
         if "tie_word_embeddings" not in raw:
             config.tie_word_embeddings = text_tied
     return config
+
+
+def _adapter_base(folder: Path) -> str | None:
+    """The base model a PEFT adapter folder names, if it can be read."""
+    try:
+        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def auto_class(config: PretrainedConfig) -> type:

@@ -627,13 +627,20 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
     and then trains over the same reads)."""
     from tunelab.models import check_compile, check_quantization, meta_model, pick_device
-    from tunelab.scopes import apply_scope
+    from tunelab.scopes import apply_scope, get_scope, init_source
 
     inputs = inputs or read_inputs(exp)
     model = meta_model(inputs.config, exp.model.trust_remote_code)
     facts = model_facts(exp.model.id, model)
+    continued = []
+    if exp.init_from is not None and not Path(exp.init_from).exists():  # a stage planned before the one it follows
+        continued = [
+            f"init_from: '{exp.init_from}' does not exist yet; train checks it, and counts here are the scope's"
+        ]
+    elif (source := init_source(exp)) is not None:  # the starting point's own adapter, as training loads it
+        model, continued = get_scope(exp.scope.kind).continued(model, source, exp.scope)
     model, resolved = apply_scope(model, exp.scope, inputs.tokenizer)
-    resolved.warnings += untrained_warnings(exp, model, inputs)
+    resolved.warnings += continued + untrained_warnings(exp, model, inputs)
     device = pick_device(exp.model.device)
     if exp.model.quantization is not None:
         check_quantization(exp.model.quantization, device)

@@ -268,33 +268,6 @@ def _load_finished(trainer, checkpoint: Path) -> None:
     trainer._load_from_checkpoint(str(checkpoint))  # noqa: SLF001
 
 
-def check_init_from(exp: Experiment, base_fingerprint: str) -> Path | None:
-    """The completed run to start from, after checking it shares this experiment's base and scope kind."""
-    from tunelab.runs import read_manifest
-
-    if exp.init_from is None:
-        return None
-    source = Path(exp.init_from)
-    manifest = read_manifest(source) if source.is_dir() else None
-    if manifest is None:
-        raise ConfigError(f"init_from: '{exp.init_from}' is not a run directory")
-    if manifest.status != "completed":
-        raise ConfigError(f"init_from: run '{source}' is {manifest.status}, not completed")
-    theirs = manifest.base_model.fingerprint if manifest.base_model else None
-    if theirs != base_fingerprint:
-        raise ConfigError(
-            f"init_from: run '{source}' was trained on another base model (fingerprint {theirs}, "
-            f"{manifest.base_model.id if manifest.base_model else None}) than model.id={exp.model.id} "
-            f"({base_fingerprint}); point model.id at that run's base"
-        )
-    if manifest.scope != exp.scope.kind:
-        raise ConfigError(
-            f"init_from: run '{source}' trained a {manifest.scope} scope but this experiment's "
-            f"scope is {exp.scope.kind}; use the same scope kind"
-        )
-    return source
-
-
 def train(
     exp: Experiment,
     resume: bool = False,
@@ -315,6 +288,7 @@ def train(
     from tunelab.inputs import read_inputs
     from tunelab.models import fingerprint, pick_device, weights_path
     from tunelab.plan import check_rhythm, disk_refusal, make_plan
+    from tunelab.scopes import init_source
     from tunelab.templates import template_hash
     from tunelab.trackers import check_trackers
 
@@ -340,7 +314,7 @@ def train(
         raise ConfigError(no_room)
     source = weights_path(exp.model, shown=distributed.is_main())
     base_fingerprint = fingerprint(source, exp.model.revision)
-    init_from = check_init_from(exp, base_fingerprint)
+    init_from = init_source(exp, base_fingerprint)
     provenance = Provenance(
         base_model=BaseModelRecord(
             id=exp.model.id, path=source, revision=exp.model.revision, fingerprint=base_fingerprint

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Scope
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.scopes.base import BaseLoader, ScopeKind, base_alone
 from tunelab.scopes.full import Full
 from tunelab.scopes.lora import Lora
@@ -18,6 +18,7 @@ from tunelab.scopes.partial import Partial
 if TYPE_CHECKING:
     from torch import nn
 
+    from tunelab.config import Experiment
     from tunelab.runs import Manifest
     from tunelab.scope import ResolvedScope
 
@@ -31,6 +32,7 @@ __all__ = [
     "attach_runs",
     "base_alone",
     "get_scope",
+    "init_source",
     "load_trained",
     "run_scope",
     "untrained_warning",
@@ -41,6 +43,40 @@ def get_scope(name: str) -> ScopeKind:
     if name not in REGISTRY:
         raise TunelabError(f"unknown scope kind '{name}'; known: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | None:
+    """Where the experiment starts from (init_from): a completed run of this scope kind (on this base, when its
+    `base_fingerprint` is given), or a result made elsewhere that the kind can start from (a PEFT adapter folder)."""
+    from tunelab.runs import read_manifest, run_status
+
+    if exp.init_from is None:
+        return None
+    source, kind = Path(exp.init_from), get_scope(exp.scope.kind)
+    manifest = read_manifest(source) if run_status(source) is not None else None
+    if manifest is None:
+        if source.is_dir() and kind.made_elsewhere(source, exp.model):
+            return source
+        raise ConfigError(
+            f"init_from: '{exp.init_from}' is not a tunelab run"
+            + ("" if kind.adds_parameters else f" of a {kind.name} scope")
+            + (" nor a PEFT adapter folder (adapter_config.json)" if kind.adds_parameters else "")
+        )
+    if manifest.status != "completed":
+        raise ConfigError(f"init_from: run '{source}' is {manifest.status}, not completed")
+    theirs = manifest.base_model.fingerprint if manifest.base_model else None
+    if base_fingerprint is not None and theirs != base_fingerprint:
+        raise ConfigError(
+            f"init_from: run '{source}' was trained on another base model (fingerprint {theirs}, "
+            f"{manifest.base_model.id if manifest.base_model else None}) than model.id={exp.model.id} "
+            f"({base_fingerprint}); point model.id at that run's base"
+        )
+    if manifest.scope != exp.scope.kind:
+        raise ConfigError(
+            f"init_from: run '{source}' trained a {manifest.scope} scope but this experiment's "
+            f"scope is {exp.scope.kind}; use the same scope kind"
+        )
+    return source
 
 
 def apply_scope(model: nn.Module, scope: Scope, tokenizer=None) -> tuple[nn.Module, ResolvedScope]:

@@ -65,6 +65,16 @@ class ScopeKind:
         `tokenizer`: the model's, where the scope names tokens."""
         raise NotImplementedError
 
+    def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
+        """Plan: `model` (on the meta device) as a run continuing `source` (init_from) starts, with notes. A kind
+        whose result is original tensors trains its own scope: the source's tensors are only put on the base."""
+        return model, []
+
+    def made_elsewhere(self, folder: Path, settings: ModelSettings) -> bool:
+        """Whether `folder`, not a tunelab run, holds a result this kind can start from on the base `settings`
+        load (a PEFT adapter folder); a ConfigError with the fix where it holds one that cannot be used."""
+        return False
+
     def token_fix(self, tokens: list[str]) -> str:
         """The setting that trains these tokens' embedding rows under this kind of scope."""
         return "train the embeddings and lm_head"

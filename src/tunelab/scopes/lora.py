@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import Scope
+from tunelab.config import ModelSettings, Scope
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import ADAPTER
 from tunelab.scopes.base import BaseLoader, ScopeKind
@@ -22,10 +22,70 @@ if TYPE_CHECKING:
     from tunelab.scope import LoraTargets, ResolvedScope
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_folder(source: Path) -> Path:
+    """A run's adapter, or a PEFT adapter folder made elsewhere (adapter_config.json beside its weights)."""
+    return source / ADAPTER if (source / ADAPTER).is_dir() else source
+
+
 class Lora(ScopeKind):
     name = "lora"
     result = ADAPTER
     adds_parameters = True
+
+    def made_elsewhere(self, folder: Path, settings: ModelSettings) -> bool:
+        import json
+
+        from tunelab.models import model_path
+
+        if not (folder / ADAPTER_CONFIG).is_file():
+            return False
+        try:
+            config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"init_from: {folder / ADAPTER_CONFIG} cannot be read ({e}); check the file") from e
+        if config.get("peft_type") != "LORA":
+            raise ConfigError(
+                f"init_from: '{folder}' holds a {config.get('peft_type')} adapter; tunelab continues LoRA adapters"
+            )
+        named = config.get("base_model_name_or_path")
+        if named and named not in (settings.id, model_path(settings.id)):
+            raise ConfigError(
+                f"init_from: the adapter in '{folder}' was trained on '{named}' (its adapter_config.json), not on "
+                f"model.id '{settings.id}'; set model.id: {named}, or, if '{settings.id}' is a copy of that model, "
+                f"write its path as base_model_name_or_path in {folder / ADAPTER_CONFIG}"
+            )
+        return True
+
+    def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
+        # The adapter keeps its own settings, as training loads it (PeftModel.from_pretrained, trainable).
+        from peft import LoraConfig, get_peft_model
+
+        from tunelab.scope import lora_config
+
+        own = lora_config(scope.lora, model).config
+        theirs = LoraConfig.from_pretrained(str(adapter_folder(source)))
+        theirs.inference_mode = False
+        pairs = {
+            "r": (theirs.r, own.r),
+            "alpha": (theirs.lora_alpha, own.lora_alpha),
+            "targets": (_names(theirs.target_modules), _names(own.target_modules)),
+            "layers": (theirs.layers_to_transform, own.layers_to_transform),
+            "dora": (theirs.use_dora, own.use_dora),
+            "rslora": (theirs.use_rslora, own.use_rslora),
+        }
+        differs = [f"{k} {a} (scope.lora: {b})" for k, (a, b) in pairs.items() if a != b]
+        notes = (
+            [f"init_from: the adapter of {source} keeps training with its own settings, not scope.lora's: "
+             + "; ".join(differs)]
+            if differs
+            else []
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, theirs), notes
 
     def token_fix(self, tokens: list[str]) -> str:
         return f"set scope.lora.tokens: [{', '.join(tokens)}]"
@@ -108,15 +168,15 @@ class Lora(ScopeKind):
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base.load(), str(run_dir / ADAPTER), is_trainable=trainable)
+        return PeftModel.from_pretrained(base.load(), str(adapter_folder(run_dir)), is_trainable=trainable)
 
     def attach(self, model: nn.Module, run_dir: Path, name: str) -> nn.Module:
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
-            model.load_adapter(str(run_dir / ADAPTER), adapter_name=name)
+            model.load_adapter(str(adapter_folder(run_dir)), adapter_name=name)
             return model
-        return PeftModel.from_pretrained(model, str(run_dir / ADAPTER), adapter_name=name).eval()
+        return PeftModel.from_pretrained(model, str(adapter_folder(run_dir)), adapter_name=name).eval()
 
     def batches_with_base(self, model: nn.Module, name: str) -> bool:
         # PEFT routes the rows of one batch to different adapters, but not to a DoRA adapter, and not at all through
@@ -247,3 +307,8 @@ def verify_adapter(folder: Path) -> None:
         rank = tensors[a].shape[0]
         if r and rank % r and r % rank:  # fused experts may carry a multiple of r (PEFT's rank_pattern)
             raise TunelabError(f"{weights}: {a} has rank {rank}, the config says {r}; the adapter is damaged")
+
+
+def _names(targets: list[str] | set[str] | str | None) -> list[str] | str | None:
+    """PEFT's target_modules as one comparable value (a list or set of names sorted; a pattern as it is)."""
+    return sorted(targets) if isinstance(targets, list | set) else targets
