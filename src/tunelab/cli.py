@@ -173,7 +173,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 @app.command()
 def compare(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories that share a base model.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories that share a base model (or adapter folders a PEFT script saved)."),
+    ],
     base: Annotated[bool, typer.Option("--base/--no-base", help="Include the untrained base model.")] = True,
     prompts: Annotated[
         Path | None,

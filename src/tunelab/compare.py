@@ -15,9 +15,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import Experiment
+from tunelab.config import DataSettings, Experiment, ModelSettings, TokenizerSettings
 from tunelab.errors import TunelabError
-from tunelab.runs import TOKENIZER, Manifest, lm_eval_scores, load_run_experiment, read_manifest, read_metrics
+from tunelab.runs import (
+    TOKENIZER,
+    BaseModelRecord,
+    Manifest,
+    lm_eval_scores,
+    load_run_experiment,
+    read_manifest,
+    read_metrics,
+    run_status,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -139,11 +148,16 @@ LM_EVAL_PREFIX = "lm_eval:"  # numbers from a run's stored lm-eval scores (`tune
 
 
 def load_runs(
-    run_dirs: list[Path], mixed_quantization: bool = False, command: str = "compare"
+    run_dirs: list[Path], mixed_quantization: bool = False, command: str = "compare", elsewhere: bool = False
 ) -> list[tuple[Path, Manifest]]:
-    """Completed runs of one base (and one quantization unless mixed_quantization), with distinct names."""
+    """Completed runs of one base (and one quantization unless mixed_quantization), with distinct names. `elsewhere`:
+    a folder a plain script saved a result in (a PEFT adapter) counts as a run of the base it names."""
     runs = []
     for run_dir in run_dirs:
+        made = made_elsewhere(Path(run_dir)) if elsewhere and run_status(run_dir) is None else None
+        if made is not None:
+            runs.append((Path(run_dir), made))
+            continue
         manifest = read_manifest(run_dir)
         if manifest.status != "completed":
             raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be used by {command}")
@@ -166,6 +180,33 @@ def load_runs(
     if len(set(names)) != len(names):
         raise TunelabError(f"{command}: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
     return runs
+
+
+def made_elsewhere(folder: Path) -> Manifest | None:
+    """A result a plain script saved in `folder` (compare_lora.py's adapters), recorded as a completed run of the base
+    it names: None where the folder holds none."""
+    from tunelab.models import fingerprint, weights_path
+    from tunelab.scopes import REGISTRY
+
+    for kind in REGISTRY.values():
+        found = kind.made_elsewhere(folder) if folder.is_dir() else None
+        if found is None:
+            continue
+        if not found.base:
+            raise TunelabError(
+                f"{folder}: names no base model (PEFT's base_model_name_or_path in its config); write the base's id "
+                "or path there"
+            )
+        weights = weights_path(ModelSettings(id=found.base))
+        base = BaseModelRecord(id=found.base, path=weights, fingerprint=fingerprint(weights, None))
+        return Manifest(
+            name=folder.name,
+            status="completed",
+            scope=kind.name,
+            trainable_params=found.trainable_params,
+            base_model=base,
+        )
+    return None
 
 
 # ---------------------------------------------------------------- generation
@@ -328,6 +369,11 @@ def eval_loss(
 
 
 def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
+    if run_status(run_dir) is None:  # made elsewhere: what its files say
+        from tunelab.scopes import get_scope
+
+        found = get_scope(manifest.scope).made_elsewhere(run_dir)
+        return {"scope": f"{found.label} (made elsewhere)", "trainable_params": found.trainable_params}, {}
     metrics = read_metrics(run_dir)
     train_curve = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
     eval_curve = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
@@ -380,18 +426,21 @@ def compare(
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it)."""
-    runs = load_runs(run_dirs, mixed_quantization)
+    runs = load_runs(run_dirs, mixed_quantization, elsewhere=True)
     if include_base and any(m.name == "base" for _, m in runs):
         raise TunelabError(
             "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
             "or retrain it under another --name"
         )
-    exp = load_run_experiment(runs[0][0])
+    first = next((d for d, _ in runs if run_status(d) is not None), None)
+    exp = load_run_experiment(first) if first is not None else None
     prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file, asked)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
+    template = exp.tokenizer if exp is not None else TokenizerSettings()
     outputs, losses = _generate_and_score(
-        exp, runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
+        model, template, runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
     )
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
     variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE), **base_scores})] if include_base else []
@@ -417,11 +466,11 @@ def compare(
         # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
         "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
     }
-    return Comparison(exp.model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
+    return Comparison(model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
 
 
 def _prompts_and_eval(
-    exp: Experiment,
+    exp: Experiment | None,
     runs: list[tuple[Path, Manifest]],
     prompts_file: Path | None,
     eval_file: Path | None,
@@ -429,11 +478,11 @@ def _prompts_and_eval(
 ) -> tuple[list[Prompt], list[dict] | None]:
     """Prompts asked on the command line (one user turn each), from the file, or from the runs' held-out data; eval
     rows from --eval or the first SFT run's eval set (runs of preference methods alone have no SFT eval set: no eval
-    loss then)."""
+    loss then). `exp`: the first tunelab run's experiment; None where every variant was made elsewhere."""
     from tunelab.data import load_file
 
     sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
-    data = sft.data if sft else exp.data
+    data = sft.data if sft else exp.data if exp else DataSettings(train=str(eval_file))
     eval_rows = load_file(str(eval_file), "--eval", data, "sft").rows if eval_file else None
     if eval_rows is None and sft is not None and sft.data.eval:
         eval_rows = load_file(sft.data.eval, "data.eval", sft.data, "sft", sft.train.seed).rows
@@ -441,13 +490,18 @@ def _prompts_and_eval(
         return [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)], eval_rows
     if prompts_file:
         return read_prompts(prompts_file), eval_rows
+    if exp is None:
+        raise TunelabError(
+            "compare: adapters made elsewhere carry no data to take prompts from; give --prompts FILE or --prompt TEXT"
+        )
     source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_sources[0], "data.train")
     held_out = eval_rows or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
     return held_out_prompts(held_out), eval_rows
 
 
 def _generate_and_score(
-    exp: Experiment,
+    model_settings: ModelSettings,
+    template: TokenizerSettings,
     runs: list[tuple[Path, Manifest]],
     include_base: bool,
     prompts: list[Prompt],
@@ -465,10 +519,10 @@ def _generate_and_score(
     from tunelab.scopes import BaseLoader, attach_runs, base_alone
     from tunelab.templates import template_vars
 
-    base = BaseLoader.pick(exp.model)
-    tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
+    base = BaseLoader.pick(model_settings)
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(runs[0][0], model_settings))
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
-    variables = template_vars(exp.tokenizer, tokenizer)
+    variables = template_vars(template, tokenizer)
     torch.manual_seed(seed)
     model = base.load().eval()
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
@@ -479,7 +533,7 @@ def _generate_and_score(
     def score(name: str, scored_model) -> None:
         if eval_rows:
             losses[name] = eval_loss(
-                scored_model, tokenizer, eval_rows, fold_system=exp.tokenizer.fold_system, template_vars=variables
+                scored_model, tokenizer, eval_rows, fold_system=template.fold_system, template_vars=variables
             )
 
     base_chat = asks_in_chat(tokenizer, None)
@@ -509,3 +563,14 @@ def _generate_and_score(
                 )
             score(name, variant)
     return outputs, losses
+
+
+def _tokenizer_folder(run_dir: Path, settings: ModelSettings) -> Path | str:
+    """The tokenizer a variant was trained with: a run's own copy, else the one a script saved beside its adapter,
+    else the base's."""
+    from tunelab.models import has_tokenizer, model_path
+
+    for folder in (run_dir / TOKENIZER, run_dir):
+        if folder.is_dir() and has_tokenizer(str(folder)):
+            return folder
+    return model_path(settings.id)

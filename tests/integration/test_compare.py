@@ -317,3 +317,35 @@ def test_a_run_trained_on_plain_text_is_asked_in_plain_text_beside_chat_runs(tmp
     assert result.outputs["chat"] == [plain_generate(runs[1], "chat")]
     assert result.outputs["base"] == [plain_generate(None, "chat")]
     assert plain_generate(runs[0], "text") != plain_generate(runs[0], "chat")  # the rendering is what differs
+
+
+def test_adapters_saved_by_a_plain_peft_script_are_compared_beside_runs(runs, tmp_path: Path, tiny_model_dir) -> None:
+    """compare_lora.py's inputs: adapter folders a plain PEFT script saved (adapter_config.json naming the base)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.compare import generate
+
+    torch.manual_seed(0)
+    settings = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    script = tmp_path / "train_lora_qv"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings).save_pretrained(script)
+    copied = tmp_path / "qv_copy"  # a tunelab run's adapter, as a script would find it on disk
+    shutil.copytree(runs["lora-qv"] / "adapter", copied)
+
+    ours = compare([runs["quickstart"], runs["lora-qv"], script, copied], prompts_file=prompts_file(tmp_path, 3))
+    assert ours.outputs["qv_copy"] == ours.outputs["lora-qv"]
+    numbers = {v.name: v.numbers for v in ours.variants}
+    assert numbers["qv_copy"]["eval_loss"] == numbers["lora-qv"]["eval_loss"]
+    assert numbers["train_lora_qv"]["scope"] == "lora r4 q_proj,v_proj (made elsewhere)"
+    tok = AutoTokenizer.from_pretrained(runs["quickstart"] / "tokenizer")
+    tok.padding_side = "left"
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(script)).eval()
+    lora = sum(p.numel() for n, p in plain.named_parameters() if "lora_" in n)
+    assert numbers["train_lora_qv"]["trainable_params"] == lora == 7168
+    prompts = read_prompts(prompts_file(tmp_path, 3))
+    assert [generate(plain, tok, [p], None, 48, 1)[0] for p in prompts] == ours.outputs["train_lora_qv"]
+
+    with pytest.raises(TunelabError, match="adapters made elsewhere carry no data to take prompts from"):
+        compare([script, copied])

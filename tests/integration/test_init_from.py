@@ -71,10 +71,10 @@ def test_an_adapter_made_by_a_plain_peft_script_is_continued(tmp_path: Path, tin
     # An adapter of another base, or of another kind, is refused in one line.
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/other"}))
-    with pytest.raises(ConfigError, match=r"was trained on 'org/other' \(its adapter_config.json\), not on model.id"):
+    with pytest.raises(ConfigError, match=r"was trained on 'org/other' \(as its files say\), not on model.id"):
         make_plan(experiment("quickstart", tmp_path, f"init_from={folder}"))
     (folder / "adapter_config.json").write_text(json.dumps(config | {"peft_type": "IA3"}))
-    with pytest.raises(ConfigError, match=r"holds a IA3 adapter; tunelab continues LoRA adapters"):
+    with pytest.raises(ConfigError, match=r"holds a IA3 adapter; tunelab uses LoRA adapters"):
         make_plan(experiment("quickstart", tmp_path, f"init_from={folder}"))
     with pytest.raises(ConfigError, match=r"is not a tunelab run nor a PEFT adapter folder \(adapter_config.json\)"):
         make_plan(experiment("quickstart", tmp_path, f"init_from={tmp_path}"))

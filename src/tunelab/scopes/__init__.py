@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import Scope
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.scopes.base import BaseLoader, ScopeKind, base_alone
+from tunelab.scopes.base import BaseLoader, MadeElsewhere, ScopeKind, base_alone
 from tunelab.scopes.full import Full
 from tunelab.scopes.lora import Lora
 from tunelab.scopes.partial import Partial
@@ -27,6 +27,7 @@ REGISTRY: dict[str, ScopeKind] = {kind.name: kind for kind in (Lora(), Partial()
 __all__ = [
     "REGISTRY",
     "BaseLoader",
+    "MadeElsewhere",
     "ScopeKind",
     "apply_scope",
     "attach_runs",
@@ -48,6 +49,7 @@ def get_scope(name: str) -> ScopeKind:
 def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | None:
     """Where the experiment starts from (init_from): a completed run of this scope kind (on this base, when its
     `base_fingerprint` is given), or a result made elsewhere that the kind can start from (a PEFT adapter folder)."""
+    from tunelab.models import model_path
     from tunelab.runs import read_manifest, run_status
 
     if exp.init_from is None:
@@ -55,7 +57,14 @@ def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | 
     source, kind = Path(exp.init_from), get_scope(exp.scope.kind)
     manifest = read_manifest(source) if run_status(source) is not None else None
     if manifest is None:
-        if source.is_dir() and kind.made_elsewhere(source, exp.model):
+        found = kind.made_elsewhere(source) if source.is_dir() else None
+        if found is not None:
+            if found.base and found.base not in (exp.model.id, model_path(exp.model.id)):
+                raise ConfigError(
+                    f"init_from: '{source}' was trained on '{found.base}' (as its files say), not on model.id "
+                    f"'{exp.model.id}'; set model.id: {found.base}, or, if '{exp.model.id}' is a copy of that model, "
+                    f"write its path as the base in {source}'s config (PEFT's base_model_name_or_path)"
+                )
             return source
         raise ConfigError(
             f"init_from: '{exp.init_from}' is not a tunelab run"

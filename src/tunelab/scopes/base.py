@@ -47,6 +47,15 @@ class BaseLoader:
         return load_model(self.settings, self.dtype, self.device, self.config, self.weights)
 
 
+@dataclass
+class MadeElsewhere:
+    """A scope kind's result saved by a plain script, as its files describe it."""
+
+    base: str | None  # the base model it names (PEFT's base_model_name_or_path)
+    label: str  # what it trains, as compare's table shows a scope
+    trainable_params: int
+
+
 def base_alone(model: nn.Module) -> contextlib.AbstractContextManager:
     """The shared base without any attached LoRA adapter for the duration of a `with` block (a plain model is its
     own base)."""
@@ -70,10 +79,11 @@ class ScopeKind:
         whose result is original tensors trains its own scope: the source's tensors are only put on the base."""
         return model, []
 
-    def made_elsewhere(self, folder: Path, settings: ModelSettings) -> bool:
-        """Whether `folder`, not a tunelab run, holds a result this kind can start from on the base `settings`
-        load (a PEFT adapter folder); a ConfigError with the fix where it holds one that cannot be used."""
-        return False
+    def made_elsewhere(self, folder: Path) -> MadeElsewhere | None:
+        """The result of this kind a plain script saved in `folder` (not a tunelab run: a PEFT adapter folder), which
+        init_from starts from and compare compares; None where the folder holds none, and a ConfigError with the fix
+        where it holds one tunelab cannot use."""
+        return None
 
     def token_fix(self, tokens: list[str]) -> str:
         """The setting that trains these tokens' embedding rows under this kind of scope."""

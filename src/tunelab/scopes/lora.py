@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import ModelSettings, Scope
+from tunelab.config import Scope
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import ADAPTER
-from tunelab.scopes.base import BaseLoader, ScopeKind
+from tunelab.scopes.base import BaseLoader, MadeElsewhere, ScopeKind
 
 if TYPE_CHECKING:
     import torch
@@ -35,29 +36,30 @@ class Lora(ScopeKind):
     result = ADAPTER
     adds_parameters = True
 
-    def made_elsewhere(self, folder: Path, settings: ModelSettings) -> bool:
+    def made_elsewhere(self, folder: Path) -> MadeElsewhere | None:
         import json
 
-        from tunelab.models import model_path
+        from safetensors import safe_open
 
         if not (folder / ADAPTER_CONFIG).is_file():
-            return False
+            return None
         try:
             config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"init_from: {folder / ADAPTER_CONFIG} cannot be read ({e}); check the file") from e
+            raise ConfigError(f"{folder / ADAPTER_CONFIG}: cannot be read ({e}); check the file") from e
         if config.get("peft_type") != "LORA":
+            raise ConfigError(f"{folder}: holds a {config.get('peft_type')} adapter; tunelab uses LoRA adapters")
+        weights = folder / "adapter_model.safetensors"
+        if not weights.is_file():
             raise ConfigError(
-                f"init_from: '{folder}' holds a {config.get('peft_type')} adapter; tunelab continues LoRA adapters"
+                f"{folder}: has no adapter_model.safetensors (tunelab loads safetensors only); save the adapter with "
+                "save_pretrained(..., safe_serialization=True)"
             )
-        named = config.get("base_model_name_or_path")
-        if named and named not in (settings.id, model_path(settings.id)):
-            raise ConfigError(
-                f"init_from: the adapter in '{folder}' was trained on '{named}' (its adapter_config.json), not on "
-                f"model.id '{settings.id}'; set model.id: {named}, or, if '{settings.id}' is a copy of that model, "
-                f"write its path as base_model_name_or_path in {folder / ADAPTER_CONFIG}"
-            )
-        return True
+        with safe_open(str(weights), "pt") as f:
+            count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+        targets = _names(config.get("target_modules"))
+        shown = ",".join(targets) if isinstance(targets, list) else targets
+        return MadeElsewhere(config.get("base_model_name_or_path"), f"lora r{config.get('r')} {shown}", count)
 
     def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
         # The adapter keeps its own settings, as training loads it (PeftModel.from_pretrained, trainable).
