@@ -189,6 +189,13 @@ def compare(
     eval_file: Annotated[
         Path | None, typer.Option("--eval", help="Held-out SFT data for eval loss.", exists=True, dir_okay=False)
     ] = None,
+    eval_also: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--eval-also",
+            help="NAME=FILE: another held-out set every variant is scored on, as 'eval NAME loss' (repeatable).",
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.json/.md/.html.")] = Path("reports/compare"),
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Generated tokens per output.", min=1, max=100_000)
@@ -210,6 +217,7 @@ def compare(
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
+    from tunelab.compare import parse_eval_also
     from tunelab.report import write_report
     from tunelab.report.terminal import print_comparison, print_outputs
 
@@ -233,6 +241,7 @@ def compare(
         top_p=top_p,
         seed=seed,
         mixed_quantization=mixed_quantization,
+        eval_also=parse_eval_also(eval_also or []),
     )
     paths = write_report(result, out)
     print_comparison(result)

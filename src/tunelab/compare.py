@@ -423,6 +423,7 @@ def compare(
     top_p: float = 1.0,
     seed: int = 0,
     mixed_quantization: bool = False,
+    eval_also: dict[str, Path] | None = None,
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it)."""
@@ -435,22 +436,24 @@ def compare(
     first = next((d for d, _ in runs if run_status(d) is not None), None)
     exp = load_run_experiment(first) if first is not None else None
     prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file, asked)
+    held_out = _held_out_sets(exp, runs, eval_rows, eval_also or {})
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
     template = exp.tokenizer if exp is not None else TokenizerSettings()
     outputs, losses = _generate_and_score(
-        model, template, runs, include_base, prompts, eval_rows, max_new_tokens, batch_size, decoding, seed
+        model, template, runs, include_base, prompts, held_out, max_new_tokens, batch_size, decoding, seed
     )
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
-    variants = [Variant("base", "base", numbers={"eval_loss": losses.get(BASE), **base_scores})] if include_base else []
+    variants = [Variant("base", "base", numbers={**losses.get(BASE, {}), **base_scores})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
-        variants.append(Variant(m.name, m.scope, str(d), {**numbers, "eval_loss": losses.get(m.name)}, curves))
+        variants.append(Variant(m.name, m.scope, str(d), {**numbers, **losses.get(m.name, {})}, curves))
     if include_base:
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
     for v in variants:
+        v.numbers.setdefault("eval_loss", None)
         loss = v.numbers["eval_loss"]
         v.numbers["perplexity"] = round(math.exp(loss), 4) if loss is not None else None
         flat = [c.passed for cs in checks[v.name] for c in cs]
@@ -462,6 +465,7 @@ def compare(
         "batch_size": batch_size,
         "prompts": str(prompts_file) if prompts_file else "held-out data",
         "eval_examples": len(eval_rows) if eval_rows else 0,
+        "eval_also_examples": {name: len(rows) for name, rows in held_out.items() if name != PRIMARY},
         "base": runs[0][1].quantized,
         # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
         "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
@@ -499,20 +503,63 @@ def _prompts_and_eval(
     return held_out_prompts(held_out), eval_rows
 
 
+PRIMARY = "eval"  # the eval data's set among the held-out sets: its loss is eval_loss
+
+
+def eval_key(name: str) -> str:
+    """The number a held-out set's loss is kept as: eval_loss for the eval data, eval_<name>_loss for the others."""
+    return "eval_loss" if name == PRIMARY else f"eval_{name}_loss"
+
+
+def parse_eval_also(items: list[str]) -> dict[str, Path]:
+    """--eval-also NAME=FILE options, checked: a name as data.eval_also takes one, other than the eval data's."""
+    sets = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", name) or name == PRIMARY or not path:
+            raise TunelabError(
+                f"--eval-also: '{item}' is not NAME=FILE with a name of lowercase letters, digits and _ other than "
+                "'eval' (e.g. general=data/general.jsonl)"
+            )
+        if not Path(path).is_file():
+            raise TunelabError(f"--eval-also: {path}: no such file")
+        sets[name] = Path(path)
+    return sets
+
+
+def _held_out_sets(
+    exp: Experiment | None, runs: list[tuple[Path, Manifest]], eval_rows: list[dict] | None, given: dict[str, Path]
+) -> dict[str, list[dict]]:
+    """Every held-out set each variant is scored on, by name: the eval data, the --eval-also files and the first SFT
+    run's data.eval_also sets (what the tuning costs elsewhere, measured on the same rows for every variant)."""
+    from tunelab.data import load_file
+
+    sets = {PRIMARY: eval_rows} if eval_rows else {}
+    sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
+    if sft is not None:
+        for name, source in sft.data.eval_also.items():
+            sets[name] = load_file(source, f"data.eval_also.{name}", sft.data, "sft", sft.train.seed).rows
+    data = sft.data if sft else exp.data if exp else None
+    for name, path in given.items():
+        settings = data or DataSettings(train=str(path))
+        sets[name] = load_file(str(path), f"--eval-also {name}", settings, "sft").rows
+    return sets
+
+
 def _generate_and_score(
     model_settings: ModelSettings,
     template: TokenizerSettings,
     runs: list[tuple[Path, Manifest]],
     include_base: bool,
     prompts: list[Prompt],
-    eval_rows: list[dict] | None,
+    held_out: dict[str, list[dict]],
     max_new_tokens: int,
     batch_size: int,
     decoding: dict,
     seed: int,
-) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """Outputs and eval loss for every variant, loading the base once; each run's scope kind says how it goes
-    on that base (attached beside it, swapped in for a while, or loaded on its own)."""
+) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """Outputs and the held-out sets' losses for every variant, loading the base once; each run's scope kind says how
+    it goes on that base (attached beside it, swapped in for a while, or loaded on its own)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -528,13 +575,15 @@ def _generate_and_score(
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
     model, kinds = attach_runs(model, runs)
     outputs: dict[str, list[str]] = {}
-    losses: dict[str, float] = {}
+    losses: dict[str, dict[str, float]] = {}
 
     def score(name: str, scored_model) -> None:
-        if eval_rows:
-            losses[name] = eval_loss(
-                scored_model, tokenizer, eval_rows, fold_system=template.fold_system, template_vars=variables
+        losses[name] = {
+            eval_key(key): eval_loss(
+                scored_model, tokenizer, rows, fold_system=template.fold_system, template_vars=variables
             )
+            for key, rows in held_out.items()
+        }
 
     base_chat = asks_in_chat(tokenizer, None)
     chat = {m.name: asks_in_chat(tokenizer, m) for _, m in runs}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA, EXAMPLES, run_cli
-from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, read_prompts
+from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, parse_eval_also, read_prompts
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.report import write_report
@@ -349,3 +349,30 @@ def test_adapters_saved_by_a_plain_peft_script_are_compared_beside_runs(runs, tm
 
     with pytest.raises(TunelabError, match="adapters made elsewhere carry no data to take prompts from"):
         compare([script, copied])
+
+
+def test_every_variant_is_scored_on_each_held_out_set_of_the_runs_and_the_command_line(runs, tmp_path: Path) -> None:
+    """What a variant costs elsewhere, on the same rows for the base and every run: a run's data.eval_also sets and
+    --eval-also files become 'eval NAME loss' columns."""
+    exp = load_experiment(
+        EXAMPLES / "quickstart.yaml",
+        [
+            f"output.dir={tmp_path}",
+            "output.name=also",
+            "train.max_steps=2",
+            "data.eval_also={same: data/sft_eval.jsonl}",
+        ],
+    )
+    also = train(exp).run_dir
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join((DATA / "sft_train.jsonl").read_text().splitlines(keepends=True)[:12]))
+    ours = compare([also, runs["lora-qv"]], prompts_file=prompts_file(tmp_path, 2), eval_also={"general": general})
+    for v in ours.variants:  # the run's own set is the eval data: the same number; another set gives another
+        assert v.numbers["eval_same_loss"] == v.numbers["eval_loss"]
+        assert v.numbers["eval_general_loss"] != v.numbers["eval_loss"]
+    assert ours.settings["eval_also_examples"] == {"same": 40, "general": 12}
+    report = write_report(ours, tmp_path / "r")
+    header = next(line for line in Path(report["md"]).read_text().splitlines() if line.startswith("| variant"))
+    assert "| eval loss | eval general loss | eval same loss | ppl |" in header
+    with pytest.raises(TunelabError, match="--eval-also: 'eval=x' is not NAME=FILE"):
+        compare([also], eval_also=parse_eval_also(["eval=x"]))

@@ -47,9 +47,15 @@ def _fmt(value) -> str:
 
 
 def columns(c: Comparison) -> list[tuple[str, str]]:
-    """The fixed columns, then one a stored lm-eval score (`tunelab eval`), titled 'task/metric'."""
+    """The fixed columns, with one a further held-out set's loss after the eval loss ('eval general loss'), then one a
+    stored lm-eval score (`tunelab eval`), titled 'task/metric'."""
+    sets = sorted({k for v in c.variants for k in v.numbers if ALSO.fullmatch(k)} - {"eval_loss"})
     scores = sorted({k for v in c.variants for k in v.numbers if k.startswith(LM_EVAL_PREFIX)})
-    return COLUMNS + [(k, k.removeprefix(LM_EVAL_PREFIX)) for k in scores]
+    also = [(k, k.replace("_", " ", 1).removesuffix("_loss") + " loss") for k in sets]
+    return COLUMNS[:1] + also + COLUMNS[1:] + [(k, k.removeprefix(LM_EVAL_PREFIX)) for k in scores]
+
+
+ALSO = re.compile(r"eval_[a-z0-9_]+_loss")
 
 
 def summary_rows(c: Comparison) -> list[list[str]]:

@@ -265,14 +265,18 @@ def kept_line(m: Manifest) -> str | None:
 
 def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
-    from tunelab.report.html import columns, summary_rows
+    from tunelab.report.html import ALSO, columns, summary_rows
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
     table.add_column("variant")
     keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "expectations")
     shown = columns(comparison)
-    picked = [i for i, (key, title) in enumerate(shown) if title in keep or key.startswith(LM_EVAL_PREFIX)]
+    picked = [
+        i
+        for i, (key, title) in enumerate(shown)
+        if title in keep or key.startswith(LM_EVAL_PREFIX) or ALSO.fullmatch(key)
+    ]
     for i in picked:
         table.add_column(shown[i][1], justify="right")
     for row in summary_rows(comparison):
