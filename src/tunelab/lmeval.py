@@ -79,17 +79,18 @@ def evaluate_runs(
     from tunelab.compare import load_runs
     from tunelab.runs import TOKENIZER, load_run_experiment
     from tunelab.scopes import attach_runs, base_alone, run_scope
-    from tunelab.templates import template_vars, with_template_vars
+    from tunelab.templates import for_outside_renderer, template_vars
 
     check_lm_eval()
     runs = load_runs(run_dirs, mixed_quantization, "eval")
     manager = task_manager(settings)
     _, base = run_scope(*runs[0])
     tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
-    # lm-eval renders the chat template with no variables: the run's (Qwen3's enable_thinking, Llama's fixed date)
-    # go into the template itself, so its prompts are rendered as training rendered the data.
+    # lm-eval renders the chat template with no variables and string contents: the run's variables (Qwen3's
+    # enable_thinking, Llama's fixed date) and text parts where the template reads those go into the template itself,
+    # so its prompts are rendered as training rendered the data.
     variables = template_vars(load_run_experiment(runs[0][0]).tokenizer, tokenizer)
-    tokenizer = with_template_vars(tokenizer, variables)
+    tokenizer = for_outside_renderer(tokenizer, variables)
     model, kinds = attach_runs(base.load(), runs)
     scores: dict[str, dict[str, float]] = {}
     if include_base:

@@ -622,13 +622,30 @@ def template_vars(settings: TokenizerSettings, tokenizer: PreTrainedTokenizerBas
     return out
 
 
-def with_template_vars(tokenizer: PreTrainedTokenizerBase, variables: dict) -> PreTrainedTokenizerBase:
-    """The tokenizer with `variables` set at the top of its chat template, for a renderer that passes none (lm-eval):
-    its apply_chat_template then renders as training did with the variables passed beside each conversation."""
-    if variables and isinstance(tokenizer.chat_template, str):
-        settings = "".join(f"{{%- set {name} = {json.dumps(value)} -%}}" for name, value in variables.items())
-        tokenizer.chat_template = settings + tokenizer.chat_template
+def for_outside_renderer(tokenizer: PreTrainedTokenizerBase, variables: dict) -> PreTrainedTokenizerBase:
+    """The tokenizer with its chat template made to render, for a renderer that passes only string contents and no
+    variables (lm-eval), as training renders: `variables` set at its top, and for a template that prints a message's
+    text only from text parts, the string contents turned into parts first."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        return tokenizer
+    prelude = "".join(f"{{%- set {name} = {json.dumps(value)} -%}}" for name, value in variables.items())
+    if reads_text_parts(template, tokenizer):
+        prelude += TEXT_PARTS_PRELUDE
+    tokenizer.chat_template = prelude + template
     return tokenizer
+
+
+# Jinja that gives each message whose content is a string that text as one text part (text_parts, in the template).
+TEXT_PARTS_PRELUDE = (
+    "{%- set parts = namespace(messages=[]) -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['content'] is string -%}"
+    "{%- set parts.messages = parts.messages + [dict(m, content=[{'type': 'text', 'text': m['content']}])] -%}"
+    "{%- else -%}{%- set parts.messages = parts.messages + [m] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = parts.messages -%}"
+)
 
 
 def reads_the_clock(tokenizer: PreTrainedTokenizerBase, variables: dict) -> bool:

@@ -5,7 +5,7 @@ from datetime import datetime
 
 from tests.chat_fixtures import FAMILIES, FIXTURES, tokenizer, trl_tokenizer
 from tunelab.config import TokenizerSettings
-from tunelab.templates import TEMPLATE_DATE, encode, reads_the_clock, template_vars, with_template_vars
+from tunelab.templates import TEMPLATE_DATE, encode, for_outside_renderer, reads_the_clock, template_vars
 
 CHAT = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -57,6 +57,6 @@ def test_a_renderer_that_passes_no_variables_renders_as_training_did() -> None:
     ):
         expected = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **variables)
         assert tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) != expected
-        baked = with_template_vars(tok, variables)
+        baked = for_outside_renderer(tok, variables)
         assert baked.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == expected
     assert expected.count(TEMPLATE_DATE) == 1

@@ -7,7 +7,15 @@ import pytest
 
 from tests.chat_fixtures import supervised_replies, trl_tokenizer
 from tunelab.errors import TunelabError
-from tunelab.templates import TokenChecks, Tokenized, choose_pad, loss_segments, resolve_template, tokenize_example
+from tunelab.templates import (
+    TokenChecks,
+    Tokenized,
+    choose_pad,
+    loss_segments,
+    resolve_template,
+    text_parts,
+    tokenize_example,
+)
 
 
 def word_tokenizer(reserved: tuple[str, ...] = ("<|reserved_9|>", "<|reserved_10|>")):
@@ -264,3 +272,22 @@ def test_a_template_that_prints_no_message_text_is_refused_in_one_line() -> None
         )
     assert str(e.value).startswith("tokenizer.chat_template: the chat template prints no message's text")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", list(TEXT_PARTS))
+def test_lm_evals_string_prompts_reach_a_template_that_prints_only_text_parts(name: str) -> None:
+    """lm-eval renders the tokenizer's template itself with string contents: the template it gets turns them into
+    text parts first, so its prompts carry their text."""
+    from tunelab.templates import for_outside_renderer
+
+    tok = trl_tokenizer(name, extra=("<end_of_utterance>",))
+    chat = [{"role": "user", "content": "Which city is the capital of Molo?"}]
+    try:
+        before = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # LLaVA-NeXT's fails on string contents
+        before = repr(e)
+    assert "capital of Molo" not in before
+    parts = tok.apply_chat_template(text_parts(chat), tokenize=False, add_generation_prompt=True)
+    after = for_outside_renderer(tok, {}).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert after == parts
+    assert for_outside_renderer(trl_tokenizer("llama3_1"), {}).chat_template == trl_tokenizer("llama3_1").chat_template
