@@ -364,6 +364,14 @@ def _assistant_spans(
         reply = m["content"].strip()
         found = full.find(reply, len(prompt), end) if reply else len(prompt)
         if not (through.startswith(prompt) and full.startswith(prompt)) or found < 0:
+            if _same_but_spaces(prompt, full):
+                raise TemplateRowError(
+                    f"{where}: the chat template writes other whitespace between turns when it ends with the "
+                    f"generation prompt than when the conversation goes on (before assistant message {i}): it prints "
+                    "the indentation and line breaks between its tags, so a reply would not sit where the model is "
+                    "asked for it; trim them in the template ({%- ... -%} tags, or the whitespace between tags "
+                    "removed, as collections of such files say to do)"
+                )
             raise TemplateRowError(
                 f"{where}: the chat template renders assistant message {i} differently once the conversation "
                 "continues (a system message moved into the last user turn, or a reasoning block kept only on the "
@@ -378,6 +386,13 @@ def _assistant_spans(
             reply_end = max([reply_end, *closings])
         spans.append((len(prompt), reply_end, end))
     return full, spans
+
+
+def _same_but_spaces(prompt: str, full: str) -> bool:
+    """Whether the conversation so far with the generation prompt (`prompt`) is where `full` goes on but for
+    whitespace."""
+    squeeze = functools.partial(re.sub, r"\s+", "")
+    return squeeze(full).startswith(squeeze(prompt))
 
 
 def _consistent_fix(template: str, messages: list[dict]) -> str:

@@ -291,3 +291,38 @@ def test_lm_evals_string_prompts_reach_a_template_that_prints_only_text_parts(na
     after = for_outside_renderer(tok, {}).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert after == parts
     assert for_outside_renderer(trl_tokenizer("llama3_1"), {}).chat_template == trl_tokenizer("llama3_1").chat_template
+
+
+# chujiezheng/chat_templates (github, commit 11c4956) chat_templates/chatml.jinja, byte for byte: a collection of
+# templates written across lines for reading, whose README says to strip the whitespace between tags before use.
+SPREAD_CHATML = """{% if messages[0]['role'] == 'system' %}
+    {% set offset = 1 %}
+{% else %}
+    {% set offset = 0 %}
+{% endif %}
+
+{{ bos_token }}
+{% for message in messages %}
+    {% if (message['role'] == 'user') != (loop.index0 % 2 == offset) %}
+        {{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+    {% endif %}
+
+    {{ '<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>\\n' }}
+{% endfor %}
+
+{% if add_generation_prompt %}
+    {{ '<|im_start|>assistant\\n' }}
+{% endif %}"""
+
+
+def test_a_template_spread_over_lines_is_refused_for_its_whitespace_and_trains_once_trimmed() -> None:
+    tok = trl_tokenizer("qwen2_5")
+    row = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    tok.chat_template = SPREAD_CHATML
+    with pytest.raises(TunelabError) as e:
+        tokenize_example(tok, row)
+    assert "the chat template writes other whitespace between turns when it ends with the generation prompt" in str(
+        e.value
+    )
+    tok.chat_template = SPREAD_CHATML.replace("    ", "").replace("\n", "")  # as the collection's README says
+    assert supervised_replies(tok, row) == ["Hello.<|im_end|>"]
