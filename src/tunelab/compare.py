@@ -154,7 +154,7 @@ def load_runs(
     a folder a plain script saved a result in (a PEFT adapter) counts as a run of the base it names."""
     runs = []
     for run_dir in run_dirs:
-        made = made_elsewhere(Path(run_dir)) if elsewhere and run_status(run_dir) is None else None
+        made = elsewhere_run(Path(run_dir)) if elsewhere and run_status(run_dir) is None else None
         if made is not None:
             runs.append((Path(run_dir), made))
             continue
@@ -182,31 +182,28 @@ def load_runs(
     return runs
 
 
-def made_elsewhere(folder: Path) -> Manifest | None:
+def elsewhere_run(folder: Path) -> Manifest | None:
     """A result a plain script saved in `folder` (compare_lora.py's adapters), recorded as a completed run of the base
     it names: None where the folder holds none."""
     from tunelab.models import fingerprint, weights_path
-    from tunelab.scopes import REGISTRY
+    from tunelab.scopes import made_elsewhere
 
-    for kind in REGISTRY.values():
-        found = kind.made_elsewhere(folder) if folder.is_dir() else None
-        if found is None:
-            continue
-        if not found.base:
-            raise TunelabError(
-                f"{folder}: names no base model (PEFT's base_model_name_or_path in its config); write the base's id "
-                "or path there"
-            )
-        weights = weights_path(ModelSettings(id=found.base))
-        base = BaseModelRecord(id=found.base, path=weights, fingerprint=fingerprint(weights, None))
-        return Manifest(
-            name=folder.name,
-            status="completed",
-            scope=kind.name,
-            trainable_params=found.trainable_params,
-            base_model=base,
+    found = made_elsewhere(folder)
+    if found is None:
+        return None
+    if not found.base:
+        raise TunelabError(
+            f"{folder}: names no base model (PEFT's base_model_name_or_path in its config); write the base's id or "
+            "path there"
         )
-    return None
+    weights = weights_path(ModelSettings(id=found.base))
+    return Manifest(
+        name=folder.name,
+        status="completed",
+        scope=found.kind,
+        trainable_params=found.trainable_params,
+        base_model=BaseModelRecord(id=found.base, path=weights, fingerprint=fingerprint(weights, None)),
+    )
 
 
 # ---------------------------------------------------------------- generation
@@ -370,9 +367,9 @@ def eval_loss(
 
 def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
     if run_status(run_dir) is None:  # made elsewhere: what its files say
-        from tunelab.scopes import get_scope
+        from tunelab.scopes import made_elsewhere
 
-        found = get_scope(manifest.scope).made_elsewhere(run_dir)
+        found = made_elsewhere(run_dir)
         return {"scope": f"{found.label} (made elsewhere)", "trainable_params": found.trainable_params}, {}
     metrics = read_metrics(run_dir)
     train_curve = [(r["step"], r["loss"]) for r in metrics if "loss" in r]

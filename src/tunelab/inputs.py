@@ -7,11 +7,13 @@ accelerate config, and the data as the tokenizer encodes it, with the checks on 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment
 from tunelab.data import Split, Splits, as_sft_row, load_splits
 from tunelab.distributed import Engine, read_engine
+from tunelab.errors import ConfigError
 from tunelab.templates import Encoded, TokenChecks, check_tokens, encode, reads_the_clock, template_vars
 
 if TYPE_CHECKING:
@@ -71,8 +73,14 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
     """Read the experiment's inputs. `training`: the tokenizer must exist and every row is tokenized.
     `engine`: the accelerate config, when the caller has read it already."""
     from tunelab.models import check_stored_quantization, has_tokenizer, load_config, load_tokenizer, model_path
+    from tunelab.scopes import made_elsewhere
 
     engine = engine or read_engine(exp.distributed.accelerate_config)
+    if (found := made_elsewhere(Path(model_path(exp.model.id)))) is not None:
+        raise ConfigError(
+            f"model.id: '{exp.model.id}' holds a trained result ({found.label}), not a model; set model.id to its "
+            f"base{f' ({found.base})' if found.base else ''} and init_from: {exp.model.id} to train it further"
+        )
     config = load_config(exp.model)
     check_stored_quantization(exp.model, config)
     splits = load_splits(exp.data, exp.method, exp.train.seed)

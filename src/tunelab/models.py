@@ -151,13 +151,6 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
     path = model_path(settings.id)
     offline_unless_reachable(path)
     if _looks_local(path) and not (Path(path) / "config.json").is_file():
-        if (Path(path) / "adapter_config.json").is_file():
-            base = _adapter_base(Path(path))
-            raise ConfigError(
-                f"model.id: '{path}' is a PEFT adapter (adapter_config.json), not a model; set model.id to its base"
-                + (f" ({base})" if base else "")
-                + f" and init_from: {path} to train it further"
-            )
         raise ConfigError(f"model.id: no config.json in '{path}'; point model.id at a model folder or a hub id")
     try:
         config = AutoConfig.from_pretrained(
@@ -175,14 +168,6 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
         if "tie_word_embeddings" not in raw:
             config.tie_word_embeddings = text_tied
     return config
-
-
-def _adapter_base(folder: Path) -> str | None:
-    """The base model a PEFT adapter folder names, if it can be read."""
-    try:
-        return json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def auto_class(config: PretrainedConfig) -> type:
@@ -287,9 +272,8 @@ def load_model(
             # A checkpoint stored by bitsandbytes loads with its own config (Transformers ignores the one passed):
             # the compute dtype is the one this run computes in.
             check_stored_quantization(settings, config)
-            config.quantization_config = stored | {
-                "bnb_4bit_compute_dtype": str(kwargs.pop("quantization_config").bnb_4bit_compute_dtype).split(".")[-1]
-            }
+            computes = kwargs.pop("quantization_config").to_dict()["bnb_4bit_compute_dtype"]
+            config.quantization_config = stored | {"bnb_4bit_compute_dtype": computes}
     try:
         model, info = auto_class(config).from_pretrained(
             path,

@@ -65,7 +65,7 @@ def test_an_adapter_made_by_a_plain_peft_script_is_continued(tmp_path: Path, tin
     # Given as the model, it says what to write instead.
     with pytest.raises(
         ConfigError,
-        match=rf"is a PEFT adapter \(adapter_config.json\), not a model; set model.id to its base \({tiny_model_dir}\) and init_from: {folder}",
+        match=rf"holds a trained result \(lora r4 q_proj,v_proj\), not a model; set model.id to its base \({tiny_model_dir}\) and init_from: {folder}",
     ):
         make_plan(experiment("quickstart", tmp_path, f"model.id={folder}"))
     # An adapter of another base, or of another kind, is refused in one line.

@@ -35,6 +35,7 @@ __all__ = [
     "get_scope",
     "init_source",
     "load_trained",
+    "made_elsewhere",
     "run_scope",
     "untrained_warning",
 ]
@@ -44,6 +45,13 @@ def get_scope(name: str) -> ScopeKind:
     if name not in REGISTRY:
         raise TunelabError(f"unknown scope kind '{name}'; known: {', '.join(REGISTRY)}")
     return REGISTRY[name]
+
+
+def made_elsewhere(folder: Path) -> MadeElsewhere | None:
+    """The result a plain script saved in `folder` that some scope kind can use (a PEFT adapter), or None."""
+    if not folder.is_dir():
+        return None
+    return next((found for kind in REGISTRY.values() if (found := kind.made_elsewhere(folder)) is not None), None)
 
 
 def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | None:

@@ -51,6 +51,7 @@ class BaseLoader:
 class MadeElsewhere:
     """A scope kind's result saved by a plain script, as its files describe it."""
 
+    kind: str  # the scope kind that reads it
     base: str | None  # the base model it names (PEFT's base_model_name_or_path)
     label: str  # what it trains, as compare's table shows a scope
     trainable_params: int

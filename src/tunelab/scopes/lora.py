@@ -56,10 +56,12 @@ class Lora(ScopeKind):
                 "save_pretrained(..., safe_serialization=True)"
             )
         with safe_open(str(weights), "pt") as f:
-            count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+            count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
         targets = _names(config.get("target_modules"))
         shown = ",".join(targets) if isinstance(targets, list) else targets
-        return MadeElsewhere(config.get("base_model_name_or_path"), f"lora r{config.get('r')} {shown}", count)
+        return MadeElsewhere(
+            self.name, config.get("base_model_name_or_path"), f"lora r{config.get('r')} {shown}", count
+        )
 
     def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
         # The adapter keeps its own settings, as training loads it (PeftModel.from_pretrained, trainable).
