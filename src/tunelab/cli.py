@@ -196,6 +196,15 @@ def compare(
             help="NAME=FILE: another held-out set every variant is scored on, as 'eval NAME loss' (repeatable).",
         ),
     ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            "--pairs",
+            help="Preference pairs every variant ranks, for pref acc (default: the first preference run's eval pairs).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.json/.md/.html.")] = Path("reports/compare"),
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", help="Generated tokens per output.", min=1, max=100_000)
@@ -242,6 +251,7 @@ def compare(
         seed=seed,
         mixed_quantization=mixed_quantization,
         eval_also=parse_eval_also(eval_also or []),
+        pairs_file=pairs,
     )
     paths = write_report(result, out)
     print_comparison(result)

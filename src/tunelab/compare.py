@@ -421,6 +421,7 @@ def compare(
     seed: int = 0,
     mixed_quantization: bool = False,
     eval_also: dict[str, Path] | None = None,
+    pairs_file: Path | None = None,
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it)."""
@@ -434,12 +435,13 @@ def compare(
     exp = load_run_experiment(first) if first is not None else None
     prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file, asked)
     held_out = _held_out_sets(exp, runs, eval_rows, eval_also or {})
+    pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
     template = exp.tokenizer if exp is not None else TokenizerSettings()
     outputs, losses = _generate_and_score(
-        model, template, runs, include_base, prompts, held_out, max_new_tokens, batch_size, decoding, seed
+        model, template, runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size, decoding, seed
     )
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
     variants = [Variant("base", "base", numbers={**losses.get(BASE, {}), **base_scores})] if include_base else []
@@ -463,6 +465,7 @@ def compare(
         "prompts": str(prompts_file) if prompts_file else "held-out data",
         "eval_examples": len(eval_rows) if eval_rows else 0,
         "eval_also_examples": {name: len(rows) for name, rows in held_out.items() if name != PRIMARY},
+        "preference_pairs": len(pairs),  # pref acc: every variant on these pairs; without them, each run's own
         "base": runs[0][1].quantized,
         # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
         "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
@@ -543,6 +546,25 @@ def _held_out_sets(
     return sets
 
 
+def _held_out_pairs(runs: list[tuple[Path, Manifest]], pairs_file: Path | None) -> list[dict]:
+    """Preference pairs every variant is asked to rank (pref acc): --pairs, else the first preference run's eval
+    pairs; none without either."""
+    from tunelab.data import load_file
+    from tunelab.methods import get_method
+
+    if pairs_file is not None:
+        loaded = load_file(str(pairs_file), "--pairs", DataSettings(train=str(pairs_file)), "dpo")
+        return loaded.rows
+    for run_dir, m in runs:
+        if m.method is None or not get_method(m.method).preference:
+            continue
+        exp = load_run_experiment(run_dir)
+        if exp.data.eval is not None:
+            rows = load_file(exp.data.eval, "data.eval", exp.data, exp.method, exp.train.seed).rows
+            return [r for r in rows if "chosen" in r]
+    return []
+
+
 def _generate_and_score(
     model_settings: ModelSettings,
     template: TokenizerSettings,
@@ -550,6 +572,7 @@ def _generate_and_score(
     include_base: bool,
     prompts: list[Prompt],
     held_out: dict[str, list[dict]],
+    pairs: list[dict],
     max_new_tokens: int,
     batch_size: int,
     decoding: dict,
@@ -560,6 +583,7 @@ def _generate_and_score(
     import torch
     from transformers import AutoTokenizer
 
+    from tunelab.methods.preference import preference_accuracy
     from tunelab.scopes import BaseLoader, attach_runs, base_alone
     from tunelab.templates import template_vars
 
@@ -581,6 +605,9 @@ def _generate_and_score(
             )
             for key, rows in held_out.items()
         }
+        if pairs:
+            ranked = preference_accuracy(scored_model, tokenizer, pairs, template.fold_system, variables)
+            losses[name]["preference_accuracy"] = ranked
 
     base_chat = asks_in_chat(tokenizer, None)
     chat = {m.name: asks_in_chat(tokenizer, m) for _, m in runs}

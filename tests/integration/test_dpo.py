@@ -139,3 +139,25 @@ def test_live_reference_after_partial_sft_is_the_sft_model(tmp_path: Path, tiny_
     b = [r["loss"] for r in read_metrics(pre.run_dir) if "loss" in r]
     assert abs(a[0] - 0.6931) < 1e-3  # policy == reference at the start: loss ln 2
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4
+
+
+def test_compare_ranks_the_same_pairs_with_every_variant(tmp_path: Path, tiny_model_dir) -> None:
+    """pref acc in compare: the base and every run rank the first preference run's held-out pairs (or --pairs), so an
+    SFT run has one too; the DPO run's equals what its manifest measured after training, the base's before."""
+    from tests.conftest import DATA
+    from tunelab.compare import compare
+
+    sft = train(experiment("quickstart", tmp_path, "train.max_steps=2")).run_dir
+    dpo = train(experiment("dpo", tmp_path, "train.max_steps=8"))
+    ours = compare([sft, dpo.run_dir], asked=["What is the capital of Molo?"], max_new_tokens=4)
+    ranked = {v.name: v.numbers["preference_accuracy"] for v in ours.variants}
+    assert ranked["dpo"] == dpo.manifest.preference_accuracy_after
+    assert ranked["base"] == dpo.manifest.preference_accuracy_before
+    assert ranked["quickstart"] is not None
+    pairs = sum(1 for line in (DATA / "pref_eval.jsonl").read_text().splitlines() if line.strip())
+    assert ours.settings["preference_pairs"] == pairs
+    alone = compare([sft], asked=["Hi"], max_new_tokens=2, pairs_file=DATA / "pref_eval.jsonl")
+    assert {v.name: v.numbers["preference_accuracy"] for v in alone.variants} == {
+        "base": ranked["base"],
+        "quickstart": ranked["quickstart"],
+    }
