@@ -145,6 +145,18 @@ def test_html_escapes_hostile_text(tmp_path: Path) -> None:
     assert "http://" not in html and "https://" not in html  # nothing fetched from a network
 
 
+def test_a_report_replaces_the_last_one_whole_and_refuses_a_file_for_its_folder(tmp_path: Path) -> None:
+    first = write_report(hostile(), tmp_path / "r")
+    again = write_report(hostile(), tmp_path / "r")
+    assert again == first and sorted(p.name for p in (tmp_path / "r").iterdir()) == [
+        "report.html", "report.json", "report.md"
+    ]  # fmt: skip
+    (tmp_path / "taken").write_text("mine")
+    with pytest.raises(TunelabError, match=r"--out: .*taken is a file; give a folder for the report"):
+        write_report(hostile(), tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "mine"
+
+
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     """A browser lays the page out: Chromium exits cleanly, its parsed DOM holds the hostile text as text, and its
     screenshot shows the loss chart's curves (so the embedded PNG decoded and was painted)."""
