@@ -78,3 +78,30 @@ def test_an_adapter_made_by_a_plain_peft_script_is_continued(tmp_path: Path, tin
         make_plan(experiment("quickstart", tmp_path, f"init_from={folder}"))
     with pytest.raises(ConfigError, match=r"is not a tunelab run nor a PEFT adapter folder \(adapter_config.json\)"):
         make_plan(experiment("quickstart", tmp_path, f"init_from={tmp_path}"))
+
+
+def test_an_adapter_of_another_model_is_refused_in_one_line_by_plan_and_compare(tmp_path: Path, tiny_model_dir) -> None:
+    """Its config names this base, but its tensors were trained on a narrower model: plan reads the shapes from the
+    file's header, compare from PEFT's load, each as one line instead of PEFT's list of every mismatch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tunelab.compare import compare
+
+    narrow = AutoConfig.from_pretrained(tiny_model_dir)
+    narrow.hidden_size, narrow.intermediate_size = 64, 128
+    folder = tmp_path / "elsewhere"
+    settings = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_config(narrow), settings).save_pretrained(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny_model_dir)}))
+    with pytest.raises(
+        ConfigError,
+        match=r"its tensors do not fit this base model, so it was trained on another \(.*lora_A.weight: \[4, 64\] saved, \[4, 128\] here\)",
+    ):
+        make_plan(experiment("quickstart", tmp_path, f"init_from={folder}"))
+    sft = train(experiment("quickstart", tmp_path, "train.max_steps=1")).run_dir
+    with pytest.raises(
+        ConfigError, match=r"its tensors do not fit this base model, so it was trained on another \(size mismatch"
+    ):
+        compare([sft, folder], asked=["Hi"], max_new_tokens=2)

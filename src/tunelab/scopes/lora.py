@@ -89,7 +89,9 @@ class Lora(ScopeKind):
         )  # fmt: skip
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return get_peft_model(model, theirs), notes
+            continued = get_peft_model(model, theirs)
+        _check_fits(adapter_folder(source), continued)
+        return continued, notes
 
     def token_fix(self, tokens: list[str]) -> str:
         return f"set scope.lora.tokens: [{', '.join(tokens)}]"
@@ -172,15 +174,17 @@ class Lora(ScopeKind):
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(base.load(), str(adapter_folder(run_dir)), is_trainable=trainable)
+        with _loads(adapter_folder(run_dir)):
+            return PeftModel.from_pretrained(base.load(), str(adapter_folder(run_dir)), is_trainable=trainable)
 
     def attach(self, model: nn.Module, run_dir: Path, name: str) -> nn.Module:
         from peft import PeftModel
 
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(adapter_folder(run_dir)), adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, str(adapter_folder(run_dir)), adapter_name=name).eval()
+        with _loads(adapter_folder(run_dir)):
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(adapter_folder(run_dir)), adapter_name=name)
+                return model
+            return PeftModel.from_pretrained(model, str(adapter_folder(run_dir)), adapter_name=name).eval()
 
     def batches_with_base(self, model: nn.Module, name: str) -> bool:
         # PEFT routes the rows of one batch to different adapters, but not to a DoRA adapter, and not at all through
@@ -316,3 +320,36 @@ def verify_adapter(folder: Path) -> None:
 def _names(targets: list[str] | set[str] | str | None) -> list[str] | str | None:
     """PEFT's target_modules as one comparable value (a list or set of names sorted; a pattern as it is)."""
     return sorted(targets) if isinstance(targets, list | set) else targets
+
+
+@contextlib.contextmanager
+def _loads(folder: Path) -> Iterator[None]:
+    """An adapter whose tensors do not fit the base it goes on (trained on another model than its config names) as
+    one line, not PEFT's list of every mismatch."""
+    try:
+        yield
+    except RuntimeError as e:
+        mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), None)
+        if mismatch is None:
+            raise
+        raise ConfigError(
+            f"{folder}: its tensors do not fit this base model, so it was trained on another ({mismatch})"
+        ) from e
+
+
+def _check_fits(folder: Path, model: nn.Module) -> None:
+    """Plan: the saved adapter's tensor shapes against the ones its config builds on this base (meta device)."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    shapes = {n.replace(".default.", "."): tuple(p.shape) for n, p in model.named_parameters()}
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            saved, built = tuple(f.get_slice(key).get_shape()), shapes.get(key)
+            if built is not None and built != saved:
+                raise ConfigError(
+                    f"{folder}: its tensors do not fit this base model, so it was trained on another ({key}: "
+                    f"{list(saved)} saved, {list(built)} here)"
+                )
