@@ -74,7 +74,22 @@ class Comparison:
     checks: dict[str, list[list[Check]]]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"best": self.best()}
+
+    def best(self) -> dict[str, list[str]]:
+        """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
+        pref acc and expectation pass rate. Only where at least two variants have the number."""
+        out = {}
+        for key in sorted({k for v in self.variants for k in v.numbers}):
+            lower = key == "eval_loss" or bool(re.fullmatch(r"eval_[a-z0-9_]+_loss", key))
+            if not (lower or key in ("preference_accuracy", "expectation_pass_rate")):
+                continue
+            values = {v.name: v.numbers[key] for v in self.variants if v.numbers.get(key) is not None}
+            if len(values) < 2:
+                continue
+            top = min(values.values()) if lower else max(values.values())
+            out[key] = [name for name, value in values.items() if value == top]
+        return out
 
 
 # ---------------------------------------------------------------- inputs

@@ -129,6 +129,26 @@ def hostile() -> Comparison:
     )
 
 
+def test_the_best_variant_of_each_quality_is_named_and_marked(tmp_path: Path) -> None:
+    """Which version should survive: the lowest held-out losses, the highest pref acc and pass rate, ties kept."""
+    c = hostile()
+    c.variants[0].numbers |= {"eval_general_loss": 2.0, "preference_accuracy": 0.75, "expectation_pass_rate": 0.5}
+    c.variants[1].numbers |= {"eval_general_loss": 2.5, "preference_accuracy": 0.5, "expectation_pass_rate": 0.5}
+    c.variants.append(Variant("other", "lora", numbers={"eval_loss": 0.5, "train_seconds": 1.0}))
+    c.outputs["other"], c.checks["other"] = ["fine"], [[Check("contains", "<b>", False)]]
+    assert c.best() == {
+        "eval_general_loss": ["base"],
+        "eval_loss": ["run<i>", "other"],
+        "expectation_pass_rate": ["base", "run<i>"],
+        "preference_accuracy": ["base"],
+    }
+    assert write_report(c, tmp_path)["json"].read_text().count('"best"') == 1
+    md = (tmp_path / "report.md").read_text().splitlines()
+    assert md[4].startswith("| base | 1 | **2** |") and md[5].startswith("| run&lt;i&gt; | **0.5** | 2.5 |")
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("class='num best'") == 6
+
+
 def test_markdown_keeps_hostile_text_inert(tmp_path: Path) -> None:
     comparison = hostile()
     comparison.outputs["run<i>"] = ["[click](javascript:alert(1)) **bold** `code` <script>x</script>"]

@@ -29,7 +29,7 @@ COLUMNS = [
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}td.best{font-weight:bold;background:#eef7ee}
 .out{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:90%}
 .same{color:#888}.diff{background:#fffbe6}.pass{color:#176f2c}.fail{color:#b00020}
 h2{margin-top:2em}.prompt{background:#f6f8fa;padding:6px;border-left:3px solid #999}
@@ -62,6 +62,18 @@ def summary_rows(c: Comparison) -> list[list[str]]:
     return [[v.name, *(_fmt(v.numbers.get(key)) for key, _ in columns(c))] for v in c.variants]
 
 
+def best_cells(c: Comparison) -> set[tuple[int, int]]:
+    """(row, column) of summary_rows' cells that hold a best value (Comparison.best), column 0 being the name."""
+    best, keys = c.best(), [key for key, _ in columns(c)]
+    return {
+        (row, keys.index(key) + 1)
+        for key, names in best.items()
+        if key in keys
+        for row, v in enumerate(c.variants)
+        if v.name in names
+    }
+
+
 def loss_chart_png(c: Comparison) -> bytes | None:
     curves = [v for v in c.variants if v.curves.get("train")]
     if not curves:
@@ -92,9 +104,16 @@ def loss_chart_png(c: Comparison) -> bytes | None:
 
 def render_html(c: Comparison) -> str:
     head = "".join(f"<th>{escape(title)}</th>" for _, title in columns(c))
+    best = best_cells(c)
+
+    def cell(r: int, i: int, text: str) -> str:
+        if not i:
+            return f"<td>{escape(text)}</td>"
+        return f"<td class='{'num best' if (r, i) in best else 'num'}'>{escape(text)}</td>"
+
     rows = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(cell)}</td>" for i, cell in enumerate(row)) + "</tr>"
-        for row in summary_rows(c)
+        "<tr>" + "".join(cell(r, i, text) for i, text in enumerate(row)) + "</tr>"
+        for r, row in enumerate(summary_rows(c))
     )
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>tunelab comparison</title>",
@@ -149,7 +168,11 @@ def render_markdown(c: Comparison) -> str:
         "| variant | " + " | ".join(_md_cell(t) for _, t in columns(c)) + " |",
         "|---" * (len(columns(c)) + 1) + "|",
     ]
-    lines += ["| " + " | ".join(_md_cell(x) for x in row) + " |" for row in summary_rows(c)]
+    best = best_cells(c)
+    lines += [
+        "| " + " | ".join(f"**{_md_cell(x)}**" if (r, i) in best else _md_cell(x) for i, x in enumerate(row)) + " |"
+        for r, row in enumerate(summary_rows(c))
+    ]
     for p in c.prompts:
         lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]
         for v in c.variants:

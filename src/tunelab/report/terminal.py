@@ -265,7 +265,7 @@ def kept_line(m: Manifest) -> str | None:
 
 def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
-    from tunelab.report.html import ALSO, columns, summary_rows
+    from tunelab.report.html import ALSO, best_cells, columns, summary_rows
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
@@ -279,9 +279,15 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     ]
     for i in picked:
         table.add_column(shown[i][1], justify="right")
-    for row in summary_rows(comparison):
-        table.add_row(row[0], *(row[i + 1] for i in picked))
+    best = best_cells(comparison)
+    for r, row in enumerate(summary_rows(comparison)):
+        cells = [Text(row[i + 1], style="bold green" if (r, i + 1) in best else "") for i in picked]
+        table.add_row(row[0], *cells)
     console.print(table)
+    titles = dict(shown)
+    leaders = [f"{titles.get(key, key)}: {', '.join(names)}" for key, names in comparison.best().items()]
+    if leaders:
+        console.print(Text("best: " + "; ".join(leaders)), soft_wrap=True)
 
 
 def print_outputs(comparison, console: Console | None = None) -> None:
