@@ -363,8 +363,9 @@ def _assistant_spans(
         end = len(prompt) + _common_prefix(through[len(prompt) :], full[len(prompt) :])
         reply = m["content"].strip()
         found = full.find(reply, len(prompt), end) if reply else len(prompt)
-        if not (through.startswith(prompt) and full.startswith(prompt)) or found < 0:
-            if _same_but_spaces(prompt, full):
+        consistent = through.startswith(prompt) and full.startswith(prompt)
+        if not consistent or found < 0:
+            if not consistent and _same_but_spaces(prompt, through) and _same_but_spaces(prompt, full):
                 raise TemplateRowError(
                     f"{where}: the chat template writes other whitespace between turns when it ends with the "
                     f"generation prompt than when the conversation goes on (before assistant message {i}): it prints "
