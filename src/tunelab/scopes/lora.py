@@ -79,6 +79,8 @@ class Lora(ScopeKind):
             "layers": (theirs.layers_to_transform, own.layers_to_transform),
             "dora": (theirs.use_dora, own.use_dora),
             "rslora": (theirs.use_rslora, own.use_rslora),
+            "open": (_names(theirs.modules_to_save), _names(own.modules_to_save)),
+            "token rows": (bool(theirs.trainable_token_indices), bool(scope.lora.tokens)),
         }
         differs = [f"{k} {a} (scope.lora: {b})" for k, (a, b) in pairs.items() if a != b]
         notes = (
