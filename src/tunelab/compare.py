@@ -448,16 +448,18 @@ def compare(
         )
     first = next((d for d, _ in runs if run_status(d) is not None), None)
     exp = load_run_experiment(first) if first is not None else None
-    prompts, eval_rows = _prompts_and_eval(exp, runs, prompts_file, eval_file, asked)
-    held_out = _held_out_sets(exp, runs, eval_rows, eval_also or {})
+    sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
+    prompts, eval_rows = _prompts_and_eval(exp, sft, prompts_file, eval_file, asked)
+    held_out = _held_out_sets(exp, sft, eval_rows, eval_also or {})
     pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
     template = exp.tokenizer if exp is not None else TokenizerSettings()
     outputs, losses = _generate_and_score(
-        model, template, runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size, decoding, seed
-    )
+        model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size,
+        decoding, seed,
+    )  # fmt: skip
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
     variants = [Variant("base", "base", numbers={**losses.get(BASE, {}), **base_scores})] if include_base else []
     for d, m in runs:
@@ -490,17 +492,16 @@ def compare(
 
 def _prompts_and_eval(
     exp: Experiment | None,
-    runs: list[tuple[Path, Manifest]],
+    sft: Experiment | None,
     prompts_file: Path | None,
     eval_file: Path | None,
     asked: list[str] | None,
 ) -> tuple[list[Prompt], list[dict] | None]:
     """Prompts asked on the command line (one user turn each), from the file, or from the runs' held-out data; eval
     rows from --eval or the first SFT run's eval set (runs of preference methods alone have no SFT eval set: no eval
-    loss then). `exp`: the first tunelab run's experiment; None where every variant was made elsewhere."""
+    loss then). `exp`: the first tunelab run's experiment, `sft` the first SFT run's; None where there is none."""
     from tunelab.data import load_file
 
-    sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
     data = sft.data if sft else exp.data if exp else DataSettings(train=str(eval_file))
     eval_rows = load_file(str(eval_file), "--eval", data, "sft").rows if eval_file else None
     if eval_rows is None and sft is not None and sft.data.eval:
@@ -543,14 +544,13 @@ def parse_eval_also(items: list[str]) -> dict[str, Path]:
 
 
 def _held_out_sets(
-    exp: Experiment | None, runs: list[tuple[Path, Manifest]], eval_rows: list[dict] | None, given: dict[str, Path]
+    exp: Experiment | None, sft: Experiment | None, eval_rows: list[dict] | None, given: dict[str, Path]
 ) -> dict[str, list[dict]]:
     """Every held-out set each variant is scored on, by name: the eval data, the --eval-also files and the first SFT
     run's data.eval_also sets (what the tuning costs elsewhere, measured on the same rows for every variant)."""
     from tunelab.data import load_file
 
     sets = {PRIMARY: eval_rows} if eval_rows else {}
-    sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
     if sft is not None:
         for name, source in sft.data.eval_also.items():
             sets[name] = load_file(source, f"data.eval_also.{name}", sft.data, "sft", sft.train.seed).rows
@@ -583,6 +583,7 @@ def _held_out_pairs(runs: list[tuple[Path, Manifest]], pairs_file: Path | None) 
 def _generate_and_score(
     model_settings: ModelSettings,
     template: TokenizerSettings,
+    tokenizer_dir: Path,
     runs: list[tuple[Path, Manifest]],
     include_base: bool,
     prompts: list[Prompt],
@@ -594,7 +595,8 @@ def _generate_and_score(
     seed: int,
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
     """Outputs and the held-out sets' losses for every variant, loading the base once; each run's scope kind says how
-    it goes on that base (attached beside it, swapped in for a while, or loaded on its own)."""
+    it goes on that base (attached beside it, swapped in for a while, or loaded on its own). The tokenizer is the one
+    `tokenizer_dir` (the first tunelab run, else the first variant) was trained with."""
     import torch
     from transformers import AutoTokenizer
 
@@ -603,7 +605,7 @@ def _generate_and_score(
     from tunelab.templates import template_vars
 
     base = BaseLoader.pick(model_settings)
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(runs[0][0], model_settings))
+    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(tokenizer_dir, model_settings))
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
     variables = template_vars(template, tokenizer)
     torch.manual_seed(seed)
