@@ -35,6 +35,7 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "function_call": "assistant",  # LLaMA-Factory's tool calls: the value is {"name", "arguments"} as JSON
     "observation": "tool",  # and the tool's result
+    "tool": "tool",  # NousResearch/hermes-function-calling-v1's tool results
 }
 SFT_FORMATS = ("messages", "conversations", "prompt_completion", "text", "alpaca")
 FORMAT_FIELDS = {
@@ -392,9 +393,33 @@ def detect_format(record: Record, accepted: tuple[str, ...] | None = None) -> st
         raise TunelabError(
             f"{record.where}: cannot tell the data format from fields {sorted(keys)}; expected one of: "
             + ", ".join(FORMAT_FIELDS.values())
-            + "; or rename yours with data.columns (e.g. {question: prompt, answer: completion})"
+            + f"; or rename yours with {_columns_hint(value)}"
         )
     return next((fmt for fmt in fits if accepted is None or fmt in accepted), fits[0])
+
+
+# Field names datasets give a prompt and its answer (openai/gsm8k's question/answer, MetaMathQA's query/response,
+# HelpSteer's prompt/response, ...), in the order a hint pairs them.
+PROMPT_NAMES = ("prompt", "question", "query", "problem", "instruction", "input")
+ANSWER_NAMES = ("completion", "answer", "response", "solution", "output")
+
+
+def _columns_hint(value: dict) -> str:
+    """The data.columns that would read a record of unknown fields, where its fields say: a list of {role, content}
+    or {from, value} turns under another name (lmsys-chat-1m's `conversation`), or a prompt and an answer."""
+    for name, field_value in value.items():
+        turns = field_value if isinstance(field_value, list) and field_value else None
+        if turns and all(isinstance(t, dict) for t in turns):
+            if all({"role", "content"} <= set(t) for t in turns):
+                return f"data.columns: {{{name}: messages}}"
+            if all({"from", "value"} <= set(t) for t in turns):
+                return f"data.columns: {{{name}: conversations}}"
+    prompt = next((n for n in PROMPT_NAMES if isinstance(value.get(n), str)), None)
+    answer = next((n for n in ANSWER_NAMES if isinstance(value.get(n), str)), None)
+    if prompt and answer:
+        renames = [f"{old}: {new}" for old, new in ((prompt, "prompt"), (answer, "completion")) if old != new]
+        return "data.columns: {" + ", ".join(renames) + "}"
+    return "data.columns (e.g. {question: prompt, answer: completion})"
 
 
 # The fields that make each format, in the order a record that fits several is read when its method takes any.
@@ -557,9 +582,15 @@ def _sharegpt(record: Record) -> list[dict]:
                 + ", ".join(SHAREGPT_ROLES)
             )
         if t["from"] == "function_call":
-            messages.append({"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(record, t, i)})
+            message = {"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(record, t, i)}
         else:
-            messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+            message = {"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]}
+        # SlimOrca and axolotl's ShareGPT weigh turns as OpenAI's format does: 0 keeps a reply out of the loss. A
+        # prompt turn weighed 0 (or null) is what it is anyway; one weighed 1 is refused where messages are read.
+        weight = t.get("weight")
+        if weight is not None and (message["role"] == "assistant" or weight != 0):
+            message["weight"] = weight
+        messages.append(message)
     return _messages(record, messages, "conversations", need_assistant=True)
 
 

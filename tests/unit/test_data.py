@@ -227,6 +227,65 @@ def test_openai_weight_is_kept_on_assistant_turns_and_checked(tmp_path: Path) ->
         load(write_jsonl(tmp_path / "w2.jsonl", [{"messages": bad}]))
 
 
+def test_sharegpt_turn_weights_and_tool_turns_read_as_openais(tmp_path: Path) -> None:
+    """Open-Orca/SlimOrca weighs every turn (null or 0 on prompts, 1 on replies) and axolotl's ShareGPT a reply 0 to
+    keep it out of the loss; NousResearch/hermes-function-calling-v1 gives tool results `from: tool`. A reply's
+    weight was dropped, so a reply weighed 0 trained."""
+    slimorca = {
+        "conversations": [
+            {"from": "system", "value": "You are an AI assistant.", "weight": None},
+            {"from": "human", "value": "Say hi.", "weight": 0.0},
+            {"from": "gpt", "value": "Hi.", "weight": 1.0},
+            {"from": "human", "value": "Again.", "weight": 0.0},
+            {"from": "gpt", "value": "No.", "weight": 0},
+        ]
+    }
+    hermes = {
+        "conversations": [
+            {"from": "human", "value": "Weather?"},
+            {"from": "gpt", "value": '<tool_call>{"name": "w", "arguments": {}}</tool_call>'},
+            {"from": "tool", "value": '<tool_response>{"t": 3}</tool_response>'},
+            {"from": "gpt", "value": "3 degrees."},
+        ]
+    }
+    rows = load(write_jsonl(tmp_path / "s.jsonl", [slimorca, hermes])).train.rows
+    assert [m.get("weight") for m in rows[0]["messages"]] == [None, None, 1, None, 0]
+    assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant", "tool", "assistant"]
+    bad = {"conversations": [{"from": "human", "value": "a", "weight": 1}, {"from": "gpt", "value": "b"}]}
+    with pytest.raises(TunelabError, match=r"b.jsonl:1: conversations\[0\].weight must be 0 or 1, on assistant"):
+        load(write_jsonl(tmp_path / "b.jsonl", [bad]))
+
+
+@pytest.mark.parametrize(
+    ("row", "columns"),
+    [
+        (  # lmsys/lmsys-chat-1m
+            {"conversation_id": "a", "conversation": CHAT["messages"], "turn": 1, "language": "English"},
+            {"conversation": "messages"},
+        ),
+        ({"question": "2+2?", "answer": "4"}, {"question": "prompt", "answer": "completion"}),  # openai/gsm8k
+        ({"type": "GSM", "query": "2+2?", "response": "4"}, {"query": "prompt", "response": "completion"}),  # MetaMath
+        ({"prompt": "2+2?", "response": "4", "helpfulness": 3}, {"response": "completion"}),  # nvidia/HelpSteer2
+        (
+            {"source": "x", "chat": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+            {"chat": "conversations"},
+        ),
+    ],
+)
+def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
+    tmp_path: Path, row: dict, columns: dict
+) -> None:
+    """The refusal names the data.columns for the fields the record has, and with them the record reads."""
+    import yaml
+
+    data = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(TunelabError, match=r"d.jsonl:1: cannot tell the data format") as e:
+        load(data)
+    suggested = yaml.safe_load(str(e.value).rpartition("rename yours with data.columns: ")[2])
+    assert suggested == columns
+    assert len(load(data, columns=suggested).train.rows) == 1
+
+
 def test_consecutive_turns_of_one_role_merge_when_asked(tmp_path: Path) -> None:
     turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}])
