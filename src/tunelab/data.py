@@ -687,10 +687,11 @@ def normalise(record: Record, fmt: str, merge_turns: bool = False, as_chat: bool
             f"{record.where}: has a 'system' text, which plain-text rows have no place for (they train as raw "
             "text); set data.as_chat: true to make it the system turn of the chat format, or remove the field"
         )
-    if "chosen" in row and len({isinstance(row.get(k, []), list) for k in ("prompt", "chosen", "rejected")}) > 1:
+    parts = [k for k in ("prompt", *ANSWERS) if k in row]
+    if len({isinstance(row[k], list) for k in parts}) > 1:
         raise TunelabError(
-            f"{record.where}: mixes plain text and messages among prompt, chosen and rejected, and a pair trains "
-            "either as a chat or as text; set data.as_chat: true to make the strings turns of a chat"
+            f"{record.where}: mixes plain text and messages among {', '.join(parts)}, and a row trains either as a "
+            "chat or as text; set data.as_chat: true to make the strings turns of a chat"
         )
     if merge_turns:
         row = {
@@ -704,14 +705,17 @@ def normalise(record: Record, fmt: str, merge_turns: bool = False, as_chat: bool
 
 def _as_chat(record: Record, row: dict) -> dict:
     """A plain-text row in the chat format: the prompt a user turn (after the row's `system` text, if it has one),
-    each string answer the assistant's reply. Rows in the chat format already, and text rows, stay as they are."""
-    if not isinstance(row.get("prompt"), str):
+    each string answer the assistant's reply (also after a prompt given as messages). Rows in the chat format
+    already, and text rows, stay as they are."""
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        system = record.value.get("system")
+        if system is not None and not isinstance(system, str):
+            raise TunelabError(f"{record.where}: 'system' must be a string, got {type(system).__name__}")
+        prompt = [{"role": "system", "content": system}] if system and system.strip() else []
+        prompt.append({"role": "user", "content": row["prompt"]})
+    elif not isinstance(prompt, list):
         return row
-    system = record.value.get("system")
-    if system is not None and not isinstance(system, str):
-        raise TunelabError(f"{record.where}: 'system' must be a string, got {type(system).__name__}")
-    prompt = [{"role": "system", "content": system}] if system and system.strip() else []
-    prompt.append({"role": "user", "content": row["prompt"]})
     answers = {k: [{"role": "assistant", "content": row[k]}] for k in ANSWERS if isinstance(row.get(k), str)}
     return row | {"prompt": prompt} | answers
 
@@ -732,13 +736,12 @@ def _normalise(record: Record, fmt: str) -> dict:
             return {"messages": _alpaca(record)}
         case "prompt_completion":
             prompt, completion = _field(record, "prompt", (str, list)), _field(record, "completion", (str, list))
-            if isinstance(prompt, list) != isinstance(completion, list):
-                raise TunelabError(f"{record.where}: prompt and completion must both be strings or both message lists")
             tools = _tools(record)
             if isinstance(prompt, list):
                 prompt = _messages(record, prompt, "prompt", need_assistant=False)
+            if isinstance(completion, list):
                 completion = _messages(record, completion, "completion", need_assistant=True)
-            elif tools:
+            if tools and not isinstance(prompt, list):
                 raise TunelabError(
                     f"{record.where}: 'tools' needs a conversation to print them into; give prompt and completion "
                     "as message lists"
@@ -769,8 +772,6 @@ def _unpaired(record: Record) -> dict:
         raise TunelabError(f"{record.where}: 'label' must be true (desirable) or false (undesirable)")
     prompt = _field(record, "prompt", (str, list))
     completion = _response(record, "completion")
-    if isinstance(prompt, list) != isinstance(completion, list):
-        raise TunelabError(f"{record.where}: prompt and completion must both be strings or both message lists")
     if isinstance(prompt, list):
         prompt = _messages(record, prompt, "prompt", need_assistant=False)
     return {"prompt": prompt, "completion": completion, "label": label}

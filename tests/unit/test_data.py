@@ -503,8 +503,20 @@ def test_as_chat_puts_plain_text_rows_into_the_chat_format(tmp_path: Path) -> No
     assert load(write_jsonl(tmp_path / "m.jsonl", mixed), method="dpo", as_chat=True).train.rows == [
         {"prompt": [user], "chosen": [reply], "rejected": [{"role": "assistant", "content": "Go away."}]}
     ]
-    # ... and refused without it: TRL renders a pair as a chat or as text, and would fail on half of each.
-    with pytest.raises(TunelabError, match=r"m.jsonl:1: mixes plain text and messages among prompt, chosen and rej"):
+    # A prompt given as messages with string answers (SFT, DPO, KTO) likewise
+    chat_prompt = {"prompt": [{"role": "system", "content": "Be brief."}, user]}
+    for method, row in (
+        ("sft", {"completion": "Hello."}),
+        ("dpo", {"chosen": "Hello.", "rejected": [{"role": "assistant", "content": "Go away."}]}),
+        ("kto", {"completion": "Hello.", "label": False}),
+    ):
+        path = write_jsonl(tmp_path / f"{method}-m.jsonl", [chat_prompt | row])
+        as_turns = {k: [{"role": "assistant", "content": v}] if isinstance(v, str) else v for k, v in row.items()}
+        assert load(path, method=method, as_chat=True).train.rows == [chat_prompt | as_turns]
+        # ... and refused without it: TRL renders a row as a chat or as text, and would fail on half of it.
+        with pytest.raises(TunelabError, match=rf"{method}-m.jsonl:1: mixes plain text and messages among prompt, "):
+            load(path, method=method)
+    with pytest.raises(TunelabError, match=r"m.jsonl:1: mixes plain text and messages among prompt, chosen, rej"):
         load(tmp_path / "m.jsonl", method="dpo")
     # Without as_chat the strings stay raw text, where a system text has no place: refused, not dropped.
     assert load(write_jsonl(tmp_path / "r.jsonl", rows[:1])).train.rows == rows[:1]
