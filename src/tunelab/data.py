@@ -22,11 +22,9 @@ from typing import Any
 
 from tunelab.config import DataSettings, DataSource
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.templates import REASONING_FIELDS  # an assistant message's reasoning: passed through as it is
 
 ROLES = ("system", "user", "assistant", "tool")
-# Fields of an assistant message that chat templates render as its reasoning (Qwen3 and DeepSeek read
-# reasoning_content; gpt-oss and LFM2.5 thinking; some read reasoning): passed through as they are.
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",

@@ -419,12 +419,16 @@ def trl_training_version(template: str | None) -> tuple[str, str] | None:
     return None
 
 
-# Two exchanges: enough to see a template render an earlier reply differently once the conversation goes on.
+# Fields of an assistant message that chat templates render as its reasoning (Qwen3 and DeepSeek read
+# reasoning_content; gpt-oss and LFM2.5 thinking; some read reasoning).
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+# Two exchanges: enough to see a template render an earlier reply differently once the conversation goes on. The
+# replies carry reasoning, which some templates keep on the last turn only (gpt-oss drops an earlier reply's analysis).
 PROBE = [
     {"role": "user", "content": "Hello?"},
-    {"role": "assistant", "content": "Hello."},
+    {"role": "assistant", "content": "Hello.", **dict.fromkeys(REASONING_FIELDS, "Hi.")},
     {"role": "user", "content": "And again?"},
-    {"role": "assistant", "content": "Again."},
+    {"role": "assistant", "content": "Again.", **dict.fromkeys(REASONING_FIELDS, "Re.")},
 ]
 _MASKING: dict[tuple, tuple[str | None, str | None]] = {}
 

@@ -218,6 +218,28 @@ def test_reasoning_templates_mask_through_trls_training_version(name: str) -> No
     assert tok.chat_template == own
 
 
+def test_gpt_oss_chats_with_reasoning_mask_through_trls_training_version() -> None:
+    """gpt-oss's template drops an earlier reply's analysis once the conversation goes on (and ends the last reply
+    with <|return|>): multi-turn chats whose replies carry `thinking` were refused. The masks come from TRL's training
+    version, as TRL's SFTTrainer takes them: each reply where it sits, the last with its analysis."""
+    from tunelab.templates import masking_template
+
+    tok = trl_tokenizer("gptoss")
+    assert masking_template(tok)[1] == "gptoss_training"
+    turns = [
+        {"role": "user", "content": "Hi there?"},
+        {"role": "assistant", "content": "Hello!", "thinking": "Greet back."},
+        {"role": "user", "content": "Which city?"},
+        {"role": "assistant", "content": "Vevasmo.", "thinking": "Recall the capital."},
+    ]
+    final = "<|start|>assistant<|channel|>final<|message|>"
+    assert supervised_replies(tok, {"messages": turns}) == [
+        f"{final}Hello!<|end|>",
+        f"<|start|>assistant<|channel|>analysis<|message|>Recall the capital.<|end|>{final}Vevasmo.<|return|>",
+    ]
+    assert "{% generation %}" not in tok.chat_template
+
+
 @pytest.mark.parametrize("name", ["llama3_1", "qwen2_5", "gemma3", "phi3_5"])
 def test_prefix_consistent_templates_keep_their_own_masks(name: str) -> None:
     from tunelab.templates import masking_template
