@@ -2,16 +2,20 @@
 
 What the folder holds is the scope kind's to say (`ScopeKind.export`): LoRA the adapter alone or merged into
 the base, partial the base with the trained tensors in place, full the trained model. Each export carries
-the run's tokenizer and its provenance, and is written to a temporary name first.
+the run's tokenizer, its provenance and a model card (README.md, as the Hugging Face Hub reads one), and is
+written to a temporary name first.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
+import yaml
+
 from tunelab.errors import TunelabError
-from tunelab.runs import TOKENIZER, now, read_manifest, write_json
+from tunelab.runs import TOKENIZER, Manifest, lm_eval_scores, load_run_experiment, now, read_manifest, write_json
 
 
 def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> None:
@@ -50,6 +54,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         model.save_pretrained(tmp)  # safetensors
     for item in (run_dir / TOKENIZER).iterdir():
         shutil.copy2(item, tmp / item.name)
+    (tmp / "README.md").write_text(model_card(run_dir, manifest, written))
     write_json(
         tmp / "tunelab-export.json",
         {
@@ -65,3 +70,146 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+# A name the Hub knows a model or dataset by ("org/name"), as opposed to a local path or a built-in model.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _hub_id(name: str) -> bool:
+    return HUB_ID.fullmatch(name) is not None and not Path(name).exists()
+
+
+def _source(key: str) -> tuple[str, str | None]:
+    """A data source's manifest key (its path or hub id, with [subset] and :split where it adds them) as the card
+    names it, and its hub id if it is one: a local file or folder by its name alone (a card is shared; the folders
+    of the machine it trained on are not)."""
+    path = re.sub(r"(\[[^\]]*\])?(:[\w.-]+)?$", "", key)
+    if _hub_id(path):
+        return key, path
+    return Path(path).name + key[len(path) :], None
+
+
+def model_card(run_dir: Path, manifest: Manifest, written: str) -> str:
+    """README.md for an exported run: the Hub's metadata (base model, relation, library, datasets) and what the run
+    did, from its manifest and experiment, with no path of the machine it trained on."""
+    exp = load_run_experiment(run_dir)
+    base = manifest.base_model.id if manifest.base_model else exp.model.id
+    sources = {_source(k): h for k, h in (manifest.data.hashes if manifest.data else {}).items()}
+    meta: dict = {"library_name": "peft" if written == "adapter" else "transformers"}
+    if _hub_id(base):
+        meta |= {"base_model": base, "base_model_relation": "adapter" if written == "adapter" else "finetune"}
+    if datasets := list(dict.fromkeys(hub for _, hub in sources if hub)):
+        meta["datasets"] = datasets
+    meta |= {"pipeline_tag": "text-generation", "tags": [t for t in ("tunelab", manifest.method, manifest.scope) if t]}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {manifest.name}", ""]
+    trained = f"{manifest.trainable_params:,} of {manifest.total_params:,} parameters" if manifest.total_params else ""
+    lines += [
+        f"`{base if _hub_id(base) else Path(base).name}` fine-tuned with tunelab: {manifest.method}, "
+        f"{manifest.scope} ({trained}){_where(manifest)}, {manifest.quantized}. This folder holds "
+        + HOLDS.get(written, f"the whole model, its {written} fine-tuning in place."),
+        "",
+        "## Results",
+        "",
+        "| | base | this model |",
+        "|---|---|---|",
+        *_result_rows(run_dir, manifest),
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in _settings(exp, manifest).items()],
+        "",
+        "Data (sha256 prefix of what was read): "
+        + ", ".join(f"{name} `{h}`" for (name, _), h in sources.items())
+        + ".",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()) + ".",
+        "",
+        "## Use",
+        "",
+        "```python",
+        *_use(written),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+HOLDS = {"adapter": "the adapter alone (PEFT).", "merged": "the base with the adapter merged into its weights."}
+
+
+def _where(manifest: Manifest) -> str:
+    parts = []
+    if manifest.target_modules:
+        parts.append("on " + ", ".join(manifest.target_modules))
+    if manifest.layers is not None:
+        parts.append(f"in {len(manifest.layers)} layers ({_ranges(manifest.layers)})")
+    return ", " + " ".join(parts) if parts else ""
+
+
+def _ranges(layers: list[int]) -> str:
+    """0, 1, 2, 5 -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for n in sorted(layers):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _result_rows(run_dir: Path, manifest: Manifest) -> list[str]:
+    rows = [f"| eval loss | {_number(manifest.base_eval_loss)} | {_number(manifest.final_eval_loss)} |"]
+    for name, losses in (manifest.eval_also_losses or {}).items():
+        rows.append(f"| eval {name} loss | {_number(losses.get('base'))} | {_number(losses.get('final'))} |")
+    if manifest.preference_accuracy_after is not None:
+        before, after = manifest.preference_accuracy_before, manifest.preference_accuracy_after
+        rows.append(f"| preference accuracy (held-out pairs) | {_number(before)} | {_number(after)} |")
+    scores, base_scores = lm_eval_scores(run_dir)
+    rows += [f"| {task} (lm-eval) | {_number(base_scores.get(task))} | {_number(v)} |" for task, v in scores.items()]
+    return rows
+
+
+def _settings(exp, manifest: Manifest) -> dict[str, str]:
+    t = exp.train
+    batching = manifest.batching or {}
+    return {
+        "method": manifest.method or "",
+        "learning rate": f"{t.learning_rate:g} ({t.scheduler}, warmup {t.warmup:g})",
+        "steps": f"{manifest.global_steps} ({t.epochs:g} epochs)" if not t.max_steps else str(manifest.global_steps),
+        "batch": f"{t.batch_size} x {t.grad_accumulation} accumulation",
+        "max length": str(t.max_length),
+        "seed": str(t.seed),
+        "dtype": f"{manifest.dtype} on {manifest.device}",
+        "examples": f"{manifest.data.train_examples} train, {manifest.data.eval_examples} eval"
+        if manifest.data
+        else "",
+        "padding-free": str(batching.get("padding_free", "")),
+        "chat template": f"`{manifest.chat_template_hash}` (sha256 prefix), replies end with `{manifest.terminator}`"
+        if manifest.chat_template_hash
+        else "none",
+        "experiment hash": f"`{manifest.config_hash}`",
+    }
+
+
+def _use(written: str) -> list[str]:
+    if written == "adapter":
+        return [
+            "from peft import AutoPeftModelForCausalLM",
+            "from transformers import AutoTokenizer",
+            "",
+            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")  # loads the base it names',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        ]
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+    ]

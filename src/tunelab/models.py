@@ -288,6 +288,10 @@ def load_model(
         raise _hub_refusal("model.id", settings.id, "", e) from e
     except ImportError as e:
         raise _missing_package(config, e) from e
+    if path != model_path(settings.id):
+        # Loaded from the hub cache's snapshot folder: named by its hub id, as from_pretrained(id) names a model, so
+        # an adapter saved from it names a base that loads on any machine (PEFT's base_model_name_or_path).
+        model.name_or_path = model.config.name_or_path = settings.id
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ConfigError(

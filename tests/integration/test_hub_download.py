@@ -9,9 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import DATA, can_mount_small_disks, run_cli, write_experiment
 from tests.fake_hub import COMMIT, fake_hub
+from tunelab.export import export_run
 from tunelab.models import fingerprint
 
 pytestmark = pytest.mark.slow
@@ -51,6 +53,13 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
         assert manifest["base_model"]["id"] == REPO_ID
         assert manifest["base_model"]["path"].endswith(f"snapshots/{COMMIT}")
         assert manifest["base_model"]["fingerprint"] == fingerprint(str(tiny_model_dir))
+        # The adapter names its base by the hub id, not by this machine's cache folder: it loads anywhere.
+        adapter = json.loads((tmp_path / "runs" / "hub" / "adapter" / "adapter_config.json").read_text())
+        assert adapter["base_model_name_or_path"] == REPO_ID
+        card = (export_run(tmp_path / "runs" / "hub", tmp_path / "export") / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert (meta["base_model"], meta["base_model_relation"]) == (REPO_ID, "adapter")
+        assert str(tmp_path) not in card
 
         before = len(hub.requests)
         again = run_cli("train", str(exp), "--name", "again", env=env)

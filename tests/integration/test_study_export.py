@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.conftest import DATA, EXAMPLES, run_cli
 from tunelab.config import load_experiment
@@ -101,6 +102,17 @@ def test_merged_and_partial_exports_match_with_plain_transformers(tmp_path: Path
     adapter = export_run(lora.run_dir, tmp_path / "adapter")
     again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
     torch.testing.assert_close(logits(again, ids), logits(load_trained(lora.run_dir), ids), atol=0, rtol=0)
+
+    # Each export carries a model card: the Hub's metadata and the run's numbers, with no path of this machine.
+    for folder, library in ((adapter, "peft"), (merged, "transformers")):
+        card = (folder / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert meta["library_name"] == library and meta["tags"] == ["tunelab", "sft", lora.manifest.scope]
+        assert "base_model" not in meta  # the built-in model is no hub id
+        m = lora.manifest
+        assert f"| eval loss | {m.base_eval_loss:.4g} | {m.final_eval_loss:.4g} |" in card
+        assert f"({m.trainable_params:,} of {m.total_params:,} parameters)" in card
+        assert str(tmp_path) not in card and "sft_train.jsonl `" in card
 
     partial = train(
         load_experiment(
