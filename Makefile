@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	# mistral-common (tests/integration/test_mistral_tekken.py: Mistral's tokenizer as a vLLM machine has it) caps
+	# numpy below this stack's 2.4 on Python <= 3.12 and runs on it: installed without its pins (its other
+	# requirements are dev extras).
+	$(BIN)/python -m pip install -q --no-deps mistral-common==1.13.1
 	touch $(STAMP)
 
 install: $(STAMP)

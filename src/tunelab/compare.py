@@ -598,14 +598,14 @@ def _generate_and_score(
     it goes on that base (attached beside it, swapped in for a while, or loaded on its own). The tokenizer is the one
     `tokenizer_dir` (the first tunelab run, else the first variant) was trained with."""
     import torch
-    from transformers import AutoTokenizer
 
     from tunelab.methods.preference import preference_accuracy
+    from tunelab.models import auto_tokenizer
     from tunelab.scopes import BaseLoader, attach_runs, base_alone
     from tunelab.templates import template_vars
 
     base = BaseLoader.pick(model_settings)
-    tokenizer = AutoTokenizer.from_pretrained(_tokenizer_folder(tokenizer_dir, model_settings))
+    tokenizer = auto_tokenizer(_tokenizer_folder(tokenizer_dir, model_settings))
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
     variables = template_vars(template, tokenizer)
     torch.manual_seed(seed)

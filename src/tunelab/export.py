@@ -21,13 +21,12 @@ from tunelab.runs import TOKENIZER, Manifest, lm_eval_scores, load_run_experimen
 def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> None:
     """List the turn terminator the run was trained to emit among the stop tokens, so plain `generate` ends the
     reply there (a base model's generation_config often names only its EOS, e.g. Gemma's <eos>, not <end_of_turn>)."""
-    from transformers import AutoTokenizer
-
+    from tunelab.models import auto_tokenizer
     from tunelab.templates import stop_token_ids
 
     if not terminator:
         return
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = auto_tokenizer(tokenizer_dir)
     config = model.generation_config
     ids = stop_token_ids(config.eos_token_id, [tokenizer.convert_tokens_to_ids(terminator)])
     if ids != stop_token_ids(config.eos_token_id, []):

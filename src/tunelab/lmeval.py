@@ -74,9 +74,9 @@ def evaluate_runs(
 ) -> dict[str, dict[str, float]]:
     """Scores ('task/metric' -> value) of the base and of every run; each run's scores are saved into it."""
     import torch
-    from transformers import AutoTokenizer
 
     from tunelab.compare import load_runs
+    from tunelab.models import auto_tokenizer
     from tunelab.runs import TOKENIZER, load_run_experiment
     from tunelab.scopes import attach_runs, base_alone, run_scope
     from tunelab.templates import for_outside_renderer, template_vars
@@ -85,7 +85,7 @@ def evaluate_runs(
     runs = load_runs(run_dirs, mixed_quantization, "eval")
     manager = task_manager(settings)
     _, base = run_scope(*runs[0])
-    tokenizer = AutoTokenizer.from_pretrained(runs[0][0] / TOKENIZER)
+    tokenizer = auto_tokenizer(runs[0][0] / TOKENIZER)
     # lm-eval renders the chat template with no variables and string contents: the run's variables (Qwen3's
     # enable_thinking, Llama's fixed date) and text parts where the template reads those go into the template itself,
     # so its prompts are rendered as training rendered the data.

@@ -445,7 +445,21 @@ def has_tokenizer(folder: str) -> bool:
     p = Path(folder)
     if not p.is_dir():
         return True  # a hub id: from_pretrained will find out
-    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", TEKKEN))
+
+
+# Mistral's own tokenizer file (Mistral-Nemo, -Small 3.x, Magistral, Devstral), beside or instead of tokenizer.json.
+TEKKEN = "tekken.json"
+
+
+def auto_tokenizer(source: str | Path, **kwargs) -> PreTrainedTokenizerBase:
+    """AutoTokenizer's tokenizer of a folder or hub id, always a Transformers one. Where mistral-common is installed,
+    Transformers reads a folder holding Mistral's tekken.json with mistral-common's backend, which renders chats in
+    its own code: no chat template to derive the loss masks from, and the template the folder ships beside it
+    ignored. Converted from tekken.json where the folder has no tokenizer.json, whatever else is installed."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, mistral_format=False, **kwargs)
 
 
 def load_tokenizer(
@@ -453,19 +467,25 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The tokenizer (the model's own unless tokenizer.id says otherwise) with the chosen chat template and pad.
     `config`: the model's config, when read already (Transformers consults it to pick the tokenizer class)."""
-    from transformers import AutoTokenizer
-
     from tunelab.templates import resolve_template
 
     source = model_path(tok.id) if tok.id else model_path(model.id)
     offline_unless_reachable(source)
     kwargs = {"config": config} if config is not None and not tok.id else {}
+    key = "tokenizer.id" if tok.id else "model.id"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = auto_tokenizer(
             source, revision=None if tok.id else model.revision, trust_remote_code=model.trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
-        key = "tokenizer.id" if tok.id else "model.id"
+        raise _hub_refusal(key, source, "a tokenizer from ", e) from e
+    except ImportError as e:
+        if Path(source).is_dir() and (Path(source) / TEKKEN).is_file():
+            raise ConfigError(
+                f"{key}: '{source}' holds its tokenizer as Mistral's {TEKKEN} alone, which Transformers converts with "
+                "the mistral-common package: pip install mistral-common, or set tokenizer.id to a folder with the "
+                "model's tokenizer.json"
+            ) from e
         raise _hub_refusal(key, source, "a tokenizer from ", e) from e
     template = resolve_template(tok.chat_template, tokenizer)
     if template is not None:
