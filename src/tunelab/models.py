@@ -289,9 +289,11 @@ def load_model(
     except ImportError as e:
         raise _missing_package(config, e) from e
     if path != model_path(settings.id):
-        # Loaded from the hub cache's snapshot folder: named by its hub id, as from_pretrained(id) names a model, so
-        # an adapter saved from it names a base that loads on any machine (PEFT's base_model_name_or_path).
+        # Loaded from the hub cache's snapshot folder (named by its commit): named by its hub id and commit, as
+        # from_pretrained(id) names a model, so an adapter saved from it names a base that loads on any machine, at
+        # the commit it trained on (PEFT's base_model_name_or_path and revision).
         model.name_or_path = model.config.name_or_path = settings.id
+        model.config._commit_hash = Path(path).name
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ConfigError(

@@ -376,6 +376,9 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         # A tied lm_head and embedding matrix stay one tensor when either opens: trained apart, the merged model
         # would be saved tied again and lose one of them. (PEFT ties trainable token rows on its own.)
         ensure_weight_tying=bool(scope.open) and tied_embeddings(model),
+        # The commit of the hub snapshot the base loaded from (None for a local folder): the adapter names the base
+        # it trained on, and PEFT's loaders fetch that one, not whatever the hub holds later.
+        revision=getattr(model.config, "_commit_hash", None),
     )
     return LoraTargets(config, decoder, chosen, experts, refused)
 

@@ -55,7 +55,7 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
         assert manifest["base_model"]["fingerprint"] == fingerprint(str(tiny_model_dir))
         # The adapter names its base by the hub id, not by this machine's cache folder: it loads anywhere.
         adapter = json.loads((tmp_path / "runs" / "hub" / "adapter" / "adapter_config.json").read_text())
-        assert adapter["base_model_name_or_path"] == REPO_ID
+        assert (adapter["base_model_name_or_path"], adapter["revision"]) == (REPO_ID, COMMIT)
         card = (export_run(tmp_path / "runs" / "hub", tmp_path / "export") / "README.md").read_text()
         meta = yaml.safe_load(card.split("---\n")[1])
         assert (meta["base_model"], meta["base_model_relation"]) == (REPO_ID, "adapter")
