@@ -157,6 +157,11 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
             path, revision=settings.revision, trust_remote_code=settings.trust_remote_code
         )
     except (OSError, ValueError) as e:
+        if "contains custom code which must be executed" in str(e):
+            raise ConfigError(
+                f"model.id: '{settings.id}' needs modelling code of its own (its config.json's auto_map), which "
+                "tunelab runs only when told to: read that code, then set model.trust_remote_code: true"
+            ) from e
         raise _hub_refusal("model.id", settings.id, "the config of ", e) from e
     text, tied = config.get_text_config(), getattr(config, "tie_word_embeddings", None)
     text_tied = getattr(text, "tie_word_embeddings", None)
