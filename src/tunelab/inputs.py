@@ -72,7 +72,14 @@ def encode_workers() -> int:
 def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None = None) -> Inputs:
     """Read the experiment's inputs. `training`: the tokenizer must exist and every row is tokenized.
     `engine`: the accelerate config, when the caller has read it already."""
-    from tunelab.models import check_stored_quantization, has_tokenizer, load_config, load_tokenizer, model_path
+    from tunelab.models import (
+        check_stored_quantization,
+        check_weight_files,
+        has_tokenizer,
+        load_config,
+        load_tokenizer,
+        model_path,
+    )
     from tunelab.scopes import made_elsewhere
 
     engine = engine or read_engine(exp.distributed.accelerate_config)
@@ -83,6 +90,7 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
         )
     config = load_config(exp.model)
     check_stored_quantization(exp.model, config)
+    check_weight_files(exp.model)
     splits = load_splits(exp.data, exp.method, exp.train.seed)
     tokenizer, encoded, checks, also = None, [], None, {}
     if training or exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):

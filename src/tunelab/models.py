@@ -290,6 +290,8 @@ def load_model(
             **kwargs,
         )
     except OSError as e:
+        if "no file named model.safetensors" in str(e):  # a hub repository with pickled weights alone
+            raise ConfigError(_no_safetensors(settings.id, _pickles(Path(path)))) from e
         raise _hub_refusal("model.id", settings.id, "", e) from e
     except ImportError as e:
         raise _missing_package(config, e) from e
@@ -311,6 +313,35 @@ def load_model(
     if device == "cpu":
         keep_4bit_layout(model)
     return model
+
+
+# What checkpoints name weights saved as PyTorch pickles rather than safetensors.
+PICKLED = ("pytorch_model*.bin", "model*.bin", "consolidated*.pth")
+
+
+def _pickles(folder: Path) -> list[str]:
+    return sorted(p.name for pattern in PICKLED for p in folder.glob(pattern)) if folder.is_dir() else []
+
+
+def check_weight_files(settings: ModelSettings) -> None:
+    """A local model folder whose weights are PyTorch pickles alone is refused before anything loads (a folder with
+    config.json alone still plans)."""
+    folder = Path(model_path(settings.id))
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and (pickles := _pickles(folder)):
+        raise ConfigError(_no_safetensors(settings.id, pickles))
+
+
+def _no_safetensors(model_id: str, pickles: list[str]) -> str:
+    held = (
+        f"only as PyTorch pickles ({', '.join(pickles[:2])}{', ...' if len(pickles) > 2 else ''})"
+        if pickles
+        else ("in no safetensors file")
+    )
+    return (
+        f"model.id: '{model_id}' holds its weights {held}; tunelab loads safetensors only (unpickling can run "
+        "code): convert them once, from a copy you trust, with AutoModelForCausalLM.from_pretrained(it)"
+        ".save_pretrained(new_folder), and set model.id to the new folder"
+    )
 
 
 def keep_4bit_layout(model: PreTrainedModel) -> None:
