@@ -373,6 +373,13 @@ def _assistant_spans(
                     "asked for it; trim them in the template ({%- ... -%} tags, or the whitespace between tags "
                     "removed, as collections of such files say to do)"
                 )
+            if (prefill := _prefill(tokenizer, messages[:i], through, where, context)) is not None:
+                raise TemplateRowError(
+                    f"{where}: the chat template's generation prompt goes on with {prefill!r}, which assistant message "
+                    f"{i} does not begin with once written out (the template starts a reasoning block for generation "
+                    "only), so its reply cannot be supervised where the model is asked for it; "
+                    + _consistent_fix(tokenizer.get_chat_template(tools=context.get("tools")), messages)
+                )
             raise TemplateRowError(
                 f"{where}: the chat template renders assistant message {i} differently once the conversation "
                 "continues (a system message moved into the last user turn, or a reasoning block kept only on the "
@@ -387,6 +394,20 @@ def _assistant_spans(
             reply_end = max([reply_end, *closings])
         spans.append((len(prompt), reply_end, end))
     return full, spans
+
+
+def _prefill(
+    tokenizer: PreTrainedTokenizerBase, before: list[dict], through: str, where: str, context: dict
+) -> str | None:
+    """What the generation prompt writes that the reply, once written out, does not begin with (MiniMax-M2's and
+    Nemotron-Nano-v2's templates open a <think> block after the assistant's header for generation only), where the
+    conversation so far is where both go on; None otherwise."""
+    so_far = _render(tokenizer, before, False, where, context)
+    prompt = _render(tokenizer, before, True, where, context)
+    if not (prompt.startswith(so_far) and through.startswith(so_far)):
+        return None
+    cue, reply = prompt[len(so_far) :], through[len(so_far) :]
+    return cue[_common_prefix(cue, reply) :] or None
 
 
 def _same_but_spaces(prompt: str, full: str) -> bool:

@@ -337,6 +337,36 @@ SPREAD_CHATML = """{% if messages[0]['role'] == 'system' %}
 {% endif %}"""
 
 
+# MiniMax-M2's layout (its special tokens, and a generation prompt that opens a <think> block the written-out replies
+# do not have, as its template in llama.cpp's models/templates does; Nemotron-Nano-v2's does likewise), cut down.
+PREFILLING = (
+    "{{- ']~!b[]~b]system\\nYou are a helpful assistant.[e~[\\n' -}}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{{- ']~b]user\\n' + m.content + '[e~[\\n' -}}"
+    "{%- elif m.role == 'assistant' -%}{{- ']~b]ai\\n' + m.content + '[e~[\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ']~b]ai\\n<think>\\n' -}}{%- endif -%}"
+)
+
+
+def test_a_template_whose_generation_prompt_opens_a_think_block_is_refused_saying_so() -> None:
+    """Such a template asks for every reply after '<think>\\n' and writes none there: no reply has a place to be
+    supervised. The refusal names what the generation prompt adds, rather than blaming a moved system message."""
+    from tests.chat_fixtures import tokenizer
+
+    special = ["]~!b[", "]~b]", "[e~[", "<think>"]
+    spec = dict(pieces="byte-level", special=special, bos=None, eos="[e~[", pad=None, unk=None, add_bos=False)
+    tok = tokenizer(spec, PREFILLING)
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    with pytest.raises(TunelabError) as e:
+        tokenize_example(tok, chat)
+    assert str(e.value).startswith(
+        "record: the chat template's generation prompt goes on with '<think>\\n', which assistant message 1 does not "
+        "begin with once written out"
+    )
+    assert str(e.value).endswith("set tokenizer.chat_template to a template that marks replies with {% generation %}")
+
+
 def test_a_template_spread_over_lines_is_refused_for_its_whitespace_and_trains_once_trimmed() -> None:
     tok = trl_tokenizer("qwen2_5")
     row = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
