@@ -33,6 +33,17 @@ class FakeHub:
         ]
 
 
+def online_env(hub: FakeHub, hf_home: Path) -> dict[str, str | None]:
+    """A CLI run's environment that reaches `hub` as the Hugging Face Hub, with its cache in `hf_home`."""
+    return {
+        "HF_ENDPOINT": hub.endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": None,
+        "TRANSFORMERS_OFFLINE": None,
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+
+
 @contextmanager
 def fake_hub(
     repo_id: str,

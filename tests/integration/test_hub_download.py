@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import DATA, can_mount_small_disks, run_cli, write_experiment
-from tests.fake_hub import COMMIT, fake_hub
+from tests.fake_hub import COMMIT, fake_hub, online_env
 from tunelab.export import export_run
 from tunelab.models import fingerprint
 
@@ -32,13 +32,7 @@ def test_a_hub_model_downloads_once_on_the_terminal_and_is_the_same_base_as_its_
         f"output: {{dir: {tmp_path / 'runs'}}}\n",
     )
     with fake_hub(REPO_ID, tiny_model_dir, extra) as hub:
-        env = {
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HOME": str(tmp_path / "hf"),
-            "HF_HUB_OFFLINE": None,
-            "TRANSFORMERS_OFFLINE": None,
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-        }
+        env = online_env(hub, tmp_path / "hf")
         first = run_cli("train", str(exp), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         said = [line for line in first.stdout.splitlines() if line.startswith("-> downloading")]

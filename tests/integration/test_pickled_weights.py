@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA, run_cli, write_experiment
-from tests.fake_hub import fake_hub
+from tests.fake_hub import fake_hub, online_env
 
 pytestmark = pytest.mark.slow
 REPO_ID = "org/pickled"
@@ -61,14 +61,7 @@ def test_a_hub_repository_of_pickled_weights_is_refused_in_one_line(tiny_model_d
     model = pickled_model(tiny_model_dir, tmp_path / "model")
     exp = experiment(tmp_path, REPO_ID)
     with fake_hub(REPO_ID, model) as hub:
-        env = {
-            "HF_ENDPOINT": hub.endpoint,
-            "HF_HOME": str(tmp_path / "hf"),
-            "HF_HUB_OFFLINE": None,
-            "TRANSFORMERS_OFFLINE": None,
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-        }
-        done = run_cli("train", str(exp), env=env)
+        done = run_cli("train", str(exp), env=online_env(hub, tmp_path / "hf"))
         assert "pytorch_model.bin" not in hub.fetched()
     assert done.returncode == 2
     said = done.stderr.splitlines()[-1] + "\n"  # after the download's progress
