@@ -500,6 +500,25 @@ def auto_tokenizer(source: str | Path, **kwargs) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(source, mistral_format=False, **kwargs)
 
 
+def processor_template(source: str, revision: str | None) -> str | None:
+    """The chat template an image-text checkpoint keeps for its processor alone (chat_template.json, as
+    llava-hf/llava-1.5-7b-hf and other checkpoints saved before Transformers wrote chat_template.jinja have it),
+    which the tokenizer does not read; None where there is none."""
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        source, "chat_template.json", revision=revision, _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )  # fmt: skip
+    if path is None:
+        return None
+    try:
+        template = json.loads(Path(path).read_text()).get("chat_template")
+    except (ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def load_tokenizer(
     tok: TokenizerSettings, model: ModelSettings, config: PretrainedConfig | None = None
 ) -> PreTrainedTokenizerBase:
@@ -526,6 +545,8 @@ def load_tokenizer(
             ) from e
         raise _hub_refusal(key, source, "a tokenizer from ", e) from e
     template = resolve_template(tok.chat_template, tokenizer)
+    if template is None and tok.chat_template is None:
+        template = processor_template(source, None if tok.id else model.revision)
     if template is not None:
         tokenizer.chat_template = template
     if tok.pad_token is not None:

@@ -285,6 +285,28 @@ def test_templates_that_print_only_text_parts_train_on_the_replies(name: str) ->
     assert preference_as_template_reads(pair, trl_tokenizer("llama3_1")) is pair  # a template that prints strings
 
 
+def test_a_template_kept_for_the_processor_alone_is_the_tokenizers(tmp_path: Path) -> None:
+    """llava-hf/llava-1.5-7b-hf and other image-text checkpoints saved before chat_template.jinja keep their template
+    in chat_template.json, for the processor; the tokenizer has none, and such a model was refused as having no
+    template. The processor's is the model's template, and trains the replies as the text-parts tests above show."""
+    import json
+
+    from tunelab.config import ModelSettings, TokenizerSettings
+    from tunelab.models import load_tokenizer
+
+    tok = trl_tokenizer("llava_next")
+    template, tok.chat_template = tok.chat_template, None
+    tok.save_pretrained(tmp_path)
+    assert not (tmp_path / "chat_template.jinja").exists()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    loaded = load_tokenizer(TokenizerSettings(), ModelSettings(id=str(tmp_path)))
+    assert loaded.chat_template == template
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    assert supervised_replies(loaded, chat) == [TEXT_PARTS["llava_next"].format("Hello.")]
+    own = load_tokenizer(TokenizerSettings(chat_template="builtin:llama3"), ModelSettings(id=str(tmp_path)))
+    assert own.chat_template == resolve_template("builtin:llama3", own)  # a template set in the file wins
+
+
 def test_a_template_that_prints_no_message_text_is_refused_in_one_line() -> None:
     tok = trl_tokenizer("llama3_1")
     tok.chat_template = "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|eot_id|>{% endfor %}"
