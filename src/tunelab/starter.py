@@ -152,6 +152,17 @@ def _data_section(data: str, eval_data: str | None, split: str | None, folder: P
     return section | {"eval_fraction": EVAL_FRACTION}
 
 
+def as_flags(message: str) -> str:
+    """A data error's renaming, said as init's flag: 'data.columns: {query: prompt, response: completion}' becomes
+    '--columns query=prompt,response=completion'."""
+
+    def flag(match: re.Match) -> str:
+        pairs = ",".join(pair.replace(": ", "=") for pair in match.group(2).split(", "))
+        return f"--columns {pairs}" if match.group(1) == ": " else f"--columns (e.g. {pairs})"
+
+    return re.sub(r"data\.columns(: | \(e\.g\. )\{([^{}]*)\}\)?", flag, message)
+
+
 def write_starter(
     path: Path,
     model: str,
@@ -177,7 +188,10 @@ def write_starter(
     data_section |= ({"columns": columns} if columns else {}) | ({"as_chat": True} if as_chat else {})
     # The rows read as training will read them, checked against the method when one is given.
     settings = DataSettings(**(data_section | {"train": data}))
-    loaded = load_file(data, "--data", settings, method)
+    try:
+        loaded = load_file(data, "--data", settings, method)
+    except TunelabError as e:
+        raise TunelabError(as_flags(str(e))) from e
     fmt, rows = loaded.format, loaded.rows
     method = method or METHOD_OF_FORMAT.get(fmt, "sft")
     from tunelab.scopes import get_scope

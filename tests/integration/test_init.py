@@ -165,3 +165,12 @@ def test_init_renames_fields_and_puts_plain_text_in_the_chat_format(tmp_path: Pa
     bad = run_cli("init", str(tmp_path / "b.yaml"), "--model", MODEL, "--data", str(data), "--columns", "question")
     assert bad.returncode == 2 and bad.stderr.startswith("error: --columns: 'question' is not FIELD=NAME pairs")
     assert not (tmp_path / "b.yaml").exists()
+    # Rows no shape fits: the renaming their fields suggest, said as init's flag, which then reads them.
+    metamath = tmp_path / "metamath.jsonl"
+    metamath.write_text("".join(json.dumps({"query": r["question"], "response": r["answer"]}) + "\n" for r in rows))
+    asked = run_cli("init", str(tmp_path / "m.yaml"), "--model", MODEL, "--data", str(metamath))
+    assert asked.returncode == 2 and not (tmp_path / "m.yaml").exists()
+    flag = asked.stderr.strip().rpartition("rename yours with ")[2]
+    assert flag == "--columns query=prompt,response=completion"
+    done = run_cli("init", str(tmp_path / "m.yaml"), "--model", MODEL, "--data", str(metamath), *flag.split())
+    assert done.returncode == 0, done.stderr
