@@ -89,9 +89,12 @@ def download(settings: ModelSettings, shown: bool) -> str | None:
     offline = constants.HF_HUB_OFFLINE
     files = dict(repo_id=path, revision=settings.revision, allow_patterns=HUB_FILES, ignore_patterns=["*/*"])
     try:
-        missing = [] if offline else [f for f in snapshot_download(**files, dry_run=True) if f.will_download]
+        listed = [] if offline else snapshot_download(**files, dry_run=True)
     except (OSError, ValueError):  # the hub cannot be asked (no network, a gated repo without a token)
-        offline, missing = True, []
+        offline, listed = True, []
+    if listed and not any(f.filename.endswith(".safetensors") for f in listed):  # pickled weights alone, if any
+        raise ConfigError(_no_safetensors(settings.id, []))
+    missing = [f for f in listed if f.will_download]
     size = sum(f.file_size for f in missing)
     amount = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
     free = free_bytes(Path(constants.HF_HUB_CACHE)) if missing else None

@@ -1,6 +1,6 @@
 """Weights saved as PyTorch pickles alone (pytorch_model.bin, as older checkpoints and some fine-tunes hold them):
 tunelab loads safetensors only, since unpickling can run code. A local folder is refused by plan, before anything
-loads, and a hub repository as its weights would load, each in one line that says how to convert them; nothing of
+loads, and a hub repository before its files download, each in one line that says how to convert them; nothing of
 the pickle is read."""
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def test_a_hub_repository_of_pickled_weights_is_refused_in_one_line(tiny_model_d
     exp = experiment(tmp_path, REPO_ID)
     with fake_hub(REPO_ID, model) as hub:
         done = run_cli("train", str(exp), env=online_env(hub, tmp_path / "hf"))
-        assert "pytorch_model.bin" not in hub.fetched()
+        fetched = hub.fetched()
     assert done.returncode == 2
-    said = done.stderr.splitlines()[-1] + "\n"  # after the download's progress
-    assert said == f"error: {exp}: model.id: '{REPO_ID}' holds its weights in no safetensors file{FIX}"
+    assert done.stderr == f"error: {exp}: model.id: '{REPO_ID}' holds its weights in no safetensors file{FIX}"
+    assert "pytorch_model.bin" not in fetched and "generation_config.json" not in fetched  # refused before it downloads
     assert not (tmp_path / "unpickled").exists()
