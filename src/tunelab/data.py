@@ -25,6 +25,8 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab.templates import REASONING_FIELDS  # an assistant message's reasoning: passed through as it is
 
 ROLES = ("system", "user", "assistant", "tool")
+# OpenAI's chat format names the system message "developer" for its reasoning models; templates know it as system.
+DEVELOPER = {"developer": "system"}
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -451,7 +453,8 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
         calls = m.get("tool_calls") if isinstance(m, dict) else None
         if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise TunelabError(f"{record.where}: {name}[{i}] must have 'role' and 'content'")
-        if m["role"] not in ROLES:
+        role = DEVELOPER.get(m["role"], m["role"])
+        if role not in ROLES:
             raise TunelabError(
                 f"{record.where}: {name}[{i}] has unknown role '{m['role']}'; roles are {', '.join(ROLES)}"
             )
@@ -462,9 +465,9 @@ def _messages(record: Record, value: Any, name: str, need_assistant: bool) -> li
             content = _text_parts(record, content, f"{name}[{i}]")
         if not isinstance(content, str):
             raise TunelabError(f"{record.where}: {name}[{i}].content must be a string")
-        message = {"role": m["role"], "content": content}
+        message = {"role": role, "content": content}
         if calls:
-            message["tool_calls"] = _tool_calls(record, calls, f"{name}[{i}]", m["role"])
+            message["tool_calls"] = _tool_calls(record, calls, f"{name}[{i}]", role)
         for key in REASONING_FIELDS:
             if m.get(key) is not None:
                 if m["role"] != "assistant" or not isinstance(m[key], str):

@@ -286,6 +286,15 @@ def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
     assert len(load(data, columns=suggested).train.rows) == 1
 
 
+def test_openais_developer_role_is_the_system_message(tmp_path: Path) -> None:
+    """OpenAI's chat format calls the system message "developer" for its reasoning models; chat templates know a
+    system message, so the row reads as one rather than being refused for an unknown role."""
+    row = {"messages": [{"role": "developer", "content": "Be brief."}, *CHAT["messages"]]}
+    assert load(write_jsonl(tmp_path / "d.jsonl", [row])).train.rows == [
+        {"messages": [{"role": "system", "content": "Be brief."}, *CHAT["messages"]]}
+    ]
+
+
 def test_consecutive_turns_of_one_role_merge_when_asked(tmp_path: Path) -> None:
     turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}])
