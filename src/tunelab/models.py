@@ -153,6 +153,12 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
 
     path = model_path(settings.id)
     offline_unless_reachable(path)
+    if path.endswith(".gguf") and Path(path).is_file():
+        raise ConfigError(
+            f"model.id: '{path}' is a GGUF file, llama.cpp's format for inference (its weights quantized for it); "
+            "training starts from the model's own checkpoint: set model.id to its hub id or a folder of its "
+            "safetensors (a GGUF's model card names the model it was converted from)"
+        )
     if _looks_local(path) and not (Path(path) / "config.json").is_file():
         raise ConfigError(f"model.id: no config.json in '{path}'; point model.id at a model folder or a hub id")
     try:

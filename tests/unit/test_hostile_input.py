@@ -77,6 +77,18 @@ def test_oversized_and_binary_experiment_files_are_one_line(tmp_path: Path) -> N
     )
 
 
+def test_a_gguf_file_as_the_model_says_what_training_starts_from(tmp_path: Path) -> None:
+    """llama.cpp users hold their model as a .gguf file: quantized for inference, not a checkpoint to train."""
+    gguf = tmp_path / "Llama-3.1-8B-Instruct-Q4_K_M.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    exp = write_experiment(tmp_path, EXPERIMENT.replace("builtin:tiny-chat", str(gguf)))
+    done = run_cli("plan", str(exp))
+    assert done.returncode == 2 and done.stderr.startswith(
+        f"error: {exp}: model.id: '{gguf}' is a GGUF file, llama.cpp's format for inference"
+    )
+    assert done.stderr.count("\n") == 1 and "safetensors" in done.stderr
+
+
 def test_one_writer_per_run(tmp_path: Path, tiny_model_dir) -> None:
     exp = exp_in(tmp_path)
     first = open_run(exp, resume=False, overwrite=False)
