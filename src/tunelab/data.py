@@ -573,6 +573,8 @@ def merge_consecutive(messages: list[dict]) -> list[dict]:
 
 def _sharegpt(record: Record) -> list[dict]:
     turns = _field(record, "conversations", (list,))
+    if turns and all(isinstance(t, dict) and "role" in t and "from" not in t for t in turns):
+        return _messages(record, turns, "conversations", need_assistant=True)  # OpenAI's turns under this name
     messages = []
     for i, t in enumerate(turns):
         if not isinstance(t, dict) or "from" not in t or "value" not in t:

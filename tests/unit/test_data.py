@@ -248,7 +248,9 @@ def test_sharegpt_turn_weights_and_tool_turns_read_as_openais(tmp_path: Path) ->
             {"from": "gpt", "value": "3 degrees."},
         ]
     }
-    rows = load(write_jsonl(tmp_path / "s.jsonl", [slimorca, hermes])).train.rows
+    openai_named_so = {"conversations": CHAT["messages"]}  # OpenAI's turns under ShareGPT's field name
+    rows = load(write_jsonl(tmp_path / "s.jsonl", [slimorca, hermes, openai_named_so])).train.rows
+    assert rows[2] == CHAT
     assert [m.get("weight") for m in rows[0]["messages"]] == [None, None, 1, None, 0]
     assert [m["role"] for m in rows[1]["messages"]] == ["user", "assistant", "tool", "assistant"]
     bad = {"conversations": [{"from": "human", "value": "a", "weight": 1}, {"from": "gpt", "value": "b"}]}
