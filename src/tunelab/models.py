@@ -341,11 +341,8 @@ def check_weight_files(settings: ModelSettings) -> None:
 
 
 def _no_safetensors(model_id: str, pickles: list[str]) -> str:
-    held = (
-        f"only as PyTorch pickles ({', '.join(pickles[:2])}{', ...' if len(pickles) > 2 else ''})"
-        if pickles
-        else ("in no safetensors file")
-    )
+    shown = ", ".join(pickles[:2]) + (", ..." if len(pickles) > 2 else "")
+    held = f"only as PyTorch pickles ({shown})" if pickles else "in no safetensors file"
     return (
         f"model.id: '{model_id}' holds its weights {held}; tunelab loads safetensors only (unpickling can run "
         "code): convert them once, from a copy you trust, with AutoModelForCausalLM.from_pretrained(it)"
@@ -488,15 +485,15 @@ def bnb_config(settings: Quantization, dtype: torch.dtype, device: str):
     )
 
 
+# Mistral's own tokenizer file (Mistral-Nemo, -Small 3.x, Magistral, Devstral), beside or instead of tokenizer.json.
+TEKKEN = "tekken.json"
+
+
 def has_tokenizer(folder: str) -> bool:
     p = Path(folder)
     if not p.is_dir():
         return True  # a hub id: from_pretrained will find out
     return any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", TEKKEN))
-
-
-# Mistral's own tokenizer file (Mistral-Nemo, -Small 3.x, Magistral, Devstral), beside or instead of tokenizer.json.
-TEKKEN = "tekken.json"
 
 
 def auto_tokenizer(source: str | Path, **kwargs) -> PreTrainedTokenizerBase:

@@ -402,6 +402,8 @@ def _prefill(
     """What the generation prompt writes that the reply, once written out, does not begin with (MiniMax-M2's and
     Nemotron-Nano-v2's templates open a <think> block after the assistant's header for generation only), where the
     conversation so far is where both go on; None otherwise."""
+    if not before:  # a reply that opens the conversation has no generation prompt before it
+        return None
     so_far = _render(tokenizer, before, False, where, context)
     prompt = _render(tokenizer, before, True, where, context)
     if not (prompt.startswith(so_far) and through.startswith(so_far)):
