@@ -402,6 +402,9 @@ def detect_format(record: Record, accepted: tuple[str, ...] | None = None) -> st
 # HelpSteer's prompt/response, ...), in the order a hint pairs them.
 PROMPT_NAMES = ("prompt", "question", "query", "problem", "instruction", "input")
 ANSWER_NAMES = ("completion", "answer", "response", "solution", "output")
+# A preferred and a rejected answer named otherwise: lvwerra/stack-exchange-paired's (response_j is the better),
+# argilla/ultrafeedback-binarized-preferences'.
+PAIR_NAMES = (("response_j", "response_k"), ("chosen_response", "rejected_response"))
 
 
 def _columns_hint(value: dict) -> str:
@@ -415,9 +418,13 @@ def _columns_hint(value: dict) -> str:
             if all({"from", "value"} <= set(t) for t in turns):
                 return f"data.columns: {{{name}: conversations}}"
     prompt = next((n for n in PROMPT_NAMES if isinstance(value.get(n), str)), None)
+    pair = next((p for p in PAIR_NAMES if all(isinstance(value.get(n), str) for n in p)), None)
     answer = next((n for n in ANSWER_NAMES if isinstance(value.get(n), str)), None)
-    if prompt and answer:
-        renames = [f"{old}: {new}" for old, new in ((prompt, "prompt"), (answer, "completion")) if old != new]
+    if prompt and (pair or answer):
+        names = ((prompt, "prompt"), *zip(pair, ("chosen", "rejected"), strict=True)) if pair else (
+            (prompt, "prompt"), (answer, "completion"),
+        )  # fmt: skip
+        renames = [f"{old}: {new}" for old, new in names if old != new]
         return "data.columns: {" + ", ".join(renames) + "}"
     return "data.columns (e.g. {question: prompt, answer: completion})"
 

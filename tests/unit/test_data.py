@@ -272,6 +272,14 @@ def test_sharegpt_turn_weights_and_tool_turns_read_as_openais(tmp_path: Path) ->
             {"source": "x", "chat": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
             {"chat": "conversations"},
         ),
+        (  # lvwerra/stack-exchange-paired
+            {"qid": 1, "question": "2+2?", "response_j": "4", "response_k": "5"},
+            {"question": "prompt", "response_j": "chosen", "response_k": "rejected"},
+        ),
+        (  # argilla/ultrafeedback-binarized-preferences
+            {"instruction": "2+2?", "chosen_response": "4", "rejected_response": "5", "chosen_avg_rating": 5.0},
+            {"instruction": "prompt", "chosen_response": "chosen", "rejected_response": "rejected"},
+        ),
     ],
 )
 def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
@@ -285,7 +293,8 @@ def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
         load(data)
     suggested = yaml.safe_load(str(e.value).rpartition("rename yours with data.columns: ")[2])
     assert suggested == columns
-    assert len(load(data, columns=suggested).train.rows) == 1
+    method = "dpo" if "chosen" in suggested.values() else "sft"
+    assert len(load(data, method=method, columns=suggested).train.rows) == 1
 
 
 def test_openais_developer_role_is_the_system_message(tmp_path: Path) -> None:
