@@ -373,7 +373,7 @@ def _assistant_spans(
                     "asked for it; trim them in the template ({%- ... -%} tags, or the whitespace between tags "
                     "removed, as collections of such files say to do)"
                 )
-            if (prefill := _prefill(tokenizer, messages[:i], through, where, context)) is not None:
+            if (prefill := _prefill(tokenizer, messages[:i], prompt, through, where, context)) is not None:
                 raise TemplateRowError(
                     f"{where}: the chat template's generation prompt goes on with {prefill!r}, which assistant message "
                     f"{i} does not begin with once written out (the template starts a reasoning block for generation "
@@ -397,15 +397,15 @@ def _assistant_spans(
 
 
 def _prefill(
-    tokenizer: PreTrainedTokenizerBase, before: list[dict], through: str, where: str, context: dict
+    tokenizer: PreTrainedTokenizerBase, before: list[dict], prompt: str, through: str, where: str, context: dict
 ) -> str | None:
     """What the generation prompt writes that the reply, once written out, does not begin with (MiniMax-M2's and
     Nemotron-Nano-v2's templates open a <think> block after the assistant's header for generation only), where the
-    conversation so far is where both go on; None otherwise."""
+    conversation so far is where both go on; None otherwise. `prompt`: `before` rendered with the generation
+    prompt."""
     if not before:  # a reply that opens the conversation has no generation prompt before it
         return None
     so_far = _render(tokenizer, before, False, where, context)
-    prompt = _render(tokenizer, before, True, where, context)
     if not (prompt.startswith(so_far) and through.startswith(so_far)):
         return None
     cue, reply = prompt[len(so_far) :], through[len(so_far) :]
