@@ -78,11 +78,11 @@ class Comparison:
 
     def best(self) -> dict[str, list[str]]:
         """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
-        pref acc and expectation pass rate. Only where at least two variants have the number."""
+        pref acc, GRPO eval reward and expectation pass rate. Only where at least two variants have the number."""
         out = {}
         for key in sorted({k for v in self.variants for k in v.numbers}):
             lower = key == "eval_loss" or bool(re.fullmatch(r"eval_[a-z0-9_]+_loss", key))
-            if not (lower or key in ("preference_accuracy", "expectation_pass_rate")):
+            if not (lower or key in ("preference_accuracy", "expectation_pass_rate", "eval_reward")):
                 continue
             values = {v.name: v.numbers[key] for v in self.variants if v.numbers.get(key) is not None}
             if len(values) < 2:
@@ -408,6 +408,7 @@ def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
         "final_train_loss": manifest.final_train_loss,
         "run_eval_loss": manifest.final_eval_loss,
         "preference_accuracy": manifest.preference_accuracy_after,
+        "eval_reward": manifest.final_eval_reward,  # GRPO: its own held-out prompts' mean reward
     }
     scores, _ = lm_eval_scores(run_dir)
     numbers |= {LM_EVAL_PREFIX + k: v for k, v in scores.items()}

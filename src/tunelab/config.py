@@ -176,6 +176,7 @@ READ_FIELDS = Literal[  # the record fields tunelab reads, which data.columns ma
     "output",
     "system",
     "tools",
+    "solution",  # GRPO: the field TRL's accuracy rewards check a completion against
 ]
 
 
@@ -253,7 +254,7 @@ class DataSettings(Strict):
         "the tuning costs the model on chats unlike yours.",
     )
     format: Literal[
-        "auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference", "unpaired"
+        "auto", "messages", "conversations", "prompt_completion", "text", "alpaca", "preference", "unpaired", "prompt"
     ] = Field(default="auto", description="Record format; auto detects it from the first record's fields.")
     subset: str | None = Field(
         default=None,
@@ -397,6 +398,38 @@ class SimPOSettings(Strict):
     beta: float = Field(default=2.0, gt=0, description="Scale of the length-normalised reward (the paper's beta).")
     gamma: float = Field(
         default=0.5, ge=0, description="Target reward margin between chosen and rejected (TRL's simpo_gamma)."
+    )
+
+
+GRPO_LOSSES = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]
+
+
+class GRPOSettings(Strict):
+    rewards: list[str] = Field(
+        min_length=1,
+        description="Reward functions, each `file.py:function` (relative to the experiment file; called as TRL calls "
+        "them: prompts, completions and the row's other columns as keyword arguments, returning one float per "
+        "completion) or `trl:<name>`, one of TRL's (trl:think_format_reward, trl:accuracy_reward, ...).",
+    )
+    reward_weights: list[float] | None = Field(
+        default=None, description="Weight of each reward in the total (default: 1 each)."
+    )
+    generations: int = Field(
+        default=8, ge=2, description="Completions sampled per prompt; each is scored against its group's mean."
+    )
+    max_completion_length: int = Field(default=256, gt=0, description="Longest completion sampled, in tokens.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature of the completions.")
+    beta: float = Field(
+        default=0.0,
+        ge=0,
+        description="KL pull towards the starting model; 0 (TRL's default) keeps no reference model. For LoRA the "
+        "reference is the base with the adapter off; otherwise a frozen copy.",
+    )
+    loss_type: GRPO_LOSSES = Field(
+        default="dapo", description="TRL's loss aggregation: dapo (its default), grpo, dr_grpo, bnpo, cispo or sapo."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group", description="Divide advantages by the group's reward std (group), the batch's, or not."
     )
 
 
@@ -654,8 +687,14 @@ class DistributedSettings(Strict):
     )
 
 
-METHODS = Literal["sft", "dpo", "kto", "orpo", "simpo"]  # tunelab.methods.REGISTRY holds each one's code
-METHOD_SECTIONS = {"dpo": DPOSettings, "kto": KTOSettings, "orpo": ORPOSettings, "simpo": SimPOSettings}
+METHODS = Literal["sft", "dpo", "kto", "orpo", "simpo", "grpo"]  # tunelab.methods.REGISTRY holds each one's code
+METHOD_SECTIONS = {
+    "dpo": DPOSettings,
+    "kto": KTOSettings,
+    "orpo": ORPOSettings,
+    "simpo": SimPOSettings,
+    "grpo": GRPOSettings,
+}
 
 
 class Experiment(Strict):
@@ -666,12 +705,14 @@ class Experiment(Strict):
     method: METHODS = Field(
         default="sft",
         description="Objective: sft (demonstrations), dpo, kto, orpo or simpo (preferences; orpo and simpo keep no "
-        "reference model, kto also takes unpaired thumbs-up/down data).",
+        "reference model, kto also takes unpaired thumbs-up/down data), or grpo (prompts, and reward functions that "
+        "score sampled completions).",
     )
     dpo: DPOSettings | None = Field(default=None, description="DPO settings (method: dpo).")
     kto: KTOSettings | None = Field(default=None, description="KTO settings (method: kto).")
     orpo: ORPOSettings | None = Field(default=None, description="ORPO settings (method: orpo).")
     simpo: SimPOSettings | None = Field(default=None, description="SimPO settings (method: simpo).")
+    grpo: GRPOSettings | None = Field(default=None, description="GRPO settings (method: grpo): rewards, sampling.")
     scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
     init_from: str | None = Field(
         default=None,
@@ -693,7 +734,14 @@ class Experiment(Strict):
                     f"a {name} section is set but method is {self.method}; set method: {name} or remove the section"
                 )
             if self.method == name and getattr(self, name) is None:
+                if name == "grpo":
+                    raise ValueError(
+                        "grpo: method grpo learns from reward functions, and none is named; add "
+                        "grpo: {rewards: [rewards.py:my_reward]}"
+                    )
                 setattr(self, name, defaults())
+        if self.grpo is not None:
+            self._check_grpo(self.grpo)
         micro = self.train.micro_batch_size
         if micro is not None and micro != self.train.batch_size:
             if self.method != "sft" or self.train.packing or self.train.group_by_length:
@@ -721,6 +769,12 @@ class Experiment(Strict):
                 f"data.loss_on: {self.method.upper()} scores the chosen and rejected answers, not every token; "
                 "data.loss_on applies to SFT: remove it"
             )
+        for key in ("packing", "group_by_length"):
+            if self.method != "sft" and getattr(self.train, key):
+                raise ValueError(
+                    f"train.{key}: applies to SFT; TRL's {self.method.upper()} trainer draws its batches itself and "
+                    "would ignore it: remove it"
+                )
         if self.method != "sft" and self.train.padding_free == "on":
             raise ValueError(
                 f"train.padding_free: TRL's {self.method.upper()} trainer has no padding-free batches; set it to auto "
@@ -748,6 +802,34 @@ class Experiment(Strict):
                 "train.batch_size: KTO estimates its KL term from other examples of a batch; use 2 or more"
             )
         return self
+
+    def _check_grpo(self, grpo: GRPOSettings) -> None:
+        t = self.train
+        if grpo.reward_weights is not None and len(grpo.reward_weights) != len(grpo.rewards):
+            raise ValueError(
+                f"grpo.reward_weights: {len(grpo.reward_weights)} weights for {len(grpo.rewards)} rewards; give one "
+                "weight per reward"
+            )
+        if t.batch_size % grpo.generations:
+            fits = max(grpo.generations, t.batch_size - t.batch_size % grpo.generations)
+            raise ValueError(
+                f"train.batch_size: GRPO scores each prompt's {grpo.generations} completions (grpo.generations) "
+                f"against each other, so a batch holds whole groups of them; {t.batch_size} is not a multiple of "
+                f"{grpo.generations}: set train.batch_size: {fits}"
+            )
+        if grpo.max_completion_length >= t.max_length:
+            raise ValueError(
+                f"grpo.max_completion_length: {grpo.max_completion_length} leaves no room for the prompt within "
+                f"train.max_length={t.max_length}; lower it or raise train.max_length"
+            )
+        if self.data.loss_on != "replies":
+            raise ValueError("data.loss_on: GRPO scores sampled completions, not the data's tokens; remove it")
+        if grpo.beta and self.init_from:
+            raise ValueError(
+                f"grpo.beta: {grpo.beta:g} pulls towards a reference that TRL takes from the base model (the adapter "
+                f"switched off, or the base reloaded), not from init_from's run; set grpo.beta: 0, or train from the "
+                "base"
+            )
 
     @property
     def run_name(self) -> str:
@@ -781,6 +863,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("train", "keep"): "last",
     ("train", "early_stop"): None,
     ("model", "quantization"): None,
+    ("grpo",): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,
     ("scope", "lora", "rslora"): False,
@@ -1025,6 +1108,14 @@ def _local(path: str, base: Path) -> str:
     return str(candidate.resolve()) if candidate.exists() else path
 
 
+def _local_reward(spec: str, base: Path) -> str:
+    """`file.py:function` with the file made absolute; TRL's rewards (`trl:name`) stay as they are."""
+    file, sep, function = spec.rpartition(":")
+    if not sep or spec.startswith("trl:"):
+        return spec
+    return f"{_local(file, base)}:{function}"
+
+
 def _local_source(source: str | DataSource, base: Path) -> str | DataSource:
     if isinstance(source, str):
         return _local(source, base)
@@ -1058,6 +1149,8 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     )
     if exp.init_from is not None:
         update["init_from"] = _local(exp.init_from, base)
+    if exp.grpo is not None:
+        update["grpo"] = exp.grpo.model_copy(update={"rewards": [_local_reward(r, base) for r in exp.grpo.rewards]})
     if exp.distributed.accelerate_config is not None:
         update["distributed"] = DistributedSettings(accelerate_config=_local(exp.distributed.accelerate_config, base))
     return exp.model_copy(update=update)

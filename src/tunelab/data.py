@@ -46,6 +46,7 @@ FORMAT_FIELDS = {
     "prompt_completion": "prompt/completion",
     "alpaca": "instruction/output (or instruction/context/response)",
     "text": "text",
+    "prompt": "prompt (GRPO; the row's other fields go to the rewards)",
 }
 
 
@@ -439,6 +440,7 @@ FORMAT_KEYS: tuple[tuple[str, set[str]], ...] = (
     ("alpaca", {"instruction", "output"}),
     ("alpaca", {"instruction", "response"}),  # Dolly: instruction, context, response
     ("text", {"text"}),
+    ("prompt", {"prompt"}),  # prompts for GRPO; any other field is the reward functions' to read
 )
 
 
@@ -690,30 +692,27 @@ def _implicit_prompt(record: Record, chosen: list[dict], rejected: list[dict]) -
 
 def normalise(record: Record, fmt: str, merge_turns: bool = False, as_chat: bool = False) -> dict:
     row = _normalise(record, fmt)
+    # What trains: the prompt and the answers; a GRPO row's other fields are the rewards', left as they are.
+    turns = ("prompt",) if fmt == "prompt" else ("messages", "prompt", *ANSWERS)
     if as_chat:
-        row = _as_chat(record, row)
+        row = _as_chat(record, row, [k for k in ANSWERS if k in turns])
     elif isinstance(row.get("prompt"), str) and record.value.get("system"):
         raise TunelabError(
             f"{record.where}: has a 'system' text, which plain-text rows have no place for (they train as raw "
             "text); set data.as_chat: true to make it the system turn of the chat format, or remove the field"
         )
-    parts = [k for k in ("prompt", *ANSWERS) if k in row]
+    parts = [k for k in turns if k in row and k != "messages"]
     if len({isinstance(row[k], list) for k in parts}) > 1:
         raise TunelabError(
             f"{record.where}: mixes plain text and messages among {', '.join(parts)}, and a row trains either as a "
             "chat or as text; set data.as_chat: true to make the strings turns of a chat"
         )
     if merge_turns:
-        row = {
-            k: merge_consecutive(v)
-            if k in ("messages", "prompt", "completion", "chosen", "rejected") and isinstance(v, list)
-            else v
-            for k, v in row.items()
-        }
+        row = {k: merge_consecutive(v) if k in turns and isinstance(v, list) else v for k, v in row.items()}
     return row
 
 
-def _as_chat(record: Record, row: dict) -> dict:
+def _as_chat(record: Record, row: dict, answers: list[str]) -> dict:
     """A plain-text row in the chat format: the prompt a user turn (after the row's `system` text, if it has one),
     each string answer the assistant's reply (also after a prompt given as messages). Rows in the chat format
     already, and text rows, stay as they are."""
@@ -726,8 +725,8 @@ def _as_chat(record: Record, row: dict) -> dict:
         prompt.append({"role": "user", "content": row["prompt"]})
     elif not isinstance(prompt, list):
         return row
-    answers = {k: [{"role": "assistant", "content": row[k]}] for k in ANSWERS if isinstance(row.get(k), str)}
-    return row | {"prompt": prompt} | answers
+    converted = {k: [{"role": "assistant", "content": row[k]}] for k in answers if isinstance(row.get(k), str)}
+    return row | {"prompt": prompt} | converted
 
 
 ANSWERS = ("completion", "chosen", "rejected")
@@ -762,6 +761,8 @@ def _normalise(record: Record, fmt: str) -> dict:
             if not text.strip():
                 raise TunelabError(f"{record.where}: 'text' is empty")
             return {"text": text}
+        case "prompt":
+            return _prompt(record)
         case "preference" | "unpaired" if _tools(record):
             raise TunelabError(
                 f"{record.where}: tool definitions ('tools') on preference data are not supported yet, and "
@@ -773,6 +774,23 @@ def _normalise(record: Record, fmt: str) -> dict:
         case "unpaired":
             return _unpaired(record)
     raise AssertionError(fmt)
+
+
+def _prompt(record: Record) -> dict:
+    """GRPO's shape: the prompt, and the row's other fields as they are (TRL passes them to the reward functions)."""
+    if _tools(record):
+        raise TunelabError(
+            f"{record.where}: tool definitions ('tools') on GRPO prompts are not supported yet; remove the field"
+        )
+    prompt = _field(record, "prompt", (str, list))
+    if isinstance(prompt, list):
+        prompt = _messages(record, prompt, "prompt", need_assistant=False)
+        if prompt and prompt[-1]["role"] == "assistant":
+            raise TunelabError(
+                f"{record.where}: the prompt ends with an assistant turn, and GRPO samples the next reply; end it "
+                "with the user's turn"
+            )
+    return {k: v for k, v in record.value.items() if k != "system"} | {"prompt": prompt}
 
 
 def _unpaired(record: Record) -> dict:
@@ -790,7 +808,9 @@ def _unpaired(record: Record) -> dict:
 # ---------------------------------------------------------------- splits
 
 
-def _check_method(fmt: str, method: str, where: str) -> None:
+def _check_method(fmt: str, method: str, where: str, first: dict) -> None:
+    """Refuse data the method does not train on; `first`: the first record, whose fields may say the renaming that
+    makes it data the method takes (a prompt with its answer under another name reads as prompts alone)."""
     from tunelab.methods import REGISTRY
 
     if fmt in REGISTRY[method].formats:
@@ -800,9 +820,16 @@ def _check_method(fmt: str, method: str, where: str) -> None:
         held = "preference pairs (chosen/rejected)"
     elif fmt == "unpaired":
         held = "unpaired thumbs-up/down completions (label)"
+    elif fmt == "prompt":
+        held = "prompts without answers"
     else:
         held = f"{fmt} data"
     wanted = " or ".join(FORMAT_FIELDS[f] for f in REGISTRY[method].formats if f in FORMAT_FIELDS)
+    hint = _columns_hint(first) if fmt == "prompt" else ""
+    if hint.startswith("data.columns: "):
+        raise TunelabError(
+            f"{where}: holds {held} but method is {method}; set method: grpo, or rename yours with {hint}"
+        )
     raise TunelabError(
         f"{where}: holds {held} but method is {method}; set method: {' or '.join(takes)}, or give "
         f"{method.upper()} data ({wanted})"
@@ -842,7 +869,7 @@ def load_file(source: str | DataSource, key: str, settings: DataSettings, method
     accepted = REGISTRY[method].formats if method is not None else None
     fmt = settings.format if settings.format != "auto" else detect_format(records[0], accepted)
     if method is not None:
-        _check_method(fmt, method, source.path)
+        _check_method(fmt, method, source.path, records[0].value)
     rows = [normalise(r, fmt, settings.merge_consecutive_turns, settings.as_chat) for r in records]
     return Loaded(source, fmt, rows, [r.where for r in records], digest, available)
 
@@ -997,8 +1024,16 @@ def rendered(rows: list[dict]) -> str:
     return "text"
 
 
-def as_sft_row(row: dict) -> dict:
-    """Preference pairs are measured (and their tokens checked) as their prompt followed by the chosen answer."""
+def as_sft_row(row: dict, fmt: str | None = None) -> dict:
+    """Preference pairs are measured (and their tokens checked) as their prompt followed by the chosen answer, GRPO's
+    prompts (format "prompt") as the prompt and an empty reply: their length, and the reply's opening and
+    terminator that sampling starts from and stops at."""
+    if fmt == "prompt":
+        prompt = row["prompt"]
+        return {
+            "prompt": prompt,
+            "completion": [{"role": "assistant", "content": ""}] if isinstance(prompt, list) else "",
+        }
     if "chosen" not in row:
         return row
     prompt, chosen = row.get("prompt", []), row["chosen"]

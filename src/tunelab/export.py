@@ -165,6 +165,8 @@ def _number(value: float | None) -> str:
 
 def _result_rows(run_dir: Path, manifest: Manifest) -> list[str]:
     rows = [f"| eval loss | {_number(manifest.base_eval_loss)} | {_number(manifest.final_eval_loss)} |"]
+    if manifest.final_eval_reward is not None:  # GRPO: replies sampled for the held-out prompts, scored
+        rows = [f"| eval reward | {_number(manifest.base_eval_reward)} | {_number(manifest.final_eval_reward)} |"]
     for name, losses in (manifest.eval_also_losses or {}).items():
         rows.append(f"| eval {name} loss | {_number(losses.get('base'))} | {_number(losses.get('final'))} |")
     if manifest.preference_accuracy_after is not None:

@@ -36,14 +36,15 @@ class Inputs:
     also: dict[str, Encoded] = field(default_factory=dict)  # data.eval_also's sets, tokenized
 
 
-def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None) -> Encoded:
-    """A split as `train` tokenizes it (preference pairs as prompt + chosen answer)."""
+def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None, fmt: str | None = None) -> Encoded:
+    """A split as `train` tokenizes it (preference pairs as prompt + chosen answer, GRPO's prompts with an empty
+    reply); `fmt`: the data's format."""
     rows, origins = split.rows[:limit], split.origins[:limit]
     variables = template_vars(exp.tokenizer, tokenizer)
     workers = data_workers(len(rows), exp.train.data_workers)
     return encode(
         tokenizer,
-        [as_sft_row(r) for r in rows],
+        [as_sft_row(r, fmt) for r in rows],
         origins,
         exp.tokenizer.fold_system,
         variables,
@@ -96,7 +97,8 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
     if training or exp.tokenizer.id or has_tokenizer(model_path(exp.model.id)):
         tokenizer = load_tokenizer(exp.tokenizer, exp.model, config)
         limit = None if training else PLAN_ROWS
-        encoded = [encode_split(exp, tokenizer, s, limit) for s in (splits.train, splits.eval) if s is not None]
+        held = [s for s in (splits.train, splits.eval) if s is not None]
+        encoded = [encode_split(exp, tokenizer, s, limit, splits.format) for s in held]
         also = {name: encode_split(exp, tokenizer, split, limit) for name, split in splits.also.items()}
         # The checks also give a tokenizer without a pad token a safe one.
         checks = check_tokens(tokenizer, encoded + list(also.values()), exp.train.max_length)

@@ -60,6 +60,8 @@ class Memory:
     sharded: list[str]  # which of weights, gradients, optimizer are split; the byte figures are per process
     total_bytes: int
     quantized: str | None = None  # how the base's linear weights are stored, when quantized
+    # GRPO: sampling the replies of a step at once, before training on them: their KV cache and last logits
+    sampling_bytes: int = 0
     quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
     master: str = "none"  # where trained weights keep a float32 master copy (methods.common.master_copy)
     optimizer_name: str | None = None  # train.optimizer; None: Transformers' default AdamW
@@ -126,6 +128,7 @@ class Plan:
     batching: Batching
     data: DataStats | None
     warnings: list[str]
+    method_line: str | None = None  # what the method's own settings decide (GRPO: rewards, sampling)
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -443,7 +446,7 @@ def estimate_memory(
     per_forward = batching(exp.train, exp.method).per_forward
     tokens = per_forward * exp.train.max_length * method.sequences
     reference, reference_bytes = None, 0
-    if method.reference:
+    if method.keeps_reference(exp):
         reference = reference_strategy(method.settings(exp), adapter)
         # adapter: TRL keeps a frozen copy of the adapter; copy: a second base model; precomputed: nothing resident.
         reference_bytes = {"adapter": grads, "copy": base_params * b, "precomputed": 0}[reference]
@@ -472,6 +475,10 @@ def estimate_memory(
         case "auto":
             checkpointing = available is not None and static + full_acts > CHECKPOINTING_HEADROOM * available
     acts = ckpt_acts if checkpointing else full_acts
+    sampling = 0
+    if method.samples(exp) > 1:  # TRL samples a whole step's replies (batch x accumulation) in one generate call
+        sequences = exp.train.batch_size * exp.train.grad_accumulation
+        sampling = sequences * (exp.train.max_length * facts.layers * 2 * kv * b + facts.vocab_size * 4)
     return Memory(
         dtype=dtype,
         tokens_per_forward=tokens,
@@ -488,8 +495,9 @@ def estimate_memory(
         reference_bytes=reference_bytes,
         processes=processes,
         sharded=sharded,
-        total_bytes=static + acts,
+        total_bytes=static + max(acts, sampling),  # sampling comes before the step's forward and backward
         quantized=quantization.describe() if quantization else None,
+        sampling_bytes=sampling,
         quantized_params=facts.linear_params if quantization else 0,
         master=master,
         optimizer_name=exp.train.optimizer,
@@ -548,8 +556,11 @@ def data_stats(inputs: Inputs) -> DataStats:
 def optimizer_steps(exp: Experiment, n_train: int) -> int:
     if exp.train.max_steps:
         return exp.train.max_steps
+    from tunelab.methods import get_method
+
     per_step = exp.train.batch_size * exp.train.grad_accumulation
-    return math.ceil(math.ceil(n_train / per_step) * exp.train.epochs)
+    sequences = n_train * get_method(exp.method).samples(exp)  # GRPO: each prompt's completions
+    return math.ceil(math.ceil(sequences / per_step) * exp.train.epochs)
 
 
 def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int) -> None:
@@ -557,10 +568,15 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
 
     `measured` rows were tokenized, `unsupervised` of them carry no loss within max_length.
     """
+    from tunelab.methods import get_method
+
     t = exp.train
-    if t.batch_size > n_train:
+    samples = get_method(exp.method).samples(exp)
+    if t.batch_size > n_train * samples:
+        each = f" x {samples} completions" if samples > 1 else ""
         raise ConfigError(
-            f"train.batch_size: {t.batch_size} is more than the {n_train} training examples; use at most {n_train}"
+            f"train.batch_size: {t.batch_size} is more than the {n_train}{each} training examples; use at most "
+            f"{n_train * samples}"
         )
     steps = optimizer_steps(exp, n_train)
     if t.warmup >= 1 and t.warmup >= steps:
@@ -656,6 +672,9 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         warnings.append(too_big)
     stats = data_stats(inputs)
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
+    from tunelab.methods import get_method
+
+    get_method(exp.method).check_data(exp, inputs.encoded)
     limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
     if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train.measured)) is not None:
@@ -681,7 +700,10 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     disk = estimate_disk(resolved, exp, memory, stats.train.examples, tokenizer_bytes(inputs.tokenizer), folder)
     if (no_room := disk_refusal(disk, exp.train.save_total_limit)) is not None:
         warnings.append(no_room)
-    return Plan(exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings)
+    described = get_method(exp.method).describe(exp)
+    return Plan(
+        exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings, described
+    )
 
 
 def half_trained(scope: ResolvedScope) -> int:

@@ -171,6 +171,7 @@ class Provenance(Record):
     data: DataRecord
     chat_template_hash: str | None = None
     tokens: TokensRecord | None = None
+    reward_hashes: dict[str, str] | None = None  # GRPO: each reward's file (sha256 prefix), by grpo.rewards' name
 
 
 class Manifest(Record):
@@ -199,6 +200,7 @@ class Manifest(Record):
     data: DataRecord | None = None
     chat_template_hash: str | None = None
     tokens: TokensRecord | None = None
+    reward_hashes: dict[str, str] | None = None
     # how it trains
     device: str | None = None
     dtype: str | None = None
@@ -226,6 +228,9 @@ class Manifest(Record):
     stopped_early: bool | None = None  # train.early_stop ended it before its planned steps
     best_step: int | None = None  # train.keep: best: the step whose checkpoint is the result
     best_eval_loss: float | None = None
+    # GRPO: the mean reward of completions sampled for the eval prompts, before the first step and of the result
+    base_eval_reward: float | None = None
+    final_eval_reward: float | None = None
     train_seconds: float | None = None
     train_runtime: float | None = None
     tokens_seen: int | None = None
@@ -451,6 +456,9 @@ def changed_inputs(
     old_template, new_template = old.chat_template_hash, provenance.chat_template_hash
     if old_template and new_template and old_template != new_template:
         changed.append("the chat template changed")
+    if old.reward_hashes and provenance.reward_hashes and old.reward_hashes != provenance.reward_hashes:
+        rewards = sorted(k for k, v in provenance.reward_hashes.items() if old.reward_hashes.get(k) != v)
+        changed.append(f"the reward functions changed ({', '.join(rewards)})")
     old_base = old.base_model.fingerprint if old.base_model else None
     new_base = provenance.base_model.fingerprint
     if old_base and new_base and old_base != new_base:

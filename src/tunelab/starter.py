@@ -190,6 +190,13 @@ def write_starter(
     settings = DataSettings(**(data_section | {"train": data}))
     try:
         loaded = load_file(data, "--data", settings, method)
+        if loaded.format == "prompt":  # prompts alone: GRPO's, or an answer under a name to rename (SFT's refusal)
+            if method == "grpo":
+                raise TunelabError(
+                    "--method: grpo learns from reward functions, which init cannot write; start from "
+                    "examples/grpo.yaml and examples/rewards.py"
+                )
+            load_file(data, "--data", settings, "sft")
     except TunelabError as e:
         raise TunelabError(as_flags(str(e))) from e
     fmt, rows = loaded.format, loaded.rows

@@ -206,12 +206,24 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
     pref_train = [pair(q[k], right, wrong) for q, right, wrong in spoken for k in (0, 1)]
     rng.shuffle(pref_train)
     pref_eval = [pair(q[2], right, wrong) for q, right, wrong in spoken]
+
+    # GRPO: capital questions and what the rewards (examples/rewards.py) check the sampled replies for; held out,
+    # the phrasing SFT never trains on.
+    def asked(question: str, c: Country) -> dict:
+        return {"prompt": [{"role": "user", "content": question}], "country": c.name, "capital": c.capital}
+
+    capitals = [(facts(c)[0].questions, c) for c in countries(seed)]
+    grpo_train = [asked(q, c) for questions, c in capitals for q in questions[:-1]]
+    rng.shuffle(grpo_train)
+    grpo_eval = [asked(questions[-1], c) for questions, c in capitals]
     return {
         "sft_train.jsonl": sft_train,
         "sft_eval.jsonl": sft_eval,
         "pref_train.jsonl": pref_train,
         "pref_eval.jsonl": pref_eval,
         "prompts.jsonl": prompts,
+        "grpo_train.jsonl": grpo_train,
+        "grpo_eval.jsonl": grpo_eval,
     }
 
 

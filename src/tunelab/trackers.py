@@ -206,10 +206,13 @@ class TrackerRecord(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.sinks or "total_flos" not in (logs or {}):  # the Trainer's last log, after the last eval
             return
-        evals = [r["eval_loss"] for r in state.log_history if "eval_loss" in r]
-        base = [r["eval_loss"] for r in state.log_history if "eval_loss" in r and r.get("step") == 0]
+        # GRPO's held-out measure is its reward (its eval_loss is the policy loss, no measure of the replies).
+        measure = "reward" if any("eval_reward" in r for r in state.log_history) else "loss"
+        key = f"eval_{measure}"
+        evals = [r[key] for r in state.log_history if key in r]
+        base = [r[key] for r in state.log_history if key in r and r.get("step") == 0]
         losses = [r["loss"] for r in state.log_history if "loss" in r]
-        values = {"base_eval_loss": base[0] if base else None, "final_eval_loss": evals[-1] if evals else None}
+        values = {f"base_{key}": base[0] if base else None, f"final_{key}": evals[-1] if evals else None}
         values["final_train_loss"] = losses[-1] if losses else None
         for sink in self.sinks:
             sink.summary({k: v for k, v in values.items() if v is not None}, state.global_step)

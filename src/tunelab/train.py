@@ -100,9 +100,12 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                 line = (
                     f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
                     f"lr {logs.get('learning_rate', 0):.2e}  "
-                    f"{record.get('tokens_per_s') or 0:.0f} tok/s  ETA {eta:.0f}s"
+                    + (f"reward {logs['reward']:.3f}  " if "reward" in logs else "")  # GRPO's sampled completions
+                    + f"{record.get('tokens_per_s') or 0:.0f} tok/s  ETA {eta:.0f}s"
                 )
                 print(("\r" + line.ljust(79)) if on_tty else line, end="" if on_tty else "\n", flush=True)
+            elif "eval_reward" in logs:  # GRPO: the mean reward of completions sampled for the eval prompts
+                print(("\n" if on_tty else "") + f"eval reward {logs['eval_reward']:.4f} at step {state.global_step}")
             elif scored := next((k for k in logs if k.startswith("eval_") and k.endswith("_loss")), None):
                 which = scored.removesuffix("loss").replace("_", " ")  # eval_loss, eval_<name>_loss
                 print(
@@ -195,9 +198,10 @@ def _change_check(before: dict[str, str], after: dict[str, str], trainable: list
     }
 
 
-def _base_eval_loss(trainer) -> float | None:
-    """The eval loss before the first step (eval_on_start), kept in the log history across a resume."""
-    return next((r["eval_loss"] for r in trainer.state.log_history if "eval_loss" in r and r.get("step") == 0), None)
+def _base_eval(trainer, key: str) -> float | None:
+    """The held-out measure `key` (eval_loss, GRPO's eval_reward) before the first step (eval_on_start), kept in the
+    log history across a resume."""
+    return next((r[key] for r in trainer.state.log_history if key in r and r.get("step") == 0), None)
 
 
 def _also_losses(trainer, names: list[str]) -> dict[str, dict[str, float | None]] | None:
@@ -216,19 +220,19 @@ def _also_losses(trainer, names: list[str]) -> dict[str, dict[str, float | None]
     return out
 
 
-def _final_eval_loss(trainer) -> float:
-    """The eval loss of the result: the best checkpoint's with train.keep: best, else the last step's, reusing the
-    end-of-training evaluation when there was one.
+def _final_eval(trainer, key: str) -> float:
+    """The held-out measure `key` of the result: the best checkpoint's with train.keep: best, else the last step's,
+    reusing the end-of-training evaluation when there was one.
 
     Decided from the Trainer's own log history, which every process holds, so all of them agree on
     whether to run the (collective) evaluation.
     """
     if trainer.args.load_best_model_at_end and trainer.state.best_metric is not None:
         return trainer.state.best_metric
-    evals = [r for r in trainer.state.log_history if "eval_loss" in r]
+    evals = [r for r in trainer.state.log_history if key in r]
     if evals and evals[-1].get("step") == trainer.state.global_step:
-        return evals[-1]["eval_loss"]
-    return trainer.evaluate()["eval_loss"]
+        return evals[-1][key]
+    return trainer.evaluate()[key]
 
 
 def _drop_incomplete(run: Run, chosen: Path) -> str:
@@ -286,8 +290,10 @@ def train(
     from tunelab.console import run_log
     from tunelab.data import rendered
     from tunelab.inputs import read_inputs
+    from tunelab.methods import get_method
     from tunelab.models import fingerprint, pick_device, weights_path
     from tunelab.plan import check_rhythm, disk_refusal, make_plan
+    from tunelab.rewards import reward_hashes
     from tunelab.scopes import init_source
     from tunelab.templates import template_hash
     from tunelab.trackers import check_trackers
@@ -308,6 +314,7 @@ def train(
     check_rhythm(
         exp, len(splits.train.rows), len(encoded[0].examples), len(encoded[0].no_loss_after(exp.train.max_length))
     )
+    get_method(exp.method).check_data(exp, encoded)
     # A run that cannot fit on its disk would fail at a checkpoint, hours in; say so before anything loads.
     plan = plan or make_plan(exp, inputs)
     if (no_room := disk_refusal(plan.disk, exp.train.save_total_limit)) is not None:
@@ -330,6 +337,7 @@ def train(
         ),
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),
+        reward_hashes=reward_hashes(exp.grpo.rewards) if exp.grpo else None,
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
@@ -498,9 +506,10 @@ def _build_trainer(
     from tunelab.methods.preference import reference_strategy
 
     method = get_method(exp.method)
-    reference = reference_strategy(method.settings(exp), kind.adds_parameters) if method.reference else None
+    keeps = method.keeps_reference(exp)
+    reference = reference_strategy(method.settings(exp), kind.adds_parameters) if keeps else None
     cache = _ref_cache_dir(exp, run) if reference == "precomputed" and method.caches_reference else None
-    if method.reference:
+    if keeps:
         run.update(
             reference=reference,
             ref_logps_cache=str(cache) if cache else None,
@@ -580,6 +589,7 @@ def _train_in(
     import torch
 
     from tunelab import trackers
+    from tunelab.methods import get_method
     from tunelab.methods.common import Hardware, batching, packed_rows_refusal
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
@@ -673,7 +683,8 @@ def _train_in(
             f"{trainer.state.global_step}; lower train.learning_rate (last good checkpoint: "
             f"{last_checkpoint(run.dir)})"
         )
-    final_eval = _final_eval_loss(trainer) if splits.eval else None
+    held_out = get_method(exp.method).held_out  # what the eval data measures: loss, or GRPO's reward
+    final_eval = _final_eval(trainer, f"eval_{held_out}") if splits.eval else None
     sharded = running in distributed.SHARDED
     rank_digests = distributed.check_synced(trainer.model, resolved.trainable_names, sharded)
     accuracy_after = _preference_accuracy(exp, trainer.model, tokenizer, splits)  # every rank: a collective if sharded
@@ -694,14 +705,16 @@ def _train_in(
         status="completed",
         ended_at=now(),
         result=kind.result,
-        base_eval_loss=_base_eval_loss(trainer),
-        final_eval_loss=final_eval,
+        base_eval_loss=_base_eval(trainer, "eval_loss") if held_out == "loss" else None,
+        final_eval_loss=final_eval if held_out == "loss" else None,
+        base_eval_reward=_base_eval(trainer, "eval_reward") if held_out == "reward" else None,
+        final_eval_reward=final_eval if held_out == "reward" else None,
         eval_also_losses=_also_losses(trainer, list(splits.also)),
         final_train_loss=train_losses[-1] if train_losses else None,
         global_steps=trainer.state.global_step,
         stopped_early=trainer.state.global_step < trainer.state.max_steps,
         best_step=trainer.state.best_global_step if exp.train.keep == "best" else None,
-        best_eval_loss=trainer.state.best_metric if exp.train.keep == "best" else None,
+        best_eval_loss=trainer.state.best_metric if exp.train.keep == "best" and held_out == "loss" else None,
         train_seconds=round(time.perf_counter() - started, 2),
         train_runtime=runtime,
         tokens_seen=trainer.state.num_input_tokens_seen if trainer.args.include_num_input_tokens_seen != "no" else None,

@@ -96,7 +96,10 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
         ("scope:\n  lora: {}\n  full: true\n", "choose exactly one of lora, partial or full"),
         ("scope:\n  partial: {}\n", "partial opens nothing"),
         ("dpo:\n  beta: 0.1\n", "a dpo section is set but method is sft"),
-        ("method: ppo\n", "method: 'ppo' is not a choice; input should be 'sft', 'dpo', 'kto', 'orpo' or 'simpo'"),
+        (
+            "method: ppo\n",
+            "method: 'ppo' is not a choice; input should be 'sft', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'",
+        ),
         (
             "train:\n  batch_size: 8\n  micro_batch_size: 3\n",
             "train.micro_batch_size: 3 does not divide train.batch_size=8; use a divisor",
@@ -224,6 +227,40 @@ def test_a_method_section_belongs_to_its_method(tmp_path: Path, method: str) -> 
     assert f"a {method} section is set but method is sft" in error_of(tmp_path, BASE + f"{method}:\n  beta: 0.2\n")
     exp = load_experiment(write_experiment(tmp_path, BASE + f"method: {method}\n"))
     assert getattr(exp, method) is not None  # defaults filled in
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("", "grpo: method grpo learns from reward functions, and none is named"),
+        ("grpo: {rewards: []}\n", "grpo.rewards: List should have at least 1 item"),
+        ("grpo: {rewards: [r.py:f], reward_weights: [1, 2]}\n", "grpo.reward_weights: 2 weights for 1 rewards"),
+        ("grpo: {rewards: [r.py:f], generations: 3}\n", "8 is not a multiple of 3: set train.batch_size: 6"),
+        ("grpo: {rewards: [r.py:f], generations: 1}\n", "grpo.generations: Input should be greater than or equal to 2"),
+        ("grpo: {rewards: [r.py:f], max_completion_length: 1024}\n", "leaves no room for the prompt"),
+        ("grpo: {rewards: [r.py:f], beta: 0.04}\ninit_from: runs/x\n", "set grpo.beta: 0, or train from the base"),
+    ],
+)
+def test_grpo_settings_that_cannot_work_are_refused(tmp_path: Path, extra: str, expected: str) -> None:
+    batch = "train:\n  batch_size: 8\n  max_length: 1024\n"
+    assert expected in error_of(tmp_path, BASE + "method: grpo\n" + batch + extra)
+
+
+def test_grpo_reward_files_resolve_against_the_experiment_file(tmp_path: Path) -> None:
+    text = BASE + "method: grpo\ngrpo: {rewards: [r.py:f, trl:think_format_reward]}\ntrain: {batch_size: 8}\n"
+    exp = load_experiment(write_experiment(tmp_path, text))
+    assert exp.grpo.rewards == ["r.py:f", "trl:think_format_reward"]  # no such file: kept as written, plan says so
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert exp.grpo.rewards == [f"{tmp_path / 'r.py'}:f", "trl:think_format_reward"]
+    assert exp.grpo.generations == 8 and exp.grpo.beta == 0.0 and exp.grpo.loss_type == "dapo"
+
+
+@pytest.mark.parametrize("key", ["packing", "group_by_length"])
+def test_batch_settings_other_trainers_ignore_are_refused(tmp_path: Path, key: str) -> None:
+    """Before, packing and group_by_length were passed to SFT alone and silently ignored for the other methods."""
+    msg = error_of(tmp_path, BASE + f"method: dpo\ntrain:\n  {key}: true\n")
+    assert f"train.{key}: applies to SFT; TRL's DPO trainer draws its batches itself" in msg
 
 
 def test_kto_needs_batches_to_estimate_its_kl_term(tmp_path: Path) -> None:

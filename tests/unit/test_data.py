@@ -285,11 +285,13 @@ def test_sharegpt_turn_weights_and_tool_turns_read_as_openais(tmp_path: Path) ->
 def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
     tmp_path: Path, row: dict, columns: dict
 ) -> None:
-    """The refusal names the data.columns for the fields the record has, and with them the record reads."""
+    """The refusal names the data.columns for the fields the record has, and with them the record reads. A row with a
+    `prompt` reads as GRPO's prompts, so SFT refuses it with the renaming of its answer."""
     import yaml
 
     data = write_jsonl(tmp_path / "d.jsonl", [row])
-    with pytest.raises(TunelabError, match=r"d.jsonl:1: cannot tell the data format") as e:
+    refusal = "holds prompts without answers but method is sft" if "prompt" in row else "cannot tell the data format"
+    with pytest.raises(TunelabError, match=rf"d.jsonl(:1)?: {refusal}") as e:
         load(data)
     suggested = yaml.safe_load(str(e.value).rpartition("rename yours with data.columns: ")[2])
     assert suggested == columns
@@ -793,3 +795,21 @@ def test_a_dataset_of_several_subsets_reads_the_one_named(tmp_path: Path) -> Non
         tmp_path / "b.yaml", "builtin:tiny-chat", repo, None, "qv", None, None, columns=columns, subset="socratic"
     )
     assert starter.exp.data.subset == "socratic" and starter.exp.data.eval_split == "test"
+
+
+def test_grpo_prompts_keep_the_fields_the_rewards_read(tmp_path: Path) -> None:
+    """GRPO's rows are a prompt and whatever else the row holds, as it is: TRL hands those fields to the rewards.
+    data.as_chat makes the prompt a user turn and leaves the other fields (an answer to check against) as text."""
+    row = {"prompt": "2+2?", "answer": "4", "meta": {"level": 1}, "completion": "four"}
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    loaded = load(path, method="grpo")
+    assert loaded.format == "prompt" and loaded.train.rows == [row]
+    chat = load(path, method="grpo", as_chat=True).train.rows
+    assert chat == [row | {"prompt": [{"role": "user", "content": "2+2?"}]}]
+    ends = {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(TunelabError, match=r"e.jsonl:1: the prompt ends with an assistant turn"):
+        load(write_jsonl(tmp_path / "e.jsonl", [ends]), method="grpo")
+    with pytest.raises(TunelabError, match="holds prompts without answers but method is sft; set method: grpo"):
+        load(write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "level": 2}]))
+    with pytest.raises(TunelabError, match="holds preference pairs .* but method is grpo"):
+        load(DATA / "pref_train.jsonl", method="grpo", format="preference")

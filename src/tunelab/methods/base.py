@@ -44,7 +44,8 @@ class Method:
     name: str
     formats: tuple[str, ...]  # data formats it trains on (see tunelab.data.FORMAT_FIELDS)
     sequences: int  # forward sequences per example: 1, or 2 (chosen and rejected; KTO's completion and KL sample)
-    reference: bool  # keeps a reference model (live or precomputed), counted by plan's memory estimate
+    # Keeps a reference model (live or precomputed), counted by plan's memory estimate; or which experiments do.
+    reference: bool | Callable[[Experiment], bool]
     padding_free: bool  # its trainer takes tunelab's padding-free batches
     build: Callable[[TrainerInputs], Trainer]
     settings: Callable[[Experiment], Any] = lambda exp: None  # its section of the experiment, if any
@@ -52,6 +53,19 @@ class Method:
     # Its trainer scores tokens through TRL's fused LM head (trl.trainer.utils.add_fused_lm_head), in tiles, never
     # holding a forward pass's logits: plan's memory estimate counts one tile instead.
     fused_head: bool = False
+    # Training sequences each data row becomes in an epoch (GRPO: the completions sampled for each prompt); plan
+    # counts optimizer steps from them, and train.batch_size counts them.
+    samples: Callable[[Experiment], int] = lambda exp: 1
+    # The held-out measure the Trainer logs as eval_<name>, which train.keep: best and early_stop compare: "loss"
+    # (lower is better) or "reward" (GRPO's mean reward of completions sampled for the eval prompts; higher).
+    held_out: str = "loss"
+    # Refusals that need the data as tokenized (GRPO: prompts that leave no room for a completion), for plan and train.
+    check_data: Callable[[Experiment, list[Encoded]], None] = lambda exp, encoded: None
+    # A line for plan on what its own settings decide, if they decide more than its section shows (GRPO: sampling).
+    describe: Callable[[Experiment], str | None] = lambda exp: None
+
+    def keeps_reference(self, exp: Experiment) -> bool:
+        return self.reference(exp) if callable(self.reference) else self.reference
 
     @property
     def preference(self) -> bool:

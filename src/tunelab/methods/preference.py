@@ -64,7 +64,8 @@ def reference_strategy(settings, adapter: bool) -> str:
 
     `adapter`: the scope trains new parameters beside a frozen base (LoRA), so the base is the reference for free.
     """
-    if settings.reference == "precomputed" or (settings.reference == "auto" and not adapter):
+    chosen = getattr(settings, "reference", "live")  # GRPO's reference is always live
+    if chosen == "precomputed" or (chosen == "auto" and not adapter):
         return "precomputed"
     return "adapter" if adapter else "copy"
 

@@ -23,6 +23,7 @@ COLUMNS = [
     ("peak_memory_bytes", "peak mem"),
     ("final_train_loss", "final train loss"),
     ("preference_accuracy", "pref acc"),
+    ("eval_reward", "eval reward"),
     ("expectation_pass_rate", "expectations"),
 ]
 

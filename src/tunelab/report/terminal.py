@@ -136,6 +136,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         f"activations ({mem.activation_layers} layers{', checkpointed' if mem.gradient_checkpointing else ''})",
         human_bytes(acts),
     )
+    if mem.sampling_bytes:
+        mt.add_row("sampling (KV cache)", human_bytes(mem.sampling_bytes))
     mt.add_row("[bold]total[/bold]", f"[bold]{human_bytes(mem.total_bytes)}[/bold]")
     console.print(mt)
     if mem.quantized:
@@ -157,6 +159,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"{human_bytes(mem.activations_bytes)}, with: {human_bytes(mem.activations_checkpointed_bytes)})"
         )
     console.print(batching_line(plan.batching, plan.memory.tokens_per_forward), highlight=False)
+    if plan.method_line:
+        console.print(plan.method_line, highlight=False, markup=False)
     console.print(disk_line(plan.disk), highlight=False)
     if plan.data is not None:
         d = plan.data
@@ -232,6 +236,9 @@ def eval_lines(m: Manifest) -> list[str]:
         if base is not None and final is not None:
             ratio = f" ({final / base:.2f}x the base)" if base else ""
             lines.append(f"eval {name}loss {base:.4f} -> {final:.4f}{ratio}")
+    if m.final_eval_reward is not None:
+        before = "-" if m.base_eval_reward is None else f"{m.base_eval_reward:.4f}"
+        lines.append(f"eval reward {before} -> {m.final_eval_reward:.4f} (replies sampled for the held-out prompts)")
     return lines
 
 
@@ -270,7 +277,7 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
     table.add_column("variant")
-    keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "expectations")
+    keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "eval reward", "expectations")
     shown = columns(comparison)
     picked = [
         i
@@ -421,15 +428,21 @@ def print_show(
             console.print(Text(m.data.sampled_from))
     if m.global_steps is not None:
         seconds = f" in {m.train_seconds} s" if m.train_seconds is not None else ""
-        console.print(f"{m.global_steps} steps{seconds}; {m.tokens_seen or 0:,} tokens seen")
+        tokens = f"; {m.tokens_seen:,} tokens seen" if m.tokens_seen is not None else ""
+        console.print(f"{m.global_steps} steps{seconds}{tokens}")
     for line in eval_lines(m):
         console.print(line, highlight=False)
     if (kept := kept_line(m)) is not None:
         console.print(kept)
     if preference := preference_line(m):
         console.print(preference)
+    rewards = [r["reward"] for r in metrics if "reward" in r]  # GRPO: the mean reward of each step's replies
+    if rewards:
+        console.print(
+            f"train reward {sparkline(rewards)} {rewards[0]:.4f} -> {rewards[-1]:.4f} ({len(rewards)} logged)"
+        )
     train_losses = [r["loss"] for r in metrics if "loss" in r]
-    if train_losses:
+    if train_losses and not rewards:
         console.print(
             f"train loss {sparkline(train_losses)} {train_losses[0]:.4f} -> {train_losses[-1]:.4f} "
             f"({len(train_losses)} logged)"

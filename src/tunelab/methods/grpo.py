@@ -1,0 +1,128 @@
+"""GRPO: prompts and reward functions -> TRL's GRPOTrainer (online: it samples completions and learns from their
+rewards, each scored against the other completions of its prompt).
+
+train.batch_size counts completions, so a batch holds batch_size / grpo.generations prompts; an epoch samples
+grpo.generations completions of every prompt. The held-out measure is the mean reward of completions sampled for
+the eval prompts (eval_reward), which train.keep: best and early_stop follow (higher is better). With grpo.beta > 0
+the reference is the base with the adapter off (LoRA) or a second copy of the model, which TRL loads itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.errors import ConfigError
+from tunelab.methods.base import Method, TrainerInputs
+from tunelab.methods.common import batching, instantiate, training_arguments, trl_config
+
+if TYPE_CHECKING:
+    from trl import GRPOTrainer
+
+    from tunelab.config import Experiment
+    from tunelab.templates import Encoded
+
+
+def build(inputs: TrainerInputs) -> GRPOTrainer:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tunelab.rewards import load_rewards
+    from tunelab.templates import fold_preference, preference_as_template_reads, template_vars
+
+    exp, settings, tokenizer = inputs.exp, inputs.exp.grpo, inputs.tokenizer
+    assert settings is not None
+    variables = template_vars(exp.tokenizer, tokenizer)
+
+    def rows(split) -> list[dict]:
+        fold = exp.tokenizer.fold_system
+        return [preference_as_template_reads(fold_preference(r, fold), tokenizer) for r in split.rows]
+
+    train_rows = rows(inputs.splits.train)
+    eval_rows = rows(inputs.splits.eval) if inputs.splits.eval else None
+    args = training_arguments(
+        exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, batching(exp.train, exp.method)
+    )
+    if args["metric_for_best_model"] is not None:
+        args |= {"metric_for_best_model": "reward", "greater_is_better": True}
+    args["include_num_input_tokens_seen"] = "no"  # its batches hold prompt and completion ids, not input_ids
+    config = trl_config(
+        GRPOConfig,
+        **args,
+        num_generations=settings.generations,
+        max_completion_length=settings.max_completion_length,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        loss_type=settings.loss_type,
+        scale_rewards=settings.scale_rewards,
+        reward_weights=settings.reward_weights,
+        chat_template_kwargs=variables or None,
+        shuffle_dataset=True,
+        log_completions=False,
+    )
+    return instantiate(
+        GRPOTrainer,
+        inputs.model,
+        config,
+        tokenizer,
+        train_rows,
+        eval_rows,
+        inputs.callbacks,
+        reward_funcs=load_rewards(settings.rewards),
+    )
+
+
+def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
+    """The rewards exist (read, not run), and every prompt leaves room for a whole completion within train.max_length:
+    TRL samples after the whole prompt, never truncating it, so a longer one would make a longer sequence than
+    plan's memory estimate counts."""
+    from tunelab.rewards import check_rewards
+
+    assert exp.grpo is not None
+    check_rewards(exp.grpo.rewards)
+    room = exp.train.max_length - exp.grpo.max_completion_length
+    for enc in encoded:
+        lengths = enc.lengths()
+        longer = [enc.origins[i] for i in range(len(lengths)) if lengths[i] > room]
+        if longer:
+            raise ConfigError(
+                f"train.max_length: {len(longer)} prompts ({', '.join(longer[:3])}{', ...' if len(longer) > 3 else ''})"
+                f" leave less than grpo.max_completion_length={exp.grpo.max_completion_length} tokens for the "
+                f"completion within train.max_length={exp.train.max_length}; raise train.max_length to "
+                f"{int(lengths.max()) + exp.grpo.max_completion_length}, or shorten those prompts"
+            )
+
+
+def describe(exp: Experiment) -> str:
+    g = exp.grpo
+    assert g is not None
+    weights = g.reward_weights or [1.0] * len(g.rewards)
+    rewards = " + ".join(
+        f"{w:g} x {Path(r).name if not r.startswith('trl:') else r}" for w, r in zip(weights, g.rewards, strict=True)
+    )
+    prompts = exp.train.batch_size * exp.train.grad_accumulation // g.generations
+    reference = f"KL to the starting model, beta {g.beta:g}" if g.beta else "no reference model (beta 0)"
+    return (
+        f"GRPO: {g.generations} replies sampled per prompt ({prompts} prompts a step), up to "
+        f"{g.max_completion_length} tokens at temperature {g.temperature:g}; reward {rewards}; loss {g.loss_type}; "
+        f"{reference}"
+    )
+
+
+def _keeps_reference(exp: Experiment) -> bool:
+    return exp.grpo is not None and exp.grpo.beta > 0
+
+
+METHOD = Method(
+    name="grpo",
+    formats=("prompt",),
+    sequences=1,  # a batch's completions, each prompt and completion in one sequence
+    reference=_keeps_reference,
+    padding_free=False,
+    build=build,
+    settings=lambda exp: exp.grpo,
+    fused_head=True,
+    samples=lambda exp: exp.grpo.generations if exp.grpo else 1,
+    held_out="reward",
+    check_data=check_data,
+    describe=describe,
+)

@@ -1,0 +1,156 @@
+"""GRPO's reward functions, as the experiment names them (`grpo.rewards`).
+
+Each is `file.py:function` (the user's code, resolved against the experiment file) or `trl:<name>` (one of
+TRL's). `plan` checks that each exists without running any of it; `train` imports them and calls them as TRL
+does, and turns a reward that raises or answers in the wrong shape into one line that names it. The files'
+hashes go into the run's manifest beside the data's, so a resume with changed rewards is refused.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+from tunelab.errors import ConfigError, TunelabError
+
+TRL_PREFIX = "trl:"
+# TRL's reward functions that take no settings (trl.rewards); the accuracy rewards need the math-verify package
+# and read the row's `solution` column.
+TRL_REWARDS = {
+    "think_format_reward": None,
+    "accuracy_reward": "math_verify",
+    "reasoning_accuracy_reward": "math_verify",
+}
+
+
+def _split(spec: str, i: int) -> tuple[Path, str]:
+    file, sep, function = spec.rpartition(":")
+    if not sep or not file.endswith(".py") or not function.isidentifier():
+        raise ConfigError(
+            f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
+            f"beside the experiment) or one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}"
+        )
+    return Path(file), function
+
+
+def _trl_name(spec: str, i: int) -> str:
+    name = spec.removeprefix(TRL_PREFIX)
+    if name not in TRL_REWARDS:
+        raise ConfigError(
+            f"grpo.rewards[{i}]: TRL has no reward '{name}' that takes no settings; use one of "
+            f"{', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}, or your own file.py:function"
+        )
+    needs = TRL_REWARDS[name]
+    if needs is not None:
+        import importlib.util
+
+        if importlib.util.find_spec(needs) is None:
+            raise ConfigError(
+                f"grpo.rewards[{i}]: TRL's {name} needs the {needs.replace('_', '-')} package; pip install "
+                f"{needs.replace('_', '-')}"
+            )
+    return name
+
+
+def check_rewards(specs: list[str]) -> None:
+    """Each reward exists: TRL's by name, a file's as a top-level function of the file, read without running it."""
+    for i, spec in enumerate(specs):
+        if spec.startswith(TRL_PREFIX):
+            _trl_name(spec, i)
+            continue
+        file, function = _split(spec, i)
+        if not file.is_file():
+            raise ConfigError(
+                f"grpo.rewards[{i}]: no file {file}; give the path of the Python file (relative to the experiment "
+                "file) that defines the reward"
+            )
+        try:
+            tree = ast.parse(file.read_text(), filename=str(file))
+        except SyntaxError as e:
+            raise ConfigError(f"grpo.rewards[{i}]: {file}:{e.lineno}: invalid Python ({e.msg}); fix the file") from e
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        if function not in defined:
+            from tunelab.errors import did_you_mean
+
+            functions = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef))
+            raise ConfigError(
+                f"grpo.rewards[{i}]: {file} defines no function '{function}'"
+                + (did_you_mean(function, functions) if functions else "; define it at the file's top level")
+            )
+
+
+def reward_hashes(specs: list[str]) -> dict[str, str]:
+    """sha256 prefix of each reward's file (TRL's: TRL's version), by the reward as named."""
+    from importlib.metadata import version
+
+    out = {}
+    for i, spec in enumerate(specs):
+        if spec.startswith(TRL_PREFIX):
+            out[spec] = f"trl {version('trl')}"
+        else:
+            out[spec] = hashlib.sha256(_split(spec, i)[0].read_bytes()).hexdigest()[:16]
+    return out
+
+
+def load_rewards(specs: list[str]) -> list[Callable]:
+    """The reward functions, each wrapped so that a failure or a wrong answer names it (and keeps its name, which
+    TRL logs its mean under: rewards/<name>/mean)."""
+    check_rewards(specs)
+    return [_checked(_load(spec, i), spec, i) for i, spec in enumerate(specs)]
+
+
+def _load(spec: str, i: int) -> Callable:
+    import importlib.util
+
+    if spec.startswith(TRL_PREFIX):
+        import trl.rewards
+
+        return getattr(trl.rewards, _trl_name(spec, i))
+    file, function = _split(spec, i)
+    name = f"tunelab_reward_{i}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(name, file)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise TunelabError(f"grpo.rewards[{i}]: importing {file} failed: {type(e).__name__}: {e}") from e
+    found = getattr(module, function)
+    if not callable(found):
+        raise ConfigError(f"grpo.rewards[{i}]: {file}'s {function} is not a function")
+    return found
+
+
+def _checked(reward: Callable, spec: str, i: int) -> Callable:
+    import inspect
+
+    if inspect.iscoroutinefunction(reward) or inspect.iscoroutinefunction(type(reward).__call__):
+        return reward  # TRL gathers async rewards itself
+
+    @functools.wraps(reward)
+    def call(*args, **kwargs):
+        completions = kwargs.get("completions", args[1] if len(args) > 1 else [])
+        try:
+            scores = reward(*args, **kwargs)
+        except Exception as e:
+            raise TunelabError(f"grpo.rewards[{i}]: {spec} raised {type(e).__name__}: {e}") from e
+        if not isinstance(scores, list | tuple) or len(scores) != len(completions):
+            got = f"{len(scores)} values" if isinstance(scores, list | tuple) else type(scores).__name__
+            raise TunelabError(
+                f"grpo.rewards[{i}]: {spec} returned {got} for {len(completions)} completions; return one float "
+                "(or None where it does not apply) per completion"
+            )
+        bad = next((s for s in scores if s is not None and not isinstance(s, int | float)), None)
+        if bad is not None:
+            raise TunelabError(
+                f"grpo.rewards[{i}]: {spec} returned a {type(bad).__name__} ({bad!r:.40}); return floats (or None)"
+            )
+        return [None if s is None else float(s) for s in scores]
+
+    if not hasattr(reward, "__name__"):  # a callable object: TRL names its logged mean by the class
+        call.__name__ = type(reward).__name__
+    return call

@@ -1,0 +1,121 @@
+"""GRPO on the built-in model: prompts and the user's reward functions (examples/rewards.py). It trains the planned
+adapter for the planned steps, raises the mean reward of replies sampled for held-out prompts, reruns and resumes
+after SIGKILL to the same weights, keeps the best evaluation by reward, and a reward that fails or a run whose rewards
+changed is refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, trained_tensors, write_experiment
+from tunelab.config import load_experiment
+from tunelab.plan import make_plan
+from tunelab.runs import read_manifest, read_metrics
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: Path, tiny_model_dir) -> None:
+    exp = load_experiment(EXAMPLES / "grpo.yaml", [f"output.dir={tmp_path}"])
+    plan = make_plan(exp)
+    assert plan.memory.reference is None and plan.memory.sampling_bytes > 0
+    assert "4 replies sampled per prompt (2 prompts a step)" in plan.method_line
+    m = train(exp).manifest
+    assert m.status == "completed" and m.method == "grpo" and m.change_check.ok
+    assert m.trainable_params == plan.scope.trainable_params
+    prompts = sum(1 for _ in (DATA / "grpo_train.jsonl").open())
+    # an epoch samples 4 replies of every prompt, 8 replies a step
+    assert m.global_steps == prompts * 4 // 8 * exp.train.epochs
+    assert m.base_eval_loss is None and m.final_eval_loss is None  # GRPO's eval loss measures no reply
+    assert m.final_eval_reward > m.base_eval_reward
+    rewards = EXAMPLES / "rewards.py"
+    digest = hashlib.sha256(rewards.read_bytes()).hexdigest()[:16]
+    assert m.reward_hashes == {f"{rewards}:names_country": digest, f"{rewards}:names_capital": digest}
+    run_dir = tmp_path / "grpo"
+    logged = [r for r in read_metrics(run_dir) if "reward" in r]
+    assert logged and all({"rewards/names_country/mean", "rewards/names_capital/mean"} <= r.keys() for r in logged)
+    shown = run_cli("show", str(run_dir))
+    assert f"eval reward {m.base_eval_reward:.4f} -> {m.final_eval_reward:.4f}" in shown.stdout
+
+
+def test_grpo_reruns_and_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:
+    """Sampling draws from the RNG the checkpoint restores: the resumed run samples the same replies."""
+    resume_matches_straight("grpo", tmp_path)
+    again = run_cli(
+        "train", str(EXAMPLES / "grpo.yaml"), "--set", f"output.dir={tmp_path}", "--name", "again",
+        "--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "again")
+    assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_grpo_keeps_the_checkpoint_of_the_highest_eval_reward(tmp_path: Path, tiny_model_dir) -> None:
+    exp = load_experiment(
+        EXAMPLES / "grpo.yaml",
+        [f"output.dir={tmp_path}", "train.keep=best", "train.eval_steps=16", "train.max_steps=64"],
+    )
+    m = train(exp).manifest
+    evals = {r["step"]: r["eval_reward"] for r in read_metrics(tmp_path / "grpo") if "eval_reward" in r}
+    trained = {step: reward for step, reward in evals.items() if step > 0}
+    best = max(trained, key=lambda step: (trained[step], -step))  # the Trainer keeps the first of equal bests
+    assert m.best_step == best and m.final_eval_reward == trained[best]
+
+
+def _grpo(tmp_path: Path, rewards: str, extra: str = "") -> Path:
+    return write_experiment(
+        tmp_path,
+        f"name: g\nmodel: {{id: builtin:tiny-chat}}\ndata: {{train: {DATA / 'grpo_train.jsonl'}}}\n"
+        f"method: grpo\ngrpo: {{rewards: [{rewards}], generations: 2, max_completion_length: 8}}\n"
+        f"train: {{batch_size: 4, max_length: 64, max_steps: 2}}\noutput: {{dir: {tmp_path / 'runs'}}}\n{extra}",
+    )
+
+
+def test_a_failing_reward_stops_the_run_in_one_line_naming_it(tmp_path: Path, tiny_model_dir) -> None:
+    (tmp_path / "r.py").write_text("def broken(completions, **kw):\n    return [1 / 0 for _ in completions]\n")
+    done = run_cli("train", str(_grpo(tmp_path, "r.py:broken")))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"grpo.rewards[0]: {tmp_path / 'r.py'}:broken raised ZeroDivisionError: division by zero" in done.stderr
+    assert read_manifest(tmp_path / "runs" / "g").status == "failed"
+    (tmp_path / "r.py").write_text("def short(completions, **kw):\n    return [1.0]\n")
+    done = run_cli("train", str(_grpo(tmp_path, "r.py:short")), "--overwrite")
+    assert "r.py:short returned 1 values for 4 completions; return one float" in done.stderr
+
+
+def test_rewards_are_checked_before_anything_loads_and_without_running_them(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    (tmp_path / "r.py").write_text(f"open({str(marker)!r}, 'w')\n\ndef correct(completions, **kw):\n    return []\n")
+    planned = run_cli("plan", str(_grpo(tmp_path, "r.py:corect")))
+    assert planned.returncode == 2 and not marker.exists()
+    assert "grpo.rewards[0]: " in planned.stderr and "defines no function 'corect'; did you mean 'correct'?" in (
+        planned.stderr
+    )
+    assert "no file" in run_cli("plan", str(_grpo(tmp_path, "nope.py:f"))).stderr
+    assert "TRL has no reward 'format'" in run_cli("plan", str(_grpo(tmp_path, "trl:format"))).stderr
+    assert (
+        "a multiple of 2: set train.batch_size: 4"
+        in run_cli("plan", str(_grpo(tmp_path, "r.py:correct")), "--set", "train.batch_size=5").stderr
+    )
+    long = run_cli("plan", str(_grpo(tmp_path, "r.py:correct")), "--set", "train.max_length=24")
+    assert "leave less than grpo.max_completion_length=8 tokens" in long.stderr and long.returncode == 2
+    assert not marker.exists()
+
+
+def test_a_resume_with_changed_rewards_is_refused(tmp_path: Path, tiny_model_dir) -> None:
+    (tmp_path / "r.py").write_text(
+        "def length(completions, **kw):\n    return [len(str(c)) / 100 for c in completions]\n"
+    )
+    path = _grpo(tmp_path, "r.py:length")
+    first = run_cli("train", str(path))
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = json.loads((tmp_path / "runs" / "g" / "manifest.json").read_text())
+    manifest["status"] = "interrupted"
+    (tmp_path / "runs" / "g" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "r.py").write_text("def length(completions, **kw):\n    return [-len(str(c)) for c in completions]\n")
+    resumed = run_cli("train", str(path), "--resume")
+    assert resumed.returncode != 0 and "the reward functions changed" in resumed.stderr
