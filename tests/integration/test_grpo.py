@@ -115,3 +115,56 @@ def test_a_resume_with_changed_rewards_is_refused(tmp_path: Path, tiny_model_dir
     (tmp_path / "r.py").write_text("def length(completions, **kw):\n    return [-len(str(c)) for c in completions]\n")
     resumed = run_cli("train", str(path), "--resume")
     assert resumed.returncode != 0 and "the reward functions changed" in resumed.stderr
+
+
+# openai/gsm8k (main), its first two train rows as the hub holds them: the answer's last line is `#### <number>`.
+GSM8K = [
+    {
+        "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips to her "
+        "friends in May. How many clips did Natalia sell altogether in April and May?",
+        "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+        "altogether in April and May.\n#### 72",
+    },
+    {
+        "question": "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How "
+        "much did she earn?",
+        "answer": "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+        "$<<0.2*50=10>>10.\n#### 10",
+    },
+]
+
+
+def test_gsm8k_rows_reach_the_rewards_as_chats_with_their_answers(tmp_path: Path, tiny_model_dir) -> None:
+    """The usual GRPO recipe's data: gsm8k's question renamed to the prompt and asked as a user turn (as_chat), the
+    answer left for the reward to check; TRL's think_format_reward beside the user's own."""
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in GSM8K * 4))
+    seen = tmp_path / "seen.jsonl"
+    (tmp_path / "r.py").write_text(
+        "import json\n\n"
+        "def correct(prompts, completions, answer, **kwargs):\n"
+        f"    with open({str(seen)!r}, 'a') as f:\n"
+        "        f.write(json.dumps({'prompts': prompts, 'answer': answer}) + '\\n')\n"
+        "    return [float(c[0]['content'].strip().endswith(a.rpartition('#### ')[2])) for c, a in zip(completions, "
+        "answer)]\n"
+    )
+    path = write_experiment(
+        tmp_path,
+        f"name: g\nmodel: {{id: builtin:tiny-chat}}\n"
+        f"data: {{train: {data}, columns: {{question: prompt}}, as_chat: true}}\n"
+        "method: grpo\ngrpo: {rewards: [r.py:correct, trl:think_format_reward], generations: 2, "
+        "max_completion_length: 8}\n"
+        f"train: {{batch_size: 4, max_length: 256, max_steps: 2, logging_steps: 1}}\noutput: {{dir: {tmp_path}}}\n",
+    )
+    m = train(load_experiment(path)).manifest
+    assert m.status == "completed" and m.data.rendered == "chat"
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(calls) == 2  # one call a step, with the step's 4 completions (2 prompts x 2)
+    for call in calls:
+        question_of = {r["answer"]: r["question"] for r in GSM8K}
+        asked = [p[-1]["content"] for p in call["prompts"]]
+        assert len(call["answer"]) == 4 and set(call["answer"]) <= set(question_of)
+        assert [p[-1]["role"] for p in call["prompts"]] == ["user"] * 4
+        assert asked == [question_of[a] for a in call["answer"]]  # each completion's own row's answer
+    logged = [r for r in read_metrics(tmp_path / "g") if "reward" in r]
+    assert all("rewards/think_format_reward/mean" in r for r in logged)
