@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, write_experiment
+from tests.integration.test_trackers import tensorboard_scalars
 from tunelab.config import load_experiment
 from tunelab.errors import ConfigError
 from tunelab.plan import make_plan
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: Path, tiny_model_dir) -> None:
-    exp = load_experiment(EXAMPLES / "grpo.yaml", [f"output.dir={tmp_path}"])
+    exp = load_experiment(EXAMPLES / "grpo.yaml", [f"output.dir={tmp_path}", "train.report_to=[tensorboard]"])
     plan = make_plan(exp)
     assert plan.memory.reference is None and plan.memory.sampling_bytes > 0
     assert "4 replies sampled per prompt (2 prompts a step)" in plan.method_line
@@ -42,6 +43,14 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     assert logged and all({"rewards/names_country/mean", "rewards/names_capital/mean"} <= r.keys() for r in logged)
     shown = run_cli("show", str(run_dir))
     assert f"eval reward {m.base_eval_reward:.4f} -> {m.final_eval_reward:.4f}" in shown.stdout
+    # the tracker's summary and the model card give the reward, not GRPO's eval loss (its policy loss)
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    assert scalars["tunelab/final_eval_reward"] == pytest.approx([m.final_eval_reward], rel=1e-6)
+    assert "tunelab/final_eval_loss" not in scalars
+    exported = run_cli("export", str(run_dir), "--out", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"| eval reward | {m.base_eval_reward:.4g} | {m.final_eval_reward:.4g} |" in card
 
 
 def test_grpo_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:
