@@ -431,6 +431,22 @@ class GRPOSettings(Strict):
     scale_rewards: Literal["group", "batch", "none"] = Field(
         default="group", description="Divide advantages by the group's reward std (group), the batch's, or not."
     )
+    iterations: int = Field(
+        default=1,
+        ge=1,
+        description="Optimizer steps on each batch of sampled replies (TRL's num_iterations, the paper's mu); each "
+        "epoch then takes that many times the steps.",
+    )
+    epsilon: float = Field(default=0.2, gt=0, description="Clipping range of the policy ratio, below and above.")
+    epsilon_high: float | None = Field(
+        default=None, gt=0, description="Upper clipping bound when it differs (DAPO's clip-higher: 0.28)."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the completions.")
+    mask_truncated: bool = Field(
+        default=False,
+        description="Leave completions cut at max_completion_length out of the loss (TRL's "
+        "mask_truncated_completions; DAPO recommends it).",
+    )
 
 
 class LoraScope(Strict):

@@ -349,3 +349,20 @@ def test_settings_added_later_keep_older_runs_hash(tmp_path: Path, text: str) ->
         if "lora" in change and "partial" in text:
             continue
         assert load_experiment(exp, [change]).config_hash() != HASHED_BEFORE[text], change
+
+
+@pytest.mark.parametrize(
+    ("grpo", "steps"),
+    [
+        ("{rewards: [r.py:f], generations: 4}", 48 * 4 // 8 * 2),
+        ("{rewards: [r.py:f], generations: 4, iterations: 2}", 48 * 4 * 2 // 8 * 2),
+        ("{rewards: [r.py:f], generations: 8}", 48 * 8 // 8 * 2),
+    ],
+)
+def test_grpo_steps_count_every_sampled_reply(tmp_path: Path, grpo: str, steps: int) -> None:
+    """TRL repeats each prompt `generations` times (and each batch of replies `iterations` times), and batch_size
+    counts replies: 48 prompts, batch 8, 2 epochs."""
+    from tunelab.plan import optimizer_steps
+
+    text = BASE + f"method: grpo\ngrpo: {grpo}\ntrain: {{batch_size: 8, epochs: 2}}\n"
+    assert optimizer_steps(load_experiment(write_experiment(tmp_path, text)), 48) == steps
