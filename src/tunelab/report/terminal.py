@@ -182,7 +182,12 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             text = Text()
             for chunk, loss in d.first_example:
                 text.append(chunk, style="bold green" if loss else "dim")
-            console.print("First example (loss on [bold green]green[/bold green]):")
+            if d.format == "prompt":  # GRPO: a prompt with an empty reply; its terminator is where sampling stops
+                console.print(
+                    "First prompt, with an empty reply (the token that ends a reply in [bold green]green[/]):"
+                )
+            else:
+                console.print("First example (loss on [bold green]green[/bold green]):")
             console.print(text, markup=False, highlight=False)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)  # a fix may quote [a, b]
