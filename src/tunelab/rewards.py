@@ -96,6 +96,20 @@ def reward_hashes(specs: list[str]) -> dict[str, str]:
     return out
 
 
+def keep_copies(specs: list[str], run_dir: Path) -> None:
+    """A copy of each reward file in the run's rewards/ folder, as it trains: the manifest's hashes say whether the
+    file changed since, the copy what it was."""
+    from tunelab.runs import write_atomic
+
+    files = sorted({_split(spec, i)[0] for i, spec in enumerate(specs) if not spec.startswith(TRL_PREFIX)})
+    names = [f.name for f in files]
+    (run_dir / "rewards").mkdir(exist_ok=True)
+    for file in files:
+        # two files of one name (a/rewards.py, b/rewards.py) are told apart by their paths
+        tag = "" if names.count(file.name) == 1 else hashlib.sha256(str(file).encode()).hexdigest()[:8] + "-"
+        write_atomic(run_dir / "rewards" / f"{tag}{file.name}", file.read_text())
+
+
 def load_rewards(specs: list[str]) -> list[Callable]:
     """The reward functions, each wrapped so that a failure or a wrong answer names it (and keeps its name, which
     TRL logs its mean under: rewards/<name>/mean)."""

@@ -9,6 +9,7 @@ Layout of `<output.dir>/<name>/`:
     trained.safetensors  partial runs: only the trained tensors
     model/             full runs: a standard Transformers folder
     tokenizer/         the tokenizer and chat template actually used
+    rewards/           GRPO runs: a copy of each reward file it trains with
     train.log          the libraries' logs and warnings while it trained (the terminal shows tunelab's lines)
     lm_eval.json       `tunelab eval` scores, task by task, with the base's beside them
     tensorboard/, wandb/  trackers' local files, when train.report_to names them

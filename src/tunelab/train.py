@@ -293,7 +293,7 @@ def train(
     from tunelab.methods import get_method
     from tunelab.models import fingerprint, pick_device, weights_path
     from tunelab.plan import check_rhythm, disk_refusal, make_plan
-    from tunelab.rewards import reward_hashes
+    from tunelab.rewards import keep_copies, reward_hashes
     from tunelab.scopes import init_source
     from tunelab.templates import template_hash
     from tunelab.trackers import check_trackers
@@ -341,6 +341,8 @@ def train(
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
+        if exp.grpo is not None and run.writable:
+            keep_copies(exp.grpo.rewards, run.dir)
         with run_log(run.dir) if run.writable else contextlib.nullcontext():
             result = _train_in(run, inputs, init_from, provenance, callbacks or [], group or exp.name)
         distributed.finish()

@@ -38,6 +38,7 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     rewards = EXAMPLES / "rewards.py"
     digest = hashlib.sha256(rewards.read_bytes()).hexdigest()[:16]
     assert m.reward_hashes == {f"{rewards}:names_country": digest, f"{rewards}:names_capital": digest}
+    assert (tmp_path / "grpo" / "rewards" / "rewards.py").read_bytes() == rewards.read_bytes()
     run_dir = tmp_path / "grpo"
     logged = [r for r in read_metrics(run_dir) if "reward" in r]
     assert logged and all({"rewards/names_country/mean", "rewards/names_capital/mean"} <= r.keys() for r in logged)
