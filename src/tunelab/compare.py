@@ -42,6 +42,7 @@ class Prompt:
     not_contains: list[str] = field(default_factory=list)
     regex: list[str] = field(default_factory=list)
     reference: str | None = None
+    fields: dict = field(default_factory=dict)  # the row's other fields, which GRPO's rewards read
 
     @property
     def text(self) -> str:
@@ -82,7 +83,7 @@ class Comparison:
         out = {}
         for key in sorted({k for v in self.variants for k in v.numbers}):
             lower = key == "eval_loss" or bool(re.fullmatch(r"eval_[a-z0-9_]+_loss", key))
-            if not (lower or key in ("preference_accuracy", "expectation_pass_rate", "eval_reward")):
+            if not (lower or key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward")):
                 continue
             values = {v.name: v.numbers[key] for v in self.variants if v.numbers.get(key) is not None}
             if len(values) < 2:
@@ -95,9 +96,12 @@ class Comparison:
 # ---------------------------------------------------------------- inputs
 
 
+EXPECTATIONS = ("contains", "not_contains", "regex")
+
+
 def _expectations(row: dict, where: str) -> dict:
     out = {}
-    for key in ("contains", "not_contains", "regex"):
+    for key in EXPECTATIONS:
         value = row.get(key, [])
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -127,7 +131,8 @@ def read_prompts(path: Path) -> list[Prompt]:
             messages = [{"role": "user", "content": row["prompt"]}]
         else:
             raise TunelabError(f"{record.where}: a prompt needs 'prompt' (a string) or 'messages' (a list)")
-        prompts.append(Prompt(i, messages, **_expectations(row, record.where)))
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", *EXPECTATIONS)}
+        prompts.append(Prompt(i, messages, **_expectations(row, record.where), fields=fields))
     if not prompts:
         raise TunelabError(f"{path}: no prompts")
     return prompts
@@ -143,10 +148,13 @@ def held_out_prompts(rows: list[dict], limit: int = 32) -> list[Prompt]:
         elif isinstance(row.get("prompt"), list):
             answer = row.get("chosen") or row.get("completion")
             ref = answer[-1]["content"] if isinstance(answer, list) else answer
-            prompts.append(Prompt(len(prompts), row["prompt"], reference=ref))
+            fields = {k: v for k, v in row.items() if k != "prompt"}
+            prompts.append(Prompt(len(prompts), row["prompt"], reference=ref, fields=fields))
         elif isinstance(row.get("prompt"), str):
             answer = row.get("chosen") or row.get("completion")
-            prompts.append(Prompt(len(prompts), [{"role": "user", "content": row["prompt"]}], reference=answer))
+            fields = {k: v for k, v in row.items() if k != "prompt"}
+            messages = [{"role": "user", "content": row["prompt"]}]
+            prompts.append(Prompt(len(prompts), messages, reference=answer, fields=fields))
     if not prompts:
         raise TunelabError("compare: the runs' held-out data holds no prompts; pass --prompts FILE")
     return prompts
@@ -469,6 +477,9 @@ def compare(
     if include_base:
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
+    rewarded, rewards_note = reward_scores(runs, prompts, {v.name: outputs[v.name] for v in variants})
+    for v in variants:
+        v.numbers["reward"] = rewarded.get(v.name)
     for v in variants:
         v.numbers.setdefault("eval_loss", None)
         loss = v.numbers["eval_loss"]
@@ -487,6 +498,7 @@ def compare(
         "base": runs[0][1].quantized,
         # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
         "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
+        "rewards": rewards_note,  # GRPO: which run's rewards scored every variant's outputs, or why none did
     }
     return Comparison(model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
 
@@ -518,6 +530,42 @@ def _prompts_and_eval(
     source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_sources[0], "data.train")
     held_out = eval_rows or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
     return held_out_prompts(held_out), eval_rows
+
+
+def reward_scores(
+    runs: list[tuple[Path, Manifest]], prompts: list[Prompt], outputs: dict[str, list[str]]
+) -> tuple[dict[str, float], str | None]:
+    """Every variant's mean reward over the prompts, by the first GRPO run's rewards and weights, each output scored as
+    that run's training scored a sampled reply (with the prompt row's other fields); and a note of what scored them,
+    or why nothing did (a reward needs a field the prompts lack: --prompts rows may carry the fields)."""
+    from tunelab.methods import get_method
+    from tunelab.rewards import load_rewards
+
+    found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
+    if found is None:
+        return {}, None
+    run_dir, manifest = found
+    settings = load_run_experiment(run_dir).grpo
+    assert settings is not None
+    chat = manifest.data is None or manifest.data.rendered != "text"
+    names = ", ".join(r.rpartition(":")[2] for r in settings.rewards)
+    keys = sorted({k for p in prompts for k in p.fields})
+    kwargs = {k: [p.fields.get(k) for p in prompts] for k in keys}
+    asked = [p.messages if chat else p.text for p in prompts]
+    weights = settings.reward_weights or [1.0] * len(settings.rewards)
+    scores = {}
+    try:
+        rewards = load_rewards(settings.rewards)
+        for name, texts in outputs.items():
+            completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+            totals = [0.0] * len(prompts)
+            for reward, weight in zip(rewards, weights, strict=True):
+                values = reward(prompts=asked, completions=completions, **kwargs)
+                totals = [t + weight * (v or 0.0) for t, v in zip(totals, values, strict=True)]  # None: not scored
+            scores[name] = round(statistics.fmean(totals), 4) if totals else None
+    except TunelabError as e:
+        return {}, f"not scored with {manifest.name}'s rewards ({names}): {e}"
+    return scores, f"{manifest.name}'s rewards ({names}) on each variant's outputs"
 
 
 PRIMARY = "eval"  # the eval data's set among the held-out sets: its loss is eval_loss

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, write_experiment
 from tests.integration.test_trackers import tensorboard_scalars
+from tunelab.compare import compare
 from tunelab.config import load_experiment
 from tunelab.errors import ConfigError
 from tunelab.plan import make_plan
@@ -52,6 +53,22 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     assert exported.returncode == 0, exported.stderr[-2000:]
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"| eval reward | {m.base_eval_reward:.4g} | {m.final_eval_reward:.4g} |" in card
+
+    # compare scores each variant's greedy replies to the held-out prompts with the run's rewards
+    c = compare([run_dir], max_new_tokens=16)
+    assert c.settings["rewards"] == "grpo's rewards (names_country, names_capital) on each variant's outputs"
+    for v in c.variants:
+        named = [
+            (p.fields["country"] in out) + (p.fields["capital"] in out)
+            for p, out in zip(c.prompts, c.outputs[v.name], strict=True)
+        ]
+        assert v.numbers["reward"] == round(sum(named) / len(named), 4)
+    rewards = {v.name: v.numbers["reward"] for v in c.variants}
+    assert rewards["grpo"] > rewards["base"]
+    # prompts without the fields the rewards read: nothing scored, and the report says why
+    other = compare([run_dir], prompts_file=DATA / "prompts.jsonl", max_new_tokens=4)
+    assert all(v.numbers["reward"] is None for v in other.variants)
+    assert other.settings["rewards"].startswith("not scored with grpo's rewards (names_country, names_capital): ")
 
 
 def test_grpo_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:

@@ -24,6 +24,7 @@ COLUMNS = [
     ("final_train_loss", "final train loss"),
     ("preference_accuracy", "pref acc"),
     ("eval_reward", "eval reward"),
+    ("reward", "reward"),
     ("expectation_pass_rate", "expectations"),
 ]
 

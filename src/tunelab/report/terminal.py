@@ -282,7 +282,17 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
     table.add_column("variant")
-    keep = ("eval loss", "trainable", "%", "train s", "final train loss", "pref acc", "eval reward", "expectations")
+    keep = (
+        "eval loss",
+        "trainable",
+        "%",
+        "train s",
+        "final train loss",
+        "pref acc",
+        "eval reward",
+        "reward",
+        "expectations",
+    )
     shown = columns(comparison)
     picked = [
         i
