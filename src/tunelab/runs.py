@@ -724,6 +724,7 @@ def _summaries(root: Path) -> list[dict]:
                 "trainable_percent": m.trainable_percent,
                 "final_train_loss": m.final_train_loss,
                 "eval_loss": m.final_eval_loss,
+                "eval_reward": m.final_eval_reward,
                 "eval_also_losses": {name: losses.get("final") for name, losses in (m.eval_also_losses or {}).items()},
                 "train_seconds": m.train_seconds,
                 "created_at": m.created_at,

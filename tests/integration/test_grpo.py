@@ -45,6 +45,8 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     assert logged and all({"rewards/names_country/mean", "rewards/names_capital/mean"} <= r.keys() for r in logged)
     shown = run_cli("show", str(run_dir))
     assert f"eval reward {m.base_eval_reward:.4f} -> {m.final_eval_reward:.4f}" in shown.stdout
+    listed = run_cli("runs", str(tmp_path), "--json")
+    assert [r["eval_reward"] for r in json.loads(listed.stdout)] == [m.final_eval_reward]
     # the tracker's summary and the model card give the reward, not GRPO's eval loss (its policy loss)
     scalars = tensorboard_scalars(run_dir / "tensorboard")
     assert scalars["tunelab/final_eval_reward"] == pytest.approx([m.final_eval_reward], rel=1e-6)

@@ -54,7 +54,14 @@ def columns(c: Comparison) -> list[tuple[str, str]]:
     sets = sorted({k for v in c.variants for k in v.numbers if ALSO.fullmatch(k)} - {"eval_loss"})
     scores = sorted({k for v in c.variants for k in v.numbers if k.startswith(LM_EVAL_PREFIX)})
     also = [(k, k.replace("_", " ", 1).removesuffix("_loss") + " loss") for k in sets]
-    return COLUMNS[:1] + also + COLUMNS[1:] + [(k, k.removeprefix(LM_EVAL_PREFIX)) for k in scores]
+    # GRPO's columns only where a variant has the number
+    fixed = [
+        (k, t) for k, t in COLUMNS if k not in GRPO_COLUMNS or any(v.numbers.get(k) is not None for v in c.variants)
+    ]
+    return fixed[:1] + also + fixed[1:] + [(k, k.removeprefix(LM_EVAL_PREFIX)) for k in scores]
+
+
+GRPO_COLUMNS = ("eval_reward", "reward")
 
 
 ALSO = re.compile(r"eval_[a-z0-9_]+_loss")

@@ -374,14 +374,16 @@ def print_study_outcome(outcomes, report, console: Console | None = None) -> Non
 def print_runs(rows: list[dict], console: Console | None = None) -> None:
     console = console or _console()
     table = Table(show_edge=False)
-    columns = ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss", "time s", "disk")
-    for col in (*columns, "created"):
+    rewarded = any(r.get("eval_reward") is not None for r in rows)  # GRPO runs: their held-out measure
+    columns = ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss")
+    for col in (*columns, *(["eval reward"] if rewarded else []), "time s", "disk", "created"):
         table.add_column(col)
     for r in rows:
         scope = r.get("scope") or "-"
         if r.get("target_modules"):
             scope += f" {','.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
         keys = ("name", "status", "method", None, "trainable_percent", "final_train_loss", "eval_loss")
+        keys += ("eval_reward",) if rewarded else ()
         if r.get("quantization"):
             scope += f" on {r['quantization']}"
         cells = [scope if k is None else r.get(k) for k in (*keys, "train_seconds")]
