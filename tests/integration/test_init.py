@@ -174,3 +174,14 @@ def test_init_renames_fields_and_puts_plain_text_in_the_chat_format(tmp_path: Pa
     assert flag == "--columns query=prompt,response=completion"
     done = run_cli("init", str(tmp_path / "m.yaml"), "--model", MODEL, "--data", str(metamath), *flag.split())
     assert done.returncode == 0, done.stderr
+
+
+def test_init_says_what_prompts_alone_need(tmp_path: Path) -> None:
+    """Prompts without answers are GRPO's data, which needs reward functions init cannot write: it says so, and
+    writes nothing."""
+    data = str(DATA / "grpo_train.jsonl")
+    with pytest.raises(TunelabError, match=r"holds prompts without answers but method is sft; set method: grpo"):
+        write_starter(tmp_path / "a.yaml", MODEL, data, None, "qv", None, None)
+    with pytest.raises(TunelabError, match=r"^--method: grpo learns from reward functions, which init cannot write"):
+        write_starter(tmp_path / "a.yaml", MODEL, data, None, "qv", "grpo", None)
+    assert not (tmp_path / "a.yaml").exists()
