@@ -423,7 +423,7 @@ class GRPOSettings(Strict):
         default=0.0,
         ge=0,
         description="KL pull towards the starting model; 0 (TRL's default) keeps no reference model. For LoRA the "
-        "reference is the base with the adapter off; otherwise a frozen copy.",
+        "reference is a frozen copy of the starting adapter; otherwise a second copy of the base.",
     )
     loss_type: GRPO_LOSSES = Field(
         default="dapo", description="TRL's loss aggregation: dapo (its default), grpo, dr_grpo, bnpo, cispo or sapo."
@@ -840,11 +840,11 @@ class Experiment(Strict):
             )
         if self.data.loss_on != "replies":
             raise ValueError("data.loss_on: GRPO scores sampled completions, not the data's tokens; remove it")
-        if grpo.beta and self.init_from:
+        if grpo.beta and self.init_from and self.scope.kind != "lora":
             raise ValueError(
-                f"grpo.beta: {grpo.beta:g} pulls towards a reference that TRL takes from the base model (the adapter "
-                f"switched off, or the base reloaded), not from init_from's run; set grpo.beta: 0, or train from the "
-                "base"
+                f"grpo.beta: {grpo.beta:g} pulls towards a reference that TRL reloads from the base model, not from "
+                f"init_from's run, for a {self.scope.kind} scope (for LoRA it copies the starting adapter); set "
+                "grpo.beta: 0, or train from the base"
             )
 
     @property

@@ -197,3 +197,18 @@ def test_gsm8k_rows_reach_the_rewards_as_chats_with_their_answers(tmp_path: Path
         assert asked == [question_of[a] for a in call["answer"]]  # each completion's own row's answer
     logged = [r for r in read_metrics(tmp_path / "g") if "reward" in r]
     assert all("rewards/think_format_reward/mean" in r for r in logged)
+
+
+def test_grpo_from_a_lora_run_keeps_that_adapter_as_its_kl_reference(tmp_path: Path, tiny_model_dir) -> None:
+    """With grpo.beta > 0 and init_from a LoRA run, TRL's reference is a frozen copy of the adapter training starts
+    from, not the base: the KL term of the first step, where the policy is that adapter, is exactly 0 (against the
+    base it would not be, the first run having moved the adapter)."""
+    (tmp_path / "r.py").write_text(
+        "def length(completions, **kw):\n    return [len(str(c)) / 100 for c in completions]\n"
+    )
+    first = train(load_experiment(_grpo(tmp_path, "r.py:length"), ["train.learning_rate=1e-2"])).manifest
+    assert first.change_check.ok
+    overrides = [f"init_from={tmp_path / 'runs' / 'g'}", "grpo.beta=0.04", "train.max_steps=1", "train.logging_steps=1"]
+    m = train(load_experiment(_grpo(tmp_path, "r.py:length"), [*overrides, "output.name=second"])).manifest
+    assert m.reference == "adapter" and m.init_from == str(tmp_path / "runs" / "g")
+    assert [r["kl"] for r in read_metrics(tmp_path / "runs" / "second") if "kl" in r] == [0.0]

@@ -238,7 +238,10 @@ def test_a_method_section_belongs_to_its_method(tmp_path: Path, method: str) -> 
         ("grpo: {rewards: [r.py:f], generations: 3}\n", "8 is not a multiple of 3: set train.batch_size: 6"),
         ("grpo: {rewards: [r.py:f], generations: 1}\n", "grpo.generations: Input should be greater than or equal to 2"),
         ("grpo: {rewards: [r.py:f], max_completion_length: 1024}\n", "leaves no room for the prompt"),
-        ("grpo: {rewards: [r.py:f], beta: 0.04}\ninit_from: runs/x\n", "set grpo.beta: 0, or train from the base"),
+        (
+            "grpo: {rewards: [r.py:f], beta: 0.04}\ninit_from: runs/x\nscope: {partial: {last_blocks: 2}}\n",
+            "TRL reloads from the base model, not from init_from's run, for a partial scope",
+        ),
     ],
 )
 def test_grpo_settings_that_cannot_work_are_refused(tmp_path: Path, extra: str, expected: str) -> None:

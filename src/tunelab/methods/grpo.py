@@ -4,7 +4,8 @@ rewards, each scored against the other completions of its prompt).
 train.batch_size counts completions, so a batch holds batch_size / grpo.generations prompts; an epoch samples
 grpo.generations completions of every prompt. The held-out measure is the mean reward of completions sampled for
 the eval prompts (eval_reward), which train.keep: best and early_stop follow (higher is better). With grpo.beta > 0
-the reference is the base with the adapter off (LoRA) or a second copy of the model, which TRL loads itself.
+TRL keeps the reference itself: a frozen copy of the starting adapter (LoRA: the fresh one, or the one init_from
+continues), or the base reloaded from its path (partial and full scopes, so not with init_from).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
         top_p=settings.top_p,
         mask_truncated_completions=settings.mask_truncated,
         chat_template_kwargs=variables or None,
+        # Dropout would give a reply other log-probs in the update than at sampling and in the reference (TRL's DPO
+        # turns it off by default, its GRPO does not).
+        disable_dropout=True,
         shuffle_dataset=True,
         log_completions=False,
     )
@@ -106,10 +110,11 @@ def describe(exp: Experiment) -> str:
     )
     prompts = exp.train.batch_size * exp.train.grad_accumulation // g.generations
     reference = f"KL to the starting model, beta {g.beta:g}" if g.beta else "no reference model (beta 0)"
+    dropout = "; dropout off" if exp.scope.lora is not None and exp.scope.lora.dropout else ""
     return (
         f"GRPO: {g.generations} replies sampled per prompt ({prompts} prompts a step), up to "
         f"{g.max_completion_length} tokens at temperature {g.temperature:g}; reward {rewards}; loss {g.loss_type}; "
-        f"{reference}"
+        f"{reference}{dropout}"
     )
 
 
