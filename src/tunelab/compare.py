@@ -449,6 +449,8 @@ def compare(
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it)."""
+    from tunelab.methods import get_method
+
     runs = load_runs(run_dirs, mixed_quantization, elsewhere=True)
     if include_base and any(m.name == "base" for _, m in runs):
         raise TunelabError(
@@ -458,7 +460,11 @@ def compare(
     first = next((d for d, _ in runs if run_status(d) is not None), None)
     exp = load_run_experiment(first) if first is not None else None
     sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
-    prompts, eval_rows = _prompts_and_eval(exp, sft, prompts_file, eval_file, asked)
+    # GRPO runs are asked their own held-out prompts, whose fields their rewards read (an SFT run's chats have none)
+    rewarded = next(
+        (load_run_experiment(d) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None
+    )
+    prompts, eval_rows = _prompts_and_eval(rewarded or exp, sft, prompts_file, eval_file, asked, rewarded is not None)
     held_out = _held_out_sets(exp, sft, eval_rows, eval_also or {})
     pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
@@ -509,10 +515,13 @@ def _prompts_and_eval(
     prompts_file: Path | None,
     eval_file: Path | None,
     asked: list[str] | None,
+    own_prompts: bool = False,
 ) -> tuple[list[Prompt], list[dict] | None]:
     """Prompts asked on the command line (one user turn each), from the file, or from the runs' held-out data; eval
     rows from --eval or the first SFT run's eval set (runs of preference methods alone have no SFT eval set: no eval
-    loss then). `exp`: the first tunelab run's experiment, `sft` the first SFT run's; None where there is none."""
+    loss then). `exp`: the experiment whose held-out data gives the prompts (the first GRPO run's, else the first
+    tunelab run's), `sft` the first SFT run's; None where there is none. `own_prompts`: `exp`'s held-out prompts even
+    where there are eval rows (a GRPO run's prompts carry the fields its rewards read)."""
     from tunelab.data import load_file
 
     data = sft.data if sft else exp.data if exp else DataSettings(train=str(eval_file))
@@ -528,7 +537,7 @@ def _prompts_and_eval(
             "compare: adapters made elsewhere carry no data to take prompts from; give --prompts FILE or --prompt TEXT"
         )
     source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_sources[0], "data.train")
-    held_out = eval_rows or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
+    held_out = (None if own_prompts else eval_rows) or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
     return held_out_prompts(held_out), eval_rows
 
 

@@ -212,3 +212,29 @@ def test_grpo_from_a_lora_run_keeps_that_adapter_as_its_kl_reference(tmp_path: P
     m = train(load_experiment(_grpo(tmp_path, "r.py:length"), [*overrides, "output.name=second"])).manifest
     assert m.reference == "adapter" and m.init_from == str(tmp_path / "runs" / "g")
     assert [r["kl"] for r in read_metrics(tmp_path / "runs" / "second") if "kl" in r] == [0.0]
+
+
+def test_a_study_of_sft_then_grpo_compares_every_variant_on_rewards_and_eval_loss(
+    tmp_path: Path, tiny_model_dir
+) -> None:
+    """SFT, then GRPO from it: compare asks every variant the GRPO run's held-out prompts, whose fields its rewards
+    read, and measures the eval loss on the SFT run's chats."""
+    from tunelab.study import load_study, run_study
+
+    study = tmp_path / "rl.yaml"
+    study.write_text(
+        f"name: rl\nbase: {EXAMPLES / 'grpo.yaml'}\noutput: {tmp_path / 'runs'}\nvariants:\n"
+        f"  sft:\n    set: {{method: sft, grpo: null, data.train: {DATA}/sft_train.jsonl, "
+        f"data.eval: {DATA}/sft_eval.jsonl, train.max_steps: 4}}\n"
+        "  grpo:\n    after: sft\n    set: {train.max_steps: 2}\n"
+        "compare:\n  max_new_tokens: 8\n"
+    )
+    outcomes, report = run_study(load_study(study), log=lambda *_: None)
+    assert [(o.name, o.status) for o in outcomes] == [("sft", "trained"), ("grpo", "trained")]
+    result = json.loads((report.parent / "report.json").read_text())
+    assert result["settings"]["rewards"].endswith("'s rewards (names_country, names_capital) on each variant's outputs")
+    assert [p["fields"]["capital"] for p in result["prompts"][:2]] == [
+        json.loads(line)["capital"] for line in (DATA / "grpo_eval.jsonl").read_text().splitlines()[:2]
+    ]
+    for v in result["variants"]:
+        assert v["numbers"]["reward"] is not None and v["numbers"]["eval_loss"] is not None, v["name"]
