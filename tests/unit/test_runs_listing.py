@@ -96,6 +96,7 @@ def test_runs_json_rows_are_the_manifests_summary(tmp_path: Path) -> None:
         "trainable_percent": 1.0,
         "final_train_loss": None,
         "eval_loss": 1.5,
+        "eval_reward": None,  # GRPO runs' held-out measure
         "eval_also_losses": {},
         "train_seconds": None,
         "created_at": "2026-12-01T10:00",
