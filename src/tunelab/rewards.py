@@ -96,18 +96,43 @@ def reward_hashes(specs: list[str]) -> dict[str, str]:
     return out
 
 
+KEPT = "rewards"  # the run folder's copies of its reward files
+
+
+def _copies(specs: list[str], run_dir: Path) -> dict[Path, Path]:
+    """Each reward file and where the run keeps its copy (two files of one name, a/rewards.py and b/rewards.py, told
+    apart by their paths)."""
+    files = sorted({_split(spec, i)[0] for i, spec in enumerate(specs) if not spec.startswith(TRL_PREFIX)})
+    names = [f.name for f in files]
+    out = {}
+    for file in files:
+        tag = "" if names.count(file.name) == 1 else hashlib.sha256(str(file).encode()).hexdigest()[:8] + "-"
+        out[file] = run_dir / KEPT / f"{tag}{file.name}"
+    return out
+
+
 def keep_copies(specs: list[str], run_dir: Path) -> None:
     """A copy of each reward file in the run's rewards/ folder, as it trains: the manifest's hashes say whether the
     file changed since, the copy what it was."""
     from tunelab.runs import write_atomic
 
-    files = sorted({_split(spec, i)[0] for i, spec in enumerate(specs) if not spec.startswith(TRL_PREFIX)})
-    names = [f.name for f in files]
-    (run_dir / "rewards").mkdir(exist_ok=True)
-    for file in files:
-        # two files of one name (a/rewards.py, b/rewards.py) are told apart by their paths
-        tag = "" if names.count(file.name) == 1 else hashlib.sha256(str(file).encode()).hexdigest()[:8] + "-"
-        write_atomic(run_dir / "rewards" / f"{tag}{file.name}", file.read_text())
+    (run_dir / KEPT).mkdir(exist_ok=True)
+    for file, copy in _copies(specs, run_dir).items():
+        write_atomic(copy, file.read_text())
+
+
+def as_trained(specs: list[str], run_dir: Path) -> list[str]:
+    """The rewards as the run trained with them: its kept copies where it has them (the files may have changed or
+    moved since), else the files as named."""
+    copies = {file: copy for file, copy in _copies(specs, run_dir).items() if copy.is_file()}
+    out = []
+    for i, spec in enumerate(specs):
+        if spec.startswith(TRL_PREFIX):
+            out.append(spec)
+            continue
+        file, function = _split(spec, i)
+        out.append(f"{copies[file]}:{function}" if file in copies else spec)
+    return out
 
 
 def load_rewards(specs: list[str]) -> list[Callable]:

@@ -144,6 +144,11 @@ def test_a_resume_with_changed_rewards_is_refused(tmp_path: Path, tiny_model_dir
     (tmp_path / "r.py").write_text("def length(completions, **kw):\n    return [-len(str(c)) for c in completions]\n")
     resumed = run_cli("train", str(path), "--resume")
     assert resumed.returncode != 0 and "the reward functions changed" in resumed.stderr
+    # compare scores with the copy the run kept, what it trained with, not the file as it is now
+    (tmp_path / "runs" / "g" / "manifest.json").write_text(json.dumps(manifest | {"status": "completed"}))
+    c = compare([tmp_path / "runs" / "g"], prompts_file=None, max_new_tokens=4, include_base=False)
+    replies = [[{"role": "assistant", "content": out}] for out in c.outputs["g"]]
+    assert c.variants[0].numbers["reward"] == round(sum(len(str(r)) / 100 for r in replies) / len(replies), 4)
 
 
 # openai/gsm8k (main), its first two train rows as the hub holds them: the answer's last line is `#### <number>`.
