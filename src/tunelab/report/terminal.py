@@ -56,12 +56,13 @@ def _split_row(name: str, s: SplitStats | None) -> list[str]:
     ]
 
 
-def batching_line(b: Batching, tokens_per_forward: int) -> str:
+def batching_line(b: Batching, tokens_per_forward: int, unit: str = "examples") -> str:
+    """`unit`: what a batch counts (GRPO's: replies)."""
     per_step = b.per_forward * b.accumulation
     rows = "one padding-free row each" if b.padding_free else "padded"
     draw = {"batch_rebalance": "drawn at random, split by length", "group_by_length": "grouped by length"}
     return (
-        f"batches: {per_step} examples a step ({draw.get(b.sampling, 'drawn at random')}) in {b.accumulation} "
+        f"batches: {per_step} {unit} a step ({draw.get(b.sampling, 'drawn at random')}) in {b.accumulation} "
         f"forward passes of ~{b.per_forward}, {rows}; at most {tokens_per_forward:,} tokens a pass"
     )
 
@@ -158,7 +159,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             f"{'on' if mem.gradient_checkpointing else 'off'} (activations without: "
             f"{human_bytes(mem.activations_bytes)}, with: {human_bytes(mem.activations_checkpointed_bytes)})"
         )
-    console.print(batching_line(plan.batching, plan.memory.tokens_per_forward), highlight=False)
+    unit = "replies" if plan.data is not None and plan.data.format == "prompt" else "examples"  # GRPO counts replies
+    console.print(batching_line(plan.batching, plan.memory.tokens_per_forward, unit), highlight=False)
     if plan.method_line:
         console.print(plan.method_line, highlight=False, markup=False)
     console.print(disk_line(plan.disk), highlight=False)
