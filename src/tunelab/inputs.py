@@ -14,7 +14,15 @@ from tunelab.config import Experiment
 from tunelab.data import Split, Splits, as_sft_row, load_splits
 from tunelab.distributed import Engine, read_engine
 from tunelab.errors import ConfigError
-from tunelab.templates import Encoded, TokenChecks, check_tokens, encode, reads_the_clock, template_vars
+from tunelab.templates import (
+    Encoded,
+    TemplateRowError,
+    TokenChecks,
+    check_tokens,
+    encode,
+    reads_the_clock,
+    template_vars,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -42,15 +50,17 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     rows, origins = split.rows[:limit], split.origins[:limit]
     variables = template_vars(exp.tokenizer, tokenizer)
     workers = data_workers(len(rows), exp.train.data_workers)
-    return encode(
-        tokenizer,
-        [as_sft_row(r, fmt) for r in rows],
-        origins,
-        exp.tokenizer.fold_system,
-        variables,
-        workers,
-        exp.data.loss_on,
-    )
+    settings = (exp.tokenizer.fold_system, variables, workers, exp.data.loss_on)
+    try:
+        return encode(tokenizer, [as_sft_row(r, fmt) for r in rows], origins, *settings)
+    except TemplateRowError:
+        if fmt != "prompt":
+            raise
+        # GRPO samples after the generation prompt and supervises no written-out reply, so a template whose
+        # generation prompt opens a block no written-out reply has (a reasoning model's '<think>') serves it: its
+        # prompts are measured as sampling continues them, without an empty reply's end.
+        sampled = [{"prompt": r["prompt"], "sample": True} for r in rows]
+        return encode(tokenizer, sampled, origins, *settings)
 
 
 def data_workers(rows: int, setting: int | None = None) -> int:

@@ -158,9 +158,12 @@ class Encoded:
     all_loss: list[str]  # chat rows where every token is supervised
     unterminated: list[str]
     terminators: Counter
+    sampled: bool = False  # GRPO's prompts as sampling continues them: nothing supervised, and none missing it
 
     def no_loss_after(self, max_length: int) -> list[str]:
         """Rows left without a supervised token once truncated to max_length (the trainer drops them)."""
+        if self.sampled:
+            return []
         return [o for o, n in zip(self.origins, self.loss_tokens(max_length), strict=True) if not n]
 
     def lengths(self):
@@ -628,6 +631,14 @@ def _prepare(
     tokenizer: PreTrainedTokenizerBase, row: dict, where: str, fold_system: bool, template_vars: dict
 ) -> Tokenized | Rendered:
     context = {**template_vars, "tools": row.get("tools")}
+    if row.get("sample"):  # GRPO: the prompt as sampling continues it, as TRL renders it; nothing is supervised
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            ids = _ids(tokenizer(prompt))
+        else:
+            text = _render(tokenizer, prepare_messages(prompt, fold_system), True, where, context)
+            ids = _ids(tokenizer(text, add_special_tokens=False))
+        return Tokenized(ids, [0] * len(ids))
     if "messages" in row:
         messages = prepare_messages(row["messages"], fold_system)
         supervised = [m.get("weight", 1) != 0 for m in row["messages"]]
@@ -735,7 +746,7 @@ def encode(
         for tok, (row, where) in zip(_tokenized(tokenizer, prepared), chunk, strict=True):
             if loss_on == "all":
                 tok.loss_mask = [1] * len(tok.input_ids)
-            if not any(tok.loss_mask):
+            if not any(tok.loss_mask) and not row.get("sample"):  # a sampled prompt supervises nothing
                 no_loss.append(where)
             elif "text" not in row and loss_on != "all" and all(tok.loss_mask):
                 all_loss.append(where)
@@ -743,7 +754,8 @@ def encode(
                 unterminated.append(where)
             terminators.update(tok.terminators)
             examples.append(tok)
-    return Encoded(examples, origins, no_loss, all_loss, unterminated, terminators)
+    sampled = bool(rows) and all(row.get("sample") for row in rows)
+    return Encoded(examples, origins, no_loss, all_loss, unterminated, terminators, sampled)
 
 
 def _encode_in_processes(

@@ -15,7 +15,7 @@ from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, wri
 from tests.integration.test_trackers import tensorboard_scalars
 from tunelab.compare import compare
 from tunelab.config import load_experiment
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.plan import make_plan
 from tunelab.runs import read_manifest, read_metrics
 from tunelab.train import train
@@ -243,3 +243,43 @@ def test_a_study_of_sft_then_grpo_compares_every_variant_on_rewards_and_eval_los
     ]
     for v in result["variants"]:
         assert v["numbers"]["reward"] is not None and v["numbers"]["eval_loss"] is not None, v["name"]
+
+
+def test_a_template_that_opens_a_think_block_for_generation_serves_grpo(tmp_path: Path, tiny_model_dir) -> None:
+    """Reasoning models' templates (DeepSeek-R1's distills, MiniMax-M2, Nemotron-Nano-v2) end the generation prompt
+    with '<think>\\n', which no written-out reply begins with: SFT cannot supervise a reply there and is refused, but
+    GRPO samples right after it. Its prompts are measured as TRL renders them, and it trains."""
+    import shutil
+
+    from tunelab.models import load_tokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    opened = "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    assert opened in template
+    template = template.replace("{%- generation %}\n", "").replace("{%- endgeneration %}\n", "")  # as such ship
+    (model / "chat_template.jinja").write_text(template.replace(opened, opened[:-3] + " + '<think>\\n' }}"))
+
+    def experiment(method: str, data: str) -> Path:
+        return write_experiment(
+            tmp_path,
+            f"name: {method}\nmodel: {{id: {model}}}\ndata: {{train: {DATA / data}}}\nmethod: {method}\n"
+            + (
+                "grpo: {rewards: [trl:think_format_reward], generations: 2, max_completion_length: 8}\n"
+                * (method == "grpo")
+            )
+            + f"train: {{batch_size: 4, max_length: 96, max_steps: 1}}\noutput: {{dir: {tmp_path / 'runs'}}}\n",
+            name=f"{method}.yaml",
+        )
+
+    with pytest.raises(TunelabError, match="generation prompt goes on with '<think>"):
+        make_plan(load_experiment(experiment("sft", "sft_train.jsonl")))
+    exp = load_experiment(experiment("grpo", "grpo_train.jsonl"))
+    plan = make_plan(exp)
+    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    first = json.loads((DATA / "grpo_train.jsonl").read_text().splitlines()[0])["prompt"]
+    rendered = tokenizer.apply_chat_template(first, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<think>\n")
+    assert "".join(s["text"] for s in plan.to_json()["data"]["first_example"]) == rendered
+    assert train(exp).manifest.status == "completed"

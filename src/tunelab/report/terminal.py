@@ -184,7 +184,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
             text = Text()
             for chunk, loss in d.first_example:
                 text.append(chunk, style="bold green" if loss else "dim")
-            if d.format == "prompt":  # GRPO: a prompt with an empty reply; its terminator is where sampling stops
+            if d.format == "prompt" and not any(loss for _, loss in d.first_example):  # GRPO, a '<think>' template
+                console.print("First prompt, as sampling continues it:")
+            elif d.format == "prompt":  # GRPO: a prompt with an empty reply; its terminator is where sampling stops
                 console.print(
                     "First prompt, with an empty reply (the token that ends a reply in [bold green]green[/]):"
                 )
