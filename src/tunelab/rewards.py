@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,10 +155,16 @@ def _load(spec: str, i: int) -> Callable:
     module_spec = importlib.util.spec_from_file_location(name, file)
     assert module_spec is not None and module_spec.loader is not None
     module = importlib.util.module_from_spec(module_spec)
+    # As `python rewards.py` would, the file's folder is on the import path while it loads: rewards may import the
+    # helpers beside them.
+    folder = str(file.parent)
+    sys.path.insert(0, folder)
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
         raise TunelabError(f"grpo.rewards[{i}]: importing {file} failed: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(folder)
     found = getattr(module, function)
     if not callable(found):
         raise ConfigError(f"grpo.rewards[{i}]: {file}'s {function} is not a function")

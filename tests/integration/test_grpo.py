@@ -101,7 +101,11 @@ def _grpo(tmp_path: Path, rewards: str, extra: str = "") -> Path:
 
 
 def test_a_failing_reward_stops_the_run_in_one_line_naming_it(tmp_path: Path, tiny_model_dir) -> None:
-    (tmp_path / "r.py").write_text("def broken(completions, **kw):\n    return [1 / 0 for _ in completions]\n")
+    # the reward imports a helper beside it, as `python r.py` could
+    (tmp_path / "helpers.py").write_text("def ratio(a, b):\n    return a / b\n")
+    (tmp_path / "r.py").write_text(
+        "from helpers import ratio\n\ndef broken(completions, **kw):\n    return [ratio(1, 0) for _ in completions]\n"
+    )
     done = run_cli("train", str(_grpo(tmp_path, "r.py:broken")))
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert f"grpo.rewards[0]: {tmp_path / 'r.py'}:broken raised ZeroDivisionError: division by zero" in done.stderr
