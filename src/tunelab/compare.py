@@ -544,10 +544,10 @@ def _prompts_and_eval(
 def reward_scores(
     runs: list[tuple[Path, Manifest]], prompts: list[Prompt], outputs: dict[str, list[str]]
 ) -> tuple[dict[str, float], str | None]:
-    """Every variant's mean reward over the prompts, by the first GRPO run's rewards (the copies it kept) and weights,
-    each output scored as that run's training scored a sampled reply (with the prompt row's other fields); and a note
-    of what scored them,
-    or why nothing did (a reward needs a field the prompts lack: --prompts rows may carry the fields)."""
+    """Every variant's mean reward over the prompts, by the first GRPO run's rewards (as it trained with them: the
+    files, or its kept copies of those that changed since) and weights, each output scored as that run's training
+    scored a sampled reply (with the prompt row's other fields); and a note of what scored them, or why nothing did
+    (a reward needs a field the prompts lack: --prompts rows may carry the fields)."""
     from tunelab.methods import get_method
     from tunelab.rewards import as_trained, load_rewards
 
@@ -565,7 +565,7 @@ def reward_scores(
     weights = settings.reward_weights or [1.0] * len(settings.rewards)
     scores = {}
     try:
-        rewards = load_rewards(as_trained(settings.rewards, run_dir))  # the run's copies: what it trained with
+        rewards = load_rewards(as_trained(settings.rewards, run_dir, manifest.reward_hashes))  # what it trained with
         for name, texts in outputs.items():
             completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
             totals = [0.0] * len(prompts)

@@ -122,17 +122,21 @@ def keep_copies(specs: list[str], run_dir: Path) -> None:
         write_atomic(copy, file.read_text())
 
 
-def as_trained(specs: list[str], run_dir: Path) -> list[str]:
-    """The rewards as the run trained with them: its kept copies where it has them (the files may have changed or
-    moved since), else the files as named."""
-    copies = {file: copy for file, copy in _copies(specs, run_dir).items() if copy.is_file()}
+def as_trained(specs: list[str], run_dir: Path, recorded: dict[str, str] | None) -> list[str]:
+    """The rewards as the run trained with them: each file as named where it still has the hash the run `recorded`
+    (it may import the helpers beside it), else the copy the run kept (the file changed or moved since)."""
+    copies = _copies(specs, run_dir)
+    now = {}
+    for spec in specs:
+        if not spec.startswith(TRL_PREFIX) and Path(spec.rpartition(":")[0]).is_file():
+            now |= reward_hashes([spec])
     out = []
     for i, spec in enumerate(specs):
-        if spec.startswith(TRL_PREFIX):
+        if spec.startswith(TRL_PREFIX) or (recorded or {}).get(spec) in (None, now.get(spec)):
             out.append(spec)
             continue
         file, function = _split(spec, i)
-        out.append(f"{copies[file]}:{function}" if file in copies else spec)
+        out.append(f"{copies[file]}:{function}" if copies[file].is_file() else spec)
     return out
 
 
