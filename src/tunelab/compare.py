@@ -461,10 +461,10 @@ def compare(
     exp = load_run_experiment(first) if first is not None else None
     sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
     # GRPO runs are asked their own held-out prompts, whose fields their rewards read (an SFT run's chats have none)
-    rewarded = next(
-        (load_run_experiment(d) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None
-    )
-    prompts, eval_rows = _prompts_and_eval(rewarded or exp, sft, prompts_file, eval_file, asked, rewarded is not None)
+    found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
+    rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
+    grpo_exp = rewarded[2] if rewarded else None
+    prompts, eval_rows = _prompts_and_eval(grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None)
     held_out = _held_out_sets(exp, sft, eval_rows, eval_also or {})
     pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
@@ -483,9 +483,9 @@ def compare(
     if include_base:
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
-    rewarded, rewards_note = reward_scores(runs, prompts, {v.name: outputs[v.name] for v in variants})
+    scored, rewards_note = reward_scores(rewarded, prompts, {v.name: outputs[v.name] for v in variants})
     for v in variants:
-        v.numbers["reward"] = rewarded.get(v.name)
+        v.numbers["reward"] = scored.get(v.name)
     for v in variants:
         v.numbers.setdefault("eval_loss", None)
         loss = v.numbers["eval_loss"]
@@ -542,20 +542,19 @@ def _prompts_and_eval(
 
 
 def reward_scores(
-    runs: list[tuple[Path, Manifest]], prompts: list[Prompt], outputs: dict[str, list[str]]
+    rewarded: tuple[Path, Manifest, Experiment] | None, prompts: list[Prompt], outputs: dict[str, list[str]]
 ) -> tuple[dict[str, float], str | None]:
     """Every variant's mean reward over the prompts, by the first GRPO run's rewards (as it trained with them: the
     files, or its kept copies of those that changed since) and weights, each output scored as that run's training
     scored a sampled reply (with the prompt row's other fields); and a note of what scored them, or why nothing did
-    (a reward needs a field the prompts lack: --prompts rows may carry the fields)."""
-    from tunelab.methods import get_method
+    (a reward needs a field the prompts lack: --prompts rows may carry the fields). `rewarded`: that run's folder,
+    manifest and experiment; None where no GRPO run is compared."""
     from tunelab.rewards import as_trained, load_rewards
 
-    found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
-    if found is None:
+    if rewarded is None:
         return {}, None
-    run_dir, manifest = found
-    settings = load_run_experiment(run_dir).grpo
+    run_dir, manifest, exp = rewarded
+    settings = exp.grpo
     assert settings is not None
     chat = manifest.data is None or manifest.data.rendered != "text"
     names = ", ".join(r.rpartition(":")[2] for r in settings.rewards)

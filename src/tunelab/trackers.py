@@ -193,8 +193,10 @@ class TrackerRecord(TrainerCallback):
     callbacks passed to it last), so their runs exist when the parameters are logged; the summary goes out with
     the Trainer's last log (the one with total_flos), before those callbacks close their runs."""
 
-    def __init__(self, report_to: list[str], run_dir: Path, params: dict[str, Any]) -> None:
-        self.report_to, self.run_dir, self.params = report_to, run_dir, params
+    def __init__(self, report_to: list[str], run_dir: Path, params: dict[str, Any], held_out: str = "loss") -> None:
+        """`held_out`: the method's held-out measure, which the summary gives before and after (eval_loss; GRPO's
+        eval_reward, its eval_loss being the policy loss, no measure of the replies)."""
+        self.report_to, self.run_dir, self.params, self.held_out = report_to, run_dir, params, held_out
         self.sinks: list[TensorBoard | MLflow | Wandb | Trackio] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -206,9 +208,7 @@ class TrackerRecord(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.sinks or "total_flos" not in (logs or {}):  # the Trainer's last log, after the last eval
             return
-        # GRPO's held-out measure is its reward (its eval_loss is the policy loss, no measure of the replies).
-        measure = "reward" if any("eval_reward" in r for r in state.log_history) else "loss"
-        key = f"eval_{measure}"
+        key = f"eval_{self.held_out}"
         evals = [r[key] for r in state.log_history if key in r]
         base = [r[key] for r in state.log_history if key in r and r.get("step") == 0]
         losses = [r["loss"] for r in state.log_history if "loss" in r]

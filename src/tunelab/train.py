@@ -641,7 +641,7 @@ def _train_in(
         facts |= {"trainable_params": resolved.trainable_params, "total_params": resolved.total_params}
         facts["estimated_memory_bytes"] = memory.total_bytes
         params = trackers.run_params(exp.model_dump(mode="json"), facts)
-        callbacks = [*callbacks, trackers.TrackerRecord(report_to, run.dir, params)]
+        callbacks = [*callbacks, trackers.TrackerRecord(report_to, run.dir, params, get_method(exp.method).held_out)]
     if exp.train.early_stop is not None and splits.eval:
         from transformers import EarlyStoppingCallback
 

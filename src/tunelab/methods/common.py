@@ -145,8 +145,11 @@ def save_every(train: TrainSettings, has_eval: bool) -> int | None:
     return train.save_steps or (train.eval_steps if train.keep == "best" and has_eval else None)
 
 
-def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, batches: Batching) -> dict:
-    """The TrainingArguments shared by SFT and DPO, with tunelab's defaults where TRL's differ."""
+def training_arguments(
+    train: TrainSettings, hw: Hardware, output_dir: Path, has_eval: bool, batches: Batching, held_out: str = "loss"
+) -> dict:
+    """The TrainingArguments shared by SFT and DPO, with tunelab's defaults where TRL's differ; `held_out`: the eval
+    metric keep: best and early_stop compare (the method's: loss, lower is better; GRPO's reward, higher)."""
     import torch
 
     pin = {"auto": hw.device == "cuda", "on": True, "off": False}[train.pin_memory]
@@ -185,8 +188,8 @@ def training_arguments(train: TrainSettings, hw: Hardware, output_dir: Path, has
         save_steps=checkpoint_every or 500,
         save_total_limit=train.save_total_limit,
         load_best_model_at_end=keep_best,
-        metric_for_best_model="eval_loss" if compared else None,
-        greater_is_better=False if compared else None,
+        metric_for_best_model=f"eval_{held_out}" if compared else None,
+        greater_is_better=held_out != "loss" if compared else None,
         dataloader_pin_memory=pin,
         report_to=train.report_to or "none",
         train_sampling_strategy=batches.sampling,

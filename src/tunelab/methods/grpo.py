@@ -40,11 +40,8 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
 
     train_rows = rows(inputs.splits.train)
     eval_rows = rows(inputs.splits.eval) if inputs.splits.eval else None
-    args = training_arguments(
-        exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, batching(exp.train, exp.method)
-    )
-    if args["metric_for_best_model"] is not None:
-        args |= {"metric_for_best_model": "reward", "greater_is_better": True}
+    has_eval, batches = eval_rows is not None, batching(exp.train, exp.method)
+    args = training_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, batches, METHOD.held_out)
     args["include_num_input_tokens_seen"] = "no"  # its batches hold prompt and completion ids, not input_ids
     config = trl_config(
         GRPOConfig,
