@@ -63,7 +63,12 @@ def init(
         ),
     ] = "all-linear",
     method: Annotated[
-        str | None, typer.Option("--method", help="sft, dpo, kto, orpo or simpo (default: what the data holds).")
+        str | None,
+        typer.Option(
+            "--method",
+            help="sft, dpo, kto, orpo or simpo (default: what the data holds); grpo and distill start from "
+            "their examples.",
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option("--name", help="Experiment name (default: data and scope).")] = None,
     split: Annotated[

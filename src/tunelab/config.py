@@ -449,6 +449,28 @@ class GRPOSettings(Strict):
     )
 
 
+class DistillSettings(Strict):
+    teacher: str = Field(
+        description="The model whose next-token distributions the student learns, on replies the student samples "
+        "itself (on-policy distillation): a hub id, a local folder (relative to this file), builtin:tiny-chat, or a "
+        "completed tunelab run (its trained model). It must share the student's vocabulary (tokenizer)."
+    )
+    teacher_revision: str | None = Field(default=None, description="Hub revision of the teacher (a hub id's).")
+    beta: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="The divergence: 1 reverse KL (the student's own mass, mode-seeking; TRL's default and the "
+        "usual on-policy distillation), 0 forward KL (the teacher's mass, mode-covering), between them the "
+        "generalized Jensen-Shannon divergence (0.5: JSD).",
+    )
+    max_completion_length: int = Field(default=256, gt=0, description="Longest reply sampled, in tokens.")
+    temperature: float = Field(
+        default=1.0, gt=0, description="Sampling temperature of the replies, and of both distributions in the loss."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the replies.")
+
+
 class LoraScope(Strict):
     r: int = Field(default=16, gt=0, le=65536, description="LoRA rank: the capacity of the update.")
     alpha: float = Field(
@@ -703,13 +725,16 @@ class DistributedSettings(Strict):
     )
 
 
-METHODS = Literal["sft", "dpo", "kto", "orpo", "simpo", "grpo"]  # tunelab.methods.REGISTRY holds each one's code
+METHODS = Literal[
+    "sft", "dpo", "kto", "orpo", "simpo", "grpo", "distill"
+]  # tunelab.methods.REGISTRY holds each one's code
 METHOD_SECTIONS = {
     "dpo": DPOSettings,
     "kto": KTOSettings,
     "orpo": ORPOSettings,
     "simpo": SimPOSettings,
     "grpo": GRPOSettings,
+    "distill": DistillSettings,
 }
 
 
@@ -722,13 +747,17 @@ class Experiment(Strict):
         default="sft",
         description="Objective: sft (demonstrations), dpo, kto, orpo or simpo (preferences; orpo and simpo keep no "
         "reference model, kto also takes unpaired thumbs-up/down data), or grpo (prompts, and reward functions that "
-        "score sampled completions).",
+        "score sampled completions), or distill (prompts, and a teacher model whose next-token distributions the "
+        "student learns on its own sampled replies).",
     )
     dpo: DPOSettings | None = Field(default=None, description="DPO settings (method: dpo).")
     kto: KTOSettings | None = Field(default=None, description="KTO settings (method: kto).")
     orpo: ORPOSettings | None = Field(default=None, description="ORPO settings (method: orpo).")
     simpo: SimPOSettings | None = Field(default=None, description="SimPO settings (method: simpo).")
     grpo: GRPOSettings | None = Field(default=None, description="GRPO settings (method: grpo): rewards, sampling.")
+    distill: DistillSettings | None = Field(
+        default=None, description="Distillation settings (method: distill): the teacher, the divergence, sampling."
+    )
     scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
     init_from: str | None = Field(
         default=None,
@@ -755,9 +784,19 @@ class Experiment(Strict):
                         "grpo: method grpo learns from reward functions, and none is named; add "
                         "grpo: {rewards: [rewards.py:my_reward]}"
                     )
+                if name == "distill":
+                    raise ValueError(
+                        "distill: method distill learns from a teacher model, and none is named; add "
+                        "distill: {teacher: <hub id, model folder or tunelab run>}"
+                    )
                 setattr(self, name, defaults())
         if self.grpo is not None:
             self._check_grpo(self.grpo)
+        if self.distill is not None and self.distill.max_completion_length >= self.train.max_length:
+            raise ValueError(
+                f"distill.max_completion_length: {self.distill.max_completion_length} leaves no room for the prompt "
+                f"within train.max_length={self.train.max_length}; lower it or raise train.max_length"
+            )
         micro = self.train.micro_batch_size
         if micro is not None and micro != self.train.batch_size:
             if self.method != "sft" or self.train.packing or self.train.group_by_length:
@@ -880,6 +919,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("train", "early_stop"): None,
     ("model", "quantization"): None,
     ("grpo",): None,
+    ("distill",): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,
     ("scope", "lora", "rslora"): False,
@@ -1167,6 +1207,8 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
         update["init_from"] = _local(exp.init_from, base)
     if exp.grpo is not None:
         update["grpo"] = exp.grpo.model_copy(update={"rewards": [_local_reward(r, base) for r in exp.grpo.rewards]})
+    if exp.distill is not None and not exp.distill.teacher.startswith(BUILTIN_PREFIX):
+        update["distill"] = exp.distill.model_copy(update={"teacher": _local(exp.distill.teacher, base)})
     if exp.distributed.accelerate_config is not None:
         update["distributed"] = DistributedSettings(accelerate_config=_local(exp.distributed.accelerate_config, base))
     return exp.model_copy(update=update)

@@ -46,7 +46,7 @@ FORMAT_FIELDS = {
     "prompt_completion": "prompt/completion",
     "alpaca": "instruction/output (or instruction/context/response)",
     "text": "text",
-    "prompt": "prompt (GRPO; the row's other fields go to the rewards)",
+    "prompt": "prompt (GRPO, distill; the row's other fields go to GRPO's rewards)",
 }
 
 
@@ -777,18 +777,20 @@ def _normalise(record: Record, fmt: str) -> dict:
 
 
 def _prompt(record: Record) -> dict:
-    """GRPO's shape: the prompt, and the row's other fields as they are (TRL passes them to the reward functions)."""
+    """The shape of the methods that sample their own replies (GRPO, distill): the prompt, and the row's other fields
+    as they are (TRL passes them to GRPO's reward functions)."""
     if _tools(record):
         raise TunelabError(
-            f"{record.where}: tool definitions ('tools') on GRPO prompts are not supported yet; remove the field"
+            f"{record.where}: tool definitions ('tools') on prompts to sample replies for are not supported yet; "
+            "remove the field"
         )
     prompt = _field(record, "prompt", (str, list))
     if isinstance(prompt, list):
         prompt = _messages(record, prompt, "prompt", need_assistant=False)
         if prompt and prompt[-1]["role"] == "assistant":
             raise TunelabError(
-                f"{record.where}: the prompt ends with an assistant turn, and GRPO samples the next reply; end it "
-                "with the user's turn"
+                f"{record.where}: the prompt ends with an assistant turn, and the student samples the next reply; "
+                "end it with the user's turn"
             )
     return {k: v for k, v in record.value.items() if k != "system"} | {"prompt": prompt}
 
@@ -828,7 +830,8 @@ def _check_method(fmt: str, method: str, where: str, first: dict) -> None:
     hint = _columns_hint(first) if fmt == "prompt" else ""
     if hint.startswith("data.columns: "):
         raise TunelabError(
-            f"{where}: holds {held} but method is {method}; set method: grpo, or rename yours with {hint}"
+            f"{where}: holds {held} but method is {method}; set method: {' or '.join(takes)}, or rename yours "
+            f"with {hint}"
         )
     raise TunelabError(
         f"{where}: holds {held} but method is {method}; set method: {' or '.join(takes)}, or give "

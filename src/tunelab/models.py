@@ -597,11 +597,11 @@ def fingerprint(source: str, revision: str | None = None) -> str:
     config.pop("transformers_version", None)
     h.update(json.dumps(config, sort_keys=True).encode())
     for weights in sorted(path.glob("*.safetensors")):
-        h.update(weights.name.encode() + _file_digest(weights).encode())
+        h.update(weights.name.encode() + file_digest(weights).encode())
     return h.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     from tunelab.builtin import cache_root
 
     stat = path.stat()

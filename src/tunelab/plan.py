@@ -60,8 +60,10 @@ class Memory:
     sharded: list[str]  # which of weights, gradients, optimizer are split; the byte figures are per process
     total_bytes: int
     quantized: str | None = None  # how the base's linear weights are stored, when quantized
-    # GRPO: sampling the replies of a step at once, before training on them: their KV cache and last logits
+    # GRPO, distill: sampling the replies of a step at once, before training on them: their KV cache and last logits
     sampling_bytes: int = 0
+    teacher: str | None = None  # distill: the frozen model beside the student, whose weights teacher_bytes counts
+    teacher_bytes: int = 0
     quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
     master: str = "none"  # where trained weights keep a float32 master copy (methods.common.master_copy)
     optimizer_name: str | None = None  # train.optimizer; None: Transformers' default AdamW
@@ -310,6 +312,7 @@ def memory_warning(mem: Memory, method: str) -> str | None:
         "optimizer state": mem.optimizer_bytes,
         "gradients": mem.gradients_bytes,
         "reference model": mem.reference_bytes,
+        "teacher model": mem.teacher_bytes,
         "activations": acts,
     }
     largest = max(parts, key=parts.get)
@@ -334,6 +337,7 @@ def memory_warning(mem: Memory, method: str) -> str | None:
         "optimizer state": fewer,
         "gradients": fewer,
         "reference model": f"{method}.reference: precomputed (log-probabilities computed once, no second model)",
+        "teacher model": "a smaller teacher (distill.teacher), or model.dtype: bfloat16 where the device has it",
         "activations": activations,
     }[largest]
     where = "this machine's memory" if mem.device == "cpu" else f"{mem.device} memory"
@@ -411,7 +415,9 @@ def estimate_memory(
     dtype: str,
     device: str,
     engine: Engine | None = None,
+    teacher: tuple[str, int] | None = None,
 ) -> Memory:
+    """`teacher`: distill's teacher, by its label and parameter count (loaded in the run's dtype beside it)."""
     from tunelab.scopes import get_scope
 
     b = DTYPE_BYTES[dtype]
@@ -466,7 +472,8 @@ def estimate_memory(
     ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0) + -(-dora // max(len(scope.layers), 1))) * b + logits
     ckpt_acts += 2 * merged_layer * b
     available = device_memory(device)
-    static = weights + grads + optimizer + reference_bytes
+    teacher_bytes = teacher[1] * b if teacher else 0
+    static = weights + grads + optimizer + reference_bytes + teacher_bytes
     match exp.train.gradient_checkpointing:
         case "on":
             checkpointing = True
@@ -476,7 +483,7 @@ def estimate_memory(
             checkpointing = available is not None and static + full_acts > CHECKPOINTING_HEADROOM * available
     acts = ckpt_acts if checkpointing else full_acts
     sampling = 0
-    if method.samples(exp) > 1:  # TRL samples a whole step's replies (batch x accumulation) in one generate call
+    if method.generates:  # TRL samples a whole step's replies (batch x accumulation) in one generate call
         sequences = exp.train.batch_size * exp.train.grad_accumulation
         sampling = sequences * (exp.train.max_length * facts.layers * 2 * kv * b + facts.vocab_size * 4)
     return Memory(
@@ -498,6 +505,8 @@ def estimate_memory(
         total_bytes=static + max(acts, sampling),  # sampling comes before the step's forward and backward
         quantized=quantization.describe() if quantization else None,
         sampling_bytes=sampling,
+        teacher=teacher[0] if teacher else None,
+        teacher_bytes=teacher_bytes,
         quantized_params=facts.linear_params if quantization else 0,
         master=master,
         optimizer_name=exp.train.optimizer,
@@ -664,7 +673,15 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         check_compile(device)
     several = several_gpus(device, inputs.engine)
     dtype = exp.model.dtype if exp.model.dtype != "auto" else _auto_dtype_name(device)
-    memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine)
+    teacher = None
+    if exp.distill is not None and _run_to_come(exp.distill.teacher, exp.output.dir):  # a stage before its teacher
+        resolved.warnings.append(
+            f"distill.teacher: '{exp.distill.teacher}' does not exist yet (a run of output.dir to come); train checks "
+            "it, and the memory estimate here leaves the teacher out"
+        )
+    elif exp.distill is not None:
+        teacher = teacher_size(exp, inputs)
+    memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher)
     if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
         raise ConfigError(fails)
     warnings = list(resolved.warnings) + ([several] if several else [])
@@ -704,6 +721,23 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     return Plan(
         exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings, described
     )
+
+
+def teacher_size(exp: Experiment, inputs: Inputs) -> tuple[str, int]:
+    """distill's teacher, checked against the student (the same vocabulary and tokenizer), by its label and its
+    parameters, from its config alone."""
+    from tunelab.teacher import check_teacher, resolve_teacher, teacher_config, teacher_params
+
+    teacher = resolve_teacher(exp)
+    config = teacher_config(teacher)
+    check_teacher(teacher, config, inputs.config, inputs.tokenizer)
+    return teacher.label, teacher_params(config, teacher.settings.trust_remote_code)
+
+
+def _run_to_come(teacher: str, output_dir: str) -> bool:
+    """A teacher named as a run folder in output.dir that is not there yet."""
+    path = Path(teacher)
+    return not path.exists() and path.resolve().parent == Path(output_dir).resolve()
 
 
 def half_trained(scope: ResolvedScope) -> int:

@@ -173,6 +173,7 @@ class Provenance(Record):
     chat_template_hash: str | None = None
     tokens: TokensRecord | None = None
     reward_hashes: dict[str, str] | None = None  # GRPO: each reward's file (sha256 prefix), by grpo.rewards' name
+    teacher: BaseModelRecord | None = None  # distill: the model that taught (a run's folder, or a model's id)
 
 
 class Manifest(Record):
@@ -202,6 +203,7 @@ class Manifest(Record):
     chat_template_hash: str | None = None
     tokens: TokensRecord | None = None
     reward_hashes: dict[str, str] | None = None
+    teacher: BaseModelRecord | None = None
     # how it trains
     device: str | None = None
     dtype: str | None = None
@@ -460,6 +462,11 @@ def changed_inputs(
     if old.reward_hashes and provenance.reward_hashes and old.reward_hashes != provenance.reward_hashes:
         rewards = sorted(k for k, v in provenance.reward_hashes.items() if old.reward_hashes.get(k) != v)
         changed.append(f"the reward functions changed ({', '.join(rewards)})")
+    if old.teacher and provenance.teacher and old.teacher.fingerprint != provenance.teacher.fingerprint:
+        changed.append(
+            f"the teacher changed ({old.teacher.id} {old.teacher.fingerprint} -> {provenance.teacher.id} "
+            f"{provenance.teacher.fingerprint})"
+        )
     old_base = old.base_model.fingerprint if old.base_model else None
     new_base = provenance.base_model.fingerprint
     if old_base and new_base and old_base != new_base:

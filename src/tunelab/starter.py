@@ -196,6 +196,11 @@ def write_starter(
                     "--method: grpo learns from reward functions, which init cannot write; start from "
                     "examples/grpo.yaml and examples/rewards.py"
                 )
+            if method == "distill":
+                raise TunelabError(
+                    "--method: distill learns from a teacher model, which init does not ask for; start from "
+                    "examples/distill.yaml"
+                )
             load_file(data, "--data", settings, "sft")
     except TunelabError as e:
         raise TunelabError(as_flags(str(e))) from e

@@ -216,6 +216,15 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
     grpo_train = [asked(q, c) for questions, c in capitals for q in questions[:-1]]
     rng.shuffle(grpo_train)
     grpo_eval = [asked(questions[-1], c) for questions, c in capitals]
+
+    # distill: the questions SFT trains on and holds out, without their answers; a teacher (an SFT run) answers them
+    # through its next-token distributions on the student's own replies.
+    def question(q: str) -> dict:
+        return {"prompt": [{"role": "user", "content": q}]}
+
+    distill_train = [question(q) for q, _ in train_qa]
+    rng.shuffle(distill_train)
+    distill_eval = [question(q) for q, _ in unasked + asked_anew]
     return {
         "sft_train.jsonl": sft_train,
         "sft_eval.jsonl": sft_eval,
@@ -224,6 +233,8 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
         "prompts.jsonl": prompts,
         "grpo_train.jsonl": grpo_train,
         "grpo_eval.jsonl": grpo_eval,
+        "distill_train.jsonl": distill_train,
+        "distill_eval.jsonl": distill_eval,
     }
 
 

@@ -295,6 +295,7 @@ def train(
     from tunelab.plan import check_rhythm, disk_refusal, make_plan
     from tunelab.rewards import keep_copies, reward_hashes
     from tunelab.scopes import init_source
+    from tunelab.teacher import resolve_teacher, teacher_record
     from tunelab.templates import template_hash
     from tunelab.trackers import check_trackers
 
@@ -338,6 +339,7 @@ def train(
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),
         reward_hashes=reward_hashes(exp.grpo.rewards) if exp.grpo else None,
+        teacher=teacher_record(resolve_teacher(exp)) if exp.distill else None,
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:

@@ -53,6 +53,8 @@ class Method:
     # Its trainer scores tokens through TRL's fused LM head (trl.trainer.utils.add_fused_lm_head), in tiles, never
     # holding a forward pass's logits: plan's memory estimate counts one tile instead.
     fused_head: bool = False
+    # Its trainer samples a step's replies itself before training on them (GRPO, distill): plan counts their KV cache.
+    generates: bool = False
     # Training sequences each data row becomes in an epoch (GRPO: the completions sampled for each prompt); plan
     # counts optimizer steps from them, and train.batch_size counts them.
     samples: Callable[[Experiment], int] = lambda exp: 1

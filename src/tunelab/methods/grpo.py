@@ -13,9 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.errors import ConfigError
 from tunelab.methods.base import Method, TrainerInputs
-from tunelab.methods.common import batching, instantiate, training_arguments, trl_config
+from tunelab.methods.common import (
+    batching,
+    check_prompt_room,
+    instantiate,
+    prompt_rows,
+    training_arguments,
+    trl_config,
+)
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -28,18 +34,13 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
     from trl import GRPOConfig, GRPOTrainer
 
     from tunelab.rewards import load_rewards
-    from tunelab.templates import fold_preference, preference_as_template_reads, template_vars
+    from tunelab.templates import template_vars
 
     exp, settings, tokenizer = inputs.exp, inputs.exp.grpo, inputs.tokenizer
     assert settings is not None
     variables = template_vars(exp.tokenizer, tokenizer)
-
-    def rows(split) -> list[dict]:
-        fold = exp.tokenizer.fold_system
-        return [preference_as_template_reads(fold_preference(r, fold), tokenizer) for r in split.rows]
-
-    train_rows = rows(inputs.splits.train)
-    eval_rows = rows(inputs.splits.eval) if inputs.splits.eval else None
+    train_rows = prompt_rows(exp, inputs.splits.train, tokenizer)
+    eval_rows = prompt_rows(exp, inputs.splits.eval, tokenizer) if inputs.splits.eval else None
     has_eval, batches = eval_rows is not None, batching(exp.train, exp.method)
     args = training_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, batches, METHOD.held_out)
     args["include_num_input_tokens_seen"] = "no"  # its batches hold prompt and completion ids, not input_ids
@@ -78,24 +79,12 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
 
 
 def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
-    """The rewards exist (read, not run), and every prompt leaves room for a whole completion within train.max_length:
-    TRL samples after the whole prompt, never truncating it, so a longer one would make a longer sequence than
-    plan's memory estimate counts."""
+    """The rewards exist (read, not run), and every prompt leaves room for a whole completion."""
     from tunelab.rewards import check_rewards
 
     assert exp.grpo is not None
     check_rewards(exp.grpo.rewards)
-    room = exp.train.max_length - exp.grpo.max_completion_length
-    for enc in encoded:
-        lengths = enc.lengths()
-        longer = [enc.origins[i] for i in range(len(lengths)) if lengths[i] > room]
-        if longer:
-            raise ConfigError(
-                f"train.max_length: {len(longer)} prompts ({', '.join(longer[:3])}{', ...' if len(longer) > 3 else ''})"
-                f" leave less than grpo.max_completion_length={exp.grpo.max_completion_length} tokens for the "
-                f"completion within train.max_length={exp.train.max_length}; raise train.max_length to "
-                f"{int(lengths.max()) + exp.grpo.max_completion_length}, or shorten those prompts"
-            )
+    check_prompt_room(exp, encoded, exp.grpo.max_completion_length, "grpo.max_completion_length")
 
 
 def describe(exp: Experiment) -> str:
@@ -128,6 +117,7 @@ METHOD = Method(
     build=build,
     settings=lambda exp: exp.grpo,
     fused_head=True,
+    generates=True,
     samples=lambda exp: exp.grpo.generations * exp.grpo.iterations if exp.grpo else 1,
     held_out="reward",
     check_data=check_data,

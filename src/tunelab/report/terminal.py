@@ -132,6 +132,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     mt.add_row(f"optimizer ({mem.optimizer_name or 'AdamW'})", human_bytes(mem.optimizer_bytes))
     if mem.reference:
         mt.add_row(f"{plan.method.upper()} reference ({mem.reference})", human_bytes(mem.reference_bytes))
+    if mem.teacher:
+        mt.add_row(f"teacher ({mem.teacher}, frozen)", human_bytes(mem.teacher_bytes))
     acts = mem.activations_checkpointed_bytes if mem.gradient_checkpointing else mem.activations_bytes
     mt.add_row(
         f"activations ({mem.activation_layers} layers{', checkpointed' if mem.gradient_checkpointing else ''})",
@@ -243,8 +245,10 @@ def eval_lines(m: Manifest) -> list[str]:
     for name, losses in sets.items():
         base, final = losses.get("base"), losses.get("final")
         if base is not None and final is not None:
-            ratio = f" ({final / base:.2f}x the base)" if base else ""
-            lines.append(f"eval {name}loss {base:.4f} -> {final:.4f}{ratio}")
+            ratio = f"{final / base:.2f}x the base" if base else ""
+            if m.teacher is not None:  # distill: its loss is the divergence from the teacher's distributions
+                ratio += ("; " if ratio else "") + "divergence from the teacher on replies sampled for held-out prompts"
+            lines.append(f"eval {name}loss {base:.4f} -> {final:.4f}" + (f" ({ratio})" if ratio else ""))
     if m.final_eval_reward is not None:
         before = "-" if m.base_eval_reward is None else f"{m.base_eval_reward:.4f}"
         lines.append(f"eval reward {before} -> {m.final_eval_reward:.4f} (replies sampled for the held-out prompts)")
@@ -447,6 +451,8 @@ def print_show(
         console.print(Text(f"data {m.data.format}: {m.data.train_examples} train, {m.data.eval_examples} eval"))
         if m.data.sampled_from:
             console.print(Text(m.data.sampled_from))
+    if m.teacher is not None:  # distill
+        console.print(Text(f"teacher {m.teacher.id} (fingerprint {m.teacher.fingerprint})"))
     if m.global_steps is not None:
         seconds = f" in {m.train_seconds} s" if m.train_seconds is not None else ""
         tokens = f"; {m.tokens_seen:,} tokens seen" if m.tokens_seen is not None else ""

@@ -1,0 +1,165 @@
+"""The teacher of on-policy distillation (`distill.teacher`): a model by hub id or folder, or a completed tunelab
+run's trained model (its base with its adapter merged, or its trained weights).
+
+`plan` reads the teacher's config alone (its size, its vocabulary) and its tokenizer where it has one; `train`
+loads it and records what it was (its id and a fingerprint of its weights), so a resume with another teacher is
+refused like one with other data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.config import Experiment, ModelSettings
+from tunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from tunelab.runs import BaseModelRecord
+
+KEY = "distill.teacher"
+
+
+@dataclass(frozen=True)
+class Teacher:
+    spec: str  # as the experiment names it (a local path made absolute)
+    run: Path | None  # a tunelab run whose trained model teaches
+    settings: ModelSettings  # the model that loads: the teacher itself, or the run's base
+
+    @property
+    def label(self) -> str:
+        """How plan names it: a run or a local folder by its name, a hub id as it is."""
+        if self.run is not None:
+            return f"run {self.run.name}"
+        return Path(self.spec).name if Path(self.spec).is_absolute() else self.spec
+
+
+def resolve_teacher(exp: Experiment) -> Teacher:
+    """Which model teaches: a completed run (by its manifest) or a model id, which loads as the student's model
+    settings say (dtype, device, attention, trust_remote_code), unquantized."""
+    from tunelab.runs import load_run_experiment, read_manifest, run_status
+
+    assert exp.distill is not None
+    spec, path = exp.distill.teacher, Path(exp.distill.teacher)
+    if run_status(path) is not None:
+        status = read_manifest(path).status
+        if status != "completed":
+            raise ConfigError(f"{KEY}: run '{spec}' is {status}, not completed; finish it (--resume) or name another")
+        return Teacher(spec, path, load_run_experiment(path).model)
+    own = exp.model.model_copy(update={"id": spec, "revision": exp.distill.teacher_revision, "quantization": None})
+    return Teacher(spec, None, own)
+
+
+@contextlib.contextmanager
+def _named() -> Iterator[None]:
+    """The model loaders' refusals name model.id; for the teacher they name distill.teacher."""
+    try:
+        yield
+    except ConfigError as e:
+        if str(e).startswith("model.id:"):
+            raise ConfigError(str(e).replace("model.id", KEY)) from e
+        raise
+
+
+def teacher_config(teacher: Teacher) -> PretrainedConfig:
+    from tunelab.models import load_config
+
+    with _named():
+        return load_config(teacher.settings)
+
+
+def teacher_params(config: PretrainedConfig, trust_remote_code: bool) -> int:
+    """The teacher's parameters, counted on the meta device."""
+    from tunelab.models import meta_model
+
+    with _named():
+        model = meta_model(config, trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_teacher(
+    teacher: Teacher, config: PretrainedConfig, student: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
+) -> None:
+    """Refuse a teacher whose next-token distributions are not over the student's tokens: another vocabulary size
+    (TRL compares the two heads' logits position by position), or a tokenizer that gives tokens other ids."""
+    theirs, ours = config.get_text_config().vocab_size, student.get_text_config().vocab_size
+    if theirs != ours:
+        raise ConfigError(
+            f"{KEY}: '{teacher.label}' predicts over {theirs} token ids and the student over {ours}; distillation "
+            "compares the two distributions id by id, so the teacher must share the student's vocabulary (a model "
+            "of the same family and tokenizer, with embeddings of the same size)"
+        )
+    other = _teacher_tokenizer(teacher)
+    if tokenizer is None or other is None:
+        return
+    vocab, their_vocab = tokenizer.get_vocab(), other.get_vocab()
+    moved = sorted((i, t) for t, i in vocab.items() if their_vocab.get(t) != i)
+    if moved:
+        i, token = moved[0]
+        raise ConfigError(
+            f"{KEY}: '{teacher.label}' has another tokenizer: {len(moved)} of the student's {len(vocab)} tokens have "
+            f"other ids there (token {token!r} is {i} here, {their_vocab.get(token)} there); the teacher must share "
+            "the student's tokenizer"
+        )
+
+
+def _teacher_tokenizer(teacher: Teacher) -> PreTrainedTokenizerBase | None:
+    """The tokenizer the teacher was trained with: a run's own copy, or the model's; None where it has none."""
+    from tunelab.models import auto_tokenizer, has_tokenizer, model_path
+
+    source = str(teacher.run / "tokenizer") if teacher.run else model_path(teacher.settings.id)
+    if not has_tokenizer(source):
+        return None
+    try:
+        return auto_tokenizer(
+            source,
+            revision=None if teacher.run else teacher.settings.revision,
+            trust_remote_code=teacher.settings.trust_remote_code,
+        )
+    except (OSError, ValueError):  # none to read here (a hub id offline): TRL's own vocabulary check remains
+        return None
+
+
+def load_teacher(teacher: Teacher, device: str) -> PreTrainedModel:
+    """The teacher's weights on `device`, frozen, in eval mode; a LoRA run's adapter merged into its base."""
+    from peft import PeftModel
+
+    from tunelab.models import load_model, pick_dtype
+    from tunelab.scopes import load_trained
+
+    with _named():
+        if teacher.run is not None:
+            model = load_trained(teacher.run, device)
+            if isinstance(model, PeftModel):
+                model = model.merge_and_unload()
+        else:
+            model = load_model(teacher.settings, pick_dtype(teacher.settings.dtype, device), device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def teacher_record(teacher: Teacher) -> BaseModelRecord:
+    """What taught: a model's id and the fingerprint of its weights, or a run's folder and a fingerprint of its base
+    and its trained files (a run retrained in place is another teacher)."""
+    from tunelab.models import file_digest, fingerprint, weights_path
+    from tunelab.runs import CHECKPOINTS, BaseModelRecord, read_manifest
+
+    if teacher.run is None:
+        with _named():
+            source = weights_path(teacher.settings)
+        return BaseModelRecord(
+            id=teacher.spec, path=source, revision=teacher.settings.revision,
+            fingerprint=fingerprint(source, teacher.settings.revision),
+        )  # fmt: skip
+    manifest = read_manifest(teacher.run)
+    h = hashlib.sha256((manifest.base_model.fingerprint if manifest.base_model else "").encode())
+    for f in sorted(teacher.run.rglob("*.safetensors")):
+        if CHECKPOINTS not in f.relative_to(teacher.run).parts:
+            h.update(str(f.relative_to(teacher.run)).encode() + file_digest(f).encode())
+    return BaseModelRecord(id=teacher.spec, path=str(teacher.run.resolve()), fingerprint=h.hexdigest()[:16])

@@ -1,0 +1,146 @@
+"""On-policy distillation on the built-in model: the teacher is an SFT run (the quickstart), the data the questions
+alone. The student learns the teacher's answers from its distributions (held-out expectations and the SFT eval loss
+move to the teacher's), a student that is its teacher starts at a divergence of zero, the planned teacher memory is
+its weights, a resume after SIGKILL ends with the same weights, and a teacher that does not fit or changed is
+refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, EXAMPLES, fake_run, resume_matches_straight, run_cli, write_experiment
+from tunelab.compare import compare
+from tunelab.config import load_experiment
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import fingerprint
+from tunelab.plan import make_plan
+from tunelab.runs import read_metrics
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_model_dir) -> Path:
+    """The quickstart SFT run: it answers the tiny world's questions with their fact sentence."""
+    out = tmp_path_factory.mktemp("teacher")
+    return train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={out}"])).run_dir
+
+
+def _distill(tmp_path: Path, teacher: Path, *overrides: str):
+    return load_experiment(
+        EXAMPLES / "distill.yaml", [f"output.dir={tmp_path}", f"distill.teacher={teacher}", *overrides]
+    )
+
+
+def test_a_student_learns_its_teachers_answers_from_the_questions_alone(tmp_path: Path, teacher: Path) -> None:
+    exp = _distill(tmp_path, teacher)
+    plan = make_plan(exp)
+    # the teacher's weights beside the student, in its dtype (float32 on CPU): the base's parameters, merged
+    assert plan.memory.teacher == f"run {teacher.name}"
+    assert plan.memory.teacher_bytes == (plan.scope.total_params - plan.scope.trainable_params) * 4
+    assert plan.memory.sampling_bytes > 0
+    assert "every reply token scored by the reverse KL to teacher" in plan.method_line
+    m = train(exp).manifest
+    assert m.status == "completed" and m.method == "distill" and m.change_check.ok
+    prompts = sum(1 for _ in (DATA / "distill_train.jsonl").open())
+    assert m.global_steps == math.ceil(prompts / exp.train.batch_size) * exp.train.epochs
+    assert m.teacher.id == str(teacher) and len(m.teacher.fingerprint) == 16
+    # the held-out measure is the divergence from the teacher on replies sampled for the eval prompts
+    evals = [r["eval_loss"] for r in read_metrics(tmp_path / "distill") if "eval_loss" in r]
+    assert evals[0] == m.base_eval_loss and evals[-1] == m.final_eval_loss
+    assert m.final_eval_loss < 0.3 * m.base_eval_loss
+    shown = run_cli("show", str(tmp_path / "distill"))
+    assert f"teacher {teacher} (fingerprint {m.teacher.fingerprint})" in shown.stdout
+    assert "divergence from the teacher on replies sampled for held-out prompts" in shown.stdout
+
+    # No answer was in its data; its greedy answers to held-out questions meet the teacher's expectations, and its
+    # loss on the teacher's held-out SFT chats falls towards the teacher's.
+    c = compare([teacher, tmp_path / "distill"], prompts_file=DATA / "prompts.jsonl", max_new_tokens=24)
+    passed = {v.name: v.numbers["expectation_pass_rate"] for v in c.variants}
+    loss = {v.name: v.numbers["eval_loss"] for v in c.variants}
+    assert passed["base"] == 0 and passed["distill"] > 0.5 and passed["distill"] >= passed[teacher.name] - 0.2
+    assert loss["distill"] < 0.5 * loss["base"]
+
+
+def test_a_student_that_is_its_teacher_starts_at_zero_divergence(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The base as a model folder teaches the base with a fresh adapter (zero update, dropout off): the two
+    distributions are the same, so the first evaluation's divergence is 0 (up to float rounding)."""
+    m = train(_distill(tmp_path, tiny_model_dir, "train.max_steps=1")).manifest
+    assert m.base_eval_loss == pytest.approx(0, abs=1e-6)
+    assert m.teacher.fingerprint == fingerprint(str(tiny_model_dir))
+
+
+def test_distill_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, teacher: Path) -> None:
+    resume_matches_straight("distill", tmp_path, "--set", f"distill.teacher={teacher}")
+
+
+def test_a_resume_after_the_teacher_changed_is_refused(tmp_path: Path, teacher: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(teacher, tmp_path / "teacher")
+    command = ["train", str(EXAMPLES / "distill.yaml"), "--set", f"output.dir={tmp_path / 'out'}"]
+    command += ["--set", f"distill.teacher={copy}", "--set", "train.max_steps=2"]
+    first = run_cli(*command)
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "distill" / "manifest.json").read_text())
+    (tmp_path / "out" / "distill" / "manifest.json").write_text(json.dumps(manifest | {"status": "interrupted"}))
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: t + 1 if i == 0 else t for i, (k, t) in enumerate(tensors.items())}, weights)  # retrained
+    resumed = run_cli(*command, "--resume")
+    assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
+    assert f"the teacher changed ({copy} {manifest['teacher']['fingerprint']} -> " in resumed.stderr
+    assert torch.equal(load_file(weights)[next(iter(tensors))], next(iter(tensors.values())) + 1)
+
+
+def test_a_teacher_that_does_not_fit_the_student_is_refused_before_anything_loads(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    def refusal(teacher: Path | str) -> str:
+        with pytest.raises(ConfigError) as e:
+            make_plan(_distill(tmp_path, teacher))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    # another vocabulary size: TRL compares the two heads' logits id by id
+    wider = tmp_path / "wider"
+    wider.mkdir()
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 1}))
+    assert refusal(wider) == (
+        f"distill.teacher: 'wider' predicts over {config['vocab_size'] + 1} token ids and the student over "
+        f"{config['vocab_size']}; distillation compares the two distributions id by id, so the teacher must share "
+        "the student's vocabulary (a model of the same family and tokenizer, with embeddings of the same size)"
+    )
+    # the same size, another tokenizer: two tokens trade ids
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other, ignore=shutil.ignore_patterns("*.safetensors"))
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = "Ġapples", "Molo"
+    assert a in vocab and b in vocab
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert "distill.teacher: 'other' has another tokenizer: 2 of the student's" in refusal(other)
+    # a run that did not complete, a folder that is no model
+    assert "is failed, not completed" in refusal(fake_run(tmp_path, "broken", status="failed"))
+    (tmp_path / "empty").mkdir()
+    assert "distill.teacher: no config.json in" in refusal(tmp_path / "empty")
+    # the CLI: one line, exit 2
+    planned = run_cli("plan", str(EXAMPLES / "distill.yaml"), "--set", f"distill.teacher={wider}")
+    assert planned.returncode == 2 and "Traceback" not in planned.stderr and "predicts over" in planned.stderr
+
+
+def test_a_stage_planned_before_its_teacher_run_exists_is_planned_with_a_warning(tmp_path: Path) -> None:
+    plan = make_plan(_distill(tmp_path, tmp_path / "quickstart"))
+    assert plan.memory.teacher is None and plan.memory.teacher_bytes == 0
+    assert any(w.startswith(f"distill.teacher: '{tmp_path / 'quickstart'}' does not exist yet") for w in plan.warnings)
+    with pytest.raises(TunelabError, match="method distill learns from a teacher model, and none is named"):
+        load_experiment(write_experiment(tmp_path, (EXAMPLES / "distill.yaml").read_text().split("distill:\n")[0]))
