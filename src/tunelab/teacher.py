@@ -34,10 +34,12 @@ class Teacher:
 
     @property
     def label(self) -> str:
-        """How plan names it: a run or a local folder by its name, a hub id as it is."""
-        if self.run is not None:
-            return f"run {self.run.name}"
-        return Path(self.spec).name if Path(self.spec).is_absolute() else self.spec
+        return f"run {self.run.name}" if self.run is not None else short_name(self.spec)
+
+
+def short_name(spec: str) -> str:
+    """How plan names a teacher: a local folder by its name, a hub id as it is."""
+    return Path(spec).name if Path(spec).is_absolute() else spec
 
 
 def resolve_teacher(exp: Experiment) -> Teacher:

@@ -13,7 +13,7 @@ GIB = 1 << 30
 
 
 def memory(**parts: int) -> Memory:
-    sizes = dict(weights=0, gradients=0, optimizer=0, activations=0, checkpointed=0, reference=0) | parts
+    sizes = dict(weights=0, gradients=0, optimizer=0, activations=0, checkpointed=0, reference=0, teacher=0) | parts
     mem = Memory(
         dtype="bfloat16",
         tokens_per_forward=4096,
@@ -31,8 +31,11 @@ def memory(**parts: int) -> Memory:
         processes=1,
         sharded=[],
         total_bytes=0,
+        teacher="t" if sizes["teacher"] else None,
+        teacher_bytes=sizes["teacher"],
     )
     total = mem.weights_bytes + mem.gradients_bytes + mem.optimizer_bytes + mem.reference_bytes + mem.activations_bytes
+    total += mem.teacher_bytes
     return replace(mem, total_bytes=total)
 
 
@@ -182,3 +185,25 @@ def test_float16_weights_under_the_gradient_scaler_are_refused_before_anything_l
         ("cuda", "float16", "none", 0),  # LoRA alone: the adapter is float32
     ]:
         assert half_gradients_refusal(device, dtype, master, trained) is None
+
+
+def test_a_distillation_teacher_is_counted_from_its_published_config(tmp_path: Path) -> None:
+    """Llama-3.1-8B distilled from itself in bfloat16: the frozen teacher beside the student is its 8,030,261,248
+    parameters at 2 bytes, and where the estimate is above the device the warning weighs it with the other parts."""
+    llama = CONFIGS / "llama-3.1-8b-instruct"
+    exp = write_experiment(
+        tmp_path,
+        f"name: d\nmodel: {{id: {llama}, dtype: bfloat16, device: cpu}}\n"
+        f"data: {{train: {DATA}/distill_train.jsonl}}\nmethod: distill\ndistill: {{teacher: {llama}}}\n"
+        "train: {max_length: 2048, batch_size: 4, grad_accumulation: 4}\n",
+    )
+    plan = make_plan(load_experiment(exp))
+    assert plan.memory.teacher == "llama-3.1-8b-instruct" and plan.memory.teacher_bytes == 2 * 8_030_261_248
+    parts = plan.memory.weights_bytes + plan.memory.gradients_bytes + plan.memory.optimizer_bytes
+    m = plan.memory
+    acts = m.activations_checkpointed_bytes if m.gradient_checkpointing else m.activations_bytes
+    assert plan.memory.total_bytes == parts + plan.memory.teacher_bytes + max(acts, plan.memory.sampling_bytes)
+    teacher_largest = memory(weights=GIB, teacher=90 * GIB, activations=GIB)
+    assert "its largest part is the teacher model (90.0 GiB): a smaller teacher (distill.teacher)" in (
+        memory_warning(teacher_largest, "distill")
+    )

@@ -75,12 +75,14 @@ def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
 
 def describe(exp: Experiment) -> str:
     d = exp.distill
+    from tunelab.teacher import short_name
+
     assert d is not None
     divergence = "reverse KL" if d.beta == 1 else "forward KL" if d.beta == 0 else f"generalized JSD (beta {d.beta:g})"
     dropout = "; dropout off" if exp.scope.lora is not None and exp.scope.lora.dropout else ""
     return (
         f"distill: one reply sampled per prompt, up to {d.max_completion_length} tokens at temperature "
-        f"{d.temperature:g}; every reply token scored by the {divergence} to teacher {d.teacher}{dropout}"
+        f"{d.temperature:g}; every reply token scored by the {divergence} to teacher {short_name(d.teacher)}{dropout}"
     )
 
 
