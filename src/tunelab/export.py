@@ -167,6 +167,9 @@ def _result_rows(run_dir: Path, manifest: Manifest) -> list[str]:
     rows = [f"| eval loss | {_number(manifest.base_eval_loss)} | {_number(manifest.final_eval_loss)} |"]
     if manifest.final_eval_reward is not None:  # GRPO: replies sampled for the held-out prompts, scored
         rows = [f"| eval reward | {_number(manifest.base_eval_reward)} | {_number(manifest.final_eval_reward)} |"]
+    if manifest.teacher is not None:  # distill: its loss is the divergence from the teacher's distributions
+        rows = [f"| eval divergence from the teacher | {_number(manifest.base_eval_loss)} | "
+                f"{_number(manifest.final_eval_loss)} |"]  # fmt: skip
     for name, losses in (manifest.eval_also_losses or {}).items():
         rows.append(f"| eval {name} loss | {_number(losses.get('base'))} | {_number(losses.get('final'))} |")
     if manifest.preference_accuracy_after is not None:
@@ -182,6 +185,11 @@ def _settings(exp, manifest: Manifest) -> dict[str, str]:
     batching = manifest.batching or {}
     return {
         "method": manifest.method or "",
+        **(
+            {"teacher": f"{manifest.teacher.id} (fingerprint `{manifest.teacher.fingerprint}`)"}
+            if manifest.teacher
+            else {}
+        ),
         "learning rate": f"{t.learning_rate:g} ({t.scheduler}, warmup {t.warmup:g})",
         "steps": f"{manifest.global_steps} ({t.epochs:g} epochs)" if not t.max_steps else str(manifest.global_steps),
         "batch": f"{t.batch_size} x {t.grad_accumulation} accumulation",

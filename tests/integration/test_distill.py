@@ -58,6 +58,11 @@ def test_a_student_learns_its_teachers_answers_from_the_questions_alone(tmp_path
     shown = run_cli("show", str(tmp_path / "distill"))
     assert f"teacher {teacher} (fingerprint {m.teacher.fingerprint})" in shown.stdout
     assert "divergence from the teacher on replies sampled for held-out prompts" in shown.stdout
+    exported = run_cli("export", str(tmp_path / "distill"), "--out", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    card = (tmp_path / "export" / "README.md").read_text()
+    divergence = f"| eval divergence from the teacher | {m.base_eval_loss:.4g} | {m.final_eval_loss:.4g} |"
+    assert divergence in card and f"| teacher | {teacher} (fingerprint `{m.teacher.fingerprint}`) |" in card
 
     # No answer was in its data; its greedy answers to held-out questions meet the teacher's expectations, and its
     # loss on the teacher's held-out SFT chats falls towards the teacher's.
