@@ -3,7 +3,8 @@
 Each variant resolves to a full experiment whose run directory is `<output>/<variant>-<hash>`, the
 hash taken over the resolved experiment. So an unchanged variant finds its completed run and is
 skipped, a changed one gets a new run beside the old, and an interrupted one resumes. A variant
-`after` another starts from that variant's run (`init_from`), so changing the first re-runs both.
+`after` another starts from that variant's run (`init_from`), and one whose `teacher` is another distills that
+variant's run (`distill.teacher`), so changing the first re-runs both.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ class VariantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     set: dict[str, Any] = Field(default_factory=dict, description="Dotted keys to override, e.g. scope.lora.r: 8.")
     after: str | None = Field(default=None, description="Start from this variant's run (sets init_from).")
+    teacher: str | None = Field(
+        default=None, description="Distill this variant's run (sets distill.teacher; set method: distill)."
+    )
+
+    def needs(self) -> list[tuple[str, str]]:
+        """The variants whose runs this one needs, by the key that names each."""
+        return [(key, name) for key, name in (("after", self.after), ("teacher", self.teacher)) if name is not None]
 
 
 class CompareSpec(BaseModel):
@@ -120,10 +128,12 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
 
 def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
     for name, v in spec.variants.items():
-        if v.after is not None and v.after not in spec.variants:
-            raise TunelabError(
-                f"{path}: variants.{name}.after: unknown variant '{v.after}'; variants are " + ", ".join(spec.variants)
-            )
+        for key, needed in v.needs():
+            if needed not in spec.variants:
+                raise TunelabError(
+                    f"{path}: variants.{name}.{key}: unknown variant '{needed}'; variants are "
+                    + ", ".join(spec.variants)
+                )
     order: list[str] = []
     state: dict[str, str] = {}
 
@@ -133,9 +143,8 @@ def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
         if state.get(name) == "visiting":
             raise TunelabError(f"{path}: variants form a cycle: {' -> '.join([*chain, name])}")
         state[name] = "visiting"
-        after = spec.variants[name].after
-        if after is not None:
-            visit(after, [*chain, name])
+        for _, needed in spec.variants[name].needs():
+            visit(needed, [*chain, name])
         state[name] = "done"
         order.append(name)
 
@@ -144,18 +153,24 @@ def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
     return order
 
 
-def variant_experiment(study: Study, name: str, init_from: str | None) -> Experiment:
-    """The variant's fully resolved experiment (its run name carries the hash of everything else)."""
+def variant_experiment(study: Study, name: str, init_from: str | None, teacher: str | None = None) -> Experiment:
+    """The variant's fully resolved experiment (its run name carries the hash of everything else). `init_from` and
+    `teacher`: the runs of the variants it is `after` and whose run it distills; before they exist, a placeholder,
+    and for the teacher its variant's base model (the same shapes, for plan)."""
     # What the base file set, not every default: a default that gives way to the model (LoRA dropout on fused
     # experts) must stay a default in each variant.
     raw = study.base.model_dump(mode="json", exclude_unset=True)
     where = f"{study.path}: variants.{name}.set"
-    for key, value in study.spec.variants[name].set.items():
-        if key in ("output.name", "output.dir", "init_from"):
+    spec = study.spec.variants[name]
+    for key, value in spec.set.items():
+        if key in ("output.name", "output.dir", "init_from") or (key == "distill.teacher" and spec.teacher):
             raise TunelabError(f"{where}.{key}: the study sets this itself")
         set_key(raw, key, value, where=f"{where}.{key}")
-    if study.spec.variants[name].after is not None:
-        raw["init_from"] = init_from or f"<run of {study.spec.variants[name].after}>"
+    if spec.after is not None:
+        raw["init_from"] = init_from or f"<run of {spec.after}>"
+    if spec.teacher is not None:
+        teacher = teacher or variant_experiment(study, spec.teacher, None).model.id
+        set_key(raw, "distill.teacher", teacher, where=f"{study.path}: variants.{name}.teacher")
     raw["name"] = name
     raw["output"] = {"dir": str(study.output), "name": name}
     exp = resolve_paths(validate(raw, source=where), study.path.parent)
@@ -195,13 +210,17 @@ def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | Non
 
     outcomes: dict[str, VariantOutcome] = {}
     for name in study.order:
-        after = study.spec.variants[name].after
-        if after is not None and outcomes[after].status in ("failed", "blocked"):
-            outcomes[name] = VariantOutcome(name, "blocked", error=f"needs {after}, which {outcomes[after].status}")
+        spec = study.spec.variants[name]
+        broken = [needed for _, needed in spec.needs() if outcomes[needed].status in ("failed", "blocked")]
+        if broken:
+            outcomes[name] = VariantOutcome(
+                name, "blocked", error=f"needs {broken[0]}, which {outcomes[broken[0]].status}"
+            )
             log(f"[{name}] blocked: {outcomes[name].error}")
             continue
-        init_from = outcomes[after].run_dir if after is not None else None
-        exp = variant_experiment(study, name, init_from)
+        init_from = outcomes[spec.after].run_dir if spec.after is not None else None
+        teacher = outcomes[spec.teacher].run_dir if spec.teacher is not None else None
+        exp = variant_experiment(study, name, init_from, teacher)
         run_dir = Path(exp.output.dir) / exp.run_name
         status = run_status(run_dir)
         outcome = VariantOutcome(name, "", str(run_dir), diff=diff_from_base(study, exp))

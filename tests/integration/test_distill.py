@@ -19,7 +19,7 @@ from tunelab.config import load_experiment
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.models import fingerprint
 from tunelab.plan import make_plan
-from tunelab.runs import read_metrics
+from tunelab.runs import read_manifest, read_metrics
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow
@@ -149,3 +149,37 @@ def test_a_stage_planned_before_its_teacher_run_exists_is_planned_with_a_warning
     assert any(w.startswith(f"distill.teacher: '{tmp_path / 'quickstart'}' does not exist yet") for w in plan.warnings)
     with pytest.raises(TunelabError, match="method distill learns from a teacher model, and none is named"):
         load_experiment(write_experiment(tmp_path, (EXAMPLES / "distill.yaml").read_text().split("distill:\n")[0]))
+
+
+def test_a_study_distills_one_variants_run_into_another(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`teacher: sft` makes the distill variant wait for the sft variant and distill its run; plan counts the teacher
+    as the sft variant's base before that run exists; a second run of the study trains nothing."""
+    from tunelab.study import load_study, plan_study, run_study
+
+    study = tmp_path / "teach.yaml"
+    study.write_text(
+        f"name: teach\nbase: {EXAMPLES / 'quickstart.yaml'}\noutput: {tmp_path / 'runs'}\nvariants:\n"
+        "  distill:\n    teacher: sft\n"
+        f"    set: {{method: distill, data.train: {DATA}/distill_train.jsonl, data.eval: {DATA}/distill_eval.jsonl, "
+        "distill.max_completion_length: 16, train.max_steps: 3}\n"
+        "  sft:\n    set: {train.max_steps: 3}\n"
+        "compare:\n  max_new_tokens: 8\n"
+    )
+    loaded = load_study(study)
+    assert loaded.order == ["sft", "distill"]
+    planned = {name: plan for name, plan, _ in plan_study(loaded)}
+    sft = planned["sft"].scope
+    assert planned["distill"].memory.teacher_bytes == (sft.total_params - sft.trainable_params) * 4
+    outcomes, report = run_study(loaded, log=lambda *_: None)
+    assert [(o.name, o.status) for o in outcomes] == [("sft", "trained"), ("distill", "trained")]
+    runs = {o.name: Path(o.run_dir) for o in outcomes}
+    assert read_manifest(runs["distill"]).teacher.id == str(runs["sft"])
+    assert report is not None and report.is_file()
+    again, _ = run_study(load_study(study), log=lambda *_: None)
+    assert [(o.name, o.status) for o in again] == [("sft", "skipped"), ("distill", "skipped")]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(study.read_text().replace("teacher: sft", "teacher: sfft"))
+    with pytest.raises(
+        TunelabError, match="variants.distill.teacher: unknown variant 'sfft'; variants are distill, sft"
+    ):
+        load_study(broken)

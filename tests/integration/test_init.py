@@ -177,11 +177,15 @@ def test_init_renames_fields_and_puts_plain_text_in_the_chat_format(tmp_path: Pa
 
 
 def test_init_says_what_prompts_alone_need(tmp_path: Path) -> None:
-    """Prompts without answers are GRPO's data, which needs reward functions init cannot write: it says so, and
-    writes nothing."""
+    """Prompts without answers are the data of GRPO and distill, which need reward functions and a teacher that init
+    does not write: it says so, and writes nothing."""
     data = str(DATA / "grpo_train.jsonl")
-    with pytest.raises(TunelabError, match=r"holds prompts without answers but method is sft; set method: grpo"):
+    with pytest.raises(
+        TunelabError, match=r"holds prompts without answers but method is sft; set method: grpo or distill"
+    ):
         write_starter(tmp_path / "a.yaml", MODEL, data, None, "qv", None, None)
     with pytest.raises(TunelabError, match=r"^--method: grpo learns from reward functions, which init cannot write"):
         write_starter(tmp_path / "a.yaml", MODEL, data, None, "qv", "grpo", None)
+    with pytest.raises(TunelabError, match=r"^--method: distill learns from a teacher model, which init does not ask"):
+        write_starter(tmp_path / "a.yaml", MODEL, data, None, "qv", "distill", None)
     assert not (tmp_path / "a.yaml").exists()

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from tunelab.config import Experiment
     from tunelab.data import Split
+    from tunelab.methods.base import TrainerInputs
     from tunelab.templates import Encoded
 
 
@@ -251,6 +252,28 @@ def instantiate(
         raise ConfigError(f"train: the trainer refused a setting: {str(e).strip().splitlines()[0]}") from e
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def sampling_arguments(inputs: TrainerInputs, held_out: str) -> tuple[list[dict], list[dict] | None, dict]:
+    """What the trainers that sample their own replies (GRPO, distill) are given alike: the train and eval prompts,
+    and their configs' arguments (TrainingArguments', the template's variables, the sampling's shared settings)."""
+    from tunelab.templates import template_vars
+
+    exp, tokenizer = inputs.exp, inputs.tokenizer
+    train_rows = prompt_rows(exp, inputs.splits.train, tokenizer)
+    eval_rows = prompt_rows(exp, inputs.splits.eval, tokenizer) if inputs.splits.eval else None
+    batches = batching(exp.train, exp.method)
+    args = training_arguments(exp.train, inputs.hw, inputs.output_dir, eval_rows is not None, batches, held_out)
+    args |= dict(
+        include_num_input_tokens_seen="no",  # their batches hold prompt and completion ids, not input_ids
+        chat_template_kwargs=template_vars(exp.tokenizer, tokenizer) or None,
+        # Dropout would give a reply other log-probs in the update than at sampling (and in GRPO's reference); TRL's
+        # DPO turns it off by default, its GRPO and distillation do not.
+        disable_dropout=True,
+        shuffle_dataset=True,
+        log_completions=False,
+    )
+    return train_rows, eval_rows, args
 
 
 def prompt_rows(exp: Experiment, split: Split, tokenizer: PreTrainedTokenizerBase) -> list[dict]:

@@ -13,14 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
-from tunelab.methods.common import (
-    batching,
-    check_prompt_room,
-    instantiate,
-    prompt_rows,
-    training_arguments,
-    trl_config,
-)
+from tunelab.methods.common import check_prompt_room, instantiate, sampling_arguments, trl_config
 
 if TYPE_CHECKING:
     from trl import DistillationTrainer
@@ -33,15 +26,10 @@ def build(inputs: TrainerInputs) -> DistillationTrainer:
     from trl import DistillationConfig, DistillationTrainer
 
     from tunelab.teacher import load_teacher, resolve_teacher
-    from tunelab.templates import template_vars
 
-    exp, settings, tokenizer = inputs.exp, inputs.exp.distill, inputs.tokenizer
+    settings = inputs.exp.distill
     assert settings is not None
-    train_rows = prompt_rows(exp, inputs.splits.train, tokenizer)
-    eval_rows = prompt_rows(exp, inputs.splits.eval, tokenizer) if inputs.splits.eval else None
-    has_eval, batches = eval_rows is not None, batching(exp.train, exp.method)
-    args = training_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, batches, METHOD.held_out)
-    args["include_num_input_tokens_seen"] = "no"  # its batches hold prompt and completion ids, not input_ids
+    train_rows, eval_rows, args = sampling_arguments(inputs, METHOD.held_out)
     config = trl_config(
         DistillationConfig,
         **args,
@@ -49,23 +37,12 @@ def build(inputs: TrainerInputs) -> DistillationTrainer:
         max_completion_length=settings.max_completion_length,
         temperature=settings.temperature,
         top_p=settings.top_p,
-        chat_template_kwargs=template_vars(exp.tokenizer, tokenizer) or None,
-        # Dropout would make the distribution the student is scored by another than the one it sampled from.
-        disable_dropout=True,
-        shuffle_dataset=True,
-        log_completions=False,
     )
-    teacher = load_teacher(resolve_teacher(exp), inputs.hw.device)
+    teacher = load_teacher(resolve_teacher(inputs.exp), inputs.hw.device)
     return instantiate(
-        DistillationTrainer,
-        inputs.model,
-        config,
-        tokenizer,
-        train_rows,
-        eval_rows,
-        inputs.callbacks,
+        DistillationTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
         teacher_model=teacher,
-    )
+    )  # fmt: skip
 
 
 def check_data(exp: Experiment, encoded: list[Encoded]) -> None:

@@ -14,14 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
-from tunelab.methods.common import (
-    batching,
-    check_prompt_room,
-    instantiate,
-    prompt_rows,
-    training_arguments,
-    trl_config,
-)
+from tunelab.methods.common import check_prompt_room, instantiate, sampling_arguments, trl_config
 
 if TYPE_CHECKING:
     from trl import GRPOTrainer
@@ -34,16 +27,10 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
     from trl import GRPOConfig, GRPOTrainer
 
     from tunelab.rewards import load_rewards
-    from tunelab.templates import template_vars
 
-    exp, settings, tokenizer = inputs.exp, inputs.exp.grpo, inputs.tokenizer
+    settings = inputs.exp.grpo
     assert settings is not None
-    variables = template_vars(exp.tokenizer, tokenizer)
-    train_rows = prompt_rows(exp, inputs.splits.train, tokenizer)
-    eval_rows = prompt_rows(exp, inputs.splits.eval, tokenizer) if inputs.splits.eval else None
-    has_eval, batches = eval_rows is not None, batching(exp.train, exp.method)
-    args = training_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, batches, METHOD.held_out)
-    args["include_num_input_tokens_seen"] = "no"  # its batches hold prompt and completion ids, not input_ids
+    train_rows, eval_rows, args = sampling_arguments(inputs, METHOD.held_out)
     config = trl_config(
         GRPOConfig,
         **args,
@@ -59,23 +46,12 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
         epsilon_high=settings.epsilon_high,
         top_p=settings.top_p,
         mask_truncated_completions=settings.mask_truncated,
-        chat_template_kwargs=variables or None,
-        # Dropout would give a reply other log-probs in the update than at sampling and in the reference (TRL's DPO
-        # turns it off by default, its GRPO does not).
-        disable_dropout=True,
-        shuffle_dataset=True,
-        log_completions=False,
     )
+    rewards = load_rewards(settings.rewards)
     return instantiate(
-        GRPOTrainer,
-        inputs.model,
-        config,
-        tokenizer,
-        train_rows,
-        eval_rows,
-        inputs.callbacks,
-        reward_funcs=load_rewards(settings.rewards),
-    )
+        GRPOTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
+        reward_funcs=rewards,
+    )  # fmt: skip
 
 
 def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
