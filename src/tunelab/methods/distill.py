@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
-from tunelab.methods.common import check_prompt_room, instantiate, sampling_arguments, trl_config
+from tunelab.methods.common import instantiate, trl_config
+from tunelab.methods.online import check_prompt_room, sampling_arguments
 
 if TYPE_CHECKING:
     from trl import DistillationTrainer
