@@ -228,6 +228,12 @@ def compare(
             "--mixed-quantization", help="Compare runs of differently quantized bases on the first run's base."
         ),
     ] = False,
+    teachers: Annotated[
+        bool,
+        typer.Option(
+            "--teachers/--no-teachers", help="The teachers of distill runs answer too (those not given as runs)."
+        ),
+    ] = True,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
@@ -257,6 +263,7 @@ def compare(
         mixed_quantization=mixed_quantization,
         eval_also=parse_eval_also(eval_also or []),
         pairs_file=pairs,
+        include_teachers=teachers,
     )
     paths = write_report(result, out)
     print_comparison(result)

@@ -31,6 +31,8 @@ from tunelab.runs import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from tunelab.teacher import Teacher
+
 BASE = "__base__"
 
 
@@ -446,9 +448,11 @@ def compare(
     mixed_quantization: bool = False,
     eval_also: dict[str, Path] | None = None,
     pairs_file: Path | None = None,
+    include_teachers: bool = True,
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
-    base are compared on that same quantized base (the first run's settings load it)."""
+    base are compared on that same quantized base (the first run's settings load it). `include_teachers`: the
+    teachers of distill runs (those not compared as runs already) answer and are scored beside them."""
     from tunelab.methods import get_method
 
     runs = load_runs(run_dirs, mixed_quantization, elsewhere=True)
@@ -459,7 +463,12 @@ def compare(
         )
     first = next((d for d, _ in runs if run_status(d) is not None), None)
     exp = load_run_experiment(first) if first is not None else None
-    sft = next((load_run_experiment(d) for d, m in runs if m.method == "sft"), None)
+    teachers = distill_teachers(runs) if include_teachers else []
+    # the first SFT run's held-out chats score every variant: a compared run's, else an SFT teacher's
+    sft_runs = [d for d, m in runs if m.method == "sft"] + [
+        t.run for _, t in teachers if t.run is not None and read_manifest(t.run).method == "sft"
+    ]
+    sft = load_run_experiment(sft_runs[0]) if sft_runs else None
     # GRPO runs are asked their own held-out prompts, whose fields their rewards read (an SFT run's chats have none)
     found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
     rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
@@ -473,13 +482,16 @@ def compare(
     template = exp.tokenizer if exp is not None else TokenizerSettings()
     outputs, losses = _generate_and_score(
         model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size,
-        decoding, seed,
+        decoding, seed, teachers,
     )  # fmt: skip
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
     variants = [Variant("base", "base", numbers={**losses.get(BASE, {}), **base_scores})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
         variants.append(Variant(m.name, m.scope, str(d), {**numbers, **losses.get(m.name, {})}, curves))
+    for name, teacher in teachers:
+        numbers = {"scope": f"teacher of distill: {teacher.label}", **losses.get(name, {})}
+        variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
     if include_base:
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
@@ -651,15 +663,18 @@ def _generate_and_score(
     batch_size: int,
     decoding: dict,
     seed: int,
+    teachers: list[tuple[str, Teacher]] | None = None,
 ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
     """Outputs and the held-out sets' losses for every variant, loading the base once; each run's scope kind says how
     it goes on that base (attached beside it, swapped in for a while, or loaded on its own). The tokenizer is the one
-    `tokenizer_dir` (the first tunelab run, else the first variant) was trained with."""
+    `tokenizer_dir` (the first tunelab run, else the first variant) was trained with. `teachers`: distill's teachers,
+    each loaded on its own after the runs, asked as their students are (they share the students' tokenizer)."""
     import torch
 
     from tunelab.methods.preference import preference_accuracy
     from tunelab.models import auto_tokenizer
     from tunelab.scopes import BaseLoader, attach_runs, base_alone
+    from tunelab.teacher import load_teacher
     from tunelab.templates import template_vars
 
     base = BaseLoader.pick(model_settings)
@@ -710,7 +725,32 @@ def _generate_and_score(
                     variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, chat[name]
                 )
             score(name, variant)
+    taught = next((chat[m.name] for _, m in runs if m.method == "distill"), base_chat)
+    for name, teacher in teachers or []:
+        other = load_teacher(teacher, base.device)
+        outputs[name] = generate(
+            other, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, taught
+        )
+        score(name, other)
+        del other
     return outputs, losses
+
+
+def distill_teachers(runs: list[tuple[Path, Manifest]]) -> list[tuple[str, Teacher]]:
+    """The teachers of the distill runs compared, except runs compared already, each under a variant name of its
+    own ("teacher", or "teacher-1", "teacher-2", ... where there are several)."""
+    from tunelab.teacher import resolve_teacher
+
+    listed = {d.resolve() for d, _ in runs}
+    found: dict[str, Teacher] = {}
+    for d, m in runs:
+        if m.method != "distill" or run_status(d) is None:
+            continue
+        teacher = resolve_teacher(load_run_experiment(d))
+        if teacher.run is None or teacher.run.resolve() not in listed:
+            found.setdefault(str(teacher.run.resolve()) if teacher.run else teacher.spec, teacher)
+    names = ["teacher"] if len(found) == 1 else [f"teacher-{i + 1}" for i in range(len(found))]
+    return list(zip(names, found.values(), strict=True))
 
 
 def _tokenizer_folder(run_dir: Path, settings: ModelSettings) -> Path | str:

@@ -65,12 +65,19 @@ def test_a_student_learns_its_teachers_answers_from_the_questions_alone(tmp_path
     assert divergence in card and f"| teacher | {teacher} (fingerprint `{m.teacher.fingerprint}`) |" in card
 
     # No answer was in its data; its greedy answers to held-out questions meet the teacher's expectations, and its
-    # loss on the teacher's held-out SFT chats falls towards the teacher's.
-    c = compare([teacher, tmp_path / "distill"], prompts_file=DATA / "prompts.jsonl", max_new_tokens=24)
+    # loss on the teacher's held-out SFT chats falls towards the teacher's. Compared alone, its teacher answers beside
+    # it (loaded on its own, merged), as the same run does compared as a run (its adapter attached to the base).
+    c = compare([tmp_path / "distill"], prompts_file=DATA / "prompts.jsonl", max_new_tokens=24)
+    assert [(v.name, v.kind) for v in c.variants] == [("base", "base"), ("distill", "lora"), ("teacher", "teacher")]
     passed = {v.name: v.numbers["expectation_pass_rate"] for v in c.variants}
     loss = {v.name: v.numbers["eval_loss"] for v in c.variants}
-    assert passed["base"] == 0 and passed["distill"] > 0.5 and passed["distill"] >= passed[teacher.name] - 0.2
+    assert passed["base"] == 0 and passed["distill"] > 0.5 and passed["distill"] >= passed["teacher"] - 0.2
     assert loss["distill"] < 0.5 * loss["base"]
+    as_run = compare([teacher, tmp_path / "distill"], prompts_file=DATA / "prompts.jsonl", max_new_tokens=24)
+    assert [v.name for v in as_run.variants] == ["base", teacher.name, "distill"]
+    same = next(v for v in as_run.variants if v.name == teacher.name).numbers
+    assert same["eval_loss"] == pytest.approx(loss["teacher"], rel=1e-3)
+    assert same["expectation_pass_rate"] == passed["teacher"]
 
 
 def test_a_student_that_is_its_teacher_starts_at_zero_divergence(tmp_path: Path, tiny_model_dir: Path) -> None:
