@@ -456,6 +456,12 @@ class DistillSettings(Strict):
         "completed tunelab run (its trained model). It must share the student's vocabulary (tokenizer)."
     )
     teacher_revision: str | None = Field(default=None, description="Hub revision of the teacher (a hub id's).")
+    teacher_quantization: Quantization | None = Field(
+        default=None,
+        description="Load the teacher quantized by bitsandbytes (bits: 4 or 8), so a larger teacher fits beside the "
+        "student; its output head is not quantized. For a hub id or a model folder (a run teacher loads as it "
+        "trained: export it with --merge first).",
+    )
     beta: float = Field(
         default=1.0,
         ge=0,

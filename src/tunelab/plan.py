@@ -417,7 +417,7 @@ def estimate_memory(
     engine: Engine | None = None,
     teacher: tuple[str, int] | None = None,
 ) -> Memory:
-    """`teacher`: distill's teacher, by its label and parameter count (loaded in the run's dtype beside it)."""
+    """`teacher`: distill's teacher beside the student, by its label and the bytes its weights take."""
     from tunelab.scopes import get_scope
 
     b = DTYPE_BYTES[dtype]
@@ -472,7 +472,7 @@ def estimate_memory(
     ckpt_acts = tokens * (n_act * h + (per_layer if n_act else 0) + -(-dora // max(len(scope.layers), 1))) * b + logits
     ckpt_acts += 2 * merged_layer * b
     available = device_memory(device)
-    teacher_bytes = teacher[1] * b if teacher else 0
+    teacher_bytes = teacher[1] if teacher else 0
     static = weights + grads + optimizer + reference_bytes + teacher_bytes
     match exp.train.gradient_checkpointing:
         case "on":
@@ -680,7 +680,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
             "it, and the memory estimate here leaves the teacher out"
         )
     elif exp.distill is not None:
-        teacher = teacher_size(exp, inputs)
+        teacher = teacher_size(exp, inputs, dtype, device)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher)
     if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
         raise ConfigError(fails)
@@ -723,15 +723,25 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     )
 
 
-def teacher_size(exp: Experiment, inputs: Inputs) -> tuple[str, int]:
-    """distill's teacher, checked against the student (the same vocabulary and tokenizer), by its label and its
-    parameters, from its config alone."""
-    from tunelab.teacher import check_teacher, resolve_teacher, teacher_config, teacher_params
+def teacher_size(exp: Experiment, inputs: Inputs, dtype: str, device: str) -> tuple[str, int]:
+    """distill's teacher, checked against the student (the same vocabulary and tokenizer), by its label and the bytes
+    its weights take in `dtype` (quantized where distill.teacher_quantization says), from its config alone."""
+    from tunelab.models import check_quantization, meta_model
+    from tunelab.teacher import as_teacher_errors, check_teacher, resolve_teacher, teacher_config
 
     teacher = resolve_teacher(exp)
     config = teacher_config(teacher)
     check_teacher(teacher, config, inputs.config, inputs.tokenizer)
-    return teacher.label, teacher_params(config, teacher.settings.trust_remote_code)
+    quantization = teacher.settings.quantization
+    with as_teacher_errors():
+        if quantization is not None:
+            check_quantization(quantization, device)
+        model = meta_model(config, teacher.settings.trust_remote_code)
+    total, b = sum(p.numel() for p in model.parameters()), DTYPE_BYTES[dtype]
+    if quantization is None:
+        return teacher.label, total * b
+    linear = linear_params(model)  # quantized; the rest (embeddings, norms, the head) keeps the run's dtype
+    return teacher.label, int(linear * quantized_bytes_per_param(quantization)) + (total - linear) * b
 
 
 def _run_to_come(teacher: str, output_dir: str) -> bool:

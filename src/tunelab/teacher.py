@@ -53,36 +53,40 @@ def resolve_teacher(exp: Experiment) -> Teacher:
         status = read_manifest(path).status
         if status != "completed":
             raise ConfigError(f"{KEY}: run '{spec}' is {status}, not completed; finish it (--resume) or name another")
+        if exp.distill.teacher_quantization is not None:
+            raise ConfigError(
+                f"distill.teacher_quantization: the run '{spec}' teaches as it trained; export it with "
+                f"`tunelab export {spec} --out FOLDER --merge` and name that folder as the teacher to quantize it"
+            )
         return Teacher(spec, path, load_run_experiment(path).model)
-    own = exp.model.model_copy(update={"id": spec, "revision": exp.distill.teacher_revision, "quantization": None})
+    d = exp.distill
+    own = exp.model.model_copy(
+        update={"id": spec, "revision": d.teacher_revision, "quantization": d.teacher_quantization}
+    )
     return Teacher(spec, None, own)
 
 
+# The model loaders' refusals name the student's keys; for the teacher, its own.
+TEACHER_KEYS = {"model.id": KEY, "model.quantization": "distill.teacher_quantization"}
+
+
 @contextlib.contextmanager
-def _named() -> Iterator[None]:
-    """The model loaders' refusals name model.id; for the teacher they name distill.teacher."""
+def as_teacher_errors() -> Iterator[None]:
+    """The model loaders' refusals, naming the teacher's keys."""
     try:
         yield
     except ConfigError as e:
-        if str(e).startswith("model.id:"):
-            raise ConfigError(str(e).replace("model.id", KEY)) from e
+        for student, teacher in TEACHER_KEYS.items():
+            if str(e).startswith(student + ":"):
+                raise ConfigError(str(e).replace(student, teacher)) from e
         raise
 
 
 def teacher_config(teacher: Teacher) -> PretrainedConfig:
     from tunelab.models import load_config
 
-    with _named():
+    with as_teacher_errors():
         return load_config(teacher.settings)
-
-
-def teacher_params(config: PretrainedConfig, trust_remote_code: bool) -> int:
-    """The teacher's parameters, counted on the meta device."""
-    from tunelab.models import meta_model
-
-    with _named():
-        model = meta_model(config, trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
 
 
 def check_teacher(
@@ -135,7 +139,7 @@ def load_teacher(teacher: Teacher, device: str) -> PreTrainedModel:
     from tunelab.models import load_model, pick_dtype
     from tunelab.scopes import load_trained
 
-    with _named():
+    with as_teacher_errors():
         if teacher.run is not None:
             model = load_trained(teacher.run, device)
             if isinstance(model, PeftModel):
@@ -153,7 +157,7 @@ def teacher_record(teacher: Teacher) -> BaseModelRecord:
     from tunelab.runs import CHECKPOINTS, BaseModelRecord, read_manifest
 
     if teacher.run is None:
-        with _named():
+        with as_teacher_errors():
             source = weights_path(teacher.settings)
         return BaseModelRecord(
             id=teacher.spec, path=source, revision=teacher.settings.revision,

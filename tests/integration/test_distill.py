@@ -88,6 +88,22 @@ def test_a_student_that_is_its_teacher_starts_at_zero_divergence(tmp_path: Path,
     assert m.teacher.fingerprint == fingerprint(str(tiny_model_dir))
 
 
+def test_a_4bit_teacher_is_planned_packed_and_teaches(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """distill.teacher_quantization loads the teacher through bitsandbytes: plan counts its decoder's linear weights
+    packed (4 bits and their constants) and the rest in the run's dtype; the base in 4-bit teaching the base in
+    float32 starts from a small divergence above 0, its rounding."""
+    from tunelab.plan import quantized_bytes_per_param
+
+    exp = _distill(tmp_path, tiny_model_dir, "distill.teacher_quantization={bits: 4}", "train.max_steps=1")
+    plan = make_plan(exp)
+    linear, total = plan.model.linear_params, plan.scope.total_params - plan.scope.trainable_params
+    packed = int(linear * quantized_bytes_per_param(exp.distill.teacher_quantization)) + (total - linear) * 4
+    assert plan.memory.teacher_bytes == packed < total * 4
+    assert f"teacher {tiny_model_dir.name} (4-bit nf4 double-quant)" in plan.method_line
+    m = train(exp).manifest
+    assert m.status == "completed" and 0 < m.base_eval_loss < 0.1
+
+
 def test_distill_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, teacher: Path) -> None:
     resume_matches_straight("distill", tmp_path, "--set", f"distill.teacher={teacher}")
 
@@ -143,6 +159,9 @@ def test_a_teacher_that_does_not_fit_the_student_is_refused_before_anything_load
     assert "distill.teacher: 'other' has another tokenizer: 2 of the student's" in refusal(other)
     # a run that did not complete, a folder that is no model
     assert "is failed, not completed" in refusal(fake_run(tmp_path, "broken", status="failed"))
+    done = fake_run(tmp_path, "done")
+    with pytest.raises(ConfigError, match=r"^distill.teacher_quantization: the run '.*done' teaches as it trained"):
+        make_plan(_distill(tmp_path, done, "distill.teacher_quantization={bits: 4}"))
     (tmp_path / "empty").mkdir()
     assert "distill.teacher: no config.json in" in refusal(tmp_path / "empty")
     # the CLI: one line, exit 2

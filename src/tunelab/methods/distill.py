@@ -58,9 +58,11 @@ def describe(exp: Experiment) -> str:
     assert d is not None
     divergence = "reverse KL" if d.beta == 1 else "forward KL" if d.beta == 0 else f"generalized JSD (beta {d.beta:g})"
     dropout = "; dropout off" if exp.scope.lora is not None and exp.scope.lora.dropout else ""
+    quantized = f" ({d.teacher_quantization.describe()})" if d.teacher_quantization else ""
     return (
         f"distill: one reply sampled per prompt, up to {d.max_completion_length} tokens at temperature "
-        f"{d.temperature:g}; every reply token scored by the {divergence} to teacher {short_name(d.teacher)}{dropout}"
+        f"{d.temperature:g}; every reply token scored by the {divergence} to teacher "
+        f"{short_name(d.teacher)}{quantized}{dropout}"
     )
 
 
