@@ -738,7 +738,7 @@ def _generate_and_score(
 
 def distill_teachers(runs: list[tuple[Path, Manifest]]) -> list[tuple[str, Teacher]]:
     """The teachers of the distill runs compared, except runs compared already, each under a variant name of its
-    own ("teacher", or "teacher-1", "teacher-2", ... where there are several)."""
+    own ("teacher", or "teacher-1", "teacher-2", ... where there are several; none a run's name)."""
     from tunelab.teacher import resolve_teacher
 
     listed = {d.resolve() for d, _ in runs}
@@ -749,8 +749,11 @@ def distill_teachers(runs: list[tuple[Path, Manifest]]) -> list[tuple[str, Teach
         teacher = resolve_teacher(load_run_experiment(d))
         if teacher.run is None or teacher.run.resolve() not in listed:
             found.setdefault(str(teacher.run.resolve()) if teacher.run else teacher.spec, teacher)
-    names = ["teacher"] if len(found) == 1 else [f"teacher-{i + 1}" for i in range(len(found))]
-    return list(zip(names, found.values(), strict=True))
+    candidates = (["teacher"] if len(found) == 1 else []) + [
+        f"teacher-{i}" for i in range(1, len(runs) + len(found) + 2)
+    ]
+    names = [n for n in candidates if n not in {m.name for _, m in runs} | {"base"}]
+    return list(zip(names, found.values(), strict=False))
 
 
 def _tokenizer_folder(run_dir: Path, settings: ModelSettings) -> Path | str:

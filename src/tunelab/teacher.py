@@ -43,8 +43,9 @@ def short_name(spec: str) -> str:
 
 
 def resolve_teacher(exp: Experiment) -> Teacher:
-    """Which model teaches: a completed run (by its manifest) or a model id, which loads as the student's model
-    settings say (dtype, device, attention, trust_remote_code), unquantized."""
+    """Which model teaches: a completed run (by its manifest), which loads as it trained, or a model id, which loads
+    as the student's model settings say (dtype, device, attention, trust_remote_code), quantized only where
+    distill.teacher_quantization says."""
     from tunelab.runs import load_run_experiment, read_manifest, run_status
 
     assert exp.distill is not None

@@ -109,23 +109,20 @@ def test_distill_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, teach
 
 
 def test_a_resume_after_the_teacher_changed_is_refused(tmp_path: Path, teacher: Path) -> None:
-    import torch
     from safetensors.torch import load_file, save_file
 
     copy = shutil.copytree(teacher, tmp_path / "teacher")
-    command = ["train", str(EXAMPLES / "distill.yaml"), "--set", f"output.dir={tmp_path / 'out'}"]
-    command += ["--set", f"distill.teacher={copy}", "--set", "train.max_steps=2"]
-    first = run_cli(*command)
-    assert first.returncode == 0, first.stderr[-2000:]
-    manifest = json.loads((tmp_path / "out" / "distill" / "manifest.json").read_text())
-    (tmp_path / "out" / "distill" / "manifest.json").write_text(json.dumps(manifest | {"status": "interrupted"}))
+    exp = _distill(tmp_path, copy, "train.max_steps=2")
+    recorded = train(exp).manifest.teacher
+    manifest = json.loads((tmp_path / "distill" / "manifest.json").read_text())
+    (tmp_path / "distill" / "manifest.json").write_text(json.dumps(manifest | {"status": "interrupted"}))
     weights = copy / "adapter" / "adapter_model.safetensors"
     tensors = load_file(weights)
     save_file({k: t + 1 if i == 0 else t for i, (k, t) in enumerate(tensors.items())}, weights)  # retrained
-    resumed = run_cli(*command, "--resume")
-    assert resumed.returncode != 0 and "Traceback" not in resumed.stderr
-    assert f"the teacher changed ({copy} {manifest['teacher']['fingerprint']} -> " in resumed.stderr
-    assert torch.equal(load_file(weights)[next(iter(tensors))], next(iter(tensors.values())) + 1)
+    with pytest.raises(TunelabError) as refused:
+        train(exp, resume=True)
+    assert f"the teacher changed ({copy} {recorded.fingerprint} -> " in str(refused.value)
+    assert read_manifest(tmp_path / "distill").status == "interrupted"
 
 
 def test_a_teacher_that_does_not_fit_the_student_is_refused_before_anything_loads(
