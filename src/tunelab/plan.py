@@ -680,7 +680,9 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
             "it, and the memory estimate here leaves the teacher out"
         )
     elif exp.distill is not None:
-        teacher = teacher_size(exp, inputs, dtype, device)
+        label, size, said = teacher_size(exp, inputs, dtype, device)
+        teacher = (label, size)
+        resolved.warnings += said
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher)
     if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
         raise ConfigError(fails)
@@ -723,15 +725,16 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     )
 
 
-def teacher_size(exp: Experiment, inputs: Inputs, dtype: str, device: str) -> tuple[str, int]:
-    """distill's teacher, checked against the student (the same vocabulary and tokenizer), by its label and the bytes
-    its weights take in `dtype` (quantized where distill.teacher_quantization says), from its config alone."""
+def teacher_size(exp: Experiment, inputs: Inputs, dtype: str, device: str) -> tuple[str, int, list[str]]:
+    """distill's teacher, checked against the student (the same vocabulary and tokenizer), by its label, the bytes
+    its weights take in `dtype` (quantized where distill.teacher_quantization says), from its config alone, and the
+    warnings about it."""
     from tunelab.models import check_quantization, meta_model
     from tunelab.teacher import as_teacher_errors, check_teacher, resolve_teacher, teacher_config
 
     teacher = resolve_teacher(exp)
     config = teacher_config(teacher)
-    check_teacher(teacher, config, inputs.config, inputs.tokenizer)
+    warnings = check_teacher(teacher, config, inputs.config, inputs.tokenizer)
     quantization = teacher.settings.quantization
     with as_teacher_errors():
         if quantization is not None:
@@ -739,9 +742,9 @@ def teacher_size(exp: Experiment, inputs: Inputs, dtype: str, device: str) -> tu
         model = meta_model(config, teacher.settings.trust_remote_code)
     total, b = sum(p.numel() for p in model.parameters()), DTYPE_BYTES[dtype]
     if quantization is None:
-        return teacher.label, total * b
+        return teacher.label, total * b, warnings
     linear = linear_params(model)  # quantized; the rest (embeddings, norms, the head) keeps the run's dtype
-    return teacher.label, int(linear * quantized_bytes_per_param(quantization)) + (total - linear) * b
+    return teacher.label, int(linear * quantized_bytes_per_param(quantization)) + (total - linear) * b, warnings
 
 
 def _run_to_come(teacher: str, output_dir: str) -> bool:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import Experiment, ModelSettings
 from tunelab.errors import ConfigError
+from tunelab.templates import template_hash
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -92,9 +93,10 @@ def teacher_config(teacher: Teacher) -> PretrainedConfig:
 
 def check_teacher(
     teacher: Teacher, config: PretrainedConfig, student: PretrainedConfig, tokenizer: PreTrainedTokenizerBase | None
-) -> None:
+) -> list[str]:
     """Refuse a teacher whose next-token distributions are not over the student's tokens: another vocabulary size
-    (TRL compares the two heads' logits position by position), or a tokenizer that gives tokens other ids."""
+    (TRL compares the two heads' logits position by position), or a tokenizer that gives tokens other ids. Returns
+    the warnings: a teacher whose own chat template is another than the student's reads the student's rendering."""
     theirs, ours = config.get_text_config().vocab_size, student.get_text_config().vocab_size
     if theirs != ours:
         raise ConfigError(
@@ -104,7 +106,7 @@ def check_teacher(
         )
     other = _teacher_tokenizer(teacher)
     if tokenizer is None or other is None:
-        return
+        return []
     vocab, their_vocab = tokenizer.get_vocab(), other.get_vocab()
     moved = sorted((i, t) for t, i in vocab.items() if their_vocab.get(t) != i)
     if moved:
@@ -114,6 +116,14 @@ def check_teacher(
             f"other ids there (token {token!r} is {i} here, {their_vocab.get(token)} there); the teacher must share "
             "the student's tokenizer"
         )
+    theirs_template, ours_template = template_hash(other.chat_template), template_hash(tokenizer.chat_template)
+    if theirs_template and ours_template and theirs_template != ours_template:
+        return [
+            f"{KEY}: '{teacher.label}' has a chat template of its own ({theirs_template}) other than the student's "
+            f"({ours_template}); the teacher reads the prompts and replies as the student's template renders them, "
+            "which it may not have been trained on"
+        ]
+    return []
 
 
 def _teacher_tokenizer(teacher: Teacher) -> PreTrainedTokenizerBase | None:

@@ -154,6 +154,13 @@ def test_a_teacher_that_does_not_fit_the_student_is_refused_before_anything_load
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
     assert "distill.teacher: 'other' has another tokenizer: 2 of the student's" in refusal(other)
+    # the same tokenizer with a chat template of its own: planned, with a warning that it reads the student's
+    shutil.copytree(tiny_model_dir, tmp_path / "templated", ignore=shutil.ignore_patterns("*.safetensors"))
+    template = tmp_path / "templated" / "chat_template.jinja"
+    template.write_text(template.read_text() + "{# the teacher's own #}")
+    said = [w for w in make_plan(_distill(tmp_path, tmp_path / "templated")).warnings if w.startswith("distill.")]
+    assert len(said) == 1 and "has a chat template of its own" in said[0]
+    assert not [w for w in make_plan(_distill(tmp_path, tiny_model_dir)).warnings if w.startswith("distill.")]
     # a run that did not complete, a folder that is no model
     assert "is failed, not completed" in refusal(fake_run(tmp_path, "broken", status="failed"))
     done = fake_run(tmp_path, "done")
