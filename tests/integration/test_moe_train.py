@@ -74,7 +74,7 @@ def test_a_model_that_cannot_run_packed_rows_trains_on_padded_batches(tmp_path: 
     from tunelab.errors import ConfigError
 
     folder = tiny_folder(tmp_path / "falcon-h1", tiny_model_dir, "falcon_h1")
-    settings = [f"model.id={folder}", f"output.dir={tmp_path}", "train.max_steps=2"]
+    settings = [f"model.id={folder}", f"output.dir={tmp_path}", "train.max_steps=2", "data.eval.rows=8"]
     m = train(load_experiment(EXAMPLES / "quickstart.yaml", settings)).manifest
     assert m.status == "completed" and m.change_check.ok and m.final_eval_loss < m.base_eval_loss
     assert m.batching["padding_free"] is False
