@@ -168,6 +168,10 @@ def test_a_teacher_that_does_not_fit_the_student_is_refused_before_anything_load
         make_plan(_distill(tmp_path, done, "distill.teacher_quantization={bits: 4}"))
     (tmp_path / "empty").mkdir()
     assert "distill.teacher: no config.json in" in refusal(tmp_path / "empty")
+    # the CLI: the teacher's row in the memory table, and no loss tokens to count in prompts alone
+    shown = run_cli("plan", str(EXAMPLES / "distill.yaml"), "--set", f"distill.teacher={tiny_model_dir}")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"teacher ({tiny_model_dir.name}, frozen)" in shown.stdout and "loss tokens" not in shown.stdout
     # the CLI: one line, exit 2
     planned = run_cli("plan", str(EXAMPLES / "distill.yaml"), "--set", f"distill.teacher={wider}")
     assert planned.returncode == 2 and "Traceback" not in planned.stderr and "predicts over" in planned.stderr

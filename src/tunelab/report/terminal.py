@@ -169,12 +169,13 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     if plan.data is not None:
         d = plan.data
         dt = Table(title=f"Data ({d.format})", title_justify="left", show_edge=False)
-        for col in ("split", "examples", "tokens p50", "p90", "max", "truncated", "loss tokens"):
+        # Prompts to sample replies for (GRPO, distill) supervise no token of the data: no loss tokens to count.
+        columns = ("split", "examples", "tokens p50", "p90", "max", "truncated")
+        columns += () if d.format == "prompt" else ("loss tokens",)
+        for col in columns:
             dt.add_column(col, justify="right" if col != "split" else "left")
-        dt.add_row(*_split_row("train", d.train))
-        dt.add_row(*_split_row("eval", d.eval))
-        for name, stats in d.also.items():
-            dt.add_row(*_split_row(f"eval {name}", stats))
+        for name, stats in [("train", d.train), ("eval", d.eval), *((f"eval {n}", s) for n, s in d.also.items())]:
+            dt.add_row(*_split_row(name, stats)[: len(columns)])
         console.print(dt)
         if d.sources:
             console.print(d.sources, markup=False, highlight=False)
