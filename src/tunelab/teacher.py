@@ -161,15 +161,16 @@ def load_teacher(teacher: Teacher, device: str) -> PreTrainedModel:
     return model.eval()
 
 
-def teacher_record(teacher: Teacher) -> BaseModelRecord:
-    """What taught: a model's id and the fingerprint of its weights, or a run's folder and a fingerprint of its base
-    and its trained files (a run retrained in place is another teacher)."""
+def teacher_record(teacher: Teacher, shown: bool = False) -> BaseModelRecord:
+    """What taught: a model's id and the fingerprint of its weights (downloaded first where they are missing, the
+    download on the terminal when `shown`), or a run's folder and a fingerprint of its base and its trained files (a
+    run retrained in place is another teacher)."""
     from tunelab.models import file_digest, fingerprint, weights_path
     from tunelab.runs import CHECKPOINTS, BaseModelRecord, read_manifest
 
     if teacher.run is None:
         with as_teacher_errors():
-            source = weights_path(teacher.settings)
+            source = weights_path(teacher.settings, shown)
         return BaseModelRecord(
             id=teacher.spec, path=source, revision=teacher.settings.revision,
             fingerprint=fingerprint(source, teacher.settings.revision),

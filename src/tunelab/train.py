@@ -339,7 +339,7 @@ def train(
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),
         reward_hashes=reward_hashes(exp.grpo.rewards) if exp.grpo else None,
-        teacher=teacher_record(resolve_teacher(exp)) if exp.distill else None,
+        teacher=teacher_record(resolve_teacher(exp), shown=distributed.is_main()) if exp.distill else None,
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
