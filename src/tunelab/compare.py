@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import DataSettings, Experiment, ModelSettings, TokenizerSettings
+from tunelab.config import DataSettings, Experiment, ModelSettings, TokenizerSettings, model_head
 from tunelab.errors import TunelabError
 from tunelab.runs import (
     TOKENIZER,
@@ -186,6 +186,11 @@ def load_runs(
         manifest = read_manifest(run_dir)
         if manifest.status != "completed":
             raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be used by {command}")
+        if model_head(manifest.method or "") != "lm":
+            raise TunelabError(
+                f"{command}: {run_dir} is a reward model (method: {manifest.method}), which scores replies and writes "
+                f"none; its held-out pair accuracy is in `tunelab show {run_dir}`"
+            )
         runs.append((Path(run_dir), manifest))
     if any(m.base_model is None for _, m in runs):
         raise TunelabError(
@@ -454,7 +459,20 @@ def compare(
     base are compared on that same quantized base (the first run's settings load it). `include_teachers`: the
     teachers of distill runs (those not compared as runs already) answer and are scored beside them."""
     from tunelab.methods import get_method
+    from tunelab.reward_model import is_reward_run
 
+    judges = [Path(d) for d in run_dirs if is_reward_run(d)]  # reward models score the others' replies
+    if len(judges) > 1:
+        raise TunelabError(
+            f"compare: {len(judges)} reward models given ({', '.join(map(str, judges))}); one scores the variants' "
+            "replies: give one"
+        )
+    run_dirs = [d for d in run_dirs if Path(d) not in judges]
+    if not run_dirs:
+        raise TunelabError(
+            f"compare: {judges[0]} is a reward model, which scores replies and writes none; give the runs whose "
+            f"replies it should score beside it (its held-out pair accuracy is in `tunelab show {judges[0]}`)"
+        )
     runs = load_runs(run_dirs, mixed_quantization, elsewhere=True)
     if include_base and any(m.name == "base" for _, m in runs):
         raise TunelabError(
@@ -495,7 +513,11 @@ def compare(
     if include_base:
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
-    scored, rewards_note = reward_scores(rewarded, prompts, {v.name: outputs[v.name] for v in variants})
+    replies = {v.name: outputs[v.name] for v in variants}
+    if judges:
+        scored, rewards_note = judge_scores(judges[0], prompts, replies)
+    else:
+        scored, rewards_note = reward_scores(rewarded, prompts, replies)
     for v in variants:
         v.numbers["reward"] = scored.get(v.name)
     for v in variants:
@@ -587,6 +609,22 @@ def reward_scores(
     except TunelabError as e:
         return {}, f"not scored with {manifest.name}'s rewards ({names}): {e}"
     return scores, f"{manifest.name}'s rewards ({names}) on each variant's outputs"
+
+
+def judge_scores(run_dir: Path, prompts: list[Prompt], outputs: dict[str, list[str]]) -> tuple[dict[str, float], str]:
+    """Every variant's mean score over the prompts by a reward model (a run of method: reward), each prompt and reply
+    scored as the reward model's training scored a pair's answer; and a note of what scored them."""
+    from tunelab.reward_model import RewardModel
+
+    judge = RewardModel(run_dir)
+    asked = [p.messages for p in prompts]
+    scores = {
+        name: round(statistics.fmean(judge(asked, texts)), 4) if texts else None for name, texts in outputs.items()
+    }
+    return (
+        scores,
+        f"the mean score of each variant's outputs by the reward model {read_manifest(run_dir).name} ({run_dir})",
+    )
 
 
 PRIMARY = "eval"  # the eval data's set among the held-out sets: its loss is eval_loss

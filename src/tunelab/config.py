@@ -409,7 +409,8 @@ class GRPOSettings(Strict):
         min_length=1,
         description="Reward functions, each `file.py:function` (relative to the experiment file; called as TRL calls "
         "them: prompts, completions and the row's other columns as keyword arguments, returning one float per "
-        "completion) or `trl:<name>`, one of TRL's (trl:think_format_reward, trl:accuracy_reward, ...).",
+        "completion), `trl:<name>`, one of TRL's (trl:think_format_reward, trl:accuracy_reward, ...), or a completed "
+        "tunelab run of method: reward (e.g. runs/reward), whose reward model scores each prompt and completion.",
     )
     reward_weights: list[float] | None = Field(
         default=None, description="Weight of each reward in the total (default: 1 each)."
@@ -475,6 +476,27 @@ class DistillSettings(Strict):
         default=1.0, gt=0, description="Sampling temperature of the replies, and of both distributions in the loss."
     )
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of the replies.")
+
+
+class RewardSettings(Strict):
+    center_rewards: float | None = Field(
+        default=None,
+        ge=0,
+        description="Weight of a penalty on the squared mean score of each pair, which keeps the scores centred on 0 "
+        "(TRL's center_rewards_coefficient; 0.01 in the paper that introduced it). Scores centred on 0 mean the same "
+        "across prompts, as a reward for GRPO wants.",
+    )
+
+
+# Methods whose model scores a whole sequence with one number (AutoModelForSequenceClassification, num_labels=1)
+# rather than predicting the next token: their base model gets a new score head in place of lm_head.
+SCORING_METHODS = ("reward",)
+
+
+def model_head(method: str) -> str:
+    """The head a method's model carries: "lm" (next-token logits, every method that generates) or "score" (one number
+    a sequence: a reward model)."""
+    return "score" if method in SCORING_METHODS else "lm"
 
 
 class LoraScope(Strict):
@@ -732,7 +754,7 @@ class DistributedSettings(Strict):
 
 
 METHODS = Literal[
-    "sft", "dpo", "kto", "orpo", "simpo", "grpo", "distill"
+    "sft", "dpo", "kto", "orpo", "simpo", "grpo", "distill", "reward"
 ]  # tunelab.methods.REGISTRY holds each one's code
 METHOD_SECTIONS = {
     "dpo": DPOSettings,
@@ -741,6 +763,7 @@ METHOD_SECTIONS = {
     "simpo": SimPOSettings,
     "grpo": GRPOSettings,
     "distill": DistillSettings,
+    "reward": RewardSettings,
 }
 
 
@@ -754,7 +777,8 @@ class Experiment(Strict):
         description="Objective: sft (demonstrations), dpo, kto, orpo or simpo (preferences; orpo and simpo keep no "
         "reference model, kto also takes unpaired thumbs-up/down data), or grpo (prompts, and reward functions that "
         "score sampled completions), or distill (prompts, and a teacher model whose next-token distributions the "
-        "student learns on its own sampled replies).",
+        "student learns on its own sampled replies), or reward (preference pairs: a reward model, the base with a "
+        "score head that rates a whole reply, trained to rate the chosen answer above the rejected one).",
     )
     dpo: DPOSettings | None = Field(default=None, description="DPO settings (method: dpo).")
     kto: KTOSettings | None = Field(default=None, description="KTO settings (method: kto).")
@@ -764,6 +788,7 @@ class Experiment(Strict):
     distill: DistillSettings | None = Field(
         default=None, description="Distillation settings (method: distill): the teacher, the divergence, sampling."
     )
+    reward: RewardSettings | None = Field(default=None, description="Reward model settings (method: reward).")
     scope: Scope = Field(default_factory=lambda: Scope(lora=LoraScope()), description="What trains.")
     init_from: str | None = Field(
         default=None,
@@ -803,6 +828,8 @@ class Experiment(Strict):
                 f"distill.max_completion_length: {self.distill.max_completion_length} leaves no room for the prompt "
                 f"within train.max_length={self.train.max_length}; lower it or raise train.max_length"
             )
+        if self.method in SCORING_METHODS:
+            self._check_scoring()
         micro = self.train.micro_batch_size
         if micro is not None and micro != self.train.batch_size:
             if self.method != "sft" or self.train.packing or self.train.group_by_length:
@@ -863,6 +890,21 @@ class Experiment(Strict):
                 "train.batch_size: KTO estimates its KL term from other examples of a batch; use 2 or more"
             )
         return self
+
+    def _check_scoring(self) -> None:
+        """A reward model has no lm_head: its new score head trains in every scope, and a scope that opens lm_head asks
+        for something it does not have."""
+        lora, partial = self.scope.lora, self.scope.partial
+        asks = (
+            "scope.lora.open: lm_head" if lora is not None and "lm_head" in lora.open
+            else "scope.partial.lm_head" if partial is not None and partial.lm_head
+            else None
+        )  # fmt: skip
+        if asks:
+            raise ValueError(
+                f"{asks}: a reward model has no lm_head (a new score head, which always trains, rates the reply); "
+                "remove it"
+            )
 
     def _check_grpo(self, grpo: GRPOSettings) -> None:
         t = self.train
@@ -926,6 +968,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("model", "quantization"): None,
     ("grpo",): None,
     ("distill",): None,
+    ("reward",): None,
     ("tokenizer", "template_vars"): {},
     ("scope", "lora", "dora"): False,
     ("scope", "lora", "rslora"): False,
@@ -1171,10 +1214,13 @@ def _local(path: str, base: Path) -> str:
 
 
 def _local_reward(spec: str, base: Path) -> str:
-    """`file.py:function` with the file made absolute; TRL's rewards (`trl:name`) stay as they are."""
+    """`file.py:function` with the file made absolute, a reward model's run folder too where it is there; TRL's
+    rewards (`trl:name`) stay as they are."""
     file, sep, function = spec.rpartition(":")
-    if not sep or spec.startswith("trl:"):
+    if spec.startswith("trl:"):
         return spec
+    if not sep:
+        return _local(spec, base)
     return f"{_local(file, base)}:{function}"
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from tunelab.config import model_head
 from tunelab.errors import TunelabError
 from tunelab.runs import TOKENIZER, Manifest, lm_eval_scores, load_run_experiment, now, read_manifest, write_json
 
@@ -36,6 +37,7 @@ def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> No
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
+    from tunelab.models import auto_tokenizer
     from tunelab.scopes import run_scope
 
     run_dir, out = Path(run_dir), Path(out)
@@ -49,7 +51,10 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
     kind, base = run_scope(run_dir, manifest, device="cpu")
     model, written = kind.export(run_dir, tmp, merge, base)
     if model is not None:
-        stop_at_terminator(model, run_dir / TOKENIZER, manifest.terminator)
+        if base.head == "score":  # a reward model finds each sequence's last token by the pad id it trained with
+            model.config.pad_token_id = auto_tokenizer(run_dir / TOKENIZER).pad_token_id
+        else:
+            stop_at_terminator(model, run_dir / TOKENIZER, manifest.terminator)
         model.save_pretrained(tmp)  # safetensors
     for item in (run_dir / TOKENIZER).iterdir():
         shutil.copy2(item, tmp / item.name)
@@ -100,7 +105,11 @@ def model_card(run_dir: Path, manifest: Manifest, written: str) -> str:
         meta |= {"base_model": base, "base_model_relation": "adapter" if written == "adapter" else "finetune"}
     if datasets := list(dict.fromkeys(hub for _, hub in sources if hub)):
         meta["datasets"] = datasets
-    meta |= {"pipeline_tag": "text-generation", "tags": [t for t in ("tunelab", manifest.method, manifest.scope) if t]}
+    scores = model_head(manifest.method or "") == "score"
+    meta |= {
+        "pipeline_tag": "text-classification" if scores else "text-generation",
+        "tags": [t for t in ("tunelab", manifest.method, manifest.scope) if t],
+    }
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {manifest.name}", ""]
     trained = f"{manifest.trainable_params:,} of {manifest.total_params:,} parameters" if manifest.total_params else ""
     lines += [
@@ -129,7 +138,7 @@ def model_card(run_dir: Path, manifest: Manifest, written: str) -> str:
         "## Use",
         "",
         "```python",
-        *_use(written),
+        *_use(written, scores),
         "```",
         "",
     ]
@@ -207,7 +216,23 @@ def _settings(exp, manifest: Manifest) -> dict[str, str]:
     }
 
 
-def _use(written: str) -> list[str]:
+def _use(written: str, scores: bool = False) -> list[str]:
+    if scores:  # a reward model: one score a conversation, read at its last token
+        loads = (
+            ["from peft import AutoPeftModelForSequenceClassification", "from transformers import AutoTokenizer", "",
+             'model = AutoPeftModelForSequenceClassification.from_pretrained("path/to/this/folder", num_labels=1)']
+            if written == "adapter"
+            else ["from transformers import AutoModelForSequenceClassification, AutoTokenizer", "",
+                  'model = AutoModelForSequenceClassification.from_pretrained("path/to/this/folder")']
+        )  # fmt: skip
+        return [
+            *loads,
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+            *(["model.config.pad_token_id = tokenizer.pad_token_id"] if written == "adapter" else []),
+            'chat = [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]',
+            'score = model(tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"])'
+            ".logits[0, 0]",
+        ]
     if written == "adapter":
         return [
             "from peft import AutoPeftModelForCausalLM",

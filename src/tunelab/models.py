@@ -5,6 +5,7 @@ Hub ids, local folders and `builtin:` models all end in the same `from_pretraine
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -184,39 +185,74 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
     return config
 
 
-def auto_class(config: PretrainedConfig) -> type:
-    """The Auto class that builds this model with its language-model head.
+def auto_class(config: PretrainedConfig, head: str = "lm") -> type:
+    """The Auto class that builds this model with its head: "lm" for the language-model head, "score" for a reward
+    model's score head (AutoModelForSequenceClassification).
 
     AutoModelForCausalLM where Transformers maps the config there (Gemma 3's image-text checkpoints included);
     image-text checkpoints it does not map (Mistral Small 3.x, Qwen2.5-VL) load through AutoModelForImageTextToText,
     whose models generate text the same way. tunelab trains their language model on text.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING,
         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     )
 
-    remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or remote:
+    kind = getattr(config, "model_type", type(config).__name__)
+    architectures = ", ".join(getattr(config, "architectures", None) or ["no architectures"])
+    remote = getattr(config, "auto_map", None) or {}
+    if head == "score":
+        if type(config) in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING or "AutoModelForSequenceClassification" in remote:
+            return AutoModelForSequenceClassification
+        raise ConfigError(
+            f"model.id: method reward puts a score head on the base model, and Transformers has none for a '{kind}' "
+            f"model ({architectures}, no AutoModelForSequenceClassification); choose a base of another family"
+        )
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in remote:
         return AutoModelForCausalLM
     if type(config) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
         return AutoModelForImageTextToText
-    kind = getattr(config, "model_type", type(config).__name__)
     raise ConfigError(
-        f"model.id: a '{kind}' model ({', '.join(getattr(config, 'architectures', None) or ['no architectures'])}) "
+        f"model.id: a '{kind}' model ({architectures}) "
         "does not generate text with a language-model head Transformers knows (AutoModelForCausalLM or "
         "AutoModelForImageTextToText); point model.id at a causal language model"
     )
 
 
-def meta_model(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The model's modules and parameter shapes without allocating any weights."""
+def score_head(model) -> str | None:
+    """The name of a sequence-scoring model's score head (a reward model's `score`), None for any other model."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return None
+    return next((name for name in ("score", "classifier") if hasattr(model, name)), None)
+
+
+def _seqcls_quiet():
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    return suppress_seqcls_warning()
+
+
+def with_head(config: PretrainedConfig, head: str) -> PretrainedConfig:
+    """The config the model with this head is built from: a score head rates a sequence with one number
+    (num_labels=1, as TRL's RewardTrainer builds it), on a copy so the caller's config stays as read."""
+    if head != "score" or getattr(config, "num_labels", None) == 1:
+        return config
+    import copy
+
+    scored = copy.deepcopy(config)
+    scored.num_labels = 1
+    return scored
+
+
+def meta_model(config: PretrainedConfig, trust_remote_code: bool = False, head: str = "lm") -> PreTrainedModel:
+    """The model's modules and parameter shapes, with this head (see `auto_class`), without allocating any weights."""
     import torch
 
     with torch.device("meta"):
         try:
-            return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+            return auto_class(config, head).from_config(with_head(config, head), trust_remote_code=trust_remote_code)
         except ImportError as e:
             raise _missing_package(config, e) from e
 
@@ -261,13 +297,14 @@ def load_model(
     device: str,
     config: PretrainedConfig | None = None,
     weights: str | None = None,
+    head: str = "lm",
 ) -> PreTrainedModel:
-    """The base model's weights; `config` and `weights` (weights_path's answer), when the caller has them already,
-    are not read or asked again."""
+    """The base model's weights, with this head (see `auto_class`; a new score head starts from the seed set before);
+    `config` and `weights` (weights_path's answer), when the caller has them already, are not read or asked again."""
     from tunelab.distributed import is_main
 
     path = weights or weights_path(settings, shown=is_main())
-    config = config if config is not None else load_config(settings)
+    config = with_head(config if config is not None else load_config(settings), head)
     kwargs = {"config": config}
     if settings.attn_implementation:
         kwargs["attn_implementation"] = settings.attn_implementation
@@ -288,16 +325,19 @@ def load_model(
             check_stored_quantization(settings, config)
             computes = kwargs.pop("quantization_config").to_dict()["bnb_4bit_compute_dtype"]
             config.quantization_config = stored | {"bnb_4bit_compute_dtype": computes}
+    # A new score head and the causal checkpoint's lm_head are expected: TRL's filter keeps Transformers' report quiet.
+    quiet = _seqcls_quiet() if head == "score" else contextlib.nullcontext()
     try:
-        model, info = auto_class(config).from_pretrained(
-            path,
-            revision=settings.revision,
-            dtype=dtype,
-            trust_remote_code=settings.trust_remote_code,
-            use_safetensors=True,
-            output_loading_info=True,
-            **kwargs,
-        )
+        with quiet:
+            model, info = auto_class(config, head).from_pretrained(
+                path,
+                revision=settings.revision,
+                dtype=dtype,
+                trust_remote_code=settings.trust_remote_code,
+                use_safetensors=True,
+                output_loading_info=True,
+                **kwargs,
+            )
     except OSError as e:
         if "no file named model.safetensors" in str(e):  # a hub repository with pickled weights alone
             raise ConfigError(_no_safetensors(settings.id, _pickles(Path(path)))) from e
@@ -310,7 +350,9 @@ def load_model(
         # the commit it trained on (PEFT's base_model_name_or_path and revision).
         model.name_or_path = model.config.name_or_path = settings.id
         model.config._commit_hash = Path(path).name
-    missing = sorted(info.get("missing_keys") or [])
+    # A score head the base checkpoint lacks starts random, as every new head does: it is what a reward model trains.
+    new_head = score_head(model)
+    missing = sorted(k for k in info.get("missing_keys") or [] if new_head is None or not k.startswith(f"{new_head}."))
     if missing:
         raise ConfigError(
             f"model.id: the weights in '{settings.id}' lack {len(missing)} tensor(s) its config.json asks for "
@@ -598,6 +640,19 @@ def fingerprint(source: str, revision: str | None = None) -> str:
     h.update(json.dumps(config, sort_keys=True).encode())
     for weights in sorted(path.glob("*.safetensors")):
         h.update(weights.name.encode() + file_digest(weights).encode())
+    return h.hexdigest()[:16]
+
+
+def run_fingerprint(run_dir: Path) -> str:
+    """A completed run's trained model, fingerprinted: its base's fingerprint and the digests of its trained files
+    (checkpoints aside). A run retrained in place is another model."""
+    from tunelab.runs import CHECKPOINTS, read_manifest
+
+    manifest = read_manifest(run_dir)
+    h = hashlib.sha256((manifest.base_model.fingerprint if manifest.base_model else "").encode())
+    for f in sorted(run_dir.rglob("*.safetensors")):
+        if CHECKPOINTS not in f.relative_to(run_dir).parts:
+            h.update(str(f.relative_to(run_dir)).encode() + file_digest(f).encode())
     return h.hexdigest()[:16]
 
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tunelab.config import Experiment, Quantization
+from tunelab.config import Experiment, Quantization, model_head
 from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
@@ -64,6 +64,8 @@ class Memory:
     sampling_bytes: int = 0
     teacher: str | None = None  # distill: the frozen model beside the student, whose weights teacher_bytes counts
     teacher_bytes: int = 0
+    reward_models: str | None = None  # GRPO: the reward models (runs of method: reward) beside the policy, frozen
+    reward_models_bytes: int = 0
     quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
     master: str = "none"  # where trained weights keep a float32 master copy (methods.common.master_copy)
     optimizer_name: str | None = None  # train.optimizer; None: Transformers' default AdamW
@@ -169,9 +171,11 @@ def linear_params(model) -> int:
     model Transformers' bitsandbytes integration quantizes (counted unpacked)."""
     from torch import nn
 
+    from tunelab.models import score_head
     from tunelab.scopes import numel
 
-    head = model.get_output_embeddings()
+    scored = score_head(model)
+    head = model.get_output_embeddings() if scored is None else model.get_submodule(scored)
     return sum(
         numel(m.weight)
         for name, m in model.named_modules()
@@ -313,6 +317,7 @@ def memory_warning(mem: Memory, method: str) -> str | None:
         "gradients": mem.gradients_bytes,
         "reference model": mem.reference_bytes,
         "teacher model": mem.teacher_bytes,
+        "reward models": mem.reward_models_bytes,
         "activations": acts,
     }
     largest = max(parts, key=parts.get)
@@ -338,6 +343,7 @@ def memory_warning(mem: Memory, method: str) -> str | None:
         "gradients": fewer,
         "reference model": f"{method}.reference: precomputed (log-probabilities computed once, no second model)",
         "teacher model": "a smaller teacher (distill.teacher), or model.dtype: bfloat16 where the device has it",
+        "reward models": "a smaller reward model in grpo.rewards, or one trained with model.dtype: bfloat16",
         "activations": activations,
     }[largest]
     where = "this machine's memory" if mem.device == "cpu" else f"{mem.device} memory"
@@ -416,8 +422,10 @@ def estimate_memory(
     device: str,
     engine: Engine | None = None,
     teacher: tuple[str, int] | None = None,
+    reward_models: tuple[str, int] | None = None,
 ) -> Memory:
-    """`teacher`: distill's teacher beside the student, by its label and the bytes its weights take."""
+    """`teacher`: distill's teacher beside the student, by its label and the bytes its weights take; `reward_models`:
+    GRPO's reward models beside the policy, likewise."""
     from tunelab.scopes import get_scope
 
     b = DTYPE_BYTES[dtype]
@@ -461,6 +469,8 @@ def estimate_memory(
     n_act = _activation_layers(scope, facts.layers)
     if method.fused_head:  # one tile of TRL's fused LM head (trl/kernels/chunked_logprob.py), forward or backward
         logits = min(tokens, FUSED_HEAD_TOKENS) * min(facts.vocab_size, FUSED_HEAD_VOCAB) * b
+    elif model_head(exp.method) == "score":  # a reward model's score head: one number a token, not a vocabulary
+        logits = tokens * (b + 8)
     else:
         logits = tokens * facts.vocab_size * (b + 8)  # logits, their float32 upcast and its gradient
     # DoRA keeps each adapted module's base output for the magnitude's gradient (one layer's worth when recomputed).
@@ -473,7 +483,8 @@ def estimate_memory(
     ckpt_acts += 2 * merged_layer * b
     available = device_memory(device)
     teacher_bytes = teacher[1] if teacher else 0
-    static = weights + grads + optimizer + reference_bytes + teacher_bytes
+    judges_bytes = reward_models[1] if reward_models else 0
+    static = weights + grads + optimizer + reference_bytes + teacher_bytes + judges_bytes
     match exp.train.gradient_checkpointing:
         case "on":
             checkpointing = True
@@ -507,6 +518,8 @@ def estimate_memory(
         sampling_bytes=sampling,
         teacher=teacher[0] if teacher else None,
         teacher_bytes=teacher_bytes,
+        reward_models=reward_models[0] if reward_models else None,
+        reward_models_bytes=judges_bytes,
         quantized_params=facts.linear_params if quantization else 0,
         master=master,
         optimizer_name=exp.train.optimizer,
@@ -655,7 +668,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     from tunelab.scopes import apply_scope, get_scope, init_source
 
     inputs = inputs or read_inputs(exp)
-    model = meta_model(inputs.config, exp.model.trust_remote_code)
+    model = meta_model(inputs.config, exp.model.trust_remote_code, model_head(exp.method))
     facts = model_facts(exp.model.id, model)
     continued = []
     if exp.init_from is not None and not Path(exp.init_from).exists():  # a stage planned before the one it follows
@@ -683,7 +696,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         label, size, said = teacher_size(exp, inputs, dtype, device)
         teacher = (label, size)
         resolved.warnings += said
-    memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher)
+    judges = reward_models_size(exp, dtype)
+    memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher, judges)
     if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
         raise ConfigError(fails)
     warnings = list(resolved.warnings) + ([several] if several else [])
@@ -740,11 +754,37 @@ def teacher_size(exp: Experiment, inputs: Inputs, dtype: str, device: str) -> tu
         if quantization is not None:
             check_quantization(quantization, device)
         model = meta_model(config, teacher.settings.trust_remote_code)
-    total, b = sum(p.numel() for p in model.parameters()), DTYPE_BYTES[dtype]
+    return teacher.label, frozen_bytes(model, quantization, DTYPE_BYTES[dtype]), warnings
+
+
+def frozen_bytes(model, quantization: Quantization | None, b: int) -> int:
+    """The bytes a frozen model's weights take (a teacher, a reward model), `b` a parameter, or with its decoder's
+    linear weights packed as `quantization` says and the rest (embeddings, norms, the head) `b` a parameter."""
+    total = sum(p.numel() for p in model.parameters())
     if quantization is None:
-        return teacher.label, total * b, warnings
-    linear = linear_params(model)  # quantized; the rest (embeddings, norms, the head) keeps the run's dtype
-    return teacher.label, int(linear * quantized_bytes_per_param(quantization)) + (total - linear) * b, warnings
+        return total * b
+    linear = linear_params(model)
+    return int(linear * quantized_bytes_per_param(quantization)) + (total - linear) * b
+
+
+def reward_models_size(exp: Experiment, dtype: str) -> tuple[str, int] | None:
+    """GRPO's reward models (runs of method: reward named in grpo.rewards), loaded beside the policy: their names and
+    the bytes their weights take (each in its own run's dtype where it names one, else the run's), from their
+    configs alone; None where no reward is a model."""
+    from tunelab.models import load_config, meta_model
+    from tunelab.rewards import check_rewards, reward_runs
+    from tunelab.runs import load_run_experiment
+
+    runs = reward_runs(exp.grpo.rewards) if exp.grpo is not None else []
+    if not runs:
+        return None
+    check_rewards(exp.grpo.rewards)  # each a completed reward model before its files are read
+    total = 0
+    for run in runs:
+        own = load_run_experiment(run).model
+        model = meta_model(load_config(own), own.trust_remote_code, "score")
+        total += frozen_bytes(model, own.quantization, DTYPE_BYTES[own.dtype if own.dtype != "auto" else dtype])
+    return ", ".join(run.name for run in runs), total
 
 
 def _run_to_come(teacher: str, output_dir: str) -> bool:

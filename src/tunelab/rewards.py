@@ -32,7 +32,8 @@ def _split(spec: str, i: int) -> tuple[Path, str]:
     if not sep or not file.endswith(".py") or not function.isidentifier():
         raise ConfigError(
             f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
-            f"beside the experiment) or one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}"
+            f"beside the experiment), one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}, or the folder of a "
+            "completed run of method: reward"
         )
     return Path(file), function
 
@@ -62,6 +63,9 @@ def check_rewards(specs: list[str]) -> None:
         if spec.startswith(TRL_PREFIX):
             _trl_name(spec, i)
             continue
+        if _is_run(spec):
+            _check_reward_run(spec, i)
+            continue
         file, function = _split(spec, i)
         if not file.is_file():
             raise ConfigError(
@@ -84,14 +88,48 @@ def check_rewards(specs: list[str]) -> None:
             )
 
 
+def _is_run(spec: str) -> bool:
+    """A reward named by a tunelab run folder (a reward model), not by a file's function."""
+    from tunelab.runs import run_status
+
+    return not spec.startswith(TRL_PREFIX) and run_status(Path(spec)) is not None
+
+
+def reward_runs(specs: list[str]) -> list[Path]:
+    """The reward models among the rewards: the run folders named."""
+    return [Path(spec) for spec in specs if _is_run(spec)]
+
+
+def _check_reward_run(spec: str, i: int) -> None:
+    from tunelab.config import model_head
+    from tunelab.runs import read_manifest
+
+    manifest = read_manifest(Path(spec))
+    if model_head(manifest.method or "") != "score":
+        raise ConfigError(
+            f"grpo.rewards[{i}]: run '{spec}' trained method {manifest.method}, not a reward model; name a run of "
+            "method: reward, or a file.py:function"
+        )
+    if manifest.status != "completed":
+        raise ConfigError(
+            f"grpo.rewards[{i}]: the reward model '{spec}' is {manifest.status}, not completed; finish it (--resume) "
+            "or name another"
+        )
+
+
 def reward_hashes(specs: list[str]) -> dict[str, str]:
-    """sha256 prefix of each reward's file (TRL's: TRL's version), by the reward as named."""
+    """sha256 prefix of each reward's file (TRL's: TRL's version; a reward model: its run's fingerprint), by the
+    reward as named."""
     from importlib.metadata import version
+
+    from tunelab.models import run_fingerprint
 
     out = {}
     for i, spec in enumerate(specs):
         if spec.startswith(TRL_PREFIX):
             out[spec] = f"trl {version('trl')}"
+        elif _is_run(spec):
+            out[spec] = f"run {run_fingerprint(Path(spec))}"
         else:
             out[spec] = hashlib.sha256(_split(spec, i)[0].read_bytes()).hexdigest()[:16]
     return out
@@ -100,10 +138,15 @@ def reward_hashes(specs: list[str]) -> dict[str, str]:
 KEPT = "rewards"  # the run folder's copies of its reward files
 
 
+def _is_file(spec: str) -> bool:
+    """A reward that is a function in the user's file (not TRL's, not a reward model's run)."""
+    return not spec.startswith(TRL_PREFIX) and not _is_run(spec)
+
+
 def _copies(specs: list[str], run_dir: Path) -> dict[Path, Path]:
     """Each reward file and where the run keeps its copy (two files of one name, a/rewards.py and b/rewards.py, told
     apart by their paths)."""
-    files = sorted({_split(spec, i)[0] for i, spec in enumerate(specs) if not spec.startswith(TRL_PREFIX)})
+    files = sorted({_split(spec, i)[0] for i, spec in enumerate(specs) if _is_file(spec)})
     names = [f.name for f in files]
     out = {}
     for file in files:
@@ -128,11 +171,11 @@ def as_trained(specs: list[str], run_dir: Path, recorded: dict[str, str] | None)
     copies = _copies(specs, run_dir)
     now = {}
     for spec in specs:
-        if not spec.startswith(TRL_PREFIX) and Path(spec.rpartition(":")[0]).is_file():
+        if _is_file(spec) and Path(spec.rpartition(":")[0]).is_file():
             now |= reward_hashes([spec])
     out = []
     for i, spec in enumerate(specs):
-        if spec.startswith(TRL_PREFIX) or (recorded or {}).get(spec) in (None, now.get(spec)):
+        if not _is_file(spec) or (recorded or {}).get(spec) in (None, now.get(spec)):
             out.append(spec)
             continue
         file, function = _split(spec, i)
@@ -154,6 +197,10 @@ def _load(spec: str, i: int) -> Callable:
         import trl.rewards
 
         return getattr(trl.rewards, _trl_name(spec, i))
+    if _is_run(spec):
+        from tunelab.reward_model import RewardModel
+
+        return RewardModel(Path(spec))
     file, function = _split(spec, i)
     name = f"tunelab_reward_{i}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
     module_spec = importlib.util.spec_from_file_location(name, file)

@@ -75,10 +75,13 @@ def text_root(model: nn.Module) -> str:
 def other_towers(model: nn.Module) -> list[str]:
     """Parameter names outside the language model and its input and output embeddings: the vision encoder and
     projector of an image-text checkpoint, which text data cannot train. Empty for a causal LM."""
+    from tunelab.models import score_head
+
     root = text_root(model)
     if not root:
         return []
-    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    head = score_head(model)
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings() if head is None else getattr(model, head)]
     keep = {id(p) for e in embeddings if e is not None for p in e.parameters()}
     return [n for n, p in model.named_parameters() if not n.startswith(root + ".") and id(p) not in keep]
 
@@ -313,6 +316,9 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
     scope.tokens (see `token_ids`)."""
     from peft import LoraConfig
 
+    from tunelab.models import score_head
+
+    head = score_head(model)
     decoder = find_decoder(model, scope.layers_pattern)
     layers = select_layers(scope.layers, decoder.count, "scope.lora.layers")
     linears = linear_modules(model)
@@ -362,7 +368,8 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         lora_alpha=scope.alpha,
         lora_dropout=dropout,
         bias=scope.bias,
-        task_type=scope.task_type,
+        # A reward model: PEFT's sequence-classification task, whose new score head trains whole beside the adapter.
+        task_type="SEQ_CLS" if head else scope.task_type,
         target_modules=regex if regex is not None else names,  # empty where only expert weights train (mlp, Mixtral)
         layers_to_transform=None if all_layers or regex is not None else layers,
         layers_pattern=None if all_layers or regex is not None else decoder.pattern,
@@ -371,7 +378,7 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         alpha_pattern=patterns and {k: v * scope.alpha / scope.r for k, v in patterns.items()},
         use_dora=scope.dora,
         use_rslora=scope.rslora,
-        modules_to_save=opened_modules(scope, model, decoder) or None,
+        modules_to_save=sorted({*opened_modules(scope, model, decoder), *([head] if head else [])}) or None,
         trainable_token_indices=token_rows(model, token_ids) if token_ids else None,
         # A tied lm_head and embedding matrix stay one tensor when either opens: trained apart, the merged model
         # would be saved tied again and lose one of them. (PEFT ties trainable token rows on its own.)
@@ -470,8 +477,9 @@ def token_rows(model: nn.Module, ids: list[int]) -> dict[str, list[int]]:
     """PEFT's trainable_token_indices: the rows in the input embeddings and, when it is not tied to them (PEFT ties
     that one itself), in lm_head, so the model can both read and write the tokens."""
     rows = {module_name(model, model.get_input_embeddings()): ids}
-    if not tied_embeddings(model):
-        rows[module_name(model, model.get_output_embeddings())] = ids
+    out = model.get_output_embeddings()  # None for a reward model: its tokens are only read
+    if out is not None and not tied_embeddings(model):
+        rows[module_name(model, out)] = ids
     return rows
 
 
@@ -481,7 +489,7 @@ def untrained_tokens(model: nn.Module, ids: set[int], read_rows=None) -> list[in
     `read_rows(parameter_name, rows)`: where the weights are not loaded (plan), the checkpoint's rows by name, or
     None where it has no such tensor."""
     modules = [model.get_input_embeddings()]
-    if not tied_embeddings(model):
+    if model.get_output_embeddings() is not None and not tied_embeddings(model):
         modules.append(model.get_output_embeddings())
     found: set[int] = set()
     for module in modules:
@@ -515,6 +523,8 @@ def rows_left_frozen(model: nn.Module, ids: list[int]) -> list[int]:
     """Of these token ids, the ones whose embedding or lm_head row does not train under the applied scope."""
     frozen: set[int] = set()
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is None:  # a reward model has no lm_head
+            continue
         adapter = getattr(module, "token_adapter", None)  # PEFT's trainable tokens: these rows only
         if adapter is not None:
             frozen |= set(ids) - set(adapter.token_indices.get("default", []))
@@ -590,6 +600,8 @@ def _final_norm(model: nn.Module, decoder: Decoder, key: str = "scope.partial.no
 
 def partial_parameters(scope: PartialScope, model: nn.Module) -> tuple[list[str], list[int], list[str]]:
     """(parameter names to open, block indices, warnings)."""
+    from tunelab.models import score_head
+
     decoder = find_decoder(model)
     if scope.last_blocks is not None:
         blocks = select_layers(LastN(last=scope.last_blocks), decoder.count, "scope.partial.last_blocks")
@@ -606,6 +618,8 @@ def partial_parameters(scope: PartialScope, model: nn.Module) -> tuple[list[str]
         chosen |= {id(p) for p in model.get_output_embeddings().parameters()}
     if scope.embeddings:
         chosen |= {id(p) for p in model.get_input_embeddings().parameters()}
+    if (head := score_head(model)) is not None:  # a reward model's new score head starts random: it always trains
+        chosen |= {id(p) for p in model.get_submodule(head).parameters()}
     notes = []
     if tied_embeddings(model) and (scope.lm_head != scope.embeddings):
         notes.append(

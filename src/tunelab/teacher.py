@@ -9,13 +9,12 @@ refused like one with other data.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import Experiment, ModelSettings
+from tunelab.config import Experiment, ModelSettings, model_head
 from tunelab.errors import ConfigError
 from tunelab.templates import template_hash
 
@@ -52,9 +51,16 @@ def resolve_teacher(exp: Experiment) -> Teacher:
     assert exp.distill is not None
     spec, path = exp.distill.teacher, Path(exp.distill.teacher)
     if run_status(path) is not None:
-        status = read_manifest(path).status
-        if status != "completed":
-            raise ConfigError(f"{KEY}: run '{spec}' is {status}, not completed; finish it (--resume) or name another")
+        manifest = read_manifest(path)
+        if manifest.status != "completed":
+            raise ConfigError(
+                f"{KEY}: run '{spec}' is {manifest.status}, not completed; finish it (--resume) or name another"
+            )
+        if model_head(manifest.method or "") != "lm":
+            raise ConfigError(
+                f"{KEY}: run '{spec}' is a reward model (method: {manifest.method}), which scores replies and predicts "
+                "no tokens; name a model or a run that generates"
+            )
         if exp.distill.teacher_quantization is not None:
             raise ConfigError(
                 f"distill.teacher_quantization: the run '{spec}' teaches as it trained; export it with "
@@ -165,8 +171,8 @@ def teacher_record(teacher: Teacher, shown: bool = False) -> BaseModelRecord:
     """What taught: a model's id and the fingerprint of its weights (downloaded first where they are missing, the
     download on the terminal when `shown`), or a run's folder and a fingerprint of its base and its trained files (a
     run retrained in place is another teacher)."""
-    from tunelab.models import file_digest, fingerprint, weights_path
-    from tunelab.runs import CHECKPOINTS, BaseModelRecord, read_manifest
+    from tunelab.models import fingerprint, run_fingerprint, weights_path
+    from tunelab.runs import BaseModelRecord
 
     if teacher.run is None:
         with as_teacher_errors():
@@ -175,9 +181,4 @@ def teacher_record(teacher: Teacher, shown: bool = False) -> BaseModelRecord:
             id=teacher.spec, path=source, revision=teacher.settings.revision,
             fingerprint=fingerprint(source, teacher.settings.revision),
         )  # fmt: skip
-    manifest = read_manifest(teacher.run)
-    h = hashlib.sha256((manifest.base_model.fingerprint if manifest.base_model else "").encode())
-    for f in sorted(teacher.run.rglob("*.safetensors")):
-        if CHECKPOINTS not in f.relative_to(teacher.run).parts:
-            h.update(str(f.relative_to(teacher.run)).encode() + file_digest(f).encode())
-    return BaseModelRecord(id=teacher.spec, path=str(teacher.run.resolve()), fingerprint=h.hexdigest()[:16])
+    return BaseModelRecord(id=teacher.spec, path=str(teacher.run.resolve()), fingerprint=run_fingerprint(teacher.run))

@@ -225,6 +225,9 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
     distill_train = [question(q) for q, _ in train_qa]
     rng.shuffle(distill_train)
     distill_eval = [question(q) for q, _ in unasked + asked_anew]
+    # GRPO against a reward model trained on the pairs (examples/reward.yaml): the pairs' questions without answers.
+    pref_prompts_train = [{"prompt": p["prompt"]} for p in pref_train]
+    pref_prompts_eval = [{"prompt": p["prompt"]} for p in pref_eval]
     return {
         "sft_train.jsonl": sft_train,
         "sft_eval.jsonl": sft_eval,
@@ -235,6 +238,8 @@ def datasets(seed: int = SEED) -> dict[str, list[dict]]:
         "grpo_eval.jsonl": grpo_eval,
         "distill_train.jsonl": distill_train,
         "distill_eval.jsonl": distill_eval,
+        "pref_prompts_train.jsonl": pref_prompts_train,
+        "pref_prompts_eval.jsonl": pref_prompts_eval,
     }
 
 

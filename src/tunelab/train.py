@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab import distributed
-from tunelab.config import Experiment
+from tunelab.config import Experiment, model_head
 from tunelab.errors import ConfigError, Terminated, TunelabError, disk_full
 from tunelab.runs import (
     TOKENIZER,
@@ -568,18 +568,22 @@ def _ref_cache_dir(exp: Experiment, run: Run) -> Path:
     return cache_root() / "ref-logps" / digest
 
 
-def _preference_accuracy(exp: Experiment, model, tokenizer, splits) -> float | None:
-    """Share of held-out pairs where the model prefers the chosen answer (preference methods with paired eval data)."""
+def _preference_accuracy(exp: Experiment, trainer, tokenizer, splits) -> float | None:
+    """Share of held-out pairs where the model prefers the chosen answer (preference methods with paired eval data):
+    by its answers' log-probabilities, or by the method's own measure (a reward model's scores)."""
     from tunelab.methods import get_method
 
+    method = get_method(exp.method)
     pairs = [r for r in splits.eval.rows if "chosen" in r] if splits.eval else []
-    if not get_method(exp.method).preference or not pairs:
+    if not method.preference or not pairs:
         return None
+    if method.pair_accuracy is not None:
+        return method.pair_accuracy(trainer)
     from tunelab.methods.preference import preference_accuracy
     from tunelab.templates import template_vars
 
     variables = template_vars(exp.tokenizer, tokenizer)
-    return preference_accuracy(model, tokenizer, pairs, exp.tokenizer.fold_system, variables)
+    return preference_accuracy(trainer.model, tokenizer, pairs, exp.tokenizer.fold_system, variables)
 
 
 def _train_in(
@@ -607,7 +611,7 @@ def _train_in(
     dtype_name = str(dtype).removeprefix("torch.")
     clock = _phases(run.writable)
     clock(f"loading {init_from or exp.model.id} on {device} ({dtype_name})")
-    base = BaseLoader(exp.model, dtype, device, inputs.config, provenance.base_model.path)
+    base = BaseLoader(exp.model, dtype, device, inputs.config, provenance.base_model.path, model_head(exp.method))
     model, resolved, note = _load_scoped_model(base, exp, kind, init_from, tokenizer, inputs.encoded)
     if note and run.writable:
         print(f"warning: {note}", flush=True)
@@ -662,7 +666,7 @@ def _train_in(
         # The untrained eval loss, measured inside train() (after the model is wrapped for DDP/FSDP) on a fresh run.
         trainer.args.eval_on_start = bool(splits.eval) and checkpoint is None
         if checkpoint is None:
-            run.update(preference_accuracy_before=_preference_accuracy(exp, trainer.model, tokenizer, splits))
+            run.update(preference_accuracy_before=_preference_accuracy(exp, trainer, tokenizer, splits))
         else:
             run.trim_metrics(checkpoint_step(checkpoint))
         clock("training")
@@ -691,7 +695,7 @@ def _train_in(
     final_eval = _final_eval(trainer, f"eval_{held_out}") if splits.eval else None
     sharded = running in distributed.SHARDED
     rank_digests = distributed.check_synced(trainer.model, resolved.trainable_names, sharded)
-    accuracy_after = _preference_accuracy(exp, trainer.model, tokenizer, splits)  # every rank: a collective if sharded
+    accuracy_after = _preference_accuracy(exp, trainer, tokenizer, splits)  # every rank: a collective if sharded
     state = trainer.accelerator.get_state_dict(trainer.model)  # gathered onto the first process if sharded
     if not run.writable:
         return TrainResult(run.dir, run.manifest)

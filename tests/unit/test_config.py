@@ -98,7 +98,7 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
         ("dpo:\n  beta: 0.1\n", "a dpo section is set but method is sft"),
         (
             "method: ppo\n",
-            "method: 'ppo' is not a choice; input should be 'sft', 'dpo', 'kto', 'orpo', 'simpo', 'grpo' or 'distill'",
+            "method: 'ppo' is not a choice; input should be 'sft', 'dpo', 'kto', 'orpo', 'simpo', 'grpo', 'distill' or 'reward'",
         ),
         (
             "train:\n  batch_size: 8\n  micro_batch_size: 3\n",

@@ -6,11 +6,12 @@ section in tunelab.config, and a line below; docs/adding-a-method.md walks throu
 
 from __future__ import annotations
 
-from tunelab.methods import distill, dpo, grpo, kto, orpo, sft, simpo
+from tunelab.methods import distill, dpo, grpo, kto, orpo, reward, sft, simpo
 from tunelab.methods.base import Method
 
 REGISTRY: dict[str, Method] = {
-    m.name: m for m in (sft.METHOD, dpo.METHOD, kto.METHOD, orpo.METHOD, simpo.METHOD, grpo.METHOD, distill.METHOD)
+    m.name: m
+    for m in (sft.METHOD, dpo.METHOD, kto.METHOD, orpo.METHOD, simpo.METHOD, grpo.METHOD, distill.METHOD, reward.METHOD)
 }
 
 

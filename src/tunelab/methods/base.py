@@ -65,6 +65,9 @@ class Method:
     check_data: Callable[[Experiment, list[Encoded]], None] = lambda exp, encoded: None
     # A line for plan on what its own settings decide, if they decide more than its section shows (GRPO: sampling).
     describe: Callable[[Experiment], str | None] = lambda exp: None
+    # Measures its held-out pairs itself, on the trainer's own batches (reward: the chosen answer scored above the
+    # rejected one), where the others compare log-probabilities of the answers (preference.preference_accuracy).
+    pair_accuracy: Callable[[Trainer], float | None] | None = None
 
     def keeps_reference(self, exp: Experiment) -> bool:
         return self.reference(exp) if callable(self.reference) else self.reference

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from tunelab.config import model_head
 from tunelab.methods.common import Batching
 from tunelab.plan import Disk, Plan, SplitStats, human_bytes
 from tunelab.runs import Manifest
@@ -134,6 +135,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         mt.add_row(f"{plan.method.upper()} reference ({mem.reference})", human_bytes(mem.reference_bytes))
     if mem.teacher:
         mt.add_row(f"teacher ({mem.teacher}, frozen)", human_bytes(mem.teacher_bytes))
+    if mem.reward_models:
+        mt.add_row(f"reward model ({mem.reward_models}, frozen)", human_bytes(mem.reward_models_bytes))
     acts = mem.activations_checkpointed_bytes if mem.gradient_checkpointing else mem.activations_bytes
     mt.add_row(
         f"activations ({mem.activation_layers} layers{', checkpointed' if mem.gradient_checkpointing else ''})",
@@ -171,7 +174,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         dt = Table(title=f"Data ({d.format})", title_justify="left", show_edge=False)
         # Prompts to sample replies for (GRPO, distill) supervise no token of the data: no loss tokens to count.
         columns = ("split", "examples", "tokens p50", "p90", "max", "truncated")
-        columns += () if d.format == "prompt" else ("loss tokens",)
+        # A reward model's loss is one a pair, on the score of each whole conversation, not on tokens.
+        scores = model_head(plan.method) == "score"
+        columns += () if d.format == "prompt" or scores else ("loss tokens",)
         for col in columns:
             dt.add_column(col, justify="right" if col != "split" else "left")
         for name, stats in [("train", d.train), ("eval", d.eval), *((f"eval {n}", s) for n, s in d.also.items())]:
@@ -186,8 +191,10 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         if d.first_example:
             text = Text()
             for chunk, loss in d.first_example:
-                text.append(chunk, style="bold green" if loss else "dim")
-            if d.format == "prompt" and not any(loss for _, loss in d.first_example):  # GRPO, a '<think>' template
+                text.append(chunk, style="bold green" if loss and not scores else "dim")
+            if scores:
+                console.print("First pair's chosen conversation, scored whole (at its last token):")
+            elif d.format == "prompt" and not any(loss for _, loss in d.first_example):  # GRPO, a '<think>' template
                 console.print("First prompt, as sampling continues it:")
             elif d.format == "prompt":  # GRPO: a prompt with an empty reply; its terminator is where sampling stops
                 console.print(
@@ -319,6 +326,8 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     leaders = [f"{titles.get(key, key)}: {', '.join(names)}" for key, names in comparison.best().items()]
     if leaders:
         console.print(Text("best: " + "; ".join(leaders)), soft_wrap=True)
+    if comparison.settings.get("rewards"):  # what the reward column holds: a GRPO run's rewards or a reward model's
+        console.print(Text(f"reward: {comparison.settings['rewards']}"), soft_wrap=True)
 
 
 def print_outputs(comparison, console: Console | None = None) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import Scope
+from tunelab.config import Scope, model_head
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.scopes.base import BaseLoader, MadeElsewhere, ScopeKind, base_alone
 from tunelab.scopes.full import Full
@@ -88,6 +88,14 @@ def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | 
             f"{manifest.base_model.id if manifest.base_model else None}) than model.id={exp.model.id} "
             f"({base_fingerprint}); point model.id at that run's base"
         )
+    theirs_head, own_head = model_head(manifest.method or ""), model_head(exp.method)
+    if theirs_head != own_head:
+        what = {"lm": "a language model", "score": "a reward model"}
+        raise ConfigError(
+            f"init_from: run '{source}' trained {what[theirs_head]} ({manifest.method}) and this experiment trains "
+            f"{what[own_head]} ({exp.method}), whose heads differ; export the run with `tunelab export {source} --out "
+            "FOLDER --merge` and set model.id to that folder to start from it"
+        )
     if manifest.scope != exp.scope.kind:
         raise ConfigError(
             f"init_from: run '{source}' trained a {manifest.scope} scope but this experiment's "
@@ -145,10 +153,11 @@ def numel(parameter) -> int:
 
 def run_scope(run_dir: Path, manifest: Manifest, device: str | None = None) -> tuple[ScopeKind, BaseLoader]:
     """A run's scope kind (from its manifest) and how to load its base: the run's own model settings and dtype,
-    on `device` (by default the one the run's settings pick here)."""
+    on `device` (by default the one the run's settings pick here), with the head its method trained."""
     from tunelab.runs import load_run_experiment
 
-    return get_scope(manifest.scope), BaseLoader.pick(load_run_experiment(run_dir).model, device)
+    exp = load_run_experiment(run_dir)
+    return get_scope(manifest.scope), BaseLoader.pick(exp.model, device, model_head(exp.method))
 
 
 def attach_runs(model: nn.Module, runs: list[tuple[Path, Manifest]]) -> tuple[nn.Module, dict[str, ScopeKind]]:

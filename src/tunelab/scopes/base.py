@@ -32,19 +32,20 @@ class BaseLoader:
     device: str
     config: PretrainedConfig | None = None  # the model's config when read already
     weights: str | None = None  # where its weights are (models.weights_path) when found already
+    head: str = "lm"  # the model's head: "lm", or "score" for a reward model (config.model_head)
 
     @classmethod
-    def pick(cls, settings: ModelSettings, device: str | None = None) -> BaseLoader:
+    def pick(cls, settings: ModelSettings, device: str | None = None, head: str = "lm") -> BaseLoader:
         """The loader a run's model settings ask for here: their device (or `device`) and the dtype for it."""
         from tunelab.models import pick_device, pick_dtype
 
         device = device or pick_device(settings.device)
-        return cls(settings, pick_dtype(settings.dtype, device), device)
+        return cls(settings, pick_dtype(settings.dtype, device), device, head=head)
 
     def load(self) -> PreTrainedModel:
         from tunelab.models import load_model
 
-        return load_model(self.settings, self.dtype, self.device, self.config, self.weights)
+        return load_model(self.settings, self.dtype, self.device, self.config, self.weights, self.head)
 
 
 @dataclass

@@ -40,7 +40,7 @@ class Full(ScopeKind):
 
         # The run's own weights, in the dtype and on the device its base would get.
         config = AutoConfig.from_pretrained(run_dir / FULL_MODEL)
-        model = auto_class(config).from_pretrained(
+        model = auto_class(config, base.head).from_pretrained(
             run_dir / FULL_MODEL, config=config, dtype=base.dtype, use_safetensors=True
         )
         return model.to(base.device)

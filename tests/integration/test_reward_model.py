@@ -1,0 +1,229 @@
+"""Reward modelling on the built-in model: the base with a new score head learns to score the chosen answer of the
+DPO example's pairs above the rejected one; what it trained is exactly the LoRA scope plus the head; the exported
+folder scores as plain Transformers (and PEFT) load it; compare uses it to score every variant's replies; GRPO
+trains with it as its reward; a resume after SIGKILL ends with the same weights; and what cannot work is refused in
+one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.chat_fixtures import FAMILIES, build
+from tests.conftest import DATA, EXAMPLES, fake_run, resume_matches_straight, run_cli, write_experiment
+from tunelab.compare import compare
+from tunelab.config import load_experiment
+from tunelab.errors import TunelabError
+from tunelab.models import run_fingerprint
+from tunelab.plan import make_plan
+from tunelab.reward_model import RewardModel
+from tunelab.runs import read_manifest
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, tiny_model_dir) -> Path:
+    out = tmp_path_factory.mktemp("reward")
+    return train(load_experiment(EXAMPLES / "reward.yaml", [f"output.dir={out}"])).run_dir
+
+
+def _pairs() -> list[dict]:
+    return [json.loads(line) for line in (DATA / "pref_eval.jsonl").open()]
+
+
+def _plain_scores(model, tokenizer, chats: list[list[dict]]) -> list[float]:
+    """Scores as a user of the exported folder computes them: the chat template, one conversation at a time."""
+    out = []
+    with torch.no_grad():
+        for chat in chats:
+            ids = tokenizer.apply_chat_template(chat, return_tensors="pt", return_dict=True)["input_ids"]
+            out.append(model(ids).logits[0, 0].item())
+    return out
+
+
+def test_a_reward_model_learns_to_score_the_chosen_answer_higher(reward_run: Path, tmp_path: Path) -> None:
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    # What trains: the DPO example's LoRA scope (the same settings) plus the new score head (hidden_size x 1); the
+    # model holds no lm_head (vocab x hidden) and PEFT keeps the head's original beside its trained copy.
+    plan, dpo = make_plan(load_experiment(EXAMPLES / "reward.yaml")), make_plan(load_experiment(EXAMPLES / "dpo.yaml"))
+    h, vocab = plan.model.hidden_size, plan.model.vocab_size
+    assert plan.model.architecture == "LlamaForSequenceClassification" and not dpo.model.tied_embeddings
+    assert plan.scope.trainable_params == dpo.scope.trainable_params + h
+    assert plan.scope.total_params == dpo.scope.total_params - vocab * h + 2 * h
+    assert "trained so the chosen one scores higher" in plan.method_line
+
+    m = read_manifest(reward_run)
+    assert m.status == "completed" and m.method == "reward" and m.change_check.ok
+    assert m.preference_accuracy_before < 0.7 and m.preference_accuracy_after >= 0.95
+    assert m.final_eval_loss < 0.2 * m.base_eval_loss
+    shown = run_cli("show", str(reward_run))
+    expected = f"preference accuracy {m.preference_accuracy_before:.3f} -> {m.preference_accuracy_after:.3f}"
+    assert expected in shown.stdout
+
+    # Exported merged, it is a plain AutoModelForSequenceClassification folder with the pad id it scored with, and
+    # its accuracy on the held-out pairs, scored one conversation at a time, is the one the run recorded.
+    for merge in (True, False):
+        args = ["export", str(reward_run), "--out", str(tmp_path / f"x{merge}"), *(["--merge"] if merge else [])]
+        assert run_cli(*args).returncode == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "xTrue").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "xTrue")
+    assert merged.config.num_labels == 1 and merged.config.pad_token_id == tokenizer.pad_token_id is not None
+    pairs = _pairs()
+    chosen = _plain_scores(merged, tokenizer, [p["prompt"] + p["chosen"] for p in pairs])
+    rejected = _plain_scores(merged, tokenizer, [p["prompt"] + p["rejected"] for p in pairs])
+    assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs) == m.preference_accuracy_after
+    adapter = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "xFalse", num_labels=1).eval()
+    assert _plain_scores(adapter, tokenizer, [p["prompt"] + p["chosen"] for p in pairs]) == pytest.approx(
+        chosen, abs=1e-4
+    )
+    card = (tmp_path / "xTrue" / "README.md").read_text()
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification" in card
+    # tunelab's own scorer (compare's judge, GRPO's reward) gives the same scores
+    judge = RewardModel(reward_run)
+    assert judge([p["prompt"] for p in pairs], [p["chosen"] for p in pairs]) == pytest.approx(chosen, abs=1e-4)
+
+
+def test_compare_scores_every_variants_replies_with_the_reward_model(reward_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sft = train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.max_steps=4"]))
+    c = compare([sft.run_dir, reward_run], prompts_file=DATA / "prompts.jsonl", max_new_tokens=16)
+    assert [v.name for v in c.variants] == ["base", "quickstart"]  # the reward model judges; it is no variant
+    assert f"by the reward model reward ({reward_run})" in c.settings["rewards"]
+    assert run_cli("export", str(reward_run), "--out", str(tmp_path / "rm"), "--merge").returncode == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    for v in c.variants:
+        chats = [
+            p.messages + [{"role": "assistant", "content": o}]
+            for p, o in zip(c.prompts, c.outputs[v.name], strict=True)
+        ]
+        expected = statistics.fmean(_plain_scores(model, tokenizer, chats))
+        assert v.numbers["reward"] == pytest.approx(expected, abs=2e-4)
+
+    with pytest.raises(TunelabError, match="is a reward model, which scores replies and writes none; give the runs"):
+        compare([reward_run])
+    with pytest.raises(TunelabError, match="2 reward models given"):
+        compare([sft.run_dir, reward_run, reward_run])
+    refused = run_cli("eval", str(reward_run), "--tasks", "x")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"eval: {reward_run} is a reward model (method: reward)" in refused.stderr
+
+
+def test_grpo_trains_with_a_reward_model_as_its_reward(reward_run: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """examples/grpo-reward-model.yaml: the DPO pairs' questions as GRPO's prompts, the reward model as the reward:
+    the eval reward (its score of replies sampled for held-out questions) rises; plan counts the reward model's
+    weights beside the policy; the manifest records its fingerprint, and compare scores the variants with it."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    overrides = [f"output.dir={tmp_path}", f"grpo.rewards=[{reward_run}]", "train.epochs=1"]
+    exp = load_experiment(EXAMPLES / "grpo-reward-model.yaml", overrides)
+    plan = make_plan(exp)
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    with torch.device("meta"):
+        scorer = AutoModelForSequenceClassification.from_config(config)
+    assert plan.memory.reward_models == "reward"
+    assert plan.memory.reward_models_bytes == sum(p.numel() for p in scorer.parameters()) * 4  # float32
+    m = train(exp).manifest
+    assert m.status == "completed" and m.reward_hashes == {str(reward_run): f"run {run_fingerprint(reward_run)}"}
+    assert m.final_eval_reward > m.base_eval_reward + 0.3
+    c = compare([tmp_path / "grpo-reward-model"], max_new_tokens=16)
+    assert f"grpo-reward-model's rewards ({reward_run}) on each variant's outputs" == c.settings["rewards"]
+    scores = {v.name: v.numbers["reward"] for v in c.variants}
+    assert scores["grpo-reward-model"] > scores["base"]
+
+
+def test_a_grpo_resume_after_its_reward_model_was_retrained_is_refused(reward_run: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    judge = shutil.copytree(reward_run, tmp_path / "rm")
+    overrides = [f"output.dir={tmp_path}", f"grpo.rewards=[{judge}]", "train.max_steps=2"]
+    exp = load_experiment(EXAMPLES / "grpo-reward-model.yaml", overrides)
+    assert train(exp).manifest.status == "completed"
+    manifest = json.loads((tmp_path / "grpo-reward-model" / "manifest.json").read_text())
+    (tmp_path / "grpo-reward-model" / "manifest.json").write_text(json.dumps(manifest | {"status": "interrupted"}))
+    weights = judge / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: t + 1 if i == 0 else t for i, (k, t) in enumerate(tensors.items())}, weights)  # retrained in place
+    with pytest.raises(TunelabError, match=f"the reward functions changed \\({judge}\\)"):
+        train(exp, resume=True)
+
+
+def test_a_reward_model_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
+    resume_matches_straight("reward", tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-instruct", "smollm2-instruct"])
+def test_a_real_chat_template_scores_as_the_trainer_scored(family: str, tmp_path: Path) -> None:
+    """Published templates (Qwen2.5's default system prompt; SmolLM2's pad token, which is its EOS and turn
+    terminator): the scorer that compare and GRPO use tokenizes a pair's answer exactly as TRL's RewardTrainer
+    did, so its held-out accuracy is the one the run recorded from the trainer's own batches."""
+    from trl.data_utils import _tokenize
+
+    folder = build(family, tmp_path / family)
+    exp = load_experiment(
+        EXAMPLES / "reward.yaml", [f"output.dir={tmp_path}", f"model.id={folder}", "train.max_steps=12"]
+    )
+    m = train(exp).manifest
+    assert m.status == "completed" and m.change_check.ok
+    judge = RewardModel(tmp_path / "reward")
+    _, tokenizer, _, _ = judge.load()
+    pairs = _pairs()
+    for p in pairs[:4]:
+        assert judge.encode(p["prompt"], p["chosen"]) == _tokenize(tokenizer, p["prompt"] + p["chosen"])["input_ids"]
+    if FAMILIES[family]["pad"] == FAMILIES[family]["eos"]:
+        assert tokenizer.pad_token == tokenizer.eos_token
+    chosen = judge([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = judge([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    assert sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs) == m.preference_accuracy_after
+
+
+def test_what_a_reward_model_cannot_do_is_refused_in_one_line(reward_run: Path, tmp_path: Path) -> None:
+    def refused(text: str) -> str:
+        with pytest.raises(TunelabError) as e:  # the experiment's own checks, or plan's
+            make_plan(load_experiment(write_experiment(tmp_path, text)))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    base = f"name: t\nmodel: {{id: builtin:tiny-chat}}\ndata: {{train: {DATA}/pref_train.jsonl}}\n"
+    assert "scope.lora.open: lm_head: a reward model has no lm_head" in refused(
+        base + "method: reward\nscope: {lora: {open: [lm_head]}}\n"
+    )
+    assert "scope.partial.lm_head: a reward model has no lm_head" in refused(
+        base + "method: reward\nscope: {partial: {last_blocks: 1, lm_head: true}}\n"
+    )
+    # a reward model does not continue a language model's adapter, nor the other way round: export it merged first
+    sft = fake_run(tmp_path, "sft", method="sft", fingerprint="x")
+    text = refused(base + f"method: reward\ninit_from: {sft}\n")
+    assert "trained a language model (sft) and this experiment trains a reward model (reward)" in text
+    assert "tunelab export" in text and "--merge" in text
+    assert "trained a reward model (reward) and this experiment trains a language model (dpo)" in refused(
+        base + f"method: dpo\ninit_from: {reward_run}\n"
+    )
+    prompts = f"name: t\nmodel: {{id: builtin:tiny-chat}}\ndata: {{train: {DATA}/distill_train.jsonl}}\n"
+    assert "is a reward model (method: reward), which scores replies and predicts no tokens" in refused(
+        prompts + f"method: distill\ndistill: {{teacher: {reward_run}}}\n"
+    )
+    assert f"grpo.rewards[0]: run '{sft}' trained method sft, not a reward model" in refused(
+        prompts + f"method: grpo\ngrpo: {{rewards: [{sft}], generations: 4}}\n"
+    )
+    failed = fake_run(tmp_path, "rm", method="reward", status="failed")
+    assert f"grpo.rewards[0]: the reward model '{failed}' is failed, not completed" in refused(
+        prompts + f"method: grpo\ngrpo: {{rewards: [{failed}], generations: 4}}\n"
+    )
+    # Mistral Small 3.x's image-text checkpoint has no sequence-classification class in Transformers
+    from tests.conftest import CONFIGS
+
+    mistral = CONFIGS / "mistral-small-3.2-24b-instruct"
+    text = refused(f"name: t\nmodel: {{id: {mistral}}}\ntokenizer: {{id: builtin:tiny-chat}}\n"
+                   f"data: {{train: {DATA}/pref_train.jsonl}}\nmethod: reward\n")  # fmt: skip
+    assert "method reward puts a score head on the base model, and Transformers has none for a 'mistral3'" in text
