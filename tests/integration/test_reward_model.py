@@ -158,6 +158,19 @@ def test_a_grpo_resume_after_its_reward_model_was_retrained_is_refused(reward_ru
         train(exp, resume=True)
 
 
+def test_two_processes_count_each_held_out_pair_once(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """23 held-out pairs over 2 processes: the sampler repeats one to even out the ranks, and the pair accuracy
+    before training (the same random head in both runs, from the seed) is the one process's, over 23 pairs."""
+    (tmp_path / "eval.jsonl").write_text("".join((DATA / "pref_eval.jsonl").read_text().splitlines(True)[:23]))
+    common = ["--set", f"output.dir={tmp_path}", "--set", f"data.eval={tmp_path / 'eval.jsonl'}"]
+    for n in (1, 2):
+        done = run_cli("train", str(EXAMPLES / "reward.yaml"), "--nproc", str(n), *common, "--set",
+                       "train.max_steps=1", "--name", f"p{n}")  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (read_manifest(tmp_path / f"p{n}").preference_accuracy_before for n in (1, 2))
+    assert one == two and round(one * 23) == one * 23
+
+
 def test_a_reward_model_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
     resume_matches_straight("reward", tmp_path)
 

@@ -52,17 +52,17 @@ def pair_accuracy(trainer: Trainer) -> float | None:
     model = trainer.model
     was_training = model.training
     model.eval()
-    wins, pairs = torch.zeros((), device=trainer.args.device), torch.zeros((), device=trainer.args.device)
+    wins, pairs = 0, 0
     with torch.no_grad():
         for batch in trainer.get_eval_dataloader():
             batch = trainer._prepare_inputs(batch)
             scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
             chosen, rejected = torch.chunk(scores.float(), chunks=2)
-            wins += (chosen > rejected).sum()
-            pairs += chosen.numel()
+            # every rank's pairs, without the ones the last batch repeats to even out the ranks
+            won = trainer.accelerator.gather_for_metrics((chosen > rejected).int())
+            wins, pairs = wins + int(won.sum().item()), pairs + won.numel()
     model.train(was_training)
-    wins, pairs = (trainer.accelerator.reduce(t, reduction="sum") for t in (wins, pairs))
-    return int(wins.item()) / max(int(pairs.item()), 1)
+    return wins / max(pairs, 1)
 
 
 def describe(exp: Experiment) -> str:
