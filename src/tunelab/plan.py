@@ -696,6 +696,14 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         label, size, said = teacher_size(exp, inputs, dtype, device)
         teacher = (label, size)
         resolved.warnings += said
+    coming = [r for r in exp.grpo.rewards if _run_to_come(r, exp.output.dir)] if exp.grpo is not None else []
+    if coming:  # a study's stage before the reward model it trains against
+        resolved.warnings.append(
+            f"grpo.rewards: {', '.join(coming)} does not exist yet (a run of output.dir to come); train checks it, "
+            "and the memory estimate here leaves it out"
+        )
+        rest = [r for r in exp.grpo.rewards if r not in coming]
+        exp = exp.model_copy(update={"grpo": exp.grpo.model_copy(update={"rewards": rest})})
     judges = reward_models_size(exp, dtype)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher, judges)
     if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
@@ -787,9 +795,9 @@ def reward_models_size(exp: Experiment, dtype: str) -> tuple[str, int] | None:
     return ", ".join(run.name for run in runs), total
 
 
-def _run_to_come(teacher: str, output_dir: str) -> bool:
-    """A teacher named as a run folder in output.dir that is not there yet."""
-    path = Path(teacher)
+def _run_to_come(named: str, output_dir: str) -> bool:
+    """A teacher or reward model named as a run folder in output.dir that is not there yet."""
+    path = Path(named)
     return not path.exists() and path.resolve().parent == Path(output_dir).resolve()
 
 

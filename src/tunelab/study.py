@@ -3,8 +3,9 @@
 Each variant resolves to a full experiment whose run directory is `<output>/<variant>-<hash>`, the
 hash taken over the resolved experiment. So an unchanged variant finds its completed run and is
 skipped, a changed one gets a new run beside the old, and an interrupted one resumes. A variant
-`after` another starts from that variant's run (`init_from`), and one whose `teacher` is another distills that
-variant's run (`distill.teacher`), so changing the first re-runs both.
+`after` another starts from that variant's run (`init_from`), one whose `teacher` is another distills that
+variant's run (`distill.teacher`), and one whose `reward_model` is another trains GRPO against that variant's reward
+model (`grpo.rewards`), so changing the first re-runs both.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.config import Experiment, apply_override, read_yaml, resolve_paths, set_key, validate
+from tunelab.config import METHOD_SECTIONS, Experiment, apply_override, read_yaml, resolve_paths, set_key, validate
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
@@ -32,9 +33,16 @@ class VariantSpec(BaseModel):
         default=None, description="Distill this variant's run (sets distill.teacher; set method: distill)."
     )
 
+    reward_model: str | None = Field(
+        default=None,
+        description="Score this variant's GRPO replies with that variant's reward model (a variant of method: reward): "
+        "its run joins grpo.rewards (set method: grpo).",
+    )
+
     def needs(self) -> list[tuple[str, str]]:
         """The variants whose runs this one needs, by the key that names each."""
-        return [(key, name) for key, name in (("after", self.after), ("teacher", self.teacher)) if name is not None]
+        named = (("after", self.after), ("teacher", self.teacher), ("reward_model", self.reward_model))
+        return [(key, name) for key, name in named if name is not None]
 
 
 class CompareSpec(BaseModel):
@@ -153,10 +161,13 @@ def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
     return order
 
 
-def variant_experiment(study: Study, name: str, init_from: str | None, teacher: str | None = None) -> Experiment:
-    """The variant's fully resolved experiment (its run name carries the hash of everything else). `init_from` and
-    `teacher`: the runs of the variants it is `after` and whose run it distills; before they exist, a placeholder,
-    and for the teacher its variant's base model (the same shapes, for plan)."""
+def variant_experiment(
+    study: Study, name: str, init_from: str | None, teacher: str | None = None, reward_model: str | None = None
+) -> Experiment:
+    """The variant's fully resolved experiment (its run name carries the hash of everything else). `init_from`,
+    `teacher` and `reward_model`: the runs of the variants it is `after`, whose run it distills and whose reward model
+    scores its replies; before they exist, a placeholder, for the teacher its variant's base model (the same shapes,
+    for plan), for the reward model the folder its run will have (plan counts it once it is there)."""
     # What the base file set, not every default: a default that gives way to the model (LoRA dropout on fused
     # experts) must stay a default in each variant.
     raw = study.base.model_dump(mode="json", exclude_unset=True)
@@ -166,11 +177,29 @@ def variant_experiment(study: Study, name: str, init_from: str | None, teacher: 
         if key in ("output.name", "output.dir", "init_from") or (key == "distill.teacher" and spec.teacher):
             raise TunelabError(f"{where}.{key}: the study sets this itself")
         set_key(raw, key, value, where=f"{where}.{key}")
+    method = raw.get("method", "sft")
+    for section in METHOD_SECTIONS:  # the base's method section gives way in a variant of another method
+        if section != method and section in raw and not any(k.split(".")[0] == section for k in spec.set):
+            del raw[section]
     if spec.after is not None:
         raw["init_from"] = init_from or f"<run of {spec.after}>"
     if spec.teacher is not None:
         teacher = teacher or variant_experiment(study, spec.teacher, None).model.id
         set_key(raw, "distill.teacher", teacher, where=f"{study.path}: variants.{name}.teacher")
+    if spec.reward_model is not None:
+        if raw.get("method") != "grpo":
+            raise TunelabError(
+                f"{study.path}: variants.{name}.reward_model: a reward model scores GRPO's replies; set method: grpo "
+                "in this variant"
+            )
+        judged = variant_experiment(study, spec.reward_model, None)
+        if judged.method != "reward":
+            raise TunelabError(
+                f"{study.path}: variants.{name}.reward_model: variant '{spec.reward_model}' trains method "
+                f"{judged.method}, not a reward model; name a variant of method: reward"
+            )
+        grpo = raw.setdefault("grpo", {})
+        grpo["rewards"] = [*grpo.get("rewards", []), reward_model or str(Path(judged.output.dir) / judged.run_name)]
     raw["name"] = name
     raw["output"] = {"dir": str(study.output), "name": name}
     exp = resolve_paths(validate(raw, source=where), study.path.parent)
@@ -220,7 +249,8 @@ def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | Non
             continue
         init_from = outcomes[spec.after].run_dir if spec.after is not None else None
         teacher = outcomes[spec.teacher].run_dir if spec.teacher is not None else None
-        exp = variant_experiment(study, name, init_from, teacher)
+        judge = outcomes[spec.reward_model].run_dir if spec.reward_model is not None else None
+        exp = variant_experiment(study, name, init_from, teacher, judge)
         run_dir = Path(exp.output.dir) / exp.run_name
         status = run_status(run_dir)
         outcome = VariantOutcome(name, "", str(run_dir), diff=diff_from_base(study, exp))

@@ -171,6 +171,52 @@ def test_two_processes_count_each_held_out_pair_once(tmp_path: Path, tiny_model_
     assert one == two and round(one * 23) == one * 23
 
 
+def test_a_study_trains_a_reward_model_then_grpo_against_it(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`reward_model: rm` makes the GRPO variant wait for the rm variant and score its replies with that run; plan
+    says the reward model is still to come; a second run of the study trains nothing; a variant that is no reward
+    model, or a variant that is not GRPO, is refused in one line."""
+    from tunelab.study import load_study, plan_study, run_study
+
+    study = tmp_path / "rlhf.yaml"
+    study.write_text(
+        f"name: rlhf\nbase: {EXAMPLES / 'reward.yaml'}\noutput: {tmp_path / 'runs'}\nvariants:\n"
+        "  policy:\n    reward_model: rm\n"
+        f"    set: {{method: grpo, data.train: {DATA}/pref_prompts_train.jsonl, "
+        f"data.eval: {DATA}/pref_prompts_eval.jsonl, grpo.generations: 4, grpo.max_completion_length: 8, "
+        "train.batch_size: 8, train.max_length: 128, train.max_steps: 2}\n"
+        "  rm:\n    set: {train.max_steps: 4}\n"
+        "compare:\n  max_new_tokens: 8\n"
+    )
+    loaded = load_study(study)
+    assert loaded.order == ["rm", "policy"]
+    planned = {name: plan for name, plan, _ in plan_study(loaded)}
+    assert any("does not exist yet (a run of output.dir to come)" in w for w in planned["policy"].warnings)
+    outcomes, report = run_study(loaded, log=lambda *_: None)
+    assert [(o.name, o.status) for o in outcomes] == [("rm", "trained"), ("policy", "trained")]
+    runs = {o.name: Path(o.run_dir) for o in outcomes}
+    assert read_manifest(runs["policy"]).reward_hashes == {str(runs["rm"]): f"run {run_fingerprint(runs['rm'])}"}
+    assert report is not None and report.is_file()  # the policy and the base, scored by the reward model
+    again, _ = run_study(load_study(study), log=lambda *_: None)
+    assert [(o.name, o.status) for o in again] == [("rm", "skipped"), ("policy", "skipped")]
+    for old, new, refusal in [
+        ("reward_model: rm", "reward_model: rmm", "variants.policy.reward_model: unknown variant"),  # fmt: skip
+        (
+            "set: {train.max_steps: 4}",
+            "set: {train.max_steps: 4, method: dpo}",
+            "variants.policy.reward_model: variant 'rm' trains method dpo, not a reward model",
+        ),  # fmt: skip
+        (
+            "set: {method: grpo, ",
+            "set: {",
+            "variants.policy.reward_model: a reward model scores GRPO's replies; set method: grpo",
+        ),  # fmt: skip
+    ]:
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(study.read_text().replace(old, new))
+        with pytest.raises(TunelabError, match=refusal.replace("(", "\\(")):
+            load_study(broken)
+
+
 def test_a_reward_model_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir: Path) -> None:
     resume_matches_straight("reward", tmp_path)
 
