@@ -180,7 +180,10 @@ def _without_nproc(argv: list[str]) -> list[str]:
 def compare(
     runs: Annotated[
         list[Path],
-        typer.Argument(help="Run directories that share a base model (or adapter folders a PEFT script saved)."),
+        typer.Argument(
+            help="Run directories that share a base model (or adapter folders a PEFT script saved); a reward model "
+            "among them (a run of method: reward, or model:<hub id or folder>) scores the others' replies."
+        ),
     ],
     base: Annotated[bool, typer.Option("--base/--no-base", help="Include the untrained base model.")] = True,
     prompts: Annotated[

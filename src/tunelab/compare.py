@@ -459,15 +459,15 @@ def compare(
     base are compared on that same quantized base (the first run's settings load it). `include_teachers`: the
     teachers of distill runs (those not compared as runs already) answer and are scored beside them."""
     from tunelab.methods import get_method
-    from tunelab.reward_model import is_reward_run
+    from tunelab.reward_model import is_reward_model
 
-    judges = [Path(d) for d in run_dirs if is_reward_run(d)]  # reward models score the others' replies
+    judges = [d for d in run_dirs if is_reward_model(d)]  # reward models score the others' replies
     if len(judges) > 1:
         raise TunelabError(
             f"compare: {len(judges)} reward models given ({', '.join(map(str, judges))}); one scores the variants' "
             "replies: give one"
         )
-    run_dirs = [d for d in run_dirs if Path(d) not in judges]
+    run_dirs = [d for d in run_dirs if d not in judges]
     if not run_dirs:
         raise TunelabError(
             f"compare: {judges[0]} is a reward model, which scores replies and writes none; give the runs whose "
@@ -611,20 +611,24 @@ def reward_scores(
     return scores, f"{manifest.name}'s rewards ({names}) on each variant's outputs"
 
 
-def judge_scores(run_dir: Path, prompts: list[Prompt], outputs: dict[str, list[str]]) -> tuple[dict[str, float], str]:
-    """Every variant's mean score over the prompts by a reward model (a run of method: reward), each prompt and reply
-    scored as the reward model's training scored a pair's answer; and a note of what scored them."""
-    from tunelab.reward_model import RewardModel
+def judge_scores(
+    spec: str | Path, prompts: list[Prompt], outputs: dict[str, list[str]]
+) -> tuple[dict[str, float], str]:
+    """Every variant's mean score over the prompts by a reward model (a run of method: reward, or model:<id>), each
+    prompt and reply scored as the reward model's training scored a pair's answer; and a note of what scored them."""
+    from tunelab.reward_model import MODEL_PREFIX, RewardModel, published_config
 
-    judge = RewardModel(run_dir)
+    if str(spec).startswith(MODEL_PREFIX):
+        published_config(str(spec), "compare")
+        name = str(spec).removeprefix(MODEL_PREFIX)
+    else:
+        name = f"{read_manifest(Path(spec)).name} ({spec})"
+    judge = RewardModel(str(spec))
     asked = [p.messages for p in prompts]
     scores = {
         name: round(statistics.fmean(judge(asked, texts)), 4) if texts else None for name, texts in outputs.items()
     }
-    return (
-        scores,
-        f"the mean score of each variant's outputs by the reward model {read_manifest(run_dir).name} ({run_dir})",
-    )
+    return scores, f"the mean score of each variant's outputs by the reward model {name}"
 
 
 PRIMARY = "eval"  # the eval data's set among the held-out sets: its loss is eval_loss

@@ -409,8 +409,9 @@ class GRPOSettings(Strict):
         min_length=1,
         description="Reward functions, each `file.py:function` (relative to the experiment file; called as TRL calls "
         "them: prompts, completions and the row's other columns as keyword arguments, returning one float per "
-        "completion), `trl:<name>`, one of TRL's (trl:think_format_reward, trl:accuracy_reward, ...), or a completed "
-        "tunelab run of method: reward (e.g. runs/reward), whose reward model scores each prompt and completion.",
+        "completion), `trl:<name>`, one of TRL's (trl:think_format_reward, trl:accuracy_reward, ...), or a reward "
+        "model that scores each prompt and completion: a completed tunelab run of method: reward (e.g. runs/reward) "
+        "or a published one, `model:<hub id or folder>` (a ...ForSequenceClassification checkpoint with one label).",
     )
     reward_weights: list[float] | None = Field(
         default=None, description="Weight of each reward in the total (default: 1 each)."
@@ -1219,6 +1220,8 @@ def _local_reward(spec: str, base: Path) -> str:
     file, sep, function = spec.rpartition(":")
     if spec.startswith("trl:"):
         return spec
+    if spec.startswith("model:"):  # a published reward model: its folder, where it is one
+        return "model:" + _local(spec.removeprefix("model:"), base)
     if not sep:
         return _local(spec, base)
     return f"{_local(file, base)}:{function}"

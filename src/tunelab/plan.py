@@ -780,19 +780,21 @@ def reward_models_size(exp: Experiment, dtype: str) -> tuple[str, int] | None:
     the bytes their weights take (each in its own run's dtype where it names one, else the run's), from their
     configs alone; None where no reward is a model."""
     from tunelab.models import load_config, meta_model
-    from tunelab.rewards import check_rewards, reward_runs
+    from tunelab.reward_model import MODEL_PREFIX, published_settings
+    from tunelab.rewards import check_rewards, reward_models
     from tunelab.runs import load_run_experiment
 
-    runs = reward_runs(exp.grpo.rewards) if exp.grpo is not None else []
-    if not runs:
+    judges = reward_models(exp.grpo.rewards) if exp.grpo is not None else []
+    if not judges:
         return None
-    check_rewards(exp.grpo.rewards)  # each a completed reward model before its files are read
+    check_rewards(exp.grpo.rewards)  # each a completed reward run, or a published one, before its files are read
     total = 0
-    for run in runs:
-        own = load_run_experiment(run).model
+    for spec in judges:
+        published = spec.startswith(MODEL_PREFIX)
+        own = published_settings(spec) if published else load_run_experiment(Path(spec)).model
         model = meta_model(load_config(own), own.trust_remote_code, "score")
         total += frozen_bytes(model, own.quantization, DTYPE_BYTES[own.dtype if own.dtype != "auto" else dtype])
-    return ", ".join(run.name for run in runs), total
+    return ", ".join(Path(spec.removeprefix(MODEL_PREFIX)).name for spec in judges), total
 
 
 def _run_to_come(named: str, output_dir: str) -> bool:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.reward_model import MODEL_PREFIX, RewardModel, published_config, published_settings
 
 TRL_PREFIX = "trl:"
 # TRL's reward functions that take no settings (trl.rewards); the accuracy rewards need the math-verify package
@@ -32,8 +33,8 @@ def _split(spec: str, i: int) -> tuple[Path, str]:
     if not sep or not file.endswith(".py") or not function.isidentifier():
         raise ConfigError(
             f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
-            f"beside the experiment), one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}, or the folder of a "
-            "completed run of method: reward"
+            f"beside the experiment), one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}, a reward model (the "
+            "folder of a completed run of method: reward, or model:<hub id or folder>)"
         )
     return Path(file), function
 
@@ -62,6 +63,9 @@ def check_rewards(specs: list[str]) -> None:
     for i, spec in enumerate(specs):
         if spec.startswith(TRL_PREFIX):
             _trl_name(spec, i)
+            continue
+        if spec.startswith(MODEL_PREFIX):
+            published_config(spec, f"grpo.rewards[{i}]")
             continue
         if _is_run(spec):
             _check_reward_run(spec, i)
@@ -95,9 +99,9 @@ def _is_run(spec: str) -> bool:
     return not spec.startswith(TRL_PREFIX) and run_status(Path(spec)) is not None
 
 
-def reward_runs(specs: list[str]) -> list[Path]:
-    """The reward models among the rewards: the run folders named."""
-    return [Path(spec) for spec in specs if _is_run(spec)]
+def reward_models(specs: list[str]) -> list[str]:
+    """The reward models among the rewards: reward runs' folders and published ones (model:<id>)."""
+    return [spec for spec in specs if spec.startswith(MODEL_PREFIX) or _is_run(spec)]
 
 
 def _check_reward_run(spec: str, i: int) -> None:
@@ -122,7 +126,7 @@ def reward_hashes(specs: list[str]) -> dict[str, str]:
     reward as named."""
     from importlib.metadata import version
 
-    from tunelab.models import run_fingerprint
+    from tunelab.models import fingerprint, run_fingerprint, weights_path
 
     out = {}
     for i, spec in enumerate(specs):
@@ -130,6 +134,9 @@ def reward_hashes(specs: list[str]) -> dict[str, str]:
             out[spec] = f"trl {version('trl')}"
         elif _is_run(spec):
             out[spec] = f"run {run_fingerprint(Path(spec))}"
+        elif spec.startswith(MODEL_PREFIX):
+            settings = published_settings(spec)
+            out[spec] = f"model {fingerprint(weights_path(settings), settings.revision)}"
         else:
             out[spec] = hashlib.sha256(_split(spec, i)[0].read_bytes()).hexdigest()[:16]
     return out
@@ -139,8 +146,8 @@ KEPT = "rewards"  # the run folder's copies of its reward files
 
 
 def _is_file(spec: str) -> bool:
-    """A reward that is a function in the user's file (not TRL's, not a reward model's run)."""
-    return not spec.startswith(TRL_PREFIX) and not _is_run(spec)
+    """A reward that is a function in the user's file (not TRL's, not a reward model)."""
+    return not spec.startswith((TRL_PREFIX, MODEL_PREFIX)) and not _is_run(spec)
 
 
 def _copies(specs: list[str], run_dir: Path) -> dict[Path, Path]:
@@ -197,10 +204,8 @@ def _load(spec: str, i: int) -> Callable:
         import trl.rewards
 
         return getattr(trl.rewards, _trl_name(spec, i))
-    if _is_run(spec):
-        from tunelab.reward_model import RewardModel
-
-        return RewardModel(Path(spec))
+    if spec.startswith(MODEL_PREFIX) or _is_run(spec):
+        return RewardModel(spec)
     file, function = _split(spec, i)
     name = f"tunelab_reward_{i}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
     module_spec = importlib.util.spec_from_file_location(name, file)

@@ -142,6 +142,52 @@ def test_grpo_trains_with_a_reward_model_as_its_reward(reward_run: Path, tmp_pat
     assert scores["grpo-reward-model"] > scores["base"]
 
 
+def test_a_published_reward_model_scores_and_rewards_as_the_run_it_was_exported_from(
+    reward_run: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """model:<folder> names a published reward model (here the run exported merged, as a hub checkpoint is laid
+    out): compare's scores and a GRPO run against it are the run's own, up to the merge's rounding (the reward
+    model loads on first use without moving the random state the policy samples from). A causal LM folder, or a
+    classifier of two labels, is refused in one line."""
+    assert run_cli("export", str(reward_run), "--out", str(tmp_path / "pub"), "--merge").returncode == 0
+    published = f"model:{tmp_path / 'pub'}"
+    sft = train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.max_steps=2"]))
+    by_run, by_model = (
+        compare([sft.run_dir, judge], prompts_file=DATA / "prompts.jsonl", max_new_tokens=8)
+        for judge in (reward_run, Path(published))
+    )
+    assert by_model.settings["rewards"].endswith(f"by the reward model {tmp_path / 'pub'}")
+    for a, b in zip(by_run.variants, by_model.variants, strict=True):
+        assert a.numbers["reward"] == pytest.approx(b.numbers["reward"], abs=1e-4)
+
+    runs = {}
+    for name, judge in (("by-run", str(reward_run)), ("by-model", published)):
+        sets = [f"output.dir={tmp_path}", f"output.name={name}", f"grpo.rewards=[{judge}]", "train.max_steps=4"]
+        runs[name] = train(load_experiment(EXAMPLES / "grpo-reward-model.yaml", sets)).manifest
+    assert runs["by-model"].reward_hashes[published].startswith("model ")
+    # the same numbers up to the merge's rounding (loading a run draws its new head's init: without the random state
+    # kept, the first eval's replies were others, -1.22 against -0.95)
+    for key in ("base_eval_reward", "final_eval_reward"):
+        assert getattr(runs["by-run"], key) == pytest.approx(getattr(runs["by-model"], key), abs=1e-5)
+    two = tmp_path / "two"
+    shutil.copytree(tmp_path / "pub", two)
+    config = json.loads((two / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps(config | {"id2label": {"0": "a", "1": "b"}}))
+    for folder, refusal in [
+        (tiny_model_dir, "is not a reward model: its config.json names LlamaForCausalLM"),
+        (two, "scores 2 labels; a reward model gives one score (num_labels 1)"),
+    ]:
+        sets = [f"output.dir={tmp_path}", f"grpo.rewards=[model:{folder}]"]
+        with pytest.raises(TunelabError, match=refusal.replace("(", "\\(").replace(")", "\\)")):
+            make_plan(load_experiment(EXAMPLES / "grpo-reward-model.yaml", sets))
+
+
+def test_grpo_against_a_reward_model_resumes_after_sigkill_to_the_same_weights(
+    reward_run: Path, tmp_path: Path
+) -> None:
+    resume_matches_straight("grpo-reward-model", tmp_path, "--set", f"grpo.rewards=[{reward_run}]")
+
+
 def test_a_grpo_resume_after_its_reward_model_was_retrained_is_refused(reward_run: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
