@@ -108,8 +108,14 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                 print(("\n" if on_tty else "") + f"eval reward {logs['eval_reward']:.4f} at step {state.global_step}")
             elif scored := next((k for k in logs if k.startswith("eval_") and k.endswith("_loss")), None):
                 which = scored.removesuffix("loss").replace("_", " ")  # eval_loss, eval_<name>_loss
+                # a reward model: the share of held-out pairs it scores in order, as the trainer's batches average it
+                # (DPO's implicit-reward accuracy is left out: 0 before the first step, where every margin is 0)
+                ordered = logs.get("eval_accuracy")
                 print(
-                    ("\n" if on_tty else "") + f"{which}loss {logs[scored]:.4f} at step {state.global_step}",
+                    ("\n" if on_tty else "")
+                    + f"{which}loss {logs[scored]:.4f}"
+                    + (f" (pair accuracy {ordered:.3f})" if ordered is not None else "")
+                    + f" at step {state.global_step}",
                     flush=True,
                 )
 

@@ -187,7 +187,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         if d.note:
             console.print(f"[dim]{d.note}[/dim]")
         if d.tokens is not None:
-            console.print(tokens_line(d.tokens), markup=False, highlight=False)
+            console.print(tokens_line(d.tokens, scores), markup=False, highlight=False)
         if d.first_example:
             text = Text()
             for chunk, loss in d.first_example:
@@ -219,8 +219,12 @@ def disk_line(d: Disk) -> str:
     )
 
 
-def tokens_line(t) -> str:
-    """Turn terminator and pad token, the two tokens that decide whether a tuned model stops."""
+def tokens_line(t, scores: bool = False) -> str:
+    """Turn terminator and pad token, the two tokens that decide whether a tuned model stops; for a reward model
+    (`scores`), where its score is read."""
+    if scores:
+        ends = f"conversations end with {t.terminator}" if t.terminator else "no turn terminator found"
+        return f"{ends}; pad token {t.pad_token} ({t.pad_source}): the score is read at the last token that is not it"
     if t.terminator is None:
         stop = "no turn terminator found"
     else:
