@@ -92,6 +92,18 @@ def test_a_reward_model_learns_to_score_the_chosen_answer_higher(reward_run: Pat
     assert judge([p["prompt"] for p in pairs], [p["chosen"] for p in pairs]) == pytest.approx(chosen, abs=1e-4)
 
 
+def test_center_rewards_keeps_the_scores_near_zero(reward_run: Path, tmp_path: Path) -> None:
+    """reward.center_rewards reaches TRL's loss: the squared mean score of each pair, penalised, holds the held-out
+    scores near 0, where the run without it scores them far from 0."""
+    exp = load_experiment(EXAMPLES / "reward.yaml", [f"output.dir={tmp_path}", "reward.center_rewards=1.0"])
+    assert "the squared mean score of each pair penalised x 1 (centred scores)" in make_plan(exp).method_line
+    centred = train(exp.model_copy(update={"train": exp.train.model_copy(update={"max_steps": 24})})).run_dir
+    pairs = _pairs()
+    prompts, answers = [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    square = {run: statistics.fmean(x * x for x in RewardModel(run)(prompts, answers)) for run in (reward_run, centred)}
+    assert square[centred] < 0.01 * square[reward_run]
+
+
 def test_compare_scores_every_variants_replies_with_the_reward_model(reward_run: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
