@@ -620,15 +620,15 @@ def judge_scores(
 
     if str(spec).startswith(MODEL_PREFIX):
         published_config(str(spec), "compare")
-        name = str(spec).removeprefix(MODEL_PREFIX)
+        judged_by = str(spec).removeprefix(MODEL_PREFIX)
     else:
-        name = f"{read_manifest(Path(spec)).name} ({spec})"
+        judged_by = f"{read_manifest(Path(spec)).name} ({spec})"
     judge = RewardModel(str(spec))
     asked = [p.messages for p in prompts]
     scores = {
         name: round(statistics.fmean(judge(asked, texts)), 4) if texts else None for name, texts in outputs.items()
     }
-    return scores, f"the mean score of each variant's outputs by the reward model {name}"
+    return scores, f"the mean score of each variant's outputs by the reward model {judged_by}"
 
 
 PRIMARY = "eval"  # the eval data's set among the held-out sets: its loss is eval_loss

@@ -64,7 +64,7 @@ class Memory:
     sampling_bytes: int = 0
     teacher: str | None = None  # distill: the frozen model beside the student, whose weights teacher_bytes counts
     teacher_bytes: int = 0
-    reward_models: str | None = None  # GRPO: the reward models (runs of method: reward) beside the policy, frozen
+    reward_models: str | None = None  # GRPO: the reward models (reward runs, model:<id>) beside the policy, frozen
     reward_models_bytes: int = 0
     quantized_params: int = 0  # parameters stored quantized; the rest of the base is kept in float32
     master: str = "none"  # where trained weights keep a float32 master copy (methods.common.master_copy)
@@ -776,9 +776,9 @@ def frozen_bytes(model, quantization: Quantization | None, b: int) -> int:
 
 
 def reward_models_size(exp: Experiment, dtype: str) -> tuple[str, int] | None:
-    """GRPO's reward models (runs of method: reward named in grpo.rewards), loaded beside the policy: their names and
-    the bytes their weights take (each in its own run's dtype where it names one, else the run's), from their
-    configs alone; None where no reward is a model."""
+    """GRPO's reward models (runs of method: reward, or published ones, model:<id>, named in grpo.rewards), loaded
+    beside the policy: their names and the bytes their weights take (each in its own run's dtype where it names one,
+    else the run's), from their configs alone; None where no reward is a model."""
     from tunelab.models import load_config, meta_model
     from tunelab.reward_model import MODEL_PREFIX, published_settings
     from tunelab.rewards import check_rewards, reward_models

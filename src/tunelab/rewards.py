@@ -1,9 +1,10 @@
 """GRPO's reward functions, as the experiment names them (`grpo.rewards`).
 
-Each is `file.py:function` (the user's code, resolved against the experiment file) or `trl:<name>` (one of
-TRL's). `plan` checks that each exists without running any of it; `train` imports them and calls them as TRL
-does, and turns a reward that raises or answers in the wrong shape into one line that names it. The files'
-hashes go into the run's manifest beside the data's, so a resume with changed rewards is refused.
+Each is `file.py:function` (the user's code, resolved against the experiment file), `trl:<name>` (one of
+TRL's), or a reward model (a reward run's folder, or model:<hub id or folder>; tunelab.reward_model scores with it).
+`plan` checks that each exists without running any of it; `train` imports them and calls them as TRL does, and
+turns a reward that raises or answers in the wrong shape into one line that names it. The files' hashes (a reward
+model's fingerprint) go into the run's manifest beside the data's, so a resume with changed rewards is refused.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def _check_reward_run(spec: str, i: int) -> None:
 
 
 def reward_hashes(specs: list[str]) -> dict[str, str]:
-    """sha256 prefix of each reward's file (TRL's: TRL's version; a reward model: its run's fingerprint), by the
-    reward as named."""
+    """sha256 prefix of each reward's file (TRL's: TRL's version; a reward model: its run's or its weights'
+    fingerprint), by the reward as named."""
     from importlib.metadata import version
 
     from tunelab.models import fingerprint, run_fingerprint, weights_path
