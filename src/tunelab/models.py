@@ -325,8 +325,12 @@ def load_model(
             check_stored_quantization(settings, config)
             computes = kwargs.pop("quantization_config").to_dict()["bnb_4bit_compute_dtype"]
             config.quantization_config = stored | {"bnb_4bit_compute_dtype": computes}
-    # A new score head and the causal checkpoint's lm_head are expected: TRL's filter keeps Transformers' report quiet.
-    quiet = _seqcls_quiet() if head == "score" else contextlib.nullcontext()
+    # A score head put on a checkpoint without one (a reward model's base) starts new: it, and the checkpoint's unused
+    # lm_head, are expected, and TRL's filter keeps Transformers' report quiet. A checkpoint that is a scorer already
+    # (a published reward model) must hold its head.
+    scorer = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    new_head = head == "score" and not scorer
+    quiet = _seqcls_quiet() if new_head else contextlib.nullcontext()
     try:
         with quiet:
             model, info = auto_class(config, head).from_pretrained(
@@ -350,9 +354,9 @@ def load_model(
         # the commit it trained on (PEFT's base_model_name_or_path and revision).
         model.name_or_path = model.config.name_or_path = settings.id
         model.config._commit_hash = Path(path).name
-    # A score head the base checkpoint lacks starts random, as every new head does: it is what a reward model trains.
-    new_head = score_head(model)
-    missing = sorted(k for k in info.get("missing_keys") or [] if new_head is None or not k.startswith(f"{new_head}."))
+    # A new score head starts random, as every new head does: it is what a reward model trains.
+    fresh = score_head(model) if new_head else None
+    missing = sorted(k for k in info.get("missing_keys") or [] if fresh is None or not k.startswith(f"{fresh}."))
     if missing:
         raise ConfigError(
             f"model.id: the weights in '{settings.id}' lack {len(missing)} tensor(s) its config.json asks for "

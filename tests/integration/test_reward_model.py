@@ -192,6 +192,14 @@ def test_a_published_reward_model_scores_and_rewards_as_the_run_it_was_exported_
         sets = [f"output.dir={tmp_path}", f"grpo.rewards=[model:{folder}]"]
         with pytest.raises(TunelabError, match=refusal.replace("(", "\\(").replace(")", "\\)")):
             make_plan(load_experiment(EXAMPLES / "grpo-reward-model.yaml", sets))
+    # a published reward model whose weights lack its score head is refused, not scored by a random one
+    from safetensors.torch import load_file, save_file
+
+    headless = shutil.copytree(tmp_path / "pub", tmp_path / "headless")
+    tensors = load_file(headless / "model.safetensors")
+    save_file({k: t for k, t in tensors.items() if not k.startswith("score.")}, headless / "model.safetensors")
+    with pytest.raises(TunelabError, match="lack 1 tensor\\(s\\) its config.json asks for \\(score.weight\\)"):
+        RewardModel(f"model:{headless}").load()
 
 
 def test_grpo_against_a_reward_model_resumes_after_sigkill_to_the_same_weights(
