@@ -105,7 +105,11 @@ def test_dpo_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> None:
 
 
 def test_precomputed_reference_is_reused_by_a_second_run(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))  # a cache of this test's own
+    # A cache of this test's own, sharing only the built-in models (a home without them would build the base again)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "models").symlink_to(tiny_model_dir.parent, target_is_directory=True)
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
     common = ["scope={partial: {last_blocks: 1}}", "train.max_steps=3", "train.logging_steps=1"]
     first = train(experiment("dpo", tmp_path, *common, "output.name=a"))
     cache = Path(first.manifest.ref_logps_cache)
