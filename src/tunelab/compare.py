@@ -598,7 +598,10 @@ def reward_scores(
     weights = settings.reward_weights or [1.0] * len(settings.rewards)
     scores = {}
     try:
-        rewards = load_rewards(as_trained(settings.rewards, run_dir, manifest.reward_hashes))  # what it trained with
+        # What it trained with: the files as they were, the reward models loaded as they were
+        rewards = load_rewards(
+            as_trained(settings.rewards, run_dir, manifest.reward_hashes), settings.reward_quantization
+        )
         for name, texts in outputs.items():
             completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
             totals = [0.0] * len(prompts)

@@ -416,6 +416,12 @@ class GRPOSettings(Strict):
     reward_weights: list[float] | None = Field(
         default=None, description="Weight of each reward in the total (default: 1 each)."
     )
+    reward_quantization: Quantization | None = Field(
+        default=None,
+        description="Load the published reward models among the rewards (model:<hub id or folder>) quantized by "
+        "bitsandbytes (bits: 4 or 8), so a reward model as large as the policy fits beside it; its score head is not "
+        "quantized. A reward run scores as it trained: export it with --merge and name model:<that folder>.",
+    )
     generations: int = Field(
         default=8, ge=2, description="Completions sampled per prompt; each is scored against its group's mean."
     )

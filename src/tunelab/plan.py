@@ -704,7 +704,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         )
         rest = [r for r in exp.grpo.rewards if r not in coming]
         exp = exp.model_copy(update={"grpo": exp.grpo.model_copy(update={"rewards": rest})})
-    judges = reward_models_size(exp, dtype)
+    judges = reward_models_size(exp, dtype, device)
     memory = estimate_memory(facts, resolved, exp, dtype, device, inputs.engine, teacher, judges)
     if (fails := half_gradients_refusal(device, dtype, memory.master, half_trained(resolved))) is not None:
         raise ConfigError(fails)
@@ -775,26 +775,37 @@ def frozen_bytes(model, quantization: Quantization | None, b: int) -> int:
     return int(linear * quantized_bytes_per_param(quantization)) + (total - linear) * b
 
 
-def reward_models_size(exp: Experiment, dtype: str) -> tuple[str, int] | None:
+def reward_models_size(exp: Experiment, dtype: str, device: str) -> tuple[str, int] | None:
     """GRPO's reward models (runs of method: reward, or published ones, model:<id>, named in grpo.rewards), loaded
-    beside the policy: their names and the bytes their weights take (each in its own run's dtype where it names one,
-    else the run's), from their configs alone; None where no reward is a model."""
-    from tunelab.models import load_config, meta_model
+    beside the policy: their names (and the quantization of the published ones, grpo.reward_quantization) and the
+    bytes their weights take (each in its own run's dtype where it names one, else the run's), from their configs
+    alone; None where no reward is a model."""
+    from tunelab.models import check_quantization, load_config, meta_model
     from tunelab.reward_model import MODEL_PREFIX, published_settings
     from tunelab.rewards import check_rewards, reward_models
     from tunelab.runs import load_run_experiment
 
-    judges = reward_models(exp.grpo.rewards) if exp.grpo is not None else []
+    if exp.grpo is None:
+        return None
+    quantization = exp.grpo.reward_quantization
+    # each a completed reward run, or a published one, before its files are read
+    check_rewards(exp.grpo.rewards, quantization)
+    judges = reward_models(exp.grpo.rewards)
     if not judges:
         return None
-    check_rewards(exp.grpo.rewards)  # each a completed reward run, or a published one, before its files are read
+    if quantization is not None:
+        try:
+            check_quantization(quantization, device)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("model.quantization", "grpo.reward_quantization")) from e
     total = 0
     for spec in judges:
         published = spec.startswith(MODEL_PREFIX)
-        own = published_settings(spec) if published else load_run_experiment(Path(spec)).model
+        own = published_settings(spec, quantization) if published else load_run_experiment(Path(spec)).model
         model = meta_model(load_config(own), own.trust_remote_code, "score")
         total += frozen_bytes(model, own.quantization, DTYPE_BYTES[own.dtype if own.dtype != "auto" else dtype])
-    return ", ".join(Path(spec.removeprefix(MODEL_PREFIX)).name for spec in judges), total
+    names = ", ".join(Path(spec.removeprefix(MODEL_PREFIX)).name for spec in judges)
+    return names + (f", {quantization.describe()}" if quantization else ""), total
 
 
 def _run_to_come(named: str, output_dir: str) -> bool:

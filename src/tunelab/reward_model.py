@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunelab.config import ModelSettings, TokenizerSettings, model_head
+from tunelab.config import ModelSettings, Quantization, TokenizerSettings, model_head
 from tunelab.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,9 +37,10 @@ def is_reward_model(spec: str | Path) -> bool:
     return str(spec).startswith(MODEL_PREFIX) or is_reward_run(spec)
 
 
-def published_settings(spec: str) -> ModelSettings:
-    """How a published reward model (model:<hub id or folder>) loads: as its checkpoint says, dtype by the device."""
-    return ModelSettings(id=spec.removeprefix(MODEL_PREFIX))
+def published_settings(spec: str, quantization: Quantization | None = None) -> ModelSettings:
+    """How a published reward model (model:<hub id or folder>) loads: as its checkpoint says, dtype by the device,
+    its linear weights quantized where `quantization` says (grpo.reward_quantization)."""
+    return ModelSettings(id=spec.removeprefix(MODEL_PREFIX), quantization=quantization)
 
 
 def published_config(spec: str, key: str) -> PretrainedConfig:
@@ -72,6 +73,7 @@ class RewardModel:
 
     spec: str  # a reward run's folder, or model:<hub id or folder>
     device: str | None = None  # where it runs: by default the device its settings pick here
+    quantization: Quantization | None = None  # a published one's, loaded quantized (a run loads as it trained)
     batch_size: int = 16
     # the model (frozen, eval mode), its tokenizer, its template settings, and whether it scores plain text
     loaded: tuple[Any, Any, TokenizerSettings, bool] | None = field(default=None, repr=False)
@@ -116,7 +118,7 @@ class RewardModel:
     def _published(self) -> tuple[Any, Any, TokenizerSettings, bool]:
         from tunelab.models import auto_tokenizer, load_model, pick_device, pick_dtype, weights_path
 
-        settings = published_settings(self.spec)
+        settings = published_settings(self.spec, self.quantization)
         device = self.device or pick_device(settings.device)
         model = load_model(settings, pick_dtype(settings.dtype, device), device, head="score")
         return model, auto_tokenizer(weights_path(settings)), TokenizerSettings(), False

@@ -15,9 +15,13 @@ import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.reward_model import MODEL_PREFIX, RewardModel, published_config, published_settings
+
+if TYPE_CHECKING:
+    from tunelab.config import Quantization
 
 TRL_PREFIX = "trl:"
 # TRL's reward functions that take no settings (trl.rewards); the accuracy rewards need the math-verify package
@@ -59,8 +63,9 @@ def _trl_name(spec: str, i: int) -> str:
     return name
 
 
-def check_rewards(specs: list[str]) -> None:
-    """Each reward exists: TRL's by name, a file's as a top-level function of the file, read without running it."""
+def check_rewards(specs: list[str], quantization: Quantization | None = None) -> None:
+    """Each reward exists: TRL's by name, a file's as a top-level function of the file, read without running it; a
+    reward model's config is read. `quantization` (grpo.reward_quantization) needs a published reward model."""
     for i, spec in enumerate(specs):
         if spec.startswith(TRL_PREFIX):
             _trl_name(spec, i)
@@ -70,6 +75,12 @@ def check_rewards(specs: list[str]) -> None:
             continue
         if _is_run(spec):
             _check_reward_run(spec, i)
+            if quantization is not None:
+                raise ConfigError(
+                    f"grpo.reward_quantization: the reward run '{spec}' (grpo.rewards[{i}]) scores as it trained; "
+                    f"export it with `tunelab export {spec} --out FOLDER --merge` and name model:FOLDER in "
+                    "grpo.rewards to quantize it"
+                )
             continue
         file, function = _split(spec, i)
         if not file.is_file():
@@ -91,6 +102,11 @@ def check_rewards(specs: list[str]) -> None:
                 f"grpo.rewards[{i}]: {file} defines no function '{function}'"
                 + (did_you_mean(function, functions) if functions else "; define it at the file's top level")
             )
+    if quantization is not None and not any(spec.startswith(MODEL_PREFIX) for spec in specs):
+        raise ConfigError(
+            "grpo.reward_quantization: no reward in grpo.rewards is a published reward model (model:<hub id or "
+            "folder>), which is what it quantizes; remove it"
+        )
 
 
 def _is_run(spec: str) -> bool:
@@ -191,21 +207,23 @@ def as_trained(specs: list[str], run_dir: Path, recorded: dict[str, str] | None)
     return out
 
 
-def load_rewards(specs: list[str]) -> list[Callable]:
+def load_rewards(specs: list[str], quantization: Quantization | None = None) -> list[Callable]:
     """The reward functions, each wrapped so that a failure or a wrong answer names it (and keeps its name, which
-    TRL logs its mean under: rewards/<name>/mean)."""
-    check_rewards(specs)
-    return [_checked(_load(spec, i), spec, i) for i, spec in enumerate(specs)]
+    TRL logs its mean under: rewards/<name>/mean); published reward models quantized where `quantization` says."""
+    check_rewards(specs, quantization)
+    return [_checked(_load(spec, i, quantization), spec, i) for i, spec in enumerate(specs)]
 
 
-def _load(spec: str, i: int) -> Callable:
+def _load(spec: str, i: int, quantization: Quantization | None) -> Callable:
     import importlib.util
 
     if spec.startswith(TRL_PREFIX):
         import trl.rewards
 
         return getattr(trl.rewards, _trl_name(spec, i))
-    if spec.startswith(MODEL_PREFIX) or _is_run(spec):
+    if spec.startswith(MODEL_PREFIX):
+        return RewardModel(spec, quantization=quantization)
+    if _is_run(spec):
         return RewardModel(spec)
     file, function = _split(spec, i)
     name = f"tunelab_reward_{i}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"

@@ -34,6 +34,14 @@ def reward_run(tmp_path_factory, tiny_model_dir) -> Path:
     return train(load_experiment(EXAMPLES / "reward.yaml", [f"output.dir={out}"])).run_dir
 
 
+@pytest.fixture(scope="module")
+def published(reward_run: Path, tmp_path_factory) -> Path:
+    """The reward run exported merged: a folder laid out as a published reward model's hub checkpoint."""
+    out = tmp_path_factory.mktemp("published") / "pub"
+    assert run_cli("export", str(reward_run), "--out", str(out), "--merge").returncode == 0
+    return out
+
+
 def _pairs() -> list[dict]:
     return [json.loads(line) for line in (DATA / "pref_eval.jsonl").open()]
 
@@ -104,16 +112,17 @@ def test_center_rewards_keeps_the_scores_near_zero(reward_run: Path, tmp_path: P
     assert square[centred] < 0.01 * square[reward_run]
 
 
-def test_compare_scores_every_variants_replies_with_the_reward_model(reward_run: Path, tmp_path: Path) -> None:
+def test_compare_scores_every_variants_replies_with_the_reward_model(
+    reward_run: Path, published: Path, tmp_path: Path
+) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     sft = train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.max_steps=4"]))
     c = compare([sft.run_dir, reward_run], prompts_file=DATA / "prompts.jsonl", max_new_tokens=16)
     assert [v.name for v in c.variants] == ["base", "quickstart"]  # the reward model judges; it is no variant
     assert f"by the reward model reward ({reward_run})" in c.settings["rewards"]
-    assert run_cli("export", str(reward_run), "--out", str(tmp_path / "rm"), "--merge").returncode == 0
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "rm")
+    model = AutoModelForSequenceClassification.from_pretrained(published).eval()
+    tokenizer = AutoTokenizer.from_pretrained(published)
     for v in c.variants:
         chats = [
             p.messages + [{"role": "assistant", "content": o}]
@@ -155,34 +164,33 @@ def test_grpo_trains_with_a_reward_model_as_its_reward(reward_run: Path, tmp_pat
 
 
 def test_a_published_reward_model_scores_and_rewards_as_the_run_it_was_exported_from(
-    reward_run: Path, tmp_path: Path, tiny_model_dir: Path
+    reward_run: Path, published: Path, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """model:<folder> names a published reward model (here the run exported merged, as a hub checkpoint is laid
     out): compare's scores and a GRPO run against it are the run's own, up to the merge's rounding (the reward
     model loads on first use without moving the random state the policy samples from). A causal LM folder, or a
     classifier of two labels, is refused in one line."""
-    assert run_cli("export", str(reward_run), "--out", str(tmp_path / "pub"), "--merge").returncode == 0
-    published = f"model:{tmp_path / 'pub'}"
+    spec = f"model:{published}"
     sft = train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.max_steps=2"]))
     by_run, by_model = (
         compare([sft.run_dir, judge], prompts_file=DATA / "prompts.jsonl", max_new_tokens=8)
-        for judge in (reward_run, Path(published))
+        for judge in (reward_run, Path(spec))
     )
-    assert by_model.settings["rewards"].endswith(f"by the reward model {tmp_path / 'pub'}")
+    assert by_model.settings["rewards"].endswith(f"by the reward model {published}")
     for a, b in zip(by_run.variants, by_model.variants, strict=True):
         assert a.numbers["reward"] == pytest.approx(b.numbers["reward"], abs=1e-4)
 
     runs = {}
-    for name, judge in (("by-run", str(reward_run)), ("by-model", published)):
+    for name, judge in (("by-run", str(reward_run)), ("by-model", spec)):
         sets = [f"output.dir={tmp_path}", f"output.name={name}", f"grpo.rewards=[{judge}]", "train.max_steps=4"]
         runs[name] = train(load_experiment(EXAMPLES / "grpo-reward-model.yaml", sets)).manifest
-    assert runs["by-model"].reward_hashes[published].startswith("model ")
+    assert runs["by-model"].reward_hashes[spec].startswith("model ")
     # the same numbers up to the merge's rounding (loading a run draws its new head's init: without the random state
     # kept, the first eval's replies were others, -1.22 against -0.95)
     for key in ("base_eval_reward", "final_eval_reward"):
         assert getattr(runs["by-run"], key) == pytest.approx(getattr(runs["by-model"], key), abs=1e-5)
     two = tmp_path / "two"
-    shutil.copytree(tmp_path / "pub", two)
+    shutil.copytree(published, two)
     config = json.loads((two / "config.json").read_text())
     (two / "config.json").write_text(json.dumps(config | {"id2label": {"0": "a", "1": "b"}}))
     for folder, refusal in [
@@ -195,11 +203,52 @@ def test_a_published_reward_model_scores_and_rewards_as_the_run_it_was_exported_
     # a published reward model whose weights lack its score head is refused, not scored by a random one
     from safetensors.torch import load_file, save_file
 
-    headless = shutil.copytree(tmp_path / "pub", tmp_path / "headless")
+    headless = shutil.copytree(published, tmp_path / "headless")
     tensors = load_file(headless / "model.safetensors")
     save_file({k: t for k, t in tensors.items() if not k.startswith("score.")}, headless / "model.safetensors")
     with pytest.raises(TunelabError, match="lack 1 tensor\\(s\\) its config.json asks for \\(score.weight\\)"):
         RewardModel(f"model:{headless}").load()
+
+
+def test_a_published_reward_model_loads_quantized_beside_the_policy(published: Path, tmp_path: Path) -> None:
+    """grpo.reward_quantization loads the published reward models 4-bit through bitsandbytes: the decoder's linear
+    layers packed, the score head not. plan counts the bytes the loaded model holds, the quantized model still orders
+    the held-out pairs, GRPO trains against it, and compare scores the run's outputs with it quantized, as it
+    trained (not with the unquantized model, whose scores differ)."""
+    from bitsandbytes.nn import Linear4bit
+
+    from tunelab.config import Quantization
+
+    spec, q = f"model:{published}", Quantization(bits=4)
+    quantized, plain = RewardModel(spec, quantization=q), RewardModel(spec)
+    model = quantized.load()[0]
+    packed = [name for name, m in model.named_modules() if isinstance(m, Linear4bit)]
+    layers = model.config.num_hidden_layers
+    assert len(packed) == 7 * layers and not isinstance(model.score, Linear4bit)
+    assert model.score.weight.dtype == torch.float32
+
+    sets = [f"output.dir={tmp_path}", f"grpo.rewards=[{spec}]", "train.max_steps=4"]
+    exp = load_experiment(EXAMPLES / "grpo-reward-model.yaml", [*sets, "grpo.reward_quantization={bits: 4}"])
+    plan, unquantized = make_plan(exp), make_plan(load_experiment(EXAMPLES / "grpo-reward-model.yaml", sets))
+    assert plan.memory.reward_models == f"pub, {q.describe()}"
+    assert plan.memory.reward_models_bytes == pytest.approx(model.get_memory_footprint(), rel=0.02)
+    assert plan.memory.reward_models_bytes < unquantized.memory.reward_models_bytes - 0.5 * 4 * sum(
+        m.weight.numel() for name, m in model.named_modules() if name in packed
+    )
+
+    pairs = _pairs()
+    chosen, rejected = (quantized([p["prompt"] for p in pairs], [p[k] for p in pairs]) for k in ("chosen", "rejected"))
+    accuracy = statistics.fmean(c > r for c, r in zip(chosen, rejected, strict=True))
+    assert accuracy >= 0.9
+
+    m = train(exp).manifest
+    assert m.status == "completed" and m.reward_hashes[spec].startswith("model ")
+    c = compare([tmp_path / "grpo-reward-model"], max_new_tokens=16)
+    asked = [p.messages for p in c.prompts]
+    for v in c.variants:
+        by_quantized = statistics.fmean(quantized(asked, c.outputs[v.name]))
+        assert v.numbers["reward"] == pytest.approx(by_quantized, abs=1e-4)
+        assert abs(statistics.fmean(plain(asked, c.outputs[v.name])) - by_quantized) > 1e-3
 
 
 def test_grpo_against_a_reward_model_resumes_after_sigkill_to_the_same_weights(
@@ -340,6 +389,14 @@ def test_what_a_reward_model_cannot_do_is_refused_in_one_line(reward_run: Path, 
     )
     assert f"grpo.rewards[0]: run '{sft}' trained method sft, not a reward model" in refused(
         prompts + f"method: grpo\ngrpo: {{rewards: [{sft}], generations: 4}}\n"
+    )
+    quantized = "reward_quantization: {bits: 4}, generations: 4"
+    assert (
+        f"grpo.reward_quantization: the reward run '{reward_run}' (grpo.rewards[0]) scores as it trained; export it "
+        f"with `tunelab export {reward_run} --out FOLDER --merge` and name model:FOLDER"
+    ) in refused(prompts + f"method: grpo\ngrpo: {{rewards: [{reward_run}], {quantized}}}\n")
+    assert "grpo.reward_quantization: no reward in grpo.rewards is a published reward model" in refused(
+        prompts + f"method: grpo\ngrpo: {{rewards: [trl:think_format_reward], {quantized}}}\n"
     )
     failed = fake_run(tmp_path, "rm", method="reward", status="failed")
     assert f"grpo.rewards[0]: the reward model '{failed}' is failed, not completed" in refused(

@@ -48,7 +48,7 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
         top_p=settings.top_p,
         mask_truncated_completions=settings.mask_truncated,
     )
-    rewards = load_rewards(settings.rewards)
+    rewards = load_rewards(settings.rewards, settings.reward_quantization)
     return instantiate(
         GRPOTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
         reward_funcs=rewards,
@@ -60,7 +60,7 @@ def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
     from tunelab.rewards import check_rewards
 
     assert exp.grpo is not None
-    check_rewards(exp.grpo.rewards)
+    check_rewards(exp.grpo.rewards, exp.grpo.reward_quantization)
     check_prompt_room(exp, encoded, exp.grpo.max_completion_length, "grpo.max_completion_length")
 
 
