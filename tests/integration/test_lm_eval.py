@@ -15,10 +15,11 @@ TASK = ["--tasks", "tinyworld_answers", "--include-path", str(EXAMPLES / "eval")
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, tiny_model_dir) -> Path:
+    from tunelab.config import load_experiment
+    from tunelab.train import train
+
     out = tmp_path_factory.mktemp("lm-eval")
-    done = run_cli("train", str(EXAMPLES / "quickstart.yaml"), "--set", f"output.dir={out}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / "quickstart"
+    return train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={out}"])).run_dir
 
 
 def test_eval_scores_the_base_and_the_run_and_stores_them(quickstart: Path, tmp_path: Path) -> None:
