@@ -208,7 +208,8 @@ def compare(
         Path | None,
         typer.Option(
             "--pairs",
-            help="Preference pairs every variant ranks, for pref acc (default: the first preference run's eval pairs).",
+            help="Preference pairs every variant ranks, for pref acc, and a reward model given orders (default: the "
+            "first preference run's eval pairs).",
             exists=True,
             dir_okay=False,
         ),

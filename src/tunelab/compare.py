@@ -514,8 +514,9 @@ def compare(
         outputs["base"] = outputs.pop(BASE)
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
     replies = {v.name: outputs[v.name] for v in variants}
+    judge_accuracy = None
     if judges:
-        scored, rewards_note = judge_scores(judges[0], prompts, replies)
+        scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs)
     else:
         scored, rewards_note = reward_scores(rewarded, prompts, replies)
     for v in variants:
@@ -539,6 +540,7 @@ def compare(
         # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
         "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
         "rewards": rewards_note,  # GRPO: which run's rewards scored every variant's outputs, or why none did
+        "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
     }
     return Comparison(model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
 
@@ -615,10 +617,12 @@ def reward_scores(
 
 
 def judge_scores(
-    spec: str | Path, prompts: list[Prompt], outputs: dict[str, list[str]]
-) -> tuple[dict[str, float], str]:
+    spec: str | Path, prompts: list[Prompt], outputs: dict[str, list[str]], pairs: list[dict]
+) -> tuple[dict[str, float], str, float | None]:
     """Every variant's mean score over the prompts by a reward model (a run of method: reward, or model:<id>), each
-    prompt and reply scored as the reward model's training scored a pair's answer; and a note of what scored them."""
+    prompt and reply scored as the reward model's training scored a pair's answer; a note of what scored them; and
+    the share of the preference `pairs` (compare's pref acc pairs) whose chosen answer it scores above the rejected
+    one, how far to trust its scores (None without pairs)."""
     from tunelab.reward_model import MODEL_PREFIX, RewardModel, published_config
 
     if str(spec).startswith(MODEL_PREFIX):
@@ -631,7 +635,14 @@ def judge_scores(
     scores = {
         name: round(statistics.fmean(judge(asked, texts)), 4) if texts else None for name, texts in outputs.items()
     }
-    return scores, f"the mean score of each variant's outputs by the reward model {judged_by}"
+    note = f"the mean score of each variant's outputs by the reward model {judged_by}"
+    if not pairs:
+        return scores, note, None
+    questions = [p["prompt"] for p in pairs]
+    chosen, rejected = (judge(questions, [p[k] for p in pairs]) for k in ("chosen", "rejected"))
+    right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+    accuracy = round(right / len(pairs), 4)
+    return scores, f"{note}, which orders {right} of the {len(pairs)} preference pairs right ({accuracy:.3f})", accuracy
 
 
 PRIMARY = "eval"  # the eval data's set among the held-out sets: its loss is eval_loss

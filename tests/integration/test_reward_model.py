@@ -118,7 +118,13 @@ def test_compare_scores_every_variants_replies_with_the_reward_model(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     sft = train(load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", "train.max_steps=4"]))
-    c = compare([sft.run_dir, reward_run], prompts_file=DATA / "prompts.jsonl", max_new_tokens=16)
+    # the held-out pairs, every third with its answers swapped: pairs it should get wrong
+    swapped = [
+        p | {"chosen": p["rejected"], "rejected": p["chosen"]} if i % 3 == 0 else p for i, p in enumerate(_pairs())
+    ]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in swapped))
+    c = compare([sft.run_dir, reward_run], prompts_file=DATA / "prompts.jsonl", max_new_tokens=16, pairs_file=pairs)
     assert [v.name for v in c.variants] == ["base", "quickstart"]  # the reward model judges; it is no variant
     assert f"by the reward model reward ({reward_run})" in c.settings["rewards"]
     model = AutoModelForSequenceClassification.from_pretrained(published).eval()
@@ -130,6 +136,13 @@ def test_compare_scores_every_variants_replies_with_the_reward_model(
         ]
         expected = statistics.fmean(_plain_scores(model, tokenizer, chats))
         assert v.numbers["reward"] == pytest.approx(expected, abs=2e-4)
+    # how far to trust it: the pairs it orders right, as plain Transformers scores them, said under the table
+    chosen, rejected = (
+        _plain_scores(model, tokenizer, [p["prompt"] + p[k] for p in swapped]) for k in ("chosen", "rejected")
+    )
+    right = sum(a > b for a, b in zip(chosen, rejected, strict=True))
+    assert 0 < right < len(swapped) and c.settings["judge_pair_accuracy"] == round(right / len(swapped), 4)
+    assert f"which orders {right} of the {len(swapped)} preference pairs right" in c.settings["rewards"]
 
     with pytest.raises(TunelabError, match="is a reward model, which scores replies and writes none; give the runs"):
         compare([reward_run])
