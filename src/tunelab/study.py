@@ -199,6 +199,12 @@ def variant_experiment(
                 f"{judged.method}, not a reward model; name a variant of method: reward"
             )
         grpo = raw.setdefault("grpo", {})
+        if grpo.get("reward_quantization") is not None:
+            raise TunelabError(
+                f"{study.path}: variants.{name}.reward_model: variant '{spec.reward_model}' is a reward run, which "
+                "scores as it trained, and grpo.reward_quantization quantizes published reward models only; remove "
+                "grpo.reward_quantization from this variant"
+            )
         grpo["rewards"] = [*grpo.get("rewards", []), reward_model or str(Path(judged.output.dir) / judged.run_name)]
     raw["name"] = name
     raw["output"] = {"dir": str(study.output), "name": name}

@@ -338,6 +338,11 @@ def test_a_study_trains_a_reward_model_then_grpo_against_it(tmp_path: Path, tiny
             "set: {",
             "variants.policy.reward_model: a reward model scores GRPO's replies; set method: grpo",
         ),  # fmt: skip
+        (
+            "grpo.max_completion_length: 8, ",
+            "grpo.max_completion_length: 8, grpo.reward_quantization: {bits: 4}, ",
+            "variants.policy.reward_model: variant 'rm' is a reward run, which scores as it trained",
+        ),  # fmt: skip
     ]:
         broken = tmp_path / "broken.yaml"
         broken.write_text(study.read_text().replace(old, new))
