@@ -238,10 +238,19 @@ def compare(
             "--teachers/--no-teachers", help="The teachers of distill runs answer too (those not given as runs)."
         ),
     ] = True,
+    judge_bits: Annotated[
+        int | None,
+        typer.Option(
+            "--judge-quantization",
+            help="Load the published reward model among the runs (model:<id>) 4- or 8-bit, as "
+            "grpo.reward_quantization loads it beside a policy.",
+        ),
+    ] = None,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
     from tunelab.compare import parse_eval_also
+    from tunelab.config import Quantization
     from tunelab.report import write_report
     from tunelab.report.terminal import print_comparison, print_outputs
 
@@ -253,6 +262,8 @@ def compare(
         raise TunelabError(f"--out {out}: is a file; give a folder for the report")
     if asked and prompts:
         raise TunelabError("--prompt and --prompts: give the prompts one way, on the command line or in a file")
+    if judge_bits not in (None, 4, 8):
+        raise TunelabError(f"--judge-quantization: {judge_bits} bits; bitsandbytes loads 4 or 8")
 
     result = run_compare(
         runs,
@@ -268,6 +279,7 @@ def compare(
         eval_also=parse_eval_also(eval_also or []),
         pairs_file=pairs,
         include_teachers=teachers,
+        judge_quantization=Quantization(bits=judge_bits) if judge_bits else None,
     )
     paths = write_report(result, out)
     print_comparison(result)

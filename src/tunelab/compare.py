@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import DataSettings, Experiment, ModelSettings, TokenizerSettings, model_head
-from tunelab.errors import TunelabError
+from tunelab.config import DataSettings, Experiment, ModelSettings, Quantization, TokenizerSettings, model_head
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import (
     TOKENIZER,
     BaseModelRecord,
@@ -454,10 +454,13 @@ def compare(
     eval_also: dict[str, Path] | None = None,
     pairs_file: Path | None = None,
     include_teachers: bool = True,
+    judge_quantization: Quantization | None = None,
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it). `include_teachers`: the
-    teachers of distill runs (those not compared as runs already) answer and are scored beside them."""
+    teachers of distill runs (those not compared as runs already) answer and are scored beside them.
+    `judge_quantization`: a published reward model among the runs scores loaded so, as grpo.reward_quantization
+    loads it beside a policy."""
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
 
@@ -467,6 +470,8 @@ def compare(
             f"compare: {len(judges)} reward models given ({', '.join(map(str, judges))}); one scores the variants' "
             "replies: give one"
         )
+    if judge_quantization is not None:
+        _check_judge_quantization(judges, judge_quantization)
     run_dirs = [d for d in run_dirs if d not in judges]
     if not run_dirs:
         raise TunelabError(
@@ -516,7 +521,7 @@ def compare(
     replies = {v.name: outputs[v.name] for v in variants}
     judge_accuracy = None
     if judges:
-        scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs)
+        scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs, judge_quantization)
     else:
         scored, rewards_note = reward_scores(rewarded, prompts, replies)
     for v in variants:
@@ -616,21 +621,47 @@ def reward_scores(
     return scores, f"{manifest.name}'s rewards ({names}) on each variant's outputs"
 
 
+def _check_judge_quantization(judges: list[Path], quantization: Quantization) -> None:
+    """--judge-quantization needs a published reward model among the runs, and bitsandbytes where compare runs."""
+    from tunelab.models import check_quantization, pick_device
+    from tunelab.reward_model import MODEL_PREFIX
+
+    if not judges:
+        raise TunelabError(
+            "--judge-quantization: no reward model is among the runs; give a published one (model:<hub id or "
+            "folder>) to score the variants' replies"
+        )
+    if not str(judges[0]).startswith(MODEL_PREFIX):
+        raise TunelabError(
+            f"--judge-quantization: {judges[0]} is a reward run, which scores as it trained; export it with "
+            f"`tunelab export {judges[0]} --out FOLDER --merge` and give model:FOLDER"
+        )
+    try:
+        check_quantization(quantization, pick_device("auto"))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("model.quantization", "--judge-quantization")) from e
+
+
 def judge_scores(
-    spec: str | Path, prompts: list[Prompt], outputs: dict[str, list[str]], pairs: list[dict]
+    spec: str | Path,
+    prompts: list[Prompt],
+    outputs: dict[str, list[str]],
+    pairs: list[dict],
+    quantization: Quantization | None = None,
 ) -> tuple[dict[str, float], str, float | None]:
-    """Every variant's mean score over the prompts by a reward model (a run of method: reward, or model:<id>), each
-    prompt and reply scored as the reward model's training scored a pair's answer; a note of what scored them; and
-    the share of the preference `pairs` (compare's pref acc pairs) whose chosen answer it scores above the rejected
-    one, how far to trust its scores (None without pairs)."""
+    """Every variant's mean score over the prompts by a reward model (a run of method: reward, or model:<id>, loaded
+    quantized where `quantization` says), each prompt and reply scored as the reward model's training scored a pair's
+    answer; a note of what scored them; and the share of the preference `pairs` (compare's pref acc pairs) whose
+    chosen answer it scores above the rejected one, how far to trust its scores (None without pairs)."""
     from tunelab.reward_model import MODEL_PREFIX, RewardModel, published_config
 
     if str(spec).startswith(MODEL_PREFIX):
         published_config(str(spec), "compare")
         judged_by = str(spec).removeprefix(MODEL_PREFIX)
+        judged_by += f" ({quantization.describe()})" if quantization else ""
     else:
         judged_by = f"{read_manifest(Path(spec)).name} ({spec})"
-    judge = RewardModel(str(spec))
+    judge = RewardModel(str(spec), quantization=quantization)
     asked = [p.messages for p in prompts]
     scores = {
         name: round(statistics.fmean(judge(asked, texts)), 4) if texts else None for name, texts in outputs.items()

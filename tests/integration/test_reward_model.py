@@ -223,11 +223,14 @@ def test_a_published_reward_model_scores_and_rewards_as_the_run_it_was_exported_
         RewardModel(f"model:{headless}").load()
 
 
-def test_a_published_reward_model_loads_quantized_beside_the_policy(published: Path, tmp_path: Path) -> None:
+def test_a_published_reward_model_loads_quantized_beside_the_policy(
+    reward_run: Path, published: Path, tmp_path: Path
+) -> None:
     """grpo.reward_quantization loads the published reward models 4-bit through bitsandbytes: the decoder's linear
     layers packed, the score head not. plan counts the bytes the loaded model holds, the quantized model still orders
     the held-out pairs, GRPO trains against it, and compare scores the run's outputs with it quantized, as it
-    trained (not with the unquantized model, whose scores differ)."""
+    trained (not with the unquantized model, whose scores differ); as compare's judge with --judge-quantization it
+    scores, and orders the pairs, as the quantized model does."""
     from bitsandbytes.nn import Linear4bit
 
     from tunelab.config import Quantization
@@ -262,6 +265,24 @@ def test_a_published_reward_model_loads_quantized_beside_the_policy(published: P
         by_quantized = statistics.fmean(quantized(asked, c.outputs[v.name]))
         assert v.numbers["reward"] == pytest.approx(by_quantized, abs=1e-4)
         assert abs(statistics.fmean(plain(asked, c.outputs[v.name])) - by_quantized) > 1e-3
+    # compare's judge loaded as GRPO loads it (--judge-quantization): the quantized model's scores and pair accuracy
+    judged = compare(
+        [tmp_path / "grpo-reward-model", Path(spec)], max_new_tokens=16, pairs_file=DATA / "pref_eval.jsonl",
+        judge_quantization=q,
+    )  # fmt: skip
+    assert f"by the reward model {published} ({q.describe()}), which orders" in judged.settings["rewards"]
+    assert judged.settings["judge_pair_accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    for v in judged.variants:
+        by_quantized = statistics.fmean(quantized([p.messages for p in judged.prompts], judged.outputs[v.name]))
+        assert v.numbers["reward"] == pytest.approx(by_quantized, abs=1e-4)
+    for judges, refusal in [
+        ([], "--judge-quantization: no reward model is among the runs"),
+        ([reward_run], f"--judge-quantization: {reward_run} is a reward run, which scores as it trained"),
+    ]:
+        with pytest.raises(TunelabError, match=refusal):
+            compare([tmp_path / "grpo-reward-model", *judges], judge_quantization=q)
+    three = run_cli("compare", str(tmp_path / "grpo-reward-model"), spec, "--judge-quantization", "3")
+    assert three.returncode == 2 and three.stderr == "error: --judge-quantization: 3 bits; bitsandbytes loads 4 or 8\n"
 
 
 def test_grpo_against_a_reward_model_resumes_after_sigkill_to_the_same_weights(
