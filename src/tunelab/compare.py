@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DataSettings, Experiment, ModelSettings, Quantization, TokenizerSettings, model_head
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import TunelabError
 from tunelab.runs import (
     TOKENIZER,
     BaseModelRecord,
@@ -636,10 +636,7 @@ def _check_judge_quantization(judges: list[Path], quantization: Quantization) ->
             f"--judge-quantization: {judges[0]} is a reward run, which scores as it trained; export it with "
             f"`tunelab export {judges[0]} --out FOLDER --merge` and give model:FOLDER"
         )
-    try:
-        check_quantization(quantization, pick_device("auto"))
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("model.quantization", "--judge-quantization")) from e
+    check_quantization(quantization, pick_device("auto"), "--judge-quantization")
 
 
 def judge_scores(

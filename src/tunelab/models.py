@@ -475,19 +475,19 @@ def check_stored_quantization(settings: ModelSettings, config: PretrainedConfig)
         )
 
 
-def check_quantization(settings: Quantization, device: str) -> None:
-    """Refuse, with the reason, a quantization the installed bitsandbytes cannot run here."""
+def check_quantization(settings: Quantization, device: str, key: str = "model.quantization") -> None:
+    """Refuse, with the reason, a quantization the installed bitsandbytes cannot run here; `key` is the setting
+    that asked for it."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(
-            "model.quantization: needs the bitsandbytes package, which is not installed; "
+            f"{key}: needs the bitsandbytes package, which is not installed; "
             "pip install 'tunelab[quantization]' (or bitsandbytes)"
         )
     if device == "mps":
         raise ConfigError(
-            "model.quantization: bitsandbytes has no complete Apple MPS backend for training; "
-            "train on cuda or cpu, or remove model.quantization"
+            f"{key}: bitsandbytes has no complete Apple MPS backend for training; train on cuda or cpu, or remove {key}"
         )
 
 

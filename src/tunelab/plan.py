@@ -785,19 +785,14 @@ def reward_models_size(exp: Experiment, dtype: str, device: str) -> tuple[str, i
     from tunelab.rewards import check_rewards, reward_models
     from tunelab.runs import load_run_experiment
 
-    if exp.grpo is None:
-        return None
+    judges = reward_models(exp.grpo.rewards) if exp.grpo is not None else []
+    if not judges:
+        return None  # a reward_quantization without a reward model is refused with the rewards' own check
     quantization = exp.grpo.reward_quantization
     # each a completed reward run, or a published one, before its files are read
     check_rewards(exp.grpo.rewards, quantization)
-    judges = reward_models(exp.grpo.rewards)
-    if not judges:
-        return None
     if quantization is not None:
-        try:
-            check_quantization(quantization, device)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("model.quantization", "grpo.reward_quantization")) from e
+        check_quantization(quantization, device, "grpo.reward_quantization")
     total = 0
     for spec in judges:
         published = spec.startswith(MODEL_PREFIX)
