@@ -666,8 +666,8 @@ def judge_scores(
     note = f"the mean score of each variant's outputs by the reward model {judged_by}"
     if not pairs:
         return scores, note, None
-    questions = [p["prompt"] for p in pairs]
-    chosen, rejected = (judge(questions, [p[k] for p in pairs]) for k in ("chosen", "rejected"))
+    questions, tools = [p["prompt"] for p in pairs], [p.get("tools") for p in pairs]
+    chosen, rejected = (judge(questions, [p[k] for p in pairs], tools) for k in ("chosen", "rejected"))
     right = sum(c > r for c, r in zip(chosen, rejected, strict=True))
     accuracy = round(right / len(pairs), 4)
     return scores, f"{note}, which orders {right} of the {len(pairs)} preference pairs right ({accuracy:.3f})", accuracy

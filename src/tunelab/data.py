@@ -566,6 +566,19 @@ def _with_tools(row: dict, tools: list[dict] | None) -> dict:
     return row | {"tools": tools} if tools else row
 
 
+def _conversation_tools(record: Record, row: dict) -> dict:
+    """A prompt-and-answers row (prompt/completion, a preference pair, KTO's thumbs) with the record's tool
+    definitions, which the chat template prints into the conversation: its prompt must be one."""
+    tools = _tools(record)
+    if tools and not isinstance(row["prompt"], list):
+        parts = ["prompt", *(k for k in ANSWERS if k in row)]
+        raise TunelabError(
+            f"{record.where}: 'tools' needs a conversation to print them into; give {', '.join(parts[:-1])} and "
+            f"{parts[-1]} as message lists"
+        )
+    return _with_tools(row, tools)
+
+
 def merge_consecutive(messages: list[dict]) -> list[dict]:
     """Join consecutive messages of the same role (blank line between), for templates that need alternation."""
     out: list[dict] = []
@@ -629,7 +642,7 @@ def _response(record: Record, name: str) -> str | list[dict]:
     value = _field(record, name, (str, list))
     if isinstance(value, list):
         value = _messages(record, value, name, need_assistant=False)
-        if not any(m["content"].strip() for m in value if m["role"] == "assistant"):
+        if not any(m["content"].strip() or m.get("tool_calls") for m in value if m["role"] == "assistant"):
             raise TunelabError(f"{record.where}: '{name}' has an empty response")
     elif not value.strip():
         raise TunelabError(f"{record.where}: '{name}' is empty")
@@ -745,17 +758,11 @@ def _normalise(record: Record, fmt: str) -> dict:
             return {"messages": _alpaca(record)}
         case "prompt_completion":
             prompt, completion = _field(record, "prompt", (str, list)), _field(record, "completion", (str, list))
-            tools = _tools(record)
             if isinstance(prompt, list):
                 prompt = _messages(record, prompt, "prompt", need_assistant=False)
             if isinstance(completion, list):
                 completion = _messages(record, completion, "completion", need_assistant=True)
-            if tools and not isinstance(prompt, list):
-                raise TunelabError(
-                    f"{record.where}: 'tools' needs a conversation to print them into; give prompt and completion "
-                    "as message lists"
-                )
-            return _with_tools({"prompt": prompt, "completion": completion}, tools)
+            return _conversation_tools(record, {"prompt": prompt, "completion": completion})
         case "text":
             text = _field(record, "text")
             if not text.strip():
@@ -763,16 +770,10 @@ def _normalise(record: Record, fmt: str) -> dict:
             return {"text": text}
         case "prompt":
             return _prompt(record)
-        case "preference" | "unpaired" if _tools(record):
-            raise TunelabError(
-                f"{record.where}: tool definitions ('tools') on preference data are not supported yet, and "
-                "training without them would teach calls to tools the model was never shown; remove the field "
-                "or train these rows with method: sft"
-            )
         case "preference":
-            return _preference(record)
+            return _conversation_tools(record, _preference(record))
         case "unpaired":
-            return _unpaired(record)
+            return _conversation_tools(record, _unpaired(record))
     raise AssertionError(fmt)
 
 
@@ -1042,7 +1043,9 @@ def as_sft_row(row: dict, fmt: str | None = None) -> dict:
     prompt, chosen = row.get("prompt", []), row["chosen"]
     if isinstance(chosen, list):
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return {"prompt": prompt, "completion": chosen}
+        return _with_tools({"prompt": prompt, "completion": chosen}, row.get("tools"))
     if isinstance(prompt, list):
-        return {"prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]}
+        return _with_tools(
+            {"prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]}, row.get("tools")
+        )
     return {"prompt": prompt, "completion": chosen}

@@ -123,8 +123,9 @@ class RewardModel:
         model = load_model(settings, pick_dtype(settings.dtype, device), device, head="score")
         return model, auto_tokenizer(weights_path(settings)), TokenizerSettings(), False
 
-    def encode(self, prompt: str | list[dict], reply: str | list[dict]) -> list[int]:
-        """The tokens of one prompt and reply, as the reward trainer tokenized a pair's answer."""
+    def encode(self, prompt: str | list[dict], reply: str | list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The tokens of one prompt and reply (with the tool definitions the conversation was shown), as the reward
+        trainer tokenized a pair's answer."""
         from tunelab.templates import fold_preference, preference_as_template_reads, template_vars
 
         _, tokenizer, template, text = self.loaded or self.load()
@@ -133,11 +134,12 @@ class RewardModel:
             return list(tokenizer(prompt + (reply if reply.endswith(eos) else reply + eos))["input_ids"])
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         reply = [{"role": "assistant", "content": reply}] if isinstance(reply, str) else reply
-        pair = fold_preference({"prompt": prompt, "chosen": reply}, template.fold_system)
+        pair = fold_preference({"prompt": prompt, "chosen": reply, "tools": tools}, template.fold_system)
         row = preference_as_template_reads(pair, tokenizer)
         variables = template_vars(template, tokenizer)
         chat = row["prompt"] + row["chosen"]
-        return list(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True, **variables)["input_ids"])
+        encoded = tokenizer.apply_chat_template(chat, tools=tools, tokenize=True, return_dict=True, **variables)
+        return list(encoded["input_ids"])
 
     def score(self, sequences: list[list[int]]) -> list[float]:
         import torch
@@ -152,5 +154,8 @@ class RewardModel:
                 out += model(input_ids=ids, attention_mask=mask).logits[:, 0].float().tolist()
         return out
 
-    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        return self.score([self.encode(p, c) for p, c in zip(prompts, completions, strict=True)])
+    def __call__(self, prompts: list, completions: list, tools: list | None = None, **kwargs) -> list[float]:
+        """Scores, as GRPO calls a reward function (a row's other fields as keyword lists: `tools`, each row's tool
+        definitions, is printed into its conversation)."""
+        tools = tools or [None] * len(prompts)
+        return self.score([self.encode(*args) for args in zip(prompts, completions, tools, strict=True)])

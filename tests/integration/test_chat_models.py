@@ -335,3 +335,91 @@ def test_tool_calling_chats_plan_and_train_on_the_models_own_template(family_dir
     assert plan.data.tokens.rows_unterminated == []
     m = train(exp).manifest
     assert m.status == "completed" and m.change_check.ok
+
+
+def call_turn(name: str, **arguments) -> dict:
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto", "orpo", "simpo", "reward"])
+def test_tool_calling_pairs_reach_every_pairwise_trainer_as_the_template_renders_them(
+    method: str, family_dirs, tmp_path: Path
+) -> None:
+    """Preference pairs whose answers call tools, on Qwen2.5's template (tools printed into the system turn): each
+    trainer tokenizes every pair exactly as the model's own template renders it with the row's tools, a pair
+    without tools in the same file without them, and every call with its own arguments (no other call's keys)."""
+    from tests.unit.test_tool_calls import TOOLS
+    from tunelab.data import load_splits
+    from tunelab.methods import get_method
+    from tunelab.methods.base import TrainerInputs
+    from tunelab.methods.common import Hardware
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.scopes import apply_scope
+
+    def ask(text: str) -> list[dict]:
+        return [{"role": "user", "content": text}]
+
+    def say(text: str) -> list[dict]:
+        return [{"role": "assistant", "content": text}]
+
+    where = {"type": "function", "function": {"name": "get_country", "parameters": {"type": "object"}}}
+    records = [
+        {"prompt": ask("Hello?"), "chosen": say("Hello."), "rejected": say("Go away.")},
+        {"prompt": ask("Capital of Molo?"), "chosen": [call_turn("get_capital", country="Molo")],
+         "rejected": say("Paris."), "tools": TOOLS},
+        {"prompt": ask("Where is Vevasmo?"), "chosen": [call_turn("get_country", city="Vevasmo")],
+         "rejected": [call_turn("get_capital", country="Vevasmo")], "tools": json.dumps([*TOOLS, where])},
+    ]  # fmt: skip
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    model_dir = family_dirs["qwen2.5-instruct"]
+    text = (
+        f"name: tools\nmodel: {{id: {model_dir}}}\ndata: {{train: {data}}}\nmethod: {method}\n"
+        "scope: {lora: {r: 4}}\ntrain: {max_steps: 1, batch_size: 2, max_length: 4096}\n"
+    )
+    exp = load_experiment(write_experiment(tmp_path, text))
+    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+
+    def whole(record: dict, answer: str) -> str:
+        tools = json.loads(record["tools"]) if isinstance(record.get("tools"), str) else record.get("tools")
+        return tokenizer.apply_chat_template(record["prompt"] + record[answer], tools=tools, tokenize=False)
+
+    head = "score" if method == "reward" else "lm"
+    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu", head=head), exp.scope)
+    splits = load_splits(exp.data, method, exp.train.seed)
+    hardware = Hardware("cpu", torch.float32, False)
+    inputs = TrainerInputs(exp, model, tokenizer, splits, [], hardware, tmp_path / "ck", [], "adapter", None)
+    seen = get_method(method).build(inputs).train_dataset
+    decode = tokenizer.decode
+    if method == "kto":  # unpaired: each answer a completion, shuffled
+        got = sorted((decode(r["prompt_ids"] + r["completion_ids"]), r["label"]) for r in seen)
+        assert got == sorted((whole(r, a), a == "chosen") for r in records for a in ("chosen", "rejected"))
+        return
+    assert len(seen) == len(records)
+    for processed, record in zip(seen, records, strict=True):
+        for answer in ("chosen", "rejected"):
+            if method == "dpo":
+                assert decode(processed["prompt_ids"] + processed[f"{answer}_ids"]) == whole(record, answer)
+            elif method == "reward":
+                assert decode(processed[f"{answer}_ids"]) == whole(record, answer)
+            else:  # ORPO and SimPO append EOS to each answer, after the template's own terminator
+                assert decode(processed[f"{answer}_input_ids"]) == whole(record, answer) + tokenizer.eos_token
+    assert '"name": "get_country"' in whole(records[2], "chosen") and "null" not in whole(records[2], "chosen")
+
+
+def test_a_reward_model_scores_a_reply_after_the_tools_it_was_shown(family_dirs) -> None:
+    """compare's judge and GRPO's reward score a conversation as the reward trainer tokenized it: the tool
+    definitions a pair carries printed by the template, and only where the pair carries them."""
+    from tests.unit.test_tool_calls import TOOLS
+    from tunelab.reward_model import MODEL_PREFIX, RewardModel
+
+    judge = RewardModel(f"{MODEL_PREFIX}{family_dirs['qwen2.5-instruct']}")  # a causal LM read with a new score head
+    _, tokenizer, _, _ = judge.load()
+    prompt, call = [{"role": "user", "content": "Capital of Molo?"}], [call_turn("get_capital", country="Molo")]
+    for tools in (TOOLS, None):
+        shown = tokenizer.apply_chat_template(prompt + call, tools=tools, tokenize=False)
+        assert tokenizer.decode(judge.encode(prompt, call, tools)) == shown
+    with_tools, without = judge([prompt, prompt], [call, call], tools=[TOOLS, None])
+    assert with_tools == pytest.approx(judge.score([judge.encode(prompt, call, TOOLS)])[0], abs=1e-6)
+    assert with_tools != pytest.approx(without, abs=1e-6)

@@ -183,18 +183,45 @@ def test_named_templates_render_tool_rows_with_tool_use_and_others_with_default(
     assert template_hash(tok.chat_template) not in (template_hash(default), template_hash(tool_use), None)
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_tools_on_preference_data_are_refused_not_dropped(tmp_path: Path, method: str) -> None:
-    pair = {"prompt": "Capital of Molo?", "chosen": "Vevasmo.", "rejected": "Paris.", "tools": TOOLS}
-    if method == "kto":
-        pair = {"prompt": "Capital of Molo?", "completion": "Vevasmo.", "label": True, "tools": TOOLS}
+def test_preference_and_thumbs_rows_carry_their_tools(tmp_path: Path) -> None:
+    """A pair (or a thumbs-up/down completion) keeps the tool definitions its conversation was shown, and an answer
+    that only calls a tool is an answer; tools beside a plain-text prompt have nowhere to be printed."""
+    messages = OPENAI_ROW["messages"]
+    pair = {"prompt": messages[:1], "chosen": messages[1:2], "rejected": [messages[3]], "tools": json.dumps(TOOLS)}
+    thumbs = {"prompt": messages[:1], "completion": messages[1:2], "label": True, "tools": TOOLS}
     path = tmp_path / "pairs.jsonl"
-    path.write_text(json.dumps(pair) + "\n")
-    with pytest.raises(TunelabError, match=r"pairs.jsonl:1: tool definitions \('tools'\) on preference data are not"):
-        load_splits(DataSettings(train=str(path)), method, seed=0)
-    pair["tools"] = []  # an empty field (datasets fill absent columns so) is no tool definition
-    path.write_text(json.dumps(pair) + "\n")
-    assert load_splits(DataSettings(train=str(path)), method, seed=0).train.rows
+    for method, record, answer in (("dpo", pair, "chosen"), ("kto", thumbs, "completion")):
+        path.write_text(json.dumps(record) + "\n")
+        (row,) = load_splits(DataSettings(train=str(path)), method, seed=0).train.rows
+        assert row["tools"] == TOOLS
+        assert row[answer][0]["tool_calls"][0]["function"] == {"name": "get_capital", "arguments": {"country": "Molo"}}
+        path.write_text(json.dumps(record | {"tools": []}) + "\n")  # an empty field (as datasets fill one) is none
+        assert "tools" not in load_splits(DataSettings(train=str(path)), method, seed=0).train.rows[0]
+    path.write_text(
+        json.dumps({"prompt": "Capital of Molo?", "chosen": "Vevasmo.", "rejected": "Paris.", "tools": TOOLS})
+    )
+    with pytest.raises(TunelabError, match=r"pairs.jsonl:1: 'tools' needs a conversation .* give prompt, chosen and "):
+        load_splits(DataSettings(train=str(path)), "dpo", seed=0)
+
+
+def test_rows_reach_a_trainer_as_they_were_read() -> None:
+    """The Dataset a TRL trainer is given holds each row as it was: the fields only later rows have, and each
+    tool call's own arguments (Arrow would give every call the others' keys, null, and a template prints them)."""
+    from tunelab.methods.common import rows_dataset
+
+    def call(name: str, **arguments) -> list[dict]:
+        function = {"name": name, "arguments": arguments}
+        return [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]}]
+
+    rows = [
+        {"prompt": "42", "chosen": "Yes.", "score": 1},
+        {"prompt": [{"role": "user", "content": "Capital of Molo?"}], "chosen": call("get_capital", country="Molo")},
+        {"prompt": [{"role": "user", "content": "Where?"}], "chosen": call("where", city="Vevasmo"), "tools": TOOLS},
+    ]
+    dataset = rows_dataset(rows)
+    assert dataset.column_names == ["prompt", "chosen", "score", "tools"]
+    assert dataset.to_list() == [{"score": None, "tools": None} | row for row in rows]
+    assert dataset[2]["chosen"][0]["tool_calls"][0]["function"]["arguments"] == {"city": "Vevasmo"}
 
 
 def test_prompt_completion_conversations_carry_their_tools(tmp_path: Path) -> None:
@@ -208,3 +235,24 @@ def test_prompt_completion_conversations_carry_their_tools(tmp_path: Path) -> No
     assert '"name": "get_capital"' in tok.decode(tokenize_example(tok, row).input_ids)
     with pytest.raises(TunelabError, match=r"tools.jsonl:1: 'tools' needs a conversation to print them into"):
         load_rows(tmp_path, [{"prompt": "Capital of Molo?", "completion": "Vevasmo.", "tools": TOOLS}])
+
+
+def test_preference_accuracy_scores_each_answer_after_the_tools_it_was_shown(tmp_path: Path) -> None:
+    """Held-out pairs are ranked on the conversation the trainer sees: the tool definitions printed (Llama 3.1: into
+    the first user turn), the answer's own tokens (a call) the ones scored."""
+    from tunelab.methods.preference import answer_tokens
+
+    messages = OPENAI_ROW["messages"]
+    record = {"prompt": messages[:1], "chosen": messages[1:2], "rejected": [messages[3]], "tools": TOOLS}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (row,) = load_splits(DataSettings(train=str(path)), "dpo", seed=0).train.rows
+    tok = trl_tokenizer("llama3_1")
+    for answer in ("chosen", "rejected"):
+        tokens = answer_tokens(tok, row, answer)
+        whole = tok.apply_chat_template(row["prompt"] + row[answer], tools=TOOLS, tokenize=False)
+        assert tok.decode(tokens.input_ids) == whole
+    scored = answer_tokens(tok, row, "chosen")
+    assert tok.decode([t for t, m in zip(scored.input_ids, scored.loss_mask, strict=True) if m]) == (
+        '{"name": "get_capital", "parameters": {"country": "Molo"}}<|eot_id|>'
+    )

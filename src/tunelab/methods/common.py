@@ -210,6 +210,32 @@ def trl_config(config_class, **kwargs):
         raise ConfigError(f"train: {config_class.__name__} refused a setting: {str(e).strip().splitlines()[0]}") from e
 
 
+def rows_dataset(rows: list[dict]) -> Dataset:
+    """Rows as a Dataset that gives each one back as it was. Every field any row has is a column (`from_list` takes
+    the first row's fields alone, so a field the first row lacks was dropped from all). A column of conversations,
+    tool definitions or other nested objects is datasets' Json type: Arrow would give every message and every tool
+    call's arguments the keys of all the others, filled with null, which a chat template then prints (a call's
+    `"city": null`)."""
+    import json
+
+    import pyarrow as pa
+    from datasets import Dataset, Features, Json
+
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    nested = {name for name, values in columns.items() if any(_nested(v) for v in values)}
+    # Given as JSON text, as Json stores it: a plain string in such a column ("42") would otherwise be parsed.
+    columns |= {name: [None if v is None else json.dumps(v) for v in columns[name]] for name in nested}
+    plain = pa.Table.from_pydict({name: v for name, v in columns.items() if name not in nested}).schema
+    features = Features.from_arrow_schema(plain) | {name: Json() for name in nested}
+    return Dataset.from_dict(columns, features=Features({name: features[name] for name in names}))
+
+
+def _nested(value: object) -> bool:
+    """An object, or a list that holds objects or lists (a conversation; not a list of token ids)."""
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict | list) for v in value))
+
+
 def instantiate(
     trainer_class,
     model: PreTrainedModel,
@@ -230,7 +256,7 @@ def instantiate(
     def dataset(rows):
         if isinstance(rows, dict):
             return {name: dataset(named) for name, named in rows.items()}
-        return rows if isinstance(rows, Dataset) else Dataset.from_list(rows)
+        return rows if isinstance(rows, Dataset) else rows_dataset(rows)
 
     try:
         trainer = trainer_class(

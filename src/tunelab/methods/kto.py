@@ -47,10 +47,11 @@ def shuffled_unpaired(rows: list[dict], seed: int) -> list[dict]:
     once with the seed. TRL's unpairing puts every desirable row before every undesirable one and KTO keeps that order,
     so an epoch pushed all chosen answers up and then all rejected ones down, and the pairs were never learned;
     thumbs-up/down data may arrive sorted by label too."""
-    from datasets import Dataset
     from trl.data_utils import maybe_unpair_preference_dataset
 
-    return maybe_unpair_preference_dataset(Dataset.from_list(rows)).shuffle(seed=seed).to_list()
+    from tunelab.methods.common import rows_dataset
+
+    return maybe_unpair_preference_dataset(rows_dataset(rows)).shuffle(seed=seed).to_list()
 
 
 METHOD = Method(

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tunelab.methods.base import TrainerInputs
+    from tunelab.templates import Tokenized
 
 
 def preference_arguments(
@@ -49,7 +50,10 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
     from tunelab.methods.sampling import seeded
 
     exp = inputs.exp
-    train_rows, eval_rows = preference_rows(inputs)
+    train_rows, eval_rows = (
+        None if rows is None else [rendered_with_tools(r, inputs.tokenizer) for r in rows]
+        for rows in preference_rows(inputs)
+    )
     has_eval = eval_rows is not None
     args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, exp.method, len(train_rows))
     args["include_num_input_tokens_seen"] = "no"
@@ -57,6 +61,16 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
     return instantiate(
         seeded(trainer_class), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks
     )
+
+
+def rendered_with_tools(row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A pair with tool definitions as text, rendered by TRL's own `apply_chat_template` with the row's tools: ORPO's
+    and SimPO's trainers render conversations the same way but without a row's tools, and pass text through."""
+    if not row.get("tools"):
+        return row
+    from trl.data_utils import apply_chat_template
+
+    return apply_chat_template(row, tokenizer, tools=row["tools"])
 
 
 def reference_strategy(settings, adapter: bool) -> str:
@@ -79,6 +93,24 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return reference
 
 
+def answer_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    row: dict,
+    answer: str,
+    fold_system: bool = False,
+    template_vars: dict | None = None,
+) -> Tokenized:
+    """A pair's prompt and one of its answers ("chosen" or "rejected") as preference accuracy scores them: rendered with
+    the tool definitions the row's conversation was shown, the answer's tokens supervised."""
+    from tunelab.templates import tokenize_example
+
+    prompt, reply = row["prompt"], row[answer]
+    if isinstance(reply, list) and isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    pair = {"prompt": prompt, "completion": reply, "tools": row.get("tools")}
+    return tokenize_example(tokenizer, pair, "pair", fold_system, template_vars)
+
+
 def preference_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -89,12 +121,8 @@ def preference_accuracy(
     """Share of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
     import torch
 
-    from tunelab.templates import tokenize_example
-
-    def logp(prompt, answer) -> float:
-        if isinstance(answer, list) and isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        tok = tokenize_example(tokenizer, {"prompt": prompt, "completion": answer}, "pair", fold_system, template_vars)
+    def logp(row: dict, answer: str) -> float:
+        tok = answer_tokens(tokenizer, row, answer, fold_system, template_vars)
         ids = torch.tensor([tok.input_ids], device=model.device)
         mask = torch.tensor(tok.loss_mask[1:], device=model.device, dtype=torch.bool)
         with torch.no_grad():
@@ -106,6 +134,6 @@ def preference_accuracy(
     model.eval()
     wins = 0
     for row in rows:
-        wins += logp(row["prompt"], row["chosen"]) > logp(row["prompt"], row["rejected"])
+        wins += logp(row, "chosen") > logp(row, "rejected")
     model.train(was_training)
     return wins / max(len(rows), 1)
