@@ -46,7 +46,7 @@ def test_keep_best_and_early_stop_take_the_lowest_eval_loss(tmp_path: Path, tiny
     assert 4 < best < max(evals)  # the eval loss fell, then rose: the best is neither the first nor the last
     assert (m.best_step, m.best_eval_loss, m.final_eval_loss) == (best, evals[best], evals[best])
     assert m.stopped_early and m.global_steps == best + 2 * 4 < 60  # two evaluations without a lower loss
-    kept = sorted(p.name for p in (run.run_dir / "checkpoints").glob("checkpoint-*"))
+    kept = sorted((p.name for p in (run.run_dir / "checkpoints").glob("checkpoint-*")), key=lambda n: int(n[11:]))
     assert kept == [f"checkpoint-{best}", f"checkpoint-{m.global_steps}"]  # the best survives the rotation
     result, best_weights = adapter(run.run_dir / "adapter"), adapter(run.run_dir / "checkpoints" / kept[0])
     assert all(torch.equal(result[k], best_weights[k]) for k in result)
