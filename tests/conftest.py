@@ -2,9 +2,8 @@
 
 Every test run is offline (the Hugging Face libraries' offline switches, and no socket may leave this machine) and
 has a cache of its own: `$TUNELAB_HOME` is a fresh folder per run, so no test reads reference log-probs or weight
-digests an earlier run computed. Only the built-in models are shared between runs (built once per machine into
-.tunelab-cache/models, about 45 s): they are inputs, the same bytes every time. Commands run from a scratch working
-directory, so a test that forgets `output.dir` cannot write into the repository's runs/."""
+digests an earlier run computed (the built-in model ships with tunelab, the same bytes everywhere). Commands run from
+a scratch working directory, so a test that forgets `output.dir` cannot write into the repository's runs/."""
 
 from __future__ import annotations
 
@@ -39,12 +38,8 @@ OFFLINE = {
 
 
 def _hermetic_home() -> Path:
-    """A fresh TUNELAB_HOME whose models/ is the machine's shared built-in model cache."""
-    shared = REPO / ".tunelab-cache" / "models"
-    shared.mkdir(parents=True, exist_ok=True)
     home = SCRATCH / "home"
     home.mkdir()
-    (home / "models").symlink_to(shared, target_is_directory=True)
     return home
 
 
@@ -75,14 +70,6 @@ def _local_only(self: socket.socket, address) -> None:
 
 
 socket.socket.connect = _local_only  # type: ignore[method-assign]
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """On a machine that has not built the built-in model yet (CI's clean checkout), the first test that needs it
-    builds it on one core (about 45 s) and every other test that needs it waits. The longest test that needs none,
-    every architecture planned on the meta device, goes first: `make test`'s workers take the collection in
-    contiguous shares, so the first worker plans on the other core while the second builds."""
-    items.sort(key=lambda item: item.path.name != "test_architectures.py")
 
 
 @pytest.fixture(scope="session")

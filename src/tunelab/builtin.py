@@ -1,24 +1,28 @@
 """The built-in base model `builtin:tiny-chat`: a small Llama pre-trained on the tiny world.
 
-It is materialised once into a cache folder (a standard Transformers folder: config.json,
-model.safetensors, tokenizer files, chat_template.jinja) and from then on loads through the same
-`from_pretrained` path as any hub model. Building it is deterministic from the seed.
+It ships with tunelab (`tunelab/builtin_models/tiny-chat/`, 3 MB): a standard Transformers folder (config.json,
+model.safetensors, tokenizer files, chat_template.jinja) that loads through the same `from_pretrained` path as any
+hub model. It is shipped, not pre-trained where it is first used, because pre-training carries float rounding into
+the weights: 300 steps at a high learning rate made another base on each kind of CPU (Intel or AMD, AVX2 or AVX-512),
+and the demo and the tests then measured another model on each machine. `python -m tunelab.builtin FOLDER` builds one
+afresh from the seed: the tokenizer and config byte for byte, the weights as this machine's arithmetic rounds them.
+The shipped folder's `tunelab-builtin.json` says where and how it was built.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
-import tempfile
+import platform
+import sys
 import time
 from pathlib import Path
 
 from tunelab.errors import ConfigError
 
 BUILTIN_MODELS = ("tiny-chat",)
-VERSION = "3"
+SHIPPED = Path(__file__).parent / "builtin_models"
+VERSION = "4"
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -35,29 +39,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNELAB_HOME", Path.home() / ".cache" / "tunelab"))
 
 
-def materialise(name: str, seed: int = 0) -> Path:
-    """Return the folder of a built-in model, building it first if the cache does not hold it."""
+def materialise(name: str) -> Path:
+    """The folder of a built-in model."""
     if name not in BUILTIN_MODELS:
         raise ConfigError(
             f"model.id: unknown built-in model 'builtin:{name}'; available: "
             + ", ".join(f"builtin:{m}" for m in BUILTIN_MODELS)
         )
-    folder = cache_root() / "models" / f"{name}-v{VERSION}-seed{seed}"
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / "config.json").is_file():
-            # Build beside the final place and rename, so a crash never leaves a half-written model.
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-            try:
-                _build_tiny_chat(tmp, seed)
-                tmp.chmod(0o755)
-                tmp.rename(folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return SHIPPED / name
 
 
 def _train_tokenizer(texts: list[str]):
@@ -122,7 +111,21 @@ def _pretrain(config, tokenizer, corpus: list[str], seed: int):
     return model, loss
 
 
-def _build_tiny_chat(folder: Path, seed: int) -> None:
+def tiny_chat_tokenizer():
+    """The built-in base's tokenizer: a byte-level BPE trained on the tiny world's prose and the words of the bundled
+    chats and pairs, the same on every machine."""
+    from tunelab import tinyworld
+
+    bundled = tinyworld.datasets()
+    chat_words = [m["content"] for row in bundled["sft_train.jsonl"] for m in row["messages"]]
+    chat_words += [
+        row[k][0]["content"] for row in bundled["pref_train.jsonl"] for k in ("prompt", "chosen", "rejected")
+    ]
+    return _train_tokenizer(tinyworld.pretrain_corpus() + chat_words + ["system user assistant"])
+
+
+def build_tiny_chat(folder: Path, seed: int = 0) -> None:
+    """Pre-train the built-in base from the seed into `folder` (about a minute on 2 cores)."""
     import torch
     from transformers import LlamaConfig
 
@@ -130,12 +133,7 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
 
     started = time.time()
     corpus = tinyworld.pretrain_corpus()
-    bundled = tinyworld.datasets()
-    chat_words = [m["content"] for row in bundled["sft_train.jsonl"] for m in row["messages"]]
-    chat_words += [
-        row[k][0]["content"] for row in bundled["pref_train.jsonl"] for k in ("prompt", "chosen", "rejected")
-    ]
-    tokenizer = _train_tokenizer(corpus + chat_words + ["system user assistant"])
+    tokenizer = tiny_chat_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -150,7 +148,8 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
         tie_word_embeddings=False,
     )
     # One thread: a float sum split across threads rounds differently, and 300 steps at this learning rate carry a
-    # last-bit difference into another model. Built on one thread, the model is the same however many cores build it.
+    # last-bit difference into another model. Built on one thread, the model is the same however many cores of one
+    # kind of CPU build it.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -170,7 +169,32 @@ def _build_tiny_chat(folder: Path, seed: int) -> None:
                 "pretrain_steps": PRETRAIN_STEPS,
                 "final_pretrain_loss": round(loss.item(), 4),
                 "build_seconds": round(time.time() - started, 1),
+                # What rounds the weights: the CPU, the kernels torch and MKL chose on it, the library versions.
+                "built_on": {
+                    "machine": platform.machine(),
+                    "cpu": _cpu_name(),
+                    "torch": torch.__version__,
+                    "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    **{k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR") if k in os.environ},
+                },
             },
             indent=2,
         )
     )
+
+
+def _cpu_name() -> str:
+    """The CPU's model name, as Linux reports it (platform.processor() is empty there), or the platform's word."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    destination = Path(sys.argv[1])
+    destination.mkdir(parents=True)
+    build_tiny_chat(destination)
+    print(destination)

@@ -159,7 +159,7 @@ def test_grpo_trains_with_a_reward_model_as_its_reward(reward_run: Path, tmp_pat
     weights beside the policy; the manifest records its fingerprint, and compare scores the variants with it."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    overrides = [f"output.dir={tmp_path}", f"grpo.rewards=[{reward_run}]", "train.epochs=1"]
+    overrides = [f"output.dir={tmp_path}", f"grpo.rewards=[{reward_run}]"]
     exp = load_experiment(EXAMPLES / "grpo-reward-model.yaml", overrides)
     plan = make_plan(exp)
     config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
