@@ -1043,9 +1043,6 @@ def as_sft_row(row: dict, fmt: str | None = None) -> dict:
     prompt, chosen = row.get("prompt", []), row["chosen"]
     if isinstance(chosen, list):
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return _with_tools({"prompt": prompt, "completion": chosen}, row.get("tools"))
-    if isinstance(prompt, list):
-        return _with_tools(
-            {"prompt": prompt, "completion": [{"role": "assistant", "content": chosen}]}, row.get("tools")
-        )
-    return {"prompt": prompt, "completion": chosen}
+    elif isinstance(prompt, list):
+        chosen = [{"role": "assistant", "content": chosen}]
+    return _with_tools({"prompt": prompt, "completion": chosen}, row.get("tools"))
