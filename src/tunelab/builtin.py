@@ -158,7 +158,7 @@ def build_tiny_chat(folder: Path, seed: int = 0) -> None:
         torch.set_num_threads(threads)
     model.eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="2MB")  # shards under 2 MB each: the weights ship in the repository
     tokenizer.save_pretrained(folder)
     (folder / "tunelab-builtin.json").write_text(
         json.dumps(

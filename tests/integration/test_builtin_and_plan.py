@@ -16,7 +16,9 @@ def test_builtin_model_loads_through_from_pretrained(tiny_model_dir: Path) -> No
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    assert (tiny_model_dir / "model.safetensors").is_file() and (tiny_model_dir / "chat_template.jinja").is_file()
+    assert (tiny_model_dir / "model.safetensors.index.json").is_file() and (
+        tiny_model_dir / "chat_template.jinja"
+    ).is_file()
     assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|eot_id|>" and tok.pad_token_id != tok.eos_token_id
     # Pre-training really happened: the model continues a corpus fact it has seen.
     ids = tok("The capital of", return_tensors="pt")

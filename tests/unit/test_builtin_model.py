@@ -47,6 +47,14 @@ def test_the_shipped_weights_are_pre_trained_and_say_how() -> None:
     assert {"machine", "cpu", "torch", "torch_cpu_capability"} <= record["built_on"].keys()
 
 
+def test_the_shipped_weights_are_shards_small_enough_for_git() -> None:
+    """Sharded as hub checkpoints are, each file under 2 MB: the repository holds them without Git LFS."""
+    index = json.loads((SHIPPED / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in SHIPPED.glob("*.safetensors"))
+    assert shards == sorted(set(index["weight_map"].values())) and len(shards) > 1
+    assert max((SHIPPED / shard).stat().st_size for shard in shards) < 2 * 2**20
+
+
 def test_an_unknown_builtin_is_refused_with_the_ones_there_are() -> None:
     with pytest.raises(ConfigError, match=r"unknown built-in model 'builtin:huge'; available: builtin:tiny-chat"):
         materialise("huge")
@@ -59,7 +67,8 @@ def test_the_base_rebuilds_from_the_seed(tmp_path: Path) -> None:
     folder = tmp_path / "tiny-chat"
     done = subprocess.run([sys.executable, "-m", "tunelab.builtin", str(folder)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in (*CONVERSATION_FILES, "config.json", "generation_config.json"):
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in SHIPPED.iterdir())  # sharded alike
+    for name in (*CONVERSATION_FILES, "config.json", "generation_config.json", "model.safetensors.index.json"):
         assert (folder / name).read_bytes() == (SHIPPED / name).read_bytes(), name
     assert corpus_loss(folder) < 2.0
     record = json.loads((folder / "tunelab-builtin.json").read_text())
