@@ -403,8 +403,10 @@ def test_tool_calling_pairs_reach_every_pairwise_trainer_as_the_template_renders
                 assert decode(processed["prompt_ids"] + processed[f"{answer}_ids"]) == whole(record, answer)
             elif method == "reward":
                 assert decode(processed[f"{answer}_ids"]) == whole(record, answer)
-            else:  # ORPO and SimPO append EOS to each answer, after the template's own terminator
-                assert decode(processed[f"{answer}_input_ids"]) == whole(record, answer) + tokenizer.eos_token
+            else:  # ORPO and SimPO: each answer ends at the template's EOS, not at a second one after its newline
+                shown, eos = whole(record, answer), tokenizer.eos_token
+                assert shown.endswith(f"{eos}\n")
+                assert decode(processed[f"{answer}_input_ids"]) == shown[: shown.rindex(eos) + len(eos)]
     assert '"name": "get_country"' in whole(records[2], "chosen") and "null" not in whole(records[2], "chosen")
 
 

@@ -51,8 +51,7 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
 
     exp = inputs.exp
     train_rows, eval_rows = (
-        None if rows is None else [rendered_with_tools(r, inputs.tokenizer) for r in rows]
-        for rows in preference_rows(inputs)
+        None if rows is None else [as_text_pair(r, inputs.tokenizer) for r in rows] for rows in preference_rows(inputs)
     )
     has_eval = eval_rows is not None
     args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, exp.method, len(train_rows))
@@ -63,14 +62,21 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
     )
 
 
-def rendered_with_tools(row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    """A pair with tool definitions as text, rendered by TRL's own `apply_chat_template` with the row's tools: ORPO's
-    and SimPO's trainers render conversations the same way but without a row's tools, and pass text through."""
-    if not row.get("tools"):
-        return row
-    from trl.data_utils import apply_chat_template
+def as_text_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """A conversational pair as ORPO's and SimPO's trainers are handed it: rendered to text by TRL's own
+    `apply_chat_template`, as they would render it, but with the row's tools (they render without them), and each
+    answer ending at EOS where the template follows EOS with whitespace alone (ChatML's "<|im_end|>\n"). Those
+    trainers append EOS to an answer that does not end with it: on Qwen they trained "<|im_end|>\n<|im_end|>"."""
+    from trl.data_utils import apply_chat_template, is_conversational
 
-    return apply_chat_template(row, tokenizer, tools=row["tools"])
+    if not is_conversational(row):
+        return row
+    text = apply_chat_template(row, tokenizer, tools=row.get("tools"))
+    for answer in ("chosen", "rejected") if tokenizer.eos_token else ():
+        head, eos, after = text[answer].rpartition(tokenizer.eos_token)
+        if eos and not after.strip():
+            text[answer] = head + eos
+    return text
 
 
 def reference_strategy(settings, adapter: bool) -> str:
