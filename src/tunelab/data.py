@@ -91,7 +91,10 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
             try:
                 records.append(Record(f"{path}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
-                raise TunelabError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from e
+                # json's own words may end in "at" ("Unterminated string starting at")
+                raise TunelabError(
+                    f"{path}:{n}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+                ) from e
     return records
 
 

@@ -121,6 +121,13 @@ def test_bad_records_name_file_and_line(tmp_path: Path, rows: list, method: str,
     assert "\n" not in str(e.value)
 
 
+def test_a_file_cut_short_mid_write_names_its_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(CHAT) + '\n{"text": "cut sh')  # a writer killed mid-line: no newline at the end
+    with pytest.raises(TunelabError, match=r"d.jsonl:2: malformed JSON \(Unterminated string starting at column 10\)$"):
+        load(path)
+
+
 def test_empty_dataset(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").write_text("\n")
     with pytest.raises(TunelabError, match="the dataset is empty"):
