@@ -265,7 +265,7 @@ def dataset_splits(source: str, subset: str | None = None) -> list[str] | None:
         return None
     if (path / "dataset_dict.json").is_file():
         return json.loads((path / "dataset_dict.json").read_text())["splits"]
-    _refuse_missing(source, "--data")
+    _refuse_missing(source, "--data", "the current folder")
     import datasets
 
     from tunelab.models import offline_unless_reachable
@@ -367,16 +367,18 @@ def read_records(
         raise TunelabError(
             f"{source}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv (each may be .gz) or .parquet"
         )
-    _refuse_missing(source, key)
+    _refuse_missing(source, key, "the experiment file's folder")
     return _read_with_datasets(source, split, key, revision, split_key, subset)
 
 
-def _refuse_missing(source: str, key: str) -> None:
-    """A source that is neither a file, a folder nor shaped as a hub id (owner/name) is a file that is missing."""
+def _refuse_missing(source: str, key: str, relative_to: str) -> None:
+    """A source that is neither a file, a folder nor shaped as a hub id (owner/name) is a file that is missing.
+    `relative_to`: where a relative path was read from, said when the path is relative."""
     path = Path(source)
     looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
     if not path.exists() and (looks_like_file or source.count("/") != 1):
-        raise ConfigError(f"{key}: data file '{source}' not found")
+        where = "" if path.expanduser().is_absolute() else f" (a relative path is read from {relative_to})"
+        raise ConfigError(f"{key}: data file '{source}' not found{where}")
 
 
 # ---------------------------------------------------------------- formats

@@ -78,7 +78,11 @@ def test_plan_names_the_part_of_each_source_it_sampled() -> None:
             ["--set", f"model.id={CONFIGS}/phi-3-mini", "--set", "scope.lora.targets=qkvo"],
             "linear modules in Phi3ForCausalLM: down_proj, gate_up_proj, o_proj, qkv_proj",
         ),
-        ("", ["--set", "data.train=missing.jsonl"], "exp.yaml: data.train: data file 'missing.jsonl' not found"),
+        (
+            "",
+            ["--set", "data.train=missing.jsonl"],
+            "exp.yaml: data.train: data file 'missing.jsonl' not found (a relative path is read from the experiment file's folder)",
+        ),
         ("", ["--set", "data.train.rows=1000"], "exp.yaml: data.train.rows: 1000 asks for more rows than"),
         (
             "",

@@ -90,7 +90,10 @@ def test_paths_given_from_here_are_written_from_the_files_folder(tmp_path: Path)
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--data", "missing.jsonl"], "error: --data: data file 'missing.jsonl' not found"),
+        (
+            ["--data", "missing.jsonl"],
+            "error: --data: data file 'missing.jsonl' not found (a relative path is read from the current folder)",
+        ),
         (["--data", str(DATA / "sft_train.jsonl"), "--scope", "lm_head"], "error: --scope: 'lm_head' is not one of"),
         (["--data", str(DATA / "sft_train.jsonl"), "--method", "dpo"], "but method is dpo; set method: sft"),
     ],
