@@ -171,6 +171,15 @@ def memory_check(model_dir: Path, train_file: Path, out: Path, name: str, smoke:
     }
 
 
+def attempt(measure, *args: object) -> dict:
+    """One row's figures, or why it failed in one line: a lent GPU's minutes are not lost to one row that breaks."""
+    try:
+        return measure(*args)
+    except Exception as e:  # noqa: BLE001 - the rows measured before and after it still count
+        release()
+        return {"failed": f"{type(e).__name__}: {str(e).strip()}".splitlines()[0][:300]}
+
+
 def markdown(results: dict) -> str:
     gib = 1 << 30
     lines = [
@@ -184,6 +193,9 @@ def markdown(results: dict) -> str:
     ]
     plain = results["speed"].get("plain-trl", {}).get("tokens_per_s")
     for name, r in results["speed"].items():
+        if "failed" in r:
+            lines.append(f"| {name} | failed: {r['failed']} |")
+            continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['tokens_per_s'] / plain:.2f}x" if plain else "-"
         steady = f"{r['steady_tokens_per_s']:,.0f}" if r.get("steady_tokens_per_s") else "-"
@@ -196,6 +208,9 @@ def markdown(results: dict) -> str:
     lines += ["", *skipped] if skipped else []
     lines += ["", "| scope | plan's estimate | measured peak | error |", "|---|---|---|---|"]
     for name, r in results["memory"].items():
+        if "failed" in r:
+            lines.append(f"| {name} | failed: {r['failed']} |")
+            continue
         peak = f"{r['peak_bytes'] / gib:.2f} GiB" if r["peak_bytes"] else "-"
         error = f"{r['error'] * 100:+.1f}%" if r["error"] is not None else "-"
         lines.append(f"| {name} | {r['estimated_bytes'] / gib:.2f} GiB | {peak} | {error} |")
@@ -257,36 +272,40 @@ def main() -> None:
     peak_flops = args.peak_tflops * 1e12
 
     def speed(name: str, measured: dict) -> None:
-        rate = measured.get("steady_tokens_per_s") or measured["tokens_per_s"]
-        measured["mfu"] = None if args.smoke else 6 * params * rate / peak_flops
+        if "failed" not in measured:
+            rate = measured.get("steady_tokens_per_s") or measured["tokens_per_s"]
+            measured["mfu"] = None if args.smoke else 6 * params * rate / peak_flops
         results["speed"][name] = measured
         write(results, args.out, started)  # each figure kept as it comes, whatever stops the run later
 
     runs = work / "runs"
     if "speed" in stages:
-        speed("plain-trl", plain_speed(model_dir, train_file, work / "plain", steps, args.smoke))
+        speed("plain-trl", attempt(plain_speed, model_dir, train_file, work / "plain", steps, args.smoke))
         equal = ["train.gradient_checkpointing=on", "train.padding_free=off", "train.micro_batch_size=8"]
-        speed("tunelab-equal", tunelab_speed(model_dir, train_file, runs, "equal", steps, args.smoke, *equal))
-        speed("tunelab", tunelab_speed(model_dir, train_file, runs, "default", steps, args.smoke))
+        speed("tunelab-equal", attempt(tunelab_speed, model_dir, train_file, runs, "equal", steps, args.smoke, *equal))
+        speed("tunelab", attempt(tunelab_speed, model_dir, train_file, runs, "default", steps, args.smoke))
 
     if "memory" in stages:
         memory = results["memory"]
-        if "tunelab" in results["speed"]:
+        if "tokens_per_s" in results["speed"].get("tunelab", {}):
             keys = ("estimated_bytes", "peak_bytes", "gradient_checkpointing")
             lora = memory["lora"] = {k: results["speed"]["tunelab"][k] for k in keys}
             lora["error"] = lora["estimated_bytes"] / lora["peak_bytes"] - 1 if lora["peak_bytes"] else None
-        memory["qlora"] = memory_check(model_dir, train_file, runs, "qlora", args.smoke, "model.quantization={bits: 4}")
+        quantized = "model.quantization={bits: 4}"
+        memory["qlora"] = attempt(memory_check, model_dir, train_file, runs, "qlora", args.smoke, quantized)
         write(results, args.out, started)
         partial = "scope={partial: {last_blocks: 4, norm: true, lm_head: true}}"
-        memory["partial-last4"] = memory_check(
-            model_dir, train_file, runs, "partial", args.smoke, partial, "train.learning_rate=5e-6"
+        memory["partial-last4"] = attempt(
+            memory_check, model_dir, train_file, runs, "partial", args.smoke, partial, "train.learning_rate=5e-6"
         )
         write(results, args.out, started)
 
     if "compile" in stages:
         elapsed = time.perf_counter() - started
         if stages == ["compile"] or elapsed < COMPILE_START_BY_S:
-            compiled = tunelab_speed(model_dir, train_file, runs, "compile", steps, args.smoke, "train.compile=true")
+            compiled = attempt(
+                tunelab_speed, model_dir, train_file, runs, "compile", steps, args.smoke, "train.compile=true"
+            )
             speed("tunelab-compile", compiled)
         else:
             results["skipped"]["tunelab-compile"] = f"{elapsed:.0f} s had passed; run it alone: --stages compile"
