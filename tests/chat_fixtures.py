@@ -130,9 +130,12 @@ def trl_tokenizer(name: str, extra: tuple[str, ...] = ()):
     from tunelab.templates import trl_templates
 
     template = (trl_templates() / f"{name}.jinja").read_text()
-    markers = sorted(
-        set(re.findall(r"<\|[^|<>\s]{1,40}\|>|<｜[^｜]{1,40}｜>|<think>|</think>|<(?:start|end)_of_turn>", template))
+    # <|im_end|>, DeepSeek's <｜Assistant｜>, Gemma 4's <|turn> and <turn|>, <think>, Gemma's <end_of_turn>, </s>
+    found = re.findall(
+        r"<\|[^|<>\s]{1,40}\|>|<｜[^｜]{1,40}｜>|<\|[a-z_]{1,40}>|<[a-z_]{1,40}\|>|</?think>|<(?:start|end)_of_turn>|</s>",
+        template,
     )
+    markers = sorted(set(found))
     spec = dict(
         pieces="byte-level",
         special=["<bos>", "<eos>", *markers, *extra],

@@ -240,6 +240,33 @@ def test_gpt_oss_chats_with_reasoning_mask_through_trls_training_version() -> No
     assert "{% generation %}" not in tok.chat_template
 
 
+def trl_originals() -> list[str]:
+    """The models' own templates the installed TRL ships (its training versions aside)."""
+    from tunelab.templates import trl_templates
+
+    return sorted(p.stem for p in trl_templates().glob("*.jinja") if not p.stem.endswith("_training"))
+
+
+@pytest.mark.parametrize("name", trl_originals())
+def test_every_model_template_trl_ships_supervises_each_reply_and_nothing_the_user_said(name: str) -> None:
+    """All the originals in the installed TRL (41 in 1.16: Cohere to Nemotron 3, Gemma 4, LFM2.5, Qwen3.8), on a
+    two-turn chat: the loss covers each reply once, closed by the template's own end-of-turn token (and the newline
+    after it, where the template prints one), and none of the user's words. A TRL upgrade that ships a template
+    tunelab masks wrongly fails here by name."""
+    tok = trl_tokenizer(name, extra=("<end_of_utterance>",))
+    turns = [
+        {"role": "user", "content": "Hi there?"},
+        {"role": "assistant", "content": "Hello! How are you?"},
+        {"role": "user", "content": "Which city?"},
+        {"role": "assistant", "content": "The capital is Vevasmo."},
+    ]
+    spans = supervised_replies(tok, {"messages": turns})
+    assert len(spans) == 2, spans
+    for span, reply in zip(spans, ("Hello! How are you?", "The capital is Vevasmo."), strict=True):
+        assert span.count(reply) == 1 and span.rstrip("\n").endswith(tuple(tok.all_special_tokens)), span
+        assert "Hi there?" not in span and "Which city?" not in span
+
+
 @pytest.mark.parametrize("name", ["llama3_1", "qwen2_5", "gemma3", "phi3_5"])
 def test_prefix_consistent_templates_keep_their_own_masks(name: str) -> None:
     from tunelab.templates import masking_template
