@@ -8,5 +8,7 @@ shift
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD/src:$PWD" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 -c "import torch, transformers, trl, peft; print(torch.__version__, transformers.__version__, trl.__version__, peft.__version__)"
+# What the carried wheels run beside (the image's pyarrow, fsspec, huggingface_hub): an import that fails stops here.
+python3 -c "import torch, transformers, trl, peft, datasets, pyarrow, fsspec, huggingface_hub as hub, bitsandbytes as bnb
+print({m.__name__: m.__version__ for m in (torch, transformers, trl, peft, datasets, pyarrow, fsspec, hub, bnb)})"
 timeout 480 python3 bench/gpu/bench.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
