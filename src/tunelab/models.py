@@ -129,10 +129,7 @@ def gated_refusal(key: str, repo_id: str, error: BaseException, repo_type: str =
     """Where a load failed because the hub repository is gated, what to do about it, in one line."""
     from huggingface_hub.errors import GatedRepoError
 
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, GatedRepoError):
-        cause = cause.__cause__ or cause.__context__
-    if cause is None and "is a gated dataset" not in str(error):  # datasets raises its own error from None
+    if not caused_by(error, GatedRepoError) and "is a gated dataset" not in str(error):  # datasets: its own, from None
         return None
     page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
     return ConfigError(
@@ -141,10 +138,26 @@ def gated_refusal(key: str, repo_id: str, error: BaseException, repo_type: str =
     )
 
 
+def caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `error`, or an error it was raised from or while handling, is a `kind`."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, kind):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
+
+
 def _hub_refusal(key: str, model_id: str, what: str, error: Exception) -> ConfigError:
-    """A load that failed, as one line; a gated hub repository says what to do about it."""
+    """A load that failed, as one line; a gated hub repository, or one neither cached nor reachable, says what to do
+    about it."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     if (gated := gated_refusal(key, model_id, error)) is not None:
         return gated
+    if caused_by(error, LocalEntryNotFoundError):
+        return ConfigError(
+            f"{key}: '{model_id}' is not in the local cache and the hub cannot be reached; download it where there "
+            f"is a network (hf download {model_id} --local-dir FOLDER) and point {key} at that folder"
+        )
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"{key}: cannot load {what}'{model_id}': {first}")
 

@@ -73,6 +73,13 @@ def test_plan_names_the_part_of_each_source_it_sampled() -> None:
             "exp.yaml:5: unknown key 'train.lerning_rate'; did you mean 'learning_rate'?",
         ),
         ("", ["--set", "scope.lora.layers=[99]"], "exp.yaml: scope.lora.layers: layer 99 is out of range"),
+        (  # offline (as every test is), and never downloaded
+            "",
+            ["--set", "model.id=org/never-downloaded"],
+            "exp.yaml: model.id: 'org/never-downloaded' is not in the local cache and the hub cannot be reached; "
+            "download it where there is a network (hf download org/never-downloaded --local-dir FOLDER) and point "
+            "model.id at that folder",
+        ),
         (
             "",
             ["--set", f"model.id={CONFIGS}/phi-3-mini", "--set", "scope.lora.targets=qkvo"],
