@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -39,6 +39,12 @@ BUILTIN_PREFIX = "builtin:"
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+    SHORT_KEY: ClassVar[str | None] = None  # settings given as one value stand for {SHORT_KEY: value}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_form(cls, value: Any) -> Any:
+        return short_form(cls, value) if cls.SHORT_KEY and isinstance(value, (str, list)) else value
 
 
 class LastN(Strict):
@@ -110,6 +116,8 @@ class Quantization(Strict):
 
 
 class ModelSettings(Strict):
+    SHORT_KEY: ClassVar[str] = "id"  # `model: org/name` is `model: {id: org/name}`
+
     id: str = Field(
         description="Base model: a hub id (org/name), a local folder with config.json, or builtin:tiny-chat."
     )
@@ -183,6 +191,8 @@ READ_FIELDS = Literal[  # the record fields tunelab reads, which data.columns ma
 class DataSource(Strict):
     """One source of data.train or data.eval with settings of its own: a part of it, its split, its field names."""
 
+    SHORT_KEY: ClassVar[str] = "path"  # a source given as its path alone
+
     path: str = Field(description="A .jsonl/.json/.csv/.parquet file, a `datasets` folder or a hub dataset id.")
     split: str | None = Field(
         default=None,
@@ -235,6 +245,8 @@ Sources = Annotated[
 
 
 class DataSettings(Strict):
+    SHORT_KEY: ClassVar[str] = "train"  # `data: f.jsonl` (or a list of sources) is `data: {train: f.jsonl}`
+
     train: Sources = Field(
         description="Training data: .jsonl/.json/.csv/.parquet file(s), a `datasets` folder, or a hub dataset id; "
         "or {path, rows or fraction, split, subset, columns} for a random part of one, each source on its own (a "
@@ -1187,6 +1199,15 @@ def apply_override(raw: dict, item: str) -> None:
     set_key(raw, key.strip(), value, where=f"--set {key}")
 
 
+def short_form(cls: type[BaseModel] | None, value: Any) -> dict:
+    """The mapping a settings value given in short stands for: `model: org/name` {id: org/name}, `data: f.jsonl` (or
+    a list) {train: ...}, a data source's path {path: ...}, `scope: full` {full: true}; nothing else: {}."""
+    key = getattr(cls, "SHORT_KEY", None)
+    if key and isinstance(value, (str, list)):
+        return {key: value}
+    return {value: True} if isinstance(value, str) else {}
+
+
 def set_key(raw: dict, key: str, value: Any, where: str) -> None:
     """Set a dotted key in a raw experiment mapping, after checking the key exists in the schema."""
     parts = key.split(".")
@@ -1203,8 +1224,7 @@ def set_key(raw: dict, key: str, value: Any, where: str) -> None:
     for part, opens in zip(parts[:-1], classes, strict=False):
         child = node.get(part)
         if not isinstance(child, dict):
-            # A string stands for a mapping: a data source's path ({path: ...}), else its one key (scope: full)
-            child = {} if not isinstance(child, str) else {"path": child} if opens is DataSource else {child: True}
+            child = short_form(opens, child)
             node[part] = child
         node = child
     node[parts[-1]] = value

@@ -158,6 +158,22 @@ def test_an_override_of_a_data_sources_setting_keeps_its_path(tmp_path: Path) ->
     assert exp.config_hash() != plain.config_hash()
 
 
+def test_a_model_and_data_given_as_one_value_are_their_id_and_training_data(tmp_path: Path) -> None:
+    """`model: org/name` and `data: train.jsonl` (or a list of sources), as one writes them first; --set and study
+    variants reach their keys as they reach the long form's."""
+    long = load_experiment(write_experiment(tmp_path, BASE))
+    short = write_experiment(tmp_path, f"name: t\nmodel: builtin:tiny-chat\ndata: {DATA}/sft_train.jsonl\n", "s.yaml")
+    assert load_experiment(short) == long
+    listed = write_experiment(
+        tmp_path, f"name: t\nmodel: builtin:tiny-chat\ndata: [{DATA}/sft_train.jsonl]\n", "l.yaml"
+    )
+    assert load_experiment(listed).data.train == [long.data.train]
+    exp = load_experiment(short, ["model.dtype=float32", f"data.eval={DATA}/sft_eval.jsonl", "data.train.rows=10"])
+    assert (exp.model.id, exp.model.dtype) == ("builtin:tiny-chat", "float32")
+    assert (exp.data.train.path, exp.data.train.rows, exp.data.eval) == (long.data.train, 10, f"{DATA}/sft_eval.jsonl")
+    assert load_experiment(write_experiment(tmp_path, BASE, "b.yaml"), ["model=builtin:tiny-chat"]) == long
+
+
 def test_override_switches_to_full(tmp_path: Path) -> None:
     exp = load_experiment(write_experiment(tmp_path, BASE), ["scope=full"])
     assert exp.scope.kind == "full"
