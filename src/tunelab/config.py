@@ -1121,6 +1121,9 @@ def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], 
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "literal_error":
         msg = f"{first['input']!r} is not a choice; {msg[0].lower()}{msg[1:]}"
+    if first["type"] == "model_type" and (cls := _class_at(loc)) is not None:  # pydantic names its own class
+        alone = f", or its {cls.SHORT_KEY} alone" if getattr(cls, "SHORT_KEY", None) else ""
+        msg = f"expected a mapping of its settings ({', '.join(cls.model_fields)}){alone}"
     if where.startswith("--") or not key:  # "--set train.seed: ..." already names the key
         return f"{where}: {msg}"
     return f"{where}: {key}: {msg}"
@@ -1174,12 +1177,18 @@ def model_class(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _fields_at(loc: tuple[str, ...]) -> list[str]:
+def _class_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The settings class a key's value is read as (None for a plain value or an unknown key)."""
     cls: type[BaseModel] | None = Experiment
     for part in loc:
         if cls is None or part not in cls.model_fields:
-            return []
+            return None
         cls = model_class(cls.model_fields[part].annotation)
+    return cls
+
+
+def _fields_at(loc: tuple[str, ...]) -> list[str]:
+    cls = _class_at(loc)
     return list(cls.model_fields) if cls else []
 
 

@@ -126,6 +126,23 @@ def test_bad_values(tmp_path: Path, extra: str, expected: str) -> None:
     assert expected in error_of(tmp_path, BASE + extra)
 
 
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        (
+            f"name: t\nmodel: 3\ndata: {DATA}/sft_train.jsonl\n",
+            "exp.yaml:2: model: expected a mapping of its settings (id, revision, dtype, device, attn_implementation, "
+            "trust_remote_code, quantization), or its id alone",
+        ),
+        (BASE + "tokenizer: 5\n", "exp.yaml:6: tokenizer: expected a mapping of its settings (id, chat_template, "),
+    ],
+)
+def test_a_section_given_as_a_plain_value_lists_its_keys(tmp_path: Path, text: str, said: str) -> None:
+    error = error_of(tmp_path, text)
+    assert error.startswith(f"{tmp_path}/{said}") and "instance of" not in error
+    assert error.endswith("or its id alone") == ("model: 3" in text)  # tokenizer has no short form
+
+
 def test_missing_required_key(tmp_path: Path) -> None:
     msg = error_of(tmp_path, "name: t\nmodel:\n  id: builtin:tiny-chat\n")
     assert msg == f"{tmp_path}/exp.yaml:1: missing required key 'data'"
