@@ -1305,4 +1305,16 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
 
 
 def json_schema() -> dict:
-    return Experiment.model_json_schema()
+    """Experiment files' JSON Schema (for editors), with the short forms the loader takes beside each section's
+    mapping: `model: org/name`, `data: f.jsonl` (or a list), `scope: full` (or lora)."""
+    schema = Experiment.model_json_schema()
+    defs, properties = schema["$defs"], schema["properties"]
+    for name, field in Experiment.model_fields.items():
+        cls = model_class(field.annotation)
+        alone = getattr(cls, "SHORT_KEY", None)
+        if cls is not None and (alone or cls is Scope):
+            short = {"enum": ["full", "lora"]} if cls is Scope else defs[cls.__name__]["properties"][alone]
+            short = {k: v for k, v in short.items() if k not in ("description", "title")}
+            section = properties[name]
+            properties[name] = {"anyOf": [short, {"$ref": section.pop("$ref")}], **section}
+    return schema

@@ -237,6 +237,19 @@ def test_every_field_is_documented() -> None:
     assert schema["additionalProperties"] is False
 
 
+def test_the_schema_editors_read_accepts_every_example_and_the_short_forms() -> None:
+    import jsonschema
+
+    schema = json_schema()
+    for example in EXPERIMENTS:
+        jsonschema.validate(yaml.safe_load(example.read_text()), schema)
+    for short in ("model: org/name\ndata: d.jsonl\nscope: full", "model: org/name\ndata: [a.jsonl, {path: b.jsonl}]"):
+        jsonschema.validate(yaml.safe_load(f"name: t\n{short}\n"), schema)
+    for wrong in ("model: 3\ndata: d.jsonl", "model: org/name\ndata: d.jsonl\nscope: everything"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(yaml.safe_load(f"name: t\n{wrong}\n"), schema)
+
+
 def test_config_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
     a = load_experiment(write_experiment(tmp_path, BASE))
     b = load_experiment(write_experiment(tmp_path, BASE))
