@@ -37,6 +37,11 @@ TARGET_PRESETS = ("qv", "qkvo", "attention", "mlp", "all-linear")
 BUILTIN_PREFIX = "builtin:"
 
 
+def inline_template(setting: str) -> bool:
+    """Whether tokenizer.chat_template holds a Jinja template itself rather than naming one."""
+    return "{{" in setting or "{%" in setting
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
     SHORT_KEY: ClassVar[str | None] = None  # settings given as one value stand for {SHORT_KEY: value}
@@ -149,7 +154,7 @@ class TokenizerSettings(Strict):
         default=None,
         description="Chat template: None keeps the tokenizer's own (the usual choice), 'builtin:llama3' names a "
         "built-in one, 'trl:<name>' one of TRL's (e.g. trl:qwen3_training, its training version of Qwen3's), "
-        "anything else is a path to a .jinja file.",
+        "Jinja text ({% ... %}, {{ ... }}) is the template itself, anything else is a path to a .jinja file.",
     )
     pad_token: str | None = Field(
         default=None,
@@ -1280,7 +1285,8 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     tok_update = {}
     if tok.id is not None:
         tok_update["id"] = _local(tok.id, base)
-    if tok.chat_template is not None and not tok.chat_template.startswith((BUILTIN_PREFIX, "trl:")):
+    named = tok.chat_template is not None and not inline_template(tok.chat_template)
+    if named and not tok.chat_template.startswith((BUILTIN_PREFIX, "trl:")):
         tok_update["chat_template"] = _local(tok.chat_template, base)
     if tok_update:
         update["tokenizer"] = tok.model_copy(update=tok_update)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, overload
 
-from tunelab.config import BUILTIN_PREFIX, TokenizerSettings
+from tunelab.config import BUILTIN_PREFIX, TokenizerSettings, inline_template
 from tunelab.errors import ConfigError, TunelabError
 
 if TYPE_CHECKING:
@@ -45,9 +45,12 @@ def trl_templates() -> Path:
 
 
 def resolve_template(setting: str | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """The template text for `tokenizer.chat_template`: the tokenizer's own, a built-in, one of TRL's, or a file."""
+    """The template text for `tokenizer.chat_template`: the tokenizer's own, a built-in, one of TRL's, a file, or the
+    Jinja text given in the setting itself."""
     if setting is None:
         return tokenizer.chat_template
+    if inline_template(setting):
+        return setting
     if setting.startswith("trl:"):
         path = trl_templates() / f"{setting.removeprefix('trl:')}.jinja"
         if not path.is_file():

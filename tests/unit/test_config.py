@@ -250,6 +250,24 @@ def test_the_schema_editors_read_accepts_every_example_and_the_short_forms() -> 
             jsonschema.validate(yaml.safe_load(f"name: t\n{wrong}\n"), schema)
 
 
+def test_a_chat_template_written_in_the_experiment_is_the_template(tmp_path: Path) -> None:
+    """Jinja text in tokenizer.chat_template (a YAML block, as a model card prints a template) is the template itself,
+    not a file name: one longer than a file name may be was refused as 'File name too long', without the key."""
+    from transformers import AutoTokenizer
+
+    from tunelab.builtin import materialise
+    from tunelab.templates import resolve_template
+
+    template = (
+        "{# " + "a comment longer than any file name " * 10 + "#}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    exp = load_experiment(write_experiment(tmp_path, BASE + f"tokenizer:\n  chat_template: |\n    {template}\n"))
+    assert exp.tokenizer.chat_template == template + "\n"
+    assert resolve_template(exp.tokenizer.chat_template, AutoTokenizer.from_pretrained(materialise("tiny-chat"))) == (
+        template + "\n"
+    )
+
+
 def test_config_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
     a = load_experiment(write_experiment(tmp_path, BASE))
     b = load_experiment(write_experiment(tmp_path, BASE))
