@@ -389,6 +389,13 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return next((c for c in reversed(checkpoints(run_dir)) if complete(c)), None)
 
 
+def resume_hint(run_dir: Path) -> str:
+    """Where an unfinished run goes on from, said where it stopped and where it is shown."""
+    checkpoint = last_checkpoint(run_dir)
+    start = f"{checkpoint.name} (step {checkpoint_step(checkpoint)})" if checkpoint else "its start (no checkpoint yet)"
+    return f"the same tunelab train command with --resume continues from {start}"
+
+
 NOT_HASHED = "hub-or-folder"  # what runs recorded for folders and hub datasets before their records were hashed
 
 

@@ -34,6 +34,7 @@ from tunelab.runs import (
     open_run,
     read_manifest,
     read_metrics,
+    resume_hint,
 )
 
 if TYPE_CHECKING:
@@ -358,6 +359,8 @@ def train(
     except (KeyboardInterrupt, Terminated) as e:
         why = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted by the user (Ctrl-C)"
         run.update(status="interrupted", ended_at=now(), error=why)
+        if run.writable:
+            print(f"{run.dir}: {why}; {resume_hint(run.dir)}", file=sys.stderr, flush=True)
         raise
     except BaseException as e:
         full = disk_full(e)

@@ -1,6 +1,7 @@
 """Real SFT runs on the built-in model: what changes, what is saved, what repeats."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_ki
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
-from tunelab.runs import read_manifest, read_metrics
+from tunelab.runs import last_checkpoint, read_manifest, read_metrics
 from tunelab.scopes import load_trained
 from tunelab.train import train
 
@@ -161,17 +162,25 @@ def test_a_signal_marks_the_run_and_exits_with_its_code(
 
     command = [sys.executable, "-m", "tunelab", "train", str(EXAMPLES / "quickstart.yaml")]
     command += ["--set", f"output.dir={tmp_path}", "--set", "train.epochs=100", "--set", "train.logging_steps=1"]
+    command += ["--set", "train.save_steps=2"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "quickstart" / "metrics.jsonl"
+    run_dir = tmp_path / "quickstart"
     deadline = time.time() + 300
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3) and time.time() < deadline:
-        time.sleep(0.5)
+    while not (run_dir.is_dir() and last_checkpoint(run_dir)) and time.time() < deadline:
+        time.sleep(0.2)
     os.kill(proc.pid, getattr(signal, signal_name))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] in ("interrupted", "terminated")
-    manifest = read_manifest(tmp_path / "quickstart")
+    manifest = read_manifest(run_dir)
     assert manifest.status == "interrupted" and why in manifest.error
+    # where it goes on from, said as it stops and by show
+    (said,) = [line for line in err.splitlines() if line.startswith(f"{run_dir}: {manifest.error}; ")]
+    assert re.search(
+        r"; the same tunelab train command with --resume continues from checkpoint-(\d+) \(step \1\)$", said
+    )
+    shown = run_cli("show", str(run_dir))
+    assert said.split("; ", 1)[1] in shown.stdout.replace("resume: ", "")
 
 
 def test_no_checkpoint_holds_non_finite_weights(tmp_path: Path, tiny_model_dir) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -12,7 +13,7 @@ from rich.text import Text
 from tunelab.config import model_head
 from tunelab.methods.common import Batching
 from tunelab.plan import Disk, Plan, SplitStats, human_bytes
-from tunelab.runs import Manifest
+from tunelab.runs import Manifest, resume_hint
 from tunelab.scope import layer_ranges as ranges
 from tunelab.starter import Starter
 
@@ -445,6 +446,8 @@ def print_show(
     console.print(Text(f"folder {run_dir}; created {m.created_at}; ended {m.ended_at or '-'}"))
     if m.error:
         console.print(Text(f"error: {m.error}"), style="red")
+    if m.status in ("interrupted", "failed"):
+        console.print(Text(f"resume: {resume_hint(Path(run_dir))}"))
     if m.trainable_params is not None:
         where = f"; modules {','.join(m.target_modules)}" if m.target_modules else ""
         console.print(
