@@ -188,6 +188,13 @@ def test_a_builtin_template_is_the_shipped_file() -> None:
     assert resolve_template("builtin:llama3", word_tokenizer()) == (TEMPLATE_DIR / "llama3.jinja").read_text()
 
 
+TWO_TURNS = [
+    {"role": "user", "content": "Hi there?"},
+    {"role": "assistant", "content": "Hello! How are you?"},
+    {"role": "user", "content": "Which city?"},
+    {"role": "assistant", "content": "The capital is Vevasmo."},
+]
+
 REASONING = {  # TRL 1.16's copies of the originals, and the replies their training versions supervise
     "qwen3": ("qwen3_training", "<think>\n\n</think>\n\n{}<|im_end|>\n"),
     "qwen3_5_think": ("qwen3_5_think_training", "<think>\n\n</think>\n\n{}<|im_end|>\n"),
@@ -208,12 +215,7 @@ def test_reasoning_templates_mask_through_trls_training_version(name: str) -> No
     own = tok.chat_template
     training, reply = REASONING[name]
     assert masking_template(tok)[1] == training
-    turns = [
-        {"role": "user", "content": "Hi there?"},
-        {"role": "assistant", "content": "Hello! How are you?"},
-        {"role": "user", "content": "Which city?"},
-        {"role": "assistant", "content": "The capital is Vevasmo."},
-    ]
+    turns = TWO_TURNS
     assert supervised_replies(tok, {"messages": turns}) == [reply.format(m["content"]) for m in turns[1::2]]
     assert tok.chat_template == own
 
@@ -254,12 +256,7 @@ def test_every_model_template_trl_ships_supervises_each_reply_and_nothing_the_us
     after it, where the template prints one), and none of the user's words. A TRL upgrade that ships a template
     tunelab masks wrongly fails here by name."""
     tok = trl_tokenizer(name, extra=("<end_of_utterance>",))
-    turns = [
-        {"role": "user", "content": "Hi there?"},
-        {"role": "assistant", "content": "Hello! How are you?"},
-        {"role": "user", "content": "Which city?"},
-        {"role": "assistant", "content": "The capital is Vevasmo."},
-    ]
+    turns = TWO_TURNS
     spans = supervised_replies(tok, {"messages": turns})
     assert len(spans) == 2, spans
     for span, reply in zip(spans, ("Hello! How are you?", "The capital is Vevasmo."), strict=True):
@@ -289,12 +286,7 @@ def test_templates_that_print_only_text_parts_train_on_the_replies(name: str) ->
     from tunelab.templates import preference_as_template_reads
 
     tok = trl_tokenizer(name, extra=("<end_of_utterance>",))
-    turns = [
-        {"role": "user", "content": "Hi there?"},
-        {"role": "assistant", "content": "Hello! How are you?"},
-        {"role": "user", "content": "Which city?"},
-        {"role": "assistant", "content": "The capital is Vevasmo."},
-    ]
+    turns = TWO_TURNS
     assert supervised_replies(tok, {"messages": turns}) == [TEXT_PARTS[name].format(m["content"]) for m in turns[1::2]]
     # Preference rows go to TRL, which renders them with the tokenizer's template itself.
     pair = {"prompt": turns[:3], "chosen": turns[3:], "rejected": [{"role": "assistant", "content": "Elsewhere."}]}
