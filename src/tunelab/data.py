@@ -249,12 +249,9 @@ def _cached_snapshot(source: str, revision: str | None, key: str) -> str:
     try:
         return snapshot_download(source, repo_type="dataset", revision=revision, local_files_only=True)
     except LocalEntryNotFoundError as e:
-        at, flag = (f" at revision '{revision}'", f" --revision {revision}") if revision else ("", "")
-        raise ConfigError(
-            f"{key}: '{source}'{at} is not in the local cache and the hub cannot be reached; download it where there "
-            f"is a network (hf download {source} --repo-type dataset{flag} --local-dir FOLDER) and point {key} at that "
-            "folder"
-        ) from e
+        from tunelab.models import uncached_refusal
+
+        raise uncached_refusal(key, source, revision, repo_type="dataset") from e
 
 
 def dataset_splits(source: str, subset: str | None = None) -> list[str] | None:

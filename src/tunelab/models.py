@@ -138,6 +138,16 @@ def gated_refusal(key: str, repo_id: str, error: BaseException, repo_type: str =
     )
 
 
+def uncached_refusal(key: str, repo_id: str, revision: str | None = None, repo_type: str = "model") -> ConfigError:
+    """A hub repository neither in the local cache nor reachable, and how to get it, in one line."""
+    at, flags = (f" at revision '{revision}'", f" --revision {revision}") if revision else ("", "")
+    flags = (" --repo-type dataset" if repo_type == "dataset" else "") + flags
+    return ConfigError(
+        f"{key}: '{repo_id}'{at} is not in the local cache and the hub cannot be reached; download it where there is "
+        f"a network (hf download {repo_id}{flags} --local-dir FOLDER) and point {key} at that folder"
+    )
+
+
 def caused_by(error: BaseException, kind: type[BaseException]) -> bool:
     """Whether `error`, or an error it was raised from or while handling, is a `kind`."""
     cause: BaseException | None = error
@@ -154,10 +164,7 @@ def _hub_refusal(key: str, model_id: str, what: str, error: Exception) -> Config
     if (gated := gated_refusal(key, model_id, error)) is not None:
         return gated
     if caused_by(error, LocalEntryNotFoundError):
-        return ConfigError(
-            f"{key}: '{model_id}' is not in the local cache and the hub cannot be reached; download it where there "
-            f"is a network (hf download {model_id} --local-dir FOLDER) and point {key} at that folder"
-        )
+        return uncached_refusal(key, model_id)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"{key}: cannot load {what}'{model_id}': {first}")
 
