@@ -156,15 +156,15 @@ def caused_by(error: BaseException, kind: type[BaseException]) -> bool:
     return cause is not None
 
 
-def _hub_refusal(key: str, model_id: str, what: str, error: Exception) -> ConfigError:
-    """A load that failed, as one line; a gated hub repository, or one neither cached nor reachable, says what to do
-    about it."""
+def _hub_refusal(key: str, model_id: str, what: str, error: Exception, revision: str | None = None) -> ConfigError:
+    """A load that failed, as one line; a gated hub repository, or one neither cached nor reachable (at `revision`,
+    where one is pinned), says what to do about it."""
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if (gated := gated_refusal(key, model_id, error)) is not None:
         return gated
     if caused_by(error, LocalEntryNotFoundError):
-        return uncached_refusal(key, model_id)
+        return uncached_refusal(key, model_id, revision)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ConfigError(f"{key}: cannot load {what}'{model_id}': {first}")
 
@@ -192,7 +192,7 @@ def load_config(settings: ModelSettings) -> PretrainedConfig:
                 f"model.id: '{settings.id}' needs modelling code of its own (its config.json's auto_map), which "
                 "tunelab runs only when told to: read that code, then set model.trust_remote_code: true"
             ) from e
-        raise _hub_refusal("model.id", settings.id, "the config of ", e) from e
+        raise _hub_refusal("model.id", settings.id, "the config of ", e, settings.revision) from e
     text, tied = config.get_text_config(), getattr(config, "tie_word_embeddings", None)
     text_tied = getattr(text, "tie_word_embeddings", None)
     if text is not config and None not in (tied, text_tied) and tied != text_tied:
@@ -365,7 +365,7 @@ def load_model(
     except OSError as e:
         if "no file named model.safetensors" in str(e):  # a hub repository with pickled weights alone
             raise ConfigError(_no_safetensors(settings.id, _pickles(Path(path)))) from e
-        raise _hub_refusal("model.id", settings.id, "", e) from e
+        raise _hub_refusal("model.id", settings.id, "", e, settings.revision) from e
     except ImportError as e:
         raise _missing_package(config, e) from e
     if path != model_path(settings.id):
@@ -607,7 +607,7 @@ def load_tokenizer(
             source, revision=None if tok.id else model.revision, trust_remote_code=model.trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
-        raise _hub_refusal(key, source, "a tokenizer from ", e) from e
+        raise _hub_refusal(key, source, "a tokenizer from ", e, None if tok.id else model.revision) from e
     except ImportError as e:
         if Path(source).is_dir() and (Path(source) / TEKKEN).is_file():
             raise ConfigError(
@@ -615,7 +615,7 @@ def load_tokenizer(
                 "the mistral-common package: pip install mistral-common, or set tokenizer.id to a folder with the "
                 "model's tokenizer.json"
             ) from e
-        raise _hub_refusal(key, source, "a tokenizer from ", e) from e
+        raise _hub_refusal(key, source, "a tokenizer from ", e, None if tok.id else model.revision) from e
     template = resolve_template(tok.chat_template, tokenizer)
     if template is None and tok.chat_template is None:
         template = processor_template(source, None if tok.id else model.revision)

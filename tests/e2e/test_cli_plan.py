@@ -80,6 +80,13 @@ def test_plan_names_the_part_of_each_source_it_sampled() -> None:
             "download it where there is a network (hf download org/never-downloaded --local-dir FOLDER) and point "
             "model.id at that folder",
         ),
+        (  # pinned to a revision: the download the message gives fetches that revision
+            "",
+            ["--set", "model.id=org/never-downloaded", "--set", "model.revision=v2"],
+            "exp.yaml: model.id: 'org/never-downloaded' at revision 'v2' is not in the local cache and the hub cannot "
+            "be reached; download it where there is a network (hf download org/never-downloaded --revision v2 "
+            "--local-dir FOLDER) and point model.id at that folder",
+        ),
         (
             "",
             ["--set", f"model.id={CONFIGS}/phi-3-mini", "--set", "scope.lora.targets=qkvo"],
