@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from tunelab.errors import TunelabError, did_you_mean
+from tunelab.errors import ConfigError, TunelabError, did_you_mean
 
 LAYER_WORDS = ("all", "last-half", "first-half")
 # A run name is one path component: no separators, no leading dot, nothing a terminal renderer interprets.
@@ -1247,11 +1247,15 @@ def set_key(raw: dict, key: str, value: Any, where: str) -> None:
 # ---------------------------------------------------------------- paths
 
 
-def _local(path: str, base: Path) -> str:
+def _local(path: str, base: Path, key: str) -> str:
     candidate = Path(path).expanduser()
     if not candidate.is_absolute():
         candidate = base / candidate
-    return str(candidate.resolve()) if candidate.exists() else path
+    try:
+        return str(candidate.resolve()) if candidate.exists() else path
+    except OSError as e:  # a name longer than the file system holds, a folder on the way that cannot be read
+        shown = path if len(path) <= 80 else f"{path[:40]}...{path[-30:]}"
+        raise ConfigError(f"{key}: cannot look up '{shown}' ({e.strerror}); check the path") from e
 
 
 def _local_reward(spec: str, base: Path) -> str:
@@ -1261,16 +1265,16 @@ def _local_reward(spec: str, base: Path) -> str:
     if spec.startswith("trl:"):
         return spec
     if spec.startswith("model:"):  # a published reward model: its folder, where it is one
-        return "model:" + _local(spec.removeprefix("model:"), base)
+        return "model:" + _local(spec.removeprefix("model:"), base, "grpo.rewards")
     if not sep:
-        return _local(spec, base)
-    return f"{_local(file, base)}:{function}"
+        return _local(spec, base, "grpo.rewards")
+    return f"{_local(file, base, 'grpo.rewards')}:{function}"
 
 
-def _local_source(source: str | DataSource, base: Path) -> str | DataSource:
+def _local_source(source: str | DataSource, base: Path, key: str) -> str | DataSource:
     if isinstance(source, str):
-        return _local(source, base)
-    return source.model_copy(update={"path": _local(source.path, base)})
+        return _local(source, base, key)
+    return source.model_copy(update={"path": _local(source.path, base, key)})
 
 
 def resolve_paths(exp: Experiment, base: Path) -> Experiment:
@@ -1280,33 +1284,41 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     """
     update: dict[str, Any] = {}
     if not exp.model.id.startswith(BUILTIN_PREFIX):
-        update["model"] = exp.model.model_copy(update={"id": _local(exp.model.id, base)})
+        update["model"] = exp.model.model_copy(update={"id": _local(exp.model.id, base, "model.id")})
     tok = exp.tokenizer
     tok_update = {}
     if tok.id is not None:
-        tok_update["id"] = _local(tok.id, base)
+        tok_update["id"] = _local(tok.id, base, "tokenizer.id")
     named = tok.chat_template is not None and not inline_template(tok.chat_template)
     if named and not tok.chat_template.startswith((BUILTIN_PREFIX, "trl:")):
-        tok_update["chat_template"] = _local(tok.chat_template, base)
+        tok_update["chat_template"] = _local(tok.chat_template, base, "tokenizer.chat_template")
     if tok_update:
         update["tokenizer"] = tok.model_copy(update=tok_update)
     data = exp.data
-    train = [_local_source(s, base) for s in (data.train if isinstance(data.train, list) else [data.train])]
+    train = [
+        _local_source(s, base, "data.train") for s in (data.train if isinstance(data.train, list) else [data.train])
+    ]
     update["data"] = data.model_copy(
         update={
             "train": train if isinstance(data.train, list) else train[0],
-            "eval": _local_source(data.eval, base) if data.eval else None,
-            "eval_also": {name: _local_source(source, base) for name, source in data.eval_also.items()},
+            "eval": _local_source(data.eval, base, "data.eval") if data.eval else None,
+            "eval_also": {
+                name: _local_source(source, base, f"data.eval_also.{name}") for name, source in data.eval_also.items()
+            },
         }
     )
     if exp.init_from is not None:
-        update["init_from"] = _local(exp.init_from, base)
+        update["init_from"] = _local(exp.init_from, base, "init_from")
     if exp.grpo is not None:
         update["grpo"] = exp.grpo.model_copy(update={"rewards": [_local_reward(r, base) for r in exp.grpo.rewards]})
     if exp.distill is not None and not exp.distill.teacher.startswith(BUILTIN_PREFIX):
-        update["distill"] = exp.distill.model_copy(update={"teacher": _local(exp.distill.teacher, base)})
+        update["distill"] = exp.distill.model_copy(
+            update={"teacher": _local(exp.distill.teacher, base, "distill.teacher")}
+        )
     if exp.distributed.accelerate_config is not None:
-        update["distributed"] = DistributedSettings(accelerate_config=_local(exp.distributed.accelerate_config, base))
+        update["distributed"] = DistributedSettings(
+            accelerate_config=_local(exp.distributed.accelerate_config, base, "distributed.accelerate_config")
+        )
     return exp.model_copy(update=update)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import DATA, run_cli, write_experiment
 from tunelab.config import load_experiment
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import list_runs, open_run, read_manifest
 
 EXPERIMENT = f"name: t\nmodel: {{id: builtin:tiny-chat}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
@@ -58,6 +58,16 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
 def test_ordinary_anchors_still_work(tmp_path: Path) -> None:
     text = EXPERIMENT + "train: &t {seed: 7}\n"
     assert exp_in(tmp_path, text).train.seed == 7
+
+
+@pytest.mark.parametrize("key", ["model.id", "data.train", "data.eval", "tokenizer.chat_template", "init_from"])
+def test_a_path_longer_than_the_file_system_holds_is_named_by_its_key(tmp_path: Path, key: str) -> None:
+    long = "x" * 300 + ".jsonl"
+    with pytest.raises(ConfigError) as refused:
+        load_experiment(write_experiment(tmp_path, EXPERIMENT), [f"{key}={long}"])
+    assert (
+        str(refused.value) == f"{key}: cannot look up '{long[:40]}...{long[-30:]}' (File name too long); check the path"
+    )
 
 
 def test_oversized_and_binary_experiment_files_are_one_line(tmp_path: Path) -> None:
