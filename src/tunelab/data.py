@@ -408,6 +408,8 @@ ANSWER_NAMES = ("completion", "answer", "response", "solution", "output")
 # A preferred and a rejected answer named otherwise: lvwerra/stack-exchange-paired's (response_j is the better),
 # argilla/ultrafeedback-binarized-preferences'.
 PAIR_NAMES = (("response_j", "response_k"), ("chosen_response", "rejected_response"))
+# A system prompt beside them (Open-Orca/OpenOrca's system_prompt), which only the chat format has a place for.
+SYSTEM_NAMES = ("system", "system_prompt", "system_message")
 
 
 def _columns_hint(value: dict) -> str:
@@ -423,12 +425,14 @@ def _columns_hint(value: dict) -> str:
     prompt = next((n for n in PROMPT_NAMES if isinstance(value.get(n), str)), None)
     pair = next((p for p in PAIR_NAMES if all(isinstance(value.get(n), str) for n in p)), None)
     answer = next((n for n in ANSWER_NAMES if isinstance(value.get(n), str)), None)
+    system = next((n for n in SYSTEM_NAMES if isinstance(value.get(n), str) and value[n].strip()), None)
     if prompt and (pair or answer):
         names = ((prompt, "prompt"), *zip(pair, ("chosen", "rejected"), strict=True)) if pair else (
             (prompt, "prompt"), (answer, "completion"),
         )  # fmt: skip
-        renames = [f"{old}: {new}" for old, new in names if old != new]
-        return "data.columns: {" + ", ".join(renames) + "}"
+        renames = [f"{old}: {new}" for old, new in (*names, (system, "system")) if old and old != new]
+        chat = " and data.as_chat: true (the system prompt then opens each chat)" if system else ""
+        return "data.columns: {" + ", ".join(renames) + "}" + chat
     return "data.columns (e.g. {question: prompt, answer: completion})"
 
 

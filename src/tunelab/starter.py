@@ -154,13 +154,15 @@ def _data_section(data: str, eval_data: str | None, split: str | None, folder: P
 
 def as_flags(message: str) -> str:
     """A data error's renaming, said as init's flag: 'data.columns: {query: prompt, response: completion}' becomes
-    '--columns query=prompt,response=completion'."""
+    '--columns query=prompt,response=completion'; 'data.as_chat: true' becomes '--as-chat'."""
 
     def flag(match: re.Match) -> str:
         pairs = ",".join(pair.replace(": ", "=") for pair in match.group(2).split(", "))
         return f"--columns {pairs}" if match.group(1) == ": " else f"--columns (e.g. {pairs})"
 
-    return re.sub(r"data\.columns(: | \(e\.g\. )\{([^{}]*)\}\)?", flag, message)
+    return re.sub(r"data\.columns(: | \(e\.g\. )\{([^{}]*)\}\)?", flag, message).replace(
+        "data.as_chat: true", "--as-chat"
+    )
 
 
 def write_starter(

@@ -192,3 +192,24 @@ def test_init_says_what_prompts_alone_need(tmp_path: Path) -> None:
     with pytest.raises(TunelabError, match=r"^--method: distill learns from a teacher model, which init does not ask"):
         write_starter(tmp_path / "a.yaml", MODEL, data, None, "qv", "distill", None)
     assert not (tmp_path / "a.yaml").exists()
+
+
+def test_init_keeps_a_system_prompt_field_in_the_renaming_it_suggests(tmp_path: Path) -> None:
+    """Open-Orca/OpenOrca's rows (system_prompt, question, response): the suggested flags keep the system prompt as
+    the chat's system turn, which only the chat format has a place for, and with them init writes the file."""
+    rows = [
+        {"id": f"niv.{i}", "system_prompt": "Be brief.", "question": f"{i} plus 2?", "response": "4"} for i in range(40)
+    ]
+    data = tmp_path / "openorca.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TunelabError) as refused:
+        write_starter(tmp_path / "a.yaml", MODEL, str(data), None, "qv", None, None)
+    flags = str(refused.value).rpartition("rename yours with ")[2]
+    assert (
+        flags
+        == "--columns question=prompt,response=completion,system_prompt=system and --as-chat (the system prompt then opens each chat)"
+    )
+    columns = dict(pair.split("=") for pair in flags.split()[1].split(","))
+    write_starter(tmp_path / "a.yaml", MODEL, str(data), None, "qv", None, None, columns=columns, as_chat=True)
+    exp = load_experiment(tmp_path / "a.yaml")
+    assert (exp.data.columns["system_prompt"], exp.data.as_chat) == ("system", True)

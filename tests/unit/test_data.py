@@ -287,6 +287,10 @@ def test_sharegpt_turn_weights_and_tool_turns_read_as_openais(tmp_path: Path) ->
             {"instruction": "2+2?", "chosen_response": "4", "rejected_response": "5", "chosen_avg_rating": 5.0},
             {"instruction": "prompt", "chosen_response": "chosen", "rejected_response": "rejected"},
         ),
+        (  # Open-Orca/OpenOrca: its system prompt is kept, as the chat's system turn
+            {"id": "niv.1", "system_prompt": "Be brief.", "question": "2+2?", "response": "4"},
+            {"question": "prompt", "response": "completion", "system_prompt": "system"},
+        ),
     ],
 )
 def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
@@ -300,10 +304,18 @@ def test_fields_no_format_names_are_refused_with_the_columns_that_read_them(
     refusal = "holds prompts without answers but method is sft" if "prompt" in row else "cannot tell the data format"
     with pytest.raises(TunelabError, match=rf"d.jsonl(:1)?: {refusal}") as e:
         load(data)
-    suggested = yaml.safe_load(str(e.value).rpartition("rename yours with data.columns: ")[2])
+    suggestion = str(e.value).rpartition("rename yours with data.columns: ")[2]
+    renames, _, chat = suggestion.partition(" and ")
+    suggested = yaml.safe_load(renames)
     assert suggested == columns
+    assert chat == (
+        "data.as_chat: true (the system prompt then opens each chat)" if "system" in columns.values() else ""
+    )
     method = "dpo" if "chosen" in suggested.values() else "sft"
-    assert len(load(data, method=method, columns=suggested).train.rows) == 1
+    rows = load(data, method=method, columns=suggested, as_chat=bool(chat)).train.rows
+    assert len(rows) == 1
+    if chat:
+        assert rows[0]["prompt"][0] == {"role": "system", "content": "Be brief."}
 
 
 def test_openais_developer_role_is_the_system_message(tmp_path: Path) -> None:
