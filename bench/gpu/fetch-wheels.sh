@@ -23,3 +23,19 @@ wheels=$(du -sk .whl | cut -f1)
 code=$(git ls-files -z | xargs -0 du -ck 2>/dev/null | tail -1 | cut -f1)
 echo "wheels ${wheels} KiB + code ${code} KiB (limit 65536 KiB)"
 [ $((wheels + code)) -lt 65536 ] || { echo "too large to travel: drop a wheel from bench/gpu/wheels.txt"; exit 1; }
+# Preflight, here, before a GPU minute is spent: the carried wheels import beside the huggingface_hub the GPU image
+# has (KINDS.md lists 1.33.0; transformers checks it at import). The compiled wheels for Python 3.12 (pydantic-core,
+# multiprocess) and bitsandbytes are left to this machine's own; torch is this project's .venv's.
+image_hub=1.33.0
+[ -x .venv/bin/python ] || { echo "no .venv for the preflight: run make install first"; exit 1; }
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+find .whl -type f -name '*.whl' ! -name '*cp312*' ! -name '*py312*' ! -name 'bitsandbytes-*' -print0 \
+  | xargs -0 .venv/bin/python -m pip install -q --no-index --no-deps --target "$site"
+.venv/bin/python -m pip install -q --no-deps --target "$site" "huggingface_hub==$image_hub"
+if ! out=$(PYTHONPATH="$site" .venv/bin/python -c "import transformers, trl, peft, datasets, accelerate" 2>&1); then
+  echo "$out" | grep -E "Error|error" | tail -1
+  echo "the carried wheels do not import beside huggingface_hub $image_hub: pin another version in bench/gpu/wheels.txt"
+  exit 1
+fi
+echo "preflight: the carried wheels import beside huggingface_hub $image_hub"
