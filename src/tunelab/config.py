@@ -1120,7 +1120,7 @@ def _one_line(error: ValidationError, source: str, lines: dict[tuple[str, ...], 
     key = ".".join(loc)
     if first["type"] == "extra_forbidden":
         fields = _fields_at(loc[:-1])
-        return f"{where}: unknown key '{key}'{did_you_mean(loc[-1], fields)}"
+        return f"{where}: unknown key '{key}'{unknown_key_hint(loc[-1], fields)}"
     if first["type"] == "missing":
         return f"{where}: missing required key '{key}'"
     msg = first["msg"].removeprefix("Value error, ")
@@ -1192,6 +1192,47 @@ def _class_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
     return cls
 
 
+# The names the libraries' own configs give settings that an experiment file names otherwise: a training script's
+# LoraConfig, TrainingArguments and from_pretrained arguments, carried over as they were, are answered with the key.
+PEFT, ARGS, MODEL = "PEFT's LoraConfig", "Transformers' TrainingArguments", "TRL's ModelConfig"
+ARGS_4, SFT_0, LOAD_4 = "Transformers 4's TrainingArguments", "TRL 0.x's SFTConfig", "Transformers 4's from_pretrained"
+LIBRARY_NAMES: dict[str, tuple[str, str]] = {
+    "lora_alpha": (PEFT, "scope.lora.alpha"),
+    "lora_dropout": (PEFT, "scope.lora.dropout"),
+    "target_modules": (PEFT, "scope.lora.targets"),
+    "layers_to_transform": (PEFT, "scope.lora.layers"),
+    "modules_to_save": (PEFT, "scope.lora.open"),
+    "use_dora": (PEFT, "scope.lora.dora"),
+    "use_rslora": (PEFT, "scope.lora.rslora"),
+    "trainable_token_indices": (PEFT, "scope.lora.tokens"),
+    "num_train_epochs": (ARGS, "train.epochs"),
+    "per_device_train_batch_size": (ARGS, "train.batch_size (times train.grad_accumulation a step, as there)"),
+    "gradient_accumulation_steps": (ARGS, "train.grad_accumulation"),
+    "warmup_ratio": (ARGS_4, "train.warmup (a fraction below 1, else steps)"),
+    "warmup_steps": (ARGS, "train.warmup (a fraction below 1, else steps)"),
+    "lr_scheduler_type": (ARGS, "train.scheduler"),
+    "optim": (ARGS, "train.optimizer"),
+    "output_dir": (ARGS, "output.dir"),
+    "dataloader_pin_memory": (ARGS, "train.pin_memory"),
+    "dataloader_num_workers": (ARGS, "train.data_workers"),
+    "bf16": (ARGS, "model.dtype: bfloat16"),
+    "fp16": (ARGS, "model.dtype: float16"),
+    "torch_compile": (ARGS, "train.compile"),
+    "max_seq_length": (SFT_0, "train.max_length"),
+    "torch_dtype": (LOAD_4, "model.dtype"),
+    "model_name_or_path": (MODEL, "model.id"),
+    "lr": ("PyTorch's optimizers'", "train.learning_rate"),
+}
+
+
+def unknown_key_hint(name: str, fields: list[str]) -> str:
+    """What follows "unknown key 'x'": the key a library's own name for a setting is here, or the closest key."""
+    if name in LIBRARY_NAMES:
+        whose, key = LIBRARY_NAMES[name]
+        return f" ({whose} name); in an experiment file it is {key}"
+    return did_you_mean(name, fields)
+
+
 def _fields_at(loc: tuple[str, ...]) -> list[str]:
     cls = _class_at(loc)
     return list(cls.model_fields) if cls else []
@@ -1231,7 +1272,7 @@ def set_key(raw: dict, key: str, value: Any, where: str) -> None:
         if cls is None:
             raise TunelabError(f"{where}: '{'.'.join(parts[:i])}' has no sub-keys")
         if part not in cls.model_fields:
-            raise TunelabError(f"{where}: unknown key '{part}'{did_you_mean(part, list(cls.model_fields))}")
+            raise TunelabError(f"{where}: unknown key '{part}'{unknown_key_hint(part, list(cls.model_fields))}")
         cls = model_class(cls.model_fields[part].annotation)
         classes.append(cls)
     node = raw

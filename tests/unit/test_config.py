@@ -1,10 +1,11 @@
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import DATA, EXAMPLES, write_experiment
-from tunelab.config import Experiment, LastN, json_schema, load_experiment
+from tunelab.config import LIBRARY_NAMES, Experiment, LastN, json_schema, load_experiment, model_class
 from tunelab.errors import TunelabError
 
 BASE = f"""\
@@ -78,6 +79,56 @@ output:
 def test_unknown_key_names_line_and_suggestion(tmp_path: Path) -> None:
     msg = error_of(tmp_path, BASE + "train:\n  learnin_rate: 0.1\n")
     assert msg == f"{tmp_path}/exp.yaml:7: unknown key 'train.learnin_rate'; did you mean 'learning_rate'?"
+
+
+def test_a_training_scripts_own_names_are_answered_with_the_key_they_are_here(tmp_path: Path) -> None:
+    """A LoraConfig and TrainingArguments carried over from train_lora.py as they were written."""
+    text = BASE + "scope:\n  lora:\n    r: 16\n    layers_to_transform: [28, 29, 30, 31]\n"
+    assert error_of(tmp_path, text) == (
+        f"{tmp_path}/exp.yaml:9: unknown key 'scope.lora.layers_to_transform' (PEFT's LoraConfig name); in an "
+        "experiment file it is scope.lora.layers"
+    )
+    assert error_of(tmp_path, BASE + "train:\n  bf16: true\n").endswith(
+        ":7: unknown key 'train.bf16' (Transformers' TrainingArguments name); in an experiment file it is "
+        "model.dtype: bfloat16"
+    )
+    assert error_of(tmp_path, BASE, ["train.per_device_train_batch_size=4"]) == (
+        "--set train.per_device_train_batch_size: unknown key 'per_device_train_batch_size' (Transformers' "
+        "TrainingArguments name); in an experiment file it is train.batch_size (times train.grad_accumulation a "
+        "step, as there)"
+    )
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_NAMES))
+def test_each_library_name_points_at_a_key_of_the_experiment_file(name: str) -> None:
+    """The key named exists (a renamed key would leave the table pointing nowhere), and the library's name is not
+    itself a key there."""
+    target = LIBRARY_NAMES[name][1].split()[0].rstrip(":").split(".")
+    cls = Experiment
+    for part in target[:-1]:
+        cls = model_class(cls.model_fields[part].annotation)
+    assert target[-1] in cls.model_fields and name not in cls.model_fields
+
+
+def test_the_libraries_still_call_their_settings_so() -> None:
+    """Each name said to be a current library's is a field of that library's config as installed."""
+    import dataclasses
+    import inspect
+
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+    from trl import ModelConfig
+
+    fields = {
+        "PEFT's LoraConfig": {f.name for f in dataclasses.fields(LoraConfig)},
+        "Transformers' TrainingArguments": {f.name for f in dataclasses.fields(TrainingArguments)},
+        "TRL's ModelConfig": {f.name for f in dataclasses.fields(ModelConfig)},
+        "PyTorch's optimizers'": set(inspect.signature(torch.optim.AdamW).parameters),
+    }
+    current = {name: whose for name, (whose, _) in LIBRARY_NAMES.items() if not re.search(r" \d|0\.x", whose)}
+    assert len(current) >= 20
+    assert [name for name, whose in current.items() if name not in fields[whose]] == []
 
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
