@@ -50,18 +50,21 @@ def schema() -> None:
 @app.command()
 def init(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file to write (never replaced).")],
-    model: Annotated[str, typer.Option("--model", help="Hub id or local folder of the base model.")],
-    data: Annotated[str, typer.Option("--data", help="Training data: a file, a saved dataset or a hub id.")],
+    model: Annotated[str | None, typer.Option("--model", help="Hub id or local folder of the base model.")] = None,
+    data: Annotated[
+        str | None, typer.Option("--data", help="Training data: a file, a saved dataset or a hub id.")
+    ] = None,
     eval_data: Annotated[
         str | None, typer.Option("--eval", help="Held-out data (default: hold out 5% of --data).")
     ] = None,
     scope: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--scope",
-            help="qv, qkvo, all-linear, last-half (LoRA), partial-last4 (last 4 blocks, norm, lm_head) or full-ft.",
+            help="qv, qkvo, all-linear (the default), last-half (LoRA), partial-last4 (last 4 blocks, norm, "
+            "lm_head) or full-ft.",
         ),
-    ] = "all-linear",
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(
@@ -88,13 +91,27 @@ def init(
         str | None,
         typer.Option("--subset", help="Subset (config) of a folder or hub dataset that has several (main for GSM8K)."),
     ] = None,
+    from_script: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-script",
+            help="A training script (train_lora.py) whose model, data, trainer, LoraConfig or opened weights and "
+            "training arguments the file takes; read, never run. The other options override it.",
+        ),
+    ] = None,
 ) -> None:
     """Write a first experiment file for your model and data, every setting spelled out with what it does."""
     from tunelab.report.terminal import print_starter
-    from tunelab.starter import parse_columns, write_starter
+    from tunelab.starter import parse_columns, starter_from_script, write_starter
 
     renames = parse_columns(columns) if columns is not None else None
-    starter = write_starter(experiment, model, data, eval_data, scope, method, name, split, renames, as_chat, subset)
+    flags = {"method": method, "name": name, "split": split, "columns": renames, "as_chat": as_chat, "subset": subset}
+    if from_script is not None:
+        starter = starter_from_script(experiment, from_script, model, data, eval_data, scope=scope, **flags)
+    elif model is None or data is None:
+        raise TunelabError(f"{'--model' if model is None else '--data'}: missing; give it (or --from-script SCRIPT)")
+    else:
+        starter = write_starter(experiment, model, data, eval_data, scope or "all-linear", **flags)
     print_starter(starter)
 
 

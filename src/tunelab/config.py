@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -1193,43 +1193,55 @@ def _class_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
 
 
 # The names the libraries' own configs give settings that an experiment file names otherwise: a training script's
-# LoraConfig, TrainingArguments and from_pretrained arguments, carried over as they were, are answered with the key.
+# LoraConfig, TrainingArguments and from_pretrained arguments, carried over as they were, are answered with the key,
+# and `tunelab init --from-script` reads a script's by them.
+class LibraryName(NamedTuple):
+    whose: str
+    key: str  # the experiment file's key
+    value: Any = None  # the value that key takes for the library's True (bf16: bfloat16); None: the same value
+    note: str = ""
+
+
 PEFT, ARGS, MODEL = "PEFT's LoraConfig", "Transformers' TrainingArguments", "TRL's ModelConfig"
 ARGS_4, SFT_0, LOAD_4 = "Transformers 4's TrainingArguments", "TRL 0.x's SFTConfig", "Transformers 4's from_pretrained"
-LIBRARY_NAMES: dict[str, tuple[str, str]] = {
-    "lora_alpha": (PEFT, "scope.lora.alpha"),
-    "lora_dropout": (PEFT, "scope.lora.dropout"),
-    "target_modules": (PEFT, "scope.lora.targets"),
-    "layers_to_transform": (PEFT, "scope.lora.layers"),
-    "modules_to_save": (PEFT, "scope.lora.open"),
-    "use_dora": (PEFT, "scope.lora.dora"),
-    "use_rslora": (PEFT, "scope.lora.rslora"),
-    "trainable_token_indices": (PEFT, "scope.lora.tokens"),
-    "num_train_epochs": (ARGS, "train.epochs"),
-    "per_device_train_batch_size": (ARGS, "train.batch_size (times train.grad_accumulation a step, as there)"),
-    "gradient_accumulation_steps": (ARGS, "train.grad_accumulation"),
-    "warmup_ratio": (ARGS_4, "train.warmup (a fraction below 1, else steps)"),
-    "warmup_steps": (ARGS, "train.warmup (a fraction below 1, else steps)"),
-    "lr_scheduler_type": (ARGS, "train.scheduler"),
-    "optim": (ARGS, "train.optimizer"),
-    "output_dir": (ARGS, "output.dir"),
-    "dataloader_pin_memory": (ARGS, "train.pin_memory"),
-    "dataloader_num_workers": (ARGS, "train.data_workers"),
-    "bf16": (ARGS, "model.dtype: bfloat16"),
-    "fp16": (ARGS, "model.dtype: float16"),
-    "torch_compile": (ARGS, "train.compile"),
-    "max_seq_length": (SFT_0, "train.max_length"),
-    "torch_dtype": (LOAD_4, "model.dtype"),
-    "model_name_or_path": (MODEL, "model.id"),
-    "lr": ("PyTorch's optimizers'", "train.learning_rate"),
+WARMUP = "a fraction below 1, else steps"
+LIBRARY_NAMES: dict[str, LibraryName] = {
+    "lora_alpha": LibraryName(PEFT, "scope.lora.alpha"),
+    "lora_dropout": LibraryName(PEFT, "scope.lora.dropout"),
+    "target_modules": LibraryName(PEFT, "scope.lora.targets"),
+    "layers_to_transform": LibraryName(PEFT, "scope.lora.layers"),
+    "modules_to_save": LibraryName(PEFT, "scope.lora.open"),
+    "use_dora": LibraryName(PEFT, "scope.lora.dora"),
+    "use_rslora": LibraryName(PEFT, "scope.lora.rslora"),
+    "trainable_token_indices": LibraryName(PEFT, "scope.lora.tokens"),
+    "num_train_epochs": LibraryName(ARGS, "train.epochs"),
+    "per_device_train_batch_size": LibraryName(
+        ARGS, "train.batch_size", note="times train.grad_accumulation a step, as there"
+    ),
+    "gradient_accumulation_steps": LibraryName(ARGS, "train.grad_accumulation"),
+    "warmup_ratio": LibraryName(ARGS_4, "train.warmup", note=WARMUP),
+    "warmup_steps": LibraryName(ARGS, "train.warmup", note=WARMUP),
+    "lr_scheduler_type": LibraryName(ARGS, "train.scheduler"),
+    "optim": LibraryName(ARGS, "train.optimizer"),
+    "output_dir": LibraryName(ARGS, "output.dir"),
+    "dataloader_pin_memory": LibraryName(ARGS, "train.pin_memory"),
+    "dataloader_num_workers": LibraryName(ARGS, "train.data_workers"),
+    "bf16": LibraryName(ARGS, "model.dtype", "bfloat16"),
+    "fp16": LibraryName(ARGS, "model.dtype", "float16"),
+    "torch_compile": LibraryName(ARGS, "train.compile"),
+    "max_seq_length": LibraryName(SFT_0, "train.max_length"),
+    "torch_dtype": LibraryName(LOAD_4, "model.dtype"),
+    "model_name_or_path": LibraryName(MODEL, "model.id"),
+    "lr": LibraryName("PyTorch's optimizers'", "train.learning_rate"),
 }
 
 
 def unknown_key_hint(name: str, fields: list[str]) -> str:
     """What follows "unknown key 'x'": the key a library's own name for a setting is here, or the closest key."""
     if name in LIBRARY_NAMES:
-        whose, key = LIBRARY_NAMES[name]
-        return f" ({whose} name); in an experiment file it is {key}"
+        whose, key, value, note = LIBRARY_NAMES[name]
+        said = key + (f": {value}" if value is not None else "") + (f" ({note})" if note else "")
+        return f" ({whose} name); in an experiment file it is {said}"
     return did_you_mean(name, fields)
 
 

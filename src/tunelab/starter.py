@@ -7,11 +7,13 @@ pairs: DPO; thumbs-up/down completions: KTO; anything else: SFT); the rhythm fol
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel
@@ -57,6 +59,8 @@ class Starter:
     data_format: str
     rows: int
     trains: str  # what the scope opens, in words
+    read_from: Path | None = None  # the training script it was read from (--from-script)
+    unread: list[str] = field(default_factory=list)  # what that script computes, or sets to what cannot be
 
 
 def _comment(description: str | None) -> str:
@@ -177,8 +181,11 @@ def write_starter(
     columns: dict[str, str] | None = None,
     as_chat: bool = False,
     subset: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> Starter:
-    """Write a first experiment file at `path` (never over an existing file) and return what it holds."""
+    """Write a first experiment file at `path` (never over an existing file) and return what it holds. `settings`:
+    dotted keys set over what init chooses (a training script's, read by tunelab.script); one that does not
+    validate is left out and listed in the Starter's `unread`."""
     from tunelab.data import load_file
 
     if path.exists():
@@ -236,6 +243,19 @@ def write_starter(
         },
         "output": {"dir": "runs"},
     }
+    unread = []
+    for key, value in (overrides or {}).items():
+        trial = copy.deepcopy(values)
+        node = trial
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = value
+        try:
+            validate(trial, str(path))
+        except TunelabError as e:
+            unread.append(str(e).removeprefix(f"{path}: "))
+        else:
+            values = trial
     text = (
         f"# Written by tunelab init. Check it with: tunelab plan {path.name} (every key: tunelab schema)\n"
         + "\n".join(_lines(Experiment, values))
@@ -245,4 +265,58 @@ def write_starter(
     folder.mkdir(parents=True, exist_ok=True)
     with open(path, "x", encoding="utf-8") as f:
         f.write(text)
-    return Starter(path, exp, fmt, len(rows), words)
+    return Starter(path, exp, fmt, len(rows), words, unread=unread)
+
+
+def starter_from_script(
+    path: Path, script: Path, model: str | None, data: str | None, eval_data: str | None, **flags: Any
+) -> Starter:
+    """The experiment a training script defines (tunelab.script reads it, never runs it), written as init writes
+    one; --model, --data, --eval and the other flags given override what the script names."""
+    from tunelab.script import read_script
+
+    read = read_script(script)
+    settings = dict(read.settings)
+    model = model or read.model
+    data = data or _beside(script, read.data)
+    if model is None or data is None:
+        missing = "--model" if model is None else "--data"
+        raise TunelabError(
+            f"{missing}: {script} names no {missing[2:]} this reader can take as written; give {missing}"
+        )
+    flags["name"] = flags.get("name") or settings.pop("name", None) or script.stem.replace("_", "-")
+    settings.pop("name", None)
+    flags["method"] = flags.get("method") or read.method
+    if flags.get("scope"):  # --scope replaces what the script trains
+        settings = {key: value for key, value in settings.items() if not key.startswith("scope.")}
+    flags["scope"] = flags.get("scope") or read.scope or "all-linear"
+    eval_data = eval_data or _beside(script, read.eval_data)
+    starter = write_starter(path, model, data, eval_data, overrides=settings, **flags)
+    starter.read_from, starter.unread = script, read.unread + starter.unread
+    starter.trains = _scope_words(starter.exp.scope)
+    return starter
+
+
+def _scope_words(scope: Scope) -> str:
+    """What a scope opens, in words, as a script's settings made it."""
+    if scope.lora is not None:
+        lora = scope.lora
+        targets = ", ".join(lora.targets) if isinstance(lora.targets, list) else lora.targets
+        chosen = ", ".join(map(str, lora.layers)) if isinstance(lora.layers, list) else lora.layers
+        layers = "" if lora.layers == "all" else f", layers {chosen}"
+        return f"LoRA r{lora.r} on {targets}{layers}"
+    if scope.partial is not None:
+        p = scope.partial
+        parts = [f"the last {p.last_blocks} blocks" if p.last_blocks else "", "norm" * p.norm, "lm_head" * p.lm_head]
+        return ", ".join(part for part in parts if part)
+    return "every parameter"
+
+
+def _beside(script: Path, data: str | list[str] | None) -> str | None:
+    """A data path as the script names it: read from the script's folder where it is there (the script ran from
+    there), else as it is (a hub id); a list of files, its first."""
+    if isinstance(data, list):
+        data = data[0] if data else None
+    if data is None or Path(data).is_absolute():
+        return data
+    return str(script.parent / data) if (script.parent / data).exists() else data

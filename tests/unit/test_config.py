@@ -103,7 +103,7 @@ def test_a_training_scripts_own_names_are_answered_with_the_key_they_are_here(tm
 def test_each_library_name_points_at_a_key_of_the_experiment_file(name: str) -> None:
     """The key named exists (a renamed key would leave the table pointing nowhere), and the library's name is not
     itself a key there."""
-    target = LIBRARY_NAMES[name][1].split()[0].rstrip(":").split(".")
+    target = LIBRARY_NAMES[name].key.split(".")
     cls = Experiment
     for part in target[:-1]:
         cls = model_class(cls.model_fields[part].annotation)
@@ -126,7 +126,7 @@ def test_the_libraries_still_call_their_settings_so() -> None:
         "TRL's ModelConfig": {f.name for f in dataclasses.fields(ModelConfig)},
         "PyTorch's optimizers'": set(inspect.signature(torch.optim.AdamW).parameters),
     }
-    current = {name: whose for name, (whose, _) in LIBRARY_NAMES.items() if not re.search(r" \d|0\.x", whose)}
+    current = {name: n.whose for name, n in LIBRARY_NAMES.items() if not re.search(r" \d|0\.x", n.whose)}
     assert len(current) >= 20
     assert [name for name, whose in current.items() if name not in fields[whose]] == []
 

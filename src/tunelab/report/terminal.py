@@ -81,6 +81,10 @@ def print_starter(starter: Starter, console: Console | None = None) -> None:
         f"{held}), {starter.trains} of {escape(exp.model.id)}, learning rate {exp.train.learning_rate:g}",
         highlight=False,
     )
+    if starter.read_from is not None:
+        console.print(f"read from {escape(str(starter.read_from))}, never run; not read:", highlight=False)
+        for item in starter.unread or ["nothing"]:
+            console.print(f"  {escape(item)}", highlight=False)
     console.print(f"next: tunelab plan {path}   (what trains, counts, memory, the loss mask; no weights load)")
     console.print(f"      tunelab train {path}", highlight=False)
 
