@@ -278,6 +278,9 @@ def starter_from_script(
     read = read_script(script)
     settings = dict(read.settings)
     model = model or read.model
+    files = [_beside(script, f) for f in read.data] if data is None and isinstance(read.data, list) else []
+    if len(files) > 1:  # data_files=[...]: the list, as there
+        settings["data.train"] = [_relative(f, path.parent) for f in files]
     data = data or _beside(script, read.data)
     if model is None or data is None:
         missing = "--model" if model is None else "--data"
@@ -293,6 +296,11 @@ def starter_from_script(
     eval_data = eval_data or _beside(script, read.eval_data)
     starter = write_starter(path, model, data, eval_data, overrides=settings, **flags)
     starter.read_from, starter.unread = script, read.unread + starter.unread
+    if len(files) > 1:  # init read the first file's rows; the run reads them all
+        from tunelab.data import load_file
+
+        exp = starter.exp
+        starter.rows = sum(len(load_file(f, "--data", exp.data, exp.method).rows) for f in files)
     starter.trains = _scope_words(starter.exp.scope)
     return starter
 
@@ -314,7 +322,7 @@ def _scope_words(scope: Scope) -> str:
 
 def _beside(script: Path, data: str | list[str] | None) -> str | None:
     """A data path as the script names it: read from the script's folder where it is there (the script ran from
-    there), else as it is (a hub id); a list of files, its first."""
+    there), else as it is (a hub id); of a list of files, the first (whose rows init reads)."""
     if isinstance(data, list):
         data = data[0] if data else None
     if data is None or Path(data).is_absolute():

@@ -115,3 +115,17 @@ def test_init_from_script_says_what_it_read_and_did_not(tmp_path: Path) -> None:
     out = " ".join(done.stdout.split())
     assert "LoRA r16 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, layers 16-31" in out
     assert "never run; not read: learning_rate (float(sys.argv[1]))" in out
+
+
+def test_a_list_of_data_files_is_the_list_it_trains_on(tmp_path: Path) -> None:
+    path = beside_its_data(tmp_path, "train_lora.py")
+    path.write_text(
+        path.read_text().replace(
+            'DATA_PATH = "data/train.jsonl"', 'DATA_PATH = ["data/train.jsonl", "data/eval.jsonl"]'
+        )
+    )
+    starter = starter_from_script(tmp_path / "exp.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert [Path(f).name for f in exp.data.train] == ["train.jsonl", "eval.jsonl"]
+    lines = [(DATA / f"sft_{n}.jsonl").read_text().count("\n") for n in ("train", "eval")]
+    assert starter.rows == sum(lines)  # both files' rows, as the run reads them
