@@ -112,24 +112,26 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
     if called == "from_pretrained" and re.search(
         r"ForCausalLM|AutoModel\b|ForConditionalGeneration", ast.unparse(call.func)
     ):
-        return _read_model(call, names, read)
+        _read_model(call, names, read)
     elif called == "load_dataset":
-        return _read_data(call, names, read)
+        _read_data(call, names, read)
     elif called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
         read.method = read.method or TRAINERS[called.removesuffix("Trainer")]
-        return None
     elif called == "LoraConfig":
         read.scope = "all-linear"
         _read_settings(call, names, read, "scope.lora", set(LoraScope.model_fields))
+        _left_to_defaults(call, called, read)
     elif called in TRAINING_CONFIGS:
         method = TRAINERS.get(called.removesuffix("Config"))
         if method is not None and called != "TrainingArguments":
             read.method = method
         own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
         _read_settings(call, names, read, "train", set(TrainSettings.model_fields), method, own)
-    else:
-        return
-    # What the script left to the library's defaults ran with those: the installed library's, written out.
+        _left_to_defaults(call, called, read)
+
+
+def _left_to_defaults(call: ast.Call, called: str, read: ScriptRead) -> None:
+    """What the script left to the library's defaults ran with those: the installed library's, written out."""
     given = {k.arg for k in call.keywords}
     for name, value in _library_defaults(called).items():
         if name not in given:

@@ -287,8 +287,8 @@ def starter_from_script(
         raise TunelabError(
             f"{missing}: {script} names no {missing[2:]} this reader can take as written; give {missing}"
         )
-    flags["name"] = flags.get("name") or settings.pop("name", None) or script.stem.replace("_", "-")
-    settings.pop("name", None)
+    named = settings.pop("name", None)  # output_dir's last folder
+    flags["name"] = flags.get("name") or named or script.stem.replace("_", "-")
     flags["method"] = flags.get("method") or read.method
     if flags.get("scope"):  # --scope replaces what the script trains
         settings = {key: value for key, value in settings.items() if not key.startswith("scope.")}
