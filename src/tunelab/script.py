@@ -3,8 +3,11 @@
 A train_lora.py names its base (`from_pretrained("meta-llama/...")`), its data (`load_dataset("json", data_files=...)`),
 its trainer (SFTTrainer, DPOTrainer, ...), where LoRA attaches (`LoraConfig(...)`) or which original weights open
 (`requires_grad = True` on `model.model.layers[-4:]`, the norm, lm_head), and its rhythm (`TrainingArguments(...)` or
-TRL's `SFTConfig(...)`). Those are read where they are literals, or names bound to literals at the top of the
-script; a value computed at run time (`args.lr`) is listed as not read.
+TRL's `SFTConfig(...)`). The QLoRA pattern of published scripts is read too: a `BitsAndBytesConfig(...)` is
+model.quantization, a second `load_dataset` the trainer takes as `eval_dataset` (or `train_test_split(test_size=...)`)
+the eval data, and what TRL's SFTTrainer trains loss on (every token of a chat row unless `assistant_only_loss=True`)
+data.loss_on. Those are read where they are literals, or names bound to literals at the top of the script; a value
+computed at run time (`args.lr`) is listed as not read.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ TRAINERS = {"SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "si
 TRAINING_CONFIGS = {"TrainingArguments", *(f"{k}Config" for k in TRAINERS if k)}
 FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local files
 NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "logging_dir", "run_name"}
+# from_pretrained's keywords that are model settings (torch_dtype and dtype are read as model.dtype).
+MODEL_KEYWORDS = {"attn_implementation", "revision", "trust_remote_code"}
+# BitsAndBytesConfig's 4-bit names and model.quantization's.
+QUANTIZATION = {"bnb_4bit_quant_type": "type", "bnb_4bit_use_double_quant": "double_quant"} | {
+    "bnb_4bit_compute_dtype": "compute_dtype"
+}
 
 
 @dataclass
@@ -35,6 +44,12 @@ class ScriptRead:
     scope: str | None = None  # an init --scope: all-linear where a LoraConfig is, partial-last4, full-ft
     settings: dict[str, Any] = field(default_factory=dict)
     unread: list[str] = field(default_factory=list)
+    split: str | None = None  # load_dataset's split of a hub dataset or folder (init's --split)
+    subset: str | None = None  # and its config (init's --subset)
+    trainer: str | None = None  # the trainer class the script calls
+    # What carries the loss, where the script says: "replies" (assistant_only_loss=True, completion_only_loss=True,
+    # a completion-only collator) or "all" (completion_only_loss=False); None leaves it to the trainer's defaults.
+    loss: str | None = None
 
 
 def read_script(path: Path) -> ScriptRead:
@@ -47,8 +62,12 @@ def read_script(path: Path) -> ScriptRead:
         raise TunelabError(f"--from-script: {path}{where}: not Python this version reads ({e})") from e
     names = _module_literals(tree)
     read = ScriptRead()
+    held_out = _eval_dataset_calls(tree)
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
-        _read_call(call, _called(call), names, read)
+        if _called(call) == "load_dataset":
+            _read_data(call, names, read, held_out=call in held_out)
+        else:
+            _read_call(call, _called(call), names, read)
     if read.scope is None:
         read.scope = _opened_weights(tree, read)
     if "output.dir" in read.settings:  # output_dir names the run: its last folder is the name, the rest the runs'
@@ -61,6 +80,25 @@ def read_script(path: Path) -> ScriptRead:
 def _called(call: ast.Call) -> str:
     f = call.func
     return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+
+
+def _eval_dataset_calls(tree: ast.Module) -> set[ast.Call]:
+    """The load_dataset calls whose rows the trainer evaluates on: bound to the name it takes as eval_dataset
+    (`eval_ds = load_dataset(...)` ... `SFTTrainer(..., eval_dataset=eval_ds)`)."""
+    eval_names = {
+        k.value.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and _called(n).endswith("Trainer")
+        for k in n.keywords
+        if k.arg == "eval_dataset" and isinstance(k.value, ast.Name)
+    }
+    return {
+        call
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and any(isinstance(t, ast.Name) and t.id in eval_names for t in n.targets)
+        for call in ast.walk(n.value)
+        if isinstance(call, ast.Call) and _called(call) == "load_dataset"
+    }
 
 
 def _module_literals(tree: ast.Module) -> dict[str, Any]:
@@ -89,6 +127,9 @@ def _literal(node: ast.expr, names: dict[str, Any]) -> Any:
     if isinstance(node, ast.List | ast.Tuple):
         items = [_literal(e, names) for e in node.elts]
         return _UNREAD if _UNREAD in items else items
+    if isinstance(node, ast.Call) and _called(node) == "dict" and not node.args:  # dict(dtype="bfloat16")
+        items = {k.arg: _literal(k.value, names) for k in node.keywords}
+        return _UNREAD if None in items or _UNREAD in items.values() else items
     if isinstance(node, ast.Call) and node.args and not node.keywords:
         args = [_literal(a, names) for a in node.args]
         if _UNREAD in args:
@@ -113,10 +154,22 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         r"ForCausalLM|AutoModel\b|ForConditionalGeneration", ast.unparse(call.func)
     ):
         _read_model(call, names, read)
-    elif called == "load_dataset":
-        _read_data(call, names, read)
+        _read_quantization(call, names, read)  # from_pretrained(load_in_4bit=True), as transformers 4 took it
     elif called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
-        read.method = read.method or TRAINERS[called.removesuffix("Trainer")]
+        method = TRAINERS[called.removesuffix("Trainer")]
+        read.method, read.trainer = read.method or method, read.trainer or called
+        model = next((k.value for k in call.keywords if k.arg == "model"), call.args[0] if call.args else None)
+        if model is not None and isinstance(model_id := _literal(model, names), str):  # SFTTrainer(model="org/name")
+            read.model = read.model or model_id
+        # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta).
+        own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
+        _read_settings(call, names, read, "train", set(TrainSettings.model_fields), method, own)
+    elif called == "BitsAndBytesConfig":
+        _read_quantization(call, names, read)
+    elif called == "train_test_split":
+        _read_held_out_fraction(call, names, read)
+    elif called == "DataCollatorForCompletionOnlyLM":  # TRL < 0.20's loss on the replies only
+        read.loss = "replies"
     elif called == "LoraConfig":
         read.scope = "all-linear"
         _read_settings(call, names, read, "scope.lora", set(LoraScope.model_fields))
@@ -128,6 +181,58 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
         _read_settings(call, names, read, "train", set(TrainSettings.model_fields), method, own)
         _left_to_defaults(call, called, read)
+        _read_loss(call, names, read)
+
+
+def _read_loss(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+    """SFTConfig's assistant_only_loss / completion_only_loss: what carries the loss, where the script says."""
+    said = {
+        k.arg: _literal(k.value, names)
+        for k in call.keywords
+        if k.arg in ("assistant_only_loss", "completion_only_loss")
+    }
+    if said.get("assistant_only_loss") is True or said.get("completion_only_loss") is True:
+        read.loss = "replies"
+    elif said.get("completion_only_loss") is False:
+        read.loss = "all"
+
+
+def _read_quantization(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+    """BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...) as model.quantization; a 4-bit setting
+    it leaves out is transformers' default, which the script ran with (fp4, no double quantization, float32)."""
+    said = {k.arg: _literal(k.value, names) for k in call.keywords if k.arg}
+    bits = 4 if said.get("load_in_4bit") is True else 8 if said.get("load_in_8bit") is True else None
+    if bits is None:
+        unread = [
+            f"{name} ({ast.unparse(k.value)})"
+            for k in call.keywords
+            if (name := k.arg) in ("load_in_4bit", "load_in_8bit") and said[name] is _UNREAD
+        ]
+        read.unread += unread
+        return
+    read.settings["model.quantization.bits"] = bits
+    if bits == 8:
+        return
+    from transformers import BitsAndBytesConfig
+
+    default = BitsAndBytesConfig(load_in_4bit=True)
+    for name, key in QUANTIZATION.items():
+        value = said.get(name, getattr(default, name))
+        if value is _UNREAD:
+            read.unread.append(f"{name} ({ast.unparse(next(k.value for k in call.keywords if k.arg == name))})")
+        else:  # torch.float32 (transformers' default compute dtype) as "float32"
+            read.settings[f"model.quantization.{key}"] = str(value).removeprefix("torch.")
+
+
+def _read_held_out_fraction(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+    """dataset.train_test_split(test_size=0.1): that fraction held out for eval (data.eval_fraction)."""
+    size = next((k.value for k in call.keywords if k.arg == "test_size"), call.args[0] if call.args else None)
+    value = _literal(size, names) if size is not None else _UNREAD
+    if isinstance(value, float) and 0 < value < 1:
+        read.settings["data.eval_fraction"] = value
+    else:
+        said = ast.unparse(size) if size is not None else "its default"
+        read.unread.append(f"train_test_split's test_size ({said}; tunelab holds out a fraction: data.eval_fraction)")
 
 
 def _left_to_defaults(call: ast.Call, called: str, read: ScriptRead) -> None:
@@ -173,26 +278,55 @@ def _library_defaults(called: str) -> dict[str, Any]:
 
 
 def _read_model(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
-    if call.args and isinstance(model := _literal(call.args[0], names), str):
+    named = next((k.value for k in call.keywords if k.arg == "pretrained_model_name_or_path"), None)
+    given = call.args[0] if call.args else named
+    if given is not None and isinstance(model := _literal(given, names), str):
         read.model = read.model or model
-    elif call.args:
-        read.unread.append(f"the model ({ast.unparse(call.args[0])})")
+    elif given is not None:
+        read.unread.append(f"the model ({ast.unparse(given)})")
     for keyword in call.keywords:
-        if keyword.arg in ("torch_dtype", "dtype") and isinstance(dtype := _literal(keyword.value, names), str):
-            read.settings["model.dtype"] = dtype
+        value = _literal(keyword.value, names)
+        if keyword.arg in ("torch_dtype", "dtype") and isinstance(value, str):
+            read.settings["model.dtype"] = value
+        elif keyword.arg in MODEL_KEYWORDS and value is not _UNREAD:
+            read.settings[f"model.{keyword.arg}"] = value
 
 
-def _read_data(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
-    first = _literal(call.args[0], names) if call.args else _UNREAD
-    files = next((k.value for k in call.keywords if k.arg == "data_files"), None)
-    source = _literal(files, names) if files is not None and first in FILE_BUILDERS else first
+def _read_data(call: ast.Call, names: dict[str, Any], read: ScriptRead, held_out: bool) -> None:
+    """A load_dataset call: its files (the json/csv/parquet builders' data_files) or hub dataset id or folder, with
+    the split and subset it reads. `held_out`: the trainer evaluates on its rows."""
+    said = {k.arg: k.value for k in call.keywords if k.arg}
+    first = _literal(call.args[0], names) if call.args else _literal(said.get("path", ast.Constant(None)), names)
+    files = first in FILE_BUILDERS and "data_files" in said
+    source = _literal(said["data_files"], names) if files else first
+    split = _literal(said["split"], names) if "split" in said else None
+    if isinstance(split, str) and re.fullmatch(r"\w[\w.-]*", split) is None:  # train[:1000], train+validation
+        read.unread.append(
+            f"the split {split!r} (tunelab reads a whole split, or a seeded random part: {{path, split, rows}})"
+        )
+        split = re.match(r"[\w.-]*", split).group() or None
     if isinstance(source, dict):  # data_files={"train": ..., "test": ...}
-        read.data = source.get("train", read.data)
-        read.eval_data = source.get("test", source.get("validation", read.eval_data))
-    elif isinstance(source, str | list) and read.data is None:
-        read.data = source
-    elif source is _UNREAD:
+        if held_out and isinstance(split, str):
+            read.eval_data = source.get(split, read.eval_data)
+        else:
+            read.data = source.get("train", read.data)
+            read.eval_data = source.get("test", source.get("validation", read.eval_data))
+        return
+    if source is _UNREAD or not isinstance(source, str | list):
         read.unread.append(f"the data ({ast.unparse(call)})")
+        return
+    subset = (
+        _literal(call.args[1], names) if len(call.args) > 1 else _literal(said.get("name", ast.Constant(None)), names)
+    )
+    if held_out:
+        read.eval_data = read.eval_data or (source if isinstance(source, str) else None)
+        if not files and isinstance(split, str):
+            read.settings["data.eval_split"] = split
+    elif read.data is None:
+        read.data = source
+        if not files:
+            read.split = split if isinstance(split, str) else None
+            read.subset = subset if isinstance(subset, str) else None
 
 
 def _read_settings(

@@ -13,13 +13,16 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel
 
 from tunelab.config import DataSettings, Experiment, LoraScope, PartialScope, Scope, model_class, validate
 from tunelab.errors import TunelabError
+
+if TYPE_CHECKING:
+    from tunelab.script import ScriptRead
 
 
 # What each --scope writes, and says: the four LoRA variants of train_lora.py, train_partial_ft.py's open weights,
@@ -61,6 +64,7 @@ class Starter:
     trains: str  # what the scope opens, in words
     read_from: Path | None = None  # the training script it was read from (--from-script)
     unread: list[str] = field(default_factory=list)  # what that script computes, or sets to what cannot be
+    notes: list[str] = field(default_factory=list)  # where the file and that script's run differ, or might
 
 
 def _comment(description: str | None) -> str:
@@ -182,10 +186,12 @@ def write_starter(
     as_chat: bool = False,
     subset: str | None = None,
     overrides: dict[str, Any] | None = None,
+    loss_on: dict[str, str] | None = None,
 ) -> Starter:
-    """Write a first experiment file at `path` (never over an existing file) and return what it holds. `settings`:
+    """Write a first experiment file at `path` (never over an existing file) and return what it holds. `overrides`:
     dotted keys set over what init chooses (a training script's, read by tunelab.script); one that does not
-    validate is left out and listed in the Starter's `unread`."""
+    validate is left out and listed in the Starter's `unread`. `loss_on`: data.loss_on by the data's format (what a
+    script's trainer trained loss on, which follows the rows' shape)."""
     from tunelab.data import load_file
 
     if path.exists():
@@ -215,6 +221,8 @@ def write_starter(
         raise TunelabError(as_flags(str(e))) from e
     fmt, rows = loaded.format, loaded.rows
     method = method or METHOD_OF_FORMAT.get(fmt, "sft")
+    if loss_on and fmt in loss_on:
+        overrides = {"data.loss_on": loss_on[fmt]} | (overrides or {})
     from tunelab.scopes import get_scope
 
     chosen, words = SCOPES[scope]
@@ -278,6 +286,9 @@ def starter_from_script(
     read = read_script(script)
     settings = dict(read.settings)
     model = model or read.model
+    if data is None:  # the split and subset of the script's own data
+        flags["split"] = flags.get("split") or read.split
+        flags["subset"] = flags.get("subset") or read.subset
     files = [_beside(script, f) for f in read.data] if data is None and isinstance(read.data, list) else []
     if len(files) > 1:  # data_files=[...]: the list, as there
         settings["data.train"] = [_relative(f, path.parent) for f in files]
@@ -294,8 +305,13 @@ def starter_from_script(
         settings = {key: value for key, value in settings.items() if not key.startswith("scope.")}
     flags["scope"] = flags.get("scope") or read.scope or "all-linear"
     eval_data = eval_data or _beside(script, read.eval_data)
-    starter = write_starter(path, model, data, eval_data, overrides=settings, **flags)
+    if read.loss is not None:
+        settings["data.loss_on"] = read.loss
+    trl_sft = read.trainer == "SFTTrainer" and read.loss is None and flags["method"] in (None, "sft")
+    loss_on = dict.fromkeys(WHOLE_SEQUENCE_FORMATS, "all") if trl_sft else None
+    starter = write_starter(path, model, data, eval_data, overrides=settings, loss_on=loss_on, **flags)
     starter.read_from, starter.unread = script, read.unread + starter.unread
+    starter.notes = _differences(starter.exp, read, trl_sft)
     if len(files) > 1:  # init read the first file's rows; the run reads them all
         from tunelab.data import load_file
 
@@ -303,6 +319,33 @@ def starter_from_script(
         starter.rows = sum(len(load_file(f, "--data", exp.data, exp.method).rows) for f in files)
     starter.trains = _scope_words(starter.exp.scope)
     return starter
+
+
+# The data formats TRL's SFTTrainer trains on every token of, prompts included, unless assistant_only_loss is on: its
+# conversational and language-modeling rows (a prompt-completion row trains on the completion).
+WHOLE_SEQUENCE_FORMATS = ("messages", "conversations")
+
+
+def _differences(exp: Experiment, read: ScriptRead, trl_sft: bool) -> list[str]:
+    """Where the written experiment's run and the script's differ, or where the script's habit is not tunelab's."""
+    notes = []
+    if exp.data.loss_on == "all" and trl_sft:
+        notes.append(
+            "data.loss_on: all, as TRL's SFTTrainer trained the script's chats: every token, prompts and system "
+            "text included (its assistant_only_loss was off); replies trains on the answers only"
+        )
+    script_held_out = read.eval_data is not None or "data.eval_fraction" in read.settings
+    if not script_held_out and exp.data.eval_fraction is not None:
+        notes.append(
+            f"data.eval_fraction: {exp.data.eval_fraction:g} is init's: the script evaluated on no held-out rows, and "
+            f"{exp.data.eval_fraction:.0%} of them no longer train; remove it to train on them all"
+        )
+    elif not script_held_out and exp.data.eval is not None:
+        notes.append(
+            f"data.eval is init's ({exp.data.eval}, split {exp.data.eval_split}): the script evaluated on no "
+            "held-out rows; remove it (and data.eval_split) to do the same"
+        )
+    return notes
 
 
 def _scope_words(scope: Scope) -> str:

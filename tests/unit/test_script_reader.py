@@ -2,15 +2,17 @@
 them) read into experiment files, never run; what they leave out is what the installed libraries default to."""
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, DATA, run_cli
+from tests.conftest import CONFIGS, DATA, dataset_repository, run_cli
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
+from tunelab.script import read_script
 from tunelab.starter import starter_from_script
 
 SCRIPTS = Path(__file__).parents[1] / "fixtures" / "scripts"
@@ -129,3 +131,104 @@ def test_a_list_of_data_files_is_the_list_it_trains_on(tmp_path: Path) -> None:
     assert [Path(f).name for f in exp.data.train] == ["train.jsonl", "eval.jsonl"]
     lines = [(DATA / f"sft_{n}.jsonl").read_text().count("\n") for n in ("train", "eval")]
     assert starter.rows == sum(lines)  # both files' rows, as the run reads them
+
+
+def test_a_qlora_script_is_its_4bit_base_its_eval_file_and_its_loss_on_replies(tmp_path: Path) -> None:
+    starter, exp = read(tmp_path, "train_qlora.py")
+    q = exp.model.quantization
+    assert (q.bits, q.type, q.double_quant, q.compute_dtype) == (4, "nf4", True, "bfloat16")
+    assert (exp.model.dtype, exp.model.attn_implementation) == ("bfloat16", "sdpa")
+    lora = exp.scope.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (64, 16, 0.1, "all-linear")
+    t = exp.train
+    assert (t.batch_size, t.grad_accumulation, t.gradient_checkpointing, t.optimizer) == (
+        2,
+        8,
+        "on",
+        "paged_adamw_32bit",
+    )
+    assert (t.max_grad_norm, t.warmup, t.scheduler, t.max_length) == (0.3, 0.03, "constant", 2048)
+    assert (Path(exp.data.train).name, Path(exp.data.eval).name, exp.data.eval_fraction) == (
+        "train.jsonl",
+        "eval.jsonl",
+        None,
+    )
+    assert exp.data.loss_on == "replies"  # assistant_only_loss=True
+    assert (exp.name, exp.output.dir) == ("llama-3.1-8b-qlora", "checkpoints")
+    assert starter.unread == [] and starter.notes == []  # the script evaluated, and on its replies only
+
+
+def test_a_bitsandbytes_config_that_leaves_settings_out_ran_with_transformers_defaults(tmp_path: Path) -> None:
+    from transformers import BitsAndBytesConfig
+
+    path = beside_its_data(tmp_path, "train_qlora.py")
+    text = path.read_text()
+    start, end = text.index("bnb_config = BitsAndBytesConfig("), text.index("model = AutoModelForCausalLM")
+    path.write_text(text[:start] + "bnb_config = BitsAndBytesConfig(load_in_4bit=True)\n" + text[end:])
+    starter_from_script(tmp_path / "exp.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    q = load_experiment(tmp_path / "exp.yaml").model.quantization
+    default = BitsAndBytesConfig(load_in_4bit=True)
+    assert (q.type, q.double_quant) == (default.bnb_4bit_quant_type, default.bnb_4bit_use_double_quant)
+    assert q.compute_dtype == str(default.bnb_4bit_compute_dtype).removeprefix("torch.")
+    assert q.type != type(q)(bits=4).type  # transformers' fp4, not tunelab's nf4: the script's run, not init's
+    path.write_text(text[:start] + "bnb_config = BitsAndBytesConfig(load_in_8bit=True)\n" + text[end:])
+    starter_from_script(tmp_path / "e8.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    assert load_experiment(tmp_path / "e8.yaml").model.quantization.bits == 8
+
+
+def test_trl_sft_trains_chats_on_every_token_and_prompt_completion_rows_on_the_completion(tmp_path: Path) -> None:
+    from trl import SFTConfig
+
+    sft = defaults(SFTConfig)  # the rule follows TRL's own defaults: both off means the whole chat carries loss
+    assert (sft["assistant_only_loss"], sft["completion_only_loss"]) == (False, None)
+    starter, exp = read(tmp_path, "train_lora.py")  # messages rows, neither setting given
+    assert exp.data.loss_on == "all"
+    assert [n.split(",")[0] for n in starter.notes] == [
+        "data.loss_on: all",
+        "data.eval_fraction: 0.05 is init's: the script evaluated on no held-out rows",
+    ]
+    rows = [{"prompt": "What is the capital of Molo?", "completion": "Tam."}] * 20
+    (tmp_path / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    starter = starter_from_script(
+        tmp_path / "pc.yaml", tmp_path / "train_lora.py", LLAMA, None, None, scope=None, method=None, name=None
+    )
+    assert (starter.data_format, load_experiment(tmp_path / "pc.yaml").data.loss_on) == ("prompt_completion", "replies")
+    script = tmp_path / "train_lora.py"
+    script.write_text(script.read_text().replace("bf16=True,", "bf16=True, completion_only_loss=False,"))
+    starter_from_script(tmp_path / "all.yaml", script, LLAMA, None, None, scope=None, method=None, name=None)
+    assert load_experiment(tmp_path / "all.yaml").data.loss_on == "all"
+
+
+def test_a_hub_dataset_script_reads_its_model_its_splits_and_what_it_slices(tmp_path: Path) -> None:
+    chats = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()]
+    dataset_repository(tmp_path / "ultrachat", {"train_sft": chats[:30], "test_sft": chats[30:40]})
+    script = Path(shutil.copy(SCRIPTS / "sft_hub.py", tmp_path / "sft_hub.py"))
+    assert read_script(script).model == "Qwen/Qwen2.5-0.5B-Instruct"  # SFTTrainer(model="org/name")
+    starter = starter_from_script(tmp_path / "exp.yaml", script, LLAMA, None, None, scope=None, method=None, name=None)
+    d = load_experiment(tmp_path / "exp.yaml").data
+    assert (Path(d.train).name, d.hub_split, Path(d.eval).name, d.eval_split) == (
+        "ultrachat",
+        "train_sft",
+        "ultrachat",
+        "test_sft",
+    )
+    assert starter.rows == 30 and starter.unread == []
+    script.write_text(script.read_text().replace('split="train_sft"', 'split="train_sft[:500]"'))
+    read = read_script(script)
+    assert read.split == "train_sft"
+    assert read.unread == [
+        "the split 'train_sft[:500]' (tunelab reads a whole split, or a seeded random part: {path, split, rows})"
+    ]
+
+
+def test_a_split_held_out_by_train_test_split_is_the_eval_fraction(tmp_path: Path) -> None:
+    path = beside_its_data(tmp_path, "train_lora.py")
+    text = path.read_text().replace('split="train")', 'split="train").train_test_split(test_size=0.1, seed=0)')
+    path.write_text(text)
+    starter = starter_from_script(tmp_path / "exp.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    assert load_experiment(tmp_path / "exp.yaml").data.eval_fraction == 0.1
+    assert not any("eval_fraction" in n for n in starter.notes)
+    path.write_text(text.replace("test_size=0.1", "test_size=200"))
+    assert read_script(path).unread == [
+        "train_test_split's test_size (200; tunelab holds out a fraction: data.eval_fraction)"
+    ]

@@ -85,6 +85,10 @@ def print_starter(starter: Starter, console: Console | None = None) -> None:
         console.print(f"read from {escape(str(starter.read_from))}, never run; not read:", highlight=False)
         for item in starter.unread or ["nothing"]:
             console.print(f"  {escape(item)}", highlight=False)
+        if starter.notes:
+            console.print("as that script ran, and as this file runs:", highlight=False)
+        for note in starter.notes:
+            console.print(f"  {escape(note)}", highlight=False)
     console.print(f"next: tunelab plan {path}   (what trains, counts, memory, the loss mask; no weights load)")
     console.print(f"      tunelab train {path}", highlight=False)
 
