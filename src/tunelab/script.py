@@ -24,6 +24,7 @@ from tunelab.errors import TunelabError
 TRAINERS = {"SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "simpo", "Reward": "reward", "": "sft"}
 TRAINING_CONFIGS = {"TrainingArguments", *(f"{k}Config" for k in TRAINERS if k)}
 FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local files
+HELD_OUT_KEYS = ("test", "validation", "eval", "valid", "dev")  # data_files={"train": ..., "eval": ...}
 NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "logging_dir", "run_name"}
 # from_pretrained's keywords that are model settings (torch_dtype and dtype are read as model.dtype).
 MODEL_KEYWORDS = {"attn_implementation", "revision", "trust_remote_code"}
@@ -170,6 +171,8 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         _read_held_out_fraction(call, names, read)
     elif called == "DataCollatorForCompletionOnlyLM":  # TRL < 0.20's loss on the replies only
         read.loss = "replies"
+    elif called == "DataCollatorForLanguageModeling" and any(k.arg == "mlm" for k in call.keywords):
+        read.loss = read.loss or "all"  # transformers' collator (mlm=False): labels are every token but padding
     elif called == "LoraConfig":
         read.scope = "all-linear"
         _read_settings(call, names, read, "scope.lora", set(LoraScope.model_fields))
@@ -310,7 +313,7 @@ def _read_data(call: ast.Call, names: dict[str, Any], read: ScriptRead, held_out
             read.eval_data = source.get(split, read.eval_data)
         else:
             read.data = source.get("train", read.data)
-            read.eval_data = source.get("test", source.get("validation", read.eval_data))
+            read.eval_data = next((source[k] for k in HELD_OUT_KEYS if k in source), read.eval_data)
         return
     if source is _UNREAD or not isinstance(source, str | list):
         read.unread.append(f"the data ({ast.unparse(call)})")

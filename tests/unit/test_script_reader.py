@@ -232,3 +232,23 @@ def test_a_split_held_out_by_train_test_split_is_the_eval_fraction(tmp_path: Pat
     assert read_script(path).unread == [
         "train_test_split's test_size (200; tunelab holds out a fraction: data.eval_fraction)"
     ]
+
+
+def test_a_trainer_script_that_labels_every_token_and_names_its_eval_file_eval(tmp_path: Path) -> None:
+    beside_its_data(tmp_path, "train_lora.py")
+    script = tmp_path / "train_plain.py"
+    script.write_text(
+        "from datasets import load_dataset\n"
+        "from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments\n"
+        "model = AutoModelForCausalLM.from_pretrained('meta-llama/Llama-3.1-8B-Instruct')\n"
+        "ds = load_dataset('json', data_files={'train': 'data/train.jsonl', 'eval': 'data/eval.jsonl'})\n"
+        "collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)\n"
+        "args = TrainingArguments(output_dir='out/plain', learning_rate=1e-5)\n"
+        "Trainer(model=model, args=args, train_dataset=ds['train'], eval_dataset=ds['eval'], data_collator=collator)\n"
+    )
+    starter = starter_from_script(tmp_path / "exp.yaml", script, LLAMA, None, None, scope=None, method=None, name=None)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert (exp.data.loss_on, Path(exp.data.eval).name, exp.scope.full, exp.train.learning_rate) == (
+        "all", "eval.jsonl", True, 1e-5,
+    )  # fmt: skip
+    assert starter.notes == []  # it said what carries the loss, and evaluated
