@@ -71,6 +71,7 @@ def read_script(path: Path) -> ScriptRead:
             _read_call(call, _called(call), names, read)
     if read.scope is None:
         read.scope = _opened_weights(tree, read)
+    _read_chat_template(tree, names, read)
     if "output.dir" in read.settings:  # output_dir names the run: its last folder is the name, the rest the runs'
         out = Path(str(read.settings.pop("output.dir")))
         read.settings["name"] = out.name
@@ -162,6 +163,11 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         model = next((k.value for k in call.keywords if k.arg == "model"), call.args[0] if call.args else None)
         if model is not None and isinstance(model_id := _literal(model, names), str):  # SFTTrainer(model="org/name")
             read.model = read.model or model_id
+        if any(k.arg == "formatting_func" for k in call.keywords):
+            read.unread.append(
+                "formatting_func (the script writes each row as text its own way; tunelab renders rows with the "
+                "chat template: compare plan's rendered example with the script's)"
+            )
         # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta).
         own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
         _read_settings(call, names, read, "train", set(TrainSettings.model_fields), method, own)
@@ -169,6 +175,11 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         _read_quantization(call, names, read)
     elif called == "train_test_split":
         _read_held_out_fraction(call, names, read)
+    elif called in ("clone_chat_template", "setup_chat_format"):  # TRL's: another model's template, or ChatML
+        read.unread.append(
+            f"the chat template {called} gives ({ast.unparse(call)}); give tokenizer.chat_template (a .jinja file, "
+            "or trl:<name>)"
+        )
     elif called == "DataCollatorForCompletionOnlyLM":  # TRL < 0.20's loss on the replies only
         read.loss = "replies"
     elif called == "DataCollatorForLanguageModeling" and any(k.arg == "mlm" for k in call.keywords):
@@ -365,6 +376,19 @@ def _read_settings(
             read.settings[key] = value
         elif value is True:  # bf16=True: model.dtype bfloat16
             read.settings[key] = substitute
+
+
+def _read_chat_template(tree: ast.Module, names: dict[str, Any], read: ScriptRead) -> None:
+    """`tokenizer.chat_template = "{% for message in messages %}..."`: the template the script trains with."""
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Assign):
+            continue
+        if any(isinstance(t, ast.Attribute) and t.attr == "chat_template" for t in node.targets):
+            value = _literal(node.value, names)
+            if isinstance(value, str):
+                read.settings["tokenizer.chat_template"] = value
+            else:
+                read.unread.append(f"the chat template ({ast.unparse(node.value)})")
 
 
 def _ranges(layers: list[int]) -> list[int | str]:

@@ -252,3 +252,26 @@ def test_a_trainer_script_that_labels_every_token_and_names_its_eval_file_eval(t
         "all", "eval.jsonl", True, 1e-5,
     )  # fmt: skip
     assert starter.notes == []  # it said what carries the loss, and evaluated
+
+
+def test_a_chat_template_the_script_sets_is_the_one_it_trains_with_and_its_own_formatting_is_named(
+    tmp_path: Path,
+) -> None:
+    path = beside_its_data(tmp_path, "train_lora.py")
+    template = (CONFIGS.parent / "chat_models" / "zephyr-7b-beta.jinja").read_text()
+    text = path.read_text().replace(
+        "tokenizer.pad_token = tokenizer.eos_token\n", "tokenizer.chat_template = TEMPLATE\n"
+    )
+    path.write_text(f"TEMPLATE = {template!r}\n" + text)
+    starter_from_script(tmp_path / "exp.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    assert load_experiment(tmp_path / "exp.yaml").tokenizer.chat_template == template
+    path.write_text(
+        text.replace("peft_config=lora_config,", "peft_config=lora_config, formatting_func=to_text,")
+        + "clone_chat_template(model, tokenizer, 'Qwen/Qwen3-0.6B')\n"
+    )
+    unread = read_script(path).unread
+    assert [u.split(" (")[0] for u in unread] == [
+        "formatting_func",
+        "the chat template clone_chat_template gives",
+        "the chat template",
+    ]
