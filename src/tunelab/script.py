@@ -119,6 +119,23 @@ def _module_literals(tree: ast.Module) -> dict[str, Any]:
 _UNREAD = object()
 
 
+@dataclass(frozen=True)
+class Computed:
+    """A setting's value the script computes (`float(sys.argv[1])`), as its text."""
+
+    text: str
+
+
+def _said(call: ast.Call, names: dict[str, Any]) -> dict[str, Any]:
+    """A call's keywords: each literal's value, else what computes it (Computed)."""
+    said = {}
+    for keyword in call.keywords:
+        if keyword.arg is not None:
+            value = _literal(keyword.value, names)
+            said[keyword.arg] = Computed(ast.unparse(keyword.value)) if value is _UNREAD else value
+    return said
+
+
 def _literal(node: ast.expr, names: dict[str, Any]) -> Any:
     """A literal's value, a name bound to one, `list(range(a, b))` (PEFT's layers_to_transform), `torch.bfloat16`,
     or os.path.join of those; else _UNREAD."""
@@ -156,7 +173,7 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         r"ForCausalLM|AutoModel\b|ForConditionalGeneration", ast.unparse(call.func)
     ):
         _read_model(call, names, read)
-        _read_quantization(call, names, read)  # from_pretrained(load_in_4bit=True), as transformers 4 took it
+        quantization_from(_said(call, names), read)  # from_pretrained(load_in_4bit=True), as transformers 4 took it
     elif called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
         method = TRAINERS[called.removesuffix("Trainer")]
         read.method, read.trainer = read.method or method, read.trainer or called
@@ -169,10 +186,9 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
                 "chat template: compare plan's rendered example with the script's)"
             )
         # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta).
-        own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
-        _read_settings(call, names, read, "train", set(TrainSettings.model_fields), method, own)
+        settings_from(_said(call, names), read, method)
     elif called == "BitsAndBytesConfig":
-        _read_quantization(call, names, read)
+        quantization_from(_said(call, names), read)
     elif called == "train_test_split":
         _read_held_out_fraction(call, names, read)
     elif called in ("clone_chat_template", "setup_chat_format"):  # TRL's: another model's template, or ChatML
@@ -186,43 +202,37 @@ def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptR
         read.loss = read.loss or "all"  # transformers' collator (mlm=False): labels are every token but padding
     elif called == "LoraConfig":
         read.scope = "all-linear"
-        _read_settings(call, names, read, "scope.lora", set(LoraScope.model_fields))
-        _left_to_defaults(call, called, read)
+        said = _said(call, names)
+        settings_from(said, read, section="scope.lora")
+        defaults_left_out(set(said), called, read)
     elif called in TRAINING_CONFIGS:
         method = TRAINERS.get(called.removesuffix("Config"))
         if method is not None and called != "TrainingArguments":
             read.method = method
-        own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
-        _read_settings(call, names, read, "train", set(TrainSettings.model_fields), method, own)
-        _left_to_defaults(call, called, read)
-        _read_loss(call, names, read)
+        said = _said(call, names)
+        settings_from(said, read, method)
+        defaults_left_out(set(said), called, read)
+        loss_from(said, read)
 
 
-def _read_loss(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+def loss_from(said: dict[str, Any], read: ScriptRead) -> None:
     """SFTConfig's assistant_only_loss / completion_only_loss: what carries the loss, where the script says."""
-    said = {
-        k.arg: _literal(k.value, names)
-        for k in call.keywords
-        if k.arg in ("assistant_only_loss", "completion_only_loss")
-    }
     if said.get("assistant_only_loss") is True or said.get("completion_only_loss") is True:
         read.loss = "replies"
     elif said.get("completion_only_loss") is False:
         read.loss = "all"
 
 
-def _read_quantization(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+def quantization_from(said: dict[str, Any], read: ScriptRead) -> None:
     """BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", ...) as model.quantization; a 4-bit setting
     it leaves out is transformers' default, which the script ran with (fp4, no double quantization, float32)."""
-    said = {k.arg: _literal(k.value, names) for k in call.keywords if k.arg}
     bits = 4 if said.get("load_in_4bit") is True else 8 if said.get("load_in_8bit") is True else None
     if bits is None:
-        unread = [
-            f"{name} ({ast.unparse(k.value)})"
-            for k in call.keywords
-            if (name := k.arg) in ("load_in_4bit", "load_in_8bit") and said[name] is _UNREAD
+        read.unread += [
+            f"{name} ({value.text})"
+            for name in ("load_in_4bit", "load_in_8bit")
+            if isinstance(value := said.get(name), Computed)
         ]
-        read.unread += unread
         return
     read.settings["model.quantization.bits"] = bits
     if bits == 8:
@@ -232,8 +242,8 @@ def _read_quantization(call: ast.Call, names: dict[str, Any], read: ScriptRead) 
     default = BitsAndBytesConfig(load_in_4bit=True)
     for name, key in QUANTIZATION.items():
         value = said.get(name, getattr(default, name))
-        if value is _UNREAD:
-            read.unread.append(f"{name} ({ast.unparse(next(k.value for k in call.keywords if k.arg == name))})")
+        if isinstance(value, Computed):
+            read.unread.append(f"{name} ({value.text})")
         else:  # torch.float32 (transformers' default compute dtype) as "float32"
             read.settings[f"model.quantization.{key}"] = str(value).removeprefix("torch.")
 
@@ -249,10 +259,9 @@ def _read_held_out_fraction(call: ast.Call, names: dict[str, Any], read: ScriptR
         read.unread.append(f"train_test_split's test_size ({said}; tunelab holds out a fraction: data.eval_fraction)")
 
 
-def _left_to_defaults(call: ast.Call, called: str, read: ScriptRead) -> None:
+def defaults_left_out(given: set[str], config: str, read: ScriptRead) -> None:
     """What the script left to the library's defaults ran with those: the installed library's, written out."""
-    given = {k.arg for k in call.keywords}
-    for name, value in _library_defaults(called).items():
+    for name, value in _library_defaults(config).items():
         if name not in given:
             read.settings.setdefault(_DEFAULTED[name], value)
 
@@ -343,20 +352,13 @@ def _read_data(call: ast.Call, names: dict[str, Any], read: ScriptRead, held_out
             read.subset = subset if isinstance(subset, str) else None
 
 
-def _read_settings(
-    call: ast.Call,
-    names: dict[str, Any],
-    read: ScriptRead,
-    section: str,
-    fields: set[str],
-    method: str | None = None,
-    own: set[str] = frozenset(),
-) -> None:
-    """A config call's keywords as experiment keys: the same name in `section` (or the method's own section), or
-    the key LIBRARY_NAMES gives a library's name."""
-    for keyword in call.keywords:
-        name = keyword.arg
-        if name is None or name in NOT_SETTINGS:
+def settings_from(said: dict[str, Any], read: ScriptRead, method: str | None = None, section: str = "train") -> None:
+    """A config's settings as experiment keys: the same name in `section` (train, or scope.lora), or in the
+    method's own section (dpo.beta), or the key LIBRARY_NAMES gives a library's name."""
+    fields = set((LoraScope if section == "scope.lora" else TrainSettings).model_fields)
+    own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
+    for name, value in said.items():
+        if name in NOT_SETTINGS:
             continue
         substitute = None
         if name in own:
@@ -367,9 +369,8 @@ def _read_settings(
             key, substitute = LIBRARY_NAMES[name].key, LIBRARY_NAMES[name].value
         else:
             continue
-        value = _literal(keyword.value, names)
-        if value is _UNREAD:
-            read.unread.append(f"{name} ({ast.unparse(keyword.value)})")
+        if isinstance(value, Computed):
+            read.unread.append(f"{name} ({value.text})")
         elif key == "scope.lora.layers" and isinstance(value, list) and all(isinstance(i, int) for i in value):
             read.settings[key] = _ranges(value)
         elif substitute is None:
