@@ -96,7 +96,8 @@ def init(
         typer.Option(
             "--from-script",
             help="A training script (train_lora.py) whose model, data, trainer, LoraConfig or opened weights and "
-            "training arguments the file takes; read, never run. The other options override it.",
+            "training arguments the file takes, a TRL recipe (sft.yaml, as `trl sft --config` reads it) or a shell "
+            "script that runs `trl sft ...`; read, never run. The other options override it.",
         ),
     ] = None,
 ) -> None:

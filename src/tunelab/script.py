@@ -72,11 +72,16 @@ def read_script(path: Path) -> ScriptRead:
     if read.scope is None:
         read.scope = _opened_weights(tree, read)
     _read_chat_template(tree, names, read)
-    if "output.dir" in read.settings:  # output_dir names the run: its last folder is the name, the rest the runs'
+    named_by_output(read)
+    return read
+
+
+def named_by_output(read: ScriptRead) -> None:
+    """output_dir names the run: its last folder is the name, the folders above it the runs' folder."""
+    if "output.dir" in read.settings:
         out = Path(str(read.settings.pop("output.dir")))
         read.settings["name"] = out.name
         read.settings["output.dir"] = str(out.parent) if str(out.parent) != "." else "runs"
-    return read
 
 
 def _called(call: ast.Call) -> str:
@@ -245,7 +250,9 @@ def quantization_from(said: dict[str, Any], read: ScriptRead) -> None:
         if isinstance(value, Computed):
             read.unread.append(f"{name} ({value.text})")
         else:  # torch.float32 (transformers' default compute dtype) as "float32"
-            read.settings[f"model.quantization.{key}"] = str(value).removeprefix("torch.")
+            read.settings[f"model.quantization.{key}"] = (
+                str(value).removeprefix("torch.") if key == "compute_dtype" else value
+            )
 
 
 def _read_held_out_fraction(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:

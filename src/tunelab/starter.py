@@ -281,18 +281,24 @@ def starter_from_script(
 ) -> Starter:
     """The experiment a training script defines (tunelab.script reads it, never runs it), written as init writes
     one; --model, --data, --eval and the other flags given override what the script names."""
+    from tunelab.recipe import read_command
     from tunelab.script import read_script
 
-    read = read_script(script)
+    read = read_script(script) if script.suffix == ".py" else read_command(script)  # a .yaml recipe, a .sh
     settings = dict(read.settings)
     model = model or read.model
-    if data is None:  # the split and subset of the script's own data
-        flags["split"] = flags.get("split") or read.split
-        flags["subset"] = flags.get("subset") or read.subset
     files = [_beside(script, f) for f in read.data] if data is None and isinstance(read.data, list) else []
     if len(files) > 1:  # data_files=[...]: the list, as there
         settings["data.train"] = [_relative(f, path.parent) for f in files]
-    data = data or _beside(script, read.data)
+    if data is None and (data := _beside(script, read.data)) is not None:  # the script's data, split and subset
+        if Path(data).is_file() and (read.split or read.subset):
+            named = " and ".join(
+                f"{kind} '{value}'" for kind, value in (("split", read.split), ("subset", read.subset)) if value
+            )
+            read.unread.append(f"the {named} of {data} (a file, which has neither)")
+        else:
+            flags["split"] = flags.get("split") or read.split
+            flags["subset"] = flags.get("subset") or read.subset
     if model is None or data is None:
         missing = "--model" if model is None else "--data"
         raise TunelabError(

@@ -12,6 +12,7 @@ from tests.conftest import CONFIGS, DATA, dataset_repository, run_cli
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
+from tunelab.recipe import read_command
 from tunelab.script import read_script
 from tunelab.starter import starter_from_script
 
@@ -137,6 +138,7 @@ def test_a_qlora_script_is_its_4bit_base_its_eval_file_and_its_loss_on_replies(t
     starter, exp = read(tmp_path, "train_qlora.py")
     q = exp.model.quantization
     assert (q.bits, q.type, q.double_quant, q.compute_dtype) == (4, "nf4", True, "bfloat16")
+    assert "    double_quant: true  #" in (tmp_path / "exp.yaml").read_text()  # a boolean, as written by hand
     assert (exp.model.dtype, exp.model.attn_implementation) == ("bfloat16", "sdpa")
     lora = exp.scope.lora
     assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (64, 16, 0.1, "all-linear")
@@ -275,3 +277,57 @@ def test_a_chat_template_the_script_sets_is_the_one_it_trains_with_and_its_own_f
         "the chat template clone_chat_template gives",
         "the chat template",
     ]
+
+
+def test_a_trl_recipe_is_its_qlora_sft_as_trl_sft_runs_it(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipes" / "llama-3.1-8b" / "sft" / "config_qlora.yaml"
+    recipe.parent.mkdir(parents=True)
+    shutil.copy(SCRIPTS / "recipes" / "llama-3.1-8b" / "sft" / "config_qlora.yaml", recipe)
+    chats = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()]
+    dataset_repository(recipe.parent / "ultrachat", {"train_sft": chats[:30], "test_sft": chats[30:40]})
+    starter = starter_from_script(tmp_path / "exp.yaml", recipe, None, None, None, scope=None, method=None, name=None)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert (exp.model.id, exp.model.dtype, exp.model.attn_implementation, exp.method) == (
+        "meta-llama/Llama-3.1-8B-Instruct", "bfloat16", "sdpa", "sft",
+    )  # fmt: skip
+    q = exp.model.quantization  # TRL's get_quantization_config: its quant type, nested quant, the model's dtype
+    assert (q.bits, q.type, q.double_quant, q.compute_dtype) == (4, "nf4", True, "bfloat16")
+    lora = exp.scope.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (32, 16, 0.1, "all-linear")
+    d = exp.data
+    assert (Path(d.train).name, d.hub_split, Path(d.eval).name, d.eval_split) == (
+        "ultrachat", "train_sft", "ultrachat", "test_sft",
+    )  # fmt: skip
+    t = exp.train
+    assert (t.learning_rate, t.epochs, t.batch_size, t.grad_accumulation, t.max_length) == (2e-4, 1, 4, 2, 2048)
+    assert (t.scheduler, t.warmup, t.gradient_checkpointing, t.seed) == ("cosine", 0.1, "on", 42)
+    assert (exp.name, exp.output.dir, d.loss_on) == ("llama-3.1-8b-sft-qlora", "data", "all")
+    assert starter.unread == [] and [n.split(",")[0] for n in starter.notes] == ["data.loss_on: all"]
+
+
+def test_a_shell_scripts_trl_command_line_is_read_with_trls_defaults_for_what_it_leaves_out(tmp_path: Path) -> None:
+    from trl import DPOConfig, ModelConfig
+
+    pairs = [json.loads(line) for line in (DATA / "pref_train.jsonl").read_text().splitlines()]
+    dataset_repository(tmp_path / "data" / "pairs", {"train": pairs})
+    script = Path(shutil.copy(SCRIPTS / "train_dpo.sh", tmp_path / "train_dpo.sh"))
+    starter = starter_from_script(tmp_path / "exp.yaml", script, LLAMA, None, None, scope=None, method=None, name=None)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    model, dpo = defaults(ModelConfig), defaults(DPOConfig)
+    assert (exp.method, exp.dpo.beta, exp.train.learning_rate) == ("dpo", 0.05, 5e-7)
+    lora = exp.scope.lora  # what --use_peft leaves out is ModelConfig's, which TRL passes to LoraConfig
+    assert (lora.r, lora.alpha, lora.dropout) == (model["lora_r"], model["lora_alpha"], model["lora_dropout"])
+    assert lora.targets == ["q_proj", "v_proj"] and exp.model.dtype == model["dtype"]
+    assert (exp.train.batch_size, exp.train.epochs) == (dpo["per_device_train_batch_size"], dpo["num_train_epochs"])
+    assert (exp.name, exp.output.dir, exp.model.quantization) == ("dpo-qv", "outputs", None)
+    assert starter.unread == ["max_steps ($STEPS)"]
+    flags = "--model_name_or_path m --dataset_name=data/pairs --no-such-flag --use_peft true --lora_target_modules all-linear"
+    script.write_text(f"python trl/scripts/dpo.py --config missing.yaml {flags}\n")
+    read = read_command(script)
+    assert (read.method, read.model, read.data, read.settings["scope.lora.targets"]) == (
+        "dpo", "m", "data/pairs", "all-linear",
+    )  # fmt: skip
+    assert read.unread == ["the recipe missing.yaml (not found beside train_dpo.sh or here)"]
+    script.write_text("echo nothing to train\n")
+    with pytest.raises(TunelabError, match=r"^--from-script: .*train_dpo.sh runs no `trl sft\|dpo\|kto\|reward`"):
+        read_command(script)
