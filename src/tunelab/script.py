@@ -51,6 +51,18 @@ class ScriptRead:
     # What carries the loss, where the script says: "replies" (assistant_only_loss=True, completion_only_loss=True,
     # a completion-only collator) or "all" (completion_only_loss=False); None leaves it to the trainer's defaults.
     loss: str | None = None
+    # The command-line arguments whose defaults settings took (argparse, a dataclass HfArgumentParser reads), by dest.
+    argument_defaults: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Names:
+    """What the script's names stand for: names bound to literals at its top level, and its command-line
+    arguments' defaults by dest (`args.lr` is add_argument("--lr", default=2e-4)'s), with those a setting took."""
+
+    literals: dict[str, Any] = field(default_factory=dict)
+    arguments: dict[str, Any] = field(default_factory=dict)
+    used: dict[str, Any] = field(default_factory=dict)
 
 
 def read_script(path: Path) -> ScriptRead:
@@ -62,6 +74,7 @@ def read_script(path: Path) -> ScriptRead:
         where = f":{e.lineno}" if isinstance(e, SyntaxError) else ""
         raise TunelabError(f"--from-script: {path}{where}: not Python this version reads ({e})") from e
     names = _module_literals(tree)
+    names.arguments = _argument_defaults(tree, names)
     read = ScriptRead()
     held_out = _eval_dataset_calls(tree)
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
@@ -73,6 +86,7 @@ def read_script(path: Path) -> ScriptRead:
         read.scope = _opened_weights(tree, read)
     _read_chat_template(tree, names, read)
     named_by_output(read)
+    read.argument_defaults = names.used
     return read
 
 
@@ -108,17 +122,63 @@ def _eval_dataset_calls(tree: ast.Module) -> set[ast.Call]:
     }
 
 
-def _module_literals(tree: ast.Module) -> dict[str, Any]:
+def _module_literals(tree: ast.Module) -> Names:
     """Names the script binds to literals at its top level (MODEL_ID = "...", LR = 2e-4), the last binding kept."""
-    names: dict[str, Any] = {}
+    names = Names()
     for node in tree.body:
         if isinstance(node, ast.Assign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             value = _literal(node.value, names) if node.value is not None else _UNREAD
             for target in targets:
                 if isinstance(target, ast.Name) and value is not _UNREAD:
-                    names[target.id] = value
+                    names.literals[target.id] = value
     return names
+
+
+def _argument_defaults(tree: ast.Module, names: Names) -> dict[str, Any]:
+    """The defaults of the script's command-line arguments, by the attribute the script reads them as: argparse's
+    `add_argument("--learning_rate", type=float, default=2e-4)` and the fields of a dataclass HfArgumentParser reads
+    (`model_name: str = field(default="...")`). A name two arguments share, with two defaults, is neither's."""
+    found: dict[str, list[Any]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _called(node) == "add_argument":
+            dest, default = _added_argument(node, names)
+            if dest is not None and default is not _UNREAD:
+                found.setdefault(dest, []).append(default)
+        elif isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
+                    value = item.value
+                    if (
+                        isinstance(value, ast.Call) and _called(value) == "field"
+                    ):  # field(default_factory=lambda: [...])
+                        said = {k.arg: k.value for k in value.keywords}
+                        factory = said.get("default_factory")
+                        value = factory.body if isinstance(factory, ast.Lambda) else said.get("default")
+                    default = _literal(value, names) if value is not None else _UNREAD
+                    if default is not _UNREAD:
+                        found.setdefault(item.target.id, []).append(default)
+    return {dest: values[0] for dest, values in found.items() if all(v == values[0] for v in values)}
+
+
+def _added_argument(call: ast.Call, names: Names) -> tuple[str | None, Any]:
+    """add_argument's dest and default, with argparse's own: a string default typed by `type`, store_true's False."""
+    said = {k.arg: k.value for k in call.keywords if k.arg}
+    flags = [a.value for a in call.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    long = next((f for f in flags if f.startswith("--")), flags[0] if flags else None)
+    dest = _literal(said["dest"], names) if "dest" in said else long.lstrip("-").replace("-", "_") if long else None
+    action = _literal(said["action"], names) if "action" in said else None
+    if "default" in said:
+        default = _literal(said["default"], names)
+    else:
+        default = {"store_true": False, "store_false": True}.get(action, _UNREAD)
+    kind = ast.unparse(said["type"]) if "type" in said else None
+    if isinstance(default, str) and kind in ("int", "float"):
+        try:
+            default = int(default) if kind == "int" else float(default)
+        except ValueError:
+            default = _UNREAD
+    return (dest if isinstance(dest, str) else None), default
 
 
 _UNREAD = object()
@@ -131,7 +191,7 @@ class Computed:
     text: str
 
 
-def _said(call: ast.Call, names: dict[str, Any]) -> dict[str, Any]:
+def _said(call: ast.Call, names: Names) -> dict[str, Any]:
     """A call's keywords: each literal's value, else what computes it (Computed)."""
     said = {}
     for keyword in call.keywords:
@@ -141,13 +201,16 @@ def _said(call: ast.Call, names: dict[str, Any]) -> dict[str, Any]:
     return said
 
 
-def _literal(node: ast.expr, names: dict[str, Any]) -> Any:
+def _literal(node: ast.expr, names: Names) -> Any:
     """A literal's value, a name bound to one, `list(range(a, b))` (PEFT's layers_to_transform), `torch.bfloat16`,
     or os.path.join of those; else _UNREAD."""
     if isinstance(node, ast.Name):
-        return names.get(node.id, _UNREAD)
+        return names.literals.get(node.id, _UNREAD)
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch":
         return node.attr  # torch.bfloat16 -> "bfloat16"
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr in names.arguments:
+        names.used[node.attr] = names.arguments[node.attr]  # args.lr: its default, as a run without flags has it
+        return names.arguments[node.attr]
     if isinstance(node, ast.List | ast.Tuple):
         items = [_literal(e, names) for e in node.elts]
         return _UNREAD if _UNREAD in items else items
@@ -173,7 +236,7 @@ def _literal(node: ast.expr, names: dict[str, Any]) -> Any:
         return _UNREAD
 
 
-def _read_call(call: ast.Call, called: str, names: dict[str, Any], read: ScriptRead) -> None:
+def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> None:
     if called == "from_pretrained" and re.search(
         r"ForCausalLM|AutoModel\b|ForConditionalGeneration", ast.unparse(call.func)
     ):
@@ -255,7 +318,7 @@ def quantization_from(said: dict[str, Any], read: ScriptRead) -> None:
             )
 
 
-def _read_held_out_fraction(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+def _read_held_out_fraction(call: ast.Call, names: Names, read: ScriptRead) -> None:
     """dataset.train_test_split(test_size=0.1): that fraction held out for eval (data.eval_fraction)."""
     size = next((k.value for k in call.keywords if k.arg == "test_size"), call.args[0] if call.args else None)
     value = _literal(size, names) if size is not None else _UNREAD
@@ -307,7 +370,7 @@ def _library_defaults(called: str) -> dict[str, Any]:
     return defaults | ({"target_modules": "qv"} if called == "LoraConfig" else {})
 
 
-def _read_model(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None:
+def _read_model(call: ast.Call, names: Names, read: ScriptRead) -> None:
     named = next((k.value for k in call.keywords if k.arg == "pretrained_model_name_or_path"), None)
     given = call.args[0] if call.args else named
     if given is not None and isinstance(model := _literal(given, names), str):
@@ -322,7 +385,7 @@ def _read_model(call: ast.Call, names: dict[str, Any], read: ScriptRead) -> None
             read.settings[f"model.{keyword.arg}"] = value
 
 
-def _read_data(call: ast.Call, names: dict[str, Any], read: ScriptRead, held_out: bool) -> None:
+def _read_data(call: ast.Call, names: Names, read: ScriptRead, held_out: bool) -> None:
     """A load_dataset call: its files (the json/csv/parquet builders' data_files) or hub dataset id or folder, with
     the split and subset it reads. `held_out`: the trainer evaluates on its rows."""
     said = {k.arg: k.value for k in call.keywords if k.arg}
@@ -386,7 +449,7 @@ def settings_from(said: dict[str, Any], read: ScriptRead, method: str | None = N
             read.settings[key] = substitute
 
 
-def _read_chat_template(tree: ast.Module, names: dict[str, Any], read: ScriptRead) -> None:
+def _read_chat_template(tree: ast.Module, names: Names, read: ScriptRead) -> None:
     """`tokenizer.chat_template = "{% for message in messages %}..."`: the template the script trains with."""
     for node in ast.walk(tree):
         if not isinstance(node, ast.Assign):
@@ -424,7 +487,7 @@ def _opened_weights(tree: ast.Module, read: ScriptRead) -> str | None:
         return "full-ft" if read.model else None
     text = ast.unparse(tree)
     starts = [
-        _literal(n.slice.lower, {})
+        _literal(n.slice.lower, Names())
         for n in ast.walk(tree)
         if isinstance(n, ast.Subscript)
         and isinstance(n.slice, ast.Slice)

@@ -335,6 +335,12 @@ WHOLE_SEQUENCE_FORMATS = ("messages", "conversations")
 def _differences(exp: Experiment, read: ScriptRead, trl_sft: bool) -> list[str]:
     """Where the written experiment's run and the script's differ, or where the script's habit is not tunelab's."""
     notes = []
+    if read.argument_defaults:
+        given = ", ".join(f"{dest}={value}" for dest, value in read.argument_defaults.items())
+        notes.append(
+            f"read as the defaults of the script's command line (a run with no flags): {given}; a run given other "
+            "flags trained with those: set them here too"
+        )
     if exp.data.loss_on == "all" and trl_sft:
         notes.append(
             "data.loss_on: all, as TRL's SFTTrainer trained the script's chats: every token, prompts and system "

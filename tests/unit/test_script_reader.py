@@ -331,3 +331,21 @@ def test_a_shell_scripts_trl_command_line_is_read_with_trls_defaults_for_what_it
     script.write_text("echo nothing to train\n")
     with pytest.raises(TunelabError, match=r"^--from-script: .*train_dpo.sh runs no `trl sft\|dpo\|kto\|reward`"):
         read_command(script)
+
+
+def test_a_script_driven_by_its_command_line_is_read_with_the_defaults_a_run_without_flags_has(
+    tmp_path: Path,
+) -> None:
+    starter, exp = read(tmp_path, "train_lora_args.py")
+    assert read_script(tmp_path / "train_lora_args.py").model == "meta-llama/Llama-3.1-8B-Instruct"  # --model_name
+    assert Path(exp.data.train).name == "train.jsonl"
+    t = exp.train  # "1e-4" typed by type=float, as argparse types a string default; --no-pin-memory's store_false
+    assert (t.learning_rate, t.epochs, t.batch_size, t.pin_memory) == (1e-4, 2, 2, "on")
+    lora = exp.scope.lora  # a dataclass's field(default=...), plain defaults and a lambda's list
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (8, 16, 0.1, ["q_proj", "v_proj"])
+    assert starter.unread == [] and starter.trains == "LoRA r8 on q_proj, v_proj"
+    assert (exp.name, exp.output.dir) == ("lora-args", "outputs")
+    assert starter.notes[0].startswith(
+        "read as the defaults of the script's command line (a run with no flags): model_name="
+        "meta-llama/Llama-3.1-8B-Instruct, train_file=data/train.jsonl, lora_r=8, lora_alpha=16, "
+    )

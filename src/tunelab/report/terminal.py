@@ -86,7 +86,7 @@ def print_starter(starter: Starter, console: Console | None = None) -> None:
         for item in starter.unread or ["nothing"]:
             console.print(f"  {escape(item)}", highlight=False)
         if starter.notes:
-            console.print("as that script ran, and as this file runs:", highlight=False)
+            console.print("where this file's run and the script's may differ:", highlight=False)
         for note in starter.notes:
             console.print(f"  {escape(note)}", highlight=False)
     console.print(f"next: tunelab plan {path}   (what trains, counts, memory, the loss mask; no weights load)")
