@@ -75,6 +75,8 @@ def read_script(path: Path) -> ScriptRead:
         raise TunelabError(f"--from-script: {path}{where}: not Python this version reads ({e})") from e
     names = _module_literals(tree)
     names.arguments = _argument_defaults(tree, names)
+    tree = _TakenBranches(names).visit(tree)  # `if args.use_peft:` opens the branch a run with its defaults takes
+    names.literals |= _module_literals(tree).literals
     read = ScriptRead()
     held_out = _eval_dataset_calls(tree)
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
@@ -133,6 +135,21 @@ def _module_literals(tree: ast.Module) -> Names:
                 if isinstance(target, ast.Name) and value is not _UNREAD:
                     names.literals[target.id] = value
     return names
+
+
+class _TakenBranches(ast.NodeTransformer):
+    """The script as a run with its literals and command-line defaults executes it: an `if` whose condition they
+    decide (`if script_args.use_peft:`, default False) is the branch it takes; any other `if` keeps both."""
+
+    def __init__(self, names: Names) -> None:
+        self.names = names
+
+    def visit_If(self, node: ast.If) -> ast.AST | list[ast.stmt]:
+        self.generic_visit(node)
+        taken = _literal(node.test, self.names)
+        if taken is _UNREAD:
+            return node
+        return (node.body if taken else node.orelse) or ast.Pass()
 
 
 def _argument_defaults(tree: ast.Module, names: Names) -> dict[str, Any]:
@@ -214,6 +231,17 @@ def _literal(node: ast.expr, names: Names) -> Any:
     if isinstance(node, ast.List | ast.Tuple):
         items = [_literal(e, names) for e in node.elts]
         return _UNREAD if _UNREAD in items else items
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        value = _literal(node.operand, names)
+        return _UNREAD if value is _UNREAD else not value
+    if isinstance(node, ast.BoolOp):  # a and b, a or b: Python's, where every operand is known
+        values = [_literal(v, names) for v in node.values]
+        if _UNREAD in values:
+            return _UNREAD
+        result = values[0]
+        for value in values[1:]:
+            result = (result and value) if isinstance(node.op, ast.And) else (result or value)
+        return result
     if isinstance(node, ast.Call) and _called(node) == "dict" and not node.args:  # dict(dtype="bfloat16")
         items = {k.arg: _literal(k.value, names) for k in node.keywords}
         return _UNREAD if None in items or _UNREAD in items.values() else items
@@ -428,8 +456,8 @@ def settings_from(said: dict[str, Any], read: ScriptRead, method: str | None = N
     fields = set((LoraScope if section == "scope.lora" else TrainSettings).model_fields)
     own = set(METHOD_SECTIONS[method].model_fields) if method in METHOD_SECTIONS else set()
     for name, value in said.items():
-        if name in NOT_SETTINGS:
-            continue
+        if name in NOT_SETTINGS or (name == "max_steps" and isinstance(value, int) and value <= 0):
+            continue  # max_steps=-1: TrainingArguments' "no limit", its default
         substitute = None
         if name in own:
             key = f"{method}.{name}"

@@ -349,3 +349,32 @@ def test_a_script_driven_by_its_command_line_is_read_with_the_defaults_a_run_wit
         "read as the defaults of the script's command line (a run with no flags): model_name="
         "meta-llama/Llama-3.1-8B-Instruct, train_file=data/train.jsonl, lora_r=8, lora_alpha=16, "
     )
+
+
+def test_a_branch_the_scripts_defaults_decide_is_the_one_read(tmp_path: Path) -> None:
+    """The shape of TRL's early examples/scripts/sft.py: `if script_args.use_peft:` builds the LoraConfig, and
+    use_peft defaults to False, so a run with no flags fine-tunes every weight; load_in_4bit likewise."""
+    beside_its_data(tmp_path, "train_lora.py")
+    script = tmp_path / "sft.py"
+    script.write_text(
+        "from dataclasses import dataclass, field\n"
+        "@dataclass\nclass ScriptArguments:\n"
+        "    model_name: str = field(default='meta-llama/Llama-3.1-8B-Instruct')\n"
+        "    use_peft: bool = field(default=False)\n    load_in_4bit: bool = False\n    max_steps: int = -1\n"
+        "script_args = HfArgumentParser(ScriptArguments).parse_args_into_dataclasses()[0]\n"
+        "if script_args.load_in_4bit and not script_args.use_peft:\n    raise ValueError('4-bit trains adapters')\n"
+        "elif script_args.load_in_4bit:\n    quantization_config = BitsAndBytesConfig(load_in_4bit=True)\n"
+        "model = AutoModelForCausalLM.from_pretrained(script_args.model_name)\n"
+        "dataset = load_dataset('json', data_files='data/train.jsonl', split='train')\n"
+        "args = TrainingArguments(output_dir='out', max_steps=script_args.max_steps)\n"
+        "if script_args.use_peft:\n    peft_config = LoraConfig(r=64)\nelse:\n    peft_config = None\n"
+        "SFTTrainer(model=model, args=args, train_dataset=dataset, peft_config=peft_config).train()\n"
+    )
+    read = read_script(script)
+    assert (read.scope, read.settings.get("scope.lora.r"), read.settings.get("model.quantization.bits")) == (
+        "full-ft", None, None,
+    )  # fmt: skip
+    assert "train.max_steps" not in read.settings  # -1: no limit
+    script.write_text(script.read_text().replace("use_peft: bool = field(default=False)", "use_peft: bool = True"))
+    read = read_script(script)
+    assert (read.scope, read.settings["scope.lora.r"]) == ("all-linear", 64)
