@@ -66,8 +66,9 @@ class Names:
 
 
 def read_script(path: Path) -> ScriptRead:
+    """A training script (.py), or a notebook's code cells (.ipynb), read."""
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        tree = _parsed(_python_text(path), path)
     except FileNotFoundError as e:
         raise TunelabError(f"--from-script: '{path}' not found") from e
     except (SyntaxError, UnicodeDecodeError) as e:
@@ -90,6 +91,41 @@ def read_script(path: Path) -> ScriptRead:
     named_by_output(read)
     read.argument_defaults = names.used
     return read
+
+
+def _python_text(path: Path) -> str:
+    """The script's text; a notebook's code cells one after another, its shell and magic lines (`!pip install
+    ...`, `%env`) `pass` at their place."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".ipynb":
+        import json
+
+        try:
+            cells = json.loads(text)["cells"]
+            sources = [
+                "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
+                for c in cells
+                if c.get("cell_type") == "code"
+            ]
+        except (ValueError, KeyError, TypeError) as e:
+            raise TunelabError(f"--from-script: {path}: not a Jupyter notebook this reader takes ({e})") from e
+        return _without_magics("\n".join(sources))
+    return text
+
+
+def _without_magics(text: str) -> str:
+    return "\n".join(re.sub(r"^(\s*)[!%].*", r"\1pass", line) for line in text.splitlines())
+
+
+def _parsed(text: str, path: Path) -> ast.Module:
+    """The script parsed; one a notebook exported with its `!pip install` lines is parsed without them."""
+    try:
+        return ast.parse(text, filename=str(path))
+    except SyntaxError as e:
+        try:
+            return ast.parse(_without_magics(text), filename=str(path))
+        except SyntaxError:
+            raise e from None
 
 
 def named_by_output(read: ScriptRead) -> None:
@@ -134,6 +170,12 @@ def _module_literals(tree: ast.Module) -> Names:
             for target in targets:
                 if isinstance(target, ast.Name) and value is not _UNREAD:
                     names.literals[target.id] = value
+                elif (
+                    isinstance(target, ast.Tuple) and isinstance(value, list | tuple) and len(value) == len(target.elts)
+                ):
+                    for element, item in zip(target.elts, value, strict=True):  # TRAIN, EVAL = "a.jsonl", "b.jsonl"
+                        if isinstance(element, ast.Name):
+                            names.literals[element.id] = item
     return names
 
 
@@ -231,6 +273,9 @@ def _literal(node: ast.expr, names: Names) -> Any:
     if isinstance(node, ast.List | ast.Tuple):
         items = [_literal(e, names) for e in node.elts]
         return _UNREAD if _UNREAD in items else items
+    if isinstance(node, ast.Dict) and None not in node.keys:  # {"train": TRAIN_FILE, ...}
+        pairs = [(_literal(k, names), _literal(v, names)) for k, v in zip(node.keys, node.values, strict=True)]
+        return _UNREAD if any(_UNREAD in pair for pair in pairs) else dict(pairs)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         value = _literal(node.operand, names)
         return _UNREAD if value is _UNREAD else not value
@@ -287,6 +332,12 @@ def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> N
         quantization_from(_said(call, names), read)
     elif called == "train_test_split":
         _read_held_out_fraction(call, names, read)
+    elif called == "map" and isinstance(call.func, ast.Attribute) and call.args:  # dataset.map(format_row)
+        said = (
+            f"the rows as {ast.unparse(call.args[0])} rewrites them (.map); tunelab reads the rows as stored and "
+            "renders them with the chat template: compare plan's rendered example with the script's"
+        )
+        read.unread += [said] if said not in read.unread else []  # once for the train and eval rows
     elif called in ("clone_chat_template", "setup_chat_format"):  # TRL's: another model's template, or ChatML
         read.unread.append(
             f"the chat template {called} gives ({ast.unparse(call)}); give tokenizer.chat_template (a .jinja file, "

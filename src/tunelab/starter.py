@@ -284,7 +284,8 @@ def starter_from_script(
     from tunelab.recipe import read_command
     from tunelab.script import read_script
 
-    read = read_script(script) if script.suffix == ".py" else read_command(script)  # a .yaml recipe, a .sh
+    python = script.suffix in (".py", ".ipynb")
+    read = read_script(script) if python else read_command(script)  # else a .yaml recipe, a .sh
     settings = dict(read.settings)
     model = model or read.model
     files = [_beside(script, f) for f in read.data] if data is None and isinstance(read.data, list) else []

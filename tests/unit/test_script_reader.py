@@ -243,7 +243,8 @@ def test_a_trainer_script_that_labels_every_token_and_names_its_eval_file_eval(t
         "from datasets import load_dataset\n"
         "from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments\n"
         "model = AutoModelForCausalLM.from_pretrained('meta-llama/Llama-3.1-8B-Instruct')\n"
-        "ds = load_dataset('json', data_files={'train': 'data/train.jsonl', 'eval': 'data/eval.jsonl'})\n"
+        "TRAIN, EVAL = 'data/train.jsonl', 'data/eval.jsonl'\n"
+        "ds = load_dataset('json', data_files={'train': TRAIN, 'eval': EVAL})\n"
         "collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)\n"
         "args = TrainingArguments(output_dir='out/plain', learning_rate=1e-5)\n"
         "Trainer(model=model, args=args, train_dataset=ds['train'], eval_dataset=ds['eval'], data_collator=collator)\n"
@@ -378,3 +379,33 @@ def test_a_branch_the_scripts_defaults_decide_is_the_one_read(tmp_path: Path) ->
     script.write_text(script.read_text().replace("use_peft: bool = field(default=False)", "use_peft: bool = True"))
     read = read_script(script)
     assert (read.scope, read.settings["scope.lora.r"]) == ("all-linear", 64)
+
+
+def test_a_notebook_is_read_from_its_code_cells_past_its_shell_lines(tmp_path: Path) -> None:
+    """A Colab notebook: `!pip install` and `%env` lines beside the code, and rows reformatted by a .map()."""
+    beside_its_data(tmp_path, "train_lora.py")
+    script = (tmp_path / "train_lora.py").read_text()
+    cells = [
+        {"cell_type": "markdown", "source": ["# QLoRA on Llama\n"]},
+        {"cell_type": "code", "source": ["!pip install -q trl peft\n", "%env WANDB_DISABLED=true\n"]},
+        {"cell_type": "code", "source": script.replace("dataset = load", "raw = load").replace(
+            'split="train")', 'split="train")\ndataset = raw.map(to_text, remove_columns=raw.column_names)\nheld = raw.map(to_text)')},
+    ]  # fmt: skip
+    notebook = tmp_path / "train.ipynb"
+    notebook.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    starter = starter_from_script(
+        tmp_path / "exp.yaml", notebook, LLAMA, None, None, scope=None, method=None, name=None
+    )
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert (exp.scope.lora.targets, exp.train.epochs, Path(exp.data.train).name) == (
+        ["q_proj", "v_proj"],
+        3,
+        "train.jsonl",
+    )
+    assert [u.split(" (")[0] for u in starter.unread] == ["the rows as to_text rewrites them"]
+    exported = tmp_path / "exported.py"  # the same code as a .py export keeps it, magics and all
+    exported.write_text("!pip install -q trl\n" + script)
+    assert read_script(exported).settings["scope.lora.targets"] == ["q_proj", "v_proj"]
+    notebook.write_text("{not json")
+    with pytest.raises(TunelabError, match=r"^--from-script: .*train.ipynb: not a Jupyter notebook this reader takes"):
+        read_script(notebook)
