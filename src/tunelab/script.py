@@ -24,10 +24,20 @@ from tunelab.errors import TunelabError
 TRAINERS = {"SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "simpo", "Reward": "reward", "": "sft"}
 TRAINING_CONFIGS = {"TrainingArguments", *(f"{k}Config" for k in TRAINERS if k)}
 FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local files
+GENERIC_OUTPUTS = ("output", "outputs", "out", "results", "checkpoints")  # an output_dir that names no experiment
 HELD_OUT_KEYS = ("test", "validation", "eval", "valid", "dev")  # data_files={"train": ..., "eval": ...}
 NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "logging_dir", "run_name"}
 # from_pretrained's keywords that are model settings (torch_dtype and dtype are read as model.dtype).
 MODEL_KEYWORDS = {"attn_implementation", "revision", "trust_remote_code"}
+# Unsloth's defaults, which a notebook that calls FastLanguageModel ran with where it leaves a setting out: its
+# from_pretrained (unsloth/models/loader.py) and get_peft_model (unsloth/models/llama.py) at unslothai/unsloth
+# 015bdef0d9, and the 4-bit config its loader builds (nf4, double quantization, computing in the model's dtype).
+UNSLOTH_LOADS = {"max_seq_length": 2048, "dtype": None, "load_in_4bit": True, "load_in_8bit": False}
+UNSLOTH_LOADS |= {"full_finetuning": False, "use_gradient_checkpointing": "unsloth"}
+UNSLOTH_LORA = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "random_state": 3407}
+UNSLOTH_LORA |= {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+UNSLOTH_LORA |= {"use_gradient_checkpointing": "unsloth"}
+UNSLOTH = re.compile(r"\bFast(Language|Vision)?Model\b")
 # BitsAndBytesConfig's 4-bit names and model.quantization's.
 QUANTIZATION = {"bnb_4bit_quant_type": "type", "bnb_4bit_use_double_quant": "double_quant"} | {
     "bnb_4bit_compute_dtype": "compute_dtype"
@@ -132,6 +142,9 @@ def named_by_output(read: ScriptRead) -> None:
     """output_dir names the run: its last folder is the name, the folders above it the runs' folder."""
     if "output.dir" in read.settings:
         out = Path(str(read.settings.pop("output.dir")))
+        if str(out.parent) == "." and out.name in GENERIC_OUTPUTS:  # output_dir="outputs": the runs' folder
+            read.settings["output.dir"] = out.name
+            return
         read.settings["name"] = out.name
         read.settings["output.dir"] = str(out.parent) if str(out.parent) != "." else "runs"
 
@@ -315,6 +328,22 @@ def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> N
     ):
         _read_model(call, names, read)
         quantization_from(_said(call, names), read)  # from_pretrained(load_in_4bit=True), as transformers 4 took it
+    elif called == "from_pretrained" and UNSLOTH.search(ast.unparse(call.func)):
+        _read_unsloth_model(call, names, read)
+    elif called == "get_peft_model" and UNSLOTH.search(ast.unparse(call.func)):
+        read.scope = "all-linear"
+        said = UNSLOTH_LORA | _said(call, names)
+        said.pop("max_seq_length", None)  # get_peft_model's is unused; from_pretrained's is the length
+        settings_from(said, read, section="scope.lora")
+        _unsloth_rhythm(said, read)
+    elif called == "train_on_responses_only":  # Unsloth's loss on the replies only
+        read.loss = "replies"
+    elif called == "get_chat_template":  # Unsloth's templates by name
+        named = next((ast.unparse(k.value) for k in call.keywords if k.arg == "chat_template"), "its default")
+        read.unread.append(
+            f"the chat template Unsloth's get_chat_template names ({named}); tunelab keeps the tokenizer's own, or "
+            "give tokenizer.chat_template (a .jinja file, or trl:<name>)"
+        )
     elif called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
         method = TRAINERS[called.removesuffix("Trainer")]
         read.method, read.trainer = read.method or method, read.trainer or called
@@ -449,6 +478,40 @@ def _library_defaults(called: str) -> dict[str, Any]:
     return defaults | ({"target_modules": "qv"} if called == "LoraConfig" else {})
 
 
+def _read_unsloth_model(call: ast.Call, names: Names, read: ScriptRead) -> None:
+    """FastLanguageModel.from_pretrained(model_name=..., max_seq_length=..., load_in_4bit=True): the model, its
+    length, and the 4-bit base Unsloth loads by default (a full fine-tune, full_finetuning=True, loads none)."""
+    said = UNSLOTH_LOADS | _said(call, names)
+    model = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "model_name"), None)
+    if model is not None and isinstance(model_id := _literal(model, names), str):
+        read.model = read.model or model_id
+    elif model is not None:
+        read.unread.append(f"the model ({ast.unparse(model)})")
+    dtype = "auto" if said["dtype"] is None else said["dtype"]  # None: bfloat16 where the GPU has it, else float16
+    settings_from({"max_seq_length": said["max_seq_length"], "torch_dtype": dtype}, read)
+    for name in ("revision", "trust_remote_code"):
+        if name in said and not isinstance(said[name], Computed):
+            read.settings[f"model.{name}"] = said[name]
+    if said["full_finetuning"] is True:
+        read.scope = "full-ft"
+        return
+    quantization_from(
+        {"load_in_4bit": said["load_in_4bit"], "load_in_8bit": said["load_in_8bit"]}
+        | {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": dtype},
+        read,
+    )
+    _unsloth_rhythm(said, read)
+
+
+def _unsloth_rhythm(said: dict[str, Any], read: ScriptRead) -> None:
+    """use_gradient_checkpointing ("unsloth", True or False) and get_peft_model's random_state (the seed)."""
+    checkpointing = said["use_gradient_checkpointing"]
+    if not isinstance(checkpointing, Computed):
+        read.settings["train.gradient_checkpointing"] = "off" if checkpointing is False else "on"
+    if isinstance(said.get("random_state"), int):
+        read.settings.setdefault("train.seed", said["random_state"])
+
+
 def _read_model(call: ast.Call, names: Names, read: ScriptRead) -> None:
     named = next((k.value for k in call.keywords if k.arg == "pretrained_model_name_or_path"), None)
     given = call.args[0] if call.args else named
@@ -518,6 +581,8 @@ def settings_from(said: dict[str, Any], read: ScriptRead, method: str | None = N
             key, substitute = LIBRARY_NAMES[name].key, LIBRARY_NAMES[name].value
         else:
             continue
+        if isinstance(value, Computed) and key == "model.dtype" and re.search(r"b(f|float)16_supported", value.text):
+            continue  # bf16=is_bfloat16_supported(): bfloat16 where the GPU has it, model.dtype auto's rule
         if isinstance(value, Computed):
             read.unread.append(f"{name} ({value.text})")
         elif key == "scope.lora.layers" and isinstance(value, list) and all(isinstance(i, int) for i in value):

@@ -409,3 +409,21 @@ def test_a_notebook_is_read_from_its_code_cells_past_its_shell_lines(tmp_path: P
     notebook.write_text("{not json")
     with pytest.raises(TunelabError, match=r"^--from-script: .*train.ipynb: not a Jupyter notebook this reader takes"):
         read_script(notebook)
+
+
+def test_an_unsloth_notebook_is_its_4bit_base_lora_and_loss_on_replies_with_unsloths_defaults(tmp_path: Path) -> None:
+    from transformers import TrainingArguments
+
+    starter, exp = read(tmp_path, "unsloth_llama31.py")
+    assert read_script(tmp_path / "unsloth_llama31.py").model == "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+    q = exp.model.quantization  # load_in_4bit is Unsloth's default; its loader's nf4, double quant, model dtype
+    assert (q.bits, q.type, q.double_quant, q.compute_dtype, exp.model.dtype) == (4, "nf4", True, "auto", "auto")
+    lora = exp.scope.lora  # lora_dropout 0 and the seed 3407 are get_peft_model's defaults, which it left out
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (16, 16, 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    t = exp.train
+    assert (t.max_length, t.gradient_checkpointing, t.seed, t.optimizer) == (2048, "on", 3407, "adamw_8bit")
+    assert (t.batch_size, t.grad_accumulation, t.warmup, t.weight_decay) == (2, 4, 5, 0.01)
+    assert t.learning_rate == 2e-4 and t.learning_rate != TrainingArguments.learning_rate
+    assert exp.data.loss_on == "replies"  # train_on_responses_only
+    assert [u.split(" (")[0] for u in starter.unread] == ["the chat template Unsloth's get_chat_template names"]
+    assert (exp.name, exp.output.dir) == ("unsloth-llama31", "outputs")  # output_dir="outputs" names no experiment
