@@ -93,9 +93,9 @@ def _recipe(path: Path, where: str) -> dict[str, Any]:
     return recipe
 
 
-def _method_in(words: tuple[str, ...] | list[str]) -> str | None:
-    """The method a path names: recipes/zephyr/dpo/config.yaml, run_sft.py."""
-    for word in reversed([w for part in words for w in re.split(r"[^a-z]+", Path(part).stem.lower())]):
+def _method_in(parts: tuple[str, ...] | list[str]) -> str | None:
+    """The method a path names in its file name or folder: recipes/zephyr/dpo/config.yaml, run_sft.py."""
+    for word in reversed([w for part in parts[-2:] for w in re.split(r"[^a-z]+", Path(part).stem.lower())]):
         if word in METHODS:
             return word
     return None

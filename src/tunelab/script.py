@@ -27,6 +27,12 @@ FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local 
 GENERIC_OUTPUTS = ("output", "outputs", "out", "results", "checkpoints")  # an output_dir that names no experiment
 HELD_OUT_KEYS = ("test", "validation", "eval", "valid", "dev")  # data_files={"train": ..., "eval": ...}
 NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "logging_dir", "run_name"}
+# Settings that change what a run learns and that no experiment key carries: named where a script sets them
+# otherwise than the library's default, since the experiment written trains without them.
+NOT_CARRIED = {"neftune_noise_alpha", "label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon"} | {
+    "lr_scheduler_kwargs", "optim_args", "init_lora_weights", "rank_pattern", "alpha_pattern", "lora_bias",
+    "label_smoothing", "rpo_alpha", "max_prompt_length", "truncation_mode", "loss_weights", "use_weighting",
+}  # fmt: skip
 # from_pretrained's keywords that are model settings (torch_dtype and dtype are read as model.dtype).
 MODEL_KEYWORDS = {"attn_implementation", "revision", "trust_remote_code"}
 # Unsloth's defaults, which a notebook that calls FastLanguageModel ran with where it leaves a setting out: its
@@ -456,6 +462,22 @@ _DEFAULTED = (
 )
 
 
+def _library_default(name: str) -> Any:
+    """The installed libraries' default of a setting by its name (PEFT's LoraConfig, TrainingArguments, TRL's
+    configs); _UNREAD where none of them has it."""
+    import dataclasses
+
+    import peft
+    import transformers
+    import trl
+
+    for config in (peft.LoraConfig, transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig, trl.KTOConfig):
+        field = next((f for f in dataclasses.fields(config) if f.name == name), None)
+        if field is not None:
+            return field.default
+    return _UNREAD
+
+
 def _library_defaults(called: str) -> dict[str, Any]:
     """The installed library's defaults of `called`'s settings in _DEFAULTED (PEFT's target_modules default is the
     model's own, q_proj and v_proj on Llama: the qv preset)."""
@@ -580,6 +602,8 @@ def settings_from(said: dict[str, Any], read: ScriptRead, method: str | None = N
         elif name in LIBRARY_NAMES:
             key, substitute = LIBRARY_NAMES[name].key, LIBRARY_NAMES[name].value
         else:
+            if name in NOT_CARRIED and not isinstance(value, Computed) and value != _library_default(name):
+                read.unread.append(f"{name}={value!r} (no experiment key: the written experiment trains without it)")
             continue
         if isinstance(value, Computed) and key == "model.dtype" and re.search(r"b(f|float)16_supported", value.text):
             continue  # bf16=is_bfloat16_supported(): bfloat16 where the GPU has it, model.dtype auto's rule

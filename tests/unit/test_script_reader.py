@@ -427,3 +427,15 @@ def test_an_unsloth_notebook_is_its_4bit_base_lora_and_loss_on_replies_with_unsl
     assert exp.data.loss_on == "replies"  # train_on_responses_only
     assert [u.split(" (")[0] for u in starter.unread] == ["the chat template Unsloth's get_chat_template names"]
     assert (exp.name, exp.output.dir) == ("unsloth-llama31", "outputs")  # output_dir="outputs" names no experiment
+
+
+def test_a_setting_that_changes_training_and_has_no_key_is_named_unless_it_is_the_librarys_default(
+    tmp_path: Path,
+) -> None:
+    path = beside_its_data(tmp_path, "train_lora.py")
+    text = path.read_text().replace('bias="none",', 'bias="none", init_lora_weights="pissa",')
+    path.write_text(text.replace("bf16=True,", "bf16=True, neftune_noise_alpha=5, adam_beta1=0.9, save_steps=50,"))
+    assert read_script(path).unread == [
+        "init_lora_weights='pissa' (no experiment key: the written experiment trains without it)",
+        "neftune_noise_alpha=5 (no experiment key: the written experiment trains without it)",
+    ]  # adam_beta1=0.9 is TrainingArguments' own default; save_steps has its key
