@@ -117,7 +117,7 @@ def test_init_from_script_says_what_it_read_and_did_not(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     out = " ".join(done.stdout.split())
     assert "LoRA r16 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, layers 16-31" in out
-    assert "never run; not read: learning_rate (float(sys.argv[1]))" in out
+    assert "never run; not carried over: learning_rate (float(sys.argv[1]))" in out
 
 
 def test_a_list_of_data_files_is_the_list_it_trains_on(tmp_path: Path) -> None:

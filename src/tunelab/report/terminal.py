@@ -82,7 +82,7 @@ def print_starter(starter: Starter, console: Console | None = None) -> None:
         highlight=False,
     )
     if starter.read_from is not None:
-        console.print(f"read from {escape(str(starter.read_from))}, never run; not read:", highlight=False)
+        console.print(f"read from {escape(str(starter.read_from))}, never run; not carried over:", highlight=False)
         for item in starter.unread or ["nothing"]:
             console.print(f"  {escape(item)}", highlight=False)
         if starter.notes:
