@@ -439,3 +439,24 @@ def test_a_setting_that_changes_training_and_has_no_key_is_named_unless_it_is_th
         "init_lora_weights='pissa' (no experiment key: the written experiment trains without it)",
         "neftune_noise_alpha=5 (no experiment key: the written experiment trains without it)",
     ]  # adam_beta1=0.9 is TrainingArguments' own default; save_steps has its key
+
+
+def test_a_recipes_dataset_mixture_is_the_list_of_sources_it_trains_on(tmp_path: Path) -> None:
+    chats = [json.loads(line) for line in (DATA / "sft_train.jsonl").read_text().splitlines()]
+    dataset_repository(tmp_path / "general", {"train": chats[:20]})
+    dataset_repository(tmp_path / "code", {"train_sft": chats[20:30]})
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(
+        "model_name_or_path: meta-llama/Llama-3.1-8B-Instruct\n"
+        f"datasets:\n- path: {tmp_path / 'general'}\n  fraction: 0.7\n"
+        f"- path: {tmp_path / 'code'}\n  split: train_sft\n  fraction: 0.3\n"
+        "test_split_size: 0.1\n"
+    )
+    starter = starter_from_script(tmp_path / "exp.yaml", recipe, LLAMA, None, None, scope=None, method=None, name=None)
+    d = load_experiment(tmp_path / "exp.yaml").data
+    assert [(Path(s.path).name, s.split) for s in d.train] == [("general", "train"), ("code", "train_sft")]
+    assert d.eval_fraction == 0.1 and starter.notes[-1].startswith("data.loss_on: all")  # the mixture's held-out part
+    assert [u.split(" (")[0] for u in starter.unread] == [
+        f"fraction 0.7 of {tmp_path / 'general'}",
+        f"fraction 0.3 of {tmp_path / 'code'}",
+    ]
