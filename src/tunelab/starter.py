@@ -286,6 +286,7 @@ def starter_from_script(
 
     python = script.suffix in (".py", ".ipynb")
     read = read_script(script) if python else read_command(script)  # else a .yaml recipe, a .sh
+    data_given = data
     settings = dict(read.settings)
     model = model or read.model
     files = [_beside(script, f) for f in read.data] if data is None and isinstance(read.data, list) else []
@@ -311,7 +312,13 @@ def starter_from_script(
     if flags.get("scope"):  # --scope replaces what the script trains
         settings = {key: value for key, value in settings.items() if not key.startswith("scope.")}
     flags["scope"] = flags.get("scope") or read.scope or "all-linear"
+    given_eval = eval_data
     eval_data = eval_data or _beside(script, read.eval_data)
+    for flag, source, given in (("--data", data, data_given), ("--eval", eval_data, given_eval)):
+        if source is not None and given is None and _missing_file(source):  # a Colab path, another machine's
+            raise TunelabError(
+                f"{flag}: {script.name} reads '{source}', which is not here; give {flag} with where that data is here"
+            )
     if read.loss is not None:
         settings["data.loss_on"] = read.loss
     trl_sft = read.trainer == "SFTTrainer" and read.loss is None and flags["method"] in (None, "sft")
@@ -374,6 +381,12 @@ def _scope_words(scope: Scope) -> str:
         parts = [f"the last {p.last_blocks} blocks" if p.last_blocks else "", "norm" * p.norm, "lm_head" * p.lm_head]
         return ", ".join(part for part in parts if part)
     return "every parameter"
+
+
+def _missing_file(source: str) -> bool:
+    """A data path a script names that is not on this machine: one with a file's suffix, or an absolute or relative
+    path, which is no hub dataset id."""
+    return not Path(source).expanduser().exists() and (Path(source).suffix != "" or source.startswith(("/", ".", "~")))
 
 
 def _beside(script: Path, data: str | list[str] | None) -> str | None:

@@ -460,3 +460,38 @@ def test_a_recipes_dataset_mixture_is_the_list_of_sources_it_trains_on(tmp_path:
         f"fraction 0.7 of {tmp_path / 'general'}",
         f"fraction 0.3 of {tmp_path / 'code'}",
     ]
+
+
+def test_data_a_script_reads_from_another_machine_is_asked_for_in_one_line(tmp_path: Path) -> None:
+    path = beside_its_data(tmp_path, "train_qlora.py")
+    path.write_text(path.read_text().replace('"data/train.jsonl"', '"/content/drive/train.jsonl"'))
+    with pytest.raises(
+        TunelabError,
+        match=r"^--data: train_qlora.py reads '/content/drive/train.jsonl', which is not here; give --data",
+    ):
+        starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    starter_from_script(
+        tmp_path / "e.yaml",
+        path,
+        LLAMA,
+        str(tmp_path / "data" / "train.jsonl"),
+        None,
+        scope=None,
+        method=None,
+        name=None,
+    )
+    assert Path(load_experiment(tmp_path / "e.yaml").data.eval).name == "eval.jsonl"  # still the script's eval file
+    path.write_text(path.read_text().replace('"data/eval.jsonl"', '"/content/drive/eval.jsonl"'))
+    with pytest.raises(
+        TunelabError, match=r"^--eval: train_qlora.py reads '/content/drive/eval.jsonl', which is not here"
+    ):
+        starter_from_script(
+            tmp_path / "e2.yaml",
+            path,
+            LLAMA,
+            str(tmp_path / "data" / "train.jsonl"),
+            None,
+            scope=None,
+            method=None,
+            name=None,
+        )
