@@ -67,6 +67,7 @@ class ScriptRead:
     # What carries the loss, where the script says: "replies" (assistant_only_loss=True, completion_only_loss=True,
     # a completion-only collator) or "all" (completion_only_loss=False); None leaves it to the trainer's defaults.
     loss: str | None = None
+    opens_by: str | None = None  # the rule a script opens weights by, where this reader cannot follow it
     # The command-line arguments whose defaults settings took (argparse, a dataclass HfArgumentParser reads), by dest.
     argument_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -644,14 +645,19 @@ def _ranges(layers: list[int]) -> list[int | str]:
 def _opened_weights(tree: ast.Module, read: ScriptRead) -> str | None:
     """Without a LoraConfig: the original weights a script opens with `requires_grad = True` (or
     `requires_grad_(True)`): the last N blocks of `...layers[-N:]`, the final norm, lm_head."""
-    opens = [
-        n
+    values = [
+        n.value if isinstance(n, ast.Assign) else n.args[0] if n.args else ast.Constant(True)
         for n in ast.walk(tree)
-        if isinstance(n, ast.Assign | ast.Call)
-        and "requires_grad" in ast.unparse(n)
-        and "True" in ast.unparse(n.value if isinstance(n, ast.Assign) else n)
+        if (
+            isinstance(n, ast.Assign)
+            and any(isinstance(t, ast.Attribute) and t.attr == "requires_grad" for t in n.targets)
+        )
+        or (isinstance(n, ast.Call) and _called(n) == "requires_grad_")
     ]
-    if not opens:
+    if not any(isinstance(v, ast.Constant) and v.value is True for v in values):
+        if any(not isinstance(v, ast.Constant) for v in values):  # requires_grad = any(f"layers.{i}." in name ...)
+            read.opens_by = next(f"requires_grad = {ast.unparse(v)}" for v in values if not isinstance(v, ast.Constant))
+            return None
         return "full-ft" if read.model else None
     text = ast.unparse(tree)
     starts = [
@@ -664,8 +670,8 @@ def _opened_weights(tree: ast.Module, read: ScriptRead) -> str | None:
     ]
     last = [-start for start in starts if isinstance(start, int) and start < 0]
     if not last:
-        read.unread.append("which weights open (requires_grad set on weights this reader cannot name)")
-        return "full-ft"
+        read.opens_by = "requires_grad = True on weights this reader cannot name"
+        return None
     read.settings["scope.partial.last_blocks"] = last[0]
     read.settings["scope.partial.norm"] = ".norm." in text or ".norm " in text or "model.norm" in text
     read.settings["scope.partial.lm_head"] = "lm_head" in text

@@ -306,6 +306,11 @@ def starter_from_script(
         raise TunelabError(
             f"{missing}: {script} names no {missing[2:]} this reader can take as written; give {missing}"
         )
+    if read.scope is None and read.opens_by and not flags.get("scope"):
+        raise TunelabError(
+            f"--scope: {script.name} opens weights by a rule this reader does not follow ({read.opens_by}); give "
+            f"--scope ({', '.join(SCOPES)}), then set scope.partial in the file to what it opens"
+        )
     named = settings.pop("name", None)  # output_dir's last folder
     flags["name"] = flags.get("name") or named or script.stem.replace("_", "-")
     flags["method"] = flags.get("method") or read.method

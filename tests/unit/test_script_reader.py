@@ -495,3 +495,22 @@ def test_data_a_script_reads_from_another_machine_is_asked_for_in_one_line(tmp_p
             method=None,
             name=None,
         )
+
+
+def test_weights_opened_by_a_rule_the_reader_cannot_follow_ask_for_the_scope(tmp_path: Path) -> None:
+    path = beside_its_data(tmp_path, "train_partial_ft.py")
+    text = path.read_text()
+    start = text.index("for p in model.parameters():")
+    end = text.index("args = ", start)
+    rule = (
+        "for name, param in model.named_parameters():\n"
+        "    param.requires_grad = any(f'layers.{i}.' in name for i in range(28, 32)) or 'lm_head' in name\n"
+    )
+    path.write_text(text[:start] + rule + text[end:])
+    with pytest.raises(
+        TunelabError,
+        match=r"^--scope: train_partial_ft.py opens weights by a rule this reader does not follow \(requires_grad = any\(",
+    ):
+        starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
+    starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope="partial-last4", method=None, name=None)
+    assert load_experiment(tmp_path / "e.yaml").scope.partial.last_blocks == 4
