@@ -1,13 +1,16 @@
-"""`tunelab init --from-script`: the experiment a training script defines, read from its text, never run.
+"""`tunelab init --from-script`: the experiment a training script (or a notebook's code cells) defines, read from its
+text, never run.
 
 A train_lora.py names its base (`from_pretrained("meta-llama/...")`), its data (`load_dataset("json", data_files=...)`),
 its trainer (SFTTrainer, DPOTrainer, ...), where LoRA attaches (`LoraConfig(...)`) or which original weights open
 (`requires_grad = True` on `model.model.layers[-4:]`, the norm, lm_head), and its rhythm (`TrainingArguments(...)` or
-TRL's `SFTConfig(...)`). The QLoRA pattern of published scripts is read too: a `BitsAndBytesConfig(...)` is
+TRL's `SFTConfig(...)`). The patterns published scripts share read too: a `BitsAndBytesConfig(...)` is
 model.quantization, a second `load_dataset` the trainer takes as `eval_dataset` (or `train_test_split(test_size=...)`)
-the eval data, and what TRL's SFTTrainer trains loss on (every token of a chat row unless `assistant_only_loss=True`)
-data.loss_on. Those are read where they are literals, or names bound to literals at the top of the script; a value
-computed at run time (`args.lr`) is listed as not read.
+the eval data, what TRL's SFTTrainer trains loss on (every token of a chat row unless `assistant_only_loss=True`)
+data.loss_on, and Unsloth's FastLanguageModel its model, 4-bit base and LoRA. Values are read where they are literals,
+names bound to literals at the top of the script, or the defaults of its command-line arguments (`args.lr`: argparse's
+or a dataclass HfArgumentParser reads), which also decide its `if`s; a value computed at run time
+(`float(sys.argv[1])`) is listed as not read. What a script leaves out is the installed library's default.
 """
 
 from __future__ import annotations
