@@ -514,3 +514,18 @@ def test_weights_opened_by_a_rule_the_reader_cannot_follow_ask_for_the_scope(tmp
         starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
     starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope="partial-last4", method=None, name=None)
     assert load_experiment(tmp_path / "e.yaml").scope.partial.last_blocks == 4
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["train_lora.py", "train_lora_last_half.py", "train_partial_ft.py", "train_dpo.py", "train_qlora.py"]
+    + ["train_lora_args.py", "unsloth_llama31.py"],
+)
+def test_every_script_fixture_writes_an_experiment_that_plans_on_llama_31_8b(script: str, tmp_path: Path) -> None:
+    """What init writes from each script is an experiment plan resolves on the mission's model: its scope's
+    modules, counts and memory, from the config alone."""
+    _, exp = read(tmp_path, script)
+    plan = make_plan(exp)
+    assert plan.scope.trainable_params > 0 and plan.model.layers == 32
+    if exp.scope.lora is not None:
+        assert plan.scope.lora_modules and all(".layers." in m for m in plan.scope.lora_modules)
