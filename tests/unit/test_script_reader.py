@@ -470,31 +470,14 @@ def test_data_a_script_reads_from_another_machine_is_asked_for_in_one_line(tmp_p
         match=r"^--data: train_qlora.py reads '/content/drive/train.jsonl', which is not here; give --data",
     ):
         starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
-    starter_from_script(
-        tmp_path / "e.yaml",
-        path,
-        LLAMA,
-        str(tmp_path / "data" / "train.jsonl"),
-        None,
-        scope=None,
-        method=None,
-        name=None,
-    )
+    here = str(tmp_path / "data" / "train.jsonl")
+    starter_from_script(tmp_path / "e.yaml", path, LLAMA, here, None, scope=None, method=None, name=None)
     assert Path(load_experiment(tmp_path / "e.yaml").data.eval).name == "eval.jsonl"  # still the script's eval file
     path.write_text(path.read_text().replace('"data/eval.jsonl"', '"/content/drive/eval.jsonl"'))
     with pytest.raises(
         TunelabError, match=r"^--eval: train_qlora.py reads '/content/drive/eval.jsonl', which is not here"
     ):
-        starter_from_script(
-            tmp_path / "e2.yaml",
-            path,
-            LLAMA,
-            str(tmp_path / "data" / "train.jsonl"),
-            None,
-            scope=None,
-            method=None,
-            name=None,
-        )
+        starter_from_script(tmp_path / "e2.yaml", path, LLAMA, here, None, scope=None, method=None, name=None)
 
 
 def test_weights_opened_by_a_rule_the_reader_cannot_follow_ask_for_the_scope(tmp_path: Path) -> None:
