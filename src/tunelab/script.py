@@ -71,6 +71,7 @@ class ScriptRead:
     # a completion-only collator) or "all" (completion_only_loss=False); None leaves it to the trainer's defaults.
     loss: str | None = None
     opens_by: str | None = None  # the rule a script opens weights by, where this reader cannot follow it
+    trl_parser: bool = False  # it takes its settings from TRL's command line and recipes (TrlParser)
     # The command-line arguments whose defaults settings took (argparse, a dataclass HfArgumentParser reads), by dest.
     argument_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -369,6 +370,8 @@ def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> N
         settings_from(_said(call, names), read, method)
     elif called == "BitsAndBytesConfig":
         quantization_from(_said(call, names), read)
+    elif called == "TrlParser":
+        read.trl_parser = True
     elif called == "train_test_split":
         _read_held_out_fraction(call, names, read)
     elif called == "map" and isinstance(call.func, ast.Attribute) and call.args:  # dataset.map(format_row)

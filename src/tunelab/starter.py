@@ -301,6 +301,11 @@ def starter_from_script(
         else:
             flags["split"] = flags.get("split") or read.split
             flags["subset"] = flags.get("subset") or read.subset
+    if (model is None or data is None) and read.trl_parser:
+        raise TunelabError(
+            f"--from-script: {script.name} takes its settings from TRL's command line (TrlParser); give the recipe "
+            "it ran with (--from-script recipe.yaml) or the shell script that runs it (--from-script train.sh)"
+        )
     if model is None or data is None:
         missing = "--model" if model is None else "--data"
         raise TunelabError(

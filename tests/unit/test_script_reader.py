@@ -512,3 +512,11 @@ def test_every_script_fixture_writes_an_experiment_that_plans_on_llama_31_8b(scr
     assert plan.scope.trainable_params > 0 and plan.model.layers == 32
     if exp.scope.lora is not None:
         assert plan.scope.lora_modules and all(".layers." in m for m in plan.scope.lora_modules)
+
+
+def test_trls_own_scripts_point_to_the_recipe_or_command_line_they_ran_with(tmp_path: Path) -> None:
+    import trl
+
+    script = Path(trl.__file__).parent / "scripts" / "sft.py"  # the installed TRL's, driven by TrlParser
+    with pytest.raises(TunelabError, match=r"^--from-script: sft.py takes its settings from TRL's command line"):
+        starter_from_script(tmp_path / "e.yaml", script, None, None, None, scope=None, method=None, name=None)
