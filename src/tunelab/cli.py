@@ -92,23 +92,27 @@ def init(
         typer.Option("--subset", help="Subset (config) of a folder or hub dataset that has several (main for GSM8K)."),
     ] = None,
     from_script: Annotated[
-        Path | None,
+        list[Path] | None,
         typer.Option(
             "--from-script",
             help="A training script (train_lora.py) whose model, data, trainer, LoraConfig or opened weights and "
             "training arguments the file takes, a TRL recipe (sft.yaml, as `trl sft --config` reads it) or a shell "
-            "script that runs `trl sft ...`; read, never run. The other options override it.",
+            "script that runs `trl sft ...`; read, never run. The other options override it. Given more than once, "
+            "the file is a study: the first script's experiment the base, each script a variant.",
         ),
     ] = None,
 ) -> None:
     """Write a first experiment file for your model and data, every setting spelled out with what it does."""
-    from tunelab.report.terminal import print_starter
-    from tunelab.starter import parse_columns, starter_from_script, write_starter
+    from tunelab.report.terminal import print_starter, print_study_starter
+    from tunelab.starter import parse_columns, starter_from_script, study_from_scripts, write_starter
 
     renames = parse_columns(columns) if columns is not None else None
     flags = {"method": method, "name": name, "split": split, "columns": renames, "as_chat": as_chat, "subset": subset}
-    if from_script is not None:
-        starter = starter_from_script(experiment, from_script, model, data, eval_data, scope=scope, **flags)
+    if from_script and len(from_script) > 1:
+        print_study_starter(study_from_scripts(experiment, from_script, model, data, eval_data, scope=scope, **flags))
+        return
+    if from_script:
+        starter = starter_from_script(experiment, from_script[0], model, data, eval_data, scope=scope, **flags)
     elif model is None or data is None:
         raise TunelabError(f"{'--model' if model is None else '--data'}: missing; give it (or --from-script SCRIPT)")
     else:

@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel
 
-from tunelab.config import DataSettings, Experiment, LoraScope, PartialScope, Scope, model_class, validate
+from tunelab.config import (
+    METHOD_SECTIONS,
+    DataSettings,
+    Experiment,
+    LoraScope,
+    PartialScope,
+    Scope,
+    model_class,
+    validate,
+)
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
@@ -407,3 +416,81 @@ def _beside(script: Path, data: str | list[str] | None) -> str | None:
     if data is None or Path(data).is_absolute():
         return data
     return str(script.parent / data) if (script.parent / data).exists() else data
+
+
+@dataclass
+class StudyStarter:
+    path: Path
+    variants: dict[str, dict[str, Any]]  # each script's experiment as the base's overrides
+    starters: list[Starter]  # each script's experiment, with what it did not carry over
+
+
+def study_from_scripts(
+    path: Path, scripts: list[Path], model: str | None, data: str | None, eval_data: str | None, **flags: Any
+) -> StudyStarter:
+    """The ladder a set of training scripts runs (train_lora.py in its variants, train_partial_ft.py, train_dpo.py),
+    as one study file: the first script's experiment is the base, every script a variant setting what its own
+    experiment changes from it. Each is read as `init --from-script` reads one; the study is checked as `study plan`
+    checks it before it is written."""
+    from tunelab.study import load_study
+
+    if path.exists():
+        raise TunelabError(f"{path}: already exists; give another path (tunelab init never replaces a file)")
+    starters, raws = [], []
+    for i, script in enumerate(scripts):  # beside the study, so data paths are written relative to its folder
+        scratch = path.parent / f".{path.stem}-{i}-{script.stem}.yaml"
+        try:
+            starters.append(starter_from_script(scratch, script, model, data, eval_data, **flags))
+            raws.append(yaml.safe_load(scratch.read_text(encoding="utf-8")))
+        finally:
+            scratch.unlink(missing_ok=True)
+    base = {k: v for k, v in raws[0].items() if k != "output"}  # the study places every variant's run
+    base_values = starters[0].exp.model_dump(mode="json")
+    variants: dict[str, dict[str, Any]] = {}
+    for raw, starter in zip(raws, starters, strict=True):
+        name = raw["name"] if raw["name"] not in variants else f"{raw['name']}-{len(variants) + 1}"
+        mine = {k: v for k, v in raw.items() if k not in ("name", "output")}
+        theirs = {k: v for k, v in base.items() if k != "name"}
+        variants[name] = _overrides(theirs, base_values, mine, starter.exp.model_dump(mode="json"))
+    text = (
+        f"# Written by tunelab init from {', '.join(s.name for s in scripts)}: the first script's experiment is the "
+        "base,\n# each script a variant with what its experiment changes. Check it with: "
+        f"tunelab study plan {path.name}\n"
+        + yaml.safe_dump({"name": path.stem, "base": base, "variants": {n: {"set": s} for n, s in variants.items()}},
+                         sort_keys=False, width=120)
+    )  # fmt: skip
+    scratch = path.parent / f".{path.name}.partial"
+    scratch.write_text(text, encoding="utf-8")
+    try:
+        load_study(scratch)  # every variant resolves, as study plan resolves it
+        with open(path, "x", encoding="utf-8") as f:
+            f.write(text)
+    finally:
+        scratch.unlink(missing_ok=True)
+    return StudyStarter(path, variants, starters)
+
+
+# Sections whose keys are alternatives (a scope is LoRA, partial or full; eval data or an eval fraction): a variant
+# that holds another of them sets the section whole, since setting its keys would keep the base's rival.
+RIVALS = {"scope": ("lora", "partial", "full"), "data": ("eval", "eval_fraction")}
+
+
+def _overrides(base: dict, base_values: dict, variant: dict, values: dict, prefix: str = "") -> dict[str, Any]:
+    """The dotted keys that make the base's experiment into the variant's: each setting either file writes whose
+    value differs between them (`base`/`variant`: as written, `base_values`/`values`: as validated, defaults
+    filled), a section of rivals set whole where the variant holds another rival."""
+    out: dict[str, Any] = {}
+    for key in [*base, *(k for k in variant if k not in base)]:
+        dotted = f"{prefix}{key}"
+        written = variant.get(key)
+        if key in METHOD_SECTIONS and not prefix and written is None:
+            continue  # another method's section gives way by itself in a variant
+        mine, theirs = base.get(key), written
+        rivals = RIVALS.get(dotted, ())
+        if any((r in (mine or {})) != (r in (theirs or {})) for r in rivals):
+            out[dotted] = theirs
+        elif isinstance(values.get(key), dict) and isinstance(mine or theirs, dict):
+            out |= _overrides(mine or {}, base_values.get(key) or {}, theirs or {}, values[key], f"{dotted}.")
+        elif base_values.get(key) != values.get(key):
+            out[dotted] = theirs if theirs is not None else values.get(key)
+    return out

@@ -520,3 +520,45 @@ def test_trls_own_scripts_point_to_the_recipe_or_command_line_they_ran_with(tmp_
     script = Path(trl.__file__).parent / "scripts" / "sft.py"  # the installed TRL's, driven by TrlParser
     with pytest.raises(TunelabError, match=r"^--from-script: sft.py takes its settings from TRL's command line"):
         starter_from_script(tmp_path / "e.yaml", script, None, None, None, scope=None, method=None, name=None)
+
+
+def test_a_set_of_scripts_is_a_study_whose_every_variant_is_the_experiment_its_script_writes(tmp_path: Path) -> None:
+    """The mission's ladder: train_lora.py, its last-half variant, train_partial_ft.py and train_dpo.py as one study;
+    each variant resolves to exactly the experiment `init --from-script` writes from its script alone."""
+    from tunelab.starter import study_from_scripts
+    from tunelab.study import load_study, variant_experiment
+
+    beside_its_data(tmp_path, "train_lora.py")
+    names = ["train_lora.py", "train_lora_last_half.py", "train_partial_ft.py", "train_dpo.py"]
+    scripts = [Path(shutil.copy(SCRIPTS / name, tmp_path / name)) for name in names]
+    flags = {"scope": None, "method": None, "name": None}
+    made = study_from_scripts(tmp_path / "ladder.yaml", scripts, LLAMA, None, None, **flags)
+    study = load_study(tmp_path / "ladder.yaml")
+    assert list(study.spec.variants) == ["lora-qv", "lora-last-half", "partial-ft", "dpo"] == list(made.variants)
+    assert study.spec.variants["lora-qv"].set == {}  # the first script is the base
+    assert "scope" in study.spec.variants["partial-ft"].set  # partial beside LoRA: the scope whole
+
+    def settings(exp) -> dict:
+        return exp.model_dump(mode="json", exclude={"name", "output"})
+
+    for script, variant in zip(scripts, study.spec.variants, strict=True):
+        starter_from_script(tmp_path / f"{script.stem}.yaml", script, LLAMA, None, None, **flags)
+        alone = load_experiment(tmp_path / f"{script.stem}.yaml")
+        assert settings(variant_experiment(study, variant, init_from=None)) == settings(alone), variant
+    (tmp_path / "broken.py").write_text("import trl\n")  # no model: the study fails, and leaves nothing behind
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(TunelabError, match=r"^--model: .*broken.py names no model"):
+        study_from_scripts(tmp_path / "two.yaml", [scripts[0], tmp_path / "broken.py"], None, None, None, **flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_init_from_several_scripts_writes_the_study_and_says_what_each_variant_sets(tmp_path: Path) -> None:
+    beside_its_data(tmp_path, "train_lora.py")
+    shutil.copy(SCRIPTS / "train_partial_ft.py", tmp_path / "train_partial_ft.py")
+    args = ["--from-script", "train_lora.py", "--from-script", "train_partial_ft.py", "--model", LLAMA]
+    done = run_cli("init", "ladder.yaml", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert "wrote ladder.yaml: 2 variants" in out
+    assert "partial-ft (train_partial_ft.py): the last 4 blocks, norm, lm_head; sets model.dtype, scope, " in out
+    assert "next: tunelab study plan ladder.yaml" in out

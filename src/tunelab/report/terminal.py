@@ -15,7 +15,7 @@ from tunelab.methods.common import Batching
 from tunelab.plan import Disk, Plan, SplitStats, human_bytes
 from tunelab.runs import Manifest, resume_hint
 from tunelab.scope import layer_ranges as ranges
-from tunelab.starter import Starter
+from tunelab.starter import Starter, StudyStarter
 
 
 def _console() -> Console:
@@ -91,6 +91,26 @@ def print_starter(starter: Starter, console: Console | None = None) -> None:
             console.print(f"  {escape(note)}", highlight=False)
     console.print(f"next: tunelab plan {path}   (what trains, counts, memory, the loss mask; no weights load)")
     console.print(f"      tunelab train {path}", highlight=False)
+
+
+def print_study_starter(study: StudyStarter, console: Console | None = None) -> None:
+    console = console or Console()
+    path = escape(str(study.path))
+    console.print(
+        f"wrote {path}: {len(study.variants)} variants, one a script, the first script's the base", highlight=False
+    )
+    for (name, overrides), starter in zip(study.variants.items(), study.starters, strict=True):
+        changes = ", ".join(sorted(overrides)) or "the base"
+        console.print(
+            f"  {escape(name)} ({escape(str(starter.read_from))}): {escape(starter.trains)}; sets {escape(changes)}",
+            highlight=False,
+        )
+        for item in starter.unread:
+            console.print(f"    not carried over: {escape(item)}", highlight=False)
+        for note in starter.notes:
+            console.print(f"    note: {escape(note)}", highlight=False)
+    console.print(f"next: tunelab study plan {path}   (every variant's scope, counts and memory)")
+    console.print(f"      tunelab study run {path}", highlight=False)
 
 
 def print_plan(plan: Plan, console: Console | None = None) -> None:
