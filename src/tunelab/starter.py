@@ -472,7 +472,7 @@ def study_from_scripts(
 
 # Sections whose keys are alternatives (a scope is LoRA, partial or full; eval data or an eval fraction): a variant
 # that holds another of them sets the section whole, since setting its keys would keep the base's rival.
-RIVALS = {"scope": ("lora", "partial", "full"), "data": ("eval", "eval_fraction")}
+RIVALS = {"scope": tuple(Scope.model_fields), "data": ("eval", "eval_fraction")}
 
 
 def _overrides(base: dict, base_values: dict, variant: dict, values: dict, prefix: str = "") -> dict[str, Any]:
