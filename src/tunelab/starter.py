@@ -445,13 +445,13 @@ def study_from_scripts(
         finally:
             scratch.unlink(missing_ok=True)
     base = {k: v for k, v in raws[0].items() if k != "output"}  # the study places every variant's run
+    base_settings = {k: v for k, v in base.items() if k != "name"}
     base_values = starters[0].exp.model_dump(mode="json")
     variants: dict[str, dict[str, Any]] = {}
     for raw, starter in zip(raws, starters, strict=True):
         name = raw["name"] if raw["name"] not in variants else f"{raw['name']}-{len(variants) + 1}"
-        mine = {k: v for k, v in raw.items() if k not in ("name", "output")}
-        theirs = {k: v for k, v in base.items() if k != "name"}
-        variants[name] = _overrides(theirs, base_values, mine, starter.exp.model_dump(mode="json"))
+        settings = {k: v for k, v in raw.items() if k not in ("name", "output")}
+        variants[name] = _overrides(base_settings, base_values, settings, starter.exp.model_dump(mode="json"))
     text = (
         f"# Written by tunelab init from {', '.join(s.name for s in scripts)}: the first script's experiment is the "
         "base,\n# each script a variant with what its experiment changes. Check it with: "
@@ -485,12 +485,11 @@ def _overrides(base: dict, base_values: dict, variant: dict, values: dict, prefi
         written = variant.get(key)
         if key in METHOD_SECTIONS and not prefix and written is None:
             continue  # another method's section gives way by itself in a variant
-        mine, theirs = base.get(key), written
-        rivals = RIVALS.get(dotted, ())
-        if any((r in (mine or {})) != (r in (theirs or {})) for r in rivals):
-            out[dotted] = theirs
-        elif isinstance(values.get(key), dict) and isinstance(mine or theirs, dict):
-            out |= _overrides(mine or {}, base_values.get(key) or {}, theirs or {}, values[key], f"{dotted}.")
+        was = base.get(key)
+        if any((r in (was or {})) != (r in (written or {})) for r in RIVALS.get(dotted, ())):
+            out[dotted] = written
+        elif isinstance(values.get(key), dict) and isinstance(was or written, dict):
+            out |= _overrides(was or {}, base_values.get(key) or {}, written or {}, values[key], f"{dotted}.")
         elif base_values.get(key) != values.get(key):
-            out[dotted] = theirs if theirs is not None else values.get(key)
+            out[dotted] = written if written is not None else values.get(key)
     return out
