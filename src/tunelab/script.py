@@ -72,6 +72,7 @@ class ScriptRead:
     loss: str | None = None
     opens_by: str | None = None  # the rule a script opens weights by, where this reader cannot follow it
     trl_parser: bool = False  # it takes its settings from TRL's command line and recipes (TrlParser)
+    output_dir: str | None = None  # where it saves its model, as it names the folder
     # The command-line arguments whose defaults settings took (argparse, a dataclass HfArgumentParser reads), by dest.
     argument_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -153,6 +154,7 @@ def named_by_output(read: ScriptRead) -> None:
     """output_dir names the run: its last folder is the name, the folders above it the runs' folder."""
     if "output.dir" in read.settings:
         out = Path(str(read.settings.pop("output.dir")))
+        read.output_dir = str(out)
         if str(out.parent) == "." and out.name in GENERIC_OUTPUTS:  # output_dir="outputs": the runs' folder
             read.settings["output.dir"] = out.name
             return
@@ -370,6 +372,26 @@ def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> N
         settings_from(_said(call, names), read, method)
     elif called == "BitsAndBytesConfig":
         quantization_from(_said(call, names), read)
+    elif (called == "from_pretrained" and re.search(r"\bPeftModel\b", ast.unparse(call.func))) or (
+        called == "load_adapter"
+    ):  # PeftModel.from_pretrained(model, "outputs/sft"): the adapter a DPO script goes on from
+        given = (
+            call.args[1 if called == "from_pretrained" else 0]
+            if len(call.args) > (called == "from_pretrained")
+            else None
+        )
+        given = given or next((k.value for k in call.keywords if k.arg in ("model_id", "peft_model_id")), None)
+        adapter = _literal(given, names) if given is not None else _UNREAD
+        read.scope = read.scope or "all-linear"  # it trains that adapter: a LoRA scope, the adapter's settings
+        if isinstance(adapter, str):
+            read.settings["init_from"] = adapter
+        elif given is not None:
+            read.unread.append(f"the adapter it starts from ({ast.unparse(given)})")
+    elif called == "merge_and_unload":
+        read.unread.append(
+            "merge_and_unload (the script merges an adapter into the base before it trains; tunelab's init_from "
+            "trains that adapter further)"
+        )
     elif called == "TrlParser":
         read.trl_parser = True
     elif called == "train_test_split":

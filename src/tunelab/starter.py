@@ -74,6 +74,7 @@ class Starter:
     read_from: Path | None = None  # the training script it was read from (--from-script)
     unread: list[str] = field(default_factory=list)  # what that script computes, or sets to what cannot be
     notes: list[str] = field(default_factory=list)  # where the file and that script's run differ, or might
+    saves_to: Path | None = None  # the folder that script saves its model in (its output_dir)
 
 
 def _comment(description: str | None) -> str:
@@ -340,11 +341,14 @@ def starter_from_script(
             )
     if read.loss is not None:
         settings["data.loss_on"] = read.loss
+    if "init_from" in settings and not Path(settings["init_from"]).is_absolute():  # the script's folder's, as data
+        settings["init_from"] = os.path.relpath(script.parent / settings["init_from"], path.parent)
     trl_sft = read.trainer == "SFTTrainer" and read.loss is None and flags["method"] in (None, "sft")
     loss_on = dict.fromkeys(WHOLE_SEQUENCE_FORMATS, "all") if trl_sft else None
     starter = write_starter(path, model, data, eval_data, overrides=settings, loss_on=loss_on, **flags)
     starter.read_from, starter.unread = script, read.unread + starter.unread
     starter.notes = _differences(starter.exp, read, trl_sft)
+    starter.saves_to = (script.parent / read.output_dir).resolve() if read.output_dir else None
     if len(files) > 1:  # init read the first file's rows; the run reads them all
         from tunelab.data import load_file
 
@@ -421,7 +425,7 @@ def _beside(script: Path, data: str | list[str] | None) -> str | None:
 @dataclass
 class StudyStarter:
     path: Path
-    variants: dict[str, dict[str, Any]]  # each script's experiment as the base's overrides
+    variants: dict[str, dict[str, Any]]  # each script's variant: the base's overrides (set), the run it goes on from
     starters: list[Starter]  # each script's experiment, with what it did not carry over
 
 
@@ -444,20 +448,20 @@ def study_from_scripts(
             raws.append(yaml.safe_load(scratch.read_text(encoding="utf-8")))
         finally:
             scratch.unlink(missing_ok=True)
-    base = {k: v for k, v in raws[0].items() if k != "output"}  # the study places every variant's run
+    base = {k: v for k, v in raws[0].items() if k not in ("output", "init_from")}  # the study places each run
     base_settings = {k: v for k, v in base.items() if k != "name"}
     base_values = starters[0].exp.model_dump(mode="json")
     variants: dict[str, dict[str, Any]] = {}
     for raw, starter in zip(raws, starters, strict=True):
         name = raw["name"] if raw["name"] not in variants else f"{raw['name']}-{len(variants) + 1}"
         settings = {k: v for k, v in raw.items() if k not in ("name", "output")}
-        variants[name] = _overrides(base_settings, base_values, settings, starter.exp.model_dump(mode="json"))
+        variants[name] = {"set": _overrides(base_settings, base_values, settings, starter.exp.model_dump(mode="json"))}
+    _after(variants, starters, path.parent)
     text = (
         f"# Written by tunelab init from {', '.join(s.name for s in scripts)}: the first script's experiment is the "
         "base,\n# each script a variant with what its experiment changes. Check it with: "
         f"tunelab study plan {path.name}\n"
-        + yaml.safe_dump({"name": path.stem, "base": base, "variants": {n: {"set": s} for n, s in variants.items()}},
-                         sort_keys=False, width=120)
+        + yaml.safe_dump({"name": path.stem, "base": base, "variants": variants}, sort_keys=False, width=120)
     )  # fmt: skip
     scratch = path.parent / f".{path.name}.partial"
     scratch.write_text(text, encoding="utf-8")
@@ -468,6 +472,25 @@ def study_from_scripts(
     finally:
         scratch.unlink(missing_ok=True)
     return StudyStarter(path, variants, starters)
+
+
+def _after(variants: dict[str, dict[str, Any]], starters: list[Starter], folder: Path) -> None:
+    """A script that goes on from the adapter another script saves (train_dpo.py's PeftModel.from_pretrained of
+    train_lora.py's output_dir) is a variant `after` that one: the study starts it from that variant's run."""
+    saved = {s.saves_to: name for name, s in zip(variants, starters, strict=True) if s.saves_to is not None}
+    for (name, variant), starter in zip(variants.items(), starters, strict=True):
+        start = variant["set"].pop("init_from", None) or starter.exp.init_from
+        if start is None:
+            continue
+        variant["set"].pop("init_from", None)
+        before = saved.get((folder / start).resolve())
+        if before is not None and before != name:
+            variant["after"] = before
+        else:
+            starter.unread.append(
+                f"init_from {start} (a variant of a study starts from another variant's run only, by `after`: "
+                "give the script that saves it too)"
+            )
 
 
 # Sections whose keys are alternatives (a scope is LoRA, partial or full; eval data or an eval fraction): a variant

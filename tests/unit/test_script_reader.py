@@ -562,3 +562,27 @@ def test_init_from_several_scripts_writes_the_study_and_says_what_each_variant_s
     assert "wrote ladder.yaml: 2 variants" in out
     assert "partial-ft (train_partial_ft.py): the last 4 blocks, norm, lm_head; sets model.dtype, scope, " in out
     assert "next: tunelab study plan ladder.yaml" in out
+
+
+def test_a_script_that_goes_on_from_anothers_adapter_is_its_variant_after_it(tmp_path: Path) -> None:
+    """train_dpo.py as many are written: it loads the adapter train_lora.py saved and trains it further with DPO.
+    Alone, init_from is that folder; in a study of both, the DPO variant is `after` the LoRA one."""
+    from tunelab.starter import study_from_scripts
+    from tunelab.study import load_study
+
+    beside_its_data(tmp_path, "train_lora.py")
+    dpo = tmp_path / "train_dpo.py"
+    text = (SCRIPTS / "train_dpo.py").read_text().replace(", peft_config=peft_config", "")
+    dpo.write_text(
+        text.replace(
+            "tokenizer = AutoTokenizer",
+            "model = PeftModel.from_pretrained(model, 'outputs/lora-qv', is_trainable=True)\ntokenizer = AutoTokenizer",
+        )
+    )
+    flags = {"scope": None, "method": None, "name": None}
+    starter_from_script(tmp_path / "dpo.yaml", dpo, LLAMA, None, None, **flags)
+    alone = load_experiment(tmp_path / "dpo.yaml")
+    assert (alone.init_from, alone.scope.lora is not None) == ("outputs/lora-qv", True)  # the adapter, trained on
+    made = study_from_scripts(tmp_path / "ladder.yaml", [tmp_path / "train_lora.py", dpo], LLAMA, None, None, **flags)
+    assert made.variants["dpo"]["after"] == "lora-qv" and "init_from" not in made.variants["dpo"]["set"]
+    assert load_study(tmp_path / "ladder.yaml").spec.variants["dpo"].after == "lora-qv"

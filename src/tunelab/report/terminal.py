@@ -99,10 +99,12 @@ def print_study_starter(study: StudyStarter, console: Console | None = None) -> 
     console.print(
         f"wrote {path}: {len(study.variants)} variants, one a script, the first script's the base", highlight=False
     )
-    for (name, overrides), starter in zip(study.variants.items(), study.starters, strict=True):
-        changes = ", ".join(sorted(overrides)) or "the base"
+    for (name, variant), starter in zip(study.variants.items(), study.starters, strict=True):
+        changes = ", ".join(sorted(variant["set"])) or "the base"
+        after = f", after {variant['after']}" if "after" in variant else ""
         console.print(
-            f"  {escape(name)} ({escape(str(starter.read_from))}): {escape(starter.trains)}; sets {escape(changes)}",
+            f"  {escape(name)} ({escape(str(starter.read_from))}): {escape(starter.trains)}{escape(after)}; sets "
+            f"{escape(changes)}",
             highlight=False,
         )
         for item in starter.unread:
