@@ -76,9 +76,10 @@ def print_starter(starter: Starter, console: Console | None = None) -> None:
     split = f" (split {d.hub_split})" if d.hub_split != "train" else ""
     held = f"eval from {escape(d.eval)}" if d.eval else f"{d.eval_fraction:.0%} held out for eval"
     held += f" (split {d.eval_split})" if d.eval_split else ""
+    quantized = f" ({exp.model.quantization.describe()})" if exp.model.quantization else ""
     console.print(
         f"wrote {path}: {exp.method} on {escape(str(d.train))}{split} ({starter.data_format}, {starter.rows:,} rows, "
-        f"{held}), {starter.trains} of {escape(exp.model.id)}, learning rate {exp.train.learning_rate:g}",
+        f"{held}), {starter.trains} of {escape(exp.model.id)}{quantized}, learning rate {exp.train.learning_rate:g}",
         highlight=False,
     )
     if starter.read_from is not None:
