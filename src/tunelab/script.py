@@ -336,65 +336,108 @@ def _literal(node: ast.expr, names: Names) -> Any:
 
 
 def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> None:
-    if called == "from_pretrained" and re.search(
-        r"ForCausalLM|AutoModel\b|ForConditionalGeneration", ast.unparse(call.func)
-    ):
+    """One call of the script, read by the idioms of the library it belongs to."""
+    func = ast.unparse(call.func)
+    for reader in (_read_unsloth, _read_transformers, _read_peft, _read_trl, _read_datasets):
+        if reader(call, called, func, names, read):
+            return
+
+
+def _read_transformers(call: ast.Call, called: str, func: str, names: Names, read: ScriptRead) -> bool:
+    """The base model (from_pretrained), its 4-bit config, TrainingArguments, the collator labelling every token."""
+    if called == "from_pretrained" and re.search(r"ForCausalLM|AutoModel\b|ForConditionalGeneration", func):
         _read_model(call, names, read)
         quantization_from(_said(call, names), read)  # from_pretrained(load_in_4bit=True), as transformers 4 took it
-    elif called == "from_pretrained" and UNSLOTH.search(ast.unparse(call.func)):
-        _read_unsloth_model(call, names, read)
-    elif called == "get_peft_model" and UNSLOTH.search(ast.unparse(call.func)):
-        read.scope = "all-linear"
-        said = UNSLOTH_LORA | _said(call, names)
-        said.pop("max_seq_length", None)  # get_peft_model's is unused; from_pretrained's is the length
-        settings_from(said, read, section="scope.lora")
-        _unsloth_rhythm(said, read)
-    elif called == "train_on_responses_only":  # Unsloth's loss on the replies only
-        read.loss = "replies"
-    elif called == "get_chat_template":  # Unsloth's templates by name
-        named = next((ast.unparse(k.value) for k in call.keywords if k.arg == "chat_template"), "its default")
-        read.unread.append(
-            f"the chat template Unsloth's get_chat_template names ({named}); tunelab keeps the tokenizer's own, or "
-            "give tokenizer.chat_template (a .jinja file, or trl:<name>)"
-        )
-    elif called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
-        method = TRAINERS[called.removesuffix("Trainer")]
-        read.method, read.trainer = read.method or method, read.trainer or called
-        model = next((k.value for k in call.keywords if k.arg == "model"), call.args[0] if call.args else None)
-        if model is not None and isinstance(model_id := _literal(model, names), str):  # SFTTrainer(model="org/name")
-            read.model = read.model or model_id
-        if any(k.arg == "formatting_func" for k in call.keywords):
-            read.unread.append(
-                "formatting_func (the script writes each row as text its own way; tunelab renders rows with the "
-                "chat template: compare plan's rendered example with the script's)"
-            )
-        # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta).
-        settings_from(_said(call, names), read, method)
     elif called == "BitsAndBytesConfig":
         quantization_from(_said(call, names), read)
-    elif (called == "from_pretrained" and re.search(r"\bPeftModel\b", ast.unparse(call.func))) or (
-        called == "load_adapter"
-    ):  # PeftModel.from_pretrained(model, "outputs/sft"): the adapter a DPO script goes on from
-        given = (
-            call.args[1 if called == "from_pretrained" else 0]
-            if len(call.args) > (called == "from_pretrained")
-            else None
-        )
-        given = given or next((k.value for k in call.keywords if k.arg in ("model_id", "peft_model_id")), None)
-        adapter = _literal(given, names) if given is not None else _UNREAD
-        read.scope = read.scope or "all-linear"  # it trains that adapter: a LoRA scope, the adapter's settings
-        if isinstance(adapter, str):
-            read.settings["init_from"] = adapter
-        elif given is not None:
-            read.unread.append(f"the adapter it starts from ({ast.unparse(given)})")
+    elif called == "TrainingArguments":
+        said = _said(call, names)
+        settings_from(said, read)
+        defaults_left_out(set(said), called, read)
+    elif called == "DataCollatorForLanguageModeling" and any(k.arg == "mlm" for k in call.keywords):
+        read.loss = read.loss or "all"  # transformers' collator (mlm=False): labels are every token but padding
+    else:
+        return False
+    return True
+
+
+def _read_peft(call: ast.Call, called: str, func: str, names: Names, read: ScriptRead) -> bool:
+    """Where LoRA attaches (LoraConfig), and an adapter the script trains further or merges."""
+    if called == "LoraConfig":
+        read.scope = "all-linear"
+        said = _said(call, names)
+        settings_from(said, read, section="scope.lora")
+        defaults_left_out(set(said), called, read)
+    elif (called == "from_pretrained" and re.search(r"\bPeftModel\b", func)) or called == "load_adapter":
+        _read_adapter(call, called, names, read)  # PeftModel.from_pretrained(model, "outputs/sft")
     elif called == "merge_and_unload":
         read.unread.append(
             "merge_and_unload (the script merges an adapter into the base before it trains; tunelab's init_from "
             "trains that adapter further)"
         )
+    else:
+        return False
+    return True
+
+
+def _read_adapter(call: ast.Call, called: str, names: Names, read: ScriptRead) -> None:
+    """The adapter a script loads to train further (a DPO script going on from its SFT adapter): init_from."""
+    position = (
+        1 if called == "from_pretrained" else 0
+    )  # PeftModel.from_pretrained(model, path); model.load_adapter(path)
+    given = call.args[position] if len(call.args) > position else None
+    given = given or next((k.value for k in call.keywords if k.arg in ("model_id", "peft_model_id")), None)
+    read.scope = read.scope or "all-linear"  # it trains that adapter: a LoRA scope, the adapter's settings
+    adapter = _literal(given, names) if given is not None else _UNREAD
+    if isinstance(adapter, str):
+        read.settings["init_from"] = adapter
+    elif given is not None:
+        read.unread.append(f"the adapter it starts from ({ast.unparse(given)})")
+
+
+def _read_trl(call: ast.Call, called: str, func: str, names: Names, read: ScriptRead) -> bool:
+    """The trainer (the method), its config, TRL's own chat-template and loss helpers, and its command-line parser."""
+    if called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
+        _read_trainer(call, called, names, read)
+    elif called in TRAINING_CONFIGS:  # SFTConfig, DPOConfig, ...
+        method = TRAINERS[called.removesuffix("Config")]
+        read.method = method
+        said = _said(call, names)
+        settings_from(said, read, method)
+        defaults_left_out(set(said), called, read)
+        loss_from(said, read)
+    elif called in ("clone_chat_template", "setup_chat_format"):  # another model's template, or ChatML
+        read.unread.append(
+            f"the chat template {called} gives ({ast.unparse(call)}); give tokenizer.chat_template (a .jinja file, "
+            "or trl:<name>)"
+        )
+    elif called == "DataCollatorForCompletionOnlyLM":  # TRL < 0.20's loss on the replies only
+        read.loss = "replies"
     elif called == "TrlParser":
         read.trl_parser = True
-    elif called == "train_test_split":
+    else:
+        return False
+    return True
+
+
+def _read_trainer(call: ast.Call, called: str, names: Names, read: ScriptRead) -> None:
+    method = TRAINERS[called.removesuffix("Trainer")]
+    read.method, read.trainer = read.method or method, read.trainer or called
+    model = next((k.value for k in call.keywords if k.arg == "model"), call.args[0] if call.args else None)
+    if model is not None and isinstance(model_id := _literal(model, names), str):  # SFTTrainer(model="org/name")
+        read.model = read.model or model_id
+    if any(k.arg == "formatting_func" for k in call.keywords):
+        read.unread.append(
+            "formatting_func (the script writes each row as text its own way; tunelab renders rows with the "
+            "chat template: compare plan's rendered example with the script's)"
+        )
+    # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta).
+    settings_from(_said(call, names), read, method)
+
+
+def _read_datasets(call: ast.Call, called: str, func: str, names: Names, read: ScriptRead) -> bool:
+    """A held-out split the script cuts (train_test_split), and rows it rewrites (dataset.map)."""
+    if called == "train_test_split":
         _read_held_out_fraction(call, names, read)
     elif called == "map" and isinstance(call.func, ast.Attribute) and call.args:  # dataset.map(format_row)
         said = (
@@ -402,28 +445,32 @@ def _read_call(call: ast.Call, called: str, names: Names, read: ScriptRead) -> N
             "renders them with the chat template: compare plan's rendered example with the script's"
         )
         read.unread += [said] if said not in read.unread else []  # once for the train and eval rows
-    elif called in ("clone_chat_template", "setup_chat_format"):  # TRL's: another model's template, or ChatML
-        read.unread.append(
-            f"the chat template {called} gives ({ast.unparse(call)}); give tokenizer.chat_template (a .jinja file, "
-            "or trl:<name>)"
-        )
-    elif called == "DataCollatorForCompletionOnlyLM":  # TRL < 0.20's loss on the replies only
-        read.loss = "replies"
-    elif called == "DataCollatorForLanguageModeling" and any(k.arg == "mlm" for k in call.keywords):
-        read.loss = read.loss or "all"  # transformers' collator (mlm=False): labels are every token but padding
-    elif called == "LoraConfig":
+    else:
+        return False
+    return True
+
+
+def _read_unsloth(call: ast.Call, called: str, func: str, names: Names, read: ScriptRead) -> bool:
+    """FastLanguageModel's model and LoRA, with Unsloth's defaults, and its loss and chat-template helpers."""
+    if called == "from_pretrained" and UNSLOTH.search(func):
+        _read_unsloth_model(call, names, read)
+    elif called == "get_peft_model" and UNSLOTH.search(func):
         read.scope = "all-linear"
-        said = _said(call, names)
+        said = UNSLOTH_LORA | _said(call, names)
+        said.pop("max_seq_length", None)  # get_peft_model's is unused; from_pretrained's is the length
         settings_from(said, read, section="scope.lora")
-        defaults_left_out(set(said), called, read)
-    elif called in TRAINING_CONFIGS:
-        method = TRAINERS.get(called.removesuffix("Config"))
-        if method is not None and called != "TrainingArguments":
-            read.method = method
-        said = _said(call, names)
-        settings_from(said, read, method)
-        defaults_left_out(set(said), called, read)
-        loss_from(said, read)
+        _unsloth_rhythm(said, read)
+    elif called == "train_on_responses_only":  # the loss on the replies only
+        read.loss = "replies"
+    elif called == "get_chat_template":  # Unsloth's templates by name
+        named = next((ast.unparse(k.value) for k in call.keywords if k.arg == "chat_template"), "its default")
+        read.unread.append(
+            f"the chat template Unsloth's get_chat_template names ({named}); tunelab keeps the tokenizer's own, or "
+            "give tokenizer.chat_template (a .jinja file, or trl:<name>)"
+        )
+    else:
+        return False
+    return True
 
 
 def loss_from(said: dict[str, Any], read: ScriptRead) -> None:
