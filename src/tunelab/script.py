@@ -25,7 +25,7 @@ from tunelab.config import LIBRARY_NAMES, METHOD_SECTIONS, LoraScope, TrainSetti
 from tunelab.errors import TunelabError
 
 TRAINERS = {"SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "simpo", "Reward": "reward", "": "sft"}
-TRAINING_CONFIGS = {"TrainingArguments", *(f"{k}Config" for k in TRAINERS if k)}
+TRL_CONFIGS = {f"{k}Config" for k in TRAINERS if k}  # SFTConfig, DPOConfig, ...: the method they configure
 FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local files
 GENERIC_OUTPUTS = ("output", "outputs", "out", "results", "checkpoints")  # an output_dir that names no experiment
 HELD_OUT_KEYS = ("test", "validation", "eval", "valid", "dev")  # data_files={"train": ..., "eval": ...}
@@ -399,7 +399,7 @@ def _read_trl(call: ast.Call, called: str, func: str, names: Names, read: Script
     """The trainer (the method), its config, TRL's own chat-template and loss helpers, and its command-line parser."""
     if called.endswith("Trainer") and called.removesuffix("Trainer") in TRAINERS:
         _read_trainer(call, called, names, read)
-    elif called in TRAINING_CONFIGS:  # SFTConfig, DPOConfig, ...
+    elif called in TRL_CONFIGS:
         method = TRAINERS[called.removesuffix("Config")]
         read.method = method
         said = _said(call, names)
