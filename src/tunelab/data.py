@@ -368,12 +368,16 @@ def read_records(
     return _read_with_datasets(source, split, key, revision, split_key, subset)
 
 
+def written_as_path(source: str) -> bool:
+    """A data source written as a file path (a suffix, or a path from /, . or ~), which no hub dataset id is."""
+    return Path(source).suffix != "" or source.startswith(("/", ".", "~"))
+
+
 def _refuse_missing(source: str, key: str, relative_to: str) -> None:
     """A source that is neither a file, a folder nor shaped as a hub id (owner/name) is a file that is missing.
     `relative_to`: where a relative path was read from, said when the path is relative."""
     path = Path(source)
-    looks_like_file = path.suffix != "" or source.startswith(("/", ".", "~"))
-    if not path.exists() and (looks_like_file or source.count("/") != 1):
+    if not path.exists() and (written_as_path(source) or source.count("/") != 1):
         where = "" if path.expanduser().is_absolute() else f" (a relative path is read from {relative_to})"
         raise ConfigError(f"{key}: data file '{source}' not found{where}")
 

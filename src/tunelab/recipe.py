@@ -11,7 +11,6 @@ command ran with: ModelConfig's dtype float32, lora_r 16 and lora_alpha 32; SFTC
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shlex
 from pathlib import Path
@@ -24,6 +23,7 @@ from tunelab.script import (
     TRAINERS,
     Computed,
     ScriptRead,
+    config_defaults,
     defaults_left_out,
     loss_from,
     named_by_output,
@@ -158,8 +158,7 @@ def _typed(text: str) -> Any:
 def _defaults(name: str) -> dict[str, Any]:
     import trl
 
-    config = getattr(trl, name)
-    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+    return config_defaults(getattr(trl, name))
 
 
 def _read_settings(settings: dict[str, Any], method: str | None) -> ScriptRead:

@@ -37,7 +37,7 @@ NOT_CARRIED = {"neftune_noise_alpha", "label_smoothing_factor", "adam_beta1", "a
     "label_smoothing", "rpo_alpha", "max_prompt_length", "truncation_mode", "loss_weights", "use_weighting",
 }  # fmt: skip
 # from_pretrained's keywords that are model settings (torch_dtype and dtype are read as model.dtype).
-MODEL_KEYWORDS = {"attn_implementation", "revision", "trust_remote_code"}
+MODEL_KEYWORDS = ("attn_implementation", "revision", "trust_remote_code")
 # Unsloth's defaults, which a notebook that calls FastLanguageModel ran with where it leaves a setting out: its
 # from_pretrained (unsloth/models/loader.py) and get_peft_model (unsloth/models/llama.py) at unslothai/unsloth
 # 015bdef0d9, and the 4-bit config its loader builds (nf4, double quantization, computing in the model's dtype).
@@ -538,27 +538,30 @@ _DEFAULTED = (
 )
 
 
-def _library_default(name: str) -> Any:
-    """The installed libraries' default of a setting by its name (PEFT's LoraConfig, TrainingArguments, TRL's
-    configs); _UNREAD where none of them has it."""
+def config_defaults(config: type) -> dict[str, Any]:
+    """A library config dataclass's settings that have a default value, and that value."""
     import dataclasses
 
+    return {f.name: f.default for f in dataclasses.fields(config) if f.default is not dataclasses.MISSING}
+
+
+def _library_default(name: str) -> Any:
+    """The installed libraries' default of a setting by its name (PEFT's LoraConfig, TrainingArguments, TRL's
+    configs); _UNREAD where none of them gives it one."""
     import peft
     import transformers
     import trl
 
     for config in (peft.LoraConfig, transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig, trl.KTOConfig):
-        field = next((f for f in dataclasses.fields(config) if f.name == name), None)
-        if field is not None:
-            return field.default
+        defaults = config_defaults(config)
+        if name in defaults:
+            return defaults[name]
     return _UNREAD
 
 
 def _library_defaults(called: str) -> dict[str, Any]:
     """The installed library's defaults of `called`'s settings in _DEFAULTED (PEFT's target_modules default is the
     model's own, q_proj and v_proj on Llama: the qv preset)."""
-    import dataclasses
-
     if called == "LoraConfig":
         from peft import LoraConfig as config
     else:
@@ -568,11 +571,7 @@ def _library_defaults(called: str) -> dict[str, Any]:
         config = getattr(trl, called, None) or getattr(transformers, called, None)
         if config is None:  # an experimental trainer's config (ORPO, CPO): its defaults are not read
             return {}
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(config)
-        if f.name in _DEFAULTED and f.default is not dataclasses.MISSING and f.default is not None
-    }
+    defaults = {k: v for k, v in config_defaults(config).items() if k in _DEFAULTED and v is not None}
     return defaults | ({"target_modules": "qv"} if called == "LoraConfig" else {})
 
 
@@ -580,16 +579,10 @@ def _read_unsloth_model(call: ast.Call, names: Names, read: ScriptRead) -> None:
     """FastLanguageModel.from_pretrained(model_name=..., max_seq_length=..., load_in_4bit=True): the model, its
     length, and the 4-bit base Unsloth loads by default (a full fine-tune, full_finetuning=True, loads none)."""
     said = UNSLOTH_LOADS | _said(call, names)
-    model = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "model_name"), None)
-    if model is not None and isinstance(model_id := _literal(model, names), str):
-        read.model = read.model or model_id
-    elif model is not None:
-        read.unread.append(f"the model ({ast.unparse(model)})")
+    _read_model_id(call, "model_name", names, read)
     dtype = "auto" if said["dtype"] is None else said["dtype"]  # None: bfloat16 where the GPU has it, else float16
     settings_from({"max_seq_length": said["max_seq_length"], "torch_dtype": dtype}, read)
-    for name in ("revision", "trust_remote_code"):
-        if name in said and not isinstance(said[name], Computed):
-            read.settings[f"model.{name}"] = said[name]
+    _model_settings(said, read)
     if said["full_finetuning"] is True:
         read.scope = "full-ft"
         return
@@ -611,18 +604,28 @@ def _unsloth_rhythm(said: dict[str, Any], read: ScriptRead) -> None:
 
 
 def _read_model(call: ast.Call, names: Names, read: ScriptRead) -> None:
-    named = next((k.value for k in call.keywords if k.arg == "pretrained_model_name_or_path"), None)
-    given = call.args[0] if call.args else named
+    _read_model_id(call, "pretrained_model_name_or_path", names, read)
+    said = _said(call, names)
+    dtype = said.get("torch_dtype", said.get("dtype"))
+    if isinstance(dtype, str):
+        read.settings["model.dtype"] = dtype
+    _model_settings(said, read)
+
+
+def _read_model_id(call: ast.Call, keyword: str, names: Names, read: ScriptRead) -> None:
+    """The model a from_pretrained loads: its first argument, or the keyword its library names it by."""
+    given = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == keyword), None)
     if given is not None and isinstance(model := _literal(given, names), str):
         read.model = read.model or model
     elif given is not None:
         read.unread.append(f"the model ({ast.unparse(given)})")
-    for keyword in call.keywords:
-        value = _literal(keyword.value, names)
-        if keyword.arg in ("torch_dtype", "dtype") and isinstance(value, str):
-            read.settings["model.dtype"] = value
-        elif keyword.arg in MODEL_KEYWORDS and value is not _UNREAD:
-            read.settings[f"model.{keyword.arg}"] = value
+
+
+def _model_settings(said: dict[str, Any], read: ScriptRead) -> None:
+    """from_pretrained's keywords that are model settings (attn_implementation, revision, trust_remote_code)."""
+    for name in (n for n in MODEL_KEYWORDS if n in said):
+        if not isinstance(said[name], Computed):
+            read.settings[f"model.{name}"] = said[name]
 
 
 def _read_data(call: ast.Call, names: Names, read: ScriptRead, held_out: bool) -> None:

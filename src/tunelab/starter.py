@@ -407,9 +407,10 @@ def _scope_words(scope: Scope) -> str:
 
 
 def _missing_file(source: str) -> bool:
-    """A data path a script names that is not on this machine: one with a file's suffix, or an absolute or relative
-    path, which is no hub dataset id."""
-    return not Path(source).expanduser().exists() and (Path(source).suffix != "" or source.startswith(("/", ".", "~")))
+    """A data path a script names that is not on this machine (a hub dataset id is not a path)."""
+    from tunelab.data import written_as_path
+
+    return not Path(source).expanduser().exists() and written_as_path(source)
 
 
 def _beside(script: Path, data: str | list[str] | None) -> str | None:
