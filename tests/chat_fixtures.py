@@ -72,7 +72,7 @@ def tokenizer(spec: dict, template: str):
     return wrapped
 
 
-def _config(spec: dict, tokenizer):
+def _config(spec: dict, tokenizer, positions: int = 512):
     from transformers import AutoConfig
 
     sizes = dict(
@@ -82,7 +82,7 @@ def _config(spec: dict, tokenizer):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(spec["generation_eos"]),
         pad_token_id=tokenizer.pad_token_id,
@@ -104,8 +104,9 @@ def _config(spec: dict, tokenizer):
     return AutoConfig.for_model(spec["architecture"], **sizes)
 
 
-def build(family: str, dest: Path) -> Path:
-    """Write the family's tiny model folder to dest (once); returns dest."""
+def build(family: str, dest: Path, positions: int = 512) -> Path:
+    """Write the family's tiny model folder to dest (once); returns dest. `positions`: its max_position_embeddings
+    (a prompt that describes tools takes about 700 tokens of the small tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -114,7 +115,7 @@ def build(family: str, dest: Path) -> Path:
     spec = FAMILIES[family]
     tok = tokenizer(spec, (FIXTURES / f"{family}.jinja").read_text())
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(spec, tok))
+    model = AutoModelForCausalLM.from_config(_config(spec, tok, positions))
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids(spec["generation_eos"])
     dest.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(dest)

@@ -472,6 +472,20 @@ class GRPOSettings(Strict):
         description="Leave completions cut at max_completion_length out of the loss (TRL's "
         "mask_truncated_completions; DAPO recommends it).",
     )
+    tools: list[str] = Field(
+        default_factory=list,
+        description="Python functions a reply may call while it is sampled, each `file.py:function` (relative to "
+        "the experiment file), with type hints and a Google-style docstring: TRL prints their descriptions into "
+        "every prompt through the chat template, runs each call the reply makes and lets it go on after the result "
+        "(the results carry no loss). Needs chat prompts and a template TRL parses calls from (Llama 3.1/3.2, "
+        "Qwen2.5/3/3.5, gpt-oss, GLM-4.5, Gemma 4, ...).",
+    )
+    tool_rounds: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many times a reply may call tools and go on with their results (TRL's "
+        "max_tool_calling_iterations); default: until it answers without a call or reaches max_completion_length.",
+    )
 
 
 class DistillSettings(Strict):
@@ -951,6 +965,8 @@ class Experiment(Strict):
             )
         if self.data.loss_on != "replies":
             raise ValueError("data.loss_on: GRPO scores sampled completions, not the data's tokens; remove it")
+        if grpo.tool_rounds is not None and not grpo.tools:
+            raise ValueError("grpo.tool_rounds: no tool is named in grpo.tools; name them, or remove it")
         if grpo.beta and self.init_from and self.scope.kind != "lora":
             raise ValueError(
                 f"grpo.beta: {grpo.beta:g} pulls towards a reference that TRL reloads from the base model, not from "
@@ -1311,17 +1327,17 @@ def _local(path: str, base: Path, key: str) -> str:
         raise ConfigError(f"{key}: cannot look up '{shown}' ({e.strerror}); check the path") from e
 
 
-def _local_reward(spec: str, base: Path) -> str:
+def _local_reward(spec: str, base: Path, key: str = "grpo.rewards") -> str:
     """`file.py:function` with the file made absolute, a reward model's run folder too where it is there; TRL's
-    rewards (`trl:name`) stay as they are."""
+    rewards (`trl:name`) stay as they are. `key`: the setting that names it (grpo.rewards, grpo.tools)."""
     file, sep, function = spec.rpartition(":")
     if spec.startswith("trl:"):
         return spec
     if spec.startswith("model:"):  # a published reward model: its folder, where it is one
-        return "model:" + _local(spec.removeprefix("model:"), base, "grpo.rewards")
+        return "model:" + _local(spec.removeprefix("model:"), base, key)
     if not sep:
-        return _local(spec, base, "grpo.rewards")
-    return f"{_local(file, base, 'grpo.rewards')}:{function}"
+        return _local(spec, base, key)
+    return f"{_local(file, base, key)}:{function}"
 
 
 def _local_source(source: str | DataSource, base: Path, key: str) -> str | DataSource:
@@ -1363,7 +1379,12 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
     if exp.init_from is not None:
         update["init_from"] = _local(exp.init_from, base, "init_from")
     if exp.grpo is not None:
-        update["grpo"] = exp.grpo.model_copy(update={"rewards": [_local_reward(r, base) for r in exp.grpo.rewards]})
+        update["grpo"] = exp.grpo.model_copy(
+            update={
+                "rewards": [_local_reward(r, base) for r in exp.grpo.rewards],
+                "tools": [_local_reward(t, base, "grpo.tools") for t in exp.grpo.tools],
+            }
+        )
     if exp.distill is not None and not exp.distill.teacher.startswith(BUILTIN_PREFIX):
         update["distill"] = exp.distill.model_copy(
             update={"teacher": _local(exp.distill.teacher, base, "distill.teacher")}

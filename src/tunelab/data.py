@@ -792,8 +792,8 @@ def _prompt(record: Record) -> dict:
     as they are (TRL passes them to GRPO's reward functions)."""
     if _tools(record):
         raise TunelabError(
-            f"{record.where}: tool definitions ('tools') on prompts to sample replies for are not supported yet; "
-            "remove the field"
+            f"{record.where}: tool definitions ('tools') on prompts to sample replies for are not read; name the "
+            "Python functions a reply may call in grpo.tools (file.py:function), and remove the field"
         )
     prompt = _field(record, "prompt", (str, list))
     if isinstance(prompt, list):
@@ -1042,12 +1042,10 @@ def as_sft_row(row: dict, fmt: str | None = None) -> dict:
     """Preference pairs are measured (and their tokens checked) as their prompt followed by the chosen answer, GRPO's
     prompts (format "prompt") as the prompt and an empty reply: their length, and the reply's opening and
     terminator that sampling starts from and stops at."""
-    if fmt == "prompt":
+    if fmt == "prompt":  # with the tools GRPO's replies may call (grpo.tools), which the template prints
         prompt = row["prompt"]
-        return {
-            "prompt": prompt,
-            "completion": [{"role": "assistant", "content": ""}] if isinstance(prompt, list) else "",
-        }
+        completion = [{"role": "assistant", "content": ""}] if isinstance(prompt, list) else ""
+        return _with_tools({"prompt": prompt, "completion": completion}, row.get("tools"))
     if "chosen" not in row:
         return row
     prompt, chosen = row.get("prompt", []), row["chosen"]

@@ -51,6 +51,8 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     variables = template_vars(exp.tokenizer, tokenizer)
     workers = data_workers(len(rows), exp.train.data_workers)
     settings = (exp.tokenizer.fold_system, variables, workers, exp.data.loss_on)
+    if fmt == "prompt" and exp.grpo is not None and exp.grpo.tools:
+        rows = with_tools(rows, origins, exp.grpo.tools)
     try:
         return encode(tokenizer, [as_sft_row(r, fmt) for r in rows], origins, *settings)
     except TemplateRowError:
@@ -59,8 +61,23 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
         # GRPO samples after the generation prompt and supervises no written-out reply, so a template whose
         # generation prompt opens a block no written-out reply has (a reasoning model's '<think>') serves it: its
         # prompts are measured as sampling continues them, without an empty reply's end.
-        sampled = [{"prompt": r["prompt"], "sample": True} for r in rows]
+        sampled = [{"prompt": r["prompt"], "sample": True, "tools": r.get("tools")} for r in rows]
         return encode(tokenizer, sampled, origins, *settings)
+
+
+def with_tools(rows: list[dict], origins: list[str], tools: list[str]) -> list[dict]:
+    """GRPO's prompts as TRL renders them when replies may call `tools` (grpo.tools): each with the tools'
+    descriptions, which the chat template prints into it. A reply calls tools in a chat, so each prompt must be one."""
+    from tunelab.rewards import load_tools, tool_schema
+
+    schemas = [tool_schema(tool, spec, i) for i, (tool, spec) in enumerate(zip(load_tools(tools), tools, strict=True))]
+    for row, origin in zip(rows, origins, strict=True):
+        if isinstance(row["prompt"], str):
+            raise ConfigError(
+                f"{origin}: the prompt is plain text, and grpo.tools has replies call tools, which happens in a chat; "
+                "give prompts as messages ([{role: user, content: ...}]) or set data.as_chat: true"
+            )
+    return [row | {"tools": schemas} for row in rows]
 
 
 def data_workers(rows: int, setting: int | None = None) -> int:

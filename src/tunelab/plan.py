@@ -715,7 +715,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
     from tunelab.methods import get_method
 
-    get_method(exp.method).check_data(exp, inputs.encoded)
+    get_method(exp.method).check_data(exp, inputs.encoded, inputs.tokenizer)
     limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
     if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train.measured)) is not None:

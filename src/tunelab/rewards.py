@@ -1,10 +1,15 @@
-"""GRPO's reward functions, as the experiment names them (`grpo.rewards`).
+"""GRPO's reward functions and tools, as the experiment names them (`grpo.rewards`, `grpo.tools`).
 
-Each is `file.py:function` (the user's code, resolved against the experiment file), `trl:<name>` (one of
+A reward is `file.py:function` (the user's code, resolved against the experiment file), `trl:<name>` (one of
 TRL's), or a reward model (a reward run's folder, or model:<hub id or folder>; tunelab.reward_model scores with it).
 `plan` checks that each exists without running any of it; `train` imports them and calls them as TRL does, and
 turns a reward that raises or answers in the wrong shape into one line that names it. The files' hashes (a reward
 model's fingerprint) go into the run's manifest beside the data's, so a resume with changed rewards is refused.
+
+A tool is `file.py:function` too. Its description is printed into every prompt, so `plan` imports the file to read
+each tool's signature and docstring (transformers' `get_json_schema`, as TRL renders them) and measures the prompts
+with them; a call the model makes runs in the training process, and an exception it raises is the model's to read
+(TRL hands `{"error": ...}` back as the tool's result). Tool files are hashed and kept as reward files are.
 """
 
 from __future__ import annotations
@@ -33,8 +38,13 @@ TRL_REWARDS = {
 }
 
 
-def _split(spec: str, i: int) -> tuple[Path, str]:
+def _split(spec: str, i: int, key: str = "grpo.rewards") -> tuple[Path, str]:
     file, sep, function = spec.rpartition(":")
+    if key != "grpo.rewards" and not (sep and file.endswith(".py") and function.isidentifier()):
+        raise ConfigError(
+            f"{key}[{i}]: '{spec}' names no function; write file.py:function (a function in a Python file beside the "
+            "experiment)"
+        )
     if not sep or not file.endswith(".py") or not function.isidentifier():
         raise ConfigError(
             f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
@@ -82,31 +92,69 @@ def check_rewards(specs: list[str], quantization: Quantization | None = None) ->
                     "grpo.rewards to quantize it"
                 )
             continue
-        file, function = _split(spec, i)
-        if not file.is_file():
-            raise ConfigError(
-                f"grpo.rewards[{i}]: no file {file}; give the path of the Python file (relative to the experiment "
-                "file) that defines the reward"
-            )
-        try:
-            tree = ast.parse(file.read_text(), filename=str(file))
-        except SyntaxError as e:
-            raise ConfigError(f"grpo.rewards[{i}]: {file}:{e.lineno}: invalid Python ({e.msg}); fix the file") from e
-        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
-        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-        if function not in defined:
-            from tunelab.errors import did_you_mean
-
-            functions = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef))
-            raise ConfigError(
-                f"grpo.rewards[{i}]: {file} defines no function '{function}'"
-                + (did_you_mean(function, functions) if functions else "; define it at the file's top level")
-            )
+        _check_function(spec, i, "grpo.rewards")
     if quantization is not None and not any(spec.startswith(MODEL_PREFIX) for spec in specs):
         raise ConfigError(
             "grpo.reward_quantization: no reward in grpo.rewards is a published reward model (model:<hub id or "
             "folder>), which is what it quantizes; remove it"
         )
+
+
+def _check_function(spec: str, i: int, key: str) -> None:
+    """`file.py:function` names a file that defines the function at its top level, read without running it."""
+    file, function = _split(spec, i, key)
+    what = "reward" if key == "grpo.rewards" else "tool"
+    if not file.is_file():
+        raise ConfigError(
+            f"{key}[{i}]: no file {file}; give the path of the Python file (relative to the experiment file) that "
+            f"defines the {what}"
+        )
+    try:
+        tree = ast.parse(file.read_text(), filename=str(file))
+    except SyntaxError as e:
+        raise ConfigError(f"{key}[{i}]: {file}:{e.lineno}: invalid Python ({e.msg}); fix the file") from e
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    if function not in defined:
+        from tunelab.errors import did_you_mean
+
+        functions = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef))
+        raise ConfigError(
+            f"{key}[{i}]: {file} defines no function '{function}'"
+            + (did_you_mean(function, functions) if functions else "; define it at the file's top level")
+        )
+
+
+def load_tools(specs: list[str]) -> list[Callable]:
+    """The tools, imported, each with a description TRL can print into a prompt (type hints and a Google-style
+    docstring, as transformers' get_json_schema reads them)."""
+    tools: list[Callable] = []
+    modules: dict[Path, object] = {}
+    for i, spec in enumerate(specs):
+        _check_function(spec, i, "grpo.tools")
+        tools.append(_import_function(spec, i, "grpo.tools", modules))
+        tool_schema(tools[-1], spec, i)
+    names = [t.__name__ for t in tools]
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(
+            f"grpo.tools: two tools are called {twice[0]}; the model calls a tool by its function's name, so give "
+            "each its own"
+        )
+    return tools
+
+
+def tool_schema(tool: Callable, spec: str, i: int) -> dict:
+    """The description of a tool the chat template prints (transformers' get_json_schema), or one line that says
+    what its docstring or type hints lack."""
+    from transformers.utils import get_json_schema
+
+    try:
+        return get_json_schema(tool)
+    except Exception as e:  # DocstringParsingException, TypeHintParsingException
+        raise ConfigError(
+            f"grpo.tools[{i}]: {spec}: {e}; the prompt describes a tool from its type hints and Google-style "
+            "docstring (a summary line, then Args: with one line per argument)"
+        ) from e
 
 
 def _is_run(spec: str) -> bool:
@@ -138,9 +186,9 @@ def _check_reward_run(spec: str, i: int) -> None:
         )
 
 
-def reward_hashes(specs: list[str]) -> dict[str, str]:
-    """sha256 prefix of each reward's file (TRL's: TRL's version; a reward model: its run's or its weights'
-    fingerprint), by the reward as named."""
+def function_hashes(specs: list[str]) -> dict[str, str]:
+    """sha256 prefix of each reward's (or tool's) file (TRL's reward: TRL's version; a reward model: its run's or its
+    weights' fingerprint), by the function as named."""
     from importlib.metadata import version
 
     from tunelab.models import fingerprint, run_fingerprint, weights_path
@@ -160,6 +208,7 @@ def reward_hashes(specs: list[str]) -> dict[str, str]:
 
 
 KEPT = "rewards"  # the run folder's copies of its reward files
+KEPT_TOOLS = "tools"  # and of its tool files
 
 
 def _is_file(spec: str) -> bool:
@@ -167,25 +216,27 @@ def _is_file(spec: str) -> bool:
     return not spec.startswith((TRL_PREFIX, MODEL_PREFIX)) and not _is_run(spec)
 
 
-def _copies(specs: list[str], run_dir: Path) -> dict[Path, Path]:
-    """Each reward file and where the run keeps its copy (two files of one name, a/rewards.py and b/rewards.py, told
-    apart by their paths)."""
+def _copies(specs: list[str], run_dir: Path, kept: str = KEPT) -> dict[Path, Path]:
+    """Each reward (or tool) file and where the run keeps its copy, in the folder `kept` (two files of one name,
+    a/rewards.py and b/rewards.py, told apart by their paths)."""
     files = sorted({_split(spec, i)[0] for i, spec in enumerate(specs) if _is_file(spec)})
     names = [f.name for f in files]
     out = {}
     for file in files:
         tag = "" if names.count(file.name) == 1 else hashlib.sha256(str(file).encode()).hexdigest()[:8] + "-"
-        out[file] = run_dir / KEPT / f"{tag}{file.name}"
+        out[file] = run_dir / kept / f"{tag}{file.name}"
     return out
 
 
-def keep_copies(specs: list[str], run_dir: Path) -> None:
-    """A copy of each reward file in the run's rewards/ folder, as it trains: the manifest's hashes say whether the
-    file changed since, the copy what it was."""
+def keep_copies(specs: list[str], run_dir: Path, kept: str = KEPT) -> None:
+    """A copy of each reward (or tool) file in the run's folder `kept` (rewards/, tools/), as it trains: the
+    manifest's hashes say whether the file changed since, the copy what it was."""
     from tunelab.runs import write_atomic
 
-    (run_dir / KEPT).mkdir(exist_ok=True)
-    for file, copy in _copies(specs, run_dir).items():
+    if not (copies := _copies(specs, run_dir, kept)):
+        return
+    (run_dir / kept).mkdir(exist_ok=True)
+    for file, copy in copies.items():
         write_atomic(copy, file.read_text())
 
 
@@ -196,7 +247,7 @@ def as_trained(specs: list[str], run_dir: Path, recorded: dict[str, str] | None)
     now = {}
     for spec in specs:
         if _is_file(spec) and Path(spec.rpartition(":")[0]).is_file():
-            now |= reward_hashes([spec])
+            now |= function_hashes([spec])
     out = []
     for i, spec in enumerate(specs):
         if not _is_file(spec) or (recorded or {}).get(spec) in (None, now.get(spec)):
@@ -215,8 +266,6 @@ def load_rewards(specs: list[str], quantization: Quantization | None = None) -> 
 
 
 def _load(spec: str, i: int, quantization: Quantization | None) -> Callable:
-    import importlib.util
-
     if spec.startswith(TRL_PREFIX):
         import trl.rewards
 
@@ -225,24 +274,38 @@ def _load(spec: str, i: int, quantization: Quantization | None) -> Callable:
         return RewardModel(spec, quantization=quantization)
     if _is_run(spec):
         return RewardModel(spec)
-    file, function = _split(spec, i)
-    name = f"tunelab_reward_{i}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
-    module_spec = importlib.util.spec_from_file_location(name, file)
-    assert module_spec is not None and module_spec.loader is not None
-    module = importlib.util.module_from_spec(module_spec)
-    # As `python rewards.py` would, the file's folder is on the import path while it loads: rewards may import the
-    # helpers beside them.
-    folder = str(file.parent)
-    sys.path.insert(0, folder)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise TunelabError(f"grpo.rewards[{i}]: importing {file} failed: {type(e).__name__}: {e}") from e
-    finally:
-        sys.path.remove(folder)
+    return _import_function(spec, i, "grpo.rewards")
+
+
+def _import_function(spec: str, i: int, key: str, modules: dict[Path, object] | None = None) -> Callable:
+    """The function `file.py:function` names, its file imported as `python file.py` would (its folder on the import
+    path while it loads, so it may import the helpers beside it). `modules`: files imported already, by path, so
+    functions of one file share its state."""
+    import importlib.util
+
+    file, function = _split(spec, i, key)
+    module = (modules or {}).get(file)
+    if module is None:
+        prefix = "tunelab_reward" if key == "grpo.rewards" else "tunelab_tool"
+        name = f"{prefix}_{i}_{hashlib.sha256(str(file).encode()).hexdigest()[:8]}"
+        module_spec = importlib.util.spec_from_file_location(name, file)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        # As `python rewards.py` would, the file's folder is on the import path while it loads: rewards may import
+        # the helpers beside them.
+        folder = str(file.parent)
+        sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            raise TunelabError(f"{key}[{i}]: importing {file} failed: {type(e).__name__}: {e}") from e
+        finally:
+            sys.path.remove(folder)
+        if modules is not None:
+            modules[file] = module
     found = getattr(module, function)
     if not callable(found):
-        raise ConfigError(f"grpo.rewards[{i}]: {file}'s {function} is not a function")
+        raise ConfigError(f"{key}[{i}]: {file}'s {function} is not a function")
     return found
 
 

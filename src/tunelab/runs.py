@@ -173,6 +173,7 @@ class Provenance(Record):
     chat_template_hash: str | None = None
     tokens: TokensRecord | None = None
     reward_hashes: dict[str, str] | None = None  # GRPO: each reward's file (sha256 prefix), by grpo.rewards' name
+    tool_hashes: dict[str, str] | None = None  # GRPO: each tool's file (sha256 prefix), by grpo.tools' name
     teacher: BaseModelRecord | None = None  # distill: the model that taught (a run's folder, or a model's id)
 
 
@@ -203,6 +204,7 @@ class Manifest(Record):
     chat_template_hash: str | None = None
     tokens: TokensRecord | None = None
     reward_hashes: dict[str, str] | None = None
+    tool_hashes: dict[str, str] | None = None
     teacher: BaseModelRecord | None = None
     # how it trains
     device: str | None = None
@@ -469,6 +471,10 @@ def changed_inputs(
     if old.reward_hashes and provenance.reward_hashes and old.reward_hashes != provenance.reward_hashes:
         rewards = sorted(k for k, v in provenance.reward_hashes.items() if old.reward_hashes.get(k) != v)
         changed.append(f"the reward functions changed ({', '.join(rewards)})")
+    if old.tool_hashes != provenance.tool_hashes and (old.tool_hashes or provenance.tool_hashes):
+        new_tools, old_tools = provenance.tool_hashes or {}, old.tool_hashes or {}
+        tools = sorted(k for k in {*new_tools, *old_tools} if old_tools.get(k) != new_tools.get(k))
+        changed.append(f"the tools changed ({', '.join(tools)})")
     if old.teacher and provenance.teacher and old.teacher.fingerprint != provenance.teacher.fingerprint:
         changed.append(
             f"the teacher changed ({old.teacher.id} {old.teacher.fingerprint} -> {provenance.teacher.id} "

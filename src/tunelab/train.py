@@ -300,7 +300,7 @@ def train(
     from tunelab.methods import get_method
     from tunelab.models import fingerprint, pick_device, weights_path
     from tunelab.plan import check_rhythm, disk_refusal, make_plan
-    from tunelab.rewards import keep_copies, reward_hashes
+    from tunelab.rewards import KEPT_TOOLS, function_hashes, keep_copies
     from tunelab.scopes import init_source
     from tunelab.teacher import resolve_teacher, teacher_record
     from tunelab.templates import template_hash
@@ -322,7 +322,7 @@ def train(
     check_rhythm(
         exp, len(splits.train.rows), len(encoded[0].examples), len(encoded[0].no_loss_after(exp.train.max_length))
     )
-    get_method(exp.method).check_data(exp, encoded)
+    get_method(exp.method).check_data(exp, encoded, tokenizer)
     # A run that cannot fit on its disk would fail at a checkpoint, hours in; say so before anything loads.
     plan = plan or make_plan(exp, inputs)
     if (no_room := disk_refusal(plan.disk, exp.train.save_total_limit)) is not None:
@@ -345,13 +345,15 @@ def train(
         ),
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),
-        reward_hashes=reward_hashes(exp.grpo.rewards) if exp.grpo else None,
+        reward_hashes=function_hashes(exp.grpo.rewards) if exp.grpo else None,
+        tool_hashes=function_hashes(exp.grpo.tools) if exp.grpo and exp.grpo.tools else None,
         teacher=teacher_record(resolve_teacher(exp), shown=distributed.is_main()) if exp.distill else None,
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
         if exp.grpo is not None and run.writable:
             keep_copies(exp.grpo.rewards, run.dir)
+            keep_copies(exp.grpo.tools, run.dir, KEPT_TOOLS)
         with run_log(run.dir) if run.writable else contextlib.nullcontext():
             result = _train_in(run, inputs, init_from, provenance, callbacks or [], group or exp.name)
         distributed.finish()

@@ -61,8 +61,11 @@ class Method:
     # The held-out measure the Trainer logs as eval_<name>, which train.keep: best and early_stop compare: "loss"
     # (lower is better) or "reward" (GRPO's mean reward of completions sampled for the eval prompts; higher).
     held_out: str = "loss"
-    # Refusals that need the data as tokenized (GRPO: prompts that leave no room for a completion), for plan and train.
-    check_data: Callable[[Experiment, list[Encoded]], None] = lambda exp, encoded: None
+    # Refusals that need the data as tokenized (GRPO: prompts that leave no room for a completion), or the tokenizer
+    # (GRPO's tools: a template that prints them; None where plan has no tokenizer), for plan and train.
+    check_data: Callable[[Experiment, list[Encoded], PreTrainedTokenizerBase | None], None] = (
+        lambda exp, encoded, tokenizer: None
+    )
     # A line for plan on what its own settings decide, if they decide more than its section shows (GRPO: sampling).
     describe: Callable[[Experiment], str | None] = lambda exp: None
     # Measures its held-out pairs itself, on the trainer's own batches (reward: the chosen answer scored above the

@@ -46,7 +46,7 @@ def build(inputs: TrainerInputs) -> DistillationTrainer:
     )  # fmt: skip
 
 
-def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
+def check_data(exp: Experiment, encoded: list[Encoded], tokenizer: object) -> None:
     assert exp.distill is not None
     check_prompt_room(exp, encoded, exp.distill.max_completion_length, "distill.max_completion_length")
 

@@ -6,6 +6,10 @@ grpo.generations completions of every prompt. The held-out measure is the mean r
 the eval prompts (eval_reward), which train.keep: best and early_stop follow (higher is better). With grpo.beta > 0
 TRL keeps the reference itself: a frozen copy of the starting adapter (LoRA: the fresh one, or the one init_from
 continues), or the base reloaded from its path (partial and full scopes, so not with init_from).
+
+With grpo.tools a reply may call Python functions while it is sampled: TRL prints their descriptions into every
+prompt, parses each call from the reply with the template's response parser, runs it, and lets the reply go on after
+the result (up to grpo.tool_rounds times); the results' tokens carry no loss.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tunelab.methods.common import instantiate, trl_config
 from tunelab.methods.online import check_prompt_room, sampling_arguments
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
     from trl import GRPOTrainer
 
     from tunelab.config import Experiment
@@ -27,7 +32,7 @@ if TYPE_CHECKING:
 def build(inputs: TrainerInputs) -> GRPOTrainer:
     from trl import GRPOConfig, GRPOTrainer
 
-    from tunelab.rewards import load_rewards
+    from tunelab.rewards import load_rewards, load_tools
 
     settings = inputs.exp.grpo
     assert settings is not None
@@ -47,21 +52,53 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
         epsilon_high=settings.epsilon_high,
         top_p=settings.top_p,
         mask_truncated_completions=settings.mask_truncated,
+        max_tool_calling_iterations=settings.tool_rounds,
     )
     rewards = load_rewards(settings.rewards, settings.reward_quantization)
+    tools = {"tools": load_tools(settings.tools)} if settings.tools else {}
     return instantiate(
         GRPOTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
-        reward_funcs=rewards,
+        reward_funcs=rewards, **tools,
     )  # fmt: skip
 
 
-def check_data(exp: Experiment, encoded: list[Encoded]) -> None:
-    """The rewards exist (read, not run), and every prompt leaves room for a whole completion."""
+def check_data(exp: Experiment, encoded: list[Encoded], tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """The rewards exist (read, not run), every prompt leaves room for a whole completion, and where replies call
+    tools, the chat template prints them and TRL can read a call back from a reply."""
     from tunelab.rewards import check_rewards
 
     assert exp.grpo is not None
     check_rewards(exp.grpo.rewards, exp.grpo.reward_quantization)
     check_prompt_room(exp, encoded, exp.grpo.max_completion_length, "grpo.max_completion_length")
+    if exp.grpo.tools and tokenizer is not None:
+        check_tool_template(tokenizer)
+
+
+def check_tool_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The template renders a whole tool-calling conversation (TRL's supports_tool_calling), and a reply's call can
+    be parsed back: the tokenizer ships a response template, or TRL has one for this chat template."""
+    import copy
+
+    from trl.chat_template_utils import add_response_schema, supports_tool_calling
+
+    from tunelab.errors import ConfigError
+
+    if not supports_tool_calling(tokenizer):
+        raise ConfigError(
+            "grpo.tools: the chat template cannot render a tool-calling conversation (tools, an assistant turn with "
+            "tool_calls, a tool result); set tokenizer.chat_template to one that can, e.g. trl:qwen3 or trl:llama3_1"
+        )
+    if getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None):
+        return
+    try:
+        add_response_schema(copy.copy(tokenizer))
+    except ValueError as e:
+        raise ConfigError(
+            "grpo.tools: TRL cannot read a tool call back from a reply in this chat template (it knows the calls "
+            "of Llama 3.1/3.2, Qwen2.5/3/3.5, gpt-oss, GLM-4.5, Gemma 4, LFM2, Nemotron 3, DeepSeek-R1 distills); set "
+            "tokenizer.chat_template to one of those (trl:<name>), or use a model whose tokenizer ships a "
+            "response_template"
+        ) from e
 
 
 def describe(exp: Experiment) -> str:
@@ -74,10 +111,16 @@ def describe(exp: Experiment) -> str:
     prompts = exp.train.batch_size * exp.train.grad_accumulation // g.generations
     reference = f"KL to the starting model, beta {g.beta:g}" if g.beta else "no reference model (beta 0)"
     dropout = "; dropout off" if exp.scope.lora is not None and exp.scope.lora.dropout else ""
+    tools = ""
+    if g.tools:
+        rounds = f"up to {g.tool_rounds} rounds" if g.tool_rounds else "until it answers"
+        tools = (
+            f"; replies may call {', '.join(t.rpartition(':')[2] for t in g.tools)} ({rounds}; results carry no loss)"
+        )
     return (
         f"GRPO: {g.generations} replies sampled per prompt ({prompts} prompts a step), up to "
-        f"{g.max_completion_length} tokens at temperature {g.temperature:g}; reward {rewards}; loss {g.loss_type}; "
-        f"{reference}{dropout}"
+        f"{g.max_completion_length} tokens at temperature {g.temperature:g}{tools}; reward {rewards}; loss "
+        f"{g.loss_type}; {reference}{dropout}"
     )
 
 

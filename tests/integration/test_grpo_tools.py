@@ -1,0 +1,211 @@
+"""GRPO whose replies call tools (grpo.tools), on a tiny model with Llama 3.1 Instruct's own chat template (the
+mission's model family; a small tokenizer with its special tokens, tests/chat_fixtures.py): the usual agentic
+recipe, SFT on chats that call the tool, then GRPO from that adapter with the tool at hand. TRL prints the tool's description
+into every prompt, parses the call from the reply with Llama 3.1's response template, runs it and lets the reply
+go on after the result. plan measures the prompts as TRL renders them, and what cannot work is refused in one line
+before anything loads."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.chat_fixtures import build
+from tests.conftest import DATA, run_cli, write_experiment
+from tunelab.config import load_experiment
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.plan import make_plan
+from tunelab.runs import read_manifest, read_metrics
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow
+
+GRPO_ROWS = [json.loads(line) for line in (DATA / "grpo_train.jsonl").read_text().splitlines()]
+CAPITALS = {r["country"]: r["capital"] for r in GRPO_ROWS}
+TOOLS = f'''"""The tool the replies may call, and a record of every call (beside this file)."""
+
+import json
+from pathlib import Path
+
+CAPITALS = {CAPITALS!r}
+
+
+def capital_of(country: str) -> str:
+    """The capital city of a country.
+
+    Args:
+        country: The country's name, as the question gives it.
+    """
+    with open(Path(__file__).with_suffix(".calls"), "a") as calls:
+        calls.write(json.dumps(country) + "\\n")
+    return CAPITALS.get(country, "unknown")
+'''
+REWARDS = '''def answers_capital(completions: list, capital: list[str], **kwargs) -> list[float]:
+    """1 where the reply's last message names the capital."""
+    return [1.0 if c[-1]["content"] and name in c[-1]["content"] else 0.0 for c, name in zip(completions, capital)]
+'''
+
+
+@pytest.fixture(scope="module")
+def download(tmp_path_factory) -> Path:
+    # a prompt that describes the tool takes about 700 tokens of the small tokenizer
+    return build("llama-3.1-instruct", tmp_path_factory.mktemp("hub") / "llama-3.1", positions=2048)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """tools.py and rewards.py, and SFT chats in which the assistant calls the tool, reads its result and answers."""
+    folder = tmp_path_factory.mktemp("agent")
+    (folder / "tools.py").write_text(TOOLS)
+    (folder / "rewards.py").write_text(REWARDS)
+    schema = tool_schema(folder / "tools.py")
+    with (folder / "sft.jsonl").open("w") as out:
+        for r in GRPO_ROWS:
+            call = {"type": "function", "function": {"name": "capital_of", "arguments": {"country": r["country"]}}}
+            messages = [
+                *r["prompt"],
+                {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "name": "capital_of", "content": r["capital"]},
+                {"role": "assistant", "content": f"The capital of {r['country']} is {r['capital']}."},
+            ]
+            out.write(json.dumps({"messages": messages, "tools": [schema]}) + "\n")
+    return folder
+
+
+def tool_schema(file: Path) -> dict:
+    """capital_of's description as transformers reads it from the function (what TRL prints into the prompt)."""
+    from transformers.utils import get_json_schema
+
+    spec = importlib.util.spec_from_file_location("tools_under_test", file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return get_json_schema(module.capital_of)
+
+
+def grpo_experiment(folder: Path, download: Path, out: Path, extra: str = "") -> Path:
+    return write_experiment(
+        folder,
+        f"""name: agent
+model: {{id: {download}}}
+data: {{train: {DATA / "grpo_train.jsonl"}}}
+method: grpo
+grpo:
+  rewards: [rewards.py:answers_capital]
+  tools: [tools.py:capital_of]
+  tool_rounds: 1
+  generations: 4
+  max_completion_length: 64
+scope: {{lora: {{r: 16, alpha: 32, targets: all-linear}}}}
+train: {{learning_rate: 1.0e-4, max_steps: 2, batch_size: 4, max_length: 1024, logging_steps: 1, seed: 0}}
+output: {{dir: {out}}}
+{extra}""",
+        "grpo.yaml",
+    )
+
+
+def test_plan_measures_prompts_with_the_tools_trl_prints_into_them(folder: Path, download: Path, tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    exp = load_experiment(grpo_experiment(folder, download, tmp_path))
+    plan = make_plan(exp)
+    assert "replies may call capital_of (up to 1 rounds; results carry no loss)" in plan.method_line
+    # each prompt measured as TRL renders it: the chat template with the tool's description
+    tok = AutoTokenizer.from_pretrained(download)
+    schema = tool_schema(folder / "tools.py")
+    rendered = [
+        len(
+            tok.apply_chat_template(r["prompt"], tools=[schema], add_generation_prompt=True, tokenize=True)["input_ids"]
+        )
+        for r in GRPO_ROWS
+    ]
+    bare = [
+        len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)["input_ids"])
+        for r in GRPO_ROWS
+    ]
+    stats = plan.data.train
+    # plan measures a prompt with the end of the reply sampling starts (<|eot_id|>, where it stops): one token more
+    assert stats.tokens_max == max(rendered) + 1 and max(rendered) > max(bare) + 500
+
+
+def test_grpo_runs_the_tool_a_reply_calls_after_sft_taught_the_call(folder: Path, download: Path, tmp_path) -> None:
+    sft = write_experiment(
+        folder,
+        f"""name: sft-calls
+model: {{id: {download}}}
+data: {{train: sft.jsonl}}
+scope: {{lora: {{r: 16, alpha: 32, targets: all-linear, open: [lm_head, embeddings]}}}}
+train: {{learning_rate: 5.0e-3, max_steps: 100, batch_size: 8, max_length: 1024, seed: 0}}
+output: {{dir: {tmp_path}}}
+""",
+        "sft.yaml",
+    )
+    assert read_manifest(train(load_experiment(sft)).run_dir).status == "completed"
+    calls = folder / "tools.calls"
+    calls.unlink(missing_ok=True)
+    exp = load_experiment(grpo_experiment(folder, download, tmp_path, f"init_from: {tmp_path / 'sft-calls'}"))
+    m = train(exp).manifest
+    assert m.status == "completed" and m.global_steps == 2
+    # the replies called the tool: TRL parsed the calls, ran capital_of on their arguments and logged how often
+    made = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert made and all(isinstance(country, str) for country in made)
+    logged = [r for r in read_metrics(tmp_path / "agent") if "tools/call_frequency" in r]
+    assert len(logged) == 2 and sum(r["tools/call_frequency"] for r in logged) > 0
+    assert all(r["tools/failure_frequency"] == 0 for r in logged)
+    # the tool file is part of what the run is made of: hashed, and kept as it trained
+    tools = folder / "tools.py"
+    assert m.tool_hashes == {f"{tools}:capital_of": hashlib.sha256(tools.read_bytes()).hexdigest()[:16]}
+    assert (tmp_path / "agent" / "tools" / "tools.py").read_bytes() == tools.read_bytes()
+
+
+def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:
+    def refused(extra: str = "", experiment: Path | None = None) -> str:
+        with pytest.raises(ConfigError) as e:
+            make_plan(load_experiment(experiment or grpo_experiment(folder, download, tmp_path, extra)))
+        return str(e.value)
+
+    # the built-in model's template prints no tools
+    builtin = grpo_experiment(folder, download, tmp_path).read_text().replace(str(download), "builtin:tiny-chat")
+    assert refused(experiment=write_experiment(folder, builtin, "builtin.yaml")).startswith(
+        "grpo.tools: the chat template cannot render a tool-calling conversation"
+    )
+    # a template that prints tools but whose calls TRL cannot parse back (Llama 3.1's, with one character more)
+    custom = (download / "chat_template.jinja").read_text().replace("Environment: ipython", "Environment:  ipython")
+    (folder / "custom.jinja").write_text(custom)
+    assert refused("tokenizer: {chat_template: custom.jinja}").startswith(
+        "grpo.tools: TRL cannot read a tool call back from a reply in this chat template"
+    )
+    (folder / "bad_tools.py").write_text("def capital_of(country):\n    return country\n")
+    text = grpo_experiment(folder, download, tmp_path).read_text().replace("[tools.py:", "[bad_tools.py:")
+    message = refused(experiment=write_experiment(folder, text, "bad.yaml"))
+    assert message.startswith("grpo.tools[0]: ") and "docstring" in message and "\n" not in message
+    text = grpo_experiment(folder, download, tmp_path).read_text().replace("[tools.py:capital_of", "[tools.py:capitol")
+    message = refused(experiment=write_experiment(folder, text, "typo.yaml"))
+    assert message.startswith(f"grpo.tools[0]: {folder / 'tools.py'} defines no function 'capitol'")
+    assert "capital_of" in message
+    text = grpo_experiment(folder, download, tmp_path).read_text().replace("  tools: [tools.py:capital_of]\n", "")
+    with pytest.raises(TunelabError, match=r"rounds.yaml:\d+: grpo.tool_rounds: no tool is named in grpo.tools"):
+        load_experiment(write_experiment(folder, text, "rounds.yaml"))
+    plain = folder / "plain.jsonl"
+    plain.write_text(json.dumps({"prompt": "What is the capital of Molo?", "capital": "Vevasmo"}) + "\n")
+    text = grpo_experiment(folder, download, tmp_path).read_text().replace(str(DATA / "grpo_train.jsonl"), str(plain))
+    message = refused(experiment=write_experiment(folder, text, "plain.yaml"))
+    assert message.startswith(f"{plain}:1: the prompt is plain text") and "data.as_chat: true" in message
+
+
+def test_a_resume_with_changed_tools_is_refused(download: Path, tmp_path) -> None:
+    tools = tmp_path / "tools.py"
+    tools.write_text(TOOLS)
+    (tmp_path / "rewards.py").write_text(REWARDS)
+    experiment = grpo_experiment(tmp_path, download, tmp_path / "runs")
+    first = run_cli("train", str(experiment), "--set", "train.max_steps=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = tmp_path / "runs" / "agent" / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"status": "interrupted"}))
+    tools.write_text(TOOLS.replace("The capital city", "The capital"))
+    resumed = run_cli("train", str(experiment), "--set", "train.max_steps=1", "--resume")
+    assert resumed.returncode == 2 and f"the tools changed ({tools}:capital_of)" in resumed.stderr
