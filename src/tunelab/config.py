@@ -1219,6 +1219,7 @@ class LibraryName(NamedTuple):
 
 
 PEFT, ARGS, MODEL = "PEFT's LoraConfig", "Transformers' TrainingArguments", "TRL's ModelConfig"
+GRPO = "TRL's GRPOConfig"
 ARGS_4, SFT_0, LOAD_4 = "Transformers 4's TrainingArguments", "TRL 0.x's SFTConfig", "Transformers 4's from_pretrained"
 WARMUP = "a fraction below 1, else steps"
 LIBRARY_NAMES: dict[str, LibraryName] = {
@@ -1249,6 +1250,10 @@ LIBRARY_NAMES: dict[str, LibraryName] = {
     "torch_dtype": LibraryName(LOAD_4, "model.dtype"),
     "model_name_or_path": LibraryName(MODEL, "model.id"),
     "lr": LibraryName("PyTorch's optimizers'", "train.learning_rate"),
+    "num_generations": LibraryName(GRPO, "grpo.generations"),
+    "num_iterations": LibraryName(GRPO, "grpo.iterations"),
+    "mask_truncated_completions": LibraryName(GRPO, "grpo.mask_truncated"),
+    "max_tool_calling_iterations": LibraryName(GRPO, "grpo.tool_rounds"),
 }
 
 

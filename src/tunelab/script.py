@@ -25,6 +25,7 @@ from tunelab.config import LIBRARY_NAMES, METHOD_SECTIONS, LoraScope, TrainSetti
 from tunelab.errors import TunelabError
 
 TRAINERS = {"SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "simpo", "Reward": "reward", "": "sft"}
+TRAINERS |= {"GRPO": "grpo"}
 TRL_CONFIGS = {f"{k}Config" for k in TRAINERS if k}  # SFTConfig, DPOConfig, ...: the method they configure
 FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local files
 GENERIC_OUTPUTS = ("output", "outputs", "out", "results", "checkpoints")  # an output_dir that names no experiment
@@ -75,6 +76,12 @@ class ScriptRead:
     output_dir: str | None = None  # where it saves its model, as it names the folder
     # The command-line arguments whose defaults settings took (argparse, a dataclass HfArgumentParser reads), by dest.
     argument_defaults: dict[str, Any] = field(default_factory=dict)
+    configured: bool = False  # it calls a config of its trainer (TrainingArguments, SFTConfig, ...)
+    # GRPO's reward functions and tools the script defines itself, copied (with what they use) into `functions_file`,
+    # a file beside the experiment that grpo.rewards and grpo.tools name.
+    functions: list[str] = field(default_factory=list)
+    functions_file: str | None = None
+    functions_source: str | None = None
 
 
 @dataclass
@@ -85,6 +92,9 @@ class Names:
     literals: dict[str, Any] = field(default_factory=dict)
     arguments: dict[str, Any] = field(default_factory=dict)
     used: dict[str, Any] = field(default_factory=dict)
+    defined: set[str] = field(default_factory=set)  # the functions the script defines at its top level
+    imported: dict[str, str] = field(default_factory=dict)  # names its imports bind: `module.name` by name
+    functions_file: str = "functions.py"  # where the functions it defines and names as rewards or tools are copied
 
 
 def read_script(path: Path) -> ScriptRead:
@@ -98,6 +108,14 @@ def read_script(path: Path) -> ScriptRead:
         raise TunelabError(f"--from-script: {path}{where}: not Python this version reads ({e})") from e
     names = _module_literals(tree)
     names.arguments = _argument_defaults(tree, names)
+    names.defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    names.imported = {
+        (a.asname or a.name): f"{n.module}.{a.name}"
+        for n in tree.body
+        if isinstance(n, ast.ImportFrom)
+        for a in n.names
+    }
+    names.functions_file = f"{path.stem}_rewards.py"
     tree = _TakenBranches(names).visit(tree)  # `if args.use_peft:` opens the branch a run with its defaults takes
     names.literals |= _module_literals(tree).literals
     read = ScriptRead()
@@ -110,6 +128,11 @@ def read_script(path: Path) -> ScriptRead:
     if read.scope is None:
         read.scope = _opened_weights(tree, read)
     _read_chat_template(tree, names, read)
+    if read.trainer and not read.configured and read.trainer.removesuffix("Trainer") in TRAINERS:
+        # a TRL trainer given no config ran with its config's defaults (SFTTrainer: SFTConfig's learning rate 2e-5)
+        defaults_left_out(set(), read.trainer.replace("Trainer", "Config"), read)
+    if read.method == "grpo":
+        _functions_copied(tree, _python_text(path), path.name, names, read)
     named_by_output(read)
     read.argument_defaults = names.used
     return read
@@ -354,6 +377,7 @@ def _read_transformers(call: ast.Call, called: str, func: str, names: Names, rea
         said = _said(call, names)
         settings_from(said, read)
         defaults_left_out(set(said), called, read)
+        read.configured = True
     elif called == "DataCollatorForLanguageModeling" and any(k.arg == "mlm" for k in call.keywords):
         read.loss = read.loss or "all"  # transformers' collator (mlm=False): labels are every token but padding
     else:
@@ -401,7 +425,7 @@ def _read_trl(call: ast.Call, called: str, func: str, names: Names, read: Script
         _read_trainer(call, called, names, read)
     elif called in TRL_CONFIGS:
         method = TRAINERS[called.removesuffix("Config")]
-        read.method = method
+        read.method, read.configured = method, True
         said = _said(call, names)
         settings_from(said, read, method)
         defaults_left_out(set(said), called, read)
@@ -431,8 +455,86 @@ def _read_trainer(call: ast.Call, called: str, names: Names, read: ScriptRead) -
             "formatting_func (the script writes each row as text its own way; tunelab renders rows with the "
             "chat template: compare plan's rendered example with the script's)"
         )
-    # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta).
-    settings_from(_said(call, names), read, method)
+    # Settings given to the trainer itself, as TRL took them before its configs (max_seq_length, packing, beta); a
+    # GRPO trainer's tools are functions, read below.
+    settings_from({k: v for k, v in _said(call, names).items() if k != "tools"}, read, method)
+    if method == "grpo":
+        given = dict(enumerate(call.args)) | {k.arg: k.value for k in call.keywords if k.arg}
+        for key, arg in (("grpo.rewards", given.get("reward_funcs", given.get(1))), ("grpo.tools", given.get("tools"))):
+            if arg is not None:
+                _read_functions(arg, key, names, read)
+
+
+def _read_functions(arg: ast.expr, key: str, names: Names, read: ScriptRead) -> None:
+    """GRPOTrainer's reward_funcs or tools: TRL's rewards by name (trl:accuracy_reward), a reward model by its id
+    (model:<id>), and the script's own functions, which init copies into a file beside the experiment."""
+    from tunelab.rewards import TRL_REWARDS
+
+    specs = []
+    for item in arg.elts if isinstance(arg, ast.List | ast.Tuple) else [arg]:
+        text = ast.unparse(item)
+        source = names.imported.get(text, text)  # `from trl.rewards import accuracy_reward`, or trl.rewards.x
+        value = _literal(item, names)
+        if isinstance(item, ast.Name) and item.id in names.defined:
+            specs.append(f"{names.functions_file}:{item.id}")
+            read.functions += [item.id] if item.id not in read.functions else []
+        elif key == "grpo.rewards" and isinstance(value, str):
+            specs.append(f"model:{value}")  # a reward model's hub id or folder
+        elif key == "grpo.rewards" and re.fullmatch(r"trl\.rewards(\.\w+)*\.(\w+)", source):
+            name = source.rpartition(".")[2]
+            if name in TRL_REWARDS:
+                specs.append(f"trl:{name}")
+            else:
+                read.unread.append(f"TRL's reward {name} (it takes settings; wrap it in a function of your own)")
+        else:
+            read.unread.append(
+                f"{key.partition('.')[2][:-1]} {text} (not a function the script defines at its top level; name it "
+                f"in {key} as file.py:function)"
+            )
+    if specs:
+        read.settings[key] = specs
+
+
+def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, read: ScriptRead) -> None:
+    """The script's reward functions and tools, with the imports, functions and names they use, as a file of their
+    own: the script itself cannot be imported, since it trains when it runs."""
+    if not read.functions:
+        return
+    nodes = [
+        n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.AsyncFunctionDef)
+    ]
+    nodes += [n for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)]
+    binds: dict[ast.stmt, set[str]] = {}
+    for node in nodes:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            binds[node] = {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            binds[node] = {node.name}
+        else:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            binds[node] = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    kept: set[ast.stmt] = set()
+    wanted = list(read.functions)
+    while wanted:
+        name = wanted.pop()
+        for node, bound in binds.items():
+            if name in bound and node not in kept:
+                kept.add(node)
+                wanted += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
+                wanted += [
+                    n.value.id for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                ]
+    lines = text.splitlines()
+    parts = []
+    for node in sorted(kept, key=lambda n: n.lineno):
+        first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+        parts.append("\n".join(lines[first - 1 : node.end_lineno]))
+    read.functions_file = names.functions_file
+    header = (
+        f"GRPO's reward functions and tools, copied by `tunelab init --from-script` from {script} with the imports "
+        "and names they use (the script itself trains when it is imported)."
+    )
+    read.functions_source = f'"""{header}"""\n\n' + "\n\n\n".join(parts) + "\n"
 
 
 def _read_datasets(call: ast.Call, called: str, func: str, names: Names, read: ScriptRead) -> bool:
@@ -524,6 +626,13 @@ def defaults_left_out(given: set[str], config: str, read: ScriptRead) -> None:
     for name, value in _library_defaults(config).items():
         if name not in given:
             read.settings.setdefault(_DEFAULTED[name], value)
+    if config == "GRPOConfig":  # the sampling GRPOConfig ran with where tunelab's own defaults differ (its length)
+        import trl
+
+        defaults = config_defaults(trl.GRPOConfig)
+        for name, key in _GRPO_DEFAULTED.items():
+            if name not in given:
+                read.settings.setdefault(key, defaults[name])
 
 
 # The settings whose library default a script relies on when it leaves them out, and their experiment keys.
@@ -536,6 +645,9 @@ _DEFAULTED = (
     }
     | {"gradient_accumulation_steps": LIBRARY_NAMES["gradient_accumulation_steps"].key}
 )
+
+
+_GRPO_DEFAULTED = {"max_completion_length": "grpo.max_completion_length", "num_generations": "grpo.generations"}
 
 
 def config_defaults(config: type) -> dict[str, Any]:
@@ -552,7 +664,8 @@ def _library_default(name: str) -> Any:
     import transformers
     import trl
 
-    for config in (peft.LoraConfig, transformers.TrainingArguments, trl.SFTConfig, trl.DPOConfig, trl.KTOConfig):
+    configs = (trl.SFTConfig, trl.DPOConfig, trl.KTOConfig, trl.GRPOConfig)
+    for config in (peft.LoraConfig, transformers.TrainingArguments, *configs):
         defaults = config_defaults(config)
         if name in defaults:
             return defaults[name]

@@ -75,6 +75,7 @@ class Starter:
     unread: list[str] = field(default_factory=list)  # what that script computes, or sets to what cannot be
     notes: list[str] = field(default_factory=list)  # where the file and that script's run differ, or might
     saves_to: Path | None = None  # the folder that script saves its model in (its output_dir)
+    copied: Path | None = None  # the file its GRPO reward functions and tools were copied into
 
 
 def _comment(description: str | None) -> str:
@@ -183,6 +184,17 @@ def as_flags(message: str) -> str:
     )
 
 
+def _set(values: dict, settings: dict[str, Any]) -> dict:
+    """A copy of `values` with the dotted keys of `settings` set."""
+    out = copy.deepcopy(values)
+    for key, value in settings.items():
+        node = out
+        for part in key.split(".")[:-1]:
+            node = node.setdefault(part, {})
+        node[key.split(".")[-1]] = value
+    return out
+
+
 def write_starter(
     path: Path,
     model: str,
@@ -215,7 +227,8 @@ def write_starter(
     settings = DataSettings(**(data_section | {"train": data}))
     try:
         loaded = load_file(data, "--data", settings, method)
-        if loaded.format == "prompt":  # prompts alone: GRPO's, or an answer under a name to rename (SFT's refusal)
+        # prompts alone: GRPO's (with a script's rewards), or an answer under a name to rename (SFT's refusal)
+        if loaded.format == "prompt" and not (method == "grpo" and "grpo.rewards" in (overrides or {})):
             if method == "grpo":
                 raise TunelabError(
                     "--method: grpo learns from reward functions, which init cannot write; start from "
@@ -261,19 +274,22 @@ def write_starter(
         },
         "output": {"dir": "runs"},
     }
+    if method == "grpo":  # a script's rewards (a GRPO section needs them before any other key validates)
+        values["grpo"] = {"rewards": (overrides or {})["grpo.rewards"]}
     unread = []
-    for key, value in (overrides or {}).items():
-        trial = copy.deepcopy(values)
-        node = trial
-        for part in key.split(".")[:-1]:
-            node = node.setdefault(part, {})
-        node[key.split(".")[-1]] = value
-        try:
-            validate(trial, str(path))
-        except TunelabError as e:
-            unread.append(str(e).removeprefix(f"{path}: "))
-        else:
-            values = trial
+    whole = _set(values, overrides or {})
+    try:  # together, as settings that depend on each other (GRPO's batch and generations) were given
+        validate(whole, str(path))
+        values = whole
+    except TunelabError:  # one at a time, leaving out each that does not validate
+        for key, value in (overrides or {}).items():
+            trial = _set(values, {key: value})
+            try:
+                validate(trial, str(path))
+            except TunelabError as e:
+                unread.append(str(e).removeprefix(f"{path}: "))
+            else:
+                values = trial
     text = (
         f"# Written by tunelab init. Check it with: tunelab plan {path.name} (every key: tunelab schema)\n"
         + "\n".join(_lines(Experiment, values))
@@ -345,10 +361,17 @@ def starter_from_script(
         settings["init_from"] = os.path.relpath(script.parent / settings["init_from"], path.parent)
     trl_sft = read.trainer == "SFTTrainer" and read.loss is None and flags["method"] in (None, "sft")
     loss_on = dict.fromkeys(WHOLE_SEQUENCE_FORMATS, "all") if trl_sft else None
-    starter = write_starter(path, model, data, eval_data, overrides=settings, loss_on=loss_on, **flags)
+    functions = _write_functions(path, read)
+    try:
+        starter = write_starter(path, model, data, eval_data, overrides=settings, loss_on=loss_on, **flags)
+    except BaseException:
+        if functions is not None:
+            functions.unlink()
+        raise
     starter.read_from, starter.unread = script, read.unread + starter.unread
     starter.notes = _differences(starter.exp, read, trl_sft)
     starter.saves_to = (script.parent / read.output_dir).resolve() if read.output_dir else None
+    starter.copied = functions
     if len(files) > 1:  # init read the first file's rows; the run reads them all
         from tunelab.data import load_file
 
@@ -356,6 +379,23 @@ def starter_from_script(
         starter.rows = sum(len(load_file(f, "--data", exp.data, exp.method).rows) for f in files)
     starter.trains = _scope_words(starter.exp.scope)
     return starter
+
+
+def _write_functions(path: Path, read: ScriptRead) -> Path | None:
+    """The reward functions and tools a GRPO script defines, copied into a file beside the experiment (never over
+    an existing one), which grpo.rewards and grpo.tools name; None where the script defines none."""
+    if read.functions_source is None or read.functions_file is None:
+        return None
+    target = path.parent / read.functions_file
+    if target.exists():
+        raise TunelabError(
+            f"{target}: already exists, and init copies the script's reward functions there; move it, or write the "
+            "experiment into another folder (tunelab init never replaces a file)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "x", encoding="utf-8") as f:
+        f.write(read.functions_source)
+    return target
 
 
 # The data formats TRL's SFTTrainer trains on every token of, prompts included, unless assistant_only_loss is on: its
@@ -376,6 +416,12 @@ def _differences(exp: Experiment, read: ScriptRead, trl_sft: bool) -> list[str]:
         notes.append(
             "data.loss_on: all, as TRL's SFTTrainer trained the script's chats: every token, prompts and system "
             "text included (its assistant_only_loss was off); replies trains on the answers only"
+        )
+    if read.functions:
+        notes.append(
+            f"{', '.join(read.functions)} copied from the script into {read.functions_file} (beside this file), with "
+            "the imports and names they use, for grpo.rewards and grpo.tools to name: the script itself trains when "
+            "it is imported"
         )
     script_held_out = read.eval_data is not None or "data.eval_fraction" in read.settings
     if not script_held_out and exp.data.eval_fraction is not None:
@@ -437,11 +483,30 @@ def study_from_scripts(
     as one study file: the first script's experiment is the base, every script a variant setting what its own
     experiment changes from it. Each is read as `init --from-script` reads one; the study is checked as `study plan`
     checks it before it is written."""
-    from tunelab.study import load_study
-
     if path.exists():
         raise TunelabError(f"{path}: already exists; give another path (tunelab init never replaces a file)")
-    starters, raws = [], []
+    starters: list[Starter] = []
+    try:
+        return _study_from_scripts(path, scripts, model, data, eval_data, starters, **flags)
+    except BaseException:  # a failing script leaves no file behind: nor the reward functions copied before it
+        for starter in starters:
+            if starter.copied is not None:
+                starter.copied.unlink(missing_ok=True)
+        raise
+
+
+def _study_from_scripts(
+    path: Path,
+    scripts: list[Path],
+    model: str | None,
+    data: str | None,
+    eval_data: str | None,
+    starters: list[Starter],
+    **flags: Any,
+) -> StudyStarter:
+    from tunelab.study import load_study
+
+    raws = []
     for i, script in enumerate(scripts):  # beside the study, so data paths are written relative to its folder
         scratch = path.parent / f".{path.stem}-{i}-{script.stem}.yaml"
         try:

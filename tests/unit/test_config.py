@@ -118,12 +118,13 @@ def test_the_libraries_still_call_their_settings_so() -> None:
     import torch
     from peft import LoraConfig
     from transformers import TrainingArguments
-    from trl import ModelConfig
+    from trl import GRPOConfig, ModelConfig
 
     fields = {
         "PEFT's LoraConfig": {f.name for f in dataclasses.fields(LoraConfig)},
         "Transformers' TrainingArguments": {f.name for f in dataclasses.fields(TrainingArguments)},
         "TRL's ModelConfig": {f.name for f in dataclasses.fields(ModelConfig)},
+        "TRL's GRPOConfig": {f.name for f in dataclasses.fields(GRPOConfig)},
         "PyTorch's optimizers'": set(inspect.signature(torch.optim.AdamW).parameters),
     }
     current = {name: n.whose for name, n in LIBRARY_NAMES.items() if not re.search(r" \d|0\.x", n.whose)}

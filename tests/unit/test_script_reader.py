@@ -16,7 +16,7 @@ from tunelab.plan import make_plan
 from tunelab.recipe import read_command
 from tunelab.report.terminal import print_starter
 from tunelab.script import read_script
-from tunelab.starter import starter_from_script
+from tunelab.starter import starter_from_script, study_from_scripts
 
 SCRIPTS = Path(__file__).parents[1] / "fixtures" / "scripts"
 LLAMA = str(CONFIGS / "llama-3.1-8b-instruct")
@@ -221,6 +221,14 @@ def test_a_hub_dataset_script_reads_its_model_its_splits_and_what_it_slices(tmp_
         "test_sft",
     )
     assert starter.rows == 30 and starter.unread == []
+    # SFTTrainer given no config ran with SFTConfig's defaults, not init's
+    from trl import SFTConfig
+
+    t, trl_defaults = load_experiment(tmp_path / "exp.yaml").train, defaults(SFTConfig)
+    assert (t.learning_rate, t.batch_size, t.epochs, t.max_length) == (
+        trl_defaults["learning_rate"], trl_defaults["per_device_train_batch_size"],
+        trl_defaults["num_train_epochs"], trl_defaults["max_length"],
+    )  # fmt: skip
     script.write_text(script.read_text().replace('split="train_sft"', 'split="train_sft[:500]"'))
     read = read_script(script)
     assert read.split == "train_sft"
@@ -503,6 +511,71 @@ def test_weights_opened_by_a_rule_the_reader_cannot_follow_ask_for_the_scope(tmp
         starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope=None, method=None, name=None)
     starter_from_script(tmp_path / "e.yaml", path, LLAMA, None, None, scope="partial-last4", method=None, name=None)
     assert load_experiment(tmp_path / "e.yaml").scope.partial.last_blocks == 4
+
+
+def test_trls_grpo_quickstart_is_grpo_with_its_reward_and_grpoconfigs_defaults(tmp_path: Path) -> None:
+    from trl import GRPOConfig
+
+    script = Path(shutil.copy(SCRIPTS / "grpo_quickstart.py", tmp_path / "grpo_quickstart.py"))
+    prompts = str(DATA / "grpo_train.jsonl")
+    starter = starter_from_script(
+        tmp_path / "exp.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
+    )
+    exp, trl_defaults = load_experiment(tmp_path / "exp.yaml"), defaults(GRPOConfig)
+    assert read_script(script).model == "Qwen/Qwen2-0.5B-Instruct"  # GRPOTrainer(model="org/name")
+    assert (exp.method, exp.grpo.rewards, exp.scope.kind, starter.unread) == (
+        "grpo",
+        ["trl:accuracy_reward"],
+        "full",
+        [],
+    )
+    t, g = exp.train, exp.grpo
+    assert (t.learning_rate, t.batch_size, t.epochs, g.generations, g.max_completion_length) == (
+        trl_defaults["learning_rate"], trl_defaults["per_device_train_batch_size"], trl_defaults["num_train_epochs"],
+        trl_defaults["num_generations"], trl_defaults["max_completion_length"],
+    )  # fmt: skip
+
+
+def test_a_grpo_scripts_own_rewards_and_tools_are_copied_beside_the_experiment_and_load(tmp_path: Path) -> None:
+    from tunelab.rewards import load_rewards, load_tools
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(DATA / "grpo_train.jsonl", tmp_path / "data" / "prompts.jsonl")
+    script = Path(shutil.copy(SCRIPTS / "train_grpo_tools.py", tmp_path / "train_grpo_tools.py"))
+    out = tmp_path / "experiments"
+    flags = dict(scope=None, method=None, name=None)
+    starter = starter_from_script(out / "exp.yaml", script, LLAMA, None, None, **flags)
+    exp = load_experiment(out / "exp.yaml")
+    copied = out / "train_grpo_tools_rewards.py"
+    g, t, lora = exp.grpo, exp.train, exp.scope.lora
+    assert g.rewards == [f"{copied}:correct_capital", "trl:think_format_reward"] and g.tools == [f"{copied}:capital_of"]
+    assert (g.generations, g.max_completion_length, g.tool_rounds) == (4, 128, 2)
+    assert (t.learning_rate, t.batch_size, exp.model.dtype, exp.name) == (1e-5, 8, "bfloat16", "grpo-tools")
+    assert (lora.r, lora.alpha, lora.targets) == (16, 32, "all-linear") and starter.unread == []
+    assert any(n.startswith("correct_capital, capital_of copied from the script into") for n in starter.notes)
+    # the copy holds the functions and what they use (the table, the pattern and its import, the helper), and none
+    # of the training: it imports without loading a dataset or a model
+    text = copied.read_text()
+    assert "CAPITALS = {" in text and "import re" in text and "def _answer" in text
+    assert (
+        "load_dataset" not in text and "GRPOTrainer" not in text and "MODEL" not in text and "import json" not in text
+    )
+    (reward,) = load_rewards(g.rewards[:1])
+    answers = [[{"role": "assistant", "content": f"The capital of Molo is {c}."}] for c in ("Vevasmo", "Loduve")]
+    assert reward(prompts=[[], []], completions=answers, country=["Molo", "Molo"]) == [1.0, 0.0]
+    (tool,) = load_tools(g.tools)
+    assert tool("Lozin") == "Loduve"
+    assert "replies may call capital_of (up to 2 rounds" in make_plan(exp).method_line
+    # a second experiment from it into the same folder would replace the copy: refused, and nothing written
+    with pytest.raises(TunelabError, match="train_grpo_tools_rewards.py: already exists"):
+        starter_from_script(out / "again.yaml", script, LLAMA, None, None, **flags)
+    assert not (out / "again.yaml").exists() and copied.read_text() == text
+    # a study that fails at a later script leaves no copy behind either
+    with pytest.raises(TunelabError, match="nothere.py' not found"):
+        study_from_scripts(
+            tmp_path / "s" / "ladder.yaml", [script, tmp_path / "nothere.py"], LLAMA, None, None, **flags
+        )
+    assert not (tmp_path / "s" / "train_grpo_tools_rewards.py").exists()
 
 
 @pytest.mark.parametrize(
