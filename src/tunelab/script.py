@@ -495,6 +495,18 @@ def _read_functions(arg: ast.expr, key: str, names: Names, read: ScriptRead) -> 
         read.settings[key] = specs
 
 
+# Calls whose results a copy of the script's functions leaves out: they load a model, data or a trainer.
+LOADERS = re.compile(r"load_dataset|get_peft_model|\w*Trainer|from_pretrained")
+
+
+def _loads(node: ast.stmt) -> ast.Call | None:
+    """The call in an assignment that loads a model, data or a trainer (a tokenizer alone is light: kept)."""
+    for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
+        if LOADERS.fullmatch(_called(call)) and not re.search(r"Tokenizer|Processor", ast.unparse(call.func)):
+            return call
+    return None
+
+
 def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, read: ScriptRead) -> None:
     """The script's reward functions and tools, with the imports, functions and names they use, as a file of their
     own: the script itself cannot be imported, since it trains when it runs."""
@@ -514,11 +526,25 @@ def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, re
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             binds[node] = {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
     kept: set[ast.stmt] = set()
+    tokenizers: dict[str, str] = {}  # names bound to a model loader's tokenizer: the model id it loads
     wanted = list(read.functions)
     while wanted:
         name = wanted.pop()
         for node, bound in binds.items():
-            if name in bound and node not in kept:
+            if name in bound and node not in kept and name not in tokenizers:
+                if (loads := _loads(node)) is not None:  # a model, data or trainer: left out, or its tokenizer alone
+                    model = _literal(loads.args[0], names) if loads.args else None
+                    unpacked = isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Tuple)
+                    elements = [ast.unparse(e) for e in node.targets[0].elts] if unpacked else []
+                    if _called(loads) == "from_pretrained" and elements[1:2] == [name] and isinstance(model, str):
+                        tokenizers[name] = model  # model, tokenizer = FastLanguageModel.from_pretrained("id", ...)
+                    else:
+                        read.unread.append(
+                            f"{name}, which the copied functions use: the script binds it by "
+                            f"{ast.unparse(loads)[:60]}, which loads a model, data or a trainer, so "
+                            f"{names.functions_file} leaves it out; define it there"
+                        )
+                    continue
                 kept.add(node)
                 wanted += [n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
                 wanted += [
@@ -529,6 +555,9 @@ def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, re
     for node in sorted(kept, key=lambda n: n.lineno):
         first = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
         parts.append("\n".join(lines[first - 1 : node.end_lineno]))
+    if tokenizers:  # the tokenizer alone, not the model loaded with it
+        loaded = [f"{name} = AutoTokenizer.from_pretrained({model!r})" for name, model in tokenizers.items()]
+        parts = ["from transformers import AutoTokenizer", "\n".join(loaded), *parts]
     read.functions_file = names.functions_file
     header = (
         f"GRPO's reward functions and tools, copied by `tunelab init --from-script` from {script} with the imports "

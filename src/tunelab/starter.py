@@ -184,6 +184,44 @@ def as_flags(message: str) -> str:
     )
 
 
+def _with_overrides(values: dict, overrides: dict[str, Any], path: Path) -> tuple[dict, list[str]]:
+    """`values` with the overrides set together (settings depend on each other: GRPO's batch and generations, a
+    quantization's bits and type), leaving out, one at a time, a setting (or a nested section's settings, as
+    model.quantization's) without which the rest validates; and the errors that left each out."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        groups.setdefault(".".join(parts[:2]) if len(parts) > 2 else key, {})[key] = value
+    unread = []
+    while True:
+        try:
+            return _valid(_set(values, {k: v for g in groups.values() for k, v in g.items()}), path), unread
+        except TunelabError as e:
+            error = str(e).removeprefix(f"{path}: ")
+        for group in groups:
+            rest = {k: v for g, items in groups.items() if g != group for k, v in items.items()}
+            try:
+                _valid(_set(values, rest), path)
+            except TunelabError:
+                continue
+            unread.append(error)
+            del groups[group]
+            break
+        else:  # no one setting is to blame: each on its own, as far as it validates
+            for settings in groups.values():
+                try:
+                    values = _valid(_set(values, settings), path)
+                except TunelabError as e:
+                    unread.append(str(e).removeprefix(f"{path}: "))
+            return values, unread
+
+
+def _valid(values: dict, path: Path) -> dict:
+    """`values` where they validate as an experiment file at `path`, else the TunelabError saying why."""
+    validate(values, str(path))
+    return values
+
+
 def _set(values: dict, settings: dict[str, Any]) -> dict:
     """A copy of `values` with the dotted keys of `settings` set."""
     out = copy.deepcopy(values)
@@ -276,20 +314,7 @@ def write_starter(
     }
     if method == "grpo":  # a script's rewards (a GRPO section needs them before any other key validates)
         values["grpo"] = {"rewards": (overrides or {})["grpo.rewards"]}
-    unread = []
-    whole = _set(values, overrides or {})
-    try:  # together, as settings that depend on each other (GRPO's batch and generations) were given
-        validate(whole, str(path))
-        values = whole
-    except TunelabError:  # one at a time, leaving out each that does not validate
-        for key, value in (overrides or {}).items():
-            trial = _set(values, {key: value})
-            try:
-                validate(trial, str(path))
-            except TunelabError as e:
-                unread.append(str(e).removeprefix(f"{path}: "))
-            else:
-                values = trial
+    values, unread = _with_overrides(values, overrides or {}, path)
     text = (
         f"# Written by tunelab init. Check it with: tunelab plan {path.name} (every key: tunelab schema)\n"
         + "\n".join(_lines(Experiment, values))

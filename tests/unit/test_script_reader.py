@@ -578,6 +578,53 @@ def test_a_grpo_scripts_own_rewards_and_tools_are_copied_beside_the_experiment_a
     assert not (tmp_path / "s" / "train_grpo_tools_rewards.py").exists()
 
 
+def test_a_copied_reward_gets_the_tokenizer_alone_and_what_loads_data_is_named(tmp_path: Path) -> None:
+    """Unsloth's GRPO notebooks score a reply's length with the tokenizer they load beside the model: the copy loads
+    that tokenizer alone; a name bound by loading data is left out and named."""
+    import ast
+
+    script = tmp_path / "unsloth_grpo.py"
+    script.write_text(
+        "from unsloth import FastLanguageModel\n"
+        "from datasets import load_dataset\n"
+        "from trl import GRPOConfig, GRPOTrainer\n"
+        'model, tokenizer = FastLanguageModel.from_pretrained("unsloth/Qwen3-4B-Base", max_seq_length=2048)\n'
+        "model = FastLanguageModel.get_peft_model(model, r=16)\n"
+        'answers = load_dataset("openai/gsm8k", "main", split="test")\n'
+        "def short(completions, **kwargs):\n"
+        '    return [float(len(tokenizer(c[0]["content"])["input_ids"]) < 200) for c in completions]\n'
+        "def known(completions, **kwargs):\n"
+        '    return [float(c[0]["content"] in answers["answer"]) for c in completions]\n'
+        "trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[short, known],\n"
+        "                      args=GRPOConfig(output_dir='outputs'), train_dataset=answers)\n"
+        "trainer.train()\n"
+    )
+    prompts = str(DATA / "grpo_train.jsonl")
+    starter = starter_from_script(
+        tmp_path / "exp.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
+    )
+    text = (tmp_path / "unsloth_grpo_rewards.py").read_text()
+    ast.parse(text)
+    assert "tokenizer = AutoTokenizer.from_pretrained('unsloth/Qwen3-4B-Base')" in text
+    assert "FastLanguageModel" not in text and "load_dataset" not in text and "def known" in text
+    assert starter.unread == [
+        "answers, which the copied functions use: the script binds it by load_dataset('openai/gsm8k', 'main', "
+        "split='test'), which loads a model, data or a trainer, so unsloth_grpo_rewards.py leaves it out; define it there"
+    ]
+    # without get_peft_model the script fine-tunes its 4-bit base whole, which cannot train: the quantization (its
+    # settings together) is what is left out and named, and the rest of the script's settings stay
+    script.write_text(script.read_text().replace("model = FastLanguageModel.get_peft_model(model, r=16)\n", ""))
+    (tmp_path / "unsloth_grpo_rewards.py").unlink()
+    starter = starter_from_script(
+        tmp_path / "full.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
+    )
+    assert starter.unread[1:] == [
+        "model.quantization: a quantized base cannot train a full scope (its weights are packed integers that take no "
+        "gradient); use scope: lora, or remove model.quantization"
+    ]
+    assert starter.exp.train.max_length == 2048 and starter.exp.train.learning_rate == 1e-6  # Unsloth's, GRPOConfig's
+
+
 @pytest.mark.parametrize(
     "script",
     ["train_lora.py", "train_lora_last_half.py", "train_partial_ft.py", "train_dpo.py", "train_qlora.py"]
