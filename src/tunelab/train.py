@@ -749,5 +749,25 @@ def _train_in(
         },
     )
     if not check["ok"]:
-        print(f"warning: tensor change check failed: {check}", file=sys.stderr)
+        print(f"warning: {change_warning(check, trainer.state.log_history)}", file=sys.stderr)
     return TrainResult(run.dir, run.manifest)
+
+
+def change_warning(check: dict, logged: list[dict]) -> str:
+    """One line on what the tensor change check found, and where GRPO's rewards gave it nothing to learn from (every
+    group of replies scored alike at every step: TRL's frac_reward_zero_std 1), that this is why."""
+    said = []
+    if frozen := check["frozen_changed"]:
+        said.append(f"{len(frozen)} frozen tensors changed ({frozen[0]}{', ...' if len(frozen) > 1 else ''})")
+    if unchanged := check["trainable_unchanged"]:
+        total = len(unchanged) + check["trainable_changed"]
+        said.append(f"{len(unchanged)} of {total} trained tensors did not change ({unchanged[0]}, ...)")
+    line = "tensor change check failed: " + "; ".join(said)
+    flat = [r["frac_reward_zero_std"] for r in logged if "frac_reward_zero_std" in r]
+    if unchanged and flat and min(flat) == 1:
+        line += (
+            "; every group of replies scored alike at every step (frac_reward_zero_std 1), so GRPO had no reward "
+            "differences to learn from: check the rewards on replies the model gives, or raise grpo.generations or "
+            "grpo.temperature"
+        )
+    return line
