@@ -472,6 +472,11 @@ class GRPOSettings(Strict):
         description="Leave completions cut at max_completion_length out of the loss (TRL's "
         "mask_truncated_completions; DAPO recommends it).",
     )
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        default="token",
+        description="Policy ratios per token (GRPO), or one per reply from its mean log-probability (sequence: GSPO, "
+        "as Qwen3 was trained; TRL pairs it with loss_type grpo and a much smaller epsilon, e.g. 3e-4 / 4e-4).",
+    )
     tools: list[str] = Field(
         default_factory=list,
         description="Python functions a reply may call while it is sampled, each `file.py:function` (relative to "

@@ -36,6 +36,10 @@ NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "loggin
 NOT_CARRIED = {"neftune_noise_alpha", "label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon"} | {
     "lr_scheduler_kwargs", "optim_args", "init_lora_weights", "rank_pattern", "alpha_pattern", "lora_bias",
     "label_smoothing", "rpo_alpha", "max_prompt_length", "truncation_mode", "loss_weights", "use_weighting",
+    # GRPOConfig's sampling and objective settings that GRPOSettings does not carry
+    "top_k", "min_p", "repetition_penalty", "delta", "steps_per_generation", "generation_batch_size", "entropy_coef",
+    "top_entropy_quantile", "sync_ref_model", "multi_objective_aggregation", "off_policy_mask_threshold",
+    "use_adaptive_entropy", "num_generations_eval",
 }  # fmt: skip
 # from_pretrained's keywords that are model settings (torch_dtype and dtype are read as model.dtype).
 MODEL_KEYWORDS = ("attn_implementation", "revision", "trust_remote_code")

@@ -536,6 +536,36 @@ def test_trls_grpo_quickstart_is_grpo_with_its_reward_and_grpoconfigs_defaults(t
     )  # fmt: skip
 
 
+def test_a_gspo_script_is_grpo_with_sequence_ratios_and_names_what_it_sets_without_a_key(tmp_path: Path) -> None:
+    """TRL's GSPO recipe: GRPOConfig with sequence-level importance sampling and its tiny clipping range."""
+    script = tmp_path / "train_gspo.py"
+    script.write_text(
+        "from trl import GRPOConfig, GRPOTrainer\n"
+        "from trl.rewards import think_format_reward\n"
+        "args = GRPOConfig(importance_sampling_level='sequence', loss_type='grpo', beta=0.0, epsilon=3e-4,\n"
+        "                  epsilon_high=4e-4, steps_per_generation=4, top_k=50, repetition_penalty=1.0)\n"
+        "GRPOTrainer(model='Qwen/Qwen3-0.6B', reward_funcs=think_format_reward, args=args, train_dataset=ds).train()\n"
+    )
+    prompts = str(DATA / "grpo_train.jsonl")
+    starter = starter_from_script(
+        tmp_path / "exp.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
+    )
+    g = starter.exp.grpo
+    assert (g.importance_sampling_level, g.loss_type, g.beta, g.epsilon, g.epsilon_high) == (
+        "sequence",
+        "grpo",
+        0,
+        3e-4,
+        4e-4,
+    )
+    # what changes training and has no key is named; repetition_penalty=1.0 is GRPOConfig's default, so it is not
+    assert starter.unread == [
+        "steps_per_generation=4 (no experiment key: the written experiment trains without it)",
+        "top_k=50 (no experiment key: the written experiment trains without it)",
+    ]
+    assert "loss grpo; one policy ratio per reply (GSPO)" in make_plan(starter.exp).method_line
+
+
 def test_a_grpo_scripts_own_rewards_and_tools_are_copied_beside_the_experiment_and_load(tmp_path: Path) -> None:
     from tunelab.rewards import load_rewards, load_tools
 

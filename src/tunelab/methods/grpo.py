@@ -53,6 +53,7 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
         top_p=settings.top_p,
         mask_truncated_completions=settings.mask_truncated,
         max_tool_calling_iterations=settings.tool_rounds,
+        importance_sampling_level=settings.importance_sampling_level,
     )
     rewards = load_rewards(settings.rewards, settings.reward_quantization)
     tools = {"tools": load_tools(settings.tools)} if settings.tools else {}
@@ -110,6 +111,7 @@ def describe(exp: Experiment) -> str:
     )
     prompts = exp.train.batch_size * exp.train.grad_accumulation // g.generations
     reference = f"KL to the starting model, beta {g.beta:g}" if g.beta else "no reference model (beta 0)"
+    ratios = "; one policy ratio per reply (GSPO)" if g.importance_sampling_level == "sequence" else ""
     dropout = "; dropout off" if exp.scope.lora is not None and exp.scope.lora.dropout else ""
     tools = ""
     if g.tools:
@@ -120,7 +122,7 @@ def describe(exp: Experiment) -> str:
     return (
         f"GRPO: {g.generations} replies sampled per prompt ({prompts} prompts a step), up to "
         f"{g.max_completion_length} tokens at temperature {g.temperature:g}{tools}; reward {rewards}; loss "
-        f"{g.loss_type}; {reference}{dropout}"
+        f"{g.loss_type}{ratios}; {reference}{dropout}"
     )
 
 
