@@ -37,6 +37,12 @@ def read(tmp_path: Path, script: str, **flags):
     return starter, load_experiment(tmp_path / "exp.yaml")
 
 
+def init_grpo(script: Path, experiment: Path):
+    """init --from-script on a GRPO script, with the bundled GRPO prompts as its data, planned on Llama 3.1 8B."""
+    prompts = str(DATA / "grpo_train.jsonl")
+    return starter_from_script(experiment, script, LLAMA, prompts, None, scope=None, method=None, name=None)
+
+
 def defaults(config: type) -> dict:
     return {f.name: f.default for f in dataclasses.fields(config)}
 
@@ -517,10 +523,7 @@ def test_trls_grpo_quickstart_is_grpo_with_its_reward_and_grpoconfigs_defaults(t
     from trl import GRPOConfig
 
     script = Path(shutil.copy(SCRIPTS / "grpo_quickstart.py", tmp_path / "grpo_quickstart.py"))
-    prompts = str(DATA / "grpo_train.jsonl")
-    starter = starter_from_script(
-        tmp_path / "exp.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
-    )
+    starter = init_grpo(script, tmp_path / "exp.yaml")
     exp, trl_defaults = load_experiment(tmp_path / "exp.yaml"), defaults(GRPOConfig)
     assert read_script(script).model == "Qwen/Qwen2-0.5B-Instruct"  # GRPOTrainer(model="org/name")
     assert (exp.method, exp.grpo.rewards, exp.scope.kind, starter.unread) == (
@@ -546,10 +549,7 @@ def test_a_gspo_script_is_grpo_with_sequence_ratios_and_names_what_it_sets_witho
         "                  epsilon_high=4e-4, steps_per_generation=4, top_k=50, repetition_penalty=1.0)\n"
         "GRPOTrainer(model='Qwen/Qwen3-0.6B', reward_funcs=think_format_reward, args=args, train_dataset=ds).train()\n"
     )
-    prompts = str(DATA / "grpo_train.jsonl")
-    starter = starter_from_script(
-        tmp_path / "exp.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
-    )
+    starter = init_grpo(script, tmp_path / "exp.yaml")
     g = starter.exp.grpo
     assert (g.importance_sampling_level, g.loss_type, g.beta, g.epsilon, g.epsilon_high) == (
         "sequence",
@@ -629,10 +629,7 @@ def test_a_copied_reward_gets_the_tokenizer_alone_and_what_loads_data_is_named(t
         "                      args=GRPOConfig(output_dir='outputs'), train_dataset=answers)\n"
         "trainer.train()\n"
     )
-    prompts = str(DATA / "grpo_train.jsonl")
-    starter = starter_from_script(
-        tmp_path / "exp.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
-    )
+    starter = init_grpo(script, tmp_path / "exp.yaml")
     text = (tmp_path / "unsloth_grpo_rewards.py").read_text()
     ast.parse(text)
     assert "tokenizer = AutoTokenizer.from_pretrained('unsloth/Qwen3-4B-Base')" in text
@@ -645,9 +642,7 @@ def test_a_copied_reward_gets_the_tokenizer_alone_and_what_loads_data_is_named(t
     # settings together) is what is left out and named, and the rest of the script's settings stay
     script.write_text(script.read_text().replace("model = FastLanguageModel.get_peft_model(model, r=16)\n", ""))
     (tmp_path / "unsloth_grpo_rewards.py").unlink()
-    starter = starter_from_script(
-        tmp_path / "full.yaml", script, LLAMA, prompts, None, scope=None, method=None, name=None
-    )
+    starter = init_grpo(script, tmp_path / "full.yaml")
     assert starter.unread[1:] == [
         "model.quantization: a quantized base cannot train a full scope (its weights are packed integers that take no "
         "gradient); use scope: lora, or remove model.quantization"
