@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from io import StringIO
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tests.chat_fixtures import build
 from tests.conftest import DATA, run_cli, write_experiment
 from tunelab.config import load_experiment
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.plan import make_plan
+from tunelab.report.terminal import print_show, sparkline
 from tunelab.runs import read_manifest, read_metrics
 from tunelab.train import train
 
@@ -156,6 +159,12 @@ output: {{dir: {tmp_path}}}
     logged = [r for r in read_metrics(tmp_path / "agent") if "tools/call_frequency" in r]
     assert len(logged) == 2 and sum(r["tools/call_frequency"] for r in logged) > 0
     assert all(r["tools/failure_frequency"] == 0 for r in logged)
+    shown = StringIO()
+    print_show(tmp_path / "agent", m, read_metrics(tmp_path / "agent"), console=Console(file=shown, width=300))
+    calls = [r["tools/call_frequency"] for r in logged]
+    assert f"tool calls (capital_of) {sparkline(calls)} {calls[0]:.2f} -> {calls[-1]:.2f} a reply, 0% failing" in (
+        shown.getvalue()
+    )
     # the tool file is part of what the run is made of: hashed, and kept as it trained
     tools = folder / "tools.py"
     assert m.tool_hashes == {f"{tools}:capital_of": hashlib.sha256(tools.read_bytes()).hexdigest()[:16]}

@@ -461,6 +461,21 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(SPARKS[min(len(SPARKS) - 1, int((v - low) / span * len(SPARKS)))] for v in cells)
 
 
+def tool_calls_line(m: Manifest, metrics: list[dict]) -> str | None:
+    """GRPO with tools: how many calls a sampled reply made at each logged step (TRL's tools/call_frequency), and
+    the share that failed."""
+    logged = [r for r in metrics if "tools/call_frequency" in r]
+    if not logged:
+        return None
+    calls = [r["tools/call_frequency"] for r in logged]
+    failed = logged[-1].get("tools/failure_frequency", 0.0)
+    names = ", ".join(spec.rpartition(":")[2] for spec in m.tool_hashes or {})
+    return (
+        f"tool calls ({names}) {sparkline(calls)} {calls[0]:.2f} -> {calls[-1]:.2f} a reply, {failed:.0%} failing at "
+        f"the last ({len(calls)} logged)"
+    )
+
+
 def print_show(
     run_dir,
     manifest: Manifest,
@@ -516,6 +531,8 @@ def print_show(
         console.print(
             f"train reward {sparkline(rewards)} {rewards[0]:.4f} -> {rewards[-1]:.4f} ({len(rewards)} logged)"
         )
+    if line := tool_calls_line(m, metrics):
+        console.print(line)
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     if train_losses and not rewards:
         console.print(
