@@ -199,6 +199,11 @@ def _settings(exp, manifest: Manifest) -> dict[str, str]:
             if manifest.teacher
             else {}
         ),
+        **{
+            what: ", ".join(f"{_function_name(spec)} (`{digest}`)" for spec, digest in hashes.items())
+            for what, hashes in (("rewards", manifest.reward_hashes), ("tools", manifest.tool_hashes))
+            if hashes
+        },
         "learning rate": f"{t.learning_rate:g} ({t.scheduler}, warmup {t.warmup:g})",
         "steps": f"{manifest.global_steps} ({t.epochs:g} epochs)" if not t.max_steps else str(manifest.global_steps),
         "batch": f"{t.batch_size} x {t.grad_accumulation} accumulation",
@@ -214,6 +219,17 @@ def _settings(exp, manifest: Manifest) -> dict[str, str]:
         else "none",
         "experiment hash": f"`{manifest.config_hash}`",
     }
+
+
+def _function_name(spec: str) -> str:
+    """A GRPO reward or tool as the card names it: its file's name and function (rewards.py:correct), TRL's as TRL
+    names it, a reward model by its folder's or hub id's last part; no path of this machine."""
+    if spec.startswith("trl:"):
+        return spec
+    file, sep, function = spec.rpartition(":")
+    if sep and file.endswith(".py"):
+        return f"{Path(file).name}:{function}"
+    return Path(spec.removeprefix("model:")).name
 
 
 def _use(written: str, scores: bool = False) -> list[str]:

@@ -20,6 +20,7 @@ from tests.chat_fixtures import build
 from tests.conftest import DATA, run_cli, write_experiment
 from tunelab.config import load_experiment
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.export import model_card
 from tunelab.plan import make_plan
 from tunelab.report.terminal import print_show, sparkline
 from tunelab.runs import read_manifest, read_metrics
@@ -169,6 +170,13 @@ output: {{dir: {tmp_path}}}
     tools = folder / "tools.py"
     assert m.tool_hashes == {f"{tools}:capital_of": hashlib.sha256(tools.read_bytes()).hexdigest()[:16]}
     assert (tmp_path / "agent" / "tools" / "tools.py").read_bytes() == tools.read_bytes()
+    # the model card names the rewards and tools it trained with, and their hashes, without this machine's paths
+    card = model_card(tmp_path / "agent", m, "adapter")
+    digest = m.tool_hashes[f"{tools}:capital_of"]
+    assert (
+        f"| tools | tools.py:capital_of (`{digest}`) |" in card and "| rewards | rewards.py:answers_capital (`" in card
+    )
+    assert str(folder) not in card
 
 
 def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:
