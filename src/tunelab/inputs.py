@@ -68,9 +68,9 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
 def with_tools(rows: list[dict], origins: list[str], tools: list[str]) -> list[dict]:
     """GRPO's prompts as TRL renders them when replies may call `tools` (grpo.tools): each with the tools'
     descriptions, which the chat template prints into it. A reply calls tools in a chat, so each prompt must be one."""
-    from tunelab.rewards import load_tools, tool_schema
+    from tunelab.rewards import tool_schemas
 
-    schemas = [tool_schema(tool, spec, i) for i, (tool, spec) in enumerate(zip(load_tools(tools), tools, strict=True))]
+    schemas = tool_schemas(tools)
     for row, origin in zip(rows, origins, strict=True):
         if isinstance(row["prompt"], str):
             raise ConfigError(

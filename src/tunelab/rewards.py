@@ -128,22 +128,31 @@ def _check_function(spec: str, i: int, key: str) -> None:
 def load_tools(specs: list[str]) -> list[Callable]:
     """The tools, imported, each with a description TRL can print into a prompt (type hints and a Google-style
     docstring, as transformers' get_json_schema reads them)."""
-    tools: list[Callable] = []
+    return [tool for tool, _ in _tools_described(specs)]
+
+
+def tool_schemas(specs: list[str]) -> list[dict]:
+    """Each tool's description as the chat template prints it into a prompt."""
+    return [schema for _, schema in _tools_described(specs)]
+
+
+def _tools_described(specs: list[str]) -> list[tuple[Callable, dict]]:
+    described: list[tuple[Callable, dict]] = []
     modules: dict[Path, object] = {}
     for i, spec in enumerate(specs):
         _check_function(spec, i, "grpo.tools")
-        tools.append(_import_function(spec, i, "grpo.tools", modules))
-        tool_schema(tools[-1], spec, i)
-    names = [t.__name__ for t in tools]
+        tool = _import_function(spec, i, "grpo.tools", modules)
+        described.append((tool, _tool_schema(tool, spec, i)))
+    names = [tool.__name__ for tool, _ in described]
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError(
             f"grpo.tools: two tools are called {twice[0]}; the model calls a tool by its function's name, so give "
             "each its own"
         )
-    return tools
+    return described
 
 
-def tool_schema(tool: Callable, spec: str, i: int) -> dict:
+def _tool_schema(tool: Callable, spec: str, i: int) -> dict:
     """The description of a tool the chat template prints (transformers' get_json_schema), or one line that says
     what its docstring or type hints lack."""
     from transformers.utils import get_json_schema
