@@ -40,18 +40,18 @@ TRL_REWARDS = {
 
 def _split(spec: str, i: int, key: str = "grpo.rewards") -> tuple[Path, str]:
     file, sep, function = spec.rpartition(":")
-    if key != "grpo.rewards" and not (sep and file.endswith(".py") and function.isidentifier()):
+    if sep and file.endswith(".py") and function.isidentifier():
+        return Path(file), function
+    if key != "grpo.rewards":
         raise ConfigError(
             f"{key}[{i}]: '{spec}' names no function; write file.py:function (a function in a Python file beside the "
             "experiment)"
         )
-    if not sep or not file.endswith(".py") or not function.isidentifier():
-        raise ConfigError(
-            f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
-            f"beside the experiment), one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}, a reward model (the "
-            "folder of a completed run of method: reward, or model:<hub id or folder>)"
-        )
-    return Path(file), function
+    raise ConfigError(
+        f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
+        f"beside the experiment), one of {', '.join(TRL_PREFIX + n for n in TRL_REWARDS)}, a reward model (the "
+        "folder of a completed run of method: reward, or model:<hub id or folder>)"
+    )
 
 
 def _trl_name(spec: str, i: int) -> str:

@@ -24,8 +24,10 @@ from typing import Any
 from tunelab.config import LIBRARY_NAMES, METHOD_SECTIONS, LoraScope, TrainSettings
 from tunelab.errors import TunelabError
 
-TRAINERS = {"SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "simpo", "Reward": "reward", "": "sft"}
-TRAINERS |= {"GRPO": "grpo"}
+TRAINERS = {
+    "SFT": "sft", "DPO": "dpo", "KTO": "kto", "ORPO": "orpo", "CPO": "simpo", "Reward": "reward", "GRPO": "grpo",
+    "": "sft",
+}  # fmt: skip
 TRL_CONFIGS = {f"{k}Config" for k in TRAINERS if k}  # SFTConfig, DPOConfig, ...: the method they configure
 FILE_BUILDERS = ("json", "csv", "parquet")  # load_dataset's builders for local files
 GENERIC_OUTPUTS = ("output", "outputs", "out", "results", "checkpoints")  # an output_dir that names no experiment
@@ -82,10 +84,10 @@ class ScriptRead:
     argument_defaults: dict[str, Any] = field(default_factory=dict)
     configured: bool = False  # it calls a config of its trainer (TrainingArguments, SFTConfig, ...)
     # GRPO's reward functions and tools the script defines itself, copied (with what they use) into `functions_file`,
-    # a file beside the experiment that grpo.rewards and grpo.tools name.
+    # a file beside the experiment (named after the script) that grpo.rewards and grpo.tools name.
     functions: list[str] = field(default_factory=list)
     functions_file: str | None = None
-    functions_source: str | None = None
+    functions_source: str | None = None  # that file's text, where the script defines any
 
 
 @dataclass
@@ -98,7 +100,6 @@ class Names:
     used: dict[str, Any] = field(default_factory=dict)
     defined: set[str] = field(default_factory=set)  # the functions the script defines at its top level
     imported: dict[str, str] = field(default_factory=dict)  # names its imports bind: `module.name` by name
-    functions_file: str = "functions.py"  # where the functions it defines and names as rewards or tools are copied
 
 
 def read_script(path: Path) -> ScriptRead:
@@ -119,10 +120,9 @@ def read_script(path: Path) -> ScriptRead:
         if isinstance(n, ast.ImportFrom)
         for a in n.names
     }
-    names.functions_file = f"{path.stem}_rewards.py"
     tree = _TakenBranches(names).visit(tree)  # `if args.use_peft:` opens the branch a run with its defaults takes
     names.literals |= _module_literals(tree).literals
-    read = ScriptRead()
+    read = ScriptRead(functions_file=f"{path.stem}_rewards.py")
     held_out = _eval_dataset_calls(tree)
     for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
         if _called(call) == "load_dataset":
@@ -480,7 +480,7 @@ def _read_functions(arg: ast.expr, key: str, names: Names, read: ScriptRead) -> 
         source = names.imported.get(text, text)  # `from trl.rewards import accuracy_reward`, or trl.rewards.x
         value = _literal(item, names)
         if isinstance(item, ast.Name) and item.id in names.defined:
-            specs.append(f"{names.functions_file}:{item.id}")
+            specs.append(f"{read.functions_file}:{item.id}")
             read.functions += [item.id] if item.id not in read.functions else []
         elif key == "grpo.rewards" and isinstance(value, str):
             specs.append(f"model:{value}")  # a reward model's hub id or folder
@@ -546,7 +546,7 @@ def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, re
                         read.unread.append(
                             f"{name}, which the copied functions use: the script binds it by "
                             f"{ast.unparse(loads)[:60]}, which loads a model, data or a trainer, so "
-                            f"{names.functions_file} leaves it out; define it there"
+                            f"{read.functions_file} leaves it out; define it there"
                         )
                     continue
                 kept.add(node)
@@ -562,7 +562,6 @@ def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, re
     if tokenizers:  # the tokenizer alone, not the model loaded with it
         loaded = [f"{name} = AutoTokenizer.from_pretrained({model!r})" for name, model in tokenizers.items()]
         parts = ["from transformers import AutoTokenizer", "\n".join(loaded), *parts]
-    read.functions_file = names.functions_file
     header = (
         f"GRPO's reward functions and tools, copied by `tunelab init --from-script` from {script} with the imports "
         "and names they use (the script itself trains when it is imported)."
@@ -656,16 +655,10 @@ def _read_held_out_fraction(call: ast.Call, names: Names, read: ScriptRead) -> N
 
 def defaults_left_out(given: set[str], config: str, read: ScriptRead) -> None:
     """What the script left to the library's defaults ran with those: the installed library's, written out."""
+    keys = _defaulted(config)
     for name, value in _library_defaults(config).items():
         if name not in given:
-            read.settings.setdefault(_DEFAULTED[name], value)
-    if config == "GRPOConfig":  # the sampling GRPOConfig ran with where tunelab's own defaults differ (its length)
-        import trl
-
-        defaults = config_defaults(trl.GRPOConfig)
-        for name, key in _GRPO_DEFAULTED.items():
-            if name not in given:
-                read.settings.setdefault(key, defaults[name])
+            read.settings.setdefault(keys[name], value)
 
 
 # The settings whose library default a script relies on when it leaves them out, and their experiment keys.
@@ -680,7 +673,15 @@ _DEFAULTED = (
 )
 
 
-_GRPO_DEFAULTED = {"max_completion_length": "grpo.max_completion_length", "num_generations": "grpo.generations"}
+# And a config's own, where tunelab's defaults differ from its (GRPOConfig's 512-token replies).
+_CONFIG_DEFAULTED = {
+    "GRPOConfig": {"max_completion_length": "grpo.max_completion_length", "num_generations": "grpo.generations"}
+}
+
+
+def _defaulted(config: str) -> dict[str, str]:
+    """The settings of `config` whose defaults a script that leaves them out ran with, and their experiment keys."""
+    return _DEFAULTED | _CONFIG_DEFAULTED.get(config, {})
 
 
 def config_defaults(config: type) -> dict[str, Any]:
@@ -706,8 +707,8 @@ def _library_default(name: str) -> Any:
 
 
 def _library_defaults(called: str) -> dict[str, Any]:
-    """The installed library's defaults of `called`'s settings in _DEFAULTED (PEFT's target_modules default is the
-    model's own, q_proj and v_proj on Llama: the qv preset)."""
+    """The installed library's defaults of `called`'s settings that _defaulted names (PEFT's target_modules default
+    is the model's own, q_proj and v_proj on Llama: the qv preset)."""
     if called == "LoraConfig":
         from peft import LoraConfig as config
     else:
@@ -717,7 +718,7 @@ def _library_defaults(called: str) -> dict[str, Any]:
         config = getattr(trl, called, None) or getattr(transformers, called, None)
         if config is None:  # an experimental trainer's config (ORPO, CPO): its defaults are not read
             return {}
-    defaults = {k: v for k, v in config_defaults(config).items() if k in _DEFAULTED and v is not None}
+    defaults = {k: v for k, v in config_defaults(config).items() if k in _defaulted(called) and v is not None}
     return defaults | ({"target_modules": "qv"} if called == "LoraConfig" else {})
 
 

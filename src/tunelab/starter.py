@@ -409,7 +409,7 @@ def starter_from_script(
 def _write_functions(path: Path, read: ScriptRead) -> Path | None:
     """The reward functions and tools a GRPO script defines, copied into a file beside the experiment (never over
     an existing one), which grpo.rewards and grpo.tools name; None where the script defines none."""
-    if read.functions_source is None or read.functions_file is None:
+    if read.functions_source is None or read.functions_file is None:  # nothing to copy, or a recipe
         return None
     target = path.parent / read.functions_file
     if target.exists():
