@@ -57,6 +57,7 @@ os.environ.update(OFFLINE)
 os.environ.update(_threads_per_worker())
 os.environ["TUNELAB_HOME"] = str(_hermetic_home())
 (SCRATCH / "cwd").mkdir()
+_FORKED_ENVIRONMENT = dict(os.environ)  # the environment of every test's commands, unless a test sets another
 _connect = socket.socket.connect
 
 
@@ -80,18 +81,79 @@ def tiny_model_dir() -> Path:
 
 
 def run_cli(
-    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None, fresh: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run `tunelab ...` in a fresh process, as a user would; `env` adds environment variables (None removes one)."""
+    """Run `tunelab ...` in a new process, as a user would; `env` adds environment variables (None removes one).
+    The process is forked from one that has imported the libraries (tests/forked_cli.py) unless `fresh` asks for a
+    new interpreter (a test of what the terminal shows)."""
+    return run_python(["-m", "tunelab", *args], cwd or SCRATCH / "cwd", timeout, env, fresh)
+
+
+def run_python(
+    argv: list[str], cwd: Path, timeout: int, env: dict | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """`python <argv>` in a new process: forked as run_cli says where the libraries it imports would read the same
+    environment as the forking server's, a new interpreter otherwise (another environment, --verbose)."""
+    argv = [str(arg) for arg in argv]
     environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
-    return subprocess.run(
-        [sys.executable, "-m", "tunelab", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd or SCRATCH / "cwd",
-        timeout=timeout,
-        env=environment,
+    if fresh or "--verbose" in argv or _as_commands_set(environment) != _as_commands_set(_FORKED_ENVIRONMENT):
+        command = [sys.executable, *argv]
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=environment)
+    return _forked(argv, cwd, timeout, environment)
+
+
+def _as_commands_set(environment: dict[str, str]) -> dict[str, str]:
+    """The environment a tunelab command's libraries read: its quiet switches set where unset (QUIET_LIBRARIES).
+    Left out: the name of the test that pytest sets, and the cache folder torch's inductor sets to its default in a
+    process that imports it."""
+    from tunelab.console import QUIET_LIBRARIES
+
+    return {k: v for k, v in {**QUIET_LIBRARIES, **environment}.items() if k not in _SET_IN_PROCESS}
+
+
+def _forked(argv: list[str], cwd: Path, timeout: int, environment: dict[str, str]) -> subprocess.CompletedProcess:
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from tests import forked_cli
+
+    context = multiprocessing.get_context("forkserver")
+    if not _FORK_SERVER:
+        if str(REPO) not in sys.path:  # the server imports tests.forked_cli by this process's sys.path
+            sys.path.append(str(REPO))
+        # A new interpreter's sys.path after its first entry (the script's folder, or the working directory).
+        shown = subprocess.run([sys.executable, "-c", "import sys, json; print(json.dumps(sys.path[1:]))"],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+        _FORK_SERVER["path"] = __import__("json").loads(shown.stdout)
+        # The server imports the libraries in the environment a command gives them.
+        context.set_forkserver_preload(forked_cli.PRELOAD)
+        own = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(_as_commands_set(_FORKED_ENVIRONMENT))
+        try:
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(own)
+    streams = Path(tempfile.mkdtemp(dir=SCRATCH))
+    out, err = streams / "out", streams / "err"
+    arguments = (argv, _FORK_SERVER["path"], str(cwd), environment, str(out), str(err))
+    process = context.Process(target=forked_cli.run, args=arguments)
+    process.start()
+    process.join(timeout)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+        raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+    done = subprocess.CompletedProcess(
+        [sys.executable, *argv], process.exitcode, out.read_text(errors="replace"), err.read_text(errors="replace")
     )
+    shutil.rmtree(streams)
+    return done
+
+
+_FORK_SERVER: dict[str, list[str]] = {}
+_SET_IN_PROCESS = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def straight_and_killed(example: str, kill_after: int, out: Path, *args: str) -> tuple[list[str], int]:
@@ -124,9 +186,7 @@ def crash_after_save(step: int, *args: str, nproc: int = 1) -> subprocess.Comple
     `callbacks` seam."""
     script = [str(Path(__file__).parent / "crash_after_save.py"), str(step), *args]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
-    return subprocess.run(
-        [sys.executable, *launcher, *script], capture_output=True, text=True, cwd=SCRATCH / "cwd", timeout=600
-    )
+    return run_python([*launcher, *script], SCRATCH / "cwd", 600, fresh=nproc > 1)
 
 
 def resume_matches_straight(example: str, out: Path, *args: str) -> None:

@@ -18,6 +18,13 @@ from pathlib import Path
 
 TRAIN_LOG = "train.log"
 STATE = {"verbose": False}
+# The libraries' switches a command sets, only where the user has not chosen, unless --verbose
+QUIET_LIBRARIES = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_VERBOSITY": "error",  # its "Retrying in 8s" lines on a flaky network
+}
 
 
 def set_verbosity(verbose: bool) -> None:
@@ -25,11 +32,8 @@ def set_verbosity(verbose: bool) -> None:
     STATE["verbose"] = verbose
     if verbose:
         return
-    # only where the user has not chosen
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # its "Retrying in 8s" lines on a flaky network
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
     # transformers deprecates a name PEFT still calls; the warning says nothing to a tunelab user
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     logging.captureWarnings(True)  # warnings become records of the "py.warnings" logger ...

@@ -20,6 +20,7 @@ from tests.conftest import (
     can_mount_small_disks,
     relative_distance,
     run_cli,
+    run_python,
     trained_tensors,
 )
 from tunelab.config import load_experiment
@@ -134,13 +135,7 @@ def test_running_out_of_memory_names_the_fix_and_a_resume_with_it_ends_where_the
 ) -> None:
     steps = ["--set", "train.max_steps=12", "--set", "train.save_steps=5", "--set", "train.logging_steps=1"]
     args = [QUICKSTART, *steps, "--set", f"output.dir={tmp_path}"]
-    oom = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fail_mid_run.py"), "7", "--oom", *args],
-        capture_output=True,
-        text=True,
-        cwd=SCRATCH / "cwd",
-        timeout=600,
-    )
+    oom = run_python([str(REPO / "tests" / "fail_mid_run.py"), "7", "--oom", *args], SCRATCH / "cwd", 600)
     assert oom.returncode == 2, oom.stderr[-3000:]
     (line,) = [x for x in oom.stderr.splitlines() if x.startswith("error:")]
     assert "Traceback" not in oom.stderr

@@ -19,7 +19,7 @@ def foreign(text: str) -> list[str]:
 
 def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_dir) -> None:
     exp = [str(EXAMPLES / "quickstart.yaml"), "--set", f"output.dir={tmp_path}", "--set", "train.max_steps=2"]
-    quiet = run_cli("train", *exp, "--name", "quiet", env=UNSET)
+    quiet = run_cli("train", *exp, "--name", "quiet", env=UNSET, fresh=True)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert quiet.stderr == "" and foreign(quiet.stdout) == []
     assert "quiet completed in" in quiet.stdout
@@ -36,7 +36,7 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
     assert "INFO transformers.trainer: ***** Running training *****" in log
     assert "INFO transformers.modeling_utils: loading weights file" in log
 
-    loud = run_cli("--verbose", "train", *exp, "--name", "loud", env=UNSET)
+    loud = run_cli("--verbose", "train", *exp, "--name", "loud", env=UNSET, fresh=True)
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Loading weights" in loud.stderr and "[transformers] loading weights file" in loud.stderr
 
@@ -48,6 +48,7 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
         "--out",
         str(tmp_path / "rep"),
         env=UNSET,
+        fresh=True,
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert report.stderr == "" and foreign(report.stdout) == []
@@ -55,6 +56,6 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
 
 def test_plan_and_study_plan_print_only_tunelabs_lines(tmp_path: Path) -> None:
     for args in (["plan", str(EXAMPLES / "quickstart.yaml")], ["study", "plan", str(EXAMPLES / "ladder.yaml")]):
-        out = run_cli(*args, env=UNSET)
+        out = run_cli(*args, env=UNSET, fresh=True)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stderr == "" and foreign(out.stdout) == [], args
