@@ -337,6 +337,34 @@ def test_tool_calling_chats_plan_and_train_on_the_models_own_template(family_dir
     assert m.status == "completed" and m.change_check.ok
 
 
+def pairwise_dataset(method: str, model_dir: Path, records: list[dict], folder: Path):
+    """The training rows `method`'s trainer holds for these records, on the model in `model_dir`; and its tokenizer."""
+    from tunelab.data import load_splits
+    from tunelab.inputs import encode_split
+    from tunelab.methods import get_method
+    from tunelab.methods.base import TrainerInputs
+    from tunelab.methods.common import Hardware
+    from tunelab.models import load_model, load_tokenizer
+    from tunelab.scopes import apply_scope
+
+    folder.mkdir(exist_ok=True)
+    data = folder / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = (
+        f"name: pairs\nmodel: {{id: {model_dir}}}\ndata: {{train: {data}}}\nmethod: {method}\n"
+        "scope: {lora: {r: 4}}\ntrain: {max_steps: 1, batch_size: 2, max_length: 4096}\n"
+    )
+    exp = load_experiment(write_experiment(folder, text))
+    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    head = "score" if method == "reward" else "lm"
+    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu", head=head), exp.scope)
+    splits = load_splits(exp.data, method, exp.train.seed)
+    encoded = [encode_split(exp, tokenizer, splits.train, fmt=splits.format)]
+    hardware = Hardware("cpu", torch.float32, False)
+    inputs = TrainerInputs(exp, model, tokenizer, splits, encoded, hardware, folder / "ck", [], "adapter", None)
+    return get_method(method).build(inputs).train_dataset, tokenizer
+
+
 def call_turn(name: str, **arguments) -> dict:
     call = {"type": "function", "function": {"name": name, "arguments": arguments}}
     return {"role": "assistant", "content": "", "tool_calls": [call]}
@@ -350,12 +378,6 @@ def test_tool_calling_pairs_reach_every_pairwise_trainer_as_the_template_renders
     trainer tokenizes every pair exactly as the model's own template renders it with the row's tools, a pair
     without tools in the same file without them, and every call with its own arguments (no other call's keys)."""
     from tests.unit.test_tool_calls import TOOLS
-    from tunelab.data import load_splits
-    from tunelab.methods import get_method
-    from tunelab.methods.base import TrainerInputs
-    from tunelab.methods.common import Hardware
-    from tunelab.models import load_model, load_tokenizer
-    from tunelab.scopes import apply_scope
 
     def ask(text: str) -> list[dict]:
         return [{"role": "user", "content": text}]
@@ -371,26 +393,12 @@ def test_tool_calling_pairs_reach_every_pairwise_trainer_as_the_template_renders
         {"prompt": ask("Where is Vevasmo?"), "chosen": [call_turn("get_country", city="Vevasmo")],
          "rejected": [call_turn("get_capital", country="Vevasmo")], "tools": json.dumps([*TOOLS, where])},
     ]  # fmt: skip
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    model_dir = family_dirs["qwen2.5-instruct"]
-    text = (
-        f"name: tools\nmodel: {{id: {model_dir}}}\ndata: {{train: {data}}}\nmethod: {method}\n"
-        "scope: {lora: {r: 4}}\ntrain: {max_steps: 1, batch_size: 2, max_length: 4096}\n"
-    )
-    exp = load_experiment(write_experiment(tmp_path, text))
-    tokenizer = load_tokenizer(exp.tokenizer, exp.model)
+    seen, tokenizer = pairwise_dataset(method, family_dirs["qwen2.5-instruct"], records, tmp_path)
 
     def whole(record: dict, answer: str) -> str:
         tools = json.loads(record["tools"]) if isinstance(record.get("tools"), str) else record.get("tools")
         return tokenizer.apply_chat_template(record["prompt"] + record[answer], tools=tools, tokenize=False)
 
-    head = "score" if method == "reward" else "lm"
-    model, _ = apply_scope(load_model(exp.model, torch.float32, "cpu", head=head), exp.scope)
-    splits = load_splits(exp.data, method, exp.train.seed)
-    hardware = Hardware("cpu", torch.float32, False)
-    inputs = TrainerInputs(exp, model, tokenizer, splits, [], hardware, tmp_path / "ck", [], "adapter", None)
-    seen = get_method(method).build(inputs).train_dataset
     decode = tokenizer.decode
     if method == "kto":  # unpaired: each answer a completion, shuffled
         got = sorted((decode(r["prompt_ids"] + r["completion_ids"]), r["label"]) for r in seen)
@@ -408,6 +416,30 @@ def test_tool_calling_pairs_reach_every_pairwise_trainer_as_the_template_renders
                 assert shown.endswith(f"{eos}\n")
                 assert decode(processed[f"{answer}_input_ids"]) == shown[: shown.rindex(eos) + len(eos)]
     assert '"name": "get_country"' in whole(records[2], "chosen") and "null" not in whole(records[2], "chosen")
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+@pytest.mark.parametrize("family", ["gemma-2-it", "phi-3-mini-instruct", "qwen2.5-instruct"])
+def test_reference_free_pairs_end_where_sft_ends_a_reply(method: str, family: str, family_dirs, tmp_path: Path) -> None:
+    """ORPO's and SimPO's answers end at the reply's terminator, the token SFT supervises last and generation stops
+    at: nothing after it, not the newline the template prints next (Qwen's, Gemma's), not its EOS (Phi-3's), and
+    not the EOS TRL appends to an answer that does not end with EOS (`<end_of_turn><eos>` before, on Gemma)."""
+    pairs = [
+        {"prompt": [{"role": "user", "content": "Capital of Molo?"}],
+         "chosen": [{"role": "assistant", "content": "Vevasmo."}], "rejected": [{"role": "assistant", "content": "Paris."}]},
+        {"prompt": "The capital of Molo is", "chosen": " Vevasmo.", "rejected": " Paris."},
+    ]  # fmt: skip
+    terminator = json.loads((FIXTURES / "families.json").read_text())[family]["terminator"]
+    chat, tokenizer = pairwise_dataset(method, family_dirs[family], pairs[:1], tmp_path / "chat")
+    text, _ = pairwise_dataset(method, family_dirs[family], pairs[1:], tmp_path / "text")
+    for answer in ("chosen", "rejected"):
+        ids, labels = chat[0][f"{answer}_input_ids"], chat[0][f"{answer}_labels"]
+        shown = tokenizer.apply_chat_template(pairs[0]["prompt"] + pairs[0][answer], tokenize=False)
+        cut = tokenizer(shown[: shown.rindex(terminator) + len(terminator)], add_special_tokens=False)["input_ids"]
+        assert ids[-len(cut) :] == cut and ids[: -len(cut)] in ([], [tokenizer.bos_token_id])  # TRL adds BOS (Phi-3)
+        assert ids[-1] == labels[-1] == tokenizer.convert_tokens_to_ids(terminator)
+        # a plain-text pair has no terminator: TRL's EOS ends it
+        assert text[0][f"{answer}_input_ids"][-1] == tokenizer.eos_token_id
 
 
 def test_a_reward_model_scores_a_reply_after_the_tools_it_was_shown(family_dirs) -> None:

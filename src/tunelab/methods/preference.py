@@ -49,34 +49,72 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
     from tunelab.methods.common import instantiate, trl_config
     from tunelab.methods.sampling import seeded
 
-    exp = inputs.exp
+    exp, tokenizer = inputs.exp, inputs.tokenizer
+    terminator = reply_terminator(inputs)
     train_rows, eval_rows = (
-        None if rows is None else [as_text_pair(r, inputs.tokenizer) for r in rows] for rows in preference_rows(inputs)
+        None if rows is None else [as_text_pair(r, tokenizer, terminator) for r in rows]
+        for rows in preference_rows(inputs)
     )
     has_eval = eval_rows is not None
     args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, exp.method, len(train_rows))
     args["include_num_input_tokens_seen"] = "no"
     config = trl_config(config_class, **args, max_length=exp.train.max_length, **settings)
-    return instantiate(
-        seeded(trainer_class), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks
-    )
+    trainer_class = seeded(trainer_class)
+    if terminator and terminator != tokenizer.eos_token:
+        trainer_class = ending_at(terminator, trainer_class)
+    return instantiate(trainer_class, inputs.model, config, tokenizer, train_rows, eval_rows, inputs.callbacks)
 
 
-def as_text_pair(row: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+def reply_terminator(inputs: TrainerInputs) -> str | None:
+    """The special token that ends the training replies, as SFT found it in the pairs' chosen answers (Gemma's
+    <end_of_turn>, ChatML's <|im_end|>), where the pairs are conversations; None for plain-text pairs."""
+    counts = inputs.encoded[0].terminators if inputs.encoded else None
+    if not counts or not is_chat_pair(inputs.splits.train.rows[0]):
+        return None
+    return inputs.tokenizer.convert_ids_to_tokens(counts.most_common(1)[0][0])
+
+
+def is_chat_pair(row: dict) -> bool:
+    from trl.data_utils import is_conversational
+
+    return is_conversational(row)
+
+
+def as_text_pair(row: dict, tokenizer: PreTrainedTokenizerBase, terminator: str | None) -> dict:
     """A conversational pair as ORPO's and SimPO's trainers are handed it: rendered to text by TRL's own
     `apply_chat_template`, as they would render it, but with the row's tools (they render without them), and each
-    answer ending at EOS where the template follows EOS with whitespace alone (ChatML's "<|im_end|>\n"). Those
-    trainers append EOS to an answer that does not end with it: on Qwen they trained "<|im_end|>\n<|im_end|>"."""
-    from trl.data_utils import apply_chat_template, is_conversational
+    answer ending at the reply's `terminator` where the template follows it with whitespace and EOS alone (ChatML's
+    "<|im_end|>\n", Gemma's "<end_of_turn>\n", Phi-3's "<|end|>\n<|endoftext|>"), as SFT supervises a reply."""
+    from trl.data_utils import apply_chat_template
 
-    if not is_conversational(row):
+    if not is_chat_pair(row):
         return row
     text = apply_chat_template(row, tokenizer, tools=row.get("tools"))
-    for answer in ("chosen", "rejected") if tokenizer.eos_token else ():
-        head, eos, after = text[answer].rpartition(tokenizer.eos_token)
-        if eos and not after.strip():
-            text[answer] = head + eos
+    for answer in ("chosen", "rejected") if terminator else ():
+        head, end, after = text[answer].rpartition(terminator)
+        if end and not after.replace(tokenizer.eos_token or terminator, "").strip():
+            text[answer] = head + end
     return text
+
+
+def ending_at(terminator: str, trainer_class: type) -> type:
+    """The pairwise trainer class without the EOS it appends to an answer that ends at the reply's `terminator`,
+    where that is not EOS (Gemma's <end_of_turn>, Phi-3's <|end|>). TRL appends EOS to every answer that does not end
+    with it, so those trained `reply<end_of_turn><eos>`: a token after the one generation stops at."""
+
+    class EndingAtTerminator(trainer_class):
+        def tokenize_row(self, feature: dict, *args, **kwargs) -> dict:
+            batch = super().tokenize_row(feature, *args, **kwargs)
+            for answer in ("chosen", "rejected"):
+                ids = batch[f"{answer}_input_ids"]
+                # the EOS TRL appended; an answer the length limit cut has lost it already
+                if feature[answer].endswith(terminator) and ids[-1:] == [self.processing_class.eos_token_id]:
+                    for key in ("input_ids", "attention_mask", "labels"):
+                        batch[f"{answer}_{key}"] = batch[f"{answer}_{key}"][:-1]
+            return batch
+
+    EndingAtTerminator.__name__ = EndingAtTerminator.__qualname__ = trainer_class.__name__
+    return EndingAtTerminator
 
 
 def reference_strategy(settings, adapter: bool) -> str:
