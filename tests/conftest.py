@@ -8,6 +8,8 @@ a scratch working directory, so a test that forgets `output.dir` cannot write in
 from __future__ import annotations
 
 import atexit
+import functools
+import json
 import os
 import shutil
 import socket
@@ -113,32 +115,14 @@ def _as_commands_set(environment: dict[str, str]) -> dict[str, str]:
 
 def _forked(argv: list[str], cwd: Path, timeout: int, environment: dict[str, str]) -> subprocess.CompletedProcess:
     import multiprocessing
-    from multiprocessing import forkserver
 
     from tests import forked_cli
 
     context = multiprocessing.get_context("forkserver")
-    if not _FORK_SERVER:
-        if str(REPO) not in sys.path:  # the server imports tests.forked_cli by this process's sys.path
-            sys.path.append(str(REPO))
-        # A new interpreter's sys.path after its first entry (the script's folder, or the working directory).
-        shown = subprocess.run([sys.executable, "-c", "import sys, json; print(json.dumps(sys.path[1:]))"],
-                               capture_output=True, text=True, check=True)  # fmt: skip
-        _FORK_SERVER["path"] = __import__("json").loads(shown.stdout)
-        # The server imports the libraries in the environment a command gives them.
-        context.set_forkserver_preload(forked_cli.PRELOAD)
-        own = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(_as_commands_set(_FORKED_ENVIRONMENT))
-        try:
-            forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(own)
+    arguments = (argv, _fork_server(), str(cwd), environment)
     streams = Path(tempfile.mkdtemp(dir=SCRATCH))
     out, err = streams / "out", streams / "err"
-    arguments = (argv, _FORK_SERVER["path"], str(cwd), environment, str(out), str(err))
-    process = context.Process(target=forked_cli.run, args=arguments)
+    process = context.Process(target=forked_cli.run, args=(*arguments, str(out), str(err)))
     process.start()
     process.join(timeout)
     if process.exitcode is None:
@@ -152,7 +136,30 @@ def _forked(argv: list[str], cwd: Path, timeout: int, environment: dict[str, str
     return done
 
 
-_FORK_SERVER: dict[str, list[str]] = {}
+@functools.cache
+def _fork_server() -> list[str]:
+    """Start the forkserver, its libraries imported in the environment a command gives them; return a new
+    interpreter's sys.path after its first entry (the script's folder, or the working directory)."""
+    from multiprocessing import forkserver
+
+    from tests import forked_cli
+
+    if str(REPO) not in sys.path:  # the server imports tests.forked_cli by this process's sys.path
+        sys.path.append(str(REPO))
+    shown = subprocess.run([sys.executable, "-c", "import sys, json; print(json.dumps(sys.path[1:]))"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    forkserver.set_forkserver_preload(forked_cli.PRELOAD)
+    own = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_as_commands_set(_FORKED_ENVIRONMENT))
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.clear()
+        os.environ.update(own)
+    return json.loads(shown.stdout)
+
+
 _SET_IN_PROCESS = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
 
 
@@ -212,8 +219,6 @@ def resume_matches_straight(example: str, out: Path, *args: str) -> None:
 def fake_run(folder: Path, name: str, fingerprint: str = "f", **fields) -> Path:
     """A completed LoRA run folder holding only a manifest (base "m" with this fingerprint, plus `fields`): enough
     for the checks commands make before loading anything."""
-    import json
-
     run = folder / name
     run.mkdir()
     manifest = {

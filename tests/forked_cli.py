@@ -7,7 +7,7 @@ once and nothing of tunelab: each process is still a new one, with its own pid, 
 and standard streams, that imports tunelab afresh and runs `python -m tunelab ...` (or a test script) as `__main__`.
 
 What a forked process cannot differ in is what the libraries read from the environment when imported, so a call
-with an environment other than the server's runs in a plain new interpreter instead (`runs_forked`). Tests of what
+with an environment other than the server's runs in a plain new interpreter instead (conftest's `run_python`). Tests of what
 the terminal shows (import-time warnings among it) start plain processes too: the server printed those.
 
 This module is the forked processes' entry: it imports nothing heavy, and nothing of the tests."""

@@ -92,7 +92,9 @@ def as_text_pair(row: dict, tokenizer: PreTrainedTokenizerBase, terminator: str 
     text = apply_chat_template(row, tokenizer, tools=row.get("tools"))
     for answer in ("chosen", "rejected") if terminator else ():
         head, end, after = text[answer].rpartition(terminator)
-        if end and not after.replace(tokenizer.eos_token or terminator, "").strip():
+        if tokenizer.eos_token:
+            after = after.replace(tokenizer.eos_token, "")
+        if end and not after.strip():
             text[answer] = head + end
     return text
 
