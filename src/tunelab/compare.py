@@ -45,6 +45,7 @@ class Prompt:
     regex: list[str] = field(default_factory=list)
     reference: str | None = None
     fields: dict = field(default_factory=dict)  # the row's other fields, which GRPO's rewards read
+    tools: list[dict] | None = None  # the tool definitions the chat template prints with the prompt
 
     @property
     def text(self) -> str:
@@ -119,7 +120,7 @@ def _expectations(row: dict, where: str) -> dict:
 
 
 def read_prompts(path: Path) -> list[Prompt]:
-    from tunelab.data import read_records
+    from tunelab.data import read_records, row_tools
 
     prompts = []
     records, _ = read_records(str(path), "--prompts")
@@ -133,25 +134,29 @@ def read_prompts(path: Path) -> list[Prompt]:
             messages = [{"role": "user", "content": row["prompt"]}]
         else:
             raise TunelabError(f"{record.where}: a prompt needs 'prompt' (a string) or 'messages' (a list)")
-        fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", *EXPECTATIONS)}
-        prompts.append(Prompt(i, messages, **_expectations(row, record.where), fields=fields))
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", "tools", *EXPECTATIONS)}
+        expected = _expectations(row, record.where)
+        prompts.append(Prompt(i, messages, **expected, fields=fields, tools=row_tools(record)))
     if not prompts:
         raise TunelabError(f"{path}: no prompts")
     return prompts
 
 
 def held_out_prompts(rows: list[dict], limit: int = 32) -> list[Prompt]:
-    """Prompts from held-out data: the conversation up to its last assistant reply, which becomes the reference."""
+    """Prompts from held-out data: the conversation up to its last assistant reply, which becomes the reference,
+    with the row's tools."""
     prompts = []
     for row in rows[:limit]:
+        tools = row.get("tools")
         if "messages" in row:
             last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
-            prompts.append(Prompt(len(prompts), row["messages"][:last], reference=row["messages"][last]["content"]))
+            reference = row["messages"][last]["content"]
+            prompts.append(Prompt(len(prompts), row["messages"][:last], reference=reference, tools=tools))
         elif isinstance(row.get("prompt"), list):
             answer = row.get("chosen") or row.get("completion")
             ref = answer[-1]["content"] if isinstance(answer, list) else answer
-            fields = {k: v for k, v in row.items() if k != "prompt"}
-            prompts.append(Prompt(len(prompts), row["prompt"], reference=ref, fields=fields))
+            fields = {k: v for k, v in row.items() if k not in ("prompt", "tools")}
+            prompts.append(Prompt(len(prompts), row["prompt"], reference=ref, fields=fields, tools=tools))
         elif isinstance(row.get("prompt"), str):
             answer = row.get("chosen") or row.get("completion")
             fields = {k: v for k, v in row.items() if k != "prompt"}
@@ -253,7 +258,8 @@ def _encode(
     if chat:
         texts = [
             tokenizer.apply_chat_template(
-                as_template_reads(p.messages, tokenizer.get_chat_template(), tokenizer),
+                as_template_reads(p.messages, tokenizer.get_chat_template(tools=p.tools), tokenizer),
+                tools=p.tools,
                 add_generation_prompt=True,
                 tokenize=False,
                 **template_vars,
@@ -497,6 +503,7 @@ def compare(
     rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
     grpo_exp = rewarded[2] if rewarded else None
     prompts, eval_rows = _prompts_and_eval(grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None)
+    prompts, tools_note = with_run_tools(prompts, rewarded)
     held_out = _held_out_sets(exp, sft, eval_rows, eval_also or {})
     pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
@@ -545,6 +552,7 @@ def compare(
         # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
         "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
         "rewards": rewards_note,  # GRPO: which run's rewards scored every variant's outputs, or why none did
+        "tools": tools_note,  # GRPO with grpo.tools: whose tools every prompt shows
         "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
     }
     return Comparison(model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
@@ -580,6 +588,28 @@ def _prompts_and_eval(
     source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_sources[0], "data.train")
     held_out = (None if own_prompts else eval_rows) or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
     return held_out_prompts(held_out), eval_rows
+
+
+def with_run_tools(
+    prompts: list[Prompt], rewarded: tuple[Path, Manifest, Experiment] | None
+) -> tuple[list[Prompt], str | None]:
+    """The prompts as a GRPO run that sampled with tools (grpo.tools) was asked: each prompt without tools of its own
+    shows that run's tools (as it trained with them: the files, or its kept copies of those that changed since), for
+    every variant alike; and a note saying so. A reply's calls are shown as written, not run."""
+    from dataclasses import replace
+
+    from tunelab.rewards import KEPT_TOOLS, as_trained, tool_schemas
+
+    if rewarded is None:
+        return prompts, None
+    run_dir, manifest, exp = rewarded
+    specs = exp.grpo.tools if exp.grpo else None
+    if not specs:
+        return prompts, None
+    schemas = tool_schemas(as_trained(specs, run_dir, manifest.tool_hashes, KEPT_TOOLS))
+    names = ", ".join(spec.rpartition(":")[2] for spec in specs)
+    note = f"{manifest.name}'s tools ({names}) shown with every prompt; a reply's calls are shown, not run"
+    return [p if p.tools else replace(p, tools=schemas) for p in prompts], note
 
 
 def reward_scores(
@@ -659,9 +689,10 @@ def judge_scores(
     else:
         judged_by = f"{read_manifest(Path(spec)).name} ({spec})"
     judge = RewardModel(str(spec), quantization=quantization)
-    asked = [p.messages for p in prompts]
+    asked, shown = [p.messages for p in prompts], [p.tools for p in prompts]
     scores = {
-        name: round(statistics.fmean(judge(asked, texts)), 4) if texts else None for name, texts in outputs.items()
+        name: round(statistics.fmean(judge(asked, texts, shown)), 4) if texts else None
+        for name, texts in outputs.items()
     }
     note = f"the mean score of each variant's outputs by the reward model {judged_by}"
     if not pairs:

@@ -557,7 +557,7 @@ def _tool_calls(record: Record, calls: Any, where: str, role: str) -> list[dict]
     return out
 
 
-def _tools(record: Record) -> list[dict] | None:
+def row_tools(record: Record) -> list[dict] | None:
     """A row's tool definitions (JSON schemas the template prints for the model), from a list or a JSON string."""
     tools = record.value.get("tools")
     if tools is None or tools == "":
@@ -579,7 +579,7 @@ def _with_tools(row: dict, tools: list[dict] | None) -> dict:
 def _conversation_tools(record: Record, row: dict) -> dict:
     """A prompt-and-answers row (prompt/completion, a preference pair, KTO's thumbs) with the record's tool
     definitions, which the chat template prints into the conversation: its prompt must be one."""
-    tools = _tools(record)
+    tools = row_tools(record)
     if tools and not isinstance(row["prompt"], list):
         parts = ["prompt", *(k for k in ANSWERS if k in row)]
         raise TunelabError(
@@ -761,9 +761,9 @@ def _normalise(record: Record, fmt: str) -> dict:
     match fmt:
         case "messages":
             messages = _messages(record, record.value.get("messages"), "messages", need_assistant=True)
-            return _with_tools({"messages": messages}, _tools(record))
+            return _with_tools({"messages": messages}, row_tools(record))
         case "conversations":
-            return _with_tools({"messages": _sharegpt(record)}, _tools(record))
+            return _with_tools({"messages": _sharegpt(record)}, row_tools(record))
         case "alpaca":
             return {"messages": _alpaca(record)}
         case "prompt_completion":
@@ -790,7 +790,7 @@ def _normalise(record: Record, fmt: str) -> dict:
 def _prompt(record: Record) -> dict:
     """The shape of the methods that sample their own replies (GRPO, distill): the prompt, and the row's other fields
     as they are (TRL passes them to GRPO's reward functions)."""
-    if _tools(record):
+    if row_tools(record):
         raise TunelabError(
             f"{record.where}: tool definitions ('tools') on prompts to sample replies for are not read; name the "
             "Python functions a reply may call in grpo.tools (file.py:function), and remove the field"

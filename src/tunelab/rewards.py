@@ -249,10 +249,11 @@ def keep_copies(specs: list[str], run_dir: Path, kept: str = KEPT) -> None:
         write_atomic(copy, file.read_text())
 
 
-def as_trained(specs: list[str], run_dir: Path, recorded: dict[str, str] | None) -> list[str]:
-    """The rewards as the run trained with them: each file as named where it still has the hash the run `recorded`
-    (it may import the helpers beside it), else the copy the run kept (the file changed or moved since)."""
-    copies = _copies(specs, run_dir)
+def as_trained(specs: list[str], run_dir: Path, recorded: dict[str, str] | None, kept: str = KEPT) -> list[str]:
+    """The rewards (or tools) as the run trained with them: each file as named where it still has the hash the run
+    `recorded` (it may import the helpers beside it), else the copy the run kept in `kept` (the file changed or moved
+    since)."""
+    copies = _copies(specs, run_dir, kept)
     now = {}
     for spec in specs:
         if _is_file(spec) and Path(spec.rpartition(":")[0]).is_file():

@@ -311,10 +311,14 @@ def test_a_thinking_template_trains_through_trls_training_version_and_generates_
         make_plan(load_experiment(write_experiment(tmp_path, text)))
 
 
-def test_tool_calling_chats_plan_and_train_on_the_models_own_template(family_dirs, tmp_path: Path) -> None:
+def test_tool_calling_chats_plan_train_and_compare_on_the_models_own_template(family_dirs, tmp_path: Path) -> None:
     """OpenAI-shaped tool-calling rows on Llama-3.2 (tools printed into the first user turn): plan shows the
-    call supervised and the tool result not, and the run trains on what plan showed."""
-    from tests.unit.test_tool_calls import OPENAI_ROW
+    call supervised and the tool result not, the run trains on what plan showed, and compare asks the held-out
+    chat with its tools, as training rendered it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.unit.test_tool_calls import OPENAI_ROW, TOOLS
+    from tunelab.compare import compare
 
     data = tmp_path / "tools.jsonl"
     data.write_text((json.dumps(OPENAI_ROW) + "\n") * 8)
@@ -333,8 +337,23 @@ def test_tool_calling_chats_plan_and_train_on_the_models_own_template(family_dir
     unsupervised = "".join(t for t, loss in plan.data.first_example if not loss)
     assert "Vevasmo" in unsupervised and '"name": "get_capital"' in unsupervised  # the result; the definition
     assert plan.data.tokens.rows_unterminated == []
-    m = train(exp).manifest
-    assert m.status == "completed" and m.change_check.ok
+    result = train(exp)
+    assert result.manifest.status == "completed" and result.manifest.change_check.ok
+
+    comparison = compare([result.run_dir], max_new_tokens=4)  # where a random model's top two stay apart
+    asked = OPENAI_ROW["messages"][:3]  # up to the reply after the tool's result
+    assert comparison.prompts[0].tools == TOOLS
+    # the base's reply is the greedy continuation of the template's rendering with the tools
+    tokenizer, base = AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model)
+    messages = comparison.prompts[0].messages
+
+    def greedy(tools: list[dict] | None) -> str:
+        ids = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt")
+        out = base.generate(**ids, max_new_tokens=4, do_sample=False, eos_token_id=base.generation_config.eos_token_id)
+        return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    assert [m["role"] for m in messages] == [m["role"] for m in asked]
+    assert comparison.outputs["base"][0] == greedy(TOOLS) != greedy(None)
 
 
 def pairwise_dataset(method: str, model_dir: Path, records: list[dict], folder: Path):

@@ -110,6 +110,23 @@ def test_bad_prompt_file_names_line(tmp_path: Path) -> None:
         read_prompts(path)
 
 
+def test_a_prompt_files_tools_are_read_as_training_data_holds_them(tmp_path: Path) -> None:
+    from tests.unit.test_tool_calls import TOOLS
+
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"prompt": "a", "tools": json.dumps(TOOLS), "capital": "Vevasmo"},
+        {"prompt": "b"},
+        {"prompt": "c", "tools": 3},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    first, second = read_prompts(path)
+    assert (first.tools, first.fields, second.tools) == (TOOLS, {"capital": "Vevasmo"}, None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(TunelabError, match=r"p.jsonl:3: 'tools' must be a list of tool definitions"):
+        read_prompts(path)
+
+
 def hostile() -> Comparison:
     evil = "<script>alert('x')</script><img src=x onerror=alert(1)>"
     p = Prompt(0, [{"role": "user", "content": evil}], contains=["<b>"])

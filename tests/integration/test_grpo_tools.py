@@ -18,6 +18,7 @@ from rich.console import Console
 
 from tests.chat_fixtures import build
 from tests.conftest import DATA, run_cli, write_experiment
+from tunelab.compare import compare
 from tunelab.config import load_experiment
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.export import model_card
@@ -177,6 +178,13 @@ output: {{dir: {tmp_path}}}
         f"| tools | tools.py:capital_of (`{digest}`) |" in card and "| rewards | rewards.py:answers_capital (`" in card
     )
     assert str(folder) not in card
+    # compare asks every variant the prompts with the tools the run sampled with; the agent answers with a call
+    comparison = compare([tmp_path / "agent"], max_new_tokens=32)
+    assert comparison.prompts and all(p.tools == [tool_schema(tools)] for p in comparison.prompts)
+    assert comparison.settings["tools"] == (
+        "agent's tools (capital_of) shown with every prompt; a reply's calls are shown, not run"
+    )
+    assert any('"name": "capital_of"' in reply for reply in comparison.outputs["agent"])
 
 
 def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:

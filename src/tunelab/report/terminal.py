@@ -364,6 +364,8 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         console.print(Text("best: " + "; ".join(leaders)), soft_wrap=True)
     if comparison.settings.get("rewards"):  # what the reward column holds: a GRPO run's rewards or a reward model's
         console.print(Text(f"reward: {comparison.settings['rewards']}"), soft_wrap=True)
+    if comparison.settings.get("tools"):  # a GRPO run's tools, shown with every prompt
+        console.print(Text(f"tools: {comparison.settings['tools']}"), soft_wrap=True)
 
 
 def print_outputs(comparison, console: Console | None = None) -> None:
