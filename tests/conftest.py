@@ -214,6 +214,20 @@ def resume_matches_straight(example: str, out: Path, *args: str) -> None:
     losses = [[r["loss"] for r in read_metrics(out / n) if "loss" in r] for n in ("straight", "crashed")]
     assert losses[0] == losses[1] and len(losses[0]) == 6
     assert read_manifest(out / "crashed").global_steps == 6
+    # a method that samples its replies keeps the same replies for every step, the one logged before the kill too
+    straight, crashed = kept_rollouts(out / "straight"), kept_rollouts(out / "crashed")
+    assert straight.keys() == crashed.keys() and all(straight[k].equals(crashed[k]) for k in straight)
+
+
+def kept_rollouts(run_dir: Path) -> dict:
+    """The replies a run kept (rollouts/<kind>-<step>.parquet), by (kind, step): pandas DataFrames."""
+    import pandas as pd
+
+    found = {}
+    for file in (run_dir / "rollouts").glob("*.parquet"):
+        kind, _, step = file.stem.partition("-")
+        found[(kind, int(step))] = pd.read_parquet(file)
+    return found
 
 
 def fake_run(folder: Path, name: str, fingerprint: str = "f", **fields) -> Path:

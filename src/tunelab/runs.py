@@ -10,6 +10,8 @@ Layout of `<output.dir>/<name>/`:
     model/             full runs: a standard Transformers folder
     tokenizer/         the tokenizer and chat template actually used
     rewards/           GRPO runs: a copy of each reward file it trains with
+    rollouts/          GRPO and distill runs: the replies sampled for each logged step (train-<step>.parquet) and
+                       evaluation (eval-<step>.parquet), with their rewards
     train.log          the libraries' logs and warnings while it trained (the terminal shows tunelab's lines)
     lm_eval.json       `tunelab eval` scores, task by task, with the base's beside them
     tensorboard/, wandb/  trackers' local files, when train.report_to names them
@@ -38,6 +40,7 @@ MANIFEST = "manifest.json"
 METRICS = "metrics.jsonl"
 EXPERIMENT = "experiment.yaml"
 CHECKPOINTS = "checkpoints"
+ROLLOUTS = "rollouts"
 ADAPTER = "adapter"
 TRAINED = "trained.safetensors"
 FULL_MODEL = "model"
@@ -352,6 +355,9 @@ class Run:
             return
         kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= up_to_step]
         write_atomic(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        for rollout in (self.dir / ROLLOUTS).glob("*.parquet"):  # train-<step>.parquet, eval-<step>.parquet
+            if int(rollout.stem.rpartition("-")[2]) > up_to_step:
+                rollout.unlink()
 
     @property
     def checkpoints(self) -> Path:

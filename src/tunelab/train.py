@@ -21,6 +21,7 @@ from tunelab import distributed
 from tunelab.config import Experiment, model_head
 from tunelab.errors import ConfigError, Terminated, TunelabError, disk_full
 from tunelab.runs import (
+    ROLLOUTS,
     TOKENIZER,
     BaseModelRecord,
     DataRecord,
@@ -659,6 +660,10 @@ def _train_in(
         facts["estimated_memory_bytes"] = memory.total_bytes
         params = trackers.run_params(exp.model_dump(mode="json"), facts)
         callbacks = [*callbacks, trackers.TrackerRecord(report_to, run.dir, params, get_method(exp.method).held_out)]
+    if get_method(exp.method).generates:
+        from tunelab.methods.online import rollout_keeper
+
+        callbacks = [*callbacks, rollout_keeper(run.checkpoints / "completions", run.dir / ROLLOUTS)]
     if exp.train.early_stop is not None and splits.eval:
         from transformers import EarlyStoppingCallback
 

@@ -6,12 +6,13 @@ changed is refused in one line."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, EXAMPLES, resume_matches_straight, run_cli, write_experiment
+from tests.conftest import DATA, EXAMPLES, kept_rollouts, resume_matches_straight, run_cli, write_experiment
 from tests.integration.test_trackers import tensorboard_scalars
 from tunelab.compare import compare
 from tunelab.config import load_experiment
@@ -21,6 +22,17 @@ from tunelab.runs import read_manifest, read_metrics
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow
+
+
+def _example_rewards():
+    spec = importlib.util.spec_from_file_location("example_rewards", EXAMPLES / "rewards.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example_rewards = _example_rewards()
 
 
 def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: Path, tiny_model_dir) -> None:
@@ -56,6 +68,23 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"| eval reward | {m.base_eval_reward:.4g} | {m.final_eval_reward:.4g} |" in card
 
+    # the replies sampled for each logged step and each evaluation are kept under what they are, with their rewards
+    rollouts = kept_rollouts(run_dir)
+    metrics = read_metrics(run_dir)
+    assert sorted(k for k in rollouts if k[0] == "train") == [("train", r["step"]) for r in metrics if "reward" in r]
+    assert sorted(k for k in rollouts if k[0] == "eval") == [("eval", r["step"]) for r in metrics if "eval_reward" in r]
+    rows = {r["prompt"][-1]["content"]: (kind, r) for kind in ("train", "eval") for r in grpo_rows(kind)}
+    for (kind, _), replies in rollouts.items():
+        asked = [rows[p[-1]["content"]] for p in replies["prompt"]]
+        assert len(replies) == 8 and {k for k, _ in asked} == {kind}
+        fields = {key: [r[key] for _, r in asked] for key in ("country", "capital")}
+        completions = [list(c) for c in replies["completion"]]
+        for name in ("names_country", "names_capital"):  # each reward as the example's function scores the reply
+            assert list(replies[name]) == getattr(example_rewards, name)(completions, **fields)
+    assert not (run_dir / "checkpoints" / "completions").exists()
+    evaluations = sum(kind == "eval" for kind, _ in rollouts)
+    assert f"replies sampled: {len(rollouts) - evaluations} logged steps and {evaluations} evaluations" in shown.stdout
+
     # compare scores each variant's greedy replies to the held-out prompts with the run's rewards
     c = compare([run_dir], max_new_tokens=16)
     assert c.settings["rewards"] == "grpo's rewards (names_country, names_capital) on each variant's outputs"
@@ -73,10 +102,17 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     assert other.settings["rewards"].startswith("not scored with grpo's rewards (names_country, names_capital): ")
 
 
+def grpo_rows(split: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"grpo_{split}.jsonl").read_text().splitlines()]
+
+
 def test_grpo_resumes_after_sigkill_to_the_same_weights(tmp_path: Path, tiny_model_dir) -> None:
     """Sampling draws from the RNG the checkpoint restores: the resumed run samples the same replies, and ends with
     the uninterrupted run's weights and losses."""
     resume_matches_straight("grpo", tmp_path)
+    assert [k for k in sorted(kept_rollouts(tmp_path / "crashed")) if k[0] == "train"] == [
+        ("train", step) for step in range(1, 7)
+    ]
 
 
 def test_grpo_keeps_the_checkpoint_of_the_highest_eval_reward(tmp_path: Path, tiny_model_dir) -> None:

@@ -3,12 +3,13 @@ arguments their configs take alike, and the check that every prompt leaves room 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.methods.common import batching, training_arguments
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase, TrainerCallback
 
     from tunelab.config import Experiment
     from tunelab.data import Split
@@ -33,7 +34,10 @@ def sampling_arguments(inputs: TrainerInputs, held_out: str) -> tuple[list[dict]
         # DPO turns it off by default, its GRPO and distillation do not.
         disable_dropout=True,
         shuffle_dataset=True,
-        log_completions=False,
+        # TRL writes the replies sampled for the last logged step, with their rewards, beside the checkpoints
+        # (checkpoints/completions/completions_<step>.parquet); nothing printed
+        log_completions=True,
+        num_completions_to_print=0,
     )
     return train_rows, eval_rows, args
 
@@ -64,3 +68,47 @@ def check_prompt_room(exp: Experiment, encoded: list[Encoded], completion: int, 
                 f"train.max_length={exp.train.max_length}; raise train.max_length to "
                 f"{int(lengths.max()) + completion}, or shorten those prompts"
             )
+
+
+def rollout_keeper(written: Path, kept: Path) -> TrainerCallback:
+    """Keeps the replies TRL's sampling trainers log, each under what it is. After every log, train or eval, TRL
+    writes the replies sampled for it (with their rewards and advantages) to `written`/completions_<step>.parquet:
+    an evaluation's replies overwrite the training replies of the step it follows, and the run's closing log writes
+    the last ones again. TRL writes after the callbacks' on_log, so each on_log moves the file the log before it
+    wrote into `kept` as train-<step>.parquet or eval-<step>.parquet, labelled by what that log was (kept beside
+    the file, so what a crash left is labelled when the run resumes); the closing log's copy is dropped."""
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from tunelab.runs import write_atomic
+
+    label = written / "pending"  # what the latest log was: "train" or "eval"
+
+    def move_pending(up_to_step: int | None = None) -> None:
+        kind = label.read_text() if label.is_file() else None
+        for file in sorted(written.glob("completions_*.parquet")):
+            step = file.stem.removeprefix("completions_")
+            if kind is None or (up_to_step is not None and int(step) > up_to_step):
+                file.unlink()  # unlabelled, or a step the resumed run repeats
+                continue
+            kept.mkdir(exist_ok=True)
+            file.replace(kept / f"{kind}-{step}.parquet")
+        label.unlink(missing_ok=True)
+
+    class KeepRollouts(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                written.mkdir(parents=True, exist_ok=True)
+                move_pending(state.global_step)  # a resumed run: what the log before the crash wrote
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero:
+                move_pending()
+                write_atomic(label, "eval" if any(k.startswith("eval_") for k in logs or {}) else "train")
+
+        def on_train_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                shutil.rmtree(written, ignore_errors=True)  # the closing log's copy of the last replies
+
+    return KeepRollouts()

@@ -478,6 +478,19 @@ def tool_calls_line(m: Manifest, metrics: list[dict]) -> str | None:
     )
 
 
+def rollouts_line(run_dir: Path) -> str | None:
+    """Where a sampling run (GRPO, distill) keeps the replies it sampled, and for how many steps."""
+    from tunelab.runs import ROLLOUTS
+
+    kept = [f.stem.partition("-")[0] for f in (run_dir / ROLLOUTS).glob("*.parquet")]
+    if not kept:
+        return None
+    return (
+        f"replies sampled: {kept.count('train')} logged steps and {kept.count('eval')} evaluations in "
+        f"{run_dir / ROLLOUTS}/ (train-<step>.parquet, eval-<step>.parquet)"
+    )
+
+
 def print_show(
     run_dir,
     manifest: Manifest,
@@ -535,6 +548,8 @@ def print_show(
         )
     if line := tool_calls_line(m, metrics):
         console.print(line)
+    if line := rollouts_line(Path(run_dir)):
+        console.print(Text(line))
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     if train_losses and not rewards:
         console.print(
