@@ -439,10 +439,14 @@ def test_tool_calling_pairs_reach_every_pairwise_trainer_as_the_template_renders
 
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
 @pytest.mark.parametrize("family", ["gemma-2-it", "phi-3-mini-instruct", "qwen2.5-instruct"])
-def test_reference_free_pairs_end_where_sft_ends_a_reply(method: str, family: str, family_dirs, tmp_path: Path) -> None:
-    """ORPO's and SimPO's answers end at the reply's terminator, the token SFT supervises last and generation stops
-    at: nothing after it, not the newline the template prints next (Qwen's, Gemma's), not its EOS (Phi-3's), and
-    not the EOS TRL appends to an answer that does not end with EOS (`<end_of_turn><eos>` before, on Gemma)."""
+def test_reference_free_pairs_are_the_tokens_sft_trains_on(
+    method: str, family: str, family_dirs, tmp_path: Path
+) -> None:
+    """ORPO's and SimPO's pairs are the tokens SFT trains on: they start where the template starts (not with the BOS
+    TRL prepends where the template prints none: Phi-3) and end at the reply's terminator, the token SFT supervises
+    last and generation stops at: nothing after it, not the newline the template prints next (Qwen's, Gemma's), not
+    its EOS (Phi-3's), and not the EOS TRL appends to an answer that does not end with EOS (`<end_of_turn><eos>`
+    before, on Gemma)."""
     pairs = [
         {"prompt": [{"role": "user", "content": "Capital of Molo?"}],
          "chosen": [{"role": "assistant", "content": "Vevasmo."}], "rejected": [{"role": "assistant", "content": "Paris."}]},
@@ -455,10 +459,11 @@ def test_reference_free_pairs_end_where_sft_ends_a_reply(method: str, family: st
         ids, labels = chat[0][f"{answer}_input_ids"], chat[0][f"{answer}_labels"]
         shown = tokenizer.apply_chat_template(pairs[0]["prompt"] + pairs[0][answer], tokenize=False)
         cut = tokenizer(shown[: shown.rindex(terminator) + len(terminator)], add_special_tokens=False)["input_ids"]
-        assert ids[-len(cut) :] == cut and ids[: -len(cut)] in ([], [tokenizer.bos_token_id])  # TRL adds BOS (Phi-3)
+        assert ids == cut  # from the template's first token (no BOS of TRL's where it prints none: Phi-3)
         assert ids[-1] == labels[-1] == tokenizer.convert_tokens_to_ids(terminator)
-        # a plain-text pair has no terminator: TRL's EOS ends it
-        assert text[0][f"{answer}_input_ids"][-1] == tokenizer.eos_token_id
+        # a plain-text pair starts as the tokenizer starts any text and has no terminator: TRL's EOS ends it
+        plain = text[0][f"{answer}_input_ids"]
+        assert plain[:1] == tokenizer(pairs[1]["prompt"])["input_ids"][:1] and plain[-1] == tokenizer.eos_token_id
 
 
 def test_a_reward_model_scores_a_reply_after_the_tools_it_was_shown(family_dirs) -> None:

@@ -59,9 +59,8 @@ def reference_free_trainer(inputs: TrainerInputs, config_class: type, trainer_cl
     args = preference_arguments(exp.train, inputs.hw, inputs.output_dir, has_eval, exp.method, len(train_rows))
     args["include_num_input_tokens_seen"] = "no"
     config = trl_config(config_class, **args, max_length=exp.train.max_length, **settings)
-    trainer_class = seeded(trainer_class)
-    if terminator and terminator != tokenizer.eos_token:
-        trainer_class = ending_at(terminator, trainer_class)
+    chat = is_chat_pair(inputs.splits.train.rows[0])
+    trainer_class = as_sft_tokenizes(seeded(trainer_class), terminator, chat)
     return instantiate(trainer_class, inputs.model, config, tokenizer, train_rows, eval_rows, inputs.callbacks)
 
 
@@ -99,24 +98,36 @@ def as_text_pair(row: dict, tokenizer: PreTrainedTokenizerBase, terminator: str 
     return text
 
 
-def ending_at(terminator: str, trainer_class: type) -> type:
-    """The pairwise trainer class without the EOS it appends to an answer that ends at the reply's `terminator`,
-    where that is not EOS (Gemma's <end_of_turn>, Phi-3's <|end|>). TRL appends EOS to every answer that does not end
-    with it, so those trained `reply<end_of_turn><eos>`: a token after the one generation stops at."""
+def as_sft_tokenizes(trainer_class: type, terminator: str | None, chat: bool) -> type:
+    """The pairwise trainer class (ORPO's, SimPO's) with each pair tokenized as SFT tokenizes it. TRL prepends BOS to
+    every prompt that does not start with it, where SFT has the tokens the template prints (`chat`; Phi-3's and
+    Zephyr's print none) or the tokenizer adds (plain text): Phi-3 trained `<s><|user|>`, which no prompt it is asked
+    in generation starts with. And it appends EOS to every answer that does not end with it, where SFT ends a reply at
+    its `terminator` (Gemma's <end_of_turn>, Phi-3's <|end|>): those trained `reply<end_of_turn><eos>`, a token after
+    the one generation stops at. Each is dropped where TRL added it and SFT has none."""
 
-    class EndingAtTerminator(trainer_class):
+    class AsSftTokenizes(trainer_class):
         def tokenize_row(self, feature: dict, *args, **kwargs) -> dict:
             batch = super().tokenize_row(feature, *args, **kwargs)
-            for answer in ("chosen", "rejected"):
+            tokenizer = self.processing_class
+            bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+            sft_prompt = tokenizer(feature["prompt"], add_special_tokens=not chat)["input_ids"]
+            if bos is not None and batch["prompt_input_ids"][:1] == [bos] and sft_prompt[:1] != [bos]:
+                for key in ("prompt_input_ids", "prompt_attention_mask"):
+                    batch[key] = batch[key][1:]
+                for key in ("input_ids", "attention_mask", "labels"):
+                    for answer in ("chosen", "rejected"):
+                        batch[f"{answer}_{key}"] = batch[f"{answer}_{key}"][1:]
+            for answer in ("chosen", "rejected") if terminator and terminator != tokenizer.eos_token else ():
                 ids = batch[f"{answer}_input_ids"]
                 # the EOS TRL appended; an answer the length limit cut has lost it already
-                if feature[answer].endswith(terminator) and ids[-1:] == [self.processing_class.eos_token_id]:
+                if feature[answer].endswith(terminator) and ids[-1:] == [eos]:
                     for key in ("input_ids", "attention_mask", "labels"):
                         batch[f"{answer}_{key}"] = batch[f"{answer}_{key}"][:-1]
             return batch
 
-    EndingAtTerminator.__name__ = EndingAtTerminator.__qualname__ = trainer_class.__name__
-    return EndingAtTerminator
+    AsSftTokenizes.__name__ = AsSftTokenizes.__qualname__ = trainer_class.__name__
+    return AsSftTokenizes
 
 
 def reference_strategy(settings, adapter: bool) -> str:
