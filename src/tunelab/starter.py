@@ -382,6 +382,9 @@ def starter_from_script(
             )
     if read.loss is not None:
         settings["data.loss_on"] = read.loss
+    moved = None
+    if model != read.model and read.model is not None and "scope.lora.layers" in settings:
+        settings["scope.lora.layers"], moved = _layers_on(settings["scope.lora.layers"], read.model, model, script)
     if "init_from" in settings and not Path(settings["init_from"]).is_absolute():  # the script's folder's, as data
         settings["init_from"] = os.path.relpath(script.parent / settings["init_from"], path.parent)
     trl_sft = read.trainer == "SFTTrainer" and read.loss is None and flags["method"] in (None, "sft")
@@ -394,7 +397,7 @@ def starter_from_script(
             functions.unlink()
         raise
     starter.read_from, starter.unread = script, read.unread + starter.unread
-    starter.notes = _differences(starter.exp, read, trl_sft)
+    starter.notes = _differences(starter.exp, read, trl_sft) + ([moved] if moved else [])
     starter.saves_to = (script.parent / read.output_dir).resolve() if read.output_dir else None
     starter.copied = functions
     if len(files) > 1:  # init read the first file's rows; the run reads them all
@@ -404,6 +407,59 @@ def starter_from_script(
         starter.rows = sum(len(load_file(f, "--data", exp.data, exp.method).rows) for f in files)
     starter.trains = _scope_words(starter.exp.scope)
     return starter
+
+
+def _layers_on(layers: list, scripts_model: str, model: str, script: Path) -> tuple[Any, str | None]:
+    """A script's LoRA layers (PEFT's layers_to_transform, indices) where --model replaces its model: the same part of
+    the new model (the last half of Llama-3.1-8B's 32 layers, 16-31, is layers 8-15 of a 16-layer model), as the
+    layer words (last-half, {last: N}, ...) that select them on the script's model; and a note of it. Indices that
+    are no such part, or of a model whose config cannot be read here, stay as they are where the new model has them.
+    Raises TunelabError where it has not."""
+    import sys
+
+    from tunelab.config import ModelSettings
+    from tunelab.models import load_config
+    from tunelab.scope import layer_ranges, select_layers
+
+    def depth(model_id: str) -> int | None:
+        return getattr(load_config(ModelSettings(id=model_id)).get_text_config(), "num_hidden_layers", None)
+
+    chosen = select_layers(layers, sys.maxsize, "scope.lora.layers")
+    try:
+        before = depth(scripts_model)
+    except TunelabError:
+        before = None  # a hub id this machine cannot reach, a gated one
+    now = depth(model)
+    intent = _layer_words(chosen, before) if before else None
+    if intent is not None and now is not None:
+        words = intent if isinstance(intent, str) else f"{{{next(iter(intent))}: {next(iter(intent.values()))}}}"
+        return intent, (
+            f"scope.lora.layers: {words}, the part of {scripts_model}'s {before} layers the script trains "
+            f"({', '.join(map(str, layers))}); on {model}'s {now} layers that is "
+            f"{layer_ranges(select_layers(intent, now, 'scope.lora.layers'))}"
+        )
+    if now is not None and max(chosen) >= now:
+        known = f"{before} layers" if before else "whose config this machine cannot read"
+        raise TunelabError(
+            f"--model: {script.name} trains LoRA on layers {', '.join(map(str, layers))} of {scripts_model} ({known}), "
+            f"and {model} has {now} (0-{now - 1}); give --scope with the part of this model to train (e.g. last-half)"
+        )
+    return layers, None
+
+
+def _layer_words(chosen: list[int], count: int) -> str | dict | None:
+    """The layer words that select exactly `chosen` of a `count`-layer model; None where none does."""
+    from tunelab.scope import select_layers
+
+    for words in ("all", "last-half", "first-half"):
+        if select_layers(words, count, "") == chosen:
+            return words
+    n = len(chosen)
+    if chosen == list(range(count - n, count)):
+        return {"last": n}
+    if chosen == list(range(n)):
+        return {"first": n}
+    return None
 
 
 def _write_functions(path: Path, read: ScriptRead) -> Path | None:

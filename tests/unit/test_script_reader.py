@@ -74,6 +74,34 @@ def test_the_last_half_variant_plans_the_layers_it_named_and_lists_what_it_compu
     assert plan.scope.trainable_params == 16 * 16 * per_layer  # 16 layers, r 16
 
 
+def test_another_model_trains_the_same_part_of_its_layers_or_init_says_why_not(tmp_path: Path, tiny_model_dir) -> None:
+    """--model replacing the script's model: the last half of Llama-3.1-8B's 32 layers (16-31) is the last half of the
+    built-in model's 4 (2-3), written as last-half; layers that are no such part, or of a model whose config cannot
+    be read here (a hub id offline), and that the new model lacks, are one line."""
+    script = beside_its_data(tmp_path, "train_lora_last_half.py")
+    text = script.read_text()
+    script.write_text(text.replace('"meta-llama/Llama-3.1-8B-Instruct"', repr(LLAMA)))
+    flags = {"scope": None, "method": None, "name": None}
+    starter = starter_from_script(tmp_path / "exp.yaml", script, "builtin:tiny-chat", None, None, **flags)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    assert exp.scope.lora.layers == "last-half" and "layers: last-half" in (tmp_path / "exp.yaml").read_text()
+    assert {m.split(".")[2] for m in make_plan(exp).scope.lora_modules} == {"2", "3"}
+    assert f"scope.lora.layers: last-half, the part of {LLAMA}'s 32 layers the script trains (16-31); on " in (
+        " ".join(starter.notes)
+    )
+    script.write_text(text.replace('"meta-llama/Llama-3.1-8B-Instruct"', repr(LLAMA)).replace("16, 32", "12, 28"))
+    with pytest.raises(
+        TunelabError,
+        match=r"^--model: .* layers 12-27 of .*llama-3.1-8b-instruct \(32 layers\), and "
+        r"builtin:tiny-chat has 4 \(0-3\); give --scope with the part of this model to train",
+    ):
+        starter_from_script(tmp_path / "other.yaml", script, "builtin:tiny-chat", None, None, **flags)
+    script.write_text(text)  # the hub id, which this machine cannot reach
+    with pytest.raises(TunelabError, match=r"^--model: .*of meta-llama/Llama-3.1-8B-Instruct \(whose config this "):
+        starter_from_script(tmp_path / "other.yaml", script, "builtin:tiny-chat", None, None, **flags)
+    assert not (tmp_path / "other.yaml").exists()
+
+
 def test_train_partial_ft_opens_what_its_requires_grad_lines_open(tmp_path: Path) -> None:
     from trl import SFTConfig
 
