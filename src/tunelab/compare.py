@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,8 @@ from tunelab.runs import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import PreTrainedTokenizerBase
 
     from tunelab.teacher import Teacher
@@ -76,6 +78,8 @@ class Comparison:
     prompts: list[Prompt]
     outputs: dict[str, list[str]]  # variant name -> one output per prompt
     checks: dict[str, list[list[Check]]]
+    # variant name -> per prompt, the messages of a reply that called tools (its calls, their results, its answer)
+    exchanges: dict[str, list[list[dict] | None]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self) | {"best": self.best()}
@@ -297,6 +301,21 @@ def stop_ids(model, tokenizer, manifests: list[Manifest]) -> list[int]:
     return stop_token_ids(model.generation_config.eos_token_id, extra)
 
 
+@dataclass
+class ToolUse:
+    """A GRPO run's tools (grpo.tools), run while compare asks every variant, as that run's sampling ran them: a
+    reply that calls them gets their results and goes on, up to `rounds` times. `parser`: the tokenizer with the
+    response parser TRL reads calls with (trl.chat_template_utils.add_response_schema)."""
+
+    functions: dict[str, Callable]
+    rounds: int
+    parser: PreTrainedTokenizerBase | None = None
+
+
+# A reply: its text, or where it called tools, the exchange: its calls, their results, and what it said after them.
+Reply = str | list[dict]
+
+
 def generate_rows(
     model,
     tokenizer,
@@ -306,12 +325,13 @@ def generate_rows(
     decoding: dict = GREEDY,
     template_vars: dict | None = None,
     chat: bool | None = None,
-) -> list[str]:
+    tool_use: ToolUse | None = None,
+) -> list[Reply]:
     """One output per (prompt, adapter) row, in batches; rows of one batch may use different adapters
     (PEFT `adapter_names`, "__base__" for none). An adapter of None means a model without adapters.
     `template_vars`: what the chat template sees beside each prompt (templates.template_vars); `chat`: prompts go
-    through the chat template (asks_in_chat), else as plain text."""
-    outputs = []
+    through the chat template (asks_in_chat), else as plain text. `tool_use`: the tools a reply's calls run."""
+    outputs: list[Reply] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         enc = _encode(tokenizer, [p for p, _ in chunk], model.device, template_vars or {}, chat)
@@ -324,8 +344,80 @@ def generate_rows(
             pad_token_id=tokenizer.pad_token_id,
         )
         new = out[:, enc["input_ids"].shape[1] :]
-        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        if tool_use is None or not chat:
+            outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+            continue
+        prefixes = [ids[mask.bool()] for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        said = [_parsed(tool_use, tokenizer, ids, prefix, decoding) for ids, prefix in zip(new, prefixes, strict=True)]
+        outputs += _go_on_after_tools(model, tokenizer, chunk, said, max_new_tokens, decoding, template_vars, tool_use)
     return outputs
+
+
+def _parsed(tool_use: ToolUse, tokenizer, ids, prefix, decoding: dict) -> dict:
+    """A reply's tokens (up to its stop token) as an assistant message, its tool calls read by the template's
+    response parser as GRPO reads them (TRL's parse_response, after the prompt's tokens `prefix`)."""
+    from trl.chat_template_utils import parse_response
+
+    stops = decoding.get("eos_token_id") or tokenizer.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    kept = ids.tolist()
+    end = next((i for i, token in enumerate(kept) if token in stops), len(kept) - 1)
+    return parse_response(tool_use.parser or tokenizer, kept[: end + 1], prefix=prefix.tolist())
+
+
+def _go_on_after_tools(
+    model, tokenizer, rows, said: list[dict], max_new_tokens, decoding, template_vars, tool_use: ToolUse
+) -> list[Reply]:
+    """Each reply that calls tools gets their results (a tool message each) and is asked to go on, up to
+    tool_use.rounds times; a reply without a call is its text."""
+
+    calling = [i for i, m in enumerate(said) if m.get("tool_calls")]
+    replies: list[Reply] = [[m] if i in calling else m.get("content", "").strip() for i, m in enumerate(said)]
+    if not calling or tool_use.rounds < 1:  # a call made after the last round stays unanswered, as in training
+        return replies
+    exchanges = {i: [said[i], *run_tools(said[i]["tool_calls"], tool_use.functions)] for i in calling}
+    asked = [(replace(rows[i][0], messages=rows[i][0].messages + exchanges[i]), rows[i][1]) for i in calling]
+    fewer = replace(tool_use, rounds=tool_use.rounds - 1)
+    then = generate_rows(
+        model, tokenizer, asked, max_new_tokens, len(asked), decoding, template_vars, True, fewer
+    )  # fmt: skip
+    for i, after in zip(calling, then, strict=True):
+        replies[i] = exchanges[i] + (after if isinstance(after, list) else [{"role": "assistant", "content": after}])
+    return replies
+
+
+def run_tools(calls: list[dict], functions: dict[str, Callable]) -> list[dict]:
+    """A tool message for each call: the function's result, or the error it raised (as GRPO's sampling gives it)."""
+    results = []
+    for call in calls:
+        function = call.get("function", {})
+        name = function.get("name", "unknown")
+        try:
+            if name not in functions:
+                raise ValueError(f"Tool {name} not found.")
+            result = functions[name](**function.get("arguments", {}))
+        except Exception as e:  # noqa: BLE001 - the model reads the error, as in training
+            result = {"error": str(e)}
+        results.append({"role": "tool", "name": name, "content": result if isinstance(result, list) else str(result)})
+    return results
+
+
+def reply_text(reply: Reply) -> str:
+    """A reply as compare shows it: its text, or each call with its result, then what it said after them."""
+    if isinstance(reply, str):
+        return reply
+    lines = []
+    for m in reply:
+        if m["role"] == "tool":
+            lines.append(f"-> {m['content']}")
+            continue
+        for call in m.get("tool_calls") or []:
+            function = call.get("function", {})
+            arguments = ", ".join(f"{k}={v!r}" for k, v in (function.get("arguments") or {}).items())
+            lines.append(f"{function.get('name')}({arguments})")
+        if m.get("content"):
+            lines.append(m["content"].strip())
+    return "\n".join(lines)
 
 
 def generate(
@@ -338,9 +430,10 @@ def generate(
     decoding: dict = GREEDY,
     template_vars: dict | None = None,
     chat: bool | None = None,
-) -> list[str]:
+    tool_use: ToolUse | None = None,
+) -> list[Reply]:
     rows = [(p, adapter) for p in prompts]
-    return generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat)
+    return generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat, tool_use)
 
 
 def generate_mixed(
@@ -353,10 +446,13 @@ def generate_mixed(
     decoding: dict = GREEDY,
     template_vars: dict | None = None,
     chat: bool | None = None,
-) -> dict[str, list[str]]:
+    tool_use: ToolUse | None = None,
+) -> dict[str, list[Reply]]:
     """One pass over prompts x adapters, every batch mixing the adapters' rows (all asked the same way, `chat`)."""
     rows = [(p, a) for p in prompts for a in adapters]
-    outputs = generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat)
+    outputs = generate_rows(
+        model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat, tool_use
+    )  # fmt: skip
     return {a: outputs[i :: len(adapters)] for i, a in enumerate(adapters)}
 
 
@@ -503,7 +599,7 @@ def compare(
     rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
     grpo_exp = rewarded[2] if rewarded else None
     prompts, eval_rows = _prompts_and_eval(grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None)
-    prompts, tools_note = with_run_tools(prompts, rewarded)
+    prompts, tool_use, tools_note = with_run_tools(prompts, rewarded)
     held_out = _held_out_sets(exp, sft, eval_rows, eval_also or {})
     pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
@@ -512,7 +608,7 @@ def compare(
     template = exp.tokenizer if exp is not None else TokenizerSettings()
     outputs, losses = _generate_and_score(
         model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size,
-        decoding, seed, teachers,
+        decoding, seed, teachers, tool_use,
     )  # fmt: skip
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
     variants = [Variant("base", "base", numbers={**losses.get(BASE, {}), **base_scores})] if include_base else []
@@ -524,8 +620,9 @@ def compare(
         variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
     if include_base:
         outputs["base"] = outputs.pop(BASE)
-    checks = {v.name: [check_output(p, o) for p, o in zip(prompts, outputs[v.name], strict=True)] for v in variants}
-    replies = {v.name: outputs[v.name] for v in variants}
+    replies = {v.name: outputs[v.name] for v in variants}  # texts, or exchanges where replies called tools
+    texts = {name: [reply_text(r) for r in said] for name, said in replies.items()}
+    checks = {v.name: [check_output(p, o) for p, o in zip(prompts, texts[v.name], strict=True)] for v in variants}
     judge_accuracy = None
     if judges:
         scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs, judge_quantization)
@@ -555,7 +652,9 @@ def compare(
         "tools": tools_note,  # GRPO with grpo.tools: whose tools every prompt shows
         "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
     }
-    return Comparison(model.id, settings, variants, prompts, {v.name: outputs[v.name] for v in variants}, checks)
+    exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
+    exchanges = {name: said for name, said in exchanges.items() if any(said)}
+    return Comparison(model.id, settings, variants, prompts, texts, checks, exchanges)
 
 
 def _prompts_and_eval(
@@ -590,30 +689,39 @@ def _prompts_and_eval(
     return held_out_prompts(held_out), eval_rows
 
 
+# How many times compare lets a reply call tools and go on, where the GRPO run set no grpo.tool_rounds.
+TOOL_ROUNDS = 4
+
+
 def with_run_tools(
     prompts: list[Prompt], rewarded: tuple[Path, Manifest, Experiment] | None
-) -> tuple[list[Prompt], str | None]:
+) -> tuple[list[Prompt], ToolUse | None, str | None]:
     """The prompts as a GRPO run that sampled with tools (grpo.tools) was asked: each prompt without tools of its own
     shows that run's tools (as it trained with them: the files, or its kept copies of those that changed since), for
-    every variant alike; and a note saying so. A reply's calls are shown as written, not run."""
-    from dataclasses import replace
+    every variant alike; the tools, which run when a reply calls them; and a note saying so."""
 
-    from tunelab.rewards import KEPT_TOOLS, as_trained, tool_schemas
+    from tunelab.rewards import KEPT_TOOLS, as_trained, load_tools, tool_schemas
 
     if rewarded is None:
-        return prompts, None
+        return prompts, None, None
     run_dir, manifest, exp = rewarded
     specs = exp.grpo.tools if exp.grpo else None
     if not specs:
-        return prompts, None
-    schemas = tool_schemas(as_trained(specs, run_dir, manifest.tool_hashes, KEPT_TOOLS))
+        return prompts, None, None
+    kept = as_trained(specs, run_dir, manifest.tool_hashes, KEPT_TOOLS)
+    schemas = tool_schemas(kept)
+    rounds = exp.grpo.tool_rounds or TOOL_ROUNDS if exp.grpo else TOOL_ROUNDS
+    tool_use = ToolUse({tool.__name__: tool for tool in load_tools(kept)}, rounds)
     names = ", ".join(spec.rpartition(":")[2] for spec in specs)
-    note = f"{manifest.name}'s tools ({names}) shown with every prompt; a reply's calls are shown, not run"
-    return [p if p.tools else replace(p, tools=schemas) for p in prompts], note
+    note = (
+        f"{manifest.name}'s tools ({names}) shown with every prompt; a reply's calls run, and it goes on after their "
+        f"results (up to {rounds} rounds)"
+    )
+    return [p if p.tools else replace(p, tools=schemas) for p in prompts], tool_use, note
 
 
 def reward_scores(
-    rewarded: tuple[Path, Manifest, Experiment] | None, prompts: list[Prompt], outputs: dict[str, list[str]]
+    rewarded: tuple[Path, Manifest, Experiment] | None, prompts: list[Prompt], outputs: dict[str, list[Reply]]
 ) -> tuple[dict[str, float], str | None]:
     """Every variant's mean reward over the prompts, by the first GRPO run's rewards (as it trained with them: the
     files, or its kept copies of those that changed since) and weights, each output scored as that run's training
@@ -640,7 +748,8 @@ def reward_scores(
             as_trained(settings.rewards, run_dir, manifest.reward_hashes), settings.reward_quantization
         )
         for name, texts in outputs.items():
-            completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+            completions = [t if isinstance(t, list) else [{"role": "assistant", "content": t}] for t in texts]
+            completions = completions if chat else texts
             totals = [0.0] * len(prompts)
             for reward, weight in zip(rewards, weights, strict=True):
                 values = reward(prompts=asked, completions=completions, **kwargs)
@@ -672,7 +781,7 @@ def _check_judge_quantization(judges: list[Path], quantization: Quantization) ->
 def judge_scores(
     spec: str | Path,
     prompts: list[Prompt],
-    outputs: dict[str, list[str]],
+    outputs: dict[str, list[Reply]],
     pairs: list[dict],
     quantization: Quantization | None = None,
 ) -> tuple[dict[str, float], str, float | None]:
@@ -779,11 +888,13 @@ def _generate_and_score(
     decoding: dict,
     seed: int,
     teachers: list[tuple[str, Teacher]] | None = None,
-) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    tool_use: ToolUse | None = None,
+) -> tuple[dict[str, list[Reply]], dict[str, dict[str, float]]]:
     """Outputs and the held-out sets' losses for every variant, loading the base once; each run's scope kind says how
     it goes on that base (attached beside it, swapped in for a while, or loaded on its own). The tokenizer is the one
     `tokenizer_dir` (the first tunelab run, else the first variant) was trained with. `teachers`: distill's teachers,
-    each loaded on its own after the runs, asked as their students are (they share the students' tokenizer)."""
+    each loaded on its own after the runs, asked as their students are (they share the students' tokenizer).
+    `tool_use`: the tools every variant's calls run."""
     import torch
 
     from tunelab.methods.preference import preference_accuracy
@@ -800,7 +911,8 @@ def _generate_and_score(
     model = base.load().eval()
     decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, [m for _, m in runs])}
     model, kinds = attach_runs(model, runs)
-    outputs: dict[str, list[str]] = {}
+    tools = replace(tool_use, parser=response_parser(tokenizer)) if tool_use else None
+    outputs: dict[str, list[Reply]] = {}
     losses: dict[str, dict[str, float]] = {}
 
     def score(name: str, scored_model) -> None:
@@ -821,12 +933,14 @@ def _generate_and_score(
     if together:
         names = together + ([BASE] if include_base else [])
         outputs.update(
-            generate_mixed(model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding, variables, base_chat)
+            generate_mixed(
+                model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding, variables, base_chat, tools
+            )
         )
     elif include_base:
         with base_alone(model):
             outputs[BASE] = generate(
-                model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, base_chat
+                model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, base_chat, tools
             )
     # The base alone: a PEFT wrapper with every adapter off, or the plain model.
     if include_base:
@@ -837,18 +951,39 @@ def _generate_and_score(
         with kinds[name].active(model, d, name, base) as variant:
             if name not in outputs:  # the kind made the run the model's active state: no routing
                 outputs[name] = generate(
-                    variant, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, chat[name]
+                    variant,
+                    tokenizer,
+                    prompts,
+                    None,
+                    max_new_tokens,
+                    batch_size,
+                    decoding,
+                    variables,
+                    chat[name],
+                    tools,
                 )
             score(name, variant)
     taught = next((chat[m.name] for _, m in runs if m.method == "distill"), base_chat)
     for name, teacher in teachers or []:
         other = load_teacher(teacher, base.device)
         outputs[name] = generate(
-            other, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, taught
+            other, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, taught, tools
         )
         score(name, other)
         del other
     return outputs, losses
+
+
+def response_parser(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The tokenizer with the response parser a reply's tool calls are read with: its own, or the one TRL has for
+    its chat template (GRPO with grpo.tools checked before training that one exists)."""
+    import copy
+
+    from trl.chat_template_utils import add_response_schema
+
+    if getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None):
+        return tokenizer
+    return add_response_schema(copy.copy(tokenizer))
 
 
 def distill_teachers(runs: list[tuple[Path, Manifest]]) -> list[tuple[str, Teacher]]:

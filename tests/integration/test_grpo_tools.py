@@ -178,13 +178,36 @@ output: {{dir: {tmp_path}}}
         f"| tools | tools.py:capital_of (`{digest}`) |" in card and "| rewards | rewards.py:answers_capital (`" in card
     )
     assert str(folder) not in card
-    # compare asks every variant the prompts with the tools the run sampled with; the agent answers with a call
-    comparison = compare([tmp_path / "agent"], max_new_tokens=32)
+    # compare asks every variant the prompts with the tools the run sampled with, runs the calls a reply makes and
+    # lets it go on after their results, as GRPO's sampling did; the run's reward scores the whole exchange
+    record = folder / "tools.calls"
+    record.unlink()
+    comparison = compare([tmp_path / "agent"], max_new_tokens=64)  # a call takes about 40 tokens here
     assert comparison.prompts and all(p.tools == [tool_schema(tools)] for p in comparison.prompts)
     assert comparison.settings["tools"] == (
-        "agent's tools (capital_of) shown with every prompt; a reply's calls are shown, not run"
+        "agent's tools (capital_of) shown with every prompt; a reply's calls run, and it goes on after their results "
+        "(up to 1 rounds)"
     )
-    assert any('"name": "capital_of"' in reply for reply in comparison.outputs["agent"])
+    exchanges = [e for e in comparison.exchanges["agent"] if e is not None]
+    assert exchanges, "the agent called no tool"
+    called = []
+    for exchange, text in zip(comparison.exchanges["agent"], comparison.outputs["agent"], strict=True):
+        if exchange is None:
+            continue
+        call, result = exchange[0]["tool_calls"][0]["function"], exchange[1]
+        called.append(call["arguments"]["country"])
+        assert call["name"] == "capital_of" and result == {
+            "role": "tool", "name": "capital_of", "content": CAPITALS.get(called[-1], "unknown")
+        }  # fmt: skip
+        assert text.startswith(f"capital_of(country={called[-1]!r})\n-> {result['content']}")
+    assert [json.loads(line) for line in record.read_text().splitlines()] == called  # run once a call, in order
+    capitals = [p.fields["capital"] for p in comparison.prompts]
+    said = [e or [{"role": "assistant", "content": t}] for e, t in zip(
+        comparison.exchanges["agent"], comparison.outputs["agent"], strict=True
+    )]  # fmt: skip
+    scored = [1.0 if s[-1]["content"] and c in s[-1]["content"] else 0.0 for s, c in zip(said, capitals, strict=True)]
+    agent = next(v for v in comparison.variants if v.name == "agent")
+    assert agent.numbers["reward"] == round(sum(scored) / len(scored), 4)
 
 
 def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:
