@@ -402,17 +402,27 @@ def runs(
 def show(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    replies: Annotated[
+        int,
+        typer.Option(
+            "--replies",
+            metavar="N",
+            help="GRPO and distill: also print N of the replies sampled at the latest logged step.",
+        ),
+    ] = 0,
 ) -> None:
     """One run's summary: what trained, on what, how it went, and its loss curve."""
-    from tunelab.runs import lm_eval_scores, read_manifest, read_metrics
+    from tunelab.runs import latest_rollouts, lm_eval_scores, read_manifest, read_metrics
 
     manifest = read_manifest(run)
     if as_json:
         print(manifest.model_dump_json(indent=2))
         return
-    from tunelab.report.terminal import print_show
+    from tunelab.report.terminal import print_replies, print_show
 
     print_show(run, manifest, read_metrics(run), lm_eval_scores(run))
+    if replies > 0:
+        print_replies(latest_rollouts(run), replies)
 
 
 @app.command()

@@ -370,7 +370,6 @@ def _go_on_after_tools(
 ) -> list[Reply]:
     """Each reply that calls tools gets their results (a tool message each) and is asked to go on, up to
     tool_use.rounds times; a reply without a call is its text."""
-
     calling = [i for i, m in enumerate(said) if m.get("tool_calls")]
     replies: list[Reply] = [[m] if i in calling else m.get("content", "").strip() for i, m in enumerate(said)]
     if not calling or tool_use.rounds < 1:  # a call made after the last round stays unanswered, as in training
@@ -699,7 +698,6 @@ def with_run_tools(
     """The prompts as a GRPO run that sampled with tools (grpo.tools) was asked: each prompt without tools of its own
     shows that run's tools (as it trained with them: the files, or its kept copies of those that changed since), for
     every variant alike; the tools, which run when a reply calls them; and a note saying so."""
-
     from tunelab.rewards import KEPT_TOOLS, as_trained, load_tools, tool_schemas
 
     if rewarded is None:
@@ -710,7 +708,7 @@ def with_run_tools(
         return prompts, None, None
     kept = as_trained(specs, run_dir, manifest.tool_hashes, KEPT_TOOLS)
     schemas = tool_schemas(kept)
-    rounds = exp.grpo.tool_rounds or TOOL_ROUNDS if exp.grpo else TOOL_ROUNDS
+    rounds = (exp.grpo.tool_rounds if exp.grpo else None) or TOOL_ROUNDS
     tool_use = ToolUse({tool.__name__: tool for tool in load_tools(kept)}, rounds)
     names = ", ".join(spec.rpartition(":")[2] for spec in specs)
     note = (
@@ -747,9 +745,9 @@ def reward_scores(
         rewards = load_rewards(
             as_trained(settings.rewards, run_dir, manifest.reward_hashes), settings.reward_quantization
         )
-        for name, texts in outputs.items():
-            completions = [t if isinstance(t, list) else [{"role": "assistant", "content": t}] for t in texts]
-            completions = completions if chat else texts
+        for name, said in outputs.items():
+            completions = [r if isinstance(r, list) else [{"role": "assistant", "content": r}] for r in said]
+            completions = completions if chat else said
             totals = [0.0] * len(prompts)
             for reward, weight in zip(rewards, weights, strict=True):
                 values = reward(prompts=asked, completions=completions, **kwargs)

@@ -364,6 +364,15 @@ class Run:
         return self.dir / CHECKPOINTS
 
 
+def latest_rollouts(run_dir: Path, kind: str = "train") -> tuple[Path, list[dict]] | None:
+    """The replies a sampling run (GRPO, distill) kept for its latest logged step (`kind` train) or evaluation (eval):
+    the file and its rows (step, prompt, completion, each reward, advantage); None where it kept none."""
+    import pyarrow.parquet as pq
+
+    kept = sorted((run_dir / ROLLOUTS).glob(f"{kind}-*.parquet"))
+    return (kept[-1], pq.read_table(kept[-1]).to_pylist()) if kept else None
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a Trainer checkpoint folder (checkpoint-<step>) was saved at."""
     return int(checkpoint.name.removeprefix("checkpoint-"))

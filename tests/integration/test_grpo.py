@@ -84,6 +84,14 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     assert not (run_dir / "checkpoints" / "completions").exists()
     evaluations = sum(kind == "eval" for kind, _ in rollouts)
     assert f"replies sampled: {len(rollouts) - evaluations} logged steps and {evaluations} evaluations" in shown.stdout
+    # show --replies prints the latest step's first replies with their rewards
+    latest = max(k for k in rollouts if k[0] == "train")
+    first = rollouts[latest].iloc[0]
+    printed = run_cli("show", str(run_dir), "--replies", "2").stdout
+    assert f"replies sampled at step {latest[1]} (2 of 8; " in printed
+    assert f"[1] {first['prompt'][-1]['content']}\n    -> {first['completion'][0]['content'].strip()}" in printed
+    scores = "  ".join(f"{k} {first[k]:.2f}" for k in ("names_country", "names_capital", "advantage"))
+    assert f"\n    {scores}\n[2] " in printed
 
     # compare scores each variant's greedy replies to the held-out prompts with the run's rewards
     c = compare([run_dir], max_new_tokens=16)

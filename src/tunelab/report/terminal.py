@@ -491,6 +491,29 @@ def rollouts_line(run_dir: Path) -> str | None:
     )
 
 
+def print_replies(kept: tuple[Path, list[dict]] | None, count: int, console: Console | None = None) -> None:
+    """The first `count` replies a sampling run kept for its latest logged step: each prompt's last message, the
+    reply (its calls and their results, where it called tools), and its rewards and advantage."""
+    from tunelab.compare import reply_text
+
+    console = console or _console()
+    if kept is None:
+        console.print(Text("no replies kept: the run samples none (GRPO and distill do), or logged no step yet"))
+        return
+    file, rows = kept
+    shown = rows[:count]
+    step = shown[0]["step"] if shown else "-"
+    console.print(Text(f"replies sampled at step {step} ({len(shown)} of {len(rows)}; {file})"))
+    for i, row in enumerate(shown, 1):
+        prompt, reply = row["prompt"], row["completion"]
+        asked = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        console.print(Text(f"[{i}] {asked}"), soft_wrap=True)
+        console.print(Text(f"    -> {reply_text(reply)}".replace("\n", "\n       ")), soft_wrap=True)
+        scores = [f"{k} {v:.2f}" for k, v in row.items() if k != "step" and isinstance(v, int | float)]
+        if scores:
+            console.print(Text("    " + "  ".join(scores)), soft_wrap=True)
+
+
 def print_show(
     run_dir,
     manifest: Manifest,
