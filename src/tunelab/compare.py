@@ -698,24 +698,31 @@ def with_run_tools(
     """The prompts as a GRPO run that sampled with tools (grpo.tools) was asked: each prompt without tools of its own
     shows that run's tools (as it trained with them: the files, or its kept copies of those that changed since), for
     every variant alike; the tools, which run when a reply calls them; and a note saying so."""
-    from tunelab.rewards import KEPT_TOOLS, as_trained, load_tools, tool_schemas
+    from tunelab.rewards import KEPT_TOOLS, as_trained, environment_schemas, load_tools, tool_schemas
 
-    if rewarded is None:
+    if rewarded is None or rewarded[2].grpo is None or not rewarded[2].grpo.acting:
         return prompts, None, None
     run_dir, manifest, exp = rewarded
-    specs = exp.grpo.tools if exp.grpo else None
-    if not specs:
-        return prompts, None, None
-    kept = as_trained(specs, run_dir, manifest.tool_hashes, KEPT_TOOLS)
-    schemas = tool_schemas(kept)
-    rounds = (exp.grpo.tool_rounds if exp.grpo else None) or TOOL_ROUNDS
-    tool_use = ToolUse({tool.__name__: tool for tool in load_tools(kept)}, rounds)
-    names = ", ".join(spec.rpartition(":")[2] for spec in specs)
+    grpo = exp.grpo
+    assert grpo is not None
+    kept = as_trained(grpo.acting, run_dir, manifest.tool_hashes, KEPT_TOOLS)
+    tools, environment = (kept[:-1], kept[-1]) if grpo.environment else (kept, None)
+    schemas = tool_schemas(tools) + (environment_schemas(environment) if environment else [])
+    asked = [p if p.tools else replace(p, tools=schemas) for p in prompts]
+    names = ", ".join(spec.rpartition(":")[2] for spec in grpo.acting)
+    if environment:  # its instances hold each reply's state, which compare does not keep
+        note = (
+            f"{manifest.name}'s tools ({names}) shown with every prompt; compare does not run an environment, so a "
+            "reply ends at its first call"
+        )
+        return asked, None, note
+    rounds = grpo.tool_rounds or TOOL_ROUNDS
+    tool_use = ToolUse({tool.__name__: tool for tool in load_tools(tools)}, rounds)
     note = (
         f"{manifest.name}'s tools ({names}) shown with every prompt; a reply's calls run, and it goes on after their "
         f"results (up to {rounds} rounds)"
     )
-    return [p if p.tools else replace(p, tools=schemas) for p in prompts], tool_use, note
+    return asked, tool_use, note
 
 
 def reward_scores(

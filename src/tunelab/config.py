@@ -485,12 +485,26 @@ class GRPOSettings(Strict):
         "(the results carry no loss). Needs chat prompts and a template TRL parses calls from (Llama 3.1/3.2, "
         "Qwen2.5/3/3.5, gpt-oss, GLM-4.5, Gemma 4, ...).",
     )
+    environment: str | None = Field(
+        default=None,
+        description="A class each reply acts in while it is sampled, `file.py:Class` (relative to the experiment "
+        "file; TRL's environment_factory, experimental in TRL 1.x): one instance a reply, its `reset(**row)` called "
+        "first with the prompt row's fields (a string it returns is appended to the last user message), its public "
+        "methods the tools the reply may call (type hints and Google-style docstrings, as grpo.tools; their state "
+        "is the instance's), and an optional `get_reward()` that scores the reply from that state (a reward beside "
+        "grpo.rewards, weight 1, logged under the class's name). Needs what grpo.tools needs.",
+    )
     tool_rounds: int | None = Field(
         default=None,
         ge=1,
         description="How many times a reply may call tools and go on with their results (TRL's "
         "max_tool_calling_iterations); default: until it answers without a call or reaches max_completion_length.",
     )
+
+    @property
+    def acting(self) -> list[str]:
+        """What a reply's calls run: grpo.tools and grpo.environment, as named (hashed and kept with the run)."""
+        return [*self.tools, *([self.environment] if self.environment else [])]
 
 
 class DistillSettings(Strict):
@@ -970,8 +984,10 @@ class Experiment(Strict):
             )
         if self.data.loss_on != "replies":
             raise ValueError("data.loss_on: GRPO scores sampled completions, not the data's tokens; remove it")
-        if grpo.tool_rounds is not None and not grpo.tools:
-            raise ValueError("grpo.tool_rounds: no tool is named in grpo.tools; name them, or remove it")
+        if grpo.tool_rounds is not None and not grpo.tools and grpo.environment is None:
+            raise ValueError(
+                "grpo.tool_rounds: no tool is named in grpo.tools, and no grpo.environment; name them, or remove it"
+            )
         if grpo.beta and self.init_from and self.scope.kind != "lora":
             raise ValueError(
                 f"grpo.beta: {grpo.beta:g} pulls towards a reference that TRL reloads from the base model, not from "
@@ -1393,6 +1409,9 @@ def resolve_paths(exp: Experiment, base: Path) -> Experiment:
             update={
                 "rewards": [_local_reward(r, base) for r in exp.grpo.rewards],
                 "tools": [_local_reward(t, base, "grpo.tools") for t in exp.grpo.tools],
+                "environment": _local_reward(exp.grpo.environment, base, "grpo.environment")
+                if exp.grpo.environment
+                else None,
             }
         )
     if exp.distill is not None and not exp.distill.teacher.startswith(BUILTIN_PREFIX):

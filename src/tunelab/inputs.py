@@ -51,8 +51,8 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     variables = template_vars(exp.tokenizer, tokenizer)
     workers = data_workers(len(rows), exp.train.data_workers)
     settings = (exp.tokenizer.fold_system, variables, workers, exp.data.loss_on)
-    if fmt == "prompt" and exp.grpo is not None and exp.grpo.tools:
-        rows = with_tools(rows, origins, exp.grpo.tools)
+    if fmt == "prompt" and exp.grpo is not None and (exp.grpo.tools or exp.grpo.environment):
+        rows = with_tools(rows, origins, exp.grpo.tools, exp.grpo.environment)
     try:
         return encode(tokenizer, [as_sft_row(r, fmt) for r in rows], origins, *settings)
     except TemplateRowError:
@@ -65,16 +65,18 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
         return encode(tokenizer, sampled, origins, *settings)
 
 
-def with_tools(rows: list[dict], origins: list[str], tools: list[str]) -> list[dict]:
-    """GRPO's prompts as TRL renders them when replies may call `tools` (grpo.tools): each with the tools'
-    descriptions, which the chat template prints into it. A reply calls tools in a chat, so each prompt must be one."""
-    from tunelab.rewards import tool_schemas
+def with_tools(rows: list[dict], origins: list[str], tools: list[str], environment: str | None) -> list[dict]:
+    """GRPO's prompts as TRL renders them when replies may call `tools` (grpo.tools) or the methods of an
+    `environment` (grpo.environment): each with their descriptions, the tools' first, which the chat template prints
+    into it. A reply calls tools in a chat, so each prompt must be one."""
+    from tunelab.rewards import environment_schemas, tool_schemas
 
-    schemas = tool_schemas(tools)
+    schemas = tool_schemas(tools) + (environment_schemas(environment) if environment else [])
+    key = "grpo.tools" if tools else "grpo.environment"
     for row, origin in zip(rows, origins, strict=True):
         if isinstance(row["prompt"], str):
             raise ConfigError(
-                f"{origin}: the prompt is plain text, and grpo.tools has replies call tools, which happens in a chat; "
+                f"{origin}: the prompt is plain text, and {key} has replies call tools, which happens in a chat; "
                 "give prompts as messages ([{role: user, content: ...}]) or set data.as_chat: true"
             )
     return [row | {"tools": schemas} for row in rows]

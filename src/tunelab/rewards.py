@@ -44,8 +44,8 @@ def _split(spec: str, i: int, key: str = "grpo.rewards") -> tuple[Path, str]:
         return Path(file), function
     if key != "grpo.rewards":
         raise ConfigError(
-            f"{key}[{i}]: '{spec}' names no function; write file.py:function (a function in a Python file beside the "
-            "experiment)"
+            f"{_where(key, i)}: '{spec}' names no function; write file.py:function (a function in a Python file beside "
+            "the experiment)"
         )
     raise ConfigError(
         f"grpo.rewards[{i}]: '{spec}' names no reward; write file.py:function (a function in a Python file "
@@ -100,19 +100,24 @@ def check_rewards(specs: list[str], quantization: Quantization | None = None) ->
         )
 
 
+def _where(key: str, i: int) -> str:
+    """The setting an error names: grpo.rewards[0], grpo.tools[1], grpo.environment (one class)."""
+    return key if key == ENVIRONMENT_KEY else f"{key}[{i}]"
+
+
 def _check_function(spec: str, i: int, key: str) -> None:
     """`file.py:function` names a file that defines the function at its top level, read without running it."""
     file, function = _split(spec, i, key)
-    what = "reward" if key == "grpo.rewards" else "tool"
+    what = {"grpo.rewards": "reward", ENVIRONMENT_KEY: "environment class"}.get(key, "tool")
     if not file.is_file():
         raise ConfigError(
-            f"{key}[{i}]: no file {file}; give the path of the Python file (relative to the experiment file) that "
-            f"defines the {what}"
+            f"{_where(key, i)}: no file {file}; give the path of the Python file (relative to the experiment file) "
+            f"that defines the {what}"
         )
     try:
         tree = ast.parse(file.read_text(), filename=str(file))
     except SyntaxError as e:
-        raise ConfigError(f"{key}[{i}]: {file}:{e.lineno}: invalid Python ({e.msg}); fix the file") from e
+        raise ConfigError(f"{_where(key, i)}: {file}:{e.lineno}: invalid Python ({e.msg}); fix the file") from e
     defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
     defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
     if function not in defined:
@@ -120,7 +125,7 @@ def _check_function(spec: str, i: int, key: str) -> None:
 
         functions = sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef))
         raise ConfigError(
-            f"{key}[{i}]: {file} defines no function '{function}'"
+            f"{_where(key, i)}: {file} defines no function '{function}'"
             + (did_you_mean(function, functions) if functions else "; define it at the file's top level")
         )
 
@@ -150,6 +155,62 @@ def _tools_described(specs: list[str]) -> list[tuple[Callable, dict]]:
             "each its own"
         )
     return described
+
+
+ENVIRONMENT_KEY = "grpo.environment"
+
+
+def load_environment(spec: str) -> type:
+    """The environment class `file.py:Class` names, imported as tools are, with a callable `reset` (TRL's
+    environment_factory calls the class for each reply's instance)."""
+    import inspect
+
+    _check_function(spec, 0, ENVIRONMENT_KEY)
+    found = _import_function(spec, 0, ENVIRONMENT_KEY)
+    if not inspect.isclass(found):
+        raise ConfigError(f"{ENVIRONMENT_KEY}: {spec} is not a class; name the class whose instances replies act in")
+    if not callable(getattr(found, "reset", None)):
+        raise ConfigError(
+            f"{ENVIRONMENT_KEY}: {spec} has no reset method; TRL calls reset(**row) before each reply (return None, or "
+            "a string to append to the last user message)"
+        )
+    return found
+
+
+def environment_tools(environment: type) -> list[Callable]:
+    """The methods a reply may call, as TRL takes them from the class: its public functions but reset and get_reward."""
+    import inspect
+
+    return [
+        function
+        for name, function in inspect.getmembers(environment, predicate=inspect.isfunction)
+        if name not in ("reset", "get_reward") and not name.startswith("_")
+    ]
+
+
+def environment_schemas(spec: str) -> list[dict]:
+    """Each tool method's description as the chat template prints it (read from the class, no instance made), or one
+    line that says what its docstring or type hints lack; a class with none is refused."""
+    import types
+
+    from transformers.utils import get_json_schema
+
+    environment = load_environment(spec)
+    schemas = []
+    for function in environment_tools(environment):
+        try:  # bound to a stand-in, so that the description leaves out `self`
+            schemas.append(get_json_schema(types.MethodType(function, object())))
+        except Exception as e:  # DocstringParsingException, TypeHintParsingException
+            raise ConfigError(
+                f"{ENVIRONMENT_KEY}: {spec}.{function.__name__}: {e}; the prompt describes a tool from its type hints "
+                "and Google-style docstring (a summary line, then Args: with one line per argument)"
+            ) from e
+    if not schemas:
+        raise ConfigError(
+            f"{ENVIRONMENT_KEY}: {spec} has no public method besides reset and get_reward, so a reply has nothing to "
+            "call; add the tools as methods"
+        )
+    return schemas
 
 
 def _tool_schema(tool: Callable, spec: str, i: int) -> dict:
@@ -308,14 +369,14 @@ def _import_function(spec: str, i: int, key: str, modules: dict[Path, object] | 
         try:
             module_spec.loader.exec_module(module)
         except Exception as e:
-            raise TunelabError(f"{key}[{i}]: importing {file} failed: {type(e).__name__}: {e}") from e
+            raise TunelabError(f"{_where(key, i)}: importing {file} failed: {type(e).__name__}: {e}") from e
         finally:
             sys.path.remove(folder)
         if modules is not None:
             modules[file] = module
     found = getattr(module, function)
     if not callable(found):
-        raise ConfigError(f"{key}[{i}]: {file}'s {function} is not a function")
+        raise ConfigError(f"{_where(key, i)}: {file}'s {function} is not a function")
     return found
 
 

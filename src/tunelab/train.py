@@ -347,14 +347,14 @@ def train(
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),
         reward_hashes=function_hashes(exp.grpo.rewards) if exp.grpo else None,
-        tool_hashes=function_hashes(exp.grpo.tools) if exp.grpo and exp.grpo.tools else None,
+        tool_hashes=function_hashes(exp.grpo.acting) if exp.grpo and exp.grpo.acting else None,
         teacher=teacher_record(resolve_teacher(exp), shown=distributed.is_main()) if exp.distill else None,
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:
         if exp.grpo is not None and run.writable:
             keep_copies(exp.grpo.rewards, run.dir)
-            keep_copies(exp.grpo.tools, run.dir, KEPT_TOOLS)
+            keep_copies(exp.grpo.acting, run.dir, KEPT_TOOLS)
         with run_log(run.dir) if run.writable else contextlib.nullcontext():
             result = _train_in(run, inputs, init_from, provenance, callbacks or [], group or exp.name)
         distributed.finish()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import statistics
 from io import StringIO
 from pathlib import Path
 
@@ -52,6 +53,37 @@ def capital_of(country: str) -> str:
 REWARDS = '''def answers_capital(completions: list, capital: list[str], **kwargs) -> list[float]:
     """1 where the reply's last message names the capital."""
     return [1.0 if c[-1]["content"] and name in c[-1]["content"] else 0.0 for c, name in zip(completions, capital)]
+'''
+
+
+ENVIRONMENT = f'''"""An environment each reply acts in: its country's atlas; it rewards exactly one look-up."""
+
+import json
+from pathlib import Path
+
+CAPITALS = {CAPITALS!r}
+LOG = Path(__file__).with_suffix(".log")
+
+
+class Atlas:
+    def reset(self, country: str, **row) -> None:
+        self.country, self.calls = country, 0
+        with open(LOG, "a") as log:
+            log.write(json.dumps(["reset", country]) + "\\n")
+
+    def capital_of(self, country: str) -> str:
+        """The capital city of a country.
+
+        Args:
+            country: The country's name, as the question gives it.
+        """
+        self.calls += 1
+        return CAPITALS.get(country, "unknown")
+
+    def get_reward(self) -> float:
+        with open(LOG, "a") as log:
+            log.write(json.dumps(["reward", self.country, self.calls]) + "\\n")
+        return float(self.calls == 1)
 '''
 
 
@@ -210,6 +242,39 @@ output: {{dir: {tmp_path}}}
     assert agent.numbers["reward"] == round(sum(scored) / len(scored), 4)
 
 
+def test_each_reply_acts_in_an_environment_of_its_own(folder: Path, download: Path, tmp_path) -> None:
+    """grpo.environment (TRL's environment_factory): one instance a reply, reset with its prompt row's fields, its
+    methods the tools the prompt describes (measured by plan as TRL renders them), and its get_reward a reward beside
+    grpo.rewards; the class's file is hashed and kept with the run, as tool files are."""
+    from transformers import AutoTokenizer
+
+    (folder / "atlas.py").write_text(ENVIRONMENT)
+    text = grpo_experiment(folder, download, tmp_path).read_text()
+    text = text.replace("tools: [tools.py:capital_of]", "environment: atlas.py:Atlas")
+    exp = load_experiment(write_experiment(folder, text, "env.yaml"))
+    plan = make_plan(exp)
+    assert "replies may act in Atlas (one each) (up to 1 rounds; results carry no loss)" in plan.method_line
+    tok = AutoTokenizer.from_pretrained(download)
+    schema = tool_schema(folder / "tools.py")  # the method's description is the function's: the same docstring
+    rendered = [
+        len(tok.apply_chat_template(r["prompt"], tools=[schema], add_generation_prompt=True)["input_ids"])
+        for r in GRPO_ROWS
+    ]
+    assert plan.data.train.tokens_max == max(rendered) + 1
+    m = train(exp).manifest
+    assert m.status == "completed" and m.global_steps == 2
+    log = [json.loads(line) for line in (folder / "atlas.log").read_text().splitlines()]
+    # every reply: a fresh instance reset with its row's country, and its own reward read from that instance
+    resets, scored = [e for e in log if e[0] == "reset"], [e for e in log if e[0] == "reward"]
+    assert len(resets) == len(scored) == 2 * 4 and {e[1] for e in resets} <= set(CAPITALS)
+    assert sorted(e[1] for e in resets) == sorted(e[1] for e in scored)
+    logged = [r["rewards/Atlas/mean"] for r in read_metrics(tmp_path / "agent") if "rewards/Atlas/mean" in r]
+    assert logged == [statistics.fmean(float(e[2] == 1) for e in scored[i * 4 : (i + 1) * 4]) for i in range(2)]
+    atlas = folder / "atlas.py"
+    assert m.tool_hashes == {f"{atlas}:Atlas": hashlib.sha256(atlas.read_bytes()).hexdigest()[:16]}
+    assert (tmp_path / "agent" / "tools" / "atlas.py").read_bytes() == atlas.read_bytes()
+
+
 def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:
     def refused(extra: str = "", experiment: Path | None = None) -> str:
         with pytest.raises(ConfigError) as e:
@@ -243,6 +308,20 @@ def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, 
     text = grpo_experiment(folder, download, tmp_path).read_text().replace(str(DATA / "grpo_train.jsonl"), str(plain))
     message = refused(experiment=write_experiment(folder, text, "plain.yaml"))
     assert message.startswith(f"{plain}:1: the prompt is plain text") and "data.as_chat: true" in message
+    # an environment: a class, with reset, whose methods are described; each refusal one line naming the setting
+    for source, expected in (
+        ("def Atlas():\n    return 1\n", "is not a class"),
+        ("class Atlas:\n    def capital_of(self, country: str) -> str:\n        return country\n", "has no reset method"),
+        ("class Atlas:\n    def reset(self, **row):\n        pass\n\n    def capital_of(self, country):\n"
+         "        return country\n", "Atlas.capital_of: "),
+        ("class Atlas:\n    def reset(self, **row):\n        pass\n", "has no public method besides reset"),
+    ):  # fmt: skip
+        (folder / "bad_env.py").write_text(source)
+        text = grpo_experiment(folder, download, tmp_path).read_text()
+        text = text.replace("tools: [tools.py:capital_of]", "environment: bad_env.py:Atlas")
+        message = refused(experiment=write_experiment(folder, text, "bad_env.yaml"))
+        assert message.startswith(f"grpo.environment: {folder / 'bad_env.py'}:Atlas") and expected in message
+        assert "\n" not in message
 
 
 def test_a_resume_with_changed_tools_is_refused(download: Path, tmp_path) -> None:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 def build(inputs: TrainerInputs) -> GRPOTrainer:
     from trl import GRPOConfig, GRPOTrainer
 
-    from tunelab.rewards import load_rewards, load_tools
+    from tunelab.rewards import load_environment, load_rewards, load_tools
 
     settings = inputs.exp.grpo
     assert settings is not None
@@ -57,6 +57,8 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
     )
     rewards = load_rewards(settings.rewards, settings.reward_quantization)
     tools = {"tools": load_tools(settings.tools)} if settings.tools else {}
+    if settings.environment:
+        tools["environment_factory"] = load_environment(settings.environment)
     return instantiate(
         GRPOTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
         reward_funcs=rewards, **tools,
@@ -71,11 +73,11 @@ def check_data(exp: Experiment, encoded: list[Encoded], tokenizer: PreTrainedTok
     assert exp.grpo is not None
     check_rewards(exp.grpo.rewards, exp.grpo.reward_quantization)
     check_prompt_room(exp, encoded, exp.grpo.max_completion_length, "grpo.max_completion_length")
-    if exp.grpo.tools and tokenizer is not None:
-        check_tool_template(tokenizer)
+    if (exp.grpo.tools or exp.grpo.environment) and tokenizer is not None:
+        check_tool_template(tokenizer, "grpo.tools" if exp.grpo.tools else "grpo.environment")
 
 
-def check_tool_template(tokenizer: PreTrainedTokenizerBase) -> None:
+def check_tool_template(tokenizer: PreTrainedTokenizerBase, key: str = "grpo.tools") -> None:
     """The template renders a whole tool-calling conversation (TRL's supports_tool_calling), and a reply's call can
     be parsed back: the tokenizer ships a response template, or TRL has one for this chat template."""
     import copy
@@ -86,7 +88,7 @@ def check_tool_template(tokenizer: PreTrainedTokenizerBase) -> None:
 
     if not supports_tool_calling(tokenizer):
         raise ConfigError(
-            "grpo.tools: the chat template cannot render a tool-calling conversation (tools, an assistant turn with "
+            f"{key}: the chat template cannot render a tool-calling conversation (tools, an assistant turn with "
             "tool_calls, a tool result); set tokenizer.chat_template to one that can, e.g. trl:qwen3 or trl:llama3_1"
         )
     if getattr(tokenizer, "response_template", None) or getattr(tokenizer, "response_schema", None):
@@ -95,7 +97,7 @@ def check_tool_template(tokenizer: PreTrainedTokenizerBase) -> None:
         add_response_schema(copy.copy(tokenizer))
     except ValueError as e:
         raise ConfigError(
-            "grpo.tools: TRL cannot read a tool call back from a reply in this chat template (it knows the calls "
+            f"{key}: TRL cannot read a tool call back from a reply in this chat template (it knows the calls "
             "of Llama 3.1/3.2, Qwen2.5/3/3.5, gpt-oss, GLM-4.5, Gemma 4, LFM2, Nemotron 3, DeepSeek-R1 distills); set "
             "tokenizer.chat_template to one of those (trl:<name>), or use a model whose tokenizer ships a "
             "response_template"
@@ -114,11 +116,12 @@ def describe(exp: Experiment) -> str:
     ratios = "; one policy ratio per reply (GSPO)" if g.importance_sampling_level == "sequence" else ""
     dropout = "; dropout off" if exp.scope.lora is not None and exp.scope.lora.dropout else ""
     tools = ""
-    if g.tools:
+    if g.tools or g.environment:
         rounds = f"up to {g.tool_rounds} rounds" if g.tool_rounds else "until it answers"
-        tools = (
-            f"; replies may call {', '.join(t.rpartition(':')[2] for t in g.tools)} ({rounds}; results carry no loss)"
-        )
+        called = ", ".join(t.rpartition(":")[2] for t in g.tools)
+        acts = f"act in {g.environment.rpartition(':')[2]} (one each)" if g.environment else ""
+        tools = f"; replies may {' and '.join(x for x in (f'call {called}' if called else '', acts) if x)}"
+        tools += f" ({rounds}; results carry no loss)"
     return (
         f"GRPO: {g.generations} replies sampled per prompt ({prompts} prompts a step), up to "
         f"{g.max_completion_length} tokens at temperature {g.temperature:g}{tools}; reward {rewards}; loss "
