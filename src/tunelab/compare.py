@@ -698,7 +698,7 @@ def with_run_tools(
     """The prompts as a GRPO run that sampled with tools (grpo.tools) was asked: each prompt without tools of its own
     shows that run's tools (as it trained with them: the files, or its kept copies of those that changed since), for
     every variant alike; the tools, which run when a reply calls them; and a note saying so."""
-    from tunelab.rewards import KEPT_TOOLS, as_trained, environment_schemas, load_tools, tool_schemas
+    from tunelab.rewards import KEPT_TOOLS, as_trained, load_tools, shown_tools
 
     if rewarded is None or rewarded[2].grpo is None or not rewarded[2].grpo.acting:
         return prompts, None, None
@@ -707,7 +707,7 @@ def with_run_tools(
     assert grpo is not None
     kept = as_trained(grpo.acting, run_dir, manifest.tool_hashes, KEPT_TOOLS)
     tools, environment = (kept[:-1], kept[-1]) if grpo.environment else (kept, None)
-    schemas = tool_schemas(tools) + (environment_schemas(environment) if environment else [])
+    schemas = shown_tools(tools, environment)
     asked = [p if p.tools else replace(p, tools=schemas) for p in prompts]
     names = ", ".join(spec.rpartition(":")[2] for spec in grpo.acting)
     if environment:  # its instances hold each reply's state, which compare does not keep

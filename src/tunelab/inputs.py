@@ -69,9 +69,9 @@ def with_tools(rows: list[dict], origins: list[str], tools: list[str], environme
     """GRPO's prompts as TRL renders them when replies may call `tools` (grpo.tools) or the methods of an
     `environment` (grpo.environment): each with their descriptions, the tools' first, which the chat template prints
     into it. A reply calls tools in a chat, so each prompt must be one."""
-    from tunelab.rewards import environment_schemas, tool_schemas
+    from tunelab.rewards import shown_tools
 
-    schemas = tool_schemas(tools) + (environment_schemas(environment) if environment else [])
+    schemas = shown_tools(tools, environment)
     key = "grpo.tools" if tools else "grpo.environment"
     for row, origin in zip(rows, origins, strict=True):
         if isinstance(row["prompt"], str):

@@ -147,7 +147,7 @@ def _tools_described(specs: list[str]) -> list[tuple[Callable, dict]]:
     for i, spec in enumerate(specs):
         _check_function(spec, i, "grpo.tools")
         tool = _import_function(spec, i, "grpo.tools", modules)
-        described.append((tool, _tool_schema(tool, spec, i)))
+        described.append((tool, _tool_schema(tool, f"grpo.tools[{i}]: {spec}")))
     names = [tool.__name__ for tool, _ in described]
     if twice := sorted({n for n in names if names.count(n) > 1}):
         raise ConfigError(
@@ -188,23 +188,22 @@ def environment_tools(environment: type) -> list[Callable]:
     ]
 
 
+def shown_tools(tools: list[str], environment: str | None) -> list[dict]:
+    """The descriptions every GRPO prompt shows of what a reply may call: grpo.tools', then grpo.environment's
+    methods', as TRL renders them."""
+    return tool_schemas(tools) + (environment_schemas(environment) if environment else [])
+
+
 def environment_schemas(spec: str) -> list[dict]:
     """Each tool method's description as the chat template prints it (read from the class, no instance made), or one
     line that says what its docstring or type hints lack; a class with none is refused."""
     import types
 
-    from transformers.utils import get_json_schema
-
     environment = load_environment(spec)
-    schemas = []
-    for function in environment_tools(environment):
-        try:  # bound to a stand-in, so that the description leaves out `self`
-            schemas.append(get_json_schema(types.MethodType(function, object())))
-        except Exception as e:  # DocstringParsingException, TypeHintParsingException
-            raise ConfigError(
-                f"{ENVIRONMENT_KEY}: {spec}.{function.__name__}: {e}; the prompt describes a tool from its type hints "
-                "and Google-style docstring (a summary line, then Args: with one line per argument)"
-            ) from e
+    schemas = [  # each bound to a stand-in, so that the description leaves out `self`
+        _tool_schema(types.MethodType(function, object()), f"{ENVIRONMENT_KEY}: {spec}.{function.__name__}")
+        for function in environment_tools(environment)
+    ]
     if not schemas:
         raise ConfigError(
             f"{ENVIRONMENT_KEY}: {spec} has no public method besides reset and get_reward, so a reply has nothing to "
@@ -213,17 +212,17 @@ def environment_schemas(spec: str) -> list[dict]:
     return schemas
 
 
-def _tool_schema(tool: Callable, spec: str, i: int) -> dict:
-    """The description of a tool the chat template prints (transformers' get_json_schema), or one line that says
-    what its docstring or type hints lack."""
+def _tool_schema(tool: Callable, where: str) -> dict:
+    """The description of a tool the chat template prints (transformers' get_json_schema), or one line, starting
+    with `where` (the setting and the tool), that says what its docstring or type hints lack."""
     from transformers.utils import get_json_schema
 
     try:
         return get_json_schema(tool)
     except Exception as e:  # DocstringParsingException, TypeHintParsingException
         raise ConfigError(
-            f"grpo.tools[{i}]: {spec}: {e}; the prompt describes a tool from its type hints and Google-style "
-            "docstring (a summary line, then Args: with one line per argument)"
+            f"{where}: {e}; the prompt describes a tool from its type hints and Google-style docstring (a summary "
+            "line, then Args: with one line per argument)"
         ) from e
 
 
