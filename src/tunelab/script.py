@@ -99,6 +99,7 @@ class Names:
     arguments: dict[str, Any] = field(default_factory=dict)
     used: dict[str, Any] = field(default_factory=dict)
     defined: set[str] = field(default_factory=set)  # the functions the script defines at its top level
+    classes: set[str] = field(default_factory=set)  # and its classes
     imported: dict[str, str] = field(default_factory=dict)  # names its imports bind: `module.name` by name
 
 
@@ -114,6 +115,7 @@ def read_script(path: Path) -> ScriptRead:
     names = _module_literals(tree)
     names.arguments = _argument_defaults(tree, names)
     names.defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    names.classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
     names.imported = {
         (a.asname or a.name): f"{n.module}.{a.name}"
         for n in tree.body
@@ -467,6 +469,21 @@ def _read_trainer(call: ast.Call, called: str, names: Names, read: ScriptRead) -
         for key, arg in (("grpo.rewards", given.get("reward_funcs", given.get(1))), ("grpo.tools", given.get("tools"))):
             if arg is not None:
                 _read_functions(arg, key, names, read)
+        if (environment := given.get("environment_factory")) is not None:
+            _read_environment(environment, names, read)
+
+
+def _read_environment(arg: ast.expr, names: Names, read: ScriptRead) -> None:
+    """GRPOTrainer's environment_factory: a class the script defines, which init copies beside the experiment as it
+    copies the script's tools (grpo.environment names it)."""
+    if isinstance(arg, ast.Name) and arg.id in names.classes:
+        read.settings["grpo.environment"] = f"{read.functions_file}:{arg.id}"
+        read.functions += [arg.id] if arg.id not in read.functions else []
+    else:
+        read.unread.append(
+            f"environment_factory {ast.unparse(arg)} (not a class the script defines at its top level; name the "
+            "environment's class in grpo.environment as file.py:Class)"
+        )
 
 
 def _read_functions(arg: ast.expr, key: str, names: Names, read: ScriptRead) -> None:
@@ -517,14 +534,16 @@ def _functions_copied(tree: ast.Module, text: str, script: str, names: Names, re
     if not read.functions:
         return
     nodes = [
-        n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.AsyncFunctionDef)
+        n
+        for n in tree.body
+        if isinstance(n, ast.Import | ast.ImportFrom | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
     ]
     nodes += [n for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)]
     binds: dict[ast.stmt, set[str]] = {}
     for node in nodes:
         if isinstance(node, ast.Import | ast.ImportFrom):
             binds[node] = {(a.asname or a.name).split(".")[0] for a in node.names}
-        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             binds[node] = {node.name}
         else:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]

@@ -501,8 +501,8 @@ def _differences(exp: Experiment, read: ScriptRead, trl_sft: bool) -> list[str]:
     if read.functions:
         notes.append(
             f"{', '.join(read.functions)} copied from the script into {read.functions_file} (beside this file), with "
-            "the imports and names they use, for grpo.rewards and grpo.tools to name: the script itself trains when "
-            "it is imported"
+            "the imports and names they use, for grpo.rewards, grpo.tools and grpo.environment to name: the script "
+            "itself trains when it is imported"
         )
     script_held_out = read.eval_data is not None or "data.eval_fraction" in read.settings
     if not script_held_out and exp.data.eval_fraction is not None:

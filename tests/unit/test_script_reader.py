@@ -636,6 +636,77 @@ def test_a_grpo_scripts_own_rewards_and_tools_are_copied_beside_the_experiment_a
     assert not (tmp_path / "s" / "train_grpo_tools_rewards.py").exists()
 
 
+ENVIRONMENT_SCRIPT = '''from datasets import load_dataset
+from trl import GRPOConfig, GRPOTrainer
+
+CAPITALS = {"Molo": "Vevasmo", "Lozin": "Loduve"}
+
+
+class Atlas:
+    """Each rollout's atlas: it rewards exactly one look-up."""
+
+    def reset(self, **kwargs):
+        self.calls = 0
+
+    def capital_of(self, country: str) -> str:
+        """The capital city of a country.
+
+        Args:
+            country: The country's name.
+        """
+        self.calls += 1
+        return CAPITALS.get(country, "unknown")
+
+    def get_reward(self) -> float:
+        return float(self.calls == 1)
+
+
+def answers(completions, **kwargs):
+    return [1.0 if "Vevasmo" in c[-1]["content"] else 0.0 for c in completions]
+
+
+dataset = load_dataset("json", data_files="data/prompts.jsonl", split="train")
+trainer = GRPOTrainer(
+    model="meta-llama/Llama-3.1-8B-Instruct",
+    reward_funcs=answers,
+    args=GRPOConfig(output_dir="outputs/atlas", num_generations=4),
+    train_dataset=dataset,
+    environment_factory=Atlas,
+)
+trainer.train()
+'''
+
+
+def test_a_grpo_scripts_environment_class_is_copied_and_named(tmp_path: Path) -> None:
+    """TRL's environment_factory=Atlas, a class the script defines: copied beside the experiment with what it uses,
+    named in grpo.environment, and read back as the environment whose methods the prompts describe; a factory that is
+    not such a class is listed as not carried over."""
+    from tunelab.rewards import environment_schemas, load_environment
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(DATA / "grpo_train.jsonl", tmp_path / "data" / "prompts.jsonl")
+    script = tmp_path / "train_atlas.py"
+    script.write_text(ENVIRONMENT_SCRIPT)
+    flags = dict(scope=None, method=None, name=None)
+    starter = starter_from_script(tmp_path / "exp.yaml", script, LLAMA, None, None, **flags)
+    exp = load_experiment(tmp_path / "exp.yaml")
+    copied = tmp_path / "train_atlas_rewards.py"
+    assert exp.grpo.environment == f"{copied}:Atlas" and exp.grpo.rewards == [f"{copied}:answers"]
+    assert starter.unread == [] and "CAPITALS = {" in copied.read_text() and "GRPOTrainer" not in copied.read_text()
+    atlas = load_environment(exp.grpo.environment)()
+    atlas.reset(country="Molo")
+    assert (atlas.capital_of("Lozin"), atlas.get_reward()) == ("Loduve", 1.0)
+    assert [s["function"]["name"] for s in environment_schemas(exp.grpo.environment)] == ["capital_of"]
+    assert "replies may act in Atlas (one each)" in make_plan(exp).method_line
+    script.write_text(ENVIRONMENT_SCRIPT.replace("environment_factory=Atlas", "environment_factory=lambda: Atlas()"))
+    starter = starter_from_script(tmp_path / "other" / "exp.yaml", script, LLAMA, None, None, **flags)
+    assert load_experiment(tmp_path / "other" / "exp.yaml").grpo.environment is None
+    assert starter.unread == [
+        "environment_factory lambda: Atlas() (not a class the script defines at its top level; name the environment's "
+        "class in grpo.environment as file.py:Class)"
+    ]
+
+
 def test_a_copied_reward_gets_the_tokenizer_alone_and_what_loads_data_is_named(tmp_path: Path) -> None:
     """Unsloth's GRPO notebooks score a reply's length with the tokenizer they load beside the model: the copy loads
     that tokenizer alone; a name bound by loading data is left out and named."""
