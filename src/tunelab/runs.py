@@ -348,9 +348,10 @@ class Run:
             with open(self.dir / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def trim_metrics(self, up_to_step: int) -> None:
-        """On resume, drop metrics logged after the checkpoint (training repeats those steps). Only the writing
-        process touches the file: another rank rewriting it at the same moment could empty it."""
+    def trim_after(self, up_to_step: int) -> None:
+        """On resume, drop the metrics and kept replies (rollouts/) logged after the checkpoint (training repeats
+        those steps). Only the writing process touches them: another rank rewriting the metrics at the same moment
+        could empty the file."""
         if not self.writable:
             return
         kept = [r for r in read_metrics(self.dir) if r.get("step", 0) <= up_to_step]

@@ -684,7 +684,7 @@ def _train_in(
         if checkpoint is None:
             run.update(preference_accuracy_before=_preference_accuracy(exp, trainer, tokenizer, splits))
         else:
-            run.trim_metrics(checkpoint_step(checkpoint))
+            run.trim_after(checkpoint_step(checkpoint))
         clock("training")
         started = time.perf_counter()
         with _checkpoints_in_model_layout(model, not kind.adds_parameters):

@@ -122,9 +122,9 @@ def test_trim_metrics_keeps_the_steps_up_to_the_checkpoint_on_the_writing_rank_o
     from tunelab.runs import Run, read_metrics
 
     run_dir = make_run(tmp_path, "r", "running", "b", "2026-12-01T10:00", [6.0, 5.0, 4.0, 3.0, 2.0])
-    Run(run_dir, Manifest(name="r", status="running"), resuming=True, writable=False).trim_metrics(2)
+    Run(run_dir, Manifest(name="r", status="running"), resuming=True, writable=False).trim_after(2)
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
-    Run(run_dir, Manifest(name="r", status="running"), resuming=True).trim_metrics(2)
+    Run(run_dir, Manifest(name="r", status="running"), resuming=True).trim_after(2)
     assert read_metrics(run_dir) == [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 5.0}]
 
 
