@@ -48,6 +48,8 @@ class Prompt:
     reference: str | None = None
     fields: dict = field(default_factory=dict)  # the row's other fields, which GRPO's rewards read
     tools: list[dict] | None = None  # the tool definitions the chat template prints with the prompt
+    # the instance of a GRPO run's environment (grpo.environment) this prompt is asked in: one per reply
+    environment: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def text(self) -> str:
@@ -304,12 +306,50 @@ def stop_ids(model, tokenizer, manifests: list[Manifest]) -> list[int]:
 @dataclass
 class ToolUse:
     """A GRPO run's tools (grpo.tools), run while compare asks every variant, as that run's sampling ran them: a
-    reply that calls them gets their results and goes on, up to `rounds` times. `parser`: the tokenizer with the
-    response parser TRL reads calls with (trl.chat_template_utils.add_response_schema)."""
+    reply that calls them gets their results and goes on, up to `rounds` times. `environment`: the run's
+    grpo.environment class, of which each reply gets an instance (in_environments), whose methods it may call too.
+    `parser`: the tokenizer with the response parser TRL reads calls with
+    (trl.chat_template_utils.add_response_schema)."""
 
     functions: dict[str, Callable]
     rounds: int
+    environment: type | None = None
     parser: PreTrainedTokenizerBase | None = None
+
+    def functions_of(self, prompt: Prompt) -> dict[str, Callable]:
+        """What a reply to `prompt` may call: the tools, and the methods of the environment instance it is asked in."""
+        from tunelab.rewards import environment_tools
+
+        if prompt.environment is None:
+            return self.functions
+        bound = environment_tools(type(prompt.environment))
+        return {**self.functions, **{f.__name__: getattr(prompt.environment, f.__name__) for f in bound}}
+
+
+def in_environments(prompts: list[Prompt], tool_use: ToolUse | None) -> list[Prompt]:
+    """Each prompt with an instance of its own of the run's environment, as GRPO's sampling makes one a reply: reset
+    with the prompt's row (`prompt` and the row's other fields); a string it returns is appended to the last
+    message, as TRL appends it. The prompts as they are where the run has no environment."""
+    if tool_use is None or tool_use.environment is None:
+        return prompts
+    asked = []
+    for p in prompts:
+        instance = tool_use.environment()
+        observation = instance.reset(prompt=p.messages, **p.fields)
+        messages = p.messages
+        if isinstance(observation, str):
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + observation}]
+        asked.append(replace(p, messages=messages, environment=instance))
+    return asked
+
+
+def environment_rewards(asked: list[Prompt]) -> list[float | None] | None:
+    """Each reply's reward by its environment instance's get_reward (read once its exchange ended, as TRL reads it),
+    where the environment has one; None where the prompts were asked in no environment or it has no get_reward."""
+    instances = [p.environment for p in asked]
+    if not instances or any(i is None or not callable(getattr(i, "get_reward", None)) for i in instances):
+        return None
+    return [i.get_reward() for i in instances]
 
 
 # A reply: its text, or where it called tools, the exchange: its calls, their results, and what it said after them.
@@ -374,7 +414,7 @@ def _go_on_after_tools(
     replies: list[Reply] = [[m] if i in calling else m.get("content", "").strip() for i, m in enumerate(said)]
     if not calling or tool_use.rounds < 1:  # a call made after the last round stays unanswered, as in training
         return replies
-    exchanges = {i: [said[i], *run_tools(said[i]["tool_calls"], tool_use.functions)] for i in calling}
+    exchanges = {i: [said[i], *run_tools(said[i]["tool_calls"], tool_use.functions_of(rows[i][0]))] for i in calling}
     asked = [(replace(rows[i][0], messages=rows[i][0].messages + exchanges[i]), rows[i][1]) for i in calling]
     fewer = replace(tool_use, rounds=tool_use.rounds - 1)
     then = generate_rows(
@@ -438,8 +478,7 @@ def generate(
 def generate_mixed(
     model,
     tokenizer,
-    prompts: list[Prompt],
-    adapters: list[str],
+    asked: dict[str, list[Prompt]],
     max_new_tokens: int,
     batch_size: int,
     decoding: dict = GREEDY,
@@ -447,8 +486,10 @@ def generate_mixed(
     chat: bool | None = None,
     tool_use: ToolUse | None = None,
 ) -> dict[str, list[Reply]]:
-    """One pass over prompts x adapters, every batch mixing the adapters' rows (all asked the same way, `chat`)."""
-    rows = [(p, a) for p in prompts for a in adapters]
+    """One pass over each adapter's prompts (`asked`: the same prompts, each in an environment instance of the
+    adapter's own where the run has one), every batch mixing the adapters' rows (all asked the same way, `chat`)."""
+    adapters = list(asked)
+    rows = [(prompts[i], a) for i in range(len(asked[adapters[0]])) for a, prompts in asked.items()]
     outputs = generate_rows(
         model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat, tool_use
     )  # fmt: skip
@@ -605,7 +646,7 @@ def compare(
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
     template = exp.tokenizer if exp is not None else TokenizerSettings()
-    outputs, losses = _generate_and_score(
+    outputs, losses, acted = _generate_and_score(
         model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size,
         decoding, seed, teachers, tool_use,
     )  # fmt: skip
@@ -619,6 +660,8 @@ def compare(
         variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
     if include_base:
         outputs["base"] = outputs.pop(BASE)
+        if BASE in acted:
+            acted["base"] = acted.pop(BASE)
     replies = {v.name: outputs[v.name] for v in variants}  # texts, or exchanges where replies called tools
     texts = {name: [reply_text(r) for r in said] for name, said in replies.items()}
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, texts[v.name], strict=True)] for v in variants}
@@ -626,7 +669,7 @@ def compare(
     if judges:
         scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs, judge_quantization)
     else:
-        scored, rewards_note = reward_scores(rewarded, prompts, replies)
+        scored, rewards_note = reward_scores(rewarded, prompts, replies, acted)
     for v in variants:
         v.numbers["reward"] = scored.get(v.name)
     for v in variants:
@@ -698,7 +741,7 @@ def with_run_tools(
     """The prompts as a GRPO run that sampled with tools (grpo.tools) was asked: each prompt without tools of its own
     shows that run's tools (as it trained with them: the files, or its kept copies of those that changed since), for
     every variant alike; the tools, which run when a reply calls them; and a note saying so."""
-    from tunelab.rewards import KEPT_TOOLS, as_trained, load_tools, shown_tools
+    from tunelab.rewards import KEPT_TOOLS, as_trained, load_environment, load_tools, shown_tools
 
     if rewarded is None or rewarded[2].grpo is None or not rewarded[2].grpo.acting:
         return prompts, None, None
@@ -710,29 +753,30 @@ def with_run_tools(
     schemas = shown_tools(tools, environment)
     asked = [p if p.tools else replace(p, tools=schemas) for p in prompts]
     names = ", ".join(spec.rpartition(":")[2] for spec in grpo.acting)
-    if environment:  # its instances hold each reply's state, which compare does not keep
-        note = (
-            f"{manifest.name}'s tools ({names}) shown with every prompt; compare does not run an environment, so a "
-            "reply ends at its first call"
-        )
-        return asked, None, note
     rounds = grpo.tool_rounds or TOOL_ROUNDS
-    tool_use = ToolUse({tool.__name__: tool for tool in load_tools(tools)}, rounds)
+    acting_in = load_environment(environment) if environment else None
+    tool_use = ToolUse({tool.__name__: tool for tool in load_tools(tools)}, rounds, acting_in)
     note = (
         f"{manifest.name}'s tools ({names}) shown with every prompt; a reply's calls run, and it goes on after their "
         f"results (up to {rounds} rounds)"
     )
+    if acting_in is not None:
+        note += f"; each reply acts in an instance of {acting_in.__name__} of its own, reset with its prompt's row"
     return asked, tool_use, note
 
 
 def reward_scores(
-    rewarded: tuple[Path, Manifest, Experiment] | None, prompts: list[Prompt], outputs: dict[str, list[Reply]]
+    rewarded: tuple[Path, Manifest, Experiment] | None,
+    prompts: list[Prompt],
+    outputs: dict[str, list[Reply]],
+    acted: dict[str, list[float | None]] | None = None,
 ) -> tuple[dict[str, float], str | None]:
     """Every variant's mean reward over the prompts, by the first GRPO run's rewards (as it trained with them: the
     files, or its kept copies of those that changed since) and weights, each output scored as that run's training
     scored a sampled reply (with the prompt row's other fields); and a note of what scored them, or why nothing did
     (a reward needs a field the prompts lack: --prompts rows may carry the fields). `rewarded`: that run's folder,
-    manifest and experiment; None where no GRPO run is compared."""
+    manifest and experiment; None where no GRPO run is compared. `acted`: each variant's replies' rewards by their
+    environment instances' get_reward, added with weight 1 as TRL adds them."""
     from tunelab.rewards import as_trained, load_rewards
 
     if rewarded is None:
@@ -741,7 +785,9 @@ def reward_scores(
     settings = exp.grpo
     assert settings is not None
     chat = manifest.data is None or manifest.data.rendered != "text"
-    names = ", ".join(r.rpartition(":")[2] for r in settings.rewards)
+    acted = acted or {}
+    environment = [settings.environment.rpartition(":")[2]] if acted and settings.environment else []
+    names = ", ".join([*(r.rpartition(":")[2] for r in settings.rewards), *environment])
     keys = sorted({k for p in prompts for k in p.fields})
     kwargs = {k: [p.fields.get(k) for p in prompts] for k in keys}
     asked = [p.messages if chat else p.text for p in prompts]
@@ -759,6 +805,8 @@ def reward_scores(
             for reward, weight in zip(rewards, weights, strict=True):
                 values = reward(prompts=asked, completions=completions, **kwargs)
                 totals = [t + weight * (v or 0.0) for t, v in zip(totals, values, strict=True)]  # None: not scored
+            if name in acted:
+                totals = [t + (v or 0.0) for t, v in zip(totals, acted[name], strict=True)]
             scores[name] = round(statistics.fmean(totals), 4) if totals else None
     except TunelabError as e:
         return {}, f"not scored with {manifest.name}'s rewards ({names}): {e}"
@@ -894,12 +942,13 @@ def _generate_and_score(
     seed: int,
     teachers: list[tuple[str, Teacher]] | None = None,
     tool_use: ToolUse | None = None,
-) -> tuple[dict[str, list[Reply]], dict[str, dict[str, float]]]:
+) -> tuple[dict[str, list[Reply]], dict[str, dict[str, float]], dict[str, list[float | None]]]:
     """Outputs and the held-out sets' losses for every variant, loading the base once; each run's scope kind says how
     it goes on that base (attached beside it, swapped in for a while, or loaded on its own). The tokenizer is the one
     `tokenizer_dir` (the first tunelab run, else the first variant) was trained with. `teachers`: distill's teachers,
     each loaded on its own after the runs, asked as their students are (they share the students' tokenizer).
-    `tool_use`: the tools every variant's calls run."""
+    `tool_use`: the tools every variant's calls run; where it names an environment, every variant's replies act in
+    instances of their own, and the third result holds each reply's reward by its instance (environment_rewards)."""
     import torch
 
     from tunelab.methods.preference import preference_accuracy
@@ -933,19 +982,19 @@ def _generate_and_score(
 
     base_chat = asks_in_chat(tokenizer, None)
     chat = {m.name: asks_in_chat(tokenizer, m) for _, m in runs}
+    names = [m.name for _, m in runs] + [name for name, _ in teachers or []] + ([BASE] if include_base else [])
+    asked = {name: in_environments(prompts, tools) for name in names}  # each variant's replies their own instances
     # Runs asked as the base is share its batches where their kind allows; the others are asked on their own.
     together = [m.name for _, m in runs if chat[m.name] == base_chat and kinds[m.name].batches_with_base(model, m.name)]
     if together:
-        names = together + ([BASE] if include_base else [])
+        mixed = {name: asked[name] for name in together + ([BASE] if include_base else [])}
         outputs.update(
-            generate_mixed(
-                model, tokenizer, prompts, names, max_new_tokens, batch_size, decoding, variables, base_chat, tools
-            )
+            generate_mixed(model, tokenizer, mixed, max_new_tokens, batch_size, decoding, variables, base_chat, tools)
         )
     elif include_base:
         with base_alone(model):
             outputs[BASE] = generate(
-                model, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, base_chat, tools
+                model, tokenizer, asked[BASE], None, max_new_tokens, batch_size, decoding, variables, base_chat, tools
             )
     # The base alone: a PEFT wrapper with every adapter off, or the plain model.
     if include_base:
@@ -958,7 +1007,7 @@ def _generate_and_score(
                 outputs[name] = generate(
                     variant,
                     tokenizer,
-                    prompts,
+                    asked[name],
                     None,
                     max_new_tokens,
                     batch_size,
@@ -972,11 +1021,12 @@ def _generate_and_score(
     for name, teacher in teachers or []:
         other = load_teacher(teacher, base.device)
         outputs[name] = generate(
-            other, tokenizer, prompts, None, max_new_tokens, batch_size, decoding, variables, taught, tools
+            other, tokenizer, asked[name], None, max_new_tokens, batch_size, decoding, variables, taught, tools
         )
         score(name, other)
         del other
-    return outputs, losses
+    acted = {name: environment_rewards(asked[name]) for name in names}
+    return outputs, losses, {name: rewards for name, rewards in acted.items() if rewards is not None}
 
 
 def response_parser(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

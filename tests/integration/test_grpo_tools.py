@@ -169,7 +169,10 @@ def test_plan_measures_prompts_with_the_tools_trl_prints_into_them(folder: Path,
     assert stats.tokens_max == max(rendered) + 1 and max(rendered) > max(bare) + 500
 
 
-def test_grpo_runs_the_tool_a_reply_calls_after_sft_taught_the_call(folder: Path, download: Path, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def sft_calls(folder: Path, download: Path, tmp_path_factory) -> Path:
+    """An SFT run that taught the model to call the tool, read its result and answer: what the GRPO runs start from."""
+    out = tmp_path_factory.mktemp("sft")
     sft = write_experiment(
         folder,
         f"""name: sft-calls
@@ -177,14 +180,20 @@ model: {{id: {download}}}
 data: {{train: sft.jsonl}}
 scope: {{lora: {{r: 16, alpha: 32, targets: all-linear, open: [lm_head, embeddings]}}}}
 train: {{learning_rate: 5.0e-3, max_steps: 100, batch_size: 8, max_length: 1024, seed: 0}}
-output: {{dir: {tmp_path}}}
+output: {{dir: {out}}}
 """,
         "sft.yaml",
     )
     assert read_manifest(train(load_experiment(sft)).run_dir).status == "completed"
+    return out / "sft-calls"
+
+
+def test_grpo_runs_the_tool_a_reply_calls_after_sft_taught_the_call(
+    folder: Path, download: Path, sft_calls: Path, tmp_path
+) -> None:
     calls = folder / "tools.calls"
     calls.unlink(missing_ok=True)
-    exp = load_experiment(grpo_experiment(folder, download, tmp_path, f"init_from: {tmp_path / 'sft-calls'}"))
+    exp = load_experiment(grpo_experiment(folder, download, tmp_path, f"init_from: {sft_calls}"))
     m = train(exp).manifest
     assert m.status == "completed" and m.global_steps == 2
     # the replies called the tool: TRL parsed the calls, ran capital_of on their arguments and logged how often
@@ -242,14 +251,15 @@ output: {{dir: {tmp_path}}}
     assert agent.numbers["reward"] == round(sum(scored) / len(scored), 4)
 
 
-def test_each_reply_acts_in_an_environment_of_its_own(folder: Path, download: Path, tmp_path) -> None:
+def test_each_reply_acts_in_an_environment_of_its_own(folder: Path, download: Path, sft_calls: Path, tmp_path) -> None:
     """grpo.environment (TRL's environment_factory): one instance a reply, reset with its prompt row's fields, its
     methods the tools the prompt describes (measured by plan as TRL renders them), and its get_reward a reward beside
-    grpo.rewards; the class's file is hashed and kept with the run, as tool files are."""
+    grpo.rewards; the class's file is hashed and kept with the run, as tool files are. compare asks every variant
+    so too."""
     from transformers import AutoTokenizer
 
     (folder / "atlas.py").write_text(ENVIRONMENT)
-    text = grpo_experiment(folder, download, tmp_path).read_text()
+    text = grpo_experiment(folder, download, tmp_path, f"init_from: {sft_calls}").read_text()
     text = text.replace("tools: [tools.py:capital_of]", "environment: atlas.py:Atlas")
     exp = load_experiment(write_experiment(folder, text, "env.yaml"))
     plan = make_plan(exp)
@@ -273,6 +283,33 @@ def test_each_reply_acts_in_an_environment_of_its_own(folder: Path, download: Pa
     atlas = folder / "atlas.py"
     assert m.tool_hashes == {f"{atlas}:Atlas": hashlib.sha256(atlas.read_bytes()).hexdigest()[:16]}
     assert (tmp_path / "agent" / "tools" / "atlas.py").read_bytes() == atlas.read_bytes()
+    # compare: each variant's reply to each prompt acts in an instance of its own, reset with the prompt's row; its
+    # calls run that instance's method, and the instance's get_reward adds to the run's reward, as in training
+    (folder / "atlas.log").unlink()
+    comparison = compare([tmp_path / "agent"], max_new_tokens=64)
+    assert comparison.settings["tools"].endswith("each reply acts in an instance of Atlas of its own, reset with its "
+                                                 "prompt's row")  # fmt: skip
+    log = [json.loads(line) for line in (folder / "atlas.log").read_text().splitlines()]
+    resets, scored = [e for e in log if e[0] == "reset"], [e for e in log if e[0] == "reward"]
+    countries = [p.fields["country"] for p in comparison.prompts]
+    assert [e[1] for e in resets] == countries * 2  # the agent's replies, then the base's
+    assert [e[1] for e in scored] == countries * 2
+    exchanges = comparison.exchanges["agent"]
+    assert any(exchanges), "the agent called no tool"
+    looked_up = [
+        sum(m["role"] == "tool" and not m["content"].startswith("{'error'") for m in exchange or [])
+        for exchange in exchanges
+    ]
+    assert [e[2] for e in scored[: len(countries)]] == looked_up  # each instance counted its own reply's calls
+    said = [
+        e or [{"role": "assistant", "content": t}] for e, t in zip(exchanges, comparison.outputs["agent"], strict=True)
+    ]
+    answered = [
+        float(bool(s[-1]["content"]) and CAPITALS[c] in s[-1]["content"]) for s, c in zip(said, countries, strict=True)
+    ]
+    agent = next(v for v in comparison.variants if v.name == "agent")
+    expected = [a + float(n == 1) for a, n in zip(answered, looked_up, strict=True)]
+    assert agent.numbers["reward"] == round(statistics.fmean(expected), 4)
 
 
 def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:
