@@ -173,3 +173,37 @@ def test_a_run_without_a_creation_time_is_listed_last(tmp_path: Path) -> None:
     (tmp_path / "undated").mkdir()
     write_manifest(tmp_path / "undated", Manifest(name="undated", status="completed"))
     assert [r["name"] for r in list_runs(tmp_path)] == ["partial", "lora-all", "lora-qv", "undated"]
+
+
+def test_runs_table_rounds_what_the_json_keeps_whole(tmp_path: Path) -> None:
+    """`tunelab runs` prints losses to 4 decimals, the trainable share to 4 digits, the time as a person reads it and
+    the creation time to the minute in this machine's zone; `--json` keeps the manifests' numbers as they are."""
+    import datetime as dt
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tunelab.report.terminal import human_seconds, print_runs
+    from tunelab.runs import read_manifest
+
+    run = make_run(tmp_path, "long", "completed", "builtin:tiny-chat", "2026-12-04T16:38:50.686+00:00", [2.0, 1.0])
+    m = read_manifest(run)
+    m.final_train_loss, m.final_eval_loss, m.trainable_percent, m.train_seconds = (
+        0.4789912700653076, 0.46988803148269653, 14.622305, 4523.4
+    )  # fmt: skip
+    write_manifest(run, m)
+    rows = list_runs(tmp_path)
+    assert (rows[0]["final_train_loss"], rows[0]["eval_loss"]) == (0.4789912700653076, 0.46988803148269653)
+    shown = StringIO()
+    print_runs(rows, console=Console(file=shown, width=300))
+    line = next(x for x in shown.getvalue().splitlines() if x.lstrip().startswith("long"))
+    local = dt.datetime(2026, 12, 4, 16, 38, tzinfo=dt.timezone.utc).astimezone().strftime("%Y-%m-%d %H:%M")
+    cells = [c.strip() for c in line.split("│")]
+    assert cells[4:] == ["14.62", "0.4790", "0.4699", "1 h 15 min", cells[8], local]
+    assert "0.47899" not in shown.getvalue()
+    assert [human_seconds(s) for s in (6.46, 59.96, 723.0, 3600.0)] == [
+        "6.5 s",
+        "1 min 00 s",
+        "12 min 03 s",
+        "1 h 00 min",
+    ]

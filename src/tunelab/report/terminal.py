@@ -432,21 +432,51 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
     table = Table(show_edge=False)
     rewarded = any(r.get("eval_reward") is not None for r in rows)  # GRPO runs: their held-out measure
     columns = ("name", "status", "method", "scope", "trainable %", "train loss", "eval loss")
-    for col in (*columns, *(["eval reward"] if rewarded else []), "time s", "disk", "created"):
+    for col in (*columns, *(["eval reward"] if rewarded else []), "time", "disk", "created"):
         table.add_column(col)
     for r in rows:
         scope = r.get("scope") or "-"
         if r.get("target_modules"):
-            scope += f" {','.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
-        keys = ("name", "status", "method", None, "trainable_percent", "final_train_loss", "eval_loss")
-        keys += ("eval_reward",) if rewarded else ()
+            scope += f" {', '.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
         if r.get("quantization"):
             scope += f" on {r['quantization']}"
-        cells = [scope if k is None else r.get(k) for k in (*keys, "train_seconds")]
-        cells += [human_bytes(r["disk_bytes"]) if r.get("disk_bytes") is not None else None, r.get("created_at")]
+        cells = [r.get("name"), r.get("status"), r.get("method"), scope, _number(r.get("trainable_percent"), ".4g")]
+        cells += [_number(r.get(k), ".4f") for k in ("final_train_loss", "eval_loss")]
+        cells += [_number(r.get("eval_reward"), ".4f")] if rewarded else []
+        cells += [human_seconds(r.get("train_seconds"))]
+        cells += [
+            human_bytes(r["disk_bytes"]) if r.get("disk_bytes") is not None else None,
+            local_time(r.get("created_at")),
+        ]
         # Text, not markup: names and paths come from disk and must print as they are.
         table.add_row(*(Text(str(x) if x is not None else "-") for x in cells))
     console.print(table)
+
+
+def _number(value: float | None, spec: str) -> str | None:
+    return None if value is None else format(value, spec)
+
+
+def human_seconds(seconds: float | None) -> str | None:
+    """A duration as a person reads it: 6.5 s, 12 min 03 s, 2 h 05 min."""
+    if seconds is None:
+        return None
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def local_time(stamp: str | None) -> str | None:
+    """A manifest's ISO time (UTC) in this machine's time zone, to the minute; a stamp that is no time as it is."""
+    import datetime as dt
+
+    if stamp is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return stamp
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
