@@ -183,8 +183,8 @@ def test_runs_table_rounds_what_the_json_keeps_whole(tmp_path: Path) -> None:
 
     from rich.console import Console
 
-    from tunelab.report.terminal import human_seconds, print_runs
-    from tunelab.runs import read_manifest
+    from tunelab.report.terminal import human_seconds, print_runs, print_show
+    from tunelab.runs import read_manifest, read_metrics
 
     run = make_run(tmp_path, "long", "completed", "builtin:tiny-chat", "2026-12-04T16:38:50.686+00:00", [2.0, 1.0])
     m = read_manifest(run)
@@ -201,6 +201,9 @@ def test_runs_table_rounds_what_the_json_keeps_whole(tmp_path: Path) -> None:
     cells = [c.strip() for c in line.split("│")]
     assert cells[4:] == ["14.62", "0.4790", "0.4699", "1 h 15 min", cells[8], local]
     assert "0.47899" not in shown.getvalue()
+    shown = StringIO()
+    print_show(run, read_manifest(run), read_metrics(run), console=Console(file=shown, width=300))
+    assert f"folder {run}; created {local}; ended -\n" in shown.getvalue()
     assert [human_seconds(s) for s in (6.46, 59.96, 723.0, 3600.0)] == [
         "6.5 s",
         "1 min 00 s",

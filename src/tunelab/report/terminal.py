@@ -557,7 +557,7 @@ def print_show(
     base = m.base_model.id if m.base_model else "-"
     quantized = f" on {m.quantization.describe}" if m.quantization else ""
     console.print(Text(f"{m.name}  {m.status}  {m.method} · {m.scope}{quantized} · {base}"))
-    console.print(Text(f"folder {run_dir}; created {m.created_at}; ended {m.ended_at or '-'}"))
+    console.print(Text(f"folder {run_dir}; created {local_time(m.created_at)}; ended {local_time(m.ended_at) or '-'}"))
     if m.error:
         console.print(Text(f"error: {m.error}"), style="red")
     if m.status in ("interrupted", "failed"):
