@@ -52,6 +52,10 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
     workers = data_workers(len(rows), exp.train.data_workers)
     settings = (exp.tokenizer.fold_system, variables, workers, exp.data.loss_on)
     if fmt == "prompt" and exp.grpo is not None and (exp.grpo.tools or exp.grpo.environment):
+        from tunelab.methods.grpo import check_tool_template
+
+        # what a template lacks for replies that call tools, named by the setting (before encode names a row)
+        check_tool_template(tokenizer, "grpo.tools" if exp.grpo.tools else "grpo.environment")
         rows = with_tools(rows, origins, exp.grpo.tools, exp.grpo.environment)
     try:
         return encode(tokenizer, [as_sft_row(r, fmt) for r in rows], origins, *settings)

@@ -726,6 +726,95 @@ def reads_the_clock(tokenizer: PreTrainedTokenizerBase, variables: dict) -> bool
 ENCODE_BATCH = 256  # rows tokenized per call
 
 
+# ---------------------------------------------------------------- tool calls
+
+
+_TOOL_NAME, _ARGUMENT, _VALUE, _RESULT = (
+    "probe_tool_a8f3e2",
+    "probe_key_b9d4f5",
+    "probe_value_d6e7a9",
+    "probe_result_c4f9a8",
+)
+TOOL_PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": _TOOL_NAME,
+            "description": "A probe.",
+            "parameters": {"type": "object", "properties": {_ARGUMENT: {"type": "string"}}, "required": [_ARGUMENT]},
+        },
+    }
+]
+TOOL_PROBE = [
+    {"role": "user", "content": "Hello?"},
+    {
+        "role": "assistant",
+        "content": "",  # as tunelab reads a turn that only calls tools (OpenAI's content null)
+        "tool_calls": [
+            {"id": "a1b2c3d4e", "type": "function", "function": {"name": _TOOL_NAME, "arguments": {_ARGUMENT: _VALUE}}}
+        ],  # an id of 9 letters and digits, as Mistral's template demands
+    },
+    {"role": "tool", "name": _TOOL_NAME, "tool_call_id": "a1b2c3d4e", "content": _RESULT},
+]
+_PRINTS_TOOLS: dict[tuple, tuple[bool, bool]] = {}
+
+
+def prints_tools(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[bool, bool]:
+    """(whether `template` prints the tool definitions a conversation is given, whether it prints a tool-calling
+    exchange: the call's name and arguments and the tool's result), found by rendering TOOL_PROBE once per template.
+    Llama 3's and Phi-3's print neither; DeepSeek-R1's distills print a call only where the turn's content is null,
+    and tunelab reads it as an empty string, as TRL's supports_tool_calling does."""
+    key = (template, tokenizer.bos_token, tokenizer.eos_token)
+    if key not in _PRINTS_TOOLS:
+        try:
+            shown = _apply(tokenizer, TOOL_PROBE[:1], "probe", tools=TOOL_PROBE_TOOLS, chat_template=template,
+                           tokenize=False, add_generation_prompt=True)  # fmt: skip
+        except TemplateRowError:
+            shown = ""
+        try:
+            exchange = _apply(tokenizer, TOOL_PROBE, "probe", tools=TOOL_PROBE_TOOLS, chat_template=template,
+                              tokenize=False)  # fmt: skip
+        except TemplateRowError:
+            exchange = ""
+        after = exchange.split("Hello?", 1)[-1]
+        _PRINTS_TOOLS[key] = (_TOOL_NAME in shown, all(s in after for s in (_TOOL_NAME, _VALUE, _RESULT)))
+    return _PRINTS_TOOLS[key]
+
+
+def _calls_tools(row: dict) -> bool:
+    messages = [*(row.get("messages") or [])]
+    for key in ("prompt", "completion"):
+        if isinstance(row.get(key), list):
+            messages += row[key]
+    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+
+
+def check_tool_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], origins: list[str]) -> None:
+    """Rows that call tools, or describe them (`tools`), train on what the chat template prints of that: one that
+    prints no tool call (Llama 3's, Phi-3's) would train a call as an empty reply, one that prints no definitions
+    would teach calls to tools the model is never shown. Either is one line naming the first such row."""
+    calling = next((where for row, where in zip(rows, origins, strict=True) if _calls_tools(row)), None)
+    described = next((where for row, where in zip(rows, origins, strict=True) if row.get("tools")), None)
+    if calling is None and described is None:
+        return
+    template, _ = masking_template(tokenizer, TOOL_PROBE_TOOLS)
+    if template is None:
+        return  # no chat template: _chat says so
+    definitions, exchange = prints_tools(tokenizer, template)
+    if calling is not None and not exchange:
+        raise TemplateRowError(
+            f"{calling}: the conversation calls tools, but the chat template does not print a tool call and its "
+            "result, so the call would train as an empty reply; set tokenizer.chat_template to a version of the "
+            "model's template that prints tool calls, or leave the tool-calling rows out"
+        )
+    if described is not None and not definitions:
+        raise TemplateRowError(
+            f"{described}: the row describes tools ('tools'), but the chat template does not print tool "
+            "definitions, so the model would learn to call tools it is never shown; describe them in the system "
+            "message instead, or set tokenizer.chat_template to a version of the model's template that prints them"
+        )
+
+
 def encode(
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict],
@@ -740,6 +829,7 @@ def encode(
     rows in turn (rendering the template is Python, one core a process); the result is the same. `loss_on` "all":
     every token carries loss (data.loss_on), the replies' terminators still found for the checks."""
     template_vars = template_vars or {}
+    check_tool_rows(tokenizer, rows, origins)
     if workers > 1 and len(rows) > ENCODE_BATCH:
         return _encode_in_processes(tokenizer, rows, origins, fold_system, template_vars, workers, loss_on)
     examples, no_loss, all_loss, unterminated, terminators = TokenizedRows(), [], [], [], Counter()

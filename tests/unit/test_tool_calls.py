@@ -256,3 +256,43 @@ def test_preference_accuracy_scores_each_answer_after_the_tools_it_was_shown(tmp
     assert tok.decode([t for t, m in zip(scored.input_ids, scored.loss_mask, strict=True) if m]) == (
         '{"name": "get_capital", "parameters": {"country": "Molo"}}<|eot_id|>'
     )
+
+
+@pytest.mark.parametrize(
+    ("template", "refused"),
+    [
+        ("llama3_1", None),
+        ("qwen2_5", None),
+        ("qwen3", None),
+        # Llama 3's and Phi-3's templates print only a message's content: the call would train as an empty reply
+        ("llama3", "the conversation calls tools, but the chat template does not print a tool call and its result"),
+        ("phi3", "the conversation calls tools, but the chat template does not print a tool call and its result"),
+        # DeepSeek-R1's distills print a call only where the turn's content is null; it is read as "", as TRL reads it
+        ("deepseek_r1_distill", "the conversation calls tools, but the chat template does not print a tool call"),
+        # DeepSeek-V3's prints calls (its training version, which the masks come from) but never the definitions
+        ("deepseekv3", "the row describes tools ('tools'), but the chat template does not print tool definitions"),
+    ],
+)
+def test_tool_rows_are_refused_where_the_template_would_drop_the_calls_or_the_tools(
+    tmp_path: Path, template: str, refused: str | None
+) -> None:
+    """Before, these trained: a call as `<|assistant|>\\n<|end|>` (Phi-3), tools the prompt never showed."""
+    from tunelab.templates import encode
+
+    tok = trl_tokenizer(template, extra=("<tool_call>", "</tool_call>"))
+    rows = load_rows(tmp_path, [{"messages": OPENAI_ROW["messages"][:1] + [{"role": "assistant", "content": "Hi."}]},
+                                OPENAI_ROW])  # fmt: skip
+    origins = [f"{tmp_path / 'tools.jsonl'}:{i}" for i in (1, 2)]
+    if refused is None:
+        encoded = encode(tok, rows, origins)
+        assert "get_capital" in tok.decode(encoded.examples[1].input_ids)
+        return
+    with pytest.raises(TunelabError) as e:
+        encode(tok, rows, origins)
+    assert str(e.value).startswith(f"{origins[1]}: {refused}") and "\n" not in str(e.value)
+    assert "tokenizer.chat_template" in str(e.value)
+    # a row that only describes the tools is refused where the template prints no definitions
+    described = load_rows(tmp_path, [{"tools": TOOLS, "messages": rows[0]["messages"]}])
+    if template in ("llama3", "phi3", "deepseekv3"):
+        with pytest.raises(TunelabError, match=r"does not print tool definitions"):
+            encode(tok, described, origins[:1])

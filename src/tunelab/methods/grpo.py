@@ -66,15 +66,13 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
 
 
 def check_data(exp: Experiment, encoded: list[Encoded], tokenizer: PreTrainedTokenizerBase | None) -> None:
-    """The rewards exist (read, not run), every prompt leaves room for a whole completion, and where replies call
-    tools, the chat template prints them and TRL can read a call back from a reply."""
+    """The rewards exist (read, not run) and every prompt leaves room for a whole completion (where replies call
+    tools, inputs.encode_split checked the chat template prints them and TRL can read a call back)."""
     from tunelab.rewards import check_rewards
 
     assert exp.grpo is not None
     check_rewards(exp.grpo.rewards, exp.grpo.reward_quantization)
     check_prompt_room(exp, encoded, exp.grpo.max_completion_length, "grpo.max_completion_length")
-    if (exp.grpo.tools or exp.grpo.environment) and tokenizer is not None:
-        check_tool_template(tokenizer, "grpo.tools" if exp.grpo.tools else "grpo.environment")
 
 
 def check_tool_template(tokenizer: PreTrainedTokenizerBase, key: str = "grpo.tools") -> None:
