@@ -333,9 +333,16 @@ def in_environments(prompts: list[Prompt], tool_use: ToolUse | None) -> list[Pro
     if tool_use is None or tool_use.environment is None:
         return prompts
     asked = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         instance = tool_use.environment()
-        observation = instance.reset(prompt=p.messages, **p.fields)
+        try:
+            observation = instance.reset(prompt=p.messages, **p.fields)
+        except Exception as e:  # noqa: BLE001 - the user's class: one line that says where
+            name = tool_use.environment.__name__
+            raise TunelabError(
+                f"compare: {name}.reset failed on prompt {i + 1} ({type(e).__name__}: {e}); it is called with the "
+                "prompt row's fields, as in training: give --prompts rows the fields it reads"
+            ) from e
         messages = p.messages
         if isinstance(observation, str):
             messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + observation}]

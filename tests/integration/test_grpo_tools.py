@@ -310,6 +310,12 @@ def test_each_reply_acts_in_an_environment_of_its_own(folder: Path, download: Pa
     agent = next(v for v in comparison.variants if v.name == "agent")
     expected = [a + float(n == 1) for a, n in zip(answered, looked_up, strict=True)]
     assert agent.numbers["reward"] == round(statistics.fmean(expected), 4)
+    # --prompts rows without the fields reset reads: one line that says so
+    asked = folder / "asked.jsonl"
+    asked.write_text(json.dumps({"messages": [{"role": "user", "content": "What is the capital of Molo?"}]}) + "\n")
+    with pytest.raises(TunelabError) as e:
+        compare([tmp_path / "agent"], prompts_file=asked, max_new_tokens=8)
+    assert str(e.value).startswith("compare: Atlas.reset failed on prompt 1 (TypeError: ") and "\n" not in str(e.value)
 
 
 def test_tool_refusals_name_the_setting(folder: Path, download: Path, tmp_path, tiny_model_dir) -> None:
