@@ -746,12 +746,21 @@ class TrainSettings(Strict):
         description="Compile the model with torch.compile (Transformers' torch_compile) before training: the first "
         "steps pay for compiling, later ones may run faster. Needs Triton on CUDA, a C++ compiler on CPU; not MPS.",
     )
+    neftune: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="NEFTune (Transformers' neftune_noise_alpha; the paper's alpha is 5): uniform noise of at most "
+        "alpha / sqrt(tokens x hidden size) on the input embeddings in training steps, none in evaluation or "
+        "generation. SFT only. The tokens are a row's, so padding_free auto gives way to padded batches (in a "
+        "padding-free row they would be the whole batch's, and the noise smaller).",
+    )
     packing: bool = Field(default=False, description="Pack several examples into one sequence (TRL packing).")
     padding_free: OnOffAuto = Field(
         default="auto",
         description="Concatenate each batch into one row without padding; position ids keep the examples apart "
         "(TRL padding_free). Same batches and loss as padded batches, no compute spent on padding. auto: on for "
-        "SFT without packing (TRL's DPOTrainer has it disabled).",
+        "SFT without packing or neftune (TRL's DPOTrainer has it disabled).",
     )
     group_by_length: bool = Field(
         default=False,
@@ -920,6 +929,11 @@ class Experiment(Strict):
                     f"train.{key}: applies to SFT; TRL's {self.method.upper()} trainer draws its batches itself and "
                     "would ignore it: remove it"
                 )
+        if self.method != "sft" and self.train.neftune is not None:
+            raise ValueError(
+                f"train.neftune: applies to SFT; in {self.method.upper()} the noise would reach the log-probabilities "
+                "it compares: remove it"
+            )
         if self.method != "sft" and self.train.padding_free == "on":
             raise ValueError(
                 f"train.padding_free: TRL's {self.method.upper()} trainer has no padding-free batches; set it to auto "
@@ -1022,6 +1036,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("data", "subset"): None,
     ("data", "eval_also"): {},
     ("train", "compile"): False,
+    ("train", "neftune"): None,
     ("train", "master_weights"): "float32",
     ("train", "data_workers"): None,
     ("train", "keep"): "last",
@@ -1267,6 +1282,7 @@ LIBRARY_NAMES: dict[str, LibraryName] = {
     "bf16": LibraryName(ARGS, "model.dtype", "bfloat16"),
     "fp16": LibraryName(ARGS, "model.dtype", "float16"),
     "torch_compile": LibraryName(ARGS, "train.compile"),
+    "neftune_noise_alpha": LibraryName(ARGS, "train.neftune"),
     "max_seq_length": LibraryName(SFT_0, "train.max_length"),
     "torch_dtype": LibraryName(LOAD_4, "model.dtype"),
     "model_name_or_path": LibraryName(MODEL, "model.id"),

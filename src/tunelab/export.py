@@ -214,6 +214,7 @@ def _settings(exp, manifest: Manifest) -> dict[str, str]:
         if manifest.data
         else "",
         "padding-free": str(batching.get("padding_free", "")),
+        **({"NEFTune": f"noise alpha {t.neftune:g}"} if t.neftune else {}),
         "chat template": f"`{manifest.chat_template_hash}` (sha256 prefix), replies end with `{manifest.terminator}`"
         if manifest.chat_template_hash
         else "none",

@@ -35,7 +35,7 @@ HELD_OUT_KEYS = ("test", "validation", "eval", "valid", "dev")  # data_files={"t
 NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "logging_dir", "run_name"}
 # Settings that change what a run learns and that no experiment key carries: named where a script sets them
 # otherwise than the library's default, since the experiment written trains without them.
-NOT_CARRIED = {"neftune_noise_alpha", "label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon"} | {
+NOT_CARRIED = {"label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon"} | {
     "lr_scheduler_kwargs", "optim_args", "init_lora_weights", "rank_pattern", "alpha_pattern", "lora_bias",
     "label_smoothing", "rpo_alpha", "max_prompt_length", "truncation_mode", "loss_weights", "use_weighting",
     # GRPOConfig's sampling and objective settings that GRPOSettings does not carry

@@ -10,6 +10,7 @@ import torch
 from tests.conftest import EXAMPLES, relative_distance, run_cli, straight_and_killed, trained_tensors
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
+from tunelab.export import model_card
 from tunelab.plan import make_plan
 from tunelab.runs import last_checkpoint, read_manifest, read_metrics
 from tunelab.scopes import load_trained
@@ -398,3 +399,26 @@ def test_more_held_out_sets_need_sft_and_eval_data(tmp_path: Path, overrides: li
     exp = experiment("quickstart", tmp_path, f"data.eval_also={{seen: {EXAMPLES / 'data' / 'sft_train.jsonl'}}}")
     with pytest.raises(TunelabError, match=r"^data.eval_also.seen: '.*sft_train.jsonl' is also a training file"):
         make_plan(exp)
+
+
+def test_neftune_noises_the_training_steps_only_and_the_same_way_on_a_rerun(tmp_path: Path, tiny_model_dir) -> None:
+    """train.neftune (Transformers' NEFTune): noise on the input embeddings in training steps, so the weights move
+    otherwise than without it; none in evaluation (the base's eval loss, measured before the first step, is the
+    same); the same noise on a rerun (seeded); padded batches, as padding_free auto gives way to it."""
+    steps = ("train.max_steps=6", "train.logging_steps=1", "train.padding_free=off")
+    plain = train(experiment("lora-all-linear", tmp_path, *steps, "output.name=plain"))
+    noisy = [
+        train(experiment("lora-all-linear", tmp_path, *steps[:2], "train.neftune=5", f"output.name=noisy{i}"))
+        for i in range(2)
+    ]
+    a, b, c = (trained_tensors(x.run_dir) for x in (plain, *noisy))
+    assert all(torch.equal(b[k], c[k]) for k in b)  # the same noise on a rerun
+    assert all(not torch.equal(a[k], b[k]) for k in a)  # every trained tensor took the noisy gradients
+    manifests = [read_manifest(x.run_dir) for x in (plain, *noisy)]
+    assert manifests[0].base_eval_loss == manifests[1].base_eval_loss  # no noise in evaluation
+    assert manifests[0].final_eval_loss != manifests[1].final_eval_loss
+    assert manifests[1].batching is not None and manifests[1].batching["padding_free"] is False
+    assert "| NEFTune | noise alpha 5 |" in model_card(noisy[0].run_dir, manifests[1], "adapter")
+    assert "NEFTune" not in model_card(plain.run_dir, manifests[0], "adapter")
+    with pytest.raises(TunelabError, match=r"train.neftune: applies to SFT"):
+        experiment("dpo", tmp_path, "train.neftune=5")

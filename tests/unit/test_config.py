@@ -464,6 +464,7 @@ def test_settings_added_later_keep_older_runs_hash(tmp_path: Path, text: str) ->
         "tokenizer.template_vars={enable_thinking: false}",
         "scope.lora.dora=true",
         "scope.lora.open=[norm]",
+        "train.neftune=5",
     ):
         if "lora" in change and "partial" in text:
             continue

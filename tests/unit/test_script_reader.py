@@ -483,10 +483,11 @@ def test_a_setting_that_changes_training_and_has_no_key_is_named_unless_it_is_th
     path = beside_its_data(tmp_path, "train_lora.py")
     text = path.read_text().replace('bias="none",', 'bias="none", init_lora_weights="pissa",')
     path.write_text(text.replace("bf16=True,", "bf16=True, neftune_noise_alpha=5, adam_beta1=0.9, save_steps=50,"))
-    assert read_script(path).unread == [
+    read = read_script(path)
+    assert read.unread == [
         "init_lora_weights='pissa' (no experiment key: the written experiment trains without it)",
-        "neftune_noise_alpha=5 (no experiment key: the written experiment trains without it)",
-    ]  # adam_beta1=0.9 is TrainingArguments' own default; save_steps has its key
+    ]  # adam_beta1=0.9 is TrainingArguments' own default; save_steps and neftune_noise_alpha have their keys
+    assert read.settings["train.neftune"] == 5
 
 
 def test_a_recipes_dataset_mixture_is_the_list_of_sources_it_trains_on(tmp_path: Path) -> None:

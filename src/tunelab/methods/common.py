@@ -88,7 +88,8 @@ def batching(train: TrainSettings, method: str, packed_rows_apart: bool = True) 
     from tunelab.methods import get_method
 
     splits_batches = get_method(method).padding_free  # SFT: TRL's other trainers take padded batches only
-    padding_free = splits_batches and not train.packing and train.padding_free != "off" and packed_rows_apart
+    asked = train.padding_free == "on" or (train.padding_free == "auto" and train.neftune is None)
+    padding_free = splits_batches and not train.packing and asked and packed_rows_apart
     batch, accumulation = train.batch_size, train.grad_accumulation
     if train.packing or train.group_by_length or not splits_batches:
         sampling = "group_by_length" if train.group_by_length and not train.packing else "random"
@@ -196,6 +197,7 @@ def training_arguments(
         include_num_input_tokens_seen="non_padding",  # the manifest's tokens_seen
         disable_tqdm=True,
         torch_compile=train.compile,
+        neftune_noise_alpha=train.neftune,
     )
 
 
