@@ -213,13 +213,24 @@ def variant_experiment(
 
 
 def diff_from_base(study: Study, exp: Experiment) -> list[str]:
-    """`key=value` for every setting that differs from the base experiment (run names aside)."""
+    """`key=value` for every setting that differs from the base experiment (run names aside). A section the base
+    does not have shows the keys the variant sets in it (scope.partial.last_blocks=4, not every default of
+    scope.partial beside it), or where it sets none (dpo, with method: dpo), the whole section."""
     out: list[str] = []
+    given = exp.model_dump(mode="json", exclude_unset=True)
+
+    def set_in(path: str) -> dict:
+        section: Any = given
+        for name in path.split("."):
+            section = section.get(name) if isinstance(section, dict) else None
+        return section if isinstance(section, dict) else {}
 
     def walk(a: Any, b: Any, path: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a is None and isinstance(b, dict) and set_in(path):  # a section of its own: the keys set in it
+            walk({k: None for k in set_in(path)}, {k: b[k] for k in set_in(path)}, path)
         elif a != b and not (b is None and isinstance(a, dict)):  # a section switched off is implied by its rival
             out.append(f"{path}={json.dumps(b)}")
 

@@ -77,3 +77,22 @@ def test_a_variant_keeps_the_bases_defaults_as_defaults(tmp_path: Path) -> None:
     variant = variant_experiment(s, "a", None).scope.lora
     assert "dropout" not in base.model_fields_set and "dropout" not in variant.model_fields_set
     assert (variant.r, variant.dropout) == (4, base.dropout)
+
+
+def test_a_variants_differences_name_the_keys_it_sets() -> None:
+    """A section the base lacks shows the keys the variant sets in it, not its defaults beside them; one it sets
+    nothing in (dpo, with method: dpo) shows whole."""
+    from tunelab.study import diff_from_base, variant_experiment
+
+    study = load_study(EXAMPLES / "ladder.yaml")
+    differs = {name: diff_from_base(study, variant_experiment(study, name, init_from=None)) for name in study.order}
+    assert differs["partial"] == [
+        "scope.partial.last_blocks=4",
+        "scope.partial.lm_head=true",
+        "scope.partial.norm=true",
+        "train.epochs=2.0",
+        "train.learning_rate=5e-06",
+    ]
+    assert differs["qv"] == ['scope.lora.targets="qv"'] and differs["all-linear"] == []
+    assert 'dpo={"beta": 0.1, "loss_type": "sigmoid", "reference": "auto"}' in differs["dpo"]
+    assert 'method="dpo"' in differs["dpo"]
