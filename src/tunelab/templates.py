@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 from tunelab.config import BUILTIN_PREFIX, TokenizerSettings, inline_template
 from tunelab.errors import ConfigError, TunelabError
@@ -756,62 +756,82 @@ TOOL_PROBE = [
     },
     {"role": "tool", "name": _TOOL_NAME, "tool_call_id": "a1b2c3d4e", "content": _RESULT},
 ]
-_PRINTS_TOOLS: dict[tuple, tuple[bool, bool]] = {}
 
 
-def prints_tools(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[bool, bool]:
-    """(whether `template` prints the tool definitions a conversation is given, whether it prints a tool-calling
-    exchange: the call's name and arguments and the tool's result), found by rendering TOOL_PROBE once per template.
-    Llama 3's and Phi-3's print neither; DeepSeek-R1's distills print a call only where the turn's content is null,
-    and tunelab reads it as an empty string, as TRL's supports_tool_calling does."""
+class ToolPrinting(NamedTuple):
+    """What a chat template prints of tool use."""
+
+    definitions: bool  # the tool definitions a conversation is given (`tools`)
+    calls: bool  # an assistant turn's tool_calls: the function's name and arguments
+    results: bool  # a tool message's content
+
+
+_PRINTS_TOOLS: dict[tuple, ToolPrinting] = {}
+
+
+def prints_tools(tokenizer: PreTrainedTokenizerBase, template: str) -> ToolPrinting:
+    """What `template` prints of tool use, found by rendering TOOL_PROBE once per template. Llama 3's prints tool
+    results (any role's content) but neither calls nor definitions, Phi-3's none of them; DeepSeek-R1's distills
+    print a call only where the turn's content is null, which tunelab reads as an empty string, as TRL's
+    supports_tool_calling does."""
     key = (template, tokenizer.bos_token, tokenizer.eos_token)
     if key not in _PRINTS_TOOLS:
-        try:
-            shown = _apply(tokenizer, TOOL_PROBE[:1], "probe", tools=TOOL_PROBE_TOOLS, chat_template=template,
-                           tokenize=False, add_generation_prompt=True)  # fmt: skip
-        except TemplateRowError:
-            shown = ""
-        try:
-            exchange = _apply(tokenizer, TOOL_PROBE, "probe", tools=TOOL_PROBE_TOOLS, chat_template=template,
-                              tokenize=False)  # fmt: skip
-        except TemplateRowError:
-            exchange = ""
-        after = exchange.split("Hello?", 1)[-1]
-        _PRINTS_TOOLS[key] = (_TOOL_NAME in shown, all(s in after for s in (_TOOL_NAME, _VALUE, _RESULT)))
+        rendered = []
+        for messages, generation in ((TOOL_PROBE[:1], True), (TOOL_PROBE[:2], False), (TOOL_PROBE, False)):
+            try:
+                text = _apply(tokenizer, messages, "probe", tools=TOOL_PROBE_TOOLS, chat_template=template,
+                              tokenize=False, add_generation_prompt=generation)  # fmt: skip
+            except TemplateRowError:
+                text = ""
+            rendered.append(text.split("Hello?", 1)[-1] if generation is False else text)
+        shown, called, answered = rendered
+        _PRINTS_TOOLS[key] = ToolPrinting(_TOOL_NAME in shown, _TOOL_NAME in called and _VALUE in called,
+                                          _RESULT in answered)  # fmt: skip
     return _PRINTS_TOOLS[key]
 
 
-def _calls_tools(row: dict) -> bool:
+def _messages_of(row: dict) -> list[dict]:
     messages = [*(row.get("messages") or [])]
     for key in ("prompt", "completion"):
         if isinstance(row.get(key), list):
             messages += row[key]
-    return any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+    return messages
 
 
 def check_tool_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict], origins: list[str]) -> None:
-    """Rows that call tools, or describe them (`tools`), train on what the chat template prints of that: one that
-    prints no tool call (Llama 3's, Phi-3's) would train a call as an empty reply, one that prints no definitions
-    would teach calls to tools the model is never shown. Either is one line naming the first such row."""
-    calling = next((where for row, where in zip(rows, origins, strict=True) if _calls_tools(row)), None)
-    described = next((where for row, where in zip(rows, origins, strict=True) if row.get("tools")), None)
-    if calling is None and described is None:
+    """Rows that use tools train on what the chat template prints of them: a template that prints no tool call
+    (Llama 3's, Phi-3's) would train a call as an empty reply, one that prints no tool result would train the answer
+    after it without what it answers, one that prints no definitions would teach calls to tools the model is never
+    shown. Each is one line naming the first row that needs what the template lacks."""
+
+    def first(needs) -> str | None:
+        return next((where for row, where in zip(rows, origins, strict=True) if needs(row)), None)
+
+    calling = first(lambda row: any(m.get("tool_calls") for m in _messages_of(row)))
+    answered = first(lambda row: any(m.get("role") == "tool" for m in _messages_of(row)))
+    described = first(lambda row: bool(row.get("tools")))
+    if calling is None and answered is None and described is None:
         return
     template, _ = masking_template(tokenizer, TOOL_PROBE_TOOLS)
     if template is None:
         return  # no chat template: _chat says so
-    definitions, exchange = prints_tools(tokenizer, template)
-    if calling is not None and not exchange:
+    printing = prints_tools(tokenizer, template)
+    fix = "set tokenizer.chat_template to a version of the model's template that prints them"
+    if calling is not None and not printing.calls:
         raise TemplateRowError(
-            f"{calling}: the conversation calls tools, but the chat template does not print a tool call and its "
-            "result, so the call would train as an empty reply; set tokenizer.chat_template to a version of the "
-            "model's template that prints tool calls, or leave the tool-calling rows out"
+            f"{calling}: an assistant turn calls tools (tool_calls), but the chat template does not print tool "
+            f"calls, so the call would train as an empty reply; {fix}, or leave the tool-calling rows out"
         )
-    if described is not None and not definitions:
+    if answered is not None and not printing.results:
+        raise TemplateRowError(
+            f"{answered}: the conversation holds tool results (role tool), but the chat template does not print "
+            f"them, so the reply after one would train without what it answers; {fix}, or leave those rows out"
+        )
+    if described is not None and not printing.definitions:
         raise TemplateRowError(
             f"{described}: the row describes tools ('tools'), but the chat template does not print tool "
             "definitions, so the model would learn to call tools it is never shown; describe them in the system "
-            "message instead, or set tokenizer.chat_template to a version of the model's template that prints them"
+            f"message instead, or {fix}"
         )
 
 

@@ -2,6 +2,7 @@
 model's own template with the row's tools, and supervised on the assistant's calls and answers only."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -258,41 +259,67 @@ def test_preference_accuracy_scores_each_answer_after_the_tools_it_was_shown(tmp
     )
 
 
+CALLS_REFUSED = "an assistant turn calls tools (tool_calls), but the chat template does not print tool calls"
+RESULTS_REFUSED = "the conversation holds tool results (role tool), but the chat template does not print them"
+TOOLS_REFUSED = "the row describes tools ('tools'), but the chat template does not print tool definitions"
+# Hermes' shape (NousResearch/hermes-function-calling-v1): the call written into the reply, the result a tool turn
+HERMES_ROW = {
+    "messages": [
+        {"role": "user", "content": "What is the capital of Molo?"},
+        {
+            "role": "assistant",
+            "content": '<tool_call>\n{"name": "get_capital", "arguments": {"country": "Molo"}}\n</tool_call>',
+        },
+        {"role": "tool", "content": "Vevasmo"},
+        {"role": "assistant", "content": "The capital of Molo is Vevasmo."},
+    ]
+}
+
+
 @pytest.mark.parametrize(
-    ("template", "refused"),
+    ("template", "refused", "hermes"),
     [
-        ("llama3_1", None),
-        ("qwen2_5", None),
-        ("qwen3", None),
-        # Llama 3's and Phi-3's templates print only a message's content: the call would train as an empty reply
-        ("llama3", "the conversation calls tools, but the chat template does not print a tool call and its result"),
-        ("phi3", "the conversation calls tools, but the chat template does not print a tool call and its result"),
+        ("llama3_1", None, None),
+        ("qwen2_5", None, None),
+        ("qwen3", None, None),
+        # Llama 3's template prints only a message's content, whatever its role: a call would train as an empty
+        # reply; a call written into the reply, and its result, train as they are
+        ("llama3", CALLS_REFUSED, None),
+        # Phi-3's prints no tool turn either
+        ("phi3", CALLS_REFUSED, RESULTS_REFUSED),
         # DeepSeek-R1's distills print a call only where the turn's content is null; it is read as "", as TRL reads it
-        ("deepseek_r1_distill", "the conversation calls tools, but the chat template does not print a tool call"),
+        ("deepseek_r1_distill", CALLS_REFUSED, None),
         # DeepSeek-V3's prints calls (its training version, which the masks come from) but never the definitions
-        ("deepseekv3", "the row describes tools ('tools'), but the chat template does not print tool definitions"),
+        ("deepseekv3", TOOLS_REFUSED, None),
     ],
 )
 def test_tool_rows_are_refused_where_the_template_would_drop_the_calls_or_the_tools(
-    tmp_path: Path, template: str, refused: str | None
+    tmp_path: Path, template: str, refused: str | None, hermes: str | None
 ) -> None:
     """Before, these trained: a call as `<|assistant|>\\n<|end|>` (Phi-3), tools the prompt never showed."""
     from tunelab.templates import encode
 
     tok = trl_tokenizer(template, extra=("<tool_call>", "</tool_call>"))
-    rows = load_rows(tmp_path, [{"messages": OPENAI_ROW["messages"][:1] + [{"role": "assistant", "content": "Hi."}]},
-                                OPENAI_ROW])  # fmt: skip
+    plain = {"messages": OPENAI_ROW["messages"][:1] + [{"role": "assistant", "content": "Hi."}]}
+    rows = load_rows(tmp_path, [plain, OPENAI_ROW])
     origins = [f"{tmp_path / 'tools.jsonl'}:{i}" for i in (1, 2)]
     if refused is None:
         encoded = encode(tok, rows, origins)
         assert "get_capital" in tok.decode(encoded.examples[1].input_ids)
-        return
-    with pytest.raises(TunelabError) as e:
-        encode(tok, rows, origins)
-    assert str(e.value).startswith(f"{origins[1]}: {refused}") and "\n" not in str(e.value)
-    assert "tokenizer.chat_template" in str(e.value)
+    else:
+        with pytest.raises(TunelabError) as e:
+            encode(tok, rows, origins)
+        assert str(e.value).startswith(f"{origins[1]}: {refused}") and "\n" not in str(e.value)
+        assert "tokenizer.chat_template" in str(e.value)
     # a row that only describes the tools is refused where the template prints no definitions
     described = load_rows(tmp_path, [{"tools": TOOLS, "messages": rows[0]["messages"]}])
     if template in ("llama3", "phi3", "deepseekv3"):
         with pytest.raises(TunelabError, match=r"does not print tool definitions"):
             encode(tok, described, origins[:1])
+    # Hermes' rows need the tool turns printed, not structured calls
+    written = load_rows(tmp_path, [HERMES_ROW])
+    if hermes is None:
+        assert "Vevasmo" in tok.decode(encode(tok, written, origins[:1]).examples[0].input_ids).split("</tool_call>")[1]
+    else:
+        with pytest.raises(TunelabError, match=re.escape(hermes)):
+            encode(tok, written, origins[:1])
