@@ -776,15 +776,18 @@ def prints_tools(tokenizer: PreTrainedTokenizerBase, template: str) -> ToolPrint
     supports_tool_calling does."""
     key = (template, tokenizer.bos_token, tokenizer.eos_token)
     if key not in _PRINTS_TOOLS:
-        rendered = []
-        for messages, generation in ((TOOL_PROBE[:1], True), (TOOL_PROBE[:2], False), (TOOL_PROBE, False)):
+
+        def after_question(messages: list[dict], generation: bool = False) -> str:
             try:
                 text = _apply(tokenizer, messages, "probe", tools=TOOL_PROBE_TOOLS, chat_template=template,
                               tokenize=False, add_generation_prompt=generation)  # fmt: skip
             except TemplateRowError:
-                text = ""
-            rendered.append(text.split("Hello?", 1)[-1] if generation is False else text)
-        shown, called, answered = rendered
+                return ""
+            return text if generation else text.split("Hello?", 1)[-1]
+
+        system = {"role": "system", "content": "Be brief."}  # some templates print the tools in its turn only
+        shown = after_question(TOOL_PROBE[:1], True) + after_question([system, *TOOL_PROBE[:1]], True)
+        called, answered = after_question(TOOL_PROBE[:2]), after_question(TOOL_PROBE)
         _PRINTS_TOOLS[key] = ToolPrinting(_TOOL_NAME in shown, _TOOL_NAME in called and _VALUE in called,
                                           _RESULT in answered)  # fmt: skip
     return _PRINTS_TOOLS[key]
