@@ -310,6 +310,11 @@ def refusal_fix(error: Exception, messages: list[dict]) -> str:
         return "set data.merge_consecutive_turns: true to join consecutive messages of the same role"
     if "alternate" in text or "roles" in text:
         return "make the conversation start with a user turn and alternate user/assistant"
+    if "tool call id" in text and "9" in text:  # Mistral's: OpenAI's call_... ids are longer
+        return (
+            "give each tool call an id of 9 letters and digits, and the tool message that answers it the same "
+            "tool_call_id, as Mistral's format has them"
+        )
     return "fix the record, or set tokenizer.chat_template to a template that accepts it"
 
 

@@ -323,3 +323,23 @@ def test_tool_rows_are_refused_where_the_template_would_drop_the_calls_or_the_to
     else:
         with pytest.raises(TunelabError, match=re.escape(hermes)):
             encode(tok, written, origins[:1])
+
+
+def test_mistrals_refusal_of_openai_call_ids_names_the_ids_it_takes(tmp_path: Path) -> None:
+    """Mistral v0.3's template (tests/fixtures/chat_models) refuses OpenAI's `call_1` ids; the line says what it
+    takes, and a row with such ids trains."""
+    from tunelab.templates import encode
+
+    tok = trl_tokenizer("llama3_1")
+    tok.chat_template = (Path(__file__).parents[1] / "fixtures/chat_models/mistral-7b-instruct-v0.3.jinja").read_text()
+    origin = f"{tmp_path / 'tools.jsonl'}:1"
+    with pytest.raises(TunelabError) as e:
+        encode(tok, load_rows(tmp_path, [OPENAI_ROW]), [origin])
+    assert str(e.value).startswith(f"{origin}: the chat template refused this conversation: Tool call IDs should be")
+    assert str(e.value).endswith(
+        "give each tool call an id of 9 letters and digits, and the tool message that answers it the same "
+        "tool_call_id, as Mistral's format has them"
+    )
+    fixed = json.loads(json.dumps(OPENAI_ROW).replace('"call_1"', '"a1b2c3d4e"'))
+    encoded = encode(tok, load_rows(tmp_path, [fixed]), [origin])
+    assert '"id": "a1b2c3d4e"' in tok.decode(encoded.examples[0].input_ids)
