@@ -556,6 +556,14 @@ def model_head(method: str) -> str:
     return "score" if method in SCORING_METHODS else "lm"
 
 
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")  # and pissa_niter_N
+
+
+def known_lora_init(value: object) -> bool:
+    """Whether scope.lora.init takes `value` (PEFT's init_lora_weights strings that tunelab runs)."""
+    return isinstance(value, str) and (value in LORA_INITS or re.fullmatch(r"pissa_niter_[0-9]+", value) is not None)
+
+
 class LoraScope(Strict):
     r: int = Field(default=16, gt=0, le=65536, description="LoRA rank: the capacity of the update.")
     alpha: float = Field(
@@ -603,6 +611,16 @@ class LoraScope(Strict):
         "modules_to_save): norm (the final norm), lm_head, embeddings. Where lm_head is tied to the embeddings, "
         "opening either opens the one shared tensor.",
     )
+    init: str = Field(
+        default="default",
+        description="How the adapter starts (PEFT's init_lora_weights): default (B zero, A random: the update starts "
+        "at 0), gaussian, orthogonal (even r), or pissa / olora, which start the adapter from the weights' principal "
+        "components (PiSSA: SVD; OLoRA: QR) and take them out of the frozen weights. pissa computes a full SVD of "
+        "each adapted weight when the model loads (minutes on a 7B model); pissa_niter_16 (a fast SVD of 16 "
+        "iterations) takes seconds. A pissa or olora run's adapter is saved converted to plain LoRA of rank 2r on "
+        "the original weights (PEFT's path_initial_model_for_weight_conversion), so compare, eval and export use it "
+        "on the base as it is.",
+    )
     tokens: list[str] = Field(
         default_factory=list,
         description="Tokens whose embedding and lm_head rows train beside the adapter, the rest frozen (PEFT's "
@@ -610,12 +628,53 @@ class LoraScope(Strict):
         "base (not instruct) model; `train` names the ones it finds.",
     )
 
+    @field_validator("init", mode="before")
+    @classmethod
+    def _known_init(cls, value: Any) -> Any:
+        if value is True:  # PEFT's own spelling of its default
+            return "default"
+        if known_lora_init(value):
+            return value
+        why = (
+            " (it needs a pass over the data or a quantized base before training, which tunelab does not run yet)"
+            if value in ("eva", "corda", "loftq", "lora_ga")
+            else ""
+        )
+        raise ValueError(
+            f"{value!r} is not a LoRA init tunelab runs{why}; use one of {', '.join(LORA_INITS)} or pissa_niter_N"
+        )
+
     @model_validator(mode="after")
     def _rows_or_whole(self) -> LoraScope:
         whole = sorted({"embeddings", "lm_head"} & set(self.open))
         if self.tokens and whole:
             raise ValueError(f"tokens trains rows that open: [{', '.join(whole)}] trains whole already; drop one")
+        if self.init == "orthogonal" and self.r % 2:
+            raise ValueError(f"init: orthogonal splits the rank in two halves, and r is {self.r}; use an even r")
+        if self.moves_base:
+            beside = [
+                k
+                for k, on in (
+                    ("dora", self.dora),
+                    ("open", self.open),
+                    ("tokens", self.tokens),
+                    ("parameters", self.parameters),
+                    (f"bias: {self.bias}", self.bias != "none"),
+                )
+                if on
+            ]
+            if beside:
+                raise ValueError(
+                    f"init: {self.init} takes the adapter's start out of the frozen weights, and its adapter is saved "
+                    f"converted to plain LoRA pairs on the original weights, which cannot carry {beside[0]}; use init: "
+                    f"default with {beside[0]}, or remove {beside[0]}"
+                )
         return self
+
+    @property
+    def moves_base(self) -> bool:
+        """PiSSA and OLoRA move the adapter's start out of the frozen weights (W = W_res + BA at step 0)."""
+        return self.init.startswith("pissa") or self.init == "olora"
 
 
 class PartialScope(Strict):
@@ -944,6 +1003,18 @@ class Experiment(Strict):
                 f"model.quantization: a quantized base cannot train a {self.scope.kind} scope (its weights are packed "
                 "integers that take no gradient); use scope: lora, or remove model.quantization"
             )
+        lora = self.scope.lora
+        if lora is not None and lora.moves_base and self.model.quantization is not None:
+            raise ValueError(
+                f"scope.lora.init: {lora.init} on a quantized base would take the adapter's start out of weights "
+                "already rounded to 4 or 8 bits (PEFT's PiSSA-QLoRA recipe quantizes the residual after the init, "
+                "which tunelab does not do yet); use init: default, or remove model.quantization"
+            )
+        if lora is not None and lora.moves_base and self.method in SCORING_METHODS:
+            raise ValueError(
+                f"scope.lora.init: {lora.init} saves its adapter converted to plain LoRA pairs, which cannot carry "
+                f"the {self.method} model's new score head; use init: default"
+            )
         t = self.train
         compares = "train.keep: best" if t.keep == "best" else "train.early_stop" if t.early_stop else None
         if compares and not (self.data.eval or self.data.eval_fraction or self.data.eval_split):
@@ -1051,6 +1122,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("scope", "lora", "open"): [],
     ("scope", "lora", "tokens"): [],
     ("scope", "lora", "parameters"): [],
+    ("scope", "lora", "init"): "default",
 }
 
 
@@ -1267,6 +1339,7 @@ LIBRARY_NAMES: dict[str, LibraryName] = {
     "use_dora": LibraryName(PEFT, "scope.lora.dora"),
     "use_rslora": LibraryName(PEFT, "scope.lora.rslora"),
     "trainable_token_indices": LibraryName(PEFT, "scope.lora.tokens"),
+    "init_lora_weights": LibraryName(PEFT, "scope.lora.init", "default"),
     "num_train_epochs": LibraryName(ARGS, "train.epochs"),
     "per_device_train_batch_size": LibraryName(
         ARGS, "train.batch_size", note="times train.grad_accumulation a step, as there"

@@ -249,7 +249,9 @@ def estimate_disk(
     checkpoint = trained + optimizer + tokenizer_bytes + SMALL_FILES
     # Opened original weights are saved in the model's dtype, whatever their master copy's (train.py).
     saved = scope.total_params if kind.result == FULL_MODEL else scope.trainable_params
-    result = (trained if kind.adds_parameters else saved * b) + tokenizer_bytes + SMALL_FILES
+    # A PiSSA or OLoRA adapter is saved converted to plain LoRA of twice the rank (scopes/lora.py).
+    adapter = trained * (2 if exp.scope.lora is not None and exp.scope.lora.moves_base else 1)
+    result = (adapter if kind.adds_parameters else saved * b) + tokenizer_bytes + SMALL_FILES
     saves = checkpoint_saves(exp, n_train)
     # With keep: best the Trainer keeps the best checkpoint beside the newest, two at least.
     limit = max(exp.train.save_total_limit, 2) if exp.train.keep == "best" else exp.train.save_total_limit

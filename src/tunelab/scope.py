@@ -378,6 +378,7 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         alpha_pattern=patterns and {k: v * scope.alpha / scope.r for k, v in patterns.items()},
         use_dora=scope.dora,
         use_rslora=scope.rslora,
+        init_lora_weights=True if scope.init == "default" else scope.init,
         modules_to_save=sorted({*opened_modules(scope, model, decoder), *([head] if head else [])}) or None,
         trainable_token_indices=token_rows(model, token_ids) if token_ids else None,
         # A tied lm_head and embedding matrix stay one tensor when either opens: trained apart, the merged model

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import LIBRARY_NAMES, METHOD_SECTIONS, LoraScope, TrainSettings
+from tunelab.config import LIBRARY_NAMES, METHOD_SECTIONS, LoraScope, TrainSettings, known_lora_init
 from tunelab.errors import TunelabError
 
 TRAINERS = {
@@ -36,7 +36,7 @@ NOT_SETTINGS = {"task_type", "report_to", "push_to_hub", "hub_model_id", "loggin
 # Settings that change what a run learns and that no experiment key carries: named where a script sets them
 # otherwise than the library's default, since the experiment written trains without them.
 NOT_CARRIED = {"label_smoothing_factor", "adam_beta1", "adam_beta2", "adam_epsilon"} | {
-    "lr_scheduler_kwargs", "optim_args", "init_lora_weights", "rank_pattern", "alpha_pattern", "lora_bias",
+    "lr_scheduler_kwargs", "optim_args", "rank_pattern", "alpha_pattern", "lora_bias",
     "label_smoothing", "rpo_alpha", "max_prompt_length", "truncation_mode", "loss_weights", "use_weighting",
     # GRPOConfig's sampling and objective settings that GRPOSettings does not carry
     "top_k", "min_p", "repetition_penalty", "delta", "steps_per_generation", "generation_batch_size", "entropy_coef",
@@ -856,6 +856,13 @@ def settings_from(said: dict[str, Any], read: ScriptRead, method: str | None = N
             read.unread.append(f"{name} ({value.text})")
         elif key == "scope.lora.layers" and isinstance(value, list) and all(isinstance(i, int) for i in value):
             read.settings[key] = _ranges(value)
+        elif key == "scope.lora.init" and value is not True:
+            if known_lora_init(value):
+                read.settings[key] = value
+            else:
+                read.unread.append(
+                    f"{name}={value!r} (not an init tunelab runs: the written experiment trains without it)"
+                )
         elif substitute is None:
             read.settings[key] = value
         elif value is True:  # bf16=True: model.dtype bfloat16

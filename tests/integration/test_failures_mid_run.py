@@ -36,9 +36,10 @@ def size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("scope", ["lora", "partial", "full"])
+@pytest.mark.parametrize("scope", ["lora", "pissa", "partial", "full"])
 def test_plan_disk_estimate_matches_what_the_run_writes(scope: str, tmp_path: Path, tiny_model_dir) -> None:
     scopes = {"lora": "{lora: {r: 8, targets: qkvo}}", "partial": "{partial: {last_blocks: 2, lm_head: true}}"}
+    scopes["pissa"] = "{lora: {r: 8, targets: qkvo, init: pissa}}"  # its adapter is saved at rank 16
     overrides = [f"output.dir={tmp_path}", f"scope={scopes.get(scope, 'full')}", "train.max_steps=3"]
     overrides += ["train.save_steps=1", "train.save_total_limit=2"]
     exp = load_experiment(QUICKSTART, overrides)
@@ -48,7 +49,7 @@ def test_plan_disk_estimate_matches_what_the_run_writes(scope: str, tmp_path: Pa
     kept = sorted((run_dir / "checkpoints").glob("checkpoint-*"))
     assert [c.name for c in kept] == ["checkpoint-2", "checkpoint-3"]
     last = kept[-1]
-    weights = last / ("adapter_model.safetensors" if scope == "lora" else "model.safetensors")
+    weights = last / ("adapter_model.safetensors" if scope in ("lora", "pissa") else "model.safetensors")
     header = 16 * 1024  # safetensors' JSON header of tensor names
     assert 0 <= size(weights) - disk.checkpoint_weights_bytes < header
     assert abs(size(last / "optimizer.pt") - disk.checkpoint_optimizer_bytes) < 0.05 * disk.checkpoint_optimizer_bytes

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.chat_fixtures import build
-from tests.conftest import DATA, EXAMPLES, trained_tensors, write_experiment
+from tests.conftest import DATA, EXAMPLES, resume_matches_straight, trained_tensors, write_experiment
 from tests.integration.test_compare import prompts_file
 from tunelab.compare import compare, generate, read_prompts
 from tunelab.config import load_experiment
@@ -27,6 +27,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     for name, example, extra in (
         ("dora-head", "lora-dora-head", ["scope.lora.rslora=true"]),
         ("lora-qv", "lora-qv", []),
+        ("pissa-qv", "lora-qv", ["scope.lora.init=pissa"]),
     ):
         exp = load_experiment(
             EXAMPLES / f"{example}.yaml", [f"output.dir={out}", f"output.name={name}", *steps, *extra]
@@ -203,3 +204,64 @@ def test_untrained_template_tokens_are_named_and_train_as_rows(untrained_base: P
     assert {v.name: v.numbers.get("scope") for v in both.variants}[
         "rows"
     ] == "lora r16 q_proj,v_proj layers 0-3 +3 token rows"
+
+
+def test_a_pissa_adapter_is_saved_as_the_plain_lora_that_gives_the_trained_model_on_the_original_weights(
+    runs, tmp_path: Path, tiny_model_dir
+) -> None:
+    """PiSSA starts the adapter from each weight's principal components and trains on the rest of the weight. The
+    saved adapter is PEFT's conversion (rank 2r) for the original weights: on the base as it is, it gives the model
+    that trained, which is rebuilt here the way it trained (the same init on the base, the last checkpoint's pairs)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.scopes import load_trained
+
+    run, plain = runs["pissa-qv"], read_manifest(runs["lora-qv"])
+    manifest = read_manifest(run)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (32, 64, True)
+    assert manifest.change_check.ok and manifest.change_check.frozen_changed == []
+    # The start is the base (PiSSA moves the components, it does not change the sum); training then went elsewhere.
+    assert manifest.base_eval_loss == pytest.approx(plain.base_eval_loss, abs=1e-5)
+    assert manifest.final_eval_loss != pytest.approx(plain.final_eval_loss, abs=1e-3)
+    checkpoint = max((run / "checkpoints").glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    settings = LoraConfig.from_pretrained(str(checkpoint))
+    settings.init_lora_weights = "pissa"
+    as_trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), settings)
+    set_peft_model_state_dict(as_trained, load_file(checkpoint / "adapter_model.safetensors"))
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        want = as_trained.eval()(ids).logits
+        got = load_trained(run).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "merged", merge=True))
+        exported = merged.eval()(ids).logits
+        as_is = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), checkpoint)
+        unconverted = as_is.eval()(ids).logits
+    assert not torch.allclose(want, base, atol=1e-2)
+    assert torch.allclose(got, want, atol=1e-4) and torch.allclose(exported, want, atol=1e-4)
+    assert not torch.allclose(unconverted, want, atol=1e-2)  # the trained pairs alone on the original weights
+    shown = make_plan(load_experiment(run / "experiment.yaml")).scope.adapter
+    assert shown == "r 16, alpha 32 (scale 2), pissa init, saved as plain LoRA r 32"
+
+
+def test_dpo_with_olora_keeps_the_frozen_weights_trl_copies_the_reference_adapter_over(tmp_path: Path) -> None:
+    """TRL's DPO adds a frozen "ref" copy of the adapter with the adapter's own config: with OLoRA's init still in it,
+    PEFT would take a second start out of the frozen weights, so policy and reference both move off the base."""
+    exp = load_experiment(
+        EXAMPLES / "dpo.yaml",
+        [f"output.dir={tmp_path}", "scope.lora.init=olora", "train.max_steps=2", "train.learning_rate=1e-4"],
+    )
+    manifest = train(exp).manifest
+    check = manifest.change_check
+    assert check.frozen_changed == [] and check.ok and check.trainable_changed == 4 * 7 * 2
+    assert manifest.base_eval_loss == pytest.approx(0.693147, abs=1e-5)  # policy = reference at the start
+
+
+def test_a_fast_svd_pissa_run_killed_mid_way_resumes_to_the_uninterrupted_adapter(tmp_path: Path) -> None:
+    """The resumed process takes the start out of the weights again (a randomised SVD, from the run's seed) before the
+    checkpoint's pairs load onto them: the same start, or the resumed run trains on other frozen weights."""
+    resume_matches_straight("lora-qv", tmp_path, "--set", "scope.lora.init=pissa_niter_2")

@@ -117,3 +117,17 @@ def test_several_gpus_in_one_unlaunched_process_are_refused_with_the_tunelab_way
     )
     assert one_process_gpus(8, launched=True) is None  # each launched process takes its own GPU
     assert one_process_gpus(1, launched=False) is None and one_process_gpus(0, launched=False) is None
+
+
+def test_pissa_under_a_sharding_engine_is_refused_before_anything_loads() -> None:
+    """A PiSSA adapter is converted for the original weights with the whole model at hand; FSDP splits it."""
+    from tests.conftest import REPO
+    from tunelab.config import load_experiment
+    from tunelab.plan import make_plan
+
+    plan = REPO / "bench" / "llama8b-plan.yaml"
+    exp = load_experiment(plan, ["scope.lora.init=pissa", f"distributed.accelerate_config={ACCELERATE / 'fsdp.yaml'}"])
+    with pytest.raises(ConfigError, match=r"scope.lora.init: pissa's adapter is converted .* \(FSDP\); use init"):
+        make_plan(exp)
+    ddp = load_experiment(plan, ["scope.lora.init=pissa", f"distributed.accelerate_config={ACCELERATE / 'ddp.yaml'}"])
+    assert make_plan(ddp).scope.adapter.endswith("pissa init, saved as plain LoRA r 32")

@@ -2,6 +2,7 @@
 adapter (scope.lora.open), with counts and memory checked against formulas from the published configs."""
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,31 @@ def test_opened_copies_on_a_quantized_base_are_float32(tmp_path: Path) -> None:
     head = d["V"] * d["h"]
     assert opened.gradients_bytes - plain.gradients_bytes == head * 4
     assert opened.weights_bytes - plain.weights_bytes == head * 4
+
+
+def test_pissa_plans_from_the_config_alone_and_what_its_saved_form_cannot_carry_is_one_line(tmp_path: Path) -> None:
+    """plan never decomposes a weight (the meta device has none): the counts are plain LoRA's, and the adapter line
+    says how it will be saved. Settings that PEFT's conversion to plain LoRA would drop are refused before training."""
+    plan = plan_of(tmp_path, "init: pissa_niter_16")
+    assert plan.scope.adapter == "r 16, alpha 32 (scale 2), pissa_niter_16 init, saved as plain LoRA r 32"
+    assert plan.scope.trainable_params == qv_count()
+    assert plan_of(tmp_path, "init: gaussian").scope.adapter == "r 16, alpha 32 (scale 2), gaussian init"
+    refused = {
+        "init: eva": "scope.lora.init: 'eva' is not a LoRA init tunelab runs (it needs a pass over the data",
+        "init: orthogonal, r: 7": "init: orthogonal splits the rank in two halves, and r is 7; use an even r",
+        "init: pissa, dora: true": "cannot carry dora; use init: default with dora, or remove dora",
+        "init: olora, open: [lm_head]": "cannot carry open; use init: default with open",
+        "init: pissa, tokens: ['<|eot_id|>']": "cannot carry tokens",
+        "init: pissa_niter_4, bias: all": "cannot carry bias: all",
+    }
+    for lora, said in refused.items():
+        with pytest.raises(TunelabError, match=re.escape(said)) as e:
+            plan_of(tmp_path, lora)
+        assert "\n" not in str(e.value) and "exp.yaml:4: scope.lora" in str(e.value), str(e.value)
+    exp = write_experiment(
+        tmp_path,
+        f"name: q\nmodel: {{id: {LLAMA}, quantization: {{bits: 4}}}}\ndata: {{train: {DATA}/sft_train.jsonl}}\n"
+        "scope: {lora: {init: pissa}}\n",
+    )
+    with pytest.raises(TunelabError, match=r"scope.lora.init: pissa on a quantized base .* remove model.quantization"):
+        load_experiment(exp)

@@ -481,13 +481,21 @@ def test_a_setting_that_changes_training_and_has_no_key_is_named_unless_it_is_th
     tmp_path: Path,
 ) -> None:
     path = beside_its_data(tmp_path, "train_lora.py")
-    text = path.read_text().replace('bias="none",', 'bias="none", init_lora_weights="pissa",')
+    original = path.read_text()
+    text = original.replace('bias="none",', 'bias="none", lora_bias=True, init_lora_weights="eva",')
     path.write_text(text.replace("bf16=True,", "bf16=True, neftune_noise_alpha=5, adam_beta1=0.9, save_steps=50,"))
     read = read_script(path)
     assert read.unread == [
-        "init_lora_weights='pissa' (no experiment key: the written experiment trains without it)",
+        "lora_bias=True (no experiment key: the written experiment trains without it)",
+        "init_lora_weights='eva' (not an init tunelab runs: the written experiment trains without it)",
     ]  # adam_beta1=0.9 is TrainingArguments' own default; save_steps and neftune_noise_alpha have their keys
     assert read.settings["train.neftune"] == 5
+    for written, init in (('"pissa_niter_16"', "pissa_niter_16"), ("True", "default"), ("False", None)):
+        path.write_text(original.replace('bias="none",', f'bias="none", init_lora_weights={written},'))
+        read = read_script(path)
+        assert read.settings.get("scope.lora.init") == init, written
+        unread = "init_lora_weights=False (not an init tunelab runs: the written experiment trains without it)"
+        assert read.unread == ([] if init else [unread])
 
 
 def test_a_recipes_dataset_mixture_is_the_list_of_sources_it_trains_on(tmp_path: Path) -> None:

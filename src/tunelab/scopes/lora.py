@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +84,8 @@ class Lora(ScopeKind):
             "open": (_names(theirs.modules_to_save), _names(own.modules_to_save)),
             "token rows": (bool(theirs.trainable_token_indices), bool(scope.lora.tokens)),
         }
+        if scope.lora.init != "default":  # the adapter has started already: only an init asked for is news
+            pairs["init"] = (_init_name(theirs.init_lora_weights), scope.lora.init)
         differs = [f"{k} {a} (scope.lora: {b})" for k, (a, b) in pairs.items() if a != b]
         notes = (
             [f"init_from: the adapter of {source} keeps training with its own settings, not scope.lora's: "
@@ -113,6 +117,9 @@ class Lora(ScopeKind):
             targets = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
             config, decoder = targets.config, targets.decoder
             arch = type(model).__name__
+            moves_base = scope.lora.moves_base and not next(model.parameters()).is_meta
+            if scope.lora.moves_base and not moves_base:  # plan, on the meta device: shapes only, nothing to decompose
+                config.init_lora_weights = True
             if config.lora_dropout != scope.lora.dropout:
                 notes.append(
                     f"scope.lora.dropout is 0 here, not the default {scope.lora.dropout}: {_why_no_dropout(scope)}"
@@ -129,6 +136,8 @@ class Lora(ScopeKind):
                 except ValueError as e:  # PEFT refuses a module it cannot adapt (Mamba's out_proj and conv1d)
                     first = str(e).strip().splitlines()[0]
                     raise ConfigError(f"scope.lora.targets: PEFT cannot put LoRA on {arch} as asked: {first}") from e
+            if moves_base:
+                _keep_start(model)
         _expose_bias(model)
         # Fused expert weights are wrapped one parameter inside another (experts.base_layer): name the module.
         adapted = {
@@ -158,7 +167,7 @@ class Lora(ScopeKind):
             layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
             target_modules=sorted({leaf(n) for n in modules}),
             lora_modules=modules,
-            adapter=describe(config),
+            adapter=describe(config, scope.lora.init if not continuing else "default"),
             trained_tokens=[] if continuing else scope.lora.tokens,
             opened_modules=sorted(opened),
             opened_params=sum(p.numel() for p in copies.values()),
@@ -171,7 +180,18 @@ class Lora(ScopeKind):
 
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
         # Only the trained adapter: DPO may have added a frozen "ref" copy beside it.
-        model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"], state_dict=state)
+        start = _STARTS.get(model)
+        if start is None:
+            model.save_pretrained(run_dir / ADAPTER, selected_adapters=["default"], state_dict=state)
+            return
+        # An adapter that started from the weights' principal components (PiSSA, OLoRA) is saved as the plain LoRA
+        # that gives the same model on the original weights: its trained pairs beside its start, negated (rank 2r;
+        # PEFT's conversion, which reads the model's own tensors: read_inputs refuses a sharding engine).
+        model.save_pretrained(
+            run_dir / ADAPTER,
+            selected_adapters=["default"],
+            path_initial_model_for_weight_conversion=str(Path(start.name) / "start"),
+        )
 
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         from peft import PeftModel
@@ -211,7 +231,8 @@ class Lora(ScopeKind):
 
     def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
         lora = scope.lora
-        variants = "".join(f" {v}" for v, on in (("rslora", lora.rslora), ("dora", lora.dora)) if on)
+        named = (("rslora", lora.rslora), ("dora", lora.dora), (lora.init, lora.init != "default"))
+        variants = "".join(f" {v}" for v, on in named if on)
         opened = f" +{','.join(lora.open)}" if lora.open else ""
         tokens = f" +{len(lora.tokens)} token rows" if lora.tokens else ""
         return f"lora r{lora.r}{variants} {','.join(target_modules)} layers {layers}{opened}{tokens}"
@@ -229,6 +250,21 @@ class Lora(ScopeKind):
             return PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload(), "merged"
         shutil.copytree(run_dir / ADAPTER, out)
         return None, "adapter"
+
+
+# PiSSA and OLoRA adapters' starts, kept until the trained adapter is saved (a folder for each model being trained).
+_STARTS: weakref.WeakKeyDictionary[nn.Module, tempfile.TemporaryDirectory] = weakref.WeakKeyDictionary()
+
+
+def _keep_start(model: nn.Module) -> None:
+    """PiSSA and OLoRA took the adapter's start out of the frozen weights (W = W_res + BA). As PEFT intends, that start
+    is saved, to convert the trained adapter to one for the original weights; and from here on the config says the
+    plain init, so that nothing takes the start out of the weights a second time: not TRL's frozen "ref" copy of the
+    adapter (DPO, KTO and GRPO add it with this config), not a load of a checkpoint or of the saved adapter."""
+    model.peft_config["default"].init_lora_weights = True
+    folder = tempfile.TemporaryDirectory(prefix="tunelab-lora-start-")
+    model.save_pretrained(Path(folder.name) / "start", selected_adapters=["default"])
+    _STARTS[model] = folder
 
 
 def _why_no_dropout(scope: Scope) -> str:
@@ -284,10 +320,14 @@ def _expose_bias(model: nn.Module) -> None:
             object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))
 
 
-def describe(config: LoraConfig) -> str:
-    """'r 16, alpha 32 (scale 2)': the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA."""
+def describe(config: LoraConfig, init: str = "default") -> str:
+    """'r 16, alpha 32 (scale 2)': the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA; then the variants,
+    and an init other than PEFT's default (a PiSSA or OLoRA adapter is saved as plain LoRA of rank 2r)."""
     scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
     variants = [v for v, on in (("rsLoRA", config.use_rslora), ("DoRA", config.use_dora)) if on]
+    if init != "default":
+        saved = f", saved as plain LoRA r {2 * config.r}" if init.startswith("pissa") or init == "olora" else ""
+        variants.append(f"{init} init{saved}")
     return f"r {config.r}, alpha {config.lora_alpha:g} (scale {scale:.3g})" + "".join(f", {v}" for v in variants)
 
 
@@ -317,6 +357,11 @@ def verify_adapter(folder: Path) -> None:
         rank = tensors[a].shape[0]
         if r and rank % r and r % rank:  # fused experts may carry a multiple of r (PEFT's rank_pattern)
             raise TunelabError(f"{weights}: {a} has rank {rank}, the config says {r}; the adapter is damaged")
+
+
+def _init_name(init: bool | str) -> str:
+    """PEFT's init_lora_weights as scope.lora.init names it (True: default)."""
+    return "default" if init is True else str(init)
 
 
 def _names(targets: list[str] | set[str] | str | None) -> list[str] | str | None:
