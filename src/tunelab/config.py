@@ -621,6 +621,16 @@ class LoraScope(Strict):
         "the original weights (PEFT's path_initial_model_for_weight_conversion), so compare, eval and export use it "
         "on the base as it is.",
     )
+    loraplus_ratio: float | None = Field(
+        default=None,
+        ge=1,
+        le=1e4,
+        allow_inf_nan=False,
+        description="LoRA+ (PEFT's create_loraplus_optimizer): the B matrices learn at train.learning_rate times "
+        "this ratio, the A matrices at train.learning_rate (the paper's ratio: 16, with a learning rate about half "
+        "of plain LoRA's). One-dimensional tensors (biases, DoRA magnitudes, an opened norm) learn at B's rate, as "
+        "PEFT groups them. The optimizer stays train.optimizer.",
+    )
     tokens: list[str] = Field(
         default_factory=list,
         description="Tokens whose embedding and lm_head rows train beside the adapter, the rest frozen (PEFT's "
@@ -1123,6 +1133,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("scope", "lora", "tokens"): [],
     ("scope", "lora", "parameters"): [],
     ("scope", "lora", "init"): "default",
+    ("scope", "lora", "loraplus_ratio"): None,
 }
 
 
@@ -1340,6 +1351,7 @@ LIBRARY_NAMES: dict[str, LibraryName] = {
     "use_rslora": LibraryName(PEFT, "scope.lora.rslora"),
     "trainable_token_indices": LibraryName(PEFT, "scope.lora.tokens"),
     "init_lora_weights": LibraryName(PEFT, "scope.lora.init", "default"),
+    "loraplus_lr_ratio": LibraryName("PEFT's create_loraplus_optimizer", "scope.lora.loraplus_ratio"),
     "num_train_epochs": LibraryName(ARGS, "train.epochs"),
     "per_device_train_batch_size": LibraryName(
         ARGS, "train.batch_size", note="times train.grad_accumulation a step, as there"

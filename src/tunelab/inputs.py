@@ -118,12 +118,19 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
 
     engine = engine or read_engine(exp.distributed.accelerate_config)
     lora = exp.scope.lora
-    if engine is not None and engine.sharded and lora is not None and lora.moves_base:
-        raise ConfigError(
-            f"scope.lora.init: {lora.init}'s adapter is converted for the original weights with the whole model at "
-            f"hand, and {engine.config_file.name} splits it over the processes ({engine.distributed_type}); use "
-            "init: default, or train with --nproc (DDP) instead of the accelerate config"
-        )
+    if engine is not None and engine.sharded and lora is not None:
+        splits = f"{engine.config_file.name} splits it over the processes ({engine.distributed_type})"
+        instead = "or train with --nproc (DDP) instead of the accelerate config"
+        if lora.moves_base:
+            raise ConfigError(
+                f"scope.lora.init: {lora.init}'s adapter is converted for the original weights with the whole model "
+                f"at hand, and {splits}; use init: default, {instead}"
+            )
+        if lora.loraplus_ratio:
+            raise ConfigError(
+                f"scope.lora.loraplus_ratio: LoRA+ builds its optimizer over the whole model's adapter before it is "
+                f"wrapped, and {splits}; remove it, {instead}"
+            )
     if (found := made_elsewhere(Path(model_path(exp.model.id)))) is not None:
         raise ConfigError(
             f"model.id: '{exp.model.id}' holds a trained result ({found.label}), not a model; set model.id to its "

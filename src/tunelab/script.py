@@ -400,6 +400,11 @@ def _read_peft(call: ast.Call, called: str, func: str, names: Names, read: Scrip
         defaults_left_out(set(said), called, read)
     elif (called == "from_pretrained" and re.search(r"\bPeftModel\b", func)) or called == "load_adapter":
         _read_adapter(call, called, names, read)  # PeftModel.from_pretrained(model, "outputs/sft")
+    elif called == "create_loraplus_optimizer":  # LoRA+: its lr is the run's (A's), B's is that times the ratio
+        said = _said(call, names)
+        settings_from({k: v for k, v in said.items() if k in ("lr", "loraplus_lr_ratio")}, read, section="scope.lora")
+        read.unread += [f"{k}={v!r} (LoRA+'s; no experiment key)" for k, v in said.items() if k.startswith("loraplus_")
+                        and k != "loraplus_lr_ratio"]  # fmt: skip
     elif called == "merge_and_unload":
         read.unread.append(
             "merge_and_unload (the script merges an adapter into the base before it trains; tunelab's init_from "

@@ -537,6 +537,10 @@ def _build_trainer(
     trainer = method.build(inputs)
     if hw.master == "params":
         _trainable_in_float32(trainer.model)
+    if exp.scope.lora is not None and exp.scope.lora.loraplus_ratio:
+        from tunelab.scopes.lora import loraplus_optimizer
+
+        trainer.optimizer = loraplus_optimizer(trainer, exp.scope.lora.loraplus_ratio)  # the Trainer then uses it
     return trainer
 
 

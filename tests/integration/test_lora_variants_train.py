@@ -265,3 +265,21 @@ def test_a_fast_svd_pissa_run_killed_mid_way_resumes_to_the_uninterrupted_adapte
     """The resumed process takes the start out of the weights again (a randomised SVD, from the run's seed) before the
     checkpoint's pairs load onto them: the same start, or the resumed run trains on other frozen weights."""
     resume_matches_straight("lora-qv", tmp_path, "--set", "scope.lora.init=pissa_niter_2")
+
+
+def test_loraplus_moves_b_at_its_ratio_of_the_learning_rate_and_resumes_its_optimizer(tmp_path: Path) -> None:
+    """AdamW's first step moves each weight by the learning rate times the sign of its gradient: with LoRA+ at 16, B
+    moves 16 times as far as plain LoRA's B from the same start, A (whose gradient is zero while B is) not at all.
+    A resume loads the checkpoint's optimizer state into LoRA+'s groups and ends where the straight run ends."""
+    import torch
+
+    made = {}
+    for name, extra in (("plain", []), ("plus", ["scope.lora.loraplus_ratio=16"])):
+        sets = [f"output.dir={tmp_path}", f"output.name={name}", "train.max_steps=1", *extra]
+        made[name] = trained_tensors(train(load_experiment(EXAMPLES / "lora-qv.yaml", sets)).run_dir)
+    plain, plus = made["plain"], made["plus"]
+    assert [n for n in plain if ".lora_B." in n] and plain.keys() == plus.keys()
+    for name, before in plain.items():
+        want = 16 * before if ".lora_B." in name else before
+        assert torch.allclose(plus[name], want, rtol=1e-4, atol=1e-9), name
+    resume_matches_straight("lora-qv", tmp_path / "resumed", "--set", "scope.lora.loraplus_ratio=16")

@@ -117,6 +117,7 @@ def test_the_libraries_still_call_their_settings_so() -> None:
 
     import torch
     from peft import LoraConfig
+    from peft.optimizers import create_loraplus_optimizer
     from transformers import TrainingArguments
     from trl import GRPOConfig, ModelConfig
 
@@ -126,6 +127,7 @@ def test_the_libraries_still_call_their_settings_so() -> None:
         "TRL's ModelConfig": {f.name for f in dataclasses.fields(ModelConfig)},
         "TRL's GRPOConfig": {f.name for f in dataclasses.fields(GRPOConfig)},
         "PyTorch's optimizers'": set(inspect.signature(torch.optim.AdamW).parameters),
+        "PEFT's create_loraplus_optimizer": set(inspect.signature(create_loraplus_optimizer).parameters),
     }
     current = {name: n.whose for name, n in LIBRARY_NAMES.items() if not re.search(r" \d|0\.x", n.whose)}
     assert len(current) >= 20

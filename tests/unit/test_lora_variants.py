@@ -196,3 +196,17 @@ def test_pissa_plans_from_the_config_alone_and_what_its_saved_form_cannot_carry_
     )
     with pytest.raises(TunelabError, match=r"scope.lora.init: pissa on a quantized base .* remove model.quantization"):
         load_experiment(exp)
+
+
+def test_loraplus_is_shown_on_the_adapter_line_and_refused_under_a_sharding_engine(tmp_path: Path) -> None:
+    from tests.conftest import EXAMPLES
+
+    plan = plan_of(tmp_path, "loraplus_ratio: 16")
+    assert plan.scope.adapter == "r 16, alpha 32 (scale 2), LoRA+ (B at 16x the learning rate)"
+    assert plan.scope.trainable_params == qv_count()  # the same tensors, other learning rates
+    with pytest.raises(TunelabError, match=r"exp.yaml:4: scope.lora.loraplus_ratio: Input should be greater than"):
+        plan_of(tmp_path, "loraplus_ratio: 0.5")
+    fsdp = f"distributed.accelerate_config={EXAMPLES / 'accelerate' / 'fsdp.yaml'}"
+    exp = load_experiment(tmp_path / "exp.yaml", ["scope.lora.loraplus_ratio=16", fsdp])
+    with pytest.raises(TunelabError, match=r"scope.lora.loraplus_ratio: LoRA\+ builds its optimizer .* \(FSDP\)"):
+        make_plan(exp)

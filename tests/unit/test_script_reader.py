@@ -845,3 +845,15 @@ def test_a_script_that_goes_on_from_anothers_adapter_is_its_variant_after_it(tmp
     made = study_from_scripts(tmp_path / "ladder.yaml", [tmp_path / "train_lora.py", dpo], LLAMA, None, None, **flags)
     assert made.variants["dpo"]["after"] == "lora-qv" and "init_from" not in made.variants["dpo"]["set"]
     assert load_study(tmp_path / "ladder.yaml").spec.variants["dpo"].after == "lora-qv"
+
+
+def test_a_loraplus_optimizer_is_read_as_the_ratio_and_the_learning_rate_it_trains_with(tmp_path: Path) -> None:
+    path = beside_its_data(tmp_path, "train_lora.py")
+    call = (
+        "optimizer = create_loraplus_optimizer(model=model, optimizer_cls=torch.optim.AdamW, lr=1e-4, "
+        "loraplus_lr_ratio=16, loraplus_lr_embedding=1e-6)\n"
+    )
+    path.write_text(path.read_text().replace("trainer = SFTTrainer(", call + "trainer = SFTTrainer(", 1))
+    read = read_script(path)
+    assert read.settings["scope.lora.loraplus_ratio"] == 16 and read.settings["train.learning_rate"] == 1e-4
+    assert read.unread == ["loraplus_lr_embedding=1e-06 (LoRA+'s; no experiment key)"]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from peft import LoraConfig
     from torch import nn
+    from transformers import Trainer
 
     from tunelab.scope import LoraTargets, ResolvedScope
 
@@ -167,7 +168,7 @@ class Lora(ScopeKind):
             layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
             target_modules=sorted({leaf(n) for n in modules}),
             lora_modules=modules,
-            adapter=describe(config, scope.lora.init if not continuing else "default"),
+            adapter=describe(config, scope.lora.init if not continuing else "default", scope.lora.loraplus_ratio),
             trained_tokens=[] if continuing else scope.lora.tokens,
             opened_modules=sorted(opened),
             opened_params=sum(p.numel() for p in copies.values()),
@@ -231,7 +232,12 @@ class Lora(ScopeKind):
 
     def label(self, scope: Scope, target_modules: list[str], layers: str) -> str:
         lora = scope.lora
-        named = (("rslora", lora.rslora), ("dora", lora.dora), (lora.init, lora.init != "default"))
+        named = (
+            ("rslora", lora.rslora),
+            ("dora", lora.dora),
+            (lora.init, lora.init != "default"),
+            (f"lora+{lora.loraplus_ratio:g}" if lora.loraplus_ratio else "", lora.loraplus_ratio),
+        )
         variants = "".join(f" {v}" for v, on in named if on)
         opened = f" +{','.join(lora.open)}" if lora.open else ""
         tokens = f" +{len(lora.tokens)} token rows" if lora.tokens else ""
@@ -250,6 +256,30 @@ class Lora(ScopeKind):
             return PeftModel.from_pretrained(model, str(run_dir / ADAPTER)).merge_and_unload(), "merged"
         shutil.copytree(run_dir / ADAPTER, out)
         return None, "adapter"
+
+
+def loraplus_optimizer(trainer: Trainer, ratio: float) -> torch.optim.Optimizer:
+    """LoRA+: train.optimizer (the class and settings the Trainer would build) over PEFT's LoRA+ groups: B matrices at
+    `ratio` times the learning rate, weight decay as train.weight_decay. Built over the parameters that train (float32
+    master copies already), before the Trainer would build its own."""
+    import torch
+    from peft.optimizers import create_loraplus_optimizer
+
+    cls, settings = trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    if "params" in settings or not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(
+            f"scope.lora.loraplus_ratio: train.optimizer {trainer.args.optim} chooses its own parameter groups, which "
+            "LoRA+ sets; use an AdamW optimizer (the default, adamw_8bit, paged_adamw_8bit), or remove loraplus_ratio"
+        )
+    settings = {k: v for k, v in settings.items() if k != "lr"}
+    return create_loraplus_optimizer(
+        trainer.model,
+        cls,
+        lr=trainer.args.learning_rate,
+        loraplus_lr_ratio=ratio,
+        loraplus_weight_decay=trainer.args.weight_decay,
+        **settings,
+    )
 
 
 # PiSSA and OLoRA adapters' starts, kept until the trained adapter is saved (a folder for each model being trained).
@@ -320,14 +350,16 @@ def _expose_bias(model: nn.Module) -> None:
             object.__setattr__(module, "bias", getattr(module.original_module, "bias", None))
 
 
-def describe(config: LoraConfig, init: str = "default") -> str:
+def describe(config: LoraConfig, init: str = "default", loraplus_ratio: float | None = None) -> str:
     """'r 16, alpha 32 (scale 2)': the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA; then the variants,
-    and an init other than PEFT's default (a PiSSA or OLoRA adapter is saved as plain LoRA of rank 2r)."""
+    an init other than PEFT's default (a PiSSA or OLoRA adapter is saved as plain LoRA of rank 2r), and LoRA+."""
     scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
     variants = [v for v, on in (("rsLoRA", config.use_rslora), ("DoRA", config.use_dora)) if on]
     if init != "default":
         saved = f", saved as plain LoRA r {2 * config.r}" if init.startswith("pissa") or init == "olora" else ""
         variants.append(f"{init} init{saved}")
+    if loraplus_ratio:
+        variants.append(f"LoRA+ (B at {loraplus_ratio:g}x the learning rate)")
     return f"r {config.r}, alpha {config.lora_alpha:g} (scale {scale:.3g})" + "".join(f", {v}" for v in variants)
 
 
