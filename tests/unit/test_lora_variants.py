@@ -176,6 +176,12 @@ def test_pissa_plans_from_the_config_alone_and_what_its_saved_form_cannot_carry_
     plan = plan_of(tmp_path, "init: pissa_niter_16")
     assert plan.scope.adapter == "r 16, alpha 32 (scale 2), pissa_niter_16 init, saved as plain LoRA r 32"
     assert plan.scope.trainable_params == qv_count()
+    assert not [w for w in plan.warnings if "full SVD" in w]
+    full = plan_of(tmp_path, "init: pissa").warnings
+    assert (
+        "scope.lora.init: pissa runs a full SVD of each of the 64 adapted weights (up to 4096x4096) as the model loads, "
+        "minutes on a GPU and far longer on a CPU; pissa_niter_16 (a fast SVD) takes seconds and trains about the same"
+    ) in full
     assert plan_of(tmp_path, "init: gaussian").scope.adapter == "r 16, alpha 32 (scale 2), gaussian init"
     refused = {
         "init: eva": "scope.lora.init: 'eva' is not a LoRA init tunelab runs (it needs a pass over the data",

@@ -163,6 +163,7 @@ class Lora(ScopeKind):
         }
         if not continuing:
             notes += _left_out(scope, arch, targets, adapted, model.peft_config["default"])
+            notes += _full_svd(scope, adapted)
         return model, ResolvedScope(
             kind=self.name,
             layers=sorted({layer_index(n, decoder) for n in modules} - {None}),
@@ -295,6 +296,23 @@ def _keep_start(model: nn.Module) -> None:
     folder = tempfile.TemporaryDirectory(prefix="tunelab-lora-start-")
     model.save_pretrained(Path(folder.name) / "start", selected_adapters=["default"])
     _STARTS[model] = folder
+
+
+def _full_svd(scope: Scope, adapted: dict[str, nn.Module]) -> list[str]:
+    """init: pissa decomposes every adapted weight whole when the model loads: on a 7-8B model that is minutes on a
+    GPU and far longer on a CPU, where the fast SVD takes seconds."""
+    weights = [m.get_base_layer().weight for m in adapted.values() if hasattr(m, "get_base_layer")]
+    if scope.lora.init != "pissa" or sum(w.numel() for w in weights) < FULL_SVD_WARNING:
+        return []
+    largest = max(weights, key=lambda w: w.numel())
+    return [
+        f"scope.lora.init: pissa runs a full SVD of each of the {len(weights)} adapted weights (up to "
+        f"{largest.shape[0]}x{largest.shape[1]}) as the model loads, minutes on a GPU and far longer on a CPU; "
+        "pissa_niter_16 (a fast SVD) takes seconds and trains about the same"
+    ]
+
+
+FULL_SVD_WARNING = 1 << 28  # adapted weight elements (268M, a 1B model's linear layers) past which plan warns
 
 
 def _why_no_dropout(scope: Scope) -> str:
