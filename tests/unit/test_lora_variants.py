@@ -216,3 +216,23 @@ def test_loraplus_is_shown_on_the_adapter_line_and_refused_under_a_sharding_engi
     exp = load_experiment(tmp_path / "exp.yaml", ["scope.lora.loraplus_ratio=16", fsdp])
     with pytest.raises(TunelabError, match=r"scope.lora.loraplus_ratio: LoRA\+ builds its optimizer .* \(FSDP\)"):
         make_plan(exp)
+
+
+def test_pissa_starts_a_conv1d_model_where_it_was_and_olora_is_refused_there() -> None:
+    """GPT-2 stores its projections transposed (Conv1D). PEFT's PiSSA transposes them before the SVD; its OLoRA
+    does not, so the start it takes out is not the one the adapter adds back."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=64)).eval()
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        want = gpt2()(ids).logits
+        model, resolved = apply_scope(gpt2(), Scope(lora=LoraScope(targets="all-linear", init="pissa", r=4)))
+        assert torch.allclose(model.eval()(ids).logits, want, atol=1e-5)
+    assert resolved.target_modules == ["c_attn", "c_fc", "c_proj"]
+    with pytest.raises(TunelabError, match=r"scope.lora.init: olora .* GPT2LMHeadModel stores c_attn transposed"):
+        apply_scope(gpt2(), Scope(lora=LoraScope(targets="all-linear", init="olora", r=4)))

@@ -118,6 +118,7 @@ class Lora(ScopeKind):
             targets = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
             config, decoder = targets.config, targets.decoder
             arch = type(model).__name__
+            _check_init_fits(scope, model, targets.modules)
             moves_base = scope.lora.moves_base and not next(model.parameters()).is_meta
             if scope.lora.moves_base and not moves_base:  # plan, on the meta device: shapes only, nothing to decompose
                 config.init_lora_weights = True
@@ -296,6 +297,20 @@ def _keep_start(model: nn.Module) -> None:
     folder = tempfile.TemporaryDirectory(prefix="tunelab-lora-start-")
     model.save_pretrained(Path(folder.name) / "start", selected_adapters=["default"])
     _STARTS[model] = folder
+
+
+def _check_init_fits(scope: Scope, model: nn.Module, modules: list[str]) -> None:
+    """PEFT's OLoRA decomposes a weight as stored, and GPT-2-style Conv1D layers store theirs transposed: the start it
+    takes out of them is not the one the adapter adds back (the model changes, or a forward fails on the shapes)."""
+    from tunelab.scope import leaf
+
+    stored = [n for n in modules if type(model.get_submodule(n)).__name__ == "Conv1D"]
+    if scope.lora.init == "olora" and stored:
+        raise ConfigError(
+            f"scope.lora.init: olora decomposes each weight as stored, and {type(model).__name__} stores "
+            f"{leaf(stored[0])} transposed (a Conv1D layer), which PEFT's OLoRA gets wrong; use init: pissa, which "
+            "transposes it, or default"
+        )
 
 
 def _full_svd(scope: Scope, adapted: dict[str, nn.Module]) -> list[str]:
