@@ -316,8 +316,13 @@ def _check_init_fits(scope: Scope, model: nn.Module, modules: list[str]) -> None
 def _full_svd(scope: Scope, adapted: dict[str, nn.Module]) -> list[str]:
     """init: pissa decomposes every adapted weight whole when the model loads: on a 7-8B model that is minutes on a
     GPU and far longer on a CPU, where the fast SVD takes seconds."""
-    weights = [m.get_base_layer().weight for m in adapted.values() if hasattr(m, "get_base_layer")]
-    if scope.lora.init != "pissa" or sum(w.numel() for w in weights) < FULL_SVD_WARNING:
+    import torch
+
+    if scope.lora.init != "pissa":
+        return []
+    bases = [m.get_base_layer() for m in adapted.values()]
+    weights = [b.weight for b in bases if isinstance(getattr(b, "weight", None), torch.Tensor)]
+    if sum(w.numel() for w in weights) < FULL_SVD_WARNING:
         return []
     largest = max(weights, key=lambda w: w.numel())
     return [
