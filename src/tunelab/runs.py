@@ -219,6 +219,7 @@ class Manifest(Record):
     trainable_percent: float | None = None
     target_modules: list[str] | None = None
     layers: list[int] | None = None
+    adapter: str | None = None  # a LoRA scope's form in words, as plan shows it (rank, alpha, scale, variants)
     scope_notes: list[str] | None = None  # what the scope decided beyond the experiment file (frozen towers, ...)
     estimated_memory_bytes: int | None = None
     reference: str | None = None

@@ -649,6 +649,7 @@ def _train_in(
         trainable_percent=round(resolved.trainable_percent, 6),
         target_modules=resolved.target_modules,
         layers=resolved.layers,
+        adapter=resolved.adapter or None,
         scope_notes=resolved.warnings or None,
         estimated_memory_bytes=memory.total_bytes,
     )

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from tests.chat_fixtures import build
-from tests.conftest import DATA, EXAMPLES, resume_matches_straight, trained_tensors, write_experiment
+from tests.conftest import (
+    DATA,
+    EXAMPLES,
+    resume_matches_straight,
+    run_cli,
+    trained_tensors,
+    write_experiment,
+)
 from tests.integration.test_compare import prompts_file
 from tunelab.compare import compare, generate, read_prompts
 from tunelab.config import load_experiment
@@ -244,8 +251,9 @@ def test_a_pissa_adapter_is_saved_as_the_plain_lora_that_gives_the_trained_model
     assert not torch.allclose(want, base, atol=1e-2)
     assert torch.allclose(got, want, atol=1e-4) and torch.allclose(exported, want, atol=1e-4)
     assert not torch.allclose(unconverted, want, atol=1e-2)  # the trained pairs alone on the original weights
-    shown = make_plan(load_experiment(run / "experiment.yaml")).scope.adapter
-    assert shown == "r 16, alpha 32 (scale 2), pissa init, saved as plain LoRA r 32"
+    planned = make_plan(load_experiment(run / "experiment.yaml")).scope.adapter
+    assert planned == manifest.adapter == "r 16, alpha 32 (scale 2), pissa init, saved as plain LoRA r 32"
+    assert f"\nadapter {planned}\n" in run_cli("show", str(run)).stdout
 
 
 def test_dpo_with_olora_keeps_the_frozen_weights_trl_copies_the_reference_adapter_over(tmp_path: Path) -> None:

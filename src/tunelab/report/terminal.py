@@ -568,6 +568,8 @@ def print_show(
             f"trainable {m.trainable_params:,} of {m.total_params:,} ({m.trainable_percent:.4f}%); "
             f"layers {ranges(m.layers or [])}{where}"
         )
+    if m.adapter:
+        console.print(Text(f"adapter {m.adapter}"))
     if m.estimated_memory_bytes is not None:
         peak = (
             f"; measured peak {human_bytes(m.peak_memory_bytes)} ({m.peak_memory_measure})"
