@@ -564,6 +564,12 @@ def known_lora_init(value: object) -> bool:
     return isinstance(value, str) and (value in LORA_INITS or re.fullmatch(r"pissa_niter_[0-9]+", value) is not None)
 
 
+def init_moves_base(init: str) -> bool:
+    """PiSSA and OLoRA move the adapter's start out of the frozen weights (W = W_res + BA at step 0), and their
+    adapter is saved converted to plain LoRA of rank 2r."""
+    return init.startswith("pissa") or init == "olora"
+
+
 class LoraScope(Strict):
     r: int = Field(default=16, gt=0, le=65536, description="LoRA rank: the capacity of the update.")
     alpha: float = Field(
@@ -683,8 +689,7 @@ class LoraScope(Strict):
 
     @property
     def moves_base(self) -> bool:
-        """PiSSA and OLoRA move the adapter's start out of the frozen weights (W = W_res + BA at step 0)."""
-        return self.init.startswith("pissa") or self.init == "olora"
+        return init_moves_base(self.init)
 
 
 class PartialScope(Strict):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import Scope
+from tunelab.config import Scope, init_moves_base
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.runs import ADAPTER
 from tunelab.scopes.base import BaseLoader, MadeElsewhere, ScopeKind
@@ -304,8 +304,10 @@ def _check_init_fits(scope: Scope, model: nn.Module, modules: list[str]) -> None
     takes out of them is not the one the adapter adds back (the model changes, or a forward fails on the shapes)."""
     from tunelab.scope import leaf
 
+    if scope.lora.init != "olora":
+        return
     stored = [n for n in modules if type(model.get_submodule(n)).__name__ == "Conv1D"]
-    if scope.lora.init == "olora" and stored:
+    if stored:
         raise ConfigError(
             f"scope.lora.init: olora decomposes each weight as stored, and {type(model).__name__} stores "
             f"{leaf(stored[0])} transposed (a Conv1D layer), which PEFT's OLoRA gets wrong; use init: pissa, which "
@@ -394,7 +396,7 @@ def describe(config: LoraConfig, init: str = "default", loraplus_ratio: float | 
     scale = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
     variants = [v for v, on in (("rsLoRA", config.use_rslora), ("DoRA", config.use_dora)) if on]
     if init != "default":
-        saved = f", saved as plain LoRA r {2 * config.r}" if init.startswith("pissa") or init == "olora" else ""
+        saved = f", saved as plain LoRA r {2 * config.r}" if init_moves_base(init) else ""
         variants.append(f"{init} init{saved}")
     if loraplus_ratio:
         variants.append(f"LoRA+ (B at {loraplus_ratio:g}x the learning rate)")
