@@ -262,7 +262,11 @@ class DataSettings(Strict):
         description="Held-out data in the same formats as `train`; {path, rows: 500} evaluates on a sample of it.",
     )
     eval_fraction: float | None = Field(
-        default=None, gt=0, lt=1, description="Hold out this fraction of `train` for evaluation instead."
+        default=None,
+        gt=0,
+        lt=1,
+        description="Hold out this fraction of `train` for evaluation instead: whole prompts, every row of a prompt "
+        "(and every copy of a row) on one side.",
     )
     eval_also: dict[Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,39}$")], Source] = Field(
         default_factory=dict,

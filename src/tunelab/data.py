@@ -947,20 +947,32 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
     if settings.eval is not None:
         evaluation = held_out(settings.eval, "data.eval")
     elif settings.eval_fraction:
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        n_eval = max(1, round(len(rows) * settings.eval_fraction))
-        if n_eval >= len(rows):
-            raise ConfigError(
-                f"data.eval_fraction: {settings.eval_fraction} leaves no training examples out of {len(rows)}"
-            )
-        held = set(order[:n_eval])
+        held, together = _held_out_rows(rows, settings.eval_fraction, seed)
         kept = [i for i in range(len(rows)) if i not in held]
         out = sorted(held)
         train = Split([rows[i] for i in kept], names, [origins[i] for i in kept], sampled)
-        evaluation = Split([rows[i] for i in out], f"{names} (held out)", [origins[i] for i in out], sampled)
+        how = "held out, a prompt's rows together" if together else "held out"
+        evaluation = Split([rows[i] for i in out], f"{names} ({how})", [origins[i] for i in out], sampled)
     also = {name: held_out(given, f"data.eval_also.{name}") for name, given in settings.eval_also.items()}
     return Splits(_one_format(formats, method), train, evaluation, hashes, also)
+
+
+def _held_out_rows(rows: list[dict], fraction: float, seed: int) -> tuple[set[int], bool]:
+    """The rows eval_fraction holds out: whole groups of rows that ask the same (rows of one prompt, copies of a row),
+    drawn in an order shuffled with `seed` until the fraction is reached, so no held-out row is asked in training.
+    Where every row asks something of its own, the draw is the rows' own. Also: whether a group had several rows."""
+    groups = list(_asked_groups(rows).values())
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(rows) * fraction))
+    held: set[int] = set()
+    for g in order:
+        if len(held) >= n_eval:
+            break
+        held.update(groups[g])
+    if len(held) >= len(rows):
+        raise ConfigError(f"data.eval_fraction: {fraction} leaves no training examples out of {len(rows)}")
+    return held, len(groups) < len(rows)
 
 
 def _hash_key(source: DataSource, hashes: dict[str, str]) -> str:
@@ -1026,6 +1038,89 @@ def _check_eval_source(settings: DataSettings) -> None:
                     "loss would measure memorisation; set data.eval_split to its held-out split, or use "
                     "data.eval_fraction"
                 )
+
+
+# ---------------------------------------------------------------- overlap
+
+
+def _key(value: Any) -> bytes:
+    blob = json.dumps(value, sort_keys=True, ensure_ascii=False, default=_stable)
+    return hashlib.blake2b(blob.encode(), digest_size=16).digest()
+
+
+def prompt_of(row: dict) -> Any | None:
+    """What a normalised row asks: its prompt, or a chat's turns before its last reply, with the tools it offers;
+    None for plain text, which asks nothing."""
+    if "prompt" in row:
+        asked = row["prompt"]
+    else:
+        messages = row.get("messages") or []
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        asked = messages[: replies[-1]] if replies else None
+    if not asked:
+        return None
+    return [row["tools"], asked] if row.get("tools") else asked
+
+
+def _asked(row: dict) -> tuple[str, bytes]:
+    """The key of what a row asks: its prompt's, or (plain text) the row's own."""
+    asked = prompt_of(row)
+    return ("prompt", _key(asked)) if asked is not None else ("row", _key(row))
+
+
+def _asked_groups(rows: list[dict]) -> dict[tuple[str, bytes], list[int]]:
+    """The rows' indices by what they ask, in order of first appearance."""
+    groups: dict[tuple[str, bytes], list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(_asked(row), []).append(i)
+    return groups
+
+
+def overlap_warnings(splits: Splits) -> list[str]:
+    """What plan says of rows that are not what they seem: training rows that repeat another (each copy trains
+    again), and held-out rows that are training rows or ask a training row's prompt (their numbers then measure
+    recall of the training data). Rows are compared as normalised, character for character."""
+    rows, seen_rows, seen_asked, repeats = splits.train.rows, {}, {}, []
+    for row, origin in zip(rows, splits.train.origins, strict=True):
+        key = _key(row)
+        if key in seen_rows:
+            repeats.append((origin, seen_rows[key]))
+        seen_rows.setdefault(key, origin)
+        seen_asked.setdefault(_asked(row), origin)
+    warnings = []
+    if repeats:
+        (a, b), n = repeats[0], len(repeats)
+        warnings.append(
+            f"data.train: {n} of {len(rows)} rows repeat an earlier training row (first: {a} repeats {b}); each "
+            "copy trains again, so remove the copies unless the repeat is meant"
+        )
+    held_out = [("data.eval", splits.eval)] if splits.eval is not None else []
+    for key, split in [*held_out, *((f"data.eval_also.{name}", s) for name, s in splits.also.items())]:
+        same, asked = [], []
+        for row, origin in zip(split.rows, split.origins, strict=True):
+            if (twin := seen_rows.get(_key(row))) is not None:
+                same.append((origin, twin))
+            elif (twin := seen_asked.get(_asked(row))) is not None:
+                asked.append((origin, twin))
+        if said := _overlap_said(same, asked, len(split.rows)):
+            warnings.append(
+                f"{key}: {said}; what is measured on them is partly recall of the training data: remove them from "
+                "one side"
+            )
+    return warnings
+
+
+def _overlap_said(same: list[tuple[str, str]], asked: list[tuple[str, str]], n: int) -> str:
+    """How many held-out rows are training rows, and how many others ask what one asks, with the first of each."""
+    parts = []
+    if same:
+        parts.append(f"{len(same)} of {n} held-out rows are training rows too (first: {same[0][0]} is {same[0][1]})")
+    if asked:
+        which = "more" if same else f"of {n} held-out rows"
+        parts.append(
+            f"{len(asked)} {which} ask what a training row asks (first: {asked[0][0]} asks what {asked[0][1]} does)"
+        )
+    return ", and ".join(parts)
 
 
 def rendered(rows: list[dict]) -> str:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tunelab.config import Experiment, Quantization, model_head
+from tunelab.data import overlap_warnings
 from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
@@ -714,6 +715,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     if (too_big := memory_warning(memory, exp.method)) is not None:
         warnings.append(too_big)
     stats = data_stats(inputs)
+    warnings += overlap_warnings(inputs.splits)
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
     from tunelab.methods import get_method
 

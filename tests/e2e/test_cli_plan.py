@@ -64,6 +64,20 @@ def test_plan_names_the_part_of_each_source_it_sampled() -> None:
     assert "│      100 │" in out.stdout  # the train row of the data table
 
 
+def test_plan_warns_of_held_out_rows_the_run_trains_on_and_not_of_the_bundled_ones(tmp_path: Path) -> None:
+    train = (DATA / "sft_train.jsonl").read_text().splitlines(keepends=True)
+    held = tmp_path / "eval.jsonl"
+    held.write_text("".join([*(DATA / "sft_eval.jsonl").read_text().splitlines(keepends=True)[:5], train[6]]))
+    out = run_cli("plan", str(EXAMPLES / "quickstart.yaml"), "--set", f"data.eval={held}", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["warnings"] == [
+        f"data.eval: 1 of 6 held-out rows are training rows too (first: {held}:6 is {DATA / 'sft_train.jsonl'}:7); "
+        "what is measured on them is partly recall of the training data: remove them from one side"
+    ]
+    bundled = run_cli("plan", str(EXAMPLES / "quickstart.yaml"), "--json")
+    assert bundled.returncode == 0 and json.loads(bundled.stdout)["warnings"] == []
+
+
 @pytest.mark.parametrize(
     ("text", "extra", "expected"),
     [

@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import DATA, dataset_repository
 from tunelab.config import DataSettings
-from tunelab.data import load_splits
+from tunelab.data import load_splits, overlap_warnings
 from tunelab.errors import TunelabError
 
 
@@ -88,6 +88,73 @@ def test_eval_fraction_is_seeded_and_disjoint(tmp_path: Path) -> None:
     assert len(a.eval.rows) == 5 and len(a.train.rows) == 15
     assert a.eval.rows == b.eval.rows
     assert not {r["text"] for r in a.eval.rows} & {r["text"] for r in a.train.rows}
+
+
+def test_rows_that_each_ask_their_own_are_held_out_as_the_seeded_shuffle_draws_them(tmp_path: Path) -> None:
+    """Holding out whole prompts leaves data whose rows all differ split as before: the first rows of the seeded
+    shuffle, so a run started before keeps its held-out set on a resume."""
+    import random
+
+    rows = [{"prompt": f"q{i}", "completion": "a"} for i in range(40)]
+    order = list(range(40))
+    random.Random(0).shuffle(order)
+    splits = load(write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.1)
+    assert [r["prompt"] for r in splits.eval.rows] == [f"q{i}" for i in sorted(order[:4])]
+    assert splits.eval.source.endswith("(held out)")
+
+
+@pytest.mark.parametrize(
+    ("rows", "method"),
+    [
+        ([{"prompt": f"q{i // 3}", "completion": f"a{i}"} for i in range(30)], "sft"),
+        ([{"prompt": f"q{i // 2}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(30)], "kto"),
+        ([{"text": f"t{i // 3}"} for i in range(30)], "sft"),  # copies of a text row
+    ],
+    ids=["answers", "kto", "copies"],
+)
+def test_eval_fraction_holds_out_every_row_of_a_prompt_together(tmp_path: Path, rows: list, method: str) -> None:
+    """Rows of one prompt on both sides would score the model on questions it trained on."""
+    splits = load(write_jsonl(tmp_path / "d.jsonl", rows), method, eval_fraction=0.2)
+    asked = [r.get("prompt", r.get("text")) for r in splits.eval.rows]
+    assert not set(asked) & {r.get("prompt", r.get("text")) for r in splits.train.rows}
+    group = 2 if method == "kto" else 3
+    assert len(asked) == group * len(set(asked)) and len(asked) >= 6
+    assert splits.eval.source.endswith("(held out, a prompt's rows together)")
+    assert not [w for w in overlap_warnings(splits) if w.startswith("data.eval")]
+
+
+def test_plan_names_training_rows_that_repeat_and_held_out_rows_training_asks(tmp_path: Path) -> None:
+    def chat(question: str, answer: str, *earlier: str) -> dict:
+        turns = [m for q in earlier for m in ({"role": "user", "content": q}, {"role": "assistant", "content": "ok"})]
+        return {"messages": [*turns, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+    train = [chat("a", "1"), chat("b", "2"), chat("c", "3"), chat("b", "2"), chat("d", "4", "a"), chat("b", "2")]
+    held = [
+        chat("e", "5"),
+        chat("c", "other"),  # asks what d.jsonl:3 asks
+        chat("b", "2"),  # is d.jsonl:2
+        chat("d", "4", "z"),  # another conversation before the same last question: not the same ask
+        chat("a", "1", "a"),
+        {**chat("a", "1"), "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    ]
+    more = [chat("f", "6")]
+    splits = load(
+        write_jsonl(tmp_path / "d.jsonl", train),
+        eval=str(write_jsonl(tmp_path / "e.jsonl", held)),
+        eval_also={"more": str(write_jsonl(tmp_path / "m.jsonl", [*more, chat("a", "1")]))},
+    )
+    d, e, m = (str(tmp_path / f) for f in ("d.jsonl", "e.jsonl", "m.jsonl"))
+    assert overlap_warnings(splits) == [
+        f"data.train: 2 of 6 rows repeat an earlier training row (first: {d}:4 repeats {d}:2); each copy trains "
+        "again, so remove the copies unless the repeat is meant",
+        f"data.eval: 1 of 6 held-out rows are training rows too (first: {e}:3 is {d}:2), and 1 more ask what a "
+        f"training row asks (first: {e}:2 asks what {d}:3 does); what is measured on them is partly recall of the "
+        "training data: remove them from one side",
+        f"data.eval_also.more: 1 of 2 held-out rows are training rows too (first: {m}:2 is {d}:1); what is measured "
+        "on them is partly recall of the training data: remove them from one side",
+    ]
+    clean = load(write_jsonl(tmp_path / "d.jsonl", train[:3]), eval=str(write_jsonl(tmp_path / "e.jsonl", more)))
+    assert overlap_warnings(clean) == []
 
 
 @pytest.mark.parametrize(
