@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DataSettings, Experiment, ModelSettings, Quantization, TokenizerSettings, model_head
+from tunelab.data import Split, Splits
 from tunelab.errors import TunelabError
 from tunelab.runs import (
     TOKENIZER,
     BaseModelRecord,
     Manifest,
+    changed_sources,
     lm_eval_scores,
     load_run_experiment,
     read_manifest,
@@ -148,7 +150,10 @@ def read_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def held_out_prompts(rows: list[dict], limit: int = 32) -> list[Prompt]:
+PROMPTS = 32  # prompts compare takes from held-out data
+
+
+def held_out_prompts(rows: list[dict], limit: int = PROMPTS) -> list[Prompt]:
     """Prompts from held-out data: the conversation up to its last assistant reply, which becomes the reference,
     with the row's tools."""
     prompts = []
@@ -645,9 +650,14 @@ def compare(
     found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
     rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
     grpo_exp = rewarded[2] if rewarded else None
-    prompts, eval_rows = _prompts_and_eval(grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None)
+    splits = RunSplits()
+    prompts, evaluation, asked_rows = _prompts_and_eval(
+        grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None, splits
+    )
     prompts, tool_use, tools_note = with_run_tools(prompts, rewarded)
-    held_out = _held_out_sets(exp, sft, eval_rows, eval_also or {})
+    held_out_splits = _held_out_sets(exp, sft, evaluation, eval_also or {})
+    held_out = {name: split.rows for name, split in held_out_splits.items()}
+    trained_on, unchecked = _trained_on(runs, held_out_splits, asked_rows, splits)
     pairs = _held_out_pairs(runs, pairs_file)
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -690,8 +700,8 @@ def compare(
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
-        "prompts": str(prompts_file) if prompts_file else "held-out data",
-        "eval_examples": len(eval_rows) if eval_rows else 0,
+        "prompts": str(prompts_file) if prompts_file else "the command line" if asked else asked_rows.source,
+        "eval_examples": len(evaluation.rows) if evaluation else 0,
         "eval_also_examples": {name: len(rows) for name, rows in held_out.items() if name != PRIMARY},
         "preference_pairs": len(pairs),  # pref acc: every variant on these pairs; without them, each run's own
         "base": runs[0][1].quantized,
@@ -700,10 +710,37 @@ def compare(
         "rewards": rewards_note,  # GRPO: which run's rewards scored every variant's outputs, or why none did
         "tools": tools_note,  # GRPO with grpo.tools: whose tools every prompt shows
         "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
+        "trained_on": trained_on,  # each run's training rows among the held-out rows and prompts, where it has any
+        "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
     }
     exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
     exchanges = {name: said for name, said in exchanges.items() if any(said)}
     return Comparison(model.id, settings, variants, prompts, texts, checks, exchanges)
+
+
+class RunSplits:
+    """Runs' data as they trained on it (their experiment's sources, sample and held-out part), read once a setting."""
+
+    def __init__(self) -> None:
+        self.read: dict[str, Splits] = {}
+
+    def of(self, exp: Experiment) -> Splits:
+        from tunelab.data import load_splits
+
+        key = f"{exp.data.model_dump_json()} {exp.method} {exp.train.seed}"
+        if key not in self.read:
+            self.read[key] = load_splits(exp.data, exp.method, exp.train.seed)
+        return self.read[key]
+
+    def held_out(self, exp: Experiment) -> Split | None:
+        """The rows the run held out: its data.eval (read alone), or the part data.eval_fraction kept out of its
+        training sources; None where it held out none."""
+        from tunelab.data import load_file
+
+        if exp.data.eval is not None:
+            loaded = load_file(exp.data.eval, "data.eval", exp.data, exp.method, exp.train.seed)
+            return Split(loaded.rows, loaded.source.path, loaded.origins)
+        return self.of(exp).eval if exp.data.eval_fraction else None
 
 
 def _prompts_and_eval(
@@ -712,30 +749,76 @@ def _prompts_and_eval(
     prompts_file: Path | None,
     eval_file: Path | None,
     asked: list[str] | None,
-    own_prompts: bool = False,
-) -> tuple[list[Prompt], list[dict] | None]:
+    own_prompts: bool,
+    splits: RunSplits,
+) -> tuple[list[Prompt], Split | None, Split | None]:
     """Prompts asked on the command line (one user turn each), from the file, or from the runs' held-out data; eval
-    rows from --eval or the first SFT run's eval set (runs of preference methods alone have no SFT eval set: no eval
-    loss then). `exp`: the experiment whose held-out data gives the prompts (the first GRPO run's, else the first
-    tunelab run's), `sft` the first SFT run's; None where there is none. `own_prompts`: `exp`'s held-out prompts even
-    where there are eval rows (a GRPO run's prompts carry the fields its rewards read)."""
+    rows from --eval or the first SFT run's held-out rows, as it held them out (its data.eval, or the part
+    data.eval_fraction kept out of training); runs of preference methods alone have no SFT eval set: no eval loss
+    then. `exp`: the experiment whose held-out data gives the prompts (the first GRPO run's, else the first tunelab
+    run's), `sft` the first SFT run's; None where there is none. `own_prompts`: `exp`'s held-out prompts even where
+    there are eval rows (a GRPO run's prompts carry the fields its rewards read). Also: the rows the prompts were
+    taken from, where they were taken from data (a run that held out none gives its training rows, and says so)."""
     from tunelab.data import load_file
 
     data = sft.data if sft else exp.data if exp else DataSettings(train=str(eval_file))
-    eval_rows = load_file(str(eval_file), "--eval", data, "sft").rows if eval_file else None
-    if eval_rows is None and sft is not None and sft.data.eval:
-        eval_rows = load_file(sft.data.eval, "data.eval", sft.data, "sft", sft.train.seed).rows
+    evaluation = None
+    if eval_file:
+        loaded = load_file(str(eval_file), "--eval", data, "sft")
+        evaluation = Split(loaded.rows, str(eval_file), loaded.origins)
+    elif sft is not None:
+        evaluation = splits.held_out(sft)
     if asked:
-        return [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)], eval_rows
+        return [Prompt(i, [{"role": "user", "content": text}]) for i, text in enumerate(asked)], evaluation, None
     if prompts_file:
-        return read_prompts(prompts_file), eval_rows
+        return read_prompts(prompts_file), evaluation, None
     if exp is None:
         raise TunelabError(
             "compare: adapters made elsewhere carry no data to take prompts from; give --prompts FILE or --prompt TEXT"
         )
-    source, key = (exp.data.eval, "data.eval") if exp.data.eval else (exp.data.train_sources[0], "data.train")
-    held_out = (None if own_prompts else eval_rows) or load_file(source, key, exp.data, exp.method, exp.train.seed).rows
-    return held_out_prompts(held_out), eval_rows
+    source = (None if own_prompts else evaluation) or splits.held_out(exp)
+    if source is None:  # the run held out nothing
+        train = splits.of(exp).train
+        source = Split(train.rows, f"{train.source} (training rows: the run held out none)", train.origins)
+    prompts = held_out_prompts(source.rows)
+    return prompts, evaluation, Split(source.rows[:PROMPTS], source.source, source.origins[:PROMPTS])
+
+
+def _trained_on(
+    runs: list[tuple[Path, Manifest]], held_out: dict[str, Split], asked_rows: Split | None, splits: RunSplits
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What each tunelab run trained on among the rows every variant is measured on: the held-out sets' rows and the
+    rows the prompts come from, counted where the run has the same row, or a row that asks the same. A variant's
+    numbers there are partly recall (a seed or data ladder's runs each hold out other rows of one file). Also: the
+    runs that could not be checked, and why."""
+    from tunelab.data import TrainingRows, prompt_of
+
+    measured = {f"{'eval' if name == PRIMARY else repr(name)} rows": split for name, split in held_out.items()}
+    if asked_rows is not None:
+        kept = [i for i, row in enumerate(asked_rows.rows) if prompt_of(row) is not None]
+        rows, origins = [asked_rows.rows[i] for i in kept], [asked_rows.origins[i] for i in kept]
+        measured["prompts"] = Split(rows, asked_rows.source, origins)
+    notes, unchecked = {}, {}
+    for run_dir, manifest in runs:
+        if run_status(run_dir) is None:  # a folder a plain script saved: its data is not known
+            continue
+        try:
+            trained = splits.of(load_run_experiment(run_dir))
+        except TunelabError as e:  # a run folder brought here without its data
+            unchecked[manifest.name] = f"its training data cannot be read here ({e})"
+            continue
+        if changed := changed_sources(manifest.data.hashes if manifest.data else None, trained.hashes):
+            unchecked[manifest.name] = f"its data changed since it trained ({', '.join(changed)})"
+            continue
+        index = TrainingRows.of(trained.train)
+        counts = []
+        for what, split in measured.items():
+            seen = index.seen(split)
+            if seen.same or seen.asked:
+                counts.append(f"{len(seen.same) + len(seen.asked)} of the {seen.held} {what}")
+        if counts:
+            notes[manifest.name] = ", ".join(counts)
+    return notes, unchecked
 
 
 # How many times compare lets a reply call tools and go on, where the GRPO run set no grpo.tool_rounds.
@@ -898,20 +981,22 @@ def parse_eval_also(items: list[str]) -> dict[str, Path]:
 
 
 def _held_out_sets(
-    exp: Experiment | None, sft: Experiment | None, eval_rows: list[dict] | None, given: dict[str, Path]
-) -> dict[str, list[dict]]:
+    exp: Experiment | None, sft: Experiment | None, evaluation: Split | None, given: dict[str, Path]
+) -> dict[str, Split]:
     """Every held-out set each variant is scored on, by name: the eval data, the --eval-also files and the first SFT
     run's data.eval_also sets (what the tuning costs elsewhere, measured on the same rows for every variant)."""
     from tunelab.data import load_file
 
-    sets = {PRIMARY: eval_rows} if eval_rows else {}
+    sets = {PRIMARY: evaluation} if evaluation else {}
     if sft is not None:
         for name, source in sft.data.eval_also.items():
-            sets[name] = load_file(source, f"data.eval_also.{name}", sft.data, "sft", sft.train.seed).rows
+            loaded = load_file(source, f"data.eval_also.{name}", sft.data, "sft", sft.train.seed)
+            sets[name] = Split(loaded.rows, name, loaded.origins)
     data = sft.data if sft else exp.data if exp else None
     for name, path in given.items():
         settings = data or DataSettings(train=str(path))
-        sets[name] = load_file(str(path), f"--eval-also {name}", settings, "sft").rows
+        loaded = load_file(str(path), f"--eval-also {name}", settings, "sft")
+        sets[name] = Split(loaded.rows, str(path), loaded.origins)
     return sets
 
 

@@ -1076,51 +1076,76 @@ def _asked_groups(rows: list[dict]) -> dict[tuple[str, bytes], list[int]]:
     return groups
 
 
+@dataclass
+class Seen:
+    """Held-out rows a training set holds, each as (held-out origin, training origin): `same`, the same rows;
+    `asked`, others that ask what a training row asks."""
+
+    held: int  # the held-out rows looked at
+    same: list[tuple[str, str]]
+    asked: list[tuple[str, str]]
+
+    def said(self) -> str | None:
+        """How many held-out rows are training rows, and how many others ask what one asks, with the first of each."""
+        parts = []
+        if self.same:
+            (a, b), n = self.same[0], len(self.same)
+            parts.append(f"{n} of {self.held} held-out rows are training rows too (first: {a} is {b})")
+        if self.asked:
+            (c, d), which = self.asked[0], "more" if self.same else f"of {self.held} held-out rows"
+            parts.append(f"{len(self.asked)} {which} ask what a training row asks (first: {c} asks what {d} does)")
+        return ", and ".join(parts) or None
+
+
+@dataclass
+class TrainingRows:
+    """A training split's rows by content and by what they ask (the first origin of each), and the rows that repeat
+    an earlier one. Rows are compared as normalised, character for character."""
+
+    rows: dict[bytes, str]
+    asked: dict[tuple[str, bytes], str]
+    repeats: list[tuple[str, str]]  # (origin, the earlier row's origin)
+
+    @classmethod
+    def of(cls, train: Split) -> TrainingRows:
+        index = cls({}, {}, [])
+        for row, origin in zip(train.rows, train.origins, strict=True):
+            key = _key(row)
+            if key in index.rows:
+                index.repeats.append((origin, index.rows[key]))
+            index.rows.setdefault(key, origin)
+            index.asked.setdefault(_asked(row), origin)
+        return index
+
+    def seen(self, held: Split) -> Seen:
+        same, asked = [], []
+        for row, origin in zip(held.rows, held.origins, strict=True):
+            if (twin := self.rows.get(_key(row))) is not None:
+                same.append((origin, twin))
+            elif (twin := self.asked.get(_asked(row))) is not None:
+                asked.append((origin, twin))
+        return Seen(len(held.rows), same, asked)
+
+
 def overlap_warnings(splits: Splits) -> list[str]:
     """What plan says of rows that are not what they seem: training rows that repeat another (each copy trains
     again), and held-out rows that are training rows or ask a training row's prompt (their numbers then measure
-    recall of the training data). Rows are compared as normalised, character for character."""
-    rows, seen_rows, seen_asked, repeats = splits.train.rows, {}, {}, []
-    for row, origin in zip(rows, splits.train.origins, strict=True):
-        key = _key(row)
-        if key in seen_rows:
-            repeats.append((origin, seen_rows[key]))
-        seen_rows.setdefault(key, origin)
-        seen_asked.setdefault(_asked(row), origin)
-    warnings = []
-    if repeats:
-        (a, b), n = repeats[0], len(repeats)
+    recall of the training data)."""
+    index, warnings = TrainingRows.of(splits.train), []
+    if index.repeats:
+        (a, b), n = index.repeats[0], len(index.repeats)
         warnings.append(
-            f"data.train: {n} of {len(rows)} rows repeat an earlier training row (first: {a} repeats {b}); each "
-            "copy trains again, so remove the copies unless the repeat is meant"
+            f"data.train: {n} of {len(splits.train.rows)} rows repeat an earlier training row (first: {a} repeats "
+            f"{b}); each copy trains again, so remove the copies unless the repeat is meant"
         )
     held_out = [("data.eval", splits.eval)] if splits.eval is not None else []
     for key, split in [*held_out, *((f"data.eval_also.{name}", s) for name, s in splits.also.items())]:
-        same, asked = [], []
-        for row, origin in zip(split.rows, split.origins, strict=True):
-            if (twin := seen_rows.get(_key(row))) is not None:
-                same.append((origin, twin))
-            elif (twin := seen_asked.get(_asked(row))) is not None:
-                asked.append((origin, twin))
-        if said := _overlap_said(same, asked, len(split.rows)):
+        if said := index.seen(split).said():
             warnings.append(
                 f"{key}: {said}; what is measured on them is partly recall of the training data: remove them from "
                 "one side"
             )
     return warnings
-
-
-def _overlap_said(same: list[tuple[str, str]], asked: list[tuple[str, str]], n: int) -> str:
-    """How many held-out rows are training rows, and how many others ask what one asks, with the first of each."""
-    parts = []
-    if same:
-        parts.append(f"{len(same)} of {n} held-out rows are training rows too (first: {same[0][0]} is {same[0][1]})")
-    if asked:
-        which = "more" if same else f"of {n} held-out rows"
-        parts.append(
-            f"{len(asked)} {which} ask what a training row asks (first: {asked[0][0]} asks what {asked[0][1]} does)"
-        )
-    return ", and ".join(parts)
 
 
 def rendered(rows: list[dict]) -> str:

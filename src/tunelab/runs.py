@@ -418,6 +418,14 @@ def resume_hint(run_dir: Path) -> str:
 NOT_HASHED = "hub-or-folder"  # what runs recorded for folders and hub datasets before their records were hashed
 
 
+def changed_sources(recorded: dict[str, str] | None, now: dict[str, str] | None) -> list[str]:
+    """The data sources whose digest differs from the one a run recorded (a source recorded as not hashed is not known
+    to have changed); none where either side has no digests."""
+    if not recorded or not now:
+        return []
+    return sorted(k for k in {*recorded, *now} if recorded.get(k) not in (now.get(k), NOT_HASHED))
+
+
 # Settings that change how a run computes, not what it computes (up to float rounding): a resume may change them,
 # after running out of memory for instance, and goes on as the same experiment; the manifest records the change.
 HOW_IT_RUNS = frozenset(
@@ -475,13 +483,8 @@ def changed_inputs(
                 changed.append(f"the experiment changed ({', '.join(named)})")
     if provenance is None:
         return changed
-    old_data, new_data = old.data.hashes if old.data else None, provenance.data.hashes
-    if old_data and new_data and old_data != new_data:
-        files = sorted(
-            k for k in {*old_data, *new_data} if old_data.get(k) not in (new_data.get(k), NOT_HASHED)
-        )  # a source recorded as not hashed is not known to have changed
-        if files:
-            changed.append(f"the data changed ({', '.join(files)})")
+    if files := changed_sources(old.data.hashes if old.data else None, provenance.data.hashes):
+        changed.append(f"the data changed ({', '.join(files)})")
     old_template, new_template = old.chat_template_hash, provenance.chat_template_hash
     if old_template and new_template and old_template != new_template:
         changed.append("the chat template changed")

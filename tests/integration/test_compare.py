@@ -425,3 +425,52 @@ def test_every_variant_is_scored_on_each_held_out_set_of_the_runs_and_the_comman
     assert "| eval loss | eval general loss | eval same loss | ppl |" in header
     with pytest.raises(TunelabError, match="--eval-also: 'eval=x' is not NAME=FILE"):
         compare([also], eval_also=parse_eval_also(["eval=x"]))
+
+
+def test_runs_are_measured_on_the_rows_held_out_and_named_where_they_trained_on_them(tmp_path: Path) -> None:
+    """A seed ladder with eval_fraction: each run holds out other rows of one file. compare measures every variant on
+    the first run's held-out rows (no longer on its training file's first rows), and names the run that trained on
+    them, counting exactly the rows the seeded draws put on each side; runs whose data changed or is gone are named
+    as not checked."""
+    import random
+
+    data = tmp_path / "chats.jsonl"
+    shutil.copy(DATA / "sft_train.jsonl", data)
+    lines = data.read_text().splitlines()
+    held = {}
+    for seed in (1, 2):
+        order = list(range(len(lines)))
+        random.Random(seed).shuffle(order)  # eval_fraction's draw where every row asks its own question
+        held[seed] = sorted(order[: round(len(lines) * 0.1)])
+        exp = load_experiment(
+            EXAMPLES / "quickstart.yaml",
+            [f"output.dir={tmp_path}", f"data.train={data}", "data.eval=null", "data.eval_fraction=0.1"]
+            + [f"train.seed={seed}", "train.max_steps=2", f"output.name=seed{seed}"],
+        )
+        train(exp)
+    runs = [tmp_path / "seed1", tmp_path / "seed2"]
+    result = compare(runs)
+    assert result.settings["eval_examples"] == len(held[1])
+    assert result.settings["prompts"] == f"{data} (held out)"
+    first = [json.loads(lines[i])["messages"] for i in held[1][:32]]
+    assert [p.messages for p in result.prompts] == [
+        m[: max(j for j, t in enumerate(m) if t["role"] == "assistant")] for m in first
+    ]
+    assert all(v.numbers["eval_loss"] is not None for v in result.variants)
+    trained = [i for i in held[1] if i not in held[2]]  # seed 2 trained on these of seed 1's held-out rows
+    assert result.settings["trained_on"] == {
+        "seed2": f"{len(trained)} of the {len(held[1])} eval rows, "
+        f"{len([i for i in held[1][:32] if i not in held[2]])} of the 32 prompts"
+    }
+    assert len(trained) > 20 and result.settings["trained_on_unchecked"] == {}
+
+    data.write_text("\n".join(lines[:-1]) + "\n")  # a row gone since the runs trained
+    changed = compare(runs, prompts_file=prompts_file(tmp_path, 2))
+    assert changed.settings["trained_on"] == {}
+    assert changed.settings["trained_on_unchecked"] == {
+        name: f"its data changed since it trained ({data})" for name in ("seed1", "seed2")
+    }
+    data.unlink()  # the run folders brought elsewhere without their data
+    gone = compare(runs, prompts_file=prompts_file(tmp_path, 2), eval_file=DATA / "sft_eval.jsonl")
+    assert gone.settings["trained_on_unchecked"]["seed2"].startswith("its training data cannot be read here (")
+    assert gone.settings["trained_on"] == {} and gone.settings["eval_examples"] == 40

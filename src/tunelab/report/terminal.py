@@ -329,7 +329,7 @@ def kept_line(m: Manifest) -> str | None:
 
 def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
-    from tunelab.report.html import ALSO, best_cells, columns, summary_rows
+    from tunelab.report.html import ALSO, best_cells, columns, summary_rows, trained_on_note
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
@@ -366,6 +366,8 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         console.print(Text(f"reward: {comparison.settings['rewards']}"), soft_wrap=True)
     if comparison.settings.get("tools"):  # a GRPO run's tools, shown with every prompt
         console.print(Text(f"tools: {comparison.settings['tools']}"), soft_wrap=True)
+    if (note := trained_on_note(comparison)) is not None:
+        console.print(Text(note, style="bold yellow"), soft_wrap=True)
 
 
 def print_outputs(comparison, console: Console | None = None) -> None:
