@@ -356,9 +356,10 @@ app.add_typer(study_app, name="study")
 def study_plan(study: Annotated[Path, typer.Argument(help="Study YAML file.")], overrides: Overrides = None) -> None:
     """One table of all variants before anything trains."""
     from tunelab.report.terminal import print_study_plan
-    from tunelab.study import load_study, plan_study
+    from tunelab.study import load_study, measured_apart, plan_study
 
-    print_study_plan(plan_study(load_study(study, overrides)))
+    loaded = load_study(study, overrides)
+    print_study_plan(plan_study(loaded), measured_apart(loaded))
 
 
 @study_app.command("run")

@@ -103,6 +103,23 @@ class Comparison:
             out[key] = [name for name, value in values.items() if value == top]
         return out
 
+    def trained_on_note(self) -> str | None:
+        """The variants that trained on rows every variant is measured on, and those whose training rows could not be
+        checked; None where neither."""
+        seen, unchecked = self.settings.get("trained_on") or {}, self.settings.get("trained_on_unchecked") or {}
+        said = []
+        if seen:
+            listing = "; ".join(f"{name}: {counts}" for name, counts in seen.items())
+            said.append(
+                f"trained on what they are measured on (the same rows, or rows that ask the same): {listing}. "
+                "Their numbers there are partly recall; measure every variant on rows none trained on (one data.eval "
+                "file, or --eval FILE)"
+            )
+        if unchecked:
+            listing = "; ".join(f"{name}: {why}" for name, why in unchecked.items())
+            said.append(f"not checked for training rows among those measured on: {listing}")
+        return "\n".join(said) or None
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -814,8 +831,8 @@ def _trained_on(
         counts = []
         for what, split in measured.items():
             seen = index.seen(split)
-            if seen.same or seen.asked:
-                counts.append(f"{len(seen.same) + len(seen.asked)} of the {seen.held} {what}")
+            if seen.count:
+                counts.append(f"{seen.count} of the {seen.held} {what}")
         if counts:
             notes[manifest.name] = ", ".join(counts)
     return notes, unchecked

@@ -1085,6 +1085,10 @@ class Seen:
     same: list[tuple[str, str]]
     asked: list[tuple[str, str]]
 
+    @property
+    def count(self) -> int:
+        return len(self.same) + len(self.asked)
+
     def said(self) -> str | None:
         """How many held-out rows are training rows, and how many others ask what one asks, with the first of each."""
         parts = []

@@ -120,6 +120,7 @@ class DataStats:
     also: dict[str, SplitStats] = field(default_factory=dict)  # data.eval_also's sets
     note: str | None = None
     tokens: TokenChecks | None = None
+    overlap: list[str] = field(default_factory=list)  # held-out rows the run trains on, training rows that repeat
 
 
 @dataclass
@@ -715,7 +716,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     if (too_big := memory_warning(memory, exp.method)) is not None:
         warnings.append(too_big)
     stats = data_stats(inputs)
-    warnings += overlap_warnings(inputs.splits)
+    stats.overlap = overlap_warnings(inputs.splits)
+    warnings += stats.overlap
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
     from tunelab.methods import get_method
 

@@ -120,6 +120,9 @@ class DataRecord(Record):
     # Where the rows came from, with the part taken of each source that gave a sample ("a.jsonl (5,000 of 207,865
     # rows, sampled), b.jsonl"); recorded only then. None: every row of every source, or recorded before it was.
     sampled_from: str | None = None
+    # What plan said of the rows: held-out rows that are training rows or ask what one asks, training rows that
+    # repeat (data.overlap_warnings). None: nothing, or recorded before it was.
+    overlap: list[str] | None = None
 
 
 class Places(Record):

@@ -250,6 +250,39 @@ def plan_study(study: Study) -> list[tuple[str, Any, list[str]]]:
     return rows
 
 
+def measured_apart(study: Study) -> str | None:
+    """Where the study's comparison will measure every variant's eval loss on rows some variants train on (a seed or
+    data ladder with data.eval_fraction holds out other rows in each): the rows (compare.eval, else the first SFT
+    variant's held-out rows), checked against each variant's training rows; None where none trains on them."""
+    from tunelab.compare import RunSplits
+    from tunelab.data import Split, TrainingRows, load_file
+
+    experiments = {name: variant_experiment(study, name, init_from=None) for name in study.order}
+    splits, spec = RunSplits(), study.spec.compare
+    if spec.eval:
+        path = str(study.path.parent / spec.eval)
+        loaded = load_file(path, "compare.eval", study.base.data, "sft")
+        measured, whose = Split(loaded.rows, path, loaded.origins), f"compare.eval ({path})"
+    else:
+        first = next((name for name, exp in experiments.items() if exp.method == "sft"), None)
+        measured = splits.held_out(experiments[first]) if first else None
+        whose = f"{first}'s held-out rows"
+    if measured is None:
+        return None
+    counts = {}
+    for name, exp in experiments.items():
+        seen = TrainingRows.of(splits.of(exp).train).seen(measured)
+        if seen.count:
+            counts[name] = f"{seen.count} of {seen.held}"
+    if not counts:
+        return None
+    listing = ", ".join(f"{name} ({said})" for name, said in counts.items())
+    return (
+        f"compare will measure every variant's eval loss on {whose}, and {listing} train on them (the same rows, or "
+        "rows that ask the same): give every variant one data.eval file none trains on"
+    )
+
+
 def run_study(study: Study, log=print) -> tuple[list[VariantOutcome], Path | None]:
     from tunelab.runs import run_status
     from tunelab.train import train
@@ -361,6 +394,8 @@ def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None
     except TunelabError as e:
         log(f"comparison skipped: {e}")
         return None
+    if (note := result.trained_on_note()) is not None:
+        log(note)
     return write_report(result, study.output / "report")["html"]
 
 

@@ -343,6 +343,7 @@ def train(
             hashes=splits.hashes,
             rendered=rendered(splits.train.rows),
             sampled_from=splits.sampled_from(),
+            overlap=(plan.data.overlap if plan.data else None) or None,
         ),
         chat_template_hash=template_hash(tokenizer.chat_template),
         tokens=inputs.checks.record(),

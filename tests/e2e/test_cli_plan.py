@@ -78,6 +78,26 @@ def test_plan_warns_of_held_out_rows_the_run_trains_on_and_not_of_the_bundled_on
     assert bundled.returncode == 0 and json.loads(bundled.stdout)["warnings"] == []
 
 
+def test_study_plan_prints_each_variants_warnings_once_and_rows_compare_would_measure_after_training(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "seeds.yaml"
+    apart = "data.eval: null, data.eval_fraction: 0.1"
+    path.write_text(
+        f"name: seeds\nbase: {EXAMPLES / 'quickstart.yaml'}\nvariants:\n"
+        f"  s1: {{set: {{train.seed: 1, {apart}, scope.lora.r: 2000}}}}\n"
+        f"  s2: {{set: {{train.seed: 2, {apart}, scope.lora.r: 2000}}}}\n"
+        f"  wide: {{set: {{train.seed: 1, {apart}, scope.lora.r: 3000}}}}\n"
+    )
+    out = run_cli("study", "plan", str(path))
+    assert out.returncode == 0, out.stderr
+    said = [line for line in " ".join(out.stdout.split()).split("warning") if line.startswith((" (", ": "))]
+    assert [w.split(":")[0] for w in said] == [" (s1, s2)", " (wide)", ""]
+    assert "scope.lora.r=2000 is above the model's hidden size (128)" in said[0]
+    assert "scope.lora.r=3000 is above the model's hidden size (128)" in said[1]
+    assert said[2].startswith(": compare will measure every variant's eval loss on s1's held-out rows, and s2 (")
+
+
 @pytest.mark.parametrize(
     ("text", "extra", "expected"),
     [

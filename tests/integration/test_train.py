@@ -422,3 +422,24 @@ def test_neftune_noises_the_training_steps_only_and_the_same_way_on_a_rerun(tmp_
     assert "NEFTune" not in model_card(plain.run_dir, manifests[0], "adapter")
     with pytest.raises(TunelabError, match=r"train.neftune: applies to SFT"):
         experiment("dpo", tmp_path, "train.neftune=5")
+
+
+def test_a_run_keeps_what_plan_said_of_its_rows_and_show_prints_it(tmp_path: Path) -> None:
+    lines = (EXAMPLES / "data" / "sft_train.jsonl").read_text().splitlines()
+    data, held = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    data.write_text("\n".join([*lines, lines[3]]) + "\n")  # the fourth row twice
+    held.write_text("\n".join([*(EXAMPLES / "data" / "sft_eval.jsonl").read_text().splitlines()[:9], lines[7]]) + "\n")
+    exp = experiment("quickstart", tmp_path, f"data.train={data}", f"data.eval={held}", "train.max_steps=1")
+    said = make_plan(exp).data.overlap
+    assert said == [
+        f"data.train: 1 of {len(lines) + 1} rows repeat an earlier training row (first: {data}:{len(lines) + 1} "
+        f"repeats {data}:4); each copy trains again, so remove the copies unless the repeat is meant",
+        f"data.eval: 1 of 10 held-out rows are training rows too (first: {held}:10 is {data}:8); what is measured "
+        "on them is partly recall of the training data: remove them from one side",
+    ]
+    run_dir = train(exp).run_dir
+    assert read_manifest(run_dir).data.overlap == said
+    shown = run_cli("show", str(run_dir))
+    assert shown.returncode == 0, shown.stderr
+    printed = " ".join(shown.stdout.split())
+    assert all(f"warning: {w}" in printed for w in said) and printed.count("warning: data.") == 2

@@ -96,3 +96,29 @@ def test_a_variants_differences_name_the_keys_it_sets() -> None:
     assert differs["qv"] == ['scope.lora.targets="qv"'] and differs["all-linear"] == []
     assert 'dpo={"beta": 0.1, "loss_type": "sigmoid", "reference": "auto"}' in differs["dpo"]
     assert 'method="dpo"' in differs["dpo"]
+
+
+def test_a_seed_ladder_holding_out_other_rows_is_named_before_it_trains(tmp_path: Path) -> None:
+    """Each seed's eval_fraction holds out other rows of one file; compare measures all on the first SFT variant's,
+    which the others train on. The count is exactly the rows one draw holds out and the other does not."""
+    import random
+
+    from tunelab.study import measured_apart
+
+    n = len((EXAMPLES / "data" / "sft_train.jsonl").read_text().splitlines())
+    held = {}
+    for seed in (1, 2, 3):
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        held[seed] = set(order[: round(n * 0.1)])
+    apart = "data.eval: null, data.eval_fraction: 0.1"
+    path = study(tmp_path, "".join(f"  s{i}: {{set: {{train.seed: {i}, {apart}}}}}\n" for i in (1, 2, 3)))
+    counts = {i: len(held[1] - held[i]) for i in (2, 3)}
+    assert measured_apart(load_study(path)) == (
+        f"compare will measure every variant's eval loss on s1's held-out rows, and s2 ({counts[2]} of {len(held[1])}), "
+        f"s3 ({counts[3]} of {len(held[1])}) train on them (the same rows, or rows that ask the same): give every "
+        "variant one data.eval file none trains on"
+    )
+    same = study(tmp_path, "".join(f"  r{r}: {{set: {{scope.lora.r: {r}, {apart}}}}}\n" for r in (4, 8)))
+    assert measured_apart(load_study(same)) is None  # one seed: the same rows held out, none trained on
+    assert measured_apart(load_study(EXAMPLES / "ladder.yaml")) is None

@@ -131,7 +131,7 @@ def render_html(c: Comparison) -> str:
         f"<p>{escape(', '.join(f'{k}: {v}' for k, v in c.settings.items()))}</p>",
         f"<table id='summary'><tr><th>variant</th>{head}</tr>{rows}</table>",
     ]
-    if (note := trained_on_note(c)) is not None:
+    if (note := c.trained_on_note()) is not None:
         parts.append(f"<p id='trained-on'><strong>{escape(note)}</strong></p>")
     png = loss_chart_png(c)
     if png:
@@ -172,24 +172,6 @@ def _md_cell(text: str) -> str:
     return MD_SPECIAL.sub(r"\\\1", escape(str(text), quote=False)).replace("\n", " ").replace("\r", " ")
 
 
-def trained_on_note(c: Comparison) -> str | None:
-    """The variants that trained on rows every variant is measured on, and those whose training rows could not be
-    checked; None where neither."""
-    seen, unchecked = c.settings.get("trained_on") or {}, c.settings.get("trained_on_unchecked") or {}
-    said = []
-    if seen:
-        listing = "; ".join(f"{name}: {counts}" for name, counts in seen.items())
-        said.append(
-            f"trained on what they are measured on (the same rows, or rows that ask the same): {listing}. Their "
-            "numbers there are partly recall; measure every variant on rows none trained on (one data.eval file, or "
-            "--eval FILE)"
-        )
-    if unchecked:
-        listing = "; ".join(f"{name}: {why}" for name, why in unchecked.items())
-        said.append(f"not checked for training rows among those measured on: {listing}")
-    return "\n".join(said) or None
-
-
 def render_markdown(c: Comparison) -> str:
     lines = [
         f"# Comparison on {_md_cell(c.base_model)}",
@@ -202,7 +184,7 @@ def render_markdown(c: Comparison) -> str:
         "| " + " | ".join(f"**{_md_cell(x)}**" if (r, i) in best else _md_cell(x) for i, x in enumerate(row)) + " |"
         for r, row in enumerate(summary_rows(c))
     ]
-    if (note := trained_on_note(c)) is not None:
+    if (note := c.trained_on_note()) is not None:
         lines += ["", f"**{_md_cell(note)}**"]
     for p in c.prompts:
         lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]

@@ -329,7 +329,7 @@ def kept_line(m: Manifest) -> str | None:
 
 def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
-    from tunelab.report.html import ALSO, best_cells, columns, summary_rows, trained_on_note
+    from tunelab.report.html import ALSO, best_cells, columns, summary_rows
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
@@ -366,7 +366,7 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         console.print(Text(f"reward: {comparison.settings['rewards']}"), soft_wrap=True)
     if comparison.settings.get("tools"):  # a GRPO run's tools, shown with every prompt
         console.print(Text(f"tools: {comparison.settings['tools']}"), soft_wrap=True)
-    if (note := trained_on_note(comparison)) is not None:
+    if (note := comparison.trained_on_note()) is not None:
         console.print(Text(note, style="bold yellow"), soft_wrap=True)
 
 
@@ -393,7 +393,9 @@ def print_scores(scores: dict[str, dict[str, float]], console: Console | None = 
     console.print(table)
 
 
-def print_study_plan(rows, console: Console | None = None) -> None:
+def print_study_plan(rows, measured_apart: str | None = None, console: Console | None = None) -> None:
+    """The variants' plans side by side, then their warnings (each once, with the variants it is about), and where
+    the comparison would measure variants on rows some trained on (study.measured_apart)."""
     console = console or _console()
     table = Table(title="Study plan", title_justify="left", show_edge=False)
     numbers = ("trainable", "%", "memory", "disk")
@@ -415,6 +417,15 @@ def print_study_plan(rows, console: Console | None = None) -> None:
             "\n".join(diff) or "-",
         )
     console.print(table)
+    said: dict[str, list[str]] = {}
+    for name, plan, _ in rows:
+        for warning in plan.warnings:
+            said.setdefault(warning, []).append(name)
+    for warning, names in said.items():
+        who = "every variant" if len(names) == len(rows) > 1 else ", ".join(names)
+        console.print(Text(f"warning ({who}): {warning}", style="yellow"), soft_wrap=True)
+    if measured_apart is not None:
+        console.print(Text(f"warning: {measured_apart}", style="yellow"), soft_wrap=True)
 
 
 def print_study_outcome(outcomes, report, console: Console | None = None) -> None:
@@ -586,6 +597,8 @@ def print_show(
         console.print(Text(f"data {m.data.format}: {m.data.train_examples} train, {m.data.eval_examples} eval"))
         if m.data.sampled_from:
             console.print(Text(m.data.sampled_from))
+        for said in m.data.overlap or []:
+            console.print(Text(f"warning: {said}", style="yellow"), soft_wrap=True)
     if m.teacher is not None:  # distill
         console.print(Text(f"teacher {m.teacher.id} (fingerprint {m.teacher.fingerprint})"))
     if m.global_steps is not None:
