@@ -310,6 +310,49 @@ def compare(
     print(f"report: {paths['html']}")
 
 
+@app.command()
+def chat(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A run folder (or an adapter folder a PEFT script saved), or a base model: hub id, folder or "
+            "builtin:<name>."
+        ),
+    ],
+    asked: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            help="A turn to ask (repeatable: the turns of one conversation, in order); without it, "
+            "turns are read from standard input.",
+        ),
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="A run's base model, without the run.")] = False,
+    system: Annotated[str | None, typer.Option("--system", help="A system message that opens the chat.")] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Generated tokens per reply.", min=1, max=100_000)
+    ] = 256,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Sample at this temperature (default: greedy).", min=0)
+    ] = None,
+    top_p: Annotated[
+        float, typer.Option("--top-p", help="Nucleus sampling mass, with --temperature.", min=0, max=1)
+    ] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling.")] = 0,
+) -> None:
+    """Talk to a run or a base model: each reply streams as it is generated and the chat goes on from it; /reset
+    starts over, /exit (or Ctrl-D) ends."""
+    from tunelab.chat import open_chat
+    from tunelab.report.terminal import converse
+
+    if temperature == 0:
+        raise TunelabError("--temperature: 0 is greedy decoding; leave --temperature out for that")
+    if top_p == 0:
+        raise TunelabError("--top-p: 0 keeps no token; give a value in (0, 1]")
+    with open_chat(target, base, system, max_new_tokens, temperature, top_p, seed) as session:
+        converse(session, asked)
+
+
 @app.command("eval")
 def eval_(
     runs: Annotated[list[Path], typer.Argument(help="Run directories that share a base model.")],

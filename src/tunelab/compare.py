@@ -395,11 +395,13 @@ def generate_rows(
     template_vars: dict | None = None,
     chat: bool | None = None,
     tool_use: ToolUse | None = None,
+    streamer=None,
 ) -> list[Reply]:
     """One output per (prompt, adapter) row, in batches; rows of one batch may use different adapters
     (PEFT `adapter_names`, "__base__" for none). An adapter of None means a model without adapters.
     `template_vars`: what the chat template sees beside each prompt (templates.template_vars); `chat`: prompts go
-    through the chat template (asks_in_chat), else as plain text. `tool_use`: the tools a reply's calls run."""
+    through the chat template (asks_in_chat), else as plain text. `tool_use`: the tools a reply's calls run.
+    `streamer`: Transformers' streamer, handed the tokens of one row's reply as they come (batches of one)."""
     outputs: list[Reply] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -411,6 +413,7 @@ def generate_rows(
             **{"eos_token_id": tokenizer.eos_token_id, **decoding},
             max_new_tokens=max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
+            **({"streamer": streamer} if streamer is not None else {}),
         )
         new = out[:, enc["input_ids"].shape[1] :]
         if tool_use is None or not chat:
@@ -499,9 +502,12 @@ def generate(
     template_vars: dict | None = None,
     chat: bool | None = None,
     tool_use: ToolUse | None = None,
+    streamer=None,
 ) -> list[Reply]:
     rows = [(p, adapter) for p in prompts]
-    return generate_rows(model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat, tool_use)
+    return generate_rows(
+        model, tokenizer, rows, max_new_tokens, batch_size, decoding, template_vars, chat, tool_use, streamer
+    )
 
 
 def generate_mixed(
@@ -1067,7 +1073,7 @@ def _generate_and_score(
     from tunelab.templates import template_vars
 
     base = BaseLoader.pick(model_settings)
-    tokenizer = auto_tokenizer(_tokenizer_folder(tokenizer_dir, model_settings))
+    tokenizer = auto_tokenizer(tokenizer_folder(tokenizer_dir, model_settings))
     tokenizer.padding_side = "left"  # batched generation continues each row right after its prompt
     variables = template_vars(template, tokenizer)
     torch.manual_seed(seed)
@@ -1170,7 +1176,7 @@ def distill_teachers(runs: list[tuple[Path, Manifest]]) -> list[tuple[str, Teach
     return list(zip(names, found.values(), strict=False))
 
 
-def _tokenizer_folder(run_dir: Path, settings: ModelSettings) -> Path | str:
+def tokenizer_folder(run_dir: Path, settings: ModelSettings) -> Path | str:
     """The tokenizer a variant was trained with: a run's own copy, else the one a script saved beside its adapter,
     else the base's."""
     from tunelab.models import has_tokenizer, model_path

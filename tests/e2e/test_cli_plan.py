@@ -1,6 +1,7 @@
 """`tunelab` as a user runs it: a fresh process, exit codes, one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -96,6 +97,19 @@ def test_study_plan_prints_each_variants_warnings_once_and_rows_compare_would_me
     assert "scope.lora.r=2000 is above the model's hidden size (128)" in said[0]
     assert "scope.lora.r=3000 is above the model's hidden size (128)" in said[1]
     assert said[2].startswith(": compare will measure every variant's eval loss on s1's held-out rows, and s2 (")
+
+
+def test_chat_refuses_what_is_neither_a_run_nor_a_model_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "notes").mkdir(parents=True)
+    shutil.copytree(EXAMPLES / "data", tmp_path / "runs" / "data")
+    empty = run_cli("chat", str(tmp_path / "runs" / "notes"), "--prompt", "hi")
+    assert (empty.returncode, empty.stderr.strip()) == (
+        2,
+        f"error: chat: {tmp_path}/runs/notes is a folder but neither a tunelab run, an adapter folder a script saved "
+        "(adapter_config.json) nor a model folder (config.json); give one of those, or a model's hub id",
+    )
+    typo = run_cli("chat", str(tmp_path / "runs" / "qv2"), "--prompt", "hi")
+    assert (typo.returncode, typo.stderr.strip()) == (2, f"error: chat: {tmp_path}/runs/qv2 does not exist")
 
 
 @pytest.mark.parametrize(

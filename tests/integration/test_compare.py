@@ -474,3 +474,78 @@ def test_runs_are_measured_on_the_rows_held_out_and_named_where_they_trained_on_
     gone = compare(runs, prompts_file=prompts_file(tmp_path, 2), eval_file=DATA / "sft_eval.jsonl")
     assert gone.settings["trained_on_unchecked"]["seed2"].startswith("its training data cannot be read here (")
     assert gone.settings["trained_on"] == {} and gone.settings["eval_examples"] == 40
+
+
+def _replies(stdout: str, turns: list[str]) -> list[str]:
+    """What `tunelab chat` printed under each "> turn" line."""
+    lines, replies, at = stdout.splitlines(), [], None
+    for line in lines:
+        if line.startswith("> ") and line[2:] in turns:
+            at = len(replies)
+            replies.append([])
+        elif at is not None and not line.startswith("(conversation reset)"):
+            replies[at].append(line)
+    return ["\n".join(r).strip() for r in replies]
+
+
+def _plain_chat(model, tokenizer, turns: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies to `turns` as one conversation, each reply joining it, with Transformers alone."""
+    import torch
+
+    stops = [tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id]
+    messages, replies = [], []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # fmt: skip
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": reply})
+        replies.append(reply)
+    return replies
+
+
+def test_chat_goes_on_from_each_reply_as_plain_transformers_would(runs, tiny_model_dir) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    turns = ["Which city is the capital of Molo?", "What do people in Selnu like to eat?"]
+    run = runs["quickstart"]
+    asked = [arg for turn in turns for arg in ("--prompt", turn)]
+    out = run_cli("chat", str(run), *asked, "--max-new-tokens", "24")
+    assert out.returncode == 0, out.stderr
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+    expected = _plain_chat(tuned.eval(), tokenizer, turns, 24)
+    assert _replies(out.stdout, turns) == expected
+    base = run_cli("chat", str(run), "--base", "--prompt", turns[0], "--max-new-tokens", "24")
+    assert base.returncode == 0, base.stderr
+    plain_base = _plain_chat(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tokenizer, turns[:1], 24)
+    assert _replies(base.stdout, turns[:1]) == plain_base != expected[:1]
+
+
+def test_chat_reads_turns_from_its_input_and_starts_over_on_reset(runs, tiny_model_dir) -> None:
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    turns = ["Which city is the capital of Molo?", "What do people in Selnu like to eat?"]
+    typed = f"{turns[0]}\n\n{turns[1]}\n/reset\n{turns[1]}\n/exit\n{turns[0]}\n"
+    run = runs["quickstart"]
+    out = subprocess.run(
+        [sys.executable, "-m", "tunelab", "chat", str(run), "--max-new-tokens", "24"],
+        input=typed, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    asked = [line[2:] for line in out.stdout.splitlines() if line.startswith("> ")]
+    assert asked == [turns[0], turns[1], turns[1]]  # the blank line skipped, nothing after /exit
+    said = [part.split("(conversation reset)")[0].strip() for part in out.stdout.split("> ")[1:]]
+    tokenizer = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
+    together, alone = _plain_chat(tuned.eval(), tokenizer, turns, 24), _plain_chat(tuned, tokenizer, turns[1:], 24)
+    assert said == [f"{turns[0]}\n{together[0]}", f"{turns[1]}\n{together[1]}", f"{turns[1]}\n{alone[0]}"]

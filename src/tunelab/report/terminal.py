@@ -631,3 +631,43 @@ def print_show(
         base_value = base_scores.get(metric)
         beside = f" (base {base_value:.4f})" if base_value is not None else ""
         console.print(Text(f"lm-eval {metric} {value:.4f}{beside}"))
+
+
+def converse(session, asked: list[str] | None = None) -> None:
+    """A chat (tunelab.chat.Chat): the turns `asked`, or read from standard input until /exit or its end, each shown
+    with the reply streamed under it (as plain text, never read as markup). /reset starts the conversation over."""
+    import sys
+
+    from transformers import TextStreamer
+
+    interactive = asked is None and sys.stdin.isatty()
+    if interactive:
+        how = "each turn on its own" if not session.in_chat else "/reset starts over"
+        print(f"chat with {session.name} ({how}; /exit or Ctrl-D ends)")
+    for turn in asked if asked is not None else _typed_turns(interactive):
+        if turn == "/reset":
+            session.reset()
+            print("(conversation reset)")
+            continue
+        if not interactive:
+            print(f"> {turn}")
+        session.ask(turn, TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        print(flush=True)
+
+
+def _typed_turns(interactive: bool):
+    """The turns typed (or piped) in, one a line, until /exit or the end of the input; blank lines are skipped."""
+    import sys
+
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        line = line.strip()
+        if line == "/exit":
+            return
+        if line:
+            yield line

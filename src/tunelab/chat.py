@@ -1,0 +1,130 @@
+"""Talk to one variant: a run on its base (or the base alone), asked turn after turn as compare asks it.
+
+The model loads as compare loads it (the base once, the run's scope kind putting the run on it), with the tokenizer,
+chat template variables and stop tokens the run trained with; each reply streams as it is generated and joins the
+conversation the next turn is asked in. Decoding is greedy unless a temperature is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.compare import GREEDY, Prompt, asks_in_chat, generate, load_runs, stop_ids, tokenizer_folder
+from tunelab.config import ModelSettings, TokenizerSettings
+from tunelab.errors import TunelabError
+from tunelab.runs import load_run_experiment, run_status
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Chat:
+    """A loaded variant and the conversation so far."""
+
+    name: str  # what is asked: the run's name, or the base model's id
+    model: object
+    tokenizer: PreTrainedTokenizerBase
+    decoding: dict
+    template_vars: dict
+    in_chat: bool  # asked through the chat template; False: a run trained on plain text, each prompt on its own
+    max_new_tokens: int
+    system: str | None = None
+    turns: list[dict] = field(default_factory=list)
+
+    def ask(self, text: str, streamer=None) -> str:
+        """The variant's reply to `text` after the conversation so far (a plain-text variant: to `text` alone);
+        `streamer` (Transformers' TextStreamer) is handed the reply's tokens as they come."""
+        asked = (
+            [*self.turns, {"role": "user", "content": text}] if self.in_chat else [{"role": "user", "content": text}]
+        )
+        opening = [{"role": "system", "content": self.system}] if self.system and self.in_chat else []
+        prompt = Prompt(0, opening + asked)
+        reply = generate(
+            self.model, self.tokenizer, [prompt], None, self.max_new_tokens, 1, self.decoding, self.template_vars,
+            self.in_chat, streamer=streamer,
+        )[0]  # fmt: skip
+        if self.in_chat:
+            self.turns = [*asked, {"role": "assistant", "content": reply}]
+        return reply
+
+    def reset(self) -> None:
+        self.turns = []
+
+
+@contextmanager
+def open_chat(
+    target: str,
+    base_only: bool = False,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Iterator[Chat]:
+    """`target`: a run folder (a tunelab run, or an adapter folder a PEFT script saved), or a base model (hub id,
+    folder, builtin:<name>). `base_only`: a run's base without the run."""
+    import torch
+
+    from tunelab.models import auto_tokenizer
+    from tunelab.scopes import BaseLoader, attach_runs, base_alone
+    from tunelab.templates import template_vars
+
+    folder = Path(target)
+    _check_target(folder)
+    runs = load_runs([folder], command="chat", elsewhere=True) if _is_run(folder) else []
+    exp = load_run_experiment(folder) if runs and run_status(folder) is not None else None
+    settings = exp.model if exp else ModelSettings(id=runs[0][1].base_model.id if runs else target)
+    base = BaseLoader.pick(settings)
+    torch.manual_seed(seed)
+    model = base.load().eval()  # first: a base that is not here is named in one line by the loading
+    tokenizer = auto_tokenizer(tokenizer_folder(folder, settings))
+    tokenizer.padding_side = "left"
+    manifests = [m for _, m in runs]
+    decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, manifests)}
+    variables = template_vars(exp.tokenizer if exp else TokenizerSettings(), tokenizer)
+    name = manifests[0].name if runs and not base_only else settings.id
+    in_chat = asks_in_chat(tokenizer, None if base_only or not runs else manifests[0])
+
+    def chat(variant) -> Chat:
+        return Chat(name, variant, tokenizer, decoding, variables, in_chat, max_new_tokens, system)
+
+    if not runs:
+        yield chat(model)
+        return
+    model, kinds = attach_runs(model, runs)
+    if base_only:
+        with base_alone(model):
+            yield chat(model)
+        return
+    with kinds[manifests[0].name].active(model, folder, manifests[0].name, base) as variant:
+        yield chat(variant)
+
+
+def _is_run(folder: Path) -> bool:
+    """A run folder, or a folder a plain script saved an adapter in; anything else names a base model."""
+    from tunelab.scopes import made_elsewhere
+
+    if not folder.is_dir():
+        return False
+    if run_status(folder) is not None:
+        return True
+    return made_elsewhere(folder) is not None
+
+
+def _check_target(folder: Path) -> None:
+    """A folder that is no run, adapter or model, or a path to none (a mistyped run), refused in one line."""
+    if folder.is_dir() and not _is_run(folder) and not (folder / "config.json").is_file():
+        raise TunelabError(
+            f"chat: {folder} is a folder but neither a tunelab run, an adapter folder a script saved "
+            "(adapter_config.json) nor a model folder (config.json); give one of those, or a model's hub id"
+        )
+    if not folder.exists() and folder.parent.is_dir() and str(folder.parent) != ".":
+        held = sorted(p.name for p in folder.parent.iterdir() if p.is_dir() and _is_run(p))
+        listing = f" (runs there: {', '.join(held[:8])}{', ...' if len(held) > 8 else ''})" if held else ""
+        raise TunelabError(f"chat: {folder} does not exist{listing}")
