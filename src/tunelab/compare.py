@@ -680,8 +680,9 @@ def compare(
     prompts, tool_use, tools_note = with_run_tools(prompts, rewarded)
     held_out_splits = _held_out_sets(exp, sft, evaluation, eval_also or {})
     held_out = {name: split.rows for name, split in held_out_splits.items()}
-    trained_on, unchecked = _trained_on(runs, held_out_splits, asked_rows, splits)
-    pairs = _held_out_pairs(runs, pairs_file)
+    ranked = _held_out_pairs(runs, pairs_file, splits)
+    trained_on, unchecked = _trained_on(runs, held_out_splits, asked_rows, ranked, splits)
+    pairs = ranked.rows if ranked is not None else []
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
@@ -808,10 +809,15 @@ def _prompts_and_eval(
 
 
 def _trained_on(
-    runs: list[tuple[Path, Manifest]], held_out: dict[str, Split], asked_rows: Split | None, splits: RunSplits
+    runs: list[tuple[Path, Manifest]],
+    held_out: dict[str, Split],
+    asked_rows: Split | None,
+    pairs: Split | None,
+    splits: RunSplits,
 ) -> tuple[dict[str, str], dict[str, str]]:
-    """What each tunelab run trained on among the rows every variant is measured on: the held-out sets' rows and the
-    rows the prompts come from, counted where the run has the same row, or a row that asks the same. A variant's
+    """What each tunelab run trained on among the rows every variant is measured on: the held-out sets' rows, the
+    rows the prompts come from and the pairs ranked, counted where the run has the same row, or a row that asks the
+    same. A variant's
     numbers there are partly recall (a seed or data ladder's runs each hold out other rows of one file). Also: the
     runs that could not be checked, and why."""
     from tunelab.data import TrainingRows, prompt_of
@@ -821,6 +827,8 @@ def _trained_on(
         kept = [i for i, row in enumerate(asked_rows.rows) if prompt_of(row) is not None]
         rows, origins = [asked_rows.rows[i] for i in kept], [asked_rows.origins[i] for i in kept]
         measured["prompts"] = Split(rows, asked_rows.source, origins)
+    if pairs is not None and pairs.rows:
+        measured["preference pairs"] = pairs
     notes, unchecked = {}, {}
     for run_dir, manifest in runs:
         if run_status(run_dir) is None:  # a folder a plain script saved: its data is not known
@@ -1023,23 +1031,23 @@ def _held_out_sets(
     return sets
 
 
-def _held_out_pairs(runs: list[tuple[Path, Manifest]], pairs_file: Path | None) -> list[dict]:
-    """Preference pairs every variant is asked to rank (pref acc): --pairs, else the first preference run's eval
-    pairs; none without either."""
+def _held_out_pairs(runs: list[tuple[Path, Manifest]], pairs_file: Path | None, splits: RunSplits) -> Split | None:
+    """Preference pairs every variant is asked to rank (pref acc): --pairs, else the first preference run's held-out
+    pairs (its data.eval's, or those data.eval_fraction kept out of its training); None without either."""
     from tunelab.data import load_file
     from tunelab.methods import get_method
 
     if pairs_file is not None:
         loaded = load_file(str(pairs_file), "--pairs", DataSettings(train=str(pairs_file)), "dpo")
-        return loaded.rows
+        return Split(loaded.rows, str(pairs_file), loaded.origins)
     for run_dir, m in runs:
-        if m.method is None or not get_method(m.method).preference:
+        if m.method is None or not get_method(m.method).preference or run_status(run_dir) is None:
             continue
-        exp = load_run_experiment(run_dir)
-        if exp.data.eval is not None:
-            rows = load_file(exp.data.eval, "data.eval", exp.data, exp.method, exp.train.seed).rows
-            return [r for r in rows if "chosen" in r]
-    return []
+        held = splits.held_out(load_run_experiment(run_dir))
+        if held is not None:
+            kept = [i for i, row in enumerate(held.rows) if "chosen" in row]
+            return Split([held.rows[i] for i in kept], held.source, [held.origins[i] for i in kept])
+    return None
 
 
 def _generate_and_score(

@@ -549,3 +549,29 @@ def test_chat_reads_turns_from_its_input_and_starts_over_on_reset(runs, tiny_mod
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
     together, alone = _plain_chat(tuned.eval(), tokenizer, turns, 24), _plain_chat(tuned, tokenizer, turns[1:], 24)
     assert said == [f"{turns[0]}\n{together[0]}", f"{turns[1]}\n{together[1]}", f"{turns[1]}\n{alone[0]}"]
+
+
+def test_preference_runs_are_ranked_on_the_pairs_held_out_and_named_where_they_trained_on_them(tmp_path: Path) -> None:
+    """The DPO runs of a seed ladder with eval_fraction: pref acc is measured on the first run's held-out pairs, and
+    the run that trained on some of them is named, for the pairs and for the prompts taken from them."""
+    import random
+
+    n = len((DATA / "pref_train.jsonl").read_text().splitlines())
+    held = {}
+    for seed in (1, 2):
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        held[seed] = sorted(order[: round(n * 0.25)])
+        exp = load_experiment(
+            EXAMPLES / "dpo.yaml",
+            [f"output.dir={tmp_path}", "data.eval=null", "data.eval_fraction=0.25", f"train.seed={seed}"]
+            + ["train.max_steps=1", f"output.name=seed{seed}"],
+        )
+        train(exp)
+    result = compare([tmp_path / "seed1", tmp_path / "seed2"], max_new_tokens=4)
+    assert result.settings["preference_pairs"] == len(held[1])
+    trained = len([i for i in held[1] if i not in held[2]])
+    assert result.settings["trained_on"] == {
+        "seed2": f"{trained} of the {len(held[1])} prompts, {trained} of the {len(held[1])} preference pairs"
+    }
+    assert all(v.numbers["preference_accuracy"] is not None for v in result.variants)
