@@ -34,6 +34,7 @@ class Chat:
     in_chat: bool  # asked through the chat template; False: a run trained on plain text, each prompt on its own
     max_new_tokens: int
     system: str | None = None
+    fold_system: bool = False  # the run's tokenizer.fold_system: a system message goes into the first user turn
     turns: list[dict] = field(default_factory=list)
 
     def ask(self, text: str, streamer=None) -> str:
@@ -42,12 +43,21 @@ class Chat:
         asked = (
             [*self.turns, {"role": "user", "content": text}] if self.in_chat else [{"role": "user", "content": text}]
         )
+        from jinja2 import TemplateError
+
+        from tunelab.templates import prepare_messages
+
         opening = [{"role": "system", "content": self.system}] if self.system and self.in_chat else []
-        prompt = Prompt(0, opening + asked)
-        reply = generate(
-            self.model, self.tokenizer, [prompt], None, self.max_new_tokens, 1, self.decoding, self.template_vars,
-            self.in_chat, streamer=streamer,
-        )[0]  # fmt: skip
+        prompt = Prompt(0, prepare_messages(opening + asked, self.fold_system))
+        try:
+            reply = generate(
+                self.model, self.tokenizer, [prompt], None, self.max_new_tokens, 1, self.decoding,
+                self.template_vars, self.in_chat, streamer=streamer,
+            )[0]  # fmt: skip
+        except TemplateError as e:
+            if opening and "system" in str(e).lower():
+                raise TunelabError(f"--system: the chat template refuses a system message ({e}); leave it out") from e
+            raise TunelabError(f"chat: the chat template refuses the conversation ({e})") from e
         if self.in_chat:
             self.turns = [*asked, {"role": "assistant", "content": reply}]
         return reply
@@ -92,7 +102,8 @@ def open_chat(
     in_chat = asks_in_chat(tokenizer, None if base_only or not runs else manifests[0])
 
     def chat(variant) -> Chat:
-        return Chat(name, variant, tokenizer, decoding, variables, in_chat, max_new_tokens, system)
+        fold = exp.tokenizer.fold_system if exp else False
+        return Chat(name, variant, tokenizer, decoding, variables, in_chat, max_new_tokens, system, fold)
 
     if not runs:
         yield chat(model)

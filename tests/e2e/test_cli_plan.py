@@ -112,6 +112,18 @@ def test_chat_refuses_what_is_neither_a_run_nor_a_model_in_one_line(tmp_path: Pa
     assert (typo.returncode, typo.stderr.strip()) == (2, f"error: chat: {tmp_path}/runs/qv2 does not exist")
 
 
+def test_chat_names_a_system_message_the_template_refuses(tmp_path: Path, tiny_model_dir) -> None:
+    model = tmp_path / "gemma-like"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text((CONFIGS.parent / "chat_models" / "gemma-2-it.jinja").read_text())
+    out = run_cli("chat", str(model), "--system", "Be brief.", "--prompt", "hi", "--max-new-tokens", "4")
+    assert (out.returncode, out.stderr.strip()) == (
+        2,
+        "error: --system: the chat template refuses a system message (System role not supported); leave it out",
+    )
+    assert run_cli("chat", str(model), "--prompt", "hi", "--max-new-tokens", "4").returncode == 0
+
+
 @pytest.mark.parametrize(
     ("text", "extra", "expected"),
     [
