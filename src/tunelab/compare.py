@@ -90,13 +90,18 @@ class Comparison:
 
     def best(self) -> dict[str, list[str]]:
         """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
-        pref acc, GRPO eval reward and expectation pass rate. Only where at least two variants have the number."""
-        out = {}
+        pref acc, GRPO eval reward and expectation pass rate. Only where at least two variants have the number, and
+        never a number measured on rows the variant trained on (settings' trained_on_numbers)."""
+        out, touched = {}, self.settings.get("trained_on_numbers") or {}
         for key in sorted({k for v in self.variants for k in v.numbers}):
             lower = key == "eval_loss" or bool(re.fullmatch(r"eval_[a-z0-9_]+_loss", key))
             if not (lower or key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward")):
                 continue
-            values = {v.name: v.numbers[key] for v in self.variants if v.numbers.get(key) is not None}
+            values = {
+                v.name: v.numbers[key]
+                for v in self.variants
+                if v.numbers.get(key) is not None and key not in touched.get(v.name, [])
+            }
             if len(values) < 2:
                 continue
             top = min(values.values()) if lower else max(values.values())
@@ -112,8 +117,8 @@ class Comparison:
             listing = "; ".join(f"{name}: {counts}" for name, counts in seen.items())
             said.append(
                 f"trained on what they are measured on (the same rows, or rows that ask the same): {listing}. "
-                "Their numbers there are partly recall; measure every variant on rows none trained on (one data.eval "
-                "file, or --eval FILE)"
+                "Their numbers there are partly recall, and not marked best; measure every variant on rows none "
+                "trained on (one data.eval file, or --eval FILE)"
             )
         if unchecked:
             listing = "; ".join(f"{name}: {why}" for name, why in unchecked.items())
@@ -681,7 +686,7 @@ def compare(
     held_out_splits = _held_out_sets(exp, sft, evaluation, eval_also or {})
     held_out = {name: split.rows for name, split in held_out_splits.items()}
     ranked = _held_out_pairs(runs, pairs_file, splits)
-    trained_on, unchecked = _trained_on(runs, held_out_splits, asked_rows, ranked, splits)
+    trained_on, touched, unchecked = _trained_on(runs, held_out_splits, asked_rows, ranked, splits)
     pairs = ranked.rows if ranked is not None else []
     # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -735,6 +740,7 @@ def compare(
         "tools": tools_note,  # GRPO with grpo.tools: whose tools every prompt shows
         "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
         "trained_on": trained_on,  # each run's training rows among the held-out rows and prompts, where it has any
+        "trained_on_numbers": touched,  # the numbers of each such run measured on them: never marked best
         "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
     }
     exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
@@ -814,22 +820,25 @@ def _trained_on(
     asked_rows: Split | None,
     pairs: Split | None,
     splits: RunSplits,
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
     """What each tunelab run trained on among the rows every variant is measured on: the held-out sets' rows, the
     rows the prompts come from and the pairs ranked, counted where the run has the same row, or a row that asks the
-    same. A variant's
-    numbers there are partly recall (a seed or data ladder's runs each hold out other rows of one file). Also: the
-    runs that could not be checked, and why."""
+    same. A variant's numbers there are partly recall (a seed or data ladder's runs each hold out other rows of one
+    file). Returns the counts said by run, the numbers they touch by run, and the runs that could not be checked,
+    with why."""
     from tunelab.data import TrainingRows, prompt_of
 
-    measured = {f"{'eval' if name == PRIMARY else repr(name)} rows": split for name, split in held_out.items()}
+    measured = [
+        (f"{'eval' if name == PRIMARY else repr(name)} rows", split, [eval_key(name)])
+        for name, split in held_out.items()
+    ]
     if asked_rows is not None:
         kept = [i for i, row in enumerate(asked_rows.rows) if prompt_of(row) is not None]
         rows, origins = [asked_rows.rows[i] for i in kept], [asked_rows.origins[i] for i in kept]
-        measured["prompts"] = Split(rows, asked_rows.source, origins)
+        measured.append(("prompts", Split(rows, asked_rows.source, origins), ["expectation_pass_rate", "reward"]))
     if pairs is not None and pairs.rows:
-        measured["preference pairs"] = pairs
-    notes, unchecked = {}, {}
+        measured.append(("preference pairs", pairs, ["preference_accuracy"]))
+    said, touched, unchecked = {}, {}, {}
     for run_dir, manifest in runs:
         if run_status(run_dir) is None:  # a folder a plain script saved: its data is not known
             continue
@@ -841,15 +850,15 @@ def _trained_on(
         if changed := changed_sources(manifest.data.hashes if manifest.data else None, trained.hashes):
             unchecked[manifest.name] = f"its data changed since it trained ({', '.join(changed)})"
             continue
-        index = TrainingRows.of(trained.train)
-        counts = []
-        for what, split in measured.items():
+        index, counts, numbers = TrainingRows.of(trained.train), [], []
+        for what, split, keys in measured:
             seen = index.seen(split)
             if seen.count:
                 counts.append(f"{seen.count} of the {seen.held} {what}")
+                numbers += keys
         if counts:
-            notes[manifest.name] = ", ".join(counts)
-    return notes, unchecked
+            said[manifest.name], touched[manifest.name] = ", ".join(counts), numbers
+    return said, touched, unchecked
 
 
 # How many times compare lets a reply call tools and go on, where the GRPO run set no grpo.tool_rounds.

@@ -463,6 +463,9 @@ def test_runs_are_measured_on_the_rows_held_out_and_named_where_they_trained_on_
         f"{len([i for i in held[1][:32] if i not in held[2]])} of the 32 prompts"
     }
     assert len(trained) > 20 and result.settings["trained_on_unchecked"] == {}
+    assert result.settings["trained_on_numbers"] == {"seed2": ["eval_loss", "expectation_pass_rate", "reward"]}
+    fair = [v for v in result.variants if v.name != "seed2"]  # seed2's eval loss is never marked best
+    assert result.best()["eval_loss"] == [min(fair, key=lambda v: v.numbers["eval_loss"]).name]
 
     data.write_text("\n".join(lines[:-1]) + "\n")  # a row gone since the runs trained
     changed = compare(runs, prompts_file=prompts_file(tmp_path, 2))
@@ -575,3 +578,5 @@ def test_preference_runs_are_ranked_on_the_pairs_held_out_and_named_where_they_t
         "seed2": f"{trained} of the {len(held[1])} prompts, {trained} of the {len(held[1])} preference pairs"
     }
     assert all(v.numbers["preference_accuracy"] is not None for v in result.variants)
+    touched = ["expectation_pass_rate", "reward", "preference_accuracy"]
+    assert result.settings["trained_on_numbers"] == {"seed2": touched}
