@@ -959,19 +959,28 @@ def load_splits(settings: DataSettings, method: str, seed: int) -> Splits:
 
 def _held_out_rows(rows: list[dict], fraction: float, seed: int) -> tuple[set[int], bool]:
     """The rows eval_fraction holds out: whole groups of rows that ask the same (rows of one prompt, copies of a row),
-    drawn in an order shuffled with `seed` until the fraction is reached, so no held-out row is asked in training.
-    Where every row asks something of its own, the draw is the rows' own. Also: whether a group had several rows."""
+    so no held-out row is asked in training. Groups are taken in an order shuffled with `seed`, each that still fits
+    in the fraction, until it is reached; where every row asks something of its own, the draw is the rows' own. Also:
+    whether a group had several rows."""
     groups = list(_asked_groups(rows).values())
     order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, round(len(rows) * fraction))
+    if n_eval >= len(rows):
+        raise ConfigError(f"data.eval_fraction: {fraction} leaves no training examples out of {len(rows)}")
     held: set[int] = set()
     for g in order:
-        if len(held) >= n_eval:
+        if len(held) == n_eval:
             break
-        held.update(groups[g])
-    if len(held) >= len(rows):
-        raise ConfigError(f"data.eval_fraction: {fraction} leaves no training examples out of {len(rows)}")
+        if len(held) + len(groups[g]) <= n_eval:
+            held.update(groups[g])
+    if not held:
+        fewest = min(len(g) for g in groups)
+        raise ConfigError(
+            f"data.eval_fraction: {fraction} of {len(rows)} rows is {n_eval}, and the rows ask {len(groups)} "
+            f"prompt{'s' if len(groups) > 1 else ''} with at least {fewest} rows each: whole prompts cannot be held "
+            "out within it; raise it, or give held-out data in data.eval"
+        )
     return held, len(groups) < len(rows)
 
 

@@ -123,6 +123,20 @@ def test_eval_fraction_holds_out_every_row_of_a_prompt_together(tmp_path: Path, 
     assert not [w for w in overlap_warnings(splits) if w.startswith("data.eval")]
 
 
+def test_eval_fraction_holds_out_only_prompts_whose_rows_fit_in_it(tmp_path: Path) -> None:
+    rows = [{"prompt": "big", "completion": f"a{i}"} for i in range(30)]
+    rows += [{"prompt": f"q{i}", "completion": "a"} for i in range(10)]
+    splits = load(write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.1)
+    assert len(splits.eval.rows) == 4 and {r["prompt"] for r in splits.eval.rows} < {f"q{i}" for i in range(10)}
+    one = write_jsonl(tmp_path / "one.jsonl", rows[:30])
+    with pytest.raises(TunelabError) as e:
+        load(one, eval_fraction=0.1)
+    assert str(e.value) == (
+        "data.eval_fraction: 0.1 of 30 rows is 3, and the rows ask 1 prompt with at least 30 rows each: whole "
+        "prompts cannot be held out within it; raise it, or give held-out data in data.eval"
+    )
+
+
 def test_plan_names_training_rows_that_repeat_and_held_out_rows_training_asks(tmp_path: Path) -> None:
     def chat(question: str, answer: str, *earlier: str) -> dict:
         turns = [m for q in earlier for m in ({"role": "user", "content": q}, {"role": "assistant", "content": "ok"})]
