@@ -52,6 +52,10 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
     )
     assert report.returncode == 0, report.stderr[-2000:]
     assert report.stderr == "" and foreign(report.stdout) == []
+    assert f"next: tunelab chat {tmp_path / 'quiet'}" in quiet.stdout
+    talk = run_cli("chat", str(tmp_path / "quiet"), "--prompt", "hi", "--max-new-tokens", "8", env=UNSET, fresh=True)
+    assert talk.returncode == 0, talk.stderr[-2000:]
+    assert talk.stderr == "" and foreign(talk.stdout) == [] and talk.stdout.startswith("> hi\n")
 
 
 def test_plan_and_study_plan_print_only_tunelabs_lines(tmp_path: Path) -> None:

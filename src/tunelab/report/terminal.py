@@ -317,6 +317,11 @@ def print_run(run_dir, manifest: Manifest, console: Console | None = None) -> No
             f"tensor check: {check.trainable_changed} trained tensors changed, "
             f"{check.frozen_unchanged} frozen unchanged" + ("" if check.ok else " [red]FAILED[/red]")
         )
+    if manifest.status == "completed" and model_head(manifest.method or "") == "lm":
+        console.print(
+            Text(f"next: tunelab chat {run_dir}   (talk to it) or tunelab compare {run_dir}   (beside its base)"),
+            soft_wrap=True,
+        )
 
 
 def kept_line(m: Manifest) -> str | None:
