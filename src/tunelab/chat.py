@@ -40,13 +40,12 @@ class Chat:
     def ask(self, text: str, streamer=None) -> str:
         """The variant's reply to `text` after the conversation so far (a plain-text variant: to `text` alone);
         `streamer` (Transformers' TextStreamer) is handed the reply's tokens as they come."""
-        asked = (
-            [*self.turns, {"role": "user", "content": text}] if self.in_chat else [{"role": "user", "content": text}]
-        )
         from jinja2 import TemplateError
 
         from tunelab.templates import prepare_messages
 
+        turn = {"role": "user", "content": text}
+        asked = [*self.turns, turn] if self.in_chat else [turn]
         opening = [{"role": "system", "content": self.system}] if self.system and self.in_chat else []
         prompt = Prompt(0, prepare_messages(opening + asked, self.fold_system))
         try:

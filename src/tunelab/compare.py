@@ -854,7 +854,7 @@ def _trained_on(
         for what, split, keys in measured:
             seen = index.seen(split)
             if seen.count:
-                counts.append(f"{seen.count} of the {seen.held} {what}")
+                counts.append(f"{seen.count:,} of the {seen.held:,} {what}")
                 numbers += keys
         if counts:
             said[manifest.name], touched[manifest.name] = ", ".join(counts), numbers

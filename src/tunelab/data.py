@@ -1103,10 +1103,10 @@ class Seen:
         parts = []
         if self.same:
             (a, b), n = self.same[0], len(self.same)
-            parts.append(f"{n} of {self.held} held-out rows are training rows too (first: {a} is {b})")
+            parts.append(f"{n:,} of {self.held:,} held-out rows are training rows too (first: {a} is {b})")
         if self.asked:
-            (c, d), which = self.asked[0], "more" if self.same else f"of {self.held} held-out rows"
-            parts.append(f"{len(self.asked)} {which} ask what a training row asks (first: {c} asks what {d} does)")
+            (c, d), which = self.asked[0], "more" if self.same else f"of {self.held:,} held-out rows"
+            parts.append(f"{len(self.asked):,} {which} ask what a training row asks (first: {c} asks what {d} does)")
         return ", and ".join(parts) or None
 
 
@@ -1148,7 +1148,7 @@ def overlap_warnings(splits: Splits) -> list[str]:
     if index.repeats:
         (a, b), n = index.repeats[0], len(index.repeats)
         warnings.append(
-            f"data.train: {n} of {len(splits.train.rows)} rows repeat an earlier training row (first: {a} repeats "
+            f"data.train: {n:,} of {len(splits.train.rows):,} rows repeat an earlier training row (first: {a} repeats "
             f"{b}); each copy trains again, so remove the copies unless the repeat is meant"
         )
     held_out = [("data.eval", splits.eval)] if splits.eval is not None else []

@@ -273,7 +273,7 @@ def measured_apart(study: Study) -> str | None:
     for name, exp in experiments.items():
         seen = TrainingRows.of(splits.of(exp).train).seen(measured)
         if seen.count:
-            counts[name] = f"{seen.count} of {seen.held}"
+            counts[name] = f"{seen.count:,} of {seen.held:,}"
     if not counts:
         return None
     listing = ", ".join(f"{name} ({said})" for name, said in counts.items())
