@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import DataSettings, Experiment, ModelSettings, Quantization, TokenizerSettings, model_head
-from tunelab.data import Split, Splits
+from tunelab.data import Split, Splits, TrainingRows
 from tunelab.errors import TunelabError
 from tunelab.runs import (
     TOKENIZER,
@@ -753,14 +753,26 @@ class RunSplits:
 
     def __init__(self) -> None:
         self.read: dict[str, Splits] = {}
+        self.indexed: dict[str, TrainingRows] = {}
+
+    @staticmethod
+    def _key(exp: Experiment) -> str:
+        return f"{exp.data.model_dump_json()} {exp.method} {exp.train.seed}"
 
     def of(self, exp: Experiment) -> Splits:
         from tunelab.data import load_splits
 
-        key = f"{exp.data.model_dump_json()} {exp.method} {exp.train.seed}"
+        key = self._key(exp)
         if key not in self.read:
             self.read[key] = load_splits(exp.data, exp.method, exp.train.seed)
         return self.read[key]
+
+    def training_rows(self, exp: Experiment) -> TrainingRows:
+        """The run's training rows, indexed once a setting (the runs of a ladder mostly share theirs)."""
+        key = self._key(exp)
+        if key not in self.indexed:
+            self.indexed[key] = TrainingRows.of(self.of(exp).train)
+        return self.indexed[key]
 
     def held_out(self, exp: Experiment) -> Split | None:
         """The rows the run held out: its data.eval (read alone), or the part data.eval_fraction kept out of its
@@ -826,7 +838,7 @@ def _trained_on(
     same. A variant's numbers there are partly recall (a seed or data ladder's runs each hold out other rows of one
     file). Returns the counts said by run, the numbers they touch by run, and the runs that could not be checked,
     with why."""
-    from tunelab.data import TrainingRows, prompt_of
+    from tunelab.data import prompt_of
 
     measured = [
         (f"{'eval' if name == PRIMARY else repr(name)} rows", split, [eval_key(name)])
@@ -843,14 +855,15 @@ def _trained_on(
         if run_status(run_dir) is None:  # a folder a plain script saved: its data is not known
             continue
         try:
-            trained = splits.of(load_run_experiment(run_dir))
+            exp = load_run_experiment(run_dir)
+            trained = splits.of(exp)
         except TunelabError as e:  # a run folder brought here without its data
             unchecked[manifest.name] = f"its training data cannot be read here ({e})"
             continue
         if changed := changed_sources(manifest.data.hashes if manifest.data else None, trained.hashes):
             unchecked[manifest.name] = f"its data changed since it trained ({', '.join(changed)})"
             continue
-        index, counts, numbers = TrainingRows.of(trained.train), [], []
+        index, counts, numbers = splits.training_rows(exp), [], []
         for what, split, keys in measured:
             seen = index.seen(split)
             if seen.count:

@@ -255,7 +255,7 @@ def measured_apart(study: Study) -> str | None:
     data ladder with data.eval_fraction holds out other rows in each): the rows (compare.eval, else the first SFT
     variant's held-out rows), checked against each variant's training rows; None where none trains on them."""
     from tunelab.compare import RunSplits
-    from tunelab.data import Split, TrainingRows, load_file
+    from tunelab.data import Split, load_file
 
     experiments = {name: variant_experiment(study, name, init_from=None) for name in study.order}
     splits, spec = RunSplits(), study.spec.compare
@@ -271,7 +271,7 @@ def measured_apart(study: Study) -> str | None:
         return None
     counts = {}
     for name, exp in experiments.items():
-        seen = TrainingRows.of(splits.of(exp).train).seen(measured)
+        seen = splits.training_rows(exp).seen(measured)
         if seen.count:
             counts[name] = f"{seen.count:,} of {seen.held:,}"
     if not counts:
