@@ -186,6 +186,14 @@ def train(
         print_run(result.run_dir, result.manifest)
 
 
+def _check_decoding(temperature: float | None, top_p: float) -> None:
+    """compare's and chat's sampling options, refused where they decode nothing sampled."""
+    if temperature == 0:
+        raise TunelabError("--temperature: 0 is greedy decoding; leave --temperature out for that")
+    if top_p == 0:
+        raise TunelabError("--top-p: 0 keeps no token; give a value in (0, 1]")
+
+
 def _without_nproc(argv: list[str]) -> list[str]:
     out, skip = [], False
     for arg in argv:
@@ -276,10 +284,7 @@ def compare(
     from tunelab.report import write_report
     from tunelab.report.terminal import print_comparison, print_outputs
 
-    if temperature == 0:
-        raise TunelabError("--temperature: 0 is greedy decoding; leave --temperature out for that")
-    if top_p == 0:
-        raise TunelabError("--top-p: 0 keeps no token; give a value in (0, 1]")
+    _check_decoding(temperature, top_p)
     if out.exists() and not out.is_dir():
         raise TunelabError(f"--out {out}: is a file; give a folder for the report")
     if asked and prompts:
@@ -345,10 +350,7 @@ def chat(
     from tunelab.chat import open_chat
     from tunelab.report.terminal import converse
 
-    if temperature == 0:
-        raise TunelabError("--temperature: 0 is greedy decoding; leave --temperature out for that")
-    if top_p == 0:
-        raise TunelabError("--top-p: 0 keeps no token; give a value in (0, 1]")
+    _check_decoding(temperature, top_p)
     with open_chat(target, base, system, max_new_tokens, temperature, top_p, seed) as session:
         converse(session, asked)
 
