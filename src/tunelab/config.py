@@ -560,7 +560,7 @@ def model_head(method: str) -> str:
     return "score" if method in SCORING_METHODS else "lm"
 
 
-LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")  # and pissa_niter_N
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora", "eva")  # and pissa_niter_N
 
 
 def known_lora_init(value: object) -> bool:
@@ -629,7 +629,9 @@ class LoraScope(Strict):
         "each adapted weight when the model loads (minutes on a 7B model); pissa_niter_16 (a fast SVD of 16 "
         "iterations) takes seconds. A pissa or olora run's adapter is saved converted to plain LoRA of rank 2r on "
         "the original weights (PEFT's path_initial_model_for_weight_conversion), so compare, eval and export use it "
-        "on the base as it is.",
+        "on the base as it is. eva (SFT) starts each A from the top-r right singular vectors of its layer's inputs on "
+        "the training batches, B at zero (PEFT's EVA: forward passes before the first step, until the components "
+        "settle); every layer keeps rank r, so plan's counts hold and the adapter is plain LoRA.",
     )
     loraplus_ratio: float | None = Field(
         default=None,
@@ -657,7 +659,7 @@ class LoraScope(Strict):
             return value
         why = (
             " (it needs a pass over the data or a quantized base before training, which tunelab does not run yet)"
-            if value in ("eva", "corda", "loftq", "lora_ga")
+            if value in ("corda", "loftq", "lora_ga")
             else ""
         )
         raise ValueError(
@@ -1028,6 +1030,12 @@ class Experiment(Strict):
                 f"scope.lora.init: {lora.init} on a quantized base would take the adapter's start out of weights "
                 "already rounded to 4 or 8 bits (PEFT's PiSSA-QLoRA recipe quantizes the residual after the init, "
                 "which tunelab does not do yet); use init: default, or remove model.quantization"
+            )
+        if lora is not None and lora.init == "eva" and self.method != "sft":
+            raise ValueError(
+                f"scope.lora.init: eva starts the adapter from the inputs its layers see on SFT batches, and "
+                f"{self.method} trains on batches of another kind; use init: eva in the SFT run and init_from that "
+                "run, or use init: default"
             )
         if lora is not None and lora.moves_base and self.method in SCORING_METHODS:
             raise ValueError(

@@ -126,6 +126,11 @@ def read_inputs(exp: Experiment, training: bool = False, engine: Engine | None =
                 f"scope.lora.init: {lora.init}'s adapter is converted for the original weights with the whole model "
                 f"at hand, and {splits}; use init: default, {instead}"
             )
+        if lora.init == "eva":
+            raise ConfigError(
+                f"scope.lora.init: eva starts the adapter from the inputs of each adapted layer with the whole model "
+                f"at hand, and {splits}; use init: default, {instead}"
+            )
         if lora.loraplus_ratio:
             raise ConfigError(
                 f"scope.lora.loraplus_ratio: LoRA+ builds its optimizer over the whole model's adapter before it is "

@@ -314,7 +314,7 @@ class LoraTargets:
 def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None = None) -> LoraTargets:
     """An explicit PEFT LoraConfig: presets expanded into module names, layers into indices; `token_ids`: the ids of
     scope.tokens (see `token_ids`)."""
-    from peft import LoraConfig
+    from peft import EvaConfig, LoraConfig
 
     from tunelab.models import score_head
 
@@ -350,6 +350,11 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         # vision encoder's q_proj: fold the choice into full module names.
         names, regex = chosen, None
     params = sorted({*fused, *named_parameters(scope.parameters, model, decoder, layers)})
+    if params and scope.init == "eva":
+        raise ConfigError(
+            f"scope.lora.init: {_reaches(scope, model)}, and EVA starts only adapters on linear layers from their "
+            f"inputs; use init: default, or {_fix(scope)}"
+        )
     if params and scope.dora:
         raise ConfigError(
             f"scope.lora.dora: {_reaches(scope, model)}, which PEFT cannot train with DoRA; {_fix(scope)}"
@@ -379,6 +384,9 @@ def lora_config(scope: LoraScope, model: nn.Module, token_ids: list[int] | None 
         use_dora=scope.dora,
         use_rslora=scope.rslora,
         init_lora_weights=True if scope.init == "default" else scope.init,
+        # EVA without rank redistribution (rho 1): every layer keeps rank r, so the adapter's shapes come from the
+        # config alone (plan counts them, a resume rebuilds them), not from the data.
+        eva_config=EvaConfig(rho=1.0) if scope.init == "eva" else None,
         modules_to_save=sorted({*opened_modules(scope, model, decoder), *([head] if head else [])}) or None,
         trainable_token_indices=token_rows(model, token_ids) if token_ids else None,
         # A tied lm_head and embedding matrix stay one tensor when either opens: trained apart, the merged model

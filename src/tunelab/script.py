@@ -398,6 +398,13 @@ def _read_peft(call: ast.Call, called: str, func: str, names: Names, read: Scrip
         said = _said(call, names)
         settings_from(said, read, section="scope.lora")
         defaults_left_out(set(said), called, read)
+        if said.get("init_lora_weights") == "eva":
+            given = said.get("eva_config")
+            shown = given.text if isinstance(given, Computed) else "PEFT's default EvaConfig(), rho 2"
+            read.unread.append(
+                f"eva_config ({shown}): tunelab's EVA keeps rank r in every layer (rho 1), where a rho above 1 moves "
+                "rank to the layers whose inputs vary most"
+            )
     elif (called == "from_pretrained" and re.search(r"\bPeftModel\b", func)) or called == "load_adapter":
         _read_adapter(call, called, names, read)  # PeftModel.from_pretrained(model, "outputs/sft")
     elif called == "create_loraplus_optimizer":  # LoRA+: its lr is the run's (A's), B's is that times the ratio

@@ -119,15 +119,27 @@ def test_several_gpus_in_one_unlaunched_process_are_refused_with_the_tunelab_way
     assert one_process_gpus(1, launched=False) is None and one_process_gpus(0, launched=False) is None
 
 
-def test_pissa_under_a_sharding_engine_is_refused_before_anything_loads() -> None:
-    """A PiSSA adapter is converted for the original weights with the whole model at hand; FSDP splits it."""
+@pytest.mark.parametrize(
+    ("init", "refused", "planned"),
+    [
+        ("pissa", r"pissa's adapter is converted .* \(FSDP\); use init", "pissa init, saved as plain LoRA r 32"),
+        ("eva", r"eva starts the adapter from the inputs .* whole model at hand, .* \(FSDP\); use init", "eva init"),
+    ],
+)
+def test_an_init_that_needs_the_whole_model_is_refused_under_a_sharding_engine(
+    init: str, refused: str, planned: str
+) -> None:
+    """A PiSSA adapter is converted for the original weights, and EVA reads each adapted layer's inputs, with the
+    whole model at hand; FSDP splits it. DDP keeps a whole model in each process."""
     from tests.conftest import REPO
     from tunelab.config import load_experiment
     from tunelab.plan import make_plan
 
     plan = REPO / "bench" / "llama8b-plan.yaml"
-    exp = load_experiment(plan, ["scope.lora.init=pissa", f"distributed.accelerate_config={ACCELERATE / 'fsdp.yaml'}"])
-    with pytest.raises(ConfigError, match=r"scope.lora.init: pissa's adapter is converted .* \(FSDP\); use init"):
+    exp = load_experiment(
+        plan, [f"scope.lora.init={init}", f"distributed.accelerate_config={ACCELERATE / 'fsdp.yaml'}"]
+    )
+    with pytest.raises(ConfigError, match=f"scope.lora.init: {refused}"):
         make_plan(exp)
-    ddp = load_experiment(plan, ["scope.lora.init=pissa", f"distributed.accelerate_config={ACCELERATE / 'ddp.yaml'}"])
-    assert make_plan(ddp).scope.adapter.endswith("pissa init, saved as plain LoRA r 32")
+    ddp = load_experiment(plan, [f"scope.lora.init={init}", f"distributed.accelerate_config={ACCELERATE / 'ddp.yaml'}"])
+    assert make_plan(ddp).scope.adapter.endswith(planned)

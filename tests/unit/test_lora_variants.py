@@ -184,7 +184,7 @@ def test_pissa_plans_from_the_config_alone_and_what_its_saved_form_cannot_carry_
     ) in full
     assert plan_of(tmp_path, "init: gaussian").scope.adapter == "r 16, alpha 32 (scale 2), gaussian init"
     refused = {
-        "init: eva": "scope.lora.init: 'eva' is not a LoRA init tunelab runs (it needs a pass over the data",
+        "init: corda": "scope.lora.init: 'corda' is not a LoRA init tunelab runs (it needs a pass over the data",
         "init: orthogonal, r: 7": "init: orthogonal splits the rank in two halves, and r is 7; use an even r",
         "init: pissa, dora: true": "cannot carry dora; use init: default with dora, or remove dora",
         "init: olora, open: [lm_head]": "cannot carry open; use init: default with open",
@@ -202,6 +202,35 @@ def test_pissa_plans_from_the_config_alone_and_what_its_saved_form_cannot_carry_
     )
     with pytest.raises(TunelabError, match=r"scope.lora.init: pissa on a quantized base .* remove model.quantization"):
         load_experiment(exp)
+
+
+def test_eva_plans_plain_lora_counts_and_is_refused_where_it_has_no_sft_batches_or_linear_inputs(
+    tmp_path: Path,
+) -> None:
+    """EVA keeps rank r in every layer (no redistribution), so plan counts it from the config alone as plain LoRA. It
+    reads SFT batches (a preference method's pairs are refused in one line), and the inputs of linear layers (LoRA on
+    fused expert weights is refused)."""
+    from tests.unit.test_moe_scopes import EXPERTS, gpt_oss, lora
+
+    plan = plan_of(tmp_path, "init: eva")
+    assert plan.scope.adapter == "r 16, alpha 32 (scale 2), eva init"
+    assert plan.scope.trainable_params == qv_count()
+    exp = write_experiment(
+        tmp_path,
+        f"name: d\nmodel: {LLAMA}\nmethod: dpo\ndata: {{train: {DATA}/dpo_train.jsonl}}\nscope: {{lora: {{init: eva}}}}\n",
+    )
+    with pytest.raises(TunelabError) as e:
+        load_experiment(exp)
+    assert str(e.value).endswith(
+        "scope.lora.init: eva starts the adapter from the inputs its layers see on SFT batches, and dpo trains on "
+        "batches of another kind; use init: eva in the SFT run and init_from that run, or use init: default"
+    )
+    with pytest.raises(TunelabError) as e:
+        apply_scope(gpt_oss(), lora(targets="attention", parameters=EXPERTS, dropout=0.0, init="eva"))
+    assert str(e.value) == (
+        "scope.lora.init: scope.lora.parameters trains weights outside linear layers, and EVA starts only adapters on "
+        "linear layers from their inputs; use init: default, or drop scope.lora.parameters"
+    )
 
 
 def test_loraplus_is_shown_on_the_adapter_line_and_refused_under_a_sharding_engine(tmp_path: Path) -> None:

@@ -482,14 +482,26 @@ def test_a_setting_that_changes_training_and_has_no_key_is_named_unless_it_is_th
 ) -> None:
     path = beside_its_data(tmp_path, "train_lora.py")
     original = path.read_text()
-    text = original.replace('bias="none",', 'bias="none", lora_bias=True, init_lora_weights="eva",')
+    text = original.replace('bias="none",', 'bias="none", lora_bias=True, init_lora_weights="corda",')
     path.write_text(text.replace("bf16=True,", "bf16=True, neftune_noise_alpha=5, adam_beta1=0.9, save_steps=50,"))
     read = read_script(path)
     assert read.unread == [
         "lora_bias=True (no experiment key: the written experiment trains without it)",
-        "init_lora_weights='eva' (not an init tunelab runs: the written experiment trains without it)",
+        "init_lora_weights='corda' (not an init tunelab runs: the written experiment trains without it)",
     ]  # adam_beta1=0.9 is TrainingArguments' own default; save_steps and neftune_noise_alpha have their keys
     assert read.settings["train.neftune"] == 5
+    # EVA is init: eva, and the rank it would move between layers (PEFT's rho, 2 unless given) is named
+    for config, shown in (
+        ("", "PEFT's default EvaConfig(), rho 2"),
+        (" eva_config=EvaConfig(rho=4),", "EvaConfig(rho=4)"),
+    ):
+        path.write_text(original.replace('bias="none",', f'bias="none", init_lora_weights="eva",{config}'))
+        read = read_script(path)
+        assert read.settings["scope.lora.init"] == "eva"
+        assert read.unread == [
+            f"eva_config ({shown}): tunelab's EVA keeps rank r in every layer (rho 1), where a rho above 1 moves rank "
+            "to the layers whose inputs vary most"
+        ]
     for written, init in (('"pissa_niter_16"', "pissa_niter_16"), ("True", "default"), ("False", None)):
         path.write_text(original.replace('bias="none",', f'bias="none", init_lora_weights={written},'))
         read = read_script(path)

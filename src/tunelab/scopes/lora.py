@@ -133,6 +133,7 @@ class Lora(ScopeKind):
                 model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                warnings.filterwarnings("ignore", message=".*eva initialization used with low_cpu_mem_usage.*")
                 try:
                     model = get_peft_model(model, config)
                 except ValueError as e:  # PEFT refuses a module it cannot adapt (Mamba's out_proj and conv1d)
@@ -297,6 +298,64 @@ def _keep_start(model: nn.Module) -> None:
     folder = tempfile.TemporaryDirectory(prefix="tunelab-lora-start-")
     model.save_pretrained(Path(folder.name) / "start", selected_adapters=["default"])
     _STARTS[model] = folder
+
+
+# Passes over the training batches within which EVA's components must settle (they settle in well under one on a
+# dataset of any size; a pass that repeats the same batches adds nothing new to them).
+EVA_PASSES = 3
+
+
+def starts_from_inputs(model: nn.Module) -> bool:
+    """Whether the adapter being trained waits for EVA (init: eva) to start it, before the first step. An adapter
+    continued from init_from's run has started already (it keeps its own config)."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return config is not None and config.init_lora_weights == "eva"
+
+
+def start_from_inputs(trainer: Trainer) -> int:
+    """init: eva: each adapted layer's A starts as the top-r right singular vectors of the inputs that layer sees on
+    the training batches (the supervised tokens, as PEFT's language-modelling default picks them), B at zero, so
+    step 0 is still the base: PEFT's initialize_lora_eva_weights, which reads batches in the data's order until
+    every layer's components settle. Every process reads the same batches and starts alike. Returns the forward
+    passes it took."""
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+    from torch.utils.data import DataLoader
+
+    batches = DataLoader(
+        trainer.train_dataset, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator
+    )
+    limit, taken, most = EVA_PASSES * len(batches), 0, 0
+
+    def forward(model: nn.Module, inputs: dict) -> object:
+        nonlocal taken, most
+        if taken == limit:
+            raise _unsettled(model.peft_config["default"].r, most, len(batches))
+        taken += 1
+        most = max(most, int((inputs["labels"] != -100).sum()))
+        return model(**inputs)
+
+    # PEFT prints each batch too small for the rank, and warns of the collator's count of items (an int) it
+    # does not move to the device.
+    with contextlib.redirect_stdout(None), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="input of type .* could not be moved to the correct device")
+        initialize_lora_eva_weights(
+            trainer.model, batches, forward_fn=forward, gather_distributed_inputs=False, show_progress_bar=False
+        )
+    return taken
+
+
+def _unsettled(r: int, most: int, batches: int) -> TunelabError:
+    """EVA read its passes and some layer's components still moved: a batch with fewer supervised tokens than the
+    rank adds nothing to them (PEFT skips it)."""
+    if most < r:
+        return TunelabError(
+            f"scope.lora.init: EVA takes r = {r} directions from each training batch's supervised tokens, and no batch "
+            f"has that many (the most: {most}); lower scope.lora.r, raise train.micro_batch_size, or use init: default"
+        )
+    return TunelabError(
+        f"scope.lora.init: EVA's components did not settle in {EVA_PASSES} passes over the {batches} training "
+        f"batches; use init: default"
+    )
 
 
 def _check_init_fits(scope: Scope, model: nn.Module, modules: list[str]) -> None:
