@@ -128,3 +128,23 @@ def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> Non
         for n in ("straight", "crashed")
     ]
     assert losses[0] == losses[1] and len(losses[0]) == 6
+
+
+def test_eva_in_two_processes_starts_as_one_process_does(tmp_path: Path) -> None:
+    """init: eva under DDP: each process reads all the training batches and computes the start. After one step A is
+    still the start (its gradient is zero while B is), the same in both processes and the same as one process's with
+    the same batches."""
+    sets = ["train.max_steps=1", "train.batch_size=4", "scope.lora.dropout=0.0", "scope.lora.init=eva"]
+    out = run_cli(
+        "train", str(EXAMPLES / "lora-qv.yaml"), "--nproc", "2", "--set", f"output.dir={tmp_path / 'two'}",
+        *[arg for s in sets for arg in ("--set", s)],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "initialising the adapter from its layers' inputs on the training batches (EVA)" in out.stdout
+    digests = read_manifest(tmp_path / "two" / "lora-qv").distributed.rank_digests
+    assert len(digests) == 2 and digests[0] == digests[1]
+    single = train(load_experiment(EXAMPLES / "lora-qv.yaml", [f"output.dir={tmp_path / 'one'}", *sets])).run_dir
+    one, two = trained_tensors(single), trained_tensors(tmp_path / "two" / "lora-qv")
+    starts = [n for n in one if ".lora_A." in n]
+    assert len(starts) == 2 * 4
+    assert relative_distance({n: two[n] for n in starts}, {n: one[n] for n in starts}) < 1e-5

@@ -379,3 +379,21 @@ def test_eva_without_a_batch_of_r_supervised_tokens_is_one_line_and_leaves_no_ru
         line,
     ), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "quickstart").exists()
+
+
+def test_a_run_that_goes_on_from_an_eva_run_starts_from_its_trained_adapter(tmp_path: Path) -> None:
+    """init_from an EVA run: the adapter's saved config says init: eva, and it goes on from its trained weights;
+    nothing starts it from the data again."""
+    import torch
+
+    sets = [f"output.dir={tmp_path}", "train.max_steps=2"]
+    first = train(load_experiment(EXAMPLES / "lora-qv.yaml", [*sets, "output.name=eva", "scope.lora.init=eva"]))
+    assert json.loads((first.run_dir / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "eva"
+    callback = EvaStart()
+    train(load_experiment(EXAMPLES / "lora-qv.yaml", [*sets, "output.name=next", f"init_from={first.run_dir}"]),
+          callbacks=[callback])  # fmt: skip
+    saved = trained_tensors(first.run_dir)
+    started = {**callback.a, **callback.b}
+    assert len(started) == 2 * 2 * 4 and any(b.any() for b in callback.b.values())
+    for name, tensor in started.items():
+        assert torch.equal(tensor, saved[name.replace(".default", "")]), name

@@ -94,6 +94,7 @@ class Lora(ScopeKind):
             if differs
             else []
         )  # fmt: skip
+        _started(theirs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             continued = get_peft_model(model, theirs)
@@ -114,6 +115,7 @@ class Lora(ScopeKind):
         continuing = isinstance(model, PeftModel)
         if continuing:  # a saved adapter (init_from, loaded trainable): its own config
             config, decoder = model.peft_config["default"], find_decoder(model.get_base_model())
+            _started(config)
         else:
             targets = lora_config(scope.lora, model, token_ids(scope.lora.tokens, tokenizer, model))
             config, decoder = targets.config, targets.decoder
@@ -303,6 +305,13 @@ def _keep_start(model: nn.Module) -> None:
 # Passes over the training batches within which EVA's components must settle (they settle in well under one on a
 # dataset of any size; a pass that repeats the same batches adds nothing new to them).
 EVA_PASSES = 3
+
+
+def _started(config: LoraConfig) -> None:
+    """A saved adapter that EVA started (its config says init: eva) has started: it goes on from its weights, and
+    nothing starts it from the data again."""
+    if config.init_lora_weights == "eva":
+        config.init_lora_weights, config.eva_config = True, None
 
 
 def starts_from_inputs(model: nn.Module) -> bool:
