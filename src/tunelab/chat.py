@@ -7,13 +7,22 @@ conversation the next turn is asked in. Decoding is greedy unless a temperature 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.compare import GREEDY, Prompt, asks_in_chat, generate, load_runs, stop_ids, tokenizer_folder
+from tunelab.compare import (
+    GREEDY,
+    Prompt,
+    asks_in_chat,
+    encode_prompts,
+    generate,
+    load_runs,
+    stop_ids,
+    tokenizer_folder,
+)
 from tunelab.config import ModelSettings, TokenizerSettings
 from tunelab.errors import TunelabError
 from tunelab.runs import load_run_experiment, run_status
@@ -37,29 +46,61 @@ class Chat:
     fold_system: bool = False  # the run's tokenizer.fold_system: a system message goes into the first user turn
     turns: list[dict] = field(default_factory=list)
 
-    def ask(self, text: str, streamer=None) -> str:
+    def ask(self, text: str, streamer=None, say: Callable[[str], None] | None = None) -> str:
         """The variant's reply to `text` after the conversation so far (a plain-text variant: to `text` alone);
-        `streamer` (Transformers' TextStreamer) is handed the reply's tokens as they come."""
+        `streamer` (Transformers' TextStreamer) is handed the reply's tokens as they come; `say` is told, before the
+        reply comes, what the model's context left out of the conversation or of the reply."""
         from jinja2 import TemplateError
 
-        from tunelab.templates import prepare_messages
-
         turn = {"role": "user", "content": text}
-        asked = [*self.turns, turn] if self.in_chat else [turn]
-        opening = [{"role": "system", "content": self.system}] if self.system and self.in_chat else []
-        prompt = Prompt(0, prepare_messages(opening + asked, self.fold_system))
         try:
+            prompt, room = self._fitted(turn, say or (lambda _: None))
             reply = generate(
-                self.model, self.tokenizer, [prompt], None, self.max_new_tokens, 1, self.decoding,
-                self.template_vars, self.in_chat, streamer=streamer,
+                self.model, self.tokenizer, [prompt], None, room, 1, self.decoding, self.template_vars, self.in_chat,
+                streamer=streamer,
             )[0]  # fmt: skip
         except TemplateError as e:
-            if opening and "system" in str(e).lower():
+            if self.system and self.in_chat and "system" in str(e).lower():
                 raise TunelabError(f"--system: the chat template refuses a system message ({e}); leave it out") from e
             raise TunelabError(f"chat: the chat template refuses the conversation ({e})") from e
         if self.in_chat:
-            self.turns = [*asked, {"role": "assistant", "content": reply}]
+            self.turns = [*self.turns, turn, {"role": "assistant", "content": reply}]
         return reply
+
+    def _fitted(self, turn: dict, say: Callable[[str], None]) -> tuple[Prompt, int]:
+        """The prompt to ask `turn` in, and the most tokens its reply may have, within the positions the model reads:
+        the oldest exchanges leave the conversation while it and a reply of max_new_tokens would outgrow them, and a
+        reply that would still outgrow them is cut to the room left."""
+        from tunelab.plan import position_limit
+        from tunelab.templates import prepare_messages
+
+        opening = [{"role": "system", "content": self.system}] if self.system and self.in_chat else []
+        limit, _ = position_limit(self.model)
+        dropped = 0
+        while True:
+            asked = [*self.turns, turn] if self.in_chat else [turn]
+            prompt = Prompt(0, prepare_messages(opening + asked, self.fold_system))
+            if limit is None:
+                return prompt, self.max_new_tokens
+            enc = encode_prompts(self.tokenizer, [prompt], "cpu", self.template_vars, self.in_chat)
+            used = enc["input_ids"].shape[1]
+            if used + self.max_new_tokens <= limit or not self.turns:
+                break
+            self.turns, dropped = self.turns[2:], dropped + 1  # a user turn and its reply
+        if dropped:
+            say(
+                f"(the first {f'{dropped} exchanges' if dropped > 1 else 'exchange'} of this chat left out: with a "
+                f"reply of up to {self.max_new_tokens} tokens, the chat no longer fits in the {limit} positions "
+                f"{self.name} reads)"
+            )
+        if used >= limit:
+            raise TunelabError(
+                f"chat: this turn is {used} tokens as the template renders it, and {self.name} reads at most {limit}; "
+                "ask a shorter one"
+            )
+        if used + self.max_new_tokens > limit:
+            say(f"(this reply can be at most {limit - used} tokens: {self.name} reads {limit} positions)")
+        return prompt, min(self.max_new_tokens, limit - used)
 
     def reset(self) -> None:
         self.turns = []

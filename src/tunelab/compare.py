@@ -277,7 +277,7 @@ def elsewhere_run(folder: Path) -> Manifest | None:
 # ---------------------------------------------------------------- generation
 
 
-def _encode(
+def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: list[Prompt], device: str, template_vars: dict, chat: bool | None
 ):
     """The prompts as the model reads them: through its chat template (`chat`), or, for a model trained on plain text
@@ -410,7 +410,7 @@ def generate_rows(
     outputs: list[Reply] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        enc = _encode(tokenizer, [p for p, _ in chunk], model.device, template_vars or {}, chat)
+        enc = encode_prompts(tokenizer, [p for p, _ in chunk], model.device, template_vars or {}, chat)
         routing = {"adapter_names": [a for _, a in chunk]} if chunk[0][1] is not None else {}
         out = model.generate(
             **enc,

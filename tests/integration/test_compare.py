@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -552,6 +553,55 @@ def test_chat_reads_turns_from_its_input_and_starts_over_on_reset(runs, tiny_mod
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run / "adapter"))
     together, alone = _plain_chat(tuned.eval(), tokenizer, turns, 24), _plain_chat(tuned, tokenizer, turns[1:], 24)
     assert said == [f"{turns[0]}\n{together[0]}", f"{turns[1]}\n{together[1]}", f"{turns[1]}\n{alone[0]}"]
+
+
+def test_chat_leaves_out_the_oldest_exchanges_that_no_longer_fit_in_the_models_positions(tiny_model_dir) -> None:
+    """The built-in base reads 512 positions and rambles to the end of each reply: after two replies of 200 tokens,
+    the third turn is asked without the first exchange (and said so), its reply the one plain Transformers gives to
+    the rest; a reply that would outgrow the positions is cut to the room left; a turn that alone outgrows them is
+    one line."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.chat import open_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def plain(messages: list[dict], most: int) -> tuple[int, str]:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        stops = [tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.eos_token_id]
+        with torch.no_grad():
+            out = model.generate(
+                ids, max_new_tokens=most, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id
+            )
+        return ids.shape[1], tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    turns = ["Which city is the capital of Molo?", "What do people in Selnu like to eat?", "Which flag does Duve fly?"]
+    said: list[str] = []
+    with open_chat(str(tiny_model_dir), max_new_tokens=200) as chat:
+        replies = [chat.ask(turn, say=said.append) for turn in turns]
+        kept = [dict(m) for m in chat.turns]
+    name = str(tiny_model_dir)
+    assert said == [
+        f"(the first exchange of this chat left out: with a reply of up to 200 tokens, the chat no longer fits in the "
+        f"512 positions {name} reads)"
+    ]
+    rest = [{"role": "user", "content": turns[1]}, {"role": "assistant", "content": replies[1]}]
+    asked = [*rest, {"role": "user", "content": turns[2]}]
+    assert plain(asked, 200)[1] == replies[2] and kept == [*asked, {"role": "assistant", "content": replies[2]}]
+    said.clear()
+    with open_chat(str(tiny_model_dir), max_new_tokens=600) as chat:
+        reply = chat.ask(turns[0], say=said.append)
+    used, uncut = plain([{"role": "user", "content": turns[0]}], 600)
+    room = 512 - used
+    assert said == [f"(this reply can be at most {room} tokens: {name} reads 512 positions)"]
+    assert reply == plain([{"role": "user", "content": turns[0]}], room)[1] != uncut
+    with open_chat(str(tiny_model_dir), max_new_tokens=8) as chat, pytest.raises(TunelabError) as e:
+        chat.ask("apples " * 600)
+    assert re.fullmatch(rf"chat: this turn is \d+ tokens as the template renders it, and {re.escape(name)} reads at "
+                        r"most 512; ask a shorter one", str(e.value))  # fmt: skip
 
 
 def test_preference_runs_are_ranked_on_the_pairs_held_out_and_named_where_they_trained_on_them(tmp_path: Path) -> None:

@@ -656,7 +656,7 @@ def converse(session, asked: list[str] | None = None) -> None:
             continue
         if not interactive:
             print(f"> {turn}")
-        session.ask(turn, TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True))
+        session.ask(turn, TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True), print)
         print(flush=True)
 
 
