@@ -302,9 +302,9 @@ def _keep_start(model: nn.Module) -> None:
     _STARTS[model] = folder
 
 
-# Passes over the training batches within which EVA's components must settle (they settle in well under one on a
-# dataset of any size; a pass that repeats the same batches adds nothing new to them).
-EVA_PASSES = 3
+# The batches EVA may read before every layer's components must have settled: three passes over the data (passes
+# that repeat the same batches add little), and no more than EVA_BATCHES on a large dataset.
+EVA_PASSES, EVA_BATCHES = 3, 500
 
 
 def _started(config: LoraConfig) -> None:
@@ -321,24 +321,23 @@ def starts_from_inputs(model: nn.Module) -> bool:
     return config is not None and config.init_lora_weights == "eva"
 
 
-def start_from_inputs(trainer: Trainer) -> int:
+def start_from_inputs(trainer: Trainer) -> None:
     """init: eva: each adapted layer's A starts as the top-r right singular vectors of the inputs that layer sees on
     the training batches (the supervised tokens, as PEFT's language-modelling default picks them), B at zero, so
     step 0 is still the base: PEFT's initialize_lora_eva_weights, which reads batches in the data's order until
-    every layer's components settle. Every process reads the same batches and starts alike. Returns the forward
-    passes it took."""
+    every layer's components settle. Every process reads the same batches and starts alike."""
     from peft.tuners.lora.eva import initialize_lora_eva_weights
     from torch.utils.data import DataLoader
 
     batches = DataLoader(
         trainer.train_dataset, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator
     )
-    limit, taken, most = EVA_PASSES * len(batches), 0, 0
+    limit, taken, most = min(EVA_PASSES * len(batches), EVA_BATCHES), 0, 0
 
     def forward(model: nn.Module, inputs: dict) -> object:
         nonlocal taken, most
         if taken == limit:
-            raise _unsettled(model.peft_config["default"].r, most, len(batches))
+            raise _unsettled(model.peft_config["default"].r, most, taken, len(batches))
         taken += 1
         most = max(most, int((inputs["labels"] != -100).sum()))
         return model(**inputs)
@@ -350,10 +349,9 @@ def start_from_inputs(trainer: Trainer) -> int:
         initialize_lora_eva_weights(
             trainer.model, batches, forward_fn=forward, gather_distributed_inputs=False, show_progress_bar=False
         )
-    return taken
 
 
-def _unsettled(r: int, most: int, batches: int) -> TunelabError:
+def _unsettled(r: int, most: int, taken: int, batches: int) -> TunelabError:
     """EVA read its passes and some layer's components still moved: a batch with fewer supervised tokens than the
     rank adds nothing to them (PEFT skips it)."""
     if most < r:
@@ -362,8 +360,8 @@ def _unsettled(r: int, most: int, batches: int) -> TunelabError:
             f"has that many (the most: {most}); lower scope.lora.r, raise train.micro_batch_size, or use init: default"
         )
     return TunelabError(
-        f"scope.lora.init: EVA's components did not settle in {EVA_PASSES} passes over the {batches} training "
-        f"batches; use init: default"
+        f"scope.lora.init: EVA's components did not settle in {taken} forward passes over the {batches} training "
+        "batches; use init: default"
     )
 
 
