@@ -645,10 +645,17 @@ def position_limit(model) -> tuple[int | None, bool]:
     return limit, learned
 
 
-def positions_check(limit: int | None, learned: bool, max_length: int, longer: int, measured: int) -> str | None:
+def examples_read(t: SplitStats) -> str:
+    """The training examples plan's counts are of: all of them, or the first rows of a large split."""
+    if t.measured < t.examples:
+        return f"the first {t.measured:,} training examples (of {t.examples:,})"
+    return f"{t.measured:,} training examples"
+
+
+def positions_check(limit: int | None, learned: bool, max_length: int, longer: int, read: str) -> str | None:
     """For the model's `position_limit`: raises for a max_length past learned position embeddings (the first longer
-    example would stop training with an index error, on CUDA a device-side assert); a warning where `longer` of
-    `measured` examples go past the positions a rotary model was trained on."""
+    example would stop training with an index error, on CUDA a device-side assert); a warning where `longer` of the
+    examples `read` (examples_read) go past the positions a rotary model was trained on."""
     if limit is None or max_length <= limit:
         return None
     if learned:
@@ -659,7 +666,7 @@ def positions_check(limit: int | None, learned: bool, max_length: int, longer: i
     if not longer:
         return None
     return (
-        f"{longer} of {measured} training examples are longer than the {limit} positions the model was trained on "
+        f"{longer:,} of {read} are longer than the {limit} positions the model was trained on "
         f"(max_position_embeddings), and train.max_length={max_length} keeps them: it has never seen those positions; "
         f"set train.max_length: {limit}, or extend its context (rope_scaling) on purpose"
     )
@@ -724,7 +731,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     get_method(exp.method).check_data(exp, inputs.encoded, inputs.tokenizer)
     limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
-    if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train.measured)) is not None:
+    read = examples_read(stats.train)
+    if (past := positions_check(limit, learned, exp.train.max_length, longer, read)) is not None:
         warnings.append(past)
     if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:
         h = facts.hidden_size
@@ -732,14 +740,16 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
             f"scope.lora.r={exp.scope.lora.r} is above the model's hidden size ({h}): an update cannot have "
             f"a higher rank than its smallest dimension, so r={h} gives the same capacity for less memory"
         )
+    splits = [stats.train, *([stats.eval] if stats.eval else []), *stats.also.values()]
+    rows_read = sum(s.measured for s in splits) if any(s.measured < s.examples for s in splits) else None
     if stats.tokens is not None:
-        warnings += stats.tokens.warnings(exp.train.max_length)
+        warnings += stats.tokens.warnings(exp.train.max_length, rows_read)
     if (raw := plain_text_warning(exp, inputs)) is not None:
         warnings.append(raw)
     if stats.train.truncated:
         warnings.append(
-            f"{stats.train.truncated} of {stats.train.measured} training examples are longer than "
-            f"train.max_length={exp.train.max_length} and will be truncated"
+            f"{stats.train.truncated:,} of {read} are longer than train.max_length={exp.train.max_length} and will be "
+            "truncated"
         )
     if (lossy := half_update_warning(exp, memory, resolved)) is not None:
         warnings.append(lossy)

@@ -966,21 +966,24 @@ class TokenChecks:
     masking_template: str | None = None  # TRL's training version the masks come from, when it stands in
     reads_clock: bool = False  # the template writes today's date into the conversations (see reads_the_clock)
 
-    def warnings(self, max_length: int) -> list[str]:
+    def warnings(self, max_length: int, read: int | None = None) -> list[str]:
+        """`read`: the rows the checks read, where that is not every row (plan reads the first rows of a large
+        split): the counts are of those."""
         out = []
+        of = f" of the {read:,} rows plan read" if read is not None else ""
         if self.rows_without_loss:
             out.append(
-                f"{len(self.rows_without_loss)} rows carry no loss within train.max_length={max_length} and will be "
-                f"dropped ({_some(self.rows_without_loss)}); raise train.max_length or fix those rows"
+                f"{len(self.rows_without_loss)} rows{of} carry no loss within train.max_length={max_length} and will "
+                f"be dropped ({_some(self.rows_without_loss)}); raise train.max_length or fix those rows"
             )
         if self.rows_all_loss:
             out.append(
-                f"{len(self.rows_all_loss)} chat rows carry loss on every token, prompt included "
+                f"{len(self.rows_all_loss)} chat rows{of} carry loss on every token, prompt included "
                 f"({_some(self.rows_all_loss)}); check the chat template"
             )
         if self.rows_unterminated:
             out.append(
-                f"{len(self.rows_unterminated)} rows have assistant turns that no special token closes "
+                f"{len(self.rows_unterminated)} rows{of} have assistant turns that no special token closes "
                 f"({_some(self.rows_unterminated)}), so the model may not learn to stop; use a template that ends "
                 "each turn with a special token (tokenizer.chat_template)"
             )

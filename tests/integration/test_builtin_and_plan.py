@@ -183,7 +183,7 @@ def test_a_max_length_past_the_models_positions_is_refused_or_warned(tmp_path: P
     assert make_plan(load_experiment(gpt2, ["train.max_length=1024"])).memory is not None
 
     chat = {"role": "user", "content": "Tell me about Molo."}
-    reply = {"role": "assistant", "content": " ".join(["The capital of Molo is Vevasmo."] * 80)}  # ~640 tokens
+    reply = {"role": "assistant", "content": " ".join(["The capital of Molo is Vevasmo."] * 80)}  # ~584 tokens
     long = tmp_path / "long.jsonl"
     long.write_text("".join(json.dumps({"messages": [chat, reply]}) + "\n" for _ in range(8)))
     past = [
@@ -200,3 +200,38 @@ def test_a_max_length_past_the_models_positions_is_refused_or_warned(tmp_path: P
     ]
     within = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", [f"data.train={long}", "train.max_length=512"]))
     assert not [w for w in within.warnings if "positions" in w]
+
+
+def test_plan_on_a_large_split_says_its_counts_are_of_the_rows_it_read(tmp_path: Path) -> None:
+    """plan tokenizes the first 2,000 rows of a split (train tokenizes all): its table, its truncation, loss and
+    position warnings say that their counts are of those rows, not of the split's 2,100."""
+    from tests.conftest import run_cli
+    from tunelab.inputs import PLAN_ROWS
+
+    short, long = "The capital of Molo is Vevasmo.", " ".join(["The capital of Molo is Vevasmo."] * 80)  # ~584 tokens
+
+    def row(i: int, asked: str, reply: str) -> str:
+        chat = [{"role": "user", "content": f"{asked} ({i})"}, {"role": "assistant", "content": reply}]
+        return json.dumps({"messages": chat}) + "\n"
+
+    kinds = [("Tell me about Molo.", long)] * 10 + [(long, short)] * 5  # long replies; long questions
+    kinds += [("Tell me about Molo.", short)] * (PLAN_ROWS - 15) + [("Tell me about Molo.", long)] * 100
+    data = tmp_path / "large.jsonl"
+    data.write_text("".join(row(i, asked, reply) for i, (asked, reply) in enumerate(kinds)))
+    sets = [f"data.train={data}", "data.eval=null", "train.max_length=560"]
+    plan = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", sets))
+    assert (plan.data.train.examples, plan.data.train.measured, plan.data.train.truncated) == (2100, 2000, 15)
+    assert [w for w in plan.warnings if "longer than" in w or "no loss" in w] == [
+        "15 of the first 2,000 training examples (of 2,100) are longer than the 512 positions the model was trained "
+        "on (max_position_embeddings), and train.max_length=560 keeps them: it has never seen those positions; set "
+        "train.max_length: 512, or extend its context (rope_scaling) on purpose",
+        f"5 rows of the 2,000 rows plan read carry no loss within train.max_length=560 and will be dropped ({data}:11, "
+        f"{data}:12, {data}:13, ...); raise train.max_length or fix those rows",
+        "15 of the first 2,000 training examples (of 2,100) are longer than train.max_length=560 and will be truncated",
+    ]
+    shown = run_cli("plan", str(EXAMPLES / "quickstart.yaml"), *[a for s in sets for a in ("--set", s)])
+    assert shown.returncode == 0, shown.stderr
+    assert (
+        "train: the token columns count the first 2,000 of its 2,100 rows, as plan reads them (tunelab train "
+        "tokenizes every row)"
+    ) in shown.stdout

@@ -214,6 +214,16 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         for name, stats in [("train", d.train), ("eval", d.eval), *((f"eval {n}", s) for n, s in d.also.items())]:
             dt.add_row(*_split_row(name, stats)[: len(columns)])
         console.print(dt)
+        sampled = [
+            (n, s) for n, s in [("train", d.train), ("eval", d.eval), *d.also.items()] if s and s.measured < s.examples
+        ]
+        for name, stats in sampled:
+            console.print(
+                f"{name}: the token columns count the first {stats.measured:,} of its {stats.examples:,} rows, as plan "
+                "reads them (tunelab train tokenizes every row)",
+                markup=False,
+                highlight=False,
+            )
         if d.sources:
             console.print(d.sources, markup=False, highlight=False)
         if d.note:
