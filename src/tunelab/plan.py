@@ -645,6 +645,25 @@ def position_limit(model) -> tuple[int | None, bool]:
     return limit, learned
 
 
+def eva_check(exp: Experiment, train: Encoded, t: SplitStats) -> str | None:
+    """init: eva takes r directions from each training batch's supervised tokens: where no batch of the run's
+    micro batch size can hold r of them, refused before anything loads (or, where plan read only the first rows of
+    the split, a warning)."""
+    from tunelab.scopes.lora import eva_too_few
+
+    lora = exp.scope.lora
+    if lora is None or lora.init != "eva" or not t.measured:
+        return None
+    per_forward = batching(exp.train, exp.method).per_forward
+    most = int(sum(sorted(train.loss_tokens(exp.train.max_length))[-per_forward:]))
+    if most >= lora.r:
+        return None
+    batch = f"{per_forward} example{'s' if per_forward > 1 else ''}"
+    if t.measured == t.examples:
+        raise ConfigError(eva_too_few(lora.r, f"no batch of {batch} here can have that many (at most {most})"))
+    return eva_too_few(lora.r, f"no batch of {batch} of {examples_read(t)} can have that many (at most {most})")
+
+
 def examples_read(t: SplitStats) -> str:
     """The training examples plan's counts are of: all of them, or the first rows of a large split."""
     if t.measured < t.examples:
@@ -726,6 +745,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     stats.overlap = overlap_warnings(inputs.splits)
     warnings += stats.overlap
     check_rhythm(exp, stats.train.examples, stats.train.measured, stats.train.without_loss)
+    if inputs.encoded and (eva := eva_check(exp, inputs.encoded[0], stats.train)) is not None:
+        warnings.append(eva)
     from tunelab.methods import get_method
 
     get_method(exp.method).check_data(exp, inputs.encoded, inputs.tokenizer)

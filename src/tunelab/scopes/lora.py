@@ -351,14 +351,20 @@ def start_from_inputs(trainer: Trainer) -> None:
         )
 
 
+def eva_too_few(r: int, batches: str) -> str:
+    """EVA's batches have fewer supervised tokens than the rank (PEFT skips such a batch): what `batches` says of them,
+    and the settings that change it."""
+    return (
+        f"scope.lora.init: EVA takes r = {r} directions from each training batch's supervised tokens, and {batches}; "
+        "lower scope.lora.r, raise train.micro_batch_size, or use init: default"
+    )
+
+
 def _unsettled(r: int, most: int, taken: int, batches: int) -> TunelabError:
     """EVA read its passes and some layer's components still moved: a batch with fewer supervised tokens than the
     rank adds nothing to them (PEFT skips it)."""
     if most < r:
-        return TunelabError(
-            f"scope.lora.init: EVA takes r = {r} directions from each training batch's supervised tokens, and no batch "
-            f"has that many (the most: {most}); lower scope.lora.r, raise train.micro_batch_size, or use init: default"
-        )
+        return TunelabError(eva_too_few(r, f"no batch has that many (the most: {most})"))
     return TunelabError(
         f"scope.lora.init: EVA's components did not settle in {taken} forward passes over the {batches} training "
         "batches; use init: default"
