@@ -332,8 +332,8 @@ class EvaStart(TrainerCallback):
 def test_eva_starts_each_a_from_its_layers_input_directions_and_the_base(tmp_path: Path) -> None:
     """init: eva: before the first step, each adapted layer's A holds orthonormal directions that span the top-r
     principal subspace of that layer's inputs on the training data (PEFT's EVA reads batches until its incremental
-    SVD settles: at least 0.85 of it here, where the default init's random A spans 0.11-0.14), also on a 4-bit base,
-    and B is zero, so the model starts as the base."""
+    SVD settles: at least 0.85 of it here, where the default init's random A spans 0.11-0.14), also on a 4-bit base
+    and on packed rows, and B is zero, so the model starts as the base."""
     import torch
 
     started = {}
@@ -341,6 +341,7 @@ def test_eva_starts_each_a_from_its_layers_input_directions_and_the_base(tmp_pat
         ("eva", "eva", []),
         ("default", "default", []),
         ("eva-4bit", "eva", ["model.quantization={bits: 4}"]),  # QLoRA: the inputs the 4-bit layers give
+        ("eva-packed", "eva", ["train.packing=true"]),  # 8 packed rows: it settles after 27, over several passes
     ):
         callback = EvaStart()
         sets = [f"output.dir={tmp_path}", f"output.name={name}", "train.max_steps=1", f"scope.lora.init={init}"]
@@ -349,8 +350,9 @@ def test_eva_starts_each_a_from_its_layers_input_directions_and_the_base(tmp_pat
     eva, default = started["eva"], started["default"]
     assert len(eva.spanned) == 2 * 4  # q_proj and v_proj of the 4 layers
     assert min(eva.spanned.values()) > 0.85 and max(default.spanned.values()) < 0.3, (eva.spanned, default.spanned)
-    assert min(started["eva-4bit"].spanned.values()) > 0.85, started["eva-4bit"].spanned
-    for a in (*eva.a.values(), *started["eva-4bit"].a.values()):
+    for name in ("eva-4bit", "eva-packed"):
+        assert min(started[name].spanned.values()) > 0.85, (name, started[name].spanned)
+    for a in (*eva.a.values(), *started["eva-4bit"].a.values(), *started["eva-packed"].a.values()):
         torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
     assert all(not b.any() for b in eva.b.values())
     # what the run saved: one step moves B only (A's gradient is zero while B is), so A is still EVA's start
