@@ -619,7 +619,7 @@ def _train_in(
     from tunelab.models import pick_device, pick_dtype
     from tunelab.plan import estimate_memory, model_facts
     from tunelab.scopes import BaseLoader, get_scope
-    from tunelab.scopes.lora import start_from_inputs, starts_from_inputs
+    from tunelab.scopes.lora import run_eva, waits_for_eva
 
     exp, splits, tokenizer, engine = inputs.exp, inputs.splits, inputs.tokenizer, inputs.engine
     device = pick_device(exp.model.device)
@@ -686,9 +686,9 @@ def _train_in(
         checkpoint = last_checkpoint(run.dir) if run.resuming else None
         if checkpoint is not None and run.writable:
             print(f"resuming from {checkpoint.name}{_drop_incomplete(run, checkpoint)}", flush=True)
-        if checkpoint is None and starts_from_inputs(model):
+        if checkpoint is None and waits_for_eva(model):
             clock("initialising the adapter from its layers' inputs on the training batches (EVA)")
-            start_from_inputs(trainer)
+            run_eva(trainer)
         # The untrained eval loss, measured inside train() (after the model is wrapped for DDP/FSDP) on a fresh run.
         trainer.args.eval_on_start = bool(splits.eval) and checkpoint is None
         if checkpoint is None:

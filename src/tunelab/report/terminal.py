@@ -211,13 +211,11 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         columns += () if d.format == "prompt" or scores else ("loss tokens",)
         for col in columns:
             dt.add_column(col, justify="right" if col != "split" else "left")
-        for name, stats in [("train", d.train), ("eval", d.eval), *((f"eval {n}", s) for n, s in d.also.items())]:
+        named = [("train", d.train), ("eval", d.eval), *((f"eval {n}", s) for n, s in d.also.items())]
+        for name, stats in named:
             dt.add_row(*_split_row(name, stats)[: len(columns)])
         console.print(dt)
-        sampled = [
-            (n, s) for n, s in [("train", d.train), ("eval", d.eval), *d.also.items()] if s and s.measured < s.examples
-        ]
-        for name, stats in sampled:
+        for name, stats in [(n, s) for n, s in named if s and s.measured < s.examples]:
             console.print(
                 f"{name}: the token columns count the first {stats.measured:,} of its {stats.examples:,} rows, as plan "
                 "reads them (tunelab train tokenizes every row)",

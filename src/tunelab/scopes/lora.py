@@ -315,14 +315,14 @@ def _started(config: LoraConfig) -> None:
         config.init_lora_weights, config.eva_config = True, None
 
 
-def starts_from_inputs(model: nn.Module) -> bool:
+def waits_for_eva(model: nn.Module) -> bool:
     """Whether the adapter being trained waits for EVA (init: eva) to start it, before the first step. An adapter
     continued from init_from's run has started already (it keeps its own config)."""
     config = getattr(model, "peft_config", {}).get("default")
     return config is not None and config.init_lora_weights == "eva"
 
 
-def start_from_inputs(trainer: Trainer) -> None:
+def run_eva(trainer: Trainer) -> None:
     """init: eva: each adapted layer's A starts as the top-r right singular vectors of the inputs that layer sees on
     the training batches (the supervised tokens, as PEFT's language-modelling default picks them), B at zero, so
     step 0 is still the base: PEFT's initialize_lora_eva_weights, which reads batches in the data's order until
