@@ -27,7 +27,7 @@ from tunelab.templates import (
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-PLAN_ROWS = 2000  # rows `plan` alone tokenizes for its statistics; training tokenizes all of them
+PLAN_ROWS = 2000  # rows `plan` alone tokenizes of a split, spread over it, for its statistics; training tokenizes all
 PARALLEL_ROWS = 20_000  # from here a split is tokenized in several processes (starting them takes a few seconds)
 
 
@@ -40,14 +40,15 @@ class Inputs:
     tokenizer: PreTrainedTokenizerBase | None  # None: plan on a bare config.json, without tokenizer files
     encoded: list[Encoded]  # train, then eval when there is one, as training tokenizes them
     checks: TokenChecks | None
-    complete: bool  # every row was tokenized (what training needs), not only the first PLAN_ROWS
+    complete: bool  # every row was tokenized (what training needs), not only PLAN_ROWS of them (spread)
     also: dict[str, Encoded] = field(default_factory=dict)  # data.eval_also's sets, tokenized
 
 
 def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = None, fmt: str | None = None) -> Encoded:
     """A split as `train` tokenizes it (preference pairs as prompt + chosen answer, GRPO's prompts with an empty
     reply); `fmt`: the data's format."""
-    rows, origins = split.rows[:limit], split.origins[:limit]
+    picked = spread(len(split.rows), limit)
+    rows, origins = [split.rows[i] for i in picked], [split.origins[i] for i in picked]
     variables = template_vars(exp.tokenizer, tokenizer)
     workers = data_workers(len(rows), exp.train.data_workers)
     settings = (exp.tokenizer.fold_system, variables, workers, exp.data.loss_on)
@@ -67,6 +68,14 @@ def encode_split(exp: Experiment, tokenizer, split: Split, limit: int | None = N
         # prompts are measured as sampling continues them, without an empty reply's end.
         sampled = [{"prompt": r["prompt"], "sample": True, "tools": r.get("tools")} for r in rows]
         return encode(tokenizer, sampled, origins, *settings)
+
+
+def spread(rows: int, limit: int | None) -> range | list[int]:
+    """The indices of the rows plan tokenizes of a split of `rows`: every row up to `limit`, else `limit` rows spread
+    evenly over the split from its first (a file sorted by length or by source is read along its whole length)."""
+    if limit is None or rows <= limit:
+        return range(rows)
+    return [i * rows // limit for i in range(limit)]
 
 
 def with_tools(rows: list[dict], origins: list[str], tools: list[str], environment: str | None) -> list[dict]:

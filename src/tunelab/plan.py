@@ -665,16 +665,25 @@ def eva_check(exp: Experiment, train: Encoded, t: SplitStats) -> str | None:
 
 
 def examples_read(t: SplitStats) -> str:
-    """The training examples plan's counts are of: all of them, or the first rows of a large split."""
+    """The training examples plan's counts are of: all of them, or the rows it read spread over a large split."""
     if t.measured < t.examples:
-        return f"the first {t.measured:,} training examples (of {t.examples:,})"
+        return f"the {t.measured:,} training examples plan read, spread over all {t.examples:,}"
     return f"{t.measured:,} training examples"
 
 
-def positions_check(limit: int | None, learned: bool, max_length: int, longer: int, read: str) -> str | None:
+def counted(count: int, t: SplitStats) -> str:
+    """`count` of the training examples plan read (examples_read) and, where it read a part of the split, about how
+    many of the whole split that makes (two significant digits)."""
+    if t.measured == t.examples:
+        return f"{count:,} of {examples_read(t)}"
+    about = int(float(f"{count * t.examples / t.measured:.2g}"))
+    return f"{count:,} of {examples_read(t)} (so about {about:,} in all)"
+
+
+def positions_check(limit: int | None, learned: bool, max_length: int, longer: int, t: SplitStats) -> str | None:
     """For the model's `position_limit`: raises for a max_length past learned position embeddings (the first longer
     example would stop training with an index error, on CUDA a device-side assert); a warning where `longer` of the
-    examples `read` (examples_read) go past the positions a rotary model was trained on."""
+    training examples `t` counts go past the positions a rotary model was trained on."""
     if limit is None or max_length <= limit:
         return None
     if learned:
@@ -685,7 +694,7 @@ def positions_check(limit: int | None, learned: bool, max_length: int, longer: i
     if not longer:
         return None
     return (
-        f"{longer:,} of {read} are longer than the {limit} positions the model was trained on "
+        f"{counted(longer, t)} are longer than the {limit} positions the model was trained on "
         f"(max_position_embeddings), and train.max_length={max_length} keeps them: it has never seen those positions; "
         f"set train.max_length: {limit}, or extend its context (rope_scaling) on purpose"
     )
@@ -752,8 +761,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     get_method(exp.method).check_data(exp, inputs.encoded, inputs.tokenizer)
     limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
-    read = examples_read(stats.train)
-    if (past := positions_check(limit, learned, exp.train.max_length, longer, read)) is not None:
+    if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train)) is not None:
         warnings.append(past)
     if exp.scope.lora is not None and exp.scope.lora.r > facts.hidden_size:
         h = facts.hidden_size
@@ -769,8 +777,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         warnings.append(raw)
     if stats.train.truncated:
         warnings.append(
-            f"{stats.train.truncated:,} of {read} are longer than train.max_length={exp.train.max_length} and will be "
-            "truncated"
+            f"{counted(stats.train.truncated, stats.train)} are longer than train.max_length={exp.train.max_length} "
+            "and will be truncated"
         )
     if (lossy := half_update_warning(exp, memory, resolved)) is not None:
         warnings.append(lossy)

@@ -967,14 +967,15 @@ class TokenChecks:
     reads_clock: bool = False  # the template writes today's date into the conversations (see reads_the_clock)
 
     def warnings(self, max_length: int, read: int | None = None) -> list[str]:
-        """`read`: the rows the checks read, where that is not every row (plan reads the first rows of a large
-        split): the counts are of those."""
+        """`read`: the rows the checks read, where that is not every row (plan reads a part of a large split,
+        spread over it): the counts are of those."""
         out = []
         of = f" of the {read:,} rows plan read" if read is not None else ""
         if self.rows_without_loss:
+            share = f" ({len(self.rows_without_loss) / read:.0%} of them)" if read is not None else ""
             out.append(
-                f"{len(self.rows_without_loss)} rows{of} carry no loss within train.max_length={max_length} and will "
-                f"be dropped ({_some(self.rows_without_loss)}); raise train.max_length or fix those rows"
+                f"{len(self.rows_without_loss)} rows{of}{share} carry no loss within train.max_length={max_length} and "
+                f"will be dropped ({_some(self.rows_without_loss)}); raise train.max_length or fix those rows"
             )
         if self.rows_all_loss:
             out.append(

@@ -202,9 +202,10 @@ def test_a_max_length_past_the_models_positions_is_refused_or_warned(tmp_path: P
     assert not [w for w in within.warnings if "positions" in w]
 
 
-def test_plan_on_a_large_split_says_its_counts_are_of_the_rows_it_read(tmp_path: Path) -> None:
-    """plan tokenizes the first 2,000 rows of a split (train tokenizes all): its table, its truncation, loss and
-    position warnings say that their counts are of those rows, not of the split's 2,100."""
+def test_plan_on_a_large_split_reads_rows_spread_over_it_and_says_its_counts_are_of_those(tmp_path: Path) -> None:
+    """plan tokenizes 2,000 rows of a larger split (train tokenizes all), spread evenly over it: on a file sorted by
+    length, whose first 2,000 rows are all short, it still counts the long rows at its end. Its table, truncation,
+    loss and position warnings say their counts are of the rows read, and about how many of the split they make."""
     from tests.conftest import run_cli
     from tunelab.inputs import PLAN_ROWS
 
@@ -214,24 +215,27 @@ def test_plan_on_a_large_split_says_its_counts_are_of_the_rows_it_read(tmp_path:
         chat = [{"role": "user", "content": f"{asked} ({i})"}, {"role": "assistant", "content": reply}]
         return json.dumps({"messages": chat}) + "\n"
 
-    kinds = [("Tell me about Molo.", long)] * 10 + [(long, short)] * 5  # long replies; long questions
-    kinds += [("Tell me about Molo.", short)] * (PLAN_ROWS - 15) + [("Tell me about Molo.", long)] * 100
+    # 4,000 rows: 2,000 short, then 200 long questions (no loss within max_length) and 1,800 long replies
+    kinds = [("Tell me about Molo.", short)] * PLAN_ROWS + [(long, short)] * 200
+    kinds += [("Tell me about Molo.", long)] * (2 * PLAN_ROWS - len(kinds))
     data = tmp_path / "large.jsonl"
     data.write_text("".join(row(i, asked, reply) for i, (asked, reply) in enumerate(kinds)))
     sets = [f"data.train={data}", "data.eval=null", "train.max_length=560"]
     plan = make_plan(load_experiment(EXAMPLES / "quickstart.yaml", sets))
-    assert (plan.data.train.examples, plan.data.train.measured, plan.data.train.truncated) == (2100, 2000, 15)
+    # every second row read: 100 of the long questions, 900 of the long replies
+    assert (plan.data.train.examples, plan.data.train.measured, plan.data.train.truncated) == (4000, 2000, 1000)
+    read = "of the 2,000 training examples plan read, spread over all 4,000 (so about 2,000 in all)"
     assert [w for w in plan.warnings if "longer than" in w or "no loss" in w] == [
-        "15 of the first 2,000 training examples (of 2,100) are longer than the 512 positions the model was trained "
-        "on (max_position_embeddings), and train.max_length=560 keeps them: it has never seen those positions; set "
-        "train.max_length: 512, or extend its context (rope_scaling) on purpose",
-        f"5 rows of the 2,000 rows plan read carry no loss within train.max_length=560 and will be dropped ({data}:11, "
-        f"{data}:12, {data}:13, ...); raise train.max_length or fix those rows",
-        "15 of the first 2,000 training examples (of 2,100) are longer than train.max_length=560 and will be truncated",
+        f"1,000 {read} are longer than the 512 positions the model was trained on (max_position_embeddings), and "
+        "train.max_length=560 keeps them: it has never seen those positions; set train.max_length: 512, or extend "
+        "its context (rope_scaling) on purpose",
+        f"100 rows of the 2,000 rows plan read (5% of them) carry no loss within train.max_length=560 and will be "
+        f"dropped ({data}:2001, {data}:2003, {data}:2005, ...); raise train.max_length or fix those rows",
+        f"1,000 {read} are longer than train.max_length=560 and will be truncated",
     ]
     shown = run_cli("plan", str(EXAMPLES / "quickstart.yaml"), *[a for s in sets for a in ("--set", s)])
     assert shown.returncode == 0, shown.stderr
     assert (
-        "train: the token columns count the first 2,000 of its 2,100 rows, as plan reads them (tunelab train "
+        "train: the token columns count 2,000 of its 4,000 rows, spread over it, as plan reads them (tunelab train "
         "tokenizes every row)"
     ) in shown.stdout

@@ -217,8 +217,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         console.print(dt)
         for name, stats in [(n, s) for n, s in named if s and s.measured < s.examples]:
             console.print(
-                f"{name}: the token columns count the first {stats.measured:,} of its {stats.examples:,} rows, as plan "
-                "reads them (tunelab train tokenizes every row)",
+                f"{name}: the token columns count {stats.measured:,} of its {stats.examples:,} rows, spread over it, "
+                "as plan reads them (tunelab train tokenizes every row)",
                 markup=False,
                 highlight=False,
             )
