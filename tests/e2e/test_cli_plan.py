@@ -211,6 +211,9 @@ train: {{batch_size: 1, max_length: 32, gradient_checkpointing: "off"}}
     assert "weights (4-bit nf4 double-quant base)" in out.stdout and "7.4 GiB" in out.stdout
     assert "quantized 4-bit nf4 double-quant: 6,979,321,856 parameters" in out.stdout
     assert "trainable 41,943,040 of 8,072,204,288 parameters" in out.stdout  # unpacked counts
+    # a config without tokenizer files: the rows are counted, their tokens are not, and no note says they were
+    assert "no tokenizer beside the model config: token statistics skipped" in out.stdout
+    assert "the token columns count" not in out.stdout
     assert elapsed < 120  # no weights loaded: seconds, not minutes
 
 

@@ -215,7 +215,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         for name, stats in named:
             dt.add_row(*_split_row(name, stats)[: len(columns)])
         console.print(dt)
-        for name, stats in [(n, s) for n, s in named if s and s.measured < s.examples]:
+        for name, stats in [(n, s) for n, s in named if s and 0 < s.measured < s.examples]:  # 0: no tokenizer
             console.print(
                 f"{name}: the token columns count {stats.measured:,} of its {stats.examples:,} rows, spread over it, "
                 "as plan reads them (tunelab train tokenizes every row)",
