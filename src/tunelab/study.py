@@ -11,7 +11,9 @@ model (`grpo.rewards`), so changing the first re-runs both.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,11 @@ class VariantSpec(BaseModel):
         default=None,
         description="Score this variant's GRPO replies with that variant's reward model (a variant of method: reward): "
         "its run joins grpo.rewards (set method: grpo).",
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted keys, each with a list of values: the variant becomes one variant for every combination "
+        "(train.seed: [1, 2, 3] gives <name>-seed_1, <name>-seed_2, <name>-seed_3), each with `set` too.",
     )
 
     def needs(self) -> list[tuple[str, str]]:
@@ -83,6 +90,7 @@ class Study:
     path: Path
     base: Experiment
     order: list[str]  # variants in dependency order
+    points: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # a grid's variants: (its, values)
 
     @property
     def output(self) -> Path:
@@ -127,11 +135,76 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         apply_override(base_raw, item)
         given[key.strip()] = f"--set {key.strip()}"
     base = resolve_paths(validate(base_raw, source=f"{path}: base", given=given), base_dir)
+    spec, points = expand_grids(spec, path)
     order = _dependency_order(spec, path)
-    study = Study(spec, path, base, order)
+    study = Study(spec, path, base, order, points)
     for name in order:  # every variant must resolve before anything trains
         variant_experiment(study, name, init_from=None)
     return study
+
+
+def expand_grids(spec: StudySpec, path: Path) -> tuple[StudySpec, dict[str, tuple[str, dict[str, Any]]]]:
+    """The study with each variant that has a grid replaced, in place, by one variant for every combination of its
+    values (the grid's first key varying slowest), named <variant>-<key>_<value>-... (the last part of each key); and
+    for each of those, the variant it comes from and its values."""
+    variants: dict[str, VariantSpec] = {}
+    points: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, v in spec.variants.items():
+        if not v.grid:
+            variants[name] = v
+            continue
+        _check_grid(name, v, path)
+        for values in itertools.product(*v.grid.values()):
+            point = dict(zip(v.grid, values, strict=True))
+            named = "-".join([name, *(f"{key.rsplit('.', 1)[-1]}_{_name_part(value)}" for key, value in point.items())])
+            if len(named) > 100:
+                raise TunelabError(
+                    f"{path}: variants.{name}.grid: its variant '{named}' is longer than a run's name may be (100 "
+                    "characters); give the variant a shorter name, or fewer values in text"
+                )
+            if named in variants or named in spec.variants:
+                raise TunelabError(
+                    f"{path}: variants.{name}.grid: its variant '{named}' is named twice (a value given twice, or "
+                    "another variant of that name); give each value once and each variant its own name"
+                )
+            variants[named] = v.model_copy(update={"grid": {}})
+            points[named] = (name, point)
+    gridded: dict[str, list[str]] = {}
+    for named, (name, _) in points.items():
+        gridded.setdefault(name, []).append(named)
+    for name, v in variants.items():
+        for key, needed in v.needs():
+            if needed in gridded:
+                origin = points[name][0] if name in points else name
+                raise TunelabError(
+                    f"{path}: variants.{origin}.{key}: '{needed}' is a grid of {len(gridded[needed])} variants "
+                    f"({', '.join(gridded[needed])}); name one of them"
+                )
+    return spec.model_copy(update={"variants": variants}), points
+
+
+def _check_grid(name: str, v: VariantSpec, path: Path) -> None:
+    for key, values in v.grid.items():
+        where = f"{path}: variants.{name}.grid.{key}"
+        if key in v.set:
+            raise TunelabError(f"{where}: also in variants.{name}.set; give it in one of them")
+        if not values:
+            raise TunelabError(f"{where}: no values; give a list of them, e.g. [1, 2, 3]")
+        if not all(isinstance(value, str | int | float | bool) for value in values):
+            raise TunelabError(
+                f"{where}: a grid takes plain values (numbers, text, true or false), which name its variants; "
+                "write a variant of its own for each other value"
+            )
+
+
+def _name_part(value: str | int | float | bool) -> str:
+    """A grid value as its variants' names spell it (in run names: letters, digits, . _ -): numbers as short as they
+    read, text with any other character as _."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return format(value, "g")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(value))
 
 
 def _dependency_order(spec: StudySpec, path: Path) -> list[str]:
@@ -171,37 +244,41 @@ def variant_experiment(
     # What the base file set, not every default: a default that gives way to the model (LoRA dropout on fused
     # experts) must stay a default in each variant.
     raw = study.base.model_dump(mode="json", exclude_unset=True)
-    where = f"{study.path}: variants.{name}.set"
+    origin, point = study.points.get(name, (name, {}))
+    # where a value the experiment refuses was given: the variant's set, or its grid's values for this variant
+    where = f"{study.path}: variants.{origin}" + (f".grid ({name})" if point else ".set")
     spec = study.spec.variants[name]
-    for key, value in spec.set.items():
+    settings = [(key, value, f"variants.{origin}.set") for key, value in spec.set.items()]
+    settings += [(key, value, f"variants.{origin}.grid") for key, value in point.items()]
+    for key, value, given in settings:
         if key in ("output.name", "output.dir", "init_from") or (key == "distill.teacher" and spec.teacher):
-            raise TunelabError(f"{where}.{key}: the study sets this itself")
-        set_key(raw, key, value, where=f"{where}.{key}")
+            raise TunelabError(f"{study.path}: {given}.{key}: the study sets this itself")
+        set_key(raw, key, value, where=f"{study.path}: {given}.{key}")
     method = raw.get("method", "sft")
     for section in METHOD_SECTIONS:  # the base's method section gives way in a variant of another method
-        if section != method and section in raw and not any(k.split(".")[0] == section for k in spec.set):
+        if section != method and section in raw and not any(k.split(".")[0] == section for k, _, _ in settings):
             del raw[section]
     if spec.after is not None:
         raw["init_from"] = init_from or f"<run of {spec.after}>"
     if spec.teacher is not None:
         teacher = teacher or variant_experiment(study, spec.teacher, None).model.id
-        set_key(raw, "distill.teacher", teacher, where=f"{study.path}: variants.{name}.teacher")
+        set_key(raw, "distill.teacher", teacher, where=f"{study.path}: variants.{origin}.teacher")
     if spec.reward_model is not None:
         if raw.get("method") != "grpo":
             raise TunelabError(
-                f"{study.path}: variants.{name}.reward_model: a reward model scores GRPO's replies; set method: grpo "
+                f"{study.path}: variants.{origin}.reward_model: a reward model scores GRPO's replies; set method: grpo "
                 "in this variant"
             )
         judged = variant_experiment(study, spec.reward_model, None)
         if judged.method != "reward":
             raise TunelabError(
-                f"{study.path}: variants.{name}.reward_model: variant '{spec.reward_model}' trains method "
+                f"{study.path}: variants.{origin}.reward_model: variant '{spec.reward_model}' trains method "
                 f"{judged.method}, not a reward model; name a variant of method: reward"
             )
         grpo = raw.setdefault("grpo", {})
         if grpo.get("reward_quantization") is not None:
             raise TunelabError(
-                f"{study.path}: variants.{name}.reward_model: variant '{spec.reward_model}' is a reward run, which "
+                f"{study.path}: variants.{origin}.reward_model: variant '{spec.reward_model}' is a reward run, which "
                 "scores as it trained, and grpo.reward_quantization quantizes published reward models only; remove "
                 "grpo.reward_quantization from this variant"
             )

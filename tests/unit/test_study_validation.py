@@ -122,3 +122,61 @@ def test_a_seed_ladder_holding_out_other_rows_is_named_before_it_trains(tmp_path
     same = study(tmp_path, "".join(f"  r{r}: {{set: {{scope.lora.r: {r}, {apart}}}}}\n" for r in (4, 8)))
     assert measured_apart(load_study(same)) is None  # one seed: the same rows held out, none trained on
     assert measured_apart(load_study(EXAMPLES / "ladder.yaml")) is None
+
+
+def test_a_grid_makes_one_variant_for_each_combination_in_place(tmp_path: Path) -> None:
+    """train.seed x train.learning_rate gives four variants where the gridded one stood, named by their values, each
+    with the variant's `set` and its own values; a variant can start from one of them."""
+    from tunelab.study import diff_from_base, variant_experiment
+
+    path = study(
+        tmp_path,
+        "  first: {}\n"
+        "  qv:\n"
+        "    set: {scope.lora.targets: qv}\n"
+        "    grid: {train.seed: [1, 2], train.learning_rate: [1.0e-4, 3.0e-3]}\n"
+        "  more: {after: qv-seed_2-learning_rate_0.0001, set: {train.epochs: 1}}\n",
+    )
+    s = load_study(path)
+    points = ["qv-seed_1-learning_rate_0.0001", "qv-seed_1-learning_rate_0.003"]
+    points += ["qv-seed_2-learning_rate_0.0001", "qv-seed_2-learning_rate_0.003"]
+    assert s.order == ["first", *points, "more"]
+    made = {name: variant_experiment(s, name, init_from=None) for name in s.order}
+    assert [(made[p].train.seed, made[p].train.learning_rate) for p in points] == [
+        (1, 1e-4), (1, 3e-3), (2, 1e-4), (2, 3e-3)
+    ]  # fmt: skip
+    assert {made[p].scope.lora.targets for p in points} == {"qv"}
+    assert len({made[p].run_name for p in points}) == 4  # four run folders
+    assert diff_from_base(s, made[points[2]]) == [
+        'scope.lora.targets="qv"', "train.learning_rate=0.0001", "train.seed=2"
+    ]  # fmt: skip
+    assert made["more"].init_from == f"<run of {points[2]}>" and made["more"].train.seed == 42
+
+
+@pytest.mark.parametrize(
+    ("variants", "said"),
+    [
+        ("  a: {grid: {train.sed: [1, 2]}}\n", "variants.a.grid.train.sed: unknown key 'sed'; did you mean 'seed'?"),
+        ("  a: {grid: {train.epochs: [1, -1]}}\n", "variants.a.grid (a-epochs_-1): train.epochs: Input should be"),
+        ("  a: {grid: {train.seed: []}}\n", "variants.a.grid.train.seed: no values; give a list of them"),
+        (
+            "  a: {set: {train.seed: 3}, grid: {train.seed: [1, 2]}}\n",
+            "variants.a.grid.train.seed: also in variants.a.set; give it in one of them",
+        ),
+        (
+            "  a: {grid: {scope.lora.layers: [{last: 2}, all]}}\n",
+            "variants.a.grid.scope.lora.layers: a grid takes plain values (numbers, text, true or false)",
+        ),
+        ("  a: {grid: {train.seed: [1, 1]}}\n", "variants.a.grid: its variant 'a-seed_1' is named twice"),
+        ("  a-seed_1: {}\n  a: {grid: {train.seed: [1, 2]}}\n", "variants.a.grid: its variant 'a-seed_1' is named"),
+        ("  a: {grid: {output.dir: [x, y]}}\n", "variants.a.grid.output.dir: the study sets this itself"),
+        (
+            "  a: {grid: {train.seed: [1, 2]}}\n  b: {after: a}\n",
+            "variants.b.after: 'a' is a grid of 2 variants (a-seed_1, a-seed_2); name one of them",
+        ),
+    ],
+)
+def test_a_grid_that_cannot_be_made_is_one_line_naming_it(tmp_path: Path, variants: str, said: str) -> None:
+    with pytest.raises(TunelabError) as e:
+        load_study(study(tmp_path, variants))
+    assert str(e.value).startswith(f"{tmp_path}/s.yaml: {said}") and "\n" not in str(e.value), str(e.value)

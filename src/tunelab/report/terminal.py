@@ -346,7 +346,7 @@ def print_comparison(comparison, console: Console | None = None) -> None:
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
-    table.add_column("variant")
+    table.add_column("variant", overflow="fold")  # a name whole: a grid's names differ at their ends
     keep = (
         "eval loss",
         "trainable",
@@ -397,7 +397,7 @@ def print_scores(scores: dict[str, dict[str, float]], console: Console | None = 
     """lm-eval scores: one row a variant, one column a task's metric."""
     console = console or _console()
     table = Table(title="lm-evaluation-harness", title_justify="left", show_edge=False)
-    table.add_column("variant")
+    table.add_column("variant", overflow="fold")  # a name whole: a grid's names differ at their ends
     metrics = sorted({k for row in scores.values() for k in row})
     for metric in metrics:
         table.add_column(metric, justify="right")
@@ -413,7 +413,10 @@ def print_study_plan(rows, measured_apart: str | None = None, console: Console |
     table = Table(title="Study plan", title_justify="left", show_edge=False)
     numbers = ("trainable", "%", "memory", "disk")
     for col in ("variant", "method", "scope", "modules", "layers", *numbers, "differs from base"):
-        table.add_column(col, justify="right" if col in numbers else "left")
+        # a variant's name whole, on more lines where it must (a grid's names differ at their ends)
+        table.add_column(
+            col, justify="right" if col in numbers else "left", overflow="fold" if col == "variant" else "ellipsis"
+        )
     for name, plan, diff in rows:
         s = plan.scope
         what = ",".join(s.target_modules) if s.lora_modules else f"{len(s.trainable_names)} tensors"
@@ -445,7 +448,7 @@ def print_study_outcome(outcomes, report, console: Console | None = None) -> Non
     console = console or _console()
     table = Table(title="Study", title_justify="left", show_edge=False)
     for col in ("variant", "status", "run", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if col in ("variant", "run") else "ellipsis")
     for o in outcomes:
         table.add_row(o.name, o.status, o.run_dir or "-", o.error or "")
     console.print(table)
