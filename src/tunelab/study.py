@@ -82,6 +82,12 @@ class StudySpec(BaseModel):
         default=None, description="Benchmarks (lm-evaluation-harness) on the base and every variant, then compared."
     )
     output: str | None = Field(default=None, description="Folder of the study's runs; default runs/<name>.")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Dotted keys, each with a list of values: every variant once for each combination (train.seed: "
+        "[1, 2, 3] runs the study three times over), a variant `after` another going on from that one's run of the "
+        "same values.",
+    )
 
 
 @dataclass
@@ -144,50 +150,87 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
 
 
 def expand_grids(spec: StudySpec, path: Path) -> tuple[StudySpec, dict[str, tuple[str, dict[str, Any]]]]:
-    """The study with each variant that has a grid replaced, in place, by one variant for every combination of its
-    values (the grid's first key varying slowest), named <variant>-<key>_<value>-... (the last part of each key); and
-    for each of those, the variant it comes from and its values."""
+    """The study with each variant replaced, in place, by one variant for every combination of the values of its grid
+    and the study's (the first key varying slowest, the variant's before the study's), named
+    <variant>-<key>_<value>-... (the last part of each key); and for each of those, the variant it comes from and its
+    values. Under the study's grid a variant goes on from (after, teacher, reward_model) the variant of its own
+    combination of the study's values."""
     variants: dict[str, VariantSpec] = {}
     points: dict[str, tuple[str, dict[str, Any]]] = {}
+    _check_grid("grid", spec.grid, {}, path)
+    shared_points = _combinations(spec.grid)
     for name, v in spec.variants.items():
-        if not v.grid:
+        if not v.grid and not spec.grid:
             variants[name] = v
             continue
-        _check_grid(name, v, path)
-        for values in itertools.product(*v.grid.values()):
-            point = dict(zip(v.grid, values, strict=True))
-            named = "-".join([name, *(f"{key.rsplit('.', 1)[-1]}_{_name_part(value)}" for key, value in point.items())])
-            if len(named) > 100:
-                raise TunelabError(
-                    f"{path}: variants.{name}.grid: its variant '{named}' is longer than a run's name may be (100 "
-                    "characters); give the variant a shorter name, or fewer values in text"
-                )
-            if named in variants or named in spec.variants:
-                raise TunelabError(
-                    f"{path}: variants.{name}.grid: its variant '{named}' is named twice (a value given twice, or "
-                    "another variant of that name); give each value once and each variant its own name"
-                )
-            variants[named] = v.model_copy(update={"grid": {}})
-            points[named] = (name, point)
-    gridded: dict[str, list[str]] = {}
-    for named, (name, _) in points.items():
-        gridded.setdefault(name, []).append(named)
-    for name, v in variants.items():
-        for key, needed in v.needs():
-            if needed in gridded:
-                origin = points[name][0] if name in points else name
-                raise TunelabError(
-                    f"{path}: variants.{origin}.{key}: '{needed}' is a grid of {len(gridded[needed])} variants "
-                    f"({', '.join(gridded[needed])}); name one of them"
-                )
+        _check_grid(f"variants.{name}.grid", v.grid, v.set, path)
+        for key in spec.grid:
+            if key in v.set or key in v.grid:
+                where = f"variants.{name}.{'set' if key in v.set else 'grid'}"
+                raise TunelabError(f"{path}: {where}.{key}: also in the study's grid; give it in one of them")
+        for own in _combinations(v.grid):
+            for shared in shared_points:
+                point = own | shared
+                named = _point_name(name, point)
+                where = f"{path}: {'variants.' + name + '.' if own else ''}grid: its variant '{named}'"
+                if len(named) > 100:
+                    raise TunelabError(
+                        f"{where} is longer than a run's name may be (100 characters); give the variant a shorter "
+                        "name, or fewer values in text"
+                    )
+                if named in variants or named in spec.variants:
+                    raise TunelabError(
+                        f"{where} is named twice (a value given twice, or another variant of that name); give each "
+                        "value once and each variant its own name"
+                    )
+                needs = {key: _point_name(needed, shared) for key, needed in v.needs()}
+                variants[named] = v.model_copy(update={"grid": {}, **needs})
+                points[named] = (name, point)
+    _check_needs(spec, variants, points, path)
     return spec.model_copy(update={"variants": variants}), points
 
 
-def _check_grid(name: str, v: VariantSpec, path: Path) -> None:
-    for key, values in v.grid.items():
-        where = f"{path}: variants.{name}.grid.{key}"
-        if key in v.set:
-            raise TunelabError(f"{where}: also in variants.{name}.set; give it in one of them")
+def _combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values, the first key varying slowest; one empty one for no grid."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def _point_name(name: str, point: dict[str, Any]) -> str:
+    return "-".join([name, *(f"{key.rsplit('.', 1)[-1]}_{_name_part(value)}" for key, value in point.items())])
+
+
+def _check_needs(
+    spec: StudySpec, variants: dict[str, VariantSpec], points: dict[str, tuple[str, dict[str, Any]]], path: Path
+) -> None:
+    """Each variant a variant goes on from (after, teacher, reward_model) is one variant of the study, as written or
+    as its grid made it (the study's grid aside: a variant goes on from the one of its own values): naming a variant
+    its grid made several of is refused."""
+    made = {
+        name: [_point_name(name, own) for own in _combinations(v.grid)] for name, v in spec.variants.items() if v.grid
+    }
+    for name, v in variants.items():
+        origin = points[name][0] if name in points else name
+        for (key, needed), (_, resolved) in zip(spec.variants[origin].needs(), v.needs(), strict=True):
+            if needed in made:
+                raise TunelabError(
+                    f"{path}: variants.{origin}.{key}: '{needed}' is a grid of {len(made[needed])} variants "
+                    f"({', '.join(made[needed])}); name one of them"
+                )
+            if resolved not in variants:
+                named = [n for n in spec.variants if not spec.variants[n].grid] + [
+                    n for ns in made.values() for n in ns
+                ]
+                raise TunelabError(
+                    f"{path}: variants.{origin}.{key}: unknown variant '{needed}'; variants are " + ", ".join(named)
+                )
+
+
+def _check_grid(at: str, grid: dict[str, list[Any]], given: dict[str, Any], path: Path) -> None:
+    """A grid (at: where in the study) has values, plain ones, for keys the variant does not set (`given`)."""
+    for key, values in grid.items():
+        where = f"{path}: {at}.{key}"
+        if key in given:
+            raise TunelabError(f"{where}: also in {at.removesuffix('grid')}set; give it in one of them")
         if not values:
             raise TunelabError(f"{where}: no values; give a list of them, e.g. [1, 2, 3]")
         if not all(isinstance(value, str | int | float | bool) for value in values):
@@ -245,11 +288,11 @@ def variant_experiment(
     # experts) must stay a default in each variant.
     raw = study.base.model_dump(mode="json", exclude_unset=True)
     origin, point = study.points.get(name, (name, {}))
-    # where a value the experiment refuses was given: the variant's set, or its grid's values for this variant
-    where = f"{study.path}: variants.{origin}" + (f".grid ({name})" if point else ".set")
+    # where a value the experiment refuses was given: the variant's set, or with a grid's values, the variant they made
+    where = f"{study.path}: variants.{origin}" + (f" ({name})" if point else ".set")
     spec = study.spec.variants[name]
     settings = [(key, value, f"variants.{origin}.set") for key, value in spec.set.items()]
-    settings += [(key, value, f"variants.{origin}.grid") for key, value in point.items()]
+    settings += [(k, v, "grid" if k in study.spec.grid else f"variants.{origin}.grid") for k, v in point.items()]
     for key, value, given in settings:
         if key in ("output.name", "output.dir", "init_from") or (key == "distill.teacher" and spec.teacher):
             raise TunelabError(f"{study.path}: {given}.{key}: the study sets this itself")

@@ -157,7 +157,7 @@ def test_a_grid_makes_one_variant_for_each_combination_in_place(tmp_path: Path) 
     ("variants", "said"),
     [
         ("  a: {grid: {train.sed: [1, 2]}}\n", "variants.a.grid.train.sed: unknown key 'sed'; did you mean 'seed'?"),
-        ("  a: {grid: {train.epochs: [1, -1]}}\n", "variants.a.grid (a-epochs_-1): train.epochs: Input should be"),
+        ("  a: {grid: {train.epochs: [1, -1]}}\n", "variants.a (a-epochs_-1): train.epochs: Input should be"),
         ("  a: {grid: {train.seed: []}}\n", "variants.a.grid.train.seed: no values; give a list of them"),
         (
             "  a: {set: {train.seed: 3}, grid: {train.seed: [1, 2]}}\n",
@@ -180,3 +180,51 @@ def test_a_grid_that_cannot_be_made_is_one_line_naming_it(tmp_path: Path, varian
     with pytest.raises(TunelabError) as e:
         load_study(study(tmp_path, variants))
     assert str(e.value).startswith(f"{tmp_path}/s.yaml: {said}") and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_studys_grid_runs_every_variant_once_for_each_combination(tmp_path: Path) -> None:
+    """grid: {train.seed: [1, 2]} beside the variants: each variant twice, a variant `after` another going on from the
+    run of its own seed; with a variant's own grid, its values come first in the names."""
+    from tunelab.study import variant_experiment
+
+    path = tmp_path / "s.yaml"
+    pairs = f"{{method: dpo, data.train: {EXAMPLES / 'data/pref_train.jsonl'}, data.eval: null}}"
+    path.write_text(
+        f"name: s\nbase: {EXAMPLES / 'quickstart.yaml'}\ngrid: {{train.seed: [1, 2]}}\nvariants:\n"
+        "  sft: {}\n"
+        "  qv: {set: {scope.lora.targets: qv}, grid: {scope.lora.r: [4, 8]}}\n"
+        f"  dpo: {{after: sft, set: {pairs}}}\n"
+        f"  more: {{after: qv-r_8, set: {pairs}}}\n"
+    )
+    s = load_study(path)
+    assert s.order == [
+        "sft-seed_1", "sft-seed_2", "qv-r_4-seed_1", "qv-r_4-seed_2", "qv-r_8-seed_1", "qv-r_8-seed_2",
+        "dpo-seed_1", "dpo-seed_2", "more-seed_1", "more-seed_2",
+    ]  # fmt: skip
+    made = {name: variant_experiment(s, name, init_from=None) for name in s.order}
+    assert [made[n].train.seed for n in s.order] == [1, 2] * 5
+    assert [made[n].scope.lora.r for n in s.order[2:6]] == [4, 4, 8, 8]
+    assert [made[n].init_from for n in s.order[6:]] == [
+        "<run of sft-seed_1>", "<run of sft-seed_2>", "<run of qv-r_8-seed_1>", "<run of qv-r_8-seed_2>"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("grid", "variants", "said"),
+    [
+        ("{train.sed: [1]}", "  a: {}\n", "grid.train.sed: unknown key 'sed'; did you mean 'seed'?"),
+        ("{train.seed: []}", "  a: {}\n", "grid.train.seed: no values; give a list of them"),
+        ("{train.seed: [1]}", "  a: {set: {train.seed: 2}}\n", "variants.a.set.train.seed: also in the study's grid"),
+        ("{train.seed: [1]}", "  a: {grid: {train.seed: [2]}}\n", "variants.a.grid.train.seed: also in the study's"),
+        ("{train.seed: [1, 1]}", "  a: {}\n", "grid: its variant 'a-seed_1' is named twice"),
+        ("{train.seed: [1]}", "  a: {after: b}\n", "variants.a.after: unknown variant 'b'; variants are a"),
+    ],
+)
+def test_a_study_grid_that_cannot_be_made_is_one_line_naming_it(
+    tmp_path: Path, grid: str, variants: str, said: str
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(f"name: s\nbase: {EXAMPLES / 'quickstart.yaml'}\ngrid: {grid}\nvariants:\n{variants}")
+    with pytest.raises(TunelabError) as e:
+        load_study(path)
+    assert str(e.value).startswith(f"{path}: {said}") and "\n" not in str(e.value), str(e.value)
