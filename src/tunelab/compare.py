@@ -86,7 +86,7 @@ class Comparison:
     exchanges: dict[str, list[list[dict] | None]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"best": self.best()}
+        return asdict(self) | {"best": self.best(), "over_seeds": self.over_seeds()}
 
     def best(self) -> dict[str, list[str]]:
         """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
@@ -94,8 +94,8 @@ class Comparison:
         never a number measured on rows the variant trained on (settings' trained_on_numbers)."""
         out, touched = {}, self.settings.get("trained_on_numbers") or {}
         for key in sorted({k for v in self.variants for k in v.numbers}):
-            lower = key == "eval_loss" or bool(re.fullmatch(r"eval_[a-z0-9_]+_loss", key))
-            if not (lower or key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward")):
+            lower = lower_is_better(key)
+            if lower is None:
                 continue
             values = {
                 v.name: v.numbers[key]
@@ -106,6 +106,24 @@ class Comparison:
                 continue
             top = min(values.values()) if lower else max(values.values())
             out[key] = [name for name, value in values.items() if value == top]
+        return out
+
+    def over_seeds(self) -> dict[str, dict]:
+        """Per group of runs that repeat one experiment with other seeds (settings' replicates): the runs, and per
+        measured quality (those best() ranks, and lm-eval scores) that at least two of them have, the mean and the
+        sample standard deviation over them."""
+        numbers = {v.name: v.numbers for v in self.variants}
+        out = {}
+        for label, names in (self.settings.get("replicates") or {}).items():
+            keys = sorted({k for n in names for k in numbers[n]})
+            stats = {}
+            for key in keys:
+                if lower_is_better(key) is None and not key.startswith(LM_EVAL_PREFIX):
+                    continue
+                values = [numbers[n][key] for n in names if isinstance(numbers[n].get(key), int | float)]
+                if len(values) >= 2:
+                    stats[key] = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "n": len(values)}
+            out[label] = {"runs": names, "numbers": stats}
         return out
 
     def trained_on_note(self) -> str | None:
@@ -124,6 +142,51 @@ class Comparison:
             listing = "; ".join(f"{name}: {why}" for name, why in unchecked.items())
             said.append(f"not checked for training rows among those measured on: {listing}")
         return "\n".join(said) or None
+
+
+def lower_is_better(key: str) -> bool | None:
+    """For a measured quality: True for the held-out losses, False for pref acc, GRPO eval reward, reward and the
+    expectation pass rate; None for what is not one (counts, times, settings)."""
+    if key == "eval_loss" or re.fullmatch(r"eval_[a-z0-9_]+_loss", key):
+        return True
+    if key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward"):
+        return False
+    return None
+
+
+def replicates(runs: list[tuple[Path, Manifest]]) -> dict[str, list[str]]:
+    """The tunelab runs that repeat one experiment with other seeds (replicate_key), each group of two or more under
+    a label: their names without the -seed_<value> a study's grid gives them (and a study's hash after it) where that
+    leaves one name, else the first name and how many more."""
+    keys: dict[Path, str] = {}
+    groups: dict[str, list[str]] = {}
+    for run_dir, manifest in runs:
+        if run_status(run_dir) is not None:
+            groups.setdefault(replicate_key(run_dir, keys), []).append(manifest.name)
+    out = {}
+    for names in (names for names in groups.values() if len(names) > 1):
+        stems = {re.sub(r"-[0-9a-f]{8}$", "", re.sub(r"-seed_[^-]+", "", name)) for name in names}  # a study's hash
+        out[stems.pop() if len(stems) == 1 else f"{names[0]} and {len(names) - 1} more"] = names
+    return out
+
+
+def replicate_key(run_dir: Path, keys: dict[Path, str]) -> str:
+    """A digest of a run's recorded experiment with train.seed, its name and output aside, and the run it went on from
+    (init_from) by that run's own key: equal for runs of one experiment, or one chain of them (SFT, then DPO after
+    it), under other seeds. `keys`: those already worked out."""
+    import hashlib
+    import json
+
+    if run_dir not in keys:
+        settings = load_run_experiment(run_dir).model_dump(mode="json")
+        for name in ("name", "output"):
+            settings.pop(name)
+        settings["train"].pop("seed")
+        start = settings.get("init_from")
+        if start is not None and run_status(Path(start)) is not None:
+            settings["init_from"] = replicate_key(Path(start), keys)
+        keys[run_dir] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return keys[run_dir]
 
 
 # ---------------------------------------------------------------- inputs
@@ -742,6 +805,7 @@ def compare(
         "trained_on": trained_on,  # each run's training rows among the held-out rows and prompts, where it has any
         "trained_on_numbers": touched,  # the numbers of each such run measured on them: never marked best
         "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
+        "replicates": replicates(runs),  # runs of one experiment under other seeds: Comparison.over_seeds
     }
     exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
     exchanges = {name: said for name, said in exchanges.items() if any(said)}

@@ -630,3 +630,63 @@ def test_preference_runs_are_ranked_on_the_pairs_held_out_and_named_where_they_t
     assert all(v.numbers["preference_accuracy"] is not None for v in result.variants)
     touched = ["expectation_pass_rate", "reward", "preference_accuracy"]
     assert result.settings["trained_on_numbers"] == {"seed2": touched}
+
+
+def test_runs_repeated_with_other_seeds_are_summarised_over_them(tmp_path: Path) -> None:
+    """The replicates compare found (settings) get the mean and sample standard deviation of each measured quality
+    that two of them have, in report.json, the Markdown and the HTML page; a count or a time is not summarised."""
+    c = hostile()
+    c.variants = [
+        Variant("qv-seed_1", "lora", numbers={"eval_loss": 1.0, "preference_accuracy": 0.5, "train_seconds": 3.0}),
+        Variant("qv-seed_2", "lora", numbers={"eval_loss": 2.0, "preference_accuracy": 1.0, "train_seconds": 5.0}),
+        Variant("qv-seed_3", "lora", numbers={"eval_loss": 3.0, "preference_accuracy": None}),
+    ]
+    c.outputs = {v.name: ["ok"] for v in c.variants}
+    c.checks = {v.name: [[]] for v in c.variants}
+    c.settings["replicates"] = {"qv": ["qv-seed_1", "qv-seed_2", "qv-seed_3"]}
+    assert c.over_seeds() == {
+        "qv": {
+            "runs": ["qv-seed_1", "qv-seed_2", "qv-seed_3"],
+            "numbers": {
+                "eval_loss": {"mean": 2.0, "sd": 1.0, "n": 3},
+                "preference_accuracy": {"mean": 0.75, "sd": pytest.approx(0.353553, abs=1e-6), "n": 2},
+            },
+        }
+    }
+    written = write_report(c, tmp_path)
+    assert json.loads(written["json"].read_text())["over_seeds"]["qv"]["numbers"]["eval_loss"]["sd"] == 1.0
+    md = written["md"].read_text()
+    assert (
+        "## Over seeds\n\n| variant | runs | eval loss | pref acc |\n|---|---|---|---|\n| qv | 3 | 2 ± 1 | 0.75 ± 0.35 |"
+        in md
+    )
+    assert (
+        "<table id='over-seeds'><tr><th>variant</th><th>runs</th><th>eval loss</th>"
+        in (tmp_path / "report.html").read_text()
+    )
+    c.settings["replicates"] = {}
+    assert "Over seeds" not in write_report(c, tmp_path / "none")["md"].read_text()
+
+
+def test_a_studys_seed_grid_is_compared_over_its_seeds_chain_by_chain(tmp_path: Path) -> None:
+    """A study's grid of two seeds over SFT and DPO after it: compare groups each SFT seed with the other and each
+    DPO run with the other, though each went on from another SFT run, and not the SFT runs with the DPO runs."""
+    from tunelab.study import load_study, run_study
+
+    study = tmp_path / "seeds.yaml"
+    study.write_text(
+        f"name: seeds\nbase: {EXAMPLES / 'quickstart.yaml'}\ngrid: {{train.seed: [1, 2]}}\noutput: {tmp_path / 'runs'}\n"
+        "variants:\n"
+        "  sft: {set: {train.max_steps: 1}}\n"
+        f"  dpo: {{after: sft, set: {{method: dpo, data.train: {DATA / 'pref_train.jsonl'}, "
+        f"data.eval: {DATA / 'pref_eval.jsonl'}, train.max_steps: 1}}}}\n"
+        f"compare: {{prompts: {prompts_file(tmp_path, 2)}, base: false, max_new_tokens: 4}}\n"
+    )
+    outcomes, report = run_study(load_study(study), log=lambda *_: None)
+    assert [o.status for o in outcomes] == ["trained"] * 4 and report is not None
+    made = json.loads((Path(report).parent / "report.json").read_text())
+    runs = {o.name: Path(o.run_dir).name for o in outcomes}
+    assert made["settings"]["replicates"] == {
+        "sft": [runs["sft-seed_1"], runs["sft-seed_2"]], "dpo": [runs["dpo-seed_1"], runs["dpo-seed_2"]]
+    }  # fmt: skip
+    assert set(made["over_seeds"]["sft"]["numbers"]) >= {"eval_loss", "preference_accuracy"}

@@ -71,6 +71,25 @@ def summary_rows(c: Comparison) -> list[list[str]]:
     return [[v.name, *(_fmt(v.numbers.get(key)) for key, _ in columns(c))] for v in c.variants]
 
 
+def seed_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
+    """The runs that repeat one experiment with other seeds (Comparison.over_seeds), as a table: its column titles,
+    and a row a group: its label, how many runs, and each measured quality's mean ± standard deviation."""
+    over = c.over_seeds()
+    titles = {key: title for key, title in columns(c)}
+    keys = [key for key in titles if any(key in group["numbers"] for group in over.values())]
+    rows = [
+        [label, str(len(group["runs"]))]
+        + [
+            f"{group['numbers'][key]['mean']:.4g} ± {group['numbers'][key]['sd']:.2g}"
+            if key in group["numbers"]
+            else "-"
+            for key in keys
+        ]
+        for label, group in over.items()
+    ]
+    return ["variant", "runs", *(titles[key] for key in keys)], rows
+
+
 def best_cells(c: Comparison) -> set[tuple[int, int]]:
     """(row, column) of summary_rows' cells that hold a best value (Comparison.best), column 0 being the name."""
     best, keys = c.best(), [key for key, _ in columns(c)]
@@ -133,6 +152,14 @@ def render_html(c: Comparison) -> str:
     ]
     if (note := c.trained_on_note()) is not None:
         parts.append(f"<p id='trained-on'><strong>{escape(note)}</strong></p>")
+    titles, seeds = seed_rows(c)
+    if seeds:
+        head = "".join(f"<th>{escape(t)}</th>" for t in titles)
+        body = "".join(
+            "<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(x)}</td>" for i, x in enumerate(r)) + "</tr>"
+            for r in seeds
+        )
+        parts.append(f"<h2>Over seeds</h2><table id='over-seeds'><tr>{head}</tr>{body}</table>")
     png = loss_chart_png(c)
     if png:
         data = base64.b64encode(png).decode()
@@ -186,6 +213,16 @@ def render_markdown(c: Comparison) -> str:
     ]
     if (note := c.trained_on_note()) is not None:
         lines += ["", f"**{_md_cell(note)}**"]
+    titles, seeds = seed_rows(c)
+    if seeds:
+        lines += [
+            "",
+            "## Over seeds",
+            "",
+            "| " + " | ".join(_md_cell(t) for t in titles) + " |",
+            "|---" * len(titles) + "|",
+        ]
+        lines += ["| " + " | ".join(_md_cell(x) for x in row) + " |" for row in seeds]
     for p in c.prompts:
         lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]
         for v in c.variants:
