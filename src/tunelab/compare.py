@@ -111,8 +111,12 @@ class Comparison:
     def over_seeds(self) -> dict[str, dict]:
         """Per group of runs that repeat one experiment with other seeds (settings' replicates): the runs, and per
         measured quality (those best() ranks, and lm-eval scores) that at least two of them have, the mean and the
-        sample standard deviation over them."""
-        numbers = {v.name: v.numbers for v in self.variants}
+        sample standard deviation over them; as in best(), never a number measured on rows the run trained on (a
+        seed's eval_fraction holds out rows another seed trains on)."""
+        touched = self.settings.get("trained_on_numbers") or {}
+        numbers = {
+            v.name: {k: x for k, x in v.numbers.items() if k not in touched.get(v.name, [])} for v in self.variants
+        }
         out = {}
         for label, names in (self.settings.get("replicates") or {}).items():
             keys = sorted({k for n in names for k in numbers[n]})

@@ -634,7 +634,8 @@ def test_preference_runs_are_ranked_on_the_pairs_held_out_and_named_where_they_t
 
 def test_runs_repeated_with_other_seeds_are_summarised_over_them(tmp_path: Path) -> None:
     """The replicates compare found (settings) get the mean and sample standard deviation of each measured quality
-    that two of them have, in report.json, the Markdown and the HTML page; a count or a time is not summarised."""
+    that two of them have, in report.json, the Markdown and the HTML page; a count or a time is not summarised, nor
+    a number measured on rows the run trained on."""
     c = hostile()
     c.variants = [
         Variant("qv-seed_1", "lora", numbers={"eval_loss": 1.0, "preference_accuracy": 0.5, "train_seconds": 3.0}),
@@ -664,6 +665,8 @@ def test_runs_repeated_with_other_seeds_are_summarised_over_them(tmp_path: Path)
         "<table id='over-seeds'><tr><th>variant</th><th>runs</th><th>eval loss</th>"
         in (tmp_path / "report.html").read_text()
     )
+    c.settings["trained_on_numbers"] = {"qv-seed_2": ["eval_loss"]}  # its eval rows were among its training rows
+    assert c.over_seeds()["qv"]["numbers"]["eval_loss"] == {"mean": 2.0, "sd": pytest.approx(2**0.5), "n": 2}
     c.settings["replicates"] = {}
     assert "Over seeds" not in write_report(c, tmp_path / "none")["md"].read_text()
 
