@@ -168,6 +168,10 @@ def test_a_grid_makes_one_variant_for_each_combination_in_place(tmp_path: Path) 
             "variants.a.grid.scope.lora.layers: a grid takes plain values (numbers, text, true or false)",
         ),
         ("  a: {grid: {train.seed: [1, 1]}}\n", "variants.a.grid: its variant 'a-seed_1' is named twice"),
+        (
+            f"  {'a' * 95}: {{grid: {{train.seed: [1]}}}}\n",
+            f"variants.{'a' * 95}.grid: its variant '{'a' * 95}-seed_1' is longer than a run's name may be (100",
+        ),
         ("  a-seed_1: {}\n  a: {grid: {train.seed: [1, 2]}}\n", "variants.a.grid: its variant 'a-seed_1' is named"),
         ("  a: {grid: {output.dir: [x, y]}}\n", "variants.a.grid.output.dir: the study sets this itself"),
         (
