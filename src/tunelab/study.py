@@ -96,7 +96,8 @@ class Study:
     path: Path
     base: Experiment
     order: list[str]  # variants in dependency order
-    points: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # a grid's variants: (its, values)
+    # each variant a grid made: the variant it comes from, and its values of the grid's keys
+    points: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def output(self) -> Path:
