@@ -8,6 +8,8 @@ full runs load on their own. Decoding is greedy unless a temperature is given.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import statistics
@@ -178,9 +180,6 @@ def replicate_key(run_dir: Path, keys: dict[Path, str]) -> str:
     """A digest of a run's recorded experiment with train.seed, its name and output aside, and the run it went on from
     (init_from) by that run's own key: equal for runs of one experiment, or one chain of them (SFT, then DPO after
     it), under other seeds. `keys`: those already worked out."""
-    import hashlib
-    import json
-
     if run_dir not in keys:
         settings = load_run_experiment(run_dir).model_dump(mode="json")
         for name in ("name", "output"):
