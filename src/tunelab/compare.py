@@ -177,19 +177,29 @@ def replicates(runs: list[tuple[Path, Manifest]]) -> dict[str, list[str]]:
 
 
 def replicate_key(run_dir: Path, keys: dict[Path, str]) -> str:
-    """A digest of a run's recorded experiment with train.seed, its name and output aside, and the run it went on from
-    (init_from) by that run's own key: equal for runs of one experiment, or one chain of them (SFT, then DPO after
-    it), under other seeds. `keys`: those already worked out."""
+    """A digest of a run's recorded experiment with train.seed, its name and output aside, and each run it builds on
+    by that run's own key: the run it went on from (init_from), its teacher (distill.teacher) and its reward models
+    (grpo.rewards). Equal for runs of one experiment, or one chain of them (SFT, then DPO after it; a teacher, then
+    the student it taught), under other seeds. `keys`: those already worked out."""
     if run_dir not in keys:
         settings = load_run_experiment(run_dir).model_dump(mode="json")
         for name in ("name", "output"):
             settings.pop(name)
         settings["train"].pop("seed")
-        start = settings.get("init_from")
-        if start is not None and run_status(Path(start)) is not None:
-            settings["init_from"] = replicate_key(Path(start), keys)
+        settings["init_from"] = _run_or_value(settings.get("init_from"), keys)
+        if settings.get("distill"):
+            settings["distill"]["teacher"] = _run_or_value(settings["distill"]["teacher"], keys)
+        if settings.get("grpo"):
+            settings["grpo"]["rewards"] = [_run_or_value(reward, keys) for reward in settings["grpo"]["rewards"]]
         keys[run_dir] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return keys[run_dir]
+
+
+def _run_or_value(value: str | None, keys: dict[Path, str]) -> str | None:
+    """A recorded setting that names a tunelab run as that run's replicate_key; anything else as it is."""
+    if value is None or run_status(Path(value)) is None:
+        return value
+    return "run " + replicate_key(Path(value), keys)
 
 
 # ---------------------------------------------------------------- inputs

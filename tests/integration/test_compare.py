@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.conftest import DATA, EXAMPLES, run_cli
+from tests.conftest import DATA, EXAMPLES, fake_run, run_cli
 from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, parse_eval_also, read_prompts
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
@@ -669,6 +670,39 @@ def test_runs_repeated_with_other_seeds_are_summarised_over_them(tmp_path: Path)
     assert c.over_seeds()["qv"]["numbers"]["eval_loss"] == {"mean": 2.0, "sd": pytest.approx(2**0.5), "n": 2}
     c.settings["replicates"] = {}
     assert "Over seeds" not in write_report(c, tmp_path / "none")["md"].read_text()
+
+
+def test_a_teachers_and_a_reward_models_seeds_group_the_runs_built_on_them(tmp_path: Path) -> None:
+    """Students each taught by its own seed's teacher run, and GRPO runs each against its own seed's reward-model run,
+    are replicates (grouped by the runs they build on, not those runs' paths); against a hub teacher or with another
+    setting they are not."""
+    from tunelab.compare import replicates
+
+    def run(name: str, example: str, seed: int, **changes: object) -> Path:
+        settings = load_experiment(EXAMPLES / example).model_dump(mode="json")
+        settings["train"]["seed"] = seed
+        for key, value in changes.items():
+            section, field = key.split("__")
+            settings[section][field] = value
+        folder = fake_run(tmp_path, name)
+        (folder / "experiment.yaml").write_text(yaml.safe_dump(settings | {"name": name}))
+        return folder
+
+    made = []
+    for seed in (1, 2):
+        teacher = run(f"teacher-seed_{seed}", "quickstart.yaml", seed)
+        judge = run(f"judge-seed_{seed}", "reward.yaml", seed)
+        made += [teacher, judge]
+        made.append(run(f"student-seed_{seed}", "distill.yaml", seed, distill__teacher=str(teacher)))
+        made.append(run(f"policy-seed_{seed}", "grpo-reward-model.yaml", seed, grpo__rewards=[str(judge)]))
+    made.append(run("student-hub", "distill.yaml", 3, distill__teacher="org/teacher"))
+    made.append(run("policy-other", "grpo-reward-model.yaml", 3, grpo__rewards=[str(judge)], grpo__generations=2))
+    assert replicates([(folder, read_manifest(folder)) for folder in made]) == {
+        "teacher": ["teacher-seed_1", "teacher-seed_2"],
+        "judge": ["judge-seed_1", "judge-seed_2"],
+        "student": ["student-seed_1", "student-seed_2"],
+        "policy": ["policy-seed_1", "policy-seed_2"],
+    }
 
 
 def test_a_studys_seed_grid_is_compared_over_its_seeds_chain_by_chain(tmp_path: Path) -> None:
