@@ -855,6 +855,13 @@ class TrainSettings(Strict):
     save_steps: int | None = Field(
         default=None, gt=0, description="Checkpoint every N steps; None checkpoints at the end of each epoch."
     )
+    save_minutes: float | None = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Also checkpoint once this many minutes of training have passed since the last checkpoint, so a "
+        "crash loses at most that much of a long epoch; null: checkpoints only every save_steps steps or epoch.",
+    )
     save_total_limit: int = Field(default=2, gt=0, description="Checkpoints kept for resuming.")
     keep: Literal["last", "best"] = Field(
         default="last",
@@ -1139,6 +1146,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("train", "data_workers"): None,
     ("train", "keep"): "last",
     ("train", "early_stop"): None,
+    ("train", "save_minutes"): 30.0,
     ("model", "quantization"): None,
     ("grpo",): None,
     ("distill",): None,

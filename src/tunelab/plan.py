@@ -81,6 +81,7 @@ class Disk:
     checkpoint_weights_bytes: int
     checkpoint_optimizer_bytes: int
     checkpoints: int  # the most on disk at once: save_total_limit, and the one written before the oldest goes
+    timed: bool  # some of them are train.save_minutes's, beyond the Trainer's schedule
     result: str  # what the run keeps: adapter/, trained.safetensors or model/ (runs.py), with tokenizer/
     result_bytes: int
     total_bytes: int
@@ -134,6 +135,7 @@ class Plan:
     batching: Batching
     data: DataStats | None
     warnings: list[str]
+    schedule: Schedule
     method_line: str | None = None  # what the method's own settings decide (GRPO: rewards, sampling)
 
     def to_json(self) -> dict:
@@ -254,7 +256,9 @@ def estimate_disk(
     # A PiSSA or OLoRA adapter is saved converted to plain LoRA of twice the rank (scopes/lora.py).
     adapter = trained * (2 if exp.scope.lora is not None and exp.scope.lora.moves_base else 1)
     result = (adapter if kind.adds_parameters else saved * b) + tokenizer_bytes + SMALL_FILES
-    saves = checkpoint_saves(exp, n_train)
+    scheduled = checkpoint_saves(exp, n_train)
+    # train.save_minutes may checkpoint after any step: how long a run takes is not known here, and a long one does.
+    saves = optimizer_steps(exp, n_train) if exp.train.save_minutes is not None else scheduled
     # With keep: best the Trainer keeps the best checkpoint beside the newest, two at least.
     limit = max(exp.train.save_total_limit, 2) if exp.train.keep == "best" else exp.train.save_total_limit
     kept = min(limit, saves)
@@ -266,6 +270,7 @@ def estimate_disk(
         checkpoint_weights_bytes=trained,
         checkpoint_optimizer_bytes=optimizer,
         checkpoints=at_once,
+        timed=at_once > min(limit + 1, scheduled),
         result=kind.result,
         result_bytes=result,
         total_bytes=total,
@@ -276,14 +281,52 @@ def estimate_disk(
 
 
 def checkpoint_saves(exp: Experiment, n_train: int) -> int:
-    """How many checkpoints the Trainer writes: every save_steps steps and at the last step, else every epoch."""
+    """How many checkpoints the Trainer's schedule writes: every save_steps steps and at the last step, else every
+    epoch (train.save_minutes's come on top)."""
     t = exp.train
     steps = optimizer_steps(exp, n_train)
     every = save_every(t, has_eval=True)  # keep: best needs eval data (config.py), so there is some
     if every:
         return math.ceil(steps / every)
-    per_epoch = math.ceil(n_train / (t.batch_size * t.grad_accumulation))
-    return math.ceil(steps / per_epoch)
+    return math.ceil(steps / steps_per_epoch(exp, n_train))
+
+
+@dataclass
+class Schedule:
+    """The run's optimizer steps, and when it evaluates and checkpoints (None: at each epoch's end)."""
+
+    steps: int
+    per_epoch: int
+    epochs: float
+    max_steps: bool  # train.max_steps set the steps
+    evaluate_every: int | None
+    evaluates: bool  # there are held-out data
+    checkpoint_every: int | None
+    checkpoint_minutes: float | None
+    checkpoints_kept: int
+
+
+def steps_per_epoch(exp: Experiment, n_train: int) -> int:
+    from tunelab.methods import get_method
+
+    sequences = n_train * get_method(exp.method).samples(exp)  # GRPO: each prompt's completions
+    return math.ceil(sequences / (exp.train.batch_size * exp.train.grad_accumulation))
+
+
+def schedule(exp: Experiment, n_train: int, evaluates: bool) -> Schedule:
+    t = exp.train
+    keep_best = t.keep == "best" and evaluates
+    return Schedule(
+        steps=optimizer_steps(exp, n_train),
+        per_epoch=steps_per_epoch(exp, n_train),
+        epochs=t.epochs,
+        max_steps=t.max_steps is not None,
+        evaluate_every=t.eval_steps or (t.save_steps if keep_best else None),
+        evaluates=evaluates,
+        checkpoint_every=save_every(t, evaluates),
+        checkpoint_minutes=t.save_minutes,
+        checkpoints_kept=max(t.save_total_limit, 2) if keep_best else t.save_total_limit,
+    )
 
 
 def tokenizer_bytes(tokenizer) -> int:
@@ -305,8 +348,9 @@ def disk_refusal(disk: Disk, limit: int) -> str | None:
         f"output.dir: the run writes up to {human_bytes(disk.total_bytes)} into {disk.folder} ({disk.checkpoints} "
         f"checkpoint{'s' if disk.checkpoints > 1 else ''} of {human_bytes(disk.checkpoint_bytes)} and the "
         f"{disk.result} at the end), and its disk has {human_bytes(disk.free_bytes or 0)} free: free "
-        f"{human_bytes(disk.short_bytes)} there, lower train.save_total_limit (now {limit}), or set output.dir to "
-        "a larger disk"
+        f"{human_bytes(disk.short_bytes)} there, lower train.save_total_limit (now {limit})"
+        + (", set train.save_minutes: null to checkpoint only as scheduled" * disk.timed)
+        + ", or set output.dir to a larger disk"
     )
 
 
@@ -582,11 +626,7 @@ def data_stats(inputs: Inputs) -> DataStats:
 def optimizer_steps(exp: Experiment, n_train: int) -> int:
     if exp.train.max_steps:
         return exp.train.max_steps
-    from tunelab.methods import get_method
-
-    per_step = exp.train.batch_size * exp.train.grad_accumulation
-    sequences = n_train * get_method(exp.method).samples(exp)  # GRPO: each prompt's completions
-    return math.ceil(math.ceil(sequences / per_step) * exp.train.epochs)
+    return math.ceil(steps_per_epoch(exp, n_train) * exp.train.epochs)
 
 
 def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int) -> None:
@@ -787,8 +827,19 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     if (no_room := disk_refusal(disk, exp.train.save_total_limit)) is not None:
         warnings.append(no_room)
     described = get_method(exp.method).describe(exp)
+    steps = schedule(exp, stats.train.examples, bool(inputs.splits.eval))
     return Plan(
-        exp.name, exp.method, facts, resolved, memory, disk, batching(exp.train, exp.method), stats, warnings, described
+        exp.name,
+        exp.method,
+        facts,
+        resolved,
+        memory,
+        disk,
+        batching(exp.train, exp.method),
+        stats,
+        warnings,
+        steps,
+        described,
     )
 
 

@@ -442,6 +442,7 @@ HOW_IT_RUNS = frozenset(
         "train.logging_steps",
         "train.eval_steps",
         "train.save_steps",
+        "train.save_minutes",
         "train.save_total_limit",
         "train.report_to",
         "output.dir",  # the run was found there: the same folder, written another way

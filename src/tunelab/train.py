@@ -136,6 +136,41 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     return Record()
 
 
+def _timed_checkpoints(minutes: float) -> TrainerCallback:
+    """train.save_minutes: a checkpoint once that many minutes have passed since the last one (or since training
+    began), beside the Trainer's own every save_steps or epoch. Under several processes the first one's clock decides
+    for all, since every process takes part in a checkpoint."""
+    from transformers import TrainerCallback
+
+    class TimedCheckpoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.since = time.monotonic()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.since = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kw):
+            due = time.monotonic() - self.since >= minutes * 60
+            if args.world_size > 1:
+                due = _first_process_says(due, args.device)
+            if due:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kw):
+            self.since = time.monotonic()
+
+    return TimedCheckpoints()
+
+
+def _first_process_says(flag: bool, device: torch.device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    said = torch.tensor([int(flag)], device=device)
+    dist.broadcast(said, src=0)
+    return bool(said.item())
+
+
 def _phases(shown: bool):
     """Prints each phase of a run as it starts, with the time the previous one took (on the writing rank)."""
     previous, since = "", 0.0
@@ -660,6 +695,8 @@ def _train_in(
     trainer_checkpointing = memory.gradient_checkpointing and not (engine and engine.checkpoints_activations)
     hw = Hardware(device, dtype, trainer_checkpointing, packed_rows_apart=apart, master=memory.master)
     recorder = _recorder(run, sys.stdout.isatty())
+    # Before the recorder, whose check of the weights every checkpoint waits on.
+    timed = [_timed_checkpoints(exp.train.save_minutes)] if exp.train.save_minutes is not None else []
     report_to = exp.train.report_to
     if report_to:
         facts = {"config_hash": exp.config_hash(), "run_name": run.dir.name, "base_model": exp.model.id}
@@ -678,7 +715,7 @@ def _train_in(
     with trackers.environment(report_to, run.dir, group):
         clock(f"preparing the {exp.method} trainer")
         trainer = _build_trainer(
-            exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [recorder, *callbacks], inputs.also
+            exp, model, tokenizer, splits, inputs.encoded, kind, hw, run, [*timed, recorder, *callbacks], inputs.also
         )
         trainer.args.run_name, trainer.args.project = run.dir.name, group  # the trackers' run and project names
         running = getattr(trainer.accelerator.distributed_type, "value", str(trainer.accelerator.distributed_type))

@@ -33,7 +33,11 @@ SHORT = [
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory, tiny_model_dir) -> Path:
     out_dir = tmp_path_factory.mktemp("torchrun")
-    out = run_cli("train", str(EXAMPLES / "lora-qv.yaml"), "--nproc", "2", "--set", f"output.dir={out_dir}", *SHORT)
+    # A checkpoint after every step (train.save_minutes): the processes must agree on each one.
+    timed = ["--set", "train.save_minutes=1e-9", "--set", "train.save_total_limit=10"]
+    out = run_cli(
+        "train", str(EXAMPLES / "lora-qv.yaml"), "--nproc", "2", "--set", f"output.dir={out_dir}", *SHORT, *timed
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out_dir
 
@@ -54,6 +58,8 @@ def test_two_process_training_keeps_ranks_identical(torchrun_run: Path) -> None:
         if '"loss"' in line
     ]
     assert steps == [1, 2, 3, 4]  # one process writes; steps are global
+    saved = sorted(p.name for p in (tmp_path / "lora-qv" / "checkpoints").glob("checkpoint-*"))
+    assert saved == [f"checkpoint-{step}" for step in steps]
 
 
 def test_two_processes_train_what_one_process_trains_on_the_whole_batch(tmp_path: Path, torchrun_run: Path) -> None:

@@ -83,6 +83,17 @@ def test_a_run_that_cannot_fit_on_its_disk_is_refused_before_anything_loads(tmp_
     assert "output.dir: the run writes up to" in line and "10000000 checkpoints of" in line
     assert "lower train.save_total_limit (now 10000000), or set output.dir to a larger disk" in line
     assert list(tmp_path.iterdir()) == []  # no run folder, no lock: nothing started
+    # Checkpointing at each epoch's end, ten million steps would write 227,273 checkpoints; train.save_minutes may
+    # write one after any step of a run that long, and the refusal names it.
+    epochs = ["train.max_steps=10000000", "train.save_total_limit=10000000", f"output.dir={tmp_path}"]
+    timed = make_plan(load_experiment(QUICKSTART, epochs))
+    assert timed.disk.checkpoints == 10_000_000 and timed.schedule.per_epoch == 44
+    (line,) = [w for w in timed.warnings if w.startswith("output.dir: the run writes up to")]
+    assert "(now 10000000), set train.save_minutes: null to checkpoint only as scheduled, or set output.dir" in line
+    scheduled = make_plan(load_experiment(QUICKSTART, [*epochs, "train.save_minutes=null"]))
+    assert scheduled.disk.checkpoints == 227_273  # 10,000,000 / 44, rounded up
+    (line,) = [w for w in scheduled.warnings if w.startswith("output.dir: the run writes up to")]
+    assert "save_minutes" not in line
 
 
 @pytest.mark.skipif(not can_mount_small_disks(), reason="needs `unshare -Urm` and tmpfs mounts (user namespaces)")

@@ -443,3 +443,36 @@ def test_a_run_keeps_what_plan_said_of_its_rows_and_show_prints_it(tmp_path: Pat
     assert shown.returncode == 0, shown.stderr
     printed = " ".join(shown.stdout.split())
     assert all(f"warning: {w}" in printed for w in said) and printed.count("warning: data.") == 2
+
+
+def test_timed_checkpoints_fall_between_the_scheduled_ones_and_a_run_resumes_from_one(tmp_path: Path) -> None:
+    """train.save_minutes checkpoints a step once its minutes have passed since the last checkpoint, beside the
+    epoch's end (29 steps here): with a moment's worth, every step. A run killed right after such a checkpoint, mid
+    epoch, resumes from it to the uninterrupted run's weights and losses."""
+    steps = ["--set", "train.max_steps=8", "--set", "train.save_minutes=1e-9", "--set", "train.logging_steps=1"]
+    steps += ["--set", "train.save_total_limit=100"]
+    crashed, killed = straight_and_killed("lora-qv", 5, tmp_path, *steps)
+    assert killed == -9
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "straight" / "checkpoints").glob("checkpoint-*"))
+    assert saved == list(range(1, 9))
+    resumed = run_cli(*crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-5" in resumed.stdout
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("straight", "crashed")]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+
+
+def test_plan_counts_the_optimizer_steps_a_run_takes(tmp_path: Path) -> None:
+    """plan's steps are the Trainer's: a fraction of an epoch of batches of 6 (3 forward passes of 2) ends at the
+    step the run ends at, and without save_minutes the checkpoints fall at the epoch's end only."""
+    settings = [f"output.dir={tmp_path}", "train.epochs=0.3", "train.batch_size=6", "train.save_minutes=null"]
+    exp = load_experiment(EXAMPLES / "lora-qv.yaml", settings)
+    planned = make_plan(exp)
+    s = planned.schedule
+    assert s.per_epoch == -(-planned.data.train.examples // 6) and s.steps == -(-3 * s.per_epoch // 10)
+    result = train(exp)
+    assert result.manifest.global_steps == s.steps
+    saved = [p.name for p in (result.run_dir / "checkpoints").glob("checkpoint-*")]
+    assert saved == [f"checkpoint-{s.steps}"]

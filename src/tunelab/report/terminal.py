@@ -12,7 +12,7 @@ from rich.text import Text
 
 from tunelab.config import model_head
 from tunelab.methods.common import Batching
-from tunelab.plan import Disk, Plan, SplitStats, human_bytes
+from tunelab.plan import Disk, Plan, Schedule, SplitStats, human_bytes
 from tunelab.runs import Manifest, resume_hint
 from tunelab.scope import layer_ranges as ranges
 from tunelab.starter import Starter, StudyStarter
@@ -67,6 +67,23 @@ def batching_line(b: Batching, tokens_per_forward: int, unit: str = "examples") 
         f"batches: {per_step} {unit} a step ({draw.get(b.sampling, 'drawn at random')}) in {b.accumulation} "
         f"forward passes of ~{b.per_forward}, {rows}; at most {tokens_per_forward:,} tokens a pass"
     )
+
+
+def schedule_line(s: Schedule) -> str:
+    """The run's steps, and when it evaluates and checkpoints."""
+    steps = (
+        f"{s.steps:,} optimizer steps (train.max_steps; an epoch is {s.per_epoch:,})"
+        if s.max_steps
+        else f"{s.steps:,} optimizer steps ({s.per_epoch:,} an epoch, {s.epochs:g} epoch{'s' * (s.epochs != 1)})"
+    )
+    at_epochs = "at each epoch's end"
+    evaluated = "no held-out data to evaluate on"
+    if s.evaluates:
+        evaluated = f"evaluated every {s.evaluate_every:,} steps" if s.evaluate_every else f"evaluated {at_epochs}"
+    saved = f"every {s.checkpoint_every:,} steps" if s.checkpoint_every else at_epochs
+    if s.checkpoint_minutes is not None:
+        saved += f" and after {s.checkpoint_minutes:g} minutes without one"
+    return f"steps: {steps}; {evaluated}; a checkpoint {saved}, the last {s.checkpoints_kept} kept"
 
 
 def print_starter(starter: Starter, console: Console | None = None) -> None:
@@ -198,6 +215,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
         )
     unit = "replies" if plan.data is not None and plan.data.format == "prompt" else "examples"  # GRPO counts replies
     console.print(batching_line(plan.batching, plan.memory.tokens_per_forward, unit), highlight=False)
+    console.print(schedule_line(plan.schedule), highlight=False)
     if plan.method_line:
         console.print(plan.method_line, highlight=False, markup=False)
     console.print(disk_line(plan.disk), highlight=False)
