@@ -437,7 +437,7 @@ def print_study_plan(rows, measured_apart: str | None = None, console: Console |
     the comparison would measure variants on rows some trained on (study.measured_apart)."""
     console = console or _console()
     table = Table(title="Study plan", title_justify="left", show_edge=False)
-    numbers = ("trainable", "%", "memory", "disk")
+    numbers = ("trainable", "%", "steps", "memory", "disk")
     for col in ("variant", "method", "scope", "modules", "layers", *numbers, "differs from base"):
         # a variant's name whole, on more lines where it must (a grid's names differ at their ends)
         table.add_column(
@@ -454,6 +454,7 @@ def print_study_plan(rows, measured_apart: str | None = None, console: Console |
             ranges(s.layers),
             f"{s.trainable_params:,}",
             f"{s.trainable_percent:.3f}",
+            f"{plan.schedule.steps:,}",
             human_bytes(plan.memory.total_bytes),
             human_bytes(plan.disk.total_bytes),
             "\n".join(diff) or "-",
