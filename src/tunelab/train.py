@@ -61,6 +61,8 @@ class NonFiniteLoss(TunelabError):
 def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     from transformers import TrainerCallback
 
+    from tunelab.report.terminal import human_seconds
+
     class Record(TrainerCallback):
         """metrics.jsonl, tokens/s, progress lines, and a stop on NaN/inf loss."""
 
@@ -103,7 +105,7 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
                     f"step {state.global_step}/{state.max_steps}  loss {loss:.4f}  "
                     f"lr {logs.get('learning_rate', 0):.2e}  "
                     + (f"reward {logs['reward']:.3f}  " if "reward" in logs else "")  # GRPO's sampled completions
-                    + f"{record.get('tokens_per_s') or 0:.0f} tok/s  ETA {eta:.0f}s"
+                    + f"{record.get('tokens_per_s') or 0:.0f} tok/s  ETA {human_seconds(eta)}"
                 )
                 print(("\r" + line.ljust(79)) if on_tty else line, end="" if on_tty else "\n", flush=True)
             elif "eval_reward" in logs:  # GRPO: the mean reward of completions sampled for the eval prompts

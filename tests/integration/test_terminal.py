@@ -1,6 +1,7 @@
 """A quiet terminal: in a pipe, tunelab's commands print their own lines only; the libraries' progress bars and logs
 go to the run's train.log, and reach the terminal only with --verbose (which proves the switch hides them)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,10 @@ def test_train_and_compare_print_only_tunelabs_lines(tmp_path: Path, tiny_model_
         f"-> saving the adapter to {tmp_path / 'quiet'}",
     ]
     assert [p.rsplit("(", 1)[1].split(" took")[0] for p in phases[1:]] == ["loading", "preparing", "training"]
+    assert "steps: 2 optimizer steps (train.max_steps; an epoch is 44); evaluated at each epoch's end" in quiet.stdout
+    # in a pipe each logged step is a line (the first, then every 5th), its time to go in the units a person reads
+    (step,) = [line for line in quiet.stdout.splitlines() if line.startswith("step ")]
+    assert re.fullmatch(r"step 1/2  loss \d\.\d{4}  lr 3\.00e-03  \d+ tok/s  ETA \d+\.\d s", step), step
     log = (tmp_path / "quiet" / "train.log").read_text()
     assert "INFO transformers.trainer: ***** Running training *****" in log
     assert "INFO transformers.modeling_utils: loading weights file" in log
