@@ -27,6 +27,16 @@ QUIET_LIBRARIES = {
 }
 
 
+def human_seconds(seconds: float | None) -> str | None:
+    """A duration as a person reads it: 6.5 s, 12 min 03 s, 2 h 05 min."""
+    if seconds is None:
+        return None
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def set_verbosity(verbose: bool) -> None:
     """Decide, before the libraries load, whether their own output reaches the terminal."""
     STATE["verbose"] = verbose

@@ -181,6 +181,7 @@ class Provenance(Record):
     reward_hashes: dict[str, str] | None = None  # GRPO: each reward's file (sha256 prefix), by grpo.rewards' name
     tool_hashes: dict[str, str] | None = None  # GRPO: each tool's file (sha256 prefix), by grpo.tools' name
     teacher: BaseModelRecord | None = None  # distill: the model that taught (a run's folder, or a model's id)
+    processes: int | None = None  # how many processes train it (the world size): each takes batch_size a step
 
 
 class Manifest(Record):
@@ -212,6 +213,7 @@ class Manifest(Record):
     reward_hashes: dict[str, str] | None = None
     tool_hashes: dict[str, str] | None = None
     teacher: BaseModelRecord | None = None
+    processes: int | None = None
     # how it trains
     device: str | None = None
     dtype: str | None = None
@@ -503,6 +505,12 @@ def changed_inputs(
         changed.append(
             f"the teacher changed ({old.teacher.id} {old.teacher.fingerprint} -> {provenance.teacher.id} "
             f"{provenance.teacher.fingerprint})"
+        )
+    if old.processes and provenance.processes and old.processes != provenance.processes:
+        changed.append(
+            f"the number of processes changed ({old.processes} -> {provenance.processes}): each takes "
+            f"train.batch_size examples a step, so the steps left would train other examples; resume it with "
+            f"{old.processes} process{'es' * (old.processes > 1)}"
         )
     old_base = old.base_model.fingerprint if old.base_model else None
     new_base = provenance.base_model.fingerprint

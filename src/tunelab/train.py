@@ -61,7 +61,7 @@ class NonFiniteLoss(TunelabError):
 def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     from transformers import TrainerCallback
 
-    from tunelab.report.terminal import human_seconds
+    from tunelab.console import human_seconds
 
     class Record(TrainerCallback):
         """metrics.jsonl, tokens/s, progress lines, and a stop on NaN/inf loss."""
@@ -387,6 +387,7 @@ def train(
         reward_hashes=function_hashes(exp.grpo.rewards) if exp.grpo else None,
         tool_hashes=function_hashes(exp.grpo.acting) if exp.grpo and exp.grpo.acting else None,
         teacher=teacher_record(resolve_teacher(exp), shown=distributed.is_main()) if exp.distill else None,
+        processes=distributed.world_size(),
     )
     run = open_run(exp, resume, overwrite, distributed.is_main(), provenance, force)
     try:

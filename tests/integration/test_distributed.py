@@ -120,6 +120,10 @@ def test_two_process_resume_after_sigkill(tmp_path: Path, tiny_model_dir) -> Non
     steps = ["--set", "train.max_steps=6", "--set", "train.save_steps=3", "--set", "train.logging_steps=1"]
     crashed, killed = straight_and_killed("lora-qv", 3, tmp_path, "--nproc", "2", *steps)
     assert killed != 0  # the launcher's exit code, not the killed process's
+    alone = run_cli(*crashed[:-2], "--resume")  # without --nproc 2: one process, half the examples a step
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1, alone.stderr[-2000:]
+    assert "the number of processes changed (2 -> 1): each takes train.batch_size examples a step" in alone.stderr
+    assert "resume it with 2 processes; resuming would mix two experiments" in alone.stderr
     resumed = run_cli(*crashed, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-3" in resumed.stdout  # a resume, not a restart that happens to agree

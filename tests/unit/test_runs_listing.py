@@ -183,7 +183,8 @@ def test_runs_table_rounds_what_the_json_keeps_whole(tmp_path: Path) -> None:
 
     from rich.console import Console
 
-    from tunelab.report.terminal import human_seconds, print_runs, print_show
+    from tunelab.console import human_seconds
+    from tunelab.report.terminal import print_runs, print_show
     from tunelab.runs import read_manifest, read_metrics
 
     run = make_run(tmp_path, "long", "completed", "builtin:tiny-chat", "2026-12-04T16:38:50.686+00:00", [2.0, 1.0])

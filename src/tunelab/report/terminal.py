@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.config import model_head
+from tunelab.console import human_seconds
 from tunelab.methods.common import Batching
 from tunelab.plan import Disk, Plan, Schedule, SplitStats, human_bytes
 from tunelab.runs import Manifest, resume_hint
@@ -511,16 +512,6 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
 
 def _number(value: float | None, spec: str) -> str | None:
     return None if value is None else format(value, spec)
-
-
-def human_seconds(seconds: float | None) -> str | None:
-    """A duration as a person reads it: 6.5 s, 12 min 03 s, 2 h 05 min."""
-    if seconds is None:
-        return None
-    if round(seconds, 1) < 60:
-        return f"{seconds:.1f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def local_time(stamp: str | None) -> str | None:
