@@ -428,7 +428,8 @@ def runs(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     name: Annotated[str | None, typer.Option("--name", help="Only runs whose name matches (e.g. 'lora-*').")] = None,
     status: Annotated[
-        str | None, typer.Option("--status", help="Only runs with this status (running, completed, failed, ...).")
+        str | None,
+        typer.Option("--status", help="Only runs with this status (running, completed, failed, interrupted, died)."),
     ] = None,
     base: Annotated[str | None, typer.Option("--base", help="Only runs whose base model id contains this.")] = None,
 ) -> None:
@@ -458,7 +459,7 @@ def show(
     ] = 0,
 ) -> None:
     """One run's summary: what trained, on what, how it went, and its loss curve."""
-    from tunelab.runs import latest_rollouts, lm_eval_scores, read_manifest, read_metrics
+    from tunelab.runs import latest_rollouts, lm_eval_scores, read_manifest, read_metrics, shown_status
 
     manifest = read_manifest(run)
     if as_json:
@@ -466,7 +467,7 @@ def show(
         return
     from tunelab.report.terminal import print_replies, print_show
 
-    print_show(run, manifest, read_metrics(run), lm_eval_scores(run))
+    print_show(run, manifest, read_metrics(run), lm_eval_scores(run), shown_status(run, manifest))
     if replies > 0:
         print_replies(latest_rollouts(run), replies)
 

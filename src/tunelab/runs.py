@@ -549,11 +549,15 @@ def open_run(
     return run
 
 
+def lock_path(run_dir: Path) -> Path:
+    return Path(run_dir).parent / f".{Path(run_dir).name}.lock"
+
+
 def lock_run(output_dir: Path, name: str) -> int:
     """One writer per run: an OS lock beside the run folder (it survives --overwrite), held for the training's
     life and released by the OS when the holder dies, so it is never stale."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output_dir / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path(output_dir / name), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -566,6 +570,37 @@ def lock_run(output_dir: Path, name: str) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     return fd
+
+
+def trained_now(run_dir: Path) -> bool | None:
+    """Whether a process holds the run's lock, training it now; None where that cannot be told (no lock file, or a
+    file system without locks). The probe takes a shared lock and lets go at once."""
+    try:
+        fd = os.open(lock_path(run_dir), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+DIED = "died"  # shown, never recorded (shown_status)
+
+
+def shown_status(run_dir: Path, manifest: Manifest) -> str:
+    """The run's status as recorded, except "died" for a run recorded as running that no process trains: it was
+    killed (SIGKILL, the out-of-memory killer) or its machine stopped, with no chance to record it."""
+    if manifest.status == "running" and trained_now(run_dir) is False:
+        return DIED
+    return manifest.status
 
 
 def free_bytes(folder: Path) -> int | None:
@@ -766,7 +801,7 @@ def _summaries(root: Path) -> list[dict]:
             {
                 "name": m.name,
                 "dir": str(run_dir),
-                "status": m.status,
+                "status": shown_status(run_dir, m),
                 "method": m.method,
                 "scope": m.scope,
                 "base": m.base_model.id if m.base_model else None,

@@ -211,3 +211,36 @@ def test_runs_table_rounds_what_the_json_keeps_whole(tmp_path: Path) -> None:
         "12 min 03 s",
         "1 h 00 min",
     ]
+
+
+def test_a_run_recorded_as_running_that_no_process_trains_is_shown_as_died(tmp_path: Path) -> None:
+    """A process killed outright (SIGKILL, the out-of-memory killer, a machine that stopped) leaves its run recorded
+    as running. While a process holds the run's lock `runs` and `show` say running; once none does, died, with where
+    a resume goes on from. A run without a lock file (made before there was one) stays as recorded."""
+    import os
+    from io import StringIO
+
+    from rich.console import Console
+
+    from tunelab.report.terminal import print_show
+    from tunelab.runs import lock_run, read_manifest, read_metrics, shown_status
+
+    run = make_run(tmp_path, "long", "running", "builtin:tiny-chat", "2026-12-04T16:38", [3.0, 2.0, 1.0])
+    assert [r["status"] for r in list_runs(tmp_path)] == ["running"]
+    held = lock_run(tmp_path, "long")
+    assert [r["status"] for r in list_runs(tmp_path)] == ["running"]
+    os.close(held)  # as the OS lets go of a dead process's locks
+    assert [r["status"] for r in list_runs(tmp_path, status="died")] == ["died"]
+    manifest = read_manifest(run)
+    assert manifest.status == "running" and shown_status(run, manifest) == "died"  # shown, not written
+    shown = StringIO()
+    print_show(
+        run, manifest, read_metrics(run), status=shown_status(run, manifest), console=Console(file=shown, width=300)
+    )
+    lines = shown.getvalue().splitlines()
+    assert lines[0].startswith("long  died  sft · lora")
+    assert lines[2:4] == [
+        "no process trains it: it stopped after logging step 3 without recording why (killed, out of memory, or its "
+        "machine stopped)",
+        "resume: the same tunelab train command with --resume continues from its start (no checkpoint yet)",
+    ]

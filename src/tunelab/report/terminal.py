@@ -14,7 +14,7 @@ from tunelab.config import model_head
 from tunelab.console import human_seconds
 from tunelab.methods.common import Batching
 from tunelab.plan import Disk, Plan, Schedule, SplitStats, human_bytes
-from tunelab.runs import Manifest, resume_hint
+from tunelab.runs import DIED, Manifest, resume_hint
 from tunelab.scope import layer_ranges as ranges
 from tunelab.starter import Starter, StudyStarter
 
@@ -596,18 +596,31 @@ def print_show(
     manifest: Manifest,
     metrics: list[dict],
     benchmarks: tuple[dict[str, float], dict[str, float]] = ({}, {}),
+    status: str | None = None,
     console: Console | None = None,
 ) -> None:
-    """A run's summary; `benchmarks`: its stored lm-eval scores and the base's beside them."""
+    """A run's summary; `benchmarks`: its stored lm-eval scores and the base's beside them; `status`: as shown
+    (runs.shown_status), where it is not the recorded one."""
     console = console or _console()
     m = manifest
+    status = status or m.status
     base = m.base_model.id if m.base_model else "-"
     quantized = f" on {m.quantization.describe}" if m.quantization else ""
-    console.print(Text(f"{m.name}  {m.status}  {m.method} · {m.scope}{quantized} · {base}"))
+    console.print(Text(f"{m.name}  {status}  {m.method} · {m.scope}{quantized} · {base}"))
     console.print(Text(f"folder {run_dir}; created {local_time(m.created_at)}; ended {local_time(m.ended_at) or '-'}"))
     if m.error:
         console.print(Text(f"error: {m.error}"), style="red")
-    if m.status in ("interrupted", "failed"):
+    if status == DIED:
+        logged = next((r["step"] for r in reversed(metrics) if "loss" in r), None)
+        after = f" after logging step {logged}" if logged is not None else ""
+        console.print(
+            Text(
+                f"no process trains it: it stopped{after} without recording why (killed, out of memory, or its "
+                "machine stopped)"
+            ),
+            style="red",
+        )
+    if status in ("interrupted", "failed", DIED):
         console.print(Text(f"resume: {resume_hint(Path(run_dir))}"))
     if m.trainable_params is not None:
         where = f"; modules {','.join(m.target_modules)}" if m.target_modules else ""
