@@ -239,6 +239,7 @@ class Manifest(Record):
     eval_also_losses: dict[str, dict[str, float | None]] | None = None
     final_train_loss: float | None = None
     global_steps: int | None = None
+    max_steps: int | None = None  # the optimizer steps the Trainer set out to take, recorded as training begins
     stopped_early: bool | None = None  # train.early_stop ended it before its planned steps
     best_step: int | None = None  # train.keep: best: the step whose checkpoint is the result
     best_eval_loss: float | None = None
@@ -549,6 +550,18 @@ def open_run(
     return run
 
 
+def last_logged(metrics: list[dict]) -> int | None:
+    """The last training step a run's metrics logged a loss at."""
+    return next((r["step"] for r in reversed(metrics) if "loss" in r and "step" in r), None)
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    try:
+        return last_logged(read_metrics(run_dir))
+    except TunelabError:  # a damaged metrics file: the listing goes on without the step
+        return None
+
+
 def lock_path(run_dir: Path) -> Path:
     return Path(run_dir).parent / f".{Path(run_dir).name}.lock"
 
@@ -815,6 +828,9 @@ def _summaries(root: Path) -> list[dict]:
                 "eval_also_losses": {name: losses.get("final") for name, losses in (m.eval_also_losses or {}).items()},
                 "train_seconds": m.train_seconds,
                 "created_at": m.created_at,
+                # how far an unfinished run got: its last logged step, of how many
+                "logged_step": _last_logged_step(run_dir) if m.status != "completed" else None,
+                "max_steps": m.max_steps,
                 "disk_bytes": folder_bytes(run_dir),
             }
         )

@@ -74,6 +74,7 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
 
         def on_train_begin(self, args, state, control, **kw):
             run.began = True
+            run.update(max_steps=state.max_steps)
             self.started = self.last_time = time.perf_counter()
             self.first_step = state.global_step
             # A fresh run starts from zero tokens; a resumed one learns its count at the first log.

@@ -123,8 +123,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, tiny_model_dir
     assert killed == -9
     assert read_manifest(tmp_path / "crashed").status == "running"
     shown = run_cli("show", str(tmp_path / "crashed")).stdout.splitlines()  # the OS let go of the dead run's lock
-    assert shown[0].startswith("crashed  died  sft") and "no process trains it" in shown[2]
-    assert shown[3] == "resume: the same tunelab train command with --resume continues from checkpoint-32 (step 32)"
+    assert shown[0].startswith("crashed  died  sft") and re.fullmatch(r"step 3[2-6] of 36 logged \(\d+%\)", shown[2])
+    assert "no process trains it" in shown[3]
+    assert shown[4] == "resume: the same tunelab train command with --resume continues from checkpoint-32 (step 32)"
     refused = run_cli(*crashed)
     assert refused.returncode == 2 and "use --resume" in refused.stderr
     resumed = run_cli(*crashed, "--resume")

@@ -100,6 +100,8 @@ def test_runs_json_rows_are_the_manifests_summary(tmp_path: Path) -> None:
         "eval_also_losses": {},
         "train_seconds": None,
         "created_at": "2026-12-01T10:00",
+        "logged_step": None,  # how far a run that has not completed got
+        "max_steps": None,
         "disk_bytes": sum(p.stat().st_size for p in run.rglob("*") if p.is_file()),
     }
     # a base filter never matches a run whose base is unknown (the unreadable one)
@@ -222,10 +224,11 @@ def test_a_run_recorded_as_running_that_no_process_trains_is_shown_as_died(tmp_p
 
     from rich.console import Console
 
-    from tunelab.report.terminal import print_show
+    from tunelab.report.terminal import print_runs, print_show
     from tunelab.runs import lock_run, read_manifest, read_metrics, shown_status
 
     run = make_run(tmp_path, "long", "running", "builtin:tiny-chat", "2026-12-04T16:38", [3.0, 2.0, 1.0])
+    write_manifest(run, read_manifest(run).updated(max_steps=10))  # as training begins
     assert [r["status"] for r in list_runs(tmp_path)] == ["running"]
     held = lock_run(tmp_path, "long")
     assert [r["status"] for r in list_runs(tmp_path)] == ["running"]
@@ -239,8 +242,11 @@ def test_a_run_recorded_as_running_that_no_process_trains_is_shown_as_died(tmp_p
     )
     lines = shown.getvalue().splitlines()
     assert lines[0].startswith("long  died  sft · lora")
-    assert lines[2:4] == [
-        "no process trains it: it stopped after logging step 3 without recording why (killed, out of memory, or its "
-        "machine stopped)",
+    assert lines[2:5] == [
+        "step 3 of 10 logged (30%)",
+        "no process trains it: it stopped without recording why (killed, out of memory, or its machine stopped)",
         "resume: the same tunelab train command with --resume continues from its start (no checkpoint yet)",
     ]
+    shown = StringIO()
+    print_runs(list_runs(tmp_path), console=Console(file=shown, width=300))
+    assert "│ died 3/10 │" in shown.getvalue()

@@ -14,7 +14,7 @@ from tunelab.config import model_head
 from tunelab.console import human_seconds
 from tunelab.methods.common import Batching
 from tunelab.plan import Disk, Plan, Schedule, SplitStats, human_bytes
-from tunelab.runs import DIED, Manifest, resume_hint
+from tunelab.runs import DIED, Manifest, last_logged, resume_hint
 from tunelab.scope import layer_ranges as ranges
 from tunelab.starter import Starter, StudyStarter
 
@@ -497,7 +497,10 @@ def print_runs(rows: list[dict], console: Console | None = None) -> None:
             scope += f" {', '.join(r['target_modules'])} L{ranges(r.get('layers') or [])}"
         if r.get("quantization"):
             scope += f" on {r['quantization']}"
-        cells = [r.get("name"), r.get("status"), r.get("method"), scope, _number(r.get("trainable_percent"), ".4g")]
+        status = r.get("status")
+        if r.get("logged_step") is not None and r.get("max_steps"):  # how far an unfinished run got
+            status = f"{status} {r['logged_step']}/{r['max_steps']}"
+        cells = [r.get("name"), status, r.get("method"), scope, _number(r.get("trainable_percent"), ".4g")]
         cells += [_number(r.get(k), ".4f") for k in ("final_train_loss", "eval_loss")]
         cells += [_number(r.get("eval_reward"), ".4f")] if rewarded else []
         cells += [human_seconds(r.get("train_seconds"))]
@@ -610,13 +613,13 @@ def print_show(
     console.print(Text(f"folder {run_dir}; created {local_time(m.created_at)}; ended {local_time(m.ended_at) or '-'}"))
     if m.error:
         console.print(Text(f"error: {m.error}"), style="red")
+    logged = last_logged(metrics)
+    if status != "completed" and logged is not None and m.max_steps:
+        console.print(f"step {logged:,} of {m.max_steps:,} logged ({logged / m.max_steps:.0%})")
     if status == DIED:
-        logged = next((r["step"] for r in reversed(metrics) if "loss" in r), None)
-        after = f" after logging step {logged}" if logged is not None else ""
         console.print(
             Text(
-                f"no process trains it: it stopped{after} without recording why (killed, out of memory, or its "
-                "machine stopped)"
+                "no process trains it: it stopped without recording why (killed, out of memory, or its machine stopped)"
             ),
             style="red",
         )
