@@ -30,6 +30,7 @@ from tunelab.runs import (
     read_manifest,
     read_metrics,
     run_status,
+    unfinished,
 )
 
 if TYPE_CHECKING:
@@ -298,8 +299,8 @@ def load_runs(
             runs.append((Path(run_dir), made))
             continue
         manifest = read_manifest(run_dir)
-        if manifest.status != "completed":
-            raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be used by {command}")
+        if (why := unfinished(Path(run_dir), manifest)) is not None:
+            raise TunelabError(f"{run_dir}: run {why}; {command} uses completed runs only")
         if model_head(manifest.method or "") != "lm":
             raise TunelabError(
                 f"{command}: {run_dir} is a reward model (method: {manifest.method}), which scores replies and writes "

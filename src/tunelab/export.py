@@ -16,7 +16,16 @@ import yaml
 
 from tunelab.config import model_head
 from tunelab.errors import TunelabError
-from tunelab.runs import TOKENIZER, Manifest, lm_eval_scores, load_run_experiment, now, read_manifest, write_json
+from tunelab.runs import (
+    TOKENIZER,
+    Manifest,
+    lm_eval_scores,
+    load_run_experiment,
+    now,
+    read_manifest,
+    unfinished,
+    write_json,
+)
 
 
 def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> None:
@@ -42,8 +51,8 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
 
     run_dir, out = Path(run_dir), Path(out)
     manifest = read_manifest(run_dir)
-    if manifest.status != "completed":
-        raise TunelabError(f"{run_dir}: run is {manifest.status}; only completed runs can be exported")
+    if (why := unfinished(run_dir, manifest)) is not None:
+        raise TunelabError(f"{run_dir}: run {why}; only completed runs can be exported")
     if out.exists() and any(out.iterdir()):
         raise TunelabError(f"{out}: exists and is not empty; choose another --out")
     tmp = out.with_name(f".{out.name}.tmp")

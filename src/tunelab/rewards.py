@@ -240,7 +240,7 @@ def reward_models(specs: list[str]) -> list[str]:
 
 def _check_reward_run(spec: str, i: int) -> None:
     from tunelab.config import model_head
-    from tunelab.runs import read_manifest
+    from tunelab.runs import read_manifest, unfinished
 
     manifest = read_manifest(Path(spec))
     if model_head(manifest.method or "") != "score":
@@ -248,11 +248,8 @@ def _check_reward_run(spec: str, i: int) -> None:
             f"grpo.rewards[{i}]: run '{spec}' trained method {manifest.method}, not a reward model; name a run of "
             "method: reward, or a file.py:function"
         )
-    if manifest.status != "completed":
-        raise ConfigError(
-            f"grpo.rewards[{i}]: the reward model '{spec}' is {manifest.status}, not completed; finish it (--resume) "
-            "or name another"
-        )
+    if (why := unfinished(Path(spec), manifest)) is not None:
+        raise ConfigError(f"grpo.rewards[{i}]: the reward model '{spec}' {why}, or name another")
 
 
 def function_hashes(specs: list[str]) -> dict[str, str]:

@@ -616,6 +616,16 @@ def shown_status(run_dir: Path, manifest: Manifest) -> str:
     return manifest.status
 
 
+def unfinished(run_dir: Path, manifest: Manifest) -> str | None:
+    """Why a command that needs a completed run cannot use this one, and what finishes it; None when completed."""
+    status = shown_status(run_dir, manifest)
+    if status == "completed":
+        return None
+    said = {"running": "is running", "interrupted": "was interrupted", "failed": "failed", DIED: "died"}
+    advice = "wait for it to finish" if status == "running" else resume_hint(run_dir)
+    return f"{said.get(status, 'is ' + status)}, not completed; {advice}"
+
+
 def free_bytes(folder: Path) -> int | None:
     """Free bytes on the file system that holds (or will hold) `folder`; None where it cannot be measured."""
     existing = Path(folder).absolute()

@@ -46,16 +46,14 @@ def resolve_teacher(exp: Experiment) -> Teacher:
     """Which model teaches: a completed run (by its manifest), which loads as it trained, or a model id, which loads
     as the student's model settings say (dtype, device, attention, trust_remote_code), quantized only where
     distill.teacher_quantization says."""
-    from tunelab.runs import load_run_experiment, read_manifest, run_status
+    from tunelab.runs import load_run_experiment, read_manifest, run_status, unfinished
 
     assert exp.distill is not None
     spec, path = exp.distill.teacher, Path(exp.distill.teacher)
     if run_status(path) is not None:
         manifest = read_manifest(path)
-        if manifest.status != "completed":
-            raise ConfigError(
-                f"{KEY}: run '{spec}' is {manifest.status}, not completed; finish it (--resume) or name another"
-            )
+        if (why := unfinished(path, manifest)) is not None:
+            raise ConfigError(f"{KEY}: run '{spec}' {why}, or name another")
         if model_head(manifest.method or "") != "lm":
             raise ConfigError(
                 f"{KEY}: run '{spec}' is a reward model (method: {manifest.method}), which scores replies and predicts "

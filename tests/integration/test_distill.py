@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from tunelab.config import load_experiment
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.models import fingerprint
 from tunelab.plan import make_plan
-from tunelab.runs import read_manifest, read_metrics
+from tunelab.runs import lock_run, read_manifest, read_metrics
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow
@@ -162,7 +163,13 @@ def test_a_teacher_that_does_not_fit_the_student_is_refused_before_anything_load
     assert len(said) == 1 and "has a chat template of its own" in said[0]
     assert not [w for w in make_plan(_distill(tmp_path, tiny_model_dir)).warnings if w.startswith("distill.")]
     # a run that did not complete, a folder that is no model
-    assert "is failed, not completed" in refusal(fake_run(tmp_path, "broken", status="failed"))
+    broken = fake_run(tmp_path, "broken", status="failed")
+    assert f"run '{broken}' failed, not completed; the same tunelab train command with --resume" in refusal(broken)
+    busy = fake_run(tmp_path, "busy", status="running")
+    held = lock_run(tmp_path, "busy")  # as by the process that trains it
+    assert f"run '{busy}' is running, not completed; wait for it to finish, or name another" in refusal(busy)
+    os.close(held)  # as the OS lets go of a dead process's lock
+    assert f"run '{busy}' died, not completed; the same tunelab train command with --resume" in refusal(busy)
     done = fake_run(tmp_path, "done")
     with pytest.raises(ConfigError, match=r"^distill.teacher_quantization: the run '.*done' teaches as it trained"):
         make_plan(_distill(tmp_path, done, "distill.teacher_quantization={bits: 4}"))

@@ -458,9 +458,10 @@ def test_what_a_reward_model_cannot_do_is_refused_in_one_line(reward_run: Path, 
         prompts + f"method: grpo\ngrpo: {{rewards: [trl:think_format_reward], {quantized}}}\n"
     )
     failed = fake_run(tmp_path, "rm", method="reward", status="failed")
-    assert f"grpo.rewards[0]: the reward model '{failed}' is failed, not completed" in refused(
-        prompts + f"method: grpo\ngrpo: {{rewards: [{failed}], generations: 4}}\n"
-    )
+    assert (
+        f"grpo.rewards[0]: the reward model '{failed}' failed, not completed; the same tunelab train command with "
+        "--resume continues from its start (no checkpoint yet), or name another"
+    ) in refused(prompts + f"method: grpo\ngrpo: {{rewards: [{failed}], generations: 4}}\n")
     # Mistral Small 3.x's image-text checkpoint has no sequence-classification class in Transformers
     from tests.conftest import CONFIGS
 

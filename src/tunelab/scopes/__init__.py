@@ -58,7 +58,7 @@ def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | 
     """Where the experiment starts from (init_from): a completed run of this scope kind (on this base, when its
     `base_fingerprint` is given), or a result made elsewhere that the kind can start from (a PEFT adapter folder)."""
     from tunelab.models import model_path
-    from tunelab.runs import read_manifest, run_status
+    from tunelab.runs import read_manifest, run_status, unfinished
 
     if exp.init_from is None:
         return None
@@ -79,8 +79,8 @@ def init_source(exp: Experiment, base_fingerprint: str | None = None) -> Path | 
             + ("" if kind.adds_parameters else f" of a {kind.name} scope")
             + (" nor a PEFT adapter folder (adapter_config.json)" if kind.adds_parameters else "")
         )
-    if manifest.status != "completed":
-        raise ConfigError(f"init_from: run '{source}' is {manifest.status}, not completed")
+    if (why := unfinished(Path(source), manifest)) is not None:
+        raise ConfigError(f"init_from: run '{source}' {why}")
     theirs = manifest.base_model.fingerprint if manifest.base_model else None
     if base_fingerprint is not None and theirs != base_fingerprint:
         raise ConfigError(
@@ -171,11 +171,11 @@ def attach_runs(model: nn.Module, runs: list[tuple[Path, Manifest]]) -> tuple[nn
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     """The trained model of a completed run: base + adapter, base + trained tensors, or the full weights."""
-    from tunelab.runs import read_manifest
+    from tunelab.runs import read_manifest, unfinished
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    if manifest.status != "completed":
-        raise TunelabError(f"{run_dir}: run is {manifest.status}, not completed")
+    if (why := unfinished(run_dir, manifest)) is not None:
+        raise TunelabError(f"{run_dir}: run {why}")
     kind, base = run_scope(run_dir, manifest, device)
     return kind.trained(run_dir, base)
