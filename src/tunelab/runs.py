@@ -647,11 +647,10 @@ def folder_bytes(folder: Path) -> int:
 
 def check_prunable(run_dir: Path) -> None:
     """Only a completed run's checkpoints may go: a run that is not completed continues from them (`--resume`)."""
-    status = read_manifest(run_dir).status
-    if status != "completed":
+    if (why := unfinished(run_dir, read_manifest(run_dir))) is not None:
         raise TunelabError(
-            f"{run_dir}: is {status}, and its checkpoints are what --resume continues from; nothing was removed: "
-            "finish it (tunelab train ... --resume), or leave it out"
+            f"{run_dir}: run {why}; nothing was removed, since --resume goes on from its checkpoints: finish it, or "
+            "leave it out"
         )
 
 

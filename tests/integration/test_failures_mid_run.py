@@ -187,7 +187,10 @@ def test_prune_removes_only_completed_runs_checkpoints_and_the_results_stay_usab
     (failed / "checkpoints" / "checkpoint-2").mkdir(parents=True)
     # A run that is not completed keeps its checkpoints, and nothing else is removed either.
     refused = run_cli("prune", str(run.run_dir), str(failed))
-    assert refused.returncode == 2 and "failed-run: is failed, and its checkpoints are what --resume" in refused.stderr
+    assert refused.returncode == 2 and "failed-run: run failed, not completed; the same tunelab train" in refused.stderr
+    assert (
+        "nothing was removed, since --resume goes on from its checkpoints: finish it, or leave it out" in refused.stderr
+    )
     assert (run.run_dir / "checkpoints" / "checkpoint-4").is_dir() and (failed / "checkpoints").is_dir()
     dry = run_cli("prune", str(run.run_dir), "--dry-run")
     assert dry.returncode == 0 and "would remove 2 checkpoints" in dry.stdout
