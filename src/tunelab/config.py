@@ -1056,6 +1056,14 @@ class Experiment(Strict):
                 f"{compares}: compares evaluations, and there is no eval data; set data.eval (a file), "
                 "data.eval_fraction (e.g. 0.05) or data.eval_split"
             )
+        every = t.save_steps or (t.eval_steps if t.keep == "best" else None)  # methods.common.save_every
+        if every and every % self.steps_per_sampling:
+            n = self.steps_per_sampling
+            raise ValueError(
+                f"train.{'save_steps' if t.save_steps else 'eval_steps'}: {every} puts checkpoints within the {n} "
+                f"steps that train on one sampled batch (grpo.iterations: {n}), which TRL keeps in memory only, so a "
+                f"resume from them would not go on as the run did; use a multiple of {n}"
+            )
         if t.keep == "best" and t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
             raise ValueError(
                 f"train.keep: best keeps the checkpoint of the best evaluation, so checkpoints must fall on "
@@ -1113,6 +1121,12 @@ class Experiment(Strict):
                 f"init_from's run, for a {self.scope.kind} scope (for LoRA it copies the starting adapter); set "
                 "grpo.beta: 0, or train from the base"
             )
+
+    @property
+    def steps_per_sampling(self) -> int:
+        """Optimizer steps that train on one batch of sampled replies (GRPO's iterations). TRL keeps that batch in
+        memory only, so a run resumes to the same weights only from a checkpoint between two such batches."""
+        return self.grpo.iterations if self.method == "grpo" and self.grpo is not None else 1
 
     @property
     def run_name(self) -> str:

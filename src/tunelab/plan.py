@@ -650,6 +650,13 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
             f"train.warmup: {t.warmup:g} steps is not less than the run's {steps} optimizer steps, so the learning "
             "rate would never leave warmup; use fewer steps or a fraction below 1"
         )
+    per_epoch, n = steps_per_epoch(exp, n_train), exp.steps_per_sampling
+    if not save_every(t, has_eval=True) and t.epochs > 1 and per_epoch % n and not t.max_steps:
+        raise ConfigError(
+            f"train.save_steps: the checkpoint at each epoch's end (step {per_epoch}, ...) falls within the {n} steps "
+            f"that train on one sampled batch (grpo.iterations: {n}), which TRL keeps in memory only, so a resume "
+            f"from it would not go on as the run did; set train.save_steps to a multiple of {n}"
+        )
     if measured and unsupervised == measured:
         raise ConfigError(
             f"train.max_length: {t.max_length} leaves none of the training examples with a token that carries "

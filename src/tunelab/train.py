@@ -139,10 +139,11 @@ def _recorder(run: Run, on_tty: bool) -> TrainerCallback:
     return Record()
 
 
-def _timed_checkpoints(minutes: float) -> TrainerCallback:
+def _timed_checkpoints(minutes: float, period: int) -> TrainerCallback:
     """train.save_minutes: a checkpoint once that many minutes have passed since the last one (or since training
-    began), beside the Trainer's own every save_steps or epoch. Under several processes the first one's clock decides
-    for all, since every process takes part in a checkpoint."""
+    began), beside the Trainer's own every save_steps or epoch, at a step that ends a sampled batch's `period` steps
+    (Experiment.steps_per_sampling). Under several processes the first one's clock decides for all, since every
+    process takes part in a checkpoint."""
     from transformers import TrainerCallback
 
     class TimedCheckpoints(TrainerCallback):
@@ -153,7 +154,7 @@ def _timed_checkpoints(minutes: float) -> TrainerCallback:
             self.since = time.monotonic()
 
         def on_step_end(self, args, state, control, **kw):
-            due = time.monotonic() - self.since >= minutes * 60
+            due = time.monotonic() - self.since >= minutes * 60 and state.global_step % period == 0
             if args.world_size > 1:
                 due = _first_process_says(due, args.device)
             if due:
@@ -700,7 +701,7 @@ def _train_in(
     hw = Hardware(device, dtype, trainer_checkpointing, packed_rows_apart=apart, master=memory.master)
     recorder = _recorder(run, sys.stdout.isatty())
     # Before the recorder, whose check of the weights every checkpoint waits on.
-    timed = [_timed_checkpoints(exp.train.save_minutes)] if exp.train.save_minutes is not None else []
+    timed = [_timed_checkpoints(exp.train.save_minutes, exp.steps_per_sampling)] if exp.train.save_minutes else []
     report_to = exp.train.report_to
     if report_to:
         facts = {"config_hash": exp.config_hash(), "run_name": run.dir.name, "base_model": exp.model.id}

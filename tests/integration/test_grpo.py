@@ -11,8 +11,18 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import DATA, EXAMPLES, kept_rollouts, resume_matches_straight, run_cli, write_experiment
+from tests.conftest import (
+    DATA,
+    EXAMPLES,
+    kept_rollouts,
+    resume_matches_straight,
+    run_cli,
+    straight_and_killed,
+    trained_tensors,
+    write_experiment,
+)
 from tests.integration.test_trackers import tensorboard_scalars
 from tunelab.compare import compare
 from tunelab.config import load_experiment
@@ -331,3 +341,25 @@ def test_a_template_that_opens_a_think_block_for_generation_serves_grpo(tmp_path
     assert rendered.endswith("<think>\n")
     assert "".join(s["text"] for s in plan.to_json()["data"]["first_example"]) == rendered
     assert train(exp).manifest.status == "completed"
+
+
+def test_two_iterations_checkpoint_between_sampled_batches_and_resume_to_the_same_weights(tmp_path: Path) -> None:
+    """grpo.iterations: 2 trains two steps on each sampled batch, which TRL keeps in memory only: a checkpoint between
+    them could not resume to the same run. A save_steps that falls there is refused in one line; timed checkpoints
+    (a moment's worth of train.save_minutes: every step it may) fall after every second step, and a run killed after
+    one resumes to the uninterrupted run's weights."""
+    grpo = str(EXAMPLES / "grpo.yaml")
+    refused = run_cli("plan", grpo, "--set", "grpo.iterations=2", "--set", "train.save_steps=3")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "train.save_steps: 3 puts checkpoints within the 2 steps that train on one sampled batch" in refused.stderr
+    steps = ["--set", "train.max_steps=6", "--set", "train.save_minutes=1e-9", "--set", "train.save_total_limit=10"]
+    steps += ["--set", "train.logging_steps=1", "--set", "grpo.iterations=2"]
+    crashed, killed = straight_and_killed("grpo", 4, tmp_path, *steps)
+    assert killed == -9
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "straight" / "checkpoints").glob("checkpoint-*"))
+    assert saved == [2, 4, 6]
+    resumed = run_cli(*crashed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from checkpoint-4" in resumed.stdout
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "crashed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
