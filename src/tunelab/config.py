@@ -1056,14 +1056,6 @@ class Experiment(Strict):
                 f"{compares}: compares evaluations, and there is no eval data; set data.eval (a file), "
                 "data.eval_fraction (e.g. 0.05) or data.eval_split"
             )
-        every = t.save_steps or (t.eval_steps if t.keep == "best" else None)  # methods.common.save_every
-        if every and every % self.steps_per_sampling:
-            n = self.steps_per_sampling
-            raise ValueError(
-                f"train.{'save_steps' if t.save_steps else 'eval_steps'}: {every} puts checkpoints within the {n} "
-                f"steps that train on one sampled batch (grpo.iterations: {n}), which TRL keeps in memory only, so a "
-                f"resume from them would not go on as the run did; use a multiple of {n}"
-            )
         if t.keep == "best" and t.save_steps and t.eval_steps and t.save_steps % t.eval_steps:
             raise ValueError(
                 f"train.keep: best keeps the checkpoint of the best evaluation, so checkpoints must fall on "

@@ -650,8 +650,15 @@ def check_rhythm(exp: Experiment, n_train: int, measured: int, unsupervised: int
             f"train.warmup: {t.warmup:g} steps is not less than the run's {steps} optimizer steps, so the learning "
             "rate would never leave warmup; use fewer steps or a fraction below 1"
         )
-    per_epoch, n = steps_per_epoch(exp, n_train), exp.steps_per_sampling
-    if not save_every(t, has_eval=True) and t.epochs > 1 and per_epoch % n and not t.max_steps:
+    # Checkpoints between the steps that train on one sampled batch (GRPO's iterations) could not resume the run.
+    every, per_epoch, n = save_every(t, has_eval=True), steps_per_epoch(exp, n_train), exp.steps_per_sampling
+    if every and every % n:
+        raise ConfigError(
+            f"train.{'save_steps' if t.save_steps else 'eval_steps'}: {every} puts checkpoints within the {n} steps "
+            f"that train on one sampled batch (grpo.iterations: {n}), which TRL keeps in memory only, so a resume "
+            f"from them would not go on as the run did; use a multiple of {n}"
+        )
+    if not every and t.epochs > 1 and per_epoch % n and not t.max_steps:
         raise ConfigError(
             f"train.save_steps: the checkpoint at each epoch's end (step {per_epoch}, ...) falls within the {n} steps "
             f"that train on one sampled batch (grpo.iterations: {n}), which TRL keeps in memory only, so a resume "
