@@ -91,20 +91,21 @@ class Comparison:
     def to_json(self) -> dict:
         return asdict(self) | {"best": self.best(), "over_seeds": self.over_seeds()}
 
+    def held_out_numbers(self) -> dict[str, dict[str, float | None]]:
+        """Each variant's numbers but those measured on rows it trained on (settings' trained_on_numbers)."""
+        touched = self.settings.get("trained_on_numbers") or {}
+        return {v.name: {k: x for k, x in v.numbers.items() if k not in touched.get(v.name, [])} for v in self.variants}
+
     def best(self) -> dict[str, list[str]]:
         """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
         pref acc, GRPO eval reward and expectation pass rate. Only where at least two variants have the number, and
         never a number measured on rows the variant trained on (settings' trained_on_numbers)."""
-        out, touched = {}, self.settings.get("trained_on_numbers") or {}
+        out, numbers = {}, self.held_out_numbers()
         for key in sorted({k for v in self.variants for k in v.numbers}):
             lower = lower_is_better(key)
             if lower is None:
                 continue
-            values = {
-                v.name: v.numbers[key]
-                for v in self.variants
-                if v.numbers.get(key) is not None and key not in touched.get(v.name, [])
-            }
+            values = {name: n[key] for name, n in numbers.items() if n.get(key) is not None}
             if len(values) < 2:
                 continue
             top = min(values.values()) if lower else max(values.values())
@@ -116,10 +117,7 @@ class Comparison:
         measured quality (those best() ranks, and lm-eval scores) that at least two of them have, the mean and the
         sample standard deviation over them; as in best(), never a number measured on rows the run trained on (a
         seed's eval_fraction holds out rows another seed trains on)."""
-        touched = self.settings.get("trained_on_numbers") or {}
-        numbers = {
-            v.name: {k: x for k, x in v.numbers.items() if k not in touched.get(v.name, [])} for v in self.variants
-        }
+        numbers = self.held_out_numbers()
         out = {}
         for label, names in (self.settings.get("replicates") or {}).items():
             keys = sorted({k for n in names for k in numbers[n]})
