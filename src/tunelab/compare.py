@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from tunelab.teacher import Teacher
 
 BASE = "__base__"
+Rows = list[tuple[float, float]]  # a number measured row by row: what it is the ratio of, summed over the rows
 
 
 @dataclass
@@ -87,9 +88,14 @@ class Comparison:
     checks: dict[str, list[list[Check]]]
     # variant name -> per prompt, the messages of a reply that called tools (its calls, their results, its answer)
     exchanges: dict[str, list[list[dict] | None]] = field(default_factory=dict)
+    # variant name -> measured quality -> per row of the rows every variant is measured on, what the number is the
+    # ratio of summed over them: (loss, tokens) of a held-out chat, (won, 1) of a pair, (passed, checks) or
+    # (reward, 1) of a prompt
+    per_row: dict[str, dict[str, Rows]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"best": self.best(), "over_seeds": self.over_seeds()}
+        extra = {"best": self.best(), "over_seeds": self.over_seeds(), "differences": self.differences()}
+        return asdict(self) | extra
 
     def held_out_numbers(self) -> dict[str, dict[str, float | None]]:
         """Each variant's numbers but those measured on rows it trained on (settings' trained_on_numbers)."""
@@ -110,6 +116,26 @@ class Comparison:
                 continue
             top = min(values.values()) if lower else max(values.values())
             out[key] = [name for name, value in values.items() if value == top]
+        return out
+
+    def differences(self) -> dict[str, dict]:
+        """Per measured quality best() ranks, where the variants' numbers come from the same rows (per_row): how far
+        each other variant is from the best one (the first of a tie), with a 95% interval from a paired bootstrap
+        over those rows (every variant resampled by the same draws). An interval that holds 0 is a difference these
+        rows cannot tell apart from their own noise; it says nothing of seed-to-seed spread (over_seeds)."""
+        numbers, out = self.held_out_numbers(), {}
+        for key, leaders in self.best().items():
+            measured = {
+                name: rows[key]
+                for name, rows in self.per_row.items()
+                if key in rows and numbers.get(name, {}).get(key) is not None
+            }
+            reference = leaders[0]
+            if reference not in measured or len(measured) < 2:
+                continue
+            against = paired_differences(measured, reference)
+            rows = sum(1 for _, weight in measured[reference] if weight)  # a prompt without expectations: none
+            out[key] = {"best": reference, "rows": rows, "against": against}
         return out
 
     def over_seeds(self) -> dict[str, dict]:
@@ -147,6 +173,44 @@ class Comparison:
             listing = "; ".join(f"{name}: {why}" for name, why in unchecked.items())
             said.append(f"not checked for training rows among those measured on: {listing}")
         return "\n".join(said) or None
+
+
+RESAMPLES = 2000  # the paired bootstrap's draws: the interval's ends move by about 0.01 of its width between seeds
+
+
+def ratio(rows: Rows) -> float | None:
+    """A number measured over rows: the sum of their first parts over the sum of their second (None where that is
+    0: no token, pair or check to measure)."""
+    weight = sum(w for _, w in rows)
+    return sum(x for x, _ in rows) / weight if weight else None
+
+
+def paired_differences(
+    measured: dict[str, Rows], reference: str, resamples: int = RESAMPLES, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Each variant's number (a ratio over the same rows, in `measured`) minus the reference's, and the 2.5th and
+    97.5th percentiles of that difference over `resamples` draws of the rows with replacement, one draw for all
+    variants at once (a paired bootstrap); seeded, so a report says the same each time."""
+    import numpy as np
+
+    names = list(measured)
+    values = np.array([[x for x, _ in measured[n]] for n in names], dtype=np.float64)  # (variants, rows)
+    weights = np.array([[w for _, w in measured[n]] for n in names], dtype=np.float64)
+    rows, ref = values.shape[1], names.index(reference)
+    rng, drawn = np.random.default_rng(seed), []
+    for start in range(0, resamples, 250):  # 250 draws at a time: (250, rows) counts, whatever the rows
+        counts = rng.multinomial(rows, np.full(rows, 1 / rows), size=min(250, resamples - start)).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats = (counts @ values.T) / (counts @ weights.T)  # (draws, variants)
+        drawn.append(stats - stats[:, [ref]])
+    spread = np.concatenate(drawn)
+    point = values.sum(1) / weights.sum(1)
+    out = {}
+    for i, name in enumerate(names):
+        if i != ref:
+            low, high = np.nanpercentile(spread[:, i], [2.5, 97.5])
+            out[name] = {"difference": float(point[i] - point[ref]), "low": float(low), "high": float(high)}
+    return out
 
 
 def lower_is_better(key: str) -> bool | None:
@@ -611,21 +675,22 @@ def generate_mixed(
     return {a: outputs[i :: len(adapters)] for i, a in enumerate(adapters)}
 
 
-def eval_loss(
+def row_losses(
     model,
     tokenizer,
     rows: list[dict],
     batch_size: int = 8,
     fold_system: bool = False,
     template_vars: dict | None = None,
-) -> float:
-    """Token-weighted mean loss on the tokens that carry loss in training (assistant turns / completions)."""
+) -> Rows:
+    """Per row, the summed loss on the tokens that carry loss in training (assistant turns / completions) and how
+    many they are: `ratio` of them is the token-weighted mean loss."""
     import torch
 
     from tunelab.data import as_sft_row
     from tunelab.templates import tokenize_example
 
-    total, count = 0.0, 0
+    measured: Rows = []
     examples = [tokenize_example(tokenizer, as_sft_row(r), "record", fold_system, template_vars) for r in rows]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -642,11 +707,11 @@ def eval_loss(
             logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
         shifted = labels[:, 1:].to(model.device)
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += loss.item()
-        count += int((shifted != -100).sum())
-    return total / max(count, 1)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(shifted.shape)
+        counted = (shifted != -100).sum(1)
+        measured += [(float(x), float(n)) for x, n in zip(loss.sum(1).tolist(), counted.tolist(), strict=True)]
+    return measured
 
 
 # ---------------------------------------------------------------- numbers
@@ -767,22 +832,23 @@ def compare(
     decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
     model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
     template = exp.tokenizer if exp is not None else TokenizerSettings()
-    outputs, losses, acted = _generate_and_score(
+    outputs, measured, acted = _generate_and_score(
         model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size,
         decoding, seed, teachers, tool_use,
     )  # fmt: skip
     base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
-    variants = [Variant("base", "base", numbers={**losses.get(BASE, {}), **base_scores})] if include_base else []
+    if include_base:
+        for found in (outputs, measured, acted):
+            if BASE in found:
+                found["base"] = found.pop(BASE)
+    losses = {name: {key: ratio(rows) for key, rows in by_key.items()} for name, by_key in measured.items()}
+    variants = [Variant("base", "base", numbers={**losses.get("base", {}), **base_scores})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
         variants.append(Variant(m.name, m.scope, str(d), {**numbers, **losses.get(m.name, {})}, curves))
     for name, teacher in teachers:
         numbers = {"scope": f"teacher of distill: {teacher.label}", **losses.get(name, {})}
         variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
-    if include_base:
-        outputs["base"] = outputs.pop(BASE)
-        if BASE in acted:
-            acted["base"] = acted.pop(BASE)
     replies = {v.name: outputs[v.name] for v in variants}  # texts, or exchanges where replies called tools
     texts = {name: [reply_text(r) for r in said] for name, said in replies.items()}
     checks = {v.name: [check_output(p, o) for p, o in zip(prompts, texts[v.name], strict=True)] for v in variants}
@@ -792,13 +858,17 @@ def compare(
     else:
         scored, rewards_note = reward_scores(rewarded, prompts, replies, acted)
     for v in variants:
-        v.numbers["reward"] = scored.get(v.name)
-    for v in variants:
+        by_prompt = measured.setdefault(v.name, {})
+        if scored.get(v.name):
+            by_prompt["reward"] = [(float(x), 1.0) for x in scored[v.name]]
+        if any(checks[v.name]):
+            by_prompt["expectation_pass_rate"] = [(sum(c.passed for c in cs), len(cs)) for cs in checks[v.name]]
+        for key in ("reward", "expectation_pass_rate"):
+            value = ratio(by_prompt[key]) if key in by_prompt else None
+            v.numbers[key] = round(value, 4) if value is not None else None
         v.numbers.setdefault("eval_loss", None)
         loss = v.numbers["eval_loss"]
         v.numbers["perplexity"] = round(math.exp(loss), 4) if loss is not None else None
-        flat = [c.passed for cs in checks[v.name] for c in cs]
-        v.numbers["expectation_pass_rate"] = round(sum(flat) / len(flat), 4) if flat else None
     settings = {
         "decoding": "greedy" if temperature is None else f"sampling (temperature {temperature}, top_p {top_p})",
         "seed": seed,
@@ -821,7 +891,7 @@ def compare(
     }
     exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
     exchanges = {name: said for name, said in exchanges.items() if any(said)}
-    return Comparison(model.id, settings, variants, prompts, texts, checks, exchanges)
+    return Comparison(model.id, settings, variants, prompts, texts, checks, exchanges, measured)
 
 
 class RunSplits:
@@ -989,8 +1059,8 @@ def reward_scores(
     prompts: list[Prompt],
     outputs: dict[str, list[Reply]],
     acted: dict[str, list[float | None]] | None = None,
-) -> tuple[dict[str, float], str | None]:
-    """Every variant's mean reward over the prompts, by the first GRPO run's rewards (as it trained with them: the
+) -> tuple[dict[str, list[float]], str | None]:
+    """Every variant's reward on each prompt, by the first GRPO run's rewards (as it trained with them: the
     files, or its kept copies of those that changed since) and weights, each output scored as that run's training
     scored a sampled reply (with the prompt row's other fields); and a note of what scored them, or why nothing did
     (a reward needs a field the prompts lack: --prompts rows may carry the fields). `rewarded`: that run's folder,
@@ -1026,7 +1096,7 @@ def reward_scores(
                 totals = [t + weight * (v or 0.0) for t, v in zip(totals, values, strict=True)]  # None: not scored
             if name in acted:
                 totals = [t + (v or 0.0) for t, v in zip(totals, acted[name], strict=True)]
-            scores[name] = round(statistics.fmean(totals), 4) if totals else None
+            scores[name] = totals
     except TunelabError as e:
         return {}, f"not scored with {manifest.name}'s rewards ({names}): {e}"
     return scores, f"{manifest.name}'s rewards ({names}) on each variant's outputs"
@@ -1056,8 +1126,8 @@ def judge_scores(
     outputs: dict[str, list[Reply]],
     pairs: list[dict],
     quantization: Quantization | None = None,
-) -> tuple[dict[str, float], str, float | None]:
-    """Every variant's mean score over the prompts by a reward model (a run of method: reward, or model:<id>, loaded
+) -> tuple[dict[str, list[float]], str, float | None]:
+    """Every variant's score on each prompt by a reward model (a run of method: reward, or model:<id>, loaded
     quantized where `quantization` says), each prompt and reply scored as the reward model's training scored a pair's
     answer; a note of what scored them; and the share of the preference `pairs` (compare's pref acc pairs) whose
     chosen answer it scores above the rejected one, how far to trust its scores (None without pairs)."""
@@ -1071,10 +1141,7 @@ def judge_scores(
         judged_by = f"{read_manifest(Path(spec)).name} ({spec})"
     judge = RewardModel(str(spec), quantization=quantization)
     asked, shown = [p.messages for p in prompts], [p.tools for p in prompts]
-    scores = {
-        name: round(statistics.fmean(judge(asked, texts, shown)), 4) if texts else None
-        for name, texts in outputs.items()
-    }
+    scores = {name: judge(asked, texts, shown) if texts else [] for name, texts in outputs.items()}
     note = f"the mean score of each variant's outputs by the reward model {judged_by}"
     if not pairs:
         return scores, note, None
@@ -1163,16 +1230,17 @@ def _generate_and_score(
     seed: int,
     teachers: list[tuple[str, Teacher]] | None = None,
     tool_use: ToolUse | None = None,
-) -> tuple[dict[str, list[Reply]], dict[str, dict[str, float]], dict[str, list[float | None]]]:
-    """Outputs and the held-out sets' losses for every variant, loading the base once; each run's scope kind says how
-    it goes on that base (attached beside it, swapped in for a while, or loaded on its own). The tokenizer is the one
-    `tokenizer_dir` (the first tunelab run, else the first variant) was trained with. `teachers`: distill's teachers,
-    each loaded on its own after the runs, asked as their students are (they share the students' tokenizer).
+) -> tuple[dict[str, list[Reply]], dict[str, dict[str, Rows]], dict[str, list[float | None]]]:
+    """Outputs, and the held-out sets' losses and pref acc row by row (Comparison.per_row), for every variant, loading
+    the base once; each run's scope kind says how it goes on that base (attached beside it, swapped in for a while,
+    or loaded on its own). The tokenizer is the one `tokenizer_dir` (the first tunelab run, else the first variant)
+    was trained with. `teachers`: distill's teachers, each loaded on its own after the runs, asked as their students
+    are (they share the students' tokenizer).
     `tool_use`: the tools every variant's calls run; where it names an environment, every variant's replies act in
     instances of their own, and the third result holds each reply's reward by its instance (environment_rewards)."""
     import torch
 
-    from tunelab.methods.preference import preference_accuracy
+    from tunelab.methods.preference import preference_wins
     from tunelab.models import auto_tokenizer
     from tunelab.scopes import BaseLoader, attach_runs, base_alone
     from tunelab.teacher import load_teacher
@@ -1188,18 +1256,18 @@ def _generate_and_score(
     model, kinds = attach_runs(model, runs)
     tools = replace(tool_use, parser=response_parser(tokenizer)) if tool_use else None
     outputs: dict[str, list[Reply]] = {}
-    losses: dict[str, dict[str, float]] = {}
+    measured: dict[str, dict[str, Rows]] = {}
 
     def score(name: str, scored_model) -> None:
-        losses[name] = {
-            eval_key(key): eval_loss(
+        measured[name] = {
+            eval_key(key): row_losses(
                 scored_model, tokenizer, rows, fold_system=template.fold_system, template_vars=variables
             )
             for key, rows in held_out.items()
         }
         if pairs:
-            ranked = preference_accuracy(scored_model, tokenizer, pairs, template.fold_system, variables)
-            losses[name]["preference_accuracy"] = ranked
+            won = preference_wins(scored_model, tokenizer, pairs, template.fold_system, variables)
+            measured[name]["preference_accuracy"] = [(float(w), 1.0) for w in won]
 
     base_chat = asks_in_chat(tokenizer, None)
     chat = {m.name: asks_in_chat(tokenizer, m) for _, m in runs}
@@ -1247,7 +1315,7 @@ def _generate_and_score(
         score(name, other)
         del other
     acted = {name: environment_rewards(asked[name]) for name in names}
-    return outputs, losses, {name: rewards for name, rewards in acted.items() if rewards is not None}
+    return outputs, measured, {name: rewards for name, rewards in acted.items() if rewards is not None}
 
 
 def response_parser(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -65,6 +65,7 @@ def test_single_adapter_outputs_match_plain_peft_generation(runs, tmp_path: Path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.compare import generate
+    from tunelab.templates import tokenize_example
 
     prompts = read_prompts(prompts_file(tmp_path, 3))
     ours = compare([runs["quickstart"], runs["lora-qv"]], prompts_file=prompts_file(tmp_path, 3))
@@ -75,6 +76,22 @@ def test_single_adapter_outputs_match_plain_peft_generation(runs, tmp_path: Path
     torch.manual_seed(0)
     one_by_one = [generate(plain, tok, [p], None, 48, 1)[0] for p in prompts]
     assert one_by_one == ours.outputs["lora-qv"]
+    # Each held-out chat's loss, row by row (what the bootstrap resamples), is Transformers' own loss on its replies
+    held = [json.loads(line) for line in (DATA / "sft_eval.jsonl").read_text().splitlines()]
+    assert len(ours.per_row["lora-qv"]["eval_loss"]) == len(held) == ours.settings["eval_examples"]
+    for row, (summed, tokens) in zip(held[:3], ours.per_row["lora-qv"]["eval_loss"], strict=False):
+        t = tokenize_example(tok, row)
+        labels = torch.tensor([[i if m else -100 for i, m in zip(t.input_ids, t.loss_mask, strict=True)]])
+        with torch.no_grad():
+            mean = plain(input_ids=torch.tensor([t.input_ids]), labels=labels).loss.item()
+        assert tokens == sum(t.loss_mask[1:]) and summed / tokens == pytest.approx(mean, rel=1e-5)
+    differences = ours.differences()["eval_loss"]
+    assert differences["best"] == "quickstart" and differences["rows"] == len(held)
+    numbers = {v.name: v.numbers["eval_loss"] for v in ours.variants}
+    for name in ("base", "lora-qv"):
+        found = differences["against"][name]
+        assert found["difference"] == pytest.approx(numbers[name] - numbers["quickstart"])
+        assert found["low"] <= found["difference"] <= found["high"]
 
 
 def test_runs_on_different_bases_are_refused(runs, tmp_path: Path) -> None:

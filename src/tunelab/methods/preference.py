@@ -176,6 +176,18 @@ def preference_accuracy(
     template_vars: dict | None = None,
 ) -> float:
     """Share of pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
+    won = preference_wins(model, tokenizer, rows, fold_system, template_vars)
+    return sum(won) / max(len(rows), 1)
+
+
+def preference_wins(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    fold_system: bool = False,
+    template_vars: dict | None = None,
+) -> list[bool]:
+    """Per pair, whether the model gives the chosen answer a higher log-probability than the rejected one."""
     import torch
 
     def logp(row: dict, answer: str) -> float:
@@ -189,8 +201,6 @@ def preference_accuracy(
 
     was_training = model.training
     model.eval()
-    wins = 0
-    for row in rows:
-        wins += logp(row, "chosen") > logp(row, "rejected")
+    won = [logp(row, "chosen") > logp(row, "rejected") for row in rows]
     model.train(was_training)
-    return wins / max(len(rows), 1)
+    return won

@@ -90,6 +90,46 @@ def seed_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     return ["variant", "runs", *(titles[key] for key in keys)], rows
 
 
+NOT_TOLD_APART = "≈"  # marks a difference whose 95% interval holds 0
+
+
+def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
+    """How far each variant is from the best of each quality measured row by row (Comparison.differences), as a
+    table: its column titles (each quality's, with how many rows), and a row a variant: 'best', or its difference
+    and 95% interval, marked NOT_TOLD_APART where the interval holds 0."""
+    differences = c.differences()
+    titles = dict(columns(c))
+    keys = [key for key in titles if key in differences]
+
+    def cell(key: str, name: str) -> str:
+        d = differences[key]
+        if name == d["best"]:
+            return "best"
+        if name not in d["against"]:
+            return "-"
+        x = d["against"][name]
+        mark = f"{NOT_TOLD_APART} " if x["low"] <= 0 <= x["high"] else ""
+        return f"{mark}{x['difference']:+.3g} ({x['low']:+.3g} to {x['high']:+.3g})"
+
+    names = [
+        v.name
+        for v in c.variants
+        if any(v.name == differences[k]["best"] or v.name in differences[k]["against"] for k in keys)
+    ]
+    rows = [[name, *(cell(key, name) for key in keys)] for name in names]
+    counted = [f"{titles[key]} ({differences[key]['rows']} {MEASURED_ON.get(key, 'rows')})" for key in keys]
+    return ["variant", *counted], rows
+
+
+MEASURED_ON = {"preference_accuracy": "pairs", "reward": "prompts", "expectation_pass_rate": "prompts"}
+DIFFERENCES_TITLE = "Against the best: difference (95% interval)"
+DIFFERENCES_NOTE = (
+    "Each interval is a paired bootstrap over the rows every variant is measured on; "
+    f"{NOT_TOLD_APART}: it holds 0, so these rows cannot tell that variant apart from the best. "
+    "It does not measure the spread between seeds."
+)
+
+
 def best_cells(c: Comparison) -> set[tuple[int, int]]:
     """(row, column) of summary_rows' cells that hold a best value (Comparison.best), column 0 being the name."""
     best, keys = c.best(), [key for key, _ in columns(c)]
@@ -130,6 +170,16 @@ def loss_chart_png(c: Comparison) -> bytes | None:
     return buf.getvalue()
 
 
+def _html_table(table: str, title: str, titles: list[str], rows: list[list[str]]) -> str:
+    """A titled table of text cells, the first column a name and the others numbers."""
+    head = "".join(f"<th>{escape(t)}</th>" for t in titles)
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(x)}</td>" for i, x in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<h2>{escape(title)}</h2><table id='{table}'><tr>{head}</tr>{body}</table>"
+
+
 def render_html(c: Comparison) -> str:
     head = "".join(f"<th>{escape(title)}</th>" for _, title in columns(c))
     best = best_cells(c)
@@ -152,14 +202,12 @@ def render_html(c: Comparison) -> str:
     ]
     if (note := c.trained_on_note()) is not None:
         parts.append(f"<p id='trained-on'><strong>{escape(note)}</strong></p>")
-    titles, seeds = seed_rows(c)
-    if seeds:
-        head = "".join(f"<th>{escape(t)}</th>" for t in titles)
-        body = "".join(
-            "<tr>" + "".join(f"<td{' class=num' if i else ''}>{escape(x)}</td>" for i, x in enumerate(r)) + "</tr>"
-            for r in seeds
-        )
-        parts.append(f"<h2>Over seeds</h2><table id='over-seeds'><tr>{head}</tr>{body}</table>")
+    for table, title, (titles, body), note in (
+        ("differences", DIFFERENCES_TITLE, difference_rows(c), DIFFERENCES_NOTE),
+        ("over-seeds", "Over seeds", seed_rows(c), None),
+    ):
+        if body:
+            parts.append(_html_table(table, title, titles, body) + (f"<p>{escape(note)}</p>" if note else ""))
     png = loss_chart_png(c)
     if png:
         data = base64.b64encode(png).decode()
@@ -213,16 +261,14 @@ def render_markdown(c: Comparison) -> str:
     ]
     if (note := c.trained_on_note()) is not None:
         lines += ["", f"**{_md_cell(note)}**"]
-    titles, seeds = seed_rows(c)
-    if seeds:
-        lines += [
-            "",
-            "## Over seeds",
-            "",
-            "| " + " | ".join(_md_cell(t) for t in titles) + " |",
-            "|---" * len(titles) + "|",
-        ]
-        lines += ["| " + " | ".join(_md_cell(x) for x in row) + " |" for row in seeds]
+    for title, (titles, body), note in (
+        (DIFFERENCES_TITLE, difference_rows(c), DIFFERENCES_NOTE),
+        ("Over seeds", seed_rows(c), None),
+    ):
+        if body:
+            lines += ["", f"## {_md_cell(title)}", "", "| " + " | ".join(_md_cell(t) for t in titles) + " |"]
+            lines += ["|---" * len(titles) + "|", *("| " + " | ".join(_md_cell(x) for x in row) + " |" for row in body)]
+            lines += ["", _md_cell(note)] if note else []
     for p in c.prompts:
         lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]
         for v in c.variants:

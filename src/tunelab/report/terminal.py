@@ -361,7 +361,16 @@ def kept_line(m: Manifest) -> str | None:
 
 def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
-    from tunelab.report.html import ALSO, best_cells, columns, seed_rows, summary_rows
+    from tunelab.report.html import (
+        ALSO,
+        DIFFERENCES_NOTE,
+        DIFFERENCES_TITLE,
+        best_cells,
+        columns,
+        difference_rows,
+        seed_rows,
+        summary_rows,
+    )
 
     console = console or _console()
     table = Table(title=f"Comparison on {comparison.base_model}", title_justify="left", show_edge=False)
@@ -400,14 +409,19 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         console.print(Text(f"tools: {comparison.settings['tools']}"), soft_wrap=True)
     if (note := comparison.trained_on_note()) is not None:
         console.print(Text(note, style="bold yellow"), soft_wrap=True)
-    titles, seeds = seed_rows(comparison)
-    if seeds:
-        over = Table(title="Over seeds (mean ± standard deviation)", title_justify="left", show_edge=False)
-        for i, title in enumerate(titles):
-            over.add_column(title, justify="right" if i else "left", overflow="fold" if not i else "ellipsis")
-        for row in seeds:
-            over.add_row(*row)
-        console.print(over)
+    for title, (titles, body), note in (
+        (DIFFERENCES_TITLE, difference_rows(comparison), DIFFERENCES_NOTE),
+        ("Over seeds (mean ± standard deviation)", seed_rows(comparison), None),
+    ):
+        if body:
+            shown_table = Table(title=title, title_justify="left", show_edge=False)
+            for i, column in enumerate(titles):
+                shown_table.add_column(column, justify="right" if i else "left", overflow="fold")
+            for row in body:
+                shown_table.add_row(*row)
+            console.print(shown_table)
+            if note:
+                console.print(Text(note, style="dim"), soft_wrap=True)
 
 
 def print_outputs(comparison, console: Console | None = None) -> None:

@@ -1,0 +1,128 @@
+"""How far each variant is from the best: a paired bootstrap over the rows every variant is measured on
+(Comparison.differences), and how the report shows it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tunelab.compare import Check, Comparison, Prompt, Variant, paired_differences, ratio
+from tunelab.report.html import difference_rows, render_markdown
+
+
+def token_rows(per_token: np.ndarray, tokens: np.ndarray) -> list[tuple[float, float]]:
+    """Held-out rows as compare measures them: (summed loss, tokens)."""
+    return [(float(x * n), float(n)) for x, n in zip(per_token, tokens, strict=True)]
+
+
+def test_a_variant_better_on_every_token_by_the_same_amount_differs_by_exactly_that() -> None:
+    rng = np.random.default_rng(0)
+    tokens, loss = rng.integers(3, 50, 40), rng.gamma(2.0, 1.0, 40)
+    measured = {"best": token_rows(loss, tokens), "worse": token_rows(loss + 0.25, tokens)}
+    measured["same"] = list(measured["best"])
+    got = paired_differences(measured, "best")
+    assert got["worse"] == pytest.approx({"difference": 0.25, "low": 0.25, "high": 0.25}, abs=1e-12)
+    assert got["same"] == {"difference": 0.0, "low": 0.0, "high": 0.0}
+    assert "best" not in got
+
+
+def test_the_difference_is_of_token_weighted_means_as_the_table_shows_them() -> None:
+    """A long row weighs by its tokens (the eval loss is a mean over tokens, not over rows)."""
+    measured = {"a": [(10.0, 10.0), (1.0, 1.0)], "b": [(5.0, 10.0), (3.0, 1.0)]}
+    got = paired_differences(measured, "a")["b"]
+    assert got["difference"] == pytest.approx(ratio(measured["b"]) - ratio(measured["a"])) == pytest.approx(8 / 11 - 1)
+    assert ratio([(0.0, 0.0)]) is None
+
+
+def test_a_difference_that_goes_both_ways_row_by_row_is_not_told_apart_and_a_steady_one_is() -> None:
+    rng = np.random.default_rng(1)
+    tokens, loss = rng.integers(3, 50, 60), rng.gamma(2.0, 1.0, 60)
+    swing = np.where(np.arange(60) % 2 == 0, 0.5, -0.5)
+    measured = {
+        "a": token_rows(loss, tokens),
+        "mixed": token_rows(loss + swing, tokens),
+        "steady": token_rows(loss + 0.1 + rng.normal(0, 0.05, 60), tokens),
+    }
+    got = paired_differences(measured, "a")
+    assert got["mixed"]["low"] < 0 < got["mixed"]["high"]
+    assert 0 < got["steady"]["low"] < got["steady"]["difference"] < got["steady"]["high"]
+
+
+def test_the_interval_holds_the_true_difference_about_95_times_in_100() -> None:
+    """300 simulated held-out sets whose variants differ by 0.1 a token on average, with row-by-row noise shared by
+    both (a row hard for one is hard for the other): the interval holds 0.1 in about 95% of them. An interval of
+    the 5th to 95th percentiles holds it about 90% of the time; one that resampled each variant on its own draws,
+    losing the pairing, almost always."""
+    rng, held = np.random.default_rng(2), 0
+    for k in range(300):
+        tokens, loss = rng.integers(5, 40, 60), rng.gamma(2.0, 1.0, 60)
+        measured = {"a": token_rows(loss, tokens), "b": token_rows(loss + 0.1 + rng.normal(0, 0.5, 60), tokens)}
+        got = paired_differences(measured, "a", seed=k)["b"]
+        held += got["low"] <= 0.1 <= got["high"]
+    assert 0.915 <= held / 300 <= 0.985
+
+
+def test_the_interval_ends_are_the_2_5th_and_97_5th_percentiles_of_the_resampled_difference() -> None:
+    """Half of 100 pairs won by one variant only: a resampled difference is Binomial(100, 0.5) / 100, whose 2.5th and
+    97.5th percentiles are 0.40 and 0.60 (the 5th and 95th, 0.42 and 0.58)."""
+    measured = {"a": [(0.0, 1.0)] * 100, "b": [(1.0, 1.0)] * 50 + [(0.0, 1.0)] * 50}
+    got = paired_differences(measured, "a")["b"]
+    assert got["difference"] == 0.5
+    assert 0.39 <= got["low"] <= 0.41 and 0.59 <= got["high"] <= 0.61
+
+
+def test_the_same_rows_give_the_same_interval_each_time() -> None:
+    rng = np.random.default_rng(3)
+    measured = {
+        "a": [(float(x), 1.0) for x in rng.normal(0, 1, 30)],
+        "b": [(float(x), 1.0) for x in rng.normal(0, 1, 30)],
+    }
+    assert paired_differences(measured, "a") == paired_differences(measured, "a")
+    assert paired_differences(measured, "a") != paired_differences(measured, "a", seed=1)
+
+
+def comparison() -> Comparison:
+    """Three variants measured on four held-out chats and two prompts; 'run' trained on the held-out chats."""
+    p = [Prompt(i, [{"role": "user", "content": f"q{i}"}], contains=["x"]) for i in range(2)]
+    p.append(Prompt(2, [{"role": "user", "content": "q2"}]))  # no expectations: not counted among their prompts
+    losses = {"base": [2.0, 2.2, 1.8, 2.1], "run": [0.5, 0.6, 0.4, 0.5], "other": [1.0, 1.3, 0.9, 1.1]}
+    passed = {"base": [0, 0, None], "run": [1, 1, None], "other": [1, 0, None]}
+    variants = []
+    per_row: dict = {}
+    for name in losses:
+        rows = [(x * 10, 10.0) for x in losses[name]]
+        by_prompt = [(float(k or 0), float(k is not None)) for k in passed[name]]
+        per_row[name] = {"eval_loss": rows, "expectation_pass_rate": by_prompt}
+        numbers = {"eval_loss": ratio(rows), "expectation_pass_rate": ratio(by_prompt), "train_seconds": 1.0}
+        variants.append(Variant(name, "lora", numbers=numbers))
+    checks = {n: [[Check("contains", "x", bool(k))] if k is not None else [] for k in passed[n]] for n in losses}
+    settings = {"decoding": "greedy", "trained_on_numbers": {"run": ["eval_loss"]}}
+    return Comparison("m", settings, variants, p, {n: ["x", "y", "z"] for n in losses}, checks, per_row=per_row)
+
+
+def test_the_best_is_the_reference_and_a_number_measured_on_trained_rows_is_left_out() -> None:
+    c = comparison()
+    got = c.differences()
+    assert set(got) == {"eval_loss", "expectation_pass_rate"}
+    # 'run' trained on the held-out chats: 'other' is the best there, and 'run' is not measured against it
+    assert got["eval_loss"]["best"] == "other" and set(got["eval_loss"]["against"]) == {"base"}
+    assert got["eval_loss"]["rows"] == 4
+    assert got["eval_loss"]["against"]["base"]["difference"] == pytest.approx(2.025 - 1.075)
+    assert got["expectation_pass_rate"]["best"] == "run"
+    assert got["expectation_pass_rate"]["against"]["other"]["difference"] == pytest.approx(-0.5)
+    # numbers without rows (a run's own eval, its train seconds) are not in it
+    c.per_row["other"].pop("eval_loss")
+    assert "eval_loss" not in c.differences()
+
+
+def test_the_report_shows_each_variants_difference_and_marks_those_not_told_apart() -> None:
+    c = comparison()
+    titles, rows = difference_rows(c)
+    assert titles == ["variant", "eval loss (4 rows)", "expectations (2 prompts)"]
+    base, run, other = rows
+    assert base[0] == "base" and base[1].startswith("+0.95 (+") and base[2] == "-1 (-1 to -1)"
+    assert run == ["run", "-", "best"]
+    assert other[1] == "best" and other[2] == "≈ -0.5 (-1 to +0)"
+    md = render_markdown(c)
+    assert "## Against the best: difference \\(95% interval\\)" in md
+    assert "| other | best | ≈ -0.5 \\(-1 to +0\\) |" in md
