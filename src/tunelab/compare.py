@@ -13,6 +13,8 @@ import json
 import math
 import re
 import statistics
+import unicodedata
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,7 +220,7 @@ def lower_is_better(key: str) -> bool | None:
     expectation pass rate; None for what is not one (counts, times, settings)."""
     if key == "eval_loss" or re.fullmatch(r"eval_[a-z0-9_]+_loss", key):
         return True
-    if key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward"):
+    if key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward", *REFERENCE_SCORES):
         return False
     return None
 
@@ -305,7 +307,11 @@ def read_prompts(path: Path) -> list[Prompt]:
             raise TunelabError(f"{record.where}: a prompt needs 'prompt' (a string) or 'messages' (a list)")
         fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", "tools", *EXPECTATIONS)}
         expected = _expectations(row, record.where)
-        prompts.append(Prompt(i, messages, **expected, fields=fields, tools=row_tools(record)))
+        reference = row.get("reference")
+        if reference is not None and not isinstance(reference, str):
+            raise TunelabError(f"{record.where}: 'reference' must be a string, the answer the reply is scored against")
+        prompt = Prompt(i, messages, **expected, reference=reference, fields=fields, tools=row_tools(record))
+        prompts.append(prompt)
     if not prompts:
         raise TunelabError(f"{path}: no prompts")
     return prompts
@@ -337,6 +343,30 @@ def held_out_prompts(rows: list[dict], limit: int = PROMPTS) -> list[Prompt]:
     if not prompts:
         raise TunelabError("compare: the runs' held-out data holds no prompts; pass --prompts FILE")
     return prompts
+
+
+REFERENCE_SCORES = ("reference_f1", "exact_match")  # of an output against its prompt's reference: reference_scores
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def answer_words(text: str) -> list[str]:
+    """The words an answer is scored by, normalised as SQuAD's official evaluation script does: lower case,
+    punctuation removed (here every Unicode punctuation character, not ASCII's alone), English articles removed,
+    split on whitespace."""
+    kept = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
+    return ARTICLES.sub(" ", kept).split()
+
+
+def reference_scores(output: str, reference: str) -> dict[str, float]:
+    """An output against its reference answer, as SQuAD scores an answer: `exact_match` 1.0 where their words
+    (answer_words) are the same, and `reference_f1` the F1 of the words they share (counted with repeats)."""
+    said, wanted = answer_words(output), answer_words(reference)
+    shared = sum((Counter(said) & Counter(wanted)).values())
+    if not said or not wanted:
+        f1 = float(said == wanted)
+    else:
+        f1 = 2 * shared / (len(said) + len(wanted))  # 2PR / (P + R), with P = shared/said and R = shared/wanted
+    return {"reference_f1": f1, "exact_match": float(said == wanted)}
 
 
 def check_output(prompt: Prompt, output: str) -> list[Check]:
@@ -635,6 +665,14 @@ def reply_text(reply: Reply) -> str:
     return "\n".join(lines)
 
 
+def final_answer(reply: Reply) -> str:
+    """What a reply answers in the end: its text, or where it called tools, what it said after them."""
+    if isinstance(reply, str):
+        return reply
+    said = [m.get("content") or "" for m in reply if m["role"] == "assistant"]
+    return said[-1] if said else ""
+
+
 def generate(
     model,
     tokenizer,
@@ -863,7 +901,14 @@ def compare(
             by_prompt["reward"] = [(float(x), 1.0) for x in scored[v.name]]
         if any(checks[v.name]):
             by_prompt["expectation_pass_rate"] = [(sum(c.passed for c in cs), len(cs)) for cs in checks[v.name]]
-        for key in ("reward", "expectation_pass_rate"):
+        if any(p.reference is not None for p in prompts):
+            answered = [
+                reference_scores(final_answer(said), p.reference) if p.reference is not None else None
+                for p, said in zip(prompts, replies[v.name], strict=True)
+            ]
+            for key in REFERENCE_SCORES:
+                by_prompt[key] = [(score[key], 1.0) if score else (0.0, 0.0) for score in answered]
+        for key in ("reward", "expectation_pass_rate", *REFERENCE_SCORES):
             value = ratio(by_prompt[key]) if key in by_prompt else None
             v.numbers[key] = round(value, 4) if value is not None else None
         v.numbers.setdefault("eval_loss", None)
@@ -993,7 +1038,8 @@ def _trained_on(
     if asked_rows is not None:
         kept = [i for i, row in enumerate(asked_rows.rows) if prompt_of(row) is not None]
         rows, origins = [asked_rows.rows[i] for i in kept], [asked_rows.origins[i] for i in kept]
-        measured.append(("prompts", Split(rows, asked_rows.source, origins), ["expectation_pass_rate", "reward"]))
+        asked_numbers = ["expectation_pass_rate", "reward", *REFERENCE_SCORES]
+        measured.append(("prompts", Split(rows, asked_rows.source, origins), asked_numbers))
     if pairs is not None and pairs.rows:
         measured.append(("preference pairs", pairs, ["preference_accuracy"]))
     said, touched, unchecked = {}, {}, {}

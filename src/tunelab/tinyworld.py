@@ -168,8 +168,10 @@ def _split(seed: int) -> tuple[list[Fact], list[Fact]]:
 
 def _expect(f: Fact) -> dict:
     """A right answer starts with the fact sentence: the fact, in the format SFT teaches (the base, which has
-    read the facts, recites them somewhere in its rambling)."""
-    return {"regex": ["^" + f.answer.replace(".", r"\.")]}  # names and words only: the full stop is all to escape
+    read the facts, recites them somewhere in its rambling); the sentence is the reference answer compare scores
+    the reply against too."""
+    # names and words only: the full stop is all to escape
+    return {"regex": ["^" + f.answer.replace(".", r"\.")], "reference": f.answer}
 
 
 def datasets(seed: int = SEED) -> dict[str, list[dict]]:

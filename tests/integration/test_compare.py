@@ -482,9 +482,20 @@ def test_runs_are_measured_on_the_rows_held_out_and_named_where_they_trained_on_
         f"{len([i for i in held[1][:32] if i not in held[2]])} of the 32 prompts"
     }
     assert len(trained) > 20 and result.settings["trained_on_unchecked"] == {}
-    assert result.settings["trained_on_numbers"] == {"seed2": ["eval_loss", "expectation_pass_rate", "reward"]}
+    touched = ["eval_loss", "expectation_pass_rate", "reward", "reference_f1", "exact_match"]
+    assert result.settings["trained_on_numbers"] == {"seed2": touched}
     fair = [v for v in result.variants if v.name != "seed2"]  # seed2's eval loss is never marked best
     assert result.best()["eval_loss"] == [min(fair, key=lambda v: v.numbers["eval_loss"]).name]
+    # each reply is scored against the held-out chat's own last reply; seed2 trained on most of those chats, so its
+    # score there is neither the best nor set against the best
+    assert [p.reference for p in result.prompts] == [
+        m[max(j for j, t in enumerate(m) if t["role"] == "assistant")]["content"] for m in first
+    ]
+    assert all(v.numbers["reference_f1"] is not None for v in result.variants)
+    assert "seed2" not in result.best()["reference_f1"]
+    assert set(result.differences()["reference_f1"]["against"]) == {"base", "seed1"} - set(
+        result.best()["reference_f1"][:1]
+    )
 
     data.write_text("\n".join(lines[:-1]) + "\n")  # a row gone since the runs trained
     changed = compare(runs, prompts_file=prompts_file(tmp_path, 2))
@@ -646,7 +657,7 @@ def test_preference_runs_are_ranked_on_the_pairs_held_out_and_named_where_they_t
         "seed2": f"{trained} of the {len(held[1])} prompts, {trained} of the {len(held[1])} preference pairs"
     }
     assert all(v.numbers["preference_accuracy"] is not None for v in result.variants)
-    touched = ["expectation_pass_rate", "reward", "preference_accuracy"]
+    touched = ["expectation_pass_rate", "reward", "reference_f1", "exact_match", "preference_accuracy"]
     assert result.settings["trained_on_numbers"] == {"seed2": touched}
 
 

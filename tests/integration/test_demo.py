@@ -52,7 +52,17 @@ def test_sft_is_clearly_ahead_of_the_base(demo_dir: Path) -> None:
     assert numbers["base"]["expectation_pass_rate"] <= 0.2
     assert numbers["quickstart"]["expectation_pass_rate"] >= 0.8
     assert numbers["quickstart"]["eval_loss"] < 0.3 * numbers["base"]["eval_loss"]
-    assert "expectations" in (demo_dir / "1.out").read_text()  # the column the demo's table prints
+    # the bundled prompts' reference answers: the run answers in the data's words, the base rambles
+    assert numbers["quickstart"]["reference_f1"] >= 0.9 and numbers["base"]["reference_f1"] <= 0.5
+    # and the rows tell the run apart from its base: each interval lies wholly on the base's worse side
+    differences = report["differences"]
+    for key, worse in (("eval_loss", 1), ("reference_f1", -1), ("expectation_pass_rate", -1)):
+        assert differences[key]["best"] == "quickstart", key
+        base = differences[key]["against"]["base"]
+        assert worse * base["low"] > 0 and worse * base["high"] > 0, (key, base)
+    printed = (demo_dir / "1.out").read_text()
+    assert "expectations" in printed and "ref F1" in printed  # the columns the demo's table prints
+    assert "Against the best: difference (95% interval)" in printed
 
 
 def test_dpo_moves_preference_accuracy_from_chance_to_near_one(demo_dir: Path) -> None:

@@ -26,6 +26,8 @@ COLUMNS = [
     ("eval_reward", "eval reward"),
     ("reward", "reward"),
     ("expectation_pass_rate", "expectations"),
+    ("reference_f1", "ref F1"),
+    ("exact_match", "exact"),
 ]
 
 CSS = """
@@ -54,14 +56,14 @@ def columns(c: Comparison) -> list[tuple[str, str]]:
     sets = sorted({k for v in c.variants for k in v.numbers if ALSO.fullmatch(k)} - {"eval_loss"})
     scores = sorted({k for v in c.variants for k in v.numbers if k.startswith(LM_EVAL_PREFIX)})
     also = [(k, k.replace("_", " ", 1).removesuffix("_loss") + " loss") for k in sets]
-    # GRPO's columns only where a variant has the number
+    # GRPO's columns and the reference scores only where a variant has the number
     fixed = [
-        (k, t) for k, t in COLUMNS if k not in GRPO_COLUMNS or any(v.numbers.get(k) is not None for v in c.variants)
+        (k, t) for k, t in COLUMNS if k not in WHERE_MEASURED or any(v.numbers.get(k) is not None for v in c.variants)
     ]
     return fixed[:1] + also + fixed[1:] + [(k, k.removeprefix(LM_EVAL_PREFIX)) for k in scores]
 
 
-GRPO_COLUMNS = ("eval_reward", "reward")
+WHERE_MEASURED = ("eval_reward", "reward", "reference_f1", "exact_match")
 
 
 ALSO = re.compile(r"eval_[a-z0-9_]+_loss")
@@ -121,7 +123,13 @@ def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     return ["variant", *counted], rows
 
 
-MEASURED_ON = {"preference_accuracy": "pairs", "reward": "prompts", "expectation_pass_rate": "prompts"}
+MEASURED_ON = {
+    "preference_accuracy": "pairs",
+    "reward": "prompts",
+    "expectation_pass_rate": "prompts",
+    "reference_f1": "prompts",
+    "exact_match": "prompts",
+}
 DIFFERENCES_TITLE = "Against the best: difference (95% interval)"
 DIFFERENCES_NOTE = (
     "Each interval is a paired bootstrap over the rows every variant is measured on; "

@@ -385,6 +385,7 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         "eval reward",
         "reward",
         "expectations",
+        "ref F1",
     )
     shown = columns(comparison)
     picked = [

@@ -1,4 +1,5 @@
-"""How far each variant is from the best: a paired bootstrap over the rows every variant is measured on
+"""compare's numbers measured prompt by prompt and row by row: replies against their reference answers, and how far
+each variant is from the best, by a paired bootstrap over the rows every variant is measured on
 (Comparison.differences), and how the report shows it."""
 
 from __future__ import annotations
@@ -6,8 +7,60 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunelab.compare import Check, Comparison, Prompt, Variant, paired_differences, ratio
+from tunelab.compare import (
+    Check,
+    Comparison,
+    Prompt,
+    Variant,
+    final_answer,
+    paired_differences,
+    ratio,
+    read_prompts,
+    reference_scores,
+)
+from tunelab.errors import TunelabError
 from tunelab.report.html import difference_rows, render_markdown
+
+
+@pytest.mark.parametrize(
+    ("reply", "reference", "f1", "exact"),
+    [
+        ("The capital of Nuri is Kavelo.", "the capital of nuri is kavelo", 1.0, 1.0),  # case, full stop
+        ("A capital: «Kavelo»!", "The capital — Kavelo", 1.0, 1.0),  # articles, Unicode punctuation
+        ("Kavelo.", "The capital of Nuri is Kavelo.", 2 * 1 * 0.2 / 1.2, 0.0),  # precision 1, recall 1/5
+        ("Kavelo Kavelo Kavelo", "Kavelo is it", 2 * (1 / 3) * (1 / 3) / (2 / 3), 0.0),  # a repeat counts once
+        ("It is Zinvasbel.", "The capital of Nuri is Kavelo.", 2 * (1 / 3) * (1 / 5) / (1 / 3 + 1 / 5), 0.0),
+        ("Nothing alike", "Kavelo", 0.0, 0.0),
+        ("", "", 1.0, 1.0),
+        ("...", "Kavelo", 0.0, 0.0),
+    ],
+)
+def test_a_reply_is_scored_against_its_reference_as_squad_scores_an_answer(
+    reply: str, reference: str, f1: float, exact: float
+) -> None:
+    """SQuAD's official scoring: words lower-cased, punctuation and the articles a, an, the dropped; exact match of
+    the words, and the F1 of the words they share."""
+    assert reference_scores(reply, reference) == pytest.approx({"reference_f1": f1, "exact_match": exact})
+
+
+def test_a_reply_that_called_tools_is_scored_by_what_it_said_after_them() -> None:
+    call = {"type": "function", "function": {"name": "capital", "arguments": {"country": "Nuri"}}}
+    reply = [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "Kavelo"},
+        {"role": "assistant", "content": "The capital of Nuri is Kavelo."},
+    ]
+    assert final_answer(reply) == "The capital of Nuri is Kavelo." and final_answer("Kavelo.") == "Kavelo."
+    assert final_answer(reply[:2]) == ""  # it never answered after the call
+
+
+def test_a_prompt_files_reference_answer_is_read_and_a_reference_that_is_not_text_is_refused(tmp_path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "reference": "The answer."}\n{"prompt": "b"}\n')
+    assert [p.reference for p in read_prompts(path)] == ["The answer.", None]
+    path.write_text('{"prompt": "a", "reference": ["x"]}\n')
+    with pytest.raises(TunelabError, match=r"^.*p.jsonl:1: 'reference' must be a string, the answer the reply is"):
+        read_prompts(path)
 
 
 def token_rows(per_token: np.ndarray, tokens: np.ndarray) -> list[tuple[float, float]]:
