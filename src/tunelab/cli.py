@@ -218,7 +218,12 @@ def compare(
     base: Annotated[bool, typer.Option("--base/--no-base", help="Include the untrained base model.")] = True,
     prompts: Annotated[
         Path | None,
-        typer.Option("--prompts", help="JSONL of prompt or messages (+ expectations).", exists=True, dir_okay=False),
+        typer.Option(
+            "--prompts",
+            help="JSONL of prompt or messages (+ expectations, a reference answer).",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     asked: Annotated[
         list[str] | None,
@@ -276,6 +281,14 @@ def compare(
             "grpo.reward_quantization loads it beside a policy.",
         ),
     ] = None,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="Set every variant against this one (a run's name, or base) in the differences table, with 95% "
+            "intervals; default: the best of each quality.",
+        ),
+    ] = None,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
@@ -307,6 +320,7 @@ def compare(
         pairs_file=pairs,
         include_teachers=teachers,
         judge_quantization=Quantization(bits=judge_bits) if judge_bits else None,
+        against=against,
     )
     paths = write_report(result, out)
     print_comparison(result)

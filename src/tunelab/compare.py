@@ -122,9 +122,10 @@ class Comparison:
 
     def differences(self) -> dict[str, dict]:
         """Per measured quality best() ranks, where the variants' numbers come from the same rows (per_row): how far
-        each other variant is from the best one (the first of a tie), with a 95% interval from a paired bootstrap
-        over those rows (every variant resampled by the same draws). An interval that holds 0 is a difference these
-        rows cannot tell apart from their own noise; it says nothing of seed-to-seed spread (over_seeds)."""
+        each other variant is from the reference, the variant settings' `against` names or else the best one (the
+        first of a tie), with a 95% interval from a paired bootstrap over those rows (every variant resampled by the
+        same draws). An interval that holds 0 is a difference these rows cannot tell apart from their own noise; it
+        says nothing of seed-to-seed spread (over_seeds). A quality the reference has no number of is left out."""
         numbers, out = self.held_out_numbers(), {}
         for key, leaders in self.best().items():
             measured = {
@@ -132,12 +133,12 @@ class Comparison:
                 for name, rows in self.per_row.items()
                 if key in rows and numbers.get(name, {}).get(key) is not None
             }
-            reference = leaders[0]
+            reference = self.settings.get("against") or leaders[0]
             if reference not in measured or len(measured) < 2:
                 continue
             against = paired_differences(measured, reference)
             rows = sum(1 for _, weight in measured[reference] if weight)  # a prompt without expectations: none
-            out[key] = {"best": reference, "rows": rows, "against": against}
+            out[key] = {"reference": reference, "best": leaders, "rows": rows, "against": against}
         return out
 
     def over_seeds(self) -> dict[str, dict]:
@@ -347,14 +348,17 @@ def held_out_prompts(rows: list[dict], limit: int = PROMPTS) -> list[Prompt]:
 
 REFERENCE_SCORES = ("reference_f1", "exact_match")  # of an output against its prompt's reference: reference_scores
 ARTICLES = re.compile(r"\b(a|an|the)\b")
+# Scripts written without spaces between words (Chinese, Japanese kana): each character counts as a word, as
+# MLQA's evaluation segments Chinese; otherwise a whole sentence would be one word, scored all or nothing.
+UNSPACED = re.compile(r"([\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f])")
 
 
 def answer_words(text: str) -> list[str]:
     """The words an answer is scored by, normalised as SQuAD's official evaluation script does: lower case,
     punctuation removed (here every Unicode punctuation character, not ASCII's alone), English articles removed,
-    split on whitespace."""
+    split on whitespace, and each Chinese or Japanese character a word of its own (UNSPACED)."""
     kept = "".join(ch for ch in text.lower() if not unicodedata.category(ch).startswith("P"))
-    return ARTICLES.sub(" ", kept).split()
+    return UNSPACED.sub(r" \1 ", ARTICLES.sub(" ", kept)).split()
 
 
 def reference_scores(output: str, reference: str) -> dict[str, float]:
@@ -815,12 +819,14 @@ def compare(
     pairs_file: Path | None = None,
     include_teachers: bool = True,
     judge_quantization: Quantization | None = None,
+    against: str | None = None,
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it). `include_teachers`: the
     teachers of distill runs (those not compared as runs already) answer and are scored beside them.
     `judge_quantization`: a published reward model among the runs scores loaded so, as grpo.reward_quantization
-    loads it beside a policy."""
+    loads it beside a policy. `against`: the variant every other is set against in Comparison.differences (None: the
+    best of each quality)."""
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
 
@@ -847,6 +853,9 @@ def compare(
     first = next((d for d, _ in runs if run_status(d) is not None), None)
     exp = load_run_experiment(first) if first is not None else None
     teachers = distill_teachers(runs) if include_teachers else []
+    names = (["base"] if include_base else []) + [m.name for _, m in runs] + [name for name, _ in teachers]
+    if against is not None and against not in names:
+        raise TunelabError(f"--against {against}: no variant of that name; the variants are {', '.join(names)}")
     # the first SFT run's held-out chats score every variant: a compared run's, else an SFT teacher's
     sft_runs = [d for d, m in runs if m.method == "sft"] + [
         t.run for _, t in teachers if t.run is not None and read_manifest(t.run).method == "sft"
@@ -933,6 +942,7 @@ def compare(
         "trained_on_numbers": touched,  # the numbers of each such run measured on them: never marked best
         "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
         "replicates": replicates(runs),  # runs of one experiment under other seeds: Comparison.over_seeds
+        "against": against,  # the variant the others are set against in differences; None: each quality's best
     }
     exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
     exchanges = {name: said for name, said in exchanges.items() if any(said)}

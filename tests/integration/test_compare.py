@@ -86,7 +86,7 @@ def test_single_adapter_outputs_match_plain_peft_generation(runs, tmp_path: Path
             mean = plain(input_ids=torch.tensor([t.input_ids]), labels=labels).loss.item()
         assert tokens == sum(t.loss_mask[1:]) and summed / tokens == pytest.approx(mean, rel=1e-5)
     differences = ours.differences()["eval_loss"]
-    assert differences["best"] == "quickstart" and differences["rows"] == len(held)
+    assert differences["reference"] == "quickstart" and differences["rows"] == len(held)
     numbers = {v.name: v.numbers["eval_loss"] for v in ours.variants}
     for name in ("base", "lora-qv"):
         found = differences["against"][name]
@@ -275,6 +275,19 @@ def test_compare_cli_writes_all_reports(runs, tmp_path: Path) -> None:
     assert all(len(o) == 4 for o in report["outputs"].values())
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# Comparison on builtin:tiny-chat")
     assert "report.html" in out.stdout
+    # --against: every variant set against the one named, in the terminal and the report
+    against = run_cli("compare", str(runs["quickstart"]), "--prompts", str(prompts_file(tmp_path, 4)), "--against",
+                      "base", "--out", str(tmp_path / "vs"))  # fmt: skip
+    assert against.returncode == 0, against.stderr[-2000:]
+    assert "Against base: difference (95% interval)" in against.stdout
+    differences = json.loads((tmp_path / "vs" / "report.json").read_text())["differences"]
+    assert differences["eval_loss"]["reference"] == "base" and list(differences["eval_loss"]["against"]) == [
+        "quickstart"
+    ]
+    unknown = run_cli("compare", str(runs["quickstart"]), "--against", "quickstrat", "--out", str(tmp_path / "x"))
+    assert unknown.returncode == 2 and unknown.stderr == (
+        "error: --against quickstrat: no variant of that name; the variants are base, quickstart\n"
+    )
 
 
 def test_sampling_is_recorded_and_seeded(runs, tmp_path: Path) -> None:

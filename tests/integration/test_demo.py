@@ -57,7 +57,7 @@ def test_sft_is_clearly_ahead_of_the_base(demo_dir: Path) -> None:
     # and the rows tell the run apart from its base: each interval lies wholly on the base's worse side
     differences = report["differences"]
     for key, worse in (("eval_loss", 1), ("reference_f1", -1), ("expectation_pass_rate", -1)):
-        assert differences[key]["best"] == "quickstart", key
+        assert differences[key]["reference"] == "quickstart" and differences[key]["best"] == ["quickstart"], key
         base = differences[key]["against"]["base"]
         assert worse * base["low"] > 0 and worse * base["high"] > 0, (key, base)
     printed = (demo_dir / "1.out").read_text()

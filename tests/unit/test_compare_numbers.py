@@ -33,6 +33,10 @@ from tunelab.report.html import difference_rows, render_markdown
         ("Nothing alike", "Kavelo", 0.0, 0.0),
         ("", "", 1.0, 1.0),
         ("...", "Kavelo", 0.0, 0.0),
+        ("卡韦洛是首都。", "首都是卡韦洛", 1.0, 0.0),  # Chinese: a word a character (the same six, in another order)
+        ("首都是北京", "首都是卡韦洛", 2 * 3 / 11, 0.0),  # 3 of 5 and 3 of 6 characters shared
+        ("カベロです", "カベロ", 2 * 3 / 8, 0.0),  # kana alike
+        ("수도는 카벨로", "수도는 카벨로입니다", 0.5, 0.0),  # Korean is written with spaces: its words stay whole
     ],
 )
 def test_a_reply_is_scored_against_its_reference_as_squad_scores_an_answer(
@@ -158,10 +162,10 @@ def test_the_best_is_the_reference_and_a_number_measured_on_trained_rows_is_left
     got = c.differences()
     assert set(got) == {"eval_loss", "expectation_pass_rate"}
     # 'run' trained on the held-out chats: 'other' is the best there, and 'run' is not measured against it
-    assert got["eval_loss"]["best"] == "other" and set(got["eval_loss"]["against"]) == {"base"}
+    assert got["eval_loss"]["reference"] == "other" and set(got["eval_loss"]["against"]) == {"base"}
     assert got["eval_loss"]["rows"] == 4
     assert got["eval_loss"]["against"]["base"]["difference"] == pytest.approx(2.025 - 1.075)
-    assert got["expectation_pass_rate"]["best"] == "run"
+    assert got["expectation_pass_rate"]["reference"] == "run" and got["expectation_pass_rate"]["best"] == ["run"]
     assert got["expectation_pass_rate"]["against"]["other"]["difference"] == pytest.approx(-0.5)
     # numbers without rows (a run's own eval, its train seconds) are not in it
     c.per_row["other"].pop("eval_loss")
@@ -179,3 +183,20 @@ def test_the_report_shows_each_variants_difference_and_marks_those_not_told_apar
     md = render_markdown(c)
     assert "## Against the best: difference \\(95% interval\\)" in md
     assert "| other | best | ≈ -0.5 \\(-1 to +0\\) |" in md
+
+
+def test_every_variant_is_set_against_the_one_named() -> None:
+    """compare --against base: which variants the rows tell apart from the base, whichever is best."""
+    c = comparison()
+    c.settings["against"] = "base"
+    got = c.differences()
+    assert {key: d["reference"] for key, d in got.items()} == {"eval_loss": "base", "expectation_pass_rate": "base"}
+    assert got["eval_loss"]["best"] == ["other"] and set(got["eval_loss"]["against"]) == {
+        "other"
+    }  # 'run' trained there
+    assert got["expectation_pass_rate"]["against"]["run"]["difference"] == 1.0
+    titles, rows = difference_rows(c)
+    assert rows[0] == ["base", "reference", "reference"] and rows[1][1:] == ["-", "+1 (+1 to +1)"]
+    assert "## Against base: difference \\(95% interval\\)" in render_markdown(c)
+    c.settings["against"] = "run"  # it has no held-out eval loss of its own: that quality is left out
+    assert set(c.differences()) == {"expectation_pass_rate"}

@@ -105,8 +105,8 @@ def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
 
     def cell(key: str, name: str) -> str:
         d = differences[key]
-        if name == d["best"]:
-            return "best"
+        if name == d["reference"]:
+            return "reference" if c.settings.get("against") else "best"
         if name not in d["against"]:
             return "-"
         x = d["against"][name]
@@ -116,7 +116,7 @@ def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
     names = [
         v.name
         for v in c.variants
-        if any(v.name == differences[k]["best"] or v.name in differences[k]["against"] for k in keys)
+        if any(v.name == differences[k]["reference"] or v.name in differences[k]["against"] for k in keys)
     ]
     rows = [[name, *(cell(key, name) for key in keys)] for name in names]
     counted = [f"{titles[key]} ({differences[key]['rows']} {MEASURED_ON.get(key, 'rows')})" for key in keys]
@@ -130,12 +130,20 @@ MEASURED_ON = {
     "reference_f1": "prompts",
     "exact_match": "prompts",
 }
-DIFFERENCES_TITLE = "Against the best: difference (95% interval)"
-DIFFERENCES_NOTE = (
-    "Each interval is a paired bootstrap over the rows every variant is measured on; "
-    f"{NOT_TOLD_APART}: it holds 0, so these rows cannot tell that variant apart from the best. "
-    "It does not measure the spread between seeds."
-)
+
+
+def differences_title(c: Comparison) -> str:
+    """The differences table's title: whom every variant is set against."""
+    return f"Against {c.settings.get('against') or 'the best'}: difference (95% interval)"
+
+
+def differences_note(c: Comparison) -> str:
+    reference = c.settings.get("against") or "the best"
+    return (
+        "Each interval is a paired bootstrap over the rows every variant is measured on; "
+        f"{NOT_TOLD_APART}: it holds 0, so these rows cannot tell that variant apart from {reference}. "
+        "It does not measure the spread between seeds."
+    )
 
 
 def best_cells(c: Comparison) -> set[tuple[int, int]]:
@@ -211,7 +219,7 @@ def render_html(c: Comparison) -> str:
     if (note := c.trained_on_note()) is not None:
         parts.append(f"<p id='trained-on'><strong>{escape(note)}</strong></p>")
     for table, title, (titles, body), note in (
-        ("differences", DIFFERENCES_TITLE, difference_rows(c), DIFFERENCES_NOTE),
+        ("differences", differences_title(c), difference_rows(c), differences_note(c)),
         ("over-seeds", "Over seeds", seed_rows(c), None),
     ):
         if body:
@@ -270,7 +278,7 @@ def render_markdown(c: Comparison) -> str:
     if (note := c.trained_on_note()) is not None:
         lines += ["", f"**{_md_cell(note)}**"]
     for title, (titles, body), note in (
-        (DIFFERENCES_TITLE, difference_rows(c), DIFFERENCES_NOTE),
+        (differences_title(c), difference_rows(c), differences_note(c)),
         ("Over seeds", seed_rows(c), None),
     ):
         if body:

@@ -363,11 +363,11 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
     from tunelab.report.html import (
         ALSO,
-        DIFFERENCES_NOTE,
-        DIFFERENCES_TITLE,
         best_cells,
         columns,
         difference_rows,
+        differences_note,
+        differences_title,
         seed_rows,
         summary_rows,
     )
@@ -411,7 +411,7 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     if (note := comparison.trained_on_note()) is not None:
         console.print(Text(note, style="bold yellow"), soft_wrap=True)
     for title, (titles, body), note in (
-        (DIFFERENCES_TITLE, difference_rows(comparison), DIFFERENCES_NOTE),
+        (differences_title(comparison), difference_rows(comparison), differences_note(comparison)),
         ("Over seeds (mean ± standard deviation)", seed_rows(comparison), None),
     ):
         if body:
