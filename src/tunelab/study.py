@@ -58,6 +58,11 @@ class CompareSpec(BaseModel):
     eval: str | None = Field(default=None, description="SFT data for eval loss; default: the base experiment's.")
     base: bool = Field(default=True, description="Include the untrained base model.")
     max_new_tokens: int = Field(default=48, gt=0, description="Tokens generated per output.")
+    against: str | None = Field(
+        default=None,
+        description="The variant every other is set against in the differences table (a variant's name, or base: "
+        "the ladder's baseline); default: the best of each quality.",
+    )
 
 
 class EvalSpec(BaseModel):
@@ -142,7 +147,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         apply_override(base_raw, item)
         given[key.strip()] = f"--set {key.strip()}"
     base = resolve_paths(validate(base_raw, source=f"{path}: base", given=given), base_dir)
+    written = spec
     spec, points = expand_grids(spec, path)
+    _check_against(written, spec, path)
     order = _dependency_order(spec, path)
     study = Study(spec, path, base, order, points)
     for name in order:  # every variant must resolve before anything trains
@@ -224,6 +231,22 @@ def _check_needs(
                 raise TunelabError(
                     f"{path}: variants.{origin}.{key}: unknown variant '{needed}'; variants are " + ", ".join(named)
                 )
+
+
+def _check_against(written: StudySpec, expanded: StudySpec, path: Path) -> None:
+    """compare.against names one variant of the study as its grids made them, or base where the base is compared."""
+    against = expanded.compare.against
+    named = (["base"] if expanded.compare.base else []) + list(expanded.variants)
+    if against is None or against in named:
+        return
+    made = [n for n in expanded.variants if n not in written.variants and n.startswith(f"{against}-")]
+    if against in written.variants and made:
+        said = f"'{against}' is a grid of {len(made)} variants ({', '.join(made)}); name one of them"
+    elif against == "base":
+        said = "the base is not compared (compare.base: false); name a variant, or set compare.base: true"
+    else:
+        said = f"unknown variant '{against}'; variants are " + ", ".join(named)
+    raise TunelabError(f"{path}: compare.against: {said}")
 
 
 def _check_grid(at: str, grid: dict[str, list[Any]], given: dict[str, Any], path: Path) -> None:
@@ -511,6 +534,7 @@ def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None
             prompts_file=base_dir / spec.prompts if spec.prompts else None,
             eval_file=base_dir / spec.eval if spec.eval else None,
             max_new_tokens=spec.max_new_tokens,
+            against=_run_named(spec.against, done),
         )
     except TunelabError as e:
         log(f"comparison skipped: {e}")
@@ -518,6 +542,11 @@ def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None
     if (note := result.trained_on_note()) is not None:
         log(note)
     return write_report(result, study.output / "report")["html"]
+
+
+def _run_named(against: str | None, done: list[VariantOutcome]) -> str | None:
+    """compare.against as compare names the variants: a variant by its run's name (<variant>-<hash>), base as it is."""
+    return next((Path(o.run_dir).name for o in done if o.name == against), against)
 
 
 def _write_index(study: Study, outcomes: list[VariantOutcome], report: Path | None) -> None:

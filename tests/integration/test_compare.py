@@ -758,7 +758,7 @@ def test_a_studys_seed_grid_is_compared_over_its_seeds_chain_by_chain(tmp_path: 
         "  sft: {set: {train.max_steps: 1}}\n"
         f"  dpo: {{after: sft, set: {{method: dpo, data.train: {DATA / 'pref_train.jsonl'}, "
         f"data.eval: {DATA / 'pref_eval.jsonl'}, train.max_steps: 1}}}}\n"
-        f"compare: {{prompts: {prompts_file(tmp_path, 2)}, base: false, max_new_tokens: 4}}\n"
+        f"compare: {{prompts: {prompts_file(tmp_path, 2)}, base: false, max_new_tokens: 4, against: sft-seed_1}}\n"
     )
     outcomes, report = run_study(load_study(study), log=lambda *_: None)
     assert [o.status for o in outcomes] == ["trained"] * 4 and report is not None
@@ -768,3 +768,9 @@ def test_a_studys_seed_grid_is_compared_over_its_seeds_chain_by_chain(tmp_path: 
         "sft": [runs["sft-seed_1"], runs["sft-seed_2"]], "dpo": [runs["dpo-seed_1"], runs["dpo-seed_2"]]
     }  # fmt: skip
     assert set(made["over_seeds"]["sft"]["numbers"]) >= {"eval_loss", "preference_accuracy"}
+    # compare.against names a variant; the report sets every other run against that variant's run
+    assert made["settings"]["against"] == runs["sft-seed_1"]
+    assert {d["reference"] for d in made["differences"].values()} == {runs["sft-seed_1"]}
+    assert set(made["differences"]["eval_loss"]["against"]) == {
+        runs[n] for n in ("sft-seed_2", "dpo-seed_1", "dpo-seed_2")
+    }

@@ -232,3 +232,24 @@ def test_a_study_grid_that_cannot_be_made_is_one_line_naming_it(
     with pytest.raises(TunelabError) as e:
         load_study(path)
     assert str(e.value).startswith(f"{path}: {said}") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("compared", "said"),
+    [
+        ("{against: nope}", "compare.against: unknown variant 'nope'; variants are base, a-seed_1, a-seed_2, b"),
+        ("{against: a}", "compare.against: 'a' is a grid of 2 variants (a-seed_1, a-seed_2); name one of them"),
+        ("{against: base, base: false}", "compare.against: the base is not compared (compare.base: false); name a"),
+    ],
+)
+def test_a_comparison_against_a_variant_the_study_does_not_make_is_refused(
+    tmp_path: Path, compared: str, said: str
+) -> None:
+    path = study(tmp_path, f"  a: {{grid: {{train.seed: [1, 2]}}}}\n  b: {{}}\ncompare: {compared}\n")
+    with pytest.raises(TunelabError) as e:
+        load_study(path)
+    assert str(e.value).startswith(f"{path}: {said}") and "\n" not in str(e.value), str(e.value)
+    for fine in ("a-seed_2", "b", "base"):
+        assert load_study(
+            study(tmp_path, f"  a: {{grid: {{train.seed: [1, 2]}}}}\n  b: {{}}\ncompare: {{against: {fine}}}\n")
+        )
