@@ -200,3 +200,40 @@ def test_every_variant_is_set_against_the_one_named() -> None:
     assert "## Against base: difference \\(95% interval\\)" in render_markdown(c)
     c.settings["against"] = "run"  # it has no held-out eval loss of its own: that quality is left out
     assert set(c.differences()) == {"expectation_pass_rate"}
+
+
+def test_each_reply_shows_its_score_against_the_reference_beside_its_checks(tmp_path) -> None:
+    from tunelab.report import write_report
+
+    c = comparison()
+    c.prompts[0].reference = "The <b>answer</b>."
+    for name, f1 in (("base", 0.0), ("run", 1.0), ("other", 2 / 3)):
+        c.per_row[name]["reference_f1"] = [(f1, 1.0), (0.0, 0.0), (0.0, 0.0)]  # prompts 2 and 3 have none
+    md = write_report(c, tmp_path)["md"].read_text().splitlines()
+    at = md.index("## Prompt 1: q0")
+    assert md[at + 2] == "reference: The &lt;b&gt;answer&lt;/b&gt;."
+    assert md[at + 6 : at + 9] == [
+        "| base | x | ✗ contains x ref F1 0.00 |",
+        "| run | x | ✓ contains x ref F1 1.00 |",
+        "| other | x | ✓ contains x ref F1 0.67 |",
+    ]
+    assert "| run | y | ✓ contains x |" in md  # prompt 2: no reference, no score
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<span class='score'>ref F1 ") == 3 and "The &lt;b&gt;answer&lt;/b&gt;." in html
+
+
+def test_the_best_line_names_the_variants_the_rows_cannot_tell_apart_from_the_best() -> None:
+    from rich.console import Console
+
+    from tunelab.report.terminal import print_comparison
+
+    def best_line(c: Comparison) -> str:
+        console = Console(record=True, width=200)
+        print_comparison(c, console)
+        return next(line for line in console.export_text().splitlines() if line.startswith("best: "))
+
+    c = comparison()
+    # 'other' passes 1 of 2 expectations to run's 2 of 2: an interval that holds 0; the base's 0 of 2 does not
+    assert best_line(c) == "best: eval loss: other; expectations: run (≈ other)"
+    c.settings["against"] = "base"  # set against another: the best line says only the best
+    assert best_line(c) == "best: eval loss: other; expectations: run"

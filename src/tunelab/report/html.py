@@ -35,7 +35,7 @@ body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}td.best{font-weight:bold;background:#eef7ee}
 .out{white-space:pre-wrap;font-family:ui-monospace,monospace;font-size:90%}
-.same{color:#888}.diff{background:#fffbe6}.pass{color:#176f2c}.fail{color:#b00020}
+.same{color:#888}.diff{background:#fffbe6}.pass{color:#176f2c}.fail{color:#b00020}.score{color:#555}
 h2{margin-top:2em}.prompt{background:#f6f8fa;padding:6px;border-left:3px solid #999}
 """
 
@@ -132,6 +132,20 @@ MEASURED_ON = {
 }
 
 
+def not_told_apart_from_best(c: Comparison) -> dict[str, list[str]]:
+    """Per quality, the variants whose difference from the best one the rows cannot tell apart from 0 (none where
+    the variants are set against a named one)."""
+    if c.settings.get("against"):
+        return {}
+    out = {}
+    for key, d in c.differences().items():
+        against = {name: x for name, x in d["against"].items() if name not in d["best"]}
+        out[key] = [
+            v.name for v in c.variants if v.name in against and against[v.name]["low"] <= 0 <= against[v.name]["high"]
+        ]
+    return out
+
+
 def differences_title(c: Comparison) -> str:
     """The differences table's title: whom every variant is set against."""
     return f"Against {c.settings.get('against') or 'the best'}: difference (95% interval)"
@@ -144,6 +158,14 @@ def differences_note(c: Comparison) -> str:
         f"{NOT_TOLD_APART}: it holds 0, so these rows cannot tell that variant apart from {reference}. "
         "It does not measure the spread between seeds."
     )
+
+
+def reference_note(c: Comparison, name: str, prompt: int) -> str:
+    """A variant's reply to one prompt scored against the prompt's reference ('ref F1 0.67'); '' without one."""
+    rows = c.per_row.get(name, {}).get("reference_f1")
+    if not rows or not rows[prompt][1]:
+        return ""
+    return f"ref F1 {rows[prompt][0]:.2f}"
 
 
 def best_cells(c: Comparison) -> set[tuple[int, int]]:
@@ -245,6 +267,8 @@ def render_html(c: Comparison) -> str:
                 f"{escape(k.kind)} {escape(k.expected)}</span>"
                 for k in c.checks[name][p.id]
             )
+            if scored := reference_note(c, name, p.id):
+                marks = f"{marks} <span class='score'>{escape(scored)}</span>".strip()
             note = " <em>(same as base)</em>" if css == "same" else ""
             parts.append(
                 f"<tr><td>{escape(name)}{note}</td><td class='out {css}'>{escape(output)}</td><td>{marks}</td></tr>"
@@ -286,8 +310,11 @@ def render_markdown(c: Comparison) -> str:
             lines += ["|---" * len(titles) + "|", *("| " + " | ".join(_md_cell(x) for x in row) + " |" for row in body)]
             lines += ["", _md_cell(note)] if note else []
     for p in c.prompts:
-        lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", "", "| variant | output | checks |", "|---|---|---|"]
+        lines += ["", f"## Prompt {p.id + 1}: {_md_cell(p.text)}", ""]
+        lines += [f"reference: {_md_cell(p.reference)}", ""] if p.reference else []
+        lines += ["| variant | output | checks |", "|---|---|---|"]
         for v in c.variants:
             marks = " ".join(("✓" if k.passed else "✗") + f" {k.kind} {k.expected}" for k in c.checks[v.name][p.id])
+            marks = " ".join(part for part in (marks, reference_note(c, v.name, p.id)) if part)
             lines.append(f"| {_md_cell(v.name)} | {_md_cell(c.outputs[v.name][p.id])} | {_md_cell(marks)} |")
     return "\n".join(lines) + "\n"

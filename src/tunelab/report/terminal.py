@@ -363,11 +363,13 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     from tunelab.compare import LM_EVAL_PREFIX
     from tunelab.report.html import (
         ALSO,
+        NOT_TOLD_APART,
         best_cells,
         columns,
         difference_rows,
         differences_note,
         differences_title,
+        not_told_apart_from_best,
         seed_rows,
         summary_rows,
     )
@@ -401,7 +403,12 @@ def print_comparison(comparison, console: Console | None = None) -> None:
         table.add_row(row[0], *cells)
     console.print(table)
     titles = dict(shown)
-    leaders = [f"{titles.get(key, key)}: {', '.join(names)}" for key, names in comparison.best().items()]
+    close = not_told_apart_from_best(comparison)
+    leaders = [
+        f"{titles.get(key, key)}: {', '.join(names)}"
+        + (f" ({NOT_TOLD_APART} {', '.join(close[key])})" if close.get(key) else "")
+        for key, names in comparison.best().items()
+    ]
     if leaders:
         console.print(Text("best: " + "; ".join(leaders)), soft_wrap=True)
     if comparison.settings.get("rewards"):  # what the reward column holds: a GRPO run's rewards or a reward model's
