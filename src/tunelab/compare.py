@@ -91,8 +91,8 @@ class Comparison:
     # variant name -> per prompt, the messages of a reply that called tools (its calls, their results, its answer)
     exchanges: dict[str, list[list[dict] | None]] = field(default_factory=dict)
     # variant name -> measured quality -> per row of the rows every variant is measured on, what the number is the
-    # ratio of summed over them: (loss, tokens) of a held-out chat, (won, 1) of a pair, (passed, checks) or
-    # (reward, 1) of a prompt
+    # ratio of summed over them: (loss, tokens) of a held-out chat, (won, 1) of a pair, and of a prompt (passed,
+    # checks), (reward, 1), or (score, 1) against its reference ((0, 0) where it has none)
     per_row: dict[str, dict[str, Rows]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -217,8 +217,8 @@ def paired_differences(
 
 
 def lower_is_better(key: str) -> bool | None:
-    """For a measured quality: True for the held-out losses, False for pref acc, GRPO eval reward, reward and the
-    expectation pass rate; None for what is not one (counts, times, settings)."""
+    """For a measured quality: True for the held-out losses, False for pref acc, GRPO eval reward, reward, the
+    expectation pass rate and the reference scores; None for what is not one (counts, times, settings)."""
     if key == "eval_loss" or re.fullmatch(r"eval_[a-z0-9_]+_loss", key):
         return True
     if key in ("preference_accuracy", "expectation_pass_rate", "eval_reward", "reward", *REFERENCE_SCORES):

@@ -507,14 +507,16 @@ def _evaluate_study(study: Study, done: list[VariantOutcome], log) -> bool:
 
 
 def _previous_report(study: Study, done: list[VariantOutcome]) -> Path | None:
-    """The last report, when every variant was skipped and it compared exactly these runs."""
+    """The last report, when every variant was skipped and it compared exactly these runs, as the study's compare
+    section says now (a changed section, prompts or `against`, compares again)."""
     index = study.output / "study.json"
     if not index.is_file() or any(o.status != "skipped" for o in done):
         return None
     previous = json.loads(index.read_text())
     same_runs = [v["run_dir"] for v in previous["variants"] if v["status"] in ("skipped", "trained", "resumed")]
     report = previous.get("report")
-    if same_runs == [o.run_dir for o in done] and report and Path(report).is_file():
+    same_comparison = previous.get("compare") == study.spec.compare.model_dump(mode="json")
+    if same_runs == [o.run_dir for o in done] and same_comparison and report and Path(report).is_file():
         return Path(report)
     return None
 
@@ -534,7 +536,7 @@ def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None
             prompts_file=base_dir / spec.prompts if spec.prompts else None,
             eval_file=base_dir / spec.eval if spec.eval else None,
             max_new_tokens=spec.max_new_tokens,
-            against=_run_named(spec.against, done),
+            against=_run_named(spec.against, done, log),
         )
     except TunelabError as e:
         log(f"comparison skipped: {e}")
@@ -544,9 +546,15 @@ def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None
     return write_report(result, study.output / "report")["html"]
 
 
-def _run_named(against: str | None, done: list[VariantOutcome]) -> str | None:
-    """compare.against as compare names the variants: a variant by its run's name (<variant>-<hash>), base as it is."""
-    return next((Path(o.run_dir).name for o in done if o.name == against), against)
+def _run_named(against: str | None, done: list[VariantOutcome], log) -> str | None:
+    """compare.against as compare names the variants: a variant by its run's name (<variant>-<hash>), base as it is;
+    None (each quality's best) where that variant has no completed run to compare."""
+    if against is None or against == "base":
+        return against
+    found = next((Path(o.run_dir).name for o in done if o.name == against), None)
+    if found is None:
+        log(f"compare.against: {against} did not complete; every variant is set against the best instead")
+    return found
 
 
 def _write_index(study: Study, outcomes: list[VariantOutcome], report: Path | None) -> None:
@@ -562,5 +570,6 @@ def _write_index(study: Study, outcomes: list[VariantOutcome], report: Path | No
             "file": str(study.path),
             "variants": [asdict(o) for o in outcomes],
             "report": str(report) if report else None,
+            "compare": study.spec.compare.model_dump(mode="json"),  # what the report was made with
         },
     )

@@ -51,9 +51,17 @@ def test_study_runs_skips_and_reruns_only_what_changed(tmp_path: Path, tiny_mode
 
     # Skipped means untouched: every run's record and result stay byte for byte what they were.
     records = {o.run_dir: (Path(o.run_dir) / "manifest.json").read_bytes() for o in first}
-    again, _ = run_study(load_study(write_study(tmp_path)), log=lambda *_: None)
+    made = (report.parent / "report.json").stat().st_mtime_ns
+    again, kept = run_study(load_study(write_study(tmp_path)), log=lambda *_: None)
     assert [o.status for o in again] == ["skipped"] * 3
     assert {o.run_dir: (Path(o.run_dir) / "manifest.json").read_bytes() for o in again} == records
+    assert kept == report and (report.parent / "report.json").stat().st_mtime_ns == made  # nothing to compare anew
+    # the same runs under another compare section (against: qv) are compared again, as it now says
+    path = write_study(tmp_path)
+    path.write_text(path.read_text() + "  against: qv\n")
+    _, report = run_study(load_study(path), log=lambda *_: None)
+    against = json.loads((report.parent / "report.json").read_text())["settings"]["against"]
+    assert against == Path(first[0].run_dir).name
 
     changed, _ = run_study(load_study(write_study(tmp_path, lr="2.0e-4")), log=lambda *_: None)
     assert [(o.name, o.status) for o in changed] == [("qv", "skipped"), ("partial", "trained"), ("dpo", "skipped")]
@@ -70,13 +78,17 @@ variants:
   broken: {{set: {{data.train: {tmp_path / "bad.jsonl"}, train.max_steps: 1}}}}
   after-broken: {{after: broken, set: {{train.max_steps: 1}}}}
   fine: {{set: {{train.max_steps: 1}}}}
-compare: {{prompts: {DATA}/prompts.jsonl, max_new_tokens: 4}}
+compare: {{prompts: {DATA}/prompts.jsonl, max_new_tokens: 4, against: broken}}
 """)
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{nope\n')
-    outcomes, _ = run_study(load_study(path), log=lambda *_: None)
+    said: list[str] = []
+    outcomes, report = run_study(load_study(path), log=lambda *line: said.append(" ".join(map(str, line))))
     status = {o.name: o.status for o in outcomes}
     assert status == {"broken": "failed", "after-broken": "blocked", "fine": "trained"}
     assert "bad.jsonl:2: malformed JSON" in next(o.error for o in outcomes if o.name == "broken")
+    # the variant the comparison was to be set against failed: the others are set against the best, and it says so
+    assert "compare.against: broken did not complete; every variant is set against the best instead" in said
+    assert report is not None and json.loads((report.parent / "report.json").read_text())["settings"]["against"] is None
 
 
 def logits(model, ids):

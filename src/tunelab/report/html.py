@@ -96,9 +96,10 @@ NOT_TOLD_APART = "≈"  # marks a difference whose 95% interval holds 0
 
 
 def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
-    """How far each variant is from the best of each quality measured row by row (Comparison.differences), as a
-    table: its column titles (each quality's, with how many rows), and a row a variant: 'best', or its difference
-    and 95% interval, marked NOT_TOLD_APART where the interval holds 0."""
+    """How far each variant is from the best of each quality measured row by row, or from the variant compare was
+    told to set them against (Comparison.differences), as a table: its column titles (each quality's, with how many
+    rows), and a row a variant: 'best' (or 'reference'), or its difference and 95% interval, marked NOT_TOLD_APART
+    where the interval holds 0."""
     differences = c.differences()
     titles = dict(columns(c))
     keys = [key for key in titles if key in differences]
