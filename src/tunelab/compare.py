@@ -27,6 +27,7 @@ from tunelab.runs import (
     BaseModelRecord,
     Manifest,
     changed_sources,
+    lm_eval_docs,
     lm_eval_scores,
     load_run_experiment,
     read_manifest,
@@ -104,13 +105,19 @@ class Comparison:
         touched = self.settings.get("trained_on_numbers") or {}
         return {v.name: {k: x for k, x in v.numbers.items() if k not in touched.get(v.name, [])} for v in self.variants}
 
+    def lower_is_better(self, key: str) -> bool | None:
+        """lower_is_better, and for an lm-eval score what lm-eval says of it (settings' lm_eval_higher_is_better)."""
+        higher = (self.settings.get("lm_eval_higher_is_better") or {}).get(key)
+        return lower_is_better(key) if higher is None else not higher
+
     def best(self) -> dict[str, list[str]]:
         """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
-        pref acc, GRPO eval reward and expectation pass rate. Only where at least two variants have the number, and
+        pref acc, GRPO eval reward, expectation pass rate and reference scores, and lm-eval's scores as lm-eval ranks
+        them. Only where at least two variants have the number, and
         never a number measured on rows the variant trained on (settings' trained_on_numbers)."""
         out, numbers = {}, self.held_out_numbers()
         for key in sorted({k for v in self.variants for k in v.numbers}):
-            lower = lower_is_better(key)
+            lower = self.lower_is_better(key)
             if lower is None:
                 continue
             values = {name: n[key] for name, n in numbers.items() if n.get(key) is not None}
@@ -794,6 +801,32 @@ def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
     return numbers, {"train": train_curve, "eval": eval_curve}
 
 
+def lm_eval_documents(
+    runs: list[tuple[Path, Manifest]], include_base: bool
+) -> tuple[dict[str, dict[str, Rows]], dict[str, bool]]:
+    """Every variant's stored lm-eval values document by document (runs.lm_eval_docs; the base's as the runs stored
+    them beside theirs), as Comparison.per_row holds them: per score, the documents in the order of the first
+    variant that has it; a variant measured on other documents (another limit, another version of the task) is left
+    out of that score's rows. And whether higher is better, by score."""
+    found: dict[str, dict[str, dict[str, float]]] = {}  # variant -> score -> document -> value
+    higher: dict[str, bool] = {}
+    for d, m in runs:
+        docs, base_docs, directions = lm_eval_docs(d)
+        found[m.name] = {LM_EVAL_PREFIX + k: {doc: value for doc, value in v} for k, v in docs.items()}
+        if include_base:
+            for k, v in base_docs.items():
+                found.setdefault("base", {})[LM_EVAL_PREFIX + k] = {doc: value for doc, value in v}
+        higher |= {LM_EVAL_PREFIX + k: x for k, x in directions.items()}
+    rows: dict[str, dict[str, Rows]] = {}
+    order: dict[str, list[str]] = {}
+    for name, by_key in found.items():
+        for key, values in by_key.items():
+            first = order.setdefault(key, list(values))
+            if values.keys() == set(first):
+                rows.setdefault(name, {})[key] = [(values[doc], 1.0) for doc in first]
+    return rows, higher
+
+
 def _span(layers: list[int] | None) -> str:
     from tunelab.scope import layer_ranges
 
@@ -923,6 +956,9 @@ def compare(
         v.numbers.setdefault("eval_loss", None)
         loss = v.numbers["eval_loss"]
         v.numbers["perplexity"] = round(math.exp(loss), 4) if loss is not None else None
+    lm_eval_rows, lm_eval_higher = lm_eval_documents(runs, include_base)
+    for name, by_key in lm_eval_rows.items():
+        measured.setdefault(name, {}).update(by_key)
     settings = {
         "decoding": "greedy" if temperature is None else f"sampling (temperature {temperature}, top_p {top_p})",
         "seed": seed,
@@ -943,6 +979,7 @@ def compare(
         "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
         "replicates": replicates(runs),  # runs of one experiment under other seeds: Comparison.over_seeds
         "against": against,  # the variant the others are set against in differences; None: each quality's best
+        "lm_eval_higher_is_better": lm_eval_higher,  # lm-eval's word on its scores: Comparison.lower_is_better
     }
     exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
     exchanges = {name: said for name, said in exchanges.items() if any(said)}

@@ -3,7 +3,8 @@
 The base loads once and each run goes on it the way its scope kind says (an adapter attached, partial tensors
 swapped in, a full model loaded; a quantized base as trained), exactly as `compare` does; lm-eval then evaluates
 that model object (its `HFLM` takes a model instance). Scores are stored in each run (`lm_eval.json`, task by
-task, with the base's scores and the settings beside them) and appear as columns of `compare`.
+task, with the base's scores and the settings beside them) and appear as columns of `compare`; so are each
+document's values of the scores that are a mean over documents, which compare pairs document by document.
 
 Tasks are lm-eval's own names, or tasks the user defines in lm-eval's YAML format in a folder (`include_path`);
 standard tasks download their data through `datasets`, so they need the network or a warm datasets cache.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +24,16 @@ from tunelab.errors import ConfigError
 from tunelab.runs import Manifest, now, read_lm_eval, write_lm_eval
 
 BASE = "base"
+
+
+@dataclass(frozen=True)
+class Harnessed:
+    """What lm-eval measured on one model: 'task/metric' -> score; per document of the scores that are the mean of
+    their documents' values, ['<doc_id>:<doc_hash>', value] (docs_of); and whether higher is better, by score."""
+
+    scores: dict[str, float]
+    docs: dict[str, list[list]]
+    higher_is_better: dict[str, bool]
 
 
 @dataclass(frozen=True)
@@ -92,18 +104,18 @@ def evaluate_runs(
     variables = template_vars(load_run_experiment(runs[0][0]).tokenizer, tokenizer)
     tokenizer = for_outside_renderer(tokenizer, variables)
     model, kinds = attach_runs(base.load(), runs)
-    scores: dict[str, dict[str, float]] = {}
+    measured: dict[str, Harnessed] = {}
     if include_base:
         with base_alone(model):
-            scores[BASE] = _harness(model, tokenizer, settings, manager)
+            measured[BASE] = _harness(model, tokenizer, settings, manager)
     for d, m in runs:
         with kinds[m.name].active(model, d, m.name, base) as variant, torch.no_grad():
-            scores[m.name] = _harness(variant, tokenizer, settings, manager)
-        _save(d, m, settings, scores[m.name], scores.get(BASE))
-    return scores
+            measured[m.name] = _harness(variant, tokenizer, settings, manager)
+        _save(d, m, settings, measured[m.name], measured.get(BASE))
+    return {name: found.scores for name, found in measured.items()}
 
 
-def _harness(model, tokenizer, settings: EvalSettings, manager) -> dict[str, float]:
+def _harness(model, tokenizer, settings: EvalSettings, manager) -> Harnessed:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -116,10 +128,43 @@ def _harness(model, tokenizer, settings: EvalSettings, manager) -> dict[str, flo
             limit=settings.limit,
             task_manager=manager,
             apply_chat_template=settings.chat_template,
-            log_samples=False,
+            log_samples=True,
             verbosity="ERROR",
         )
-    return scores_of(result["results"])
+    scores = scores_of(result["results"])
+    return Harnessed(scores, docs_of(result["samples"], scores), directions_of(result["higher_is_better"], scores))
+
+
+def docs_of(samples: dict[str, list[dict]], scores: dict[str, float]) -> dict[str, list[list]]:
+    """lm-eval's logged samples -> per score named as scores_of names it, each document's value as
+    ['<doc_id>:<doc_hash>', value], for the scores that are the mean of those values (accuracy, exact match); not
+    the others (perplexity, BLEU: aggregated over the whole corpus)."""
+    found: dict[str, list[list]] = {}
+    for task, logged in samples.items():
+        for sample in logged:
+            for metric in sample.get("metrics", []):
+                value = sample.get(metric)
+                if not isinstance(value, int | float):  # bool is an int
+                    continue
+                name = metric if sample.get("filter", "none") == "none" else f"{metric},{sample['filter']}"
+                document = f"{sample['doc_id']}:{sample.get('doc_hash', '')}"
+                found.setdefault(f"{task}/{name}", []).append([document, float(value)])
+    return {
+        key: docs
+        for key, docs in found.items()
+        if key in scores and math.isclose(math.fsum(v for _, v in docs) / len(docs), scores[key], abs_tol=1e-9)
+    }
+
+
+def directions_of(higher: dict[str, dict[str, bool]], scores: dict[str, float]) -> dict[str, bool]:
+    """lm-eval's higher_is_better, task -> metric -> bool, as score name -> bool (a filter's name dropped)."""
+    out = {}
+    for key in scores:
+        task, _, metric = key.partition("/")
+        value = higher.get(task, {}).get(metric.split(",")[0])
+        if isinstance(value, bool):
+            out[key] = value
+    return out
 
 
 def scores_of(results: dict[str, dict]) -> dict[str, float]:
@@ -167,16 +212,22 @@ def _quiet():
                 sys.stderr.write(scratch.read().decode(errors="replace")[-4000:])
 
 
-def _save(run_dir: Path, manifest: Manifest, settings: EvalSettings, scores: dict, base: dict | None) -> None:
+def _save(run_dir: Path, manifest: Manifest, settings: EvalSettings, run: Harnessed, base: Harnessed | None) -> None:
     """Merge this evaluation into the run's lm_eval.json, task by task (a later evaluation of a task replaces the
     earlier one; other tasks stay)."""
     import lm_eval
 
+    def of(task: str, found: dict) -> dict:
+        return {k: v for k, v in found.items() if k.startswith(f"{task}/")}
+
     record = read_lm_eval(run_dir)
     for task in settings.tasks:
         record[task] = {
-            "scores": {k: v for k, v in scores.items() if k.startswith(f"{task}/")},
-            "base": {k: v for k, v in (base or {}).items() if k.startswith(f"{task}/")} or None,
+            "scores": of(task, run.scores),
+            "base": of(task, base.scores) if base else None,
+            "docs": of(task, run.docs),
+            "base_docs": of(task, base.docs) if base else None,
+            "higher_is_better": of(task, run.higher_is_better),
             "settings": task_settings(settings, task),
             "lm_eval_version": lm_eval.__version__,
             "evaluated_at": now(),

@@ -84,6 +84,20 @@ def write_lm_eval(run_dir: Path, record: dict[str, dict]) -> None:
     write_json(Path(run_dir) / LM_EVAL, record)
 
 
+def lm_eval_docs(run_dir: Path) -> tuple[dict[str, list[list]], dict[str, list[list]], dict[str, bool]]:
+    """A run's stored lm-eval values document by document ('task/metric' -> [document, value] pairs: lmeval.docs_of),
+    the base's measured beside them, and whether higher is better, by score; empty for tasks evaluated before
+    tunelab kept them."""
+    docs: dict[str, list[list]] = {}
+    base: dict[str, list[list]] = {}
+    higher: dict[str, bool] = {}
+    for entry in read_lm_eval(run_dir).values():
+        docs |= entry.get("docs") or {}
+        base |= entry.get("base_docs") or {}
+        higher |= entry.get("higher_is_better") or {}
+    return docs, base, higher
+
+
 def lm_eval_scores(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
     """A run's stored lm-eval scores ('task/metric' -> value), and the base's scores measured beside them."""
     scores: dict[str, float] = {}

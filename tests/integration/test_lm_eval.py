@@ -43,6 +43,21 @@ def test_eval_scores_the_base_and_the_run_and_stores_them(quickstart: Path, tmp_
     assert variants["quickstart"]["lm_eval:tinyworld_answers/key_word"] == run["tinyworld_answers/key_word"]
     assert variants["base"]["lm_eval:tinyworld_answers/key_word"] == base["tinyworld_answers/key_word"]
     assert "<th>tinyworld_answers/key_word</th>" in (tmp_path / "report.html").read_text()
+    # each question's value is kept, for the run and the base alike, and compare pairs them question by question
+    docs = record["docs"]["tinyworld_answers/key_word"]
+    assert len(docs) == 40 == len({doc for doc, _ in docs}) and [d for d, _ in docs] == [
+        d for d, _ in record["base_docs"]["tinyworld_answers/key_word"]
+    ]
+    assert sum(v for _, v in docs) / 40 == pytest.approx(run["tinyworld_answers/key_word"])
+    assert record["higher_is_better"] == dict.fromkeys(run, True)
+    made = json.loads((tmp_path / "report.json").read_text())
+    key = "lm_eval:tinyworld_answers/key_word"
+    assert made["best"][key] == ["quickstart"] and made["differences"][key]["rows"] == 40
+    against = made["differences"][key]["against"]["base"]
+    assert against["difference"] == pytest.approx(
+        base["tinyworld_answers/key_word"] - run["tinyworld_answers/key_word"]
+    )
+    assert against["low"] <= against["difference"] <= against["high"] < 0
 
 
 def test_a_second_task_joins_the_first_without_replacing_it(quickstart: Path) -> None:

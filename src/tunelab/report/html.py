@@ -120,8 +120,13 @@ def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
         if any(v.name == differences[k]["reference"] or v.name in differences[k]["against"] for k in keys)
     ]
     rows = [[name, *(cell(key, name) for key in keys)] for name in names]
-    counted = [f"{titles[key]} ({differences[key]['rows']} {MEASURED_ON.get(key, 'rows')})" for key in keys]
+    counted = [f"{titles[key]} ({differences[key]['rows']} {measured_on(key)})" for key in keys]
     return ["variant", *counted], rows
+
+
+def measured_on(key: str) -> str:
+    """What a quality's rows are: held-out rows, pairs, prompts, or an lm-eval task's documents."""
+    return "documents" if key.startswith(LM_EVAL_PREFIX) else MEASURED_ON.get(key, "rows")
 
 
 MEASURED_ON = {
