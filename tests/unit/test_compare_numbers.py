@@ -233,6 +233,20 @@ def test_the_best_line_names_the_variants_the_rows_cannot_tell_apart_from_the_be
         return next(line for line in console.export_text().splitlines() if line.startswith("best: "))
 
     c = comparison()
+    # the terminal's differences table has the qualities its summary shows (ref F1 and expectations, not exact)
+    for name in c.per_row:
+        c.per_row[name]["exact_match"] = c.per_row[name]["expectation_pass_rate"]
+        c.variants[[v.name for v in c.variants].index(name)].numbers["exact_match"] = ratio(
+            c.per_row[name]["exact_match"]
+        )
+    console = Console(record=True, width=200)
+    print_comparison(c, console)
+    header = next(
+        line for line in console.export_text().splitlines() if line.lstrip().startswith("variant") and "rows" in line
+    )
+    assert "eval loss (4 rows)" in header and "expectations (2 prompts)" in header and "exact" not in header
+    assert "exact \\(2 prompts\\)" in render_markdown(c)  # the report files have every quality
+    c = comparison()
     # 'other' passes 1 of 2 expectations to run's 2 of 2: an interval that holds 0; the base's 0 of 2 does not
     assert best_line(c) == "best: eval loss: other; expectations: run (≈ other)"
     c.settings["against"] = "base"  # set against another: the best line says only the best

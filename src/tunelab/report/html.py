@@ -95,14 +95,14 @@ def seed_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
 NOT_TOLD_APART = "≈"  # marks a difference whose 95% interval holds 0
 
 
-def difference_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
+def difference_rows(c: Comparison, shown: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """How far each variant is from the best of each quality measured row by row, or from the variant compare was
     told to set them against (Comparison.differences), as a table: its column titles (each quality's, with how many
     rows), and a row a variant: 'best' (or 'reference'), or its difference and 95% interval, marked NOT_TOLD_APART
-    where the interval holds 0."""
+    where the interval holds 0. `shown`: only those qualities (the terminal's columns)."""
     differences = c.differences()
     titles = dict(columns(c))
-    keys = [key for key in titles if key in differences]
+    keys = [key for key in titles if key in differences and (shown is None or key in shown)]
 
     def cell(key: str, name: str) -> str:
         d = differences[key]

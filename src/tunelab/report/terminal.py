@@ -418,7 +418,11 @@ def print_comparison(comparison, console: Console | None = None) -> None:
     if (note := comparison.trained_on_note()) is not None:
         console.print(Text(note, style="bold yellow"), soft_wrap=True)
     for title, (titles, body), note in (
-        (differences_title(comparison), difference_rows(comparison), differences_note(comparison)),
+        (
+            differences_title(comparison),
+            difference_rows(comparison, [shown[i][0] for i in picked]),
+            differences_note(comparison),
+        ),
         ("Over seeds (mean ± standard deviation)", seed_rows(comparison), None),
     ):
         if body:
