@@ -114,8 +114,8 @@ class Comparison:
     def best(self) -> dict[str, list[str]]:
         """Per measured quality, the variants that do best (all of a tie): the lowest held-out losses, the highest
         pref acc, GRPO eval reward, expectation pass rate and reference scores, and lm-eval's scores as lm-eval ranks
-        them. Only where at least two variants have the number, and
-        never a number measured on rows the variant trained on (settings' trained_on_numbers)."""
+        them. Only where at least two variants have the number, and never a number measured on rows the variant
+        trained on (settings' trained_on_numbers)."""
         out, numbers = {}, self.held_out_numbers()
         for key in sorted({k for v in self.variants for k in v.numbers}):
             lower = self.lower_is_better(key)
