@@ -84,27 +84,26 @@ def write_lm_eval(run_dir: Path, record: dict[str, dict]) -> None:
     write_json(Path(run_dir) / LM_EVAL, record)
 
 
+def _lm_eval_merged(run_dir: Path, *fields: str) -> list[dict]:
+    """Each of `fields` of a run's lm_eval.json merged over its tasks ('task/metric' -> ...); empty where no task
+    holds it (a task evaluated before tunelab kept it)."""
+    merged: list[dict] = [{} for _ in fields]
+    for entry in read_lm_eval(run_dir).values():
+        for found, name in zip(merged, fields, strict=True):
+            found |= entry.get(name) or {}
+    return merged
+
+
 def lm_eval_docs(run_dir: Path) -> tuple[dict[str, list[list]], dict[str, list[list]], dict[str, bool]]:
     """A run's stored lm-eval values document by document ('task/metric' -> [document, value] pairs: lmeval.docs_of),
-    the base's measured beside them, and whether higher is better, by score; empty for tasks evaluated before
-    tunelab kept them."""
-    docs: dict[str, list[list]] = {}
-    base: dict[str, list[list]] = {}
-    higher: dict[str, bool] = {}
-    for entry in read_lm_eval(run_dir).values():
-        docs |= entry.get("docs") or {}
-        base |= entry.get("base_docs") or {}
-        higher |= entry.get("higher_is_better") or {}
+    the base's measured beside them, and whether higher is better, by score."""
+    docs, base, higher = _lm_eval_merged(run_dir, "docs", "base_docs", "higher_is_better")
     return docs, base, higher
 
 
 def lm_eval_scores(run_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
     """A run's stored lm-eval scores ('task/metric' -> value), and the base's scores measured beside them."""
-    scores: dict[str, float] = {}
-    base: dict[str, float] = {}
-    for entry in read_lm_eval(run_dir).values():
-        scores |= entry["scores"]
-        base |= entry["base"] or {}
+    scores, base = _lm_eval_merged(run_dir, "scores", "base")
     return scores, base
 
 

@@ -147,9 +147,8 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
         apply_override(base_raw, item)
         given[key.strip()] = f"--set {key.strip()}"
     base = resolve_paths(validate(base_raw, source=f"{path}: base", given=given), base_dir)
-    written = spec
     spec, points = expand_grids(spec, path)
-    _check_against(written, spec, path)
+    _check_against(spec, points, path)
     order = _dependency_order(spec, path)
     study = Study(spec, path, base, order, points)
     for name in order:  # every variant must resolve before anything trains
@@ -233,14 +232,15 @@ def _check_needs(
                 )
 
 
-def _check_against(written: StudySpec, expanded: StudySpec, path: Path) -> None:
-    """compare.against names one variant of the study as its grids made them, or base where the base is compared."""
-    against = expanded.compare.against
-    named = (["base"] if expanded.compare.base else []) + list(expanded.variants)
+def _check_against(spec: StudySpec, points: dict[str, tuple[str, dict[str, Any]]], path: Path) -> None:
+    """compare.against names one variant of the study as its grids made them (`points`: expand_grids'), or base where
+    the base is compared."""
+    against = spec.compare.against
+    named = (["base"] if spec.compare.base else []) + list(spec.variants)
     if against is None or against in named:
         return
-    made = [n for n in expanded.variants if n not in written.variants and n.startswith(f"{against}-")]
-    if against in written.variants and made:
+    made = [name for name, (origin, _) in points.items() if origin == against]
+    if made:
         said = f"'{against}' is a grid of {len(made)} variants ({', '.join(made)}); name one of them"
     elif against == "base":
         said = "the base is not compared (compare.base: false); name a variant, or set compare.base: true"

@@ -253,3 +253,15 @@ def test_a_comparison_against_a_variant_the_study_does_not_make_is_refused(
         assert load_study(
             study(tmp_path, f"  a: {{grid: {{train.seed: [1, 2]}}}}\n  b: {{}}\ncompare: {{against: {fine}}}\n")
         )
+
+
+def test_a_grid_named_by_compare_against_lists_its_own_variants_only(tmp_path: Path) -> None:
+    """'a-x' is another variant whose grid makes names that begin 'a-' too: they are not a's."""
+    path = study(
+        tmp_path, "  a: {grid: {train.seed: [1, 2]}}\n  a-x: {grid: {train.seed: [3]}}\ncompare: {against: a}\n"
+    )
+    with pytest.raises(TunelabError) as e:
+        load_study(path)
+    assert (
+        str(e.value) == f"{path}: compare.against: 'a' is a grid of 2 variants (a-seed_1, a-seed_2); name one of them"
+    )

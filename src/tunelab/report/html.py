@@ -95,6 +95,11 @@ def seed_rows(c: Comparison) -> tuple[list[str], list[list[str]]]:
 NOT_TOLD_APART = "≈"  # marks a difference whose 95% interval holds 0
 
 
+def holds_zero(difference: dict[str, float]) -> bool:
+    """Whether a difference's interval (Comparison.differences) holds 0: the rows cannot tell it from none."""
+    return difference["low"] <= 0 <= difference["high"]
+
+
 def difference_rows(c: Comparison, shown: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """How far each variant is from the best of each quality measured row by row, or from the variant compare was
     told to set them against (Comparison.differences), as a table: its column titles (each quality's, with how many
@@ -111,7 +116,7 @@ def difference_rows(c: Comparison, shown: list[str] | None = None) -> tuple[list
         if name not in d["against"]:
             return "-"
         x = d["against"][name]
-        mark = f"{NOT_TOLD_APART} " if x["low"] <= 0 <= x["high"] else ""
+        mark = f"{NOT_TOLD_APART} " if holds_zero(x) else ""
         return f"{mark}{x['difference']:+.3g} ({x['low']:+.3g} to {x['high']:+.3g})"
 
     names = [
@@ -146,9 +151,7 @@ def not_told_apart_from_best(c: Comparison) -> dict[str, list[str]]:
     out = {}
     for key, d in c.differences().items():
         against = {name: x for name, x in d["against"].items() if name not in d["best"]}
-        out[key] = [
-            v.name for v in c.variants if v.name in against and against[v.name]["low"] <= 0 <= against[v.name]["high"]
-        ]
+        out[key] = [v.name for v in c.variants if v.name in against and holds_zero(against[v.name])]
     return out
 
 
