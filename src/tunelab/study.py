@@ -11,6 +11,7 @@ model (`grpo.rewards`), so changing the first re-runs both.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import re
@@ -508,17 +509,28 @@ def _evaluate_study(study: Study, done: list[VariantOutcome], log) -> bool:
 
 def _previous_report(study: Study, done: list[VariantOutcome]) -> Path | None:
     """The last report, when every variant was skipped and it compared exactly these runs, as the study's compare
-    section says now (a changed section, prompts or `against`, compares again)."""
+    section says now (a changed section, prompts or `against`, or a named file's changed contents compare again)."""
     index = study.output / "study.json"
     if not index.is_file() or any(o.status != "skipped" for o in done):
         return None
     previous = json.loads(index.read_text())
     same_runs = [v["run_dir"] for v in previous["variants"] if v["status"] in ("skipped", "trained", "resumed")]
     report = previous.get("report")
-    same_comparison = previous.get("compare") == study.spec.compare.model_dump(mode="json")
+    same_comparison = previous.get("compare") == _comparison_record(study)
     if same_runs == [o.run_dir for o in done] and same_comparison and report and Path(report).is_file():
         return Path(report)
     return None
+
+
+def _comparison_record(study: Study) -> dict[str, Any]:
+    """The compare section, with a sha256 prefix of each file it names (prompts, eval data): a report is reused only
+    while both are unchanged, so editing a prompt file in place compares again."""
+    record = study.spec.compare.model_dump(mode="json")
+    for key in ("prompts", "eval"):
+        path = study.path.parent / record[key] if record[key] else None
+        if path is not None and path.is_file():
+            record[f"{key}_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return record
 
 
 def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None:
@@ -570,6 +582,6 @@ def _write_index(study: Study, outcomes: list[VariantOutcome], report: Path | No
             "file": str(study.path),
             "variants": [asdict(o) for o in outcomes],
             "report": str(report) if report else None,
-            "compare": study.spec.compare.model_dump(mode="json"),  # what the report was made with
+            "compare": _comparison_record(study),  # what the report was made with
         },
     )

@@ -35,8 +35,12 @@ compare:
 
 
 def write_study(tmp_path: Path, lr: str = "1.0e-4") -> Path:
+    """The study, comparing on its own copy of the bundled prompts (tmp_path/prompts.jsonl), written once."""
     path = tmp_path / "mini.yaml"
     path.write_text(STUDY.format(base=EXAMPLES / "quickstart.yaml", out=tmp_path / "runs", data=DATA, lr=lr))
+    path.write_text(path.read_text().replace(f"prompts: {DATA}/prompts.jsonl", "prompts: prompts.jsonl"))
+    if not (tmp_path / "prompts.jsonl").exists():
+        (tmp_path / "prompts.jsonl").write_bytes((DATA / "prompts.jsonl").read_bytes())
     return path
 
 
@@ -56,6 +60,11 @@ def test_study_runs_skips_and_reruns_only_what_changed(tmp_path: Path, tiny_mode
     assert [o.status for o in again] == ["skipped"] * 3
     assert {o.run_dir: (Path(o.run_dir) / "manifest.json").read_bytes() for o in again} == records
     assert kept == report and (report.parent / "report.json").stat().st_mtime_ns == made  # nothing to compare anew
+    # the same file name with other prompts in it is compared again: one prompt fewer in the new report
+    prompts = (tmp_path / "prompts.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "prompts.jsonl").write_text("".join(prompts[:-1]))
+    _, report = run_study(load_study(write_study(tmp_path)), log=lambda *_: None)
+    assert len(json.loads((report.parent / "report.json").read_text())["prompts"]) == len(prompts) - 1
     # the same runs under another compare section (against: qv) are compared again, as it now says
     path = write_study(tmp_path)
     path.write_text(path.read_text() + "  against: qv\n")
