@@ -211,8 +211,9 @@ def compare(
     runs: Annotated[
         list[Path],
         typer.Argument(
-            help="Run directories that share a base model (or adapter folders a PEFT script saved); a reward model "
-            "among them (a run of method: reward, or model:<hub id or folder>) scores the others' replies."
+            help="Run directories that share a base model (or adapter folders a PEFT script saved, or a run's "
+            "checkpoints: RUN/checkpoints/checkpoint-N, shown as RUN@N); a reward model among them (a run of method: "
+            "reward, or model:<hub id or folder>) scores the others' replies."
         ),
     ],
     base: Annotated[bool, typer.Option("--base/--no-base", help="Include the untrained base model.")] = True,

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import statistics
+import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -438,6 +439,24 @@ def load_runs(
     if len(set(names)) != len(names):
         raise TunelabError(f"{command}: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
     return runs
+
+
+@functools.cache
+def _checkpoint_folder() -> tempfile.TemporaryDirectory:
+    """Where this process lays out the checkpoints it compares as runs (removed when it ends)."""
+    return tempfile.TemporaryDirectory(prefix="tunelab-checkpoints-")
+
+
+def checkpoint_views(run_dirs: list[Path]) -> dict[Path, Path]:
+    """The checkpoints among `run_dirs` (<run>/checkpoints/checkpoint-<step>), each laid out as a completed run named
+    <run>@<step> (scopes.checkpoint_run): its view's folder -> the checkpoint as given."""
+    from tunelab.runs import checkpoint_of
+    from tunelab.scopes import checkpoint_run
+
+    views = {}
+    for folder in (Path(d) for d in run_dirs if checkpoint_of(Path(d)) is not None):
+        views[checkpoint_run(folder, Path(tempfile.mkdtemp(dir=_checkpoint_folder().name)))[0]] = folder
+    return views
 
 
 def elsewhere_run(folder: Path) -> Manifest | None:
@@ -882,12 +901,14 @@ def compare(
     if judge_quantization is not None:
         _check_judge_quantization(judges, judge_quantization)
     run_dirs = [d for d in run_dirs if d not in judges]
+    views = checkpoint_views(run_dirs)  # a run's checkpoint as a run of its own: its view's folder -> the checkpoint
     if not run_dirs:
         raise TunelabError(
             f"compare: {judges[0]} is a reward model, which scores replies and writes none; give the runs whose "
             f"replies it should score beside it (its held-out pair accuracy is in `tunelab show {judges[0]}`)"
         )
-    runs = load_runs(run_dirs, mixed_quantization, elsewhere=True)
+    shown = {checkpoint: view for view, checkpoint in views.items()}
+    runs = load_runs([shown.get(Path(d), d) for d in run_dirs], mixed_quantization, elsewhere=True)
     if include_base and any(m.name == "base" for _, m in runs):
         raise TunelabError(
             "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
@@ -935,7 +956,7 @@ def compare(
     variants = [Variant("base", "base", numbers={**losses.get("base", {}), **base_scores})] if include_base else []
     for d, m in runs:
         numbers, curves = _run_numbers(d, m)
-        variants.append(Variant(m.name, m.scope, str(d), {**numbers, **losses.get(m.name, {})}, curves))
+        variants.append(Variant(m.name, m.scope, str(views.get(d, d)), {**numbers, **losses.get(m.name, {})}, curves))
     for name, teacher in teachers:
         numbers = {"scope": f"teacher of distill: {teacher.label}", **losses.get(name, {})}
         variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
@@ -987,7 +1008,8 @@ def compare(
         "trained_on": trained_on,  # each run's training rows among the held-out rows and prompts, where it has any
         "trained_on_numbers": touched,  # the numbers of each such run measured on them: never marked best
         "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
-        "replicates": replicates(runs),  # runs of one experiment under other seeds: Comparison.over_seeds
+        # runs of one experiment under other seeds: Comparison.over_seeds (a checkpoint is its run, not another seed)
+        "replicates": replicates([(d, m) for d, m in runs if d not in views]),
         "against": against,  # the variant the others are set against in differences; None: each quality's best
         "lm_eval_higher_is_better": lm_eval_higher,  # lm-eval's word on its scores: Comparison.lower_is_better
     }

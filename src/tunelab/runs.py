@@ -422,6 +422,55 @@ def complete(checkpoint: Path) -> bool:
     return True
 
 
+def checkpoint_of(folder: Path) -> Path | None:
+    """The run a Trainer checkpoint folder (<run>/checkpoints/checkpoint-<step>) belongs to; None for any other."""
+    folder = Path(folder)
+    if folder.parent.name != CHECKPOINTS or not folder.name.removeprefix("checkpoint-").isdigit():
+        return None
+    run_dir = folder.parent.parent
+    return run_dir if run_status(run_dir) is not None else None
+
+
+# What a checkpoint's view takes from its own files, not its run's: the run's later results are not the checkpoint's.
+NOT_THE_CHECKPOINTS = (MANIFEST, METRICS, LM_EVAL, CHECKPOINTS, ROLLOUTS)
+# The manifest's records of what the whole run did or measured at its end, none of them the checkpoint's.
+AFTER_CHECKPOINT = (
+    "ended_at", "error", "checkpoints_pruned", "eval_also_losses", "stopped_early", "best_step", "best_eval_loss",
+    "final_eval_reward", "train_seconds", "train_runtime", "tokens_seen", "change_check", "preference_accuracy_after",
+    "peak_memory_bytes", "peak_memory_measure",
+)  # fmt: skip
+
+
+def checkpoint_as_run(checkpoint: Path, into: Path, result: str, weights: Path) -> tuple[Path, Manifest]:
+    """A run's complete checkpoint laid out in `into` as a completed run of its own, named <run>@<step>, for a
+    command to use as it uses any run: `result` (the name the run's scope kind reads its result under) links to the
+    checkpoint's `weights`; the manifest is the run's with the results at that step (its last logged train loss, its
+    eval loss where one was logged at that step, nothing of what came after); the metrics are the run's up to that
+    step; every other file (experiment, tokenizer, reward files) links to the run's. Nothing in the run is written."""
+    run_dir = Path(checkpoint).parent.parent
+    manifest, step = read_manifest(run_dir), checkpoint_step(checkpoint)
+    view = Path(into) / f"{manifest.name}@{step}"
+    view.mkdir(parents=True)
+    for entry in run_dir.iterdir():
+        if entry.name not in (*NOT_THE_CHECKPOINTS, result):
+            (view / entry.name).symlink_to(entry.resolve())
+    (view / result).symlink_to(Path(weights).resolve())
+    metrics = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    write_atomic(view / METRICS, "".join(json.dumps(r) + "\n" for r in metrics))
+    losses = [r["loss"] for r in metrics if "loss" in r]
+    evals = [r["eval_loss"] for r in metrics if "eval_loss" in r and r["step"] == step]
+    at_step = manifest.updated(
+        **dict.fromkeys(AFTER_CHECKPOINT),
+        name=view.name,
+        status="completed",
+        global_steps=step,
+        final_train_loss=losses[-1] if losses else None,
+        final_eval_loss=evals[-1] if evals else None,
+    )
+    write_manifest(view, at_step)
+    return view, at_step
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint; ones a crash cut short are passed over."""
     return next((c for c in reversed(checkpoints(run_dir)) if complete(c)), None)

@@ -774,3 +774,81 @@ def test_a_studys_seed_grid_is_compared_over_its_seeds_chain_by_chain(tmp_path: 
     assert set(made["differences"]["eval_loss"]["against"]) == {
         runs[n] for n in ("sft-seed_2", "dpo-seed_1", "dpo-seed_2")
     }
+
+
+def test_a_runs_last_checkpoint_is_compared_as_the_run_it_became(runs, tmp_path: Path) -> None:
+    """A checkpoint given beside its run is a variant of its own, <run>@<step>: the checkpoint at the last step
+    holds the run's result, so it answers and scores exactly as the run does (LoRA's adapter from the checkpoint
+    folder, partial's opened tensors from its model.safetensors), and it is the run, not another seed of it."""
+    checkpoints = {name: sorted((runs[name] / "checkpoints").glob("checkpoint-*"))[-1] for name in runs}
+    given = [runs["quickstart"], checkpoints["quickstart"], runs["partial-last4"], checkpoints["partial-last4"]]
+    result = compare(given, prompts_file=prompts_file(tmp_path, 4))
+    steps = {name: read_manifest(runs[name]).global_steps for name in runs}
+    assert {name: int(c.name.removeprefix("checkpoint-")) for name, c in checkpoints.items()} == steps
+    at = {name: f"{name}@{steps[name]}" for name in runs}
+    assert [v.name for v in result.variants] == [
+        "base",
+        "quickstart",
+        at["quickstart"],
+        "partial-last4",
+        at["partial-last4"],
+    ]
+    numbers = {v.name: v.numbers for v in result.variants}
+    for name in ("quickstart", "partial-last4"):
+        assert result.outputs[at[name]] == result.outputs[name] != result.outputs["base"]
+        assert numbers[at[name]]["eval_loss"] == numbers[name]["eval_loss"] < numbers["base"]["eval_loss"]
+        assert numbers[at[name]]["trainable_params"] == numbers[name]["trainable_params"]
+    shown = {v.name: v.run_dir for v in result.variants}
+    assert shown[at["quickstart"]] == str(checkpoints["quickstart"])  # where it is, not where compare laid it out
+    assert result.settings["replicates"] == {}
+    assert not (runs["quickstart"] / "checkpoints" / "manifest.json").exists()  # nothing written in the run
+
+
+def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_up_to_it(
+    tmp_path: Path, tiny_model_dir
+) -> None:
+    """A full run's checkpoint of step 2 of 4: its replies are plain Transformers' from that checkpoint folder, its
+    curves and last train loss stop at step 2, its eval loss logged there is its run eval loss; and on the command
+    line it is one more variant of the report."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.compare import generate
+
+    sets = ["scope=full", "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2", "train.logging_steps=1"]
+    run = train(
+        load_experiment(EXAMPLES / "quickstart.yaml", [f"output.dir={tmp_path}", *sets, "train.learning_rate=1e-3"])
+    ).run_dir
+    checkpoint = run / "checkpoints" / "checkpoint-2"
+    prompts = prompts_file(tmp_path, 3)
+    result = compare([run, checkpoint], prompts_file=prompts)
+    tok = AutoTokenizer.from_pretrained(run / "tokenizer")
+    tok.padding_side = "left"
+    plain = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    torch.manual_seed(0)
+    assert result.outputs["quickstart@2"] == generate(plain, tok, read_prompts(prompts), None, 48, 16)
+    assert result.outputs["quickstart@2"] != result.outputs["quickstart"]
+    at = next(v for v in result.variants if v.name == "quickstart@2")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in at.curves["train"]] == [1, 2] and [s for s, _ in at.curves["eval"]] == [0, 2]
+    assert at.numbers["final_train_loss"] == next(r["loss"] for r in metrics if r.get("loss") and r["step"] == 2)
+    assert at.numbers["run_eval_loss"] == next(r["eval_loss"] for r in metrics if "eval_loss" in r and r["step"] == 2)
+    assert at.numbers["train_seconds"] is None  # the run's time is the whole run's
+    done = run_cli("compare", str(run), str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [v["name"] for v in json.loads((tmp_path / "r" / "report.json").read_text())["variants"]] == [
+        "base",
+        "quickstart",
+        "quickstart@2",
+    ]
+
+
+def test_checkpoints_that_do_not_hold_the_result_are_refused_in_one_line(tmp_path: Path, tiny_model_dir) -> None:
+    """A checkpoint a crash cut short, and a PiSSA run's (its adapter before PEFT converts it to LoRA on the base)."""
+    sets = ["scope.lora.init=pissa_niter_4", "train.max_steps=2", "train.save_steps=1", f"output.dir={tmp_path}"]
+    run = train(load_experiment(EXAMPLES / "quickstart.yaml", sets)).run_dir
+    (run / "checkpoints" / "checkpoint-1" / "trainer_state.json").unlink()
+    for step, said in ((1, "a crash cut this checkpoint short"), (2, "a pissa_niter_4 run's checkpoints hold")):
+        done = run_cli("compare", str(run / "checkpoints" / f"checkpoint-{step}"), "--prompt", "Hi")
+        assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

@@ -32,6 +32,7 @@ __all__ = [
     "apply_scope",
     "attach_runs",
     "base_alone",
+    "checkpoint_run",
     "get_scope",
     "init_source",
     "load_trained",
@@ -167,6 +168,27 @@ def attach_runs(model: nn.Module, runs: list[tuple[Path, Manifest]]) -> tuple[nn
     for run_dir, m in runs:
         model = kinds[m.name].attach(model, run_dir, m.name)
     return model.eval(), kinds
+
+
+def checkpoint_run(checkpoint: Path, into: Path) -> tuple[Path, Manifest]:
+    """A run's checkpoint as a completed run of its own, <run>@<step> (runs.checkpoint_as_run), with its weights
+    where the run's scope kind reads its result. Refused, with the reason, where they are not that kind's result."""
+    from tunelab.config import init_moves_base
+    from tunelab.runs import checkpoint_as_run, checkpoint_of, complete, load_run_experiment, read_manifest
+
+    if not complete(checkpoint):
+        raise TunelabError(
+            f"{checkpoint}: a crash cut this checkpoint short (it has no trainer_state.json); give another checkpoint"
+        )
+    run_dir = checkpoint_of(checkpoint)
+    manifest = read_manifest(run_dir)
+    kind, scope = get_scope(manifest.scope), load_run_experiment(run_dir).scope
+    if scope.lora is not None and init_moves_base(str(scope.lora.init)):
+        raise TunelabError(
+            f"{checkpoint}: a {scope.lora.init} run's checkpoints hold its adapter as it trains, on weights with the "
+            "start taken out of them; only the run's result is converted to LoRA on the base, so compare the run"
+        )
+    return checkpoint_as_run(checkpoint, into, kind.result, kind.in_checkpoint(Path(checkpoint)))
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:

@@ -33,6 +33,9 @@ class Full(ScopeKind):
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
         model.save_pretrained(run_dir / FULL_MODEL, state_dict=state)
 
+    def in_checkpoint(self, checkpoint: Path) -> Path:
+        return checkpoint  # a Transformers folder, as model/ is: config.json beside the weights
+
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         from transformers import AutoConfig
 

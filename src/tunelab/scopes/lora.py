@@ -66,6 +66,13 @@ class Lora(ScopeKind):
             self.name, config.get("base_model_name_or_path"), f"lora r{config.get('r')} {shown}", count
         )
 
+    def in_checkpoint(self, checkpoint: Path) -> Path:
+        # The Trainer saves the adapter as PEFT does, in the checkpoint folder itself (a DPO reference adapter in a
+        # folder of its own beside it).
+        if not (checkpoint / ADAPTER_CONFIG).is_file():
+            raise TunelabError(f"{checkpoint}: holds no adapter ({ADAPTER_CONFIG}); give a checkpoint of a LoRA run")
+        return checkpoint
+
     def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
         # The adapter keeps its own settings, as training loads it (PeftModel.from_pretrained, trainable).
         from peft import LoraConfig, get_peft_model

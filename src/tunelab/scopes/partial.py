@@ -56,6 +56,17 @@ class Partial(ScopeKind):
         save_file(tensors, str(tmp), metadata={"format": "pt", "tunelab": "partial"})
         os.replace(tmp, run_dir / TRAINED)
 
+    def in_checkpoint(self, checkpoint: Path) -> Path:
+        # The frozen tensors are left out of the Trainer's save (_keys_to_ignore_on_save): its model.safetensors holds
+        # exactly the trained ones, under the names trained.safetensors gives them.
+        weights = checkpoint / "model.safetensors"
+        if not weights.is_file():
+            raise TunelabError(
+                f"{checkpoint}: has no single model.safetensors (a checkpoint saved in shards); compare the run, or "
+                "export a checkpoint's run with `tunelab export`"
+            )
+        return weights
+
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         import torch
         from safetensors.torch import load_file
