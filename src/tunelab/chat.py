@@ -17,6 +17,7 @@ from tunelab.compare import (
     GREEDY,
     Prompt,
     asks_in_chat,
+    checkpoint_views,
     encode_prompts,
     generate,
     load_runs,
@@ -116,8 +117,8 @@ def open_chat(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> Iterator[Chat]:
-    """`target`: a run folder (a tunelab run, or an adapter folder a PEFT script saved), or a base model (hub id,
-    folder, builtin:<name>). `base_only`: a run's base without the run."""
+    """`target`: a run folder (a tunelab run, a run's checkpoint, or an adapter folder a PEFT script saved), or a base
+    model (hub id, folder, builtin:<name>). `base_only`: a run's base without the run."""
     import torch
 
     from tunelab.models import auto_tokenizer
@@ -125,6 +126,7 @@ def open_chat(
     from tunelab.templates import template_vars
 
     folder = Path(target)
+    folder = next(iter(checkpoint_views([folder])), folder)  # a run's checkpoint: a run of its own, RUN@STEP
     _check_target(folder)
     runs = load_runs([folder], command="chat", elsewhere=True) if _is_run(folder) else []
     exp = load_run_experiment(folder) if runs and run_status(folder) is not None else None

@@ -335,8 +335,8 @@ def chat(
     target: Annotated[
         str,
         typer.Argument(
-            help="A run folder (or an adapter folder a PEFT script saved), or a base model: hub id, folder or "
-            "builtin:<name>."
+            help="A run folder (or a run's checkpoint: RUN/checkpoints/checkpoint-N, or an adapter folder a PEFT "
+            "script saved), or a base model: hub id, folder or builtin:<name>."
         ),
     ],
     asked: Annotated[

@@ -802,6 +802,11 @@ def test_a_runs_last_checkpoint_is_compared_as_the_run_it_became(runs, tmp_path:
     assert shown[at["quickstart"]] == str(checkpoints["quickstart"])  # where it is, not where compare laid it out
     assert result.settings["replicates"] == {}
     assert not (runs["quickstart"] / "checkpoints" / "manifest.json").exists()  # nothing written in the run
+    # chat talks to a partial run's checkpoint as to the run (its folder holds a config.json, but not a whole model)
+    turns = ["Which city is the capital of Molo?"]
+    said = [run_cli("chat", str(d), "--prompt", turns[0], "--max-new-tokens", "12") for d in given[2:]]
+    assert [s.returncode for s in said] == [0, 0], said[1].stderr[-2000:]
+    assert _replies(said[1].stdout, turns) == _replies(said[0].stdout, turns) != [""]
 
 
 def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_up_to_it(
