@@ -841,6 +841,12 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
     assert at.numbers["train_seconds"] is None  # the run's time is the whole run's
     done = run_cli("compare", str(run), str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "r"))
     assert done.returncode == 0, done.stderr[-2000:]
+    evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
+    shown = run_cli("show", str(run)).stdout
+    assert (
+        f"\ncheckpoints at steps 2 (eval loss {evals[2]:.4f}), 4 (eval loss {evals[4]:.4f}); tunelab compare {run} "
+        f"{checkpoint} sets step 2 beside the result\n"
+    ) in shown
     assert [v["name"] for v in json.loads((tmp_path / "r" / "report.json").read_text())["variants"]] == [
         "base",
         "quickstart",

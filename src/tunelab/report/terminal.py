@@ -584,6 +584,25 @@ def tool_calls_line(m: Manifest, metrics: list[dict]) -> str | None:
     )
 
 
+def checkpoints_line(run_dir: Path, manifest: Manifest, metrics: list[dict]) -> str | None:
+    """The checkpoints a run keeps, each with the eval loss logged at its step, and for a completed run, how to set
+    the earliest beside it (compare takes a checkpoint as a run of its own)."""
+    from tunelab.runs import checkpoint_step, checkpoints
+
+    kept = checkpoints(run_dir)
+    if not kept:
+        return None
+    evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
+    steps = [checkpoint_step(c) for c in kept]
+    line = "checkpoints at steps " + ", ".join(
+        f"{s} (eval loss {evals[s]:.4f})" if s in evals else str(s) for s in steps
+    )
+    earlier = [c for c in kept if checkpoint_step(c) != manifest.global_steps]
+    if manifest.status == "completed" and earlier:
+        line += f"; tunelab compare {run_dir} {earlier[0]} sets step {checkpoint_step(earlier[0])} beside the result"
+    return line
+
+
 def rollouts_line(run_dir: Path) -> str | None:
     """Where a sampling run (GRPO, distill) keeps the replies it sampled, and for how many steps."""
     from tunelab.runs import ROLLOUTS
@@ -696,6 +715,8 @@ def print_show(
         console.print(line)
     if line := rollouts_line(Path(run_dir)):
         console.print(Text(line))
+    if line := checkpoints_line(Path(run_dir), m, metrics):
+        console.print(Text(line), soft_wrap=True)
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     if train_losses and not rewards:
         console.print(
