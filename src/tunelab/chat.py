@@ -17,7 +17,6 @@ from tunelab.compare import (
     GREEDY,
     Prompt,
     asks_in_chat,
-    checkpoint_views,
     encode_prompts,
     generate,
     load_runs,
@@ -122,7 +121,7 @@ def open_chat(
     import torch
 
     from tunelab.models import auto_tokenizer
-    from tunelab.scopes import BaseLoader, attach_runs, base_alone
+    from tunelab.scopes import BaseLoader, attach_runs, base_alone, checkpoint_views
     from tunelab.templates import template_vars
 
     folder = Path(target)

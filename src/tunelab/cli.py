@@ -510,7 +510,9 @@ def prune(
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    run: Annotated[
+        Path, typer.Argument(help="Run directory (or one of its checkpoints: RUN/checkpoints/checkpoint-N).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write.")],
     merge: Annotated[bool, typer.Option("--merge", help="Merge a LoRA adapter into the base.")] = False,
 ) -> None:

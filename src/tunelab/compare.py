@@ -14,7 +14,6 @@ import json
 import math
 import re
 import statistics
-import tempfile
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -439,24 +438,6 @@ def load_runs(
     if len(set(names)) != len(names):
         raise TunelabError(f"{command}: two runs share the name {sorted(n for n in names if names.count(n) > 1)[0]}")
     return runs
-
-
-@functools.cache
-def _checkpoint_folder() -> tempfile.TemporaryDirectory:
-    """Where this process lays out the checkpoints it compares as runs (removed when it ends)."""
-    return tempfile.TemporaryDirectory(prefix="tunelab-checkpoints-")
-
-
-def checkpoint_views(run_dirs: list[Path]) -> dict[Path, Path]:
-    """The checkpoints among `run_dirs` (<run>/checkpoints/checkpoint-<step>), each laid out as a completed run named
-    <run>@<step> (scopes.checkpoint_run): its view's folder -> the checkpoint as given."""
-    from tunelab.runs import checkpoint_of
-    from tunelab.scopes import checkpoint_run
-
-    views = {}
-    for folder in (Path(d) for d in run_dirs if checkpoint_of(Path(d)) is not None):
-        views[checkpoint_run(folder, Path(tempfile.mkdtemp(dir=_checkpoint_folder().name)))[0]] = folder
-    return views
 
 
 def elsewhere_run(folder: Path) -> Manifest | None:
@@ -891,6 +872,7 @@ def compare(
     best of each quality)."""
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
+    from tunelab.scopes import checkpoint_views
 
     judges = [d for d in run_dirs if is_reward_model(d)]  # reward models score the others' replies
     if len(judges) > 1:

@@ -47,9 +47,10 @@ def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> No
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
     from tunelab.models import auto_tokenizer
-    from tunelab.scopes import run_scope
+    from tunelab.scopes import checkpoint_views, run_scope
 
-    run_dir, out = Path(run_dir), Path(out)
+    source, out = Path(run_dir), Path(out)
+    run_dir = next(iter(checkpoint_views([source])), source)  # a run's checkpoint: a run of its own, RUN@STEP
     manifest = read_manifest(run_dir)
     if (why := unfinished(run_dir, manifest)) is not None:
         raise TunelabError(f"{run_dir}: run {why}; only completed runs can be exported")
@@ -71,7 +72,7 @@ def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
     write_json(
         tmp / "tunelab-export.json",
         {
-            "run": str(run_dir.resolve()),
+            "run": str(source.resolve()),
             "run_name": manifest.name,
             "kind": written,
             "base_model": manifest.base_model.model_dump() if manifest.base_model else None,

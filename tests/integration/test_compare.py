@@ -14,6 +14,7 @@ from tests.conftest import DATA, EXAMPLES, fake_run, run_cli
 from tunelab.compare import Check, Comparison, Prompt, Variant, check_output, compare, parse_eval_also, read_prompts
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
+from tunelab.export import export_run
 from tunelab.report import write_report
 from tunelab.runs import read_manifest
 from tunelab.train import train
@@ -841,6 +842,14 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
     assert at.numbers["train_seconds"] is None  # the run's time is the whole run's
     done = run_cli("compare", str(run), str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "r"))
     assert done.returncode == 0, done.stderr[-2000:]
+    # the step that should survive exports as a run does: plain Transformers loads the checkpoint's weights
+    exported = export_run(checkpoint, tmp_path / "step2")
+    record = json.loads((exported / "tunelab-export.json").read_text())
+    assert (record["run"], record["run_name"]) == (str(checkpoint.resolve()), "quickstart@2")
+    ours = AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    assert ours.keys() == plain.state_dict().keys() and all(
+        torch.equal(ours[k], v) for k, v in plain.state_dict().items()
+    )
     evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
     shown = run_cli("show", str(run)).stdout
     assert (

@@ -5,6 +5,8 @@ Intent -> explicit names lives in `tunelab.scope`; what to do with those names l
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,7 @@ __all__ = [
     "attach_runs",
     "base_alone",
     "checkpoint_run",
+    "checkpoint_views",
     "get_scope",
     "init_source",
     "load_trained",
@@ -189,6 +192,23 @@ def checkpoint_run(checkpoint: Path, into: Path) -> tuple[Path, Manifest]:
             "start taken out of them; only the run's result is converted to LoRA on the base, so compare the run"
         )
     return checkpoint_as_run(checkpoint, into, kind.result, kind.in_checkpoint(Path(checkpoint)))
+
+
+@functools.cache
+def _checkpoint_folder() -> tempfile.TemporaryDirectory:
+    """Where this process lays out the checkpoints it compares as runs (removed when it ends)."""
+    return tempfile.TemporaryDirectory(prefix="tunelab-checkpoints-")
+
+
+def checkpoint_views(run_dirs: list[Path]) -> dict[Path, Path]:
+    """The checkpoints among `run_dirs` (<run>/checkpoints/checkpoint-<step>), each laid out as a completed run named
+    <run>@<step> (scopes.checkpoint_run): its view's folder -> the checkpoint as given."""
+    from tunelab.runs import checkpoint_of
+
+    views = {}
+    for folder in (Path(d) for d in run_dirs if checkpoint_of(Path(d)) is not None):
+        views[checkpoint_run(folder, Path(tempfile.mkdtemp(dir=_checkpoint_folder().name)))[0]] = folder
+    return views
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
