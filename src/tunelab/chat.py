@@ -124,38 +124,38 @@ def open_chat(
     from tunelab.scopes import BaseLoader, attach_runs, base_alone, checkpoint_views
     from tunelab.templates import template_vars
 
-    folder = Path(target)
-    folder = next(iter(checkpoint_views([folder])), folder)  # a run's checkpoint: a run of its own, RUN@STEP
-    _check_target(folder)
-    runs = load_runs([folder], command="chat", elsewhere=True) if _is_run(folder) else []
-    exp = load_run_experiment(folder) if runs and run_status(folder) is not None else None
-    settings = exp.model if exp else ModelSettings(id=runs[0][1].base_model.id if runs else target)
-    base = BaseLoader.pick(settings)
-    torch.manual_seed(seed)
-    model = base.load().eval()  # first: a base that is not here is named in one line by the loading
-    tokenizer = auto_tokenizer(tokenizer_folder(folder, settings))
-    tokenizer.padding_side = "left"
-    manifests = [m for _, m in runs]
-    decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, manifests)}
-    variables = template_vars(exp.tokenizer if exp else TokenizerSettings(), tokenizer)
-    name = manifests[0].name if runs and not base_only else settings.id
-    in_chat = asks_in_chat(tokenizer, None if base_only or not runs else manifests[0])
+    with checkpoint_views([Path(target)]) as views:  # a run's checkpoint: a run of its own, RUN@STEP
+        folder = next(iter(views), Path(target))
+        _check_target(folder)
+        runs = load_runs([folder], command="chat", elsewhere=True) if _is_run(folder) else []
+        exp = load_run_experiment(folder) if runs and run_status(folder) is not None else None
+        settings = exp.model if exp else ModelSettings(id=runs[0][1].base_model.id if runs else target)
+        base = BaseLoader.pick(settings)
+        torch.manual_seed(seed)
+        model = base.load().eval()  # first: a base that is not here is named in one line by the loading
+        tokenizer = auto_tokenizer(tokenizer_folder(folder, settings))
+        tokenizer.padding_side = "left"
+        manifests = [m for _, m in runs]
+        decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        decoding = {**decoding, "eos_token_id": stop_ids(model, tokenizer, manifests)}
+        variables = template_vars(exp.tokenizer if exp else TokenizerSettings(), tokenizer)
+        name = manifests[0].name if runs and not base_only else settings.id
+        in_chat = asks_in_chat(tokenizer, None if base_only or not runs else manifests[0])
 
-    def chat(variant) -> Chat:
-        fold = exp.tokenizer.fold_system if exp else False
-        return Chat(name, variant, tokenizer, decoding, variables, in_chat, max_new_tokens, system, fold)
+        def chat(variant) -> Chat:
+            fold = exp.tokenizer.fold_system if exp else False
+            return Chat(name, variant, tokenizer, decoding, variables, in_chat, max_new_tokens, system, fold)
 
-    if not runs:
-        yield chat(model)
-        return
-    model, kinds = attach_runs(model, runs)
-    if base_only:
-        with base_alone(model):
+        if not runs:
             yield chat(model)
-        return
-    with kinds[manifests[0].name].active(model, folder, manifests[0].name, base) as variant:
-        yield chat(variant)
+            return
+        model, kinds = attach_runs(model, runs)
+        if base_only:
+            with base_alone(model):
+                yield chat(model)
+            return
+        with kinds[manifests[0].name].active(model, folder, manifests[0].name, base) as variant:
+            yield chat(variant)
 
 
 def _is_run(folder: Path) -> bool:

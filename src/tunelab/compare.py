@@ -883,121 +883,123 @@ def compare(
     if judge_quantization is not None:
         _check_judge_quantization(judges, judge_quantization)
     run_dirs = [d for d in run_dirs if d not in judges]
-    views = checkpoint_views(run_dirs)  # a run's checkpoint as a run of its own: its view's folder -> the checkpoint
     if not run_dirs:
         raise TunelabError(
             f"compare: {judges[0]} is a reward model, which scores replies and writes none; give the runs whose "
             f"replies it should score beside it (its held-out pair accuracy is in `tunelab show {judges[0]}`)"
         )
-    shown = {checkpoint: view for view, checkpoint in views.items()}
-    runs = load_runs([shown.get(Path(d), d) for d in run_dirs], mixed_quantization, elsewhere=True)
-    if include_base and any(m.name == "base" for _, m in runs):
-        raise TunelabError(
-            "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
-            "or retrain it under another --name"
+    with checkpoint_views(run_dirs) as views:  # a run's checkpoint as a run of its own: its view -> the checkpoint
+        shown = {checkpoint: view for view, checkpoint in views.items()}
+        runs = load_runs([shown.get(Path(d), d) for d in run_dirs], mixed_quantization, elsewhere=True)
+        if include_base and any(m.name == "base" for _, m in runs):
+            raise TunelabError(
+                "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "
+                "or retrain it under another --name"
+            )
+        first = next((d for d, _ in runs if run_status(d) is not None), None)
+        exp = load_run_experiment(first) if first is not None else None
+        teachers = distill_teachers(runs) if include_teachers else []
+        names = (["base"] if include_base else []) + [m.name for _, m in runs] + [name for name, _ in teachers]
+        if against is not None and against not in names:
+            raise TunelabError(f"--against {against}: no variant of that name; the variants are {', '.join(names)}")
+        # the first SFT run's held-out chats score every variant: a compared run's, else an SFT teacher's
+        sft_runs = [d for d, m in runs if m.method == "sft"] + [
+            t.run for _, t in teachers if t.run is not None and read_manifest(t.run).method == "sft"
+        ]
+        sft = load_run_experiment(sft_runs[0]) if sft_runs else None
+        # GRPO runs are asked their own held-out prompts, whose fields their rewards read (an SFT run's chats have none)
+        found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
+        rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
+        grpo_exp = rewarded[2] if rewarded else None
+        splits = RunSplits()
+        prompts, evaluation, asked_rows = _prompts_and_eval(
+            grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None, splits
         )
-    first = next((d for d, _ in runs if run_status(d) is not None), None)
-    exp = load_run_experiment(first) if first is not None else None
-    teachers = distill_teachers(runs) if include_teachers else []
-    names = (["base"] if include_base else []) + [m.name for _, m in runs] + [name for name, _ in teachers]
-    if against is not None and against not in names:
-        raise TunelabError(f"--against {against}: no variant of that name; the variants are {', '.join(names)}")
-    # the first SFT run's held-out chats score every variant: a compared run's, else an SFT teacher's
-    sft_runs = [d for d, m in runs if m.method == "sft"] + [
-        t.run for _, t in teachers if t.run is not None and read_manifest(t.run).method == "sft"
-    ]
-    sft = load_run_experiment(sft_runs[0]) if sft_runs else None
-    # GRPO runs are asked their own held-out prompts, whose fields their rewards read (an SFT run's chats have none)
-    found = next(((d, m) for d, m in runs if m.method and get_method(m.method).held_out == "reward"), None)
-    rewarded = (*found, load_run_experiment(found[0])) if found else None  # the first GRPO run, its experiment
-    grpo_exp = rewarded[2] if rewarded else None
-    splits = RunSplits()
-    prompts, evaluation, asked_rows = _prompts_and_eval(
-        grpo_exp or exp, sft, prompts_file, eval_file, asked, rewarded is not None, splits
-    )
-    prompts, tool_use, tools_note = with_run_tools(prompts, rewarded)
-    held_out_splits = _held_out_sets(exp, sft, evaluation, eval_also or {})
-    held_out = {name: split.rows for name, split in held_out_splits.items()}
-    ranked = _held_out_pairs(runs, pairs_file, splits)
-    trained_on, touched, unchecked = _trained_on(runs, held_out_splits, asked_rows, ranked, splits)
-    pairs = ranked.rows if ranked is not None else []
-    # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
-    decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
-    model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
-    template = exp.tokenizer if exp is not None else TokenizerSettings()
-    outputs, measured, acted = _generate_and_score(
-        model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens, batch_size,
-        decoding, seed, teachers, tool_use,
-    )  # fmt: skip
-    base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
-    if include_base:
-        for found in (outputs, measured, acted):
-            if BASE in found:
-                found["base"] = found.pop(BASE)
-    losses = {name: {key: ratio(rows) for key, rows in by_key.items()} for name, by_key in measured.items()}
-    variants = [Variant("base", "base", numbers={**losses.get("base", {}), **base_scores})] if include_base else []
-    for d, m in runs:
-        numbers, curves = _run_numbers(d, m)
-        variants.append(Variant(m.name, m.scope, str(views.get(d, d)), {**numbers, **losses.get(m.name, {})}, curves))
-    for name, teacher in teachers:
-        numbers = {"scope": f"teacher of distill: {teacher.label}", **losses.get(name, {})}
-        variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
-    replies = {v.name: outputs[v.name] for v in variants}  # texts, or exchanges where replies called tools
-    texts = {name: [reply_text(r) for r in said] for name, said in replies.items()}
-    checks = {v.name: [check_output(p, o) for p, o in zip(prompts, texts[v.name], strict=True)] for v in variants}
-    judge_accuracy = None
-    if judges:
-        scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs, judge_quantization)
-    else:
-        scored, rewards_note = reward_scores(rewarded, prompts, replies, acted)
-    for v in variants:
-        by_prompt = measured.setdefault(v.name, {})
-        if scored.get(v.name):
-            by_prompt["reward"] = [(float(x), 1.0) for x in scored[v.name]]
-        if any(checks[v.name]):
-            by_prompt["expectation_pass_rate"] = [(sum(c.passed for c in cs), len(cs)) for cs in checks[v.name]]
-        if any(p.reference is not None for p in prompts):
-            answered = [
-                reference_scores(final_answer(said), p.reference) if p.reference is not None else None
-                for p, said in zip(prompts, replies[v.name], strict=True)
-            ]
-            for key in REFERENCE_SCORES:
-                by_prompt[key] = [(score[key], 1.0) if score else (0.0, 0.0) for score in answered]
-        for key in ("reward", "expectation_pass_rate", *REFERENCE_SCORES):
-            value = ratio(by_prompt[key]) if key in by_prompt else None
-            v.numbers[key] = round(value, 4) if value is not None else None
-        v.numbers.setdefault("eval_loss", None)
-        loss = v.numbers["eval_loss"]
-        v.numbers["perplexity"] = round(math.exp(loss), 4) if loss is not None else None
-    lm_eval_rows, lm_eval_higher = lm_eval_documents(runs, include_base)
-    for name, by_key in lm_eval_rows.items():
-        measured.setdefault(name, {}).update(by_key)
-    settings = {
-        "decoding": "greedy" if temperature is None else f"sampling (temperature {temperature}, top_p {top_p})",
-        "seed": seed,
-        "max_new_tokens": max_new_tokens,
-        "batch_size": batch_size,
-        "prompts": str(prompts_file) if prompts_file else "the command line" if asked else asked_rows.source,
-        "eval_examples": len(evaluation.rows) if evaluation else 0,
-        "eval_also_examples": {name: len(rows) for name, rows in held_out.items() if name != PRIMARY},
-        "preference_pairs": len(pairs),  # pref acc: every variant on these pairs; without them, each run's own
-        "base": runs[0][1].quantized,
-        # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
-        "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
-        "rewards": rewards_note,  # GRPO: which run's rewards scored every variant's outputs, or why none did
-        "tools": tools_note,  # GRPO with grpo.tools: whose tools every prompt shows
-        "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
-        "trained_on": trained_on,  # each run's training rows among the held-out rows and prompts, where it has any
-        "trained_on_numbers": touched,  # the numbers of each such run measured on them: never marked best
-        "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
-        # runs of one experiment under other seeds: Comparison.over_seeds (a checkpoint is its run, not another seed)
-        "replicates": replicates([(d, m) for d, m in runs if d not in views]),
-        "against": against,  # the variant the others are set against in differences; None: each quality's best
-        "lm_eval_higher_is_better": lm_eval_higher,  # lm-eval's word on its scores: Comparison.lower_is_better
-    }
-    exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
-    exchanges = {name: said for name, said in exchanges.items() if any(said)}
-    return Comparison(model.id, settings, variants, prompts, texts, checks, exchanges, measured)
+        prompts, tool_use, tools_note = with_run_tools(prompts, rewarded)
+        held_out_splits = _held_out_sets(exp, sft, evaluation, eval_also or {})
+        held_out = {name: split.rows for name, split in held_out_splits.items()}
+        ranked = _held_out_pairs(runs, pairs_file, splits)
+        trained_on, touched, unchecked = _trained_on(runs, held_out_splits, asked_rows, ranked, splits)
+        pairs = ranked.rows if ranked is not None else []
+        # Greedy unless a temperature is given; sampled outputs depend on the seed and on batch composition.
+        decoding = GREEDY if temperature is None else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        model = exp.model if exp is not None else ModelSettings(id=runs[0][1].base_model.id)
+        template = exp.tokenizer if exp is not None else TokenizerSettings()
+        outputs, measured, acted = _generate_and_score(
+            model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens,
+            batch_size, decoding, seed, teachers, tool_use,
+        )  # fmt: skip
+        base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
+        if include_base:
+            for found in (outputs, measured, acted):
+                if BASE in found:
+                    found["base"] = found.pop(BASE)
+        losses = {name: {key: ratio(rows) for key, rows in by_key.items()} for name, by_key in measured.items()}
+        variants = [Variant("base", "base", numbers={**losses.get("base", {}), **base_scores})] if include_base else []
+        for d, m in runs:
+            numbers, curves = _run_numbers(d, m)
+            variants.append(
+                Variant(m.name, m.scope, str(views.get(d, d)), {**numbers, **losses.get(m.name, {})}, curves)
+            )
+        for name, teacher in teachers:
+            numbers = {"scope": f"teacher of distill: {teacher.label}", **losses.get(name, {})}
+            variants.append(Variant(name, "teacher", str(teacher.run) if teacher.run else None, numbers))
+        replies = {v.name: outputs[v.name] for v in variants}  # texts, or exchanges where replies called tools
+        texts = {name: [reply_text(r) for r in said] for name, said in replies.items()}
+        checks = {v.name: [check_output(p, o) for p, o in zip(prompts, texts[v.name], strict=True)] for v in variants}
+        judge_accuracy = None
+        if judges:
+            scored, rewards_note, judge_accuracy = judge_scores(judges[0], prompts, replies, pairs, judge_quantization)
+        else:
+            scored, rewards_note = reward_scores(rewarded, prompts, replies, acted)
+        for v in variants:
+            by_prompt = measured.setdefault(v.name, {})
+            if scored.get(v.name):
+                by_prompt["reward"] = [(float(x), 1.0) for x in scored[v.name]]
+            if any(checks[v.name]):
+                by_prompt["expectation_pass_rate"] = [(sum(c.passed for c in cs), len(cs)) for cs in checks[v.name]]
+            if any(p.reference is not None for p in prompts):
+                answered = [
+                    reference_scores(final_answer(said), p.reference) if p.reference is not None else None
+                    for p, said in zip(prompts, replies[v.name], strict=True)
+                ]
+                for key in REFERENCE_SCORES:
+                    by_prompt[key] = [(score[key], 1.0) if score else (0.0, 0.0) for score in answered]
+            for key in ("reward", "expectation_pass_rate", *REFERENCE_SCORES):
+                value = ratio(by_prompt[key]) if key in by_prompt else None
+                v.numbers[key] = round(value, 4) if value is not None else None
+            v.numbers.setdefault("eval_loss", None)
+            loss = v.numbers["eval_loss"]
+            v.numbers["perplexity"] = round(math.exp(loss), 4) if loss is not None else None
+        lm_eval_rows, lm_eval_higher = lm_eval_documents(runs, include_base)
+        for name, by_key in lm_eval_rows.items():
+            measured.setdefault(name, {}).update(by_key)
+        settings = {
+            "decoding": "greedy" if temperature is None else f"sampling (temperature {temperature}, top_p {top_p})",
+            "seed": seed,
+            "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "prompts": str(prompts_file) if prompts_file else "the command line" if asked else asked_rows.source,
+            "eval_examples": len(evaluation.rows) if evaluation else 0,
+            "eval_also_examples": {name: len(rows) for name, rows in held_out.items() if name != PRIMARY},
+            "preference_pairs": len(pairs),  # pref acc: every variant on these pairs; without them, each run's own
+            "base": runs[0][1].quantized,
+            # runs trained on plain text (string prompts, no data.as_chat): asked their prompts as plain text too
+            "asked_as_text": [m.name for _, m in runs if m.data is not None and m.data.rendered == "text"],
+            "rewards": rewards_note,  # GRPO: which run's rewards scored every variant's outputs, or why none did
+            "tools": tools_note,  # GRPO with grpo.tools: whose tools every prompt shows
+            "judge_pair_accuracy": judge_accuracy,  # the reward model's share of the preference pairs ordered right
+            "trained_on": trained_on,  # each run's training rows among the held-out rows and prompts, where it has any
+            "trained_on_numbers": touched,  # the numbers of each such run measured on them: never marked best
+            "trained_on_unchecked": unchecked,  # runs whose training rows could not be checked, and why
+            # runs of one experiment under other seeds: Comparison.over_seeds (a checkpoint is its run, not a seed)
+            "replicates": replicates([(d, m) for d, m in runs if d not in views]),
+            "against": against,  # the variant the others are set against in differences; None: each quality's best
+            "lm_eval_higher_is_better": lm_eval_higher,  # lm-eval's word on its scores: Comparison.lower_is_better
+        }
+        exchanges = {name: [r if isinstance(r, list) else None for r in said] for name, said in replies.items()}
+        exchanges = {name: said for name, said in exchanges.items() if any(said)}
+        return Comparison(model.id, settings, variants, prompts, texts, checks, exchanges, measured)
 
 
 class RunSplits:

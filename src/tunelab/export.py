@@ -46,11 +46,19 @@ def stop_at_terminator(model, tokenizer_dir: Path, terminator: str | None) -> No
 
 
 def export_run(run_dir: Path, out: Path, merge: bool = False) -> Path:
-    from tunelab.models import auto_tokenizer
-    from tunelab.scopes import checkpoint_views, run_scope
+    """A completed run (or one of its checkpoints, as a run of its own: RUN@STEP) as a folder plain Transformers or
+    PEFT loads, written whole or not at all."""
+    from tunelab.scopes import checkpoint_views
 
-    source, out = Path(run_dir), Path(out)
-    run_dir = next(iter(checkpoint_views([source])), source)  # a run's checkpoint: a run of its own, RUN@STEP
+    with checkpoint_views([Path(run_dir)]) as views:
+        return _export(next(iter(views), Path(run_dir)), Path(run_dir), Path(out), merge)
+
+
+def _export(run_dir: Path, source: Path, out: Path, merge: bool) -> Path:
+    """export_run of the run in `run_dir`, recorded as exported from `source` (a checkpoint, where it is one)."""
+    from tunelab.models import auto_tokenizer
+    from tunelab.scopes import run_scope
+
     manifest = read_manifest(run_dir)
     if (why := unfinished(run_dir, manifest)) is not None:
         raise TunelabError(f"{run_dir}: run {why}; only completed runs can be exported")

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -850,6 +851,9 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
     assert ours.keys() == plain.state_dict().keys() and all(
         torch.equal(ours[k], v) for k, v in plain.state_dict().items()
     )
+    # what compare, chat and export laid out to read the checkpoint as a run is gone once they return
+    laid_out = Path(tempfile.gettempdir()).glob("tunelab-checkpoints-*/*/quickstart@2")
+    assert [p for p in laid_out if (p / "experiment.yaml").resolve() == run / "experiment.yaml"] == []
     evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
     shown = run_cli("show", str(run)).stdout
     assert (

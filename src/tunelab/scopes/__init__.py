@@ -5,8 +5,9 @@ Intent -> explicit names lives in `tunelab.scope`; what to do with those names l
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,21 +195,18 @@ def checkpoint_run(checkpoint: Path, into: Path) -> tuple[Path, Manifest]:
     return checkpoint_as_run(checkpoint, into, kind.result, kind.in_checkpoint(Path(checkpoint)))
 
 
-@functools.cache
-def _checkpoint_folder() -> tempfile.TemporaryDirectory:
-    """Where this process lays out the checkpoints it compares as runs (removed when it ends)."""
-    return tempfile.TemporaryDirectory(prefix="tunelab-checkpoints-")
-
-
-def checkpoint_views(run_dirs: list[Path]) -> dict[Path, Path]:
+@contextlib.contextmanager
+def checkpoint_views(run_dirs: list[Path]) -> Iterator[dict[Path, Path]]:
     """The checkpoints among `run_dirs` (<run>/checkpoints/checkpoint-<step>), each laid out as a completed run named
-    <run>@<step> (scopes.checkpoint_run): its view's folder -> the checkpoint as given."""
+    <run>@<step> (checkpoint_run) for the duration of a `with` block: its view's folder -> the checkpoint as given."""
     from tunelab.runs import checkpoint_of
 
-    views = {}
-    for folder in (Path(d) for d in run_dirs if checkpoint_of(Path(d)) is not None):
-        views[checkpoint_run(folder, Path(tempfile.mkdtemp(dir=_checkpoint_folder().name)))[0]] = folder
-    return views
+    found = [Path(d) for d in run_dirs if checkpoint_of(Path(d)) is not None]
+    if not found:
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="tunelab-checkpoints-") as folder:
+        yield {checkpoint_run(d, Path(folder) / str(i))[0]: d for i, d in enumerate(found)}
 
 
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
