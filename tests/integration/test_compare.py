@@ -865,6 +865,11 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
         "quickstart",
         "quickstart@2",
     ]
+    # weights in a sharding engine's own format (FSDP, DeepSpeed) are not a model folder: refused, naming why
+    (checkpoint / "model.safetensors").rename(checkpoint / "pytorch_model_fsdp_0.bin")
+    refused = run_cli("compare", str(checkpoint), "--prompt", "Hi")
+    assert refused.returncode == 2 and "holds no config.json and model.safetensors" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_checkpoints_that_do_not_hold_the_result_are_refused_in_one_line(tmp_path: Path, tiny_model_dir) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.config import Scope
+from tunelab.errors import TunelabError
 from tunelab.runs import FULL_MODEL
 from tunelab.scopes.base import BaseLoader, ScopeKind
 
@@ -34,7 +35,15 @@ class Full(ScopeKind):
         model.save_pretrained(run_dir / FULL_MODEL, state_dict=state)
 
     def in_checkpoint(self, checkpoint: Path) -> Path:
-        return checkpoint  # a Transformers folder, as model/ is: config.json beside the weights
+        # A Transformers folder, as model/ is: config.json beside the safetensors weights (FSDP and DeepSpeed save
+        # shards of their own instead, which only a resume reads).
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if not (checkpoint / "config.json").is_file() or not any((checkpoint / w).is_file() for w in weights):
+            raise TunelabError(
+                f"{checkpoint}: holds no config.json and model.safetensors (a checkpoint in a sharding engine's own "
+                "format, which only a resume reads); compare the run"
+            )
+        return checkpoint
 
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         from transformers import AutoConfig
