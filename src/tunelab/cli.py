@@ -290,6 +290,13 @@ def compare(
             "intervals; default: the best of each quality.",
         ),
     ] = None,
+    checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoints",
+            help="Each run's kept checkpoints from before its last step too, each a variant of its own (RUN@STEP).",
+        ),
+    ] = False,
 ) -> None:
     """Same base, several runs, same prompts: outputs side by side with the numbers, as a report."""
     from tunelab.compare import compare as run_compare
@@ -322,6 +329,7 @@ def compare(
         include_teachers=teachers,
         judge_quantization=Quantization(bits=judge_bits) if judge_bits else None,
         against=against,
+        checkpoints=checkpoints,
     )
     paths = write_report(result, out)
     print_comparison(result)

@@ -440,6 +440,16 @@ def load_runs(
     return runs
 
 
+def earlier_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints a completed run keeps from before its last step (that one holds its result)."""
+    from tunelab.runs import checkpoint_step, checkpoints, complete
+
+    if run_status(run_dir) != "completed":
+        return []
+    last = read_manifest(run_dir).global_steps
+    return [c for c in checkpoints(run_dir) if checkpoint_step(c) != last and complete(c)]
+
+
 def elsewhere_run(folder: Path) -> Manifest | None:
     """A result a plain script saved in `folder` (compare_lora.py's adapters), recorded as a completed run of the base
     it names: None where the folder holds none."""
@@ -863,13 +873,15 @@ def compare(
     include_teachers: bool = True,
     judge_quantization: Quantization | None = None,
     against: str | None = None,
+    checkpoints: bool = False,
 ) -> Comparison:
     """Check the runs share a base, read prompts and eval data, generate and score, assemble. Runs on a quantized
     base are compared on that same quantized base (the first run's settings load it). `include_teachers`: the
     teachers of distill runs (those not compared as runs already) answer and are scored beside them.
     `judge_quantization`: a published reward model among the runs scores loaded so, as grpo.reward_quantization
     loads it beside a policy. `against`: the variant every other is set against in Comparison.differences (None: the
-    best of each quality)."""
+    best of each quality). `checkpoints`: each completed run is followed by the checkpoints it keeps from before its
+    last step, each a variant of its own (RUN@STEP)."""
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
     from tunelab.scopes import checkpoint_views
@@ -883,6 +895,8 @@ def compare(
     if judge_quantization is not None:
         _check_judge_quantization(judges, judge_quantization)
     run_dirs = [d for d in run_dirs if d not in judges]
+    if checkpoints:
+        run_dirs = [d for run_dir in run_dirs for d in (run_dir, *earlier_checkpoints(Path(run_dir)))]
     if not run_dirs:
         raise TunelabError(
             f"compare: {judges[0]} is a reward model, which scores replies and writes none; give the runs whose "

@@ -64,6 +64,11 @@ class CompareSpec(BaseModel):
         description="The variant every other is set against in the differences table (a variant's name, or base: "
         "the ladder's baseline); default: the best of each quality.",
     )
+    checkpoints: bool = Field(
+        default=False,
+        description="Each variant's kept checkpoints from before its last step too, each compared as a variant of "
+        "its own (<run>@<step>): which step of a variant should survive.",
+    )
 
 
 class EvalSpec(BaseModel):
@@ -549,6 +554,7 @@ def _compare_study(study: Study, done: list[VariantOutcome], log) -> Path | None
             eval_file=base_dir / spec.eval if spec.eval else None,
             max_new_tokens=spec.max_new_tokens,
             against=_run_named(spec.against, done, log),
+            checkpoints=spec.checkpoints,
         )
     except TunelabError as e:
         log(f"comparison skipped: {e}")

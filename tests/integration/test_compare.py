@@ -816,7 +816,7 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
 ) -> None:
     """A full run's checkpoint of step 2 of 4: its replies are plain Transformers' from that checkpoint folder, its
     curves and last train loss stop at step 2, its eval loss logged there is its run eval loss; and on the command
-    line it is one more variant of the report."""
+    line, `--checkpoints` makes it one more variant of the report."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -841,7 +841,7 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
     assert at.numbers["final_train_loss"] == next(r["loss"] for r in metrics if r.get("loss") and r["step"] == 2)
     assert at.numbers["run_eval_loss"] == next(r["eval_loss"] for r in metrics if "eval_loss" in r and r["step"] == 2)
     assert at.numbers["train_seconds"] is None  # the run's time is the whole run's
-    done = run_cli("compare", str(run), str(checkpoint), "--prompts", str(prompts), "--out", str(tmp_path / "r"))
+    done = run_cli("compare", str(run), "--checkpoints", "--prompts", str(prompts), "--out", str(tmp_path / "r"))
     assert done.returncode == 0, done.stderr[-2000:]
     # the step that should survive exports as a run does: plain Transformers loads the checkpoint's weights
     exported = export_run(checkpoint, tmp_path / "step2")

@@ -22,7 +22,7 @@ base: {base}
 output: {out}
 variants:
   qv:
-    set: {{scope.lora.targets: qv, train.max_steps: 4}}
+    set: {{scope.lora.targets: qv, train.max_steps: 4, train.save_steps: 2}}
   partial:
     set: {{scope: {{partial: {{last_blocks: 1, lm_head: true}}}}, train.max_steps: 3, train.learning_rate: {lr}}}
   dpo:
@@ -65,12 +65,19 @@ def test_study_runs_skips_and_reruns_only_what_changed(tmp_path: Path, tiny_mode
     (tmp_path / "prompts.jsonl").write_text("".join(prompts[:-1]))
     _, report = run_study(load_study(write_study(tmp_path)), log=lambda *_: None)
     assert len(json.loads((report.parent / "report.json").read_text())["prompts"]) == len(prompts) - 1
-    # the same runs under another compare section (against: qv) are compared again, as it now says
+    # the same runs under another compare section (against: qv, and qv's step 2 beside it) are compared again
     path = write_study(tmp_path)
-    path.write_text(path.read_text() + "  against: qv\n")
+    path.write_text(path.read_text() + "  against: qv\n  checkpoints: true\n")
     _, report = run_study(load_study(path), log=lambda *_: None)
-    against = json.loads((report.parent / "report.json").read_text())["settings"]["against"]
-    assert against == Path(first[0].run_dir).name
+    compared = json.loads((report.parent / "report.json").read_text())
+    qv = Path(first[0].run_dir).name
+    assert compared["settings"]["against"] == qv
+    assert [v["name"] for v in compared["variants"]] == [
+        "base",
+        qv,
+        f"{qv}@2",
+        *(Path(o.run_dir).name for o in first[1:]),
+    ]
 
     changed, _ = run_study(load_study(write_study(tmp_path, lr="2.0e-4")), log=lambda *_: None)
     assert [(o.name, o.status) for o in changed] == [("qv", "skipped"), ("partial", "trained"), ("dpo", "skipped")]
