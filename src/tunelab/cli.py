@@ -500,7 +500,7 @@ def prune(
     run_dirs: Annotated[list[Path], typer.Argument(help="Completed run directories.")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would be removed; remove nothing.")] = False,
 ) -> None:
-    """Remove completed runs' checkpoints (only a resume reads them); results, metrics and manifests stay."""
+    """Remove completed runs' checkpoints (their earlier steps); results, metrics and manifests stay."""
     from tunelab.plan import human_bytes
     from tunelab.runs import check_prunable, prune_checkpoints
 
