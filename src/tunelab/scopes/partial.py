@@ -62,8 +62,8 @@ class Partial(ScopeKind):
         weights = checkpoint / "model.safetensors"
         if not weights.is_file():
             raise TunelabError(
-                f"{checkpoint}: has no single model.safetensors (a checkpoint saved in shards); compare the run, or "
-                "export a checkpoint's run with `tunelab export`"
+                f"{checkpoint}: has no single model.safetensors (a checkpoint saved in shards, or in a sharding "
+                "engine's own format, which only a resume reads); compare the run"
             )
         return weights
 
