@@ -294,7 +294,8 @@ def compare(
         bool,
         typer.Option(
             "--checkpoints",
-            help="Each run's kept checkpoints from before its last step too, each a variant of its own (RUN@STEP).",
+            help="Each run's other kept checkpoints too (not the one that is its result), each a variant of its own "
+            "(RUN@STEP).",
         ),
     ] = False,
 ) -> None:

@@ -440,14 +440,15 @@ def load_runs(
     return runs
 
 
-def earlier_checkpoints(run_dir: Path) -> list[Path]:
-    """The complete checkpoints a completed run keeps from before its last step (that one holds its result)."""
+def other_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints a completed run keeps besides the one its result is (Manifest.result_step: the last
+    step's, or with train.keep: best, the best one's)."""
     from tunelab.runs import checkpoint_step, checkpoints, complete
 
     if run_status(run_dir) != "completed":
         return []
-    last = read_manifest(run_dir).global_steps
-    return [c for c in checkpoints(run_dir) if checkpoint_step(c) != last and complete(c)]
+    result = read_manifest(run_dir).result_step
+    return [c for c in checkpoints(run_dir) if checkpoint_step(c) != result and complete(c)]
 
 
 def elsewhere_run(folder: Path) -> Manifest | None:
@@ -880,8 +881,8 @@ def compare(
     teachers of distill runs (those not compared as runs already) answer and are scored beside them.
     `judge_quantization`: a published reward model among the runs scores loaded so, as grpo.reward_quantization
     loads it beside a policy. `against`: the variant every other is set against in Comparison.differences (None: the
-    best of each quality). `checkpoints`: each completed run is followed by the checkpoints it keeps from before its
-    last step, each a variant of its own (RUN@STEP)."""
+    best of each quality). `checkpoints`: each completed run is followed by the other checkpoints it keeps
+    (other_checkpoints), each a variant of its own (RUN@STEP)."""
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
     from tunelab.scopes import checkpoint_views
@@ -896,7 +897,7 @@ def compare(
         _check_judge_quantization(judges, judge_quantization)
     run_dirs = [d for d in run_dirs if d not in judges]
     if checkpoints:
-        run_dirs = [d for run_dir in run_dirs for d in (run_dir, *earlier_checkpoints(Path(run_dir)))]
+        run_dirs = [d for run_dir in run_dirs for d in (run_dir, *other_checkpoints(Path(run_dir)))]
     if not run_dirs:
         raise TunelabError(
             f"compare: {judges[0]} is a reward model, which scores replies and writes none; give the runs whose "

@@ -273,6 +273,11 @@ class Manifest(Record):
         return self.tokens.terminator if self.tokens else None
 
     @property
+    def result_step(self) -> int | None:
+        """The step whose weights are the result: the best checkpoint's with train.keep: best, else the last step."""
+        return self.best_step if self.best_step is not None else self.global_steps
+
+    @property
     def quantized(self) -> str:
         return self.quantization.describe if self.quantization else "unquantized"
 

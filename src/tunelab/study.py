@@ -66,8 +66,8 @@ class CompareSpec(BaseModel):
     )
     checkpoints: bool = Field(
         default=False,
-        description="Each variant's kept checkpoints from before its last step too, each compared as a variant of "
-        "its own (<run>@<step>): which step of a variant should survive.",
+        description="Each variant's other kept checkpoints too (not the one that is its result), each compared as a "
+        "variant of its own (<run>@<step>): which step of a variant should survive.",
     )
 
 

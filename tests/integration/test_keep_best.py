@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import DATA, EXAMPLES, crash_after_save, run_cli
+from tunelab.compare import other_checkpoints
 from tunelab.config import load_experiment
 from tunelab.runs import read_metrics
 from tunelab.train import train
@@ -53,6 +54,10 @@ def test_keep_best_and_early_stop_take_the_lowest_eval_loss(tmp_path: Path, tiny
     assert not all(torch.equal(result[k], adapter(run.run_dir / "checkpoints" / kept[1])[k]) for k in result)
     shown = run_cli("show", str(run.run_dir)).stdout
     assert f"result: the best checkpoint, step {best}, stopped early at step {m.global_steps}" in shown
+    # the checkpoint that is not the result is the last step's: the one compare --checkpoints and show set beside it
+    last = run.run_dir / "checkpoints" / kept[1]
+    assert other_checkpoints(run.run_dir) == [last]
+    assert f"; tunelab compare {run.run_dir} {last} sets step {m.global_steps} beside the result\n" in shown
 
 
 def test_a_crash_after_the_early_stop_resumes_to_the_best_without_a_step(tmp_path: Path, tiny_model_dir) -> None:

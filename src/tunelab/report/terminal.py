@@ -586,7 +586,7 @@ def tool_calls_line(m: Manifest, metrics: list[dict]) -> str | None:
 
 def checkpoints_line(run_dir: Path, manifest: Manifest, metrics: list[dict]) -> str | None:
     """The checkpoints a run keeps, each with the eval loss logged at its step, and for a completed run, how to set
-    the earliest beside it (compare takes a checkpoint as a run of its own)."""
+    the first that is not its result beside it (compare takes a checkpoint as a run of its own)."""
     from tunelab.runs import checkpoint_step, checkpoints
 
     kept = checkpoints(run_dir)
@@ -597,9 +597,9 @@ def checkpoints_line(run_dir: Path, manifest: Manifest, metrics: list[dict]) -> 
     line = "checkpoints at steps " + ", ".join(
         f"{s} (eval loss {evals[s]:.4f})" if s in evals else str(s) for s in steps
     )
-    earlier = [c for c in kept if checkpoint_step(c) != manifest.global_steps]
-    if manifest.status == "completed" and earlier:
-        line += f"; tunelab compare {run_dir} {earlier[0]} sets step {checkpoint_step(earlier[0])} beside the result"
+    others = [c for c in kept if checkpoint_step(c) != manifest.result_step]
+    if manifest.status == "completed" and others:
+        line += f"; tunelab compare {run_dir} {others[0]} sets step {checkpoint_step(others[0])} beside the result"
     return line
 
 
