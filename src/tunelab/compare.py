@@ -440,17 +440,6 @@ def load_runs(
     return runs
 
 
-def other_checkpoints(run_dir: Path) -> list[Path]:
-    """The complete checkpoints a completed run keeps besides the one its result is (Manifest.result_step: the last
-    step's, or with train.keep: best, the best one's)."""
-    from tunelab.runs import checkpoint_step, checkpoints, complete
-
-    if run_status(run_dir) != "completed":
-        return []
-    result = read_manifest(run_dir).result_step
-    return [c for c in checkpoints(run_dir) if checkpoint_step(c) != result and complete(c)]
-
-
 def elsewhere_run(folder: Path) -> Manifest | None:
     """A result a plain script saved in `folder` (compare_lora.py's adapters), recorded as a completed run of the base
     it names: None where the folder holds none."""
@@ -885,6 +874,7 @@ def compare(
     (other_checkpoints), each a variant of its own (RUN@STEP)."""
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
+    from tunelab.runs import other_checkpoints
     from tunelab.scopes import checkpoint_views
 
     judges = [d for d in run_dirs if is_reward_model(d)]  # reward models score the others' replies

@@ -476,6 +476,15 @@ def checkpoint_as_run(checkpoint: Path, into: Path, result: str, weights: Path) 
     return view, at_step
 
 
+def other_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints a completed run keeps besides the one its result is (Manifest.result_step: the last
+    step's, or with train.keep: best, the best one's); none for a folder that is no completed run."""
+    if run_status(run_dir) != "completed":
+        return []
+    result = read_manifest(run_dir).result_step
+    return [c for c in checkpoints(run_dir) if checkpoint_step(c) != result and complete(c)]
+
+
 def last_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint; ones a crash cut short are passed over."""
     return next((c for c in reversed(checkpoints(run_dir)) if complete(c)), None)

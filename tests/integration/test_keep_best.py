@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import DATA, EXAMPLES, crash_after_save, run_cli
-from tunelab.compare import other_checkpoints
 from tunelab.config import load_experiment
-from tunelab.runs import read_metrics
+from tunelab.runs import other_checkpoints, read_metrics
 from tunelab.train import train
 
 pytestmark = pytest.mark.slow

@@ -584,10 +584,10 @@ def tool_calls_line(m: Manifest, metrics: list[dict]) -> str | None:
     )
 
 
-def checkpoints_line(run_dir: Path, manifest: Manifest, metrics: list[dict]) -> str | None:
+def checkpoints_line(run_dir: Path, metrics: list[dict]) -> str | None:
     """The checkpoints a run keeps, each with the eval loss logged at its step, and for a completed run, how to set
-    the first that is not its result beside it (compare takes a checkpoint as a run of its own)."""
-    from tunelab.runs import checkpoint_step, checkpoints
+    the first that is not its result beside it (compare takes a checkpoint as a run of its own: other_checkpoints)."""
+    from tunelab.runs import checkpoint_step, checkpoints, other_checkpoints
 
     kept = checkpoints(run_dir)
     if not kept:
@@ -597,8 +597,7 @@ def checkpoints_line(run_dir: Path, manifest: Manifest, metrics: list[dict]) -> 
     line = "checkpoints at steps " + ", ".join(
         f"{s} (eval loss {evals[s]:.4f})" if s in evals else str(s) for s in steps
     )
-    others = [c for c in kept if checkpoint_step(c) != manifest.result_step]
-    if manifest.status == "completed" and others:
+    if others := other_checkpoints(run_dir):
         line += f"; tunelab compare {run_dir} {others[0]} sets step {checkpoint_step(others[0])} beside the result"
     return line
 
@@ -715,7 +714,7 @@ def print_show(
         console.print(line)
     if line := rollouts_line(Path(run_dir)):
         console.print(Text(line))
-    if line := checkpoints_line(Path(run_dir), m, metrics):
+    if line := checkpoints_line(Path(run_dir), metrics):
         console.print(Text(line), soft_wrap=True)
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     if train_losses and not rewards:
