@@ -776,7 +776,8 @@ def row_losses(
 # ---------------------------------------------------------------- numbers
 
 
-def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
+def _run_numbers(run_dir: Path, manifest: Manifest, lm_eval: dict[str, float]) -> tuple[dict, dict]:
+    """A run's numbers as its files record them (and `lm_eval`: its stored lm-eval scores), and its curves."""
     if run_status(run_dir) is None:  # made elsewhere: what its files say
         from tunelab.scopes import made_elsewhere
 
@@ -806,8 +807,7 @@ def _run_numbers(run_dir: Path, manifest: Manifest) -> tuple[dict, dict]:
         "preference_accuracy": manifest.preference_accuracy_after,
         "eval_reward": manifest.final_eval_reward,  # GRPO: its own held-out prompts' mean reward
     }
-    scores, _ = lm_eval_scores(run_dir)
-    numbers |= {LM_EVAL_PREFIX + k: v for k, v in scores.items()}
+    numbers |= {LM_EVAL_PREFIX + k: v for k, v in lm_eval.items()}
     return numbers, {"train": train_curve, "eval": eval_curve}
 
 
@@ -934,7 +934,8 @@ def compare(
             model, template, first or runs[0][0], runs, include_base, prompts, held_out, pairs, max_new_tokens,
             batch_size, decoding, seed, teachers, tool_use,
         )  # fmt: skip
-        base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in lm_eval_scores(d)[1].items()}
+        stored = {d: lm_eval_scores(d) for d, _ in runs}  # each run's lm-eval scores and the base's beside them
+        base_scores = {LM_EVAL_PREFIX + k: v for d, _ in runs for k, v in stored[d][1].items()}
         if include_base:
             for found in (outputs, measured, acted):
                 if BASE in found:
@@ -942,7 +943,7 @@ def compare(
         losses = {name: {key: ratio(rows) for key, rows in by_key.items()} for name, by_key in measured.items()}
         variants = [Variant("base", "base", numbers={**losses.get("base", {}), **base_scores})] if include_base else []
         for d, m in runs:
-            numbers, curves = _run_numbers(d, m)
+            numbers, curves = _run_numbers(d, m, stored[d][0])
             variants.append(
                 Variant(m.name, m.scope, str(views.get(d, d)), {**numbers, **losses.get(m.name, {})}, curves)
             )
