@@ -381,7 +381,10 @@ def chat(
 
 @app.command("eval")
 def eval_(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories that share a base model.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories that share a base model, or their checkpoints (RUN/checkpoints/...)."),
+    ],
     tasks: Annotated[str, typer.Option("--tasks", help="lm-eval task names, comma-separated.")],
     include_path: Annotated[
         Path | None, typer.Option("--include-path", help="A folder of your own lm-eval task YAML files.")

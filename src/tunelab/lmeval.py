@@ -84,17 +84,29 @@ def task_manager(settings: EvalSettings):
 def evaluate_runs(
     run_dirs: list[Path], settings: EvalSettings, include_base: bool = True, mixed_quantization: bool = False
 ) -> dict[str, dict[str, float]]:
-    """Scores ('task/metric' -> value) of the base and of every run; each run's scores are saved into it."""
+    """Scores ('task/metric' -> value) of the base and of every run; each run's scores are saved into it, a
+    checkpoint's (<run>/checkpoints/checkpoint-<step>, evaluated as RUN@STEP) into the checkpoint."""
+    from tunelab.compare import load_runs
+    from tunelab.scopes import checkpoint_views
+
+    check_lm_eval()
+    with checkpoint_views(run_dirs) as views:  # a run's checkpoint as a run of its own, its scores kept in it
+        shown = {checkpoint: view for view, checkpoint in views.items()}
+        runs = load_runs([shown.get(Path(d), Path(d)) for d in run_dirs], mixed_quantization, "eval")
+        return _evaluate(runs, settings, include_base, {view: Path(c) for view, c in views.items()})
+
+
+def _evaluate(
+    runs: list[tuple[Path, Manifest]], settings: EvalSettings, include_base: bool, kept_in: dict[Path, Path]
+) -> dict[str, dict[str, float]]:
+    """evaluate_runs of loaded runs; a run's scores are saved into its folder, or into the folder `kept_in` names."""
     import torch
 
-    from tunelab.compare import load_runs
     from tunelab.models import auto_tokenizer
     from tunelab.runs import TOKENIZER, load_run_experiment
     from tunelab.scopes import attach_runs, base_alone, run_scope
     from tunelab.templates import for_outside_renderer, template_vars
 
-    check_lm_eval()
-    runs = load_runs(run_dirs, mixed_quantization, "eval")
     manager = task_manager(settings)
     _, base = run_scope(*runs[0])
     tokenizer = auto_tokenizer(runs[0][0] / TOKENIZER)
@@ -111,7 +123,7 @@ def evaluate_runs(
     for d, m in runs:
         with kinds[m.name].active(model, d, m.name, base) as variant, torch.no_grad():
             measured[m.name] = _harness(variant, tokenizer, settings, manager)
-        _save(d, m, settings, measured[m.name], measured.get(BASE))
+        _save(kept_in.get(d, d), m, settings, measured[m.name], measured.get(BASE))
     return {name: found.scores for name, found in measured.items()}
 
 

@@ -451,7 +451,8 @@ def checkpoint_as_run(checkpoint: Path, into: Path, result: str, weights: Path) 
     command to use as it uses any run: `result` (the name the run's scope kind reads its result under) links to the
     checkpoint's `weights`; the manifest is the run's with the results at that step (its last logged train loss, its
     eval loss where one was logged at that step, nothing of what came after); the metrics are the run's up to that
-    step; every other file (experiment, tokenizer, reward files) links to the run's. Nothing in the run is written."""
+    step; its lm-eval scores are those `tunelab eval` kept in the checkpoint; every other file (experiment, tokenizer,
+    reward files) links to the run's. Nothing in the run is written."""
     run_dir = Path(checkpoint).parent.parent
     manifest, step = read_manifest(run_dir), checkpoint_step(checkpoint)
     view = Path(into) / f"{manifest.name}@{step}"
@@ -460,6 +461,8 @@ def checkpoint_as_run(checkpoint: Path, into: Path, result: str, weights: Path) 
         if entry.name not in (*NOT_THE_CHECKPOINTS, result):
             (view / entry.name).symlink_to(entry.resolve())
     (view / result).symlink_to(Path(weights).resolve())
+    if (Path(checkpoint) / LM_EVAL).is_file():  # `tunelab eval` of the checkpoint keeps its scores in it
+        (view / LM_EVAL).symlink_to((Path(checkpoint) / LM_EVAL).resolve())
     metrics = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     write_atomic(view / METRICS, "".join(json.dumps(r) + "\n" for r in metrics))
     losses = [r["loss"] for r in metrics if "loss" in r]

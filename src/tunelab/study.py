@@ -490,20 +490,23 @@ def eval_settings(study: Study) -> EvalSettings | None:
 def _evaluate_study(study: Study, done: list[VariantOutcome], log) -> bool:
     """Run the study's benchmarks on the runs that lack them with these settings; True if any ran."""
     from tunelab.lmeval import evaluate_runs, task_settings
-    from tunelab.runs import read_lm_eval
+    from tunelab.runs import other_checkpoints, read_lm_eval
 
     settings = eval_settings(study)
     if settings is None or not done:
         return False
 
-    def has(run_dir: str, task: str) -> bool:
-        stored = read_lm_eval(Path(run_dir)).get(task)
+    def has(folder: Path, task: str) -> bool:
+        stored = read_lm_eval(folder).get(task)
         return stored is not None and stored["settings"] == task_settings(settings, task)
 
-    missing = [Path(o.run_dir) for o in done if not all(has(o.run_dir, t) for t in settings.tasks)]
+    folders = [Path(o.run_dir) for o in done]
+    if study.spec.compare.checkpoints:  # the checkpoints the comparison sets beside their runs are scored too
+        folders = [f for run_dir in folders for f in (run_dir, *other_checkpoints(run_dir))]
+    missing = [f for f in folders if not all(has(f, t) for t in settings.tasks)]
     if not missing:
         return False
-    log(f"benchmarks ({', '.join(settings.tasks)}) on {len(missing)} run(s)")
+    log(f"benchmarks ({', '.join(settings.tasks)}) on {len(missing)} run(s) or checkpoint(s)")
     try:
         evaluate_runs(missing, settings, include_base=study.spec.compare.base)
     except TunelabError as e:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DATA, EXAMPLES, run_cli
-from tunelab.runs import read_lm_eval
+from tunelab.runs import other_checkpoints, read_lm_eval
 
 pytestmark = pytest.mark.slow
 TASK = ["--tasks", "tinyworld_answers", "--include-path", str(EXAMPLES / "eval"), "--chat-template"]
@@ -71,6 +71,35 @@ def test_a_second_task_joins_the_first_without_replacing_it(quickstart: Path) ->
     assert 0.0 <= record["tinyworld_choice"]["scores"]["tinyworld_choice/acc"] <= 1.0
 
 
+def test_a_checkpoint_is_evaluated_as_its_step_and_keeps_its_scores_in_itself(quickstart: Path, tmp_path: Path) -> None:
+    """`tunelab eval RUN/checkpoints/checkpoint-N` scores that step as RUN@N (compare's view of it): its scores are
+    kept in the checkpoint, the run's own lm_eval.json is not touched, and compare shows them for RUN@N."""
+    checkpoint = other_checkpoints(quickstart)[0]
+    assert checkpoint.name == "checkpoint-88"  # 3 epochs of 44 steps: the first is rotated out, the second stays
+    run_before = (quickstart / "lm_eval.json").read_bytes() if (quickstart / "lm_eval.json").exists() else None
+    choice = ["--tasks", "tinyworld_choice", "--include-path", str(EXAMPLES / "eval"), "--limit", "8"]
+    done = run_cli("eval", str(checkpoint), "--no-base", *choice)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = read_lm_eval(checkpoint)["tinyworld_choice"]
+    score = record["scores"]["tinyworld_choice/acc"]
+    assert (
+        record["base"] is None and round(score * 8, 6).is_integer() and len(record["docs"]["tinyworld_choice/acc"]) == 8
+    )
+    row = next(line for line in done.stdout.splitlines() if line.strip().startswith("quickstart@88"))
+    assert f"{score:.4f}" in row
+    after = (quickstart / "lm_eval.json").read_bytes() if (quickstart / "lm_eval.json").exists() else None
+    assert after == run_before
+
+    report = run_cli(
+        "compare", str(quickstart), "--checkpoints", "--prompts", str(DATA / "prompts.jsonl"), "--out", str(tmp_path)
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    variants = {v["name"]: v["numbers"] for v in json.loads((tmp_path / "report.json").read_text())["variants"]}
+    assert variants["quickstart@88"]["lm_eval:tinyworld_choice/acc"] == score
+    run_scores = read_lm_eval(quickstart).get("tinyworld_choice", {}).get("scores", {})
+    assert variants["quickstart"].get("lm_eval:tinyworld_choice/acc") == run_scores.get("tinyworld_choice/acc")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -103,10 +132,11 @@ variants:
   qv:
     set: {{scope.lora.targets: qv, train.max_steps: 2}}
   qkvo:
-    set: {{scope.lora.targets: qkvo, train.max_steps: 2}}
+    set: {{scope.lora.targets: qkvo, train.max_steps: 2, train.save_steps: 1}}
 compare:
   prompts: {data}/prompts.jsonl
   max_new_tokens: 8
+  checkpoints: true
 eval:
   tasks: [tinyworld_choice]
   include_path: {tasks}
@@ -124,18 +154,27 @@ def test_a_study_runs_its_benchmarks_once_and_reports_them(tmp_path: Path, tiny_
     lines: list[str] = []
     outcomes, report = run_study(load_study(path), log=lines.append)
     assert [o.status for o in outcomes] == ["trained", "trained"] and report is not None
-    assert "benchmarks (tinyworld_choice) on 2 run(s)" in lines
+    # qkvo keeps a checkpoint at step 1 besides its result: compared beside it, and scored as it is
+    assert "benchmarks (tinyworld_choice) on 3 run(s) or checkpoint(s)" in lines
     variants = {v["name"]: v["numbers"] for v in json.loads((report.parent / "report.json").read_text())["variants"]}
-    assert sorted(variants) == sorted(["base", *(Path(o.run_dir).name for o in outcomes)])
+    qkvo = Path(next(o.run_dir for o in outcomes if o.name == "qkvo"))
+    assert sorted(variants) == sorted(["base", *(Path(o.run_dir).name for o in outcomes), f"{qkvo.name}@1"])
     for numbers in variants.values():
         assert round(numbers["lm_eval:tinyworld_choice/acc"] * 8, 6).is_integer()  # 8 documents (limit)
+    checkpoint = qkvo / "checkpoints" / "checkpoint-1"
+    assert (
+        variants[f"{qkvo.name}@1"]["lm_eval:tinyworld_choice/acc"]
+        == (read_lm_eval(checkpoint)["tinyworld_choice"]["scores"]["tinyworld_choice/acc"])
+    )
     stored = {o.name: (Path(o.run_dir) / "lm_eval.json").read_bytes() for o in outcomes}
+    stored["qkvo@1"] = (checkpoint / "lm_eval.json").read_bytes()
 
     lines.clear()
     again, second = run_study(load_study(path), log=lines.append)
     assert [o.status for o in again] == ["skipped", "skipped"] and second == report
     assert not any(line.startswith("benchmarks") for line in lines)
-    assert {o.name: (Path(o.run_dir) / "lm_eval.json").read_bytes() for o in again} == stored
+    again_stored = {o.name: (Path(o.run_dir) / "lm_eval.json").read_bytes() for o in again}
+    assert again_stored | {"qkvo@1": (checkpoint / "lm_eval.json").read_bytes()} == stored
 
 
 BLOCKED = """
