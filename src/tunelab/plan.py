@@ -757,6 +757,8 @@ def positions_check(limit: int | None, learned: bool, max_length: int, longer: i
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
     and then trains over the same reads)."""
+    import torch
+
     from tunelab.models import check_compile, check_quantization, meta_model, pick_device
     from tunelab.scopes import apply_scope, get_scope, init_source
 
@@ -770,7 +772,8 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         ]
     elif (source := init_source(exp)) is not None:  # the starting point's own adapter, as training loads it
         model, continued = get_scope(exp.scope.kind).continued(model, source, exp.scope)
-    model, resolved = apply_scope(model, exp.scope, inputs.tokenizer)
+    with torch.device("meta"):  # what the scope adds is shapes too (PEFT builds a tied head's copy at full size)
+        model, resolved = apply_scope(model, exp.scope, inputs.tokenizer)
     resolved.warnings += continued + untrained_warnings(exp, model, inputs)
     device = pick_device(exp.model.device)
     if exp.model.quantization is not None:
