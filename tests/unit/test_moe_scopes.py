@@ -207,6 +207,37 @@ def test_gpt_oss_20b_published_config_plans_exactly() -> None:
     assert resolved.trainable_params == n * adapter
 
 
+def test_qwen3_30b_a3b_published_config_plans_exactly() -> None:
+    """Qwen/Qwen3-30B-A3B's config.json as published (48 layers of 128 experts): 30.5B parameters, as its model
+    card says. all-linear reaches attention, the router and both fused expert weights (PEFT converts the Transformers
+    4 names it matched then); the fused gate_up weight carries rank 2r, the gate and up adapters it stands for."""
+    import json
+
+    from transformers import AutoConfig
+
+    from tests.conftest import CONFIGS
+
+    c = json.loads((CONFIGS / "qwen3-30b-a3b" / "config.json").read_text())
+    h, v, n, e, i, d = (c[k] for k in ("hidden_size", "vocab_size", "num_hidden_layers", "num_experts",
+                                       "moe_intermediate_size", "head_dim"))  # fmt: skip
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    attention = h * q + 2 * h * kv + q * h + 2 * d  # q_norm and k_norm, one weight a head dimension
+    experts = e * 3 * h * i + e * h  # gate_up and down, and the router
+    total = 2 * v * h + n * (attention + experts + 2 * h) + h
+    with torch.device("meta"):  # as plan applies it: the adapter's 0.5B parameters are shapes too
+        _, resolved = apply_scope(
+            meta_model(AutoConfig.from_pretrained(CONFIGS / "qwen3-30b-a3b")),
+            lora(targets="all-linear", layers="last-half", dropout=0.0),
+        )
+    assert resolved.total_params - resolved.trainable_params == total == 30_532_122_624
+    assert round(total / 1e9, 1) == 30.5
+    assert resolved.target_modules == ["experts", "gate", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert resolved.layers == list(range(24, 48))
+    r = 16
+    adapter = r * ((h + q) + 2 * (h + kv) + (q + h)) + r * (h + e) + e * (2 * r * (h + 2 * i) + r * (i + h))
+    assert resolved.trainable_params == 24 * adapter == 498_253_824
+
+
 def test_presets_leave_out_a_router_that_returns_more_than_a_tensor() -> None:
     """Llama 4's router is an nn.Linear subclass whose forward returns scores and logits: LoRA on it (PEFT's own
     all-linear takes it) crashed the first forward pass."""
