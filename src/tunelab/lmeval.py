@@ -93,7 +93,7 @@ def evaluate_runs(
     with checkpoint_views(run_dirs) as views:  # a run's checkpoint as a run of its own, its scores kept in it
         shown = {checkpoint: view for view, checkpoint in views.items()}
         runs = load_runs([shown.get(Path(d), Path(d)) for d in run_dirs], mixed_quantization, "eval")
-        return _evaluate(runs, settings, include_base, {view: Path(c) for view, c in views.items()})
+        return _evaluate(runs, settings, include_base, views)
 
 
 def _evaluate(
