@@ -474,7 +474,7 @@ def runs(
 
 @app.command()
 def show(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    run: Annotated[Path, typer.Argument(help="Run directory, or one of its checkpoints (RUN/checkpoints/...).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
     replies: Annotated[
         int,
@@ -487,16 +487,19 @@ def show(
 ) -> None:
     """One run's summary: what trained, on what, how it went, and its loss curve."""
     from tunelab.runs import latest_rollouts, lm_eval_scores, read_manifest, read_metrics, shown_status
+    from tunelab.scopes import checkpoint_views
 
-    manifest = read_manifest(run)
-    if as_json:
-        print(manifest.model_dump_json(indent=2))
-        return
-    from tunelab.report.terminal import print_replies, print_show
+    with checkpoint_views([run]) as views:  # a run's checkpoint: the run at that step, RUN@STEP
+        folder = next(iter(views), run)
+        manifest = read_manifest(folder)
+        if as_json:
+            print(manifest.model_dump_json(indent=2))
+            return
+        from tunelab.report.terminal import print_replies, print_show
 
-    print_show(run, manifest, read_metrics(run), lm_eval_scores(run), shown_status(run, manifest))
-    if replies > 0:
-        print_replies(latest_rollouts(run), replies)
+        print_show(run, manifest, read_metrics(folder), lm_eval_scores(folder), shown_status(folder, manifest))
+        if replies > 0:
+            print_replies(latest_rollouts(folder), replies)
 
 
 @app.command()

@@ -860,6 +860,14 @@ def test_an_earlier_checkpoint_answers_as_its_weights_do_with_the_runs_numbers_u
         f"\ncheckpoints at steps 2 (eval loss {evals[2]:.4f}), 4 (eval loss {evals[4]:.4f}); tunelab compare {run} "
         f"{checkpoint} sets step 2 beside the result\n"
     ) in shown
+    # show of the checkpoint is the run at that step: its name, steps, losses and curve up to it, no checkpoints
+    step2 = run_cli("show", str(checkpoint)).stdout.splitlines()
+    assert step2[0].startswith("quickstart@2  completed  sft · full") and step2[1].startswith(f"folder {checkpoint};")
+    assert "2 steps" in step2 and not any(line.startswith("checkpoints at") for line in step2)
+    assert any(line.startswith("train loss ") and line.endswith(" (2 logged)") for line in step2)
+    assert any(line.startswith("eval loss ") and f"-> {evals[2]:.4f}" in line for line in step2)
+    as_json = json.loads(run_cli("show", str(checkpoint), "--json").stdout)
+    assert (as_json["name"], as_json["global_steps"], as_json["final_eval_loss"]) == ("quickstart@2", 2, evals[2])
     assert [v["name"] for v in json.loads((tmp_path / "r" / "report.json").read_text())["variants"]] == [
         "base",
         "quickstart",
