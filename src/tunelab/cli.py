@@ -515,9 +515,11 @@ def prune(
         check_prunable(run)
     total = 0
     for run in run_dirs:
-        names, size = prune_checkpoints(run, dry_run)
+        names, size, scored = prune_checkpoints(run, dry_run)
         total += size
         what = f"{len(names)} checkpoint{'s' if len(names) != 1 else ''}, {human_bytes(size)}" if names else "nothing"
+        if scored:
+            what += f", and the lm-eval scores kept in {', '.join(scored)}"
         print(f"{run}: {'would remove' if dry_run else 'removed'} {what}")
     if len(run_dirs) > 1:
         print(f"{'would free' if dry_run else 'freed'} {human_bytes(total)}")

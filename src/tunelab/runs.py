@@ -733,17 +733,19 @@ def check_prunable(run_dir: Path) -> None:
         )
 
 
-def prune_checkpoints(run_dir: Path, dry_run: bool = False) -> tuple[list[str], int]:
-    """Remove a completed run's Trainer checkpoints, which only a resume would read (compare, eval, export and
-    init_from read the result). Returns the checkpoints removed (or that would be) and their bytes."""
+def prune_checkpoints(run_dir: Path, dry_run: bool = False) -> tuple[list[str], int, list[str]]:
+    """Remove a completed run's Trainer checkpoints, the run's earlier steps: a resume reads them, and compare, chat,
+    eval, export and show where one is named (init_from reads the result). Returns the checkpoints removed (or that
+    would be), their bytes, and those of them that held lm-eval scores (`tunelab eval` of a checkpoint)."""
     run_dir = Path(run_dir)
     check_prunable(run_dir)
     manifest = read_manifest(run_dir)
     folder = run_dir / CHECKPOINTS
     names = [c.name for c in checkpoints(run_dir)]
+    scored = [c.name for c in checkpoints(run_dir) if (c / LM_EVAL).is_file()]
     size = folder_bytes(folder) if folder.is_dir() else 0
     if dry_run or not folder.is_dir():
-        return names, size
+        return names, size, scored
     lock = lock_run(run_dir.parent, run_dir.name)  # not while a --overwrite retrains it
     try:
         _refuse_links(run_dir)
@@ -752,7 +754,7 @@ def prune_checkpoints(run_dir: Path, dry_run: bool = False) -> tuple[list[str], 
         write_manifest(run_dir, manifest.updated(checkpoints_pruned=pruned))
     finally:
         os.close(lock)
-    return names, size
+    return names, size, scored
 
 
 def _refuse_links(run_dir: Path) -> None:

@@ -98,6 +98,10 @@ def test_a_checkpoint_is_evaluated_as_its_step_and_keeps_its_scores_in_itself(qu
     assert variants["quickstart@88"]["lm_eval:tinyworld_choice/acc"] == score
     run_scores = read_lm_eval(quickstart).get("tinyworld_choice", {}).get("scores", {})
     assert variants["quickstart"].get("lm_eval:tinyworld_choice/acc") == run_scores.get("tinyworld_choice/acc")
+    # pruning the run's checkpoints would take those scores with them: it says so
+    pruned = run_cli("prune", str(quickstart), "--dry-run")
+    assert pruned.returncode == 0 and pruned.stdout.startswith(f"{quickstart}: would remove 2 checkpoints, ")
+    assert pruned.stdout.endswith(", and the lm-eval scores kept in checkpoint-88\n")
 
 
 @pytest.mark.parametrize(
