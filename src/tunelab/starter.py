@@ -83,6 +83,18 @@ def _comment(description: str | None) -> str:
     return f"  # {first}" if first else ""
 
 
+def _meta_model(model: str):
+    """The model built on the meta device from its config, as plan builds it; None where this machine cannot read
+    the config (a hub id without the network): plan says what it finds."""
+    from tunelab.config import ModelSettings
+    from tunelab.models import load_config, meta_model
+
+    try:
+        return meta_model(load_config(ModelSettings(id=model)))
+    except TunelabError:
+        return None
+
+
 def _stored_quantization(model: str) -> dict:
     """model.quantization for a local checkpoint stored by bitsandbytes (an unsloth *-bnb-4bit download), which trains
     only as a quantized base; nothing for others (a hub id's config is read by plan)."""
@@ -296,12 +308,16 @@ def write_starter(
             f"{scope} cannot train them; give a LoRA scope ({lora}), or the unquantized checkpoint"
         )
     rate = LEARNING_RATES[(trains, "sft" if method == "sft" else "pref")]
+    if (built := _meta_model(model)) is not None:  # what this model needs of the scope, where it can be read here
+        chosen, change = get_scope(chosen.kind).written_for(chosen, built)
+        words += f", {change}," if change else ""
+    scope_values = chosen.model_dump(exclude_unset=True, mode="json")
     values = {
         "name": name or f"{Path(data).name.split('.')[0]}-{scope}".replace("_", "-"),
         "model": {"id": model, "dtype": "auto"} | stored,
         "data": data_section,
         "method": method,
-        "scope": chosen.model_dump(exclude_unset=True, mode="json"),
+        "scope": scope_values,
         "train": {
             "learning_rate": rate,
             "epochs": 2 if scope == "partial-last4" else 1,

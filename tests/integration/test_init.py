@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, dataset_repository, run_cli
+from tests.conftest import CONFIGS, DATA, dataset_repository, run_cli
 from tunelab.config import load_experiment
 from tunelab.errors import TunelabError
 from tunelab.plan import make_plan
@@ -45,6 +45,21 @@ def test_each_scope_writes_a_file_plan_takes_as_it_is(scope: str, tmp_path: Path
             assert exp.train.learning_rate == 5e-6 and exp.train.epochs == 2  # train_partial_ft.py's rhythm
         case "full-ft":
             assert s.trainable_params == s.total_params and exp.train.learning_rate == 5e-6
+
+
+@pytest.mark.parametrize("scope", ["all-linear", "qkvo"])
+def test_a_moe_model_gets_a_file_plan_takes_as_it_is(scope: str, tmp_path: Path) -> None:
+    """Qwen3-30B-A3B's published config: all-linear reaches its fused expert weights, which PEFT trains only without
+    dropout. init wrote the usual dropout 0.05, and plan refused the file it had just written; init now writes 0 there
+    (and keeps 0.05 where only linear layers train)."""
+    model = str(CONFIGS / "qwen3-30b-a3b")
+    starter = write_starter(tmp_path / "exp.yaml", model, str(DATA / "sft_train.jsonl"), None, scope, None, None)
+    exp = load_experiment(starter.path)
+    assert exp.scope.lora.dropout == (0.0 if scope == "all-linear" else 0.05)
+    assert ("no dropout (PEFT trains its fused experts without it)" in starter.trains) == (scope == "all-linear")
+    plan = make_plan(exp)
+    assert ("experts" in plan.scope.target_modules) == (scope == "all-linear")
+    assert not any("dropout" in w for w in plan.scope.warnings)
 
 
 def test_every_written_key_says_what_it_does(tmp_path: Path) -> None:

@@ -96,6 +96,11 @@ class ScopeKind:
         """The setting that trains these tokens' embedding rows under this kind of scope."""
         return "train the embeddings and lm_head"
 
+    def written_for(self, scope: Scope, model: nn.Module) -> tuple[Scope, str | None]:
+        """The scope `tunelab init` writes for this model (built on the meta device): `scope` as it is, or one this
+        model needs instead, with the change in words."""
+        return scope, None
+
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:
         """Write the trained result to `run_dir / self.result`. `state` is the whole state dict, gathered."""
         raise NotImplementedError

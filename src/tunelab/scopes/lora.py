@@ -73,6 +73,17 @@ class Lora(ScopeKind):
             raise TunelabError(f"{checkpoint}: holds no adapter ({ADAPTER_CONFIG}); give a checkpoint of a LoRA run")
         return checkpoint
 
+    def written_for(self, scope: Scope, model: nn.Module) -> tuple[Scope, str | None]:
+        # Fused expert weights (all-linear on Mixtral or Qwen3-MoE) train only without dropout: the default gives way
+        # there, but a dropout init wrote out would be the user's, which plan refuses.
+        from tunelab.scope import lora_config
+
+        default = scope.lora.model_copy(update={"dropout": 0.0})
+        unset = type(scope.lora)(**scope.lora.model_dump(exclude={"dropout"}, exclude_unset=True))
+        if not scope.lora.dropout or lora_config(unset, model).config.lora_dropout != 0.0:
+            return scope, None
+        return Scope(lora=default), "no dropout (PEFT trains its fused experts without it)"
+
     def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
         # The adapter keeps its own settings, as training loads it (PeftModel.from_pretrained, trainable).
         from peft import LoraConfig, get_peft_model
