@@ -31,6 +31,8 @@ from tunelab.config import (
 from tunelab.errors import TunelabError
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from tunelab.script import ScriptRead
 
 
@@ -83,7 +85,7 @@ def _comment(description: str | None) -> str:
     return f"  # {first}" if first else ""
 
 
-def _meta_model(model: str):
+def _meta_model(model: str) -> PreTrainedModel | None:
     """The model built on the meta device from its config, as plan builds it; None where this machine cannot read
     the config (a hub id without the network): plan says what it finds."""
     from tunelab.config import ModelSettings
@@ -311,13 +313,12 @@ def write_starter(
     if (built := _meta_model(model)) is not None:  # what this model needs of the scope, where it can be read here
         chosen, change = get_scope(chosen.kind).written_for(chosen, built)
         words += f", {change}," if change else ""
-    scope_values = chosen.model_dump(exclude_unset=True, mode="json")
     values = {
         "name": name or f"{Path(data).name.split('.')[0]}-{scope}".replace("_", "-"),
         "model": {"id": model, "dtype": "auto"} | stored,
         "data": data_section,
         "method": method,
-        "scope": scope_values,
+        "scope": chosen.model_dump(exclude_unset=True, mode="json"),
         "train": {
             "learning_rate": rate,
             "epochs": 2 if scope == "partial-last4" else 1,

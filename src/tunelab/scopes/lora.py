@@ -78,11 +78,11 @@ class Lora(ScopeKind):
         # there, but a dropout init wrote out would be the user's, which plan refuses.
         from tunelab.scope import lora_config
 
-        default = scope.lora.model_copy(update={"dropout": 0.0})
         unset = type(scope.lora)(**scope.lora.model_dump(exclude={"dropout"}, exclude_unset=True))
         if not scope.lora.dropout or lora_config(unset, model).config.lora_dropout != 0.0:
             return scope, None
-        return Scope(lora=default), "no dropout (PEFT trains its fused experts without it)"
+        without = scope.lora.model_copy(update={"dropout": 0.0})
+        return Scope(lora=without), "no dropout (PEFT trains its fused experts without it)"
 
     def continued(self, model: nn.Module, source: Path, scope: Scope) -> tuple[nn.Module, list[str]]:
         # The adapter keeps its own settings, as training loads it (PeftModel.from_pretrained, trainable).
