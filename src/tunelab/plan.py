@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tunelab.config import Experiment, Quantization, model_head
+from tunelab.config import Experiment, Quantization, Scope, model_head
 from tunelab.data import overlap_warnings
 from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
@@ -754,13 +754,22 @@ def positions_check(limit: int | None, learned: bool, max_length: int, longer: i
     )
 
 
+def planned_scope(model, scope: Scope, tokenizer=None) -> tuple[object, ResolvedScope]:
+    """apply_scope as plan applies it to the model it built on the meta device: what the scope adds is shapes too
+    (PEFT builds a tied head's trainable copy at full size and initialises it, unless told where)."""
+    import torch
+
+    from tunelab.scopes import apply_scope
+
+    with torch.device("meta"):
+        return apply_scope(model, scope, tokenizer)
+
+
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     """What `train` will do, from the config alone. `inputs`: read already (by `tunelab train`, which plans
     and then trains over the same reads)."""
-    import torch
-
     from tunelab.models import check_compile, check_quantization, meta_model, pick_device
-    from tunelab.scopes import apply_scope, get_scope, init_source
+    from tunelab.scopes import get_scope, init_source
 
     inputs = inputs or read_inputs(exp)
     model = meta_model(inputs.config, exp.model.trust_remote_code, model_head(exp.method))
@@ -772,8 +781,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         ]
     elif (source := init_source(exp)) is not None:  # the starting point's own adapter, as training loads it
         model, continued = get_scope(exp.scope.kind).continued(model, source, exp.scope)
-    with torch.device("meta"):  # what the scope adds is shapes too (PEFT builds a tied head's copy at full size)
-        model, resolved = apply_scope(model, exp.scope, inputs.tokenizer)
+    model, resolved = planned_scope(model, exp.scope, inputs.tokenizer)
     resolved.warnings += continued + untrained_warnings(exp, model, inputs)
     device = pick_device(exp.model.device)
     if exp.model.quantization is not None:

@@ -224,11 +224,12 @@ def test_qwen3_30b_a3b_published_config_plans_exactly() -> None:
     attention = h * q + 2 * h * kv + q * h + 2 * d  # q_norm and k_norm, one weight a head dimension
     experts = e * 3 * h * i + e * h  # gate_up and down, and the router
     total = 2 * v * h + n * (attention + experts + 2 * h) + h
-    with torch.device("meta"):  # as plan applies it: the adapter's 0.5B parameters are shapes too
-        _, resolved = apply_scope(
-            meta_model(AutoConfig.from_pretrained(CONFIGS / "qwen3-30b-a3b")),
-            lora(targets="all-linear", layers="last-half", dropout=0.0),
-        )
+    from tunelab.plan import planned_scope
+
+    _, resolved = planned_scope(  # as plan applies it: the adapter's 0.5B parameters are shapes too
+        meta_model(AutoConfig.from_pretrained(CONFIGS / "qwen3-30b-a3b")),
+        lora(targets="all-linear", layers="last-half", dropout=0.0),
+    )
     assert resolved.total_params - resolved.trainable_params == total == 30_532_122_624
     assert round(total / 1e9, 1) == 30.5
     assert resolved.target_modules == ["experts", "gate", "k_proj", "o_proj", "q_proj", "v_proj"]
