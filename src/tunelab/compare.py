@@ -875,7 +875,7 @@ def compare(
     from tunelab.methods import get_method
     from tunelab.reward_model import is_reward_model
     from tunelab.runs import other_checkpoints
-    from tunelab.scopes import checkpoint_views
+    from tunelab.scopes import checkpoint_views, read_as_runs
 
     judges = [d for d in run_dirs if is_reward_model(d)]  # reward models score the others' replies
     if len(judges) > 1:
@@ -894,8 +894,7 @@ def compare(
             f"replies it should score beside it (its held-out pair accuracy is in `tunelab show {judges[0]}`)"
         )
     with checkpoint_views(run_dirs) as views:  # a run's checkpoint as a run of its own: its view -> the checkpoint
-        shown = {checkpoint: view for view, checkpoint in views.items()}
-        runs = load_runs([shown.get(Path(d), d) for d in run_dirs], mixed_quantization, elsewhere=True)
+        runs = load_runs(read_as_runs(run_dirs, views), mixed_quantization, elsewhere=True)
         if include_base and any(m.name == "base" for _, m in runs):
             raise TunelabError(
                 "compare: a run is named 'base', like the untrained base model's column; compare it with --no-base, "

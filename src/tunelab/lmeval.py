@@ -87,12 +87,11 @@ def evaluate_runs(
     """Scores ('task/metric' -> value) of the base and of every run; each run's scores are saved into it, a
     checkpoint's (<run>/checkpoints/checkpoint-<step>, evaluated as RUN@STEP) into the checkpoint."""
     from tunelab.compare import load_runs
-    from tunelab.scopes import checkpoint_views
+    from tunelab.scopes import checkpoint_views, read_as_runs
 
     check_lm_eval()
     with checkpoint_views(run_dirs) as views:  # a run's checkpoint as a run of its own, its scores kept in it
-        shown = {checkpoint: view for view, checkpoint in views.items()}
-        runs = load_runs([shown.get(Path(d), Path(d)) for d in run_dirs], mixed_quantization, "eval")
+        runs = load_runs(read_as_runs(run_dirs, views), mixed_quantization, "eval")
         return _evaluate(runs, settings, include_base, views)
 
 

@@ -209,6 +209,12 @@ def checkpoint_views(run_dirs: list[Path]) -> Iterator[dict[Path, Path]]:
         yield {checkpoint_run(d, Path(folder) / str(i))[0]: d for i, d in enumerate(found)}
 
 
+def read_as_runs(run_dirs: list[Path], views: dict[Path, Path]) -> list[Path]:
+    """`run_dirs` as a command reads them inside checkpoint_views: each checkpoint by its view, each run as given."""
+    shown = {checkpoint: view for view, checkpoint in views.items()}
+    return [shown.get(Path(d), Path(d)) for d in run_dirs]
+
+
 def load_trained(run_dir: str | Path, device: str = "cpu") -> nn.Module:
     """The trained model of a completed run: base + adapter, base + trained tensors, or the full weights."""
     from tunelab.runs import read_manifest, unfinished
