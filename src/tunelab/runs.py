@@ -741,8 +741,9 @@ def prune_checkpoints(run_dir: Path, dry_run: bool = False) -> tuple[list[str], 
     check_prunable(run_dir)
     manifest = read_manifest(run_dir)
     folder = run_dir / CHECKPOINTS
-    names = [c.name for c in checkpoints(run_dir)]
-    scored = [c.name for c in checkpoints(run_dir) if (c / LM_EVAL).is_file()]
+    kept = checkpoints(run_dir)
+    names = [c.name for c in kept]
+    scored = [c.name for c in kept if (c / LM_EVAL).is_file()]
     size = folder_bytes(folder) if folder.is_dir() else 0
     if dry_run or not folder.is_dir():
         return names, size, scored
