@@ -310,9 +310,8 @@ def write_starter(
             f"{scope} cannot train them; give a LoRA scope ({lora}), or the unquantized checkpoint"
         )
     rate = LEARNING_RATES[(trains, "sft" if method == "sft" else "pref")]
-    if (built := _meta_model(model)) is not None:  # what this model needs of the scope, where it can be read here
-        chosen, change = get_scope(chosen.kind).written_for(chosen, built)
-        words += f", {change}," if change else ""
+    chosen, change = get_scope(chosen.kind).written_for(chosen, lambda: _meta_model(model))  # what the model needs
+    words += f", {change}," if change else ""
     values = {
         "name": name or f"{Path(data).name.split('.')[0]}-{scope}".replace("_", "-"),
         "model": {"id": model, "dtype": "auto"} | stored,

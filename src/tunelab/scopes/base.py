@@ -8,7 +8,7 @@ A new kind is one module beside this one that subclasses `ScopeKind`, plus its l
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -96,9 +96,10 @@ class ScopeKind:
         """The setting that trains these tokens' embedding rows under this kind of scope."""
         return "train the embeddings and lm_head"
 
-    def written_for(self, scope: Scope, model: nn.Module) -> tuple[Scope, str | None]:
-        """The scope `tunelab init` writes for this model (built on the meta device): `scope` as it is, or one this
-        model needs instead, with the change in words."""
+    def written_for(self, scope: Scope, model: Callable[[], nn.Module | None]) -> tuple[Scope, str | None]:
+        """The scope `tunelab init` writes for a model: `scope` as it is, or one this model needs instead, with the
+        change in words. `model` builds it on the meta device where its config can be read (None where it cannot),
+        for a kind that needs to look."""
         return scope, None
 
     def save(self, model: nn.Module, state: dict[str, torch.Tensor], trainable: list[str], run_dir: Path) -> None:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,13 +73,15 @@ class Lora(ScopeKind):
             raise TunelabError(f"{checkpoint}: holds no adapter ({ADAPTER_CONFIG}); give a checkpoint of a LoRA run")
         return checkpoint
 
-    def written_for(self, scope: Scope, model: nn.Module) -> tuple[Scope, str | None]:
+    def written_for(self, scope: Scope, model: Callable[[], nn.Module | None]) -> tuple[Scope, str | None]:
         # Fused expert weights (all-linear on Mixtral or Qwen3-MoE) train only without dropout: the default gives way
         # there, but a dropout init wrote out would be the user's, which plan refuses.
         from tunelab.scope import lora_config
 
+        if not scope.lora.dropout or (built := model()) is None:
+            return scope, None
         unset = type(scope.lora)(**scope.lora.model_dump(exclude={"dropout"}, exclude_unset=True))
-        if not scope.lora.dropout or lora_config(unset, model).config.lora_dropout != 0.0:
+        if lora_config(unset, built).config.lora_dropout != 0.0:
             return scope, None
         without = scope.lora.model_copy(update={"dropout": 0.0})
         return Scope(lora=without), "no dropout (PEFT trains its fused experts without it)"
