@@ -64,6 +64,17 @@ def _plain_scores(model, tokenizer, chats: list[list[dict]]) -> list[float]:
     return out
 
 
+def _assert_scored_as_plain(c, model, tokenizer) -> None:
+    """Each variant's reward in compare `c` is the mean of plain Transformers' scores of its replies to the prompts."""
+    for v in c.variants:
+        chats = [
+            p.messages + [{"role": "assistant", "content": o}]
+            for p, o in zip(c.prompts, c.outputs[v.name], strict=True)
+        ]
+        expected = statistics.fmean(_plain_scores(model, tokenizer, chats))
+        assert v.numbers["reward"] == pytest.approx(expected, abs=2e-4)
+
+
 def test_a_reward_model_learns_to_score_the_chosen_answer_higher(reward_run: Path, tmp_path: Path) -> None:
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -137,13 +148,7 @@ def test_compare_scores_every_variants_replies_with_the_reward_model(
     assert f"by the reward model reward ({reward_run})" in c.settings["rewards"]
     model = AutoModelForSequenceClassification.from_pretrained(published).eval()
     tokenizer = AutoTokenizer.from_pretrained(published)
-    for v in c.variants:
-        chats = [
-            p.messages + [{"role": "assistant", "content": o}]
-            for p, o in zip(c.prompts, c.outputs[v.name], strict=True)
-        ]
-        expected = statistics.fmean(_plain_scores(model, tokenizer, chats))
-        assert v.numbers["reward"] == pytest.approx(expected, abs=2e-4)
+    _assert_scored_as_plain(c, model, tokenizer)
     # how far to trust it: the pairs it orders right, as plain Transformers scores them, said under the table
     chosen, rejected = (
         _plain_scores(model, tokenizer, [p["prompt"] + p[k] for p in swapped]) for k in ("chosen", "rejected")
@@ -166,11 +171,14 @@ def test_grpo_trains_with_a_reward_model_as_its_reward(
 ) -> None:
     """examples/grpo-reward-model.yaml: the DPO pairs' questions as GRPO's prompts, the reward model as the reward:
     every sampled reply's reward is the reward model's score of it, as plain Transformers scores the exported model;
-    plan counts the reward model's weights beside the policy; the manifest records its fingerprint, and compare
-    scores the variants with it, the trained policy's greedy replies above the base's.
+    plan counts the reward model's weights beside the policy; the manifest records its fingerprint; the held-out eval
+    reward rises; compare scores each variant's greedy replies with it, as plain Transformers scores them.
 
-    The eval reward (a mean over 96 replies sampled at temperature 1, whose scores spread from -5 to 5) is not
-    asserted to rise: it moves by its noise from one CPU's rounding to another's."""
+    The eval reward is the mean over 192 replies sampled at temperature 1 (8 for each held-out question): it rose by
+    0.54 to 4.2 over 8 seeds on an Intel CPU (with 4 replies a question it fell for the example's seed there, and rose
+    on an AMD CPU, whose rounding draws another reward head). Compare's greedy replies are not asserted to beat the
+    base's: GRPO optimises sampled replies, and the trained policy's greedy ones scored above the base's for 5 of those
+    8 seeds."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     overrides = [f"output.dir={tmp_path}", f"grpo.rewards=[{reward_run}]"]
@@ -183,6 +191,7 @@ def test_grpo_trains_with_a_reward_model_as_its_reward(
     assert plan.memory.reward_models_bytes == sum(p.numel() for p in scorer.parameters()) * 4  # float32
     m = train(exp).manifest
     assert m.status == "completed" and m.reward_hashes == {str(reward_run): f"run {run_fingerprint(reward_run)}"}
+    assert m.final_eval_reward > m.base_eval_reward
     model = AutoModelForSequenceClassification.from_pretrained(published).eval()
     tokenizer = AutoTokenizer.from_pretrained(published)
     kept = kept_rollouts(tmp_path / "grpo-reward-model")
@@ -192,8 +201,9 @@ def test_grpo_trains_with_a_reward_model_as_its_reward(
         assert list(rows.reward) == pytest.approx(_plain_scores(model, tokenizer, chats), abs=1e-3)
     c = compare([tmp_path / "grpo-reward-model"], max_new_tokens=16)
     assert f"grpo-reward-model's rewards ({reward_run}) on each variant's outputs" == c.settings["rewards"]
-    scores = {v.name: v.numbers["reward"] for v in c.variants}
-    assert scores["grpo-reward-model"] > scores["base"]
+    assert [v.name for v in c.variants] == ["base", "grpo-reward-model"]
+    _assert_scored_as_plain(c, model, tokenizer)
+    assert c.outputs["grpo-reward-model"] != c.outputs["base"]
 
 
 def test_a_published_reward_model_scores_and_rewards_as_the_run_it_was_exported_from(
