@@ -466,15 +466,18 @@ def checkpoint_as_run(checkpoint: Path, into: Path, result: str, weights: Path) 
     metrics = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
     write_atomic(view / METRICS, "".join(json.dumps(r) + "\n" for r in metrics))
     losses = [r["loss"] for r in metrics if "loss" in r]
-    evals = [r["eval_loss"] for r in metrics if "eval_loss" in r and r["step"] == step]
+    measure = held_out_measure(metrics)
+    evals = [r[measure] for r in metrics if measure in r and r["step"] == step]
     at_step = manifest.updated(
         **dict.fromkeys(AFTER_CHECKPOINT),
         name=view.name,
         status="completed",
         global_steps=step,
         final_train_loss=losses[-1] if losses else None,
-        final_eval_loss=evals[-1] if evals else None,
+        final_eval_loss=evals[-1] if evals and measure == "eval_loss" else None,
     )
+    if measure == "eval_reward":  # GRPO: cleared with what the run measured at its end
+        at_step = at_step.updated(final_eval_reward=evals[-1] if evals else None)
     write_manifest(view, at_step)
     return view, at_step
 
@@ -855,6 +858,12 @@ def _recorded_experiment(run_dir: Path) -> dict | None:
 
 def load_run_experiment(run_dir: Path) -> Experiment:
     return Experiment.model_validate(yaml.safe_load((Path(run_dir) / EXPERIMENT).read_text()))
+
+
+def held_out_measure(metrics: list[dict]) -> str:
+    """The metric a run's evaluations measure it by: eval_reward for GRPO (the mean reward of replies sampled for the
+    held-out prompts; its eval_loss is the policy loss, no measure of the replies), else eval_loss."""
+    return "eval_reward" if any("eval_reward" in r for r in metrics) else "eval_loss"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

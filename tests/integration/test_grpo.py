@@ -143,6 +143,15 @@ def test_grpo_keeps_the_checkpoint_of_the_highest_eval_reward(tmp_path: Path, ti
     trained = {step: reward for step, reward in evals.items() if step > 0}
     best = max(trained, key=lambda step: (trained[step], -step))  # the Trainer keeps the first of equal bests
     assert m.best_step == best and m.final_eval_reward == trained[best]
+    # show and the checkpoints' views measure each step by its eval reward (GRPO's eval loss is the policy loss)
+    run = tmp_path / "grpo"
+    kept = sorted(int(p.name.removeprefix("checkpoint-")) for p in (run / "checkpoints").glob("checkpoint-*"))
+    assert best in kept and len(kept) == 2
+    listed = ", ".join(f"{step} (eval reward {evals[step]:.4f})" for step in kept)
+    assert f"checkpoints at steps {listed}; " in run_cli("show", str(run)).stdout
+    for step in kept:
+        view = json.loads(run_cli("show", str(run / "checkpoints" / f"checkpoint-{step}"), "--json").stdout)
+        assert (view["name"], view["final_eval_reward"], view["final_eval_loss"]) == (f"grpo@{step}", evals[step], None)
 
 
 def _grpo(tmp_path: Path, rewards: str, extra: str = "") -> Path:

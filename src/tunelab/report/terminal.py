@@ -585,18 +585,19 @@ def tool_calls_line(m: Manifest, metrics: list[dict]) -> str | None:
 
 
 def checkpoints_line(run_dir: Path, metrics: list[dict]) -> str | None:
-    """The checkpoints a run keeps, each with the eval loss logged at its step, and for a completed run, how to set
-    the first that is not its result beside it (compare takes a checkpoint as a run of its own: other_checkpoints)."""
-    from tunelab.runs import checkpoint_step, checkpoints, other_checkpoints
+    """The checkpoints a run keeps, each with the held-out measure logged at its step (eval loss, GRPO's eval
+    reward), and for a completed run, how to set the first that is not its result beside it (compare takes a
+    checkpoint as a run of its own: other_checkpoints)."""
+    from tunelab.runs import checkpoint_step, checkpoints, held_out_measure, other_checkpoints
 
     kept = checkpoints(run_dir)
     if not kept:
         return None
-    evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
+    measure = held_out_measure(metrics)
+    evals = {r["step"]: r[measure] for r in metrics if measure in r}
     steps = [checkpoint_step(c) for c in kept]
-    line = "checkpoints at steps " + ", ".join(
-        f"{s} (eval loss {evals[s]:.4f})" if s in evals else str(s) for s in steps
-    )
+    label = measure.replace("_", " ")
+    line = "checkpoints at steps " + ", ".join(f"{s} ({label} {evals[s]:.4f})" if s in evals else str(s) for s in steps)
     if others := other_checkpoints(run_dir):
         line += f"; tunelab compare {run_dir} {others[0]} sets step {checkpoint_step(others[0])} beside the result"
     return line
