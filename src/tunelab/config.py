@@ -835,6 +835,15 @@ class TrainSettings(Strict):
         "generation. SFT only. The tokens are a row's, so padding_free auto gives way to padded batches (in a "
         "padding-free row they would be the whole batch's, and the noise smaller).",
     )
+    router_aux_loss: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Mixture-of-experts models: the weight of the router's load-balancing loss, which TRL's SFT, DPO, "
+        "KTO and GRPO trainers add to the loss they train and evaluate on (their router_aux_loss_coef). Unset: the "
+        "model config's own router_aux_loss_coef (0.001 for Qwen3-MoE, 0.02 for Mixtral, 0.9 for gpt-oss); 0 turns "
+        "it off. plan says which applies; refused for a model without a router, or a method that adds no such loss.",
+    )
     packing: bool = Field(default=False, description="Pack several examples into one sequence (TRL packing).")
     padding_free: OnOffAuto = Field(
         default="auto",
@@ -1153,6 +1162,7 @@ LATER_SETTINGS: dict[tuple[str, ...], Any] = {  # each added setting's path in t
     ("train", "keep"): "last",
     ("train", "early_stop"): None,
     ("train", "save_minutes"): 30.0,
+    ("train", "router_aux_loss"): None,
     ("model", "quantization"): None,
     ("grpo",): None,
     ("distill",): None,
@@ -1399,6 +1409,7 @@ LIBRARY_NAMES: dict[str, LibraryName] = {
     "fp16": LibraryName(ARGS, "model.dtype", "float16"),
     "torch_compile": LibraryName(ARGS, "train.compile"),
     "neftune_noise_alpha": LibraryName(ARGS, "train.neftune"),
+    "router_aux_loss_coef": LibraryName("TRL's SFTConfig", "train.router_aux_loss"),
     "max_seq_length": LibraryName(SFT_0, "train.max_length"),
     "torch_dtype": LibraryName(LOAD_4, "model.dtype"),
     "model_name_or_path": LibraryName(MODEL, "model.id"),

@@ -17,7 +17,7 @@ from tunelab.data import overlap_warnings
 from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
-from tunelab.methods.common import Batching, batching, half_gradients_refusal, save_every
+from tunelab.methods.common import Batching, batching, half_gradients_refusal, router_aux_loss_line, save_every
 from tunelab.scope import ResolvedScope
 from tunelab.templates import Encoded, TokenChecks, loss_segments
 
@@ -137,6 +137,7 @@ class Plan:
     warnings: list[str]
     schedule: Schedule
     method_line: str | None = None  # what the method's own settings decide (GRPO: rewards, sampling)
+    router_line: str | None = None  # a mixture of experts: the load-balancing loss TRL's trainer adds, or None
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -823,7 +824,9 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         warnings.append(eva)
     from tunelab.methods import get_method
 
-    get_method(exp.method).check_data(exp, inputs.encoded, inputs.tokenizer)
+    method = get_method(exp.method)
+    method.check_data(exp, inputs.encoded, inputs.tokenizer)
+    router = router_aux_loss_line(method, exp.train, model.config)
     limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
     if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train)) is not None:
@@ -851,7 +854,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
     disk = estimate_disk(resolved, exp, memory, stats.train.examples, tokenizer_bytes(inputs.tokenizer), folder)
     if (no_room := disk_refusal(disk, exp.train.save_total_limit)) is not None:
         warnings.append(no_room)
-    described = get_method(exp.method).describe(exp)
+    described = method.describe(exp)
     steps = schedule(exp, stats.train.examples, bool(inputs.splits.eval))
     return Plan(
         exp.name,
@@ -865,6 +868,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
         warnings,
         steps,
         described,
+        router,
     )
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import EXAMPLES
+from tests.conftest import DATA, EXAMPLES
 from tunelab.config import load_experiment
+from tunelab.errors import ConfigError
 from tunelab.export import export_run
 from tunelab.plan import make_plan
 from tunelab.scopes import load_trained
@@ -66,6 +67,40 @@ def test_mlp_lora_trains_the_experts_and_the_merged_export_carries_them(moe_dir:
     assert changed == [f"model.layers.{i}.mlp.{p}" for i in (0, 1) for p in (
         "experts.down_proj", "experts.gate_up_proj", "gate.weight"
     )]  # fmt: skip
+
+
+def test_the_router_load_balancing_loss_is_the_configs_unless_the_file_sets_its_weight(
+    moe_dir: Path, tmp_path: Path, tiny_model_dir
+) -> None:
+    """TRL's trainers add an MoE model's load-balancing loss to the loss they train and evaluate on, weighted by its
+    config's router_aux_loss_coef (Qwen3-MoE's 0.001): train.router_aux_loss sets that weight, and 0 turns it off.
+    The eval loss before the first step is the base's, so what it adds is the weight times the base's balance loss."""
+    base_eval, lines = {}, {}
+    for weight in (None, 0.0, 1.0):
+        sets = [f"model.id={moe_dir}", f"output.dir={tmp_path}", f"output.name=w{weight}", "train.max_steps=1"]
+        exp = load_experiment(
+            EXAMPLES / "quickstart.yaml", sets + ([f"train.router_aux_loss={weight}"] * (weight is not None))
+        )
+        lines[weight] = make_plan(exp).router_line
+        base_eval[weight] = train(exp).manifest.base_eval_loss
+    assert lines == {
+        None: "router load-balancing loss x 0.001, added to the loss trained and evaluated on (the model config's "
+        "router_aux_loss_coef; train.router_aux_loss: 0 turns it off)",
+        0.0: "router load-balancing loss: off (train.router_aux_loss)",
+        1.0: "router load-balancing loss x 1, added to the loss trained and evaluated on (train.router_aux_loss)",
+    }
+    balance = base_eval[1.0] - base_eval[0.0]  # the base's balance loss: about top-k (2) where routing is even
+    assert 1.0 < balance < 4.0
+    assert base_eval[None] - base_eval[0.0] == pytest.approx(0.001 * balance, rel=1e-2)
+    for overrides, refusal in [
+        ([f"model.id={tiny_model_dir}"], "train.router_aux_loss: Llama is no mixture of experts"),
+        (["method=orpo", f"data.train={DATA / 'pref_train.jsonl'}", "data.eval=null"], "TRL's ORPO trainer takes no"),
+    ]:
+        exp = load_experiment(
+            EXAMPLES / "quickstart.yaml", [f"model.id={moe_dir}", "train.router_aux_loss=0.1", *overrides]
+        )
+        with pytest.raises(ConfigError, match=refusal):
+            make_plan(exp)
 
 
 def test_a_model_that_cannot_run_packed_rows_trains_on_padded_batches(tmp_path: Path, tiny_model_dir) -> None:

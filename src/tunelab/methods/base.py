@@ -71,6 +71,9 @@ class Method:
     # Measures its held-out pairs itself, on the trainer's own batches (reward: the chosen answer scored above the
     # rejected one), where the others compare log-probabilities of the answers (preference.preference_accuracy).
     pair_accuracy: Callable[[Trainer], float | None] | None = None
+    # Its TRL trainer adds a mixture-of-experts model's router load-balancing loss to the loss it trains and
+    # evaluates on (its config's router_aux_loss_coef, which train.router_aux_loss sets).
+    router_aux_loss: bool = False
 
     def keeps_reference(self, exp: Experiment) -> bool:
         return self.reference(exp) if callable(self.reference) else self.reference

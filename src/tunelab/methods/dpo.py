@@ -107,4 +107,5 @@ METHOD = Method(
     settings=lambda exp: exp.dpo,
     caches_reference=True,
     fused_head=True,
+    router_aux_loss=True,
 )

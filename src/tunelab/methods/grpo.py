@@ -145,4 +145,5 @@ METHOD = Method(
     held_out="reward",
     check_data=check_data,
     describe=describe,
+    router_aux_loss=True,
 )

@@ -63,4 +63,5 @@ METHOD = Method(
     build=build,
     settings=lambda exp: exp.kto,
     fused_head=True,
+    router_aux_loss=True,
 )

@@ -130,4 +130,5 @@ METHOD = Method(
     padding_free=True,
     build=build,
     fused_head=True,
+    router_aux_loss=True,
 )

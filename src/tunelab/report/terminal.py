@@ -219,6 +219,8 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     console.print(schedule_line(plan.schedule), highlight=False)
     if plan.method_line:
         console.print(plan.method_line, highlight=False, markup=False)
+    if plan.router_line:
+        console.print(plan.router_line, highlight=False, markup=False)
     console.print(disk_line(plan.disk), highlight=False)
     if plan.data is not None:
         d = plan.data
