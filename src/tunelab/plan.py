@@ -11,15 +11,21 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tunelab.config import Experiment, Quantization, Scope, model_head
+from tunelab.config import Experiment, Quantization, Scope, TrainSettings, model_head
 from tunelab.data import overlap_warnings
 from tunelab.distributed import Engine, several_gpus
 from tunelab.errors import ConfigError
 from tunelab.inputs import Inputs, read_inputs
-from tunelab.methods.common import Batching, batching, half_gradients_refusal, router_aux_loss_line, save_every
+from tunelab.methods.common import Batching, batching, half_gradients_refusal, save_every
 from tunelab.scope import ResolvedScope
 from tunelab.templates import Encoded, TokenChecks, loss_segments
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from tunelab.methods.base import Method
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CHECKPOINTING_HEADROOM = 0.9  # use at most this share of device memory before turning checkpointing on
@@ -764,6 +770,36 @@ def planned_scope(model, scope: Scope, tokenizer=None) -> tuple[object, Resolved
 
     with torch.device("meta"):
         return apply_scope(model, scope, tokenizer)
+
+
+def router_aux_loss_line(method: Method, train: TrainSettings, config: PretrainedConfig) -> str | None:
+    """plan's line on a mixture-of-experts model's router load-balancing loss, which TRL's trainer adds to the loss
+    it trains and evaluates on (the model config's router_aux_loss_coef unless train.router_aux_loss sets it); None
+    for a model without a router, or a method whose trainer adds none. train.router_aux_loss is refused there, as
+    TRL refuses it for a model without a router."""
+    text = config.get_text_config()
+    routed = hasattr(text, "output_router_logits")  # TRL's test: the model returns its router logits on request
+    if train.router_aux_loss is not None and not routed:
+        raise ConfigError(
+            f"train.router_aux_loss: {type(text).__name__.removesuffix('Config')} is no mixture of experts with a "
+            "load-balancing loss (its config has no output_router_logits); remove the key"
+        )
+    if train.router_aux_loss is not None and not method.router_aux_loss:
+        raise ConfigError(
+            f"train.router_aux_loss: TRL's {method.name.upper()} trainer takes no weight for the load-balancing loss; "
+            "remove the key"
+        )
+    if not routed or not method.router_aux_loss:
+        return None
+    if train.router_aux_loss is not None:
+        weight, source = train.router_aux_loss, "train.router_aux_loss"
+    elif weight := getattr(text, "router_aux_loss_coef", None):
+        source = "the model config's router_aux_loss_coef; train.router_aux_loss: 0 turns it off"
+    else:
+        weight, source = 0.0, "the model config sets no router_aux_loss_coef"
+    if weight == 0:
+        return f"router load-balancing loss: off ({source})"
+    return f"router load-balancing loss x {weight:g}, added to the loss trained and evaluated on ({source})"
 
 
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:

@@ -119,13 +119,14 @@ def test_the_libraries_still_call_their_settings_so() -> None:
     from peft import LoraConfig
     from peft.optimizers import create_loraplus_optimizer
     from transformers import TrainingArguments
-    from trl import GRPOConfig, ModelConfig
+    from trl import GRPOConfig, ModelConfig, SFTConfig
 
     fields = {
         "PEFT's LoraConfig": {f.name for f in dataclasses.fields(LoraConfig)},
         "Transformers' TrainingArguments": {f.name for f in dataclasses.fields(TrainingArguments)},
         "TRL's ModelConfig": {f.name for f in dataclasses.fields(ModelConfig)},
         "TRL's GRPOConfig": {f.name for f in dataclasses.fields(GRPOConfig)},
+        "TRL's SFTConfig": {f.name for f in dataclasses.fields(SFTConfig)},
         "PyTorch's optimizers'": set(inspect.signature(torch.optim.AdamW).parameters),
         "PEFT's create_loraplus_optimizer": set(inspect.signature(create_loraplus_optimizer).parameters),
     }

@@ -11,9 +11,7 @@ from tunelab.config import TrainSettings
 if TYPE_CHECKING:
     import torch
     from datasets import Dataset
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-
-    from tunelab.methods.base import Method
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 
 @dataclass
@@ -161,7 +159,7 @@ def training_arguments(
     checkpoint_every = save_every(train, has_eval)
     compared = has_eval and (keep_best or train.early_stop is not None)
     optimizer = {"optim": train.optimizer} if train.optimizer else {}
-    # set only where the method's TRL config has it (router_aux_loss_line refuses it elsewhere)
+    # set only where the method's TRL config has it (plan.router_aux_loss_line refuses it elsewhere)
     router = {"router_aux_loss_coef": train.router_aux_loss} if train.router_aux_loss is not None else {}
     return dict(
         **optimizer,
@@ -204,38 +202,6 @@ def training_arguments(
         torch_compile=train.compile,
         neftune_noise_alpha=train.neftune,
     )
-
-
-def router_aux_loss_line(method: Method, train: TrainSettings, config: PretrainedConfig) -> str | None:
-    """plan's line on a mixture-of-experts model's router load-balancing loss, which TRL's trainer adds to the loss
-    it trains and evaluates on (the model config's router_aux_loss_coef unless train.router_aux_loss sets it); None
-    for a model without a router, or a method whose trainer adds none. train.router_aux_loss is refused there, as
-    TRL refuses it for a model without a router."""
-    from tunelab.errors import ConfigError
-
-    text = config.get_text_config()
-    routed = hasattr(text, "output_router_logits")  # TRL's test: the model returns its router logits on request
-    if train.router_aux_loss is not None and not routed:
-        raise ConfigError(
-            f"train.router_aux_loss: {type(text).__name__.removesuffix('Config')} is no mixture of experts with a "
-            "load-balancing loss (its config has no output_router_logits); remove the key"
-        )
-    if train.router_aux_loss is not None and not method.router_aux_loss:
-        raise ConfigError(
-            f"train.router_aux_loss: TRL's {method.name.upper()} trainer takes no weight for the load-balancing loss; "
-            "remove the key"
-        )
-    if not routed or not method.router_aux_loss:
-        return None
-    if train.router_aux_loss is not None:
-        weight, source = train.router_aux_loss, "train.router_aux_loss"
-    elif weight := getattr(text, "router_aux_loss_coef", None):
-        source = "the model config's router_aux_loss_coef; train.router_aux_loss: 0 turns it off"
-    else:
-        weight, source = 0.0, "the model config sets no router_aux_loss_coef"
-    if weight == 0:
-        return f"router load-balancing loss: off ({source})"
-    return f"router load-balancing loss x {weight:g}, added to the loss trained and evaluated on ({source})"
 
 
 def trl_config(config_class, **kwargs):
