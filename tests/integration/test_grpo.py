@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,13 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
     rows = {r["prompt"][-1]["content"]: (kind, r) for kind in ("train", "eval") for r in grpo_rows(kind)}
     for (kind, _), replies in rollouts.items():
         asked = [rows[p[-1]["content"]] for p in replies["prompt"]]
-        assert len(replies) == 8 and {k for k, _ in asked} == {kind}
+        assert {k for k, _ in asked} == {kind}
+        # a step's generation batch; an evaluation's every reply, 4 to each held-out prompt (TRL logs its last batch)
+        counts = Counter(p[-1]["content"] for p in replies["prompt"])
+        if kind == "train":
+            assert len(replies) == 8
+        else:
+            assert counts == {r["prompt"][-1]["content"]: 4 for r in grpo_rows("eval")}
         fields = {key: [r[key] for _, r in asked] for key in ("country", "capital")}
         completions = [list(c) for c in replies["completion"]]
         for name in ("names_country", "names_capital"):  # each reward as the example's function scores the reply

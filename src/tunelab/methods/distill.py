@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
 from tunelab.methods.common import instantiate, trl_config
-from tunelab.methods.online import check_prompt_room, sampling_arguments
+from tunelab.methods.online import check_prompt_room, sampling_arguments, whole_evaluations
 
 if TYPE_CHECKING:
     from trl import DistillationTrainer
@@ -41,7 +41,8 @@ def build(inputs: TrainerInputs) -> DistillationTrainer:
     )
     teacher = load_teacher(resolve_teacher(inputs.exp), inputs.hw.device)
     return instantiate(
-        DistillationTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
+        whole_evaluations(DistillationTrainer), inputs.model, config, inputs.tokenizer, train_rows, eval_rows,
+        inputs.callbacks,
         teacher_model=teacher,
     )  # fmt: skip
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.methods.base import Method, TrainerInputs
 from tunelab.methods.common import instantiate, trl_config
-from tunelab.methods.online import check_prompt_room, sampling_arguments
+from tunelab.methods.online import check_prompt_room, sampling_arguments, whole_evaluations
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,7 +60,7 @@ def build(inputs: TrainerInputs) -> GRPOTrainer:
     if settings.environment:
         tools["environment_factory"] = load_environment(settings.environment)
     return instantiate(
-        GRPOTrainer, inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
+        whole_evaluations(GRPOTrainer), inputs.model, config, inputs.tokenizer, train_rows, eval_rows, inputs.callbacks,
         reward_funcs=rewards, **tools,
     )  # fmt: skip
 

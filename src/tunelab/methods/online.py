@@ -70,6 +70,26 @@ def check_prompt_room(exp: Experiment, encoded: list[Encoded], completion: int, 
             )
 
 
+def whole_evaluations(trainer_class: type) -> type:
+    """The sampling trainer (GRPO, distill) with each evaluation's replies logged whole. TRL keeps the replies it logs
+    in deques one generation batch long (the replies of the latest update, for a training step), so an evaluation's
+    log held the last batch of its held-out prompts' replies only: 8 of 192 on the reward-model example. During
+    `evaluate` the trainer logs into unbounded ones, and the training ones come back after it."""
+    from collections import defaultdict, deque
+
+    class WholeEvaluations(trainer_class):
+        def evaluate(self, *args, **kwargs):
+            kept = self._logs
+            self._logs = {k: defaultdict(deque) if isinstance(v, defaultdict) else deque() for k, v in kept.items()}
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                self._logs = kept
+
+    WholeEvaluations.__name__ = WholeEvaluations.__qualname__ = trainer_class.__name__
+    return WholeEvaluations
+
+
 def rollout_keeper(written: Path, kept: Path) -> TrainerCallback:
     """Keeps the replies TRL's sampling trainers log, each under what it is. After every log, train or eval, TRL
     writes the replies sampled for it (with their rewards and advantages) to `written`/completions_<step>.parquet:
