@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATA, EXAMPLES, fake_run, resume_matches_straight, run_cli, write_experiment
+from tests.conftest import DATA, EXAMPLES, fake_run, kept_rollouts, resume_matches_straight, run_cli, write_experiment
 from tunelab.compare import compare
 from tunelab.config import load_experiment
 from tunelab.errors import ConfigError, TunelabError
@@ -56,6 +56,10 @@ def test_a_student_learns_its_teachers_answers_from_the_questions_alone(tmp_path
     evals = [r["eval_loss"] for r in read_metrics(tmp_path / "distill") if "eval_loss" in r]
     assert evals[0] == m.base_eval_loss and evals[-1] == m.final_eval_loss
     assert m.final_eval_loss < 0.3 * m.base_eval_loss
+    # each evaluation's replies are kept whole: one to each held-out question (TRL's log keeps its last batch)
+    evaluations = [replies for (kind, _), replies in kept_rollouts(tmp_path / "distill").items() if kind == "eval"]
+    held_out = sum(1 for _ in (DATA / "distill_eval.jsonl").open())
+    assert len(evaluations) == len(evals) and all(len(replies) == held_out for replies in evaluations)
     shown = run_cli("show", str(tmp_path / "distill"))
     assert f"teacher {teacher} (fingerprint {m.teacher.fingerprint})" in shown.stdout
     assert "divergence from the teacher on replies sampled for held-out prompts" in shown.stdout
