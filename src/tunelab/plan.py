@@ -772,34 +772,51 @@ def planned_scope(model, scope: Scope, tokenizer=None) -> tuple[object, Resolved
         return apply_scope(model, scope, tokenizer)
 
 
-def router_aux_loss_line(method: Method, train: TrainSettings, config: PretrainedConfig) -> str | None:
-    """plan's line on a mixture-of-experts model's router load-balancing loss, which TRL's trainer adds to the loss
-    it trains and evaluates on (the model config's router_aux_loss_coef unless train.router_aux_loss sets it); None
-    for a model without a router, or a method whose trainer adds none. train.router_aux_loss is refused there, as
-    TRL refuses it for a model without a router."""
+def router_aux_loss(method: Method, train: TrainSettings, config: PretrainedConfig) -> tuple[float | None, str | None]:
+    """The weight of a mixture-of-experts model's router load-balancing loss that the method's TRL trainer is given
+    (None: TRL's own choice, the model config's router_aux_loss_coef), and plan's line on it: TRL's SFT, DPO, KTO
+    and GRPO trainers add that loss to the loss they train and evaluate on. The line is None for a model without a
+    router, or a method whose trainer adds none; train.router_aux_loss is refused there, and where the loss cannot
+    be computed."""
     text = config.get_text_config()
+    name, setting = type(text).__name__.removesuffix("Config"), train.router_aux_loss
     routed = hasattr(text, "output_router_logits")  # TRL's test: the model returns its router logits on request
-    if train.router_aux_loss is not None and not routed:
+    if setting is not None and not routed:
         raise ConfigError(
-            f"train.router_aux_loss: {type(text).__name__.removesuffix('Config')} is no mixture of experts with a "
-            "load-balancing loss (its config has no output_router_logits); remove the key"
+            f"train.router_aux_loss: {name} is no mixture of experts with a load-balancing loss (its config has no "
+            "output_router_logits); remove the key"
         )
-    if train.router_aux_loss is not None and not method.router_aux_loss:
+    if setting is not None and not method.router_aux_loss:
         raise ConfigError(
             f"train.router_aux_loss: TRL's {method.name.upper()} trainer takes no weight for the load-balancing loss; "
             "remove the key"
         )
     if not routed or not method.router_aux_loss:
-        return None
-    if train.router_aux_loss is not None:
-        weight, source = train.router_aux_loss, "train.router_aux_loss"
-    elif weight := getattr(text, "router_aux_loss_coef", None):
+        return None, None
+    declared = getattr(text, "router_aux_loss_coef", None)
+    if setting and declared is None:  # DeepSeek-V3, GLM-4.5: their models compute no such loss
+        raise ConfigError(
+            f"train.router_aux_loss: {name}'s config declares no router_aux_loss_coef, so Transformers computes no "
+            "load-balancing loss for it; remove the key"
+        )
+    weight = (declared or 0.0) if setting is None else setting
+    # TRL's fused loss (SFT, DPO, KTO) reads the experts' count as num_experts: a config that names it otherwise
+    # (num_local_experts: Granite-MoE, Phi-3.5-MoE, Llama 4) failed at the first step.
+    if weight and method.fused_head and not hasattr(text, "num_experts"):
+        unread = f"TRL's fused loss reads the experts' count as num_experts, which {name}'s config does not name"
+        if setting is not None:
+            raise ConfigError(f"train.router_aux_loss: {unread}, so the first step would fail; remove the key")
+        off = f"off (the config's x {weight:g} would fail at the first step: {unread})"
+        return 0.0, f"router load-balancing loss: {off}"
+    if setting is not None:
+        source = "train.router_aux_loss"
+    elif declared:
         source = "the model config's router_aux_loss_coef; train.router_aux_loss: 0 turns it off"
     else:
-        weight, source = 0.0, "the model config sets no router_aux_loss_coef"
+        source = "the model config declares no router_aux_loss_coef"
     if weight == 0:
-        return f"router load-balancing loss: off ({source})"
-    return f"router load-balancing loss x {weight:g}, added to the loss trained and evaluated on ({source})"
+        return setting, f"router load-balancing loss: off ({source})"
+    return setting, f"router load-balancing loss x {weight:g}, added to the loss trained and evaluated on ({source})"
 
 
 def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
@@ -862,7 +879,7 @@ def make_plan(exp: Experiment, inputs: Inputs | None = None) -> Plan:
 
     method = get_method(exp.method)
     method.check_data(exp, inputs.encoded, inputs.tokenizer)
-    router = router_aux_loss_line(method, exp.train, model.config)
+    _, router = router_aux_loss(method, exp.train, model.config)
     limit, learned = position_limit(model)
     longer = int((inputs.encoded[0].lengths() > limit).sum()) if inputs.encoded and limit is not None else 0
     if (past := positions_check(limit, learned, exp.train.max_length, longer, stats.train)) is not None:

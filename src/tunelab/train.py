@@ -561,8 +561,12 @@ def _build_trainer(
     from tunelab.methods import get_method
     from tunelab.methods.base import TrainerInputs
     from tunelab.methods.preference import reference_strategy
+    from tunelab.plan import router_aux_loss
 
     method = get_method(exp.method)
+    weight, _ = router_aux_loss(method, exp.train, model.config)
+    if weight != exp.train.router_aux_loss:  # off where TRL cannot compute the config's (plan says so)
+        exp = exp.model_copy(update={"train": exp.train.model_copy(update={"router_aux_loss": weight})})
     keeps = method.keeps_reference(exp)
     reference = reference_strategy(method.settings(exp), kind.adds_parameters) if keeps else None
     cache = _ref_cache_dir(exp, run) if reference == "precomputed" and method.caches_reference else None

@@ -103,6 +103,37 @@ def test_the_router_load_balancing_loss_is_the_configs_unless_the_file_sets_its_
             make_plan(exp)
 
 
+def test_an_moe_whose_balance_loss_trl_cannot_compute_trains_without_it(tmp_path: Path, tiny_model_dir) -> None:
+    """TRL's fused loss (SFT, DPO, KTO, GRPO) reads the experts' count as the config's num_experts: Granite-MoE's
+    config (Phi-3.5-MoE's, Llama 4's) names it num_local_experts, and with the balance loss on by default every
+    method failed at its first step with an AttributeError. It trains without that loss, and plan says why; a weight
+    set in the file is refused, and so is one for a model that computes no such loss (GLM-4.5's config declares
+    none)."""
+    granite = tiny_folder(
+        tmp_path / "granite", tiny_model_dir, "granitemoe", num_local_experts=4, num_experts_per_tok=2
+    )
+    glm = tiny_folder(
+        tmp_path / "glm", tiny_model_dir, "glm4_moe", moe_intermediate_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1,
+    )  # fmt: skip
+    sets = [f"model.id={granite}", f"output.dir={tmp_path}", "train.max_steps=1", "scope.lora.targets=qkvo"]
+    for example in ("quickstart", "dpo"):
+        exp = load_experiment(EXAMPLES / f"{example}.yaml", sets)
+        assert make_plan(exp).router_line == (
+            "router load-balancing loss: off (the config's x 0.001 would fail at the first step: TRL's fused loss "
+            "reads the experts' count as num_experts, which GraniteMoe's config does not name)"
+        )
+        m = train(exp).manifest
+        assert m.status == "completed" and m.global_steps == 1 and m.change_check.ok
+    for model, refusal in [
+        (granite, "TRL's fused loss reads the experts' count as num_experts, which GraniteMoe's config does not name"),
+        (glm, "Glm4Moe's config declares no router_aux_loss_coef, so Transformers computes no load-balancing loss"),
+    ]:
+        exp = load_experiment(EXAMPLES / "quickstart.yaml", [f"model.id={model}", "train.router_aux_loss=0.01"])
+        with pytest.raises(ConfigError, match=refusal):
+            make_plan(exp)
+
+
 def test_a_model_that_cannot_run_packed_rows_trains_on_padded_batches(tmp_path: Path, tiny_model_dir) -> None:
     """Falcon-H1's Mamba mixer refuses a padding-free row without the causal_conv1d package: the check before
     training pads instead (it crashed at the first step), and refuses an explicit padding_free: on in one line."""

@@ -159,7 +159,7 @@ def training_arguments(
     checkpoint_every = save_every(train, has_eval)
     compared = has_eval and (keep_best or train.early_stop is not None)
     optimizer = {"optim": train.optimizer} if train.optimizer else {}
-    # set only where the method's TRL config has it (plan.router_aux_loss_line refuses it elsewhere)
+    # set only where the method's TRL config has it (plan.router_aux_loss refuses it elsewhere)
     router = {"router_aux_loss_coef": train.router_aux_loss} if train.router_aux_loss is not None else {}
     return dict(
         **optimizer,
