@@ -138,8 +138,10 @@ def refused_by_peft(model: nn.Module, linears: list[str], names: list[str]) -> l
 
 
 def _not_tensor_out(model: nn.Module, linears: list[str]) -> list[str]:
-    """Leaf names of the model's own nn.Linear subclasses whose output is not a tensor, each class run once on one
-    token (on the meta device when planning)."""
+    """Leaf names of the model's own nn.Linear subclasses whose output is not a tensor, each class run once on 8
+    tokens (on the meta device when planning): as a router receives them, flattened (Llama 4's picks its top-k
+    experts along the tokens' last dimension but one: one token in a batch, and top-k 2 made the probe fail), else
+    as a batch of one sequence."""
     import torch
     from torch import nn
 
@@ -151,12 +153,15 @@ def _not_tensor_out(model: nn.Module, linears: list[str]) -> list[str]:
             continue  # GPT-2's Conv1D is none, and neither are quantized layers (bitsandbytes')
         if kind in verdicts:
             continue
-        token = torch.zeros(1, 1, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
-        try:
-            with torch.no_grad():
-                verdicts[kind] = not isinstance(module(token), torch.Tensor)
-        except Exception:  # a layer that cannot run alone on one token is left to PEFT, as any other
-            verdicts[kind] = False
+        verdicts[kind] = False  # a layer that cannot run alone is left to PEFT, as any other
+        for shape in ((8, module.in_features), (1, 8, module.in_features)):
+            try:
+                with torch.no_grad():
+                    out = module(torch.zeros(*shape, device=module.weight.device, dtype=module.weight.dtype))
+            except Exception:
+                continue
+            verdicts[kind] = not isinstance(out, torch.Tensor)
+            break
     return sorted({leaf(n) for n in linears if verdicts.get(type(model.get_submodule(n)), False)})
 
 

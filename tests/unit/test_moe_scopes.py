@@ -239,16 +239,19 @@ def test_qwen3_30b_a3b_published_config_plans_exactly() -> None:
     assert resolved.trainable_params == 24 * adapter == 498_253_824
 
 
-def test_presets_leave_out_a_router_that_returns_more_than_a_tensor() -> None:
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_presets_leave_out_a_router_that_returns_more_than_a_tensor(top_k: int) -> None:
     """Llama 4's router is an nn.Linear subclass whose forward returns scores and logits: LoRA on it (PEFT's own
-    all-linear takes it) crashed the first forward pass."""
-    model = tiny("llama4_text", real=True, intermediate_size_mlp=128, num_local_experts=4)
+    all-linear takes it) crashed the first forward pass. The probe that finds it ran the router on one token, which
+    it could not pick 2 experts for: at top-k 2 all-linear kept the router, and training crashed."""
+    sizes = dict(intermediate_size_mlp=128, num_local_experts=4, num_experts_per_tok=top_k)
+    model = tiny("llama4_text", real=True, **sizes)
     model, resolved = apply_scope(model, lora(targets="all-linear", dropout=0.0))
     assert "router" not in resolved.target_modules and "q_proj" in resolved.target_modules
     assert resolved.warnings[0].startswith("all-linear leaves out router on Llama4ForCausalLM: LoRA cannot go on them")
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
-    _, planned = apply_scope(tiny("llama4_text", intermediate_size_mlp=128, num_local_experts=4), lora(dropout=0.0))
+    _, planned = apply_scope(tiny("llama4_text", **sizes), lora(dropout=0.0))
     assert planned.trainable_params == resolved.trainable_params
 
 
