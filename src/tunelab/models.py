@@ -383,11 +383,25 @@ def load_model(
             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would start random; "
             "check that the folder holds the whole checkpoint and the config.json that belongs to it"
         )
+    backbone_found(model)
     if settings.quantization is None:
         return model.to(device)
     if device == "cpu":
         keep_4bit_layout(model)
     return model
+
+
+def backbone_found(model: PreTrainedModel) -> None:
+    """Point a model's base_model at its backbone where the class's name for it names nothing. Llama4ForCausalLM
+    calls its backbone language_model (its prefix in the image-text checkpoints it loads from) and holds it as
+    `model`: its base_model was the whole model, and TRL's fused LM head, which runs base_model for the hidden states,
+    failed every method's first step ('MoeCausalLMOutputWithPast' object has no attribute 'last_hidden_state').
+    Set on the instance, after loading, so the class's name still reads the checkpoint."""
+    from torch import nn
+
+    prefix = model.base_model_prefix
+    if prefix and not hasattr(model, prefix) and isinstance(getattr(model, "model", None), nn.Module):
+        model.base_model_prefix = "model"
 
 
 # What checkpoints name weights saved as PyTorch pickles rather than safetensors.

@@ -134,6 +134,32 @@ def test_an_moe_whose_balance_loss_trl_cannot_compute_trains_without_it(tmp_path
             make_plan(exp)
 
 
+@pytest.mark.parametrize("example", ["quickstart", "dpo"])
+def test_llama4_trains_and_its_merged_export_is_the_trained_model(example: str, tmp_path: Path, tiny_model_dir) -> None:
+    """Llama4ForCausalLM names its backbone language_model (its prefix in the image-text checkpoints) and holds it as
+    `model`: TRL's fused LM head ran the whole model for the hidden states, and every method failed at its first
+    step. It trains all-linear (the router left out), and the merged export computes what the trained model does."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_folder(
+        tmp_path / "llama4", tiny_model_dir, "llama4_text", intermediate_size_mlp=128, num_local_experts=4,
+        num_experts_per_tok=1,
+    )  # fmt: skip
+    sets = [f"model.id={folder}", f"output.dir={tmp_path}", "train.max_steps=2", "scope.lora.targets=all-linear"]
+    m = train(load_experiment(EXAMPLES / f"{example}.yaml", sets)).manifest
+    assert m.status == "completed" and m.global_steps == 2 and m.change_check.ok
+    assert "router" not in m.target_modules and "q_proj" in m.target_modules
+    merged = export_run(tmp_path / example, tmp_path / "merged", merge=True)
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(merged)(ids).logits,
+            load_trained(tmp_path / example)(ids).logits,
+            atol=1e-5,
+            rtol=0,
+        )
+
+
 def test_a_model_that_cannot_run_packed_rows_trains_on_padded_batches(tmp_path: Path, tiny_model_dir) -> None:
     """Falcon-H1's Mamba mixer refuses a padding-free row without the causal_conv1d package: the check before
     training pads instead (it crashed at the first step), and refuses an explicit padding_free: on in one line."""

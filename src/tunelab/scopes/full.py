@@ -48,13 +48,14 @@ class Full(ScopeKind):
     def trained(self, run_dir: Path, base: BaseLoader, trainable: bool = False) -> nn.Module:
         from transformers import AutoConfig
 
-        from tunelab.models import auto_class
+        from tunelab.models import auto_class, backbone_found
 
         # The run's own weights, in the dtype and on the device its base would get.
         config = AutoConfig.from_pretrained(run_dir / FULL_MODEL)
         model = auto_class(config, base.head).from_pretrained(
             run_dir / FULL_MODEL, config=config, dtype=base.dtype, use_safetensors=True
         )
+        backbone_found(model)
         return model.to(base.device)
 
     @contextlib.contextmanager
