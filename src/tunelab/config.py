@@ -842,7 +842,8 @@ class TrainSettings(Strict):
         description="Mixture-of-experts models: the weight of the router's load-balancing loss, which TRL's SFT, DPO, "
         "KTO and GRPO trainers add to the loss they train and evaluate on (their router_aux_loss_coef). Unset: the "
         "model config's own router_aux_loss_coef (0.001 for Qwen3-MoE, 0.02 for Mixtral, 0.9 for gpt-oss); 0 turns "
-        "it off. plan says which applies; refused for a model without a router, or a method that adds no such loss.",
+        "it off. plan says which applies; refused for a model without a router, a method that adds no such loss, or a "
+        "model whose loss TRL cannot compute (its config declares no coefficient, or names no num_experts).",
     )
     packing: bool = Field(default=False, description="Pack several examples into one sequence (TRL packing).")
     padding_free: OnOffAuto = Field(

@@ -800,7 +800,7 @@ def router_aux_loss(method: Method, train: TrainSettings, config: PretrainedConf
             "load-balancing loss for it; remove the key"
         )
     weight = (declared or 0.0) if setting is None else setting
-    # TRL's fused loss (SFT, DPO, KTO) reads the experts' count as num_experts: a config that names it otherwise
+    # TRL's fused loss (SFT, DPO, KTO, GRPO) reads the experts' count as num_experts: a config that names it otherwise
     # (num_local_experts: Granite-MoE, Phi-3.5-MoE, Llama 4) failed at the first step.
     if weight and method.fused_head and not hasattr(text, "num_experts"):
         unread = f"TRL's fused loss reads the experts' count as num_experts, which {name}'s config does not name"

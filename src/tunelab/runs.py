@@ -468,16 +468,14 @@ def checkpoint_as_run(checkpoint: Path, into: Path, result: str, weights: Path) 
     losses = [r["loss"] for r in metrics if "loss" in r]
     measure = held_out_measure(metrics)
     evals = [r[measure] for r in metrics if measure in r and r["step"] == step]
+    held_out = {"final_eval_loss": None} | ({f"final_{measure}": evals[-1]} if evals else {})
     at_step = manifest.updated(
-        **dict.fromkeys(AFTER_CHECKPOINT),
+        **dict.fromkeys(AFTER_CHECKPOINT) | held_out,
         name=view.name,
         status="completed",
         global_steps=step,
         final_train_loss=losses[-1] if losses else None,
-        final_eval_loss=evals[-1] if evals and measure == "eval_loss" else None,
     )
-    if measure == "eval_reward":  # GRPO: cleared with what the run measured at its end
-        at_step = at_step.updated(final_eval_reward=evals[-1] if evals else None)
     write_manifest(view, at_step)
     return view, at_step
 

@@ -89,10 +89,10 @@ def test_grpo_trains_the_planned_steps_and_raises_the_held_out_reward(tmp_path: 
         asked = [rows[p[-1]["content"]] for p in replies["prompt"]]
         assert {k for k, _ in asked} == {kind}
         # a step's generation batch; an evaluation's every reply, 4 to each held-out prompt (TRL logs its last batch)
-        counts = Counter(p[-1]["content"] for p in replies["prompt"])
         if kind == "train":
             assert len(replies) == 8
         else:
+            counts = Counter(p[-1]["content"] for p in replies["prompt"])
             assert counts == {r["prompt"][-1]["content"]: 4 for r in grpo_rows("eval")}
         fields = {key: [r[key] for _, r in asked] for key in ("country", "capital")}
         completions = [list(c) for c in replies["completion"]]

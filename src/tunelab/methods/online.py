@@ -79,7 +79,9 @@ def whole_evaluations(trainer_class: type) -> type:
 
     class WholeEvaluations(trainer_class):
         def evaluate(self, *args, **kwargs):
-            kept = self._logs
+            kept = getattr(self, "_logs", None)
+            if not isinstance(kept, dict):  # a TRL that keeps its logged replies otherwise
+                return super().evaluate(*args, **kwargs)
             self._logs = {k: defaultdict(deque) if isinstance(v, defaultdict) else deque() for k, v in kept.items()}
             try:
                 return super().evaluate(*args, **kwargs)
