@@ -781,11 +781,15 @@ def router_aux_loss(method: Method, train: TrainSettings, config: PretrainedConf
     text = config.get_text_config()
     name, setting = type(text).__name__.removesuffix("Config"), train.router_aux_loss
     routed = hasattr(text, "output_router_logits")  # TRL's test: the model returns its router logits on request
-    if setting is not None and not routed:
+    dense = getattr(text, "is_moe", None) is False  # Doge's dense checkpoints: a router's settings, and no router
+    if setting is not None and (not routed or dense):
+        has = "is_moe: false" if dense else "no output_router_logits"
         raise ConfigError(
-            f"train.router_aux_loss: {name} is no mixture of experts with a load-balancing loss (its config has no "
-            "output_router_logits); remove the key"
+            f"train.router_aux_loss: {name} is no mixture of experts with a load-balancing loss (its config has "
+            f"{has}); remove the key"
         )
+    if dense and method.router_aux_loss:  # TRL would weigh the router logits it never returns: IndexError
+        return 0.0, None
     if setting is not None and not method.router_aux_loss:
         raise ConfigError(
             f"train.router_aux_loss: TRL's {method.name.upper()} trainer takes no weight for the load-balancing loss; "

@@ -4,6 +4,7 @@ a hybrid whose Mamba mixer cannot run padding-free rows here."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,7 @@ def test_an_moe_whose_balance_loss_trl_cannot_compute_trains_without_it(tmp_path
     config (Phi-3.5-MoE's, Llama 4's) names it num_local_experts, and with the balance loss on by default every
     method failed at its first step with an AttributeError. It trains without that loss, and plan says why; a weight
     set in the file is refused, and so is one for a model that computes no such loss (GLM-4.5's config declares
-    none)."""
+    none, a dense Doge has no router)."""
     granite = tiny_folder(
         tmp_path / "granite", tiny_model_dir, "granitemoe", num_local_experts=4, num_experts_per_tok=2
     )
@@ -125,12 +126,19 @@ def test_an_moe_whose_balance_loss_trl_cannot_compute_trains_without_it(tmp_path
         )
         m = train(exp).manifest
         assert m.status == "completed" and m.global_steps == 1 and m.change_check.ok
+    # a dense Doge (SmallDoge's checkpoints) keeps a router's settings and has no router: TRL weighed the router
+    # logits it never returns (IndexError at the first step)
+    doge = tiny_folder(tmp_path / "doge", tiny_model_dir, "doge", is_moe=False)
+    exp = load_experiment(EXAMPLES / "quickstart.yaml", [*sets[1:], f"model.id={doge}", "output.name=doge-sft"])
+    assert make_plan(exp).router_line is None
+    assert train(exp).manifest.status == "completed"
     for model, refusal in [
         (granite, "TRL's fused loss reads the experts' count as num_experts, which GraniteMoe's config does not name"),
         (glm, "Glm4Moe's config declares no router_aux_loss_coef, so Transformers computes no load-balancing loss"),
+        (doge, "Doge is no mixture of experts with a load-balancing loss (its config has is_moe: false)"),
     ]:
         exp = load_experiment(EXAMPLES / "quickstart.yaml", [f"model.id={model}", "train.router_aux_loss=0.01"])
-        with pytest.raises(ConfigError, match=refusal):
+        with pytest.raises(ConfigError, match=re.escape(refusal)):
             make_plan(exp)
 
 
